@@ -1,0 +1,108 @@
+"""Input checks shared by every op: each raises before any tensor is touched, naming the
+offending list and index (``grads[3]``) and the problem."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill one block of memory, in some order."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    sizes_strides = sorted(
+        (stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size != 1
+    )
+    expected = 1
+    for stride, size in sizes_strides:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    return all(
+        sa == sb or size == 1 for size, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True)
+    )
+
+
+def check_tensor(t: object, where: str, op: str) -> Tensor:
+    """Any tensor in a list: a dense, real, strided tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {where} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise RuntimeError(
+            f"{op}: {where} is sparse ({t.layout}); only dense tensors are supported"
+        )
+    if t.is_complex():
+        raise RuntimeError(f"{op}: {where} is complex ({t.dtype}); only real dtypes are supported")
+    if not _dense(t):
+        raise RuntimeError(
+            f"{op}: {where} is not dense (shape {tuple(t.shape)}, strides {t.stride()}); "
+            "fused kernels need non-overlapping, dense memory: pass .contiguous() tensors"
+        )
+    return t
+
+
+def check_like(t: Tensor, param: Tensor, where: str, op: str, dtype: torch.dtype | None) -> None:
+    """A tensor that pairs element-for-element with ``param``: same shape, device, layout."""
+    check_tensor(t, where, op)
+    if t.shape != param.shape:
+        raise RuntimeError(
+            f"{op}: {where} has shape {tuple(t.shape)} but its param has {tuple(param.shape)}"
+        )
+    if t.device != param.device:
+        raise RuntimeError(f"{op}: {where} is on {t.device} but its param is on {param.device}")
+    if not _same_layout(t, param):
+        raise RuntimeError(
+            f"{op}: {where} has strides {t.stride()} but its param has {param.stride()}; "
+            "both must share one memory layout"
+        )
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op}: {where} has dtype {t.dtype}, expected {dtype}")
+
+
+def check_scalar(t: Tensor | None, name: str, op: str, device: torch.device) -> None:
+    """A device scalar: a one-element fp32 tensor on the params' device."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a 0-d torch.Tensor or None, got {type(t).__name__}")
+    if t.numel() != 1 or t.dtype != torch.float32:
+        raise TypeError(
+            f"{op}: {name} must be a one-element float32 tensor, got shape "
+            f"{tuple(t.shape)} and dtype {t.dtype}"
+        )
+    if t.device != device:
+        raise RuntimeError(f"{op}: {name} is on {t.device} but the tensors are on {device}")
+
+
+def check_lengths(op: str, n: int, lists: dict[str, Sequence], optional: Sequence[str]) -> None:
+    """Every list has length n; those named in ``optional`` may also be empty."""
+    for name, values in lists.items():
+        if len(values) != n and not (name in optional and len(values) == 0):
+            allowed = f"{n} or 0" if name in optional else f"{n}"
+            raise ValueError(
+                f"{op}: {name} has {len(values)} entries but params has {n} (expected {allowed})"
+            )
+
+
+def per_tensor(op: str, name: str, value: float | Sequence[float], n: int) -> list[float]:
+    """A hyperparameter as one Python float per tensor."""
+    if isinstance(value, Tensor):
+        raise TypeError(f"{op}: {name} must be a float or a sequence of floats, not a Tensor")
+    if isinstance(value, int | float):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{op}: {name} has {len(values)} values for {n} tensors")
+    return values

@@ -1,0 +1,400 @@
+"""``fusedopt.ops``: the functional layer, one function per op.
+
+Each function validates its inputs (raising before any tensor is touched), splits the tensor
+lists into calls that a kernel can take in one launch (one device, one param dtype, one grad
+dtype, master weights or not), expands per-group hyperparameters to per-tensor lists, picks a
+backend (``fusedopt._backend.resolve``) and calls ``torch.ops.fusedopt.<op>_<backend>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fusedopt import _contract
+from fusedopt._backend import resolve
+from fusedopt._validate import (
+    LOW_PRECISION,
+    PARAM_DTYPES,
+    check_lengths,
+    check_like,
+    check_scalar,
+    check_tensor,
+    per_tensor,
+)
+
+Hyper = float | Sequence[float]
+
+
+class GradNorm(tuple):
+    """``(total, per_tensor, found_inf)`` from :func:`grad_norm`, all on the device."""
+
+    __slots__ = ()
+
+    def __new__(cls, total: Tensor, per_tensor_norms: Tensor, found_inf: Tensor):
+        return super().__new__(cls, (total, per_tensor_norms, found_inf))
+
+    total = property(lambda self: self[0])
+    per_tensor = property(lambda self: self[1])
+    found_inf = property(lambda self: self[2])
+
+
+def _single_device(op: str, tensors: Sequence[Tensor], what: str) -> torch.device:
+    device = tensors[0].device
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise RuntimeError(
+                f"{op}: {what}[{i}] is on {t.device} but {what}[0] is on {device}; "
+                "one call takes tensors on one device"
+            )
+    return device
+
+
+def scale_(
+    tensors: Sequence[Tensor],
+    scale: Tensor,
+    found_inf: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> None:
+    """Multiply every tensor in place by the device scalar ``scale`` (computed in fp32).
+
+    If ``found_inf`` is given it is set to 1.0 when any input element is non-finite (and is
+    never cleared), as ``torch._amp_foreach_non_finite_check_and_unscale_`` does.
+    """
+    op = "scale_"
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        check_tensor(t, f"tensors[{i}]", op)
+        if t.dtype not in PARAM_DTYPES:
+            raise TypeError(f"{op}: tensors[{i}] has unsupported dtype {t.dtype}")
+    if not tensors:
+        return
+    device = _single_device(op, tensors, "tensors")
+    check_scalar(scale, "scale", op, device)
+    check_scalar(found_inf, "found_inf", op, device)
+    _contract.op_handle(op, resolve(backend, device))(tensors, scale, found_inf)
+
+
+def grad_norm(
+    tensors: Sequence[Tensor],
+    norm_type: float = 2.0,
+    *,
+    per_tensor: bool = False,
+    grad_scale: Tensor | None = None,
+    backend: str = "auto",
+) -> GradNorm:
+    """Global L2 (``norm_type=2``) or inf norm of ``tensors / grad_scale``, in fp32.
+
+    Deterministic (a fixed-order reduction: the same bits on every run). Returns
+    :class:`GradNorm` ``(total, per_tensor, found_inf)``: 0-d total norm, the per-tensor norms
+    (shape ``[N]``, or ``[0]`` unless ``per_tensor``), and 1.0 in ``found_inf`` if any element
+    is non-finite. Tensors may mix dtypes, but share one device.
+    """
+    op = "grad_norm"
+    norm_type = float(norm_type)
+    if norm_type not in (2.0, math.inf):
+        raise ValueError(f"{op}: norm_type must be 2.0 or inf, got {norm_type}")
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        check_tensor(t, f"tensors[{i}]", op)
+        if t.dtype not in PARAM_DTYPES:
+            raise TypeError(f"{op}: tensors[{i}] has unsupported dtype {t.dtype}")
+    if not tensors:
+        device = grad_scale.device if grad_scale is not None else torch.device("cpu")
+        zero = torch.zeros((), device=device)
+        return GradNorm(zero, torch.zeros((0,), device=device), zero.clone())
+    device = _single_device(op, tensors, "tensors")
+    check_scalar(grad_scale, "grad_scale", op, device)
+    handle = _contract.op_handle(op, resolve(backend, device))
+    return GradNorm(*handle(tensors, norm_type, per_tensor, grad_scale))
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepOp:
+    """How a step op's arguments line up with its schema."""
+
+    name: str
+    lists: tuple[str, ...]  # tensor lists, in schema order (params and grads first)
+    optional_lists: tuple[str, ...]  # lists that may be empty
+    state_lists: tuple[str, ...]  # per-param states: fp32 with masters, else param dtype
+    hypers: tuple[str, ...]  # per-tensor floats, in schema order
+    flags: tuple[str, ...]  # per-call bools, in schema order
+
+
+STEP_OPS = {
+    "adamw_": _StepOp(
+        "adamw_",
+        ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "steps"),
+        ("max_exp_avg_sqs", "master_params"),
+        ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+        ("lr", "beta1", "beta2", "eps", "weight_decay"),
+        ("decoupled", "amsgrad", "maximize", "bias_correction"),
+    ),
+    "lamb_": _StepOp(
+        "lamb_",
+        ("params", "grads", "exp_avgs", "exp_avg_sqs", "master_params", "steps"),
+        ("master_params",),
+        ("exp_avgs", "exp_avg_sqs"),
+        ("lr", "beta1", "beta2", "eps", "weight_decay"),
+        ("grad_averaging", "bias_correction", "trust_clip", "always_adapt"),
+    ),
+    "lion_": _StepOp(
+        "lion_",
+        ("params", "grads", "exp_avgs", "master_params"),
+        ("master_params",),
+        ("exp_avgs",),
+        ("lr", "beta1", "beta2", "weight_decay"),
+        ("maximize",),
+    ),
+    "sgd_": _StepOp(
+        "sgd_",
+        ("params", "grads", "momentum_buffers", "master_params", "steps"),
+        ("momentum_buffers", "master_params", "steps"),
+        ("momentum_buffers",),
+        ("lr", "momentum", "dampening", "weight_decay"),
+        ("nesterov", "maximize"),
+    ),
+}
+
+
+def _validate_step(spec: _StepOp, lists: dict[str, list[Tensor]]) -> torch.device:
+    op = spec.name
+    params, grads = lists["params"], lists["grads"]
+    check_lengths(op, len(params), lists, spec.optional_lists)
+    for i, p in enumerate(params):
+        check_tensor(p, f"params[{i}]", op)
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError(f"{op}: params[{i}] has unsupported dtype {p.dtype}")
+    device = _single_device(op, params, "params")
+    masters = lists.get("master_params", [])
+    for i, p in enumerate(params):
+        g = grads[i]
+        check_like(g, p, f"grads[{i}]", op, None)
+        if g.dtype not in (p.dtype, torch.float32):
+            raise TypeError(
+                f"{op}: grads[{i}] has dtype {g.dtype}; expected {p.dtype} (the param's) or fp32"
+            )
+        if masters:
+            if p.dtype not in LOW_PRECISION:
+                raise TypeError(
+                    f"{op}: master_params[{i}] given for a {p.dtype} param; master weights "
+                    "are for bf16/fp16 params"
+                )
+            check_like(masters[i], p, f"master_params[{i}]", op, torch.float32)
+        state_dtype = torch.float32 if masters else p.dtype
+        for name in spec.state_lists:
+            if lists[name]:
+                check_like(lists[name][i], p, f"{name}[{i}]", op, state_dtype)
+        if lists.get("steps"):
+            s = lists["steps"][i]
+            check_tensor(s, f"steps[{i}]", op)
+            check_scalar(s, f"steps[{i}]", op, device)
+    return device
+
+
+def _lr_arguments(op: str, lr, n: int, device: torch.device):
+    """``lr`` as (per-tensor floats, lr_tensor or None)."""
+    if isinstance(lr, Tensor):
+        if lr.dtype != torch.float32 or lr.dim() > 1 or lr.numel() not in (1, n):
+            raise TypeError(
+                f"{op}: a tensor lr must be float32, 0-d or of length {n}; got shape "
+                f"{tuple(lr.shape)} and dtype {lr.dtype}"
+            )
+        if lr.device != device:
+            raise RuntimeError(f"{op}: lr is on {lr.device} but the params are on {device}")
+        return [0.0] * n, lr.reshape(()) if lr.numel() == 1 else lr
+    return per_tensor(op, "lr", lr, n), None
+
+
+def step(
+    op: str,
+    lists: dict[str, Sequence[Tensor]],
+    hypers: dict[str, Hyper | Tensor],
+    flags: dict[str, bool],
+    *,
+    grad_scale: Tensor | None = None,
+    clip_coef: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """Run the step op ``op`` (``adamw_``, ``lamb_``, ``lion_``, ``sgd_``) over tensor lists.
+
+    ``lists`` maps each list name of the op's schema to its tensors (optional ones may be
+    omitted); ``hypers`` maps each hyperparameter to a float (all tensors) or one float per
+    tensor (``lr`` may also be a 0-d or length-N fp32 device tensor); ``flags`` the per-call
+    switches. The lists are split into one backend call per (param dtype, grad dtype, master
+    weights or not), each a single multi-tensor launch.
+    """
+    spec = STEP_OPS[op]
+    lists = {name: list(lists.get(name, ())) for name in spec.lists}
+    n = len(lists["params"])
+    if n == 0:
+        return
+    device = _validate_step(spec, lists)
+    scalars = {"grad_scale": grad_scale, "clip_coef": clip_coef, "found_inf": found_inf}
+    for name, scalar in scalars.items():
+        check_scalar(scalar, name, op, device)
+    lr_values, lr_tensor = _lr_arguments(op, hypers["lr"], n, device)
+    values = {"lr": lr_values}
+    values.update({h: per_tensor(op, h, hypers[h], n) for h in spec.hypers if h != "lr"})
+    handle = _contract.op_handle(op, resolve(backend, device))
+
+    groups: dict[tuple, list[int]] = {}
+    has_master = bool(lists.get("master_params"))
+    for i, (p, g) in enumerate(zip(lists["params"], lists["grads"], strict=True)):
+        groups.setdefault((p.dtype, g.dtype, has_master), []).append(i)
+    for index in groups.values():
+        whole = len(index) == n
+
+        def pick(seq, index=index, whole=whole):
+            return list(seq) if whole or not seq else [seq[i] for i in index]
+
+        group_lr_tensor = lr_tensor
+        if lr_tensor is not None and lr_tensor.dim() == 1 and not whole:
+            group_lr_tensor = lr_tensor[torch.tensor(index, device=device)]
+        handle(
+            *(pick(lists[name]) for name in spec.lists),
+            *(pick(values[h]) for h in spec.hypers),
+            *(bool(flags[f]) for f in spec.flags),
+            group_lr_tensor,
+            grad_scale,
+            clip_coef,
+            found_inf,
+        )
+
+
+def adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: Hyper | Tensor,
+    beta1: Hyper = 0.9,
+    beta2: Hyper = 0.999,
+    eps: Hyper = 1e-8,
+    weight_decay: Hyper = 1e-2,
+    decoupled: bool = True,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    bias_correction: bool = True,
+    max_exp_avg_sqs: Sequence[Tensor] = (),
+    master_params: Sequence[Tensor] = (),
+    grad_scale: Tensor | None = None,
+    clip_coef: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One Adam/AdamW step in place (``decoupled=False`` is Adam's L2 decay); fp32 math."""
+    if amsgrad and len(max_exp_avg_sqs) != len(params):
+        raise ValueError("adamw_: amsgrad=True needs one max_exp_avg_sqs tensor per param")
+    step(
+        "adamw_",
+        dict(
+            params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+            max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else (), master_params=master_params,
+            steps=steps,
+        ),
+        dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
+        dict(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
+             bias_correction=bias_correction),
+        grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
+    )  # fmt: skip
+
+
+def lamb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: Hyper | Tensor,
+    beta1: Hyper = 0.9,
+    beta2: Hyper = 0.999,
+    eps: Hyper = 1e-6,
+    weight_decay: Hyper = 0.01,
+    grad_averaging: bool = True,
+    bias_correction: bool = True,
+    trust_clip: bool = False,
+    always_adapt: bool = False,
+    master_params: Sequence[Tensor] = (),
+    grad_scale: Tensor | None = None,
+    clip_coef: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One LAMB step in place (timm semantics; fold the global clip into ``clip_coef``)."""
+    step(
+        "lamb_",
+        dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+             master_params=master_params, steps=steps),
+        dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
+        dict(grad_averaging=grad_averaging, bias_correction=bias_correction,
+             trust_clip=trust_clip, always_adapt=always_adapt),
+        grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
+    )  # fmt: skip
+
+
+def lion_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    *,
+    lr: Hyper | Tensor,
+    beta1: Hyper = 0.9,
+    beta2: Hyper = 0.99,
+    weight_decay: Hyper = 0.0,
+    maximize: bool = False,
+    master_params: Sequence[Tensor] = (),
+    grad_scale: Tensor | None = None,
+    clip_coef: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One Lion step in place (lion-pytorch semantics, ``sign(0) = 0``); fp32 math."""
+    step(
+        "lion_",
+        dict(params=params, grads=grads, exp_avgs=exp_avgs, master_params=master_params),
+        dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay),
+        dict(maximize=maximize),
+        grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
+    )  # fmt: skip
+
+
+def sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor] = (),
+    steps: Sequence[Tensor] = (),
+    *,
+    lr: Hyper | Tensor,
+    momentum: Hyper = 0.0,
+    dampening: Hyper = 0.0,
+    weight_decay: Hyper = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    master_params: Sequence[Tensor] = (),
+    grad_scale: Tensor | None = None,
+    clip_coef: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One SGD step in place (torch.optim.SGD semantics); pass ``momentum_buffers`` and
+    ``steps`` (both, or neither when momentum is 0); fp32 math."""
+    if bool(momentum_buffers) != bool(steps):
+        raise ValueError("sgd_: pass both momentum_buffers and steps, or neither")
+    step(
+        "sgd_",
+        dict(params=params, grads=grads, momentum_buffers=momentum_buffers,
+             master_params=master_params, steps=steps),
+        dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay),
+        dict(nesterov=nesterov, maximize=maximize),
+        grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
+    )  # fmt: skip

@@ -1,0 +1,46 @@
+"""``fusedopt.reference``: the pure-torch oracle, also usable as the ``reference`` backend."""
+
+from __future__ import annotations
+
+import torch
+
+from fusedopt import _contract
+from fusedopt.reference.ops import (
+    adamw_,
+    grad_norm,
+    lamb_,
+    lion_,
+    load_grad,
+    opmath_dtype,
+    scale_,
+    sgd_,
+)
+
+__all__ = [
+    "adamw_",
+    "grad_norm",
+    "lamb_",
+    "lion_",
+    "load_grad",
+    "opmath_dtype",
+    "scale_",
+    "sgd_",
+]
+
+IMPLEMENTATIONS = {
+    "scale_": scale_,
+    "grad_norm": grad_norm,
+    "adamw_": adamw_,
+    "lamb_": lamb_,
+    "lion_": lion_,
+    "sgd_": sgd_,
+}
+
+
+def _register() -> None:
+    for op, fn in IMPLEMENTATIONS.items():
+        name = f"{_contract.NAMESPACE}::{_contract.op_name(op, 'reference')}"
+        torch.library.impl(name, "CompositeExplicitAutograd", fn, lib=_contract._LIBRARY)
+
+
+_register()

@@ -1,0 +1,220 @@
+"""The pure-torch oracle: every fusedopt op, written plainly, one tensor at a time.
+
+These functions are the semantics of DESIGN.md §3 and of the schemas in
+``fusedopt._contract``. They compute in opmath: float64 when the param is float64, float32
+otherwise, so the same code is both the ``reference`` backend (fp32 math on any device) and the
+float64 oracle the tests compare every kernel against (run it on float64 copies). Clarity beats
+speed here; host syncs are allowed (``found_inf`` is read with ``.item()``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype fusedopt computes in for a given storage dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _skip(found_inf: Tensor | None) -> bool:
+    return found_inf is not None and bool(found_inf.item() != 0)
+
+
+def _lr(lr: Sequence[float], lr_tensor: Tensor | None, i: int, opmath: torch.dtype):
+    """The learning rate of tensor i: a Python float or a 0-d opmath tensor."""
+    if lr_tensor is None:
+        return lr[i]
+    flat = lr_tensor.reshape(-1)
+    return flat[i if flat.numel() > 1 else 0].to(opmath)
+
+
+def load_grad(
+    grad: Tensor,
+    opmath: torch.dtype,
+    grad_scale: Tensor | None,
+    clip_coef: Tensor | None,
+    maximize: bool = False,
+) -> Tensor:
+    """[note: common scalars]: g / grad_scale * clip_coef, negated for maximize, in opmath."""
+    g = grad.to(opmath)
+    if grad_scale is not None:
+        g = g / grad_scale.to(opmath)
+    if clip_coef is not None:
+        g = g * clip_coef.to(opmath)
+    return -g if maximize else g
+
+
+def _load_param(param: Tensor, master_params: Sequence[Tensor], i: int, opmath) -> Tensor:
+    return master_params[i].to(opmath) if master_params else param.to(opmath)
+
+
+def _store_param(p: Tensor, param: Tensor, master_params: Sequence[Tensor], i: int) -> None:
+    if master_params:
+        master_params[i].copy_(p)
+    param.copy_(p)  # rounds to the param's dtype: with masters, param == master.to(dtype)
+
+
+def _next_step(step: Tensor) -> float:
+    """Increment a device step count and return the new value as a Python float (fp64)."""
+    step.add_(1)
+    return float(step.item())
+
+
+def _bias_correction(beta: float, t: float, enabled: bool) -> float:
+    return 1.0 - beta**t if enabled else 1.0  # float64, see DESIGN.md §3
+
+
+def scale_(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None) -> None:
+    """``t *= scale`` for every tensor, in opmath; flag non-finite inputs in ``found_inf``."""
+    for t in tensors:
+        if found_inf is not None and not bool(torch.isfinite(t).all()):
+            found_inf.fill_(1.0)
+        t.copy_(t.to(opmath_dtype(t.dtype)) * scale.to(opmath_dtype(t.dtype)))
+
+
+def grad_norm(
+    tensors: list[Tensor], norm_type: float, per_tensor: bool, grad_scale: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Global L2 or inf norm of ``tensors / grad_scale``, plus per-tensor norms and found_inf."""
+    if norm_type not in (2.0, math.inf):
+        raise ValueError(f"grad_norm supports norm_type 2.0 and inf, got {norm_type}")
+    device = tensors[0].device if tensors else torch.device("cpu")
+    opmath = (
+        torch.float64
+        if tensors and all(t.dtype == torch.float64 for t in tensors)
+        else torch.float32
+    )
+    norms = [
+        load_grad(t, opmath, grad_scale, None).norm(norm_type)
+        if t.numel()
+        else torch.zeros((), dtype=opmath, device=device)
+        for t in tensors
+    ]
+    stacked = torch.stack(norms) if norms else torch.zeros((0,), dtype=opmath, device=device)
+    if norm_type == 2.0:
+        total = stacked.square().sum().sqrt()
+    else:
+        total = stacked.max() if norms else torch.zeros((), dtype=opmath, device=device)
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+    found_inf = torch.tensor(0.0 if finite else 1.0, dtype=torch.float32, device=device)
+    per = stacked if per_tensor else torch.zeros((0,), dtype=opmath, device=device)
+    return total, per, found_inf
+
+
+def adamw_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
+    lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, bias_correction,
+    lr_tensor, grad_scale, clip_coef, found_inf,
+) -> None:  # fmt: skip
+    """Adam (L2 decay) / AdamW (decoupled decay), as torch.optim.Adam/AdamW."""
+    if _skip(found_inf):
+        return
+    for i, param in enumerate(params):
+        opmath = opmath_dtype(param.dtype)
+        t = _next_step(steps[i])
+        bc1 = _bias_correction(beta1[i], t, bias_correction)
+        bc2 = _bias_correction(beta2[i], t, bias_correction)
+        lr_i = _lr(lr, lr_tensor, i, opmath)
+        g = load_grad(grads[i], opmath, grad_scale, clip_coef, maximize)
+        p = _load_param(param, master_params, i, opmath)
+        if decoupled:
+            p = p * (1 - lr_i * weight_decay[i])
+        else:
+            g = g + weight_decay[i] * p
+        m = beta1[i] * exp_avgs[i].to(opmath) + (1 - beta1[i]) * g
+        v = beta2[i] * exp_avg_sqs[i].to(opmath) + (1 - beta2[i]) * g * g
+        v_hat = v
+        if amsgrad:
+            v_hat = torch.maximum(max_exp_avg_sqs[i].to(opmath), v)
+            max_exp_avg_sqs[i].copy_(v_hat)
+        denom = v_hat.sqrt() / math.sqrt(bc2) + eps[i]
+        p = p - (lr_i / bc1) * m / denom
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        _store_param(p, param, master_params, i)
+
+
+def lamb_(
+    params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
+    lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction, trust_clip,
+    always_adapt, lr_tensor, grad_scale, clip_coef, found_inf,
+) -> None:  # fmt: skip
+    """LAMB with timm's semantics (DESIGN.md §3); the global clip arrives in clip_coef."""
+    if _skip(found_inf):
+        return
+    for i, param in enumerate(params):
+        opmath = opmath_dtype(param.dtype)
+        t = _next_step(steps[i])
+        bc1 = _bias_correction(beta1[i], t, bias_correction)
+        bc2 = _bias_correction(beta2[i], t, bias_correction)
+        beta3 = 1 - beta1[i] if grad_averaging else 1.0
+        lr_i = _lr(lr, lr_tensor, i, opmath)
+        g = load_grad(grads[i], opmath, grad_scale, clip_coef)
+        p = _load_param(param, master_params, i, opmath)
+        m = beta1[i] * exp_avgs[i].to(opmath) + beta3 * g
+        v = beta2[i] * exp_avg_sqs[i].to(opmath) + (1 - beta2[i]) * g * g
+        update = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps[i])
+        if weight_decay[i] != 0:
+            update = update + weight_decay[i] * p
+        if weight_decay[i] != 0 or always_adapt:
+            w_norm, u_norm = p.norm(2), update.norm(2)
+            one = torch.ones((), dtype=opmath, device=p.device)
+            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, one)
+            if trust_clip:
+                ratio = torch.clamp(ratio, max=1.0)
+            update = update * ratio
+        p = p - lr_i * update
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        _store_param(p, param, master_params, i)
+
+
+def lion_(
+    params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, maximize,
+    lr_tensor, grad_scale, clip_coef, found_inf,
+) -> None:  # fmt: skip
+    """Lion (Chen et al. 2023, lion-pytorch), with sign(0) = 0."""
+    if _skip(found_inf):
+        return
+    for i, param in enumerate(params):
+        opmath = opmath_dtype(param.dtype)
+        lr_i = _lr(lr, lr_tensor, i, opmath)
+        g = load_grad(grads[i], opmath, grad_scale, clip_coef, maximize)
+        p = _load_param(param, master_params, i, opmath)
+        m = exp_avgs[i].to(opmath)
+        p = p * (1 - lr_i * weight_decay[i])
+        c = beta1[i] * m + (1 - beta1[i]) * g
+        p = p - lr_i * torch.sign(c)
+        exp_avgs[i].copy_(beta2[i] * m + (1 - beta2[i]) * g)
+        _store_param(p, param, master_params, i)
+
+
+def sgd_(
+    params, grads, momentum_buffers, master_params, steps, lr, momentum, dampening,
+    weight_decay, nesterov, maximize, lr_tensor, grad_scale, clip_coef, found_inf,
+) -> None:  # fmt: skip
+    """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD."""
+    if _skip(found_inf):
+        return
+    for i, param in enumerate(params):
+        opmath = opmath_dtype(param.dtype)
+        lr_i = _lr(lr, lr_tensor, i, opmath)
+        g = load_grad(grads[i], opmath, grad_scale, clip_coef, maximize)
+        p = _load_param(param, master_params, i, opmath)
+        if weight_decay[i] != 0:
+            g = g + weight_decay[i] * p
+        if momentum_buffers:
+            first_step = _next_step(steps[i]) == 1.0
+            if first_step:
+                buf = g
+            else:
+                buf = momentum[i] * momentum_buffers[i].to(opmath) + (1 - dampening[i]) * g
+            momentum_buffers[i].copy_(buf)
+            g = g + momentum[i] * buf if nesterov else buf
+        p = p - lr_i * g
+        _store_param(p, param, master_params, i)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) with everything fusedopt needs, and build fusedopt._C in place.
+# Idempotent: a second run only rebuilds what changed. Works on a fresh machine with PyPI.
+#   FUSEDOPT_TORCH  torch requirement (default: torch==2.14.1, the CUDA 13 build, so that
+#                   the CUDA part of _C compiles and links here even without a GPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "${FUSEDOPT_TORCH:-torch==2.14.1}" "triton>=3.6" ninja pybind11 \
+  numpy pytest pytest-benchmark matplotlib ruff cmake
+# In-place build: fusedopt._C lands next to the sources; no build isolation, so the torch
+# above (not a second download) is the one we compile against.
+MAX_JOBS=${MAX_JOBS:-2} python setup.py -q build_ext --inplace
