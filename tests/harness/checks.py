@@ -22,6 +22,7 @@ from torch import Tensor
 from fusedopt import ops, reference
 
 from .cases import (
+    LAYOUT_STEPS,
     LAYOUTS,
     ListCase,
     StepCase,
@@ -32,7 +33,6 @@ from .cases import (
 from .tolerances import (
     CROSS_BACKEND_MAX_ULPS,
     INF_NORM_RTOL,
-    TRAJECTORY_STEPS,
     U32,
     Tolerance,
     reduction_rtol,
@@ -403,18 +403,19 @@ def check_step_case(
     backend: str,
     device: str,
     *,
-    steps: int = TRAJECTORY_STEPS,
+    steps: int | None = None,
     skip_at: tuple[int, ...] = (),
 ) -> None:
-    """The whole check of a step case: ``steps`` steps against the oracle, as a trajectory
-    (fp32 values) or step by step (low-precision storage). ``skip_at``: before the steps
+    """The whole check of a step case: ``steps`` steps (default: the layout's
+    ``LAYOUT_STEPS``) against the oracle, as a trajectory (fp32 values) or step by step
+    (low-precision storage). ``skip_at``: before the steps
     listed (0 = before the first), a skipped step (``found_inf`` set) is taken and must change
     nothing; the steps after it must then match an oracle that never saw it (so SGD's
     first-step rule and the bias corrections survive a skipped step)."""
     inputs = make_inputs(case, device)
     oracle = to_oracle(inputs)
     envelope: dict[str, list[Tensor]] = {}
-    for k in range(1, steps + 1):
+    for k in range(1, (steps or LAYOUT_STEPS[case.layout]) + 1):
         if k - 1 in skip_at:
             check_found_inf_skip(inputs, backend, f"{case.id} on {backend}, before step {k}")
         if not case.storage.trajectory:
