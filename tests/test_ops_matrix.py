@@ -255,3 +255,41 @@ def test_check_step_case_fails_for_a_wrong_backend(op, monkeypatch):
     case = StepCase(OPTIONS[op][0], STORAGES["fp32"], "mixed", SCALARS["plain"])
     with pytest.raises(AssertionError, match="params"):
         check_step_case(case, "reference", "cpu", steps=1)
+
+
+def test_check_grad_norm_fails_for_a_wrong_norm(monkeypatch):
+    """An oracle norm off by 1e-4 relative (far above the size-derived tolerance) fails."""
+    import harness.checks as checks
+
+    real = checks.reference.grad_norm
+
+    class _Oracle:
+        @staticmethod
+        def grad_norm(*args):
+            total, per, found_inf = real(*args)
+            return total * (1 + 1e-4), per, found_inf
+
+    monkeypatch.setattr(checks, "reference", _Oracle)
+    with pytest.raises(AssertionError, match="total norm"):
+        check_grad_norm(ListCase("fp32", "mixed"), "reference", "cpu")
+
+
+def test_compare_backends_fails_beyond_a_couple_of_ulps(monkeypatch):
+    """The second backend's params nudged by 3 ULPs in one element: the comparison fails."""
+    import harness.checks as checks
+
+    real = checks.run_backend
+    calls = []
+
+    def nudging(inputs, backend, found_inf=None):
+        real(inputs, backend, found_inf)
+        calls.append(backend)
+        if len(calls) == 2:
+            p = inputs.lists["params"][7].view(-1)
+            for _ in range(3):
+                p[5] = torch.nextafter(p[5], torch.tensor(math.inf))
+
+    monkeypatch.setattr(checks, "run_backend", nudging)
+    case = StepCase(OPTIONS["adamw_"][0], STORAGES["fp32"], "mixed", SCALARS["amp"])
+    with pytest.raises(AssertionError, match=r"params\[7\] differs .* 3 ULPs"):
+        compare_backends(case, "reference", "reference", "cpu")
