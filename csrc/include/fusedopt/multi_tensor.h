@@ -23,13 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#ifndef FUSEDOPT_HD
-#if defined(__CUDACC__)
-#define FUSEDOPT_HD __host__ __device__ inline
-#else
-#define FUSEDOPT_HD inline
-#endif
-#endif
+#include "fusedopt/macros.h"
 
 namespace fusedopt::mt {
 
@@ -42,7 +36,7 @@ inline constexpr int kVecBytes = 16;
 // Elements per vector access for a narrowest storage dtype of `min_elem_bytes` bytes.
 constexpr int vec_width(int min_elem_bytes) { return kVecBytes / min_elem_bytes; }
 
-FUSEDOPT_HD int64_t chunk_count(int64_t numel) {
+FUSEDOPT_HD inline int64_t chunk_count(int64_t numel) {
   return numel <= 0 ? 0 : (numel + kChunkElems - 1) / kChunkElems;
 }
 
@@ -60,7 +54,7 @@ inline int64_t build_chunk_begin(const int64_t* numels, int n, int64_t* chunk_be
 // The tensor that owns work item `chunk` (0 <= chunk < chunk_begin[n]): the i with
 // chunk_begin[i] <= chunk < chunk_begin[i + 1]. That interval is empty for an empty tensor
 // (chunk_begin[i] == chunk_begin[i + 1]), so an empty tensor is never returned.
-FUSEDOPT_HD int locate_tensor(const int64_t* chunk_begin, int n, int64_t chunk) {
+FUSEDOPT_HD inline int locate_tensor(const int64_t* chunk_begin, int n, int64_t chunk) {
   int lo = 0, hi = n;  // invariant: chunk_begin[lo] <= chunk < chunk_begin[hi]
   while (hi - lo > 1) {
     const int mid = lo + (hi - lo) / 2;
@@ -79,14 +73,14 @@ struct ChunkSpan {
   int32_t len;
 };
 
-FUSEDOPT_HD ChunkSpan chunk_span(int64_t numel, int64_t local) {
+FUSEDOPT_HD inline ChunkSpan chunk_span(int64_t numel, int64_t local) {
   const int64_t start = local * kChunkElems;
   const int64_t rest = numel - start;
   return {start, static_cast<int32_t>(rest < kChunkElems ? rest : kChunkElems)};
 }
 
 // True when `addr + start * elem_bytes` is 16-byte aligned (a null slot counts as aligned).
-FUSEDOPT_HD bool aligned16(const void* addr, int64_t start, int elem_bytes) {
+FUSEDOPT_HD inline bool aligned16(const void* addr, int64_t start, int elem_bytes) {
   if (addr == nullptr) return true;
   const auto a = reinterpret_cast<uintptr_t>(addr) + static_cast<uintptr_t>(start * elem_bytes);
   return (a % kVecBytes) == 0;
@@ -97,7 +91,7 @@ FUSEDOPT_HD bool aligned16(const void* addr, int64_t start, int elem_bytes) {
 // `scalar(i)` element i; indices are tensor-global (64-bit). Consecutive threads touch
 // consecutive vectors, so a warp's accesses coalesce.
 template <int W, class VecFn, class ScalarFn>
-FUSEDOPT_HD void for_each_in_chunk(ChunkSpan span, bool aligned, int tid, int nthreads,
+FUSEDOPT_HD inline void for_each_in_chunk(ChunkSpan span, bool aligned, int tid, int nthreads,
                                    VecFn&& vec, ScalarFn&& scalar) {
   const int32_t nvec = aligned ? span.len / W : 0;
   for (int32_t v = tid; v < nvec; v += nthreads) vec(span.start + int64_t{v} * W);
