@@ -162,6 +162,29 @@ def test_found_inf_changes_nothing(op):
         assert torch.equal(a, b)
 
 
+def test_sgd_momentum_zero_tensors_step_plain():
+    """[note: sgd momentum 0]: in a call with buffers, a tensor whose momentum is 0 steps as
+    momentum-free SGD and leaves its buffer and step count alone."""
+    case = make_case("sgd_", torch.float32, torch.float32, False)
+    want = _map(case, lambda t: t.cpu())
+    momentum = [0.9 if i % 2 else 0.0 for i in range(len(SIZES))]
+    before = _map(case, torch.clone)
+    for backend, c in (("cuda", case), ("reference", want)):
+        for _ in range(2):
+            ops.sgd_(c["params"], c["grads"], c["states"]["momentum_buffers"], c["steps"],
+                     lr=1e-2, momentum=momentum, dampening=0.1, backend=backend)  # fmt: skip
+    for i, m in enumerate(momentum):
+        buf, step = case["states"]["momentum_buffers"][i], case["steps"][i]
+        if m == 0.0:
+            assert torch.equal(buf, before["states"]["momentum_buffers"][i])
+            assert step.item() == 0.0
+        else:
+            assert step.item() == 2.0
+        for name in ("params",):
+            assert_ulps(case[name][i], want[name][i], 2, f"sgd_ {name}[{i}]")
+        assert_ulps(buf, want["states"]["momentum_buffers"][i], 2, f"buf[{i}]")
+
+
 def test_grad_norm_matches_cpu_and_is_deterministic():
     gen = torch.Generator().manual_seed(1)
     dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

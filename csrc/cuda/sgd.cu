@@ -27,6 +27,11 @@ struct SgdBody {
   SgdScalars<T> s;
   GradLoad<T> load_g;
 
+  // [note: sgd momentum 0] (fusedopt/reference/ops.py): a tensor whose momentum is 0 steps
+  // as momentum-free SGD even in a call with buffers; its buffer and step count stay as
+  // they are (the host gave its row no step, so increment_steps skips it too).
+  bool use_buffer;
+
   // The step count was incremented before this kernel: 1 now means this is the param's first
   // (unskipped) step, whatever a state dict loaded before.
   __device__ __forceinline__ SgdBody(const Row& row, int t, const StepArgs& a)
@@ -36,12 +41,13 @@ struct SgdBody {
         master(static_cast<float*>(row.slot[kMaster])),
         s(sgd_scalars<T>(row_lr(row, t, a.scalars), row.hyper[kMomentum],
                          row.hyper[kDampening], row.hyper[kWeightDecay],
-                         kWithMomentum && *row.step == 1.0f, a.flag[kNesterov])),
+                         kWithMomentum && row.step && *row.step == 1.0f, a.flag[kNesterov])),
         load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef,
-                                 a.flag[kMaximize])) {}
+                                 a.flag[kMaximize])),
+        use_buffer(kWithMomentum && row.hyper[kMomentum] != 0.0) {}
 
   __device__ __forceinline__ bool aligned(int64_t start) const {
-    return aligned_all(start, p, g, buf, master);
+    return aligned_all(start, p, g, use_buffer ? buf : nullptr, master);
   }
 
   template <int V>
@@ -49,16 +55,17 @@ struct SgdBody {
     T pv[V], gv[V], bv[V] = {};
     load_param<V, P, T, kMasterWeights>(p, master, i, pv);
     load<V>(g, i, gv);
-    // On the first step the buffer is overwritten, not read (it may hold anything).
-    if constexpr (kWithMomentum) {
+    if (use_buffer) {
+      // On the first step the buffer is overwritten, not read (it may hold anything).
       if (!s.first_step) load<V>(buf, i, bv);
-    }
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      sgd_update<T, kWithMomentum>(pv[k], load_grad(gv[k], load_g), bv[k], s);
+      for (int k = 0; k < V; ++k) sgd_update<T, true>(pv[k], load_grad(gv[k], load_g), bv[k], s);
+      store<V>(buf, i, bv);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) sgd_update<T, false>(pv[k], load_grad(gv[k], load_g), bv[k], s);
     }
     store_param<V, P, T, kMasterWeights>(p, master, i, pv);
-    if constexpr (kWithMomentum) store<V>(buf, i, bv);
   }
 };
 
@@ -75,6 +82,7 @@ void sgd(const SgdCall& call, const ExecContext& ctx) {
     h[kMomentum] = call.momentum[i];
     h[kDampening] = call.dampening[i];
     h[kWeightDecay] = call.weight_decay[i];
+    if (call.momentum[i] == 0.0) host.row(i).step = nullptr;  // [note: sgd momentum 0]
   }
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
