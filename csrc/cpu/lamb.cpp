@@ -13,6 +13,16 @@
 namespace fusedopt::cpu {
 namespace {
 
+/// Pass 2 over one block: the same m, v, u as pass 1, then p -= lr * (u * ratio).
+template <typename T>
+void lamb_block(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
+                int64_t n, const LambScalars<T> s, const T ratio, const GradLoad<T> load) {
+  for (int64_t e = 0; e < n; ++e) {
+    const T u = lamb_direction(p[e], load_grad(g[e], load), m[e], v[e], s);
+    p[e] = lamb_apply(p[e], u, ratio, s);
+  }
+}
+
 struct NormPartial {
   double param_sq = 0.0;
   double update_sq = 0.0;
@@ -75,13 +85,7 @@ void lamb_items(const LambCall& call, const ExecContext& ctx) {
     const LambScalars<T> s = scalars[w.tensor];
     const T r = ratio[w.tensor];
     for_each_block<T, 2, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
-      T* __restrict pp = p;
-      T* __restrict m = st[0];
-      T* __restrict v = st[1];
-      for (int64_t e = 0; e < n; ++e) {
-        const T u = lamb_direction(pp[e], load_grad(g[e], load), m[e], v[e], s);
-        pp[e] = lamb_apply(pp[e], u, r, s);
-      }
+      lamb_block<T>(p, g, st[0], st[1], n, s, r, load);
     });
   });
 }

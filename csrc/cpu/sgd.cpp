@@ -25,9 +25,9 @@ void sgd_items(const SgdCall& call, const ExecContext& ctx) {
   for (int64_t i = 0; i < lists.num_tensors; ++i) {
     // torch's first-step rule: buf = g when this param has no momentum history yet. The
     // count (not the buffer's contents) decides, so a skipped step or a loaded state dict
-    // keeps it right.
+    // keeps it right. A tensor with momentum 0 keeps its count ([note: sgd momentum 0]).
     bool first_step = false;
-    if constexpr (kMomentum) {
+    if (kMomentum && call.momentum[i] != 0.0) {
       first_step = *lists.steps[i] == 0.0f;
       *lists.steps[i] += 1.0f;
     }

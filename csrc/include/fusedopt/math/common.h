@@ -59,10 +59,12 @@ FUSEDOPT_HD FUSEDOPT_INLINE double tensor_lr(const double* lr, const float* lr_t
   return lr[i];
 }
 
-/// sign(x) with sign(0) = 0 (and sign(NaN) = NaN, as torch.sign).
+/// sign(x) with sign(0) = 0 and sign(NaN) = NaN, as torch.sign; branch-free so that it
+/// vectorises.
 template <typename T>
 FUSEDOPT_HD FUSEDOPT_INLINE T sign0(T x) {
-  return x > T(0) ? T(1) : (x < T(0) ? T(-1) : (x == T(0) ? T(0) : x));
+  const T s = static_cast<T>(x > T(0)) - static_cast<T>(x < T(0));
+  return x == x ? s : x;
 }
 
 }  // namespace fusedopt
