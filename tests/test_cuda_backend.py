@@ -122,7 +122,8 @@ def test_step_matches_cpu_backend(op, combo):
     for _ in range(1 if op == "lamb_" else 2):
         run_step(op, got, "cuda", **_map(scalars, lambda t: t.cuda()))
         run_step(op, want, "cpu", **scalars)
-    ratio_error = 4 * math.sqrt(max(SIZES)) * torch.finfo(torch.float32).eps
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    ratio_error = 4 * math.sqrt(max(SIZES)) * torch.finfo(opmath).eps
     for name in want:
         for i, (a, b, b0) in enumerate(zip(flat({0: got[name]}), flat({0: want[name]}),
                                            flat({0: before[name]}), strict=True)):  # fmt: skip
