@@ -239,3 +239,21 @@ def test_checker_catches_scalar_only_kernels(toolchain, tmp_path):
     problems = missing_vector_accesses(scalar_only)
     assert any("scale_kernel" in p and "LDG" in p for p in problems), problems
     assert any("scale_kernel" in p and "STG" in p for p in problems), problems
+
+
+def test_cuda_extension_links_the_cuda_runtime():
+    """A _C built with its CUDA part must name libcudart as a dependency (the kernels'
+    launches go through it; without it the import fails on a GPU machine only)."""
+    try:
+        import fusedopt._C as ext
+    except ImportError as error:
+        pytest.skip(f"fusedopt._C is not built ({error})")
+    if not getattr(ext, "WITH_CUDA", False):
+        pytest.skip("fusedopt._C was built without its CUDA part")
+    if shutil.which("readelf") is None:
+        pytest.skip("no readelf (binutils) to read the extension's dependencies")
+    dynamic = subprocess.run(
+        ["readelf", "-d", ext.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+    assert any(lib.startswith("libcudart.so") for lib in needed), needed
