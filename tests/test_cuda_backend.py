@@ -348,6 +348,26 @@ def test_launches_do_not_grow_with_tensor_count(op):
     assert len(counts[2]) == {"adamw_": 2, "lamb_": 4, "lion_": 1, "sgd_": 2}[op]
 
 
+@pytest.mark.parametrize("op", STEP_OPS)
+def test_float_lr_schedule_keeps_the_table_cached(op):
+    """[note: uniform lr] (csrc/cuda/step.cuh): a new float lr each step, equal for every
+    tensor, uploads no table after the first step; the lr it applies is the new one."""
+    got = make_case(op, torch.float32, torch.float32, False)
+    want = make_case(op, torch.float32, torch.float32, False, device="cpu")
+    launches = []
+    for k, lr in enumerate((1e-2, 5e-3, 2.5e-3)):
+        launches.append(_kernel_launches(lambda lr=lr: run_step(op, got, "cuda", lr=lr)))
+        run_step(op, want, "cpu", lr=lr)
+        if k:
+            assert not [name for name in launches[-1] if "write_table" in name], launches
+    # LAMB's params also carry its trust ratio's summation-order error (see
+    # test_step_matches_cpu_backend); step_lr is shared, so its states suffice here.
+    names = ("states",) if op == "lamb_" else tuple(want)
+    for name in names:
+        for a, b in zip(flat({0: got[name]}), flat({0: want[name]}), strict=True):
+            assert_ulps(a, b, 2, f"{op} {name} after 3 lrs")
+
+
 def test_two_to_the_31_elements():
     """64-bit indexing: a bf16 tensor of 2^31 + 13 elements, checked on both sides of
     element 2^31 and at its very end (the scalar tail), for scale_, grad_norm and adamw_."""

@@ -38,7 +38,7 @@ struct AdamWBody {
         v(static_cast<S*>(row.slot[kExpAvgSq])),
         vmax(static_cast<S*>(row.slot[kMaxExpAvgSq])),
         master(static_cast<float*>(row.slot[kMaster])),
-        s(adamw_scalars<T>(row_lr(row, t, a.scalars), row.hyper[kBeta1], row.hyper[kBeta2],
+        s(adamw_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
                            row.hyper[kEps], row.hyper[kWeightDecay],
                            static_cast<double>(*row.step), a.flag[kDecoupled],
                            a.flag[kBiasCorrection])),
@@ -73,7 +73,8 @@ struct AdamWBody {
 void adamw(const AdamWCall& call, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
   if (lists.num_tensors == 0) return;
-  TableBuilder host = step_table(lists, call.lr);
+  StepArgs args = step_args(lists, call.lr);
+  TableBuilder host = step_table(lists, call.lr, args);
   fill_slot(host, kExpAvg, call.exp_avgs);
   fill_slot(host, kExpAvgSq, call.exp_avg_sqs);
   fill_slot(host, kMaxExpAvgSq, call.max_exp_avg_sqs);
@@ -87,7 +88,6 @@ void adamw(const AdamWCall& call, const ExecContext& ctx) {
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
   increment_steps(table, lists.scalars.found_inf, stream);
-  StepArgs args{lists.scalars, nullptr, {}};
   args.flag[kDecoupled] = call.decoupled;
   args.flag[kMaximize] = call.maximize;
   args.flag[kBiasCorrection] = call.bias_correction;

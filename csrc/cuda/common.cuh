@@ -202,13 +202,6 @@ __device__ __forceinline__ float scalar_or(const float* p, float fallback) {
   return p ? *p : fallback;
 }
 
-/// The learning rate of tensor t: the lr tensor (1 or N values) when given, else the row's
-/// (the semantics of fusedopt::tensor_lr, math/common.h, on the device table).
-__device__ __forceinline__ double row_lr(const Row& row, int t, const DeviceScalars& s) {
-  if (s.lr) return static_cast<double>(s.lr[s.lr_numel > 1 ? t : 0]);
-  return row.hyper[0];
-}
-
 /// True when the whole op must be a no-op ([note: common scalars]).
 __device__ __forceinline__ bool skip_step(const float* found_inf) {
   return found_inf != nullptr && *found_inf != 0.0f;

@@ -46,7 +46,7 @@ struct LambElements {
         m(static_cast<S*>(row.slot[kExpAvg])),
         v(static_cast<S*>(row.slot[kExpAvgSq])),
         master(static_cast<float*>(row.slot[kMaster])),
-        s(lamb_scalars<T>(row_lr(row, t, a.scalars), row.hyper[kBeta1], row.hyper[kBeta2],
+        s(lamb_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
                           row.hyper[kEps], row.hyper[kWeightDecay],
                           static_cast<double>(*row.step), a.flag[kGradAveraging],
                           a.flag[kBiasCorrection])),
@@ -164,7 +164,8 @@ __global__ void __launch_bounds__(kRatioThreads)
 void lamb(const LambCall& call, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
   if (lists.num_tensors == 0) return;
-  TableBuilder host = step_table(lists, call.lr);
+  StepArgs args = step_args(lists, call.lr);
+  TableBuilder host = step_table(lists, call.lr, args);
   fill_slot(host, kExpAvg, call.exp_avgs);
   fill_slot(host, kExpAvgSq, call.exp_avg_sqs);
   bool any_adapts = false;
@@ -180,7 +181,6 @@ void lamb(const LambCall& call, const ExecContext& ctx) {
   const Table table = host.upload(ctx);
   increment_steps(table, lists.scalars.found_inf, stream);
   if (host.total_chunks() == 0) return;
-  StepArgs args{lists.scalars, nullptr, {}};
   args.flag[kGradAveraging] = call.grad_averaging;
   args.flag[kBiasCorrection] = call.bias_correction;
   args.flag[kTrustClip] = call.trust_clip;

@@ -31,7 +31,7 @@ struct LionBody {
         g(static_cast<const G*>(row.slot[kGrad])),
         m(static_cast<S*>(row.slot[kExpAvg])),
         master(static_cast<float*>(row.slot[kMaster])),
-        s(lion_scalars<T>(row_lr(row, t, a.scalars), row.hyper[kBeta1], row.hyper[kBeta2],
+        s(lion_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
                           row.hyper[kWeightDecay])),
         load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef,
                                  a.flag[kMaximize])) {}
@@ -58,7 +58,8 @@ struct LionBody {
 void lion(const LionCall& call, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
   if (lists.num_tensors == 0) return;
-  TableBuilder host = step_table(lists, call.lr);
+  StepArgs args = step_args(lists, call.lr);
+  TableBuilder host = step_table(lists, call.lr, args);
   fill_slot(host, kExpAvg, call.exp_avgs);
   for (int i = 0; i < host.n(); ++i) {
     double* h = host.row(i).hyper;
@@ -68,7 +69,6 @@ void lion(const LionCall& call, const ExecContext& ctx) {
   }
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
-  StepArgs args{lists.scalars, nullptr, {}};
   args.flag[kMaximize] = call.maximize;
   dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
                       [&](auto p, auto g, auto master) {

@@ -39,7 +39,7 @@ struct SgdBody {
         g(static_cast<const G*>(row.slot[kGrad])),
         buf(static_cast<S*>(row.slot[kMomentumBuffer])),
         master(static_cast<float*>(row.slot[kMaster])),
-        s(sgd_scalars<T>(row_lr(row, t, a.scalars), row.hyper[kMomentum],
+        s(sgd_scalars<T>(step_lr(row, t, a), row.hyper[kMomentum],
                          row.hyper[kDampening], row.hyper[kWeightDecay],
                          kWithMomentum && row.step && *row.step == 1.0f, a.flag[kNesterov])),
         load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef,
@@ -75,7 +75,8 @@ void sgd(const SgdCall& call, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
   if (lists.num_tensors == 0) return;
   const bool with_momentum = call.momentum_buffers.present();
-  TableBuilder host = step_table(lists, call.lr);
+  StepArgs args = step_args(lists, call.lr);
+  TableBuilder host = step_table(lists, call.lr, args);
   fill_slot(host, kMomentumBuffer, call.momentum_buffers);
   for (int i = 0; i < host.n(); ++i) {
     double* h = host.row(i).hyper;
@@ -87,7 +88,6 @@ void sgd(const SgdCall& call, const ExecContext& ctx) {
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
   if (with_momentum) increment_steps(table, lists.scalars.found_inf, stream);
-  StepArgs args{lists.scalars, nullptr, {}};
   args.flag[kNesterov] = call.nesterov;
   args.flag[kMaximize] = call.maximize;
   dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),

@@ -7,6 +7,8 @@
 // derived in double by the math headers), then apply<V>(i) handles elements i..i+V-1.
 #pragma once
 
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace fusedopt::cuda {
@@ -16,7 +18,7 @@ inline constexpr int kParam = 0;
 inline constexpr int kGrad = 1;
 inline constexpr int kMaster = 2;
 inline constexpr int kState0 = 3;
-// hyper[0] is the lr of every step op (row_lr); the others are per op.
+// hyper[0] is the lr of every step op (step_lr); the others are per op.
 inline constexpr int kLr = 0;
 
 /// The storage of a step op's states: fp32 with master weights, else the param's.
@@ -27,8 +29,26 @@ using StateOf = std::conditional_t<kMasterWeights, float, P>;
 struct StepArgs {
   DeviceScalars scalars;
   const void* extra;  // an op's per-tensor device array (LAMB's trust ratios), or null
-  bool flag[4];       // an op's per-call flags, named by the op
+  double lr;          // the lr of every tensor, when lr_in_args ([note: uniform lr])
+  bool lr_in_args;
+  bool flag[4];  // an op's per-call flags, named by the op
 };
+
+// [note: uniform lr] A learning-rate schedule with float lrs changes lr every step. Kept in
+// the rows, it would change the device table, and so cost a table upload, every step. When
+// every tensor of the call has the same float lr (one param group, or groups that differ in
+// other hyperparameters only: the common case) it travels in the kernel arguments instead,
+// and the table, which then depends on addresses, sizes and the constant hyperparameters
+// only, stays cached. (Moving every hyperparameter to per-group kernel arguments was tried:
+// the indexed argument reads kept enough registers live across the bias corrections' pow()
+// calls to cost one LAMB kernel an 8-byte stack frame, which the static checks reject.)
+
+/// The learning rate of tensor t: the lr tensor (1 or N values) when given, else the call's
+/// or the row's (the semantics of fusedopt::tensor_lr, math/common.h, on the device table).
+__device__ __forceinline__ double step_lr(const Row& row, int t, const StepArgs& a) {
+  if (a.scalars.lr) return static_cast<double>(a.scalars.lr[a.scalars.lr_numel > 1 ? t : 0]);
+  return a.lr_in_args ? a.lr : row.hyper[kLr];
+}
 
 /// True when every non-null pointer is 16-byte aligned at element `start` ([note: vector
 /// path]).
@@ -63,8 +83,18 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Table table, StepArgs ar
   for_chunk<Body::kWidth>(w.span, body.aligned(w.span.start), body);
 }
 
+/// The StepArgs of a call: its device scalars, and its lr when uniform ([note: uniform lr]).
+inline StepArgs step_args(const StepLists& lists, const double* lr) {
+  StepArgs args{};
+  args.scalars = lists.scalars;
+  args.lr_in_args = lists.num_tensors > 0 && !lists.scalars.lr &&
+                    std::all_of(lr, lr + lists.num_tensors, [&](double x) { return x == lr[0]; });
+  args.lr = args.lr_in_args ? lr[0] : 0.0;
+  return args;
+}
+
 /// The host side of a step op: a table with the common slots, steps and lr filled in.
-inline TableBuilder step_table(const StepLists& lists, const double* lr) {
+inline TableBuilder step_table(const StepLists& lists, const double* lr, const StepArgs& args) {
   TableBuilder table(lists.num_tensors, lists.numels);
   fill_slot(table, kParam, lists.params);
   fill_slot(table, kGrad, lists.grads);
@@ -72,9 +102,9 @@ inline TableBuilder step_table(const StepLists& lists, const double* lr) {
   for (int i = 0; i < table.n(); ++i) {
     Row& row = table.row(i);
     row.step = lists.steps ? lists.steps[i] : nullptr;
-    // Ignored on the device when an lr tensor is given: keep the row independent of the
-    // (then meaningless) float so that the table stays cached across steps.
-    row.hyper[kLr] = lists.scalars.lr ? 0.0 : lr[i];
+    // Ignored on the device when an lr tensor is given or the lr is in the arguments: keep
+    // the row independent of it so that the table stays cached across steps.
+    row.hyper[kLr] = lists.scalars.lr || args.lr_in_args ? 0.0 : lr[i];
   }
   return table;
 }
