@@ -61,7 +61,7 @@ def _nvcc_top(nvcc: str) -> str | None:
         return None
     for line in (out.stdout + out.stderr).splitlines():
         if "TOP=" in line:
-            return os.path.normpath(os.path.join(line.split("TOP=", 1)[1].strip(), ".."))
+            return os.path.normpath(line.split("TOP=", 1)[1].strip())  # "<root>/bin/.."
     return None
 
 
