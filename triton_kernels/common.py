@@ -170,3 +170,45 @@ def finish_tensor(counters, t, row, step_ptr, new_step):
 def full_blocks_end(start, end):
     """End of the unmasked part of [start, end): whole BLOCKs only."""
     return start + (end - start) // BLOCK * BLOCK
+
+
+@triton.jit
+def div(a, b):
+    """IEEE division (``div_rn`` for fp32; fp64 division is always IEEE)."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def sqrt(x):
+    """IEEE square root (``sqrt_rn`` for fp32; fp64 square root is always IEEE)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def maximum(a, b):
+    """``torch.maximum``: NaN propagates."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.constexpr):
+    """The param in the compute dtype: its fp32 master copy when MASTER, else itself."""
+    if MASTER:
+        return load(master_ptr, offs, mask, COMPUTE)
+    else:
+        return load(p_ptr, offs, mask, COMPUTE)
+
+
+@triton.jit
+def store_param(p_ptr, master_ptr, offs, mask, p, MASTER: tl.constexpr):
+    """Store the updated param; with MASTER, the fp32 master and the rounded param both, so
+    that ``param == master.to(param.dtype)`` bit for bit."""
+    if MASTER:
+        store(master_ptr, offs, mask, p)
+    store(p_ptr, offs, mask, p)

@@ -165,3 +165,54 @@ class TableCache:
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+_TL_DTYPES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float64: "float64",
+}
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton dtype of a torch dtype (a constexpr kernel argument)."""
+    import triton.language as tl
+
+    return getattr(tl, _TL_DTYPES[dtype])
+
+
+def dtype_arguments(params: Sequence[Tensor], grads: Sequence[Tensor], master: bool) -> dict:
+    """Constexpr dtypes of a step call (one param dtype, one grad dtype: fusedopt.ops splits).
+
+    States are fp32 with master weights, else in the param dtype (DESIGN.md §3); the math is
+    fp32, fp64 for fp64 params."""
+    p, g = params[0].dtype, grads[0].dtype
+    return {
+        "P_DTYPE": tl_dtype(p),
+        "G_DTYPE": tl_dtype(g),
+        "S_DTYPE": tl_dtype(torch.float32 if master else p),
+        "COMPUTE": tl_dtype(torch.float64 if p == torch.float64 else torch.float32),
+        "MASTER": master,
+    }
+
+
+def scalar_arguments(
+    dummy: Tensor,
+    lr_tensor: Tensor | None,
+    grad_scale: Tensor | None,
+    clip_coef: Tensor | None,
+    found_inf: Tensor | None,
+) -> tuple[list[Tensor], dict]:
+    """The common scalars as kernel arguments (``dummy`` stands in for an absent one) and the
+    constexpr flags saying which are present. LR_MODE: 0 lr from the table (Python floats),
+    1 a 0-d lr tensor, 2 one lr per tensor."""
+    lr_mode = 0 if lr_tensor is None else (1 if lr_tensor.dim() == 0 else 2)
+    tensors = [t if t is not None else dummy for t in (lr_tensor, grad_scale, clip_coef, found_inf)]
+    flags = {
+        "LR_MODE": lr_mode,
+        "HAS_GRAD_SCALE": grad_scale is not None,
+        "HAS_CLIP": clip_coef is not None,
+        "HAS_FOUND_INF": found_inf is not None,
+    }
+    return tensors, flags
