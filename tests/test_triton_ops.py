@@ -253,3 +253,70 @@ def test_unaligned_views():
     for name in lists:
         for a, b, c in zip(lists[name], want[name], initial[name], strict=True):
             close(a, b, c)
+
+
+# ---- grad_norm --------------------------------------------------------------------------------
+
+
+def norm_tolerance(sizes) -> float:
+    """Relative error bound of the kernel's fp32 sum of squares: every term is positive, so
+    the relative error is at most (depth of the summation) x eps: CHUNK/BLOCK sequential
+    adds per lane, log2(BLOCK) in the lane tree, two folds of at most log2(256) + their
+    sequential lengths, plus the square root's half ulp. The float64 oracle is exact enough."""
+    from fusedopt.triton_kernels.multi_tensor import BLOCK, CHUNK
+
+    n_chunks = sum(max(1, -(-n // CHUNK)) for n in sizes)
+    depth = CHUNK // BLOCK + 10 + 2 * (8 + max(1, n_chunks // 256)) + len(sizes) // 256 + 1
+    return depth * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+@pytest.mark.parametrize(
+    "dtypes",
+    [(torch.float32,), (torch.bfloat16,), (torch.float16,), (torch.float64,),
+     (torch.bfloat16, torch.float32, torch.float16)],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("scaled", [False, True])
+def test_grad_norm_against_float64(dtypes, norm_type, scaled):
+    sizes = [0, 1, 7, 1000, 70000, 33]
+    ts = [rand([n], dtypes[i % len(dtypes)], seed=i)[0] for i, n in enumerate(sizes)]
+    grad_scale = torch.tensor(8.0, device=DEVICE) if scaled else None
+    total, per, found = ops.grad_norm(ts, norm_type, per_tensor=True, grad_scale=grad_scale,
+                                      backend="triton")  # fmt: skip
+    exact = ops.grad_norm([t.double() for t in ts], norm_type, per_tensor=True,
+                          grad_scale=grad_scale, backend="reference")  # fmt: skip
+    all_fp64 = dtypes == (torch.float64,)
+    assert total.dtype == per.dtype == (torch.float64 if all_fp64 else torch.float32)
+    assert per.shape == (len(sizes),) and found.dtype == torch.float32 and found.item() == 0.0
+    # inf norm: exact (max of exactly scaled values: a division by a power of two).
+    tol = 0.0 if norm_type == float("inf") else norm_tolerance(sizes)
+    if all_fp64:
+        tol = tol * 1e-8
+    torch.testing.assert_close(total.double(), exact[0], rtol=tol, atol=0)
+    torch.testing.assert_close(per.double(), exact[1], rtol=tol, atol=0)
+    again = ops.grad_norm(ts, norm_type, per_tensor=True, grad_scale=grad_scale, backend="triton")
+    assert torch.equal(again[0], total) and torch.equal(again[1], per)  # deterministic
+    no_per = ops.grad_norm(ts, norm_type, grad_scale=grad_scale, backend="triton")
+    assert no_per[1].shape == (0,) and torch.equal(no_per[0], total)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_grad_norm_non_finite(norm_type, bad):
+    ts = rand([10, 70000, 5], torch.bfloat16)
+    ts[1][66000] = bad
+    total, per, found = ops.grad_norm(ts, norm_type, per_tensor=True, backend="triton")
+    want = ops.grad_norm(ts, norm_type, per_tensor=True, backend="reference")
+    assert found.item() == 1.0
+    torch.testing.assert_close(total, want[0], equal_nan=True)
+    assert per[1].isnan() == want[1][1].isnan() and per[0].isfinite() and per[2].isfinite()
+
+
+def test_grad_norm_many_tensors():
+    sizes = [(i * 37) % 101 for i in range(300)]
+    ts = [rand([n], torch.float32, seed=i)[0] for i, n in enumerate(sizes)]
+    total, per, _ = ops.grad_norm(ts, per_tensor=True, backend="triton")
+    exact = ops.grad_norm([t.double() for t in ts], per_tensor=True, backend="reference")
+    torch.testing.assert_close(total.double(), exact[0], rtol=norm_tolerance(sizes), atol=0)
+    torch.testing.assert_close(per.double(), exact[1], rtol=norm_tolerance(sizes), atol=0)

@@ -212,3 +212,9 @@ def store_param(p_ptr, master_ptr, offs, mask, p, MASTER: tl.constexpr):
     if MASTER:
         store(master_ptr, offs, mask, p)
     store(p_ptr, offs, mask, p)
+
+
+@triton.jit
+def nonfinite(x):
+    """1 where x is inf or NaN, else 0 (int32)."""
+    return ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)

@@ -216,3 +216,20 @@ def scalar_arguments(
         "HAS_FOUND_INF": found_inf is not None,
     }
     return tensors, flags
+
+
+#: Per-tensor dtype codes, for ops whose tensors may mix dtypes in one call (scale_,
+#: grad_norm): the kernel branches on the code, compiling only the branches present.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+
+def dtype_code_arguments(tensors: Sequence[Tensor]) -> tuple[list[float], dict]:
+    """The per-tensor dtype codes (a table hyperparameter column) and the HAS_* constexprs."""
+    present = {t.dtype for t in tensors}
+    flags = {
+        "HAS_F32": torch.float32 in present,
+        "HAS_BF16": torch.bfloat16 in present,
+        "HAS_F16": torch.float16 in present,
+        "HAS_F64": torch.float64 in present,
+    }
+    return [float(DTYPE_CODES[t.dtype]) for t in tensors], flags

@@ -9,23 +9,14 @@ branches for dtypes present in the call are compiled (``HAS_*`` constexprs).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import common
-from .common import full_blocks_end, hyper, load, locate_chunk, slot, store
-from .multi_tensor import BLOCK, TableCache
+from .common import full_blocks_end, hyper, load, locate_chunk, nonfinite, slot, store
+from .multi_tensor import BLOCK, TableCache, dtype_code_arguments
 from .registry import register
-
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-
-
-@triton.jit
-def nonfinite(x):
-    """1 where x is inf or NaN, else 0 (int32)."""
-    return ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)
 
 
 @triton.jit
@@ -85,15 +76,12 @@ def scale_(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None) -> No
     ``found_inf`` to 1.0 if any input element is non-finite (never clears it)."""
     if not tensors:
         return
-    dtypes = {t.dtype for t in tensors}
-    codes = [float(DTYPE_CODES[t.dtype]) for t in tensors]
-    launch = _TABLES.launch([tensors], [codes], extra_key=tuple(sorted(map(str, dtypes))))
+    codes, flags = dtype_code_arguments(tensors)
+    launch = _TABLES.launch([tensors], [codes], extra_key=tuple(flags.values()))
     scale_kernel[(launch.n_chunks,)](
         launch.table, launch.chunks, scale, found_inf if found_inf is not None else scale,
-        WIDTH=launch.width, CHECK=found_inf is not None,
-        HAS_F32=torch.float32 in dtypes, HAS_BF16=torch.bfloat16 in dtypes,
-        HAS_F16=torch.float16 in dtypes, HAS_F64=torch.float64 in dtypes,
-        ALIGNED=launch.aligned, **common.LAUNCH_OPTIONS,
+        WIDTH=launch.width, CHECK=found_inf is not None, **flags, ALIGNED=launch.aligned,
+        **common.LAUNCH_OPTIONS,
     )  # fmt: skip
 
 
