@@ -117,7 +117,7 @@ def make_lists(op, sizes, dtype, grad_dtype, master, *, amsgrad=False, seed=0, s
         "grads": [randn(n, grad_dtype) for n in sizes],
         "master_params": [p.float() for p in params] if master else [],
     }
-    for name in STATES[op]:
+    for name in STATES[op] if steps else ():
         square = name.endswith("sqs")
         values = [randn(n, torch.float32, 0.1) for n in sizes]
         lists[name] = [(v.abs() if square else v).to(state_dtype) for v in values]
@@ -189,15 +189,32 @@ DTYPES = [  # (param, grad, master)
 ]
 
 
-@pytest.mark.parametrize("options", ADAMW_OPTIONS, ids=str)
+SGD_OPTIONS = [
+    {"steps": False},  # no momentum: no buffers, no step counts
+    {"momentum": 0.9},
+    {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+    {"momentum": 0.8, "dampening": 0.3, "maximize": True},
+    {"momentum": [0.9, 0.0, 0.5, 0.9, 0.9, 0.7], "weight_decay": [0.0, 0.1, 0.0, 0.2, 0, 0]},
+]
+LION_OPTIONS = [
+    {},
+    {"weight_decay": 0.1, "maximize": True},
+    {"beta1": [0.9, 0.5, 0.9, 0.95, 0.9, 0.0], "weight_decay": [0.0, 0.1, 0.2, 0.0, 0.3, 1]},
+]
+OPTIONS = {"adamw_": ADAMW_OPTIONS, "sgd_": SGD_OPTIONS, "lion_": LION_OPTIONS}
+STEP_OPS = list(OPTIONS)
+CASES = [(op, o) for op, options in OPTIONS.items() for o in options]
+
+
+@pytest.mark.parametrize(("op", "options"), CASES, ids=str)
 @pytest.mark.parametrize("dtypes", DTYPES, ids=str)
-def test_adamw(dtypes, options):
+def test_step(op, options, dtypes):
     dtype, grad_dtype, master = dtypes
     n_steps = 3 if dtype in (torch.float32, torch.float64) or master else 1
-    compare_step("adamw_", SIZES, dtype, grad_dtype, master, n_steps, lr=1e-2, **options)
+    compare_step(op, SIZES, dtype, grad_dtype, master, n_steps, lr=1e-2, **options)
 
 
-@pytest.mark.parametrize("op", ["adamw_"])
+@pytest.mark.parametrize("op", STEP_OPS)
 def test_common_scalars_and_lr_tensors(op):
     n = len(SIZES)
     for lr in (torch.tensor(0.01, device=DEVICE), torch.linspace(1e-3, 1e-2, n, device=DEVICE)):
@@ -207,7 +224,7 @@ def test_common_scalars_and_lr_tensors(op):
                      **scalars(grad_scale=8.0, clip_coef=0.5))  # fmt: skip
 
 
-@pytest.mark.parametrize("op", ["adamw_"])
+@pytest.mark.parametrize("op", STEP_OPS)
 @pytest.mark.parametrize("flag", [1.0, 2.0])
 def test_found_inf_leaves_everything_bit_identical(op, flag):
     lists = make_lists(op, SIZES, torch.bfloat16, torch.bfloat16, True)
@@ -218,14 +235,14 @@ def test_found_inf_leaves_everything_bit_identical(op, flag):
             assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("op", ["adamw_"])
+@pytest.mark.parametrize("op", STEP_OPS)
 def test_many_tensors_and_chunk_boundaries(op):
     compare_step(op, [70000, 3, 0, 65536, 65537], torch.float32, n_steps=2, lr=1e-2)
     sizes = [(i * 37) % 101 for i in range(150)]
     compare_step(op, sizes, torch.bfloat16, master=True, n_steps=2, lr=1e-2)
 
 
-@pytest.mark.parametrize("op", ["adamw_"])
+@pytest.mark.parametrize("op", STEP_OPS)
 def test_moved_grads_rebuild_the_table(op):
     """Grads set to None come back at new addresses; the cached table must follow."""
     got = make_lists(op, SIZES, torch.float32, torch.float32, False)
