@@ -12,4 +12,4 @@ try:
 except ImportError as error:  # the backend reports this reason (fusedopt.backends())
     raise ImportError(f"the Triton backend needs the triton package: {error}") from error
 
-from . import adamw, grad_norm, lion, scale, sgd  # noqa: F401  (each op registers itself)
+from . import adamw, grad_norm, lamb, lion, scale, sgd  # noqa: F401  (each op registers itself)
