@@ -40,7 +40,8 @@ N_SLOTS: tl.constexpr = tl.constexpr(5)
 @triton.jit
 def _sgd_block(
     offs, mask, p_ptr, g_ptr, buf_ptr, master_ptr, grad_scale, clip_coef, lr, momentum,
-    one_minus_dampening, weight_decay, has_weight_decay, first_step, COMPUTE: tl.constexpr,
+    one_minus_dampening, weight_decay, has_weight_decay, first_step, use_momentum,
+    COMPUTE: tl.constexpr,
     MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
@@ -50,11 +51,13 @@ def _sgd_block(
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
     # A zero decay adds nothing, not 0 * p (which would turn an infinite param into NaN).
     g = tl.where(has_weight_decay, g + weight_decay * p, g)
-    if HAS_MOMENTUM:
-        buf = momentum * load(buf_ptr, offs, mask, COMPUTE) + one_minus_dampening * g
-        buf = tl.where(first_step, g, buf)  # torch's first step: buf = g
-        store(buf_ptr, offs, mask, buf)
-        g = g + momentum * buf if NESTEROV else buf
+    # Compile-time test, then the run-time one ([note: sgd momentum 0] of the reference).
+    if HAS_MOMENTUM:  # noqa: SIM102
+        if use_momentum:
+            buf = momentum * load(buf_ptr, offs, mask, COMPUTE) + one_minus_dampening * g
+            buf = tl.where(first_step, g, buf)  # torch's first step: buf = g
+            store(buf_ptr, offs, mask, buf)
+            g = g + momentum * buf if NESTEROV else buf
     store_param(p_ptr, master_ptr, offs, mask, p - lr * g, MASTER)
 
 
@@ -75,14 +78,18 @@ def sgd_kernel(
         if HAS_MOMENTUM:
             new_step = tl.load(step_ptr) + 1.0
         weight_decay = hyper(row, N_SLOTS, 3)
+        momentum = hyper(row, N_SLOTS, 1)
+        # [note: sgd momentum 0] (reference): a tensor with momentum 0 in a call with buffers
+        # steps as plain SGD; its buffer and step count stay untouched.
+        use_momentum = momentum != 0.0
         args = (
             slot(row, 0, P_DTYPE, ALIGNED), slot(row, 1, G_DTYPE, ALIGNED),
             slot(row, 2, S_DTYPE, ALIGNED), slot(row, 3, tl.float32, ALIGNED),
             load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
             load_scalar(clip_coef, HAS_CLIP, COMPUTE),
             learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE).to(COMPUTE),
-            hyper(row, N_SLOTS, 1).to(COMPUTE), (1.0 - hyper(row, N_SLOTS, 2)).to(COMPUTE),
-            weight_decay.to(COMPUTE), weight_decay != 0.0, new_step == 1.0,
+            momentum.to(COMPUTE), (1.0 - hyper(row, N_SLOTS, 2)).to(COMPUTE),
+            weight_decay.to(COMPUTE), weight_decay != 0.0, new_step == 1.0, use_momentum,
         )  # fmt: skip
         full_end = full_blocks_end(start, end)
         for base in range(start, full_end, BLOCK):
@@ -92,8 +99,9 @@ def sgd_kernel(
             offs = full_end + tl.arange(0, BLOCK)
             _sgd_block(offs, offs < end, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
                        HAS_MOMENTUM, NESTEROV, MAXIMIZE)  # fmt: skip
-        if HAS_MOMENTUM:
-            finish_tensor(counters, t, row, step_ptr, new_step)
+        if HAS_MOMENTUM:  # noqa: SIM102
+            if use_momentum:  # the same for every chunk of the tensor
+                finish_tensor(counters, t, row, step_ptr, new_step)
 
 
 _TABLES = TableCache()
