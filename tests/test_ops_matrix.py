@@ -4,6 +4,7 @@ run here (others skip with fusedopt's reason), against the float64 oracle. See
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -25,7 +26,15 @@ from harness import (
     step_cases,
 )
 from harness.cases import SCALARS, params
-from harness.checks import assert_close, lion_excused, make_grads, make_inputs, to_oracle
+from harness.checks import (
+    assert_close,
+    lion_excused,
+    make_grads,
+    make_inputs,
+    run_backend,
+    same_bits,
+    to_oracle,
+)
 from harness.tolerances import TOLERANCES, tolerance, ulp_distance
 
 from fusedopt._contract import BACKEND_NAMES
@@ -92,6 +101,41 @@ def test_scale(target, case: ListCase):
     check_scale(case, backend, device)
 
 
+@pytest.mark.parametrize("op", list(OPTIONS))
+@pytest.mark.parametrize("target", BACKENDS)
+def test_one_call_over_several_dtypes_equals_one_call_per_dtype(target, op):
+    """fusedopt.ops splits a call by (param dtype, grad dtype); with per-tensor hypers and a
+    length-N lr tensor the split must hand each group its own values: the result of one call
+    over fp32, bf16 and bf16-with-fp32-grad params is, bit for bit, that of three calls."""
+    backend, device = target
+    storages = ("fp32", "bf16", "bf16_fp32grad")
+
+    def parts():
+        out = []
+        for seed, storage in enumerate(storages):
+            case = StepCase(OPTIONS[op][0], STORAGES[storage], "mixed", SCALARS["groups"])
+            inputs = make_inputs(case, device, seed=seed)
+            inputs.lists["grads"] = make_grads(inputs, 1)
+            inputs.lr_tensor *= 1 + seed  # each group its own lrs: a mix-up shows
+            out.append(inputs)
+        return out
+
+    separate, joint = parts(), parts()
+    for inputs in separate:
+        run_backend(inputs, backend)
+    merged = dataclasses.replace(
+        joint[0],
+        lists={k: [t for p in joint for t in p.lists[k]] for k in joint[0].lists},
+        hypers={k: [v for p in joint for v in p.hypers[k]] for k in joint[0].hypers},
+        lr_tensor=torch.cat([p.lr_tensor for p in joint]),
+    )
+    run_backend(merged, backend)
+    for a, b in zip(separate, joint, strict=True):
+        for name, ts in a.lists.items():
+            for i, (x, y) in enumerate(zip(ts, b.lists[name], strict=True)):
+                assert same_bits(x, y), f"{a.case.id}: {name}[{i}] differs when called jointly"
+
+
 # ---------------------------------------------------------------------------------------------
 # Backends against each other
 
@@ -138,7 +182,7 @@ def test_registry_covers_every_op_option_storage_and_layout():
 def test_tolerance_table_has_a_reason_per_dtype():
     assert set(TOLERANCES) == {torch.float32, torch.bfloat16, torch.float16}
     for tol in TOLERANCES.values():
-        assert tol.reason and tol.rtol < 1e-2
+        assert tol.reason and tol.rtol < 4e-3
 
 
 def test_ulp_distance():
@@ -161,6 +205,19 @@ def test_assert_close_catches_one_bad_element():
     got[37] = float("nan")
     with pytest.raises(AssertionError):
         assert_close(got, want, tolerance(torch.float32), 1, "nan")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_tolerance_takes_rounding_but_not_truncation(dtype):
+    """Round-to-nearest of the exact value passes; truncation toward zero (a classic bug of
+    hand-written fp32 -> bf16 conversions) errs by up to a whole ulp and must fail."""
+    want = torch.randn(10_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert_close(want.to(dtype), want, tolerance(dtype), 1, "rounded")
+    bits = {torch.bfloat16: 16, torch.float16: 13}[dtype]  # mantissa bits dropped from fp32
+    as_int = want.float().view(torch.int32)
+    truncated = (as_int & ~((1 << bits) - 1)).view(torch.float32).to(dtype)
+    with pytest.raises(AssertionError):
+        assert_close(truncated, want, tolerance(dtype), 1, "truncated")
 
 
 def test_lion_excuses_only_near_zero_c():
