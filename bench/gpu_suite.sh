@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The GPU suite: one command on a GPU machine (torch, Triton, nvcc, ninja, pytest; no internet
+# needed), from the repository root:
+#
+#   bash bench/gpu_suite.sh [OUTPUT_DIR]        (default ./out)
+#
+# 1. builds fusedopt._C in place with its CUDA part for sm_90 (TORCH_CUDA_ARCH_LIST overrides);
+# 2. runs every test marked `cuda` (the harness's matrix for cuda, tests/test_cuda_backend.py)
+#    plus the static SASS checks (tests/test_cuda_static.py);
+# 3. runs compute-sanitizer memcheck on a small call of every op (bench/cuda_memcheck_case.py),
+#    where compute-sanitizer exists.
+# Writes OUTPUT_DIR/gpu_suite.log (everything), OUTPUT_DIR/gpu_suite.csv (one row per test and
+# per step, with the device, versions, date and commit) and OUTPUT_DIR/junit.xml. Budget: well
+# under 5 minutes on 16 cores (the build is ~2 of them). Exit status: non-zero if any step
+# failed; the outputs are written either way.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=$(mkdir -p "${1:-./out}" && cd "${1:-./out}" && pwd)
+PY=${PYTHON:-python3}
+LOG="$OUT/gpu_suite.log"
+STEPS="$OUT/steps.tsv"
+: > "$LOG"
+: > "$STEPS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+# step NAME TIMEOUT_S COMMAND...: runs a step with a time limit into OUT/NAME.log and records
+# its outcome in the steps table (so that steps may run in the background).
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $*" > "$OUT/$name.log"
+  local start rc seconds
+  start=$(date +%s%N)
+  timeout --kill-after=10 "$limit" "$@" >> "$OUT/$name.log" 2>&1
+  rc=$?
+  seconds=$(( ($(date +%s%N) - start) / 1000000 ))
+  seconds=$(printf '%d.%03d' $((seconds / 1000)) $((seconds % 1000)))
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$seconds" >> "$STEPS"
+  echo "=== $name: exit $rc after ${seconds}s" | tee -a "$OUT/$name.log"
+  return "$rc"
+}
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  nvcc --version 2>&1 | tail -n 2
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
+} >> "$LOG"
+
+step build 200 env FUSEDOPT_CUDA=1 "$PY" setup.py build_ext --inplace
+if [ "$(cut -f2 "$STEPS")" = "0" ]; then
+  "$PY" -c "import fusedopt; [print(s) for s in fusedopt.backends().values()]" >> "$LOG" 2>&1
+  # The static SASS checks (CPU only) and memcheck run beside the GPU tests: the whole suite
+  # must stay under 5 minutes.
+  step static 150 "$PY" -m pytest -q -rA -p no:cacheprovider tests/test_cuda_static.py \
+    --junitxml="$OUT/junit_static.xml" &
+  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
+    2>/dev/null | head -n 1)
+  if [ -n "$SANITIZER" ]; then
+    step memcheck 150 "$SANITIZER" --tool memcheck --error-exitcode 1 \
+      "$PY" bench/cuda_memcheck_case.py &
+  else
+    echo "=== memcheck: skipped, no compute-sanitizer on this machine" | tee "$OUT/memcheck.log"
+    printf 'memcheck\tskipped\t0\n' >> "$STEPS"
+  fi
+  # -m cuda selects the GPU tests of every file (the harness's op matrix for cuda included).
+  step pytest 220 "$PY" -m pytest -q -rA -p no:cacheprovider -m cuda \
+    --junitxml="$OUT/junit.xml" tests
+  wait
+fi
+for name in build static memcheck pytest; do
+  [ -f "$OUT/$name.log" ] && cat "$OUT/$name.log" >> "$LOG" && rm -f "$OUT/$name.log"
+done
+status=0
+while IFS=$'\t' read -r _ rc _; do
+  [ "$rc" = "0" ] || [ "$rc" = "skipped" ] || status=1
+done < "$STEPS"
+
+# One CSV: the steps, then every test case of the junit reports.
+"$PY" - "$OUT" "$STEPS" <<'EOF' >> "$LOG" 2>&1
+import csv, datetime, os, subprocess, sys, xml.etree.ElementTree as ET
+
+out, steps = sys.argv[1], sys.argv[2]
+try:
+    import torch
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    torch_version = torch.__version__
+except Exception as error:  # the CSV must be written whatever broke
+    device, torch_version = f"unknown ({error})", "unknown"
+try:
+    import triton
+    triton_version = triton.__version__
+except Exception:
+    triton_version = "absent"
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                        text=True).stdout.strip() or "unknown"
+common = dict(device=device, torch=torch_version, triton=triton_version,
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              commit=commit)
+rows = []
+for line in open(steps):
+    name, rc, seconds = line.rstrip("\n").split("\t")
+    outcome = "skipped" if rc == "skipped" else ("passed" if rc == "0" else f"failed (exit {rc})")
+    rows.append(dict(kind="step", name=name, outcome=outcome, seconds=seconds, message=""))
+for report in ("junit.xml", "junit_static.xml"):
+    path = os.path.join(out, report)
+    if not os.path.exists(path):
+        continue
+    for case in ET.parse(path).iter("testcase"):
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                message = (node.get("message") or "")[:300]
+        rows.append(dict(kind="test", name=f"{case.get('classname')}::{case.get('name')}",
+                         outcome=outcome, seconds=case.get("time", ""), message=message))
+with open(os.path.join(out, "gpu_suite.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=[*rows[0], *common] if rows else list(common))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, **common})
+counts = {}
+for row in rows:
+    if row["kind"] == "test":
+        counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
+print("tests:", counts)
+EOF
+rm -f "$STEPS"
+grep -E "^tests:" "$LOG"
+echo "log: $OUT/gpu_suite.log  csv: $OUT/gpu_suite.csv  status: $status"
+exit $status

@@ -1,0 +1,107 @@
+// adamw_: one Adam (decoupled=false) / AdamW step over every tensor of the call, with the
+// math of fusedopt/math/adamw.h. Per element: reads g, p, m, v (+vmax with amsgrad, +master)
+// and writes p, m, v (+vmax, +master): bf16 params and states without masters 14 bytes,
+// fp32 28, bf16 params with fp32 grads and masters 30. Launches: the step increment, the
+// step kernel (plus a table upload when the table changed).
+#include "fusedopt/math/adamw.h"
+#include "step.cuh"
+
+namespace fusedopt::cuda {
+namespace {
+
+// Slots and hyperparameters of an adamw Row.
+constexpr int kExpAvg = kState0, kExpAvgSq = kState0 + 1, kMaxExpAvgSq = kState0 + 2;
+constexpr int kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4;
+// StepArgs::flag
+constexpr int kDecoupled = 0, kMaximize = 1, kBiasCorrection = 2;
+
+template <class P, class G, bool kMasterWeights, bool kAmsgrad>
+struct AdamWBody {
+  using T = Opmath<P>;
+  using S = StateOf<P, kMasterWeights>;
+  static constexpr int kWidth =
+      kMasterWeights ? kVecWidth<P, G, S, float> : kVecWidth<P, G, S>;
+
+  P* p;
+  const G* g;
+  S* m;
+  S* v;
+  S* vmax;
+  float* master;
+  AdamWScalars<T> s;
+  GradLoad<T> load_g;
+
+  __device__ __forceinline__ AdamWBody(const Row& row, int t, const StepArgs& a)
+      : p(static_cast<P*>(row.slot[kParam])),
+        g(static_cast<const G*>(row.slot[kGrad])),
+        m(static_cast<S*>(row.slot[kExpAvg])),
+        v(static_cast<S*>(row.slot[kExpAvgSq])),
+        vmax(static_cast<S*>(row.slot[kMaxExpAvgSq])),
+        master(static_cast<float*>(row.slot[kMaster])),
+        s(adamw_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
+                           row.hyper[kEps], row.hyper[kWeightDecay],
+                           static_cast<double>(*row.step), a.flag[kDecoupled],
+                           a.flag[kBiasCorrection])),
+        load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef,
+                                 a.flag[kMaximize])) {}
+
+  __device__ __forceinline__ bool aligned(int64_t start) const {
+    return aligned_all(start, p, g, m, v, vmax, master);
+  }
+
+  template <int V>
+  __device__ __forceinline__ void apply(int64_t i) const {
+    T pv[V], gv[V], mv[V], vv[V], xv[V];
+    load_param<V, P, T, kMasterWeights>(p, master, i, pv);
+    load<V>(g, i, gv);
+    load<V>(m, i, mv);
+    load<V>(v, i, vv);
+    if constexpr (kAmsgrad) load<V>(vmax, i, xv);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      adamw_update<T, kAmsgrad>(pv[k], load_grad(gv[k], load_g), mv[k], vv[k], xv[k], s);
+    }
+    store_param<V, P, T, kMasterWeights>(p, master, i, pv);
+    store<V>(m, i, mv);
+    store<V>(v, i, vv);
+    if constexpr (kAmsgrad) store<V>(vmax, i, xv);
+  }
+};
+
+}  // namespace
+
+void adamw(const AdamWCall& call, const ExecContext& ctx) {
+  const StepLists& lists = call.lists;
+  if (lists.num_tensors == 0) return;
+  StepArgs args = step_args(lists, call.lr);
+  TableBuilder host = step_table(lists, call.lr, args);
+  fill_slot(host, kExpAvg, call.exp_avgs);
+  fill_slot(host, kExpAvgSq, call.exp_avg_sqs);
+  fill_slot(host, kMaxExpAvgSq, call.max_exp_avg_sqs);
+  for (int i = 0; i < host.n(); ++i) {
+    double* h = host.row(i).hyper;
+    h[kBeta1] = call.beta1[i];
+    h[kBeta2] = call.beta2[i];
+    h[kEps] = call.eps[i];
+    h[kWeightDecay] = call.weight_decay[i];
+  }
+  const cudaStream_t stream = stream_of(ctx);
+  const Table table = host.upload(ctx);
+  increment_steps(table, lists.scalars.found_inf, stream);
+  args.flag[kDecoupled] = call.decoupled;
+  args.flag[kMaximize] = call.maximize;
+  args.flag[kBiasCorrection] = call.bias_correction;
+  dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
+                      [&](auto p, auto g, auto master) {
+                        using P = decltype(p);
+                        using G = decltype(g);
+                        constexpr bool kM = decltype(master)::value;
+                        if (call.amsgrad) {
+                          launch_step<AdamWBody<P, G, kM, true>>(host, table, args, stream);
+                        } else {
+                          launch_step<AdamWBody<P, G, kM, false>>(host, table, args, stream);
+                        }
+                      });
+}
+
+}  // namespace fusedopt::cuda

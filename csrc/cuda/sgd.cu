@@ -1,0 +1,106 @@
+// sgd_: one SGD step (torch.optim.SGD: weight decay, momentum, dampening, Nesterov,
+// maximize) over every tensor of the call, with the math of fusedopt/math/sgd.h. Per element:
+// reads g, p (+buf with momentum, +master) and writes p (+buf, +master): fp32 with momentum
+// 20 bytes, without 12. Launches: the step increment (with momentum: torch's first-step
+// rule needs the count), the step kernel (plus a table upload when the table changed).
+#include "fusedopt/math/sgd.h"
+#include "step.cuh"
+
+namespace fusedopt::cuda {
+namespace {
+
+constexpr int kMomentumBuffer = kState0;
+constexpr int kMomentum = 1, kDampening = 2, kWeightDecay = 3;
+constexpr int kNesterov = 0, kMaximize = 1;  // StepArgs::flag
+
+template <class P, class G, bool kMasterWeights, bool kWithMomentum>
+struct SgdBody {
+  using T = Opmath<P>;
+  using S = StateOf<P, kMasterWeights>;
+  static constexpr int kWidth =
+      kMasterWeights ? kVecWidth<P, G, S, float> : kVecWidth<P, G, S>;
+
+  P* p;
+  const G* g;
+  S* buf;
+  float* master;
+  SgdScalars<T> s;
+  GradLoad<T> load_g;
+
+  // [note: sgd momentum 0] (fusedopt/reference/ops.py): a tensor whose momentum is 0 steps
+  // as momentum-free SGD even in a call with buffers; its buffer and step count stay as
+  // they are (the host gave its row no step, so increment_steps skips it too).
+  bool use_buffer;
+
+  // The step count was incremented before this kernel: 1 now means this is the param's first
+  // (unskipped) step, whatever a state dict loaded before.
+  __device__ __forceinline__ SgdBody(const Row& row, int t, const StepArgs& a)
+      : p(static_cast<P*>(row.slot[kParam])),
+        g(static_cast<const G*>(row.slot[kGrad])),
+        buf(static_cast<S*>(row.slot[kMomentumBuffer])),
+        master(static_cast<float*>(row.slot[kMaster])),
+        s(sgd_scalars<T>(step_lr(row, t, a), row.hyper[kMomentum],
+                         row.hyper[kDampening], row.hyper[kWeightDecay],
+                         kWithMomentum && row.step && *row.step == 1.0f, a.flag[kNesterov])),
+        load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef,
+                                 a.flag[kMaximize])),
+        use_buffer(kWithMomentum && row.hyper[kMomentum] != 0.0) {}
+
+  __device__ __forceinline__ bool aligned(int64_t start) const {
+    return aligned_all(start, p, g, use_buffer ? buf : nullptr, master);
+  }
+
+  template <int V>
+  __device__ __forceinline__ void apply(int64_t i) const {
+    T pv[V], gv[V], bv[V] = {};
+    load_param<V, P, T, kMasterWeights>(p, master, i, pv);
+    load<V>(g, i, gv);
+    if (use_buffer) {
+      // On the first step the buffer is overwritten, not read (it may hold anything).
+      if (!s.first_step) load<V>(buf, i, bv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) sgd_update<T, true>(pv[k], load_grad(gv[k], load_g), bv[k], s);
+      store<V>(buf, i, bv);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) sgd_update<T, false>(pv[k], load_grad(gv[k], load_g), bv[k], s);
+    }
+    store_param<V, P, T, kMasterWeights>(p, master, i, pv);
+  }
+};
+
+}  // namespace
+
+void sgd(const SgdCall& call, const ExecContext& ctx) {
+  const StepLists& lists = call.lists;
+  if (lists.num_tensors == 0) return;
+  const bool with_momentum = call.momentum_buffers.present();
+  StepArgs args = step_args(lists, call.lr);
+  TableBuilder host = step_table(lists, call.lr, args);
+  fill_slot(host, kMomentumBuffer, call.momentum_buffers);
+  for (int i = 0; i < host.n(); ++i) {
+    double* h = host.row(i).hyper;
+    h[kMomentum] = call.momentum[i];
+    h[kDampening] = call.dampening[i];
+    h[kWeightDecay] = call.weight_decay[i];
+    if (call.momentum[i] == 0.0) host.row(i).step = nullptr;  // [note: sgd momentum 0]
+  }
+  const cudaStream_t stream = stream_of(ctx);
+  const Table table = host.upload(ctx);
+  if (with_momentum) increment_steps(table, lists.scalars.found_inf, stream);
+  args.flag[kNesterov] = call.nesterov;
+  args.flag[kMaximize] = call.maximize;
+  dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
+                      [&](auto p, auto g, auto master) {
+                        using P = decltype(p);
+                        using G = decltype(g);
+                        constexpr bool kM = decltype(master)::value;
+                        if (with_momentum) {
+                          launch_step<SgdBody<P, G, kM, true>>(host, table, args, stream);
+                        } else {
+                          launch_step<SgdBody<P, G, kM, false>>(host, table, args, stream);
+                        }
+                      });
+}
+
+}  // namespace fusedopt::cuda

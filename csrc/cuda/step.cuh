@@ -1,0 +1,120 @@
+// What the step ops (adamw, lamb, lion, sgd) share: one kernel template that walks a block's
+// chunk with an op's Body, the slots every step op has, and the host side of a launch.
+//
+// A Body<P, G, kMaster, ...> is the per-element work of one op for param storage P, grad
+// storage G and master weights or not; states are fp32 with masters, else P
+// (DESIGN.md §3). It is built once per block from the block's Row (the per-tensor scalars,
+// derived in double by the math headers), then apply<V>(i) handles elements i..i+V-1.
+#pragma once
+
+#include <algorithm>
+
+#include "common.cuh"
+
+namespace fusedopt::cuda {
+
+// Slots of a step op's Row (each op adds its states from kState0 on).
+inline constexpr int kParam = 0;
+inline constexpr int kGrad = 1;
+inline constexpr int kMaster = 2;
+inline constexpr int kState0 = 3;
+// hyper[0] is the lr of every step op (step_lr); the others are per op.
+inline constexpr int kLr = 0;
+
+/// The storage of a step op's states: fp32 with master weights, else the param's.
+template <class P, bool kMasterWeights>
+using StateOf = std::conditional_t<kMasterWeights, float, P>;
+
+/// Per-call arguments every step kernel receives (by value, in kernel parameter space).
+struct StepArgs {
+  DeviceScalars scalars;
+  const void* extra;  // an op's per-tensor device array (LAMB's trust ratios), or null
+  double lr;          // the lr of every tensor, when lr_in_args ([note: uniform lr])
+  bool lr_in_args;
+  bool flag[4];  // an op's per-call flags, named by the op
+};
+
+// [note: uniform lr] A learning-rate schedule with float lrs changes lr every step. Kept in
+// the rows, it would change the device table, and so cost a table upload, every step. When
+// every tensor of the call has the same float lr (one param group, or groups that differ in
+// other hyperparameters only: the common case) it travels in the kernel arguments instead,
+// and the table, which then depends on addresses, sizes and the constant hyperparameters
+// only, stays cached. (Moving every hyperparameter to per-group kernel arguments was tried:
+// the indexed argument reads kept enough registers live across the bias corrections' pow()
+// calls to cost one LAMB kernel an 8-byte stack frame, which the static checks reject.)
+
+/// The learning rate of tensor t: the lr tensor (1 or N values) when given, else the call's
+/// or the row's (the semantics of fusedopt::tensor_lr, math/common.h, on the device table).
+__device__ __forceinline__ double step_lr(const Row& row, int t, const StepArgs& a) {
+  if (a.scalars.lr) return static_cast<double>(a.scalars.lr[a.scalars.lr_numel > 1 ? t : 0]);
+  return a.lr_in_args ? a.lr : row.hyper[kLr];
+}
+
+/// True when every non-null pointer is 16-byte aligned at element `start` ([note: vector
+/// path]).
+template <class... S>
+__device__ __forceinline__ bool aligned_all(int64_t start, const S*... ptrs) {
+  return (mt::aligned16(ptrs, start, sizeof(S)) && ...);
+}
+
+/// The param value in opmath: the master's when there is one ([note: master weights] in
+/// DESIGN.md §3: the param is always master.to(dtype)).
+template <int V, class P, class T, bool kMasterWeights>
+__device__ __forceinline__ void load_param(const P* p, const float* master, int64_t i,
+                                           T (&x)[V]) {
+  if constexpr (kMasterWeights) {
+    load<V>(master, i, x);
+  } else {
+    load<V>(p, i, x);
+  }
+}
+
+template <int V, class P, class T, bool kMasterWeights>
+__device__ __forceinline__ void store_param(P* p, float* master, int64_t i, const T (&x)[V]) {
+  if constexpr (kMasterWeights) store<V>(master, i, x);
+  store<V>(p, i, x);
+}
+
+template <class Body>
+__global__ void __launch_bounds__(kThreads) step_kernel(Table table, StepArgs args) {
+  if (skip_step(args.scalars.found_inf)) return;
+  const Work w = this_work(table);
+  const Body body(table.rows[w.t], w.t, args);
+  for_chunk<Body::kWidth>(w.span, body.aligned(w.span.start), body);
+}
+
+/// The StepArgs of a call: its device scalars, and its lr when uniform ([note: uniform lr]).
+inline StepArgs step_args(const StepLists& lists, const double* lr) {
+  StepArgs args{};
+  args.scalars = lists.scalars;
+  args.lr_in_args = lists.num_tensors > 0 && !lists.scalars.lr &&
+                    std::all_of(lr, lr + lists.num_tensors, [&](double x) { return x == lr[0]; });
+  args.lr = args.lr_in_args ? lr[0] : 0.0;
+  return args;
+}
+
+/// The host side of a step op: a table with the common slots, steps and lr filled in.
+inline TableBuilder step_table(const StepLists& lists, const double* lr, const StepArgs& args) {
+  TableBuilder table(lists.num_tensors, lists.numels);
+  fill_slot(table, kParam, lists.params);
+  fill_slot(table, kGrad, lists.grads);
+  fill_slot(table, kMaster, lists.master_params);
+  for (int i = 0; i < table.n(); ++i) {
+    Row& row = table.row(i);
+    row.step = lists.steps ? lists.steps[i] : nullptr;
+    // Ignored on the device when an lr tensor is given or the lr is in the arguments: keep
+    // the row independent of it so that the table stays cached across steps.
+    row.hyper[kLr] = lists.scalars.lr || args.lr_in_args ? 0.0 : lr[i];
+  }
+  return table;
+}
+
+template <class Body>
+void launch_step(const TableBuilder& host, const Table& table, const StepArgs& args,
+                 cudaStream_t stream) {
+  if (host.total_chunks() == 0) return;
+  step_kernel<Body><<<chunk_grid(host.total_chunks()), kThreads, 0, stream>>>(table, args);
+  check(cudaGetLastError(), "launching a step kernel");
+}
+
+}  // namespace fusedopt::cuda

@@ -1,0 +1,259 @@
+"""Static checks of the CUDA kernels (DESIGN.md §5), no GPU needed.
+
+Every ``csrc/cuda/*.cu`` file is compiled for sm_90 to a cubin with setup.py's own nvcc flags,
+and its SASS (``cuobjdump``: the toolkit's, else the one in Triton's wheel) must show:
+
+* every kernel the launchers can pick: one step kernel per (param dtype, grad dtype, master
+  weights) combination of DESIGN.md §3 and per compile-time variant, plus the reduction and
+  table kernels;
+* 128-bit global loads (``LDG.E.128``) in every kernel that streams tensors, and 128-bit
+  stores (``STG.E.128``) in every one that writes them: the aligned path of
+  [note: vector path] (csrc/include/fusedopt/multi_tensor.h);
+* nothing in local memory: zero stack frame, zero local bytes, no ``LDL``/``STL`` (spills).
+
+``test_checker_catches_scalar_only_kernels`` compiles scale.cu with the vector path removed
+and asserts the 128-bit check fails, so the check is known to bite.
+Skips (with the reason) where nvcc, cuobjdump or c++filt is missing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+ARCH = "sm_90"
+
+
+def _setup_module():
+    """setup.py as a module (its ``main()`` only runs as ``__main__``): the flags and the
+    toolkit search are the build's own."""
+    spec = importlib.util.spec_from_file_location("_fusedopt_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SETUP = _setup_module()
+
+
+def _cuobjdump(cuda_home: str) -> str | None:
+    tool = Path(cuda_home, "bin", "cuobjdump")
+    if tool.exists():
+        return str(tool)
+    triton_spec = importlib.util.find_spec("triton")
+    if triton_spec and triton_spec.origin:
+        tool = Path(triton_spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if tool.exists():
+            return str(tool)
+    return shutil.which("cuobjdump")
+
+
+@dataclasses.dataclass
+class Kernel:
+    name: str  # demangled
+    sass: str
+    registers: int
+    stack: int
+    local: int
+
+
+def _parse(cuobjdump: str, cubin: Path) -> dict[str, Kernel]:
+    """Kernels of a cubin by demangled name, with their SASS and resource usage."""
+    sass = subprocess.run(
+        [cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+    usage = subprocess.run(
+        [cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+    bodies = dict(
+        re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*\.{5,}|\n\s*Function : |\Z)", sass, re.S)
+    )
+    resources = re.findall(
+        r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage
+    )
+    mangled = [name for name, *_ in resources]
+    demangled = subprocess.run(
+        ["c++filt"], input="\n".join(mangled), capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    kernels = {}
+    for (name, reg, stack, local), pretty in zip(resources, demangled, strict=True):
+        kernels[pretty] = Kernel(pretty, bodies.get(name, ""), int(reg), int(stack), int(local))
+    return kernels
+
+
+def _compile(source: Path, out_dir: Path, cuda_home: str, include: Path) -> Path:
+    cubin = out_dir / (source.stem + ".cubin")
+    cmd = [
+        str(Path(cuda_home, "bin", "nvcc")),
+        *SETUP.NVCC_FLAGS,
+        "-cubin",
+        f"-arch={ARCH}",
+        f"-I{include}",
+        f"-I{Path(cuda_home, 'include')}",
+        str(source),
+        "-o",
+        str(cubin),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, f"nvcc failed on {source.name}:\n{result.stderr}"
+    return cubin
+
+
+@pytest.fixture(scope="module")
+def toolchain():
+    cuda_home = SETUP.find_cuda_home()
+    if cuda_home is None:
+        pytest.skip("no CUDA toolkit (nvcc) found: the CUDA static checks need one")
+    cuobjdump = _cuobjdump(cuda_home)
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (neither in the CUDA toolkit nor in Triton's wheel)")
+    if shutil.which("c++filt") is None:
+        pytest.skip("no c++filt (binutils) to demangle kernel names")
+    if not CUDA_SOURCES:
+        pytest.skip("no csrc/cuda/*.cu sources")
+    return cuda_home, cuobjdump
+
+
+@pytest.fixture(scope="module")
+def kernels(toolchain, tmp_path_factory) -> dict[str, Kernel]:
+    cuda_home, cuobjdump = toolchain
+    out = tmp_path_factory.mktemp("cubins")
+    include = ROOT / "csrc" / "include"
+    workers = max(1, min(len(CUDA_SOURCES), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        cubins = list(pool.map(lambda s: _compile(s, out, cuda_home, include), CUDA_SOURCES))
+    found: dict[str, Kernel] = {}
+    for cubin in cubins:
+        found.update(_parse(cuobjdump, cubin))
+    return found
+
+
+# The (param, grad, master) storage combinations of DESIGN.md §3, as the kernels name them.
+_NS = "fusedopt::cuda::"
+_LOW = (_NS + "bf16", _NS + "fp16")
+STORAGE = (
+    [("float", "float", "false")]
+    + [(p, g, m) for p in _LOW for g in (p, "float") for m in ("false", "true")]
+    + [("double", "double", "false"), ("double", "float", "false")]
+)
+
+
+def _expected() -> dict[str, tuple[str, ...]]:
+    """Demangled-name fragment -> the global accesses that kernel must vectorise."""
+    both, loads = ("LDG", "STG"), ("LDG",)
+    expected: dict[str, tuple[str, ...]] = {
+        "scale_kernel(": both,
+        "write_table_kernel(": (),
+        "increment_steps_kernel(": (),
+    }
+    for acc in ("float", "double"):
+        for inf in ("false", "true"):
+            expected[f"grad_norm_partials_kernel<{acc}, {inf}>("] = loads
+            expected[f"grad_norm_finish_kernel<{acc}, {inf}>("] = ()
+        expected[f"lamb_ratio_kernel<{acc}>("] = ()
+    for p, g, m in STORAGE:
+        types = f"{p}, {g}, {m}"
+        for variant in ("true", "false"):
+            expected[f"AdamWBody<{types}, {variant}>"] = both
+            expected[f"SgdBody<{types}, {variant}>"] = both
+        expected[f"LionBody<{types}>"] = both
+        expected[f"LambApplyBody<{types}>"] = both
+        expected[f"lamb_norms_kernel<{types}>("] = loads
+    return expected
+
+
+EXPECTED = _expected()
+
+_VECTOR = {op: re.compile(rf"\b{op}(\.[A-Z0-9_]+)*\.128\b") for op in ("LDG", "STG")}
+
+
+def _matching(kernels: dict[str, Kernel], fragment: str) -> list[Kernel]:
+    return [k for name, k in kernels.items() if fragment in name]
+
+
+def missing_vector_accesses(kernels: dict[str, Kernel]) -> list[str]:
+    """Expected kernels lacking a required 128-bit access: '<kernel>: no LDG.E.128'."""
+    problems = []
+    for fragment, ops in EXPECTED.items():
+        for kernel in _matching(kernels, fragment):
+            problems += [
+                f"{kernel.name}: no {op}.E.128" for op in ops if not _VECTOR[op].search(kernel.sass)
+            ]
+    return problems
+
+
+def test_every_kernel_compiles_for_sm90(kernels):
+    missing = [f for f in EXPECTED if len(_matching(kernels, f)) != 1]
+    assert not missing, f"kernels missing (or ambiguous) in the sm_90 build: {missing}"
+    unexpected = [n for n in kernels if not any(f in n for f in EXPECTED)]
+    assert not unexpected, f"kernels the static checks do not know: {unexpected}"
+
+
+def test_aligned_path_uses_128_bit_accesses(kernels):
+    assert not missing_vector_accesses(kernels)
+
+
+def test_no_local_memory_or_spills(kernels):
+    bad = [
+        f"{k.name}: stack {k.stack} B, local {k.local} B"
+        for k in kernels.values()
+        if k.stack or k.local or re.search(r"\b(LDL|STL)\b", k.sass)
+    ]
+    assert not bad, "kernels using local memory (spills or stack arrays):\n" + "\n".join(bad)
+
+
+def test_checker_catches_scalar_only_kernels(toolchain, tmp_path):
+    """With the vector path of multi_tensor.h removed, the 128-bit check must fail."""
+    cuda_home, cuobjdump = toolchain
+    include = tmp_path / "include"
+    shutil.copytree(ROOT / "csrc" / "include", include)
+    header = include / "fusedopt" / "multi_tensor.h"
+    text = header.read_text()
+    # Both lines: with only nvec = 0 the vector loop survives as dead code (the compiler
+    # cannot prove tid >= 0), and its LDG.E.128 would still be in the SASS.
+    patch = {
+        "const int32_t nvec = aligned ? span.len / W : 0;": "const int32_t nvec = 0;",
+        "for (int32_t v = tid; v < nvec; v += nthreads) vec(span.start + int64_t{v} * W);": (
+            "(void)vec;"
+        ),
+    }
+    for old, new in patch.items():
+        assert old in text, "multi_tensor.h changed: update this test's patch"
+        text = text.replace(old, new)
+    header.write_text(text)
+    source = tmp_path / "scale.cu"
+    shutil.copy(ROOT / "csrc" / "cuda" / "scale.cu", source)
+    for helper in (ROOT / "csrc" / "cuda").glob("*.cuh"):
+        shutil.copy(helper, tmp_path / helper.name)
+    scalar_only = _parse(cuobjdump, _compile(source, tmp_path, cuda_home, include))
+    problems = missing_vector_accesses(scalar_only)
+    assert any("scale_kernel" in p and "LDG" in p for p in problems), problems
+    assert any("scale_kernel" in p and "STG" in p for p in problems), problems
+
+
+def test_cuda_extension_links_the_cuda_runtime():
+    """A _C built with its CUDA part must name libcudart as a dependency (the kernels'
+    launches go through it; without it the import fails on a GPU machine only)."""
+    try:
+        import fusedopt._C as ext
+    except ImportError as error:
+        pytest.skip(f"fusedopt._C is not built ({error})")
+    if not getattr(ext, "WITH_CUDA", False):
+        pytest.skip("fusedopt._C was built without its CUDA part")
+    if shutil.which("readelf") is None:
+        pytest.skip("no readelf (binutils) to read the extension's dependencies")
+    dynamic = subprocess.run(
+        ["readelf", "-d", ext.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+    assert any(lib.startswith("libcudart.so") for lib in needed), needed
