@@ -143,7 +143,10 @@ def adamw_(
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps]
     dtypes = dtype_arguments(params, grads, bool(master_params))
     launch = _TABLES.launch(
-        lists, [lr, beta1, beta2, eps, weight_decay], (tuple(map(str, dtypes.values())),)
+        lists,
+        [lr, beta1, beta2, eps, weight_decay],
+        (tuple(map(str, dtypes.values())),),
+        scalar_lists=(6,),
     )
     scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
     adamw_kernel[(launch.n_chunks,)](

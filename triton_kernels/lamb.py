@@ -267,7 +267,10 @@ def lamb_(
     dtypes = dtype_arguments(params, grads, bool(master_params))
     compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     launch = _TABLES.launch(
-        lists, [lr, beta1, beta2, eps, weight_decay], (tuple(map(str, dtypes.values())),)
+        lists,
+        [lr, beta1, beta2, eps, weight_decay],
+        (tuple(map(str, dtypes.values())),),
+        scalar_lists=(5,),
     )
     scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
     device = params[0].device

@@ -124,7 +124,10 @@ def sgd_(
     lists = [params, grads, momentum_buffers, master_params, steps]
     dtypes = dtype_arguments(params, grads, bool(master_params))
     launch = _TABLES.launch(
-        lists, [lr, momentum, dampening, weight_decay], (tuple(map(str, dtypes.values())),)
+        lists,
+        [lr, momentum, dampening, weight_decay],
+        (tuple(map(str, dtypes.values())),),
+        scalar_lists=(4,),
     )
     scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
     sgd_kernel[(launch.n_chunks,)](
