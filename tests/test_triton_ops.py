@@ -363,3 +363,32 @@ def test_grad_norm_many_tensors():
     exact = ops.grad_norm([t.double() for t in ts], per_tensor=True, backend="reference")
     torch.testing.assert_close(total.double(), exact[0], rtol=norm_tolerance(sizes), atol=0)
     torch.testing.assert_close(per.double(), exact[1], rtol=norm_tolerance(sizes), atol=0)
+
+
+# ---- tables -----------------------------------------------------------------------------------
+
+
+def test_table_cache_rebuilds_only_what_moved():
+    from fusedopt.triton_kernels.multi_tensor import CHUNK, TableCache
+
+    cache = TableCache()
+    params = rand([0, 5, CHUNK + 3], torch.float32)
+    grads = rand([0, 5, CHUNK + 3], torch.float32, seed=1)
+    steps = list(torch.zeros(3, device=DEVICE))  # views 4 bytes apart: read as scalars
+    first = cache.launch([params, grads, steps], [[0.1] * 3], scalar_lists=(2,))
+    assert first.aligned and first.n_chunks == 1 + 1 + 2
+    assert first.chunks.tolist() == [[0, 0], [1, 0], [2, 0], [2, 1]]
+    row = first.table[2].tolist()
+    assert row[:3] == [CHUNK + 3, 2, 2]  # numel, first chunk, chunk count
+    assert row[3:6] == [t.data_ptr() for t in (params[2], grads[2], steps[2])]
+    again = cache.launch([params, grads, steps], [[0.1] * 3], scalar_lists=(2,))
+    assert again.table is first.table and again.chunks is first.chunks  # nothing re-uploaded
+    moved = [g.clone() for g in grads]
+    rebuilt = cache.launch([params, moved, steps], [[0.1] * 3], scalar_lists=(2,))
+    assert rebuilt.table is not first.table and rebuilt.chunks is first.chunks
+    assert rebuilt.table[1, 4].item() == moved[1].data_ptr()
+    new_lr = cache.launch([params, moved, steps], [[0.2] * 3], scalar_lists=(2,))
+    assert new_lr.table is not rebuilt.table
+    assert new_lr.table[0, 6].view(torch.float64).item() == 0.2
+    odd = [moved[0], torch.zeros(6, device=DEVICE)[1:], moved[2]]  # 4 bytes in: no 128-bit path
+    assert not cache.launch([params, odd, steps], [[0.2] * 3], scalar_lists=(2,)).aligned

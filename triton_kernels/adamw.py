@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import common
 from .common import (
+    BLOCK,
     bias_correction,
     div,
     finish_tensor,
@@ -31,8 +32,9 @@ from .common import (
     sqrt,
     store,
     store_param,
+    tail_block,
 )
-from .multi_tensor import BLOCK, TableCache, dtype_arguments, scalar_arguments
+from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
 from .registry import register
 
 # Table slots (lists, in schema order) and hyperparameter columns.
@@ -118,8 +120,8 @@ def adamw_kernel(
             _adamw_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, MASTER,
                          HAS_GRAD_SCALE, HAS_CLIP, DECOUPLED, AMSGRAD, MAXIMIZE)  # fmt: skip
         if full_end < end:
-            offs = full_end + tl.arange(0, BLOCK)
-            _adamw_block(offs, offs < end, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+            offs, mask = tail_block(full_end, end)
+            _adamw_block(offs, mask, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
                          DECOUPLED, AMSGRAD, MAXIMIZE)  # fmt: skip
         finish_tensor(counters, t, row, step_ptr, new_step)
 
@@ -141,7 +143,10 @@ def adamw_(
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps]
     dtypes = dtype_arguments(params, grads, bool(master_params))
     launch = _TABLES.launch(
-        lists, [lr, beta1, beta2, eps, weight_decay], (tuple(map(str, dtypes.values())),)
+        lists,
+        [lr, beta1, beta2, eps, weight_decay],
+        (tuple(map(str, dtypes.values())),),
+        scalar_lists=(6,),
     )
     scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
     adamw_kernel[(launch.n_chunks,)](

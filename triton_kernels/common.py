@@ -27,7 +27,12 @@ import os
 import triton
 import triton.language as tl
 
-from .multi_tensor import BLOCK, CHUNK, HEADER
+from . import multi_tensor
+
+# The table layout's constants, as constexprs (jit code reads only constexpr globals).
+CHUNK = tl.constexpr(multi_tensor.CHUNK)
+BLOCK = tl.constexpr(multi_tensor.BLOCK)
+HEADER = tl.constexpr(multi_tensor.HEADER)
 
 #: True under TRITON_INTERPRET=1 ([note: interpreter bf16 rounding]).
 INTERPRETING: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
@@ -101,7 +106,7 @@ def load_grad(
     for maximize, in the compute dtype."""
     g = load(g_ptr, offs, mask, COMPUTE)
     if HAS_GRAD_SCALE:
-        g = tl.math.div_rn(g, grad_scale)
+        g = div(g, grad_scale)
     if HAS_CLIP:
         g = g * clip_coef
     if MAXIMIZE:
@@ -164,6 +169,16 @@ def finish_tensor(counters, t, row, step_ptr, new_step):
     if done == n_chunks - 1:
         tl.store(step_ptr, new_step)
         tl.atomic_xchg(counters + t, 0)
+
+
+@triton.jit
+def tail_block(full_end, end):
+    """Offsets and mask of the last, partial block [full_end, end). The mask compares int32
+    lane indices, not int64 offsets: 64-bit compares cost registers (measured for sm_90: the Lion
+    master-weight kernel took 80 registers and spilled to an 8-byte stack with int64 masks;
+    64 registers and no stack with int32 ones)."""
+    lanes = tl.arange(0, BLOCK)
+    return full_end + lanes, lanes < (end - full_end).to(tl.int32)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import common
 from .common import (
+    BLOCK,
     div,
     full_blocks_end,
     hyper,
@@ -36,12 +37,13 @@ from .common import (
     nonfinite,
     slot,
     sqrt,
+    tail_block,
 )
-from .multi_tensor import BLOCK, TableCache, dtype_code_arguments
+from .multi_tensor import TableCache, dtype_code_arguments
 from .registry import register
 
 #: Partials folded per iteration by the reduction kernels.
-FOLD_BLOCK = 256
+FOLD_BLOCK = tl.constexpr(256)
 
 
 @triton.jit
@@ -69,8 +71,8 @@ def _norm_range(
         x = load(ptr, base + tl.arange(0, BLOCK), None, ACC)
         acc, bad = _accumulate(acc, bad, x, grad_scale, INF_NORM, HAS_GRAD_SCALE)
     if full_end < end:
-        offs = full_end + tl.arange(0, BLOCK)
-        x = load(ptr, offs, offs < end, ACC)  # masked lanes read 0: neutral for both norms
+        offs, mask = tail_block(full_end, end)
+        x = load(ptr, offs, mask, ACC)  # masked lanes read 0: neutral for both norms
         acc, bad = _accumulate(acc, bad, x, grad_scale, INF_NORM, HAS_GRAD_SCALE)
     if INF_NORM:
         partial = tl.max(acc, axis=0)

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from . import common
 from .common import (
+    BLOCK,
     bias_correction,
     div,
     finish_tensor,
@@ -59,8 +60,9 @@ from .common import (
     sqrt,
     store,
     store_param,
+    tail_block,
 )
-from .multi_tensor import BLOCK, TableCache, dtype_arguments, scalar_arguments
+from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
 from .registry import register
 
 # Table slots: params 0, grads 1, exp_avgs 2, exp_avg_sqs 3, master_params 4, steps 5.
@@ -103,10 +105,12 @@ def _coefficients(row, new_step, COMPUTE: tl.constexpr, GRAD_AVERAGING: tl.const
 @triton.jit
 def _norms_block(
     offs, mask, w_acc, u_acc, p_ptr, g_ptr, m_ptr, v_ptr, master_ptr, grad_scale, clip_coef,
-    beta1, beta3, beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay,
-    COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    coefficients, COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr, STATES_EXACT: tl.constexpr,
 ):  # fmt: skip
+    beta1, beta3, beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = (
+        coefficients
+    )
     g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   False)  # fmt: skip
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
@@ -139,7 +143,7 @@ def lamb_norms_kernel(
             slot(row, 2, S_DTYPE, ALIGNED), slot(row, 3, S_DTYPE, ALIGNED),
             slot(row, 4, tl.float32, ALIGNED), load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
             load_scalar(clip_coef, HAS_CLIP, COMPUTE),
-            *_coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
+            _coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
         )  # fmt: skip
         w_acc = tl.zeros((BLOCK,), COMPUTE)
         u_acc = tl.zeros((BLOCK,), COMPUTE)
@@ -149,8 +153,8 @@ def lamb_norms_kernel(
                                         COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
                                         STATES_EXACT)  # fmt: skip
         if full_end < end:
-            offs = full_end + tl.arange(0, BLOCK)
-            w_acc, u_acc = _norms_block(offs, offs < end, w_acc, u_acc, *args, COMPUTE, MASTER,
+            offs, mask = tail_block(full_end, end)
+            w_acc, u_acc = _norms_block(offs, mask, w_acc, u_acc, *args, COMPUTE, MASTER,
                                         HAS_GRAD_SCALE, HAS_CLIP, STATES_EXACT)  # fmt: skip
         pid = tl.program_id(0)
         tl.store(partials + 2 * pid, tl.sum(w_acc, axis=0))
@@ -190,10 +194,12 @@ def lamb_trust_ratio_kernel(
 @triton.jit
 def _update_block(
     offs, mask, ratio, lr, p_ptr, g_ptr, m_ptr, v_ptr, master_ptr, grad_scale, clip_coef,
-    beta1, beta3, beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay,
-    COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    coefficients, COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr, STATES_EXACT: tl.constexpr,
 ):  # fmt: skip
+    beta1, beta3, beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = (
+        coefficients
+    )
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
     if STATES_EXACT:  # phase 1 stored the fp32 moments: recompute u from them
         m = load(m_ptr, offs, mask, COMPUTE)
@@ -230,15 +236,15 @@ def lamb_update_kernel(
             slot(row, 2, S_DTYPE, ALIGNED), slot(row, 3, S_DTYPE, ALIGNED),
             slot(row, 4, tl.float32, ALIGNED), load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
             load_scalar(clip_coef, HAS_CLIP, COMPUTE),
-            *_coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
+            _coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
         )  # fmt: skip
         full_end = full_blocks_end(start, end)
         for base in range(start, full_end, BLOCK):
             _update_block(base + tl.arange(0, BLOCK), None, ratio, lr, *args, COMPUTE, MASTER,
                           HAS_GRAD_SCALE, HAS_CLIP, STATES_EXACT)  # fmt: skip
         if full_end < end:
-            offs = full_end + tl.arange(0, BLOCK)
-            _update_block(offs, offs < end, ratio, lr, *args, COMPUTE, MASTER, HAS_GRAD_SCALE,
+            offs, mask = tail_block(full_end, end)
+            _update_block(offs, mask, ratio, lr, *args, COMPUTE, MASTER, HAS_GRAD_SCALE,
                           HAS_CLIP, STATES_EXACT)  # fmt: skip
         finish_tensor(counters, t, row, step_ptr, new_step)
 
@@ -261,7 +267,10 @@ def lamb_(
     dtypes = dtype_arguments(params, grads, bool(master_params))
     compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     launch = _TABLES.launch(
-        lists, [lr, beta1, beta2, eps, weight_decay], (tuple(map(str, dtypes.values())),)
+        lists,
+        [lr, beta1, beta2, eps, weight_decay],
+        (tuple(map(str, dtypes.values())),),
+        scalar_lists=(5,),
     )
     scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
     device = params[0].device

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import common
 from .common import (
+    BLOCK,
     full_blocks_end,
     hyper,
     learning_rate,
@@ -26,8 +27,9 @@ from .common import (
     slot,
     store,
     store_param,
+    tail_block,
 )
-from .multi_tensor import BLOCK, TableCache, dtype_arguments, scalar_arguments
+from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
 from .registry import register
 
 # Table slots: params 0, grads 1, exp_avgs 2, master_params 3.
@@ -87,8 +89,8 @@ def lion_kernel(
             _lion_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, MASTER,
                         HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
         if full_end < end:
-            offs = full_end + tl.arange(0, BLOCK)
-            _lion_block(offs, offs < end, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+            offs, mask = tail_block(full_end, end)
+            _lion_block(offs, mask, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
                         MAXIMIZE)  # fmt: skip
 
 

@@ -114,10 +114,12 @@ class TableCache:
         lists: Sequence[Sequence[Tensor | None]],
         hypers: Sequence[Sequence[float]] = (),
         extra_key: tuple = (),
+        scalar_lists: Sequence[int] = (),
     ) -> Launch:
         """Tables for ``lists`` (aligned, one entry per tensor; the first list gives the
         sizes; an empty list stands for an absent one) and per-tensor ``hypers`` (K lists of
-        N floats)."""
+        N floats). ``scalar_lists`` (indices into ``lists``: the step counts) are read as
+        scalars, so their addresses do not decide whether the 128-bit path is safe."""
         first = lists[0]
         n = len(first)
         device = first[0].device
@@ -140,7 +142,10 @@ class TableCache:
         if not entry.captured and _capturing(device):
             entry.captured = True
             self._captured += [entry.table, entry.chunks, entry.counters]
-        aligned = all(a % ALIGNMENT == 0 for a in addresses)
+        width = len(lists)
+        aligned = all(
+            a % ALIGNMENT == 0 for k, a in enumerate(addresses) if k % width not in scalar_lists
+        )
         return Launch(
             entry.table, entry.chunks, entry.counters, entry.n_chunks, entry.table.shape[1], aligned
         )

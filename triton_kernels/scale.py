@@ -14,8 +14,18 @@ import triton.language as tl
 from torch import Tensor
 
 from . import common
-from .common import full_blocks_end, hyper, load, locate_chunk, nonfinite, slot, store
-from .multi_tensor import BLOCK, TableCache, dtype_code_arguments
+from .common import (
+    BLOCK,
+    full_blocks_end,
+    hyper,
+    load,
+    locate_chunk,
+    nonfinite,
+    slot,
+    store,
+    tail_block,
+)
+from .multi_tensor import TableCache, dtype_code_arguments
 from .registry import register
 
 
@@ -37,8 +47,8 @@ def _scale_range(
     for base in range(start, full_end, BLOCK):
         _scale_block(ptr, base + tl.arange(0, BLOCK), None, scale_ptr, found_inf, COMPUTE, CHECK)
     if full_end < end:
-        offs = full_end + tl.arange(0, BLOCK)
-        _scale_block(ptr, offs, offs < end, scale_ptr, found_inf, COMPUTE, CHECK)
+        offs, mask = tail_block(full_end, end)
+        _scale_block(ptr, offs, mask, scale_ptr, found_inf, COMPUTE, CHECK)
 
 
 @triton.jit

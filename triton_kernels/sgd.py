@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import common
 from .common import (
+    BLOCK,
     finish_tensor,
     full_blocks_end,
     hyper,
@@ -28,8 +29,9 @@ from .common import (
     slot,
     store,
     store_param,
+    tail_block,
 )
-from .multi_tensor import BLOCK, TableCache, dtype_arguments, scalar_arguments
+from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
 from .registry import register
 
 # Table slots: params 0, grads 1, momentum_buffers 2, master_params 3, steps 4.
@@ -96,8 +98,8 @@ def sgd_kernel(
             _sgd_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, MASTER, HAS_GRAD_SCALE,
                        HAS_CLIP, HAS_MOMENTUM, NESTEROV, MAXIMIZE)  # fmt: skip
         if full_end < end:
-            offs = full_end + tl.arange(0, BLOCK)
-            _sgd_block(offs, offs < end, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+            offs, mask = tail_block(full_end, end)
+            _sgd_block(offs, mask, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
                        HAS_MOMENTUM, NESTEROV, MAXIMIZE)  # fmt: skip
         if HAS_MOMENTUM:  # noqa: SIM102
             if use_momentum:  # the same for every chunk of the tensor
@@ -122,7 +124,10 @@ def sgd_(
     lists = [params, grads, momentum_buffers, master_params, steps]
     dtypes = dtype_arguments(params, grads, bool(master_params))
     launch = _TABLES.launch(
-        lists, [lr, momentum, dampening, weight_decay], (tuple(map(str, dtypes.values())),)
+        lists,
+        [lr, momentum, dampening, weight_decay],
+        (tuple(map(str, dtypes.values())),),
+        scalar_lists=(4,),
     )
     scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
     sgd_kernel[(launch.n_chunks,)](
