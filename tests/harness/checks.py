@@ -22,6 +22,7 @@ from torch import Tensor
 from fusedopt import ops, reference
 
 from .cases import (
+    LAYOUT_STEPS,
     LAYOUTS,
     ListCase,
     StepCase,
@@ -32,7 +33,6 @@ from .cases import (
 from .tolerances import (
     CROSS_BACKEND_MAX_ULPS,
     INF_NORM_RTOL,
-    TRAJECTORY_STEPS,
     U32,
     Tolerance,
     reduction_rtol,
@@ -403,18 +403,19 @@ def check_step_case(
     backend: str,
     device: str,
     *,
-    steps: int = TRAJECTORY_STEPS,
+    steps: int | None = None,
     skip_at: tuple[int, ...] = (),
 ) -> None:
-    """The whole check of a step case: ``steps`` steps against the oracle, as a trajectory
-    (fp32 values) or step by step (low-precision storage). ``skip_at``: before the steps
+    """The whole check of a step case: ``steps`` steps (default: the layout's
+    ``LAYOUT_STEPS``) against the oracle, as a trajectory (fp32 values) or step by step
+    (low-precision storage). ``skip_at``: before the steps
     listed (0 = before the first), a skipped step (``found_inf`` set) is taken and must change
     nothing; the steps after it must then match an oracle that never saw it (so SGD's
     first-step rule and the bias corrections survive a skipped step)."""
     inputs = make_inputs(case, device)
     oracle = to_oracle(inputs)
     envelope: dict[str, list[Tensor]] = {}
-    for k in range(1, steps + 1):
+    for k in range(1, (steps or LAYOUT_STEPS[case.layout]) + 1):
         if k - 1 in skip_at:
             check_found_inf_skip(inputs, backend, f"{case.id} on {backend}, before step {k}")
         if not case.storage.trajectory:
@@ -428,22 +429,38 @@ def check_step_case(
 
 def compare_backends(case: StepCase, first: str, second: str, device: str, steps: int = 1) -> None:
     """Run ``first`` and ``second`` on identical inputs and require every param, master and
-    state to agree within ``CROSS_BACKEND_MAX_ULPS`` ULPs per step (steps bit for bit)."""
+    state to agree within ``CROSS_BACKEND_MAX_ULPS`` ULPs per step (steps bit for bit).
+
+    One exception, derived not tuned: LAMB's trust ratio comes from reductions whose order
+    each backend picks (deterministically), so its params may also differ by the reduction
+    tolerance of the tensor's size times the size of the update (which matters in ULPs only
+    where the param is much smaller than its update).
+    """
     a, b = make_inputs(case, device), make_inputs(case, device)
+    updated = "master_params" if "master_params" in a.lists else "params"
     for k in range(1, steps + 1):
         a.lists["grads"], b.lists["grads"] = make_grads(a, k), make_grads(b, k)
+        before = [t.detach().to("cpu", F64) for t in a.fp32_values()]
         run_backend(a, first)
         run_backend(b, second)
         for name, ts in a.lists.items():
             for i, (x, y) in enumerate(zip(ts, b.lists[name], strict=True)):
                 if x.numel() == 0:
                     continue
-                d = ulp_distance(x.contiguous(), y.contiguous())
-                worst = int(d.max())
-                assert worst <= CROSS_BACKEND_MAX_ULPS * k, (
-                    f"{case.id}, step {k}: {name}[{i}] differs by {worst} ULPs between "
-                    f"{first} and {second} (at flat index {int(d.reshape(-1).argmax())})"
-                )
+                far = ulp_distance(x.contiguous(), y.contiguous()) > CROSS_BACKEND_MAX_ULPS * k
+                if case.op == "lamb_" and name == updated:
+                    x64, y64 = x.detach().to("cpu", F64), y.detach().to("cpu", F64)
+                    slack = 2 * k * reduction_rtol(x.numel()) * (x64 - before[i]).abs()
+                    far &= ((x64 - y64).abs() > slack).to(far.device)
+                if far.any():
+                    j = int(far.reshape(-1).nonzero()[0])
+                    d = ulp_distance(x.contiguous(), y.contiguous()).reshape(-1)
+                    raise AssertionError(
+                        f"{case.id}, step {k}: {name}[{i}] differs between {first} and "
+                        f"{second} at {int(far.sum())} elements; first at flat index {j}: "
+                        f"{x.reshape(-1)[j].item()!r} vs {y.reshape(-1)[j].item()!r}, "
+                        f"{int(d[j])} ULPs"
+                    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,10 +87,6 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
     ),
 }
 
-#: Steps of a trajectory check. Four steps cover step 1 (bias corrections, SGD's first-step
-#: rule, zero states) and steady steps, and keep the Triton interpreter fast.
-TRAJECTORY_STEPS = 4
-
 
 def tolerance(dtype: torch.dtype) -> Tolerance:
     """The tolerance of values stored in ``dtype`` (fp64 values are compared as fp32)."""
