@@ -134,7 +134,10 @@ CASES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=9, help="timed steps per contender")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # fusedopt's cpu backend follows torch's setting
     torch.manual_seed(0)
     shapes = gpt2_small_shapes()
     numel = sum(torch.Size(s).numel() for s in shapes)
