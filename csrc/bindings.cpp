@@ -42,8 +42,8 @@ struct Scratch {
   std::vector<Tensor> tensors;
   static void* allocate(void* self, size_t bytes) {
     auto* scratch = static_cast<Scratch*>(self);
-    scratch->tensors.push_back(at::empty({static_cast<int64_t>(bytes)},
-                                         at::TensorOptions().dtype(at::kByte).device(scratch->device)));
+    const auto options = at::TensorOptions().dtype(at::kByte).device(scratch->device);
+    scratch->tensors.push_back(at::empty({static_cast<int64_t>(bytes)}, options));
     return scratch->tensors.back().data_ptr();
   }
 };

@@ -9,12 +9,12 @@
 namespace fusedopt::cpu {
 namespace {
 
-template <typename T, bool kAmsgrad>
+template <typename T, bool kAmsgrad, bool kDivide>
 void adamw_block(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
                  T* __restrict vmax, int64_t n, const AdamWScalars<T> s, const GradLoad<T> load) {
   for (int64_t k = 0; k < n; ++k) {
     T unused = T(0);
-    adamw_update<T, kAmsgrad>(p[k], load_grad(g[k], load), m[k], v[k],
+    adamw_update<T, kAmsgrad>(p[k], load_grad<kDivide>(g[k], load), m[k], v[k],
                               kAmsgrad ? vmax[k] : unused, s);
   }
 }
@@ -40,8 +40,10 @@ void adamw_items(const AdamWCall& call, const ExecContext& ctx) {
     const WorkItem& w = items[k];
     const AdamWScalars<T> s = scalars[w.tensor];
     for_each_block<T, kStates, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
-      adamw_block<T, kAmsgrad>(p, g, st[0], st[1], kAmsgrad ? st[kStates - 1] : nullptr, n, s,
-                               load);
+      T* vmax = kAmsgrad ? st[kStates - 1] : nullptr;
+      with_divide(load.divide, [&](auto divide) {
+        adamw_block<T, kAmsgrad, divide()>(p, g, st[0], st[1], vmax, n, s, load);
+      });
     });
   });
 }

@@ -69,7 +69,8 @@ inline void load_values(T* dst, const void* src, DType d, int64_t n) {
         else fp16_to_float_n(dst, s, n);
       } else {  // only reached for a master-less fp64 call, which has no 16-bit slot
         for (int64_t i = 0; i < n; ++i)
-          dst[i] = static_cast<T>(d == DType::kBFloat16 ? bf16_to_float(s[i]) : fp16_to_float(s[i]));
+          dst[i] = static_cast<T>(d == DType::kBFloat16 ? bf16_to_float(s[i])
+                                                        : fp16_to_float(s[i]));
       }
       return;
     }

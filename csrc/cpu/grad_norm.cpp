@@ -26,7 +26,8 @@ struct Partial {
 /// division is folded away (it costs ~40% of the loop) without changing a bit.
 template <typename T>
 T block_max(const T* x, int64_t n, T grad_scale, T init) {
-  if (grad_scale == T(1)) return lane_max<T>(n, init, [&](int64_t k) { return norm_inf_term(x[k], T(1)); });
+  if (grad_scale == T(1))
+    return lane_max<T>(n, init, [&](int64_t k) { return norm_inf_term(x[k], T(1)); });
   return lane_max<T>(n, init, [&](int64_t k) { return norm_inf_term(x[k], grad_scale); });
 }
 

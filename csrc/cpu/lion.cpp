@@ -9,10 +9,10 @@
 namespace fusedopt::cpu {
 namespace {
 
-template <typename T>
+template <typename T, bool kDivide>
 void lion_block(T* __restrict p, const T* __restrict g, T* __restrict m, int64_t n,
                 const LionScalars<T> s, const GradLoad<T> load) {
-  for (int64_t k = 0; k < n; ++k) lion_update(p[k], load_grad(g[k], load), m[k], s);
+  for (int64_t k = 0; k < n; ++k) lion_update(p[k], load_grad<kDivide>(g[k], load), m[k], s);
 }
 
 template <typename T>
@@ -30,7 +30,8 @@ void lion_items(const LionCall& call, const ExecContext& ctx) {
     const WorkItem& w = items[k];
     const LionScalars<T> s = scalars[w.tensor];
     for_each_block<T, 1, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
-      lion_block<T>(p, g, st[0], n, s, load);
+      with_divide(load.divide,
+                  [&](auto divide) { lion_block<T, divide()>(p, g, st[0], n, s, load); });
     });
   });
 }

@@ -9,12 +9,12 @@
 namespace fusedopt::cpu {
 namespace {
 
-template <typename T, bool kMomentum>
+template <typename T, bool kMomentum, bool kDivide>
 void sgd_block(T* __restrict p, const T* __restrict g, T* __restrict buf, int64_t n,
                const SgdScalars<T> s, const GradLoad<T> load) {
   for (int64_t k = 0; k < n; ++k) {
     T unused = T(0);
-    sgd_update<T, kMomentum>(p[k], load_grad(g[k], load), kMomentum ? buf[k] : unused, s);
+    sgd_update<T, kMomentum>(p[k], load_grad<kDivide>(g[k], load), kMomentum ? buf[k] : unused, s);
   }
 }
 
@@ -46,7 +46,9 @@ void sgd_items(const SgdCall& call, const ExecContext& ctx) {
     for_each_block<T, kStates, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
       T* buf = nullptr;
       if constexpr (kMomentum) buf = st[0];
-      sgd_block<T, kMomentum>(p, g, buf, n, s, load);
+      with_divide(load.divide, [&](auto divide) {
+        sgd_block<T, kMomentum, divide()>(p, g, buf, n, s, load);
+      });
     });
   });
 }

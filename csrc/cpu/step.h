@@ -5,6 +5,7 @@
 #pragma once
 
 #include <array>
+#include <type_traits>
 #include <vector>
 
 #include "fusedopt/launch.h"
@@ -60,8 +61,20 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
     if constexpr (kWrite) {
       write_block(p_base, p_dtype, off, n, p);
       if (master) write_block(param, lists.params.dtype, off, n, p);
-      for (size_t k = 0; k < kStates; ++k) write_block(states[k].data[i], states[k].dtype, off, n, s[k]);
+      for (size_t k = 0; k < kStates; ++k)
+        write_block(states[k].data[i], states[k].dtype, off, n, s[k]);
     }
+  }
+}
+
+/// Runs body(std::bool_constant<divide>{}): a loop's variant with or without the division by
+/// grad_scale (GradLoad::divide), the same bits either way.
+template <typename F>
+void with_divide(bool divide, F&& body) {
+  if (divide) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
   }
 }
 

@@ -75,10 +75,12 @@ static void test_known_values() {
 
 static void test_against_references_and_vector_loops() {
   std::vector<float> values;
-  for (uint64_t u = 0; u <= 0xFFFFFFFFull; u += 4093) values.push_back(bits_float(static_cast<uint32_t>(u)));
+  for (uint64_t u = 0; u <= 0xFFFFFFFFull; u += 4093)
+    values.push_back(bits_float(static_cast<uint32_t>(u)));
   // Exact ties and their neighbours for both formats.
   for (uint32_t h = 0; h < 0x7C00; h += 7) {
-    const float a = fp16_to_float(static_cast<uint16_t>(h)), b = fp16_to_float(static_cast<uint16_t>(h + 1));
+    const float a = fp16_to_float(static_cast<uint16_t>(h));
+    const float b = fp16_to_float(static_cast<uint16_t>(h + 1));
     values.push_back(static_cast<float>((static_cast<double>(a) + b) / 2));
     values.push_back(-static_cast<float>((static_cast<double>(a) + b) / 2));
   }

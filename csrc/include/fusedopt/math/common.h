@@ -27,11 +27,15 @@ struct GradLoad {
   T grad_scale = T(1);
   T clip_coef = T(1);
   bool maximize = false;
+  bool divide = false;  // grad_scale != 1: a loop may drop the division otherwise
 };
 
-template <typename T>
+/// kDivide = false skips the division by grad_scale; valid only where `divide` is false
+/// (grad_scale == 1, so g / 1 == g bit for bit). A division is the costliest operation of
+/// the loop on a CPU (Adam: 3 of them per element), hence the choice.
+template <bool kDivide = true, typename T>
 FUSEDOPT_HD FUSEDOPT_INLINE T load_grad(T g, const GradLoad<T>& s) {
-  g = g / s.grad_scale;
+  if constexpr (kDivide) g = g / s.grad_scale;
   g = g * s.clip_coef;
   return s.maximize ? -g : g;
 }
@@ -42,6 +46,7 @@ FUSEDOPT_HD FUSEDOPT_INLINE GradLoad<T> make_grad_load(const float* grad_scale,
                                                        const float* clip_coef, bool maximize) {
   GradLoad<T> s;
   if (grad_scale) s.grad_scale = static_cast<T>(*grad_scale);
+  s.divide = s.grad_scale != T(1);
   if (clip_coef) s.clip_coef = static_cast<T>(*clip_coef);
   s.maximize = maximize;
   return s;
