@@ -9,6 +9,7 @@ non-zero weight decay where the default is zero (Lion), so the decay path is exe
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import Tensor
@@ -89,16 +90,22 @@ def make_workload(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     dtype, _, scaled = MODES[mode]
+    shapes = tuple(shapes if shapes is not None else model_shapes(model))
+    names, base_params, base_grads = _random_tensors(shapes, str(device), seed)
+    grad_std = 1e-3 * (LOSS_SCALE if scaled else 1.0)
+    params = [torch.nn.Parameter(p.to(dtype, copy=True)) for p in base_params]
+    grads = [(g * grad_std).to(dtype) for g in base_grads]
+    return Workload(model, optimizer, mode, device, names, params, grads)
+
+
+@functools.lru_cache(maxsize=1)
+def _random_tensors(shapes: tuple, device: str, seed: int):
+    """fp32 N(0, 0.02) params and N(0, 1) grads, drawn once per shape list (drawing 124M
+    normals takes seconds on a small CPU; copying them, a fraction of that)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     names, params, grads = [], [], []
-    grad_std = 1e-3 * (LOSS_SCALE if scaled else 1.0)
-    for name, shape in shapes if shapes is not None else model_shapes(model):
-        p = torch.empty(shape, device=device, dtype=torch.float32).normal_(0, 0.02, generator=gen)
-        g = torch.empty(shape, device=device, dtype=torch.float32).normal_(
-            0, grad_std, generator=gen
-        )
+    for name, shape in shapes:
         names.append(name)
-        params.append(torch.nn.Parameter(p.to(dtype)))
-        grads.append(g.to(dtype))
-        del p, g
-    return Workload(model, optimizer, mode, device, names, params, grads)
+        params.append(torch.empty(shape, device=device).normal_(0, 0.02, generator=gen))
+        grads.append(torch.empty(shape, device=device).normal_(0, 1.0, generator=gen))
+    return names, params, grads

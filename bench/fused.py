@@ -33,7 +33,10 @@ def backend_rows(device: torch.device, slow: bool) -> dict[str, str | None]:
         elif device.type not in status.devices:
             rows[name] = f"does not serve {device.type} ({status.reason})"
         elif not slow and (name in SLOW_BACKENDS or (device.type == "cpu" and name == "triton")):
-            rows[name] = "slow backend, skipped (pass --slow-backends, or use --model tiny)"
+            rows[name] = (
+                "slow backend, skipped (report: --slow-backends or --model tiny;"
+                " microbenchmarks: FUSEDOPT_BENCH_SLOW=1)"
+            )
         else:
             rows[name] = None
     return rows
