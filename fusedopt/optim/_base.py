@@ -48,6 +48,9 @@ from fusedopt.clip import local_tensor, total_norm
 STEP_KEY = "step"
 MASTER_KEY = "master_param"
 
+#: torch group keys that mean nothing to fusedopt (always fused): dropped on load.
+_TORCH_ONLY_KEYS = ("foreach", "fused", "differentiable")
+
 #: Keys every fusedopt group has besides the algorithm's own.
 COMMON_DEFAULTS = {"master_weights": False, "max_grad_norm": None, "backend": "auto"}
 
@@ -194,7 +197,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key not in _TORCH_ONLY_KEYS:  # torch's __setstate__ adds differentiable
+                    group.setdefault(key, value)
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("grad_norm_group", None)
 
@@ -356,8 +360,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 new_group["param_names"] = group["param_names"]
             for key, value in self.defaults.items():
                 new_group.setdefault(key, value)
-            for k in ("foreach", "fused", "differentiable"):
-                new_group.pop(k, None)
+            for key in _TORCH_ONLY_KEYS:
+                new_group.pop(key, None)
             try:
                 self._check_group(new_group)
                 self._check_common(new_group)
