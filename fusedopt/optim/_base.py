@@ -265,7 +265,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._init_state(self.param_groups[gi], p)
 
         coef = None
-        if max_norm is not None or detect_inf or self.grad_norm_group is not None:
+        if max_norm is not None or detect_inf:
             grads = [g for _, _, g in entries]
             if grad_scale is not None and grads:
                 grad_scale = grad_scale.to(local_tensor(grads[0]).device)
