@@ -330,3 +330,18 @@ def test_params_without_grads_are_skipped_and_get_no_state(monkeypatch):
     opt.step()
     assert len(seen) == 1 and len(seen[0]["params"]) == 1
     assert set(opt.state) == {params[0]}
+
+
+def test_lion_decoupled_weight_decay_divides_by_the_initial_lr():
+    """lion-pytorch: decoupled_weight_decay=True uses wd / lr_at_construction, whatever the
+    scheduler does to lr later."""
+    params, twin = _twins()
+    ours = fusedopt.Lion(params, lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True)
+    same = fusedopt.Lion(twin, lr=1e-3, weight_decay=0.1 / 1e-3)
+    for step in range(3):
+        _grads(params, step)
+        _grads(twin, step)
+        ours.step()
+        same.step()
+    for p, q in zip(params, twin, strict=True):
+        assert torch.equal(p, q)

@@ -95,6 +95,8 @@ class FusedOptimizer(torch.optim.Optimizer):
       (``torch.nn.utils.clip_grad_norm_``'s coefficient). The pre-clip norm stays on the
       device in :attr:`last_grad_norm`. One value for the whole optimizer: every group must
       have the same.
+    * ``capturable``: accepted (torch's name); every fusedopt step is capturable, since step
+      counts and the common scalars live on the device and nothing syncs with the host.
     * ``backend``: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
     * ``grad_norm_group`` (constructor only): a process group across which the params are
       partitioned (ZeroRedundancyOptimizer); the clip norm sums over it. Every rank must step.
