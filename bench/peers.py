@@ -22,6 +22,11 @@ import torch
 
 from bench.cases import LOSS_SCALE, MAX_GRAD_NORM, Workload
 from bench.timing import Step
+from tests.optim_cases import CASES
+
+#: The torch twin of each optimizer is the one the equivalence tests prove fusedopt equal to
+#: (``tests/optim_cases.py``), so what is measured and what is verified cannot drift apart.
+_TORCH_TWINS = {"adamw": "adamw", "adam": "adam_l2", "sgd": "sgd_momentum"}
 
 #: torch.optim's implementation switches, by peer label.
 TORCH_VARIANTS = {
@@ -37,9 +42,10 @@ class Unavailable(RuntimeError):
 
 
 def _torch_class(optimizer: str) -> type[torch.optim.Optimizer] | None:
-    return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}.get(
-        optimizer
-    )
+    """torch's class for ``optimizer``, from the tests' registry; None where torch has none."""
+    if optimizer not in _TORCH_TWINS:
+        return None
+    return next(c.torch_cls for c in CASES if c.name == _TORCH_TWINS[optimizer])
 
 
 def _third_party(optimizer: str) -> tuple[str, Callable[..., torch.optim.Optimizer]]:
