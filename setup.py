@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 
@@ -23,20 +24,57 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# Pinned contraction (DESIGN.md §2): explicit fmaf where an FMA is meant, none elsewhere, so
+# the CPU and GPU builds round alike. C++20: torch 2.14's headers #error under C++17.
+# tests/test_cuda_static.py compiles the kernels with NVCC_FLAGS too. -fno-math-errno lets
+# g++ vectorise sqrtf (errno never reports anything here); rounding is unchanged.
+CXX_FLAGS = (
+    "-O3",
+    "-std=c++20",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fopenmp",
+    "-march=x86-64-v3",
+)
+NVCC_FLAGS = ("-O3", "-std=c++20", "-fmad=false", "--expt-relaxed-constexpr", "-lineinfo")
+
+
+def _is_cuda_home(home: str | None) -> bool:
+    return bool(home) and all(
+        os.path.exists(os.path.join(home, *part))
+        for part in (("bin", "nvcc"), ("include", "cuda_runtime.h"))
+    )
+
+
+def _nvcc_top(nvcc: str) -> str | None:
+    """The toolkit an ``nvcc`` really belongs to. ``nvcc`` on PATH may be a wrapper script
+    (``exec /usr/local/cuda-13.0/bin/nvcc "$@"``) whose own folder holds no headers; a
+    dry run prints the real root as ``TOP=``."""
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-c", "x.cu", "-o", "x.o"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if "TOP=" in line:
+            return os.path.normpath(os.path.join(line.split("TOP=", 1)[1].strip(), ".."))
+    return None
+
 
 def find_cuda_home() -> str | None:
-    """The CUDA toolkit root: $CUDA_HOME, $CUDA_PATH, nvcc on PATH, or /usr/local/cuda."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
+    """The CUDA toolkit root (a folder with ``bin/nvcc`` and ``include/cuda_runtime.h``):
+    $CUDA_HOME, $CUDA_PATH, the toolkit of nvcc on PATH, /usr/local/cuda, /usr/local/cuda-*."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    for home in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
-        if os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
-    return None
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        candidates.append(_nvcc_top(nvcc))
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    return next((os.path.realpath(h) for h in candidates if _is_cuda_home(h)), None)
 
 
 def nvidia_wheel_include_dirs() -> list[str]:
@@ -46,6 +84,19 @@ def nvidia_wheel_include_dirs() -> list[str]:
     for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
         dirs += glob.glob(os.path.join(site, "nvidia", "*", "include"))
     return sorted(set(dirs))
+
+
+def cuda_include_dirs(cuda_home: str) -> list[str]:
+    """Include folders for the CUDA part, the toolkit's own first.
+
+    torch appends ``$CUDA_HOME/include`` *after* the extension's own folders, so the wheel
+    folders alone would shadow the toolkit: ``nvidia/cu13/include`` ships its own
+    ``cuda_runtime.h``, which may be another minor version than the nvcc compiling against
+    it. Listing the toolkit first makes its headers win wherever both have one; the wheels
+    then only fill in what a minimal toolkit lacks (cuBLAS, cuSPARSE... that ATen includes).
+    """
+    toolkit = os.path.join(cuda_home, "include")
+    return [toolkit, *(d for d in nvidia_wheel_include_dirs() if d != toolkit)]
 
 
 def cuda_wanted() -> bool:
@@ -90,20 +141,17 @@ def extensions():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    # Pinned contraction (DESIGN.md §2): explicit fmaf where an FMA is meant, none elsewhere,
-    # so the CPU and GPU builds round alike.
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp", "-march=x86-64-v3"]
+    cxx = list(CXX_FLAGS)
     if os.uname().machine != "x86_64":
         cxx.remove("-march=x86-64-v3")
-    nvcc = ["-O3", "-std=c++17", "-fmad=false", "--expt-relaxed-constexpr", "-lineinfo"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     macros = []
     if with_cuda:
         sources += rel("csrc/cuda/*.cu")
-        include_dirs += nvidia_wheel_include_dirs()
+        include_dirs += cuda_include_dirs(find_cuda_home())
         macros.append(("FUSEDOPT_WITH_CUDA", "1"))
         cls = cpp_extension.CUDAExtension
-        args = {"cxx": cxx, "nvcc": nvcc}
+        args = {"cxx": cxx, "nvcc": list(NVCC_FLAGS)}
     else:
         cls = cpp_extension.CppExtension
         args = {"cxx": cxx}
@@ -121,17 +169,22 @@ def extensions():
     return [ext], {"build_ext": build_ext}
 
 
-ext_modules, cmdclass = extensions()
+def main() -> None:
+    ext_modules, cmdclass = extensions()
+    setup(
+        name="fusedopt",
+        version="0.1.0",
+        description="Fused multi-tensor optimizer kernels for PyTorch (CUDA C++, Triton, C++ CPU)",
+        packages=["fusedopt", "fusedopt.optim", "fusedopt.reference", "fusedopt.triton_kernels"],
+        package_dir={"fusedopt.triton_kernels": "triton_kernels"},
+        python_requires=">=3.10",
+        install_requires=["torch>=2.11"],
+        extras_require={"triton": ["triton>=3.6"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
 
-setup(
-    name="fusedopt",
-    version="0.1.0",
-    description="Fused multi-tensor optimizer kernels for PyTorch (CUDA C++, Triton, C++ CPU)",
-    packages=["fusedopt", "fusedopt.optim", "fusedopt.reference", "fusedopt.triton_kernels"],
-    package_dir={"fusedopt.triton_kernels": "triton_kernels"},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
-    extras_require={"triton": ["triton>=3.6"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+
+# setuptools' PEP 517 backend also runs this file as __main__; tests import it for the flags.
+if __name__ == "__main__":
+    main()

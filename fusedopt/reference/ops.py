@@ -208,7 +208,11 @@ def sgd_(
         p = _load_param(param, master_params, i, opmath)
         if weight_decay[i] != 0:
             g = g + weight_decay[i] * p
-        if momentum_buffers:
+        # [note: sgd momentum 0] A tensor whose momentum is 0 in a call with buffers (its
+        # param group has none, another's has) steps as torch's momentum-free SGD: no
+        # dampening, and its buffer and step count stay untouched, so that momentum switched
+        # on later starts with buf = g, as torch's does.
+        if momentum_buffers and momentum[i] != 0:
             first_step = _next_step(steps[i]) == 1.0
             if first_step:
                 buf = g

@@ -1,0 +1,543 @@
+// THE binding file: the only file of fusedopt._C that includes torch.
+//
+// It implements the ops whose schemas fusedopt/_contract.py defines (TORCH_LIBRARY_IMPL only:
+// no schema lives in C++) for the CPU dispatch key, and for the CUDA key when compiled with
+// FUSEDOPT_WITH_CUDA. Each op has one templated implementation: it validates every input
+// (dtypes, devices, shapes, dense layouts, list lengths), raising an error that names the
+// tensor ("adamw_cpu_: grads[3] ...") before any tensor is touched, then fills the torch-free
+// call struct of fusedopt/launch.h and calls the backend's launcher.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <cmath>
+#include <deque>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "fusedopt/launch.h"
+
+#ifdef FUSEDOPT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace fusedopt {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+using OptTensor = std::optional<Tensor>;
+using Floats = c10::ArrayRef<double>;
+
+// ---------------------------------------------------------------------------------------
+// Backends: the launchers and the execution context of each dispatch key.
+
+/// Owns the scratch tensors a launcher asks for; they live until the op returns (CUDA's
+/// caching allocator orders their reuse on the stream, so pending kernels stay safe).
+struct Scratch {
+  c10::Device device;
+  std::vector<Tensor> tensors;
+  static void* allocate(void* self, size_t bytes) {
+    auto* scratch = static_cast<Scratch*>(self);
+    scratch->tensors.push_back(at::empty({static_cast<int64_t>(bytes)},
+                                         at::TensorOptions().dtype(at::kByte).device(scratch->device)));
+    return scratch->tensors.back().data_ptr();
+  }
+};
+
+struct CpuBackend {
+  static constexpr const char* kName = "cpu";
+  static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
+  static ExecContext context(c10::Device, Scratch& scratch) {
+    ExecContext ctx;
+    ctx.num_threads = at::get_num_threads();  // torch.set_num_threads applies to fusedopt too
+    ctx.workspace = {&Scratch::allocate, &scratch};
+    return ctx;
+  }
+  static void scale(const ScaleCall& c, const ExecContext& x) { cpu::scale(c, x); }
+  static void grad_norm(const GradNormCall& c, const ExecContext& x) { cpu::grad_norm(c, x); }
+  static void adamw(const AdamWCall& c, const ExecContext& x) { cpu::adamw(c, x); }
+  static void lamb(const LambCall& c, const ExecContext& x) { cpu::lamb(c, x); }
+  static void lion(const LionCall& c, const ExecContext& x) { cpu::lion(c, x); }
+  static void sgd(const SgdCall& c, const ExecContext& x) { cpu::sgd(c, x); }
+};
+
+#ifdef FUSEDOPT_WITH_CUDA
+struct CudaBackend {
+  static constexpr const char* kName = "cuda";
+  static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
+  static ExecContext context(c10::Device device, Scratch& scratch) {
+    ExecContext ctx;
+    ctx.stream = static_cast<void*>(at::cuda::getCurrentCUDAStream(device.index()).stream());
+    ctx.workspace = {&Scratch::allocate, &scratch};
+    return ctx;
+  }
+  static void scale(const ScaleCall& c, const ExecContext& x) { cuda::scale(c, x); }
+  static void grad_norm(const GradNormCall& c, const ExecContext& x) { cuda::grad_norm(c, x); }
+  static void adamw(const AdamWCall& c, const ExecContext& x) { cuda::adamw(c, x); }
+  static void lamb(const LambCall& c, const ExecContext& x) { cuda::lamb(c, x); }
+  static void lion(const LionCall& c, const ExecContext& x) { cuda::lion(c, x); }
+  static void sgd(const SgdCall& c, const ExecContext& x) { cuda::sgd(c, x); }
+};
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Validation.
+
+std::string indexed(const char* list, size_t i) {
+  return std::string(list) + "[" + std::to_string(i) + "]";
+}
+
+std::optional<DType> to_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    case at::kDouble: return DType::kFloat64;
+    default: return std::nullopt;
+  }
+}
+
+/// The checks of one op call: every message starts with the op's registered name.
+class Checker {
+ public:
+  Checker(std::string op, c10::DeviceType device_type) : op_(std::move(op)), type_(device_type) {}
+
+  const std::string& op() const { return op_; }
+
+  /// A tensor of a list: defined, on this backend's device type, dense, supported dtype.
+  DType tensor(const Tensor& t, const std::string& where) const {
+    TORCH_CHECK(t.defined(), op_, ": ", where, " is an undefined tensor");
+    TORCH_CHECK(t.device().type() == type_, op_, ": ", where, " is on ", t.device(), "; ", op_,
+                " takes ", c10::DeviceTypeName(type_, true), " tensors");
+    TORCH_CHECK(t.layout() == at::kStrided, op_, ": ", where, " is sparse (", t.layout(),
+                "); only dense tensors are supported");
+    const auto d = to_dtype(t.scalar_type());
+    TORCH_CHECK_TYPE(d.has_value(), op_, ": ", where, " has unsupported dtype ", t.scalar_type(),
+                     " (supported: float32, bfloat16, float16, float64)");
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), op_, ": ", where, " is not dense (shape ",
+                t.sizes(), ", strides ", t.strides(),
+                "); fused kernels need non-overlapping, dense memory: pass .contiguous() tensors");
+    return *d;
+  }
+
+  /// A tensor paired element for element with `param`: same device, shape and strides.
+  void like(const Tensor& t, const Tensor& param, const std::string& where) const {
+    TORCH_CHECK(t.device() == param.device(), op_, ": ", where, " is on ", t.device(),
+                " but its param is on ", param.device());
+    TORCH_CHECK(t.sizes() == param.sizes(), op_, ": ", where, " has shape ", t.sizes(),
+                " but its param has ", param.sizes());
+    bool same_layout = true;
+    for (int64_t d = 0; d < t.dim(); ++d)
+      same_layout &= t.size(d) == 1 || t.stride(d) == param.stride(d);
+    TORCH_CHECK(same_layout, op_, ": ", where, " has strides ", t.strides(), " but its param has ",
+                param.strides(), "; both must share one memory layout");
+  }
+
+  /// A device scalar: one fp32 element on `device` (absent is fine).
+  void scalar(const OptTensor& t, const char* name, c10::Device device) const {
+    if (!t.has_value()) return;
+    TORCH_CHECK(t->defined(), op_, ": ", name, " is an undefined tensor");
+    TORCH_CHECK_TYPE(t->numel() == 1 && t->scalar_type() == at::kFloat, op_, ": ", name,
+                     " must be a one-element float32 tensor, got shape ", t->sizes(),
+                     " and dtype ", t->scalar_type());
+    TORCH_CHECK(t->device() == device, op_, ": ", name, " is on ", t->device(),
+                " but the tensors are on ", device);
+  }
+
+  void length(const char* name, size_t got, size_t n, bool may_be_empty) const {
+    TORCH_CHECK_VALUE(got == n || (may_be_empty && got == 0), op_, ": ", name, " has ", got,
+                      " entries but params has ", n, " (expected ", n,
+                      may_be_empty ? " or 0)" : ")");
+  }
+
+  void values(const char* name, Floats v, size_t n) const {
+    TORCH_CHECK_VALUE(v.size() == n, op_, ": ", name, " has ", v.size(), " values for ", n,
+                      " tensors");
+  }
+
+ private:
+  std::string op_;
+  c10::DeviceType type_;
+};
+
+/// A tensor list turned into a TensorSlot (the pointer table lives here).
+struct SlotTable {
+  std::vector<void*> pointers;
+  DType dtype = DType::kFloat32;
+  TensorSlot slot() const {
+    TensorSlot s;
+    s.data = pointers.empty() ? nullptr : pointers.data();
+    s.dtype = dtype;
+    return s;
+  }
+};
+
+/// Validates and converts the lists and scalars every step op has (params, grads,
+/// master_params, steps, the common device scalars) and the op's state lists.
+class StepArguments {
+ public:
+  StepArguments(const Checker& check, TensorList params, TensorList grads,
+                TensorList master_params, TensorList steps, bool steps_optional,
+                const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                const OptTensor& clip_coef, const OptTensor& found_inf)
+      : check_(check), params_(params), n_(params.size()) {
+    check.length("grads", grads.size(), n_, false);
+    check.length("master_params", master_params.size(), n_, true);
+    check.length("steps", steps.size(), n_, steps_optional);
+    if (n_ == 0) return;
+    device_ = params[0].device();
+    param_dtype_ = check.tensor(params[0], "params[0]");
+    grad_dtype_ = check.tensor(grads[0], "grads[0]");
+    const bool masters = !master_params.empty();
+    for (size_t i = 0; i < n_; ++i) {
+      const std::string p_name = indexed("params", i);
+      const DType pd = check.tensor(params[i], p_name);
+      TORCH_CHECK(params[i].device() == device_, check.op(), ": ", p_name, " is on ",
+                  params[i].device(), " but params[0] is on ", device_,
+                  "; one call takes tensors on one device");
+      TORCH_CHECK_TYPE(pd == param_dtype_, check.op(), ": ", p_name, " has dtype ",
+                       params[i].scalar_type(), " but params[0] has ", params[0].scalar_type(),
+                       "; one call takes one param dtype");
+      const std::string g_name = indexed("grads", i);
+      const DType gd = check.tensor(grads[i], g_name);
+      check.like(grads[i], params[i], g_name);
+      TORCH_CHECK_TYPE(gd == param_dtype_ || gd == DType::kFloat32, check.op(), ": ", g_name,
+                       " has dtype ", grads[i].scalar_type(), "; expected ",
+                       params[i].scalar_type(), " (the param's) or float32");
+      TORCH_CHECK_TYPE(gd == grad_dtype_, check.op(), ": ", g_name, " has dtype ",
+                       grads[i].scalar_type(), " but grads[0] has ", grads[0].scalar_type(),
+                       "; one call takes one grad dtype");
+      if (masters) {
+        const std::string m_name = indexed("master_params", i);
+        TORCH_CHECK_TYPE(pd == DType::kBFloat16 || pd == DType::kFloat16, check.op(), ": ",
+                         m_name, " given for a ", params[i].scalar_type(),
+                         " param; master weights are for bfloat16/float16 params");
+        const DType md = check.tensor(master_params[i], m_name);
+        check.like(master_params[i], params[i], m_name);
+        TORCH_CHECK_TYPE(md == DType::kFloat32, check.op(), ": ", m_name, " has dtype ",
+                         master_params[i].scalar_type(), ", expected float32");
+      }
+      if (!steps.empty()) {
+        const std::string s_name = indexed("steps", i);
+        check.tensor(steps[i], s_name);
+        check.scalar(steps[i], s_name.c_str(), device_);
+      }
+    }
+    state_dtype_ = masters ? DType::kFloat32 : param_dtype_;
+    check.scalar(grad_scale, "grad_scale", device_);
+    check.scalar(clip_coef, "clip_coef", device_);
+    check.scalar(found_inf, "found_inf", device_);
+    if (lr_tensor.has_value()) {
+      const Tensor& lr = *lr_tensor;
+      TORCH_CHECK_TYPE(lr.defined() && lr.scalar_type() == at::kFloat && lr.dim() <= 1 &&
+                           (lr.numel() == 1 || lr.numel() == static_cast<int64_t>(n_)),
+                       check.op(), ": lr_tensor must be float32, 0-d or of length ", n_,
+                       "; got shape ", lr.sizes(), " and dtype ", lr.scalar_type());
+      TORCH_CHECK(lr.device() == device_, check.op(), ": lr_tensor is on ", lr.device(),
+                  " but the params are on ", device_);
+    }
+
+    params_table_ = table(params, param_dtype_);
+    grads_table_ = table(grads, grad_dtype_);
+    masters_table_ = table(master_params, DType::kFloat32);
+    for (const Tensor& s : steps) steps_.push_back(s.data_ptr<float>());
+    numels_.reserve(n_);
+    for (const Tensor& p : params) numels_.push_back(p.numel());
+    lists_.num_tensors = static_cast<int64_t>(n_);
+    lists_.numels = numels_.data();
+    lists_.params = params_table_.slot();
+    lists_.grads = grads_table_.slot();
+    lists_.master_params = masters_table_.slot();
+    lists_.steps = steps_.empty() ? nullptr : steps_.data();
+    if (lr_tensor.has_value()) {
+      lists_.scalars.lr = lr_tensor->data_ptr<float>();
+      lists_.scalars.lr_numel = lr_tensor->numel();
+    }
+    lists_.scalars.grad_scale = grad_scale ? grad_scale->data_ptr<float>() : nullptr;
+    lists_.scalars.clip_coef = clip_coef ? clip_coef->data_ptr<float>() : nullptr;
+    lists_.scalars.found_inf = found_inf ? found_inf->data_ptr<float>() : nullptr;
+  }
+
+  size_t size() const { return n_; }
+  c10::Device device() const { return device_; }
+  const StepLists& lists() const { return lists_; }
+
+  /// A per-param state list (exp_avgs...): fp32 with master weights, else the param dtype.
+  TensorSlot state(const char* name, TensorList states, bool may_be_empty) {
+    check_.length(name, states.size(), n_, may_be_empty);
+    for (size_t i = 0; i < states.size(); ++i) {
+      const std::string where = indexed(name, i);
+      const DType d = check_.tensor(states[i], where);
+      check_.like(states[i], params_[i], where);
+      TORCH_CHECK_TYPE(d == state_dtype_, check_.op(), ": ", where, " has dtype ",
+                       states[i].scalar_type(), ", expected ", dtype_name(state_dtype_));
+    }
+    states_.push_back(table(states, state_dtype_));
+    return states_.back().slot();
+  }
+
+  void values(const char* name, Floats v) const { check_.values(name, v, n_); }
+
+ private:
+  static SlotTable table(TensorList list, DType dtype) {
+    SlotTable t;
+    t.dtype = dtype;
+    for (const Tensor& x : list) t.pointers.push_back(x.data_ptr());
+    return t;
+  }
+
+  const Checker& check_;
+  TensorList params_;
+  size_t n_;
+  c10::Device device_{c10::DeviceType::CPU};
+  DType param_dtype_ = DType::kFloat32, grad_dtype_ = DType::kFloat32,
+        state_dtype_ = DType::kFloat32;
+  SlotTable params_table_, grads_table_, masters_table_;
+  std::deque<SlotTable> states_;  // deque: slots handed out keep pointing at live tables
+  std::vector<float*> steps_;
+  std::vector<int64_t> numels_;
+  StepLists lists_;
+};
+
+template <class B>
+std::string op_name(const char* op) {
+  return std::string(op) + "_" + B::kName + "_";
+}
+
+/// Runs a launcher on the device of the call, with the backend's execution context.
+template <class B, class Call, class Launcher>
+void launch(c10::Device device, const Call& call, Launcher launcher) {
+  const c10::DeviceGuard guard(device);
+  Scratch scratch{device, {}};
+  launcher(call, B::context(device, scratch));
+}
+
+// ---------------------------------------------------------------------------------------
+// The ops, in the order of fusedopt/_contract.py.
+
+/// A list whose tensors may mix dtypes (scale_, grad_norm): pointers, numels and dtypes.
+struct MixedList {
+  std::vector<void*> data;
+  std::vector<int64_t> numels;
+  std::vector<DType> dtypes;
+  c10::Device device{c10::DeviceType::CPU};
+
+  MixedList(const Checker& check, TensorList tensors) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const std::string where = indexed("tensors", i);
+      dtypes.push_back(check.tensor(tensors[i], where));
+      if (i == 0) device = tensors[0].device();
+      TORCH_CHECK(tensors[i].device() == device, check.op(), ": ", where, " is on ",
+                  tensors[i].device(), " but tensors[0] is on ", device,
+                  "; one call takes tensors on one device");
+      data.push_back(tensors[i].data_ptr());
+      numels.push_back(tensors[i].numel());
+    }
+  }
+};
+
+template <class B>
+void scale_impl(TensorList tensors, const Tensor& scale, const OptTensor& found_inf) {
+  const Checker check(op_name<B>("scale"), B::kDeviceType);
+  const MixedList list(check, tensors);
+  if (tensors.empty()) return;
+  check.scalar(scale, "scale", list.device);
+  check.scalar(found_inf, "found_inf", list.device);
+  ScaleCall call;
+  call.num_tensors = static_cast<int64_t>(tensors.size());
+  call.numels = list.numels.data();
+  call.data = list.data.data();
+  call.dtypes = list.dtypes.data();
+  call.scale = scale.data_ptr<float>();
+  call.found_inf = found_inf ? found_inf->data_ptr<float>() : nullptr;
+  launch<B>(list.device, call, B::scale);
+}
+
+template <class B>
+std::tuple<Tensor, Tensor, Tensor> grad_norm_impl(TensorList tensors, double norm_type,
+                                                  bool per_tensor, const OptTensor& grad_scale) {
+  const Checker check("grad_norm_" + std::string(B::kName), B::kDeviceType);
+  TORCH_CHECK_VALUE(norm_type == 2.0 || (std::isinf(norm_type) && norm_type > 0), check.op(),
+                    ": norm_type must be 2.0 or inf, got ", norm_type);
+  const MixedList list(check, tensors);
+  const c10::Device device =
+      tensors.empty() && grad_scale ? grad_scale->device() : list.device;
+  check.scalar(grad_scale, "grad_scale", device);
+  bool all_fp64 = !tensors.empty();
+  for (DType d : list.dtypes) all_fp64 &= d == DType::kFloat64;
+  const auto out_type = all_fp64 ? at::kDouble : at::kFloat;
+  const auto options = at::TensorOptions().device(device);
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  Tensor total = at::zeros({}, options.dtype(out_type));
+  Tensor per = at::zeros({per_tensor ? n : 0}, options.dtype(out_type));
+  Tensor found_inf = at::zeros({}, options.dtype(at::kFloat));
+  if (tensors.empty()) return {total, per, found_inf};
+  GradNormCall call;
+  call.num_tensors = n;
+  call.numels = list.numels.data();
+  call.data = list.data.data();
+  call.dtypes = list.dtypes.data();
+  call.inf_norm = std::isinf(norm_type);
+  call.per_tensor = per_tensor;
+  call.grad_scale = grad_scale ? grad_scale->data_ptr<float>() : nullptr;
+  call.out_dtype = all_fp64 ? DType::kFloat64 : DType::kFloat32;
+  call.total_norm = total.data_ptr();
+  call.per_tensor_norms = per_tensor ? per.data_ptr() : nullptr;
+  call.found_inf = found_inf.data_ptr<float>();
+  launch<B>(device, call, B::grad_norm);
+  return {total, per, found_inf};
+}
+
+template <class B>
+void adamw_impl(TensorList params, TensorList grads, TensorList exp_avgs,
+                TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList master_params,
+                TensorList steps, Floats lr, Floats beta1, Floats beta2, Floats eps,
+                Floats weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                bool bias_correction, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                const OptTensor& clip_coef, const OptTensor& found_inf) {
+  const Checker check(op_name<B>("adamw"), B::kDeviceType);
+  StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
+                     clip_coef, found_inf);
+  AdamWCall call;
+  call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
+  call.exp_avg_sqs = args.state("exp_avg_sqs", exp_avg_sqs, false);
+  if (amsgrad) {
+    call.max_exp_avg_sqs = args.state("max_exp_avg_sqs", max_exp_avg_sqs, false);
+  } else {
+    TORCH_CHECK_VALUE(max_exp_avg_sqs.empty(), check.op(), ": max_exp_avg_sqs has ",
+                      max_exp_avg_sqs.size(), " entries but amsgrad is False (expected 0)");
+  }
+  const std::pair<const char*, Floats> hypers[] = {
+      {"lr", lr}, {"beta1", beta1}, {"beta2", beta2}, {"eps", eps}, {"weight_decay", weight_decay}};
+  for (const auto& [name, v] : hypers) args.values(name, v);
+  if (args.size() == 0) return;
+  call.lists = args.lists();
+  call.lr = lr.data();
+  call.beta1 = beta1.data();
+  call.beta2 = beta2.data();
+  call.eps = eps.data();
+  call.weight_decay = weight_decay.data();
+  call.decoupled = decoupled;
+  call.amsgrad = amsgrad;
+  call.maximize = maximize;
+  call.bias_correction = bias_correction;
+  launch<B>(args.device(), call, B::adamw);
+}
+
+template <class B>
+void lamb_impl(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+               TensorList master_params, TensorList steps, Floats lr, Floats beta1,
+               Floats beta2, Floats eps, Floats weight_decay, bool grad_averaging,
+               bool bias_correction, bool trust_clip, bool always_adapt,
+               const OptTensor& lr_tensor, const OptTensor& grad_scale,
+               const OptTensor& clip_coef, const OptTensor& found_inf) {
+  const Checker check(op_name<B>("lamb"), B::kDeviceType);
+  StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
+                     clip_coef, found_inf);
+  LambCall call;
+  call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
+  call.exp_avg_sqs = args.state("exp_avg_sqs", exp_avg_sqs, false);
+  const std::pair<const char*, Floats> hypers[] = {
+      {"lr", lr}, {"beta1", beta1}, {"beta2", beta2}, {"eps", eps}, {"weight_decay", weight_decay}};
+  for (const auto& [name, v] : hypers) args.values(name, v);
+  if (args.size() == 0) return;
+  call.lists = args.lists();
+  call.lr = lr.data();
+  call.beta1 = beta1.data();
+  call.beta2 = beta2.data();
+  call.eps = eps.data();
+  call.weight_decay = weight_decay.data();
+  call.grad_averaging = grad_averaging;
+  call.bias_correction = bias_correction;
+  call.trust_clip = trust_clip;
+  call.always_adapt = always_adapt;
+  launch<B>(args.device(), call, B::lamb);
+}
+
+template <class B>
+void lion_impl(TensorList params, TensorList grads, TensorList exp_avgs,
+               TensorList master_params, Floats lr, Floats beta1, Floats beta2,
+               Floats weight_decay, bool maximize, const OptTensor& lr_tensor,
+               const OptTensor& grad_scale, const OptTensor& clip_coef,
+               const OptTensor& found_inf) {
+  const Checker check(op_name<B>("lion"), B::kDeviceType);
+  StepArguments args(check, params, grads, master_params, {}, true, lr_tensor, grad_scale,
+                     clip_coef, found_inf);
+  LionCall call;
+  call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
+  const std::pair<const char*, Floats> hypers[] = {
+      {"lr", lr}, {"beta1", beta1}, {"beta2", beta2}, {"weight_decay", weight_decay}};
+  for (const auto& [name, v] : hypers) args.values(name, v);
+  if (args.size() == 0) return;
+  call.lists = args.lists();
+  call.lr = lr.data();
+  call.beta1 = beta1.data();
+  call.beta2 = beta2.data();
+  call.weight_decay = weight_decay.data();
+  call.maximize = maximize;
+  launch<B>(args.device(), call, B::lion);
+}
+
+template <class B>
+void sgd_impl(TensorList params, TensorList grads, TensorList momentum_buffers,
+              TensorList master_params, TensorList steps, Floats lr, Floats momentum,
+              Floats dampening, Floats weight_decay, bool nesterov, bool maximize,
+              const OptTensor& lr_tensor, const OptTensor& grad_scale,
+              const OptTensor& clip_coef, const OptTensor& found_inf) {
+  const Checker check(op_name<B>("sgd"), B::kDeviceType);
+  StepArguments args(check, params, grads, master_params, steps, true, lr_tensor, grad_scale,
+                     clip_coef, found_inf);
+  SgdCall call;
+  call.momentum_buffers = args.state("momentum_buffers", momentum_buffers, true);
+  TORCH_CHECK_VALUE(momentum_buffers.empty() == steps.empty(), check.op(),
+                    ": momentum_buffers has ", momentum_buffers.size(), " entries and steps has ",
+                    steps.size(), "; pass both (momentum) or neither");
+  const std::pair<const char*, Floats> hypers[] = {{"lr", lr},
+                                                   {"momentum", momentum},
+                                                   {"dampening", dampening},
+                                                   {"weight_decay", weight_decay}};
+  for (const auto& [name, v] : hypers) args.values(name, v);
+  if (args.size() == 0) return;
+  call.lists = args.lists();
+  call.lr = lr.data();
+  call.momentum = momentum.data();
+  call.dampening = dampening.data();
+  call.weight_decay = weight_decay.data();
+  call.nesterov = nesterov;
+  call.maximize = maximize;
+  launch<B>(args.device(), call, B::sgd);
+}
+
+}  // namespace
+}  // namespace fusedopt
+
+// Registration: the schemas come from fusedopt/_contract.py (imported before _C by
+// fusedopt/__init__.py); C++ only implements them.
+#define FUSEDOPT_REGISTER_BACKEND(m, B, suffix)                               \
+  m.impl("scale_" suffix "_", &fusedopt::scale_impl<B>);                      \
+  m.impl("grad_norm_" suffix, &fusedopt::grad_norm_impl<B>);                  \
+  m.impl("adamw_" suffix "_", &fusedopt::adamw_impl<B>);                      \
+  m.impl("lamb_" suffix "_", &fusedopt::lamb_impl<B>);                        \
+  m.impl("lion_" suffix "_", &fusedopt::lion_impl<B>);                        \
+  m.impl("sgd_" suffix "_", &fusedopt::sgd_impl<B>)
+
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { FUSEDOPT_REGISTER_BACKEND(m, fusedopt::CpuBackend, "cpu"); }
+
+#ifdef FUSEDOPT_WITH_CUDA
+TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
+  FUSEDOPT_REGISTER_BACKEND(m, fusedopt::CudaBackend, "cuda");
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fusedopt's C++ kernels: the cpu backend (and cuda when built with CUDA)";
+#ifdef FUSEDOPT_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+}

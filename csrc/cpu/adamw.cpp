@@ -1,0 +1,63 @@
+// adamw_ on the CPU (Adam with decoupled=false). Per element: reads g, p, m, v (+ vmax with
+// amsgrad, + the fp32 master), writes p, m, v (+ vmax, + master): 28 bytes for fp32.
+#include <vector>
+
+#include "fusedopt/launch.h"
+#include "fusedopt/math/adamw.h"
+#include "step.h"
+
+namespace fusedopt::cpu {
+namespace {
+
+template <typename T, bool kAmsgrad>
+void adamw_block(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
+                 T* __restrict vmax, int64_t n, const AdamWScalars<T> s, const GradLoad<T> load) {
+  for (int64_t k = 0; k < n; ++k) {
+    T unused = T(0);
+    adamw_update<T, kAmsgrad>(p[k], load_grad(g[k], load), m[k], v[k],
+                              kAmsgrad ? vmax[k] : unused, s);
+  }
+}
+
+template <typename T, bool kAmsgrad>
+void adamw_items(const AdamWCall& call, const ExecContext& ctx) {
+  const StepLists& lists = call.lists;
+  const std::vector<double> t = advance_steps(lists);
+  std::vector<AdamWScalars<T>> scalars(lists.num_tensors);
+  for (int64_t i = 0; i < lists.num_tensors; ++i)
+    scalars[i] = adamw_scalars<T>(lr_of(lists, call.lr, i), call.beta1[i], call.beta2[i],
+                                  call.eps[i], call.weight_decay[i], t[i], call.decoupled,
+                                  call.bias_correction);
+  const GradLoad<T> load = make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef,
+                                             call.maximize);
+  constexpr size_t kStates = kAmsgrad ? 3 : 2;
+  std::array<TensorSlot, kStates> states;
+  states[0] = call.exp_avgs;
+  states[1] = call.exp_avg_sqs;
+  if constexpr (kAmsgrad) states[2] = call.max_exp_avg_sqs;
+  const std::vector<WorkItem> items = split_work(lists.num_tensors, lists.numels);
+  parallel_items(items, ctx, [&](int64_t k) {
+    const WorkItem& w = items[k];
+    const AdamWScalars<T> s = scalars[w.tensor];
+    for_each_block<T, kStates, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
+      adamw_block<T, kAmsgrad>(p, g, st[0], st[1], kAmsgrad ? st[kStates - 1] : nullptr, n, s,
+                               load);
+    });
+  });
+}
+
+}  // namespace
+
+void adamw(const AdamWCall& call, const ExecContext& ctx) {
+  if (!step_enabled(call.lists)) return;
+  with_opmath(call.lists.params.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    if (call.amsgrad) {
+      adamw_items<T, true>(call, ctx);
+    } else {
+      adamw_items<T, false>(call, ctx);
+    }
+  });
+}
+
+}  // namespace fusedopt::cpu

@@ -1,0 +1,45 @@
+// lion_ on the CPU. Per element: reads g, p, m (+ the fp32 master), writes p, m (+ master):
+// 20 bytes for fp32.
+#include <vector>
+
+#include "fusedopt/launch.h"
+#include "fusedopt/math/lion.h"
+#include "step.h"
+
+namespace fusedopt::cpu {
+namespace {
+
+template <typename T>
+void lion_block(T* __restrict p, const T* __restrict g, T* __restrict m, int64_t n,
+                const LionScalars<T> s, const GradLoad<T> load) {
+  for (int64_t k = 0; k < n; ++k) lion_update(p[k], load_grad(g[k], load), m[k], s);
+}
+
+template <typename T>
+void lion_items(const LionCall& call, const ExecContext& ctx) {
+  const StepLists& lists = call.lists;
+  std::vector<LionScalars<T>> scalars(lists.num_tensors);
+  for (int64_t i = 0; i < lists.num_tensors; ++i)
+    scalars[i] = lion_scalars<T>(lr_of(lists, call.lr, i), call.beta1[i], call.beta2[i],
+                                 call.weight_decay[i]);
+  const GradLoad<T> load = make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef,
+                                             call.maximize);
+  const std::array<TensorSlot, 1> states{call.exp_avgs};
+  const std::vector<WorkItem> items = split_work(lists.num_tensors, lists.numels);
+  parallel_items(items, ctx, [&](int64_t k) {
+    const WorkItem& w = items[k];
+    const LionScalars<T> s = scalars[w.tensor];
+    for_each_block<T, 1, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
+      lion_block<T>(p, g, st[0], n, s, load);
+    });
+  });
+}
+
+}  // namespace
+
+void lion(const LionCall& call, const ExecContext& ctx) {
+  if (!step_enabled(call.lists)) return;
+  with_opmath(call.lists.params.dtype, [&](auto zero) { lion_items<decltype(zero)>(call, ctx); });
+}
+
+}  // namespace fusedopt::cpu

@@ -1,0 +1,68 @@
+// sgd_ on the CPU. Per element: reads g, p (+ buf with momentum, + the fp32 master), writes
+// p (+ buf, + master): 12 bytes for fp32 without momentum, 20 with.
+#include <vector>
+
+#include "fusedopt/launch.h"
+#include "fusedopt/math/sgd.h"
+#include "step.h"
+
+namespace fusedopt::cpu {
+namespace {
+
+template <typename T, bool kMomentum>
+void sgd_block(T* __restrict p, const T* __restrict g, T* __restrict buf, int64_t n,
+               const SgdScalars<T> s, const GradLoad<T> load) {
+  for (int64_t k = 0; k < n; ++k) {
+    T unused = T(0);
+    sgd_update<T, kMomentum>(p[k], load_grad(g[k], load), kMomentum ? buf[k] : unused, s);
+  }
+}
+
+template <typename T, bool kMomentum>
+void sgd_items(const SgdCall& call, const ExecContext& ctx) {
+  const StepLists& lists = call.lists;
+  std::vector<SgdScalars<T>> scalars(lists.num_tensors);
+  for (int64_t i = 0; i < lists.num_tensors; ++i) {
+    // torch's first-step rule: buf = g when this param has no momentum history yet. The
+    // count (not the buffer's contents) decides, so a skipped step or a loaded state dict
+    // keeps it right.
+    bool first_step = false;
+    if constexpr (kMomentum) {
+      first_step = *lists.steps[i] == 0.0f;
+      *lists.steps[i] += 1.0f;
+    }
+    scalars[i] = sgd_scalars<T>(lr_of(lists, call.lr, i), call.momentum[i], call.dampening[i],
+                                call.weight_decay[i], first_step, call.nesterov);
+  }
+  const GradLoad<T> load = make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef,
+                                             call.maximize);
+  constexpr size_t kStates = kMomentum ? 1 : 0;
+  std::array<TensorSlot, kStates> states{};
+  if constexpr (kMomentum) states[0] = call.momentum_buffers;
+  const std::vector<WorkItem> items = split_work(lists.num_tensors, lists.numels);
+  parallel_items(items, ctx, [&](int64_t k) {
+    const WorkItem& w = items[k];
+    const SgdScalars<T> s = scalars[w.tensor];
+    for_each_block<T, kStates, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
+      T* buf = nullptr;
+      if constexpr (kMomentum) buf = st[0];
+      sgd_block<T, kMomentum>(p, g, buf, n, s, load);
+    });
+  });
+}
+
+}  // namespace
+
+void sgd(const SgdCall& call, const ExecContext& ctx) {
+  if (!step_enabled(call.lists)) return;
+  with_opmath(call.lists.params.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    if (call.momentum_buffers.present()) {
+      sgd_items<T, true>(call, ctx);
+    } else {
+      sgd_items<T, false>(call, ctx);
+    }
+  });
+}
+
+}  // namespace fusedopt::cpu

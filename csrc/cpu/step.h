@@ -1,0 +1,78 @@
+// The traversal every step op shares: for one work item, walk its blocks with the param
+// (the fp32 master when there are master weights), the grad and the op's state slots seen
+// as opmath values, then write back what changed: the master and the rounded param (so
+// param == master.to(dtype) bit for bit), and the states.
+#pragma once
+
+#include <array>
+#include <vector>
+
+#include "fusedopt/launch.h"
+#include "fusedopt/math/common.h"
+#include "loop.h"
+
+namespace fusedopt::cpu {
+
+/// Whether the step runs at all: found_inf, when given and non-zero, makes it a no-op.
+inline bool step_enabled(const StepLists& lists) {
+  return lists.scalars.found_inf == nullptr || *lists.scalars.found_inf == 0.0f;
+}
+
+/// The learning rate of tensor i (lr_tensor overrides the per-tensor values).
+inline double lr_of(const StepLists& lists, const double* lr, int64_t i) {
+  return tensor_lr(lr, lists.scalars.lr, lists.scalars.lr_numel, i);
+}
+
+/// Adds 1 to each step count and returns the new counts (as the bias corrections use them).
+inline std::vector<double> advance_steps(const StepLists& lists) {
+  std::vector<double> t(lists.num_tensors);
+  for (int64_t i = 0; i < lists.num_tensors; ++i) {
+    *lists.steps[i] += 1.0f;
+    t[i] = static_cast<double>(*lists.steps[i]);
+  }
+  return t;
+}
+
+/// Calls f(p, g, states, n) for each block of work item w, where p, g and states[k] point at
+/// n opmath values of the param (or master), the grad and state slot k. With kWrite the
+/// param, master and states are written back after f (f may change them); without, nothing
+/// is written (LAMB's norm pass).
+template <typename T, size_t kStates, bool kWrite, typename F>
+void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates>& states,
+                    const WorkItem& w, F&& f) {
+  const int64_t i = w.tensor;
+  const bool master = lists.master_params.present();
+  void* param = lists.params.data[i];
+  void* p_base = master ? lists.master_params.data[i] : param;
+  const DType p_dtype = master ? DType::kFloat32 : lists.params.dtype;
+  void* g_base = lists.grads.data[i];
+  alignas(64) T p_buffer[kBlock];
+  alignas(64) T g_buffer[kBlock];
+  alignas(64) T s_buffer[kStates > 0 ? kStates : 1][kBlock];
+  std::array<T*, kStates> s{};
+  for (int64_t off = w.begin; off < w.end; off += kBlock) {
+    const int64_t n = std::min(kBlock, w.end - off);
+    T* p = view_block(p_base, p_dtype, off, n, p_buffer);
+    const T* g = view_block(g_base, lists.grads.dtype, off, n, g_buffer);
+    for (size_t k = 0; k < kStates; ++k)
+      s[k] = view_block(states[k].data[i], states[k].dtype, off, n, s_buffer[k]);
+    f(p, g, s, n);
+    if constexpr (kWrite) {
+      write_block(p_base, p_dtype, off, n, p);
+      if (master) write_block(param, lists.params.dtype, off, n, p);
+      for (size_t k = 0; k < kStates; ++k) write_block(states[k].data[i], states[k].dtype, off, n, s[k]);
+    }
+  }
+}
+
+/// Runs `body<T>()` with T = double for fp64 params, float otherwise.
+template <typename F>
+void with_opmath(DType param_dtype, F&& body) {
+  if (param_dtype == DType::kFloat64) {
+    body(double{});
+  } else {
+    body(float{});
+  }
+}
+
+}  // namespace fusedopt::cpu

@@ -1,0 +1,184 @@
+// The torch-free launcher interface: one plain struct per op call, and the launchers that
+// take it. csrc/bindings.cpp (the only file that includes torch) validates tensors, fills
+// these structs and calls fusedopt::cpu::<op> or fusedopt::cuda::<op>.
+//
+// For the CUDA backend (csrc/cuda/*.cu, compiled only with -DFUSEDOPT_WITH_CUDA):
+//   * Implement exactly the functions declared in namespace fusedopt::cuda below, with these
+//     signatures. bindings.cpp already registers every <op>_cuda_ op and calls them; nothing
+//     else is needed on the binding side.
+//   * Everything the binding has validated is listed under [note: validated call]; a
+//     launcher may rely on it and should not re-check.
+//   * Pointers: tensor data, numels-sized outputs and the device scalars (DeviceScalars,
+//     GradNormCall outputs, steps) are DEVICE pointers; the arrays that hold them (the
+//     `void* const*` tables, numels, dtypes, per-tensor hyperparameters) are HOST arrays that
+//     live until the launcher returns. Copy what the kernel needs into device tables.
+//   * ExecContext::stream is the current cudaStream_t (cast it back); launch on it, never
+//     synchronise the host. ExecContext::workspace hands out device memory from torch's
+//     caching allocator, stream-ordered on that stream, valid until the launcher returns
+//     (the kernels may still be running then: the allocator orders reuse on the stream).
+//   * found_inf (DeviceScalars::found_inf, read-only) non-zero means the whole op is a no-op:
+//     no param, master, state or step changes. On the GPU this is read on the device.
+//   * Step counts: steps[i] is a device float; add 1 (unless found_inf) and compute the bias
+//     corrections from the new value in double (math/common.h: bias_correction).
+//
+// [note: validated call] bindings.cpp guarantees, before calling any launcher:
+//   * every list has num_tensors entries, or the slot is absent (data == nullptr) where the
+//     op allows it; all tensors are on one device, non-overlapping and dense, and every
+//     tensor of one param shares its param's shape and strides, so element k of the memory
+//     block at params.data[i] pairs with element k of grads.data[i], exp_avgs.data[i]...;
+//   * numels[i] may be 0 (then the data pointer may be null) and may exceed 2^31;
+//   * data pointers are aligned to their element size only (views at odd offsets happen);
+//   * dtypes: params one of fp32/bf16/fp16/fp64; grads the param dtype or fp32; master_params
+//     fp32 and only for bf16/fp16 params; states fp32 with masters, else the param dtype;
+//     steps and the device scalars fp32; lr_numel is 1 or num_tensors.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "fusedopt/dtype.h"
+
+namespace fusedopt {
+
+/// One tensor slot (params, grads, exp_avgs...) of a call: a data pointer per tensor.
+struct TensorSlot {
+  void* const* data = nullptr;  // num_tensors pointers, or nullptr: slot absent
+  DType dtype = DType::kFloat32;
+  bool present() const { return data != nullptr; }
+};
+
+/// The common device scalars of a step op ([note: common scalars] in fusedopt/_contract.py).
+/// Each pointer is null when the scalar is absent.
+struct DeviceScalars {
+  const float* lr = nullptr;  // lr_tensor: overrides the per-tensor lr when given
+  int64_t lr_numel = 0;       // 1 (one lr for all) or num_tensors
+  const float* grad_scale = nullptr;
+  const float* clip_coef = nullptr;
+  const float* found_inf = nullptr;
+};
+
+/// Temporary device memory for a launcher (CPU launchers use plain host memory instead).
+struct Workspace {
+  void* (*allocate)(void* context, size_t bytes) = nullptr;
+  void* context = nullptr;
+  void* get(size_t bytes) const { return allocate(context, bytes); }
+};
+
+/// Where and how a launcher runs: the same type for every backend.
+struct ExecContext {
+  int num_threads = 0;      // CPU: OpenMP threads (0: the OpenMP default)
+  void* stream = nullptr;   // CUDA: the cudaStream_t to launch on
+  Workspace workspace;      // CUDA: stream-ordered scratch memory
+};
+
+/// scale_: tensors[i] *= scale in opmath (fp64 for fp64 tensors, else fp32). Tensors may mix
+/// dtypes. found_inf (may be null) is set to 1 if any input element is non-finite, never
+/// cleared. Per element: reads and writes one value.
+struct ScaleCall {
+  int64_t num_tensors = 0;
+  const int64_t* numels = nullptr;
+  void* const* data = nullptr;
+  const DType* dtypes = nullptr;  // per tensor
+  const float* scale = nullptr;   // device scalar, required
+  float* found_inf = nullptr;     // device scalar or null
+};
+
+/// grad_norm: the global L2 (or inf) norm of tensors[i] / grad_scale, accumulated in
+/// out_dtype (fp64 iff every tensor is fp64, else fp32), deterministic. Tensors may mix
+/// dtypes. Writes total_norm (0-d, out_dtype), per_tensor_norms (num_tensors values of
+/// out_dtype, only when per_tensor) and found_inf (0-d fp32: 1 if any element is
+/// non-finite, else 0). Per element: reads one value.
+struct GradNormCall {
+  int64_t num_tensors = 0;
+  const int64_t* numels = nullptr;
+  const void* const* data = nullptr;
+  const DType* dtypes = nullptr;  // per tensor
+  bool inf_norm = false;          // norm_type inf; else 2
+  bool per_tensor = false;
+  const float* grad_scale = nullptr;  // device scalar or null
+  DType out_dtype = DType::kFloat32;
+  void* total_norm = nullptr;         // device, 1 value of out_dtype
+  void* per_tensor_norms = nullptr;   // device, num_tensors values of out_dtype (per_tensor)
+  float* found_inf = nullptr;         // device, 1 fp32
+};
+
+/// The lists and scalars every step op has. `steps` holds num_tensors device floats, or is
+/// null where the op has none (lion_; sgd_ without momentum).
+struct StepLists {
+  int64_t num_tensors = 0;
+  const int64_t* numels = nullptr;
+  TensorSlot params, grads, master_params;  // master_params absent: no master weights
+  float* const* steps = nullptr;
+  DeviceScalars scalars;
+};
+
+/// adamw_ (Adam with decoupled=false). max_exp_avg_sqs present iff amsgrad.
+/// Per element: reads g, p, m, v (+vmax, +master); writes p, m, v (+vmax, +master).
+struct AdamWCall {
+  StepLists lists;
+  TensorSlot exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
+  const double* lr = nullptr;  // per tensor (host); ignored where scalars.lr is given
+  const double* beta1 = nullptr;
+  const double* beta2 = nullptr;
+  const double* eps = nullptr;
+  const double* weight_decay = nullptr;
+  bool decoupled = true, amsgrad = false, maximize = false, bias_correction = true;
+};
+
+/// lamb_ (timm semantics; the global clip arrives in scalars.clip_coef).
+/// Per element: pass 1 reads g, p, m, v; pass 2 reads them again and writes p, m, v.
+struct LambCall {
+  StepLists lists;
+  TensorSlot exp_avgs, exp_avg_sqs;
+  const double* lr = nullptr;
+  const double* beta1 = nullptr;
+  const double* beta2 = nullptr;
+  const double* eps = nullptr;
+  const double* weight_decay = nullptr;
+  bool grad_averaging = true, bias_correction = true, trust_clip = false,
+       always_adapt = false;
+};
+
+/// lion_. lists.steps is null. Per element: reads g, p, m; writes p, m.
+struct LionCall {
+  StepLists lists;
+  TensorSlot exp_avgs;
+  const double* lr = nullptr;
+  const double* beta1 = nullptr;
+  const double* beta2 = nullptr;
+  const double* weight_decay = nullptr;
+  bool maximize = false;
+};
+
+/// sgd_. momentum_buffers and lists.steps are both present or both absent (no momentum).
+/// A param whose step count is 0 before this step takes buf = g.
+/// Per element: reads g, p (+buf); writes p (+buf).
+struct SgdCall {
+  StepLists lists;
+  TensorSlot momentum_buffers;
+  const double* lr = nullptr;
+  const double* momentum = nullptr;
+  const double* dampening = nullptr;
+  const double* weight_decay = nullptr;
+  bool nesterov = false, maximize = false;
+};
+
+namespace cpu {
+void scale(const ScaleCall& call, const ExecContext& ctx);
+void grad_norm(const GradNormCall& call, const ExecContext& ctx);
+void adamw(const AdamWCall& call, const ExecContext& ctx);
+void lamb(const LambCall& call, const ExecContext& ctx);
+void lion(const LionCall& call, const ExecContext& ctx);
+void sgd(const SgdCall& call, const ExecContext& ctx);
+}  // namespace cpu
+
+namespace cuda {
+void scale(const ScaleCall& call, const ExecContext& ctx);
+void grad_norm(const GradNormCall& call, const ExecContext& ctx);
+void adamw(const AdamWCall& call, const ExecContext& ctx);
+void lamb(const LambCall& call, const ExecContext& ctx);
+void lion(const LionCall& call, const ExecContext& ctx);
+void sgd(const SgdCall& call, const ExecContext& ctx);
+}  // namespace cuda
+
+}  // namespace fusedopt

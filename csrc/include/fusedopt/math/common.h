@@ -1,0 +1,68 @@
+// What every step op shares: the common grad load and the per-tensor step scalars.
+//
+// Per-element functions work in opmath registers T (float; double for fp64 storage). The
+// per-tensor scalars (bias corrections, lr/bc1...) are derived in double from the
+// hyperparameters and rounded once to T, as the reference does when torch multiplies an fp32
+// tensor by a Python float.
+#pragma once
+
+#include <cmath>
+
+#include "fusedopt/macros.h"
+
+namespace fusedopt {
+
+/// An explicit fused multiply-add (see [note: pinned contraction]).
+FUSEDOPT_HD FUSEDOPT_INLINE float fma(float a, float b, float c) { return fmaf(a, b, c); }
+FUSEDOPT_HD FUSEDOPT_INLINE double fma(double a, double b, double c) { return ::fma(a, b, c); }
+
+FUSEDOPT_HD FUSEDOPT_INLINE float sqrt_rn(float x) { return sqrtf(x); }
+FUSEDOPT_HD FUSEDOPT_INLINE double sqrt_rn(double x) { return ::sqrt(x); }
+
+/// How a grad element is loaded: [note: common scalars] in fusedopt/_contract.py,
+/// g = g / grad_scale * clip_coef, negated for maximize. Absent scalars are 1, and
+/// x / 1 == x * 1 == x exactly, so an absent scalar changes no bit.
+template <typename T>
+struct GradLoad {
+  T grad_scale = T(1);
+  T clip_coef = T(1);
+  bool maximize = false;
+};
+
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE T load_grad(T g, const GradLoad<T>& s) {
+  g = g / s.grad_scale;
+  g = g * s.clip_coef;
+  return s.maximize ? -g : g;
+}
+
+/// The device scalars as read once per call (pointers may be null: absent).
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE GradLoad<T> make_grad_load(const float* grad_scale,
+                                                       const float* clip_coef, bool maximize) {
+  GradLoad<T> s;
+  if (grad_scale) s.grad_scale = static_cast<T>(*grad_scale);
+  if (clip_coef) s.clip_coef = static_cast<T>(*clip_coef);
+  s.maximize = maximize;
+  return s;
+}
+
+/// 1 - beta^t in double (fp32 `1 - 0.999**t` is off by ~1e-5 relative), or 1 when disabled.
+FUSEDOPT_HD FUSEDOPT_INLINE double bias_correction(double beta, double step, bool enabled) {
+  return enabled ? 1.0 - ::pow(beta, step) : 1.0;
+}
+
+/// The learning rate of tensor i: lr_tensor (1 or N fp32 values) when given, else lr[i].
+FUSEDOPT_HD FUSEDOPT_INLINE double tensor_lr(const double* lr, const float* lr_tensor,
+                                             long long lr_tensor_numel, long long i) {
+  if (lr_tensor) return static_cast<double>(lr_tensor[lr_tensor_numel > 1 ? i : 0]);
+  return lr[i];
+}
+
+/// sign(x) with sign(0) = 0 (and sign(NaN) = NaN, as torch.sign).
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE T sign0(T x) {
+  return x > T(0) ? T(1) : (x < T(0) ? T(-1) : (x == T(0) ? T(0) : x));
+}
+
+}  // namespace fusedopt
