@@ -83,6 +83,8 @@ SCHEMAS: dict[str, str] = {
     # SGD (torch.optim.SGD). momentum_buffers and steps are both empty (no momentum in this
     # call: every momentum value is 0) or both of length N. A param whose step count is 0
     # before this step takes buf = g (torch's first-step rule); a skipped step does not count.
+    # A tensor whose momentum is 0 in a call with buffers steps as p -= lr*g (torch's
+    # momentum-free SGD: no dampening) and leaves its buffer and step untouched.
     "sgd_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers,"
         " Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] momentum,"

@@ -1,3 +1,15 @@
-"""``fusedopt.triton_kernels``: the Triton backend (multi-tensor kernels, one launch per op)."""
+"""``fusedopt.triton_kernels``: the Triton backend (multi-tensor kernels, one launch per op).
 
-raise ImportError("the Triton backend is not implemented yet")
+Importing this package registers ``fusedopt::<op>_triton[_]`` for every op of the contract,
+for CUDA tensors and for CPU tensors (run by Triton's interpreter under
+``TRITON_INTERPRET=1``). It raises ImportError when Triton is not installed.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+except ImportError as error:  # the backend reports this reason (fusedopt.backends())
+    raise ImportError(f"the Triton backend needs the triton package: {error}") from error
+
+from . import adamw, grad_norm, lamb, lion, scale, sgd  # noqa: F401  (each op registers itself)

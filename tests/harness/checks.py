@@ -1,0 +1,515 @@
+"""The checks: build a case's tensors, run a backend through ``fusedopt.ops`` and the float64
+oracle (``fusedopt.reference`` called directly, on CPU) on the same inputs, and compare.
+
+* fp32 params and master weights: a trajectory of steps; params (the master, with masters) and
+  every state are compared with the oracle after every step, step counts exactly.
+* Low-precision params without masters: step by step; before each step the oracle restarts
+  from the backend's current values upcast to float64.
+* Always: the grads are not written, step counts are exact, views' neighbouring memory is not
+  written, and with masters the param is ``master.to(param.dtype)`` bit for bit.
+* Lion: where ``|c|`` is within rounding of 0 the sign may flip; exactly those elements are
+  excused (and the oracle adopts the backend's value there, so the trajectory goes on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from fusedopt import ops, reference
+
+from .cases import (
+    LAYOUTS,
+    ListCase,
+    StepCase,
+    allocate,
+    per_tensor_values,
+    sentinel_intact,
+)
+from .tolerances import (
+    CROSS_BACKEND_MAX_ULPS,
+    INF_NORM_RTOL,
+    TRAJECTORY_STEPS,
+    U32,
+    Tolerance,
+    reduction_rtol,
+    tolerance,
+    ulp_distance,
+)
+
+F64 = torch.float64
+#: Every this-many-th grad element is exactly 0 (Lion's sign(0) = 0, Adam's v = 0).
+ZERO_GRAD_EVERY = 7
+
+
+def bits(t: Tensor) -> Tensor:
+    """The raw bits of ``t`` (a copy): equal bits means bit-identical, NaNs and -0.0 included."""
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
+    return t.detach().clone().contiguous().view(ints)
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def assert_close(
+    got: Tensor,
+    want: Tensor,
+    tol: Tolerance,
+    k: int,
+    what: str,
+    terms: Tensor | None = None,
+    excused: Tensor | None = None,
+    extra: Tensor | None = None,
+) -> None:
+    """``got`` (any dtype) within ``tol`` of ``want`` (float64) after ``k`` steps.
+
+    ``terms``: elementwise size of the terms that may cancel (see ``tolerances``; default
+    ``|want|``). ``excused`` marks elements exempt from the check (Lion's sign flips).
+    ``extra``: a further elementwise allowance per step, derived by the caller (LAMB's norms).
+    """
+    g = got.detach().to("cpu", F64).reshape(-1)
+    w = want.detach().to("cpu", F64).reshape(-1)
+    if w.numel() == 0:
+        assert g.numel() == 0, f"{what}: expected an empty tensor"
+        return
+    err = (g - w).abs()
+    size = w.abs() if terms is None else terms.detach().to("cpu", F64).reshape(-1)
+    per_step = tol.rtol * w.abs() + tol.cancel * size
+    if extra is not None:
+        per_step = per_step + extra.detach().to("cpu", F64).reshape(-1)
+    allowed = k * per_step + tol.atol
+    bad = ~(err <= allowed)  # NaN in got fails too
+    if excused is not None:
+        bad &= ~excused.reshape(-1).cpu()
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {w.numel()} elements beyond tolerance after {k} "
+            f"step(s); first at flat index {i}: got {g[i].item()!r}, want {w[i].item()!r}, "
+            f"|err| {err[i].item():.3e} > allowed {allowed[i].item():.3e} "
+            f"(rtol {tol.rtol:.2e}, cancel {tol.cancel:.2e}, atol {tol.atol:.1e})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Step ops: inputs
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """Everything one step-op call takes, on the backend's device.
+
+    ``lists`` maps the schema's list names (``fusedopt.ops.STEP_OPS[op].lists``) to tensors;
+    lists the case does not use are absent. ``hypers`` holds one float per tensor.
+    """
+
+    case: StepCase
+    device: str
+    lists: dict[str, list[Tensor]]
+    hypers: dict[str, list[float]]
+    flags: dict[str, bool]
+    lr_tensor: Tensor | None
+    grad_scale: Tensor | None
+    clip_coef: Tensor | None
+    found_inf: Tensor | None
+
+    @property
+    def n(self) -> int:
+        return len(self.lists["params"])
+
+    def fp32_values(self) -> list[Tensor]:
+        """The values the update runs on: the masters, or the params."""
+        return self.lists.get("master_params") or self.lists["params"]
+
+    def touched(self) -> list[Tensor]:
+        """Every tensor a step may write."""
+        return [t for name, ts in self.lists.items() if name != "grads" for t in ts]
+
+
+def _uses(case: StepCase, name: str) -> bool:
+    if name == "max_exp_avg_sqs":
+        return case.flag("amsgrad")
+    if name == "master_params":
+        return case.storage.master
+    if name in ("momentum_buffers",) or (name == "steps" and case.op == "sgd_"):
+        # SGD keeps buffers (and their step counts) only when some tensor has momentum.
+        return case.hyper("momentum") != 0
+    return True
+
+
+def make_inputs(case: StepCase, device: str, seed: int = 0) -> StepInputs:
+    """Fresh tensors for ``case``: random params (one all-zero), zero states, zero steps."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = ops.STEP_OPS[case.op]
+    storage = case.storage
+    specs = LAYOUTS[case.layout]
+    values = [
+        torch.zeros(s.shape) if s.zero else torch.randn(s.shape, generator=gen) for s in specs
+    ]
+    lists: dict[str, list[Tensor]] = {
+        "params": [allocate(s, v, storage.param, device) for s, v in zip(specs, values)],  # noqa: B905
+        "grads": [],
+    }
+    for name in spec.lists:
+        if name in ("params", "grads") or not _uses(case, name):
+            continue
+        if name == "master_params":
+            lists[name] = [allocate(s, v, torch.float32, device) for s, v in zip(specs, values)]  # noqa: B905
+        elif name == "steps":
+            lists[name] = [torch.zeros((), device=device) for _ in specs]
+        else:
+            lists[name] = [allocate(s, 0.0, storage.state, device) for s in specs]
+    differ = case.scalars.lr == "per_tensor"
+    n = len(specs)
+    hypers = {h: per_tensor_values(h, case.hyper(h), n, differ) for h in spec.hypers}
+    lr_tensor = None
+    if case.scalars.lr == "tensor":
+        lr_tensor = torch.tensor(case.hyper("lr"), device=device)
+    elif case.scalars.lr == "per_tensor":
+        lr_tensor = torch.tensor(hypers["lr"], device=device)
+    inputs = StepInputs(
+        case,
+        device,
+        lists,
+        hypers,
+        dict(case.options.flags),
+        lr_tensor,
+        *(
+            None if v is None else torch.tensor(v, device=device)
+            for v in (case.scalars.grad_scale, case.scalars.clip_coef, case.scalars.found_inf)
+        ),
+    )
+    return inputs
+
+
+def _check_sentinels(inputs: StepInputs, what: str) -> None:
+    for name, ts in inputs.lists.items():
+        for i, t in enumerate(ts):
+            assert sentinel_intact(t), f"{what}: wrote before the offset view {name}[{i}]"
+
+
+def make_grads(inputs: StepInputs, step: int) -> list[Tensor]:
+    """The grads of step ``step`` (seeded by it), multiplied by the loss scale if any, with
+    every ZERO_GRAD_EVERY-th element exactly 0, laid out like their params."""
+    case = inputs.case
+    gen = torch.Generator().manual_seed(1000 + step)
+    scale = case.scalars.grad_scale or 1.0
+    grads = []
+    for s in LAYOUTS[case.layout]:
+        v = torch.randn(s.shape, generator=gen) * scale
+        v.view(-1)[::ZERO_GRAD_EVERY] = 0.0
+        grads.append(allocate(s, v, case.storage.grad, inputs.device))
+    return grads
+
+
+# ---------------------------------------------------------------------------------------------
+# Step ops: running the backend and the oracle
+
+
+def run_backend(inputs: StepInputs, backend: str, found_inf: Tensor | None = None) -> None:
+    """One step through the functional layer, ``fusedopt.ops.<op>(..., backend=backend)``;
+    ``found_inf`` overrides the case's flag."""
+    spec = ops.STEP_OPS[inputs.case.op]
+    kwargs = {name: inputs.lists[name] for name in spec.lists if name in inputs.lists}
+    kwargs.update({h: inputs.hypers[h] for h in spec.hypers})
+    if inputs.lr_tensor is not None:
+        kwargs["lr"] = inputs.lr_tensor
+    kwargs.update(inputs.flags)
+    getattr(ops, inputs.case.op)(
+        **kwargs,
+        grad_scale=inputs.grad_scale,
+        clip_coef=inputs.clip_coef,
+        found_inf=inputs.found_inf if found_inf is None else found_inf,
+        backend=backend,
+    )
+
+
+def _cpu(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().cpu()
+
+
+def to_oracle(inputs: StepInputs) -> dict[str, list[Tensor]]:
+    """float64 CPU copies of the backend's current values; the oracle's params are the fp32
+    values (masters, with masters) and it keeps no masters of its own."""
+    out = {"params": [t.detach().to("cpu", F64) for t in inputs.fp32_values()]}
+    for name, ts in inputs.lists.items():
+        if name in ("params", "grads", "master_params"):
+            continue
+        dtype = torch.float32 if name == "steps" else F64
+        out[name] = [t.detach().to("cpu", dtype).clone() for t in ts]
+    return out
+
+
+def run_oracle(inputs: StepInputs, oracle: dict[str, list[Tensor]], grads: list[Tensor]):
+    """One step of ``fusedopt.reference.<op>`` on the float64 copies, schema argument order."""
+    spec = ops.STEP_OPS[inputs.case.op]
+    lists = {**oracle, "grads": [g.detach().to("cpu", F64) for g in grads]}
+    getattr(reference, inputs.case.op)(
+        *(lists.get(name, []) for name in spec.lists),
+        *(inputs.hypers[h] for h in spec.hypers),
+        *(inputs.flags[f] for f in spec.flags),
+        _cpu(inputs.lr_tensor),
+        _cpu(inputs.grad_scale),
+        _cpu(inputs.clip_coef),
+        _cpu(inputs.found_inf),
+    )
+
+
+def lion_excused(inputs: StepInputs, oracle, grads: list[Tensor], k: int) -> list[Tensor]:
+    """Per tensor, the elements whose ``sign(c)`` may legitimately differ from the oracle's.
+
+    ``c = b1*m + (1-b1)*g`` in float64 from the oracle's inputs. The backend computes it in
+    fp32: ~8 roundings of 2^-24 on terms of size ``b1*|m| + (1-b1)*|g|``; along a trajectory
+    its m may also differ from the oracle's by the fp32 state tolerance of the previous steps.
+    Elements with ``|c|`` within that bound are excused; every other sign must match.
+    """
+    tol = tolerance(torch.float32)
+    out = []
+    for i, m in enumerate(oracle["exp_avgs"]):
+        b1 = inputs.hypers["beta1"][i]
+        g = reference.load_grad(
+            grads[i].detach().to("cpu", F64),
+            F64,
+            _cpu(inputs.grad_scale),
+            _cpu(inputs.clip_coef),
+            inputs.flags["maximize"],
+        )
+        c = b1 * m + (1 - b1) * g
+        bound = 8 * U32 * (b1 * m.abs() + (1 - b1) * g.abs())
+        if k > 1:  # m's own trajectory tolerance (its old value bounded by |m| + |g|)
+            bound = bound + b1 * (k - 1) * (tol.rtol + tol.cancel) * (m.abs() + g.abs())
+        # bound > 0: where m and g are both exactly 0, c = 0 exactly in any precision and
+        # sign(0) = 0 is owed, not excused.
+        out.append((c.abs() <= bound) & (bound > 0))
+    return out
+
+
+def _grad_term(inputs: StepInputs, name: str, i: int, grad: Tensor, p_old: Tensor):
+    """The size of the grad's term in the update of state ``name`` (0 for params, whose
+    decay and update terms are bounded by ``|old| + |new|``, and for squares, which never
+    cancel): ``weight * (|g| + wd*|p|)`` with the grad as loaded and the L2 decay where the
+    op adds it to the grad (SGD, Adam)."""
+    case = inputs.case
+    if name in ("params", "exp_avg_sqs", "max_exp_avg_sqs"):
+        return 0.0
+    h, flags = inputs.hypers, inputs.flags
+    g = reference.load_grad(
+        grad.detach().to("cpu", F64),
+        F64,
+        _cpu(inputs.grad_scale),
+        _cpu(inputs.clip_coef),
+        flags.get("maximize", False),
+    ).abs()
+    if case.op == "sgd_" or (case.op == "adamw_" and not flags["decoupled"]):
+        g = g + h["weight_decay"][i] * p_old.abs()
+    if case.op == "lion_":
+        weight = 1 - h["beta2"][i]
+    elif case.op == "sgd_" or not flags.get("grad_averaging", True):
+        weight = 1.0  # SGD's first step takes buf = g (dampening only shrinks it); LAMB's b3
+    else:
+        weight = 1 - h["beta1"][i]
+    return weight * g
+
+
+def check_step(
+    inputs: StepInputs, backend: str, oracle, k: int, k_tol: int, envelope: dict[str, list[Tensor]]
+) -> None:
+    """Run step ``k`` on the backend and the oracle and compare everything (see module doc).
+
+    ``envelope`` (updated here): per list, the elementwise largest ``|old| + |new|`` (plus the
+    grad's term, for moments) of the oracle's steps since the inputs were identical: the size
+    of the terms of every step whose rounding errors are carried forward (the ``cancel`` term
+    of the tolerance); under
+    ``"update:<list>"``, the largest ``|new - old|``, the size of the update itself.
+    """
+    case = inputs.case
+    grads = make_grads(inputs, k)
+    inputs.lists["grads"] = grads
+    grad_bits = [bits(g) for g in grads]
+    excused = lion_excused(inputs, oracle, grads, k_tol) if case.op == "lion_" else None
+    old = {name: [t.clone() for t in ts] for name, ts in oracle.items() if name != "steps"}
+    run_backend(inputs, backend)
+    run_oracle(inputs, oracle, grads)
+    for name, olds in old.items():
+        terms = [
+            o.abs() + n.abs() + _grad_term(inputs, name, i, grads[i], old["params"][i])
+            for i, (o, n) in enumerate(zip(olds, oracle[name], strict=True))
+        ]
+        updates = [(n - o).abs() for o, n in zip(olds, oracle[name], strict=True)]
+        for key, new in ((name, terms), (f"update:{name}", updates)):
+            env = envelope.get(key, new)
+            envelope[key] = [torch.maximum(e, x) for e, x in zip(env, new, strict=True)]
+
+    where = f"{case.id} on {backend}/{inputs.device}, step {k}"
+    specs = LAYOUTS[case.layout]
+    for i, g in enumerate(grads):
+        assert torch.equal(bits(g), grad_bits[i]), f"{where}: grads[{i}] was written"
+    _check_sentinels(inputs, where)
+    for i, (got, want) in enumerate(zip(inputs.fp32_values(), oracle["params"], strict=True)):
+        name = "master_params" if case.storage.master else "params"
+        mask = excused[i] if excused is not None else None
+        extra = None
+        if case.op == "lamb_":
+            # The trust ratio |p|/|u| scales the whole update and carries the error of two
+            # fp32 reductions over this tensor (reduction_rtol of its size).
+            extra = reduction_rtol(got.numel()) * envelope["update:params"][i]
+        assert_close(
+            got,
+            want,
+            tolerance(got.dtype),
+            k_tol,
+            f"{where}: {name}[{i}] {specs[i].describe()}",
+            envelope["params"][i],
+            mask,
+            extra,
+        )
+        if mask is not None and mask.any():
+            # The oracle takes the backend's value where the sign was excused.
+            want.copy_(torch.where(mask, got.detach().to("cpu", F64), want))
+    for name, ts in inputs.lists.items():
+        if name in ("params", "grads", "master_params"):
+            continue
+        for i, (got, want) in enumerate(zip(ts, oracle[name], strict=True)):
+            what = f"{where}: {name}[{i}] {specs[i].describe()}"
+            if name == "steps":
+                assert got.item() == want.item(), f"{what}: step {got.item()} != {want.item()}"
+            else:
+                assert_close(got, want, tolerance(got.dtype), k_tol, what, envelope[name][i])
+    if case.storage.master:
+        for i, (p, m) in enumerate(
+            zip(inputs.lists["params"], inputs.lists["master_params"], strict=True)
+        ):
+            assert same_bits(p, m.to(p.dtype)), f"{where}: params[{i}] != master.to(dtype)"
+
+
+def check_found_inf_skip(inputs: StepInputs, backend: str, where: str) -> None:
+    """A step with found_inf = 1.0 and then 2.0 (torch sums the flag over devices) changes no
+    bit of any param, master, state or step count."""
+    inputs.lists["grads"] = make_grads(inputs, 99)
+    before = [bits(t) for t in inputs.touched()]
+    for flag in (1.0, 2.0):
+        run_backend(inputs, backend, found_inf=torch.tensor(flag, device=inputs.device))
+        for j, (t, b) in enumerate(zip(inputs.touched(), before, strict=True)):
+            assert torch.equal(bits(t), b), f"{where}: tensor {j} changed with found_inf={flag}"
+    _check_sentinels(inputs, where)
+
+
+def check_step_case(
+    case: StepCase,
+    backend: str,
+    device: str,
+    *,
+    steps: int = TRAJECTORY_STEPS,
+    skip_at: tuple[int, ...] = (),
+) -> None:
+    """The whole check of a step case: ``steps`` steps against the oracle, as a trajectory
+    (fp32 values) or step by step (low-precision storage). ``skip_at``: before the steps
+    listed (0 = before the first), a skipped step (``found_inf`` set) is taken and must change
+    nothing; the steps after it must then match an oracle that never saw it (so SGD's
+    first-step rule and the bias corrections survive a skipped step)."""
+    inputs = make_inputs(case, device)
+    oracle = to_oracle(inputs)
+    envelope: dict[str, list[Tensor]] = {}
+    for k in range(1, steps + 1):
+        if k - 1 in skip_at:
+            check_found_inf_skip(inputs, backend, f"{case.id} on {backend}, before step {k}")
+        if not case.storage.trajectory:
+            oracle, envelope = to_oracle(inputs), {}
+        check_step(inputs, backend, oracle, k, k if case.storage.trajectory else 1, envelope)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-backend comparison
+
+
+def compare_backends(case: StepCase, first: str, second: str, device: str, steps: int = 1) -> None:
+    """Run ``first`` and ``second`` on identical inputs and require every param, master and
+    state to agree within ``CROSS_BACKEND_MAX_ULPS`` ULPs per step (steps bit for bit)."""
+    a, b = make_inputs(case, device), make_inputs(case, device)
+    for k in range(1, steps + 1):
+        a.lists["grads"], b.lists["grads"] = make_grads(a, k), make_grads(b, k)
+        run_backend(a, first)
+        run_backend(b, second)
+        for name, ts in a.lists.items():
+            for i, (x, y) in enumerate(zip(ts, b.lists[name], strict=True)):
+                if x.numel() == 0:
+                    continue
+                d = ulp_distance(x.contiguous(), y.contiguous())
+                worst = int(d.max())
+                assert worst <= CROSS_BACKEND_MAX_ULPS * k, (
+                    f"{case.id}, step {k}: {name}[{i}] differs by {worst} ULPs between "
+                    f"{first} and {second} (at flat index {int(d.reshape(-1).argmax())})"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# grad_norm and scale_
+
+
+def make_list(case: ListCase, device: str, seed: int = 0) -> list[Tensor]:
+    """Random tensors of the case's layout and dtype(s), multiplied by its grad_scale."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = case.grad_scale or 1.0
+    out = []
+    for i, s in enumerate(LAYOUTS[case.layout]):
+        v = torch.randn(s.shape, generator=gen) * scale * (1 + i % 4)
+        out.append(allocate(s, v, case.dtype_of(i), device))
+    return out
+
+
+def check_grad_norm(case: ListCase, backend: str, device: str) -> None:
+    """Total and per-tensor norms within the size-derived reduction tolerance of the float64
+    oracle, fp32 results, found_inf = 0, inputs untouched, and the same bits on a rerun."""
+    tensors = make_list(case, device)
+    before = [bits(t) for t in tensors]
+    scale = None if case.grad_scale is None else torch.tensor(case.grad_scale, device=device)
+    result = ops.grad_norm(
+        tensors, case.norm_type, per_tensor=case.per_tensor, grad_scale=scale, backend=backend
+    )
+    where = f"grad_norm {case.id} on {backend}/{device}"
+    for i, (t, b) in enumerate(zip(tensors, before, strict=True)):
+        assert torch.equal(bits(t), b), f"{where}: tensors[{i}] was written"
+    total, per, found_inf = result
+    want_total, want_per, _ = reference.grad_norm(
+        [t.detach().to("cpu", F64) for t in tensors], case.norm_type, True, _cpu(scale)
+    )
+    assert total.dtype == torch.float32 and total.shape == (), f"{where}: total {total}"
+    assert found_inf.dtype == torch.float32 and found_inf.item() == 0.0, f"{where}: found_inf"
+    assert per.dtype == torch.float32 and per.shape == (
+        (len(tensors),) if case.per_tensor else (0,)
+    )
+
+    def rtol(n: int) -> float:
+        return INF_NORM_RTOL if case.norm_type == math.inf else reduction_rtol(n)
+
+    total_n = sum(t.numel() for t in tensors)
+    exact = Tolerance(rtol(total_n), 0.0, 0.0, "reduction")
+    assert_close(total, want_total, exact, 1, f"{where}: total norm over {total_n} elements")
+    if case.per_tensor:
+        for i, t in enumerate(tensors):
+            tol = Tolerance(rtol(t.numel()), 0.0, 0.0, "reduction")
+            assert_close(per[i], want_per[i], tol, 1, f"{where}: norm of tensors[{i}]")
+    again = ops.grad_norm(
+        tensors, case.norm_type, per_tensor=case.per_tensor, grad_scale=scale, backend=backend
+    )
+    for x, y in zip(result, again, strict=True):
+        assert same_bits(x, y), f"{where}: not deterministic"
+
+
+def check_scale(case: ListCase, backend: str, device: str) -> None:
+    """``t * scale`` is one fp32 multiplication and one rounding: every backend must give
+    exactly the bits of torch's fp32 product rounded to the storage dtype."""
+    tensors = make_list(case, device)
+    scale = torch.tensor(0.37, device=device)
+    want = [(t.float() * scale).to(t.dtype) for t in tensors]
+    found_inf = torch.zeros((), device=device)
+    ops.scale_(tensors, scale, found_inf, backend=backend)
+    where = f"scale_ {case.id} on {backend}/{device}"
+    for i, (t, w) in enumerate(zip(tensors, want, strict=True)):
+        assert same_bits(t, w), f"{where}: tensors[{i}] differs from the fp32 product"
+        assert sentinel_intact(t), f"{where}: wrote before the offset view tensors[{i}]"
+    assert found_inf.item() == 0.0, f"{where}: found_inf set on finite input"

@@ -1,0 +1,154 @@
+"""Compile every Triton kernel variant ahead of time for sm_90 and report what its SASS does.
+
+Run as a script (``python tests/triton_static_compile.py``) in a process where
+TRITON_INTERPRET is unset (``@triton.jit`` returns interpreted functions otherwise); prints
+one JSON object: variant name -> {"ldg128", "stg128", "ldg", "stg", "local", "stack",
+"spills"}. tests/test_triton_static.py runs it and asserts on the numbers. No GPU needed:
+Triton compiles for a GPUTarget, and the cuobjdump shipped in Triton's wheel disassembles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from fusedopt.triton_kernels import adamw, grad_norm, lamb, lion, scale, sgd  # noqa: E402
+from fusedopt.triton_kernels.common import LAUNCH_OPTIONS  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+#: Types of the non-constexpr arguments, by name (everything else is an fp32 pointer).
+ARG_TYPES = {
+    "table": "*i64",
+    "chunks": "*i32",
+    "counters": "*i32",
+    "bad_counts": "*i32",
+    "tensor_bad": "*i32",
+    "n_tensors": "i32",
+}
+
+F32, BF16, F16, F64 = tl.float32, tl.bfloat16, tl.float16, tl.float64
+
+
+def step_dtypes(p, g, master):
+    s = F32 if master else p
+    return {"P_DTYPE": p, "G_DTYPE": g, "S_DTYPE": s, "COMPUTE": F64 if p == F64 else F32,
+            "MASTER": master}  # fmt: skip
+
+
+SCALARS = {"LR_MODE": 2, "HAS_GRAD_SCALE": True, "HAS_CLIP": True, "HAS_FOUND_INF": True}
+
+
+def variants():
+    """(name, kernel, constexprs): the aligned variants the test checks for 128-bit access,
+    plus the others that must compile."""
+    out = []
+    only = {"HAS_F32": False, "HAS_BF16": False, "HAS_F16": False, "HAS_F64": False}
+    for name, flag in (("fp32", "HAS_F32"), ("bf16", "HAS_BF16")):
+        out.append((f"scale_{name}", scale.scale_kernel,
+                    {"WIDTH": 5, "CHECK": True, **only, flag: True}))  # fmt: skip
+        out.append((f"grad_norm_partials_{name}", grad_norm.chunk_partials_kernel,
+                    {"WIDTH": 5, "ACC": F32, "INF_NORM": False, "HAS_GRAD_SCALE": True,
+                     **only, flag: True}))  # fmt: skip
+    out.append(("scale_all_dtypes", scale.scale_kernel,
+                {"WIDTH": 5, "CHECK": True, **{k: True for k in only}}))  # fmt: skip
+    out.append(("grad_norm_partials_inf_all", grad_norm.chunk_partials_kernel,
+                {"WIDTH": 5, "ACC": F32, "INF_NORM": True, "HAS_GRAD_SCALE": True,
+                 **{k: True for k in only}}))  # fmt: skip
+    out.append(("grad_norm_tensor_norms", grad_norm.tensor_norms_kernel,
+                {"WIDTH": 5, "INF_NORM": False, "ACC": F32}))  # fmt: skip
+    out.append(("grad_norm_total", grad_norm.total_norm_kernel, {"INF_NORM": False, "ACC": F32}))
+    dtype_cases = {
+        "fp32": step_dtypes(F32, F32, False),
+        "bf16": step_dtypes(BF16, BF16, False),
+        "bf16_master_fp32grad": step_dtypes(BF16, F32, True),
+        "fp16_master": step_dtypes(F16, F16, True),
+        "fp64": step_dtypes(F64, F64, False),
+    }
+    for case, dtypes in dtype_cases.items():
+        base = {**dtypes, **SCALARS}
+        out.append((f"adamw_{case}", adamw.adamw_kernel,
+                    {"WIDTH": 15, **base, "DECOUPLED": True, "AMSGRAD": True, "MAXIMIZE": True,
+                     "BIAS_CORRECTION": True}))  # fmt: skip
+        out.append((f"sgd_{case}", sgd.sgd_kernel,
+                    {"WIDTH": 12, **base, "HAS_MOMENTUM": True, "NESTEROV": True,
+                     "MAXIMIZE": True}))  # fmt: skip
+        out.append((f"lion_{case}", lion.lion_kernel,
+                    {"WIDTH": 11, **base, "MAXIMIZE": True}))  # fmt: skip
+        exact = dtypes["MASTER"] or dtypes["P_DTYPE"] in (F32, F64)
+        lamb_base = {"WIDTH": 14, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
+                     "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,
+                     "STATES_EXACT": exact}  # fmt: skip
+        out.append((f"lamb_norms_{case}", lamb.lamb_norms_kernel, lamb_base))
+        out.append((f"lamb_update_{case}", lamb.lamb_update_kernel,
+                    {**lamb_base, "LR_MODE": 0}))  # fmt: skip
+    out.append(("lamb_trust_ratio", lamb.lamb_trust_ratio_kernel,
+                {"WIDTH": 14, "COMPUTE": F32, "HAS_FOUND_INF": True, "TRUST_CLIP": True,
+                 "ALWAYS_ADAPT": False}))  # fmt: skip
+    return out
+
+
+def compile_variant(kernel, constexprs):
+    """The cubin of ``kernel`` for sm_90 with ``constexprs`` (launch options as at run time)."""
+    signature = {
+        name: "constexpr" if name in constexprs else ARG_TYPES.get(name, "*fp32")
+        for name in kernel.arg_names
+    }
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=TARGET, options=dict(LAUNCH_OPTIONS))
+    return compiled.asm["cubin"]
+
+
+def analyse(cubin: bytes, workdir: str, name: str) -> dict:
+    path = os.path.join(workdir, f"{name}.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    sass = subprocess.run([CUOBJDUMP, "-sass", path], capture_output=True, text=True).stdout
+    usage = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True).stdout
+    local = re.search(r"LOCAL:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    return {
+        "ldg128": len(re.findall(r"\bLDG\.E\.128\b", sass)),
+        "stg128": len(re.findall(r"\bSTG\.E\.128\b", sass)),
+        "ldg": len(re.findall(r"\bLDG\.", sass)),
+        "stg": len(re.findall(r"\bSTG\.", sass)),
+        "spills": len(re.findall(r"\b(?:STL|LDL)\b", sass)),
+        "local": int(local.group(1)) if local else -1,
+        "stack": int(stack.group(1)) if stack else -1,
+    }
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET first"
+    report = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for name, kernel, constexprs in variants():
+            aligned = "ALIGNED" in kernel.arg_names
+            report[name] = analyse(
+                compile_variant(kernel, {**constexprs, **({"ALIGNED": True} if aligned else {})}),
+                workdir,
+                name,
+            )
+            if aligned and name.startswith(("adamw_fp32", "adamw_bf16", "scale_")):
+                # Negative control: the same kernel without the alignment hints.
+                report[name + "_unaligned"] = analyse(
+                    compile_variant(kernel, {**constexprs, "ALIGNED": False}),
+                    workdir,
+                    name + "_unaligned",
+                )
+    json.dump(report, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""``adamw_``: Adam (L2 decay) / AdamW (decoupled decay), one launch over every tensor.
+
+Bytes per element (G grad, P param, S state size): reads grad, param (or master), exp_avg,
+exp_avg_sq, writes param (and master), exp_avg, exp_avg_sq; AMSGrad adds a read and a write
+of max_exp_avg_sq. fp32: 28 B (36 with AMSGrad). bf16 with master weights: 2 + 4 + 8 read,
+4 + 2 + 8 written = 28 B. bf16 without: 14 B. Step counts: 4 B per tensor.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import common
+from .common import (
+    BLOCK,
+    bias_correction,
+    div,
+    finish_tensor,
+    full_blocks_end,
+    hyper,
+    learning_rate,
+    load,
+    load_grad,
+    load_param,
+    load_scalar,
+    locate_chunk,
+    maximum,
+    skipped,
+    slot,
+    sqrt,
+    store,
+    store_param,
+    tail_block,
+)
+from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
+from .registry import register
+
+# Table slots (lists, in schema order) and hyperparameter columns.
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, MASTER_PARAM, STEP = range(7)
+N_SLOTS: tl.constexpr = tl.constexpr(7)
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY = range(5)
+
+
+@triton.jit
+def _adamw_block(
+    offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, grad_scale, clip_coef,
+    decay, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps,
+    weight_decay, COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_CLIP: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+):  # fmt: skip
+    """The update of BLOCK elements, in the reference's order of operations."""
+    g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
+                  MAXIMIZE)  # fmt: skip
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
+    if DECOUPLED:
+        p = p * decay
+    else:
+        g = g + weight_decay * p
+    m = beta1 * load(m_ptr, offs, mask, COMPUTE) + one_minus_beta1 * g
+    v = beta2 * load(v_ptr, offs, mask, COMPUTE) + one_minus_beta2 * g * g
+    v_hat = v
+    if AMSGRAD:
+        v_hat = maximum(load(vmax_ptr, offs, mask, COMPUTE), v)
+        store(vmax_ptr, offs, mask, v_hat)
+    denom = div(sqrt(v_hat), sqrt_bc2) + eps
+    p = p - div(step_size * m, denom)
+    store(m_ptr, offs, mask, m)
+    store(v_ptr, offs, mask, v)
+    store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
+
+
+@triton.jit
+def adamw_kernel(
+    table, chunks, counters, lr_tensor, grad_scale, clip_coef, found_inf,
+    WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """One program per chunk; the chunk's last-finishing program advances the step count."""
+    if not skipped(found_inf, HAS_FOUND_INF):
+        t, row, start, end = locate_chunk(chunks, table, WIDTH)
+        step_ptr = slot(row, 6, tl.float32, False)
+        new_step = tl.load(step_ptr) + 1.0
+        lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
+        beta1 = hyper(row, N_SLOTS, 1)
+        beta2 = hyper(row, N_SLOTS, 2)
+        weight_decay = hyper(row, N_SLOTS, 4)
+        bc1 = bias_correction(beta1, new_step, BIAS_CORRECTION)
+        bc2 = bias_correction(beta2, new_step, BIAS_CORRECTION)
+        # [note: hyperparameter rounding]: float64 expressions for a Python lr, fp32 ones for
+        # a tensor lr, exactly as the reference evaluates them.
+        if LR_MODE == 0:
+            decay = (1.0 - lr * weight_decay).to(COMPUTE)
+            step_size = (lr / bc1).to(COMPUTE)
+        else:
+            lr_c = lr.to(COMPUTE)
+            decay = 1.0 - lr_c * weight_decay.to(COMPUTE)
+            step_size = div(lr_c, bc1.to(COMPUTE))
+        p_ptr = slot(row, 0, P_DTYPE, ALIGNED)
+        g_ptr = slot(row, 1, G_DTYPE, ALIGNED)
+        m_ptr = slot(row, 2, S_DTYPE, ALIGNED)
+        v_ptr = slot(row, 3, S_DTYPE, ALIGNED)
+        vmax_ptr = slot(row, 4, S_DTYPE, ALIGNED)
+        master_ptr = slot(row, 5, tl.float32, ALIGNED)
+        args = (
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr,
+            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
+            load_scalar(clip_coef, HAS_CLIP, COMPUTE), decay, step_size, beta1.to(COMPUTE),
+            (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE), (1.0 - beta2).to(COMPUTE),
+            tl.sqrt(bc2).to(COMPUTE), hyper(row, N_SLOTS, 3).to(COMPUTE),
+            weight_decay.to(COMPUTE),
+        )  # fmt: skip
+        full_end = full_blocks_end(start, end)
+        for base in range(start, full_end, BLOCK):
+            _adamw_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, MASTER,
+                         HAS_GRAD_SCALE, HAS_CLIP, DECOUPLED, AMSGRAD, MAXIMIZE)  # fmt: skip
+        if full_end < end:
+            offs, mask = tail_block(full_end, end)
+            _adamw_block(offs, mask, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+                         DECOUPLED, AMSGRAD, MAXIMIZE)  # fmt: skip
+        finish_tensor(counters, t, row, step_ptr, new_step)
+
+
+_TABLES = TableCache()
+
+
+def adamw_(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], master_params: list[Tensor],
+    steps: list[Tensor], lr: list[float], beta1: list[float], beta2: list[float],
+    eps: list[float], weight_decay: list[float], decoupled: bool, amsgrad: bool,
+    maximize: bool, bias_correction: bool, lr_tensor: Tensor | None,
+    grad_scale: Tensor | None, clip_coef: Tensor | None, found_inf: Tensor | None,
+) -> None:  # fmt: skip
+    """One Adam/AdamW step over every tensor in one launch (see ``fusedopt._contract``)."""
+    if not params:
+        return
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps]
+    dtypes = dtype_arguments(params, grads, bool(master_params))
+    launch = _TABLES.launch(
+        lists, [lr, beta1, beta2, eps, weight_decay], (tuple(map(str, dtypes.values())),)
+    )
+    scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
+    adamw_kernel[(launch.n_chunks,)](
+        launch.table, launch.chunks, launch.counters, *scalars, WIDTH=launch.width,
+        **dtypes, **flags, DECOUPLED=decoupled, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        BIAS_CORRECTION=bias_correction, ALIGNED=launch.aligned, **common.LAUNCH_OPTIONS,
+    )  # fmt: skip
+
+
+register("adamw_", adamw_)

@@ -1,0 +1,235 @@
+"""Device helpers shared by every Triton kernel: table access, loads and stores, the common
+scalars. Written once; the op kernels differ only in their update math.
+
+[note: interpreter upcast] Under ``TRITON_INTERPRET=1`` bf16 values are raw bits, so every
+load is converted to the compute dtype at once (``load``) and nothing is computed in storage
+dtypes.
+
+[note: interpreter bf16 rounding] The interpreter converts fp32 to bf16 by truncation (its
+``cast_impl`` passes no rounding mode), while the GPU and torch round to nearest even. Under
+the interpreter ``store`` therefore rounds bf16 itself, with integer ops on the fp32 bits
+(add 0x7FFF plus the lowest kept bit, keep the high half; NaN stays a quiet NaN); compiled
+kernels use the hardware conversion (``cvt.rn.bf16.f32``).
+
+[note: hyperparameter rounding] The reference evaluates hyperparameter expressions such as
+``1 - beta1`` or ``lr / bc1`` in Python float64 and rounds the result to fp32 when it meets a
+tensor; a tensor lr instead makes them fp32 expressions. The kernels evaluate the same
+expressions in the same precision (float64 scalars from the table, explicit ``.to(fp32)``),
+so that they round as the reference does. Per-element math is fp32 (fp64 for fp64 params),
+with floating-point contraction off (``enable_fp_fusion=False`` at launch) and IEEE division
+and square root (``div_rn``, ``sqrt_rn``), again as the reference rounds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from . import multi_tensor
+
+# The table layout's constants, as constexprs (jit code reads only constexpr globals).
+CHUNK = tl.constexpr(multi_tensor.CHUNK)
+BLOCK = tl.constexpr(multi_tensor.BLOCK)
+HEADER = tl.constexpr(multi_tensor.HEADER)
+
+#: True under TRITON_INTERPRET=1 ([note: interpreter bf16 rounding]).
+INTERPRETING: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+#: Launch options every kernel uses ([note: hyperparameter rounding]).
+LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+
+
+@triton.jit
+def locate_chunk(chunks, table, WIDTH: tl.constexpr):
+    """This program's tensor index, its table row, and its element range [start, end)."""
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    c = tl.load(chunks + 2 * pid + 1)
+    row = table + t.to(tl.int64) * WIDTH
+    numel = tl.load(row)
+    start = c.to(tl.int64) * CHUNK  # int64: tensors of 2^31 elements and more
+    end = tl.minimum(start + CHUNK, numel)
+    return t, row, start, end
+
+
+@triton.jit
+def slot(row, SLOT: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The typed pointer of list ``SLOT`` in a table row; 16-byte aligned when ALIGNED."""
+    ptr = tl.load(row + HEADER + SLOT).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def hyper(row, N_SLOTS: tl.constexpr, K: tl.constexpr):
+    """Hyperparameter ``K`` of a table row, float64."""
+    return tl.load(row + HEADER + N_SLOTS + K).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def load(ptr, offs, mask, COMPUTE: tl.constexpr):
+    """Load and upcast at once ([note: interpreter upcast]); masked-off lanes read 0."""
+    if mask is None:  # noqa: SIM108  (a compile-time branch: no mask, no `other`)
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+    return x.to(COMPUTE)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """``x`` rounded to ``DTYPE``, to nearest even ([note: interpreter bf16 rounding])."""
+    if INTERPRETING and DTYPE == tl.bfloat16:  # noqa: SIM300
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def store(ptr, offs, mask, x):
+    """Round to the pointer's dtype (to nearest even) and store."""
+    tl.store(ptr + offs, round_to(x, ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_grad(
+    g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr,
+):  # fmt: skip
+    """[note: common scalars] of ``fusedopt._contract``: g / grad_scale * clip_coef, negated
+    for maximize, in the compute dtype."""
+    g = load(g_ptr, offs, mask, COMPUTE)
+    if HAS_GRAD_SCALE:
+        g = div(g, grad_scale)
+    if HAS_CLIP:
+        g = g * clip_coef
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
+def load_scalar(ptr, PRESENT: tl.constexpr, COMPUTE: tl.constexpr):
+    """A device scalar (grad_scale, clip_coef) in the compute dtype; 1 when absent."""
+    if PRESENT:
+        return tl.load(ptr).to(COMPUTE)
+    else:
+        return tl.full((), 1.0, COMPUTE)
+
+
+@triton.jit
+def skipped(found_inf, HAS_FOUND_INF: tl.constexpr):
+    """True when found_inf is given and non-zero: the whole step is a no-op."""
+    if HAS_FOUND_INF:
+        return tl.load(found_inf) != 0.0
+    else:
+        return False
+
+
+@triton.jit
+def learning_rate(row, lr_tensor, t, N_SLOTS: tl.constexpr, LR_MODE: tl.constexpr):
+    """The tensor's lr: float64 from the table (LR_MODE 0), or fp32 from ``lr_tensor``,
+    0-d (LR_MODE 1) or one per tensor (LR_MODE 2). Callers cast per
+    [note: hyperparameter rounding]."""
+    if LR_MODE == 0:
+        return hyper(row, N_SLOTS, 0)
+    elif LR_MODE == 1:
+        return tl.load(lr_tensor)
+    else:
+        return tl.load(lr_tensor + t)
+
+
+@triton.jit
+def bias_correction(beta, t, ENABLED: tl.constexpr):
+    """``1 - beta**t`` in float64 (beta float64, t the new step count)."""
+    if ENABLED:
+        # exp(t log beta) in float64: within a few float64 ulps of pow, far below fp32's.
+        return 1.0 - tl.exp(t.to(tl.float64) * tl.log(beta))
+    else:
+        return tl.full((), 1.0, tl.float64)
+
+
+@triton.jit
+def finish_tensor(counters, t, row, step_ptr, new_step):
+    """Count this chunk done; the tensor's last chunk to finish stores the new step count.
+
+    Every program of a tensor reads the old step before its ``atomic_add`` (acq_rel), so the
+    program that sees the count reach ``n_chunks - 1`` knows that all reads are done and may
+    write: one launch, no race, no float atomics. It resets the counter for the next call
+    (and for CUDA-graph replays).
+    """
+    n_chunks = tl.load(row + 2).to(tl.int32)
+    done = tl.atomic_add(counters + t, 1, sem="acq_rel")
+    if done == n_chunks - 1:
+        tl.store(step_ptr, new_step)
+        tl.atomic_xchg(counters + t, 0)
+
+
+@triton.jit
+def tail_block(full_end, end):
+    """Offsets and mask of the last, partial block [full_end, end). The mask compares int32
+    lane indices, not int64 offsets: 64-bit compares cost registers (measured for sm_90: the Lion
+    master-weight kernel took 80 registers and spilled to an 8-byte stack with int64 masks;
+    64 registers and no stack with int32 ones)."""
+    lanes = tl.arange(0, BLOCK)
+    return full_end + lanes, lanes < (end - full_end).to(tl.int32)
+
+
+@triton.jit
+def full_blocks_end(start, end):
+    """End of the unmasked part of [start, end): whole BLOCKs only."""
+    return start + (end - start) // BLOCK * BLOCK
+
+
+@triton.jit
+def div(a, b):
+    """IEEE division (``div_rn`` for fp32; fp64 division is always IEEE)."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def sqrt(x):
+    """IEEE square root (``sqrt_rn`` for fp32; fp64 square root is always IEEE)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def maximum(a, b):
+    """``torch.maximum``: NaN propagates."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.constexpr):
+    """The param in the compute dtype: its fp32 master copy when MASTER, else itself."""
+    if MASTER:
+        return load(master_ptr, offs, mask, COMPUTE)
+    else:
+        return load(p_ptr, offs, mask, COMPUTE)
+
+
+@triton.jit
+def store_param(p_ptr, master_ptr, offs, mask, p, MASTER: tl.constexpr):
+    """Store the updated param; with MASTER, the fp32 master and the rounded param both, so
+    that ``param == master.to(param.dtype)`` bit for bit."""
+    if MASTER:
+        store(master_ptr, offs, mask, p)
+    store(p_ptr, offs, mask, p)
+
+
+@triton.jit
+def nonfinite(x):
+    """1 where x is inf or NaN, else 0 (int32)."""
+    return ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)

@@ -1,0 +1,137 @@
+"""``sgd_``: torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize), one
+launch over every tensor.
+
+Bytes per element: reads grad and param (or master), writes param (and master); with
+momentum, reads and writes the momentum buffer too. fp32: 12 B, 20 B with momentum. bf16
+with master weights and momentum: 2 + 4 + 4 read, 4 + 2 + 4 written = 20 B. Step counts
+(with momentum only): 4 B per tensor; they decide torch's first-step rule ``buf = g``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import common
+from .common import (
+    BLOCK,
+    finish_tensor,
+    full_blocks_end,
+    hyper,
+    learning_rate,
+    load,
+    load_grad,
+    load_param,
+    load_scalar,
+    locate_chunk,
+    skipped,
+    slot,
+    store,
+    store_param,
+    tail_block,
+)
+from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
+from .registry import register
+
+# Table slots: params 0, grads 1, momentum_buffers 2, master_params 3, steps 4.
+# Hyperparameter columns: lr 0, momentum 1, dampening 2, weight_decay 3.
+N_SLOTS: tl.constexpr = tl.constexpr(5)
+
+
+@triton.jit
+def _sgd_block(
+    offs, mask, p_ptr, g_ptr, buf_ptr, master_ptr, grad_scale, clip_coef, lr, momentum,
+    one_minus_dampening, weight_decay, has_weight_decay, first_step, use_momentum,
+    COMPUTE: tl.constexpr,
+    MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+):  # fmt: skip
+    """The update of BLOCK elements, in the reference's order of operations."""
+    g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
+                  MAXIMIZE)  # fmt: skip
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
+    # A zero decay adds nothing, not 0 * p (which would turn an infinite param into NaN).
+    g = tl.where(has_weight_decay, g + weight_decay * p, g)
+    # Compile-time test, then the run-time one ([note: sgd momentum 0] of the reference).
+    if HAS_MOMENTUM:  # noqa: SIM102
+        if use_momentum:
+            buf = momentum * load(buf_ptr, offs, mask, COMPUTE) + one_minus_dampening * g
+            buf = tl.where(first_step, g, buf)  # torch's first step: buf = g
+            store(buf_ptr, offs, mask, buf)
+            g = g + momentum * buf if NESTEROV else buf
+    store_param(p_ptr, master_ptr, offs, mask, p - lr * g, MASTER)
+
+
+@triton.jit
+def sgd_kernel(
+    table, chunks, counters, lr_tensor, grad_scale, clip_coef, found_inf,
+    WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """One program per chunk; with momentum, the last-finishing chunk advances the step."""
+    if not skipped(found_inf, HAS_FOUND_INF):
+        t, row, start, end = locate_chunk(chunks, table, WIDTH)
+        step_ptr = slot(row, 4, tl.float32, False)
+        new_step = tl.full((), 1.0, tl.float32)
+        if HAS_MOMENTUM:
+            new_step = tl.load(step_ptr) + 1.0
+        weight_decay = hyper(row, N_SLOTS, 3)
+        momentum = hyper(row, N_SLOTS, 1)
+        # [note: sgd momentum 0] (reference): a tensor with momentum 0 in a call with buffers
+        # steps as plain SGD; its buffer and step count stay untouched.
+        use_momentum = momentum != 0.0
+        args = (
+            slot(row, 0, P_DTYPE, ALIGNED), slot(row, 1, G_DTYPE, ALIGNED),
+            slot(row, 2, S_DTYPE, ALIGNED), slot(row, 3, tl.float32, ALIGNED),
+            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
+            load_scalar(clip_coef, HAS_CLIP, COMPUTE),
+            learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE).to(COMPUTE),
+            momentum.to(COMPUTE), (1.0 - hyper(row, N_SLOTS, 2)).to(COMPUTE),
+            weight_decay.to(COMPUTE), weight_decay != 0.0, new_step == 1.0, use_momentum,
+        )  # fmt: skip
+        full_end = full_blocks_end(start, end)
+        for base in range(start, full_end, BLOCK):
+            _sgd_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, MASTER, HAS_GRAD_SCALE,
+                       HAS_CLIP, HAS_MOMENTUM, NESTEROV, MAXIMIZE)  # fmt: skip
+        if full_end < end:
+            offs, mask = tail_block(full_end, end)
+            _sgd_block(offs, mask, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+                       HAS_MOMENTUM, NESTEROV, MAXIMIZE)  # fmt: skip
+        if HAS_MOMENTUM:  # noqa: SIM102
+            if use_momentum:  # the same for every chunk of the tensor
+                finish_tensor(counters, t, row, step_ptr, new_step)
+
+
+_TABLES = TableCache()
+
+
+def sgd_(
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+    master_params: list[Tensor], steps: list[Tensor], lr: list[float], momentum: list[float],
+    dampening: list[float], weight_decay: list[float], nesterov: bool, maximize: bool,
+    lr_tensor: Tensor | None, grad_scale: Tensor | None, clip_coef: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:  # fmt: skip
+    """One SGD step over every tensor in one launch (see ``fusedopt._contract``)."""
+    if not params:
+        return
+    if bool(momentum_buffers) != bool(steps):
+        raise ValueError("sgd_: momentum_buffers and steps must both be given or both be empty")
+    lists = [params, grads, momentum_buffers, master_params, steps]
+    dtypes = dtype_arguments(params, grads, bool(master_params))
+    launch = _TABLES.launch(
+        lists, [lr, momentum, dampening, weight_decay], (tuple(map(str, dtypes.values())),)
+    )
+    scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
+    sgd_kernel[(launch.n_chunks,)](
+        launch.table, launch.chunks, launch.counters, *scalars, WIDTH=launch.width, **dtypes,
+        **flags, HAS_MOMENTUM=bool(momentum_buffers), NESTEROV=nesterov, MAXIMIZE=maximize,
+        ALIGNED=launch.aligned, **common.LAUNCH_OPTIONS,
+    )  # fmt: skip
+
+
+register("sgd_", sgd_)
