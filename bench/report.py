@@ -32,6 +32,7 @@ from bench.peers import Unavailable, make_peer, peer_labels
 from bench.shapes import MODELS, model_shapes, numel
 from bench.timing import Step, copy_bandwidth, profile_step, time_steps
 from bench.traffic import MODES, OPTIMIZER_OPS
+from fusedopt._contract import BACKEND_NAMES
 
 ALL_OPTIMIZERS = tuple(OPTIMIZER_OPS)
 #: Tensor counts of the launch-scaling check (same per-tensor size, 1000 elements); --quick
@@ -57,6 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time the reference backend (and interpreted Triton on cpu)",
     )
+    parser.add_argument(
+        "--all-peers",
+        action="store_true",
+        help="on cpu, also time torch's for-loop step (default on cuda; on a small CPU it only "
+        "repeats foreach's numbers, slowly)",
+    )
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated fusedopt backends to time (default: every usable one)",
+    )
     parser.add_argument("--optimizers", default=",".join(ALL_OPTIMIZERS))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--warmup", type=int, default=None)
@@ -67,16 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not gpu:
         parser.error("--device cuda: no CUDA device is visible")
     args.model = args.model or ("llama1b" if args.device == "cuda" else "gpt2")
+    args.all_peers = args.all_peers or args.device == "cuda"
     if args.compile_peers is None:
         args.compile_peers = "adamw" if args.device == "cuda" else "none"
-    for name, known in (("optimizers", ALL_OPTIMIZERS), ("modes", tuple(MODES))):
+    lists = [("optimizers", ALL_OPTIMIZERS), ("modes", tuple(MODES))]
+    if args.backends is not None:
+        lists.append(("backends", BACKEND_NAMES))
+    for name, known in lists:
         chosen = [x for x in getattr(args, name).split(",") if x]
         bad = [x for x in chosen if x not in known]
         if bad or not chosen:
             parser.error(f"--{name}: unknown {bad or 'empty list'}; known: {', '.join(known)}")
         setattr(args, name, chosen)
     cuda = args.device == "cuda"
-    defaults = {(False, False): (1, 5), (False, True): (1, 3), (True, False): (3, 20),
+    defaults = {(False, False): (1, 3), (False, True): (1, 2), (True, False): (3, 20),
                 (True, True): (2, 5)}[(cuda, args.quick)]  # fmt: skip
     args.warmup = defaults[0] if args.warmup is None else args.warmup
     args.repeats = defaults[1] if args.repeats is None else args.repeats
@@ -120,7 +136,7 @@ def _release(device: torch.device, collect: bool = False) -> None:
 
 
 def implementations(
-    workload: Workload, backends: dict[str, str | None], compile_for: str
+    workload: Workload, backends: dict[str, str | None], compile_for: str, all_peers: bool
 ) -> list[tuple[str, Callable[[], Step] | str]]:
     """(label, factory or the reason it is skipped) of every row of a case."""
     impls: list[tuple[str, Callable[[], Step] | str]] = []
@@ -128,8 +144,11 @@ def implementations(
         if why_not is None:  # the others are listed once, with the reason, above the table
             impls.append((f"fusedopt {backend}", lambda b=backend: make_fused(workload, b)))
     for label in peer_labels(workload.optimizer):
-        if workload.amp and label == "torch for-loop":
+        if label == "torch for-loop" and workload.amp:
             continue  # the amp composition is only as fast as its step: foreach/fused suffice
+        if label == "torch for-loop" and not all_peers:
+            impls.append((label, "skipped on cpu: pass --all-peers"))
+            continue
         if label == "torch compiled" and compile_for not in ("all", workload.optimizer):
             impls.append((label, "skipped: pass --compile-peers (slow to compile here)"))
             continue
@@ -286,6 +305,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.model == "tiny":
         args.slow_backends = True  # tiny shapes: every backend is quick enough
     backends = backend_rows(device, args.slow_backends)
+    for name in backends:
+        if args.backends is not None and name not in args.backends:
+            backends[name] = backends[name] or "not selected (--backends)"
     copy_size = (64 if args.quick else 256) * 2**20 * (4 if device.type == "cuda" else 1)
     bandwidth = copy_bandwidth(device, copy_size)
     info = RunInfo.collect(device, bandwidth.copy_gbps, bandwidth.inplace_gbps)
@@ -293,7 +315,8 @@ def _run(args: argparse.Namespace) -> int:
     cases = [(o, m) for o in args.optimizers for m in args.modes]
     planned = {
         case: len(implementations(
-            Workload(args.model, *case, device, [], [], []), backends, args.compile_peers
+            Workload(args.model, *case, device, [], [], []), backends, args.compile_peers,
+            args.all_peers,
         ))
         for case in cases
     }  # fmt: skip
@@ -302,7 +325,9 @@ def _run(args: argparse.Namespace) -> int:
     for optimizer, mode in cases:
         progress.show(f"{optimizer} {mode}: making the workload")
         workload = make_workload(args.model, optimizer, mode, device)
-        for label, factory in implementations(workload, backends, args.compile_peers):
+        for label, factory in implementations(
+            workload, backends, args.compile_peers, args.all_peers
+        ):
             progress.show(f"{optimizer} {mode}: {label}")
             rows.append(run_case(workload, label, factory, args, bandwidth.copy_gbps))
             progress.advance()

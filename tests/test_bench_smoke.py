@@ -63,7 +63,8 @@ def test_timing_core_on_cpu():
 
 def test_report_runs_end_to_end(tmp_path, capsys):
     argv = ["--device", "cpu", "--model", "tiny", "--optimizers", "adamw,lamb,sgd",
-            "--warmup", "1", "--repeats", "2", "--quick", "--threads", "1",
+            "--warmup", "1", "--repeats", "2", "--quick", "--threads", "1", "--all-peers",
+            "--backends", "reference,cpu",
             "--out", str(tmp_path)]  # fmt: skip
     assert report.main(argv) == 0
     stdout = capsys.readouterr().out
