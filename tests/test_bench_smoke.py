@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from bench import report
+from bench.cases import make_workload
+from bench.fused import make_fused
+from bench.peers import make_peer
 from bench.shapes import model_shapes, numel
 from bench.timing import _percentile, copy_bandwidth, profile_step, time_steps
 from bench.traffic import bytes_per_param
@@ -86,3 +89,24 @@ def test_report_runs_end_to_end(tmp_path, capsys):
         assert by_impl[key]["status"] == "ok", by_impl[key]["status"]
     assert by_impl[("adamw", "fp32", "torch compiled")]["status"].startswith("skipped")
     assert not [r for r in rows if r["status"].startswith("error")]
+
+
+@pytest.mark.parametrize("mode", ["fp32", "amp"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_fusedopt_and_torch_rows_compute_the_same_step(optimizer, mode):
+    """The report compares like with like: the same hyperparameters, and in amp the same
+    unscale + clip + master-weight update (SGD is not scale-invariant, so a wrong loss scale
+    or clip coefficient shows)."""
+    device = torch.device("cpu")
+    ours = make_workload("tiny", optimizer, mode, device)
+    theirs = make_workload("tiny", optimizer, mode, device)
+    for workload in (ours, theirs):  # norm ~6.5 > max_grad_norm = 1: the clip is active
+        torch._foreach_mul_(workload.grads, 100.0)
+    ours_step, theirs_step = make_fused(ours, "reference"), make_peer(theirs, "torch fused")
+    for _ in range(2):
+        ours_step()
+        theirs_step()
+    # fp32: one fp32 computation in two operation orders; amp: the same, then one bf16 rounding.
+    tol = dict(rtol=1e-5, atol=1e-6) if mode == "fp32" else dict(rtol=2**-8, atol=1e-6)
+    for got, want in zip(ours.params, theirs.params, strict=True):
+        torch.testing.assert_close(got.detach(), want.detach(), **tol)
