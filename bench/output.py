@@ -28,9 +28,16 @@ class RunInfo:
     copy_gbps: float
     inplace_gbps: float
     threads: int
+    cpus: int
+    # 1-minute load average when the run began and ended: how busy the machine was. A load
+    # above the cores' count means other processes competed for cores and memory bandwidth.
+    load_start: float
+    load_end: float = float("nan")
 
     @classmethod
-    def collect(cls, device: torch.device, copy_gbps: float, inplace_gbps: float) -> RunInfo:
+    def collect(
+        cls, device: torch.device, copy_gbps: float, inplace_gbps: float, load_start: float
+    ) -> RunInfo:
         return cls(
             device=device.type,
             device_name=device_name(device),
@@ -41,7 +48,22 @@ class RunInfo:
             copy_gbps=copy_gbps,
             inplace_gbps=inplace_gbps,
             threads=torch.get_num_threads(),
+            cpus=os.cpu_count() or 1,
+            load_start=load_start,
         )
+
+    @property
+    def busy(self) -> bool:
+        """Other work shared the machine: more than half the CPUs were busy when we began."""
+        return self.load_start > 0.5 * self.cpus
+
+
+def load_average() -> float:
+    """The 1-minute load average, or NaN where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
 
 
 def _triton_version() -> str:
@@ -179,6 +201,7 @@ def write_plot(path: Path, info: RunInfo, rows: list[Row], title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     shown = [r for r in rows if r.ok and r.pct_copy is not None]
     labels = [f"{r.optimizer} {r.mode} | {r.impl}" for r in shown]
@@ -186,6 +209,8 @@ def write_plot(path: Path, info: RunInfo, rows: list[Row], title: str) -> None:
     colors = ["tab:orange" if r.is_fusedopt else "tab:blue" for r in shown]
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.26 * max(1, len(shown))))
     ax.barh(range(len(shown)), values, color=colors)
+    legend = [Patch(color="tab:orange", label="fusedopt"), Patch(color="tab:blue", label="peers")]
+    ax.legend(handles=legend, loc="lower right", fontsize=7)
     ax.set_yticks(range(len(shown)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(100, color="gray", linestyle="--", linewidth=0.8)

@@ -27,7 +27,15 @@ import torch
 from bench import goals as goals_mod
 from bench.cases import Workload, make_workload
 from bench.fused import backend_rows, make_fused
-from bench.output import Row, RunInfo, fill_relative, markdown_table, write_csv, write_plot
+from bench.output import (
+    Row,
+    RunInfo,
+    fill_relative,
+    load_average,
+    markdown_table,
+    write_csv,
+    write_plot,
+)
 from bench.peers import Unavailable, make_peer, peer_labels
 from bench.shapes import MODELS, model_shapes, numel
 from bench.timing import Step, copy_bandwidth, profile_step, time_steps
@@ -257,6 +265,12 @@ def render(args, info: RunInfo, backends, rows, scaling, goals, wall_s: float) -
         f"written bytes); in-place read-modify-write: {info.inplace_gbps:.1f} GB/s",
         f"- warmup {args.warmup}, repeats {args.repeats} (compiled peers: +2 warmup); "
         f"wall time of this run {wall_s:.0f} s",
+        f"- machine load (1-min load average): {info.load_start:.1f} at start, "
+        f"{info.load_end:.1f} at end, on {info.cpus} CPUs",
+        *([f"- **Warning: the machine was busy when this run began (load {info.load_start:.1f}"
+           f" on {info.cpus} CPUs): other processes competed for the cores and the memory"
+           " bandwidth, so these numbers, absolute and relative, are unreliable.**"]
+          if info.busy else []),
         "",
         "Backends:",
         *backend_lines,
@@ -300,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    began = time.perf_counter()
+    began, load_start = time.perf_counter(), load_average()
     device = torch.device(args.device)
     if args.model == "tiny":
         args.slow_backends = True  # tiny shapes: every backend is quick enough
@@ -310,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
             backends[name] = backends[name] or "not selected (--backends)"
     copy_size = (64 if args.quick else 256) * 2**20 * (4 if device.type == "cuda" else 1)
     bandwidth = copy_bandwidth(device, copy_size)
-    info = RunInfo.collect(device, bandwidth.copy_gbps, bandwidth.inplace_gbps)
+    info = RunInfo.collect(device, bandwidth.copy_gbps, bandwidth.inplace_gbps, load_start)
 
     cases = [(o, m) for o in args.optimizers for m in args.modes]
     planned = {
@@ -337,6 +351,7 @@ def _run(args: argparse.Namespace) -> int:
     scaling = launch_scaling(device, backends, args.modes, args.quick)
     progress.close()
 
+    info.load_end = load_average()
     fill_relative(rows)
     goals = goals_mod.evaluate(rows, info, args.model, scaling, backends)
     wall = time.perf_counter() - began
