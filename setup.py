@@ -175,7 +175,7 @@ def main() -> None:
         name="fusedopt",
         version="0.1.0",
         description="Fused multi-tensor optimizer kernels for PyTorch (CUDA C++, Triton, C++ CPU)",
-        packages=["fusedopt", "fusedopt.reference", "fusedopt.triton_kernels"],
+        packages=["fusedopt", "fusedopt.optim", "fusedopt.reference", "fusedopt.triton_kernels"],
         package_dir={"fusedopt.triton_kernels": "triton_kernels"},
         python_requires=">=3.10",
         install_requires=["torch>=2.11"],

@@ -25,10 +25,25 @@ from fusedopt import (  # noqa: E402
     reference,  # noqa: F401  (registers the reference backend)
 )
 from fusedopt._backend import BackendStatus, backends, resolve  # noqa: E402
+from fusedopt.amp import GradScaler  # noqa: E402
+from fusedopt.clip import clip_grad_norm_  # noqa: E402
+from fusedopt.optim import LAMB, SGD, Adam, AdamW, Lion  # noqa: E402
 
 with contextlib.suppress(ImportError):  # _C registers the cpu and cuda backends when built
     from fusedopt import _C  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendStatus", "backends", "ops", "resolve"]
+__all__ = [
+    "LAMB",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "BackendStatus",
+    "GradScaler",
+    "Lion",
+    "backends",
+    "clip_grad_norm_",
+    "ops",
+    "resolve",
+]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import _contract
-from fusedopt._backend import resolve
+from fusedopt._backend import resolve as _resolve_backend
 from fusedopt._validate import (
     LOW_PRECISION,
     PARAM_DTYPES,
@@ -28,6 +28,18 @@ from fusedopt._validate import (
 )
 
 Hyper = float | Sequence[float]
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    return _resolve_device_type(backend, device.type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_device_type(backend: str, device_type: str) -> str:
+    """``fusedopt._backend.resolve`` as a compile-time constant: it imports modules and reads
+    the environment, which Dynamo cannot trace (a graph break in every compiled step); the
+    choice is fixed for a device type anyway, so ``torch.compile`` bakes it into the graph."""
+    return _resolve_backend(backend, torch.device(device_type))
 
 
 class GradNorm(tuple):
@@ -77,7 +89,7 @@ def scale_(
     device = _single_device(op, tensors, "tensors")
     check_scalar(scale, "scale", op, device)
     check_scalar(found_inf, "found_inf", op, device)
-    _contract.op_handle(op, resolve(backend, device))(tensors, scale, found_inf)
+    _contract.op_handle(op, _resolve(backend, device))(tensors, scale, found_inf)
 
 
 def grad_norm(
@@ -110,7 +122,7 @@ def grad_norm(
         return GradNorm(zero, torch.zeros((0,), device=device), zero.clone())
     device = _single_device(op, tensors, "tensors")
     check_scalar(grad_scale, "grad_scale", op, device)
-    handle = _contract.op_handle(op, resolve(backend, device))
+    handle = _contract.op_handle(op, _resolve(backend, device))
     return GradNorm(*handle(tensors, norm_type, per_tensor, grad_scale))
 
 
@@ -242,7 +254,7 @@ def step(
     lr_values, lr_tensor = _lr_arguments(op, hypers["lr"], n, device)
     values = {"lr": lr_values}
     values.update({h: per_tensor(op, h, hypers[h], n) for h in spec.hypers if h != "lr"})
-    handle = _contract.op_handle(op, resolve(backend, device))
+    handle = _contract.op_handle(op, _resolve(backend, device))
 
     groups: dict[tuple, list[int]] = {}
     has_master = bool(lists.get("master_params"))

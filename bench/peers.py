@@ -1,0 +1,138 @@
+"""The peers fusedopt is measured against (DESIGN.md §6), each as a step factory.
+
+* torch.optim for-loop (``foreach=False``), ``foreach=True``, ``fused=True``, and a
+  ``torch.compile``d step (the foreach step traced by Dynamo, code from Inductor);
+* timm's ``Lamb`` and lion-pytorch's ``Lion`` for the algorithms torch lacks (optional: they
+  are not dependencies of fusedopt; when missing, the row says so);
+* for the ``amp`` mode, torch's composition that computes what one fusedopt step computes:
+  upcast the bf16 grads into fp32 master grads, ``GradScaler.unscale_`` (inf check + unscale),
+  ``clip_grad_norm_``, ``GradScaler.step`` (skips on overflow) + ``update``, then round the
+  fp32 masters back into the bf16 params.
+
+Each factory takes a :class:`~bench.cases.Workload` and returns a zero-argument step with its
+own fresh optimizer state, or raises :class:`Unavailable` saying why it cannot run here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from bench.cases import LOSS_SCALE, MAX_GRAD_NORM, Workload
+from bench.timing import Step
+from tests.optim_cases import CASES
+
+#: The torch twin of each optimizer is the one the equivalence tests prove fusedopt equal to
+#: (``tests/optim_cases.py``), so what is measured and what is verified cannot drift apart.
+_TORCH_TWINS = {"adamw": "adamw", "adam": "adam_l2", "sgd": "sgd_momentum"}
+
+#: torch.optim's implementation switches, by peer label.
+TORCH_VARIANTS = {
+    "for-loop": dict(foreach=False),
+    "foreach": dict(foreach=True),
+    "fused": dict(fused=True),
+    "compiled": dict(foreach=True),  # the foreach step, then torch.compile
+}
+
+
+class Unavailable(RuntimeError):
+    """This implementation cannot run here; the message says why (shown in the report)."""
+
+
+def _torch_class(optimizer: str) -> type[torch.optim.Optimizer] | None:
+    """torch's class for ``optimizer``, from the tests' registry; None where torch has none."""
+    if optimizer not in _TORCH_TWINS:
+        return None
+    return next(c.torch_cls for c in CASES if c.name == _TORCH_TWINS[optimizer])
+
+
+def _third_party(optimizer: str) -> tuple[str, Callable[..., torch.optim.Optimizer]]:
+    """(label, constructor) of the optional peer for LAMB / Lion; Unavailable if missing."""
+    module, attr, label, pip = {
+        "lamb": ("timm.optim", "Lamb", "timm Lamb", "timm"),
+        "lion": ("lion_pytorch", "Lion", "lion-pytorch Lion", "lion-pytorch"),
+    }[optimizer]
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except ImportError as error:
+        raise Unavailable(f"peer not installed (pip install {pip}): {error}") from None
+    return label, cls
+
+
+def peer_labels(optimizer: str) -> list[str]:
+    """The peer rows of ``optimizer`` (fp32 mode; amp rows prefix them with ``amp``)."""
+    if _torch_class(optimizer) is not None:
+        return [f"torch {variant}" for variant in TORCH_VARIANTS]
+    return [{"lamb": "timm Lamb", "lion": "lion-pytorch Lion"}[optimizer]]
+
+
+def _make_optimizer(
+    optimizer: str, label: str, params: list[torch.nn.Parameter], hypers: dict
+) -> torch.optim.Optimizer:
+    cls = _torch_class(optimizer)
+    if cls is not None:
+        variant = label.removeprefix("torch ")
+        kwargs = {k: v for k, v in hypers.items() if k != "max_grad_norm"}
+        try:
+            return cls(params, **kwargs, **TORCH_VARIANTS[variant])
+        except (RuntimeError, ValueError) as error:  # e.g. fused not supported on a device
+            raise Unavailable(f"torch refused {variant}: {error}") from None
+    _, ctor = _third_party(optimizer)
+    return ctor(params, **hypers)
+
+
+def _compiled(step: Callable[[], object]) -> Step:
+    """torch's compiled-optimizer recipe: a compiled function that calls ``opt.step()``."""
+
+    @torch.compile(fullgraph=False)
+    def compiled_step() -> None:
+        step()
+
+    return compiled_step
+
+
+def make_peer(workload: Workload, label: str) -> Step:
+    """A step of peer ``label`` (from :func:`peer_labels`) on ``workload``, fresh state."""
+    if workload.optimizer in ("lamb", "lion"):
+        _third_party(workload.optimizer)  # raise Unavailable early when not installed
+    if workload.amp:
+        return _amp_composition(workload, label)
+    params = workload.params
+    # timm's Lamb divides p.grad in place by its clip factor: give it grads of its own so the
+    # shared grads stay the same for every implementation.
+    own_grads = workload.optimizer == "lamb"
+    for p, g in zip(params, workload.grads, strict=True):
+        p.grad = g.clone() if own_grads else g
+    opt = _make_optimizer(workload.optimizer, label, params, workload.hypers)
+    return _compiled(opt.step) if label == "torch compiled" else opt.step
+
+
+def _amp_composition(workload: Workload, label: str) -> Step:
+    """torch's unscale + clip + step composition over fp32 masters (module docstring)."""
+    device = workload.device
+    model_params = [p.detach() for p in workload.params]
+    model_grads = workload.grads
+    masters = [torch.nn.Parameter(m) for m in workload.masters()]
+    for m in masters:
+        m.grad = torch.empty_like(m)
+    master_grads = [m.grad for m in masters]
+    opt = _make_optimizer(workload.optimizer, label, masters, workload.hypers)
+    if label == "torch compiled":  # GradScaler.step calls opt.step(): make it the compiled one
+        opt.step = _compiled(opt.step)
+    scaler = torch.amp.GradScaler(device.type, init_scale=LOSS_SCALE)
+    scaler.scale(torch.ones((), device=device))  # creates the scale tensor on the device
+    clip = workload.optimizer != "lamb"  # timm's Lamb clips inside its step (max_grad_norm)
+
+    def step() -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(master_grads, model_grads)
+            scaler.unscale_(opt)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(masters, MAX_GRAD_NORM, foreach=True)
+            scaler.step(opt)
+            scaler.update()
+            torch._foreach_copy_(model_params, masters)
+
+    return step

@@ -1,0 +1,370 @@
+"""The main job: how fast fusedopt is, beside torch, on real models' parameter lists.
+
+    python -m bench.report [--device cpu|cuda] [--model gpt2|llama1b|tiny] [--quick]
+                           [--compile-peers [none|adamw|all]] [--slow-backends]
+                           [--optimizers adamw,lamb,...] [--modes fp32,amp] [--out bench/results]
+
+For each optimizer x precision mode (``fp32``; ``amp`` = bf16 params + fp32 master + loss
+scale + clipping, see ``bench/traffic.py``) it times every usable fusedopt backend on the
+device and the peers of DESIGN.md §6 (``bench/peers.py``), then prints a Markdown table and
+writes ``<device>-<model>-<stamp>.{csv,md,png}`` under ``--out``. Defaults: ``cuda`` when a GPU
+is visible (model ``llama1b``, compiled AdamW peers), else ``cpu`` (model ``gpt2``, compiled
+peers opt-in: Inductor takes minutes to compile them on a small CPU). Exit status 1 when any
+implementation raised an error (the row says which), so CI notices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench import goals as goals_mod
+from bench.cases import Workload, make_workload
+from bench.fused import backend_rows, make_fused
+from bench.output import (
+    Row,
+    RunInfo,
+    fill_relative,
+    load_average,
+    markdown_table,
+    write_csv,
+    write_plot,
+)
+from bench.peers import Unavailable, make_peer, peer_labels
+from bench.shapes import MODELS, model_shapes, numel
+from bench.timing import Step, copy_bandwidth, profile_step, time_steps
+from bench.traffic import MODES, OPTIMIZER_OPS
+from fusedopt._contract import BACKEND_NAMES
+
+ALL_OPTIMIZERS = tuple(OPTIMIZER_OPS)
+#: Tensor counts of the launch-scaling check (same per-tensor size, 1000 elements); --quick
+#: uses the smaller pair (parsing the profile of a 512-tensor torch step takes seconds).
+SCALING_COUNTS = {False: (8, 512), True: (4, 64)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report", description=__doc__.split("\n")[0]
+    )
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if gpu else "cpu")
+    parser.add_argument("--model", choices=tuple(MODELS), default=None,
+                        help="shape list (default: llama1b on cuda, gpt2 on cpu)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, for development")
+    parser.add_argument("--compile-peers", nargs="?", const="all", default=None,
+                        choices=("none", "adamw", "all"),
+                        help="torch.compile'd peers: for which optimizers (bare flag: all; "
+                             "default: adamw on cuda, none on cpu)")  # fmt: skip
+    parser.add_argument(
+        "--slow-backends",
+        action="store_true",
+        help="also time the reference backend (and interpreted Triton on cpu)",
+    )
+    parser.add_argument(
+        "--all-peers",
+        action="store_true",
+        help="on cpu, also time torch's for-loop step (default on cuda; on a small CPU it only "
+        "repeats foreach's numbers, slowly)",
+    )
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated fusedopt backends to time (default: every usable one)",
+    )
+    parser.add_argument("--optimizers", default=",".join(ALL_OPTIMIZERS))
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not gpu:
+        parser.error("--device cuda: no CUDA device is visible")
+    args.model = args.model or ("llama1b" if args.device == "cuda" else "gpt2")
+    args.all_peers = args.all_peers or args.device == "cuda"
+    if args.compile_peers is None:
+        args.compile_peers = "adamw" if args.device == "cuda" else "none"
+    lists = [("optimizers", ALL_OPTIMIZERS), ("modes", tuple(MODES))]
+    if args.backends is not None:
+        lists.append(("backends", BACKEND_NAMES))
+    for name, known in lists:
+        chosen = [x for x in getattr(args, name).split(",") if x]
+        bad = [x for x in chosen if x not in known]
+        if bad or not chosen:
+            parser.error(f"--{name}: unknown {bad or 'empty list'}; known: {', '.join(known)}")
+        setattr(args, name, chosen)
+    cuda = args.device == "cuda"
+    defaults = {(False, False): (1, 3), (False, True): (1, 2), (True, False): (3, 20),
+                (True, True): (2, 5)}[(cuda, args.quick)]  # fmt: skip
+    args.warmup = defaults[0] if args.warmup is None else args.warmup
+    args.repeats = defaults[1] if args.repeats is None else args.repeats
+    return args
+
+
+class Progress:
+    """A plain-text progress bar on stderr (redrawn in place on a terminal)."""
+
+    def __init__(self, total: int, width: int = 30) -> None:
+        self.total, self.done, self.width = total, 0, width
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def show(self, what: str) -> None:
+        filled = self.width * self.done // max(1, self.total)
+        elapsed = time.perf_counter() - self.start
+        bar = "#" * filled + "-" * (self.width - filled)
+        line = f"[{bar}] {self.done}/{self.total} {elapsed:5.0f}s {what}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def advance(self) -> None:
+        self.done += 1
+
+    def close(self) -> None:
+        self.show("done")
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _release(device: torch.device, collect: bool = False) -> None:
+    """Return freed memory to the device; ``collect`` also runs the (slow) cycle collector."""
+    if collect:
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def implementations(
+    workload: Workload, backends: dict[str, str | None], compile_for: str, all_peers: bool
+) -> list[tuple[str, Callable[[], Step] | str]]:
+    """(label, factory or the reason it is skipped) of every row of a case."""
+    impls: list[tuple[str, Callable[[], Step] | str]] = []
+    for backend, why_not in backends.items():
+        if why_not is None:  # the others are listed once, with the reason, above the table
+            impls.append((f"fusedopt {backend}", lambda b=backend: make_fused(workload, b)))
+    for label in peer_labels(workload.optimizer):
+        if label == "torch for-loop" and workload.amp:
+            continue  # the amp composition is only as fast as its step: foreach/fused suffice
+        if label == "torch for-loop" and not all_peers:
+            impls.append((label, "skipped on cpu: pass --all-peers"))
+            continue
+        if label == "torch compiled" and compile_for not in ("all", workload.optimizer):
+            impls.append((label, "skipped: pass --compile-peers (slow to compile here)"))
+            continue
+        impls.append((label, lambda lab=label: make_peer(workload, lab)))
+    return impls
+
+
+def run_case(
+    workload: Workload,
+    label: str,
+    factory: Callable[[], Step] | str,
+    args: argparse.Namespace,
+    copy_gbps: float,
+) -> Row:
+    """Time one implementation of one case; a row with a status when it cannot run."""
+    device = workload.device
+    row = Row(
+        workload.model, workload.numel, len(workload.params), workload.optimizer,
+        workload.mode, label, bytes_per_param=workload.bytes_per_param,
+    )  # fmt: skip
+    if isinstance(factory, str):
+        row.status = factory
+        return row
+    step = None
+    try:
+        step = factory()
+        warmup = args.warmup + (2 if label == "torch compiled" else 0)  # compile + recompile
+        timed = time_steps(step, device, warmup, args.repeats)
+        prof = profile_step(step, device)
+    except Unavailable as why:
+        row.status = str(why)
+        return row
+    except Exception as error:  # a broken implementation is a row, not the end of the run
+        row.status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        return row
+    finally:
+        del step
+        if label == "torch compiled":
+            torch._dynamo.reset()
+        _release(device)
+    row.median_ms, row.p20_ms, row.p80_ms = (t * 1e3 for t in (timed.median, timed.p20, timed.p80))
+    row.gbps = workload.bytes_per_param * workload.numel / timed.median / 1e9
+    row.pct_copy = 100.0 * row.gbps / copy_gbps
+    row.host_ms = timed.host_median * 1e3
+    row.launches, row.launches_what = prof.launches, prof.launches_what
+    if prof.extra_peak_bytes is not None:
+        row.extra_peak_mib = prof.extra_peak_bytes / 2**20
+    row.warmup, row.repeats = warmup, args.repeats
+    return row
+
+
+def launch_scaling(
+    device: torch.device, backends: dict[str, str | None], modes: list[str], quick: bool
+) -> list[goals_mod.ScalingRow]:
+    """AdamW launches per step at a few and at many tensors, fusedopt vs torch fused.
+
+    The reference backend is left out: it is a Python loop inside one op, not a kernel.
+    """
+    kernel_backends = [b for b, why in backends.items() if why is None and b != "reference"]
+    rows = []
+    for mode in modes:
+        for count in SCALING_COUNTS[quick]:
+            shapes = [(f"t{i}", (1000,)) for i in range(count)]
+            workload = make_workload(f"{count}x1000", "adamw", mode, device, shapes=shapes)
+            impls = [(f"fusedopt {b}", lambda w=workload, b=b: make_fused(w, b))
+                     for b in kernel_backends]  # fmt: skip
+            impls.append(("torch fused", lambda w=workload: make_peer(w, "torch fused")))
+            for label, factory in impls:
+                try:
+                    step = factory()
+                    step()  # warm: state, tables
+                    launches = profile_step(step, device).launches
+                    rows.append(goals_mod.ScalingRow(label, mode, count, launches))
+                except Exception as error:
+                    status = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                    rows.append(goals_mod.ScalingRow(label, mode, count, None, status))
+            del workload
+            _release(device)
+    return rows
+
+
+def _scaling_table(scaling: list[goals_mod.ScalingRow], what: str) -> str:
+    lines = [f"| implementation | mode | tensors | {what} per step |", "| --- | --- | --- | --- |"]
+    for s in scaling:
+        value = f"{s.launches:g}" if s.launches is not None else f"*{s.status}*"
+        lines.append(f"| {s.impl} | {s.mode} | {s.tensors} | {value} |")
+    return "\n".join(lines)
+
+
+def render(args, info: RunInfo, backends, rows, scaling, goals, wall_s: float) -> str:
+    """The whole report as Markdown."""
+    shapes = model_shapes(args.model)
+    what = "GPU kernels+memcpy/memset" if info.device == "cuda" else "CPU top-level op calls"
+    backend_lines = [
+        f"- `{b}`: {'benchmarked' if why is None else why}" for b, why in backends.items()
+    ]
+    # fmt: off
+    return "\n".join([
+        f"# fusedopt benchmark: {args.model} on {info.device_name}",
+        "",
+        f"- model `{args.model}`: {numel(shapes):,} params in {len(shapes)} tensors "
+        "(`bench/shapes.py`)",
+        f"- device `{info.device}` ({info.device_name}, {info.threads} threads), torch "
+        f"{info.torch}, Triton {info.triton}, commit {info.commit}, {info.date}",
+        f"- copy bandwidth (same run): {info.copy_gbps:.1f} GB/s (`dst.copy_(src)`, read + "
+        f"written bytes); in-place read-modify-write: {info.inplace_gbps:.1f} GB/s",
+        f"- warmup {args.warmup}, repeats {args.repeats} (compiled peers: +2 warmup); "
+        f"wall time of this run {wall_s:.0f} s",
+        f"- machine load (1-min load average): {info.load_start:.1f} at start, "
+        f"{info.load_end:.1f} at end, on {info.cpus} CPUs",
+        *([f"- **Warning: the machine was busy when this run began (load {info.load_start:.1f}"
+           f" on {info.cpus} CPUs): other processes competed for the cores and the memory"
+           " bandwidth, so these numbers, absolute and relative, are unreliable.**"]
+          if info.busy else []),
+        "",
+        "Backends:",
+        *backend_lines,
+        "",
+        markdown_table(rows),
+        "",
+        "Columns: step time median and 20th/80th percentiles; B/param = compulsory bytes per "
+        "parameter of the case (`bench/traffic.py`, the same for every implementation, so GB/s "
+        "is *effective* bandwidth and `% copy` its share of the copy bandwidth above); "
+        "`x best peer` = fastest non-fusedopt median / this median; launches/step = "
+        f"{what}; host ms/step = "
+        + ("time to issue a step, no sync" if info.device == "cuda"
+           else "process CPU time per step, all threads")
+        + "; extra peak MiB = memory allocated during a step beyond what existed before it. "
+        "`amp` rows of torch are its composition: upcast grads to fp32 masters, "
+        "GradScaler.unscale_, clip_grad_norm_(1.0), GradScaler.step + update, copy masters to "
+        "the bf16 params.",
+        "",
+        "## Launches vs tensor count (AdamW, 1000 elements per tensor)",
+        "",
+        _scaling_table(scaling, what),
+        "",
+        "## Goals",
+        "",
+        goals_mod.markdown(goals),
+        "",
+    ])
+    # fmt: on
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the report; return the exit status (1 when an implementation errored)."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    began, load_start = time.perf_counter(), load_average()
+    device = torch.device(args.device)
+    if args.model == "tiny":
+        args.slow_backends = True  # tiny shapes: every backend is quick enough
+    backends = backend_rows(device, args.slow_backends)
+    for name in backends:
+        if args.backends is not None and name not in args.backends:
+            backends[name] = backends[name] or "not selected (--backends)"
+    copy_size = (64 if args.quick else 256) * 2**20 * (4 if device.type == "cuda" else 1)
+    bandwidth = copy_bandwidth(device, copy_size)
+    info = RunInfo.collect(device, bandwidth.copy_gbps, bandwidth.inplace_gbps, load_start)
+
+    cases = [(o, m) for o in args.optimizers for m in args.modes]
+    planned = {
+        case: len(implementations(
+            Workload(args.model, *case, device, [], [], []), backends, args.compile_peers,
+            args.all_peers,
+        ))
+        for case in cases
+    }  # fmt: skip
+    progress = Progress(sum(planned.values()))
+    rows: list[Row] = []
+    for optimizer, mode in cases:
+        progress.show(f"{optimizer} {mode}: making the workload")
+        workload = make_workload(args.model, optimizer, mode, device)
+        for label, factory in implementations(
+            workload, backends, args.compile_peers, args.all_peers
+        ):
+            progress.show(f"{optimizer} {mode}: {label}")
+            rows.append(run_case(workload, label, factory, args, bandwidth.copy_gbps))
+            progress.advance()
+        del workload
+        _release(device, collect=True)
+    progress.show("launch scaling")
+    scaling = launch_scaling(device, backends, args.modes, args.quick)
+    progress.close()
+
+    info.load_end = load_average()
+    fill_relative(rows)
+    goals = goals_mod.evaluate(rows, info, args.model, scaling, backends)
+    wall = time.perf_counter() - began
+    text = render(args, info, backends, rows, scaling, goals, wall)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{info.device}-{args.model}-{info.date.replace(':', '')}"
+    write_csv(stem.with_suffix(".csv"), info, rows)
+    stem.with_suffix(".md").write_text(text)
+    write_plot(stem.with_suffix(".png"), info, rows, f"fusedopt vs torch: {args.model}")
+    print(f"wrote {stem}.csv, .md, .png ({wall:.0f} s)", file=sys.stderr)
+    return 1 if any(r.status.startswith("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

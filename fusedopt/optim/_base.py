@@ -1,0 +1,454 @@
+"""The one base class of fusedopt's optimizers: groups, state, master weights, validation,
+clipping and the GradScaler protocol, written once. Each algorithm module only declares its
+defaults, hyperparameter checks, state keys, per-tensor hyperparameters and call flags.
+
+A step:
+
+1. collect the params that have a grad and check every one (dtype, shape, device, sparse,
+   complex) before anything is touched; errors name the param;
+2. create missing state (lazily, as torch does);
+3. if a norm is needed (``max_grad_norm``, LAMB's global clip, or fusedopt's own scaler asking
+   for ``found_inf``), one ``grad_norm`` pass over all grads: the norm of the *unscaled*
+   grads, and the ``found_inf`` flag [note: found_inf from the norm pass];
+4. one step op per (device, call flags, state lists, master weights or not), with
+   ``grad_scale``, ``clip_coef`` and ``found_inf`` as device scalars: no host sync anywhere.
+
+[note: GradScaler protocol] ``torch.amp.GradScaler.step`` sets the attributes ``grad_scale``
+(the scale times any value the user preset, or None after ``unscale_``) and ``found_inf``,
+calls ``step()`` and deletes them. So the class must not define ``grad_scale``: the scaler
+reads ``getattr(opt, "grad_scale", 1)`` to fold in a preset value (gradient accumulation).
+Without any scaler, ``opt.grad_scale = n`` set by the user stays until deleted and divides the
+grads on load: that is how accumulating ``n`` micro-batches of summed grads becomes a mean at
+no extra pass.
+
+[note: found_inf from the norm pass] fusedopt's own scaler (``fusedopt.GradScaler``) does not
+run torch's inf-check pass (which reads *and writes* every grad). It sets
+``_fusedopt_detect_inf``; the optimizer then runs the ``grad_norm`` pass (read only) even when
+it does not clip, takes ``found_inf`` from it, skips the step on the device when it is set,
+and leaves the flag in ``_fusedopt_found_inf`` for the scaler's ``update()``. The step op
+cannot find the flag itself: it would have written some params before it met the inf. So a
+loss-scaled, clipped step reads the grads exactly twice (norm, step), as does an unclipped one.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from fusedopt import ops
+from fusedopt._validate import LOW_PRECISION, PARAM_DTYPES, check_like
+from fusedopt.clip import clip_coef as torch_clip_coef
+from fusedopt.clip import local_tensor, total_norm
+
+#: State keys that hold a 0-d step count; every other state tensor pairs with its param.
+STEP_KEY = "step"
+MASTER_KEY = "master_param"
+
+#: torch group keys that mean nothing to fusedopt (always fused): dropped on load.
+_TORCH_ONLY_KEYS = ("foreach", "fused", "differentiable")
+
+#: Keys every fusedopt group has besides the algorithm's own.
+COMMON_DEFAULTS = {"master_weights": False, "max_grad_norm": None, "backend": "auto"}
+
+
+def check_nonnegative(name: str, value: Any, label: str | None = None) -> None:
+    """torch's check: ``ValueError("Invalid <label>: <value>")`` unless ``0 <= value``."""
+    if not value >= 0.0:
+        raise ValueError(f"Invalid {label or name}: {value}")
+
+
+def check_betas(betas: Any, inclusive_upper: bool = False) -> None:
+    """torch's checks on ``betas``: two values, each in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    for i, beta in enumerate(betas):
+        upper_ok = beta <= 1.0 if inclusive_upper else beta < 1.0
+        if not (beta >= 0.0 and upper_ok):
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+
+
+def _check_lr(lr: Any) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        return  # a device lr is not read on the host (no sync)
+    check_nonnegative("lr", lr, "learning rate")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of ``fusedopt.AdamW``, ``Adam``, ``LAMB``, ``Lion`` and ``SGD``.
+
+    Subclasses set :attr:`OP` and :attr:`STATE_LISTS` and override :meth:`_check_group`,
+    :meth:`_state_keys`, :meth:`_hypers` and :meth:`_flags`.
+
+    Common keyword arguments (also group keys):
+
+    * ``master_weights``: bf16/fp16 params get an fp32 copy in ``state["master_param"]``; the
+      step updates the master and its fp32 states and writes ``master.to(param.dtype)`` into
+      the param, in one pass. On fp32 and fp64 params it does nothing: they are their own
+      master (no copy is kept and the states stay in the param's dtype).
+    * ``max_grad_norm``: clip the global L2 norm of all grads of all groups inside ``step()``
+      (``torch.nn.utils.clip_grad_norm_``'s coefficient). The pre-clip norm stays on the
+      device in :attr:`last_grad_norm`. One value for the whole optimizer: every group must
+      have the same.
+    * ``capturable``: accepted (torch's name); every fusedopt step is capturable, since step
+      counts and the common scalars live on the device and nothing syncs with the host.
+    * ``backend``: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+    * ``grad_norm_group`` (constructor only): a process group across which the params are
+      partitioned (ZeroRedundancyOptimizer); the clip norm sums over it. Every rank must step.
+    """
+
+    #: The ``fusedopt.ops`` step op this class calls.
+    OP: ClassVar[str]
+    #: state key -> the op's tensor-list name, for every state key the class may keep.
+    STATE_LISTS: ClassVar[dict[str, str]]
+    _step_supports_amp_scaling = True  # [note: GradScaler protocol]
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        grad_norm_group: Any = None,
+    ) -> None:
+        foreach, fused = defaults.pop("foreach", None), defaults.pop("fused", None)
+        del foreach, fused  # accepted for torch compatibility: fusedopt is always fused
+        if defaults.pop("differentiable", False):
+            raise ValueError(
+                f"{type(self).__name__}: differentiable=True is not supported: fused kernels "
+                "update in place and have no autograd formula"
+            )
+        self._check_group(defaults)
+        self._check_common(defaults)
+        self.grad_norm_group = grad_norm_group
+        #: The global norm of the last step's unscaled grads (before clipping), a 0-d fp32
+        #: device tensor; None until a step computes one (needs a clip or fusedopt's scaler).
+        self.last_grad_norm: Tensor | None = None
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- declarations
+    @classmethod
+    def _check_group(cls, group: dict[str, Any]) -> None:
+        """Raise ValueError (torch's messages) for invalid hyperparameters."""
+        raise NotImplementedError
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state keys a param of ``group`` needs (besides ``master_param``)."""
+        raise NotImplementedError
+
+    def _hypers(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The op's per-tensor hyperparameters for ``group``: name -> float (lr may be a Tensor)."""
+        raise NotImplementedError
+
+    def _flags(self, group: dict[str, Any]) -> dict[str, bool]:
+        """The op's per-call flags for ``group``."""
+        raise NotImplementedError
+
+    def _clip_coef(self, norm: Tensor, max_grad_norm: float) -> Tensor:
+        """The clip coefficient for the global ``norm``: torch's ``clip_grad_norm_`` form."""
+        return torch_clip_coef(norm, max_grad_norm)
+
+    def _fix_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
+        """Complete a state loaded from a foreign state dict (e.g. torch's SGD has no step)."""
+
+    def _run(
+        self,
+        lists: dict[str, list[Tensor]],
+        hypers: dict[str, Any],
+        flags: dict[str, bool],
+        params: list[Tensor],
+        **scalars: Any,
+    ) -> None:
+        """Run one op call; ``params`` are the (possibly DTensor) params of ``lists``."""
+        ops.step(self.OP, lists, hypers, flags, **scalars)
+
+    # ----------------------------------------------------------------- groups
+    @staticmethod
+    def _check_common(group: dict[str, Any]) -> None:
+        _check_lr(group["lr"])
+        max_norm = group.get("max_grad_norm")
+        if max_norm is not None and not max_norm > 0.0:
+            raise ValueError(f"Invalid max_grad_norm: {max_norm} (must be > 0 or None)")
+        backend = group.get("backend", "auto")
+        from fusedopt._contract import BACKEND_NAMES
+
+        if backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {backend!r}; choose auto or {BACKEND_NAMES}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, plus fusedopt's hyperparameter checks."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+            self._check_common(group)
+            first = self.param_groups[0].get("max_grad_norm")
+            if group.get("max_grad_norm") != first:
+                raise ValueError(
+                    f"max_grad_norm is one global clip: every group must have the same, got "
+                    f"{group.get('max_grad_norm')} and {first}"
+                )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key not in _TORCH_ONLY_KEYS:  # torch's __setstate__ adds differentiable
+                    group.setdefault(key, value)
+        self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("grad_norm_group", None)
+
+    # ----------------------------------------------------------------- step
+    def _param_name(self, group_index: int, index: int) -> str:
+        group = self.param_groups[group_index]
+        names = group.get("param_names")
+        name = f"'{names[index]}' " if names else ""
+        return f"param {name}(group {group_index}, index {index})"
+
+    def _uses_master(self, group: dict[str, Any], param: Tensor) -> bool:
+        return bool(group["master_weights"]) and param.dtype in LOW_PRECISION
+
+    def _collect(self) -> list[tuple[int, Tensor, Tensor]]:
+        """Every (group index, param, grad) to step, all checked before anything changes."""
+        where = f"fusedopt.{type(self).__name__}"
+        found = []
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                name = self._param_name(gi, i)
+                local_p, local_g = local_tensor(p), local_tensor(p.grad)
+                if local_p.dtype not in PARAM_DTYPES:
+                    raise TypeError(f"{where}: {name} has unsupported dtype {local_p.dtype}")
+                check_like(local_g, local_p, f"the grad of {name}", where, None)
+                if local_g.dtype not in (local_p.dtype, torch.float32):
+                    raise TypeError(
+                        f"{where}: the grad of {name} has dtype {local_g.dtype}; expected "
+                        f"{local_p.dtype} (the param's) or torch.float32"
+                    )
+                found.append((gi, p, p.grad))
+        return found
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        master = self._uses_master(group, p)
+        dtype = torch.float32 if master else p.dtype
+        if master and MASTER_KEY not in state:
+            state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
+        for key in self._state_keys(group):
+            if key in state:
+                continue
+            if key == STEP_KEY:
+                state[key] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
+            else:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return state
+
+    def _scalar_attribute(self, name: str) -> Tensor | None:
+        value = self.__dict__.get(name)
+        if value is None or isinstance(value, Tensor):
+            return value
+        return torch.tensor(float(value), dtype=torch.float32)
+
+    @torch.no_grad()
+    def _fused_step(self) -> None:
+        grad_scale = self._scalar_attribute("grad_scale")  # [note: GradScaler protocol]
+        found_inf = self._scalar_attribute("found_inf")
+        detect_inf = bool(self.__dict__.get("_fusedopt_detect_inf", False))
+        entries = self._collect()
+        max_norm = self.param_groups[0]["max_grad_norm"] if self.param_groups else None
+        for gi, p, _ in entries:
+            self._init_state(self.param_groups[gi], p)
+
+        coef = None
+        if max_norm is not None or detect_inf:
+            grads = [g for _, _, g in entries]
+            if grad_scale is not None and grads:
+                grad_scale = grad_scale.to(local_tensor(grads[0]).device)
+            norm, norm_found_inf = total_norm(
+                grads,
+                2.0,
+                grad_scale=grad_scale,
+                process_group=self.grad_norm_group,
+                backend=self.param_groups[0]["backend"],
+            )
+            self.last_grad_norm = norm
+            if detect_inf:  # [note: found_inf from the norm pass]
+                found_inf = norm_found_inf if found_inf is None else found_inf + norm_found_inf
+                self._fusedopt_found_inf = found_inf
+            if max_norm is not None:
+                coef = self._clip_coef(norm, float(max_norm))
+
+        calls: dict[tuple, dict[str, Any]] = {}
+        per_group: dict[int, tuple] = {}
+        for gi, p, g in entries:
+            group = self.param_groups[gi]
+            if gi not in per_group:
+                per_group[gi] = (self._state_keys(group), self._flags(group), self._hypers(group))
+            keys, flags, hypers = per_group[gi]
+            state = self.state[p]
+            master = self._uses_master(group, p)
+            local_p = local_tensor(p)
+            key = (local_p.device, tuple(sorted(flags.items())), keys, master, group["backend"])
+            call = calls.setdefault(key, {"params": [], "lists": {}, "hypers": [], "flags": flags})
+            call["params"].append(p)
+            lists = call["lists"]
+            lists.setdefault("params", []).append(local_p)
+            lists.setdefault("grads", []).append(local_tensor(g))
+            for k in keys:
+                lists.setdefault(self.STATE_LISTS[k], []).append(local_tensor(state[k]))
+            if master:
+                lists.setdefault("master_params", []).append(local_tensor(state[MASTER_KEY]))
+            call["hypers"].append(hypers)
+
+        for (device, _, _, _, backend), call in calls.items():
+            scalars = {
+                "grad_scale": grad_scale.to(device) if grad_scale is not None else None,
+                "clip_coef": coef.to(device) if coef is not None else None,
+                "found_inf": found_inf.to(device) if found_inf is not None else None,
+            }
+            hypers = _merge_hypers(call["hypers"], device)
+            self._run(
+                call["lists"], hypers, call["flags"], call["params"], backend=backend, **scalars
+            )
+
+    def step(self, closure: Any = None) -> Any:
+        """One optimizer step over every param that has a grad; returns ``closure()``'s loss.
+
+        Reads ``grad_scale`` / ``found_inf`` attributes when a GradScaler set them
+        ([note: GradScaler protocol]); makes no host sync.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._fused_step()
+        return loss
+
+    # ----------------------------------------------------------------- state dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, checked first and cast to fusedopt's state dtypes.
+
+        Accepts torch.optim state dicts of the same algorithm. Every mismatch (group or param
+        counts, an unknown state key, a state tensor whose shape does not fit its param, an
+        invalid hyperparameter) raises naming the param before anything changes. Moments are
+        fp32 when the param is fp32 or keeps a master copy, else in the param's dtype; steps
+        become 0-d fp32 tensors on the param's device.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        new_groups, id_map = [], {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"loaded state dict contains a parameter group (group {gi}) that doesn't "
+                    "match the size of optimizer's group"
+                )
+            new_group = {k: v for k, v in saved.items() if k != "params"}
+            new_group["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                new_group["param_names"] = group["param_names"]
+            for key, value in self.defaults.items():
+                new_group.setdefault(key, value)
+            for key in _TORCH_ONLY_KEYS:
+                new_group.pop(key, None)
+            try:
+                self._check_group(new_group)
+                self._check_common(new_group)
+            except ValueError as error:
+                raise ValueError(f"loaded state dict, param group {gi}: {error}") from None
+            new_groups.append(new_group)
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+                id_map[pid] = (gi, i, p)
+        if len({g.get("max_grad_norm") for g in new_groups}) > 1:
+            raise ValueError("loaded state dict: groups have different max_grad_norm")
+
+        new_state: dict[Tensor, dict[str, Any]] = {}
+        for pid, saved_state in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"loaded state dict has state for unknown param id {pid!r}")
+            gi, i, p = id_map[pid]
+            new_state[p] = self._cast_state(new_groups[gi], p, saved_state, gi, i)
+        for group in new_groups:
+            for p in group["params"]:
+                if p in new_state:
+                    self._fix_loaded_state(group, p, new_state[p])
+        state: defaultdict = defaultdict(dict)
+        state.update(new_state)
+        self.__setstate__({"state": state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _cast_state(self, group, p: Tensor, saved: dict, gi: int, i: int) -> dict[str, Any]:
+        """Check one param's saved state and cast it to this optimizer's layout."""
+        where = f"loaded state dict, {self._param_name(gi, i)}"
+        allowed = set(self.STATE_LISTS) | {MASTER_KEY}
+        unknown = set(saved) - allowed
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown state keys {sorted(unknown)} for {type(self).__name__} "
+                f"(expected some of {sorted(allowed)})"
+            )
+        master = self._uses_master(group, p)
+        if MASTER_KEY in saved and not master:
+            raise ValueError(
+                f"{where}: has a master_param but the param is {p.dtype} with "
+                f"master_weights={group['master_weights']}"
+            )
+        device = local_tensor(p).device
+        out: dict[str, Any] = {}
+        for key, value in saved.items():
+            if key == STEP_KEY:
+                value = torch.as_tensor(value)
+                if value.numel() != 1:
+                    raise ValueError(f"{where}: step must hold one number, has shape {value.shape}")
+                out[key] = value.detach().reshape(()).to(dtype=torch.float32, device=device)
+                continue
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value)}")
+            if value.shape != p.shape:
+                raise ValueError(
+                    f"{where}: state {key!r} has shape {tuple(value.shape)} but the param has "
+                    f"{tuple(p.shape)}"
+                )
+            dtype = torch.float32 if (master or key == MASTER_KEY) else p.dtype
+            out[key] = value.detach().to(dtype=dtype, device=p.device, copy=True)
+        return out
+
+
+def _merge_hypers(per_param: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """One list per hyperparameter from each param's values; a tensor lr stays on the device:
+    one shared 0-d tensor is passed as is (CUDA-graph friendly), mixed ones become a vector."""
+    merged: dict[str, Any] = {}
+    for name in per_param[0]:
+        values = [h[name] for h in per_param]
+        if name != "lr" or not any(isinstance(v, Tensor) for v in values):
+            merged[name] = [float(v) for v in values]
+        elif all(v is values[0] for v in values):
+            merged[name] = _device_lr(values[0], device)
+        else:
+            merged[name] = torch.cat(
+                [
+                    _device_lr(v, device).reshape(1)
+                    if isinstance(v, Tensor)
+                    else torch.full((1,), float(v), device=device)
+                    for v in values
+                ]
+            )
+    return merged
+
+
+def _device_lr(lr: Tensor, device: torch.device) -> Tensor:
+    return lr.detach().reshape(()).to(device=device, dtype=torch.float32)

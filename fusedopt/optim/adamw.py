@@ -1,0 +1,124 @@
+"""``fusedopt.AdamW`` and ``fusedopt.Adam``: torch.optim's constructors, one ``adamw_`` op."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
+
+
+class Adam(FusedOptimizer):
+    """``torch.optim.Adam`` (L2 weight decay ``g += wd*p``; ``decoupled_weight_decay=True`` is
+    AdamW), fused. Same arguments and defaults as torch; ``foreach``/``fused`` are accepted
+    and ignored. See :class:`~fusedopt.optim._base.FusedOptimizer` for ``master_weights``,
+    ``max_grad_norm``, ``capturable`` and ``backend``.
+
+    State per param: ``step`` (0-d fp32, on the param's device), ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq`` (amsgrad), ``master_param`` (master weights).
+    """
+
+    OP = "adamw_"
+    STATE_LISTS: ClassVar[dict[str, str]] = {
+        "step": "steps",
+        "exp_avg": "exp_avgs",
+        "exp_avg_sq": "exp_avg_sqs",
+        "max_exp_avg_sq": "max_exp_avg_sqs",
+    }
+    #: AdamW is decoupled whatever a loaded group says.
+    _ALWAYS_DECOUPLED = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
+        backend: str = "auto",
+        grad_norm_group: Any = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(float(b) for b in betas) if _pair(betas) else betas, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
+            master_weights=master_weights, max_grad_norm=max_grad_norm, backend=backend,
+            foreach=foreach, fused=fused, differentiable=differentiable,
+        )  # fmt: skip
+        super().__init__(params, defaults, grad_norm_group)
+
+    @classmethod
+    def _check_group(cls, group: dict[str, Any]) -> None:
+        check_nonnegative("eps", group["eps"], "epsilon value")
+        check_betas(group["betas"])
+        check_nonnegative("weight_decay", group["weight_decay"], "weight_decay value")
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        base = ("step", "exp_avg", "exp_avg_sq")
+        return (*base, "max_exp_avg_sq") if group["amsgrad"] else base
+
+    def _hypers(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return dict(
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )  # fmt: skip
+
+    def _flags(self, group: dict[str, Any]) -> dict[str, bool]:
+        return dict(
+            decoupled=self._ALWAYS_DECOUPLED or bool(group["decoupled_weight_decay"]),
+            amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
+            bias_correction=True,
+        )  # fmt: skip
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW`` (decoupled weight decay ``p *= 1 - lr*wd``), fused.
+
+    Same arguments and defaults as torch (``weight_decay=1e-2``); ``foreach``/``fused`` are
+    accepted and ignored. See :class:`Adam` for the state and the fusedopt extras.
+    """
+
+    _ALWAYS_DECOUPLED = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
+        backend: str = "auto",
+        grad_norm_group: Any = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=True, master_weights=master_weights,
+            max_grad_norm=max_grad_norm, backend=backend, grad_norm_group=grad_norm_group,
+        )  # fmt: skip
+
+
+def _pair(betas: Any) -> bool:
+    return isinstance(betas, (tuple, list)) and len(betas) == 2

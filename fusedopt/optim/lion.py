@@ -1,0 +1,70 @@
+"""``fusedopt.Lion``: lion-pytorch's constructor, one ``lion_`` op."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
+
+
+class Lion(FusedOptimizer):
+    """Lion (Chen et al. 2023) with lion-pytorch's arguments and defaults, fused.
+
+    ``p *= 1 - lr*wd; p -= lr * sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g`` with
+    ``sign(0) = 0``. As in lion-pytorch, ``decoupled_weight_decay=True`` divides the weight
+    decay by the constructor's lr (so the decay does not shrink with a scheduled lr);
+    ``use_triton`` is accepted and ignored (the backend decides). ``maximize`` is a fusedopt
+    extra. State per param: ``exp_avg`` (and ``master_param``); Lion keeps no step count.
+    """
+
+    OP = "lion_"
+    STATE_LISTS: ClassVar[dict[str, str]] = {"exp_avg": "exp_avgs"}
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        use_triton: bool = False,
+        decoupled_weight_decay: bool = False,
+        *,
+        maximize: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
+        backend: str = "auto",
+        grad_norm_group: Any = None,
+    ) -> None:
+        del use_triton  # lion-pytorch's kernel switch; fusedopt picks by `backend`
+        if not isinstance(lr, Tensor) and not lr > 0.0:
+            raise ValueError(f"Invalid learning rate: {lr} (Lion needs lr > 0)")
+        self._init_lr = float(lr)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+            capturable=capturable, master_weights=master_weights, max_grad_norm=max_grad_norm,
+            backend=backend,
+        )  # fmt: skip
+        super().__init__(params, defaults, grad_norm_group)
+
+    @classmethod
+    def _check_group(cls, group: dict[str, Any]) -> None:
+        check_betas(group["betas"], inclusive_upper=True)  # lion-pytorch allows 1.0
+        check_nonnegative("weight_decay", group["weight_decay"], "weight_decay value")
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg",)
+
+    def _hypers(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
+        if group["decoupled_weight_decay"]:
+            wd = wd / getattr(self, "_init_lr", self.defaults["lr"])
+        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=wd)
+
+    def _flags(self, group: dict[str, Any]) -> dict[str, bool]:
+        return dict(maximize=bool(group["maximize"]))

@@ -1,0 +1,81 @@
+"""``fusedopt.SGD``: torch.optim.SGD's constructor, one ``sgd_`` op."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from fusedopt.clip import local_tensor
+from fusedopt.optim._base import FusedOptimizer, check_nonnegative
+
+
+class SGD(FusedOptimizer):
+    """``torch.optim.SGD`` (momentum, dampening, Nesterov, L2 weight decay, maximize), fused.
+
+    Same arguments and defaults as torch; ``foreach``/``fused`` are accepted and ignored. See
+    :class:`~fusedopt.optim._base.FusedOptimizer` for the fusedopt extras.
+
+    State per param, only when ``momentum != 0``: ``momentum_buffer`` and ``step`` (0-d fp32
+    on the device). torch's SGD has no ``step``: the ``sgd_`` op needs it to apply torch's
+    first-step rule (``buf = g``) on the device without a host sync. A fusedopt state dict
+    loads into torch.optim.SGD as is (torch ignores ``step``); a torch SGD state dict that
+    has a ``momentum_buffer`` but no ``step`` loads with ``step = 1`` (the buffer exists, so
+    its first step is behind it).
+    """
+
+    OP = "sgd_"
+    STATE_LISTS: ClassVar[dict[str, str]] = {"step": "steps", "momentum_buffer": "momentum_buffers"}
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        capturable: bool = False,
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
+        backend: str = "auto",
+        grad_norm_group: Any = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, capturable=capturable,
+            master_weights=master_weights, max_grad_norm=max_grad_norm, backend=backend,
+            foreach=foreach, fused=fused, differentiable=differentiable,
+        )  # fmt: skip
+        super().__init__(params, defaults, grad_norm_group)
+
+    @classmethod
+    def _check_group(cls, group: dict[str, Any]) -> None:
+        check_nonnegative("momentum", group["momentum"], "momentum value")
+        check_nonnegative("weight_decay", group["weight_decay"], "weight_decay value")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("step", "momentum_buffer") if group["momentum"] != 0 else ()
+
+    def _hypers(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+        )  # fmt: skip
+
+    def _flags(self, group: dict[str, Any]) -> dict[str, bool]:
+        return dict(nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
+
+    def _fix_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
+        if "momentum_buffer" in state and "step" not in state:
+            device = local_tensor(param).device
+            state["step"] = torch.ones((), dtype=torch.float32, device=device)

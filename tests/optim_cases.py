@@ -1,0 +1,178 @@
+"""Shared cases for the optimizer-class tests: one registry, one tolerance table, one driver.
+
+[note: driven trajectories] Every optimizer under test follows the same stream of grads: a
+small fp64 "driver" model trains with the oracle optimizer (the same fusedopt class on the
+``reference`` backend, in float64), and at each step its grads, rounded to each run's grad
+dtype, are handed to every other run. The runs are thus compared on the optimizer alone: no
+model feedback amplifies rounding into divergence, so the tolerances below stay tight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+import fusedopt
+
+
+def usable_backends(device: str = "cpu") -> list[str]:
+    """The backends that can run on ``device`` here (new ones join when they land)."""
+    return [
+        name
+        for name, status in fusedopt.backends().items()
+        if status.usable and device in status.devices
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One optimizer configuration, and torch's twin where torch has the algorithm."""
+
+    name: str
+    cls: type
+    kwargs: dict[str, Any]
+    torch_cls: type | None = None
+    torch_kwargs: dict[str, Any] | None = None
+
+
+CASES = [
+    Case(
+        "adamw",
+        fusedopt.AdamW,
+        dict(lr=1e-2, weight_decay=0.1),
+        torch.optim.AdamW,
+        dict(lr=1e-2, weight_decay=0.1),
+    ),
+    Case(
+        "adamw_amsgrad_maximize",
+        fusedopt.AdamW,
+        dict(lr=1e-2, betas=(0.8, 0.99), amsgrad=True, maximize=True),
+        torch.optim.AdamW,
+        dict(lr=1e-2, betas=(0.8, 0.99), amsgrad=True, maximize=True),
+    ),
+    Case(
+        "adam_l2",
+        fusedopt.Adam,
+        dict(lr=1e-2, weight_decay=0.1),
+        torch.optim.Adam,
+        dict(lr=1e-2, weight_decay=0.1),
+    ),
+    Case(
+        "sgd_momentum",
+        fusedopt.SGD,
+        dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01),
+        torch.optim.SGD,
+        dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    ),
+    Case(
+        "sgd_nesterov",
+        fusedopt.SGD,
+        dict(lr=1e-2, momentum=0.9, nesterov=True),
+        torch.optim.SGD,
+        dict(lr=1e-2, momentum=0.9, nesterov=True),
+    ),
+    Case("sgd_plain", fusedopt.SGD, dict(lr=1e-2), torch.optim.SGD, dict(lr=1e-2)),
+    Case("lamb", fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.01)),
+    Case("lamb_trust_clip", fusedopt.LAMB, dict(lr=1e-2, trust_clip=True, always_adapt=True)),
+    Case("lion", fusedopt.Lion, dict(lr=1e-3, weight_decay=0.1)),
+]
+CASE_IDS = [case.name for case in CASES]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+    why: str
+
+
+#: [note: driven trajectories] one entry per storage dtype, each with its reason.
+TOLERANCES = {
+    # fp32 storage (or fp32 masters) against the fp64 oracle after 50 driven steps: each step
+    # rounds each value a few times at 2^-24 relative; Adam/LAMB divide by sqrt(v) + eps, which
+    # amplifies a relative error of v by at most 1/2; 50 steps accumulate ~50 such errors.
+    # Observed (reference backend, these sizes): max |err| / (atol + rtol*|want|) = 0.22
+    # (Lion), 0.17 (AMSGrad), <= 0.1 for the rest: a 4.5x margin at worst.
+    torch.float32: Tolerance(1e-5, 1e-6, "fp32 rounding, 50 steps"),
+    # One step of bf16 storage from identical inputs: the result is one bf16 rounding of the
+    # fp32 value, i.e. within 2^-8 relative.
+    torch.bfloat16: Tolerance(2**-8, 1e-6, "one bf16 rounding"),
+    # One step of fp16 storage from identical inputs: one fp16 rounding, 2^-11 relative.
+    torch.float16: Tolerance(2**-11, 1e-6, "one fp16 rounding"),
+}
+
+#: torch.optim in fp32 against fusedopt in fp32, both fed the same fp32 grads: the same fp32
+#: math in a different order of operations; a few ulps per step, over 50 steps. Observed at
+#: most 0.06 of this bound (AMSGrad).
+TORCH_TOLERANCE = Tolerance(2e-5, 2e-6, "fp32 vs fp32, different operation order, 50 steps")
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    """A small MLP with an unused param (no grad: must be skipped) and odd sizes."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+    model.register_parameter("unused", torch.nn.Parameter(torch.randn(5)))
+    return model.double()
+
+
+#: Where the param without a grad sits in ``make_model().parameters()``.
+UNUSED = [name for name, _ in make_model().named_parameters()].index("unused")
+
+
+def batches(steps: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(16, 7, generator=g, dtype=torch.float64),
+         torch.randn(16, 3, generator=g, dtype=torch.float64))
+        for _ in range(steps)
+    ]  # fmt: skip
+
+
+def clone_params(model: torch.nn.Module, dtype: torch.dtype, device: str = "cpu"):
+    """Leaf copies of the model's params in ``dtype`` (a run's own params)."""
+    return [
+        torch.nn.Parameter(p.detach().to(device=device, dtype=dtype).clone())
+        for p in model.parameters()
+    ]
+
+
+def drive(
+    case_kwargs: dict[str, Any],
+    cls: type,
+    runs: list[tuple[torch.optim.Optimizer, list[torch.nn.Parameter], torch.dtype]],
+    steps: int = 50,
+    model: torch.nn.Module | None = None,
+    oracle_grad_dtype: torch.dtype | None = None,
+):
+    """[note: driven trajectories] Train the fp64 driver (``make_model()`` unless given) with
+    the oracle for ``steps``; each run gets the driver's grads rounded to its grad dtype. With
+    ``oracle_grad_dtype`` the oracle's own grads are rounded to it first (low-precision grads:
+    the oracle must see the same inputs)."""
+    model = make_model() if model is None else model
+    oracle = cls(model.parameters(), **case_kwargs, backend="reference")
+    for x, y in batches(steps):
+        oracle.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if oracle_grad_dtype is not None:
+            for q in model.parameters():
+                if q.grad is not None:
+                    q.grad = q.grad.to(oracle_grad_dtype).double()
+        for _, params, grad_dtype in runs:
+            for p, q in zip(params, model.parameters(), strict=True):
+                p.grad = None if q.grad is None else q.grad.to(p.device, grad_dtype)
+        oracle.step()
+        for opt, _, _ in runs:
+            opt.step()
+    return model, oracle
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, what: str) -> None:
+    torch.testing.assert_close(
+        got.double().cpu(),
+        want.double().cpu(),
+        rtol=tol.rtol,
+        atol=tol.atol,
+        msg=lambda m: f"{what}: {m} ({tol.why})",
+    )

@@ -1,0 +1,145 @@
+"""state_dict: exact round trips, torch.optim interchange, and state dicts that do not fit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from optim_cases import CASE_IDS, CASES, TORCH_TOLERANCE, assert_close, clone_params, make_model
+
+import fusedopt
+
+
+def _grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def _train(opt, params, seeds):
+    for seed in seeds:
+        _grads(params, seed)
+        opt.step()
+
+
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_round_trip_is_exact(case, master):
+    dtype = torch.bfloat16 if master else torch.float32
+    params = clone_params(make_model(), dtype)
+    opt = case.cls(params, **case.kwargs, master_weights=master)
+    _train(opt, params, range(3))
+    saved = copy.deepcopy(opt.state_dict())
+    if master:
+        assert all("master_param" in s for s in saved["state"].values())
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = case.cls(twin_params, **case.kwargs, master_weights=master)
+    twin.load_state_dict(saved)
+    reloaded = twin.state_dict()
+    assert reloaded["param_groups"] == saved["param_groups"]
+    for pid, state in saved["state"].items():
+        assert set(reloaded["state"][pid]) == set(state)
+        for key, value in state.items():
+            assert reloaded["state"][pid][key].dtype == value.dtype
+            assert torch.equal(reloaded["state"][pid][key], value), key
+    _train(opt, params, range(3, 6))
+    _train(twin, twin_params, range(3, 6))
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)
+
+
+TORCH_CASES = [case for case in CASES if case.torch_cls is not None]
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=[c.name for c in TORCH_CASES])
+def test_torch_state_dict_loads_and_goes_back(case):
+    """torch trains 3 steps -> fusedopt loads and trains 3 -> torch loads and trains 3; equal
+    to torch alone for 9 steps."""
+    ref_params = clone_params(make_model(), torch.float32)
+    ref = case.torch_cls(ref_params, **case.torch_kwargs)
+    _train(ref, ref_params, range(9))
+
+    params = clone_params(make_model(), torch.float32)
+    torch_opt = case.torch_cls(params, **case.torch_kwargs)
+    _train(torch_opt, params, range(3))
+    ours = case.cls(params, **case.kwargs)
+    ours.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    for state in ours.state.values():
+        if "step" in state:
+            assert state["step"].dtype == torch.float32 and state["step"].dim() == 0
+    _train(ours, params, range(3, 6))
+    back = case.torch_cls(params, **case.torch_kwargs)
+    back.load_state_dict(copy.deepcopy(ours.state_dict()))
+    _train(back, params, range(6, 9))
+    for i, (p, q) in enumerate(zip(params, ref_params, strict=True)):
+        assert_close(p, q, TORCH_TOLERANCE, f"param {i}")
+
+
+def test_torch_sgd_state_without_step_gets_step_one():
+    params = clone_params(make_model(), torch.float32)
+    torch_opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    _train(torch_opt, params, range(1))
+    ours = fusedopt.SGD(params, lr=0.1, momentum=0.9)
+    ours.load_state_dict(torch_opt.state_dict())
+    for state in ours.state.values():
+        assert state["step"].item() == 1.0
+    # The next step must use the loaded buffer (buf = mu*buf + g), not restart it (buf = g).
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    torch_twin = torch.optim.SGD(twin, lr=0.1, momentum=0.9)
+    torch_twin.load_state_dict(torch_opt.state_dict())
+    _train(ours, params, [7])
+    _train(torch_twin, twin, [7])
+    for p, q in zip(params, twin, strict=True):
+        assert_close(p, q, TORCH_TOLERANCE, "after load")
+
+
+def _trained_adamw():
+    params = clone_params(make_model(), torch.float32)
+    opt = fusedopt.AdamW(params, lr=1e-2)
+    _train(opt, params, range(2))
+    return params, opt
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def _unchanged(opt, params, before):
+    values, sd = before
+    assert all(torch.equal(p, v) for p, v in zip(params, values, strict=True))
+    now = opt.state_dict()
+    assert now["param_groups"] == sd["param_groups"]
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            assert torch.equal(now["state"][pid][key], value)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda sd: sd["state"][1].__setitem__("exp_avg", torch.zeros(2, 2)), "group 0, index 1"),
+        (lambda sd: sd["state"][2].__setitem__("momentum_buffer", torch.zeros(1)), "unknown state"),
+        (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), "number of parameter"),
+        (lambda sd: sd["param_groups"][0]["params"].pop(), "size of optimizer's group"),
+        (lambda sd: sd["param_groups"][0].__setitem__("eps", -1.0), "Invalid epsilon"),
+        (lambda sd: sd["state"][0].__setitem__("step", torch.zeros(3)), "step must hold one"),
+    ],
+    ids=["shape", "unknown-key", "groups", "params", "hyper", "step"],
+)
+def test_state_dict_that_does_not_fit_raises_before_changing_anything(mutate, match):
+    params, opt = _trained_adamw()
+    before = _snapshot(opt, params)
+    bad = copy.deepcopy(opt.state_dict())
+    mutate(bad)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(bad)
+    _unchanged(opt, params, before)
+
+
+def test_master_param_for_fp32_param_is_refused():
+    params, opt = _trained_adamw()
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][0]["master_param"] = params[0].detach().clone()
+    with pytest.raises(ValueError, match="master_param"):
+        opt.load_state_dict(bad)
