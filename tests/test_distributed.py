@@ -24,7 +24,15 @@ import fusedopt
 
 WORLD = 2
 STEPS = 4
-SCENARIOS = ["ddp", "fsdp2_adamw", "fsdp2_lamb", "fsdp2_clip_grad_norm", "zero", "dcp"]
+SCENARIOS = [
+    "ddp",
+    "fsdp2_adamw",
+    "fsdp2_lamb",
+    "fsdp2_clip_grad_norm",
+    "fsdp2_scaler_skips_together",
+    "zero",
+    "dcp",
+]
 
 
 def _model() -> torch.nn.Module:
@@ -138,6 +146,33 @@ def scenario_fsdp2_clip_grad_norm(rank):
     _close(norm, want_norm, "norm")
     for p, q in zip(model.parameters(), want.parameters(), strict=True):
         _close(p.grad.full_tensor(), q.grad, "clipped grad")
+
+
+def scenario_fsdp2_scaler_skips_together(rank):
+    """An inf in rank 0's shard only: the all-reduced found_inf makes both ranks skip (no
+    param moves anywhere) and both scalers back off alike."""
+    model = _fsdp2(_model())
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.5)
+    scaler = fusedopt.GradScaler("cpu", init_scale=2.0**8)
+    for step in range(2):
+        x, y = _batch(step)
+        opt.zero_grad()
+        out = model(_local_half(x, rank))
+        scaler.scale(torch.nn.functional.mse_loss(out, _local_half(y, rank))).backward()
+        before = [p.full_tensor().clone() for p in model.parameters()]
+        if rank == 0 and step == 0:
+            with torch.no_grad():
+                next(iter(model.parameters())).grad.to_local().view(-1)[0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        moved = [
+            not torch.equal(p.full_tensor(), b)
+            for p, b in zip(model.parameters(), before, strict=True)
+        ]
+        if step == 0:
+            assert scaler.get_scale() == 2.0**7 and not any(moved)
+        else:
+            assert scaler.get_scale() == 2.0**7 and all(moved)
 
 
 def scenario_zero(rank):
