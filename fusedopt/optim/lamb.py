@@ -103,7 +103,7 @@ class LAMB(FusedOptimizer):
     def _run(self, lists, hypers, flags, params, **scalars) -> None:
         groups = [_reduce_groups(p, None) for p in params]
         if not any(groups):
-            ops.step(self.OP, lists, hypers, flags, **scalars)
+            ops.step(self.OP, lists, hypers, flags, **scalars, _checked=True)
             return
         if len(set(groups)) != 1:
             raise NotImplementedError(
