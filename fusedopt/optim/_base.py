@@ -214,8 +214,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _uses_master(self, group: dict[str, Any], param: Tensor) -> bool:
         return bool(group["master_weights"]) and param.dtype in LOW_PRECISION
 
-    def _collect(self) -> list[tuple[int, Tensor, Tensor, Tensor, Tensor]]:
-        """Every (group index, param, grad, local param, local grad) to step, all checked
+    def _collect(self) -> list[tuple[int, int, Tensor, Tensor, Tensor, Tensor]]:
+        """Every (group index, index, param, grad, local param, local grad) to step, all checked
         before anything changes. The common case (a grad with its param's shape, strides,
         device and dtype) is recognised in a few attribute reads; anything else goes through
         the full checks, which raise naming the param."""
@@ -235,21 +235,37 @@ class FusedOptimizer(torch.optim.Optimizer):
                     and local_p.is_contiguous()
                     and local_g.is_contiguous()
                 ):
-                    self._check_grad(gi, i, local_p, local_g)
-                found.append((gi, p, g, local_p, local_g))
+                    local_g = self._check_grad(gi, i, local_p, local_g)
+                found.append((gi, i, p, g, local_p, local_g))
         return found
 
-    def _check_grad(self, gi: int, i: int, local_p: Tensor, local_g: Tensor) -> None:
+    def _check_grad(self, gi: int, i: int, local_p: Tensor, local_g: Tensor) -> Tensor:
+        """Check an uncommon grad, naming the param; returns the grad to step with.
+
+        A real, strided grad of the right shape whose memory layout differs from the param's
+        (say a contiguous grad set by hand on a channels_last param; autograd gives grads the
+        param's layout) is copied into the param's layout: torch accepts it, and the kernels
+        pair elements by position. That copy is the only extra pass, and only in this case.
+        """
         where, name = f"fusedopt.{type(self).__name__}", self._param_name(gi, i)
         if local_p.dtype not in PARAM_DTYPES:
             raise TypeError(f"{where}: {name} has unsupported dtype {local_p.dtype}")
         check_tensor(local_p, name, where)
+        if (
+            local_g.layout == torch.strided
+            and not local_g.is_complex()
+            and local_g.shape == local_p.shape
+            and local_g.device == local_p.device
+            and local_g.stride() != local_p.stride()
+        ):
+            local_g = torch.empty_like(local_p, dtype=local_g.dtype).copy_(local_g)
         check_like(local_g, local_p, f"the grad of {name}", where, None)
         if local_g.dtype not in (local_p.dtype, torch.float32):
             raise TypeError(
                 f"{where}: the grad of {name} has dtype {local_g.dtype}; expected "
                 f"{local_p.dtype} (the param's) or torch.float32"
             )
+        return local_g
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
         """Create the missing state of ``p``.
@@ -284,13 +300,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         found_inf = self._scalar_attribute("found_inf")
         detect_inf = bool(self.__dict__.get("_fusedopt_detect_inf", False))
         entries = self._collect()
-        max_norm = self.param_groups[0]["max_grad_norm"] if self.param_groups else None
-        for gi, p, *_ in entries:
+        for gi, _, p, *_ in entries:
             self._init_state(self.param_groups[gi], p)
+        calls = self._plan(entries)
 
         coef = None
+        max_norm = self.param_groups[0]["max_grad_norm"] if self.param_groups else None
         if max_norm is not None or detect_inf:
-            grads = [g for _, _, g, _, _ in entries]
+            grads = [entry[3] for entry in entries]
             if grad_scale is not None and grads:
                 grad_scale = grad_scale.to(local_tensor(grads[0]).device)
             norm, norm_found_inf = total_norm(
@@ -307,31 +324,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             if max_norm is not None:
                 coef = self._clip_coef(norm, float(max_norm))
 
-        calls: dict[tuple, _Call] = {}
-        per_group: dict[int, tuple] = {}
-        for gi, p, _, local_p, local_g in entries:
-            info = per_group.get(gi)
-            if info is None:
-                group = self.param_groups[gi]
-                keys, flags = self._state_keys(group), self._flags(group)
-                names = tuple(self.STATE_LISTS[k] for k in keys)
-                info = (
-                    group,
-                    keys,
-                    names,
-                    flags,
-                    tuple(sorted(flags.items())),
-                    self._hypers(group),
-                )
-                per_group[gi] = info
-            group, keys, names, flags, flag_key, hypers = info
-            master = self._uses_master(group, p)
-            key = (local_p.device, flag_key, keys, master, group["backend"])
-            call = calls.get(key)
-            if call is None:
-                call = calls[key] = _Call(flags, names, master)
-            call.add(p, local_p, local_g, self.state[p], keys, hypers)
-
         for (device, _, _, _, backend), call in calls.items():
             scalars = {
                 "grad_scale": grad_scale.to(device) if grad_scale is not None else None,
@@ -340,6 +332,45 @@ class FusedOptimizer(torch.optim.Optimizer):
             }
             hypers = _merge_hypers(call.hyper_runs, device)
             self._run(call.lists, hypers, call.flags, call.params, backend=backend, **scalars)
+
+    def _plan(self, entries: list[tuple]) -> dict[tuple, _Call]:
+        """Group the params into op calls: one per (device, flags, state keys, master weights
+        or not, backend); check each state tensor still fits ([note: checked once])."""
+        calls: dict[tuple, _Call] = {}
+        per_group: dict[int, tuple] = {}
+        for gi, i, p, _, local_p, local_g in entries:
+            info = per_group.get(gi)
+            if info is None:
+                group = self.param_groups[gi]
+                keys, flags = self._state_keys(group), self._flags(group)
+                names = tuple(self.STATE_LISTS[k] for k in keys)
+                flag_key = tuple(sorted(flags.items()))
+                info = per_group[gi] = (group, keys, names, flags, flag_key, self._hypers(group))
+            group, keys, names, flags, flag_key, hypers = info
+            master = self._uses_master(group, p)
+            key = (local_p.device, flag_key, keys, master, group["backend"])
+            call = calls.get(key)
+            if call is None:
+                call = calls[key] = _Call(flags, names, master)
+            state = self.state[p]
+            local_states = [local_tensor(state[k]) for k in keys]
+            dtype = torch.float32 if master else local_p.dtype
+            for k, t in zip(keys, local_states, strict=True):
+                if not _fits(t, local_p, k, dtype):
+                    raise RuntimeError(
+                        f"fusedopt.{type(self).__name__}: state {k!r} of "
+                        f"{self._param_name(gi, i)} no longer fits it "
+                        f"(shape {tuple(t.shape)}, strides {t.stride()}, {t.dtype}, {t.device});"
+                        " was it replaced by hand? Load states with load_state_dict"
+                    )
+            masters = [local_tensor(state[MASTER_KEY])] if master else []
+            if masters and not _fits(masters[0], local_p, MASTER_KEY, torch.float32):
+                raise RuntimeError(
+                    f"fusedopt.{type(self).__name__}: state 'master_param' of "
+                    f"{self._param_name(gi, i)} no longer fits it"
+                )
+            call.add(p, local_p, local_g, local_states, masters, hypers)
+        return calls
 
     def step(self, closure: Any = None) -> Any:
         """One optimizer step over every param that has a grad; returns ``closure()``'s loss.
@@ -466,19 +497,30 @@ class _Call:
             self.lists["master_params"] = []
         self.hyper_runs: list[list] = []  # [hypers dict, count]: runs of params of one group
 
-    def add(self, p, local_p, local_g, state, keys, hypers) -> None:
+    def add(self, p, local_p, local_g, local_states, masters, hypers) -> None:
         self.params.append(p)
-        lists = self.lists
-        lists["params"].append(local_p)
-        lists["grads"].append(local_g)
-        for target, key in zip(self.state_lists, keys, strict=True):
-            target.append(local_tensor(state[key]))
+        self.lists["params"].append(local_p)
+        self.lists["grads"].append(local_g)
+        for target, t in zip(self.state_lists, local_states, strict=True):
+            target.append(t)
         if self.master:
-            lists["master_params"].append(local_tensor(state[MASTER_KEY]))
+            self.lists["master_params"].append(masters[0])
         if self.hyper_runs and self.hyper_runs[-1][0] is hypers:
             self.hyper_runs[-1][1] += 1
         else:
             self.hyper_runs.append([hypers, 1])
+
+
+def _fits(t: Tensor, local_p: Tensor, key: str, dtype: torch.dtype) -> bool:
+    """A state tensor still pairs with its param: what the kernels rely on."""
+    if key == STEP_KEY:
+        return t.numel() == 1 and t.dtype == torch.float32 and t.device == local_p.device
+    return (
+        t.shape == local_p.shape
+        and t.dtype == dtype
+        and t.device == local_p.device
+        and (t.stride() == local_p.stride() or (t.is_contiguous() and local_p.is_contiguous()))
+    )
 
 
 def _merge_hypers(runs: list[list], device: torch.device) -> dict[str, Any]:
