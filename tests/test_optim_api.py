@@ -356,3 +356,27 @@ def test_grad_in_another_memory_layout_is_accepted():
     same.step()
     for p, q in zip(params, twin, strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "cls,torch_cls,kwargs",
+    [
+        (fusedopt.AdamW, torch.optim.AdamW, {"amsgrad": True}),
+        (fusedopt.SGD, torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+    ],
+)
+def test_fp64_params_step_in_fp64(cls, torch_cls, kwargs):
+    params, twin = _twins(torch.float64)
+    ours, ref = cls(params, lr=1e-2, **kwargs), torch_cls(twin, lr=1e-2, **kwargs)
+    for step in range(5):
+        _grads(params, step)
+        _grads(twin, step)
+        ours.step()
+        ref.step()
+    for p, q in zip(params, twin, strict=True):
+        assert (
+            p.dtype == torch.float64
+            and ours.state[p]["momentum_buffer" if cls is fusedopt.SGD else "exp_avg"].dtype
+            == torch.float64
+        )
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
