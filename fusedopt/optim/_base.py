@@ -353,22 +353,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             if call is None:
                 call = calls[key] = _Call(flags, names, master)
             state = self.state[p]
-            local_states = [local_tensor(state[k]) for k in keys]
+            sharded = local_p is not p  # a DTensor: its states are DTensors too
+            local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
+            masters = [local_tensor(state[MASTER_KEY])] if master else []
+            layout = (local_p.shape, local_p.stride(), local_p.device)
             dtype = torch.float32 if master else local_p.dtype
-            for k, t in zip(keys, local_states, strict=True):
-                if not _fits(t, local_p, k, dtype):
+            for k, t in zip((*keys, MASTER_KEY), (*local_states, *masters), strict=False):
+                if not _fits(t, layout, k, dtype):
                     raise RuntimeError(
                         f"fusedopt.{type(self).__name__}: state {k!r} of "
                         f"{self._param_name(gi, i)} no longer fits it "
                         f"(shape {tuple(t.shape)}, strides {t.stride()}, {t.dtype}, {t.device});"
                         " was it replaced by hand? Load states with load_state_dict"
                     )
-            masters = [local_tensor(state[MASTER_KEY])] if master else []
-            if masters and not _fits(masters[0], local_p, MASTER_KEY, torch.float32):
-                raise RuntimeError(
-                    f"fusedopt.{type(self).__name__}: state 'master_param' of "
-                    f"{self._param_name(gi, i)} no longer fits it"
-                )
             call.add(p, local_p, local_g, local_states, masters, hypers)
         return calls
 
@@ -511,15 +508,17 @@ class _Call:
             self.hyper_runs.append([hypers, 1])
 
 
-def _fits(t: Tensor, local_p: Tensor, key: str, dtype: torch.dtype) -> bool:
-    """A state tensor still pairs with its param: what the kernels rely on."""
+def _fits(t: Tensor, layout: tuple, key: str, dtype: torch.dtype) -> bool:
+    """A state tensor still pairs with its param (``layout``: its shape, strides, device):
+    what the kernels rely on ([note: checked once])."""
+    shape, stride, device = layout
     if key == STEP_KEY:
-        return t.numel() == 1 and t.dtype == torch.float32 and t.device == local_p.device
+        return t.numel() == 1 and t.dtype == torch.float32 and t.device == device
     return (
-        t.shape == local_p.shape
-        and t.dtype == dtype
-        and t.device == local_p.device
-        and (t.stride() == local_p.stride() or (t.is_contiguous() and local_p.is_contiguous()))
+        t.shape == shape
+        and t.stride() == stride
+        and t.device == device
+        and (t.dtype == dtype or (key == MASTER_KEY and t.dtype == torch.float32))
     )
 
 
