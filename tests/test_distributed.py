@@ -51,18 +51,30 @@ def _local_half(x: torch.Tensor, rank: int) -> torch.Tensor:
     return x.chunk(WORLD)[rank]
 
 
-def _reference(cls, kwargs, steps=STEPS):
+def _extra_param() -> torch.nn.Parameter:
+    """A plain (unsharded) param beside FSDP2's DTensors in the same optimizer."""
+    return torch.nn.Parameter(torch.linspace(-1.0, 1.0, 5))
+
+
+def _extra_grad(extra, step):
+    if extra is not None:
+        extra.grad = torch.cos(torch.arange(5.0) + step)  # the same on every rank
+
+
+def _reference(cls, kwargs, steps=STEPS, extra=False):
     """The unsharded run: one process, the whole batch (the mean loss DDP/FSDP reproduce)."""
     model = _model()
-    opt = cls(model.parameters(), **kwargs)
+    extra = _extra_param() if extra else None
+    opt = cls([*model.parameters(), *([extra] if extra is not None else [])], **kwargs)
     norms = []
     for step in range(steps):
         x, y = _batch(step)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
+        _extra_grad(extra, step)
         opt.step()
         norms.append(opt.last_grad_norm)
-    return model, norms
+    return model, norms, extra
 
 
 def _close(got, want, what):
@@ -73,13 +85,14 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _train(model, opt, rank, steps=STEPS, start=0):
+def _train(model, opt, rank, steps=STEPS, start=0, extra=None):
     norms = []
     for step in range(start, start + steps):
         x, y = _batch(step)
         opt.zero_grad()
         out = model(_local_half(x, rank))
         torch.nn.functional.mse_loss(out, _local_half(y, rank)).backward()
+        _extra_grad(extra, step)
         opt.step()
         norms.append(getattr(opt, "last_grad_norm", None))
     return norms
@@ -99,7 +112,7 @@ def _fsdp2(model):
 
 def scenario_ddp(rank):
     kwargs = dict(lr=1e-2, max_grad_norm=0.5)
-    want, want_norms = _reference(fusedopt.AdamW, kwargs)
+    want, want_norms, _ = _reference(fusedopt.AdamW, kwargs)
     model = torch.nn.parallel.DistributedDataParallel(_model())
     norms = _train(model, fusedopt.AdamW(model.parameters(), **kwargs), rank)
     for p, q in zip(model.module.parameters(), want.parameters(), strict=True):
@@ -108,11 +121,12 @@ def scenario_ddp(rank):
         _close(got, exp, "ddp norm")
 
 
-def _fsdp2_matches(cls, kwargs, rank):
-    want, want_norms = _reference(cls, kwargs)
+def _fsdp2_matches(cls, kwargs, rank, extra=False):
+    want, want_norms, want_extra = _reference(cls, kwargs, extra=extra)
     model = _fsdp2(_model())
-    opt = cls(model.parameters(), **kwargs)
-    norms = _train(model, opt, rank)
+    extra_param = _extra_param() if extra else None
+    opt = cls([*model.parameters(), *([extra_param] if extra else [])], **kwargs)
+    norms = _train(model, opt, rank, extra=extra_param)
     from torch.distributed.tensor import DTensor
 
     for p, q in zip(model.parameters(), want.parameters(), strict=True):
@@ -121,6 +135,8 @@ def _fsdp2_matches(cls, kwargs, rank):
         for key, value in opt.state[p].items():
             if key != "step":  # states are DTensors with the param's placements (for DCP)
                 assert isinstance(value, DTensor) and value.placements == p.placements, key
+    if extra:
+        _close(extra_param, want_extra, f"{cls.__name__} plain param")
     for got, exp in zip(norms, want_norms, strict=True):
         _close(got, exp, f"{cls.__name__} global norm")  # all-reduced = the unsharded norm
 
@@ -131,8 +147,9 @@ def scenario_fsdp2_adamw(rank):
 
 def scenario_fsdp2_lamb(rank):
     # weight_decay != 0: the trust ratio (per-tensor norms over whole tensors) is in play, and
-    # max_grad_norm=1.0 (timm's default) clips on the global norm.
-    _fsdp2_matches(fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.1), rank)
+    # max_grad_norm=1.0 (timm's default) clips on the global norm. A plain param rides along
+    # in the same optimizer (it takes the fused op, the shards the all-reduced path).
+    _fsdp2_matches(fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.1), rank, extra=True)
 
 
 def scenario_fsdp2_clip_grad_norm(rank):
@@ -179,7 +196,7 @@ def scenario_zero(rank):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     kwargs = dict(lr=1e-2, max_grad_norm=0.5)
-    want, _ = _reference(fusedopt.AdamW, kwargs)
+    want, _, _ = _reference(fusedopt.AdamW, kwargs)
     model = torch.nn.parallel.DistributedDataParallel(_model())
     opt = ZeroRedundancyOptimizer(
         model.parameters(),

@@ -51,9 +51,6 @@ MASTER_KEY = "master_param"
 #: torch group keys that mean nothing to fusedopt (always fused): dropped on load.
 _TORCH_ONLY_KEYS = ("foreach", "fused", "differentiable")
 
-#: Keys every fusedopt group has besides the algorithm's own.
-COMMON_DEFAULTS = {"master_weights": False, "max_grad_norm": None, "backend": "auto"}
-
 
 def check_nonnegative(name: str, value: Any, label: str | None = None) -> None:
     """torch's check: ``ValueError("Invalid <label>: <value>")`` unless ``0 <= value``."""
