@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -248,7 +249,8 @@ def scenario_dcp(rank, tmpdir):
 
 def _worker(rank: int, port: int, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A collective that one rank never joins fails after the timeout instead of hanging.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     results = {}
     for name in SCENARIOS:
