@@ -28,18 +28,19 @@ from fusedopt import ops
 __all__ = ["clip_grad_norm_", "total_norm"]
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover (torch built without distributed)
+    _DTensor = None
+
+
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover (torch built without distributed)
-        return None
-    return DTensor
+    return _DTensor
 
 
 def local_tensor(t: Tensor) -> Tensor:
     """The local shard of a DTensor, or ``t`` itself."""
-    dtensor = _dtensor_type()
-    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
 
 
 def _reduce_groups(t: Tensor, process_group) -> tuple:

@@ -233,6 +233,7 @@ def step(
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
     backend: str = "auto",
+    _checked: bool = False,
 ) -> None:
     """Run the step op ``op`` (``adamw_``, ``lamb_``, ``lion_``, ``sgd_``) over tensor lists.
 
@@ -241,13 +242,17 @@ def step(
     tensor (``lr`` may also be a 0-d or length-N fp32 device tensor); ``flags`` the per-call
     switches. The lists are split into one backend call per (param dtype, grad dtype, master
     weights or not), each a single multi-tensor launch.
+
+    ``_checked`` (internal) skips the per-tensor checks: the optimizer classes check every
+    grad themselves (to name the param) and create or load every state in the param's
+    layout, so checking ~4 tensors per param again on every step would only cost time.
     """
     spec = STEP_OPS[op]
     lists = {name: list(lists.get(name, ())) for name in spec.lists}
     n = len(lists["params"])
     if n == 0:
         return
-    device = _validate_step(spec, lists)
+    device = lists["params"][0].device if _checked else _validate_step(spec, lists)
     scalars = {"grad_scale": grad_scale, "clip_coef": clip_coef, "found_inf": found_inf}
     for name, scalar in scalars.items():
         check_scalar(scalar, name, op, device)

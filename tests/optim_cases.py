@@ -60,6 +60,13 @@ CASES = [
         dict(lr=1e-2, weight_decay=0.1),
     ),
     Case(
+        "adam_decoupled",
+        fusedopt.Adam,
+        dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+        torch.optim.Adam,
+        dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    ),
+    Case(
         "sgd_momentum",
         fusedopt.SGD,
         dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01),

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -24,7 +25,15 @@ import fusedopt
 
 WORLD = 2
 STEPS = 4
-SCENARIOS = ["ddp", "fsdp2_adamw", "fsdp2_lamb", "fsdp2_clip_grad_norm", "zero", "dcp"]
+SCENARIOS = [
+    "ddp",
+    "fsdp2_adamw",
+    "fsdp2_lamb",
+    "fsdp2_clip_grad_norm",
+    "fsdp2_scaler_skips_together",
+    "zero",
+    "dcp",
+]
 
 
 def _model() -> torch.nn.Module:
@@ -43,18 +52,30 @@ def _local_half(x: torch.Tensor, rank: int) -> torch.Tensor:
     return x.chunk(WORLD)[rank]
 
 
-def _reference(cls, kwargs, steps=STEPS):
+def _extra_param() -> torch.nn.Parameter:
+    """A plain (unsharded) param beside FSDP2's DTensors in the same optimizer."""
+    return torch.nn.Parameter(torch.linspace(-1.0, 1.0, 5))
+
+
+def _extra_grad(extra, step):
+    if extra is not None:
+        extra.grad = torch.cos(torch.arange(5.0) + step)  # the same on every rank
+
+
+def _reference(cls, kwargs, steps=STEPS, extra=False):
     """The unsharded run: one process, the whole batch (the mean loss DDP/FSDP reproduce)."""
     model = _model()
-    opt = cls(model.parameters(), **kwargs)
+    extra = _extra_param() if extra else None
+    opt = cls([*model.parameters(), *([extra] if extra is not None else [])], **kwargs)
     norms = []
     for step in range(steps):
         x, y = _batch(step)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
+        _extra_grad(extra, step)
         opt.step()
         norms.append(opt.last_grad_norm)
-    return model, norms
+    return model, norms, extra
 
 
 def _close(got, want, what):
@@ -65,13 +86,14 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _train(model, opt, rank, steps=STEPS, start=0):
+def _train(model, opt, rank, steps=STEPS, start=0, extra=None):
     norms = []
     for step in range(start, start + steps):
         x, y = _batch(step)
         opt.zero_grad()
         out = model(_local_half(x, rank))
         torch.nn.functional.mse_loss(out, _local_half(y, rank)).backward()
+        _extra_grad(extra, step)
         opt.step()
         norms.append(getattr(opt, "last_grad_norm", None))
     return norms
@@ -91,7 +113,7 @@ def _fsdp2(model):
 
 def scenario_ddp(rank):
     kwargs = dict(lr=1e-2, max_grad_norm=0.5)
-    want, want_norms = _reference(fusedopt.AdamW, kwargs)
+    want, want_norms, _ = _reference(fusedopt.AdamW, kwargs)
     model = torch.nn.parallel.DistributedDataParallel(_model())
     norms = _train(model, fusedopt.AdamW(model.parameters(), **kwargs), rank)
     for p, q in zip(model.module.parameters(), want.parameters(), strict=True):
@@ -100,11 +122,12 @@ def scenario_ddp(rank):
         _close(got, exp, "ddp norm")
 
 
-def _fsdp2_matches(cls, kwargs, rank):
-    want, want_norms = _reference(cls, kwargs)
+def _fsdp2_matches(cls, kwargs, rank, extra=False):
+    want, want_norms, want_extra = _reference(cls, kwargs, extra=extra)
     model = _fsdp2(_model())
-    opt = cls(model.parameters(), **kwargs)
-    norms = _train(model, opt, rank)
+    extra_param = _extra_param() if extra else None
+    opt = cls([*model.parameters(), *([extra_param] if extra else [])], **kwargs)
+    norms = _train(model, opt, rank, extra=extra_param)
     from torch.distributed.tensor import DTensor
 
     for p, q in zip(model.parameters(), want.parameters(), strict=True):
@@ -113,6 +136,8 @@ def _fsdp2_matches(cls, kwargs, rank):
         for key, value in opt.state[p].items():
             if key != "step":  # states are DTensors with the param's placements (for DCP)
                 assert isinstance(value, DTensor) and value.placements == p.placements, key
+    if extra:
+        _close(extra_param, want_extra, f"{cls.__name__} plain param")
     for got, exp in zip(norms, want_norms, strict=True):
         _close(got, exp, f"{cls.__name__} global norm")  # all-reduced = the unsharded norm
 
@@ -123,8 +148,9 @@ def scenario_fsdp2_adamw(rank):
 
 def scenario_fsdp2_lamb(rank):
     # weight_decay != 0: the trust ratio (per-tensor norms over whole tensors) is in play, and
-    # max_grad_norm=1.0 (timm's default) clips on the global norm.
-    _fsdp2_matches(fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.1), rank)
+    # max_grad_norm=1.0 (timm's default) clips on the global norm. A plain param rides along
+    # in the same optimizer (it takes the fused op, the shards the all-reduced path).
+    _fsdp2_matches(fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.1), rank, extra=True)
 
 
 def scenario_fsdp2_clip_grad_norm(rank):
@@ -140,11 +166,38 @@ def scenario_fsdp2_clip_grad_norm(rank):
         _close(p.grad.full_tensor(), q.grad, "clipped grad")
 
 
+def scenario_fsdp2_scaler_skips_together(rank):
+    """An inf in rank 0's shard only: the all-reduced found_inf makes both ranks skip (no
+    param moves anywhere) and both scalers back off alike."""
+    model = _fsdp2(_model())
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.5)
+    scaler = fusedopt.GradScaler("cpu", init_scale=2.0**8)
+    for step in range(2):
+        x, y = _batch(step)
+        opt.zero_grad()
+        out = model(_local_half(x, rank))
+        scaler.scale(torch.nn.functional.mse_loss(out, _local_half(y, rank))).backward()
+        before = [p.full_tensor().clone() for p in model.parameters()]
+        if rank == 0 and step == 0:
+            with torch.no_grad():
+                next(iter(model.parameters())).grad.to_local().view(-1)[0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        moved = [
+            not torch.equal(p.full_tensor(), b)
+            for p, b in zip(model.parameters(), before, strict=True)
+        ]
+        if step == 0:
+            assert scaler.get_scale() == 2.0**7 and not any(moved)
+        else:
+            assert scaler.get_scale() == 2.0**7 and all(moved)
+
+
 def scenario_zero(rank):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     kwargs = dict(lr=1e-2, max_grad_norm=0.5)
-    want, _ = _reference(fusedopt.AdamW, kwargs)
+    want, _, _ = _reference(fusedopt.AdamW, kwargs)
     model = torch.nn.parallel.DistributedDataParallel(_model())
     opt = ZeroRedundancyOptimizer(
         model.parameters(),
@@ -196,7 +249,8 @@ def scenario_dcp(rank, tmpdir):
 
 def _worker(rank: int, port: int, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A collective that one rank never joins fails after the timeout instead of hanging.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     results = {}
     for name in SCENARIOS:

@@ -143,3 +143,35 @@ def test_master_param_for_fp32_param_is_refused():
     bad["state"][0]["master_param"] = params[0].detach().clone()
     with pytest.raises(ValueError, match="master_param"):
         opt.load_state_dict(bad)
+
+
+def test_state_replaced_by_hand_that_does_not_fit_raises_before_changing_anything():
+    params, opt = _trained_adamw()
+    before = [p.detach().clone() for p in params]
+    p = next(q for q in params if q.dim() == 2)
+    opt.state[p]["exp_avg"] = torch.zeros(p.shape[::-1])
+    _train_error = pytest.raises(RuntimeError, match="state 'exp_avg' of param")
+    with _train_error:
+        _train(opt, params, [9])
+    assert all(torch.equal(q, b) for q, b in zip(params, before, strict=True))
+
+
+def test_loaded_states_take_the_params_memory_layout():
+    """A channels_last param loads contiguous saved states into its own layout (the kernels
+    pair elements by position) and steps as torch does."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last))
+    twin = torch.nn.Parameter(weight.detach().clone())
+    ref = torch.optim.AdamW([twin], lr=1e-2)
+    _train(ref, [twin], range(2))
+    saved = copy.deepcopy(ref.state_dict())
+    for key in ("exp_avg", "exp_avg_sq"):
+        saved["state"][0][key] = saved["state"][0][key].contiguous()
+    with torch.no_grad():
+        weight.copy_(twin)
+    ours = fusedopt.AdamW([weight], lr=1e-2)
+    ours.load_state_dict(saved)
+    assert ours.state[weight]["exp_avg"].stride() == weight.stride()
+    _train(ours, [weight], [5])
+    _train(ref, [twin], [5])
+    assert_close(weight, twin, TORCH_TOLERANCE, "channels_last")

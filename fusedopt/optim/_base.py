@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import ops
-from fusedopt._validate import LOW_PRECISION, PARAM_DTYPES, check_like
+from fusedopt._validate import LOW_PRECISION, PARAM_DTYPES, check_like, check_tensor
 from fusedopt.clip import clip_coef as torch_clip_coef
 from fusedopt.clip import local_tensor, total_norm
 
@@ -50,9 +50,6 @@ MASTER_KEY = "master_param"
 
 #: torch group keys that mean nothing to fusedopt (always fused): dropped on load.
 _TORCH_ONLY_KEYS = ("foreach", "fused", "differentiable")
-
-#: Keys every fusedopt group has besides the algorithm's own.
-COMMON_DEFAULTS = {"master_weights": False, "max_grad_norm": None, "backend": "auto"}
 
 
 def check_nonnegative(name: str, value: Any, label: str | None = None) -> None:
@@ -163,7 +160,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         **scalars: Any,
     ) -> None:
         """Run one op call; ``params`` are the (possibly DTensor) params of ``lists``."""
-        ops.step(self.OP, lists, hypers, flags, **scalars)
+        ops.step(self.OP, lists, hypers, flags, **scalars, _checked=True)
 
     # ----------------------------------------------------------------- groups
     @staticmethod
@@ -214,28 +211,66 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _uses_master(self, group: dict[str, Any], param: Tensor) -> bool:
         return bool(group["master_weights"]) and param.dtype in LOW_PRECISION
 
-    def _collect(self) -> list[tuple[int, Tensor, Tensor]]:
-        """Every (group index, param, grad) to step, all checked before anything changes."""
-        where = f"fusedopt.{type(self).__name__}"
+    def _collect(self) -> list[tuple[int, int, Tensor, Tensor, Tensor, Tensor]]:
+        """Every (group index, index, param, grad, local param, local grad) to step, all checked
+        before anything changes. The common case (a grad with its param's shape, strides,
+        device and dtype) is recognised in a few attribute reads; anything else goes through
+        the full checks, which raise naming the param."""
         found = []
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                name = self._param_name(gi, i)
-                local_p, local_g = local_tensor(p), local_tensor(p.grad)
-                if local_p.dtype not in PARAM_DTYPES:
-                    raise TypeError(f"{where}: {name} has unsupported dtype {local_p.dtype}")
-                check_like(local_g, local_p, f"the grad of {name}", where, None)
-                if local_g.dtype not in (local_p.dtype, torch.float32):
-                    raise TypeError(
-                        f"{where}: the grad of {name} has dtype {local_g.dtype}; expected "
-                        f"{local_p.dtype} (the param's) or torch.float32"
-                    )
-                found.append((gi, p, p.grad))
+                local_p, local_g = local_tensor(p), local_tensor(g)
+                if not (
+                    local_p.dtype in PARAM_DTYPES
+                    and local_g.layout == torch.strided
+                    and local_g.shape == local_p.shape
+                    and local_g.device == local_p.device
+                    and (local_g.dtype == local_p.dtype or local_g.dtype == torch.float32)
+                    and local_p.is_contiguous()
+                    and local_g.is_contiguous()
+                ):
+                    local_g = self._check_grad(gi, i, local_p, local_g)
+                found.append((gi, i, p, g, local_p, local_g))
         return found
 
+    def _check_grad(self, gi: int, i: int, local_p: Tensor, local_g: Tensor) -> Tensor:
+        """Check an uncommon grad, naming the param; returns the grad to step with.
+
+        A real, strided grad of the right shape whose memory layout differs from the param's
+        (say a contiguous grad set by hand on a channels_last param; autograd gives grads the
+        param's layout) is copied into the param's layout: torch accepts it, and the kernels
+        pair elements by position. That copy is the only extra pass, and only in this case.
+        """
+        where, name = f"fusedopt.{type(self).__name__}", self._param_name(gi, i)
+        if local_p.dtype not in PARAM_DTYPES:
+            raise TypeError(f"{where}: {name} has unsupported dtype {local_p.dtype}")
+        check_tensor(local_p, name, where)
+        if (
+            local_g.layout == torch.strided
+            and not local_g.is_complex()
+            and local_g.shape == local_p.shape
+            and local_g.device == local_p.device
+            and local_g.stride() != local_p.stride()
+        ):
+            local_g = torch.empty_like(local_p, dtype=local_g.dtype).copy_(local_g)
+        check_like(local_g, local_p, f"the grad of {name}", where, None)
+        if local_g.dtype not in (local_p.dtype, torch.float32):
+            raise TypeError(
+                f"{where}: the grad of {name} has dtype {local_g.dtype}; expected "
+                f"{local_p.dtype} (the param's) or torch.float32"
+            )
+        return local_g
+
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
+        """Create the missing state of ``p``.
+
+        [note: checked once] Every state tensor is made here or by ``load_state_dict`` with
+        the param's shape, device, memory layout and the contract's dtype, so the step op
+        is called with ``_checked=True`` (grads and params are checked in ``_collect``).
+        """
         state = self.state[p]
         master = self._uses_master(group, p)
         dtype = torch.float32 if master else p.dtype
@@ -262,13 +297,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         found_inf = self._scalar_attribute("found_inf")
         detect_inf = bool(self.__dict__.get("_fusedopt_detect_inf", False))
         entries = self._collect()
-        max_norm = self.param_groups[0]["max_grad_norm"] if self.param_groups else None
-        for gi, p, _ in entries:
+        for gi, _, p, *_ in entries:
             self._init_state(self.param_groups[gi], p)
+        calls = self._plan(entries)
 
         coef = None
+        max_norm = self.param_groups[0]["max_grad_norm"] if self.param_groups else None
         if max_norm is not None or detect_inf:
-            grads = [g for _, _, g in entries]
+            grads = [entry[3] for entry in entries]
             if grad_scale is not None and grads:
                 grad_scale = grad_scale.to(local_tensor(grads[0]).device)
             norm, norm_found_inf = total_norm(
@@ -285,38 +321,50 @@ class FusedOptimizer(torch.optim.Optimizer):
             if max_norm is not None:
                 coef = self._clip_coef(norm, float(max_norm))
 
-        calls: dict[tuple, dict[str, Any]] = {}
-        per_group: dict[int, tuple] = {}
-        for gi, p, g in entries:
-            group = self.param_groups[gi]
-            if gi not in per_group:
-                per_group[gi] = (self._state_keys(group), self._flags(group), self._hypers(group))
-            keys, flags, hypers = per_group[gi]
-            state = self.state[p]
-            master = self._uses_master(group, p)
-            local_p = local_tensor(p)
-            key = (local_p.device, tuple(sorted(flags.items())), keys, master, group["backend"])
-            call = calls.setdefault(key, {"params": [], "lists": {}, "hypers": [], "flags": flags})
-            call["params"].append(p)
-            lists = call["lists"]
-            lists.setdefault("params", []).append(local_p)
-            lists.setdefault("grads", []).append(local_tensor(g))
-            for k in keys:
-                lists.setdefault(self.STATE_LISTS[k], []).append(local_tensor(state[k]))
-            if master:
-                lists.setdefault("master_params", []).append(local_tensor(state[MASTER_KEY]))
-            call["hypers"].append(hypers)
-
         for (device, _, _, _, backend), call in calls.items():
             scalars = {
                 "grad_scale": grad_scale.to(device) if grad_scale is not None else None,
                 "clip_coef": coef.to(device) if coef is not None else None,
                 "found_inf": found_inf.to(device) if found_inf is not None else None,
             }
-            hypers = _merge_hypers(call["hypers"], device)
-            self._run(
-                call["lists"], hypers, call["flags"], call["params"], backend=backend, **scalars
-            )
+            hypers = _merge_hypers(call.hyper_runs, device)
+            self._run(call.lists, hypers, call.flags, call.params, backend=backend, **scalars)
+
+    def _plan(self, entries: list[tuple]) -> dict[tuple, _Call]:
+        """Group the params into op calls: one per (device, flags, state keys, master weights
+        or not, backend); check each state tensor still fits ([note: checked once])."""
+        calls: dict[tuple, _Call] = {}
+        per_group: dict[int, tuple] = {}
+        for gi, i, p, _, local_p, local_g in entries:
+            info = per_group.get(gi)
+            if info is None:
+                group = self.param_groups[gi]
+                keys, flags = self._state_keys(group), self._flags(group)
+                names = tuple(self.STATE_LISTS[k] for k in keys)
+                flag_key = tuple(sorted(flags.items()))
+                info = per_group[gi] = (group, keys, names, flags, flag_key, self._hypers(group))
+            group, keys, names, flags, flag_key, hypers = info
+            master = self._uses_master(group, p)
+            key = (local_p.device, flag_key, keys, master, group["backend"])
+            call = calls.get(key)
+            if call is None:
+                call = calls[key] = _Call(flags, names, master)
+            state = self.state[p]
+            sharded = local_p is not p  # a DTensor: its states are DTensors too
+            local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
+            masters = [local_tensor(state[MASTER_KEY])] if master else []
+            layout = (local_p.shape, local_p.stride(), local_p.device)
+            dtype = torch.float32 if master else local_p.dtype
+            for k, t in zip((*keys, MASTER_KEY), (*local_states, *masters), strict=False):
+                if not _fits(t, layout, k, dtype):
+                    raise RuntimeError(
+                        f"fusedopt.{type(self).__name__}: state {k!r} of "
+                        f"{self._param_name(gi, i)} no longer fits it "
+                        f"(shape {tuple(t.shape)}, strides {t.stride()}, {t.dtype}, {t.device});"
+                        " was it replaced by hand? Load states with load_state_dict"
+                    )
+            call.add(p, local_p, local_g, local_states, masters, hypers)
+        return calls
 
     def step(self, closure: Any = None) -> Any:
         """One optimizer step over every param that has a grad; returns ``closure()``'s loss.
@@ -424,27 +472,71 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{tuple(p.shape)}"
                 )
             dtype = torch.float32 if (master or key == MASTER_KEY) else p.dtype
-            out[key] = value.detach().to(dtype=dtype, device=p.device, copy=True)
+            # In the param's memory layout, whatever the saved one: the step pairs elements
+            # by position ([note: checked once] in _init_state).
+            out[key] = torch.empty_like(p, dtype=dtype).copy_(value.detach())
         return out
 
 
-def _merge_hypers(per_param: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
-    """One list per hyperparameter from each param's values; a tensor lr stays on the device:
-    one shared 0-d tensor is passed as is (CUDA-graph friendly), mixed ones become a vector."""
+class _Call:
+    """The tensor lists of one op call, filled param by param."""
+
+    __slots__ = ("flags", "hyper_runs", "lists", "master", "params", "state_lists")
+
+    def __init__(self, flags: dict[str, bool], names: tuple[str, ...], master: bool) -> None:
+        self.flags, self.master, self.params = flags, master, []
+        self.lists: dict[str, list[Tensor]] = {name: [] for name in ("params", "grads", *names)}
+        self.state_lists = [self.lists[name] for name in names]
+        if master:
+            self.lists["master_params"] = []
+        self.hyper_runs: list[list] = []  # [hypers dict, count]: runs of params of one group
+
+    def add(self, p, local_p, local_g, local_states, masters, hypers) -> None:
+        self.params.append(p)
+        self.lists["params"].append(local_p)
+        self.lists["grads"].append(local_g)
+        for target, t in zip(self.state_lists, local_states, strict=True):
+            target.append(t)
+        if self.master:
+            self.lists["master_params"].append(masters[0])
+        if self.hyper_runs and self.hyper_runs[-1][0] is hypers:
+            self.hyper_runs[-1][1] += 1
+        else:
+            self.hyper_runs.append([hypers, 1])
+
+
+def _fits(t: Tensor, layout: tuple, key: str, dtype: torch.dtype) -> bool:
+    """A state tensor still pairs with its param (``layout``: its shape, strides, device):
+    what the kernels rely on ([note: checked once])."""
+    shape, stride, device = layout
+    if key == STEP_KEY:
+        return t.numel() == 1 and t.dtype == torch.float32 and t.device == device
+    return (
+        t.shape == shape
+        and t.stride() == stride
+        and t.device == device
+        and (t.dtype == dtype or (key == MASTER_KEY and t.dtype == torch.float32))
+    )
+
+
+def _merge_hypers(runs: list[list], device: torch.device) -> dict[str, Any]:
+    """One list per hyperparameter, from runs of params sharing a group's values; a tensor lr
+    stays on the device: one shared tensor is passed as is (CUDA-graph friendly), mixed ones
+    become a vector."""
     merged: dict[str, Any] = {}
-    for name in per_param[0]:
-        values = [h[name] for h in per_param]
-        if name != "lr" or not any(isinstance(v, Tensor) for v in values):
-            merged[name] = [float(v) for v in values]
-        elif all(v is values[0] for v in values):
-            merged[name] = _device_lr(values[0], device)
+    for name in runs[0][0]:
+        values = [(hypers[name], count) for hypers, count in runs]
+        if name != "lr" or not any(isinstance(v, Tensor) for v, _ in values):
+            merged[name] = [float(v) for v, count in values for _ in range(count)]
+        elif len(values) == 1 or all(v is values[0][0] for v, _ in values):
+            merged[name] = _device_lr(values[0][0], device)
         else:
             merged[name] = torch.cat(
                 [
-                    _device_lr(v, device).reshape(1)
+                    _device_lr(v, device).reshape(1).expand(count)
                     if isinstance(v, Tensor)
-                    else torch.full((1,), float(v), device=device)
-                    for v in values
+                    else torch.full((count,), float(v), device=device)
+                    for v, count in values
                 ]
             )
     return merged

@@ -101,16 +101,30 @@ class LAMB(FusedOptimizer):
         return 1.0 / torch.clamp(norm / max_grad_norm, min=1.0)
 
     def _run(self, lists, hypers, flags, params, **scalars) -> None:
-        groups = [_reduce_groups(p, None) for p in params]
-        if not any(groups):
-            ops.step(self.OP, lists, hypers, flags, **scalars)
-            return
-        if len(set(groups)) != 1:
-            raise NotImplementedError(
-                "fusedopt.LAMB: sharded params of one group must share one device mesh"
-            )
-        scalars.pop("backend", None)
-        _sharded_lamb(lists, hypers, flags, groups[0], **scalars)
+        by_groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_groups.setdefault(_reduce_groups(p, None), []).append(i)
+        for groups, index in by_groups.items():
+            sub_lists, sub_hypers = _subset(lists, hypers, index, len(params))
+            if not groups:  # whole tensors: the fused op's own per-tensor norms are right
+                ops.step(self.OP, sub_lists, sub_hypers, flags, **scalars, _checked=True)
+            else:
+                sharded = {k: v for k, v in scalars.items() if k != "backend"}
+                _sharded_lamb(sub_lists, sub_hypers, flags, groups, **sharded)
+
+
+def _subset(lists: dict, hypers: dict, index: list[int], n: int) -> tuple[dict, dict]:
+    """The lists and per-tensor hyperparameters of the tensors at ``index``."""
+    if len(index) == n:
+        return lists, hypers
+    sub_lists = {k: [v[i] for i in index] if v else v for k, v in lists.items()}
+    sub_hypers = {}
+    for k, v in hypers.items():
+        if isinstance(v, Tensor):
+            sub_hypers[k] = v if v.dim() == 0 else v[torch.tensor(index, device=v.device)]
+        else:
+            sub_hypers[k] = [v[i] for i in index]
+    return sub_lists, sub_hypers
 
 
 def _sharded_lamb(lists, hypers, flags, reduce_groups, grad_scale, clip_coef, found_inf) -> None:
