@@ -8,7 +8,8 @@
 # 2. runs every test marked `cuda` (the harness's matrix for cuda, tests/test_cuda_backend.py)
 #    plus the static SASS checks (tests/test_cuda_static.py);
 # 3. runs compute-sanitizer memcheck on a small call of every op (bench/cuda_memcheck_case.py),
-#    where compute-sanitizer exists.
+#    where compute-sanitizer exists;
+# 4. runs the benchmark report for AdamW on the ~1B Llama-like shapes (CSV/MD/PNG into OUTPUT_DIR).
 # Writes OUTPUT_DIR/gpu_suite.log (everything), OUTPUT_DIR/gpu_suite.csv (one row per test and
 # per step, with the device, versions, date and commit) and OUTPUT_DIR/junit.xml. Budget: well
 # under 5 minutes on 16 cores (the build is ~2 of them). Exit status: non-zero if any step
@@ -70,8 +71,14 @@ if [ "$(cut -f2 "$STEPS")" = "0" ]; then
   step pytest 220 "$PY" -m pytest -q -rA -p no:cacheprovider -m cuda \
     --junitxml="$OUT/junit.xml" tests
   wait
+  # 4. the benchmark report (bench/report.py) on the ~1B Llama-like shape list, after the tests
+  #    so that nothing else runs on the GPU while it times. AdamW only (fp32 and amp), the
+  #    optimizer the speed goals of DESIGN.md §6 are stated for, to fit the 5-minute budget;
+  #    `python -m bench.report --device cuda` alone runs every optimizer.
+  step report 150 "$PY" -m bench.report --device cuda --model llama1b --optimizers adamw \
+    --out "$OUT"
 fi
-for name in build static memcheck pytest; do
+for name in build static memcheck pytest report; do
   [ -f "$OUT/$name.log" ] && cat "$OUT/$name.log" >> "$LOG" && rm -f "$OUT/$name.log"
 done
 status=0
