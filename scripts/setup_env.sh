@@ -15,4 +15,12 @@ python -m pip install -q "${FUSEDOPT_TORCH:-torch==2.14.1}" "triton>=3.6" ninja 
   numpy pytest pytest-benchmark matplotlib ruff cmake
 # In-place build: fusedopt._C lands next to the sources; no build isolation, so the torch
 # above (not a second download) is the one we compile against.
-MAX_JOBS=${MAX_JOBS:-2} python setup.py -q build_ext --inplace
+# The compiler lines go to build.log; on failure its tail is printed.
+start=$(date +%s)
+if ! MAX_JOBS=${MAX_JOBS:-2} python setup.py -q build_ext --inplace > build.log 2>&1; then
+  tail -n 80 build.log
+  echo "fusedopt: building fusedopt._C failed (full log: build.log)" >&2
+  exit 1
+fi
+python -c "import fusedopt; print(*fusedopt.backends().values(), sep='\n')"
+echo "fusedopt: built fusedopt._C in $(( $(date +%s) - start )) s"
