@@ -280,7 +280,11 @@ class StepArguments {
     return states_.back().slot();
   }
 
-  void values(const char* name, Floats v) const { check_.values(name, v, n_); }
+  /// Checks one per-tensor hyperparameter list and returns its data for the call struct.
+  const double* values(const char* name, Floats v) const {
+    check_.values(name, v, n_);
+    return v.data();
+  }
 
  private:
   static SlotTable table(TensorList list, DType dtype) {
@@ -411,16 +415,13 @@ void adamw_impl(TensorList params, TensorList grads, TensorList exp_avgs,
     TORCH_CHECK_VALUE(max_exp_avg_sqs.empty(), check.op(), ": max_exp_avg_sqs has ",
                       max_exp_avg_sqs.size(), " entries but amsgrad is False (expected 0)");
   }
-  const std::pair<const char*, Floats> hypers[] = {
-      {"lr", lr}, {"beta1", beta1}, {"beta2", beta2}, {"eps", eps}, {"weight_decay", weight_decay}};
-  for (const auto& [name, v] : hypers) args.values(name, v);
+  call.lr = args.values("lr", lr);
+  call.beta1 = args.values("beta1", beta1);
+  call.beta2 = args.values("beta2", beta2);
+  call.eps = args.values("eps", eps);
+  call.weight_decay = args.values("weight_decay", weight_decay);
   if (args.size() == 0) return;
   call.lists = args.lists();
-  call.lr = lr.data();
-  call.beta1 = beta1.data();
-  call.beta2 = beta2.data();
-  call.eps = eps.data();
-  call.weight_decay = weight_decay.data();
   call.decoupled = decoupled;
   call.amsgrad = amsgrad;
   call.maximize = maximize;
@@ -441,16 +442,13 @@ void lamb_impl(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   LambCall call;
   call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
   call.exp_avg_sqs = args.state("exp_avg_sqs", exp_avg_sqs, false);
-  const std::pair<const char*, Floats> hypers[] = {
-      {"lr", lr}, {"beta1", beta1}, {"beta2", beta2}, {"eps", eps}, {"weight_decay", weight_decay}};
-  for (const auto& [name, v] : hypers) args.values(name, v);
+  call.lr = args.values("lr", lr);
+  call.beta1 = args.values("beta1", beta1);
+  call.beta2 = args.values("beta2", beta2);
+  call.eps = args.values("eps", eps);
+  call.weight_decay = args.values("weight_decay", weight_decay);
   if (args.size() == 0) return;
   call.lists = args.lists();
-  call.lr = lr.data();
-  call.beta1 = beta1.data();
-  call.beta2 = beta2.data();
-  call.eps = eps.data();
-  call.weight_decay = weight_decay.data();
   call.grad_averaging = grad_averaging;
   call.bias_correction = bias_correction;
   call.trust_clip = trust_clip;
@@ -469,15 +467,12 @@ void lion_impl(TensorList params, TensorList grads, TensorList exp_avgs,
                      clip_coef, found_inf);
   LionCall call;
   call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
-  const std::pair<const char*, Floats> hypers[] = {
-      {"lr", lr}, {"beta1", beta1}, {"beta2", beta2}, {"weight_decay", weight_decay}};
-  for (const auto& [name, v] : hypers) args.values(name, v);
+  call.lr = args.values("lr", lr);
+  call.beta1 = args.values("beta1", beta1);
+  call.beta2 = args.values("beta2", beta2);
+  call.weight_decay = args.values("weight_decay", weight_decay);
   if (args.size() == 0) return;
   call.lists = args.lists();
-  call.lr = lr.data();
-  call.beta1 = beta1.data();
-  call.beta2 = beta2.data();
-  call.weight_decay = weight_decay.data();
   call.maximize = maximize;
   launch<B>(args.device(), call, B::lion);
 }
@@ -496,17 +491,12 @@ void sgd_impl(TensorList params, TensorList grads, TensorList momentum_buffers,
   TORCH_CHECK_VALUE(momentum_buffers.empty() == steps.empty(), check.op(),
                     ": momentum_buffers has ", momentum_buffers.size(), " entries and steps has ",
                     steps.size(), "; pass both (momentum) or neither");
-  const std::pair<const char*, Floats> hypers[] = {{"lr", lr},
-                                                   {"momentum", momentum},
-                                                   {"dampening", dampening},
-                                                   {"weight_decay", weight_decay}};
-  for (const auto& [name, v] : hypers) args.values(name, v);
+  call.lr = args.values("lr", lr);
+  call.momentum = args.values("momentum", momentum);
+  call.dampening = args.values("dampening", dampening);
+  call.weight_decay = args.values("weight_decay", weight_decay);
   if (args.size() == 0) return;
   call.lists = args.lists();
-  call.lr = lr.data();
-  call.momentum = momentum.data();
-  call.dampening = dampening.data();
-  call.weight_decay = weight_decay.data();
   call.nesterov = nesterov;
   call.maximize = maximize;
   launch<B>(args.device(), call, B::sgd);
