@@ -10,6 +10,22 @@ from torch import Tensor
 from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
 
 
+def check_adam_group(group: dict[str, Any]) -> None:
+    """torch's ValueErrors for the hyperparameters Adam, AdamW and LAMB share."""
+    check_nonnegative("eps", group["eps"], "epsilon value")
+    check_betas(group["betas"])
+    check_nonnegative("weight_decay", group["weight_decay"], "weight_decay value")
+
+
+def adam_hypers(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's per-tensor hyperparameters as the ``adamw_`` and ``lamb_`` ops name them."""
+    beta1, beta2 = group["betas"]
+    return dict(
+        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        weight_decay=group["weight_decay"],
+    )  # fmt: skip
+
+
 class Adam(FusedOptimizer):
     """``torch.optim.Adam`` (L2 weight decay ``g += wd*p``; ``decoupled_weight_decay=True`` is
     AdamW), fused. Same arguments and defaults as torch; ``foreach``/``fused`` are accepted
@@ -59,22 +75,13 @@ class Adam(FusedOptimizer):
         )  # fmt: skip
         super().__init__(params, defaults, grad_norm_group)
 
-    @classmethod
-    def _check_group(cls, group: dict[str, Any]) -> None:
-        check_nonnegative("eps", group["eps"], "epsilon value")
-        check_betas(group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"], "weight_decay value")
+    _check_group = staticmethod(check_adam_group)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         base = ("step", "exp_avg", "exp_avg_sq")
         return (*base, "max_exp_avg_sq") if group["amsgrad"] else base
 
-    def _hypers(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return dict(
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )  # fmt: skip
+    _hypers = staticmethod(adam_hypers)
 
     def _flags(self, group: dict[str, Any]) -> dict[str, bool]:
         return dict(

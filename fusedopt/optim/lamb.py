@@ -21,7 +21,8 @@ from torch import Tensor
 
 from fusedopt import ops
 from fusedopt.clip import _reduce_groups
-from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
+from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim.adamw import adam_hypers, check_adam_group
 from fusedopt.reference import load_grad
 
 
@@ -73,21 +74,12 @@ class LAMB(FusedOptimizer):
         )  # fmt: skip
         super().__init__(params, defaults, grad_norm_group)
 
-    @classmethod
-    def _check_group(cls, group: dict[str, Any]) -> None:
-        check_nonnegative("eps", group["eps"], "epsilon value")
-        check_betas(group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"], "weight_decay value")
+    _check_group = staticmethod(check_adam_group)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("step", "exp_avg", "exp_avg_sq")
 
-    def _hypers(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return dict(
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )  # fmt: skip
+    _hypers = staticmethod(adam_hypers)
 
     def _flags(self, group: dict[str, Any]) -> dict[str, bool]:
         return dict(
