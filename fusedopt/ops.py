@@ -243,9 +243,11 @@ def step(
     switches. The lists are split into one backend call per (param dtype, grad dtype, master
     weights or not), each a single multi-tensor launch.
 
-    ``_checked`` (internal) skips the per-tensor checks: the optimizer classes check every
-    grad themselves (to name the param) and create or load every state in the param's
-    layout, so checking ~4 tensors per param again on every step would only cost time.
+    ``_checked`` (internal) skips the per-tensor checks and the split: the optimizer classes
+    check every grad themselves (to name the param), create or load every state in the
+    param's layout, and pass one param dtype and one grad dtype per call, so redoing that
+    work for ~4 tensors per param on every step would only cost time ([note: cached plan] in
+    fusedopt/optim/_base.py).
     """
     spec = STEP_OPS[op]
     lists = {name: list(lists.get(name, ())) for name in spec.lists}
@@ -262,9 +264,12 @@ def step(
     handle = _contract.op_handle(op, _resolve(backend, device))
 
     groups: dict[tuple, list[int]] = {}
-    has_master = bool(lists.get("master_params"))
-    for i, (p, g) in enumerate(zip(lists["params"], lists["grads"], strict=True)):
-        groups.setdefault((p.dtype, g.dtype, has_master), []).append(i)
+    if _checked:
+        groups[()] = list(range(n))
+    else:
+        has_master = bool(lists.get("master_params"))
+        for i, (p, g) in enumerate(zip(lists["params"], lists["grads"], strict=True)):
+            groups.setdefault((p.dtype, g.dtype, has_master), []).append(i)
     for index in groups.values():
         whole = len(index) == n
 

@@ -1,0 +1,181 @@
+"""[note: cached plan]: a step reuses the last step's op calls while nothing they were built
+from changed, and every change makes it plan again, so that a cached step always equals a
+step planned from scratch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from optim_cases import clone_params, make_model
+
+import fusedopt
+from fusedopt.optim._base import FusedOptimizer
+
+CLASSES = [
+    (fusedopt.AdamW, {}),
+    (fusedopt.SGD, {"momentum": 0.9}),
+    (fusedopt.Lion, {}),
+    (fusedopt.LAMB, {}),
+]
+IDS = [cls.__name__ for cls, _ in CLASSES]
+
+
+def _grads(params, seed):
+    """New grad tensors, as ``zero_grad(set_to_none=True)`` and a backward give."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+@pytest.fixture
+def plan_builds(monkeypatch):
+    """Counts the steps that planned from scratch."""
+    count = [0]
+    real = FusedOptimizer._plan
+
+    def counting(self, entries):
+        count[0] += 1
+        return real(self, entries)
+
+    monkeypatch.setattr(FusedOptimizer, "_plan", counting)
+    return count
+
+
+@pytest.mark.parametrize("cls,kwargs", CLASSES, ids=IDS)
+def test_steady_steps_plan_once(cls, kwargs, plan_builds):
+    """New grads every step and an lr schedule change nothing the plan holds."""
+    params = clone_params(make_model(), torch.float32)
+    opt = cls([{"params": params[:2]}, {"params": params[2:], "lr": 1e-3}], lr=1e-2, **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for step in range(5):
+        _grads(params[:-1], step)
+        opt.step()
+        sched.step()
+    assert plan_builds[0] == 1
+
+
+def _unused_gets_a_grad(params, opt):
+    params[-1].grad = torch.ones_like(params[-1])
+
+
+def _grad_dropped(params, opt):
+    params[0].grad = None
+
+
+def _amsgrad_on(params, opt):
+    opt.param_groups[0]["amsgrad"] = True
+
+
+def _new_group(params, opt):
+    """(The optimizer of this case does not hold the last param at first.)"""
+    opt.add_param_group({"params": [params[-1]], "lr": 1e-3})
+    params[-1].grad = torch.ones_like(params[-1])
+
+
+def _state_replaced(params, opt):
+    """A state tensor replaced by one that fits: the step must update the new one."""
+    state = opt.state[params[0]]
+    state["exp_avg"] = state["exp_avg"].clone() * 0.5
+
+
+def _state_dict_loaded(params, opt):
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        state["exp_avg_sq"] = state["exp_avg_sq"] * 2.0
+    opt.load_state_dict(saved)
+
+
+def _param_data_swapped(params, opt):
+    """The same param object with new storage of the same layout steps that storage: no new
+    plan needed (the plan holds the param, not its storage)."""
+    params[1].data = params[1].data.clone() + 1.0
+
+
+def _grad_in_fp32(params, opt):
+    for p in params:
+        if p.grad is not None:
+            p.grad_dtype = None  # torch >= 2.10 checks a grad's dtype unless told not to
+            p.grad = p.grad.float()
+
+
+def _weight_decay_changed(params, opt):
+    """Hyperparameters are read every step: no new plan needed."""
+    opt.param_groups[0]["weight_decay"] = 0.5
+
+
+#: Changes made once, before the third step.
+ONCE = [_amsgrad_on, _new_group, _state_replaced, _state_dict_loaded, _param_data_swapped,
+        _weight_decay_changed]  # fmt: skip
+#: Changes to the grads, made before every step from the third on.
+EVERY_STEP = [_unused_gets_a_grad, _grad_dropped, _grad_in_fp32]
+CHANGES = ONCE + EVERY_STEP
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=[c.__name__.strip("_") for c in CHANGES])
+def test_a_change_plans_again_and_equals_a_fresh_plan(change, plan_builds):
+    """After each change the cached optimizer steps exactly as one that plans every step."""
+    dtype = torch.bfloat16 if change is _grad_in_fp32 else torch.float32
+    model = make_model()
+    runs = []
+    for cache in (True, False):
+        params = clone_params(model, dtype)
+        opt = fusedopt.AdamW(params[:-1] if change is _new_group else params, lr=1e-2)
+        for step in range(4):
+            _grads(params[:-1], step)
+            if step == 2 or (step > 2 and change in EVERY_STEP):
+                change(params, opt)
+            if not cache:
+                opt._plan_cache = None
+            opt.step()
+        runs.append((params, opt))
+    (params, opt), (fresh, fresh_opt) = runs
+    for p, q in zip(params, fresh, strict=True):
+        assert torch.equal(p, q)
+    assert len(opt.state) == len(fresh_opt.state)
+    for p, q in zip(params, fresh, strict=True):
+        got, want = opt.state.get(p, {}), fresh_opt.state.get(q, {})
+        assert got.keys() == want.keys()
+        for key in got:
+            assert torch.equal(got[key], want[key]), key
+    # The cached run planned at its first step and once more after a change that needs it;
+    # the fresh run planned at every one of its 4 steps.
+    replans = change not in (_param_data_swapped, _weight_decay_changed)
+    assert plan_builds[0] == 1 + replans + 4
+
+
+@pytest.mark.parametrize(
+    "spoil,match",
+    [
+        (lambda s: s.__setitem__("exp_avg", s["exp_avg"].t().contiguous().t()), "exp_avg"),
+        (lambda s: s.__setitem__("exp_avg_sq", s["exp_avg_sq"].double()), "exp_avg_sq"),
+    ],
+    ids=["non-contiguous", "dtype"],
+)
+def test_a_state_spoiled_after_planning_raises_before_any_change(spoil, match):
+    params = clone_params(make_model(), torch.float32)
+    opt = fusedopt.AdamW(params, lr=1e-2)
+    _grads(params[:-1], 0)
+    opt.step()
+    target = next(i for i, p in enumerate(params) if p.dim() == 2)
+    spoil(opt.state[params[target]])
+    before = [p.detach().clone() for p in params]
+    steps = [s["step"].clone() for s in opt.state.values()]
+    _grads(params[:-1], 1)
+    where = f"state '{match}' of param \\(group 0, index {target}\\)"
+    with pytest.raises(RuntimeError, match=where):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert all(torch.equal(s["step"], b) for s, b in zip(opt.state.values(), steps, strict=True))
+
+
+def test_param_changed_dtype_after_planning_raises():
+    params = clone_params(make_model(), torch.float32)
+    opt = fusedopt.AdamW(params, lr=1e-2)
+    _grads(params[:-1], 0)
+    opt.step()
+    params[0].data = params[0].data.double()
+    _grads(params[:-1], 1)
+    with pytest.raises(RuntimeError, match="no longer fits"):
+        opt.step()
