@@ -6,10 +6,18 @@
 // (dtypes, devices, shapes, dense layouts, list lengths), raising an error that names the
 // tensor ("adamw_cpu_: grads[3] ...") before any tensor is touched, then fills the torch-free
 // call struct of fusedopt/launch.h and calls the backend's launcher.
-#include <torch/extension.h>
+// Not <torch/extension.h>: it pulls in pybind11 and torch's whole C++ frontend, and this
+// file, the one translation unit that includes torch, bounds the build's wall time on any
+// number of cores. With the headers below it compiles in 21 s of CPU instead of 52 s
+// (g++ 12, -O3, this 2-core VM).
+#include <Python.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <deque>
@@ -523,11 +531,27 @@ TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
 }
 #endif
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fusedopt's C++ kernels: the cpu backend (and cuda when built with CUDA)";
+// The Python module itself only says whether the CUDA part was built: importing it runs the
+// registrations above. Plain CPython API, so no pybind11 (see the includes).
 #ifdef FUSEDOPT_WITH_CUDA
-  m.attr("WITH_CUDA") = true;
+#define FUSEDOPT_WITH_CUDA_PY Py_True
 #else
-  m.attr("WITH_CUDA") = false;
+#define FUSEDOPT_WITH_CUDA_PY Py_False
 #endif
+#define FUSEDOPT_STR_(x) #x
+#define FUSEDOPT_STR(x) FUSEDOPT_STR_(x)
+#define FUSEDOPT_CONCAT_(a, b) a##b
+#define FUSEDOPT_CONCAT(a, b) FUSEDOPT_CONCAT_(a, b)
+
+static PyModuleDef fusedopt_module = {
+    PyModuleDef_HEAD_INIT, FUSEDOPT_STR(TORCH_EXTENSION_NAME),
+    "fusedopt's C++ kernels: the cpu backend (and cuda when built with CUDA)", -1, nullptr};
+
+PyMODINIT_FUNC FUSEDOPT_CONCAT(PyInit_, TORCH_EXTENSION_NAME)() {
+  PyObject* module = PyModule_Create(&fusedopt_module);
+  if (module != nullptr && PyModule_AddObjectRef(module, "WITH_CUDA", FUSEDOPT_WITH_CUDA_PY) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
