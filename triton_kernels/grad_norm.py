@@ -59,6 +59,18 @@ def _accumulate(acc, bad, x, grad_scale, INF_NORM: tl.constexpr, HAS_GRAD_SCALE:
 
 
 @triton.jit
+def _reduce(acc, INF_NORM: tl.constexpr):
+    """The sum of a block, or for the inf norm its max with NaN propagated as the reference's
+    norm(inf) does (tl.max drops NaN)."""
+    if INF_NORM:
+        total = tl.max(acc, axis=0)
+        total = tl.where(tl.max((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), total)
+    else:
+        total = tl.sum(acc, axis=0)
+    return total
+
+
+@triton.jit
 def _norm_range(
     row, start, end, grad_scale, DTYPE: tl.constexpr, ACC: tl.constexpr,
     INF_NORM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
@@ -74,13 +86,7 @@ def _norm_range(
         offs, mask = tail_block(full_end, end)
         x = load(ptr, offs, mask, ACC)  # masked lanes read 0: neutral for both norms
         acc, bad = _accumulate(acc, bad, x, grad_scale, INF_NORM, HAS_GRAD_SCALE)
-    if INF_NORM:
-        partial = tl.max(acc, axis=0)
-        # tl.max drops NaN; the reference's norm(inf) propagates it.
-        partial = tl.where(tl.max((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), partial)
-    else:
-        partial = tl.sum(acc, axis=0)
-    return partial, tl.sum(bad, axis=0)
+    return _reduce(acc, INF_NORM), tl.sum(bad, axis=0)
 
 
 @triton.jit
@@ -130,12 +136,7 @@ def fold(values, counts, first, n, INF_NORM: tl.constexpr, ACC: tl.constexpr):
         x = tl.load(values + first + offs, mask=mask, other=0.0)
         bad += tl.load(counts + first + offs, mask=mask, other=0)
         acc = maximum(acc, x) if INF_NORM else acc + x
-    if INF_NORM:
-        total = tl.max(acc, axis=0)
-        total = tl.where(tl.max((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), total)
-    else:
-        total = tl.sum(acc, axis=0)
-    return total, tl.sum(bad, axis=0)
+    return _reduce(acc, INF_NORM), tl.sum(bad, axis=0)
 
 
 @triton.jit
