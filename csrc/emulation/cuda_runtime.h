@@ -171,8 +171,9 @@ void check_access(const void* p, size_t bytes, size_t align);
 void register_memory(const void* p, size_t bytes);
 void unregister_memory(const void* p);
 
-/// The order in which the scheduler runs blocks and the threads of a block. A correct kernel
-/// gives the same bits under both; a race (a missing barrier) usually does not.
+/// The order of the blocks, and the priority of the threads of a block: the scheduler always
+/// runs the first thread that can run ([note: emulated threads] in emulator.cpp). A correct
+/// kernel gives the same bits under both; a race (a missing barrier) usually does not.
 enum class Schedule { kForward, kReverse };
 void set_schedule(Schedule s);
 

@@ -5,10 +5,12 @@
 // CUDA makes threads wait for each other: __syncthreads / __syncthreads_or (all threads of the
 // block) and __shfl_down_sync (the 32 lanes of a warp). A thread that reaches neither runs to
 // completion, and its fiber then starts the next thread, so a kernel without barriers costs
-// one switch per block. The scheduler walks the threads in a fixed order (forward, or reverse
-// for set_schedule(kReverse)) and resumes every released thread in that order, so a run is
-// deterministic: the same kernel gives the same bits every time, and the two orders expose a
-// missing barrier as a difference. Blocks that run one after another never overlap, which
+// one switch per block. Threads have a fixed priority (thread index order, or its reverse for
+// set_schedule(kReverse)) and the scheduler always runs the first thread that can run, until
+// it waits: so a run is deterministic, and a warp runs as far ahead of the others as CUDA
+// allows (forward: warp 0 first, reverse: the last warp first). That is the schedule that
+// shows a missing barrier: a round-robin one kept the warps in near lockstep and let a
+// block_reduce without its first __syncthreads pass; these two make it fail. Blocks that run one after another never overlap, which
 // is a legal CUDA schedule; a kernel that needed two blocks to run at once (a spin-wait on
 // another block) would deadlock here, and none of fusedopt's does.
 //
@@ -72,12 +74,13 @@ struct Device {
   void* closure = nullptr;
   bool in_kernel = false;
   int nthreads = 0;
-  std::vector<int> order;  // thread indices in schedule order
-  int next_start = 0;      // position in `order` of the first thread not started
-  int current = -1;        // the running thread
+  std::vector<int> order;     // thread indices in schedule (priority) order
+  std::vector<int> position;  // the inverse of `order`
+  int current = -1;           // the running thread
 
   // The block.
   std::vector<Thread> threads;
+  uint64_t runnable[kMaxThreads / 64] = {};  // by position: not started, or released
   int done = 0;
   int barrier_arrived = 0;
   bool barrier_is_or = false;
@@ -109,6 +112,18 @@ void set_builtins(int t) {
   threadIdx = uint3{u % bx, (u / bx) % by, u / (bx * by)};
 }
 
+void mark_runnable(Device& d, int t) {
+  const int pos = d.position[t];
+  d.runnable[pos / 64] |= uint64_t{1} << (pos % 64);
+}
+
+/// The position of the first runnable thread, or -1.
+int first_runnable(const Device& d) {
+  for (int w = 0; w * 64 < d.nthreads; ++w)
+    if (d.runnable[w]) return w * 64 + __builtin_ctzll(d.runnable[w]);
+  return -1;
+}
+
 Device& in_kernel(const char* what) {
   Device& d = device();
   if (!d.in_kernel) {
@@ -134,8 +149,8 @@ void enter(Device& d, int t, int fiber) {
   set_builtins(t);
 }
 
-// A fiber runs its thread, then, while threads are left that never started, the next of them
-// ([note: emulated threads]); when none is left it goes back to the scheduler (uc_link).
+// A fiber runs its thread, then, while the first runnable thread is one that never started,
+// that one ([note: emulated threads]); otherwise it goes back to the scheduler (uc_link).
 void fiber_main() {
   Device& d = device();
   const int fiber = d.threads[d.current].fiber;
@@ -143,8 +158,10 @@ void fiber_main() {
     d.thread_main(d.closure);
     d.threads[d.current].state = State::kDone;
     ++d.done;
-    if (d.next_start == d.nthreads) break;
-    enter(d, d.order[d.next_start++], fiber);
+    const int pos = first_runnable(d);
+    if (pos < 0 || d.threads[d.order[pos]].state != State::kNotStarted) break;
+    d.runnable[pos / 64] &= ~(uint64_t{1} << (pos % 64));
+    enter(d, d.order[pos], fiber);
   }
   d.free_fibers.push_back(fiber);
   ++d.stats.switches;
@@ -167,8 +184,10 @@ void fiber_main() {
 }
 
 void run_block(Device& d) {
-  for (int t = 0; t < d.nthreads; ++t) d.threads[t] = Thread{State::kNotStarted, -1, 0, 0, 0};
-  d.next_start = 0;
+  for (int t = 0; t < d.nthreads; ++t) {
+    d.threads[t] = Thread{State::kNotStarted, -1, 0, 0, 0};
+    mark_runnable(d, t);
+  }
   d.done = 0;
   d.barrier_arrived = 0;
   d.barrier_acc = 0;
@@ -176,31 +195,25 @@ void run_block(Device& d) {
   d.free_fibers.clear();
   for (int f = kMaxThreads - 1; f >= 0; --f) d.free_fibers.push_back(f);
   while (d.done < d.nthreads) {
-    bool progressed = false;
-    for (int pos = 0; pos < d.nthreads; ++pos) {
-      const int t = d.order[pos];
-      const State s = d.threads[t].state;
-      if (s == State::kNotStarted) {
-        const int fiber = d.free_fibers.back();
-        d.free_fibers.pop_back();
-        Fiber& f = d.fibers[fiber];
-        getcontext(&f.context);
-        f.context.uc_stack.ss_sp = f.stack;
-        f.context.uc_stack.ss_size = kStackBytes;
-        f.context.uc_link = &d.scheduler;
-        makecontext(&f.context, fiber_main, 0);
-        ++d.next_start;
-        enter(d, t, fiber);
-      } else if (s == State::kReady) {
-        enter(d, t, d.threads[t].fiber);
-      } else {
-        continue;
-      }
-      progressed = true;
-      ++d.stats.switches;
-      swapcontext(&d.scheduler, &d.fibers[d.threads[t].fiber].context);
+    const int pos = first_runnable(d);
+    if (pos < 0) deadlock(d);
+    d.runnable[pos / 64] &= ~(uint64_t{1} << (pos % 64));
+    const int t = d.order[pos];
+    if (d.threads[t].state == State::kNotStarted) {
+      const int fiber = d.free_fibers.back();
+      d.free_fibers.pop_back();
+      Fiber& f = d.fibers[fiber];
+      getcontext(&f.context);
+      f.context.uc_stack.ss_sp = f.stack;
+      f.context.uc_stack.ss_size = kStackBytes;
+      f.context.uc_link = &d.scheduler;
+      makecontext(&f.context, fiber_main, 0);
+      enter(d, t, fiber);
+    } else {
+      enter(d, t, d.threads[t].fiber);
     }
-    if (!progressed) deadlock(d);
+    ++d.stats.switches;
+    swapcontext(&d.scheduler, &d.fibers[d.threads[t].fiber].context);
   }
   d.current = -1;
   ++d.stats.blocks;
@@ -240,8 +253,12 @@ void run_grid(dim3 grid, dim3 block, void (*thread_main)(void*), void* closure) 
   d.closure = closure;
   d.nthreads = static_cast<int>(block.x * block.y * block.z);
   d.order.resize(d.nthreads);
+  d.position.resize(d.nthreads);
   const bool reverse = d.schedule == Schedule::kReverse;
-  for (int i = 0; i < d.nthreads; ++i) d.order[i] = reverse ? d.nthreads - 1 - i : i;
+  for (int i = 0; i < d.nthreads; ++i) {
+    d.order[i] = reverse ? d.nthreads - 1 - i : i;
+    d.position[d.order[i]] = i;
+  }
   blockDim = block;
   gridDim = grid;
   d.in_kernel = true;
@@ -276,7 +293,10 @@ uint64_t shuffle_down(unsigned mask, uint64_t bits, unsigned delta, int width) {
   for (int l = 0; l < kWarpSize; ++l) {
     const unsigned src = static_cast<unsigned>(l) + lanes[l].shfl_delta;
     lanes[l].shfl_out = src < kWarpSize ? lanes[src].shfl_in : lanes[l].shfl_in;
-    if (l != lane) lanes[l].state = State::kReady;
+    if (l != lane) {
+      lanes[l].state = State::kReady;
+      mark_runnable(d, warp * kWarpSize + l);
+    }
   }
   return self.shfl_out;
 }
@@ -301,7 +321,10 @@ int barrier(bool is_or, int predicate) {
   d.barrier_acc = 0;
   d.barrier_arrived = 0;
   for (int t = 0; t < d.nthreads; ++t) {
-    if (d.threads[t].state == State::kBarrier) d.threads[t].state = State::kReady;
+    if (d.threads[t].state == State::kBarrier) {
+      d.threads[t].state = State::kReady;
+      mark_runnable(d, t);
+    }
   }
   return d.barrier_result;
 }
