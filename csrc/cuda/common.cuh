@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fusedopt/dtype.h"
@@ -78,6 +79,30 @@ dim3 chunk_grid(int64_t total_chunks);
 
 inline cudaStream_t stream_of(const ExecContext& ctx) {
   return static_cast<cudaStream_t>(ctx.stream);
+}
+
+/// kernel<<<grid, block, 0, stream>>>(args...). Every launch of csrc/cuda goes through here:
+/// `<<<>>>` is not C++, and this is the one place where the host emulation of the tests
+/// (csrc/emulation, FUSEDOPT_CUDA_EMULATION) runs the same kernels instead.
+template <class... Params, class... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                   Args&&... args) {
+#ifdef FUSEDOPT_CUDA_EMULATION
+  emulation::launch(kernel, grid, block, stream, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+#endif
+}
+
+/// An access of type A at p: nothing on the GPU; under the host emulation, a fault where
+/// the GPU would fault (p not aligned for A) or where a tensor's bounds are crossed.
+template <class A>
+__device__ __forceinline__ void check_access(const void* p) {
+#ifdef FUSEDOPT_CUDA_EMULATION
+  emulation::check_access(p, sizeof(A), alignof(A));
+#else
+  (void)p;
+#endif
 }
 
 /// Writes the host arrays of a slot into every row (null where absent).
@@ -155,6 +180,7 @@ __device__ __forceinline__ void load(const S* base, int64_t i, T (&x)[V]) {
   // Table addresses reach the kernel through memory, so without this the compiler cannot
   // tell they are global and issues generic LD/ST (LD.E.128) instead of LDG/STG.
   __builtin_assume(__isGlobal(base));
+  check_access<Pack<S, V>>(base + i);
   const Pack<S, V> p = *reinterpret_cast<const Pack<S, V>*>(base + i);
 #pragma unroll
   for (int k = 0; k < V; ++k) x[k] = to_opmath<T>(p.v[k]);
@@ -166,6 +192,7 @@ __device__ __forceinline__ void store(S* base, int64_t i, const T (&x)[V]) {
   Pack<S, V> p;
 #pragma unroll
   for (int k = 0; k < V; ++k) p.v[k] = from_opmath<S>(x[k]);
+  check_access<Pack<S, V>>(base + i);
   *reinterpret_cast<Pack<S, V>*>(base + i) = p;
 }
 

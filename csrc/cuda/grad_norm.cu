@@ -127,13 +127,14 @@ void launch(const GradNormCall& call, const ExecContext& ctx) {
   if (table.total_chunks() > 0) {
     partials = static_cast<Partial<Acc>*>(
         ctx.workspace.get(sizeof(Partial<Acc>) * table.total_chunks()));
-    grad_norm_partials_kernel<Acc, kInf><<<chunk_grid(table.total_chunks()), kThreads, 0, stream>>>(
-        device_table, call.grad_scale, partials);
+    launch_kernel(grad_norm_partials_kernel<Acc, kInf>, chunk_grid(table.total_chunks()),
+                  kThreads, stream, device_table, call.grad_scale, partials);
     check(cudaGetLastError(), "launching grad_norm (partials)");
   }
-  grad_norm_finish_kernel<Acc, kInf><<<1, kFinishThreads, 0, stream>>>(
-      device_table, partials, static_cast<Acc*>(call.total_norm),
-      call.per_tensor ? static_cast<Acc*>(call.per_tensor_norms) : nullptr, call.found_inf);
+  launch_kernel(grad_norm_finish_kernel<Acc, kInf>, 1, kFinishThreads, stream, device_table,
+                partials, static_cast<Acc*>(call.total_norm),
+                call.per_tensor ? static_cast<Acc*>(call.per_tensor_norms) : nullptr,
+                call.found_inf);
   check(cudaGetLastError(), "launching grad_norm (finish)");
 }
 

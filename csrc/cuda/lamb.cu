@@ -196,10 +196,11 @@ void lamb(const LambCall& call, const ExecContext& ctx) {
           auto* partials = static_cast<NormPartial<T>*>(
               ctx.workspace.get(sizeof(NormPartial<T>) * host.total_chunks()));
           auto* ratio = static_cast<T*>(ctx.workspace.get(sizeof(T) * host.n()));
-          lamb_norms_kernel<P, G, kM>
-              <<<chunk_grid(host.total_chunks()), kThreads, 0, stream>>>(table, args, partials);
+          launch_kernel(lamb_norms_kernel<P, G, kM>, chunk_grid(host.total_chunks()), kThreads,
+                        stream, table, args, partials);
           check(cudaGetLastError(), "launching lamb_ (norms)");
-          lamb_ratio_kernel<T><<<1, kRatioThreads, 0, stream>>>(table, args, partials, ratio);
+          launch_kernel(lamb_ratio_kernel<T>, 1, kRatioThreads, stream, table, args, partials,
+                        ratio);
           check(cudaGetLastError(), "launching lamb_ (trust ratios)");
           args.extra = ratio;
         }

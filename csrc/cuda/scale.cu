@@ -62,8 +62,8 @@ void scale(const ScaleCall& call, const ExecContext& ctx) {
     table.row(i).dtype = static_cast<int32_t>(call.dtypes[i]);
   }
   const Table device_table = table.upload(ctx);
-  scale_kernel<<<chunk_grid(table.total_chunks()), kThreads, 0, stream_of(ctx)>>>(
-      device_table, call.scale, call.found_inf);
+  launch_kernel(scale_kernel, chunk_grid(table.total_chunks()), kThreads, stream_of(ctx),
+                device_table, call.scale, call.found_inf);
   check(cudaGetLastError(), "launching scale_");
 }
 

@@ -113,7 +113,8 @@ template <class Body>
 void launch_step(const TableBuilder& host, const Table& table, const StepArgs& args,
                  cudaStream_t stream) {
   if (host.total_chunks() == 0) return;
-  step_kernel<Body><<<chunk_grid(host.total_chunks()), kThreads, 0, stream>>>(table, args);
+  launch_kernel(step_kernel<Body>, chunk_grid(host.total_chunks()), kThreads, stream, table,
+                args);
   check(cudaGetLastError(), "launching a step kernel");
 }
 

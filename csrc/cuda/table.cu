@@ -55,8 +55,8 @@ void write_table(const unsigned char* host, size_t bytes, void* dst, cudaStream_
     const size_t n = std::min(bytes - done, static_cast<size_t>(kSliceBytes));
     std::memcpy(slice.bytes, host + done, n);
     const int nvec = static_cast<int>(n / 16);
-    write_table_kernel<<<(nvec + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        slice, reinterpret_cast<uint4*>(static_cast<unsigned char*>(dst) + done), nvec);
+    launch_kernel(write_table_kernel, (nvec + kThreads - 1) / kThreads, kThreads, stream, slice,
+                  reinterpret_cast<uint4*>(static_cast<unsigned char*>(dst) + done), nvec);
     check(cudaGetLastError(), "writing the device table");
   }
 }
@@ -150,8 +150,8 @@ Table TableBuilder::upload(const ExecContext& ctx) {
 
 void increment_steps(const Table& table, const float* found_inf, cudaStream_t stream) {
   if (table.n == 0) return;
-  increment_steps_kernel<<<(table.n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-      table.rows, table.n, found_inf);
+  launch_kernel(increment_steps_kernel, (table.n + kThreads - 1) / kThreads, kThreads, stream,
+                table.rows, table.n, found_inf);
   check(cudaGetLastError(), "launching increment_steps");
 }
 

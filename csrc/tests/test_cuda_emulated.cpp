@@ -1,0 +1,898 @@
+// The CUDA launchers (csrc/cuda, compiled by g++ against the host emulation of csrc/emulation)
+// against the CPU launchers, through the torch-free interface of fusedopt/launch.h, filled as
+// csrc/bindings.cpp fills it.
+//
+// Both backends run the same math headers with contraction pinned ([note: pinned
+// contraction], fusedopt/macros.h), so every elementwise result must be equal BIT FOR BIT:
+// params, masters, states and step counts, after each of several steps. What differs is the
+// traversal (chunks, 16-byte vector path and scalar tail, device table, slots, per-tensor
+// scalars, skipped steps), which is what this test exercises: every op and variant x every
+// storage combination x tensor sizes around the chunk and vector boundaries x aligned and
+// misaligned tensors x the device scalars. grad_norm sums in another order on each backend:
+// it is held to an error bound derived from its summation chains, and must give the same bits
+// on every run and under both thread schedules of the emulator.
+//
+// The emulator faults (and so fails this test) on a misaligned vector access and on any
+// tensor access outside the tensor's registered extent, even where it would not change a
+// result.
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "cuda_runtime.h"
+#include "fusedopt/launch.h"
+#include "fusedopt/multi_tensor.h"
+
+using namespace fusedopt;
+namespace emu = fusedopt::emulation;
+
+namespace {
+
+constexpr int64_t kChunk = mt::kChunkElems;
+
+// ---------------------------------------------------------------------------------------
+// Memory.
+
+/// One tensor's memory: numel elements of a dtype at a 64-byte boundary, or one element past
+/// it (misaligned: no 16-byte access is possible, so its chunks take the scalar path). Its
+/// exact extent is registered as device memory with the emulator. An empty tensor has a null
+/// pointer when `null_if_empty`, as torch may give.
+class Buffer {
+ public:
+  Buffer(DType dtype, int64_t numel, bool misaligned, bool null_if_empty = false)
+      : dtype_(dtype), bytes_(static_cast<size_t>(numel) * dtype_size(dtype)) {
+    if (numel == 0 && null_if_empty) return;
+    const size_t offset = misaligned ? dtype_size(dtype) : 0;
+    const size_t capacity = (bytes_ + offset + 127) / 64 * 64;
+    base_.reset(static_cast<unsigned char*>(std::aligned_alloc(64, capacity)));
+    data_ = base_.get() + offset;
+    emu::register_memory(data_, bytes_);
+  }
+  Buffer(const Buffer&) = delete;
+  ~Buffer() {
+    if (data_) emu::unregister_memory(data_);
+  }
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  DType dtype() const { return dtype_; }
+  int64_t numel() const { return static_cast<int64_t>(bytes_ / dtype_size(dtype_)); }
+
+  /// Element k as a double (through the exact conversions of fusedopt/dtype.h).
+  double get(int64_t k) const {
+    switch (dtype_) {
+      case DType::kFloat32: return static_cast<const float*>(data_)[k];
+      case DType::kFloat64: return static_cast<const double*>(data_)[k];
+      case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(data_)[k]);
+      case DType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(data_)[k]);
+    }
+    return 0.0;
+  }
+  /// Element k = x rounded to the dtype.
+  void set(int64_t k, double x) {
+    switch (dtype_) {
+      case DType::kFloat32: static_cast<float*>(data_)[k] = static_cast<float>(x); break;
+      case DType::kFloat64: static_cast<double*>(data_)[k] = x; break;
+      case DType::kBFloat16:
+        static_cast<uint16_t*>(data_)[k] = float_to_bf16(static_cast<float>(x));
+        break;
+      case DType::kFloat16:
+        static_cast<uint16_t*>(data_)[k] = float_to_fp16(static_cast<float>(x));
+        break;
+    }
+  }
+  void copy_from(const Buffer& other) {
+    if (bytes_) std::memcpy(data_, other.data_, bytes_);
+  }
+  bool same_bits(const Buffer& other) const {
+    return bytes_ == other.bytes_ && (bytes_ == 0 || std::memcmp(data_, other.data_, bytes_) == 0);
+  }
+
+ private:
+  struct Free {
+    void operator()(unsigned char* p) const { std::free(p); }
+  };
+  DType dtype_;
+  size_t bytes_;
+  std::unique_ptr<unsigned char, Free> base_;
+  void* data_ = nullptr;
+};
+
+/// The CUDA launchers' ExecContext: workspace from the emulated cudaMallocAsync, freed when
+/// the launch returns (the kernels have run by then: emulated launches are synchronous).
+struct CudaContext {
+  std::vector<void*> blocks;
+  ExecContext ctx;
+  CudaContext() {
+    ctx.workspace = {&CudaContext::allocate, this};
+  }
+  ~CudaContext() {
+    for (void* p : blocks) cudaFreeAsync(p, nullptr);
+  }
+  static void* allocate(void* self, size_t bytes) {
+    void* p = nullptr;
+    if (cudaMallocAsync(&p, bytes, nullptr) != cudaSuccess) std::abort();
+    static_cast<CudaContext*>(self)->blocks.push_back(p);
+    return p;
+  }
+};
+
+// [note: norm tolerance] A sum of k-term chains of non-negative terms, each addition
+// rounded to unit roundoff u, has relative error <= k*u (to first order; Higham, Accuracy and
+// Stability, 4.2), and the square root halves it and adds u. Both backends add the same
+// fp32 (or fp64) terms norm2_term(x, grad_scale), so against their exact double sum only
+// the summation order counts:
+//   * cuda: a thread adds <= kChunk/256 terms, then warp and block trees (5 + 5 levels); the
+//     finishing block adds a tensor's chunk partials lane-strided (chunks/32 per lane), a
+//     5-level tree, the tensors of one warp in a row (n/32), and a 5-level tree: k below;
+//   * cpu: fp32 lanes of kBlock/kLanes = 32 terms (csrc/cpu/reduce.h), then double sums of
+//     at most total/32 + n lanes, each adding at most 2^-53.
+// The exact reference sums the same terms in double (its own error, <= n_terms * 2^-53
+// relative, is inside the bound).
+double cuda_chain(int64_t max_chunks, int64_t n) {
+  return kChunk / 256 + 10 + (max_chunks + 31) / 32 + 5 + (n + 31) / 32 + 5;
+}
+
+// ---------------------------------------------------------------------------------------
+// The step ops: cases.
+
+enum class Op { kAdamW, kLamb, kLion, kSgd };
+
+/// One variant of an op: its per-call flags (in launch.h's order), per-tensor
+/// hyperparameters after lr (in launch.h's order) and which of them is 0 for every third
+/// tensor (a param group without it: LAMB's weight decay, SGD's momentum), or -1.
+struct Variant {
+  const char* name;
+  Op op;
+  std::array<bool, 4> flags;
+  std::array<double, 4> hyper;
+  double lr;
+  int zero_every_third;
+};
+
+// adamw: decoupled, amsgrad, maximize, bias_correction; beta1, beta2, eps, weight_decay
+// lamb: grad_averaging, bias_correction, trust_clip, always_adapt; beta1, beta2, eps, wd
+// lion: maximize; beta1, beta2, weight_decay
+// sgd: nesterov, maximize; momentum, dampening, weight_decay (momentum 0: no buffers)
+const Variant kVariants[] = {
+    {"adamw", Op::kAdamW, {true, false, false, true}, {0.9, 0.999, 1e-8, 0.01}, 1e-2, -1},
+    {"adam_l2", Op::kAdamW, {false, false, false, true}, {0.9, 0.999, 1e-8, 0.01}, 1e-2, -1},
+    {"adamw_amsgrad", Op::kAdamW, {true, true, false, true}, {0.8, 0.99, 1e-6, 0.1}, 1e-2, 3},
+    {"adam_amsgrad_maximize", Op::kAdamW, {false, true, true, true}, {0.9, 0.999, 1e-8, 0.0},
+     1e-2, -1},
+    {"adamw_no_bias_correction", Op::kAdamW, {true, false, false, false},
+     {0.9, 0.999, 1e-8, 0.01}, 1e-2, -1},
+    {"lamb", Op::kLamb, {true, true, false, false}, {0.9, 0.999, 1e-6, 0.01}, 1e-2, -1},
+    {"lamb_trust_clip_mixed_wd", Op::kLamb, {true, true, true, false}, {0.9, 0.999, 1e-6, 0.1},
+     1e-2, 3},
+    {"lamb_plain_no_adapt", Op::kLamb, {false, false, false, false}, {0.9, 0.99, 1e-6, 0.0},
+     1e-2, -1},
+    {"lamb_always_adapt", Op::kLamb, {true, true, false, true}, {0.9, 0.999, 1e-6, 0.0}, 1e-2,
+     -1},
+    {"lion", Op::kLion, {false}, {0.9, 0.99, 0.01, 0.0}, 1e-3, -1},
+    {"lion_maximize", Op::kLion, {true}, {0.95, 0.98, 0.1, 0.0}, 1e-3, 2},
+    {"sgd", Op::kSgd, {false, false}, {0.0, 0.0, 0.01, 0.0}, 0.1, -1},
+    {"sgd_momentum", Op::kSgd, {false, false}, {0.9, 0.0, 0.0, 0.0}, 0.1, -1},
+    {"sgd_nesterov", Op::kSgd, {true, false}, {0.9, 0.0, 0.01, 0.0}, 0.1, -1},
+    {"sgd_dampening_maximize", Op::kSgd, {false, true}, {0.8, 0.3, 0.01, 0.0}, 0.1, -1},
+    {"sgd_momentum_0_in_buffered_call", Op::kSgd, {false, false}, {0.9, 0.1, 0.01, 0.0}, 0.1, 0},
+};
+
+/// Storage of a step call: param and grad dtypes, master weights (DESIGN.md §3).
+struct Storage {
+  DType param, grad;
+  bool master;
+};
+const Storage kStorages[] = {
+    {DType::kFloat32, DType::kFloat32, false},   {DType::kBFloat16, DType::kBFloat16, false},
+    {DType::kBFloat16, DType::kFloat32, false},  {DType::kFloat16, DType::kFloat16, false},
+    {DType::kFloat16, DType::kFloat32, false},   {DType::kFloat64, DType::kFloat64, false},
+    {DType::kBFloat16, DType::kBFloat16, true},  {DType::kBFloat16, DType::kFloat32, true},
+    {DType::kFloat16, DType::kFloat16, true},    {DType::kFloat16, DType::kFloat32, true},
+};
+
+enum class LrKind { kUniform, kPerTensor, kTensor1, kTensorN };
+
+/// The device scalars and learning rates of a case, and found_inf per step (-1: absent).
+struct Scalars {
+  const char* name;
+  LrKind lr;
+  float grad_scale;  // 0: absent
+  float clip_coef;   // 0: absent
+  std::array<float, 3> found_inf;
+  bool capturing;    // cudaStreamIsCapturing reports a capture: the table goes to the workspace
+};
+const Scalars kScalars[] = {
+    {"plain", LrKind::kUniform, 0.0f, 0.0f, {-1, -1, -1}, false},
+    // found_inf 2.0: torch sums the flag over devices.
+    {"scaled_skip_2nd", LrKind::kPerTensor, 8.0f, 0.75f, {0, 2, 0}, false},
+    {"lr_tensor_skip_1st", LrKind::kTensor1, 0.0f, 0.0f, {1, 0, 0}, true},
+    {"lr_tensors_scaled_skip_3rd", LrKind::kTensorN, 1024.0f, 0.5f, {0, 0, 1}, false},
+};
+
+/// A tensor of a case: numel and whether its memory is misaligned.
+struct Shape {
+  int64_t numel;
+  bool misaligned;
+};
+// Small tensors around the vector width (empty ones in the middle, one with a null pointer),
+// aligned and not: the semantics cases.
+const std::vector<Shape> kSmall = {{7, true}, {0, false}, {1, false}, {33, false},
+                                   {0, true}, {1029, true}, {130, false}};
+// Around the chunk size and across several chunks: the traversal cases.
+const std::vector<Shape> kLarge = {{kChunk - 1, false}, {kChunk + 1, true},
+                                   {1, true},           {3 * kChunk + 3, false}};
+
+struct StepCase {
+  const Variant* variant;
+  Storage storage;
+  const Scalars* scalars;
+  const std::vector<Shape>* shapes;
+  int steps;
+  emu::Schedule schedule;
+};
+
+// ---------------------------------------------------------------------------------------
+// The step ops: state of one backend, and the call structs bindings.cpp would fill.
+
+int state_count(const Variant& v) {
+  switch (v.op) {
+    case Op::kAdamW: return v.flags[1] ? 3 : 2;  // exp_avg, exp_avg_sq (+ max_exp_avg_sq)
+    case Op::kLamb: return 2;
+    case Op::kLion: return 1;
+    case Op::kSgd: return v.hyper[0] != 0.0 ? 1 : 0;  // momentum buffers
+  }
+  return 0;
+}
+
+bool has_steps(const Variant& v) {
+  return v.op == Op::kAdamW || v.op == Op::kLamb || (v.op == Op::kSgd && state_count(v) > 0);
+}
+
+/// The tensors of one backend for one case.
+struct World {
+  std::vector<std::unique_ptr<Buffer>> params, grads, masters;
+  std::vector<std::vector<std::unique_ptr<Buffer>>> states;  // [slot][tensor]
+  std::vector<float> steps;
+
+  World(const StepCase& c) {
+    const size_t n = c.shapes->size();
+    const DType state_dtype =
+        c.storage.master ? DType::kFloat32 : c.storage.param;
+    states.resize(state_count(*c.variant));
+    for (size_t i = 0; i < n; ++i) {
+      const Shape s = (*c.shapes)[i];
+      const bool null = i == 1;  // the first empty tensor of kSmall has no memory at all
+      params.push_back(std::make_unique<Buffer>(c.storage.param, s.numel, s.misaligned, null));
+      grads.push_back(std::make_unique<Buffer>(c.storage.grad, s.numel, s.misaligned, null));
+      if (c.storage.master)
+        masters.push_back(std::make_unique<Buffer>(DType::kFloat32, s.numel, s.misaligned, null));
+      // Mixed alignment inside one tensor's slots: its first state is aligned when the
+      // param is not, and the other way round, so both "one slot refuses" cases occur.
+      for (size_t k = 0; k < states.size(); ++k)
+        states[k].push_back(std::make_unique<Buffer>(state_dtype, s.numel,
+                                                     k == 0 && i % 3 == 2 ? !s.misaligned
+                                                                         : s.misaligned,
+                                                     null));
+    }
+    steps.assign(n, 0.0f);
+  }
+
+  void copy_from(const World& o) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      params[i]->copy_from(*o.params[i]);
+      grads[i]->copy_from(*o.grads[i]);
+      if (!masters.empty()) masters[i]->copy_from(*o.masters[i]);
+      for (size_t k = 0; k < states.size(); ++k) states[k][i]->copy_from(*o.states[k][i]);
+    }
+    steps = o.steps;
+  }
+
+  /// Every buffer and step count with the same bits as o's; reports the first difference.
+  bool same_bits(const World& o, const std::string& what) const {
+    auto differ = [&](const char* slot, size_t i) {
+      std::fprintf(stderr, "%s: %s[%zu] differs\n", what.c_str(), slot, i);
+      return false;
+    };
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!params[i]->same_bits(*o.params[i])) return differ("params", i);
+      if (!masters.empty() && !masters[i]->same_bits(*o.masters[i])) return differ("masters", i);
+      for (size_t k = 0; k < states.size(); ++k)
+        if (!states[k][i]->same_bits(*o.states[k][i])) return differ("states", i);
+    }
+    if (std::memcmp(steps.data(), o.steps.data(), steps.size() * sizeof(float)) != 0)
+      return differ("steps", 0);
+    return true;
+  }
+};
+
+/// Fills a world with a case's initial values: params in [-1, 1], grads ~ N(0, 1) times the
+/// loss scale, moments of a run in progress (v >= 0, vmax >= v), step counts 0 or 5 (as
+/// after a state dict load). SGD buffers of a param without steps yet hold NaN: its first
+/// step must overwrite them without reading them.
+void initialize(World& w, const StepCase& c, std::mt19937& rng) {
+  std::uniform_real_distribution<double> uniform(-1.0, 1.0);
+  std::normal_distribution<double> normal;
+  const double loss_scale = c.scalars->grad_scale > 0 ? c.scalars->grad_scale : 1.0;
+  for (size_t i = 0; i < w.params.size(); ++i) {
+    w.steps[i] = i % 2 ? 5.0f : 0.0f;
+    for (int64_t k = 0; k < w.params[i]->numel(); ++k) {
+      const double p = uniform(rng);
+      if (!w.masters.empty()) w.masters[i]->set(k, p);
+      // The param is master.to(dtype) (DESIGN.md §3): round through fp32 as the master does.
+      w.params[i]->set(k, w.masters.empty() ? p : static_cast<float>(p));
+      w.grads[i]->set(k, normal(rng) * loss_scale);
+      const double v = 0.01 * std::fabs(normal(rng));
+      for (size_t s = 0; s < w.states.size(); ++s) {
+        double x = s == 0 ? 0.1 * normal(rng) : s == 1 ? v : v + 0.001 * std::fabs(normal(rng));
+        if (c.variant->op == Op::kSgd && w.steps[i] == 0.0f) x = NAN;
+        w.states[s][i]->set(k, x);
+      }
+    }
+  }
+}
+
+/// Per-case arrays that the call structs point into (bindings.cpp keeps the same alive).
+struct Call {
+  std::vector<int64_t> numels;
+  std::vector<void*> params, grads, masters;
+  std::vector<std::vector<void*>> states;
+  std::vector<float*> steps;
+  std::vector<double> lr;
+  std::array<std::vector<double>, 4> hyper;
+  std::vector<float> lr_tensor;
+  float grad_scale, clip_coef, found_inf;
+
+  StepLists lists(const StepCase& c, World& w, int step) {
+    const size_t n = w.params.size();
+    numels.clear();
+    params.clear();
+    grads.clear();
+    masters.clear();
+    steps.clear();
+    states.assign(w.states.size(), {});
+    for (size_t i = 0; i < n; ++i) {
+      numels.push_back(w.params[i]->numel());
+      params.push_back(w.params[i]->data());
+      grads.push_back(w.grads[i]->data());
+      if (!w.masters.empty()) masters.push_back(w.masters[i]->data());
+      for (size_t k = 0; k < w.states.size(); ++k) states[k].push_back(w.states[k][i]->data());
+      steps.push_back(&w.steps[i]);
+    }
+    const Variant& v = *c.variant;
+    const Scalars& s = *c.scalars;
+    lr.assign(n, v.lr);
+    for (size_t i = 0; i < n && s.lr != LrKind::kUniform; ++i) lr[i] = v.lr * (1.0 + 0.25 * i);
+    for (int h = 0; h < 4; ++h) {
+      hyper[h].assign(n, v.hyper[h]);
+      if (h == v.zero_every_third)
+        for (size_t i = 1; i < n; i += 3) hyper[h][i] = 0.0;
+    }
+    StepLists l;
+    l.num_tensors = static_cast<int64_t>(n);
+    l.numels = numels.data();
+    l.params = {params.data(), c.storage.param};
+    l.grads = {grads.data(), c.storage.grad};
+    if (c.storage.master) l.master_params = {masters.data(), DType::kFloat32};
+    l.steps = has_steps(v) ? steps.data() : nullptr;
+    if (s.lr == LrKind::kTensor1 || s.lr == LrKind::kTensorN) {
+      // Values that differ from the lr lists, so a kernel that ignores the tensor shows.
+      lr_tensor.assign(s.lr == LrKind::kTensor1 ? 1 : n, 0.0f);
+      for (size_t i = 0; i < lr_tensor.size(); ++i)
+        lr_tensor[i] = static_cast<float>(v.lr * (0.5 + 0.125 * i));
+      l.scalars.lr = lr_tensor.data();
+      l.scalars.lr_numel = static_cast<int64_t>(lr_tensor.size());
+    }
+    grad_scale = s.grad_scale;
+    clip_coef = s.clip_coef;
+    found_inf = s.found_inf[step];
+    if (grad_scale > 0) l.scalars.grad_scale = &grad_scale;
+    if (clip_coef > 0) l.scalars.clip_coef = &clip_coef;
+    if (found_inf >= 0) l.scalars.found_inf = &found_inf;
+    return l;
+  }
+
+  TensorSlot state(size_t k, const StepCase& c) {
+    return {states[k].data(), c.storage.master ? DType::kFloat32 : c.storage.param};
+  }
+};
+
+/// One step of a case's op on world w with the given backend (true: cuda).
+void step(const StepCase& c, World& w, int index, bool cuda) {
+  Call call;
+  const StepLists lists = call.lists(c, w, index);
+  const Variant& v = *c.variant;
+  const auto& h = call.hyper;
+  CudaContext cuda_ctx;
+  const ExecContext& ctx = cuda_ctx.ctx;
+  switch (v.op) {
+    case Op::kAdamW: {
+      AdamWCall a;
+      a.lists = lists;
+      a.exp_avgs = call.state(0, c);
+      a.exp_avg_sqs = call.state(1, c);
+      if (v.flags[1]) a.max_exp_avg_sqs = call.state(2, c);
+      a.lr = call.lr.data();
+      a.beta1 = h[0].data();
+      a.beta2 = h[1].data();
+      a.eps = h[2].data();
+      a.weight_decay = h[3].data();
+      a.decoupled = v.flags[0];
+      a.amsgrad = v.flags[1];
+      a.maximize = v.flags[2];
+      a.bias_correction = v.flags[3];
+      return cuda ? cuda::adamw(a, ctx) : cpu::adamw(a, ExecContext{});
+    }
+    case Op::kLamb: {
+      LambCall a;
+      a.lists = lists;
+      a.exp_avgs = call.state(0, c);
+      a.exp_avg_sqs = call.state(1, c);
+      a.lr = call.lr.data();
+      a.beta1 = h[0].data();
+      a.beta2 = h[1].data();
+      a.eps = h[2].data();
+      a.weight_decay = h[3].data();
+      a.grad_averaging = v.flags[0];
+      a.bias_correction = v.flags[1];
+      a.trust_clip = v.flags[2];
+      a.always_adapt = v.flags[3];
+      return cuda ? cuda::lamb(a, ctx) : cpu::lamb(a, ExecContext{});
+    }
+    case Op::kLion: {
+      LionCall a;
+      a.lists = lists;
+      a.exp_avgs = call.state(0, c);
+      a.lr = call.lr.data();
+      a.beta1 = h[0].data();
+      a.beta2 = h[1].data();
+      a.weight_decay = h[2].data();
+      a.maximize = v.flags[0];
+      return cuda ? cuda::lion(a, ctx) : cpu::lion(a, ExecContext{});
+    }
+    case Op::kSgd: {
+      SgdCall a;
+      a.lists = lists;
+      if (state_count(v) > 0) a.momentum_buffers = call.state(0, c);
+      a.lr = call.lr.data();
+      a.momentum = h[0].data();
+      a.dampening = h[1].data();
+      a.weight_decay = h[2].data();
+      a.nesterov = v.flags[0];
+      a.maximize = v.flags[1];
+      return cuda ? cuda::sgd(a, ctx) : cpu::sgd(a, ExecContext{});
+    }
+  }
+}
+
+const char* dtype_short(DType d) {
+  switch (d) {
+    case DType::kFloat32: return "f32";
+    case DType::kBFloat16: return "bf16";
+    case DType::kFloat16: return "f16";
+    case DType::kFloat64: return "f64";
+  }
+  return "?";
+}
+
+std::string name(const StepCase& c) {
+  return std::string(c.variant->name) + " " + dtype_short(c.storage.param) + "/" +
+         dtype_short(c.storage.grad) + (c.storage.master ? "+master" : "") + " " +
+         c.scalars->name + (c.shapes == &kLarge ? " large" : " small") +
+         (c.schedule == emu::Schedule::kReverse ? " reverse" : "");
+}
+
+/// Machine epsilon and smallest subnormal of a storage dtype.
+double epsilon(DType d) {
+  switch (d) {
+    case DType::kFloat32: return 0x1p-23;
+    case DType::kFloat64: return 0x1p-52;
+    case DType::kBFloat16: return 0x1p-7;
+    case DType::kFloat16: return 0x1p-10;
+  }
+  return 0.0;
+}
+double smallest(DType d) {
+  switch (d) {
+    case DType::kFloat32: return 0x1p-149;
+    case DType::kFloat64: return 0x1p-1074;
+    case DType::kBFloat16: return 0x1p-133;
+    case DType::kFloat16: return 0x1p-24;
+  }
+  return 0.0;
+}
+
+// [note: lamb tolerance] LAMB is not elementwise: its trust ratio |p| / |u| comes from two
+// per-tensor sums of squares, which the CPU adds in opmath lanes of 32 terms and in double,
+// then roots in double, while the CUDA kernels add in opmath trees and root in opmath. Every
+// other quantity is elementwise, so m, v, the step counts, and the params of tensors that do
+// not adapt (ratio 1) must still be equal bit for bit. By [note: norm tolerance] a backend's
+// norm is within (k * u / 2 + u) of the exact one, so its ratio (two norms and a division)
+// within k * u + 3u: delta = (k_cuda + 32 + 6) * u for the two backends apart. An adapted
+// param x = p - lr * (u * r) then differs by at most delta * |x - p| plus one rounding of x
+// in each backend: 2 ulp of x in its storage. Each step starts both backends from the same
+// (the CPU's) state, so that the differences do not compound over steps.
+bool lamb_close(const Buffer& cuda, const Buffer& cpu, const Buffer& before, double delta) {
+  const double eps = epsilon(cpu.dtype()), tiny = smallest(cpu.dtype());
+  for (int64_t k = 0; k < cpu.numel(); ++k) {
+    const double a = cuda.get(k), b = cpu.get(k);
+    const double bound = delta * std::fabs(b - before.get(k)) +
+                         2 * eps * std::max(std::fabs(a), std::fabs(b)) + tiny;
+    if (!(std::fabs(a - b) <= bound)) {
+      std::fprintf(stderr, "element %lld: cuda %.17g, cpu %.17g (bound %.3g)\n",
+                   static_cast<long long>(k), a, b, bound);
+      return false;
+    }
+  }
+  return true;
+}
+
+/// The LAMB comparison of [note: lamb tolerance]; then cuda takes cpu's state.
+bool lamb_matches(const StepCase& c, World& cuda, const World& cpu, const World& before,
+                  const std::string& what) {
+  const Variant& v = *c.variant;
+  const double u = c.storage.param == DType::kFloat64 ? 0x1p-53 : 0x1p-24;
+  int64_t max_chunks = 0;
+  for (const Shape& s : *c.shapes) max_chunks = std::max(max_chunks, mt::chunk_count(s.numel));
+  const int64_t n = static_cast<int64_t>(c.shapes->size());
+  const double delta = (cuda_chain(max_chunks, n) + 32 + 6) * u;
+  bool ok = std::memcmp(cuda.steps.data(), cpu.steps.data(),
+                        cuda.steps.size() * sizeof(float)) == 0;
+  for (size_t i = 0; i < cpu.params.size(); ++i) {
+    const bool wd = v.hyper[3] != 0.0 && !(v.zero_every_third == 3 && i % 3 == 1);
+    const bool adapts = wd || v.flags[3];
+    for (size_t k = 0; k < cpu.states.size(); ++k)
+      ok &= cuda.states[k][i]->same_bits(*cpu.states[k][i]);
+    if (adapts) {
+      ok &= lamb_close(*cuda.params[i], *cpu.params[i], *before.params[i], delta);
+      if (!cpu.masters.empty())
+        ok &= lamb_close(*cuda.masters[i], *cpu.masters[i], *before.masters[i], delta);
+    } else {
+      ok &= cuda.params[i]->same_bits(*cpu.params[i]);
+      if (!cpu.masters.empty()) ok &= cuda.masters[i]->same_bits(*cpu.masters[i]);
+    }
+    if (!ok) {
+      std::fprintf(stderr, "%s: tensor %zu differs beyond [note: lamb tolerance]\n",
+                   what.c_str(), i);
+      break;
+    }
+  }
+  cuda.copy_from(cpu);
+  return ok;
+}
+
+/// Runs a case on both backends step by step; after every step both worlds must hold the
+/// same bits, a skipped step must change nothing at all, and a step that runs must move
+/// some param (so that two backends that both do nothing cannot pass).
+void run_step_case(const StepCase& c, std::mt19937& rng) {
+  World cpu_world(c), cuda_world(c), before(c);
+  initialize(cpu_world, c, rng);
+  cuda_world.copy_from(cpu_world);
+  emu::set_schedule(c.schedule);
+  emu::set_capturing(c.scalars->capturing);
+  for (int s = 0; s < c.steps; ++s) {
+    const std::string what = name(c) + " step " + std::to_string(s + 1);
+    before.copy_from(cuda_world);
+    step(c, cpu_world, s, false);
+    step(c, cuda_world, s, true);
+    if (c.scalars->found_inf[s] > 0) {
+      CHECK(cuda_world.same_bits(before, what + " (skipped by found_inf)"));
+      CHECK(cpu_world.same_bits(before, what + " (cpu, skipped by found_inf)"));
+      continue;
+    }
+    bool moved = false;
+    for (size_t i = 0; i < before.params.size(); ++i)
+      moved |= !cuda_world.params[i]->same_bits(*before.params[i]);
+    if (!moved) std::fprintf(stderr, "%s: no param moved\n", what.c_str());
+    CHECK(moved);
+    if (c.variant->op == Op::kLamb) {
+      CHECK(lamb_matches(c, cuda_world, cpu_world, before, what));
+    } else {
+      CHECK(cuda_world.same_bits(cpu_world, what));
+    }
+  }
+  emu::set_schedule(emu::Schedule::kForward);
+  emu::set_capturing(false);
+}
+
+int test_step_ops() {
+  std::mt19937 rng(7);
+  int cases = 0;
+  for (const Variant& v : kVariants) {
+    for (const Storage& st : kStorages) {
+      // Semantics: every variant x storage x scalars, small tensors, three steps. The
+      // schedule alternates, so that kernels with barriers run under both orders.
+      for (const Scalars& sc : kScalars) {
+        const auto order = cases % 2 ? emu::Schedule::kReverse : emu::Schedule::kForward;
+        run_step_case({&v, st, &sc, &kSmall, 3, order}, rng);
+        ++cases;
+      }
+      // Traversal: chunk boundaries, several chunks, vector path and tails, for each
+      // variant that changes the slots or the kernels (the first of each op, AMSGrad's
+      // third state, SGD with buffers, LAMB with per-tensor adaptation), two steps.
+      const bool traversal = &v == &kVariants[0] || &v == &kVariants[2] ||
+                             &v == &kVariants[6] || &v == &kVariants[9] ||
+                             &v == &kVariants[11] || &v == &kVariants[15];
+      if (traversal) {
+        run_step_case({&v, st, &kScalars[3], &kLarge, 2, emu::Schedule::kForward}, rng);
+        ++cases;
+      }
+    }
+  }
+  return cases;
+}
+
+// ---------------------------------------------------------------------------------------
+// scale_: bit for bit, found_inf included.
+
+int test_scale() {
+  std::mt19937 rng(11);
+  std::normal_distribution<double> normal;
+  struct Tensor {
+    DType dtype;
+    int64_t numel;
+    bool misaligned;
+  };
+  const std::vector<Tensor> tensors = {
+      {DType::kFloat32, 0, false},          {DType::kBFloat16, 5, true},
+      {DType::kFloat16, kChunk + 1, true},  {DType::kFloat32, 3 * kChunk + 1, false},
+      {DType::kFloat64, 33, false},         {DType::kFloat64, kChunk - 1, true},
+      {DType::kBFloat16, kChunk, false},
+  };
+  // found_inf: absent, 0, already 1 (never cleared); a non-finite input: none, inf, NaN.
+  const float kFound[] = {-1.0f, 0.0f, 1.0f};
+  const double kPoison[] = {0.0, INFINITY, NAN};
+  int cases = 0;
+  for (float found0 : kFound) {
+    for (double poison : kPoison) {
+      std::vector<std::unique_ptr<Buffer>> a, b;
+      std::vector<void*> pa, pb;
+      std::vector<int64_t> numels;
+      std::vector<DType> dtypes;
+      for (const Tensor& t : tensors) {
+        a.push_back(std::make_unique<Buffer>(t.dtype, t.numel, t.misaligned));
+        b.push_back(std::make_unique<Buffer>(t.dtype, t.numel, t.misaligned));
+        for (int64_t k = 0; k < t.numel; ++k) a.back()->set(k, normal(rng));
+        if (poison != 0.0 && t.numel > 1000) a.back()->set(t.numel - 1, poison);
+        b.back()->copy_from(*a.back());
+        pa.push_back(a.back()->data());
+        pb.push_back(b.back()->data());
+        numels.push_back(t.numel);
+        dtypes.push_back(t.dtype);
+      }
+      const float scale = 0.375f;
+      float found_a = found0, found_b = found0;
+      ScaleCall call;
+      call.num_tensors = static_cast<int64_t>(tensors.size());
+      call.numels = numels.data();
+      call.dtypes = dtypes.data();
+      call.scale = &scale;
+      call.data = pa.data();
+      call.found_inf = found0 >= 0 ? &found_a : nullptr;
+      cpu::scale(call, ExecContext{});
+      call.data = pb.data();
+      call.found_inf = found0 >= 0 ? &found_b : nullptr;
+      CudaContext ctx;
+      cuda::scale(call, ctx.ctx);
+      for (size_t i = 0; i < tensors.size(); ++i) CHECK(b[i]->same_bits(*a[i]));
+      CHECK(std::memcmp(&found_a, &found_b, sizeof(float)) == 0);
+      if (found0 >= 0) CHECK(found_b == (found0 == 1.0f || poison != 0.0 ? 1.0f : 0.0f));
+      ++cases;
+    }
+  }
+  return cases;
+}
+
+// ---------------------------------------------------------------------------------------
+// grad_norm: an error bound, the contract's meaning, and determinism.
+
+
+struct NormCase {
+  const char* name;
+  std::vector<DType> dtypes;  // cycled over the tensors
+  std::vector<Shape> shapes;
+  bool inf_norm, per_tensor;
+  float grad_scale;  // 0: absent
+  bool poison;       // one element is inf
+};
+
+int test_grad_norm() {
+  std::vector<Shape> many;  // 70 tensors: more than the finishing block's 32 warps
+  for (int i = 0; i < 70; ++i) many.push_back({i * 37 % 301, i % 4 == 1});
+  const std::vector<Shape> mixed = {{0, false}, {kChunk + 1, true}, {1, true},  {130, false},
+                                    {0, true},  {3 * kChunk + 5, false}, {kChunk - 1, true}};
+  // One tensor of 40 chunks: more than the 32 lanes that sum a tensor's chunk partials.
+  const std::vector<Shape> long_tensor = {{3, false}, {40 * kChunk - 7, true}};
+  const std::vector<DType> f32 = {DType::kFloat32};
+  const std::vector<DType> f64 = {DType::kFloat64};
+  const std::vector<DType> mix = {DType::kFloat32, DType::kBFloat16, DType::kFloat16,
+                                  DType::kFloat64};
+  const NormCase cases[] = {
+      {"f32 mixed sizes", f32, mixed, false, true, 0.0f, false},
+      {"mixed dtypes", mix, mixed, false, true, 4.0f, false},
+      {"mixed dtypes, no per-tensor", mix, mixed, false, false, 0.0f, false},
+      {"f64", f64, mixed, false, true, 2.0f, false},
+      {"f64 inf norm", f64, mixed, true, true, 0.0f, false},
+      {"mixed inf norm", mix, mixed, true, true, 8.0f, false},
+      {"many tensors", mix, many, false, true, 0.0f, false},
+      {"many tensors inf norm", mix, many, true, true, 0.0f, false},
+      {"long tensor", f32, long_tensor, false, true, 0.0f, false},
+      {"non-finite", mix, mixed, false, true, 0.0f, true},
+      {"non-finite inf norm", f32, mixed, true, false, 0.0f, true},
+  };
+  std::mt19937 rng(13);
+  std::normal_distribution<double> normal;
+  int count = 0;
+  for (const NormCase& c : cases) {
+    const int failures_before = g_failures;
+    const size_t n = c.shapes.size();
+    std::vector<std::unique_ptr<Buffer>> tensors;
+    std::vector<const void*> data;
+    std::vector<int64_t> numels;
+    std::vector<DType> dtypes;
+    bool all_fp64 = true;
+    int64_t max_chunks = 0, total = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const DType d = c.dtypes[i % c.dtypes.size()];
+      all_fp64 &= d == DType::kFloat64;
+      tensors.push_back(std::make_unique<Buffer>(d, c.shapes[i].numel, c.shapes[i].misaligned));
+      // Magnitudes that differ per tensor, so that per-tensor norms are told apart.
+      for (int64_t k = 0; k < c.shapes[i].numel; ++k) tensors[i]->set(k, normal(rng) * (1 + i % 5));
+      if (c.poison && c.shapes[i].numel > 1000) tensors[i]->set(c.shapes[i].numel / 2, INFINITY);
+      data.push_back(tensors[i]->data());
+      numels.push_back(c.shapes[i].numel);
+      dtypes.push_back(d);
+      max_chunks = std::max(max_chunks, mt::chunk_count(c.shapes[i].numel));
+      total += c.shapes[i].numel;
+    }
+    const DType out = all_fp64 ? DType::kFloat64 : DType::kFloat32;
+    const float grad_scale = c.grad_scale;
+    // The backends' outputs as doubles: [0] total, [1..n] per tensor, and found_inf.
+    struct Result {
+      std::vector<unsigned char> bits;
+      std::vector<double> values;
+      float found_inf;
+    };
+    auto run = [&](bool cuda, emu::Schedule order) {
+      const size_t size = static_cast<size_t>(dtype_size(out));
+      Buffer outputs(out, static_cast<int64_t>(n) + 1, false);
+      Result r;
+      r.found_inf = -1.0f;
+      GradNormCall call;
+      call.num_tensors = static_cast<int64_t>(n);
+      call.numels = numels.data();
+      call.data = data.data();
+      call.dtypes = dtypes.data();
+      call.inf_norm = c.inf_norm;
+      call.per_tensor = c.per_tensor;
+      call.grad_scale = grad_scale > 0 ? &grad_scale : nullptr;
+      call.out_dtype = out;
+      call.total_norm = outputs.data();
+      call.per_tensor_norms = static_cast<unsigned char*>(outputs.data()) + size;
+      call.found_inf = &r.found_inf;
+      if (cuda) {
+        emu::set_schedule(order);
+        CudaContext ctx;
+        cuda::grad_norm(call, ctx.ctx);
+        emu::set_schedule(emu::Schedule::kForward);
+      } else {
+        cpu::grad_norm(call, ExecContext{});
+      }
+      const auto* p = static_cast<const unsigned char*>(outputs.data());
+      r.bits.assign(p, p + (c.per_tensor ? outputs.bytes() : size));
+      for (size_t i = 0; i <= (c.per_tensor ? n : 0); ++i) r.values.push_back(outputs.get(i));
+      return r;
+    };
+    const Result cpu = run(false, emu::Schedule::kForward);
+    const Result cuda = run(true, emu::Schedule::kForward);
+    const Result again = run(true, emu::Schedule::kForward);
+    const Result reverse = run(true, emu::Schedule::kReverse);
+    // Deterministic ([note: deterministic norm]): the same bits every run, whatever the
+    // order in which threads and blocks run.
+    CHECK(cuda.bits == again.bits && cuda.found_inf == again.found_inf);
+    CHECK(cuda.bits == reverse.bits && cuda.found_inf == reverse.found_inf);
+    CHECK(cuda.found_inf == cpu.found_inf);
+    CHECK(cuda.found_inf == (c.poison ? 1.0f : 0.0f));
+
+    // The contract: per-tensor norms of tensors[i] / grad_scale, the total over all.
+    const double u = all_fp64 ? 0x1p-53 : 0x1p-24;
+    const double tol_cuda = cuda_chain(max_chunks, static_cast<int64_t>(n)) * u / 2 + u;
+    const double tol_cpu = 32 * u / 2 + (total / 32.0 + n) * 0x1p-53 + u;
+    const double scale = grad_scale > 0 ? grad_scale : 1.0;
+    std::vector<double> exact(n + 1, 0.0);  // sums of squares, or maxima
+    for (size_t i = 0; i < n; ++i) {
+      for (int64_t k = 0; k < numels[i]; ++k) {
+        const double x = tensors[i]->get(k);
+        // The terms exactly as both backends form them (fusedopt/math/norm.h, in opmath).
+        double term;
+        if (all_fp64) {
+          term = c.inf_norm ? std::fabs(x / scale) : (x / scale) * (x / scale);
+        } else {
+          const float y = static_cast<float>(x) / static_cast<float>(scale);
+          term = c.inf_norm ? std::fabs(y) : static_cast<double>(y * y);
+        }
+        exact[i + 1] = c.inf_norm ? std::max(exact[i + 1], term) : exact[i + 1] + term;
+      }
+      exact[0] = c.inf_norm ? std::max(exact[0], exact[i + 1]) : exact[0] + exact[i + 1];
+    }
+    for (size_t i = 0; i < cpu.values.size(); ++i) {
+      const double want = c.inf_norm ? exact[i] : std::sqrt(exact[i]);
+      if (!std::isfinite(want)) {
+        CHECK(!std::isfinite(cuda.values[i]) && !std::isfinite(cpu.values[i]));
+      } else if (c.inf_norm) {
+        // A maximum does not depend on the order: exact on both.
+        CHECK(cuda.values[i] == want && cpu.values[i] == want);
+      } else {
+        CHECK_NEAR(cuda.values[i], want, tol_cuda);
+        CHECK_NEAR(cpu.values[i], want, tol_cpu);
+        CHECK_NEAR(cuda.values[i], cpu.values[i], tol_cuda + tol_cpu);
+      }
+    }
+    if (g_failures > failures_before)
+      std::fprintf(stderr, "in grad_norm case \"%s\"\n", c.name);
+    ++count;
+  }
+  return count;
+}
+
+// ---------------------------------------------------------------------------------------
+// The emulator's own semantics, which the comparisons above rely on: a shuffle returns lane
+// l + delta's value (its own past lane 31), a barrier makes every write before it visible
+// after it, __syncthreads_or ORs over the block; under both schedules.
+
+constexpr int kProbeThreads = 128;
+
+void probe_kernel(int* out) {
+  __shared__ int slots[kProbeThreads];
+  const int t = static_cast<int>(threadIdx.x);
+  const int lane = t % 32;
+  int& result = out[blockIdx.x * kProbeThreads + t];
+  const int shuffled = __shfl_down_sync(0xffffffffu, 1000 * t, 5);
+  result = shuffled - (lane + 5 < 32 ? 1000 * (t + 5) : 1000 * t);  // 0 when right
+  slots[t] = t * static_cast<int>(blockIdx.x + 1);
+  __syncthreads();
+  const int next = (t + 1) % kProbeThreads;
+  result |= slots[next] != next * static_cast<int>(blockIdx.x + 1);
+  result |= __syncthreads_or(t == 77) != 1 || __syncthreads_or(0) != 0;
+}
+
+int test_emulator() {
+  for (emu::Schedule order : {emu::Schedule::kForward, emu::Schedule::kReverse}) {
+    emu::set_schedule(order);
+    std::vector<int> out(3 * kProbeThreads, -1);
+    emu::launch(probe_kernel, dim3(3), dim3(kProbeThreads), nullptr, out.data());
+    CHECK(cudaGetLastError() == cudaSuccess);
+    CHECK(std::all_of(out.begin(), out.end(), [](int x) { return x == 0; }));
+    // An empty grid is an invalid configuration on CUDA: the launch must report it.
+    emu::launch(probe_kernel, dim3(0), dim3(kProbeThreads), nullptr, out.data());
+    CHECK(cudaGetLastError() == cudaErrorInvalidConfiguration);
+  }
+  emu::set_schedule(emu::Schedule::kForward);
+  return 4;
+}
+
+}  // namespace
+
+int main() {
+  const int emulator_cases = test_emulator();
+  const int step_cases = test_step_ops();
+  const int scale_cases = test_scale();
+  const int norm_cases = test_grad_norm();
+  const emu::Stats s = emu::stats();
+  std::printf(
+      "%d emulator, %d step-op, %d scale_, %d grad_norm cases; emulated %llu launches, %llu "
+      "blocks, %llu threads, %llu fiber switches\n",
+      emulator_cases, step_cases, scale_cases, norm_cases,
+      static_cast<unsigned long long>(s.launches), static_cast<unsigned long long>(s.blocks),
+      static_cast<unsigned long long>(s.threads), static_cast<unsigned long long>(s.switches));
+  if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);
+  return g_failures != 0;
+}
