@@ -52,7 +52,7 @@ class GradScaler(torch.amp.GradScaler):
         finally:
             del optimizer.grad_scale
             del optimizer._fusedopt_detect_inf
-            found_inf = optimizer.__dict__.pop("_fusedopt_found_inf", None)
+            found_inf = optimizer._step_out.pop("found_inf", None)
         if found_inf is None:  # no param had a grad: nothing was stepped, nothing was inf
             found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
         state["found_inf_per_device"] = {found_inf.device: found_inf.to(scale.device)}

@@ -104,3 +104,23 @@ def test_compiled_model_trains_with_fusedopt():
     assert losses[-1] < 0.9 * losses[0]  # it learns
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls,kwargs", CLASSES, ids=IDS)
+def test_step_assigns_no_optimizer_attribute(cls, kwargs):
+    """[note: no setattr in step] (fusedopt/optim/_base.py): torch 2.11's Dynamo fails on any
+    attribute assignment to the optimizer inside a compiled step, so a step (here with the
+    norm pass on: clipping or LAMB's, plus fusedopt's scaler asking for found_inf) leaves
+    every attribute as it was, the same object; it may only fill the ``_step_out`` dict.
+    This catches a new ``self.x = ...`` on torch versions whose Dynamo would accept it."""
+    model, opt, _, _ = _pair(cls, kwargs)
+    _fill(model, 0)
+    opt.step()
+    opt._fusedopt_detect_inf = True
+    before = dict(vars(opt))
+    _fill(model, 1)
+    opt.step()
+    after = dict(vars(opt))
+    assert after.keys() == before.keys()
+    assert [k for k in before if after[k] is not before[k]] == []
+    assert "found_inf" in opt._step_out

@@ -127,7 +127,7 @@ def test_a_change_plans_again_and_equals_a_fresh_plan(change, plan_builds):
             if step == 2 or (step > 2 and change in EVERY_STEP):
                 change(params, opt)
             if not cache:
-                opt._plan_cache = None
+                opt._step_out.pop("plan", None)
             opt.step()
         runs.append((params, opt))
     (params, opt), (fresh, fresh_opt) = runs

@@ -12,4 +12,8 @@ try:
 except ImportError as error:  # the backend reports this reason (fusedopt.backends())
     raise ImportError(f"the Triton backend needs the triton package: {error}") from error
 
-from . import adamw, grad_norm, lamb, lion, scale, sgd  # noqa: F401  (each op registers itself)
+from ._compat import patch_interpreter_index
+
+patch_interpreter_index()  # Triton 3.6 under TRITON_INTERPRET=1 with NumPy >= 2.4
+
+from . import adamw, grad_norm, lamb, lion, scale, sgd  # noqa: E402, F401  (each op registers itself)

@@ -84,8 +84,7 @@ def adamw_kernel(
     """One program per chunk; the chunk's last-finishing program advances the step count."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        step_ptr = slot(row, 6, tl.float32, False)
-        new_step = tl.load(step_ptr) + 1.0
+        new_step = tl.load(slot(row, 6, tl.float32, False)) + 1.0
         lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
         beta1 = hyper(row, N_SLOTS, 1)
         beta2 = hyper(row, N_SLOTS, 2)
@@ -123,7 +122,11 @@ def adamw_kernel(
             offs, mask = tail_block(full_end, end)
             _adamw_block(offs, mask, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
                          DECOUPLED, AMSGRAD, MAXIMIZE)  # fmt: skip
-        finish_tensor(counters, t, row, step_ptr, new_step)
+        # The step pointer is read again here rather than kept from the top: kept live across
+        # the loops, it cost the bf16 master-weight unaligned variant an 8-byte stack and a
+        # spill with Triton 3.6's ptxas (CUDA 12.8), around the IEEE division subroutine
+        # calls (Triton 3.8's ptxas kept it in a register). tests/test_triton_static.py.
+        finish_tensor(counters, t, row, slot(row, 6, tl.float32, False), new_step)
 
 
 _TABLES = TableCache()

@@ -27,9 +27,18 @@ no extra pass.
 run torch's inf-check pass (which reads *and writes* every grad). It sets
 ``_fusedopt_detect_inf``; the optimizer then runs the ``grad_norm`` pass (read only) even when
 it does not clip, takes ``found_inf`` from it, skips the step on the device when it is set,
-and leaves the flag in ``_fusedopt_found_inf`` for the scaler's ``update()``. The step op
+and leaves the flag in ``_step_out["found_inf"]`` for the scaler's ``update()``. The step op
 cannot find the flag itself: it would have written some params before it met the inf. So a
 loss-scaled, clipped step reads the grads exactly twice (norm, step), as does an unclipped one.
+
+[note: no setattr in step] ``step()`` never assigns an attribute of the optimizer: what it
+leaves behind (``last_grad_norm``, ``found_inf`` for the scaler, its plan for the next
+step) goes into the dict ``_step_out``, made in ``__init__``. torch 2.11's Dynamo wraps an
+optimizer without attribute mutation tracking (``OptimizerVariable`` gets no
+``AttributeMutationExisting``; torch 2.13 and 2.14 give it one), so any ``self.x = ...``
+inside a compiled ``step()`` fails there with "Attempted setattr on a user-defined object
+that does not have an AttributeMutation mutation_type"; an item stored into a dict
+attribute traces on every version.
 """
 
 from __future__ import annotations
@@ -123,11 +132,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_group(defaults)
         self._check_common(defaults)
         self.grad_norm_group = grad_norm_group
-        #: The global norm of the last step's unscaled grads (before clipping), a 0-d fp32
-        #: device tensor; None until a step computes one (needs a clip or fusedopt's scaler).
-        self.last_grad_norm: Tensor | None = None
-        self._plan_cache: _Plan | None = None  # [note: cached plan]
+        # What a step leaves behind: last_grad_norm, found_inf for fusedopt's scaler, and
+        # its plan for the next step ([note: no setattr in step], [note: cached plan]).
+        self._step_out: dict[str, Any] = {}
         super().__init__(params, defaults)
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The global norm of the last step's unscaled grads (before clipping), a 0-d fp32
+        device tensor; None until a step computes one (needs a clip or fusedopt's scaler)."""
+        return self._step_out.get("last_grad_norm")
 
     # ----------------------------------------------------------------- declarations
     @classmethod
@@ -201,9 +215,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 if key not in _TORCH_ONLY_KEYS:  # torch's __setstate__ adds differentiable
                     group.setdefault(key, value)
-        self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("_step_out", {})
         self.__dict__.setdefault("grad_norm_group", None)
-        self._plan_cache = None  # [note: cached plan]
+        self._step_out.pop("plan", None)  # [note: cached plan]
 
     # ----------------------------------------------------------------- step
     def _param_name(self, group_index: int, index: int) -> str:
@@ -314,10 +328,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 process_group=self.grad_norm_group,
                 backend=self.param_groups[0]["backend"],
             )
-            self.last_grad_norm = norm
+            self._step_out["last_grad_norm"] = norm
             if detect_inf:  # [note: found_inf from the norm pass]
                 found_inf = norm_found_inf if found_inf is None else found_inf + norm_found_inf
-                self._fusedopt_found_inf = found_inf
+                self._step_out["found_inf"] = found_inf
             if max_norm is not None:
                 coef = self._clip_coef(norm, float(max_norm))
 
@@ -345,7 +359,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Under torch.compile the plan is traced away, and a cache written by the traced code
         # would only make Dynamo guard on it and recompile every step.
         compiling = torch.compiler.is_compiling()
-        plan = None if compiling else self.__dict__.get("_plan_cache")
+        plan = None if compiling else self._step_out.get("plan")
         if plan is not None:
             matched = self._match_plan(plan)
             if matched is not None:
@@ -355,7 +369,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._init_state(self.param_groups[gi], p)
         plan = self._plan(entries)
         if not compiling:
-            self._plan_cache = plan if plan.reusable else None
+            if plan.reusable:
+                self._step_out["plan"] = plan
+            else:
+                self._step_out.pop("plan", None)
         call_grads: list[list[Tensor]] = [[] for _ in plan.calls]
         for (*_, local_g), ci in zip(entries, plan.call_of_entry, strict=True):
             call_grads[ci].append(local_g)
