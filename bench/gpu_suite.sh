@@ -5,13 +5,14 @@
 #   bash bench/gpu_suite.sh [OUTPUT_DIR]        (default ./out)
 #
 # 1. builds fusedopt._C in place with its CUDA part for sm_90 (TORCH_CUDA_ARCH_LIST overrides);
-# 2. runs every test marked `cuda` (the harness's matrix for cuda, tests/test_cuda_backend.py)
+# 2. runs every test marked `cuda` (the harness's matrix for cuda, tests/test_cuda_backend.py),
+#    in $SHARDS (default 4) pytest processes side by side,
 #    plus the static SASS checks (tests/test_cuda_static.py);
 # 3. runs compute-sanitizer memcheck on a small call of every op (bench/cuda_memcheck_case.py),
 #    where compute-sanitizer exists;
 # 4. runs the benchmark report for AdamW on the ~1B Llama-like shapes (CSV/MD/PNG into OUTPUT_DIR).
 # Writes OUTPUT_DIR/gpu_suite.log (everything), OUTPUT_DIR/gpu_suite.csv (one row per test and
-# per step, with the device, versions, date and commit) and OUTPUT_DIR/junit.xml. Budget: well
+# per step, with the device, versions, date and commit) and OUTPUT_DIR/junit_*.xml. Budget: well
 # under 5 minutes on 16 cores (the build is ~2 of them). Exit status: non-zero if any step
 # failed; the outputs are written either way.
 set -uo pipefail
@@ -68,8 +69,14 @@ if [ "$(cut -f2 "$STEPS")" = "0" ]; then
     printf 'memcheck\tskipped\t0\n' >> "$STEPS"
   fi
   # -m cuda selects the GPU tests of every file (the harness's op matrix for cuda included).
-  step pytest 220 "$PY" -m pytest -q -rA -p no:cacheprovider -m cuda \
-    --junitxml="$OUT/junit.xml" tests
+  # SHARDS pytest processes side by side (tests/conftest.py --shard): the Triton tests JIT-
+  # compile ~100 kernel variants, one CPU core per process, and one process alone risks the
+  # time limit. The GPU has room for all of them (the largest test needs ~17 GB).
+  SHARDS=${SHARDS:-4}
+  for ((k = 0; k < SHARDS; k++)); do
+    step "pytest_$k" 220 "$PY" -m pytest -q -rA -p no:cacheprovider -m cuda \
+      --shard "$k/$SHARDS" --junitxml="$OUT/junit_$k.xml" tests &
+  done
   wait
   # 4. the benchmark report (bench/report.py) on the ~1B Llama-like shape list, after the tests
   #    so that nothing else runs on the GPU while it times. AdamW only (fp32 and amp), the
@@ -78,8 +85,9 @@ if [ "$(cut -f2 "$STEPS")" = "0" ]; then
   step report 150 "$PY" -m bench.report --device cuda --model llama1b --optimizers adamw \
     --out "$OUT"
 fi
-for name in build static memcheck pytest report; do
-  [ -f "$OUT/$name.log" ] && cat "$OUT/$name.log" >> "$LOG" && rm -f "$OUT/$name.log"
+for log in "$OUT"/build.log "$OUT"/static.log "$OUT"/memcheck.log "$OUT"/pytest_*.log \
+  "$OUT"/report.log; do
+  [ -f "$log" ] && cat "$log" >> "$LOG" && rm -f "$log"
 done
 status=0
 while IFS=$'\t' read -r _ rc _; do
@@ -112,10 +120,8 @@ for line in open(steps):
     name, rc, seconds = line.rstrip("\n").split("\t")
     outcome = "skipped" if rc == "skipped" else ("passed" if rc == "0" else f"failed (exit {rc})")
     rows.append(dict(kind="step", name=name, outcome=outcome, seconds=seconds, message=""))
-for report in ("junit.xml", "junit_static.xml"):
+for report in sorted(f for f in os.listdir(out) if f.startswith("junit") and f.endswith(".xml")):
     path = os.path.join(out, report)
-    if not os.path.exists(path):
-        continue
     for case in ET.parse(path).iter("testcase"):
         outcome, message = "passed", ""
         for tag in ("failure", "error", "skipped"):

@@ -18,7 +18,36 @@ if not _HAS_CUDA:
 import pytest
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="run only the K-th of N interleaved parts of the collected tests (0 <= K < N): "
+        "bench/gpu_suite.sh runs N pytest processes side by side, so that Triton's JIT "
+        "compiles, single-threaded per process, use N cores of the GPU machine",
+    )
+
+
+def _select_shard(config, items):
+    spec = config.getoption("--shard")
+    if spec is None:
+        return
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard takes K/N, got {spec!r}") from None
+    if not 0 <= k < n:
+        raise pytest.UsageError(f"--shard {spec}: need 0 <= K < N")
+    # Interleaved, not contiguous: neighbouring tests share kernel variants, so each shard
+    # gets a fair part of the compile work.
+    keep = [item for i, item in enumerate(items) if i % n == k]
+    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % n != k])
+    items[:] = keep
+
+
 def pytest_collection_modifyitems(config, items):
+    _select_shard(config, items)
     if _HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible")
