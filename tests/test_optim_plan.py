@@ -179,3 +179,29 @@ def test_param_changed_dtype_after_planning_raises():
     _grads(params[:-1], 1)
     with pytest.raises(RuntimeError, match="no longer fits"):
         opt.step()
+
+
+def test_sgd_momentum_switched_on_plans_again(plan_builds):
+    """SGD's state keys follow its momentum (a schedule may cycle it away from 0): the step
+    after the switch creates buffers, as a fresh plan does."""
+    model = make_model()
+    runs = []
+    for cache in (True, False):
+        params = clone_params(model, torch.float32)
+        opt = fusedopt.SGD(params, lr=1e-2, momentum=0.0)
+        for step in range(4):
+            _grads(params[:-1], step)
+            if step == 2:
+                opt.param_groups[0]["momentum"] = 0.9
+            if not cache:
+                opt._step_out.pop("plan", None)
+            opt.step()
+        runs.append((params, opt))
+    (params, opt), (fresh, fresh_opt) = runs
+    for p, q in zip(params, fresh, strict=True):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == fresh_opt.state[q].keys()
+        for key in opt.state[p]:
+            assert torch.equal(opt.state[p][key], fresh_opt.state[q][key]), key
+    assert "momentum_buffer" in opt.state[params[0]]
+    assert plan_builds[0] == 2 + 4
