@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -486,7 +486,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             slots = plan.groups[gi][1]
             slots.extend([None] * (i - len(slots)))
             slot_keys = (*keys, MASTER_KEY) if master else keys
-            slots.append((
+            slots.append(_Slot(
                 p, layout[0], layout[1], p.dtype, g.dtype, layout[2], state,
                 tuple((k, state[k]) for k in slot_keys), ci,
             ))  # fmt: skip
@@ -608,6 +608,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         return out
 
 
+class _Slot(NamedTuple):
+    """One stepped param of a plan: what it and its grad looked like, its state dict and state
+    tensors, and its call. A tuple, so that the per-step check unpacks it at tuple speed."""
+
+    param: Tensor
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    grad_dtype: torch.dtype
+    device: torch.device
+    state: dict
+    tensors: tuple[tuple[str, Tensor], ...]  # (state key, tensor) for every key it steps
+    call: int  # index into _Plan.calls
+
+
 class _Plan:
     """The op calls of one step, and what they were built from ([note: cached plan])."""
 
@@ -617,10 +632,10 @@ class _Plan:
         self.state = state
         self.calls: list[_Call] = []
         self.call_of_entry: list[int] = []  # the call of each stepped param, in param order
-        # Per group: (its _group_signature, one slot per param: None without a grad, else
-        # (param, shape, strides, dtype, grad dtype, device, state, ((key, tensor), ...),
-        # call index)).
-        self.groups: list[tuple] = [(None, []) for _ in range(num_groups)]
+        # Per group: (its _group_signature, one _Slot per param, None where it had no grad).
+        self.groups: list[tuple[tuple | None, list[_Slot | None]]] = [
+            (None, []) for _ in range(num_groups)
+        ]
         self.reusable = True
 
 
