@@ -6,19 +6,10 @@
 #include <cstdlib>
 #include <vector>
 
+#include "check.h"
 #include "fusedopt/multi_tensor.h"
 
 namespace mt = fusedopt::mt;
-
-static int g_failures = 0;
-
-#define CHECK(cond)                                                          \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++g_failures;                                                          \
-    }                                                                        \
-  } while (0)
 
 constexpr int64_t K = mt::kChunkElems;
 
