@@ -113,15 +113,15 @@ EVERY_STEP = [_unused_gets_a_grad, _grad_dropped, _grad_in_fp32]
 CHANGES = ONCE + EVERY_STEP
 
 
-@pytest.mark.parametrize("change", CHANGES, ids=[c.__name__.strip("_") for c in CHANGES])
-def test_a_change_plans_again_and_equals_a_fresh_plan(change, plan_builds):
-    """After each change the cached optimizer steps exactly as one that plans every step."""
-    dtype = torch.bfloat16 if change is _grad_in_fp32 else torch.float32
+def _cached_and_fresh(make_opt, change, dtype=torch.float32):
+    """Four steps of an optimizer that caches its plan and of one that plans every step,
+    ``change`` applied before the third (and, for EVERY_STEP changes, each later) step; both
+    must end with the same params and states, bit for bit. Returns the cached run."""
     model = make_model()
     runs = []
     for cache in (True, False):
         params = clone_params(model, dtype)
-        opt = fusedopt.AdamW(params[:-1] if change is _new_group else params, lr=1e-2)
+        opt = make_opt(params)
         for step in range(4):
             _grads(params[:-1], step)
             if step == 2 or (step > 2 and change in EVERY_STEP):
@@ -139,6 +139,17 @@ def test_a_change_plans_again_and_equals_a_fresh_plan(change, plan_builds):
         assert got.keys() == want.keys()
         for key in got:
             assert torch.equal(got[key], want[key]), key
+    return params, opt
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=[c.__name__.strip("_") for c in CHANGES])
+def test_a_change_plans_again_and_equals_a_fresh_plan(change, plan_builds):
+    """After each change the cached optimizer steps exactly as one that plans every step."""
+    _cached_and_fresh(
+        lambda params: fusedopt.AdamW(params[:-1] if change is _new_group else params, lr=1e-2),
+        change,
+        torch.bfloat16 if change is _grad_in_fp32 else torch.float32,
+    )
     # The cached run planned at its first step and once more after a change that needs it;
     # the fresh run planned at every one of its 4 steps.
     replans = change not in (_param_data_swapped, _weight_decay_changed)
@@ -181,27 +192,15 @@ def test_param_changed_dtype_after_planning_raises():
         opt.step()
 
 
+def _sgd_momentum_on(params, opt):
+    opt.param_groups[0]["momentum"] = 0.9
+
+
 def test_sgd_momentum_switched_on_plans_again(plan_builds):
     """SGD's state keys follow its momentum (a schedule may cycle it away from 0): the step
     after the switch creates buffers, as a fresh plan does."""
-    model = make_model()
-    runs = []
-    for cache in (True, False):
-        params = clone_params(model, torch.float32)
-        opt = fusedopt.SGD(params, lr=1e-2, momentum=0.0)
-        for step in range(4):
-            _grads(params[:-1], step)
-            if step == 2:
-                opt.param_groups[0]["momentum"] = 0.9
-            if not cache:
-                opt._step_out.pop("plan", None)
-            opt.step()
-        runs.append((params, opt))
-    (params, opt), (fresh, fresh_opt) = runs
-    for p, q in zip(params, fresh, strict=True):
-        assert torch.equal(p, q)
-        assert opt.state[p].keys() == fresh_opt.state[q].keys()
-        for key in opt.state[p]:
-            assert torch.equal(opt.state[p][key], fresh_opt.state[q][key]), key
+    params, opt = _cached_and_fresh(
+        lambda params: fusedopt.SGD(params, lr=1e-2, momentum=0.0), _sgd_momentum_on
+    )
     assert "momentum_buffer" in opt.state[params[0]]
     assert plan_builds[0] == 2 + 4
