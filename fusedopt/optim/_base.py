@@ -451,13 +451,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             info = per_group.get(gi)
             if info is None:
                 group = self.param_groups[gi]
-                keys, flags = self._state_keys(group), self._flags(group)
+                signature = self._group_signature(group)
+                keys = signature[1]
                 names = tuple(self.STATE_LISTS[k] for k in keys)
-                info = per_group[gi] = (group, keys, names, flags, tuple(sorted(flags.items())))
-            group, keys, names, flags, flag_key = info
+                info = per_group[gi] = (group, keys, names, self._flags(group), signature)
+            group, keys, names, flags, signature = info
             master = self._uses_master(group, p)
-            key = (local_p.device, local_p.dtype, local_g.dtype, flag_key, keys, master,
-                   group["backend"])  # fmt: skip
+            key = (local_p.device, local_p.dtype, local_g.dtype, master, signature)
             ci = calls.get(key)
             if ci is None:
                 ci = calls[key] = len(plan.calls)
@@ -493,7 +493,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             slots = plan.groups[gi][1]
             slots.extend([None] * (len(group["params"]) - len(slots)))
-            plan.groups[gi] = (self._group_signature(group), slots)
+            signature = per_group[gi][4] if gi in per_group else self._group_signature(group)
+            plan.groups[gi] = (signature, slots)
         return plan
 
     def step(self, closure: Any = None) -> Any:
