@@ -35,7 +35,7 @@ STREAMS = {
     "lamb_norms_": (4, 2),  # phase 1 with fp32 states: stores the moments
     "lamb_update_": (3, 1),  # phase 3 with fp32 states: re-reads p, m, v
 }
-# Phases with low-precision states (module docstring of triton_kernels/lamb.py).
+# Phases with low-precision states (module docstring of fusedopt/triton_kernels/lamb.py).
 LAMB_LOW_PRECISION = {"lamb_norms_": (4, 0), "lamb_update_": (4, 3)}
 WRITES_PARAMS = ("adamw_", "sgd_", "lion_", "lamb_update_")
 ELEMENTWISE_CASES = ("fp32", "bf16", "bf16_master_fp32grad", "fp16_master", "fp64")

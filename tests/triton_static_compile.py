@@ -21,9 +21,10 @@ sys.path.insert(0, ROOT)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
 from fusedopt.triton_kernels import adamw, grad_norm, lamb, lion, scale, sgd  # noqa: E402
 from fusedopt.triton_kernels.common import LAUNCH_OPTIONS  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
