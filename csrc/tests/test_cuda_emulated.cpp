@@ -350,6 +350,7 @@ struct Call {
   std::array<std::vector<double>, 4> hyper;
   std::vector<float> lr_tensor;
   float grad_scale, clip_coef, found_inf;
+  double grad_scale64, clip_coef64;  // the same values for fp64 steps, which read them in fp64
 
   StepLists lists(const StepCase& c, World& w, int step) {
     const size_t n = w.params.size();
@@ -394,8 +395,13 @@ struct Call {
     grad_scale = s.grad_scale;
     clip_coef = s.clip_coef;
     found_inf = s.found_inf[step];
-    if (grad_scale > 0) l.scalars.grad_scale = &grad_scale;
-    if (clip_coef > 0) l.scalars.clip_coef = &clip_coef;
+    grad_scale64 = grad_scale;
+    clip_coef64 = clip_coef;
+    const bool fp64 = c.storage.param == DType::kFloat64;  // [note: opmath scalars]
+    if (grad_scale > 0) l.scalars.grad_scale = fp64 ? static_cast<const void*>(&grad_scale64)
+                                                    : &grad_scale;
+    if (clip_coef > 0) l.scalars.clip_coef = fp64 ? static_cast<const void*>(&clip_coef64)
+                                                  : &clip_coef;
     if (found_inf >= 0) l.scalars.found_inf = &found_inf;
     return l;
   }
