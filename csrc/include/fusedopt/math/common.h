@@ -67,10 +67,14 @@ FUSEDOPT_HD FUSEDOPT_INLINE double tensor_lr(const double* lr, const float* lr_t
 }
 
 /// sign(x) with sign(±0) = 0 and sign(NaN) = 0, as torch.sign (lion-pytorch's `sign_`, the
-/// Lion anchor): both comparisons are false for NaN. Branch-free so that it vectorises.
+/// Lion anchor): both comparisons are false for NaN. Two flat selects: g++ vectorises them
+/// (a nested `?:` is "control flow in loop" to it, and csrc/cpu/lion.cpp stays scalar), and
+/// ptxas (CUDA 13.0) keeps the fp16 Lion kernel free of the 8-byte stack frame that
+/// `(x > 0) - (x < 0)` alone gave it (tests/test_cuda_static.py).
 template <typename T>
 FUSEDOPT_HD FUSEDOPT_INLINE T sign0(T x) {
-  return static_cast<T>(x > T(0)) - static_cast<T>(x < T(0));
+  const T positive = x > T(0) ? T(1) : T(0);
+  return x < T(0) ? T(-1) : positive;
 }
 
 }  // namespace fusedopt
