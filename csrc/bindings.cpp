@@ -145,13 +145,17 @@ class Checker {
                 param.strides(), "; both must share one memory layout");
   }
 
-  /// A device scalar: one fp32 element on `device` (absent is fine).
-  void scalar(const OptTensor& t, const char* name, c10::Device device) const {
+  /// A device scalar: one fp32 element (fp32 or fp64 with allow_fp64) on `device` (absent
+  /// is fine).
+  void scalar(const OptTensor& t, const char* name, c10::Device device,
+              bool allow_fp64 = false) const {
     if (!t.has_value()) return;
     TORCH_CHECK(t->defined(), op_, ": ", name, " is an undefined tensor");
-    TORCH_CHECK_TYPE(t->numel() == 1 && t->scalar_type() == at::kFloat, op_, ": ", name,
-                     " must be a one-element float32 tensor, got shape ", t->sizes(),
-                     " and dtype ", t->scalar_type());
+    const bool dtype_ok =
+        t->scalar_type() == at::kFloat || (allow_fp64 && t->scalar_type() == at::kDouble);
+    TORCH_CHECK_TYPE(t->numel() == 1 && dtype_ok, op_, ": ", name, " must be a one-element ",
+                     allow_fp64 ? "float32 or float64" : "float32", " tensor, got shape ",
+                     t->sizes(), " and dtype ", t->scalar_type());
     TORCH_CHECK(t->device() == device, op_, ": ", name, " is on ", t->device(),
                 " but the tensors are on ", device);
   }
@@ -236,8 +240,9 @@ class StepArguments {
       }
     }
     state_dtype_ = masters ? DType::kFloat32 : param_dtype_;
-    check.scalar(grad_scale, "grad_scale", device_);
-    check.scalar(clip_coef, "clip_coef", device_);
+    const bool fp64 = param_dtype_ == DType::kFloat64;
+    check.scalar(grad_scale, "grad_scale", device_, fp64);
+    check.scalar(clip_coef, "clip_coef", device_, fp64);
     check.scalar(found_inf, "found_inf", device_);
     if (lr_tensor.has_value()) {
       const Tensor& lr = *lr_tensor;
@@ -265,8 +270,12 @@ class StepArguments {
       lists_.scalars.lr = lr_tensor->data_ptr<float>();
       lists_.scalars.lr_numel = lr_tensor->numel();
     }
-    lists_.scalars.grad_scale = grad_scale ? grad_scale->data_ptr<float>() : nullptr;
-    lists_.scalars.clip_coef = clip_coef ? clip_coef->data_ptr<float>() : nullptr;
+    // [note: opmath scalars] in fusedopt/_contract.py: the kernels read them in opmath.
+    const auto opmath = fp64 ? at::kDouble : at::kFloat;
+    if (grad_scale) grad_scale_ = grad_scale->to(opmath);
+    if (clip_coef) clip_coef_ = clip_coef->to(opmath);
+    lists_.scalars.grad_scale = grad_scale ? grad_scale_.const_data_ptr() : nullptr;
+    lists_.scalars.clip_coef = clip_coef ? clip_coef_.const_data_ptr() : nullptr;
     lists_.scalars.found_inf = found_inf ? found_inf->data_ptr<float>() : nullptr;
   }
 
@@ -312,6 +321,7 @@ class StepArguments {
   std::deque<SlotTable> states_;  // deque: slots handed out keep pointing at live tables
   std::vector<float*> steps_;
   std::vector<int64_t> numels_;
+  Tensor grad_scale_, clip_coef_;  // in opmath, alive for the call
   StepLists lists_;
 };
 

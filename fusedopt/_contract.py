@@ -21,13 +21,20 @@ Conventions common to every op (see [note: common scalars]):
 * ``steps``: one 0-d fp32 tensor per param on the params' device (torch's layout). The op
   adds 1 to each, unless ``found_inf`` is non-zero, then uses the new value ``t``. Bias
   corrections ``1 - beta**t`` are computed in float64.
-* ``grad_scale``: 0-d fp32; every grad is divided by it on load (never written back).
-* ``clip_coef``: 0-d fp32; every grad is multiplied by it on load, after the division.
+* ``grad_scale``: 0-d fp32 (or fp64 when the params are fp64); every grad is divided by it on
+  load (never written back).
+* ``clip_coef``: 0-d fp32 (or fp64 when the params are fp64); every grad is multiplied by it on
+  load, after the division.
 * ``found_inf``: 0-d fp32; when non-zero the whole op is a no-op: params, master params,
   states and steps stay bit-identical.
 
 [note: common scalars] Order of operations on a grad element, in opmath (fp32; fp64 for
 fp64 storage): ``g = grad; g = g / grad_scale; g = g * clip_coef; if maximize: g = -g``.
+
+[note: opmath scalars] ``grad_scale`` and ``clip_coef`` are read in opmath: an fp64 call takes
+them as fp64 (an fp32 one is widened, exactly; the C++ backends widen it before the launch, so
+their kernels read one value of the opmath type), so that an fp64 model's clip coefficient is
+not rounded to fp32. ``found_inf`` and ``lr_tensor`` stay fp32. DESIGN.md §3.
 """
 
 from __future__ import annotations
@@ -47,8 +54,9 @@ SCHEMAS: dict[str, str] = {
     # tensors *= scale (opmath, rounded to storage). found_inf, when given, is set to 1.0
     # if any element of the input is non-finite; it is never cleared (as torch's amp check).
     "scale_": "{name}(Tensor(a!)[] tensors, Tensor scale, Tensor(b!)? found_inf) -> ()",
-    # Global norm of the tensors (each divided by grad_scale first), accumulated in fp32 for
-    # every storage dtype (fp64 if every tensor is fp64), deterministic. norm_type is 2.0 or
+    # Global norm of the tensors (each divided by the fp32 grad_scale first), accumulated in
+    # fp32 for every storage dtype (fp64, with fp64 outputs, if every tensor is fp64),
+    # deterministic. norm_type is 2.0 or
     # inf. Returns (total_norm 0-d, per_tensor_norms [N] if per_tensor else [0],
     # found_inf 0-d: 1.0 if any element is non-finite, else 0.0).
     "grad_norm": (

@@ -71,15 +71,20 @@ def check_like(t: Tensor, param: Tensor, where: str, op: str, dtype: torch.dtype
         raise TypeError(f"{op}: {where} has dtype {t.dtype}, expected {dtype}")
 
 
-def check_scalar(t: Tensor | None, name: str, op: str, device: torch.device) -> None:
-    """A device scalar: a one-element fp32 tensor on the params' device."""
+def check_scalar(
+    t: Tensor | None, name: str, op: str, device: torch.device, allow_fp64: bool = False
+) -> None:
+    """A device scalar: a one-element fp32 tensor (fp32 or fp64 with ``allow_fp64``: an fp64
+    step's grad_scale and clip_coef, [note: opmath scalars]) on the params' device."""
     if t is None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {name} must be a 0-d torch.Tensor or None, got {type(t).__name__}")
-    if t.numel() != 1 or t.dtype != torch.float32:
+    dtypes = (torch.float32, torch.float64) if allow_fp64 else (torch.float32,)
+    if t.numel() != 1 or t.dtype not in dtypes:
+        allowed = "float32 or float64" if allow_fp64 else "float32"
         raise TypeError(
-            f"{op}: {name} must be a one-element float32 tensor, got shape "
+            f"{op}: {name} must be a one-element {allowed} tensor, got shape "
             f"{tuple(t.shape)} and dtype {t.dtype}"
         )
     if t.device != device:

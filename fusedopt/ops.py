@@ -255,9 +255,12 @@ def step(
     if n == 0:
         return
     device = lists["params"][0].device if _checked else _validate_step(spec, lists)
-    scalars = {"grad_scale": grad_scale, "clip_coef": clip_coef, "found_inf": found_inf}
-    for name, scalar in scalars.items():
-        check_scalar(scalar, name, op, device)
+    # [note: opmath scalars] fp64 params take grad_scale and clip_coef in fp64 as well.
+    params = lists["params"]
+    fp64 = all(p.dtype == torch.float64 for p in (params[:1] if _checked else params))
+    check_scalar(grad_scale, "grad_scale", op, device, allow_fp64=fp64)
+    check_scalar(clip_coef, "clip_coef", op, device, allow_fp64=fp64)
+    check_scalar(found_inf, "found_inf", op, device)
     lr_values, lr_tensor = _lr_arguments(op, hypers["lr"], n, device)
     values = {"lr": lr_values}
     values.update({h: per_tensor(op, h, hypers[h], n) for h in spec.hypers if h != "lr"})

@@ -350,6 +350,7 @@ struct Call {
   std::array<std::vector<double>, 4> hyper;
   std::vector<float> lr_tensor;
   float grad_scale, clip_coef, found_inf;
+  double grad_scale64, clip_coef64;  // the same values for fp64 steps, which read them in fp64
 
   StepLists lists(const StepCase& c, World& w, int step) {
     const size_t n = w.params.size();
@@ -394,8 +395,13 @@ struct Call {
     grad_scale = s.grad_scale;
     clip_coef = s.clip_coef;
     found_inf = s.found_inf[step];
-    if (grad_scale > 0) l.scalars.grad_scale = &grad_scale;
-    if (clip_coef > 0) l.scalars.clip_coef = &clip_coef;
+    grad_scale64 = grad_scale;
+    clip_coef64 = clip_coef;
+    const bool fp64 = c.storage.param == DType::kFloat64;  // [note: opmath scalars]
+    if (grad_scale > 0) l.scalars.grad_scale = fp64 ? static_cast<const void*>(&grad_scale64)
+                                                    : &grad_scale;
+    if (clip_coef > 0) l.scalars.clip_coef = fp64 ? static_cast<const void*>(&clip_coef64)
+                                                  : &clip_coef;
     if (found_inf >= 0) l.scalars.found_inf = &found_inf;
     return l;
   }
@@ -625,6 +631,123 @@ int test_step_ops() {
         run_step_case({&v, st, &kScalars[3], &kLarge, 2, emu::Schedule::kForward}, rng);
         ++cases;
       }
+    }
+  }
+  return cases;
+}
+
+// ---------------------------------------------------------------------------------------
+// Non-finite edges (issue #13) on both backends, against exact hand-computed values: Lion's
+// sign(NaN) = 0, [note: zero weight decay], and an fp64 clip_coef read in fp64 ([note:
+// opmath scalars]). The values are chosen so that every result is exact in fp32.
+
+/// One tensor per slot (param, grad, then the states), with the given values.
+struct EdgeCall {
+  DType dtype;
+  int64_t numel;
+  std::vector<std::unique_ptr<Buffer>> slots;
+  std::vector<void*> data;  // one pointer per slot: each slot's 1-tensor list
+  float step = 0.0f;
+  float* step_ptr = &step;
+  EdgeCall(DType d, const std::vector<std::vector<double>>& values)
+      : dtype(d), numel(static_cast<int64_t>(values[0].size())) {
+    for (const auto& v : values) {
+      slots.push_back(std::make_unique<Buffer>(d, numel, false));
+      for (size_t k = 0; k < v.size(); ++k) slots.back()->set(static_cast<int64_t>(k), v[k]);
+    }
+    for (auto& b : slots) data.push_back(b->data());
+  }
+  TensorSlot slot(size_t k) { return {&data[k], dtype}; }
+  StepLists lists(bool with_step) {
+    StepLists l;
+    l.num_tensors = 1;
+    l.numels = &numel;
+    l.params = slot(0);
+    l.grads = slot(1);
+    l.steps = with_step ? &step_ptr : nullptr;
+    return l;
+  }
+  /// Slot s equals `want` element for element (inf included; NaN where want is NaN).
+  bool holds(size_t s, const std::vector<double>& want) const {
+    for (size_t k = 0; k < want.size(); ++k) {
+      const double got = slots[s]->get(static_cast<int64_t>(k));
+      if (std::isnan(want[k]) ? !std::isnan(got) : got != want[k]) return false;
+    }
+    return true;
+  }
+};
+
+int test_edge_values() {
+  int cases = 0;
+  for (DType d : {DType::kFloat32, DType::kFloat64}) {
+    for (bool cuda : {false, true}) {
+      CudaContext cuda_ctx;
+      const ExecContext ctx = cuda ? cuda_ctx.ctx : ExecContext{};
+      const std::string where = std::string(cuda ? "cuda " : "cpu ") + dtype_short(d);
+      // Lion, lr 0.125, wd 0.5 (decay 0.9375), beta1 0.5, beta2 0.75: a NaN in c = b1*m +
+      // (1-b1)*g has sign 0, so p only decays; its moment becomes NaN.
+      {
+        EdgeCall e(d, {{1.0, -2.0, 0.5, 3.0, -1.0},
+                       {NAN, 0.25, NAN, -1.0, 2.0},
+                       {0.5, -0.5, NAN, 0.125, 0.0}});
+        const double lr = 0.125, b1 = 0.5, b2 = 0.75, wd = 0.5;
+        LionCall a;
+        a.lists = e.lists(false);
+        a.exp_avgs = e.slot(2);
+        a.lr = &lr, a.beta1 = &b1, a.beta2 = &b2, a.weight_decay = &wd;
+        cuda ? cuda::lion(a, ctx) : cpu::lion(a, ctx);
+        const bool ok = e.holds(0, {0.9375, -1.75, 0.46875, 2.9375, -1.0625}) &&
+                        e.holds(2, {NAN, -0.3125, NAN, -0.15625, 0.5});
+        if (!ok) std::fprintf(stderr, "%s: lion with a NaN grad\n", where.c_str());
+        CHECK(ok);
+      }
+      // Adam (L2), wd = 0, lr 0.5, beta1 0.5, beta2 0.75, eps 0.5, t = 1: m = 0.25,
+      // v = 0.0625, denom = 0.25/0.5 + 0.5 = 1, p -= 0.25; infinite params stay infinite.
+      // AdamW, wd = 0, lr = inf: p = 1 - inf*0.25 = -inf, not 1*(1 - inf*0) = NaN.
+      for (bool decoupled : {false, true}) {
+        EdgeCall e(d, {decoupled ? std::vector<double>{1.0, 1.0, -2.0}
+                                 : std::vector<double>{-INFINITY, 1.0, INFINITY},
+                       {0.5, 0.5, 0.5},
+                       {0.0, 0.0, 0.0},
+                       {0.0, 0.0, 0.0}});
+        const double lr = decoupled ? INFINITY : 0.5, b1 = 0.5, b2 = 0.75, eps = 0.5, wd = 0.0;
+        AdamWCall a;
+        a.lists = e.lists(true);
+        a.exp_avgs = e.slot(2);
+        a.exp_avg_sqs = e.slot(3);
+        a.lr = &lr, a.beta1 = &b1, a.beta2 = &b2, a.eps = &eps, a.weight_decay = &wd;
+        a.decoupled = decoupled;
+        cuda ? cuda::adamw(a, ctx) : cpu::adamw(a, ctx);
+        const std::vector<double> want_p =
+            decoupled ? std::vector<double>{-INFINITY, -INFINITY, -INFINITY}
+                      : std::vector<double>{-INFINITY, 0.75, INFINITY};
+        const bool ok = e.holds(0, want_p) && e.holds(2, {0.25, 0.25, 0.25}) &&
+                        e.holds(3, {0.0625, 0.0625, 0.0625});
+        if (!ok)
+          std::fprintf(stderr, "%s: %s with wd = 0\n", where.c_str(),
+                       decoupled ? "adamw (lr inf)" : "adam l2 (inf param)");
+        CHECK(ok);
+      }
+      // SGD, lr 1, clip_coef = 1/3 in the opmath type: p = 1 - 3 * (1/3) exactly in that
+      // type (fp64: 0; an fp32 coefficient would leave -3e-8 in an fp64 param).
+      {
+        EdgeCall e(d, {{1.0}, {3.0}});
+        const double lr = 1.0, zero = 0.0;
+        const float third32 = 1.0f / 3.0f;
+        const double third64 = 1.0 / 3.0;
+        SgdCall a;
+        a.lists = e.lists(false);
+        a.lists.scalars.clip_coef = d == DType::kFloat64 ? static_cast<const void*>(&third64)
+                                                         : &third32;
+        a.lr = &lr, a.momentum = &zero, a.dampening = &zero, a.weight_decay = &zero;
+        cuda ? cuda::sgd(a, ctx) : cpu::sgd(a, ctx);
+        const double want = d == DType::kFloat64 ? 1.0 - 3.0 * third64
+                                                 : static_cast<double>(1.0f - 3.0f * third32);
+        const bool ok = e.holds(0, {want});
+        if (!ok) std::fprintf(stderr, "%s: sgd with clip_coef 1/3\n", where.c_str());
+        CHECK(ok);
+      }
+      cases += 4;
     }
   }
   return cases;
@@ -886,11 +1009,12 @@ int main() {
   const int step_cases = test_step_ops();
   const int scale_cases = test_scale();
   const int norm_cases = test_grad_norm();
+  const int edge_cases = test_edge_values();
   const emu::Stats s = emu::stats();
   std::printf(
-      "%d emulator, %d step-op, %d scale_, %d grad_norm cases; emulated %llu launches, %llu "
-      "blocks, %llu threads, %llu fiber switches\n",
-      emulator_cases, step_cases, scale_cases, norm_cases,
+      "%d emulator, %d step-op, %d scale_, %d grad_norm, %d edge-value cases; emulated %llu "
+      "launches, %llu blocks, %llu threads, %llu fiber switches\n",
+      emulator_cases, step_cases, scale_cases, norm_cases, edge_cases,
       static_cast<unsigned long long>(s.launches), static_cast<unsigned long long>(s.blocks),
       static_cast<unsigned long long>(s.threads), static_cast<unsigned long long>(s.switches));
   if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);

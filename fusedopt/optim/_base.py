@@ -140,7 +140,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     @property
     def last_grad_norm(self) -> Tensor | None:
         """The global norm of the last step's unscaled grads (before clipping), a 0-d fp32
-        device tensor; None until a step computes one (needs a clip or fusedopt's scaler)."""
+        device tensor (fp64 when every grad is fp64); None until a step computes one (needs a
+        clip or fusedopt's scaler)."""
         return self._step_out.get("last_grad_norm")
 
     # ----------------------------------------------------------------- declarations

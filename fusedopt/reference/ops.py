@@ -122,10 +122,13 @@ def adamw_(
         lr_i = _lr(lr, lr_tensor, i, opmath)
         g = load_grad(grads[i], opmath, grad_scale, clip_coef, maximize)
         p = _load_param(param, master_params, i, opmath)
-        if decoupled:
-            p = p * (1 - lr_i * weight_decay[i])
-        else:
-            g = g + weight_decay[i] * p
+        # [note: zero weight decay] As torch (``if weight_decay != 0``): a zero decay is no
+        # decay, not p * (1 - lr*0) (NaN for lr = inf) nor g + 0*p (NaN for an infinite p).
+        if weight_decay[i] != 0:
+            if decoupled:
+                p = p * (1 - lr_i * weight_decay[i])
+            else:
+                g = g + weight_decay[i] * p
         m = beta1[i] * exp_avgs[i].to(opmath) + (1 - beta1[i]) * g
         v = beta2[i] * exp_avg_sqs[i].to(opmath) + (1 - beta2[i]) * g * g
         v_hat = v

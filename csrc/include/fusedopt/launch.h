@@ -52,8 +52,10 @@ struct TensorSlot {
 struct DeviceScalars {
   const float* lr = nullptr;  // lr_tensor: overrides the per-tensor lr when given
   int64_t lr_numel = 0;       // 1 (one lr for all) or num_tensors
-  const float* grad_scale = nullptr;
-  const float* clip_coef = nullptr;
+  // grad_scale and clip_coef: one value of the call's opmath type (double for fp64 params,
+  // else float), [note: opmath scalars] in fusedopt/_contract.py.
+  const void* grad_scale = nullptr;
+  const void* clip_coef = nullptr;
   const float* found_inf = nullptr;
 };
 
