@@ -190,7 +190,7 @@ class StepArguments {
  public:
   StepArguments(const Checker& check, TensorList params, TensorList grads,
                 TensorList master_params, TensorList steps, bool steps_optional,
-                const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                bool master_sync, const OptTensor& lr_tensor, const OptTensor& grad_scale,
                 const OptTensor& clip_coef, const OptTensor& found_inf)
       : check_(check), params_(params), n_(params.size()) {
     check.length("grads", grads.size(), n_, false);
@@ -261,6 +261,7 @@ class StepArguments {
     lists_.grads = grads_table_.slot();
     lists_.master_params = masters_table_.slot();
     lists_.steps = steps_.empty() ? nullptr : steps_.data();
+    lists_.master_sync = master_sync;
     if (lr_tensor.has_value()) {
       lists_.scalars.lr = lr_tensor->data_ptr<float>();
       lists_.scalars.lr_numel = lr_tensor->numel();
@@ -409,10 +410,10 @@ void adamw_impl(TensorList params, TensorList grads, TensorList exp_avgs,
                 TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList master_params,
                 TensorList steps, Floats lr, Floats beta1, Floats beta2, Floats eps,
                 Floats weight_decay, bool decoupled, bool amsgrad, bool maximize,
-                bool bias_correction, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                bool bias_correction, bool master_sync, const OptTensor& lr_tensor, const OptTensor& grad_scale,
                 const OptTensor& clip_coef, const OptTensor& found_inf) {
   const Checker check(op_name<B>("adamw"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
+  StepArguments args(check, params, grads, master_params, steps, false, master_sync, lr_tensor, grad_scale,
                      clip_coef, found_inf);
   AdamWCall call;
   call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
@@ -441,11 +442,11 @@ template <class B>
 void lamb_impl(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                TensorList master_params, TensorList steps, Floats lr, Floats beta1,
                Floats beta2, Floats eps, Floats weight_decay, bool grad_averaging,
-               bool bias_correction, bool trust_clip, bool always_adapt,
+               bool bias_correction, bool trust_clip, bool always_adapt, bool master_sync,
                const OptTensor& lr_tensor, const OptTensor& grad_scale,
                const OptTensor& clip_coef, const OptTensor& found_inf) {
   const Checker check(op_name<B>("lamb"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
+  StepArguments args(check, params, grads, master_params, steps, false, master_sync, lr_tensor, grad_scale,
                      clip_coef, found_inf);
   LambCall call;
   call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
@@ -467,11 +468,11 @@ void lamb_impl(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
 template <class B>
 void lion_impl(TensorList params, TensorList grads, TensorList exp_avgs,
                TensorList master_params, Floats lr, Floats beta1, Floats beta2,
-               Floats weight_decay, bool maximize, const OptTensor& lr_tensor,
+               Floats weight_decay, bool maximize, bool master_sync, const OptTensor& lr_tensor,
                const OptTensor& grad_scale, const OptTensor& clip_coef,
                const OptTensor& found_inf) {
   const Checker check(op_name<B>("lion"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, {}, true, lr_tensor, grad_scale,
+  StepArguments args(check, params, grads, master_params, {}, true, master_sync, lr_tensor, grad_scale,
                      clip_coef, found_inf);
   LionCall call;
   call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
@@ -489,10 +490,10 @@ template <class B>
 void sgd_impl(TensorList params, TensorList grads, TensorList momentum_buffers,
               TensorList master_params, TensorList steps, Floats lr, Floats momentum,
               Floats dampening, Floats weight_decay, bool nesterov, bool maximize,
-              const OptTensor& lr_tensor, const OptTensor& grad_scale,
+              bool master_sync, const OptTensor& lr_tensor, const OptTensor& grad_scale,
               const OptTensor& clip_coef, const OptTensor& found_inf) {
   const Checker check(op_name<B>("sgd"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, steps, true, lr_tensor, grad_scale,
+  StepArguments args(check, params, grads, master_params, steps, true, master_sync, lr_tensor, grad_scale,
                      clip_coef, found_inf);
   SgdCall call;
   call.momentum_buffers = args.state("momentum_buffers", momentum_buffers, true);

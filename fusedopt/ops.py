@@ -135,7 +135,7 @@ class _StepOp:
     optional_lists: tuple[str, ...]  # lists that may be empty
     state_lists: tuple[str, ...]  # per-param states: fp32 with masters, else param dtype
     hypers: tuple[str, ...]  # per-tensor floats, in schema order
-    flags: tuple[str, ...]  # per-call bools, in schema order
+    flags: tuple[str, ...]  # per-call bools, in schema order (master_sync last, default True)
 
 
 STEP_OPS = {
@@ -145,7 +145,7 @@ STEP_OPS = {
         ("max_exp_avg_sqs", "master_params"),
         ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
         ("lr", "beta1", "beta2", "eps", "weight_decay"),
-        ("decoupled", "amsgrad", "maximize", "bias_correction"),
+        ("decoupled", "amsgrad", "maximize", "bias_correction", "master_sync"),
     ),
     "lamb_": _StepOp(
         "lamb_",
@@ -153,7 +153,7 @@ STEP_OPS = {
         ("master_params",),
         ("exp_avgs", "exp_avg_sqs"),
         ("lr", "beta1", "beta2", "eps", "weight_decay"),
-        ("grad_averaging", "bias_correction", "trust_clip", "always_adapt"),
+        ("grad_averaging", "bias_correction", "trust_clip", "always_adapt", "master_sync"),
     ),
     "lion_": _StepOp(
         "lion_",
@@ -161,7 +161,7 @@ STEP_OPS = {
         ("master_params",),
         ("exp_avgs",),
         ("lr", "beta1", "beta2", "weight_decay"),
-        ("maximize",),
+        ("maximize", "master_sync"),
     ),
     "sgd_": _StepOp(
         "sgd_",
@@ -169,7 +169,7 @@ STEP_OPS = {
         ("momentum_buffers", "master_params", "steps"),
         ("momentum_buffers",),
         ("lr", "momentum", "dampening", "weight_decay"),
-        ("nesterov", "maximize"),
+        ("nesterov", "maximize", "master_sync"),
     ),
 }
 
@@ -243,6 +243,9 @@ def step(
     switches. The lists are split into one backend call per (param dtype, grad dtype, master
     weights or not), each a single multi-tensor launch.
 
+    ``master_sync`` (a flag; True when omitted) makes every master param first adopt the value
+    of a param written since the last step ([note: master sync] in ``fusedopt._contract``).
+
     ``_checked`` (internal) skips the per-tensor checks and the split: the optimizer classes
     check every grad themselves (to name the param), create or load every state in the
     param's layout, and pass one param dtype and one grad dtype per call, so redoing that
@@ -282,7 +285,7 @@ def step(
         handle(
             *(pick(lists[name]) for name in spec.lists),
             *(pick(values[h]) for h in spec.hypers),
-            *(bool(flags[f]) for f in spec.flags),
+            *(bool(flags.get(f, f == "master_sync")) for f in spec.flags),
             group_lr_tensor,
             grad_scale,
             clip_coef,
@@ -308,6 +311,7 @@ def adamw_(
     bias_correction: bool = True,
     max_exp_avg_sqs: Sequence[Tensor] = (),
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -325,7 +329,7 @@ def adamw_(
         ),
         dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
         dict(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
-             bias_correction=bias_correction),
+             bias_correction=bias_correction, master_sync=master_sync),
         grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
     )  # fmt: skip
 
@@ -347,6 +351,7 @@ def lamb_(
     trust_clip: bool = False,
     always_adapt: bool = False,
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -359,7 +364,7 @@ def lamb_(
              master_params=master_params, steps=steps),
         dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
         dict(grad_averaging=grad_averaging, bias_correction=bias_correction,
-             trust_clip=trust_clip, always_adapt=always_adapt),
+             trust_clip=trust_clip, always_adapt=always_adapt, master_sync=master_sync),
         grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
     )  # fmt: skip
 
@@ -375,6 +380,7 @@ def lion_(
     weight_decay: Hyper = 0.0,
     maximize: bool = False,
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -385,7 +391,7 @@ def lion_(
         "lion_",
         dict(params=params, grads=grads, exp_avgs=exp_avgs, master_params=master_params),
         dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay),
-        dict(maximize=maximize),
+        dict(maximize=maximize, master_sync=master_sync),
         grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
     )  # fmt: skip
 
@@ -403,6 +409,7 @@ def sgd_(
     nesterov: bool = False,
     maximize: bool = False,
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -417,6 +424,6 @@ def sgd_(
         dict(params=params, grads=grads, momentum_buffers=momentum_buffers,
              master_params=master_params, steps=steps),
         dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay),
-        dict(nesterov=nesterov, maximize=maximize),
+        dict(nesterov=nesterov, maximize=maximize, master_sync=master_sync),
         grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
     )  # fmt: skip
