@@ -190,8 +190,8 @@ class StepArguments {
  public:
   StepArguments(const Checker& check, TensorList params, TensorList grads,
                 TensorList master_params, TensorList steps, bool steps_optional,
-                bool master_sync, const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                const OptTensor& clip_coef, const OptTensor& found_inf)
+                const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync)
       : check_(check), params_(params), n_(params.size()) {
     check.length("grads", grads.size(), n_, false);
     check.length("master_params", master_params.size(), n_, true);
@@ -410,11 +410,11 @@ void adamw_impl(TensorList params, TensorList grads, TensorList exp_avgs,
                 TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList master_params,
                 TensorList steps, Floats lr, Floats beta1, Floats beta2, Floats eps,
                 Floats weight_decay, bool decoupled, bool amsgrad, bool maximize,
-                bool bias_correction, bool master_sync, const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                const OptTensor& clip_coef, const OptTensor& found_inf) {
+                bool bias_correction, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync) {
   const Checker check(op_name<B>("adamw"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, steps, false, master_sync, lr_tensor, grad_scale,
-                     clip_coef, found_inf);
+  StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
+                     clip_coef, found_inf, master_sync);
   AdamWCall call;
   call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
   call.exp_avg_sqs = args.state("exp_avg_sqs", exp_avg_sqs, false);
@@ -442,12 +442,12 @@ template <class B>
 void lamb_impl(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                TensorList master_params, TensorList steps, Floats lr, Floats beta1,
                Floats beta2, Floats eps, Floats weight_decay, bool grad_averaging,
-               bool bias_correction, bool trust_clip, bool always_adapt, bool master_sync,
+               bool bias_correction, bool trust_clip, bool always_adapt,
                const OptTensor& lr_tensor, const OptTensor& grad_scale,
-               const OptTensor& clip_coef, const OptTensor& found_inf) {
+               const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync) {
   const Checker check(op_name<B>("lamb"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, steps, false, master_sync, lr_tensor, grad_scale,
-                     clip_coef, found_inf);
+  StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
+                     clip_coef, found_inf, master_sync);
   LambCall call;
   call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
   call.exp_avg_sqs = args.state("exp_avg_sqs", exp_avg_sqs, false);
@@ -468,12 +468,12 @@ void lamb_impl(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
 template <class B>
 void lion_impl(TensorList params, TensorList grads, TensorList exp_avgs,
                TensorList master_params, Floats lr, Floats beta1, Floats beta2,
-               Floats weight_decay, bool maximize, bool master_sync, const OptTensor& lr_tensor,
+               Floats weight_decay, bool maximize, const OptTensor& lr_tensor,
                const OptTensor& grad_scale, const OptTensor& clip_coef,
-               const OptTensor& found_inf) {
+               const OptTensor& found_inf, bool master_sync) {
   const Checker check(op_name<B>("lion"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, {}, true, master_sync, lr_tensor, grad_scale,
-                     clip_coef, found_inf);
+  StepArguments args(check, params, grads, master_params, {}, true, lr_tensor, grad_scale,
+                     clip_coef, found_inf, master_sync);
   LionCall call;
   call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
   call.lr = args.values("lr", lr);
@@ -490,11 +490,11 @@ template <class B>
 void sgd_impl(TensorList params, TensorList grads, TensorList momentum_buffers,
               TensorList master_params, TensorList steps, Floats lr, Floats momentum,
               Floats dampening, Floats weight_decay, bool nesterov, bool maximize,
-              bool master_sync, const OptTensor& lr_tensor, const OptTensor& grad_scale,
-              const OptTensor& clip_coef, const OptTensor& found_inf) {
+              const OptTensor& lr_tensor, const OptTensor& grad_scale,
+              const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync) {
   const Checker check(op_name<B>("sgd"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, steps, true, master_sync, lr_tensor, grad_scale,
-                     clip_coef, found_inf);
+  StepArguments args(check, params, grads, master_params, steps, true, lr_tensor, grad_scale,
+                     clip_coef, found_inf, master_sync);
   SgdCall call;
   call.momentum_buffers = args.state("momentum_buffers", momentum_buffers, true);
   TORCH_CHECK_VALUE(momentum_buffers.empty() == steps.empty(), check.op(),

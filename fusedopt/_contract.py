@@ -25,7 +25,7 @@ Conventions common to every op (see [note: common scalars]):
 * ``clip_coef``: 0-d fp32; every grad is multiplied by it on load, after the division.
 * ``found_inf``: 0-d fp32; when non-zero the whole op is a no-op: params, master params,
   states and steps stay bit-identical.
-* ``master_sync`` (every step op's last flag): see [note: master sync].
+* ``master_sync`` (every step op's last argument, default True): see [note: master sync].
 
 [note: common scalars] Order of operations on a grad element, in opmath (fp32; fp64 for
 fp64 storage): ``g = grad; g = g / grad_scale; g = g * clip_coef; if maximize: g = -g``.
@@ -55,8 +55,9 @@ NAMESPACE = "fusedopt"
 BACKEND_NAMES: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
 
 _COMMON_SCALARS = "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf"
-#: What every step op ends with: the master_sync flag ([note: master sync]), then the scalars.
-_STEP_TAIL = "bool master_sync, " + _COMMON_SCALARS
+#: What every step op ends with: the common scalars, then the master_sync flag ([note: master
+#: sync]), last and with a default so that positional callers of the older schema still fit.
+_STEP_TAIL = _COMMON_SCALARS + ", bool master_sync=True"
 
 #: op name -> schema template. ``{name}`` is replaced by the backend-specific op name.
 #: In-place ops end in ``_``; the backend suffix goes before it (``adamw_cuda_``).

@@ -135,7 +135,7 @@ class _StepOp:
     optional_lists: tuple[str, ...]  # lists that may be empty
     state_lists: tuple[str, ...]  # per-param states: fp32 with masters, else param dtype
     hypers: tuple[str, ...]  # per-tensor floats, in schema order
-    flags: tuple[str, ...]  # per-call bools, in schema order (master_sync last, default True)
+    flags: tuple[str, ...]  # per-call bools, in schema order (and master_sync, last of all)
 
 
 STEP_OPS = {
@@ -145,7 +145,7 @@ STEP_OPS = {
         ("max_exp_avg_sqs", "master_params"),
         ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
         ("lr", "beta1", "beta2", "eps", "weight_decay"),
-        ("decoupled", "amsgrad", "maximize", "bias_correction", "master_sync"),
+        ("decoupled", "amsgrad", "maximize", "bias_correction"),
     ),
     "lamb_": _StepOp(
         "lamb_",
@@ -153,7 +153,7 @@ STEP_OPS = {
         ("master_params",),
         ("exp_avgs", "exp_avg_sqs"),
         ("lr", "beta1", "beta2", "eps", "weight_decay"),
-        ("grad_averaging", "bias_correction", "trust_clip", "always_adapt", "master_sync"),
+        ("grad_averaging", "bias_correction", "trust_clip", "always_adapt"),
     ),
     "lion_": _StepOp(
         "lion_",
@@ -161,7 +161,7 @@ STEP_OPS = {
         ("master_params",),
         ("exp_avgs",),
         ("lr", "beta1", "beta2", "weight_decay"),
-        ("maximize", "master_sync"),
+        ("maximize",),
     ),
     "sgd_": _StepOp(
         "sgd_",
@@ -169,7 +169,7 @@ STEP_OPS = {
         ("momentum_buffers", "master_params", "steps"),
         ("momentum_buffers",),
         ("lr", "momentum", "dampening", "weight_decay"),
-        ("nesterov", "maximize", "master_sync"),
+        ("nesterov", "maximize"),
     ),
 }
 
@@ -285,11 +285,12 @@ def step(
         handle(
             *(pick(lists[name]) for name in spec.lists),
             *(pick(values[h]) for h in spec.hypers),
-            *(bool(flags.get(f, f == "master_sync")) for f in spec.flags),
+            *(bool(flags[f]) for f in spec.flags),
             group_lr_tensor,
             grad_scale,
             clip_coef,
             found_inf,
+            master_sync=bool(flags.get("master_sync", True)),
         )
 
 

@@ -137,8 +137,9 @@ def adamw_(
     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], master_params: list[Tensor],
     steps: list[Tensor], lr: list[float], beta1: list[float], beta2: list[float],
     eps: list[float], weight_decay: list[float], decoupled: bool, amsgrad: bool,
-    maximize: bool, bias_correction: bool, master_sync: bool, lr_tensor: Tensor | None,
+    maximize: bool, bias_correction: bool, lr_tensor: Tensor | None,
     grad_scale: Tensor | None, clip_coef: Tensor | None, found_inf: Tensor | None,
+    master_sync: bool = True,
 ) -> None:  # fmt: skip
     """One Adam/AdamW step over every tensor in one launch (see ``fusedopt._contract``)."""
     if not params:

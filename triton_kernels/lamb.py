@@ -257,8 +257,8 @@ def lamb_(
     exp_avg_sqs: list[Tensor], master_params: list[Tensor], steps: list[Tensor],
     lr: list[float], beta1: list[float], beta2: list[float], eps: list[float],
     weight_decay: list[float], grad_averaging: bool, bias_correction: bool, trust_clip: bool,
-    always_adapt: bool, master_sync: bool, lr_tensor: Tensor | None, grad_scale: Tensor | None,
-    clip_coef: Tensor | None, found_inf: Tensor | None,
+    always_adapt: bool, lr_tensor: Tensor | None, grad_scale: Tensor | None,
+    clip_coef: Tensor | None, found_inf: Tensor | None, master_sync: bool = True,
 ) -> None:  # fmt: skip
     """One LAMB step over every tensor in three launches (see the module docstring)."""
     if not params:

@@ -100,8 +100,9 @@ _TABLES = TableCache()
 def lion_(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     master_params: list[Tensor], lr: list[float], beta1: list[float], beta2: list[float],
-    weight_decay: list[float], maximize: bool, master_sync: bool, lr_tensor: Tensor | None,
+    weight_decay: list[float], maximize: bool, lr_tensor: Tensor | None,
     grad_scale: Tensor | None, clip_coef: Tensor | None, found_inf: Tensor | None,
+    master_sync: bool = True,
 ) -> None:  # fmt: skip
     """One Lion step over every tensor in one launch (see ``fusedopt._contract``)."""
     if not params:

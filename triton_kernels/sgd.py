@@ -113,8 +113,8 @@ def sgd_(
     params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
     master_params: list[Tensor], steps: list[Tensor], lr: list[float], momentum: list[float],
     dampening: list[float], weight_decay: list[float], nesterov: bool, maximize: bool,
-    master_sync: bool, lr_tensor: Tensor | None, grad_scale: Tensor | None,
-    clip_coef: Tensor | None, found_inf: Tensor | None,
+    lr_tensor: Tensor | None, grad_scale: Tensor | None,
+    clip_coef: Tensor | None, found_inf: Tensor | None, master_sync: bool = True,
 ) -> None:  # fmt: skip
     """One SGD step over every tensor in one launch (see ``fusedopt._contract``)."""
     if not params:

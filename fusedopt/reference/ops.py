@@ -124,7 +124,7 @@ def grad_norm(
 def adamw_(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
     lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, bias_correction,
-    master_sync, lr_tensor, grad_scale, clip_coef, found_inf,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """Adam (L2 decay) / AdamW (decoupled decay), as torch.optim.Adam/AdamW."""
     if _skip(found_inf):
@@ -157,7 +157,7 @@ def adamw_(
 def lamb_(
     params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
     lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction, trust_clip,
-    always_adapt, master_sync, lr_tensor, grad_scale, clip_coef, found_inf,
+    always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """LAMB with timm's semantics (DESIGN.md §3); the global clip arrives in clip_coef."""
     if _skip(found_inf):
@@ -191,7 +191,7 @@ def lamb_(
 
 def lion_(
     params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, maximize,
-    master_sync, lr_tensor, grad_scale, clip_coef, found_inf,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """Lion (Chen et al. 2023, lion-pytorch), with sign(0) = 0."""
     if _skip(found_inf):
@@ -211,7 +211,8 @@ def lion_(
 
 def sgd_(
     params, grads, momentum_buffers, master_params, steps, lr, momentum, dampening,
-    weight_decay, nesterov, maximize, master_sync, lr_tensor, grad_scale, clip_coef, found_inf,
+    weight_decay, nesterov, maximize, lr_tensor, grad_scale, clip_coef, found_inf,
+    master_sync=True,
 ) -> None:  # fmt: skip
     """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD."""
     if _skip(found_inf):
