@@ -36,22 +36,22 @@ inline std::vector<double> advance_steps(const StepLists& lists) {
 }
 
 /// [note: master sync] (fusedopt/_contract.py) on the CPU: `master` is block [off, off+n) of
-/// the master (memory or buffer); where the 16-bit param's bits differ from the master's
-/// rounded bits, the param's value replaces the master's. Returns the values to step with:
-/// `master` itself when nothing was written (the common case: one vectorised rounding and
-/// one vectorised compare), else `master` changed in place (in_place: the caller writes the
-/// master back anyway) or `buffer` holding the adopted values (LAMB's norm pass writes
-/// nothing, so the master memory must not change there).
+/// the fp32 master; where the 16-bit param's bits differ from the master's rounded bits,
+/// the param's value replaces the master's. Returns the values to step with: `master`
+/// itself when nothing was written (the common case: one vectorised round-and-compare
+/// loop, convert.h's rounds_to), else `master` changed in place (in_place: the caller
+/// writes the master back anyway) or `buffer` holding the adopted values (LAMB's norm pass
+/// writes nothing, so the master memory must not change there).
 template <typename T>
 inline T* adopt_written_params(T* master, const void* param, DType d, int64_t off, int64_t n,
                                bool in_place, T* buffer) {
-  alignas(64) uint16_t rounded[kBlock];
-  store_values(rounded, d, master, n);
   const uint16_t* bits = static_cast<const uint16_t*>(param) + off;
-  uint16_t differ = 0;
-  for (int64_t k = 0; k < n; ++k) differ |= static_cast<uint16_t>(rounded[k] ^ bits[k]);
-  if (differ == 0) return master;
+  if constexpr (std::is_same_v<T, float>) {
+    if (rounds_to(master, bits, d, n)) return master;
+  }
+  alignas(64) uint16_t rounded[kBlock];
   alignas(64) T widened[kBlock];
+  store_values(rounded, d, master, n);
   load_values(widened, bits, d, n);
   T* out = master;
   if (!in_place) {
