@@ -272,3 +272,24 @@ def test_state_dict_saved_with_masters_loads_without():
     _set_grads(params, 2)
     other.step()
     assert all(other.state[p]["master_param"].dtype == torch.float32 for p in params)
+
+
+@pytest.mark.parametrize("target", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_single_written_element_is_found_anywhere(dtype, target):
+    """One write, alone in its vector, block or tail (the CPU checks 8 lanes at a time and
+    skips blocks without a write; Triton and CUDA compare whole vectors): it is adopted, and
+    nothing else moves (SGD with lr 0)."""
+    backend, device = target
+    gen = torch.Generator().manual_seed(3)
+    for index in (0, 5, 7, 8, 511, 512, 1023, 1024, N - 1):
+        master = torch.randn(N, generator=gen).to(device)
+        param = master.to(dtype)
+        param[index] = 3.0
+        before = master.clone()
+        ops.sgd_([param], [torch.ones_like(param)], lr=0.0, master_params=[master],
+                 backend=backend)  # fmt: skip
+        want = before.clone()
+        want[index] = 3.0
+        assert torch.equal(master, want), index
+        assert torch.equal(_bits(param), _bits(want.to(dtype))), index
