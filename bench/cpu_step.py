@@ -89,8 +89,8 @@ def fp32_adamw(shapes) -> dict[str, Callable[[], None]]:
     return {"fusedopt": fusedopt_step, "torch": opt.step}
 
 
-def mixed_clipped(shapes) -> dict[str, Callable[[], None]]:
-    """fusedopt: bf16 params + fp32 master + clipping; torch: fp32 params + clip + fused."""
+def _fusedopt_mixed(shapes, master_sync: bool) -> Callable[[], None]:
+    """One fusedopt bf16 + fp32 master + clipping step on its own tensors."""
     master = _randn(shapes)
     params = [m.to(torch.bfloat16) for m in master]
     grads = _randn(shapes, torch.bfloat16, scale=1e-2)
@@ -104,8 +104,17 @@ def mixed_clipped(shapes) -> dict[str, Callable[[], None]]:
         clip = torch.clamp(max_norm / (norm.total + 1e-6), max=1.0)
         ops.adamw_(
             params, grads, exp_avgs, exp_avg_sqs, counts, lr=LR, master_params=master,
-            clip_coef=clip, found_inf=norm.found_inf, backend="cpu",
+            master_sync=master_sync, clip_coef=clip, found_inf=norm.found_inf, backend="cpu",
         )  # fmt: skip
+
+    return fusedopt_step
+
+
+def mixed_clipped(shapes) -> dict[str, Callable[[], None]]:
+    """fusedopt: bf16 params + fp32 master + clipping, with and without master sync;
+    torch: fp32 params + clip + fused."""
+    fusedopt_step = _fusedopt_mixed(shapes, master_sync=True)
+    nosync_step = _fusedopt_mixed(shapes, master_sync=False)
 
     torch_params = [torch.nn.Parameter(p) for p in _randn(shapes)]
     torch_grads = _randn(shapes, scale=1e-2)
@@ -117,17 +126,18 @@ def mixed_clipped(shapes) -> dict[str, Callable[[], None]]:
         torch.nn.utils.clip_grad_norm_(torch_params, MAX_GRAD_NORM)
         opt.step()
 
-    return {"fusedopt": fusedopt_step, "torch": torch_step}
+    return {"fusedopt": fusedopt_step, "fo-nosync": nosync_step, "torch": torch_step}
 
 
 # Bytes each step must move per element (reads + writes).
 CASES = {
     # p, g, m, v read; p, m, v written; fp32.
     "fp32 AdamW": (fp32_adamw, {"fusedopt": 28, "torch": 28}),
-    # fusedopt: grad_norm reads g (2); the step reads g, master, m, v (14) and writes master,
-    # the bf16 param, m, v (14). torch: the norm reads g (4), the clip scales g in place (8),
-    # the fused step moves 28.
-    "bf16+master+clip": (mixed_clipped, {"fusedopt": 30, "torch": 40}),
+    # fusedopt: grad_norm reads g (2); the step reads g, master, the bf16 param (master
+    # sync), m, v (16) and writes master, the bf16 param, m, v (14); with master_sync=False
+    # ("fo-nosync") it does not read the param (30). torch: the norm reads g (4), the clip
+    # scales g in place (8), the fused step moves 28.
+    "bf16+master+clip": (mixed_clipped, {"fusedopt": 32, "fo-nosync": 30, "torch": 40}),
 }
 
 

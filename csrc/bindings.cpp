@@ -195,7 +195,7 @@ class StepArguments {
   StepArguments(const Checker& check, TensorList params, TensorList grads,
                 TensorList master_params, TensorList steps, bool steps_optional,
                 const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                const OptTensor& clip_coef, const OptTensor& found_inf)
+                const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync)
       : check_(check), params_(params), n_(params.size()) {
     check.length("grads", grads.size(), n_, false);
     check.length("master_params", master_params.size(), n_, true);
@@ -266,6 +266,7 @@ class StepArguments {
     lists_.grads = grads_table_.slot();
     lists_.master_params = masters_table_.slot();
     lists_.steps = steps_.empty() ? nullptr : steps_.data();
+    lists_.master_sync = master_sync;
     if (lr_tensor.has_value()) {
       lists_.scalars.lr = lr_tensor->data_ptr<float>();
       lists_.scalars.lr_numel = lr_tensor->numel();
@@ -420,10 +421,10 @@ void adamw_impl(TensorList params, TensorList grads, TensorList exp_avgs,
                 TensorList steps, Floats lr, Floats beta1, Floats beta2, Floats eps,
                 Floats weight_decay, bool decoupled, bool amsgrad, bool maximize,
                 bool bias_correction, const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                const OptTensor& clip_coef, const OptTensor& found_inf) {
+                const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync) {
   const Checker check(op_name<B>("adamw"), B::kDeviceType);
   StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
-                     clip_coef, found_inf);
+                     clip_coef, found_inf, master_sync);
   AdamWCall call;
   call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
   call.exp_avg_sqs = args.state("exp_avg_sqs", exp_avg_sqs, false);
@@ -453,10 +454,10 @@ void lamb_impl(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                Floats beta2, Floats eps, Floats weight_decay, bool grad_averaging,
                bool bias_correction, bool trust_clip, bool always_adapt,
                const OptTensor& lr_tensor, const OptTensor& grad_scale,
-               const OptTensor& clip_coef, const OptTensor& found_inf) {
+               const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync) {
   const Checker check(op_name<B>("lamb"), B::kDeviceType);
   StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
-                     clip_coef, found_inf);
+                     clip_coef, found_inf, master_sync);
   LambCall call;
   call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
   call.exp_avg_sqs = args.state("exp_avg_sqs", exp_avg_sqs, false);
@@ -479,10 +480,10 @@ void lion_impl(TensorList params, TensorList grads, TensorList exp_avgs,
                TensorList master_params, Floats lr, Floats beta1, Floats beta2,
                Floats weight_decay, bool maximize, const OptTensor& lr_tensor,
                const OptTensor& grad_scale, const OptTensor& clip_coef,
-               const OptTensor& found_inf) {
+               const OptTensor& found_inf, bool master_sync) {
   const Checker check(op_name<B>("lion"), B::kDeviceType);
   StepArguments args(check, params, grads, master_params, {}, true, lr_tensor, grad_scale,
-                     clip_coef, found_inf);
+                     clip_coef, found_inf, master_sync);
   LionCall call;
   call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
   call.lr = args.values("lr", lr);
@@ -500,10 +501,10 @@ void sgd_impl(TensorList params, TensorList grads, TensorList momentum_buffers,
               TensorList master_params, TensorList steps, Floats lr, Floats momentum,
               Floats dampening, Floats weight_decay, bool nesterov, bool maximize,
               const OptTensor& lr_tensor, const OptTensor& grad_scale,
-              const OptTensor& clip_coef, const OptTensor& found_inf) {
+              const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync) {
   const Checker check(op_name<B>("sgd"), B::kDeviceType);
   StepArguments args(check, params, grads, master_params, steps, true, lr_tensor, grad_scale,
-                     clip_coef, found_inf);
+                     clip_coef, found_inf, master_sync);
   SgdCall call;
   call.momentum_buffers = args.state("momentum_buffers", momentum_buffers, true);
   TORCH_CHECK_VALUE(momentum_buffers.empty() == steps.empty(), check.op(),

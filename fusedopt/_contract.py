@@ -27,6 +27,7 @@ Conventions common to every op (see [note: common scalars]):
   load, after the division.
 * ``found_inf``: 0-d fp32; when non-zero the whole op is a no-op: params, master params,
   states and steps stay bit-identical.
+* ``master_sync`` (every step op's last argument, default True): see [note: master sync].
 
 [note: common scalars] Order of operations on a grad element, in opmath (fp32; fp64 for
 fp64 storage): ``g = grad; g = g / grad_scale; g = g * clip_coef; if maximize: g = -g``.
@@ -35,6 +36,20 @@ fp64 storage): ``g = grad; g = g / grad_scale; g = g * clip_coef; if maximize: g
 them as fp64 (an fp32 one is widened, exactly; the C++ backends widen it before the launch, so
 their kernels read one value of the opmath type), so that an fp64 model's clip coefficient is
 not rounded to fp32. ``found_inf`` and ``lr_tensor`` stay fp32. DESIGN.md §3.
+
+[note: master sync] With master weights a step reads the fp32 master, not the param, and
+writes ``master.to(param.dtype)`` into the param. A value written into the param between
+steps (``load_state_dict`` of the model, re-initialising a layer, ``p.clamp_()``) would be
+lost: the next step would rebuild the param from the stale master. So with
+``master_sync=True`` every element of a step first compares the param's bits with the bits of
+its rounded master, and where they differ takes the param's value (widened to fp32) as the
+master before the update. Bits, not values: a param written to ``+0`` over a ``-0`` master,
+or to a NaN of other bits, is adopted; an unchanged NaN is not. An element the user did not
+touch keeps its master's extra precision. It costs one read of the param (2 bytes per
+element). With ``found_inf`` set nothing is adopted either (the step changes nothing; the
+next step adopts). LAMB adopts in both passes alike, so ``|p|`` of the trust ratio is the
+norm of the adopted master. ``master_sync=False`` is the old behaviour (Apex's, TE's,
+DeepSpeed's): the master alone is the truth. Without master params the flag does nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +62,9 @@ NAMESPACE = "fusedopt"
 BACKEND_NAMES: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
 
 _COMMON_SCALARS = "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf"
+#: What every step op ends with: the common scalars, then the master_sync flag ([note: master
+#: sync]), last and with a default so that positional callers of the older schema still fit.
+_STEP_TAIL = _COMMON_SCALARS + ", bool master_sync=True"
 
 #: op name -> schema template. ``{name}`` is replaced by the backend-specific op name.
 #: In-place ops end in ``_``; the backend suffix goes before it (``adamw_cuda_``).
@@ -70,7 +88,7 @@ SCHEMAS: dict[str, str] = {
         " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params,"
         " Tensor(f!)[] steps, float[] lr, float[] beta1, float[] beta2, float[] eps,"
         " float[] weight_decay, bool decoupled, bool amsgrad, bool maximize,"
-        " bool bias_correction, " + _COMMON_SCALARS + ") -> ()"
+        " bool bias_correction, " + _STEP_TAIL + ") -> ()"
     ),
     # LAMB, timm semantics. The global clip g /= max(1, |g|/max_grad_norm) arrives folded
     # into clip_coef (the functional layer computes it with grad_norm), so the op itself
@@ -80,13 +98,13 @@ SCHEMAS: dict[str, str] = {
         " Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps,"
         " float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay,"
         " bool grad_averaging, bool bias_correction, bool trust_clip, bool always_adapt,"
-        " " + _COMMON_SCALARS + ") -> ()"
+        " " + _STEP_TAIL + ") -> ()"
     ),
     # Lion (lion-pytorch): p *= 1 - lr*wd; p -= lr*sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g.
     "lion_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
         " Tensor(e!)[] master_params, float[] lr, float[] beta1, float[] beta2,"
-        " float[] weight_decay, bool maximize, " + _COMMON_SCALARS + ") -> ()"
+        " float[] weight_decay, bool maximize, " + _STEP_TAIL + ") -> ()"
     ),
     # SGD (torch.optim.SGD). momentum_buffers and steps are both empty (no momentum in this
     # call: every momentum value is 0) or both of length N. A param whose step count is 0
@@ -97,7 +115,7 @@ SCHEMAS: dict[str, str] = {
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers,"
         " Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] momentum,"
         " float[] dampening, float[] weight_decay, bool nesterov, bool maximize,"
-        " " + _COMMON_SCALARS + ") -> ()"
+        " " + _STEP_TAIL + ") -> ()"
     ),
 }
 

@@ -135,7 +135,7 @@ class _StepOp:
     optional_lists: tuple[str, ...]  # lists that may be empty
     state_lists: tuple[str, ...]  # per-param states: fp32 with masters, else param dtype
     hypers: tuple[str, ...]  # per-tensor floats, in schema order
-    flags: tuple[str, ...]  # per-call bools, in schema order
+    flags: tuple[str, ...]  # per-call bools, in schema order (and master_sync, last of all)
 
 
 STEP_OPS = {
@@ -243,6 +243,9 @@ def step(
     switches. The lists are split into one backend call per (param dtype, grad dtype, master
     weights or not), each a single multi-tensor launch.
 
+    ``master_sync`` (a flag; True when omitted) makes every master param first adopt the value
+    of a param written since the last step ([note: master sync] in ``fusedopt._contract``).
+
     ``_checked`` (internal) skips the per-tensor checks and the split: the optimizer classes
     check every grad themselves (to name the param), create or load every state in the
     param's layout, and pass one param dtype and one grad dtype per call, so redoing that
@@ -290,6 +293,7 @@ def step(
             grad_scale,
             clip_coef,
             found_inf,
+            master_sync=bool(flags.get("master_sync", True)),
         )
 
 
@@ -311,6 +315,7 @@ def adamw_(
     bias_correction: bool = True,
     max_exp_avg_sqs: Sequence[Tensor] = (),
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -328,7 +333,7 @@ def adamw_(
         ),
         dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
         dict(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
-             bias_correction=bias_correction),
+             bias_correction=bias_correction, master_sync=master_sync),
         grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
     )  # fmt: skip
 
@@ -350,6 +355,7 @@ def lamb_(
     trust_clip: bool = False,
     always_adapt: bool = False,
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -362,7 +368,7 @@ def lamb_(
              master_params=master_params, steps=steps),
         dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
         dict(grad_averaging=grad_averaging, bias_correction=bias_correction,
-             trust_clip=trust_clip, always_adapt=always_adapt),
+             trust_clip=trust_clip, always_adapt=always_adapt, master_sync=master_sync),
         grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
     )  # fmt: skip
 
@@ -378,6 +384,7 @@ def lion_(
     weight_decay: Hyper = 0.0,
     maximize: bool = False,
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -388,7 +395,7 @@ def lion_(
         "lion_",
         dict(params=params, grads=grads, exp_avgs=exp_avgs, master_params=master_params),
         dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay),
-        dict(maximize=maximize),
+        dict(maximize=maximize, master_sync=master_sync),
         grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
     )  # fmt: skip
 
@@ -406,6 +413,7 @@ def sgd_(
     nesterov: bool = False,
     maximize: bool = False,
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -420,6 +428,6 @@ def sgd_(
         dict(params=params, grads=grads, momentum_buffers=momentum_buffers,
              master_params=master_params, steps=steps),
         dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay),
-        dict(nesterov=nesterov, maximize=maximize),
+        dict(nesterov=nesterov, maximize=maximize, master_sync=master_sync),
         grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
     )  # fmt: skip

@@ -39,7 +39,8 @@ def test_constructor_names_and_defaults_match_torch(cls, torch_cls):
         assert name in ours, name
         if name not in ("capturable",):
             assert ours[name].default == param.default, name
-    fusedopt_extras = {"master_weights", "max_grad_norm", "backend", "grad_norm_group"}
+    fusedopt_extras = {"master_weights", "master_sync", "max_grad_norm", "backend",
+                       "grad_norm_group"}  # fmt: skip
     assert fusedopt_extras <= set(ours)
     params = clone_params(make_model(), torch.float32)
     cls(params, foreach=True, fused=True)  # accepted and ignored

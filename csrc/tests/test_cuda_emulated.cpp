@@ -186,10 +186,13 @@ const Variant kVariants[] = {
     {"sgd_momentum_0_in_buffered_call", Op::kSgd, {false, false}, {0.9, 0.1, 0.01, 0.0}, 0.1, 0},
 };
 
-/// Storage of a step call: param and grad dtypes, master weights (DESIGN.md §3).
+/// Storage of a step call: param and grad dtypes, master weights (DESIGN.md §3), and
+/// StepLists::master_sync ([note: master sync]; the user writes into the params of every
+/// master-weight case between steps, see write_params).
 struct Storage {
   DType param, grad;
   bool master;
+  bool sync = true;
 };
 const Storage kStorages[] = {
     {DType::kFloat32, DType::kFloat32, false},   {DType::kBFloat16, DType::kBFloat16, false},
@@ -197,6 +200,7 @@ const Storage kStorages[] = {
     {DType::kFloat16, DType::kFloat32, false},   {DType::kFloat64, DType::kFloat64, false},
     {DType::kBFloat16, DType::kBFloat16, true},  {DType::kBFloat16, DType::kFloat32, true},
     {DType::kFloat16, DType::kFloat16, true},    {DType::kFloat16, DType::kFloat32, true},
+    {DType::kBFloat16, DType::kBFloat16, true, false},
 };
 
 enum class LrKind { kUniform, kPerTensor, kTensor1, kTensorN };
@@ -340,6 +344,15 @@ void initialize(World& w, const StepCase& c, std::mt19937& rng) {
   }
 }
 
+/// The user writes into the params between steps (a model load, a re-initialisation, a
+/// clamp; [note: master sync] in fusedopt/_contract.py): every 4th element, from one that
+/// moves with the step, gets a new value, a third of them -0.0 (a sign bit only).
+void write_params(World& w, int step) {
+  for (auto& p : w.params)
+    for (int64_t k = step % 4; k < p->numel(); k += 4)
+      p->set(k, k % 3 == 0 ? -0.0 : 1.5 + 0.01 * static_cast<double>(k % 50));
+}
+
 /// Per-case arrays that the call structs point into (bindings.cpp keeps the same alive).
 struct Call {
   std::vector<int64_t> numels;
@@ -383,6 +396,7 @@ struct Call {
     l.params = {params.data(), c.storage.param};
     l.grads = {grads.data(), c.storage.grad};
     if (c.storage.master) l.master_params = {masters.data(), DType::kFloat32};
+    l.master_sync = c.storage.sync;
     l.steps = has_steps(v) ? steps.data() : nullptr;
     if (s.lr == LrKind::kTensor1 || s.lr == LrKind::kTensorN) {
       // Values that differ from the lr lists, so a kernel that ignores the tensor shows.
@@ -491,7 +505,8 @@ const char* dtype_short(DType d) {
 
 std::string name(const StepCase& c) {
   return std::string(c.variant->name) + " " + dtype_short(c.storage.param) + "/" +
-         dtype_short(c.storage.grad) + (c.storage.master ? "+master" : "") + " " +
+         dtype_short(c.storage.grad) + (c.storage.master ? "+master" : "") +
+         (c.storage.master && !c.storage.sync ? "-nosync" : "") + " " +
          c.scalars->name + (c.shapes == &kLarge ? " large" : " small") +
          (c.schedule == emu::Schedule::kReverse ? " reverse" : "");
 }
@@ -586,6 +601,10 @@ void run_step_case(const StepCase& c, std::mt19937& rng) {
   emu::set_capturing(c.scalars->capturing);
   for (int s = 0; s < c.steps; ++s) {
     const std::string what = name(c) + " step " + std::to_string(s + 1);
+    if (c.storage.master) {
+      write_params(cpu_world, s);
+      write_params(cuda_world, s);
+    }
     before.copy_from(cuda_world);
     step(c, cpu_world, s, false);
     step(c, cuda_world, s, true);
@@ -631,6 +650,44 @@ int test_step_ops() {
         run_step_case({&v, st, &kScalars[3], &kLarge, 2, emu::Schedule::kForward}, rng);
         ++cases;
       }
+    }
+  }
+  return cases;
+}
+
+/// [note: master sync], semantics on the CUDA side itself (the comparisons above only say
+/// that CUDA and CPU agree): each op with lr 0 leaves every master as it was, except that
+/// with master_sync an element written into the param takes the param's value; without it,
+/// the master alone counts and the param is rebuilt from it.
+int test_master_sync() {
+  std::mt19937 rng(5);
+  int cases = 0;
+  for (const Variant* base : {&kVariants[0], &kVariants[5], &kVariants[9], &kVariants[11]}) {
+    for (const bool sync : {true, false}) {
+      Variant v = *base;
+      v.lr = 0.0;
+      const StepCase c{&v, {DType::kBFloat16, DType::kBFloat16, true, sync}, &kScalars[0],
+                       &kSmall, 1, emu::Schedule::kForward};
+      World w(c), before(c);
+      initialize(w, c, rng);
+      write_params(w, 0);
+      before.copy_from(w);
+      step(c, w, 0, true);
+      bool ok = true;
+      for (size_t i = 0; i < w.params.size(); ++i) {
+        for (int64_t k = 0; k < w.params[i]->numel(); ++k) {
+          const bool written = k % 4 == 0;
+          const double expected =
+              sync && written ? before.params[i]->get(k) : before.masters[i]->get(k);
+          const double got = w.masters[i]->get(k);
+          ok &= got == expected;  // by value: with lr 0, -0 - (+-0) may give +0
+          ok &= w.params[i]->get(k) == static_cast<double>(bf16_to_float(float_to_bf16(
+                                           static_cast<float>(got))));
+        }
+      }
+      if (!ok) std::fprintf(stderr, "master sync: %s sync=%d\n", v.name, int(sync));
+      CHECK(ok);
+      ++cases;
     }
   }
   return cases;
@@ -1006,7 +1063,7 @@ int test_emulator() {
 
 int main() {
   const int emulator_cases = test_emulator();
-  const int step_cases = test_step_ops();
+  const int step_cases = test_step_ops() + test_master_sync();
   const int scale_cases = test_scale();
   const int norm_cases = test_grad_norm();
   const int edge_cases = test_edge_values();

@@ -98,7 +98,18 @@ class FusedOptimizer(torch.optim.Optimizer):
     * ``master_weights``: bf16/fp16 params get an fp32 copy in ``state["master_param"]``; the
       step updates the master and its fp32 states and writes ``master.to(param.dtype)`` into
       the param, in one pass. On fp32 and fp64 params it does nothing: they are their own
-      master (no copy is kept and the states stay in the param's dtype).
+      master (no copy is kept and the states stay in the param's dtype). It may be switched
+      on or off mid-run (``group["master_weights"] = ...``, or a loaded state dict that says
+      otherwise): the next step creates the master from the param, or drops it, and casts
+      the param's states (fp32 with a master, the param's dtype without)
+      [note: master weights switched].
+    * ``master_sync`` (default True): with master weights, a value written into a param
+      between steps (``model.load_state_dict``, a re-initialisation, ``p.clamp_()``) is
+      adopted by its master at the next step, element by element (the param's bits differ
+      from the rounded master's), instead of being overwritten from the stale master; a step
+      skipped by ``found_inf`` adopts nothing. ``False`` skips that check (2 bytes per
+      element less to read): then writes into the params are lost, as in Apex, Transformer
+      Engine and DeepSpeed. [note: master sync] in ``fusedopt/_contract.py``.
     * ``max_grad_norm``: clip the global L2 norm of all grads of all groups inside ``step()``
       (``torch.nn.utils.clip_grad_norm_``'s coefficient). The pre-clip norm stays on the
       device in :attr:`last_grad_norm`. One value for the whole optimizer: every group must
@@ -293,6 +304,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         master = self._uses_master(group, p)
         dtype = torch.float32 if master else p.dtype
+        if p.dtype in LOW_PRECISION:
+            self._switch_master(state, master, p.dtype)
         if master and MASTER_KEY not in state:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
         for key in self._state_keys(group):
@@ -303,6 +316,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
+
+    @staticmethod
+    def _switch_master(state: dict, master: bool, param_dtype: torch.dtype) -> None:
+        """[note: master weights switched] ``master_weights`` of a bf16/fp16 param changed
+        since its states were made (set on the group mid-run, or a state dict saved with the
+        other setting): drop the master when off (the param, ``master.to(dtype)`` or what the
+        user wrote since, goes on from its own value), and cast the states that are in the
+        other setting's dtype to this one's (fp32 with a master, else the param's). The
+        master itself is made by the caller, from the param. States of any other dtype are
+        left for the plan's check to report. Runs only when a step plans (a change of
+        ``master_weights`` changes the group signature: [note: cached plan])."""
+        if not master:
+            state.pop(MASTER_KEY, None)
+        dtype, other = (torch.float32, param_dtype) if master else (param_dtype, torch.float32)
+        for key, t in state.items():
+            if key not in (STEP_KEY, MASTER_KEY) and isinstance(t, Tensor) and t.dtype == other:
+                state[key] = t.to(dtype)
 
     def _scalar_attribute(self, name: str) -> Tensor | None:
         value = self.__dict__.get(name)
@@ -379,10 +409,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             call_grads[ci].append(local_g)
         return plan, [entry[3] for entry in entries], call_grads
 
+    def _call_flags(self, group: dict[str, Any]) -> dict[str, bool]:
+        """The op's per-call flags for ``group``: the class's, and ``master_sync``."""
+        return {**self._flags(group), "master_sync": bool(group.get("master_sync", True))}
+
     def _group_signature(self, group: dict[str, Any]) -> tuple:
         """What decides how a group's params are called: flags, state keys, master weights,
         backend."""
-        flags = self._flags(group)
+        flags = self._call_flags(group)
         return (tuple(sorted(flags.items())), self._state_keys(group),
                 bool(group["master_weights"]), group["backend"])  # fmt: skip
 
@@ -455,7 +489,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 signature = self._group_signature(group)
                 keys = signature[1]
                 names = tuple(self.STATE_LISTS[k] for k in keys)
-                info = per_group[gi] = (group, keys, names, self._flags(group), signature)
+                info = per_group[gi] = (group, keys, names, self._call_flags(group), signature)
             group, keys, names, flags, signature = info
             master = self._uses_master(group, p)
             key = (local_p.device, local_p.dtype, local_g.dtype, master, signature)
@@ -582,6 +616,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"(expected some of {sorted(allowed)})"
             )
         master = self._uses_master(group, p)
+        if MASTER_KEY in saved and not master and p.dtype in LOW_PRECISION:
+            # Saved with master weights, loaded without: [note: master weights switched].
+            saved = {k: v for k, v in saved.items() if k != MASTER_KEY}
         if MASTER_KEY in saved and not master:
             raise ValueError(
                 f"{where}: has a master_param but the param is {p.dtype} with "

@@ -62,6 +62,7 @@ class Adam(FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         master_weights: bool = False,
+        master_sync: bool = True,
         max_grad_norm: float | None = None,
         backend: str = "auto",
         grad_norm_group: Any = None,
@@ -70,7 +71,8 @@ class Adam(FusedOptimizer):
             lr=lr, betas=tuple(float(b) for b in betas) if _pair(betas) else betas, eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
-            master_weights=master_weights, max_grad_norm=max_grad_norm, backend=backend,
+            master_weights=master_weights, master_sync=master_sync,
+            max_grad_norm=max_grad_norm, backend=backend,
             foreach=foreach, fused=fused, differentiable=differentiable,
         )  # fmt: skip
         super().__init__(params, defaults, grad_norm_group)
@@ -115,6 +117,7 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         master_weights: bool = False,
+        master_sync: bool = True,
         max_grad_norm: float | None = None,
         backend: str = "auto",
         grad_norm_group: Any = None,
@@ -122,7 +125,7 @@ class AdamW(Adam):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True, master_weights=master_weights,
+            decoupled_weight_decay=True, master_weights=master_weights, master_sync=master_sync,
             max_grad_norm=max_grad_norm, backend=backend, grad_norm_group=grad_norm_group,
         )  # fmt: skip
 

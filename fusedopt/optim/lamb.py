@@ -61,6 +61,7 @@ class LAMB(FusedOptimizer):
         *,
         capturable: bool = False,
         master_weights: bool = False,
+        master_sync: bool = True,
         backend: str = "auto",
         grad_norm_group: Any = None,
     ) -> None:
@@ -70,7 +71,8 @@ class LAMB(FusedOptimizer):
             lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps,
             weight_decay=weight_decay, grad_averaging=grad_averaging,
             max_grad_norm=max_grad_norm, trust_clip=trust_clip, always_adapt=always_adapt,
-            capturable=capturable, master_weights=master_weights, backend=backend,
+            capturable=capturable, master_weights=master_weights, master_sync=master_sync,
+            backend=backend,
         )  # fmt: skip
         super().__init__(params, defaults, grad_norm_group)
 

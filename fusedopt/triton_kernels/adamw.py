@@ -143,12 +143,13 @@ def adamw_(
     eps: list[float], weight_decay: list[float], decoupled: bool, amsgrad: bool,
     maximize: bool, bias_correction: bool, lr_tensor: Tensor | None,
     grad_scale: Tensor | None, clip_coef: Tensor | None, found_inf: Tensor | None,
+    master_sync: bool = True,
 ) -> None:  # fmt: skip
     """One Adam/AdamW step over every tensor in one launch (see ``fusedopt._contract``)."""
     if not params:
         return
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps]
-    dtypes = dtype_arguments(params, grads, bool(master_params))
+    dtypes = dtype_arguments(params, grads, bool(master_params), master_sync)
     launch = _TABLES.launch(
         lists,
         [lr, beta1, beta2, eps, weight_decay],

@@ -258,13 +258,13 @@ def lamb_(
     lr: list[float], beta1: list[float], beta2: list[float], eps: list[float],
     weight_decay: list[float], grad_averaging: bool, bias_correction: bool, trust_clip: bool,
     always_adapt: bool, lr_tensor: Tensor | None, grad_scale: Tensor | None,
-    clip_coef: Tensor | None, found_inf: Tensor | None,
+    clip_coef: Tensor | None, found_inf: Tensor | None, master_sync: bool = True,
 ) -> None:  # fmt: skip
     """One LAMB step over every tensor in three launches (see the module docstring)."""
     if not params:
         return
     lists = [params, grads, exp_avgs, exp_avg_sqs, master_params, steps]
-    dtypes = dtype_arguments(params, grads, bool(master_params))
+    dtypes = dtype_arguments(params, grads, bool(master_params), master_sync)
     compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     launch = _TABLES.launch(
         lists,

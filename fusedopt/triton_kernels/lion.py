@@ -102,12 +102,13 @@ def lion_(
     master_params: list[Tensor], lr: list[float], beta1: list[float], beta2: list[float],
     weight_decay: list[float], maximize: bool, lr_tensor: Tensor | None,
     grad_scale: Tensor | None, clip_coef: Tensor | None, found_inf: Tensor | None,
+    master_sync: bool = True,
 ) -> None:  # fmt: skip
     """One Lion step over every tensor in one launch (see ``fusedopt._contract``)."""
     if not params:
         return
     lists = [params, grads, exp_avgs, master_params]
-    dtypes = dtype_arguments(params, grads, bool(master_params))
+    dtypes = dtype_arguments(params, grads, bool(master_params), master_sync)
     launch = _TABLES.launch(
         lists, [lr, beta1, beta2, weight_decay], (tuple(map(str, dtypes.values())),)
     )

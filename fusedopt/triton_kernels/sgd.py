@@ -113,8 +113,8 @@ def sgd_(
     params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
     master_params: list[Tensor], steps: list[Tensor], lr: list[float], momentum: list[float],
     dampening: list[float], weight_decay: list[float], nesterov: bool, maximize: bool,
-    lr_tensor: Tensor | None, grad_scale: Tensor | None, clip_coef: Tensor | None,
-    found_inf: Tensor | None,
+    lr_tensor: Tensor | None, grad_scale: Tensor | None,
+    clip_coef: Tensor | None, found_inf: Tensor | None, master_sync: bool = True,
 ) -> None:  # fmt: skip
     """One SGD step over every tensor in one launch (see ``fusedopt._contract``)."""
     if not params:
@@ -122,7 +122,7 @@ def sgd_(
     if bool(momentum_buffers) != bool(steps):
         raise ValueError("sgd_: momentum_buffers and steps must both be given or both be empty")
     lists = [params, grads, momentum_buffers, master_params, steps]
-    dtypes = dtype_arguments(params, grads, bool(master_params))
+    dtypes = dtype_arguments(params, grads, bool(master_params), master_sync)
     launch = _TABLES.launch(
         lists,
         [lr, momentum, dampening, weight_decay],

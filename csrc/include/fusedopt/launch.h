@@ -112,6 +112,10 @@ struct StepLists {
   TensorSlot params, grads, master_params;  // master_params absent: no master weights
   float* const* steps = nullptr;
   DeviceScalars scalars;
+  // With master_params: an element whose param bits differ from its rounded master's takes
+  // the param's value as its master before the update ([note: master sync] in
+  // fusedopt/_contract.py). Not under found_inf. Per element: one more read of the param.
+  bool master_sync = true;
 };
 
 /// adamw_ (Adam with decoupled=false). max_exp_avg_sqs present iff amsgrad.
