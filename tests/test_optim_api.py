@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 
 import pytest
 import torch
@@ -42,7 +43,8 @@ def test_constructor_names_and_defaults_match_torch(cls, torch_cls):
     fusedopt_extras = {"master_weights", "max_grad_norm", "backend", "grad_norm_group"}
     assert fusedopt_extras <= set(ours)
     params = clone_params(make_model(), torch.float32)
-    cls(params, foreach=True, fused=True)  # accepted and ignored
+    cls(params, foreach=True)  # accepted and ignored (with fused=True: see below)
+    cls(params, fused=True)
 
 
 def test_per_group_hyperparameters_and_add_param_group_match_torch():
@@ -252,6 +254,53 @@ def test_capturable_step_replays_in_cuda_graph_with_tensor_lr(cls):
 def test_invalid_hyperparameters_raise_value_error(make, match):
     with pytest.raises(ValueError, match=match):
         make(clone_params(make_model(), torch.float32))
+
+
+_MIXED_BETAS = [(0.9, torch.tensor(0.99)), (torch.tensor(0.9), 0.99)]
+
+
+@pytest.mark.parametrize("betas", _MIXED_BETAS, ids=["float_tensor", "tensor_float"])
+@pytest.mark.parametrize(
+    "cls,torch_cls",
+    [
+        (fusedopt.Adam, torch.optim.Adam),
+        (fusedopt.AdamW, torch.optim.AdamW),
+        (fusedopt.LAMB, None),
+        (fusedopt.Lion, None),
+    ],
+)
+def test_betas_mixing_a_float_and_a_tensor_raise_as_in_torch(cls, torch_cls, betas):
+    """torch's ValueError, word for word, before any tensor is touched (issue #13, item 8)."""
+    message = "betas must be either both floats or both Tensors"
+    params = clone_params(make_model(), torch.float32)
+    if torch_cls is not None:
+        with pytest.raises(ValueError, match=message):
+            torch_cls(params, betas=betas)
+    with pytest.raises(ValueError, match=message):
+        cls(params, betas=betas)
+    opt = cls(params)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "betas": betas})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "cls,torch_cls",
+    [
+        (fusedopt.Adam, torch.optim.Adam),
+        (fusedopt.AdamW, torch.optim.AdamW),
+        (fusedopt.SGD, torch.optim.SGD),
+    ],
+)
+def test_fused_and_foreach_together_raise_as_in_torch(cls, torch_cls):
+    message = "`fused` and `foreach` cannot be `True` together."
+    params = clone_params(make_model(), torch.float32)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        torch_cls(params, lr=0.1, fused=True, foreach=True)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        cls(params, lr=0.1, fused=True, foreach=True)
+    cls(params, lr=0.1, fused=True, foreach=False)  # either alone is accepted, as in torch
+    cls(params, lr=0.1, fused=False, foreach=True)
 
 
 def _bad_grad(kind, p):

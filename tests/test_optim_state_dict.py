@@ -175,3 +175,23 @@ def test_loaded_states_take_the_params_memory_layout():
     _train(ours, [weight], [5])
     _train(ref, [twin], [5])
     assert_close(weight, twin, TORCH_TOLERANCE, "channels_last")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_loaded_groups_and_states_are_copies_not_shared_with_the_source(case):
+    """torch deep-copies the saved groups (issue #13, item 4): a scheduler's in-place update
+    of the source's tensor lr must not reach the loaded optimizer, nor the source's steps."""
+    params = clone_params(make_model(), torch.float32)
+    lr = case.kwargs.get("lr", 1e-3)
+    source = case.cls(params, **{**case.kwargs, "lr": torch.tensor(lr)})
+    _train(source, params, range(2))
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = case.cls(twin_params, **{**case.kwargs, "lr": torch.tensor(lr)})
+    twin.load_state_dict(source.state_dict())
+    loaded_lr = twin.param_groups[0]["lr"]
+    assert loaded_lr is not source.param_groups[0]["lr"]
+    source.param_groups[0]["lr"].fill_(123.0)  # what LRScheduler does to a tensor lr
+    assert float(loaded_lr) == float(torch.tensor(lr))
+    for p, q in zip(params, twin_params, strict=True):
+        for key, value in source.state[p].items():
+            assert twin.state[q][key].data_ptr() != value.data_ptr(), key

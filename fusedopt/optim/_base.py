@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from copy import deepcopy
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -73,6 +74,8 @@ def check_betas(betas: Any, inclusive_upper: bool = False) -> None:
     """torch's checks on ``betas``: two values, each in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
     for i, beta in enumerate(betas):
         upper_ok = beta <= 1.0 if inclusive_upper else beta < 1.0
         if not (beta >= 0.0 and upper_ok):
@@ -123,7 +126,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_norm_group: Any = None,
     ) -> None:
         foreach, fused = defaults.pop("foreach", None), defaults.pop("fused", None)
-        del foreach, fused  # accepted for torch compatibility: fusedopt is always fused
+        # accepted for torch compatibility (fusedopt is always fused), with torch's check
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if defaults.pop("differentiable", False):
             raise ValueError(
                 f"{type(self).__name__}: differentiable=True is not supported: fused kernels "
@@ -525,7 +530,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        saved_groups = state_dict["param_groups"]
+        # Deep-copied as torch does: a tensor lr (or any group value) of the source optimizer
+        # must not be shared with this one, or a scheduler's in-place update of one would
+        # change the other.
+        saved_groups = deepcopy(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         new_groups, id_map = [], {}
@@ -593,7 +601,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 value = torch.as_tensor(value)
                 if value.numel() != 1:
                     raise ValueError(f"{where}: step must hold one number, has shape {value.shape}")
-                out[key] = value.detach().reshape(()).to(dtype=torch.float32, device=device)
+                # A copy, as every other state: two optimizers never advance one count.
+                value = value.detach().reshape(())
+                out[key] = value.to(dtype=torch.float32, device=device, copy=True)
                 continue
             if not isinstance(value, Tensor):
                 raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value)}")

@@ -128,4 +128,10 @@ class AdamW(Adam):
 
 
 def _pair(betas: Any) -> bool:
-    return isinstance(betas, (tuple, list)) and len(betas) == 2
+    """Two betas of one kind (floats, or Tensors read once here), so ``float`` is safe; a
+    mixed pair stays as given for ``check_betas`` to refuse, as torch does."""
+    return (
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and isinstance(betas[0], Tensor) == isinstance(betas[1], Tensor)
+    )
