@@ -118,6 +118,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     #: state key -> the op's tensor-list name, for every state key the class may keep.
     STATE_LISTS: ClassVar[dict[str, str]]
     _step_supports_amp_scaling = True  # [note: GradScaler protocol]
+    #: Step complex params as real views, as torch does ([note: complex params]).
+    STEPS_COMPLEX: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -173,15 +175,26 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _fix_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
         """Complete a state loaded from a foreign state dict (e.g. torch's SGD has no step)."""
 
+    def _fix_loaded_group(self, group: dict[str, Any], states: dict[Tensor, dict]) -> None:
+        """Complete a loaded group and its params' states (``states``: param -> state, for
+        the params that have one); called after every check passed, before any change."""
+        for p, state in states.items():
+            self._fix_loaded_state(group, p, state)
+
+    def _after_step(self, found_inf: Tensor | None) -> None:
+        """Called at the end of every ``step()`` with the step's ``found_inf`` (None: none)."""
+
     def _run(
         self,
         lists: dict[str, list[Tensor]],
         hypers: dict[str, Any],
         flags: dict[str, bool],
         params: list[Tensor],
+        group_runs: list[list[int]],
         **scalars: Any,
     ) -> None:
-        """Run one op call; ``params`` are the (possibly DTensor) params of ``lists``."""
+        """Run one op call; ``params`` are the (possibly DTensor) params of ``lists``, in runs
+        of ``[group index, count]``."""
         ops.step(self.OP, lists, hypers, flags, **scalars, _checked=True)
 
     # ----------------------------------------------------------------- groups
@@ -246,6 +259,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if g is None:
                     continue
                 local_p, local_g = local_tensor(p), local_tensor(g)
+                if local_p.is_complex() and self.STEPS_COMPLEX:
+                    local_p, local_g = self._real_views(gi, i, local_p, local_g)
                 if not (
                     local_p.dtype in PARAM_DTYPES
                     and local_g.layout == torch.strided
@@ -259,6 +274,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 found.append((gi, i, p, g, local_p, local_g))
         return found
 
+    def _real_views(self, gi: int, i: int, p: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """[note: complex params] torch steps a complex param, its grad and every state as
+        ``torch.view_as_real`` views: real and imaginary parts are elements like any other
+        (Adam's ``v`` holds re² and im² apart, not |z|²). The states stay complex (in the
+        state dict too); only the op sees the views. Such a param is planned afresh at
+        every step ([note: cached plan] matches the complex grad, not its view)."""
+        if g.dtype != p.dtype or g.layout != torch.strided:
+            where, name = f"fusedopt.{type(self).__name__}", self._param_name(gi, i)
+            raise TypeError(
+                f"{where}: the grad of {name} is {g.dtype} ({g.layout}); a {p.dtype} param "
+                "needs a dense grad of its own dtype"
+            )
+        return torch.view_as_real(p), torch.view_as_real(g)
+
     def _check_grad(self, gi: int, i: int, local_p: Tensor, local_g: Tensor) -> Tensor:
         """Check an uncommon grad, naming the param; returns the grad to step with.
 
@@ -268,6 +297,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         pair elements by position. That copy is the only extra pass, and only in this case.
         """
         where, name = f"fusedopt.{type(self).__name__}", self._param_name(gi, i)
+        if local_p.is_complex():  # only where the class has no complex semantics
+            raise TypeError(
+                f"{where}: {name} is complex ({local_p.dtype}); {type(self).__name__} steps "
+                "real params only (AdamW, Adam and SGD step complex ones, as torch does)"
+            )
         if local_p.dtype not in PARAM_DTYPES:
             raise TypeError(f"{where}: {name} has unsupported dtype {local_p.dtype}")
         check_tensor(local_p, name, where)
@@ -355,7 +389,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 runs.append((group_hypers[gi], count))
             lists = {**call.lists, "grads": local_grads}
             hypers = _merge_hypers(runs, device)
-            self._run(lists, hypers, call.flags, call.params, backend=call.backend, **scalars)
+            self._run(
+                lists, hypers, call.flags, call.params, call.group_runs,
+                backend=call.backend, **scalars,
+            )  # fmt: skip
+        self._after_step(found_inf)
 
     def _step_plan(self) -> tuple[_Plan, list[Tensor], list[list[Tensor]]]:
         """The op calls of this step, the grads in param order (for the norm pass) and each
@@ -381,7 +419,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         call_grads: list[list[Tensor]] = [[] for _ in plan.calls]
         for (*_, local_g), ci in zip(entries, plan.call_of_entry, strict=True):
             call_grads[ci].append(local_g)
-        return plan, [entry[3] for entry in entries], call_grads
+        # The norm pass reads the grads as the step does: a complex grad as its real view.
+        norm_grads = [local_g if g.is_complex() else g for _, _, _, g, _, local_g in entries]
+        return plan, norm_grads, call_grads
 
     def _group_signature(self, group: dict[str, Any]) -> tuple:
         """What decides how a group's params are called: flags, state keys, master weights,
@@ -468,8 +508,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 ci = calls[key] = len(plan.calls)
                 plan.calls.append(_Call(local_p.device, group["backend"], flags, names, master))
             state = self.state[p]
-            sharded = local_p is not p  # a DTensor: its states are DTensors too
+            complex_param = p.is_complex()  # stepped as real views ([note: complex params])
+            sharded = local_p is not p and not complex_param  # a DTensor: states are too
             local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
+            if complex_param:
+                local_states = [
+                    torch.view_as_real(t) if t.is_complex() else t for t in local_states
+                ]
             masters = [local_tensor(state[MASTER_KEY])] if master else []
             layout = (local_p.shape, local_p.stride(), local_p.device)
             dtype = torch.float32 if master else local_p.dtype
@@ -569,9 +614,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             gi, i, p = id_map[pid]
             new_state[p] = self._cast_state(new_groups[gi], p, saved_state, gi, i)
         for group in new_groups:
-            for p in group["params"]:
-                if p in new_state:
-                    self._fix_loaded_state(group, p, new_state[p])
+            self._fix_loaded_group(
+                group, {p: new_state[p] for p in group["params"] if p in new_state}
+            )
         state: defaultdict = defaultdict(dict)
         state.update(new_state)
         self.__setstate__({"state": state, "param_groups": new_groups})

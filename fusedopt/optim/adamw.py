@@ -37,6 +37,7 @@ class Adam(FusedOptimizer):
     """
 
     OP = "adamw_"
+    STEPS_COMPLEX = True  # as torch ([note: complex params] in _base.py)
     STATE_LISTS: ClassVar[dict[str, str]] = {
         "step": "steps",
         "exp_avg": "exp_avgs",
