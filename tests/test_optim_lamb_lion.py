@@ -162,16 +162,30 @@ def _signature(cls):
 
 
 def test_constructors_match_timm_and_lion_pytorch():
-    """Positional names, order and defaults as timm's Lamb and lion-pytorch's Lion (neither
-    is a dependency, so their signatures are written out here)."""
+    """Positional names, order and defaults as timm's Lamb (1.0.31) and lion-pytorch's Lion
+    (neither is a dependency, so their signatures are written out here)."""
     empty = inspect.Parameter.empty
     assert _signature(fusedopt.LAMB) == [
         ("params", empty), ("lr", 1e-3), ("bias_correction", True), ("betas", (0.9, 0.999)),
         ("eps", 1e-6), ("weight_decay", 0.01), ("grad_averaging", True),
         ("max_grad_norm", 1.0), ("trust_clip", False), ("always_adapt", False),
-        ("caution", False), ("decoupled_decay", False),
+        ("caution", False), ("decoupled_decay", False), ("corrected_weight_decay", False),
+        ("foreach", None),
     ]  # fmt: skip
     assert _signature(fusedopt.Lion) == [
         ("params", empty), ("lr", 1e-4), ("betas", (0.9, 0.99)), ("weight_decay", 0.0),
         ("use_triton", False), ("decoupled_weight_decay", False),
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("option", ["caution", "decoupled_decay", "corrected_weight_decay"])
+def test_lamb_refuses_timms_unimplemented_options_also_from_a_loaded_group(option):
+    params = clone_params(make_model(), torch.float32)
+    with pytest.raises(ValueError, match=f"timm's {option}=True is not supported"):
+        fusedopt.LAMB(params, **{option: True})
+    opt = fusedopt.LAMB(params, foreach=True)  # timm's foreach: accepted, always fused
+    saved = opt.state_dict()
+    saved["param_groups"][0][option] = True
+    with pytest.raises(ValueError, match=f"timm's {option}=True is not supported"):
+        opt.load_state_dict(saved)
+    assert not opt.param_groups[0].get(option)

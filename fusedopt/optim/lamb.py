@@ -50,8 +50,9 @@ class LAMB(FusedOptimizer):
 
     The global clip ``g /= max(1, ‖g‖ / max_grad_norm)`` (timm's default ``max_grad_norm=1.0``;
     None disables it) runs inside ``step()`` from the one ``grad_norm`` pass and is folded into
-    the step's ``clip_coef``; the norm stays in :attr:`last_grad_norm`. timm's ``caution`` and
-    ``decoupled_decay`` are not implemented (True raises). DTensor params: see
+    the step's ``clip_coef``; the norm stays in :attr:`last_grad_norm`. timm's ``caution``,
+    ``decoupled_decay`` and ``corrected_weight_decay`` are not implemented (True raises);
+    ``foreach`` is accepted and ignored. DTensor params: see
     [note: sharded LAMB]. State per group, as timm: ``step`` (a 0-d fp32 tensor on the device,
     [note: LAMB group step]); per param: ``exp_avg``, ``exp_avg_sq`` (and ``master_param``).
     """
@@ -79,6 +80,8 @@ class LAMB(FusedOptimizer):
         always_adapt: bool = False,
         caution: bool = False,
         decoupled_decay: bool = False,
+        corrected_weight_decay: bool = False,
+        foreach: bool | None = None,
         *,
         capturable: bool = False,
         master_weights: bool = False,
@@ -91,6 +94,7 @@ class LAMB(FusedOptimizer):
             max_grad_norm=max_grad_norm, trust_clip=trust_clip, always_adapt=always_adapt,
             capturable=capturable, master_weights=master_weights, backend=backend,
             caution=caution, decoupled_decay=decoupled_decay,
+            corrected_weight_decay=corrected_weight_decay, foreach=foreach,
         )  # fmt: skip
         super().__init__(params, defaults, grad_norm_group)
 
