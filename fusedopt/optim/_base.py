@@ -508,10 +508,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 ci = calls[key] = len(plan.calls)
                 plan.calls.append(_Call(local_p.device, group["backend"], flags, names, master))
             state = self.state[p]
-            complex_param = p.is_complex()  # stepped as real views ([note: complex params])
-            sharded = local_p is not p and not complex_param  # a DTensor: states are too
+            # A DTensor: its states are DTensors too. (local_p is also another tensor for a
+            # complex param: its real view, [note: complex params].)
+            sharded = local_tensor(p) is not p
             local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
-            if complex_param:
+            if p.is_complex():
                 local_states = [
                     torch.view_as_real(t) if t.is_complex() else t for t in local_states
                 ]
