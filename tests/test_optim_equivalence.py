@@ -104,6 +104,9 @@ def test_low_precision_step_by_step(case, dtype, device, backend):
                 oracle.state[t] = {k: v.double().clone() for k, v in opt.state[p].items()}
                 if "step" in oracle.state[t]:
                     oracle.state[t]["step"] = opt.state[p]["step"].clone()
+        for group, oracle_group in zip(opt.param_groups, oracle.param_groups, strict=True):
+            if "step" in group:  # LAMB's one count per group ([note: LAMB group step])
+                oracle_group["step"] = group["step"].clone()
         opt.step()
         oracle.step()
         for i, (p, t) in enumerate(zip(params, twins, strict=True)):

@@ -9,7 +9,8 @@ Drop-in use::
 Everything torch.optim does works: param groups, ``add_param_group``, ``zero_grad``,
 ``step(closure)``, step hooks, every ``torch.optim.lr_scheduler`` (OneCycleLR/CyclicLR cycle
 ``betas[0]`` or ``momentum``), ``state_dict`` with torch's keys (a torch AdamW/Adam/SGD state
-dict loads, and ours loads into torch). fusedopt adds:
+dict loads, and ours loads into torch; timm's Lamb dicts likewise), complex params of
+AdamW/Adam/SGD. README's "Differences from torch.optim" lists what differs. fusedopt adds:
 
 * ``master_weights=True``: fp32 master copies (``state["master_param"]``) for bf16/fp16
   params, updated in the same pass; no effect on fp32/fp64 params (they are their own master).

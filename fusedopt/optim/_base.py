@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from copy import deepcopy
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -73,6 +74,8 @@ def check_betas(betas: Any, inclusive_upper: bool = False) -> None:
     """torch's checks on ``betas``: two values, each in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
     for i, beta in enumerate(betas):
         upper_ok = beta <= 1.0 if inclusive_upper else beta < 1.0
         if not (beta >= 0.0 and upper_ok):
@@ -126,6 +129,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     #: state key -> the op's tensor-list name, for every state key the class may keep.
     STATE_LISTS: ClassVar[dict[str, str]]
     _step_supports_amp_scaling = True  # [note: GradScaler protocol]
+    #: Step complex params as real views, as torch does ([note: complex params]).
+    STEPS_COMPLEX: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -134,7 +139,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_norm_group: Any = None,
     ) -> None:
         foreach, fused = defaults.pop("foreach", None), defaults.pop("fused", None)
-        del foreach, fused  # accepted for torch compatibility: fusedopt is always fused
+        # accepted for torch compatibility (fusedopt is always fused), with torch's check
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if defaults.pop("differentiable", False):
             raise ValueError(
                 f"{type(self).__name__}: differentiable=True is not supported: fused kernels "
@@ -180,15 +187,26 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _fix_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
         """Complete a state loaded from a foreign state dict (e.g. torch's SGD has no step)."""
 
+    def _fix_loaded_group(self, group: dict[str, Any], states: dict[Tensor, dict]) -> None:
+        """Complete a loaded group and its params' states (``states``: param -> state, for
+        the params that have one); called after every check passed, before any change."""
+        for p, state in states.items():
+            self._fix_loaded_state(group, p, state)
+
+    def _after_step(self, found_inf: Tensor | None) -> None:
+        """Called at the end of every ``step()`` with the step's ``found_inf`` (None: none)."""
+
     def _run(
         self,
         lists: dict[str, list[Tensor]],
         hypers: dict[str, Any],
         flags: dict[str, bool],
         params: list[Tensor],
+        group_runs: list[list[int]],
         **scalars: Any,
     ) -> None:
-        """Run one op call; ``params`` are the (possibly DTensor) params of ``lists``."""
+        """Run one op call; ``params`` are the (possibly DTensor) params of ``lists``, in runs
+        of ``[group index, count]``."""
         ops.step(self.OP, lists, hypers, flags, **scalars, _checked=True)
 
     # ----------------------------------------------------------------- groups
@@ -253,6 +271,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if g is None:
                     continue
                 local_p, local_g = local_tensor(p), local_tensor(g)
+                if local_p.is_complex() and self.STEPS_COMPLEX:
+                    local_p, local_g = self._real_views(gi, i, local_p, local_g)
                 if not (
                     local_p.dtype in PARAM_DTYPES
                     and local_g.layout == torch.strided
@@ -266,6 +286,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 found.append((gi, i, p, g, local_p, local_g))
         return found
 
+    def _real_views(self, gi: int, i: int, p: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """[note: complex params] torch steps a complex param, its grad and every state as
+        ``torch.view_as_real`` views: real and imaginary parts are elements like any other
+        (Adam's ``v`` holds re² and im² apart, not |z|²). The states stay complex (in the
+        state dict too); only the op sees the views. Such a param is planned afresh at
+        every step ([note: cached plan] matches the complex grad, not its view)."""
+        if g.dtype != p.dtype or g.layout != torch.strided:
+            where, name = f"fusedopt.{type(self).__name__}", self._param_name(gi, i)
+            raise TypeError(
+                f"{where}: the grad of {name} is {g.dtype} ({g.layout}); a {p.dtype} param "
+                "needs a dense grad of its own dtype"
+            )
+        return torch.view_as_real(p), torch.view_as_real(g)
+
     def _check_grad(self, gi: int, i: int, local_p: Tensor, local_g: Tensor) -> Tensor:
         """Check an uncommon grad, naming the param; returns the grad to step with.
 
@@ -275,6 +309,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         pair elements by position. That copy is the only extra pass, and only in this case.
         """
         where, name = f"fusedopt.{type(self).__name__}", self._param_name(gi, i)
+        if local_p.is_complex():  # only where the class has no complex semantics
+            raise TypeError(
+                f"{where}: {name} is complex ({local_p.dtype}); {type(self).__name__} steps "
+                "real params only (AdamW, Adam and SGD step complex ones, as torch does)"
+            )
         if local_p.dtype not in PARAM_DTYPES:
             raise TypeError(f"{where}: {name} has unsupported dtype {local_p.dtype}")
         check_tensor(local_p, name, where)
@@ -381,7 +420,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 runs.append((group_hypers[gi], count))
             lists = {**call.lists, "grads": local_grads}
             hypers = _merge_hypers(runs, device)
-            self._run(lists, hypers, call.flags, call.params, backend=call.backend, **scalars)
+            self._run(
+                lists, hypers, call.flags, call.params, call.group_runs,
+                backend=call.backend, **scalars,
+            )  # fmt: skip
+        self._after_step(found_inf)
 
     def _step_plan(self) -> tuple[_Plan, list[Tensor], list[list[Tensor]]]:
         """The op calls of this step, the grads in param order (for the norm pass) and each
@@ -407,7 +450,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         call_grads: list[list[Tensor]] = [[] for _ in plan.calls]
         for (*_, local_g), ci in zip(entries, plan.call_of_entry, strict=True):
             call_grads[ci].append(local_g)
-        return plan, [entry[3] for entry in entries], call_grads
+        # The norm pass reads the grads as the step does: a complex grad as its real view.
+        norm_grads = [local_g if g.is_complex() else g for _, _, _, g, _, local_g in entries]
+        return plan, norm_grads, call_grads
 
     def _call_flags(self, group: dict[str, Any]) -> dict[str, bool]:
         """The op's per-call flags for ``group``: the class's, and ``master_sync``."""
@@ -498,8 +543,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 ci = calls[key] = len(plan.calls)
                 plan.calls.append(_Call(local_p.device, group["backend"], flags, names, master))
             state = self.state[p]
-            sharded = local_p is not p  # a DTensor: its states are DTensors too
+            # A DTensor: its states are DTensors too. (local_p is also another tensor for a
+            # complex param: its real view, [note: complex params].)
+            sharded = local_tensor(p) is not p
             local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
+            if p.is_complex():
+                local_states = [
+                    torch.view_as_real(t) if t.is_complex() else t for t in local_states
+                ]
             masters = [local_tensor(state[MASTER_KEY])] if master else []
             layout = (local_p.shape, local_p.stride(), local_p.device)
             dtype = torch.float32 if master else local_p.dtype
@@ -560,7 +611,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        saved_groups = state_dict["param_groups"]
+        # Deep-copied as torch does: a tensor lr (or any group value) of the source optimizer
+        # must not be shared with this one, or a scheduler's in-place update of one would
+        # change the other.
+        saved_groups = deepcopy(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         new_groups, id_map = [], {}
@@ -596,9 +650,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             gi, i, p = id_map[pid]
             new_state[p] = self._cast_state(new_groups[gi], p, saved_state, gi, i)
         for group in new_groups:
-            for p in group["params"]:
-                if p in new_state:
-                    self._fix_loaded_state(group, p, new_state[p])
+            self._fix_loaded_group(
+                group, {p: new_state[p] for p in group["params"] if p in new_state}
+            )
         state: defaultdict = defaultdict(dict)
         state.update(new_state)
         self.__setstate__({"state": state, "param_groups": new_groups})
@@ -631,7 +685,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 value = torch.as_tensor(value)
                 if value.numel() != 1:
                     raise ValueError(f"{where}: step must hold one number, has shape {value.shape}")
-                out[key] = value.detach().reshape(()).to(dtype=torch.float32, device=device)
+                # A copy, as every other state: two optimizers never advance one count.
+                value = value.detach().reshape(())
+                out[key] = value.to(dtype=torch.float32, device=device, copy=True)
                 continue
             if not isinstance(value, Tensor):
                 raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value)}")

@@ -37,6 +37,7 @@ class Adam(FusedOptimizer):
     """
 
     OP = "adamw_"
+    STEPS_COMPLEX = True  # as torch ([note: complex params] in _base.py)
     STATE_LISTS: ClassVar[dict[str, str]] = {
         "step": "steps",
         "exp_avg": "exp_avgs",
@@ -131,4 +132,10 @@ class AdamW(Adam):
 
 
 def _pair(betas: Any) -> bool:
-    return isinstance(betas, (tuple, list)) and len(betas) == 2
+    """Two betas of one kind (floats, or Tensors read once here), so ``float`` is safe; a
+    mixed pair stays as given for ``check_betas`` to refuse, as torch does."""
+    return (
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and isinstance(betas[0], Tensor) == isinstance(betas[1], Tensor)
+    )

@@ -27,6 +27,7 @@ class SGD(FusedOptimizer):
     """
 
     OP = "sgd_"
+    STEPS_COMPLEX = True  # as torch ([note: complex params] in _base.py)
     STATE_LISTS: ClassVar[dict[str, str]] = {"step": "steps", "momentum_buffer": "momentum_buffers"}
 
     def __init__(
