@@ -26,10 +26,10 @@ def _same_layout(a: Tensor, param: Tensor) -> bool:
     )
 
 
-def check_tensor(t: object, where: str, op: str, dense: bool = True) -> Tensor:
-    """Any tensor in a list: a real, strided tensor whose elements do not share memory; dense
-    too unless ``dense=False`` (a param stepped through a dense twin, [note: non-dense
-    params] in fusedopt/_dense.py)."""
+def check_tensor(t: object, where: str, op: str, dense: bool = True, read: bool = False) -> Tensor:
+    """Any tensor in a list: a real, strided tensor whose elements do not share memory (unless
+    ``read``: an op that only reads it); dense too unless ``dense=False`` (a tensor stepped
+    through a dense twin, [note: non-dense params] in fusedopt/_dense.py)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {where} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
@@ -38,7 +38,7 @@ def check_tensor(t: object, where: str, op: str, dense: bool = True) -> Tensor:
         )
     if t.is_complex():
         raise RuntimeError(f"{op}: {where} is complex ({t.dtype}); only real dtypes are supported")
-    if not _dense(t) and overlaps(t):
+    if not read and not _dense(t) and overlaps(t):
         raise RuntimeError(
             f"{op}: {where} overlaps itself (shape {tuple(t.shape)}, strides {t.stride()}): "
             "several of its elements share memory, so it cannot be updated in place (torch.optim "

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fusedopt import _contract
 from fusedopt._backend import resolve as _resolve_backend
-from fusedopt._dense import needs_twin, swap_in_row_twins, swap_in_twins, write_back
+from fusedopt._dense import is_dense, needs_twin, swap_in_row_twins, swap_in_twins, write_back
 from fusedopt._validate import (
     LOW_PRECISION,
     PARAM_DTYPES,
@@ -118,7 +118,7 @@ def grad_norm(
         raise ValueError(f"{op}: norm_type must be 2.0 or inf, got {norm_type}")
     tensors = list(tensors)
     for i, t in enumerate(tensors):
-        check_tensor(t, f"tensors[{i}]", op, dense=False)
+        check_tensor(t, f"tensors[{i}]", op, dense=False, read=True)
         if t.dtype not in PARAM_DTYPES:
             raise TypeError(f"{op}: tensors[{i}] has unsupported dtype {t.dtype}")
     if not tensors:
@@ -128,7 +128,8 @@ def grad_norm(
     device = _single_device(op, tensors, "tensors")
     check_scalar(grad_scale, "grad_scale", op, device)
     handle = _contract.op_handle(op, _resolve(backend, device))
-    swap_in_twins(tensors, [i for i, t in enumerate(tensors) if needs_twin(t)])  # read only
+    # Read only: any tensor that is not dense, overlapping ones too, is read through a twin.
+    swap_in_twins(tensors, [i for i, t in enumerate(tensors) if not is_dense(t)])
     return GradNorm(*handle(tensors, norm_type, per_tensor, grad_scale))
 
 

@@ -391,3 +391,16 @@ def test_a_shape_change_after_stepping_raises_saying_what_changed():
         r"longer fits it: it has shape \(5, 36\) but the param now has \(5, 37\)",
     ):
         opt.step()
+
+
+@pytest.mark.parametrize("backend", usable_backends("cpu"))
+def test_an_expanded_grad_is_read_as_its_copy(backend):
+    """A grad that overlaps itself (``expand``, as a broadcast backward may leave) is only
+    read: the clip norm and the step take it as its contiguous copy, as torch does."""
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    q = torch.nn.Parameter(p.detach().clone())
+    p.grad = torch.randn(1, 3).expand(4, 3)
+    q.grad = p.grad.contiguous()
+    for param in (p, q):
+        fusedopt.AdamW([param], lr=1e-2, max_grad_norm=0.1, backend=backend).step()
+    assert torch.equal(p, q)

@@ -518,11 +518,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         The kernels pair them by position, so the states are copied into the param's new
         layout, element for element by logical index (``empty_like(p).copy_(state)``), once,
         when the step plans again (the plan compares strides each step, [note: cached
-        plan]); a state set by hand in another layout is re-laid the same way, and so are the
+        plan]). A state set by hand in another layout is re-laid the same way, and so are the
         states of a non-dense param made or loaded in torch's layout for it, which is not its
-        twin's ([note: non-dense params] in fusedopt/_dense.py). A state whose
-        shape, device or dtype no longer fits has no such meaning: that raises, saying what
-        changed, before anything is touched.
+        contiguous twin's (``state_like``, [note: non-dense params] in fusedopt/_dense.py).
+        A state whose shape, device or dtype no longer fits has no such meaning: that
+        raises, saying what changed, before anything is touched.
         """
         shape, _, device = layout
         if key == STEP_KEY:
