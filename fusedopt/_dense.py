@@ -4,15 +4,17 @@ state of a param has: written once, used by the optimizer classes and by ``fused
 [note: non-dense params] The kernels walk each tensor as one dense block and pair elements by
 position, so a param that is a strided view (``nn.Parameter(base[:, ::2])``, a transposed then
 sliced weight) cannot be passed to them as is. torch.optim steps such params, so fusedopt does
-too, through a *dense twin*: ``torch.empty_like(p).copy_(p)`` (one gather), the op updates the
-twin, and ``p.copy_(twin)`` (one scatter) writes it back, in the same step. The twin, and
+too, through a *dense twin*: a contiguous copy of ``p`` (one gather), which the op updates, and
+``p.copy_(twin)`` (one scatter) writes back, in the same step. The twin, and
 every state and master of a non-dense param, is contiguous (:func:`dense_stride`,
 :func:`state_like`), because autograd gives such a param a contiguous grad: so the grad pairs
 with them as it comes, and the cached plan holds from step to step. (torch's
 ``zeros_like(p, memory_format=torch.preserve_format)`` would give a transposed view's states
 column-major strides and a channels_last slice channels_last ones; the optimizer re-lays
 states made or loaded that way once, when it plans, [note: re-laid state] in
-``fusedopt/optim/_base.py``.)
+``fusedopt/optim/_base.py``.) ``fusedopt.ops`` takes what its caller passes: there any tensor
+of a non-dense param's row (grad, state, master) not in the twin's layout is twinned too, and
+written back if the op writes it.
 
 Cost: two extra passes over the non-dense params only (a read and a write each), plus one
 temporary of each of their sizes during the op. Dense params pay nothing: the optimizer finds
@@ -25,8 +27,9 @@ small next to a model, so the twin is the better trade.
 The twin is written back even when ``found_inf`` makes the op skip: it then holds the param's
 own values, so the param stays bit for bit what it was. LAMB's per-tensor norms are taken over
 the twin, which is the whole param. A tensor whose elements overlap in memory (``expand``ed,
-stride 0) is refused: an in-place update of it is ill-defined (torch.optim raises, or with
-``fused=True`` writes out of bounds).
+stride 0) is refused wherever it would be written: an in-place update of it is ill-defined
+(torch.optim raises, or with ``fused=True`` writes out of bounds); one that is only read (a
+grad, ``grad_norm``'s input) is read through a twin.
 """
 
 from __future__ import annotations
