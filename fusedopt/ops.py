@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fusedopt import _contract
 from fusedopt._backend import resolve as _resolve_backend
+from fusedopt._dense import is_dense, needs_twin, swap_in_row_twins, swap_in_twins, write_back
 from fusedopt._validate import (
     LOW_PRECISION,
     PARAM_DTYPES,
@@ -81,7 +82,7 @@ def scale_(
     op = "scale_"
     tensors = list(tensors)
     for i, t in enumerate(tensors):
-        check_tensor(t, f"tensors[{i}]", op)
+        check_tensor(t, f"tensors[{i}]", op, dense=False)
         if t.dtype not in PARAM_DTYPES:
             raise TypeError(f"{op}: tensors[{i}] has unsupported dtype {t.dtype}")
     if not tensors:
@@ -89,7 +90,11 @@ def scale_(
     device = _single_device(op, tensors, "tensors")
     check_scalar(scale, "scale", op, device)
     check_scalar(found_inf, "found_inf", op, device)
-    _contract.op_handle(op, _resolve(backend, device))(tensors, scale, found_inf)
+    handle = _contract.op_handle(op, _resolve(backend, device))
+    # [note: non-dense params] in fusedopt/_dense.py
+    twins = swap_in_twins(tensors, [i for i, t in enumerate(tensors) if needs_twin(t)])
+    handle(tensors, scale, found_inf)
+    write_back(twins)
 
 
 def grad_norm(
@@ -113,7 +118,7 @@ def grad_norm(
         raise ValueError(f"{op}: norm_type must be 2.0 or inf, got {norm_type}")
     tensors = list(tensors)
     for i, t in enumerate(tensors):
-        check_tensor(t, f"tensors[{i}]", op)
+        check_tensor(t, f"tensors[{i}]", op, dense=False, read=True)
         if t.dtype not in PARAM_DTYPES:
             raise TypeError(f"{op}: tensors[{i}] has unsupported dtype {t.dtype}")
     if not tensors:
@@ -123,6 +128,8 @@ def grad_norm(
     device = _single_device(op, tensors, "tensors")
     check_scalar(grad_scale, "grad_scale", op, device)
     handle = _contract.op_handle(op, _resolve(backend, device))
+    # Read only: any tensor that is not dense, overlapping ones too, is read through a twin.
+    swap_in_twins(tensors, [i for i, t in enumerate(tensors) if not is_dense(t)])
     return GradNorm(*handle(tensors, norm_type, per_tensor, grad_scale))
 
 
@@ -257,6 +264,10 @@ def step(
     n = len(lists["params"])
     if n == 0:
         return
+    # Non-dense params go through dense twins ([note: non-dense params] in fusedopt/_dense.py);
+    # the optimizer classes swap theirs in themselves, at planned positions.
+    written = tuple(name for name in spec.lists if name != "grads")
+    twins = [] if _checked else swap_in_row_twins(lists, written)
     device = lists["params"][0].device if _checked else _validate_step(spec, lists)
     # [note: opmath scalars] fp64 params take grad_scale and clip_coef in fp64 as well.
     params = lists["params"]
@@ -295,6 +306,7 @@ def step(
             found_inf,
             master_sync=bool(flags.get("master_sync", True)),
         )
+    write_back(twins)
 
 
 def adamw_(

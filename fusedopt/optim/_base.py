@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import ops
+from fusedopt._dense import dense_stride, state_like, swap_in_twins, write_back
 from fusedopt._validate import LOW_PRECISION, PARAM_DTYPES, check_like, check_tensor
 from fusedopt.clip import clip_coef as torch_clip_coef
 from fusedopt.clip import local_tensor, total_norm
@@ -307,6 +308,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         (say a contiguous grad set by hand on a channels_last param; autograd gives grads the
         param's layout) is copied into the param's layout: torch accepts it, and the kernels
         pair elements by position. That copy is the only extra pass, and only in this case.
+        A param that is not dense is stepped through a dense twin, whose layout its grad is
+        given ([note: non-dense params] in fusedopt/_dense.py).
         """
         where, name = f"fusedopt.{type(self).__name__}", self._param_name(gi, i)
         if local_p.is_complex():  # only where the class has no complex semantics
@@ -316,15 +319,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
         if local_p.dtype not in PARAM_DTYPES:
             raise TypeError(f"{where}: {name} has unsupported dtype {local_p.dtype}")
-        check_tensor(local_p, name, where)
+        check_tensor(local_p, name, where, dense=False)
         if (
             local_g.layout == torch.strided
             and not local_g.is_complex()
             and local_g.shape == local_p.shape
             and local_g.device == local_p.device
-            and local_g.stride() != local_p.stride()
+            and local_g.stride() != dense_stride(local_p)
         ):
-            local_g = torch.empty_like(local_p, dtype=local_g.dtype).copy_(local_g)
+            local_g = state_like(local_p, local_g.dtype).copy_(local_g)
         check_like(local_g, local_p, f"the grad of {name}", where, None)
         if local_g.dtype not in (local_p.dtype, torch.float32):
             raise TypeError(
@@ -420,10 +423,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 runs.append((group_hypers[gi], count))
             lists = {**call.lists, "grads": local_grads}
             hypers = _merge_hypers(runs, device)
+            twins = []
+            if call.twins:  # [note: non-dense params] in fusedopt/_dense.py
+                lists["params"] = list(lists["params"])
+                twins = swap_in_twins(lists["params"], call.twins)
             self._run(
                 lists, hypers, call.flags, call.params, call.group_runs,
                 backend=call.backend, **scalars,
             )  # fmt: skip
+            write_back(twins)
         self._after_step(found_inf)
 
     def _step_plan(self) -> tuple[_Plan, list[Tensor], list[list[Tensor]]]:
@@ -475,10 +483,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         calls when nothing they were built from changed: the same groups with the same
         flags, state keys, master weights and backend; the same params, each with the dtype,
         shape, device and strides it had, and a grad again with the dtype, shape, device and
-        strides it had (dense, as the full checks found the param); the same state dict and
-        state tensor objects. A load, a new group or a state replaced by hand makes a new
-        plan, with the full checks. Per param that is a few attribute reads and identity
-        tests. Not covered, as in torch: resizing or ``set_()`` on a state tensor in place.
+        strides it had (dense: the param's, or its dense twin's [note: non-dense params]); the
+        same state dict and state tensor objects. A load, a new group or a state replaced by
+        hand makes a new plan, with the full checks. Per param that is a few attribute reads
+        and identity tests. Not covered, as in torch: resizing or ``set_()`` on a state tensor
+        in place.
         """
         if plan.state is not self.state or len(plan.groups) != len(self.param_groups):
             return None
@@ -496,7 +505,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if g is None:
                         continue
                     return None
-                param, shape, stride, dtype, grad_dtype, device, state, tensors, ci = slot
+                param, shape, stride, dtype, grad_dtype, device, state, tensors, ci, p_stride = slot
                 if (
                     g is None
                     or p is not param
@@ -508,7 +517,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     or p.device != device
                     or g.layout != strided
                     or g.stride() != stride
-                    or p.stride() != stride
+                    or p.stride() != p_stride
                     or state_of(p) is not state
                 ):
                     return None
@@ -522,7 +531,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _plan(self, entries: list[tuple]) -> _Plan:
         """Group the params into op calls, one per (device, param dtype, grad dtype, flags,
         state keys, master weights or not, backend); check each state tensor still fits
-        ([note: checked once])."""
+        ([note: checked once]), re-laid if its param's layout changed ([note: re-laid state])."""
         plan = _Plan(self.state, len(self.param_groups))
         calls: dict[tuple, int] = {}
         per_group: dict[int, tuple] = {}
@@ -546,23 +555,25 @@ class FusedOptimizer(torch.optim.Optimizer):
             # A DTensor: its states are DTensors too. (local_p is also another tensor for a
             # complex param: its real view, [note: complex params].)
             sharded = local_tensor(p) is not p
+            slot_keys = (*keys, MASTER_KEY) if master else keys
+            # The states' layout: the param's, or its dense twin's [note: non-dense params].
+            layout = (local_p.shape, dense_stride(local_p), local_p.device)
+            dtype = torch.float32 if master else local_p.dtype
+            for k in slot_keys:
+                t = local_tensor(state[k]) if sharded else state[k]
+                t = torch.view_as_real(t) if t.is_complex() else t  # as local_p
+                if not _fits(t, layout, k, dtype):
+                    state[k] = self._relaid_state(gi, i, p, k, t, layout, dtype)
             local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
             if p.is_complex():
                 local_states = [
                     torch.view_as_real(t) if t.is_complex() else t for t in local_states
                 ]
             masters = [local_tensor(state[MASTER_KEY])] if master else []
-            layout = (local_p.shape, local_p.stride(), local_p.device)
-            dtype = torch.float32 if master else local_p.dtype
-            for k, t in zip((*keys, MASTER_KEY), (*local_states, *masters), strict=False):
-                if not _fits(t, layout, k, dtype):
-                    raise RuntimeError(
-                        f"fusedopt.{type(self).__name__}: state {k!r} of "
-                        f"{self._param_name(gi, i)} no longer fits it "
-                        f"(shape {tuple(t.shape)}, strides {t.stride()}, {t.dtype}, {t.device});"
-                        " was it replaced by hand? Load states with load_state_dict"
-                    )
-            plan.calls[ci].add(gi, p, local_p, local_states, masters)
+            call = plan.calls[ci]
+            call.add(gi, p, local_p, local_states, masters)
+            if layout[1] != local_p.stride():
+                call.twins.append(len(call.params) - 1)
             plan.call_of_entry.append(ci)
             # Reusable by later steps only when every grad passed _collect's fast check as is
             # ([note: cached plan] repeats that check) and nothing is sharded.
@@ -571,10 +582,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
             slots = plan.groups[gi][1]
             slots.extend([None] * (i - len(slots)))
-            slot_keys = (*keys, MASTER_KEY) if master else keys
             slots.append(_Slot(
                 p, layout[0], layout[1], p.dtype, g.dtype, layout[2], state,
-                tuple((k, state[k]) for k in slot_keys), ci,
+                tuple((k, state[k]) for k in slot_keys), ci, local_p.stride(),
             ))  # fmt: skip
         for gi, group in enumerate(self.param_groups):
             slots = plan.groups[gi][1]
@@ -582,6 +592,42 @@ class FusedOptimizer(torch.optim.Optimizer):
             signature = per_group[gi][4] if gi in per_group else self._group_signature(group)
             plan.groups[gi] = (signature, slots)
         return plan
+
+    def _relaid_state(
+        self, gi: int, i: int, p: Tensor, key: str, t: Tensor, layout: tuple, dtype: torch.dtype
+    ) -> Tensor:
+        """The state ``t`` (local) of ``p`` under ``key``, which no longer fits ``layout``,
+        re-laid to it.
+
+        [note: re-laid state] ``model.to(memory_format=torch.channels_last)``, or any swap of
+        ``p.data`` for a tensor of the same shape in another memory layout, leaves the states
+        in the old one; torch.optim goes on stepping (its ops pair elements by logical index).
+        The kernels pair them by position, so the states are copied into the param's new
+        layout, element for element by logical index (``empty_like(p).copy_(state)``), once,
+        when the step plans again (the plan compares strides each step, [note: cached
+        plan]). A state set by hand in another layout is re-laid the same way, and so are the
+        states of a non-dense param made or loaded in torch's layout for it, which is not its
+        contiguous twin's (``state_like``, [note: non-dense params] in fusedopt/_dense.py).
+        A state whose shape, device or dtype no longer fits has no such meaning: that
+        raises, saying what changed, before anything is touched.
+        """
+        shape, _, device = layout
+        if key == STEP_KEY:
+            problem = f"holds {t.numel()} numbers, {t.dtype}, on {t.device}"
+            problem += f"; a step count is one float32 number on {device}"
+        elif t.shape != shape:
+            problem = f"has shape {tuple(t.shape)} but the param now has {tuple(shape)}"
+        elif t.device != device:
+            problem = f"is on {t.device} but the param now is on {device}"
+        elif t.dtype != dtype and not (key == MASTER_KEY and t.dtype == torch.float32):
+            problem = f"has dtype {t.dtype} but the param needs {dtype} states"
+        else:
+            return state_like(p, self.state[p][key].dtype).copy_(self.state[p][key])
+        raise RuntimeError(
+            f"fusedopt.{type(self).__name__}: state {key!r} of {self._param_name(gi, i)} no "
+            f"longer fits it: it {problem}; was the param's .data, or the state, replaced by "
+            "hand? Load states with load_state_dict"
+        )
 
     def step(self, closure: Any = None) -> Any:
         """One optimizer step over every param that has a grad; returns ``closure()``'s loss.
@@ -716,6 +762,7 @@ class _Slot(NamedTuple):
     state: dict
     tensors: tuple[tuple[str, Tensor], ...]  # (state key, tensor) for every key it steps
     call: int  # index into _Plan.calls
+    param_stride: tuple[int, ...]  # the param's own: stride above unless it is not dense
 
 
 class _Plan:
@@ -738,7 +785,7 @@ class _Call:
     """The tensor lists of one op call but the grads (new every step), filled param by param."""
 
     __slots__ = ("backend", "device", "flags", "group_runs", "lists", "master", "params",
-                 "state_lists")  # fmt: skip
+                 "state_lists", "twins")  # fmt: skip
 
     def __init__(
         self, device: torch.device, backend: str, flags: dict[str, bool],
@@ -751,6 +798,7 @@ class _Call:
         if master:
             self.lists["master_params"] = []
         self.group_runs: list[list[int]] = []  # [group index, count]: runs of one group's params
+        self.twins: list[int] = []  # positions of non-dense params [note: non-dense params]
 
     def add(self, gi: int, p, local_p, local_states, masters) -> None:
         self.params.append(p)
