@@ -5,8 +5,9 @@ bytes (4 per element fp32, 2 bf16) and its roofline is the read bandwidth.
 
 * **Report rows** (:func:`norm_rows`, ``python -m bench.report``): ``grad_norm`` in two modes,
   ``fp32`` (fp32 grads) and ``amp`` (bf16 grads scaled by the loss scale, the norm of the
-  unscaled grads: the pass an AMP step runs), each fusedopt kernel backend beside torch's
-  ``torch.nn.utils.get_total_norm`` (foreach) on the same grads.
+  unscaled grads: the pass an AMP step runs), each benchmarked fusedopt backend beside torch's
+  ``torch.nn.utils.get_total_norm`` (foreach) on the same grads, as they are (unscaling them
+  first would write them).
 * **Script** (issue 17): ``python -m bench.norm [--threads 2] [--repeats 9] [--quick]``
   prints the bandwidth ceiling (``bench/timing.py``), ``grad_norm`` GB/s on 30 tensors of 4M
   elements in fp32 and bf16 (fusedopt cpu vs torch), and GPT-2 small's AMP AdamW step (bf16
@@ -44,9 +45,6 @@ from fusedopt import ops
 
 #: The report's norm modes: grad dtype, and whether the grads carry the loss scale.
 NORM_MODES = {"fp32": (torch.float32, False), "amp": (torch.bfloat16, True)}
-
-#: Backends too slow for real shapes; the report adds them only on request, as for the steps.
-_SLOW = ("reference",)
 
 
 def _norm_step(grads: list[torch.Tensor], label: str, scale: torch.Tensor | None) -> Step:
@@ -168,7 +166,7 @@ def amp_steps(model: str, device: torch.device) -> dict[str, tuple[Step, int]]:
 def _line(name: str, timed: StepTimes, nbytes: float, ceiling: float) -> str:
     best, median = min(timed.times), timed.median
     return (
-        f"| {name} | {best * 1e3:.1f} | {median * 1e3:.1f} | {nbytes / best / 1e9:.1f} | "
+        f"| {name} | {best * 1e3:.2f} | {median * 1e3:.2f} | {nbytes / best / 1e9:.1f} | "
         f"{nbytes / median / 1e9:.1f} | {100 * nbytes / best / 1e9 / ceiling:.0f}% |"
     )
 
@@ -202,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch get_total_norm": lambda g=grads: torch.nn.utils.get_total_norm(g),
         }
         timed = alternate(contenders, device, args.repeats)
-        what = f"grad_norm {args.tensors} x {args.numel / 2**20:g}M {str(dtype)[6:]}"
+        what = f"grad_norm {args.tensors} x {args.numel:,} {str(dtype)[6:]}"
         for name, t in timed.items():
             print(_line(f"{what}, {name}", t, nbytes, ceiling.gbps))
         del grads
