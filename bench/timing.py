@@ -153,6 +153,18 @@ class Ceiling:
     write_allocate: bool  # whether written arrays count twice (CPU)
     nbytes: int  # size of one array
     threads: int  # torch CPU threads during the measurement
+    rounds: int = 0  # timed rounds of the four kernels behind each best rate
+
+    def merged(self, other: Ceiling) -> Ceiling:
+        """Each kernel's best of two measurements (e.g. at the start and the end of a run, so
+        that a busy moment during one does not lower the ceiling)."""
+        rates = {k: max(v, other.kernels[k]) for k, v in self.kernels.items()}
+        stream = {k: max(v, other.stream_count[k]) for k, v in self.stream_count.items()}
+        kernel = max(rates, key=rates.__getitem__)
+        return dataclasses.replace(
+            self, gbps=rates[kernel], kernel=kernel, kernels=rates, stream_count=stream,
+            rounds=self.rounds + other.rounds,
+        )  # fmt: skip
 
     def describe(self) -> str:
         """One line for a report: the ceiling and how it was measured."""
@@ -165,9 +177,9 @@ class Ceiling:
             else "each array counted once"
         )
         return (
-            f"{self.gbps:.1f} GB/s, the best of STREAM's kernels (GB/s: {each}) on fp32 arrays "
-            f"of {self.nbytes / 2**20:.0f} MiB, {self.threads} threads, {counted}; STREAM's own "
-            f"count: {stream}"
+            f"{self.gbps:.1f} GB/s, the best of STREAM's kernels (GB/s: {each}; each its best "
+            f"of {self.rounds} rounds) on fp32 arrays of {self.nbytes / 2**20:.0f} MiB, "
+            f"{self.threads} threads, {counted}; STREAM's own count: {stream}"
         )
 
 
@@ -230,8 +242,9 @@ def stream_ceiling(device: torch.device, nbytes: int, repeats: int = 10) -> Ceil
     stream = {k: STREAM_KERNELS[k].bytes_per_element(False) * n / t / 1e9 for k, t in best.items()}
     kernel = max(rates, key=rates.__getitem__)
     return Ceiling(
-        rates[kernel], kernel, rates, stream, write_allocate, n * 4, torch.get_num_threads()
-    )
+        rates[kernel], kernel, rates, stream, write_allocate, n * 4, torch.get_num_threads(),
+        repeats,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager

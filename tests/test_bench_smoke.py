@@ -90,6 +90,15 @@ def test_stream_ceiling_counts_bus_bytes(monkeypatch):
     assert (ceiling.kernel, ceiling.write_allocate) == ("scale", True)
     assert ceiling.gbps == pytest.approx(12 * n / 2.0 / 1e9)
     assert "scale" in ceiling.describe() and "write-allocate" in ceiling.describe()
+    # A second measurement: each kernel keeps its best, and the ceiling is the best of those.
+    later = Ceiling(
+        gbps=99.0, kernel="triad", kernels={"copy": 0.0, "scale": 0.0, "add": 0.0, "triad": 99.0},
+        stream_count=dict.fromkeys(seconds, 0.0), write_allocate=True, nbytes=4 * n, threads=1,
+        rounds=3,
+    )  # fmt: skip
+    both = ceiling.merged(later)
+    assert (both.gbps, both.kernel, both.rounds) == (99.0, "triad", 6)
+    assert both.kernels["scale"] == ceiling.kernels["scale"]
 
 
 def test_report_percentages_are_of_the_stream_ceiling(tmp_path, monkeypatch):
