@@ -8,16 +8,20 @@
 // [note: norm at the roofline] The pass reads each grad once and writes nothing, so it is
 // bound by read bandwidth once the loop retires elements faster than memory delivers them.
 // Three things kept it below that: (1) two add chains per block (16 fp32 lanes), latency
-// bound; it now keeps eight ([note: lane count] in reduce.h); (2) bf16 grads were first converted
-// into a stack buffer and summed from there (a store and a reload per element): they are now
-// widened inside the lane loop (a shift; fp16 still goes through F16C into a buffer); (3) an
-// AMP step divides by the loss scale, a vdivps per 8 elements: a power-of-two scale
-// (GradScaler's) multiplies by its exact reciprocal instead, the same bits ([note: exact
-// unscale]). The inf norm's max loop, which did not vectorise, now does. Blocks are
-// kWideLanes * kLaneTerms elements (2048 fp32), so the per-block lane tree and finite check cost
-// ~1% of the loop. One core of a Zen 4 EPYC VM, 512 KB of grads in L2, GB/s before -> after:
-// L2 norm fp32 63 -> 75 (L2-bound), bf16 19 -> 30; scale 2^16: fp32 35 -> 72, bf16 12 -> 27;
-// inf norm fp32 5 -> 45, bf16 2 -> 17. From memory: bench/norm.py (bench/README.md).
+// bound; it now keeps eight ([note: lane count] in reduce.h); (2) bf16 grads were first
+// converted into a stack buffer and summed from there (a store and a reload per element):
+// they are now widened inside the lane loop (a shift; fp16 still goes through F16C into a
+// buffer); (3) an AMP step divides by the loss scale, a vdivps per 8 elements: a power-of-two
+// scale (GradScaler's) multiplies by its exact reciprocal instead, the same bits ([note:
+// exact unscale]). The inf norm's max loop, which did not vectorise, now does. Blocks are
+// kWideLanes * kLaneTerms elements (2048 fp32), so the per-block lane tree and finite check
+// cost ~1% of the loop. One core of a Zen 4 EPYC VM, 512 KB of grads in L2, GB/s before ->
+// after: L2 norm fp32 63 -> 75 (L2-bound), bf16 19 -> 30; scale 2^16: fp32 35 -> 72, bf16
+// 12 -> 27; inf norm fp32 5 -> 45, bf16 2 -> 17. From memory, 30 x 4M elements, 2 threads,
+// the old and the new code alternating in one process with a plain AVX2 read of the same
+// bytes (the cores shared, load ~5.5: ~10 GB/s to share), old / new / read: fp32 9.0 / 9.3 /
+// 10.1 GB/s; bf16 5.2 / 11.0 / 11.1; bf16 with a 2^16 scale 4.8 / 9.4 / 9.4. bench/norm.py
+// measures it beside torch, and what it adds to an AMP step.
 #include <cmath>
 #include <vector>
 
@@ -85,11 +89,13 @@ void add_block(Partial<T>& part, int64_t n, bool inf_norm, const Scale<T> s, con
   // proves the block finite and the explicit scan runs only for the rare other blocks.
   bool suspect;
   if (inf_norm) {
-    const T block = lane_max<T, kWideLanes<T>>(n, T(0), [=](int64_t k) { return inf_term<U>(value(k), s); });
+    const T block = lane_max<T, kWideLanes<T>>(
+        n, T(0), [=](int64_t k) { return inf_term<U>(value(k), s); });
     part.max = nan_max(block, part.max);
     suspect = !is_finite(block);
   } else {
-    const double block = lane_sum<T, kWideLanes<T>>(n, [=](int64_t k) { return l2_term<U>(value(k), s); });
+    const double block =
+        lane_sum<T, kWideLanes<T>>(n, [=](int64_t k) { return l2_term<U>(value(k), s); });
     part.sum += block;
     suspect = !is_finite(block);
   }
