@@ -1,7 +1,8 @@
 """CPU optimizer-step benchmark on GPT-2 small's parameter list (124M params, 148 tensors).
 
 Side by side in one run, with achieved bandwidth (the bytes a step must move / its time)
-and the machine's in-place streaming bandwidth measured in the same run:
+and the machine's bandwidth ceiling measured in the same run (``bench/timing.py``: STREAM's
+kernels, bus bytes with write-allocate):
 
 1. fp32 AdamW: fusedopt ``cpu`` (``ops.adamw_``) vs ``torch.optim.AdamW(fused=True)``.
 2. Mixed precision with clipping: fusedopt bf16 params + fp32 master weights +
@@ -22,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from bench.timing import ceiling_array_bytes, stream_ceiling
 from fusedopt import ops
 
 MAX_GRAD_NORM = 1.0
@@ -54,15 +56,6 @@ def alternate(contenders: dict[str, Callable[[], None]], steps: int) -> dict[str
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def inplace_bandwidth(numel: int = 1 << 27) -> float:
-    """GB/s of ``x.mul_(1.0)`` over 512 MB (read + write of the same memory): the roofline of
-    an optimizer step, which updates its tensors in place. (A copy into another buffer runs
-    slower here: its writes first read their cache lines, a third stream.)"""
-    x = torch.randn(numel)
-    seconds = alternate({"mul_": lambda: x.mul_(1.0)}, 5)["mul_"]
-    return 2 * 4 * numel / seconds / 1e9
 
 
 def _randn(shapes, dtype=torch.float32, scale=1.0):
@@ -155,8 +148,10 @@ def main() -> None:
         f"GPT-2 small: {numel / 1e6:.1f}M params in {len(shapes)} tensors; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    roof = inplace_bandwidth()
-    print(f"in-place bandwidth (fp32 mul_, read + write): {roof:.1f} GB/s")
+    cpu = torch.device("cpu")
+    ceiling = stream_ceiling(cpu, ceiling_array_bytes(cpu, quick=False))
+    roof = ceiling.gbps
+    print(f"bandwidth ceiling: {ceiling.describe()}")
     print(f"{'case':<18} {'impl':<9} {'ms':>8} {'GB/s':>7} {'% roof':>7}")
     for name, (make, bytes_per_element) in CASES.items():
         times = alternate(make(shapes), args.steps)

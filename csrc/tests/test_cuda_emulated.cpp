@@ -133,8 +133,9 @@ struct CudaContext {
 //   * cuda: a thread adds <= kChunk/256 terms, then warp and block trees (5 + 5 levels); the
 //     finishing block adds a tensor's chunk partials lane-strided (chunks/32 per lane), a
 //     5-level tree, the tensors of one warp in a row (n/32), and a 5-level tree: k below;
-//   * cpu: fp32 lanes of kBlock/kLanes = 32 terms (csrc/cpu/reduce.h), then double sums of
-//     at most total/32 + n lanes, each adding at most 2^-53.
+//   * cpu: fp32 lanes of at most kLaneTerms = 32 terms (csrc/cpu/reduce.h), then double sums
+//     (a lane tree, blocks, items, tensors) of at most total/32 + n lanes, each adding at most
+//     2^-53.
 // The exact reference sums the same terms in double (its own error, <= n_terms * 2^-53
 // relative, is inside the bound).
 double cuda_chain(int64_t max_chunks, int64_t n) {
@@ -532,7 +533,7 @@ double smallest(DType d) {
 }
 
 // [note: lamb tolerance] LAMB is not elementwise: its trust ratio |p| / |u| comes from two
-// per-tensor sums of squares, which the CPU adds in opmath lanes of 32 terms and in double,
+// per-tensor sums of squares, which the CPU adds in opmath lanes of <= 32 terms and in double,
 // then roots in double, while the CUDA kernels add in opmath trees and root in opmath. Every
 // other quantity is elementwise, so m, v, the step counts, and the params of tensors that do
 // not adapt (ratio 1) must still be equal bit for bit. By [note: norm tolerance] a backend's
