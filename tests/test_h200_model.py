@@ -120,6 +120,16 @@ def test_below_goal_flags_a_starved_kernel():
     assert "cuda adamw [float,float,false,false]" in model.below_goal([row.csv_row()])
 
 
+def test_a_streaming_kernel_without_its_loop_is_predicted_zero():
+    """A step kernel whose SASS has no main loop (say the loop was lost) fails the goal."""
+    no_loop = "/*0000*/ LDG.E R2, desc[UR4][R2.64] ;\n/*0010*/ EXIT ;"
+    row = model._row("cuda", "adamw", "float,float,false,false", 256, 40, 0, no_loop, model.H200)
+    assert row.streaming and row.pred.predicted == 0
+    assert "cuda adamw [float,float,false,false]" in model.below_goal([row.csv_row()])
+    table = model._row("cuda", "write_table_kernel", "-", 256, 10, 0, SASS, model.H200)
+    assert not table.streaming and table.pred is None
+
+
 def _toolchain_missing() -> str | None:
     static_spec = importlib.util.spec_from_file_location("_s", ROOT / "setup.py")
     setup = importlib.util.module_from_spec(static_spec)
@@ -154,8 +164,8 @@ def test_every_kernel_is_modelled(rows):
     # Every step body of test_cuda_static.EXPECTED that streams, plus Triton's aligned ones.
     assert sum(r["backend"] == "cuda" for r in streaming) >= 80
     assert sum(r["backend"] == "triton" for r in streaming) >= 30
-    for r in streaming:
-        assert r["load_bytes_per_thread"] > 0 and r["regs"] > 0, r
+    for r in streaming:  # the model found the 128-bit main loop of every one
+        assert r["vector_loop"] == 1 and r["load_bytes_per_thread"] > 0 and r["regs"] > 0, r
 
 
 def test_streaming_kernels_predicted_to_reach_their_goal(rows):
