@@ -130,6 +130,21 @@ def test_a_streaming_kernel_without_its_loop_is_predicted_zero():
     assert not table.streaming and table.pred is None
 
 
+def test_report_section_puts_measured_beside_predicted(tmp_path):
+    from bench.output import Row
+
+    table = tmp_path / "model.csv"
+    with open(table, "w") as f:
+        f.write("backend,kernel,variant,predicted_pct\n")
+        f.write('cuda,adamw,"float,float,false,false",97.5\n')
+    row = Row("llama1b", 10, 1, "adamw", "fp32", "fusedopt cuda", pct_copy=88.25)
+    text = model.report_section([row], "cuda", table)
+    line = next(x for x in text.splitlines() if x.startswith("| fusedopt cuda | fp32"))
+    assert "97.5" in line and "88.2" in line
+    assert "not measured" in model.report_section([row], "cpu", table)
+    assert "No H200 model" in model.report_section([row], "cpu", tmp_path / "absent.csv")
+
+
 def _toolchain_missing() -> str | None:
     static_spec = importlib.util.spec_from_file_location("_s", ROOT / "setup.py")
     setup = importlib.util.module_from_spec(static_spec)
