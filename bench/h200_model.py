@@ -436,7 +436,10 @@ def triton_rows(gpu: Gpu = H200) -> list[KernelRow]:
     cached by source hash and Triton version), modelled."""
     import triton
 
-    inputs = [*(ROOT / "triton_kernels").glob("*.py"), ROOT / "tests" / "triton_static_compile.py"]
+    # The kernels' sources, wherever the package maps them (repo root or fusedopt/).
+    kernels = [*ROOT.glob("triton_kernels/*.py"), *ROOT.glob("fusedopt/triton_kernels/*.py")]
+    assert kernels, "no Triton kernel sources found for the cache key"
+    inputs = [*kernels, ROOT / "tests" / "triton_static_compile.py"]
     key = _source_hash(inputs, triton.__version__ + inspect.getsource(_triton_worker))
     cached = CACHE / f"triton-{key}.json"
     if not cached.exists():
