@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from bench import goals as goals_mod
+from bench import h200_model
 from bench.cases import Workload, make_workload
 from bench.fused import backend_rows, make_fused
 from bench.norm import NORM_MODES, norm_rows
@@ -316,6 +317,10 @@ def render(args, info: RunInfo, backends, rows, scaling, goals, wall_s: float) -
         "## Goals",
         "",
         goals_mod.markdown(goals),
+        "",
+        "## H200 model vs measured (AdamW step kernel, `bench/results/h200_model.md`)",
+        "",
+        h200_model.report_section(rows, info.device),
         "",
     ])
     # fmt: on
