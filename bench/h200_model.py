@@ -743,24 +743,26 @@ REPORT_KERNELS = {
 
 
 def report_section(rows, device: str, path: Path = RESULTS / "h200_model.csv") -> str:
-    """Markdown for bench/report.py: predicted % of copy beside the measured one (AdamW)."""
+    """Markdown for bench/report.py: predicted % of copy bandwidth beside the measured % of the
+    run's bandwidth ceiling (AdamW)."""
     predictions = read_predictions(path)
     if not predictions:
         return f"No H200 model at {path}: run `python -m bench.h200_model`."
     lines = ["| implementation | mode | step kernel modelled | predicted % copy (H200 model) | "
-             "measured % copy |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+             "measured % of ceiling |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for (backend, mode), (kernel, variant) in REPORT_KERNELS.items():
         row = next((r for r in rows if r.impl == f"fusedopt {backend}" and r.mode == mode
                     and r.optimizer == "adamw"), None)  # fmt: skip
         if row is not None and row.ok and device == "cuda":
-            measured = f"{row.pct_copy:.1f}"
+            measured = f"{row.pct_ceiling:.1f}"
         else:
             measured = "not measured (needs --device cuda)" if device != "cuda" else "not run"
         predicted = predictions.get((backend, kernel, variant))
         lines.append(f"| fusedopt {backend} | {mode} | {kernel} [{variant}] | "
                      f"{predicted if predicted is not None else '?'} | {measured} |")  # fmt: skip
     lines += ["", "Predicted: the step kernel alone, at the model's 4.3 TB/s; measured: the whole "
-              "step (amp: the grad_norm pass too) against the copy bandwidth of this run. "
+              "step (amp: the grad_norm pass too) against the bandwidth ceiling of this run "
+              "(the best of STREAM's copy, scale, add and triad, bench/timing.py). "
               "Triton's modelled variants are the static check's, compiled with every option on "
               "(AMSGrad, maximize); its amp row uses fp16_master, the nearest compiled variant "
               "to bf16 with fp32 masters."]  # fmt: skip

@@ -137,7 +137,7 @@ def test_report_section_puts_measured_beside_predicted(tmp_path):
     with open(table, "w") as f:
         f.write("backend,kernel,variant,predicted_pct\n")
         f.write('cuda,adamw,"float,float,false,false",97.5\n')
-    row = Row("llama1b", 10, 1, "adamw", "fp32", "fusedopt cuda", pct_copy=88.25)
+    row = Row("llama1b", 10, 1, "adamw", "fp32", "fusedopt cuda", pct_ceiling=88.25)
     text = model.report_section([row], "cuda", table)
     line = next(x for x in text.splitlines() if x.startswith("| fusedopt cuda | fp32"))
     assert "97.5" in line and "88.2" in line
