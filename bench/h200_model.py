@@ -94,12 +94,13 @@ SOURCES = {
     "issue bound is conservative",
     "copy_gbps": "~4.3 TB/s copy bandwidth of an H200 (issue #17; HBM3e peak 4.8 TB/s); the "
     "GPU suite measures it in the same run",
-    "dram_latency_ns": "1,000 core cycles at 1.755 GHz = 570 ns: '>1,000 cycles' for HBM3 on "
-    "H100 (visualgrok.com/articles/gpu-memory-hierarchy). Microbenchmark papers measure "
-    "less for an idle load (~400 cycles for H100 in Ultrasonics Sonochemistry 99 (2023) "
-    "106546, Table 3; Luo et al. 2024, arXiv:2402.13499, measure Hopper's global latency "
-    "by pointer chasing, whose table the search tool could not show), so 570 ns is the "
-    "conservative end; latency under load is higher still, hence the 2x column",
+    "dram_latency_ns": "an assumption, not a measurement: 1,000 core cycles at 1.755 GHz = "
+    "570 ns. Secondary web sources put H100's HBM3 latency at ~600 cycles "
+    "(fp4-site.pages.dev/silicon/gpu-memory-hierarchy) to '>1,000 cycles' "
+    "(visualgrok.com/articles/gpu-memory-hierarchy); the pointer-chasing measurements of "
+    "Luo et al. 2024 (arXiv:2402.13499) are the primary source to check, but their table "
+    "could not be read here. 570 ns is the conservative end of that range; latency under "
+    "load is higher still, hence the 2x column",
     "launch_us": "a few microseconds per launch (torchedup.dev, 'kernel launch overhead'; "
     "the NVIDIA blog 'Getting Started with CUDA Graphs' motivates graphs by it); 4 us "
     "assumed, not measured here",
