@@ -79,9 +79,16 @@ def load(ptr, offs, mask, COMPUTE: tl.constexpr):
     return x.to(COMPUTE)
 
 
+#: Store rounding modes ([note: store rounding] in csrc/include/fusedopt/dtype.h): the
+#: ``ROUNDING`` constexpr of ``round_to`` and ``store``. Round to nearest even is the only one.
+NEAREST_EVEN: tl.constexpr = tl.constexpr(0)
+
+
 @triton.jit
-def round_to(x, DTYPE: tl.constexpr):
-    """``x`` rounded to ``DTYPE``, to nearest even ([note: interpreter bf16 rounding])."""
+def round_to(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr = NEAREST_EVEN):
+    """``x`` rounded to ``DTYPE`` as ``ROUNDING`` says: to nearest even, the only mode so far
+    ([note: interpreter bf16 rounding])."""
+    tl.static_assert(ROUNDING == NEAREST_EVEN, "only round-to-nearest-even stores exist")
     if INTERPRETING and DTYPE == tl.bfloat16:  # noqa: SIM300
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -92,9 +99,9 @@ def round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def store(ptr, offs, mask, x):
-    """Round to the pointer's dtype (to nearest even) and store."""
-    tl.store(ptr + offs, round_to(x, ptr.dtype.element_ty), mask=mask)
+def store(ptr, offs, mask, x, ROUNDING: tl.constexpr = NEAREST_EVEN):
+    """Round to the pointer's dtype (``round_to``) and store."""
+    tl.store(ptr + offs, round_to(x, ptr.dtype.element_ty, ROUNDING), mask=mask)
 
 
 @triton.jit

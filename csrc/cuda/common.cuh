@@ -155,8 +155,10 @@ __device__ __forceinline__ T to_opmath(S x) {
   }
 }
 
-template <class S, class T>
+/// x rounded to storage type S as R says ([note: store rounding] in fusedopt/dtype.h).
+template <class S, Rounding R = Rounding::kNearestEven, class T>
 __device__ __forceinline__ S from_opmath(T x) {
+  static_assert(R == Rounding::kNearestEven, "only round-to-nearest-even stores exist");
   if constexpr (std::is_same_v<S, bf16>) {
     return bf16{float_to_bf16(static_cast<float>(x))};
   } else if constexpr (std::is_same_v<S, fp16>) {
@@ -186,12 +188,13 @@ __device__ __forceinline__ void load(const S* base, int64_t i, T (&x)[V]) {
   for (int k = 0; k < V; ++k) x[k] = to_opmath<T>(p.v[k]);
 }
 
-template <int V, class S, class T>
+/// base[i..i+V) = x[0..V), rounded as R says; the same alignment rule as load.
+template <int V, Rounding R = Rounding::kNearestEven, class S, class T>
 __device__ __forceinline__ void store(S* base, int64_t i, const T (&x)[V]) {
   __builtin_assume(__isGlobal(base));
   Pack<S, V> p;
 #pragma unroll
-  for (int k = 0; k < V; ++k) p.v[k] = from_opmath<S>(x[k]);
+  for (int k = 0; k < V; ++k) p.v[k] = from_opmath<S, R>(x[k]);
   check_access<Pack<S, V>>(base + i);
   *reinterpret_cast<Pack<S, V>*>(base + i) = p;
 }
