@@ -34,6 +34,13 @@ CHUNK = tl.constexpr(multi_tensor.CHUNK)
 BLOCK = tl.constexpr(multi_tensor.BLOCK)
 HEADER = tl.constexpr(multi_tensor.HEADER)
 
+#: The table of the mixed-dtype ops (scale_, grad_norm): one slot, the tensors, and one
+#: hyperparameter column, the dtype code (``multi_tensor.dtype_code_arguments``). The step
+#: ops' columns come from their spec (``layout``).
+TENSORS: tl.constexpr = tl.constexpr(0)
+MIXED_N_SLOTS: tl.constexpr = tl.constexpr(1)
+DTYPE_CODE: tl.constexpr = tl.constexpr(0)
+
 #: True under TRITON_INTERPRET=1 ([note: interpreter bf16 rounding]).
 INTERPRETING: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 

@@ -1,0 +1,71 @@
+"""A step op's table layout and arguments, derived from its spec (``fusedopt._contract``).
+
+The tensor table of a step call has one address column per tensor list, in schema order, then
+one float64 column per hyperparameter (``multi_tensor``). :func:`layout` names those columns
+as constexprs, so that kernels read ``slot(row, L.EXP_AVGS, ...)`` and
+``hyper(row, L.N_SLOTS, L.BETA1)`` instead of bare numbers; :func:`bind` turns a call's
+positional arguments (schema order) into the lists, hyperparameters, flags and common scalars
+a launch needs, so that no wrapper re-lists the schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import triton.language as tl
+from torch import Tensor
+
+from fusedopt import _contract
+
+
+def layout(op: str) -> types.ModuleType:
+    """The constexpr column names of ``op``'s table: each tensor list's slot (``PARAMS``,
+    ``GRADS``, ``EXP_AVGS``..., ``MASTER_PARAMS``, ``STEPS``), ``N_SLOTS``, and each
+    hyperparameter's index among the hyperparameter columns (``LR``, ``BETA1``...).
+
+    A module object, because jit code may read the attributes of a module global (and only
+    constexpr or module globals)."""
+    spec = _contract.STEP_OPS[op]
+    names = types.ModuleType(f"{op}layout", f"Table columns of {op} (triton_kernels.layout).")
+    for k, name in enumerate(spec.lists):
+        setattr(names, name.upper(), tl.constexpr(k))
+    names.N_SLOTS = tl.constexpr(len(spec.lists))
+    for k, name in enumerate(spec.hypers):
+        setattr(names, name.upper(), tl.constexpr(k))
+    return names
+
+
+@dataclasses.dataclass
+class StepArguments:
+    """A step call's arguments, sorted by the op's spec."""
+
+    named: dict[str, object]  # every argument by its schema name
+    lists: list[list[Tensor]]  # the tensor lists, in schema order (table slots)
+    hypers: list[list[float]]  # the hyperparameter lists, in schema order (table columns)
+    flags: dict[str, bool]  # the per-call flags as constexpr kernel arguments (upper case)
+    scalars: tuple[Tensor | None, ...]  # lr_tensor, grad_scale, clip_coef, found_inf
+    step_slots: tuple[int, ...]  # slots read as scalars (the step counts)
+
+    def __getattr__(self, name: str):
+        try:
+            return self.__dict__["named"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def bind(op: str, args: tuple) -> StepArguments:
+    """``op``'s positional arguments (the schema order) by name."""
+    spec = _contract.STEP_OPS[op]
+    names = (*spec.lists, *spec.hypers, *spec.flag_names, *_contract.COMMON_SCALARS)
+    if len(args) != len(names):
+        raise TypeError(f"{op}: expected {len(names)} arguments, got {len(args)}")
+    named = dict(zip(names, args, strict=True))
+    return StepArguments(
+        named,
+        [named[n] for n in spec.lists],
+        [named[h] for h in spec.hypers],
+        {f.upper(): bool(named[f]) for f in spec.flag_names},
+        tuple(named[s] for s in _contract.COMMON_SCALARS),
+        tuple(k for k, t in enumerate(spec.tensor_lists) if t.role == "step"),
+    )
