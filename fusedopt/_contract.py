@@ -89,7 +89,10 @@ class StepOpSpec:
     states: tuple[TensorListSpec, ...]
     hypers: tuple[str, ...]
     flags: tuple[FlagSpec, ...]
+    cpp: str  # the C++ stem: ``<cpp>Call`` in launch.h, ``FUSEDOPT_<CPP upper>_*`` macros
     steps: str = "required"  # "required", "optional" (empty or one per param) or "none"
+    #: with optional steps: the list that is given iff the steps are (sgd's momentum buffers)
+    steps_with: str | None = None
 
     @property
     def tensor_lists(self) -> tuple[TensorListSpec, ...]:
@@ -171,7 +174,8 @@ STEP_OPS: dict[str, StepOpSpec] = {
     for spec in (
         StepOpSpec(
             "adamw_",
-            "Adam / AdamW. decoupled=True: p *= 1 - lr*wd; decoupled=False (Adam): "
+            cpp="AdamW",
+            doc="Adam / AdamW. decoupled=True: p *= 1 - lr*wd; decoupled=False (Adam): "
             "g += wd*p. max_exp_avg_sqs is empty unless amsgrad.",
             states=(
                 _state("exp_avgs", "exp_avg"),
@@ -188,7 +192,8 @@ STEP_OPS: dict[str, StepOpSpec] = {
         ),
         StepOpSpec(
             "lamb_",
-            "LAMB, timm semantics. The global clip g /= max(1, |g|/max_grad_norm) arrives "
+            cpp="Lamb",
+            doc="LAMB, timm semantics. The global clip g /= max(1, |g|/max_grad_norm) arrives "
             "folded into clip_coef (the functional layer computes it with grad_norm), so the "
             "op itself sees only the common scalars.",
             states=(_state("exp_avgs", "exp_avg"), _state("exp_avg_sqs", "exp_avg_sq")),
@@ -202,7 +207,8 @@ STEP_OPS: dict[str, StepOpSpec] = {
         ),
         StepOpSpec(
             "lion_",
-            "Lion (lion-pytorch): p *= 1 - lr*wd; p -= lr*sign(b1*m + (1-b1)*g); "
+            cpp="Lion",
+            doc="Lion (lion-pytorch): p *= 1 - lr*wd; p -= lr*sign(b1*m + (1-b1)*g); "
             "m = b2*m + (1-b2)*g.",
             states=(_state("exp_avgs", "exp_avg"),),
             hypers=("lr", "beta1", "beta2", "weight_decay"),
@@ -211,7 +217,8 @@ STEP_OPS: dict[str, StepOpSpec] = {
         ),
         StepOpSpec(
             "sgd_",
-            "SGD (torch.optim.SGD). momentum_buffers and steps are both empty (no momentum in "
+            cpp="Sgd",
+            doc="SGD (torch.optim.SGD). momentum_buffers and steps are both empty (no momentum in "
             "this call: every momentum value is 0) or both of length N. A param whose step "
             "count is 0 before this step takes buf = g (torch's first-step rule); a skipped "
             "step does not count. A tensor whose momentum is 0 in a call with buffers steps "
@@ -221,6 +228,7 @@ STEP_OPS: dict[str, StepOpSpec] = {
             hypers=("lr", "momentum", "dampening", "weight_decay"),
             flags=(FlagSpec("nesterov"), FlagSpec("maximize")),
             steps="optional",
+            steps_with="momentum_buffers",
         ),
     )
 }

@@ -249,7 +249,8 @@ def step(
 def _step_from_arguments(op: str, arguments: dict) -> None:
     """:func:`step` with the arguments of a public wrapper (its ``locals()``), sorted into
     lists, hyperparameters and flags by the op's spec, so that no wrapper re-lists them.
-    A list that a flag switches (``present_iff``) is passed only when the flag is set."""
+    A list that a flag switches (``present_iff``) is passed only when the flag is set; steps
+    that go with a list (``steps_with``) must be given with it or not at all."""
     spec = STEP_OPS[op]
     lists = {name: arguments[name] for name in spec.lists}
     for t in spec.tensor_lists:
@@ -259,6 +260,8 @@ def _step_from_arguments(op: str, arguments: dict) -> None:
             lists[t.name] = ()
         elif len(lists[t.name]) != len(lists["params"]):
             raise ValueError(f"{op}: {t.present_iff}=True needs one {t.name} tensor per param")
+    if spec.steps_with is not None and bool(lists[spec.steps_with]) != bool(lists["steps"]):
+        raise ValueError(f"{op}: pass both {spec.steps_with} and steps, or neither")
     step(
         op,
         lists,
@@ -364,6 +367,4 @@ def sgd_(
 ) -> None:
     """One SGD step in place (torch.optim.SGD semantics); pass ``momentum_buffers`` and
     ``steps`` (both, or neither when momentum is 0); fp32 math."""
-    if bool(momentum_buffers) != bool(steps):
-        raise ValueError("sgd_: pass both momentum_buffers and steps, or neither")
     _step_from_arguments("sgd_", locals())

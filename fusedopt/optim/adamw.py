@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from fusedopt._contract import STEP_OPS
 from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
 
 
@@ -37,12 +38,8 @@ class Adam(FusedOptimizer):
     """
 
     OP = "adamw_"
-    STATE_LISTS: ClassVar[dict[str, str]] = {
-        "step": "steps",
-        "exp_avg": "exp_avgs",
-        "exp_avg_sq": "exp_avg_sqs",
-        "max_exp_avg_sq": "max_exp_avg_sqs",
-    }
+    #: torch state key -> op list name, from the op's spec (``fusedopt._contract``).
+    STATE_LISTS: ClassVar[dict[str, str]] = STEP_OPS[OP].state_keys
     #: AdamW is decoupled whatever a loaded group says.
     _ALWAYS_DECOUPLED = False
 

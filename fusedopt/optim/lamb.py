@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fusedopt import ops
+from fusedopt._contract import STEP_OPS
 from fusedopt.clip import _reduce_groups
 from fusedopt.optim._base import FusedOptimizer
 from fusedopt.optim.adamw import adam_hypers, check_adam_group
@@ -38,11 +39,8 @@ class LAMB(FusedOptimizer):
     """
 
     OP = "lamb_"
-    STATE_LISTS: ClassVar[dict[str, str]] = {
-        "step": "steps",
-        "exp_avg": "exp_avgs",
-        "exp_avg_sq": "exp_avg_sqs",
-    }
+    #: torch state key -> op list name, from the op's spec (``fusedopt._contract``).
+    STATE_LISTS: ClassVar[dict[str, str]] = STEP_OPS[OP].state_keys
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from fusedopt._contract import STEP_OPS
 from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
 
 
@@ -21,7 +22,8 @@ class Lion(FusedOptimizer):
     """
 
     OP = "lion_"
-    STATE_LISTS: ClassVar[dict[str, str]] = {"exp_avg": "exp_avgs"}
+    #: torch state key -> op list name, from the op's spec (``fusedopt._contract``).
+    STATE_LISTS: ClassVar[dict[str, str]] = STEP_OPS[OP].state_keys
 
     def __init__(
         self,

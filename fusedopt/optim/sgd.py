@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from fusedopt._contract import STEP_OPS
 from fusedopt.clip import local_tensor
 from fusedopt.optim._base import FusedOptimizer, check_nonnegative
 
@@ -27,7 +28,8 @@ class SGD(FusedOptimizer):
     """
 
     OP = "sgd_"
-    STATE_LISTS: ClassVar[dict[str, str]] = {"step": "steps", "momentum_buffer": "momentum_buffers"}
+    #: torch state key -> op list name, from the op's spec (``fusedopt._contract``).
+    STATE_LISTS: ClassVar[dict[str, str]] = STEP_OPS[OP].state_keys
 
     def __init__(
         self,
