@@ -26,7 +26,8 @@
 namespace fusedopt::cuda {
 
 inline constexpr int kThreads = 256;  // threads of every multi-tensor block
-inline constexpr int kMaxSlots = 6;
+// Slots of a Row: params, grads, master_params and the most states of a step op.
+inline constexpr int kMaxSlots = 3 + spec::kMaxStates;
 
 /// One tensor of an op call, in the device table. Slot meaning is per op (each op names its
 /// slots: kParam, kGrad...); an absent slot is null. hyper[] holds the op's per-tensor
@@ -35,7 +36,7 @@ struct Row {
   void* slot[kMaxSlots];
   float* step;  // the tensor's step count (device), or null
   int64_t numel;
-  double hyper[5];
+  double hyper[spec::kMaxHypers];
   int32_t dtype;  // fusedopt::DType of slot 0, for ops whose tensors may mix dtypes
   int32_t reserved;
 };
