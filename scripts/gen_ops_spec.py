@@ -22,11 +22,8 @@ def camel(name: str) -> str:
 
 
 def _macro(name: str, entries: list[str]) -> list[str]:
-    if not entries:
-        return [f"#define {name}(X)", ""]
-    lines = [f"#define {name}(X) \\"]
-    lines += [f"  {e} \\" for e in entries[:-1]] + [f"  {entries[-1]}", ""]
-    return lines
+    """One line per macro (generated: long lines are fine, and easier to diff)."""
+    return [f"#define {name}(X) {' '.join(entries)}".rstrip()]
 
 
 def render() -> str:
@@ -59,7 +56,7 @@ def render() -> str:
     )
     for s in ops:
         op = s.cpp.upper()
-        out.append(f"// {s.name}")
+        out += ["", f"// {s.name}"]
         states = [
             f"X({t.name}, {camel(t.name)}, {k}, "
             f"{'true' if t.optional and not t.present_iff else 'false'}, {t.present_iff or 'true'})"
@@ -78,9 +75,9 @@ def render() -> str:
         )
         out += _macro(f"FUSEDOPT_{op}_STEPS", ["X(steps)"] if s.steps != "none" else [])
         optional = "false" if s.steps == "required" else "true"
-        out += [f"#define FUSEDOPT_{op}_STEPS_OPTIONAL {optional}", ""]
+        out += [f"#define FUSEDOPT_{op}_STEPS_OPTIONAL {optional}"]
         out += _macro(f"FUSEDOPT_{op}_STEPS_WITH", [f"X({s.steps_with})"] if s.steps_with else [])
-    out += ["namespace fusedopt::spec {", ""]
+    out += ["", "namespace fusedopt::spec {", ""]
     for s in ops:
         out.append(f"namespace {s.name.rstrip('_')} {{")
         for kind, names in (
@@ -88,8 +85,10 @@ def render() -> str:
             ("Hypers", list(s.hypers)),
             ("Flags", s.flag_names),
         ):
-            out += [f"inline constexpr int k{camel(n)} = {k};" for k, n in enumerate(names)]
-            out.append(f"inline constexpr int kNum{kind} = {len(names)};")
+            values = [f"k{camel(n)} = {k}" for k, n in enumerate(names)]
+            out.append(
+                f"inline constexpr int {', '.join([*values, f'kNum{kind} = {len(names)}'])};"
+            )
         out += [f"}}  // namespace {s.name.rstrip('_')}", ""]
     for kind, count in (
         ("States", lambda s: len(s.states)),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import common
 from .common import (
     BLOCK,
     bias_correction,
@@ -33,8 +32,8 @@ from .common import (
     store_param,
     tail_block,
 )
-from .layout import bind, layout
-from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
+from .layout import layout, prepare
+from .multi_tensor import TableCache
 from .registry import register
 
 #: The table columns, named by the spec.
@@ -133,18 +132,11 @@ _TABLES = TableCache()
 def adamw_(*args) -> None:
     """One Adam/AdamW step over every tensor in one launch (``fusedopt._contract``'s schema
     order)."""
-    a = bind("adamw_", args)
-    if not a.params:
-        return
-    dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params))
-    launch = _TABLES.launch(
-        a.lists, a.hypers, (tuple(map(str, dtypes.values())),), scalar_lists=a.step_slots
-    )
-    scalars, flags = scalar_arguments(launch.table, *a.scalars)
-    adamw_kernel[(launch.n_chunks,)](
-        launch.table, launch.chunks, launch.counters, *scalars, WIDTH=launch.width,
-        **dtypes, **flags, **a.flags, ALIGNED=launch.aligned, **common.LAUNCH_OPTIONS,
-    )  # fmt: skip
+    a = prepare("adamw_", args, _TABLES)
+    if a is not None:
+        adamw_kernel[(a.launch.n_chunks,)](
+            a.launch.table, a.launch.chunks, a.launch.counters, *a.scalar_tensors, **a.options()
+        )
 
 
 register("adamw_", adamw_)

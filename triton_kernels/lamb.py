@@ -61,8 +61,8 @@ from .common import (
     store_param,
     tail_block,
 )
-from .layout import bind, layout
-from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
+from .layout import layout, prepare
+from .multi_tensor import TableCache
 from .registry import register
 
 #: The table columns, named by the spec.
@@ -255,16 +255,17 @@ _TABLES = TableCache()
 
 def lamb_(*args) -> None:
     """One LAMB step over every tensor in three launches (see the module docstring)."""
-    a = bind("lamb_", args)
-    if not a.params:
+    a = prepare("lamb_", args, _TABLES)
+    if a is None:
         return
-    params = a.params
-    dtypes = dtype_arguments(params, a.grads, bool(a.master_params))
-    compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    launch = _TABLES.launch(
-        a.lists, a.hypers, (tuple(map(str, dtypes.values())),), scalar_lists=a.step_slots
+    params, dtypes, launch, scalars, flags = (
+        a.params,
+        a.dtypes,
+        a.launch,
+        a.scalar_tensors,
+        a.scalar_flags,
     )
-    scalars, flags = scalar_arguments(launch.table, *a.scalars)
+    compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     device = params[0].device
     partials = torch.empty(2 * launch.n_chunks, dtype=compute, device=device)
     ratios = torch.empty(len(params), dtype=compute, device=device)

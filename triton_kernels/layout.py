@@ -18,6 +18,9 @@ from torch import Tensor
 
 from fusedopt import _contract
 
+from . import common
+from .multi_tensor import Launch, TableCache, dtype_arguments, scalar_arguments
+
 
 def layout(op: str) -> types.ModuleType:
     """The constexpr column names of ``op``'s table: each tensor list's slot (``PARAMS``,
@@ -46,6 +49,19 @@ class StepArguments:
     flags: dict[str, bool]  # the per-call flags as constexpr kernel arguments (upper case)
     scalars: tuple[Tensor | None, ...]  # lr_tensor, grad_scale, clip_coef, found_inf
     step_slots: tuple[int, ...]  # slots read as scalars (the step counts)
+    # Set by ``prepare``:
+    dtypes: dict | None = None  # P_DTYPE, G_DTYPE, S_DTYPE, COMPUTE, MASTER constexprs
+    launch: Launch | None = None
+    scalar_tensors: list[Tensor] | None = None  # the common scalars as kernel arguments
+    scalar_flags: dict | None = None  # LR_MODE, HAS_GRAD_SCALE, HAS_CLIP, HAS_FOUND_INF
+
+    def options(self) -> dict:
+        """The constexpr and launch options every step kernel of the call takes: WIDTH, the
+        dtypes, the common scalars' flags, the op's flags, ALIGNED and LAUNCH_OPTIONS."""
+        return {
+            "WIDTH": self.launch.width, **self.dtypes, **self.scalar_flags, **self.flags,
+            "ALIGNED": self.launch.aligned, **common.LAUNCH_OPTIONS,
+        }  # fmt: skip
 
     def __getattr__(self, name: str):
         try:
@@ -69,3 +85,20 @@ def bind(op: str, args: tuple) -> StepArguments:
         tuple(named[s] for s in _contract.COMMON_SCALARS),
         tuple(k for k, t in enumerate(spec.tensor_lists) if t.role == "step"),
     )
+
+
+def prepare(op: str, args: tuple, tables: TableCache) -> StepArguments | None:
+    """Bind ``args`` (:func:`bind`), then build the call's tables (cached in ``tables``) and
+    the kernel arguments every step kernel takes; None when the call has no params."""
+    a = bind(op, args)
+    if not a.params:
+        return None
+    spec = _contract.STEP_OPS[op]
+    if spec.steps_with is not None and bool(a.named[spec.steps_with]) != bool(a.steps):
+        raise ValueError(f"{op}: {spec.steps_with} and steps must both be given or both be empty")
+    a.dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params))
+    a.launch = tables.launch(
+        a.lists, a.hypers, (tuple(map(str, a.dtypes.values())),), scalar_lists=a.step_slots
+    )
+    a.scalar_tensors, a.scalar_flags = scalar_arguments(a.launch.table, *a.scalars)
+    return a

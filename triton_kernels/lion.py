@@ -11,7 +11,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import common
 from .common import (
     BLOCK,
     full_blocks_end,
@@ -28,8 +27,8 @@ from .common import (
     store_param,
     tail_block,
 )
-from .layout import bind, layout
-from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
+from .layout import layout, prepare
+from .multi_tensor import TableCache
 from .registry import register
 
 #: The table columns, named by the spec.
@@ -99,18 +98,11 @@ _TABLES = TableCache()
 
 def lion_(*args) -> None:
     """One Lion step over every tensor in one launch (``fusedopt._contract``'s schema order)."""
-    a = bind("lion_", args)
-    if not a.params:
-        return
-    dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params))
-    launch = _TABLES.launch(
-        a.lists, a.hypers, (tuple(map(str, dtypes.values())),), scalar_lists=a.step_slots
-    )
-    scalars, flags = scalar_arguments(launch.table, *a.scalars)
-    lion_kernel[(launch.n_chunks,)](
-        launch.table, launch.chunks, *scalars, WIDTH=launch.width, **dtypes, **flags,
-        **a.flags, ALIGNED=launch.aligned, **common.LAUNCH_OPTIONS,
-    )  # fmt: skip
+    a = prepare("lion_", args, _TABLES)
+    if a is not None:
+        lion_kernel[(a.launch.n_chunks,)](
+            a.launch.table, a.launch.chunks, *a.scalar_tensors, **a.options()
+        )
 
 
 register("lion_", lion_)

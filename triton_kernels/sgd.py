@@ -12,7 +12,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import common
 from .common import (
     BLOCK,
     finish_tensor,
@@ -30,8 +29,8 @@ from .common import (
     store_param,
     tail_block,
 )
-from .layout import bind, layout
-from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
+from .layout import layout, prepare
+from .multi_tensor import TableCache
 from .registry import register
 
 #: The table columns, named by the spec.
@@ -111,21 +110,12 @@ _TABLES = TableCache()
 
 def sgd_(*args) -> None:
     """One SGD step over every tensor in one launch (``fusedopt._contract``'s schema order)."""
-    a = bind("sgd_", args)
-    if not a.params:
-        return
-    if bool(a.momentum_buffers) != bool(a.steps):
-        raise ValueError("sgd_: momentum_buffers and steps must both be given or both be empty")
-    dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params))
-    launch = _TABLES.launch(
-        a.lists, a.hypers, (tuple(map(str, dtypes.values())),), scalar_lists=a.step_slots
-    )
-    scalars, flags = scalar_arguments(launch.table, *a.scalars)
-    sgd_kernel[(launch.n_chunks,)](
-        launch.table, launch.chunks, launch.counters, *scalars, WIDTH=launch.width, **dtypes,
-        **flags, **a.flags, HAS_MOMENTUM=bool(a.momentum_buffers), ALIGNED=launch.aligned,
-        **common.LAUNCH_OPTIONS,
-    )  # fmt: skip
+    a = prepare("sgd_", args, _TABLES)
+    if a is not None:
+        sgd_kernel[(a.launch.n_chunks,)](
+            a.launch.table, a.launch.chunks, a.launch.counters, *a.scalar_tensors,
+            HAS_MOMENTUM=bool(a.momentum_buffers), **a.options(),
+        )  # fmt: skip
 
 
 register("sgd_", sgd_)

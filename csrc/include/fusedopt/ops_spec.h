@@ -14,164 +14,64 @@
 // the indices (kExpAvgs, kBeta1, kDecoupled...) and the counts (kNumStates...).
 #pragma once
 
-#define FUSEDOPT_STEP_OPS(X) \
-  X(adamw, ADAMW, AdamW) \
-  X(lamb, LAMB, Lamb) \
-  X(lion, LION, Lion) \
-  X(sgd, SGD, Sgd)
+#define FUSEDOPT_STEP_OPS(X) X(adamw, ADAMW, AdamW) X(lamb, LAMB, Lamb) X(lion, LION, Lion) X(sgd, SGD, Sgd)
 
 // adamw_
-#define FUSEDOPT_ADAMW_STATES(X) \
-  X(exp_avgs, ExpAvgs, 0, false, true) \
-  X(exp_avg_sqs, ExpAvgSqs, 1, false, true) \
-  X(max_exp_avg_sqs, MaxExpAvgSqs, 2, false, amsgrad)
-
-#define FUSEDOPT_ADAMW_HYPERS(X) \
-  X(lr, Lr, 0) \
-  X(beta1, Beta1, 1) \
-  X(beta2, Beta2, 2) \
-  X(eps, Eps, 3) \
-  X(weight_decay, WeightDecay, 4)
-
-#define FUSEDOPT_ADAMW_FLAGS(X) \
-  X(decoupled, Decoupled, 0, true) \
-  X(amsgrad, Amsgrad, 1, false) \
-  X(maximize, Maximize, 2, false) \
-  X(bias_correction, BiasCorrection, 3, true)
-
-#define FUSEDOPT_ADAMW_STEPS(X) \
-  X(steps)
-
+#define FUSEDOPT_ADAMW_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(max_exp_avg_sqs, MaxExpAvgSqs, 2, false, amsgrad)
+#define FUSEDOPT_ADAMW_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(eps, Eps, 3) X(weight_decay, WeightDecay, 4)
+#define FUSEDOPT_ADAMW_FLAGS(X) X(decoupled, Decoupled, 0, true) X(amsgrad, Amsgrad, 1, false) X(maximize, Maximize, 2, false) X(bias_correction, BiasCorrection, 3, true)
+#define FUSEDOPT_ADAMW_STEPS(X) X(steps)
 #define FUSEDOPT_ADAMW_STEPS_OPTIONAL false
-
 #define FUSEDOPT_ADAMW_STEPS_WITH(X)
 
 // lamb_
-#define FUSEDOPT_LAMB_STATES(X) \
-  X(exp_avgs, ExpAvgs, 0, false, true) \
-  X(exp_avg_sqs, ExpAvgSqs, 1, false, true)
-
-#define FUSEDOPT_LAMB_HYPERS(X) \
-  X(lr, Lr, 0) \
-  X(beta1, Beta1, 1) \
-  X(beta2, Beta2, 2) \
-  X(eps, Eps, 3) \
-  X(weight_decay, WeightDecay, 4)
-
-#define FUSEDOPT_LAMB_FLAGS(X) \
-  X(grad_averaging, GradAveraging, 0, true) \
-  X(bias_correction, BiasCorrection, 1, true) \
-  X(trust_clip, TrustClip, 2, false) \
-  X(always_adapt, AlwaysAdapt, 3, false)
-
-#define FUSEDOPT_LAMB_STEPS(X) \
-  X(steps)
-
+#define FUSEDOPT_LAMB_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true)
+#define FUSEDOPT_LAMB_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(eps, Eps, 3) X(weight_decay, WeightDecay, 4)
+#define FUSEDOPT_LAMB_FLAGS(X) X(grad_averaging, GradAveraging, 0, true) X(bias_correction, BiasCorrection, 1, true) X(trust_clip, TrustClip, 2, false) X(always_adapt, AlwaysAdapt, 3, false)
+#define FUSEDOPT_LAMB_STEPS(X) X(steps)
 #define FUSEDOPT_LAMB_STEPS_OPTIONAL false
-
 #define FUSEDOPT_LAMB_STEPS_WITH(X)
 
 // lion_
-#define FUSEDOPT_LION_STATES(X) \
-  X(exp_avgs, ExpAvgs, 0, false, true)
-
-#define FUSEDOPT_LION_HYPERS(X) \
-  X(lr, Lr, 0) \
-  X(beta1, Beta1, 1) \
-  X(beta2, Beta2, 2) \
-  X(weight_decay, WeightDecay, 3)
-
-#define FUSEDOPT_LION_FLAGS(X) \
-  X(maximize, Maximize, 0, false)
-
+#define FUSEDOPT_LION_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true)
+#define FUSEDOPT_LION_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(weight_decay, WeightDecay, 3)
+#define FUSEDOPT_LION_FLAGS(X) X(maximize, Maximize, 0, false)
 #define FUSEDOPT_LION_STEPS(X)
-
 #define FUSEDOPT_LION_STEPS_OPTIONAL true
-
 #define FUSEDOPT_LION_STEPS_WITH(X)
 
 // sgd_
-#define FUSEDOPT_SGD_STATES(X) \
-  X(momentum_buffers, MomentumBuffers, 0, true, true)
-
-#define FUSEDOPT_SGD_HYPERS(X) \
-  X(lr, Lr, 0) \
-  X(momentum, Momentum, 1) \
-  X(dampening, Dampening, 2) \
-  X(weight_decay, WeightDecay, 3)
-
-#define FUSEDOPT_SGD_FLAGS(X) \
-  X(nesterov, Nesterov, 0, false) \
-  X(maximize, Maximize, 1, false)
-
-#define FUSEDOPT_SGD_STEPS(X) \
-  X(steps)
-
+#define FUSEDOPT_SGD_STATES(X) X(momentum_buffers, MomentumBuffers, 0, true, true)
+#define FUSEDOPT_SGD_HYPERS(X) X(lr, Lr, 0) X(momentum, Momentum, 1) X(dampening, Dampening, 2) X(weight_decay, WeightDecay, 3)
+#define FUSEDOPT_SGD_FLAGS(X) X(nesterov, Nesterov, 0, false) X(maximize, Maximize, 1, false)
+#define FUSEDOPT_SGD_STEPS(X) X(steps)
 #define FUSEDOPT_SGD_STEPS_OPTIONAL true
-
-#define FUSEDOPT_SGD_STEPS_WITH(X) \
-  X(momentum_buffers)
+#define FUSEDOPT_SGD_STEPS_WITH(X) X(momentum_buffers)
 
 namespace fusedopt::spec {
 
 namespace adamw {
-inline constexpr int kExpAvgs = 0;
-inline constexpr int kExpAvgSqs = 1;
-inline constexpr int kMaxExpAvgSqs = 2;
-inline constexpr int kNumStates = 3;
-inline constexpr int kLr = 0;
-inline constexpr int kBeta1 = 1;
-inline constexpr int kBeta2 = 2;
-inline constexpr int kEps = 3;
-inline constexpr int kWeightDecay = 4;
-inline constexpr int kNumHypers = 5;
-inline constexpr int kDecoupled = 0;
-inline constexpr int kAmsgrad = 1;
-inline constexpr int kMaximize = 2;
-inline constexpr int kBiasCorrection = 3;
-inline constexpr int kNumFlags = 4;
+inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kMaxExpAvgSqs = 2, kNumStates = 3;
+inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
+inline constexpr int kDecoupled = 0, kAmsgrad = 1, kMaximize = 2, kBiasCorrection = 3, kNumFlags = 4;
 }  // namespace adamw
 
 namespace lamb {
-inline constexpr int kExpAvgs = 0;
-inline constexpr int kExpAvgSqs = 1;
-inline constexpr int kNumStates = 2;
-inline constexpr int kLr = 0;
-inline constexpr int kBeta1 = 1;
-inline constexpr int kBeta2 = 2;
-inline constexpr int kEps = 3;
-inline constexpr int kWeightDecay = 4;
-inline constexpr int kNumHypers = 5;
-inline constexpr int kGradAveraging = 0;
-inline constexpr int kBiasCorrection = 1;
-inline constexpr int kTrustClip = 2;
-inline constexpr int kAlwaysAdapt = 3;
-inline constexpr int kNumFlags = 4;
+inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kNumStates = 2;
+inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
+inline constexpr int kGradAveraging = 0, kBiasCorrection = 1, kTrustClip = 2, kAlwaysAdapt = 3, kNumFlags = 4;
 }  // namespace lamb
 
 namespace lion {
-inline constexpr int kExpAvgs = 0;
-inline constexpr int kNumStates = 1;
-inline constexpr int kLr = 0;
-inline constexpr int kBeta1 = 1;
-inline constexpr int kBeta2 = 2;
-inline constexpr int kWeightDecay = 3;
-inline constexpr int kNumHypers = 4;
-inline constexpr int kMaximize = 0;
-inline constexpr int kNumFlags = 1;
+inline constexpr int kExpAvgs = 0, kNumStates = 1;
+inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kWeightDecay = 3, kNumHypers = 4;
+inline constexpr int kMaximize = 0, kNumFlags = 1;
 }  // namespace lion
 
 namespace sgd {
-inline constexpr int kMomentumBuffers = 0;
-inline constexpr int kNumStates = 1;
-inline constexpr int kLr = 0;
-inline constexpr int kMomentum = 1;
-inline constexpr int kDampening = 2;
-inline constexpr int kWeightDecay = 3;
-inline constexpr int kNumHypers = 4;
-inline constexpr int kNesterov = 0;
-inline constexpr int kMaximize = 1;
-inline constexpr int kNumFlags = 2;
+inline constexpr int kMomentumBuffers = 0, kNumStates = 1;
+inline constexpr int kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kNumHypers = 4;
+inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
 }  // namespace sgd
 
 inline constexpr int kMaxStates = 3;
