@@ -88,7 +88,7 @@ class StepOpSpec:
     doc: str  # the semantics, one paragraph (DESIGN.md §3 has the full contract)
     states: tuple[TensorListSpec, ...]
     hypers: tuple[str, ...]
-    flags: tuple[FlagSpec, ...]
+    flag_specs: tuple[FlagSpec, ...]
     cpp: str  # the C++ stem: ``<cpp>Call`` in launch.h, ``FUSEDOPT_<CPP upper>_*`` macros
     steps: str = "required"  # "required", "optional" (empty or one per param) or "none"
     #: with optional steps: the list that is given iff the steps are (sgd's momentum buffers)
@@ -122,8 +122,9 @@ class StepOpSpec:
         return tuple(t.name for t in self.states)
 
     @property
-    def flag_names(self) -> tuple[str, ...]:
-        return tuple(f.name for f in self.flags)
+    def flags(self) -> tuple[str, ...]:
+        """The flag names, in schema order."""
+        return tuple(f.name for f in self.flag_specs)
 
     @property
     def state_keys(self) -> dict[str, str]:
@@ -143,7 +144,7 @@ class StepOpSpec:
             for t in self.tensor_lists
         ]
         args += [f"float[] {h}" for h in self.hypers]
-        args += [f"bool {f.name}" for f in self.flags]
+        args += [f"bool {f}" for f in self.flags]
         args += [f"Tensor? {s}" for s in COMMON_SCALARS]
         return args
 
@@ -183,7 +184,7 @@ STEP_OPS: dict[str, StepOpSpec] = {
                 _state("max_exp_avg_sqs", "max_exp_avg_sq", optional=True, present_iff="amsgrad"),
             ),
             hypers=("lr", "beta1", "beta2", "eps", "weight_decay"),
-            flags=(
+            flag_specs=(
                 FlagSpec("decoupled", True),
                 FlagSpec("amsgrad"),
                 FlagSpec("maximize"),
@@ -198,7 +199,7 @@ STEP_OPS: dict[str, StepOpSpec] = {
             "op itself sees only the common scalars.",
             states=(_state("exp_avgs", "exp_avg"), _state("exp_avg_sqs", "exp_avg_sq")),
             hypers=("lr", "beta1", "beta2", "eps", "weight_decay"),
-            flags=(
+            flag_specs=(
                 FlagSpec("grad_averaging", True),
                 FlagSpec("bias_correction", True),
                 FlagSpec("trust_clip"),
@@ -212,7 +213,7 @@ STEP_OPS: dict[str, StepOpSpec] = {
             "m = b2*m + (1-b2)*g.",
             states=(_state("exp_avgs", "exp_avg"),),
             hypers=("lr", "beta1", "beta2", "weight_decay"),
-            flags=(FlagSpec("maximize"),),
+            flag_specs=(FlagSpec("maximize"),),
             steps="none",
         ),
         StepOpSpec(
@@ -226,7 +227,7 @@ STEP_OPS: dict[str, StepOpSpec] = {
             "step untouched.",
             states=(_state("momentum_buffers", "momentum_buffer", optional=True),),
             hypers=("lr", "momentum", "dampening", "weight_decay"),
-            flags=(FlagSpec("nesterov"), FlagSpec("maximize")),
+            flag_specs=(FlagSpec("nesterov"), FlagSpec("maximize")),
             steps="optional",
             steps_with="momentum_buffers",
         ),

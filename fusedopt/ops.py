@@ -238,7 +238,7 @@ def step(
         handle(
             *(pick(lists[name]) for name in spec.lists),
             *(pick(values[h]) for h in spec.hypers),
-            *(bool(flags[f]) for f in spec.flag_names),
+            *(bool(flags[f]) for f in spec.flags),
             group_lr_tensor,
             grad_scale,
             clip_coef,
@@ -266,7 +266,7 @@ def _step_from_arguments(op: str, arguments: dict) -> None:
         op,
         lists,
         {h: arguments[h] for h in spec.hypers},
-        {f: arguments[f] for f in spec.flag_names},
+        {f: arguments[f] for f in spec.flags},
         grad_scale=arguments["grad_scale"],
         clip_coef=arguments["clip_coef"],
         found_inf=arguments["found_inf"],

@@ -70,7 +70,7 @@ def render() -> str:
             f"FUSEDOPT_{op}_FLAGS",
             [
                 f"X({f.name}, {camel(f.name)}, {k}, {'true' if f.default else 'false'})"
-                for k, f in enumerate(s.flags)
+                for k, f in enumerate(s.flag_specs)
             ],
         )
         out += _macro(f"FUSEDOPT_{op}_STEPS", ["X(steps)"] if s.steps != "none" else [])
@@ -83,7 +83,7 @@ def render() -> str:
         for kind, names in (
             ("States", [t.name for t in s.states]),
             ("Hypers", list(s.hypers)),
-            ("Flags", s.flag_names),
+            ("Flags", s.flags),
         ):
             values = [f"k{camel(n)} = {k}" for k, n in enumerate(names)]
             out.append(

@@ -73,7 +73,7 @@ def test_optimizers_state_lists_come_from_the_spec():
 
 def _schema_order(op: str) -> list[str]:
     spec = _contract.STEP_OPS[op]
-    return [*spec.lists, *spec.hypers, *spec.flag_names, *_contract.COMMON_SCALARS]
+    return [*spec.lists, *spec.hypers, *spec.flags, *_contract.COMMON_SCALARS]
 
 
 @pytest.mark.parametrize("op", sorted(_contract.STEP_OPS))
@@ -91,7 +91,7 @@ def test_public_wrapper_defaults_agree_with_the_spec(op):
     signature = inspect.signature(getattr(ops, op)).parameters
     spec = _contract.STEP_OPS[op]
     assert set(spec.lists) | set(spec.hypers) <= set(signature)
-    for flag in spec.flags:
+    for flag in spec.flag_specs:
         assert signature[flag.name].default is flag.default, flag.name
 
 
@@ -116,7 +116,7 @@ def test_cpp_uses_the_spec_not_hand_written_indices():
             source = f.read()
         assert f"FUSEDOPT_FILL_STEP_CALL({_contract.STEP_OPS[op].cpp.upper()})" in source
         spec = _contract.STEP_OPS[op]
-        names = [*spec.hypers, *spec.flag_names]
+        names = [*spec.hypers, *spec.flags]
         for name in names:
             camel = "".join(part.capitalize() for part in name.split("_"))
             assert not re.search(rf"\bk{camel} = \d", source), (stem, name)

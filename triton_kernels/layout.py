@@ -73,7 +73,7 @@ class StepArguments:
 def bind(op: str, args: tuple) -> StepArguments:
     """``op``'s positional arguments (the schema order) by name."""
     spec = _contract.STEP_OPS[op]
-    names = (*spec.lists, *spec.hypers, *spec.flag_names, *_contract.COMMON_SCALARS)
+    names = (*spec.lists, *spec.hypers, *spec.flags, *_contract.COMMON_SCALARS)
     if len(args) != len(names):
         raise TypeError(f"{op}: expected {len(names)} arguments, got {len(args)}")
     named = dict(zip(names, args, strict=True))
@@ -81,7 +81,7 @@ def bind(op: str, args: tuple) -> StepArguments:
         named,
         [named[n] for n in spec.lists],
         [named[h] for h in spec.hypers],
-        {f.upper(): bool(named[f]) for f in spec.flag_names},
+        {f.upper(): bool(named[f]) for f in spec.flags},
         tuple(named[s] for s in _contract.COMMON_SCALARS),
         tuple(k for k, t in enumerate(spec.tensor_lists) if t.role == "step"),
     )
