@@ -176,7 +176,6 @@ def main() -> None:
         version="0.1.0",
         description="Fused multi-tensor optimizer kernels for PyTorch (CUDA C++, Triton, C++ CPU)",
         packages=["fusedopt", "fusedopt.optim", "fusedopt.reference", "fusedopt.triton_kernels"],
-        package_dir={"fusedopt.triton_kernels": "triton_kernels"},
         python_requires=">=3.10",
         install_requires=["torch>=2.11"],
         extras_require={"triton": ["triton>=3.6"]},

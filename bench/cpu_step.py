@@ -1,7 +1,8 @@
 """CPU optimizer-step benchmark on GPT-2 small's parameter list (124M params, 148 tensors).
 
 Side by side in one run, with achieved bandwidth (the bytes a step must move / its time)
-and the machine's in-place streaming bandwidth measured in the same run:
+and the machine's bandwidth ceiling measured in the same run (``bench/timing.py``: STREAM's
+kernels, bus bytes with write-allocate):
 
 1. fp32 AdamW: fusedopt ``cpu`` (``ops.adamw_``) vs ``torch.optim.AdamW(fused=True)``.
 2. Mixed precision with clipping: fusedopt bf16 params + fp32 master weights +
@@ -22,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from bench.timing import ceiling_array_bytes, stream_ceiling
 from fusedopt import ops
 
 MAX_GRAD_NORM = 1.0
@@ -56,15 +58,6 @@ def alternate(contenders: dict[str, Callable[[], None]], steps: int) -> dict[str
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def inplace_bandwidth(numel: int = 1 << 27) -> float:
-    """GB/s of ``x.mul_(1.0)`` over 512 MB (read + write of the same memory): the roofline of
-    an optimizer step, which updates its tensors in place. (A copy into another buffer runs
-    slower here: its writes first read their cache lines, a third stream.)"""
-    x = torch.randn(numel)
-    seconds = alternate({"mul_": lambda: x.mul_(1.0)}, 5)["mul_"]
-    return 2 * 4 * numel / seconds / 1e9
-
-
 def _randn(shapes, dtype=torch.float32, scale=1.0):
     return [torch.randn(s).mul_(scale).to(dtype) for s in shapes]
 
@@ -89,8 +82,8 @@ def fp32_adamw(shapes) -> dict[str, Callable[[], None]]:
     return {"fusedopt": fusedopt_step, "torch": opt.step}
 
 
-def mixed_clipped(shapes) -> dict[str, Callable[[], None]]:
-    """fusedopt: bf16 params + fp32 master + clipping; torch: fp32 params + clip + fused."""
+def _fusedopt_mixed(shapes, master_sync: bool) -> Callable[[], None]:
+    """One fusedopt bf16 + fp32 master + clipping step on its own tensors."""
     master = _randn(shapes)
     params = [m.to(torch.bfloat16) for m in master]
     grads = _randn(shapes, torch.bfloat16, scale=1e-2)
@@ -104,8 +97,17 @@ def mixed_clipped(shapes) -> dict[str, Callable[[], None]]:
         clip = torch.clamp(max_norm / (norm.total + 1e-6), max=1.0)
         ops.adamw_(
             params, grads, exp_avgs, exp_avg_sqs, counts, lr=LR, master_params=master,
-            clip_coef=clip, found_inf=norm.found_inf, backend="cpu",
+            master_sync=master_sync, clip_coef=clip, found_inf=norm.found_inf, backend="cpu",
         )  # fmt: skip
+
+    return fusedopt_step
+
+
+def mixed_clipped(shapes) -> dict[str, Callable[[], None]]:
+    """fusedopt: bf16 params + fp32 master + clipping, with and without master sync;
+    torch: fp32 params + clip + fused."""
+    fusedopt_step = _fusedopt_mixed(shapes, master_sync=True)
+    nosync_step = _fusedopt_mixed(shapes, master_sync=False)
 
     torch_params = [torch.nn.Parameter(p) for p in _randn(shapes)]
     torch_grads = _randn(shapes, scale=1e-2)
@@ -117,17 +119,18 @@ def mixed_clipped(shapes) -> dict[str, Callable[[], None]]:
         torch.nn.utils.clip_grad_norm_(torch_params, MAX_GRAD_NORM)
         opt.step()
 
-    return {"fusedopt": fusedopt_step, "torch": torch_step}
+    return {"fusedopt": fusedopt_step, "fo-nosync": nosync_step, "torch": torch_step}
 
 
 # Bytes each step must move per element (reads + writes).
 CASES = {
     # p, g, m, v read; p, m, v written; fp32.
     "fp32 AdamW": (fp32_adamw, {"fusedopt": 28, "torch": 28}),
-    # fusedopt: grad_norm reads g (2); the step reads g, master, m, v (14) and writes master,
-    # the bf16 param, m, v (14). torch: the norm reads g (4), the clip scales g in place (8),
-    # the fused step moves 28.
-    "bf16+master+clip": (mixed_clipped, {"fusedopt": 30, "torch": 40}),
+    # fusedopt: grad_norm reads g (2); the step reads g, master, the bf16 param (master
+    # sync), m, v (16) and writes master, the bf16 param, m, v (14); with master_sync=False
+    # ("fo-nosync") it does not read the param (30). torch: the norm reads g (4), the clip
+    # scales g in place (8), the fused step moves 28.
+    "bf16+master+clip": (mixed_clipped, {"fusedopt": 32, "fo-nosync": 30, "torch": 40}),
 }
 
 
@@ -145,8 +148,10 @@ def main() -> None:
         f"GPT-2 small: {numel / 1e6:.1f}M params in {len(shapes)} tensors; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    roof = inplace_bandwidth()
-    print(f"in-place bandwidth (fp32 mul_, read + write): {roof:.1f} GB/s")
+    cpu = torch.device("cpu")
+    ceiling = stream_ceiling(cpu, ceiling_array_bytes(cpu, quick=False))
+    roof = ceiling.gbps
+    print(f"bandwidth ceiling: {ceiling.describe()}")
     print(f"{'case':<18} {'impl':<9} {'ms':>8} {'GB/s':>7} {'% roof':>7}")
     for name, (make, bytes_per_element) in CASES.items():
         times = alternate(make(shapes), args.steps)

@@ -81,7 +81,8 @@ if [ "$(cut -f2 "$STEPS")" = "0" ]; then
   # 4. the benchmark report (bench/report.py) on the ~1B Llama-like shape list, after the tests
   #    so that nothing else runs on the GPU while it times. AdamW only (fp32 and amp), the
   #    optimizer the speed goals of DESIGN.md §6 are stated for, to fit the 5-minute budget;
-  #    `python -m bench.report --device cuda` alone runs every optimizer.
+  #    `python -m bench.report --device cuda` alone runs every optimizer. Its section "H200
+  #    model vs measured" prints the measured % of copy beside bench/h200_model.py's prediction.
   step report 150 "$PY" -m bench.report --device cuda --model llama1b --optimizers adamw \
     --out "$OUT"
 fi

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from bench.timing import Ceiling
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,8 +27,11 @@ class RunInfo:
     triton: str
     date: str
     commit: str
-    copy_gbps: float
-    inplace_gbps: float
+    # The bandwidth ceiling of the same run (bench/timing.py): GB/s, the STREAM kernel that
+    # reached it, and how it was measured (one line).
+    ceiling_gbps: float
+    ceiling_kernel: str
+    ceiling_how: str
     threads: int
     cpus: int
     # 1-minute load average when the run began and ended: how busy the machine was. A load
@@ -35,9 +40,7 @@ class RunInfo:
     load_end: float = float("nan")
 
     @classmethod
-    def collect(
-        cls, device: torch.device, copy_gbps: float, inplace_gbps: float, load_start: float
-    ) -> RunInfo:
+    def collect(cls, device: torch.device, ceiling: Ceiling, load_start: float) -> RunInfo:
         return cls(
             device=device.type,
             device_name=device_name(device),
@@ -45,8 +48,9 @@ class RunInfo:
             triton=_triton_version(),
             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             commit=git_commit(),
-            copy_gbps=copy_gbps,
-            inplace_gbps=inplace_gbps,
+            ceiling_gbps=ceiling.gbps,
+            ceiling_kernel=ceiling.kernel,
+            ceiling_how=ceiling.describe(),
             threads=torch.get_num_threads(),
             cpus=os.cpu_count() or 1,
             load_start=load_start,
@@ -120,7 +124,7 @@ class Row:
     p80_ms: float | None = None
     bytes_per_param: int | None = None
     gbps: float | None = None
-    pct_copy: float | None = None
+    pct_ceiling: float | None = None  # gbps as a share of RunInfo.ceiling_gbps
     vs_best_peer: float | None = None
     launches: float | None = None
     launches_what: str = ""
@@ -162,7 +166,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 COLUMNS = (
     "optimizer", "mode", "implementation", "median ms", "p20 ms", "p80 ms", "B/param",
-    "GB/s", "% copy", "x best peer", "launches/step", "host ms/step", "extra peak MiB",
+    "GB/s", "% ceiling", "x best peer", "launches/step", "host ms/step", "extra peak MiB",
 )  # fmt: skip
 
 
@@ -175,7 +179,7 @@ def markdown_table(rows: list[Row]) -> str:
         else:
             cells = [
                 r.optimizer, r.mode, r.impl, _fmt(r.median_ms, 3), _fmt(r.p20_ms, 3),
-                _fmt(r.p80_ms, 3), str(r.bytes_per_param), _fmt(r.gbps, 1), _fmt(r.pct_copy, 1),
+                _fmt(r.p80_ms, 3), str(r.bytes_per_param), _fmt(r.gbps, 1), _fmt(r.pct_ceiling, 1),
                 _fmt(r.vs_best_peer), _fmt(r.launches, 1), _fmt(r.host_ms, 3),
                 _fmt(r.extra_peak_mib, 1),
             ]  # fmt: skip
@@ -195,7 +199,7 @@ def write_csv(path: Path, info: RunInfo, rows: list[Row]) -> None:
 
 
 def write_plot(path: Path, info: RunInfo, rows: list[Row], title: str) -> None:
-    """Horizontal bars of % of copy bandwidth per (optimizer, mode, implementation)."""
+    """Horizontal bars of % of the bandwidth ceiling per (optimizer, mode, implementation)."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib
 
@@ -203,9 +207,9 @@ def write_plot(path: Path, info: RunInfo, rows: list[Row], title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    shown = [r for r in rows if r.ok and r.pct_copy is not None]
+    shown = [r for r in rows if r.ok and r.pct_ceiling is not None]
     labels = [f"{r.optimizer} {r.mode} | {r.impl}" for r in shown]
-    values = [r.pct_copy for r in shown]
+    values = [r.pct_ceiling for r in shown]
     colors = ["tab:orange" if r.is_fusedopt else "tab:blue" for r in shown]
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.26 * max(1, len(shown))))
     ax.barh(range(len(shown)), values, color=colors)
@@ -214,7 +218,7 @@ def write_plot(path: Path, info: RunInfo, rows: list[Row], title: str) -> None:
     ax.set_yticks(range(len(shown)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(100, color="gray", linestyle="--", linewidth=0.8)
-    ax.set_xlabel(f"% of copy bandwidth ({info.copy_gbps:.1f} GB/s, same run)")
+    ax.set_xlabel(f"% of the bandwidth ceiling ({info.ceiling_gbps:.1f} GB/s, STREAM, same run)")
     ax.set_title(f"{title}\n{info.device_name}, torch {info.torch}, {info.date}", fontsize=9)
     for i, value in enumerate(values):
         ax.text(value, i, f" {value:.0f}", va="center", fontsize=6)

@@ -2,11 +2,14 @@
 
     python -m bench.report [--device cpu|cuda] [--model gpt2|llama1b|tiny] [--quick]
                            [--compile-peers [none|adamw|all]] [--slow-backends]
-                           [--optimizers adamw,lamb,...] [--modes fp32,amp] [--out bench/results]
+                           [--optimizers adamw,lamb,...] [--modes fp32,amp] [--no-norm]
+                           [--out bench/results]
 
 For each optimizer x precision mode (``fp32``; ``amp`` = bf16 params + fp32 master + loss
 scale + clipping, see ``bench/traffic.py``) it times every usable fusedopt backend on the
-device and the peers of DESIGN.md §6 (``bench/peers.py``), then prints a Markdown table and
+device and the peers of DESIGN.md §6 (``bench/peers.py``), and the ``grad_norm`` pass alone
+(``bench/norm.py``); each as GB/s and % of the bandwidth ceiling measured in the same run
+(``bench/timing.py``: STREAM's kernels, bus bytes). It then prints a Markdown table and
 writes ``<device>-<model>-<stamp>.{csv,md,png}`` under ``--out``. Defaults: ``cuda`` when a GPU
 is visible (model ``llama1b``, compiled AdamW peers), else ``cpu`` (model ``gpt2``, compiled
 peers opt-in: Inductor takes minutes to compile them on a small CPU). Exit status 1 when any
@@ -25,8 +28,10 @@ from pathlib import Path
 import torch
 
 from bench import goals as goals_mod
+from bench import h200_model
 from bench.cases import Workload, make_workload
 from bench.fused import backend_rows, make_fused
+from bench.norm import NORM_MODES, norm_rows
 from bench.output import (
     Row,
     RunInfo,
@@ -38,7 +43,13 @@ from bench.output import (
 )
 from bench.peers import Unavailable, make_peer, peer_labels
 from bench.shapes import MODELS, model_shapes, numel
-from bench.timing import Step, copy_bandwidth, profile_step, time_steps
+from bench.timing import (
+    Step,
+    ceiling_array_bytes,
+    profile_step,
+    stream_ceiling,
+    time_steps,
+)
 from bench.traffic import MODES, OPTIMIZER_OPS
 from fusedopt._contract import BACKEND_NAMES
 
@@ -82,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="grad_norm rows: the norm pass alone, per mode (bench/norm.py)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not gpu:
@@ -169,7 +186,7 @@ def run_case(
     label: str,
     factory: Callable[[], Step] | str,
     args: argparse.Namespace,
-    copy_gbps: float,
+    ceiling_gbps: float,
 ) -> Row:
     """Time one implementation of one case; a row with a status when it cannot run."""
     device = workload.device
@@ -199,7 +216,7 @@ def run_case(
         _release(device)
     row.median_ms, row.p20_ms, row.p80_ms = (t * 1e3 for t in (timed.median, timed.p20, timed.p80))
     row.gbps = workload.bytes_per_param * workload.numel / timed.median / 1e9
-    row.pct_copy = 100.0 * row.gbps / copy_gbps
+    row.pct_ceiling = 100.0 * row.gbps / ceiling_gbps
     row.host_ms = timed.host_median * 1e3
     row.launches, row.launches_what = prof.launches, prof.launches_what
     if prof.extra_peak_bytes is not None:
@@ -261,8 +278,7 @@ def render(args, info: RunInfo, backends, rows, scaling, goals, wall_s: float) -
         "(`bench/shapes.py`)",
         f"- device `{info.device}` ({info.device_name}, {info.threads} threads), torch "
         f"{info.torch}, Triton {info.triton}, commit {info.commit}, {info.date}",
-        f"- copy bandwidth (same run): {info.copy_gbps:.1f} GB/s (`dst.copy_(src)`, read + "
-        f"written bytes); in-place read-modify-write: {info.inplace_gbps:.1f} GB/s",
+        f"- bandwidth ceiling (same run): {info.ceiling_how} (`bench/timing.py`)",
         f"- warmup {args.warmup}, repeats {args.repeats} (compiled peers: +2 warmup); "
         f"wall time of this run {wall_s:.0f} s",
         f"- machine load (1-min load average): {info.load_start:.1f} at start, "
@@ -279,7 +295,12 @@ def render(args, info: RunInfo, backends, rows, scaling, goals, wall_s: float) -
         "",
         "Columns: step time median and 20th/80th percentiles; B/param = compulsory bytes per "
         "parameter of the case (`bench/traffic.py`, the same for every implementation, so GB/s "
-        "is *effective* bandwidth and `% copy` its share of the copy bandwidth above); "
+        "is *effective* bandwidth and `% ceiling` its share of the bandwidth ceiling above: "
+        "both count bytes that cross the memory bus, and an in-place pass moves exactly its "
+        "compulsory bytes, so a step at 100% would run at the measured STREAM rate); "
+        "`grad_norm` rows: the global L2 norm of the model's grads alone (fp32 grads; amp: "
+        "bf16 grads divided by the loss scale, the norm pass of an amp step), B/param = the "
+        "grad read once (`bench/norm.py`); "
         "`x best peer` = fastest non-fusedopt median / this median; launches/step = "
         f"{what}; host ms/step = "
         + ("time to issue a step, no sync" if info.device == "cuda"
@@ -296,6 +317,10 @@ def render(args, info: RunInfo, backends, rows, scaling, goals, wall_s: float) -
         "## Goals",
         "",
         goals_mod.markdown(goals),
+        "",
+        "## H200 model vs measured (AdamW step kernel, `bench/results/h200_model.md`)",
+        "",
+        h200_model.report_section(rows, info.device),
         "",
     ])
     # fmt: on
@@ -322,9 +347,8 @@ def _run(args: argparse.Namespace) -> int:
     for name in backends:
         if args.backends is not None and name not in args.backends:
             backends[name] = backends[name] or "not selected (--backends)"
-    copy_size = (64 if args.quick else 256) * 2**20 * (4 if device.type == "cuda" else 1)
-    bandwidth = copy_bandwidth(device, copy_size)
-    info = RunInfo.collect(device, bandwidth.copy_gbps, bandwidth.inplace_gbps, load_start)
+    ceiling = stream_ceiling(device, ceiling_array_bytes(device, args.quick))
+    info = RunInfo.collect(device, ceiling, load_start)
 
     cases = [(o, m) for o in args.optimizers for m in args.modes]
     planned = {
@@ -343,15 +367,30 @@ def _run(args: argparse.Namespace) -> int:
             workload, backends, args.compile_peers, args.all_peers
         ):
             progress.show(f"{optimizer} {mode}: {label}")
-            rows.append(run_case(workload, label, factory, args, bandwidth.copy_gbps))
+            rows.append(run_case(workload, label, factory, args, ceiling.gbps))
             progress.advance()
         del workload
         _release(device, collect=True)
+    if args.norm:
+        progress.show("grad_norm rows")
+        norm_modes = [m for m in args.modes if m in NORM_MODES]
+        rows += norm_rows(args.model, device, backends, norm_modes, args.warmup, args.repeats,
+                          ceiling.gbps)  # fmt: skip
+        _release(device, collect=True)
     progress.show("launch scaling")
     scaling = launch_scaling(device, backends, args.modes, args.quick)
-    progress.close()
 
     info.load_end = load_average()
+    # The ceiling again, each kernel keeping its best of both: a busy moment during one
+    # measurement must not lower it (the percentages are recomputed against the best).
+    progress.show("bandwidth ceiling, again")
+    ceiling = ceiling.merged(stream_ceiling(device, ceiling_array_bytes(device, args.quick)))
+    info.ceiling_gbps, info.ceiling_kernel = ceiling.gbps, ceiling.kernel
+    info.ceiling_how = ceiling.describe()
+    for row in rows:
+        if row.gbps is not None:
+            row.pct_ceiling = 100.0 * row.gbps / ceiling.gbps
+    progress.close()
     fill_relative(rows)
     goals = goals_mod.evaluate(rows, info, args.model, scaling, backends)
     wall = time.perf_counter() - began

@@ -1,4 +1,4 @@
-"""The timing core: step times, host time, copy bandwidth, launch counts and extra memory.
+"""The timing core: step times, host time, the bandwidth ceiling, launch counts, extra memory.
 
 * **Step time.** GPU: a CUDA event pair around each step, read after one final synchronize,
   so back-to-back steps are timed as the GPU runs them (host gaps included when the host is
@@ -8,12 +8,19 @@
 * **Host time.** GPU: wall time to *issue* a step, with no synchronize (what the Python side
   and the dispatcher cost). CPU: process CPU time per step (all threads together), since the
   host *is* the device there.
-* **Copy bandwidth.** ``dst.copy_(src)`` over buffers far larger than the last-level cache,
-  counted as bytes read plus bytes written. Measured in the same run as the steps, because
-  absolute numbers hold for one machine only. On CPUs, stores to ``dst`` first read the line
-  (write-allocate), so ``copy_`` moves ~1.5x what it is credited with; an in-place
-  read-modify-write (``x.mul_(1)``) has no such overhead, which is why in-place optimizer steps
-  may exceed 100% of copy bandwidth on a CPU. Both are measured; the copy is the headline.
+* **Bandwidth ceiling.** Measured as STREAM does (McCalpin's four kernels, best rate of each
+  over the repeats, the ceiling is the best of the four): ``copy`` c = a, ``scale`` b = s*c,
+  ``add`` c = a + b, ``triad`` a = b + s*c, as torch ops on fp32 arrays far larger than the
+  last-level cache (each >= 4x it), on the threads the steps use. The bytes are what crosses
+  the memory bus: each array read, and each array written, counted once; on a CPU a store to
+  a line that is not in the cache first reads that line (write-allocate: torch's stores are
+  ordinary, not streaming), so a written array counts twice there, where STREAM itself counts
+  it once (its own count is kept beside it, to compare with published STREAM results). A GPU
+  writes whole sectors without reading them: written arrays count once there. A step's bytes
+  are its compulsory bytes (``bench/traffic.py``); an in-place pass writes only lines it has
+  just read, so it causes no write-allocate and its compulsory bytes are the bytes it moves:
+  both sides of ``% ceiling`` count bus traffic, and a step above 100% would move bytes
+  faster than the best STREAM kernel (a read-only pass may: STREAM has no pure-read kernel).
 * **Launches per step.** GPU: device activities (kernels, memcpys, memsets) recorded by
   ``torch.profiler``. CPU: top-level dispatcher op calls (``aten::*`` / ``fusedopt::*`` ops
   not nested inside another op), the CPU analogue of a launch.
@@ -30,6 +37,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -112,27 +120,131 @@ def time_steps(step: Step, device: torch.device, warmup: int, repeats: int) -> S
 
 
 @dataclasses.dataclass(frozen=True)
-class Bandwidth:
-    """Reference bandwidths of the device, GB/s (1e9 bytes/s), read + written bytes."""
+class StreamKernel:
+    """One STREAM kernel: how many fp32 arrays it reads and writes per element."""
 
-    copy_gbps: float
-    inplace_gbps: float
-    nbytes: int  # size of one buffer
+    reads: int
+    writes: int  # arrays written and not read by the kernel: write-allocated on a CPU
+
+    def bytes_per_element(self, write_allocate: bool) -> int:
+        """Bus bytes per element: each read array once, each written one once (twice with
+        write-allocate: the line is read before it is written)."""
+        return 4 * (self.reads + self.writes * (2 if write_allocate else 1))
 
 
-def _best_rate(fn: Step, device: torch.device, moved: int, repeats: int) -> float:
-    times = time_steps(fn, device, warmup=1, repeats=repeats).times
-    return moved / statistics.median(times) / 1e9
+#: STREAM's kernels (c = a; b = s*c; c = a + b; a = b + s*c), in the order it runs them.
+STREAM_KERNELS = {
+    "copy": StreamKernel(1, 1),
+    "scale": StreamKernel(1, 1),
+    "add": StreamKernel(2, 1),
+    "triad": StreamKernel(2, 1),
+}
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> Bandwidth:
-    """Measure ``dst.copy_(src)`` and in-place ``x.mul_(1)`` on fp32 buffers of ``nbytes``."""
+@dataclasses.dataclass(frozen=True)
+class Ceiling:
+    """The device's memory-bandwidth ceiling, GB/s (1e9 bytes/s) of bus traffic (module
+    docstring): the best of the STREAM kernels, each at its best repeat."""
+
+    gbps: float  # the ceiling: the best of ``kernels``
+    kernel: str  # which kernel reached it
+    kernels: dict[str, float]  # each kernel's best rate, bus bytes
+    stream_count: dict[str, float]  # the same times with STREAM's own byte count
+    write_allocate: bool  # whether written arrays count twice (CPU)
+    nbytes: int  # size of one array
+    threads: int  # torch CPU threads during the measurement
+    rounds: int = 0  # timed rounds of the four kernels behind each best rate
+
+    def merged(self, other: Ceiling) -> Ceiling:
+        """Each kernel's best of two measurements (e.g. at the start and the end of a run, so
+        that a busy moment during one does not lower the ceiling)."""
+        rates = {k: max(v, other.kernels[k]) for k, v in self.kernels.items()}
+        stream = {k: max(v, other.stream_count[k]) for k, v in self.stream_count.items()}
+        kernel = max(rates, key=rates.__getitem__)
+        return dataclasses.replace(
+            self, gbps=rates[kernel], kernel=kernel, kernels=rates, stream_count=stream,
+            rounds=self.rounds + other.rounds,
+        )  # fmt: skip
+
+    def describe(self) -> str:
+        """One line for a report: the ceiling and how it was measured."""
+        each = ", ".join(f"{k} {v:.1f}" for k, v in self.kernels.items())
+        stream = ", ".join(f"{k} {v:.1f}" for k, v in self.stream_count.items())
+        counted = (
+            "a written array counted twice (write-allocate: its lines are read before they are "
+            "written)"
+            if self.write_allocate
+            else "each array counted once"
+        )
+        return (
+            f"{self.gbps:.1f} GB/s, the best of STREAM's kernels (GB/s: {each}; each its best "
+            f"of {self.rounds} rounds) on fp32 arrays of {self.nbytes / 2**20:.0f} MiB, "
+            f"{self.threads} threads, {counted}; STREAM's own count: {stream}"
+        )
+
+
+def last_level_cache_bytes() -> int | None:
+    """The CPU's last-level cache size (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        if size[-1:] in units and size[:-1].isdigit():
+            sizes.append(int(size[:-1]) * units[size[-1]])
+        elif size.isdigit():
+            sizes.append(int(size))
+    return max(sizes) if sizes else None
+
+
+def ceiling_array_bytes(device: torch.device, quick: bool) -> int:
+    """Size of one STREAM array: at least 4x the last-level cache (STREAM's rule), 128 MiB
+    (256 without ``quick``) at the least on a CPU; 256 MiB (1 GiB) on a GPU (H200: 60 MB L2)."""
+    if device.type == "cuda":
+        return (256 if quick else 1024) * 2**20
+    floor = (128 if quick else 256) * 2**20
+    return max(floor, 4 * (last_level_cache_bytes() or 0))
+
+
+def stream_ceiling(device: torch.device, nbytes: int, repeats: int = 10) -> Ceiling:
+    """Measure the ceiling (module docstring) with arrays of ``nbytes`` each.
+
+    Like STREAM, each repeat runs the four kernels in turn (so that a busy machine slows them
+    alike) and each kernel keeps its fastest repeat; one warm-up round comes first.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     n = nbytes // 4
-    src = torch.ones(n, device=device)
-    dst = torch.zeros(n, device=device)  # zeros: pages are touched before timing
-    copy = _best_rate(lambda: dst.copy_(src), device, 2 * n * 4, repeats)
-    inplace = _best_rate(lambda: dst.mul_(1.0), device, 2 * n * 4, repeats)
-    return Bandwidth(copy, inplace, n * 4)
+    # Filled, so every page is touched before timing (STREAM's initial values).
+    a = torch.full((n,), 1.0, device=device)
+    b = torch.full((n,), 2.0, device=device)
+    c = torch.zeros(n, device=device)
+    s = 3.0
+    kernels: dict[str, Step] = {
+        "copy": lambda: c.copy_(a),
+        "scale": lambda: torch.mul(c, s, out=b),
+        "add": lambda: torch.add(a, b, out=c),
+        "triad": lambda: torch.add(b, c, alpha=s, out=a),
+    }
+    best = dict.fromkeys(kernels, float("inf"))
+    for round_ in range(repeats + 1):
+        for name, kernel in kernels.items():
+            seconds = time_steps(kernel, device, warmup=0, repeats=1).times[0]
+            if round_:  # the first round warms up
+                best[name] = min(best[name], seconds)
+    write_allocate = device.type == "cpu"
+    rates = {
+        k: STREAM_KERNELS[k].bytes_per_element(write_allocate) * n / t / 1e9
+        for k, t in best.items()
+    }
+    stream = {k: STREAM_KERNELS[k].bytes_per_element(False) * n / t / 1e9 for k, t in best.items()}
+    kernel = max(rates, key=rates.__getitem__)
+    return Ceiling(
+        rates[kernel], kernel, rates, stream, write_allocate, n * 4, torch.get_num_threads(),
+        repeats,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -20,19 +20,22 @@ Per element, by op (storage sizes; ``P`` param, ``G`` grad, ``S`` state, ``M`` f
 | op (`fusedopt/_contract.py`) | mode   | reads            | writes        | B/param |
 | ---                          | ---    | ---              | ---           | ---     |
 | `adamw_` (Adam, AdamW)       | fp32   | p g m v   (16)   | p m v  (12)   | 28      |
-| `adamw_`                     | amp    | g M m v   (14) + grad_norm g (2) | M m v p (14) | 30 |
+| `adamw_`                     | amp    | g M p m v (16) + grad_norm g (2) | M m v p (14) | 32 |
 | `lamb_` (+ timm's clip)      | fp32   | g; p g m v; p m v (4+16+12) | m v; p (8+4) | 44 |
-| `lamb_`                      | amp    | g; M g m v; M m v (2+14+12) | m v; M p (8+6) | 42 |
+| `lamb_`                      | amp    | g; M p g m v; M p m v (2+16+14) | m v; M p (8+6) | 46 |
 | `lion_`                      | fp32   | p g m     (12)   | p m    (8)    | 20      |
-| `lion_`                      | amp    | g M m (10) + grad_norm g (2) | M m p (10) | 22 |
+| `lion_`                      | amp    | g M p m (12) + grad_norm g (2) | M m p (10) | 24 |
 | `sgd_` (momentum)            | fp32   | p g buf   (12)   | p buf  (8)    | 20      |
-| `sgd_` (momentum)            | amp    | g M buf (10) + grad_norm g (2) | M buf p (10) | 22 |
+| `sgd_` (momentum)            | amp    | g M p buf (12) + grad_norm g (2) | M buf p (10) | 24 |
 
 ``fp32``: fp32 params, grads and states, no loss scale, no clipping (LAMB keeps timm's default
 global clip, part of the algorithm). ``amp``: bf16 params and grads, fp32 master weights and
 states, a dynamic loss scale (grads divided by it, inf check, step skipped on overflow) and
-global-norm clipping to 1.0, end to end. The low-precision param is never read in ``amp``: the
-fp32 master is the source of truth and the param is written as its rounding.
+global-norm clipping to 1.0, end to end. In ``amp`` every pass that reads the fp32 master
+also reads the bf16 param (2 B), to adopt a value the user wrote into it since the last step
+([note: master sync] in ``fusedopt/_contract.py``, on by default); ``master_sync=False``
+saves those 2 B per pass (adamw_ 30, lamb_ 42, lion_ 22, sgd_ 22), and a write into the
+params is then lost.
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ class Pass:
 
 
 # Roles: "p" the param (or, with master weights, the fp32 master, which stands in for it in
-# the update), "g" the grad, state names, and "lowp" the low-precision param written from the
-# master. The norm pass of clipping is added by ``passes`` when the mode clips.
+# the update), "g" the grad, state names, and "lowp" the low-precision param: read beside the
+# master ([note: master sync]) and written as its rounding. The norm pass of clipping is added
+# by ``passes`` when the mode clips.
 _STEP_PASSES: dict[str, tuple[Pass, ...]] = {
     "adamw_": (Pass(("p", "g", "m", "v"), ("p", "m", "v")),),
     "lamb_": (
@@ -83,7 +87,12 @@ def passes(op: str, mode: str) -> tuple[Pass, ...]:
     _, master, clipped = MODES[mode]
     if clipped and op != "lamb_":  # LAMB's own clip pass already reads the grads
         step = (Pass(("g",), ()), *step)
-    if master:  # the last pass that writes the master also writes the rounded param
+    if master:
+        # Every pass that reads the master reads the param too (master sync); the last pass
+        # that writes the master also writes the rounded param.
+        step = tuple(
+            dataclasses.replace(s, reads=(*s.reads, "lowp")) if "p" in s.reads else s for s in step
+        )
         last = max(i for i, s in enumerate(step) if "p" in s.writes)
         step = tuple(
             dataclasses.replace(s, writes=(*s.writes, "lowp")) if i == last else s

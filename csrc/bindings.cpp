@@ -143,13 +143,17 @@ class Checker {
                 param.strides(), "; both must share one memory layout");
   }
 
-  /// A device scalar: one fp32 element on `device` (absent is fine).
-  void scalar(const OptTensor& t, const char* name, c10::Device device) const {
+  /// A device scalar: one fp32 element (fp32 or fp64 with allow_fp64) on `device` (absent
+  /// is fine).
+  void scalar(const OptTensor& t, const char* name, c10::Device device,
+              bool allow_fp64 = false) const {
     if (!t.has_value()) return;
     TORCH_CHECK(t->defined(), op_, ": ", name, " is an undefined tensor");
-    TORCH_CHECK_TYPE(t->numel() == 1 && t->scalar_type() == at::kFloat, op_, ": ", name,
-                     " must be a one-element float32 tensor, got shape ", t->sizes(),
-                     " and dtype ", t->scalar_type());
+    const bool dtype_ok =
+        t->scalar_type() == at::kFloat || (allow_fp64 && t->scalar_type() == at::kDouble);
+    TORCH_CHECK_TYPE(t->numel() == 1 && dtype_ok, op_, ": ", name, " must be a one-element ",
+                     allow_fp64 ? "float32 or float64" : "float32", " tensor, got shape ",
+                     t->sizes(), " and dtype ", t->scalar_type());
     TORCH_CHECK(t->device() == device, op_, ": ", name, " is on ", t->device(),
                 " but the tensors are on ", device);
   }
@@ -189,7 +193,7 @@ class StepArguments {
   StepArguments(const Checker& check, TensorList params, TensorList grads,
                 TensorList master_params, TensorList steps, bool steps_optional,
                 const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                const OptTensor& clip_coef, const OptTensor& found_inf)
+                const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync)
       : check_(check), params_(params), n_(params.size()) {
     check.length("grads", grads.size(), n_, false);
     check.length("master_params", master_params.size(), n_, true);
@@ -234,8 +238,9 @@ class StepArguments {
       }
     }
     state_dtype_ = masters ? DType::kFloat32 : param_dtype_;
-    check.scalar(grad_scale, "grad_scale", device_);
-    check.scalar(clip_coef, "clip_coef", device_);
+    const bool fp64 = param_dtype_ == DType::kFloat64;
+    check.scalar(grad_scale, "grad_scale", device_, fp64);
+    check.scalar(clip_coef, "clip_coef", device_, fp64);
     check.scalar(found_inf, "found_inf", device_);
     if (lr_tensor.has_value()) {
       const Tensor& lr = *lr_tensor;
@@ -259,12 +264,17 @@ class StepArguments {
     lists_.grads = grads_table_.slot();
     lists_.master_params = masters_table_.slot();
     lists_.steps = steps_.empty() ? nullptr : steps_.data();
+    lists_.master_sync = master_sync;
     if (lr_tensor.has_value()) {
       lists_.scalars.lr = lr_tensor->data_ptr<float>();
       lists_.scalars.lr_numel = lr_tensor->numel();
     }
-    lists_.scalars.grad_scale = grad_scale ? grad_scale->data_ptr<float>() : nullptr;
-    lists_.scalars.clip_coef = clip_coef ? clip_coef->data_ptr<float>() : nullptr;
+    // [note: opmath scalars] in fusedopt/_contract.py: the kernels read them in opmath.
+    const auto opmath = fp64 ? at::kDouble : at::kFloat;
+    if (grad_scale) grad_scale_ = grad_scale->to(opmath);
+    if (clip_coef) clip_coef_ = clip_coef->to(opmath);
+    lists_.scalars.grad_scale = grad_scale ? grad_scale_.const_data_ptr() : nullptr;
+    lists_.scalars.clip_coef = clip_coef ? clip_coef_.const_data_ptr() : nullptr;
     lists_.scalars.found_inf = found_inf ? found_inf->data_ptr<float>() : nullptr;
   }
 
@@ -310,6 +320,7 @@ class StepArguments {
   std::deque<SlotTable> states_;  // deque: slots handed out keep pointing at live tables
   std::vector<float*> steps_;
   std::vector<int64_t> numels_;
+  Tensor grad_scale_, clip_coef_;  // in opmath, alive for the call
   StepLists lists_;
 };
 
@@ -408,13 +419,16 @@ TensorList steps_or_none(TensorList steps) { return steps; }
 
 // The step ops: one implementation per op, written once below from the op's spec
 // (fusedopt/ops_spec.h, generated from fusedopt/_contract.py): the parameters in schema
-// order, then the checks of StepArguments, each state list (a list that a flag switches on,
+// order (the common flags, master_sync, last: StepArguments takes them), then the checks of
+// StepArguments, each state list (a list that a flag switches on,
 // amsgrad's, must be empty while the flag is off), each hyperparameter list, and the flags.
 #define FUSEDOPT_STATE_PARAM(name, ...) TensorList name,
 #define FUSEDOPT_HYPER_PARAM(name, ...) Floats name,
 #define FUSEDOPT_FLAG_PARAM(name, ...) bool name,
 #define FUSEDOPT_STEPS_PARAM(name) TensorList name,
 #define FUSEDOPT_NAME(name) name
+#define FUSEDOPT_TRAILING_FLAG_PARAM(name, ...) , bool name
+#define FUSEDOPT_TRAILING_NAME(name, ...) , name
 #define FUSEDOPT_SET_STATE(name, Name, index, may_be_empty, when)                               \
   if (when) {                                                                                   \
     call.name = args.state(#name, name, may_be_empty);                                          \
@@ -435,12 +449,12 @@ TensorList steps_or_none(TensorList steps) { return steps; }
                      FUSEDOPT_##OP##_HYPERS(FUSEDOPT_HYPER_PARAM)                               \
                          FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FLAG_PARAM) const OptTensor& lr_tensor, \
                  const OptTensor& grad_scale, const OptTensor& clip_coef,                       \
-                 const OptTensor& found_inf) {                                                  \
+                 const OptTensor& found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_FLAG_PARAM)) { \
     const Checker check(op_name<B>(#op), B::kDeviceType);                                       \
     StepArguments args(check, params, grads, master_params,                                     \
                        steps_or_none(FUSEDOPT_##OP##_STEPS(FUSEDOPT_NAME)),                     \
                        FUSEDOPT_##OP##_STEPS_OPTIONAL, lr_tensor, grad_scale, clip_coef,        \
-                       found_inf);                                                              \
+                       found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_NAME));                \
     Stem##Call call;                                                                            \
     FUSEDOPT_##OP##_STATES(FUSEDOPT_SET_STATE)                                                  \
     FUSEDOPT_##OP##_STEPS_WITH(FUSEDOPT_CHECK_STEPS_WITH)                                       \

@@ -21,13 +21,35 @@ Conventions common to every op (see [note: common scalars]):
 * ``steps``: one 0-d fp32 tensor per param on the params' device (torch's layout). The op
   adds 1 to each, unless ``found_inf`` is non-zero, then uses the new value ``t``. Bias
   corrections ``1 - beta**t`` are computed in float64.
-* ``grad_scale``: 0-d fp32; every grad is divided by it on load (never written back).
-* ``clip_coef``: 0-d fp32; every grad is multiplied by it on load, after the division.
+* ``grad_scale``: 0-d fp32 (or fp64 when the params are fp64); every grad is divided by it on
+  load (never written back).
+* ``clip_coef``: 0-d fp32 (or fp64 when the params are fp64); every grad is multiplied by it on
+  load, after the division.
 * ``found_inf``: 0-d fp32; when non-zero the whole op is a no-op: params, master params,
   states and steps stay bit-identical.
+* ``master_sync`` (every step op's last argument, default True): see [note: master sync].
 
 [note: common scalars] Order of operations on a grad element, in opmath (fp32; fp64 for
 fp64 storage): ``g = grad; g = g / grad_scale; g = g * clip_coef; if maximize: g = -g``.
+
+[note: opmath scalars] ``grad_scale`` and ``clip_coef`` are read in opmath: an fp64 call takes
+them as fp64 (an fp32 one is widened, exactly; the C++ backends widen it before the launch, so
+their kernels read one value of the opmath type), so that an fp64 model's clip coefficient is
+not rounded to fp32. ``found_inf`` and ``lr_tensor`` stay fp32. DESIGN.md §3.
+
+[note: master sync] With master weights a step reads the fp32 master, not the param, and
+writes ``master.to(param.dtype)`` into the param. A value written into the param between
+steps (``load_state_dict`` of the model, re-initialising a layer, ``p.clamp_()``) would be
+lost: the next step would rebuild the param from the stale master. So with
+``master_sync=True`` every element of a step first compares the param's bits with the bits of
+its rounded master, and where they differ takes the param's value (widened to fp32) as the
+master before the update. Bits, not values: a param written to ``+0`` over a ``-0`` master,
+or to a NaN of other bits, is adopted; an unchanged NaN is not. An element the user did not
+touch keeps its master's extra precision. It costs one read of the param (2 bytes per
+element). With ``found_inf`` set nothing is adopted either (the step changes nothing; the
+next step adopts). LAMB adopts in both passes alike, so ``|p|`` of the trust ratio is the
+norm of the adopted master. ``master_sync=False`` is the old behaviour (Apex's, TE's,
+DeepSpeed's): the master alone is the truth. Without master params the flag does nothing.
 """
 
 from __future__ import annotations
@@ -76,13 +98,19 @@ class FlagSpec:
     default: bool = False
 
 
+#: The flags every step op ends with, after the common scalars, each with a schema default so
+#: that positional callers of the older schema still fit ([note: master sync]).
+COMMON_FLAGS: tuple[FlagSpec, ...] = (FlagSpec("master_sync", True),)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepOpSpec:
     """A step op: its tensor lists (params, grads, states, master_params, steps), its
-    per-tensor ``float[]`` hyperparameters (``lr`` first), its per-call flags, and the
-    :data:`COMMON_SCALARS`, in that schema order. Everything else (the schema string,
-    ``fusedopt.ops``' packing, the Triton and C++ slot and hyperparameter indices, the
-    optimizers' state keys) is derived from it; see DESIGN.md "How to add an op"."""
+    per-tensor ``float[]`` hyperparameters (``lr`` first), its per-call flags, the
+    :data:`COMMON_SCALARS` and the :data:`COMMON_FLAGS`, in that schema order. Everything
+    else (the schema string, ``fusedopt.ops``' packing, the Triton and C++ slot and
+    hyperparameter indices, the optimizers' state keys) is derived from it; see DESIGN.md
+    "How to add an op"."""
 
     name: str  # "adamw_"
     doc: str  # the semantics, one paragraph (DESIGN.md §3 has the full contract)
@@ -146,6 +174,7 @@ class StepOpSpec:
         args += [f"float[] {h}" for h in self.hypers]
         args += [f"bool {f}" for f in self.flags]
         args += [f"Tensor? {s}" for s in COMMON_SCALARS]
+        args += [f"bool {f.name}={f.default}" for f in COMMON_FLAGS]
         return args
 
 
@@ -240,8 +269,9 @@ SCHEMAS: dict[str, str] = {
     # tensors *= scale (opmath, rounded to storage). found_inf, when given, is set to 1.0
     # if any element of the input is non-finite; it is never cleared (as torch's amp check).
     "scale_": "{name}(Tensor(a!)[] tensors, Tensor scale, Tensor(b!)? found_inf) -> ()",
-    # Global norm of the tensors (each divided by grad_scale first), accumulated in fp32 for
-    # every storage dtype (fp64 if every tensor is fp64), deterministic. norm_type is 2.0 or
+    # Global norm of the tensors (each divided by the fp32 grad_scale first), accumulated in
+    # fp32 for every storage dtype (fp64, with fp64 outputs, if every tensor is fp64),
+    # deterministic. norm_type is 2.0 or
     # inf. Returns (total_norm 0-d, per_tensor_norms [N] if per_tensor else [0],
     # found_inf 0-d: 1.0 if any element is non-finite, else 0.0).
     "grad_norm": (

@@ -8,35 +8,28 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusedopt._dense import dense_stride, overlaps
+from fusedopt._dense import is_dense as _dense
+
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: its elements fill one block of memory, in some order."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+def _same_layout(a: Tensor, param: Tensor) -> bool:
+    """``a`` has the layout of ``param``'s states: ``param``'s own when it is dense, else
+    contiguous ([note: non-dense params] in fusedopt/_dense.py)."""
+    if a.is_contiguous() and param.is_contiguous():
         return True
-    sizes_strides = sorted(
-        (stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size != 1
-    )
-    expected = 1
-    for stride, size in sizes_strides:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    if a.is_contiguous() and b.is_contiguous():
-        return True
+    stride = dense_stride(param)
     return all(
-        sa == sb or size == 1 for size, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True)
+        sa == sb or size == 1 for size, sa, sb in zip(a.shape, a.stride(), stride, strict=True)
     )
 
 
-def check_tensor(t: object, where: str, op: str) -> Tensor:
-    """Any tensor in a list: a dense, real, strided tensor."""
+def check_tensor(t: object, where: str, op: str, dense: bool = True, read: bool = False) -> Tensor:
+    """Any tensor in a list: a real, strided tensor whose elements do not share memory (unless
+    ``read``: an op that only reads it); dense too unless ``dense=False`` (a tensor stepped
+    through a dense twin, [note: non-dense params] in fusedopt/_dense.py)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {where} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
@@ -45,7 +38,13 @@ def check_tensor(t: object, where: str, op: str) -> Tensor:
         )
     if t.is_complex():
         raise RuntimeError(f"{op}: {where} is complex ({t.dtype}); only real dtypes are supported")
-    if not _dense(t):
+    if not read and not _dense(t) and overlaps(t):
+        raise RuntimeError(
+            f"{op}: {where} overlaps itself (shape {tuple(t.shape)}, strides {t.stride()}): "
+            "several of its elements share memory, so it cannot be updated in place (torch.optim "
+            "refuses it too); pass a tensor that does not, e.g. its .clone()"
+        )
+    if dense and not _dense(t):
         raise RuntimeError(
             f"{op}: {where} is not dense (shape {tuple(t.shape)}, strides {t.stride()}); "
             "fused kernels need non-overlapping, dense memory: pass .contiguous() tensors"
@@ -71,15 +70,20 @@ def check_like(t: Tensor, param: Tensor, where: str, op: str, dtype: torch.dtype
         raise TypeError(f"{op}: {where} has dtype {t.dtype}, expected {dtype}")
 
 
-def check_scalar(t: Tensor | None, name: str, op: str, device: torch.device) -> None:
-    """A device scalar: a one-element fp32 tensor on the params' device."""
+def check_scalar(
+    t: Tensor | None, name: str, op: str, device: torch.device, allow_fp64: bool = False
+) -> None:
+    """A device scalar: a one-element fp32 tensor (fp32 or fp64 with ``allow_fp64``: an fp64
+    step's grad_scale and clip_coef, [note: opmath scalars]) on the params' device."""
     if t is None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {name} must be a 0-d torch.Tensor or None, got {type(t).__name__}")
-    if t.numel() != 1 or t.dtype != torch.float32:
+    dtypes = (torch.float32, torch.float64) if allow_fp64 else (torch.float32,)
+    if t.numel() != 1 or t.dtype not in dtypes:
+        allowed = "float32 or float64" if allow_fp64 else "float32"
         raise TypeError(
-            f"{op}: {name} must be a one-element float32 tensor, got shape "
+            f"{op}: {name} must be a one-element {allowed} tensor, got shape "
             f"{tuple(t.shape)} and dtype {t.dtype}"
         )
     if t.device != device:

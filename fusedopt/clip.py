@@ -70,10 +70,12 @@ def total_norm(
 ) -> tuple[Tensor, Tensor]:
     """Global ``norm_type`` (2 or inf) norm of ``tensors / grad_scale`` and a found_inf flag.
 
-    Returns two fp32 0-d tensors on the first tensor's device (``grad_scale``'s device, else
-    CPU, when there are none): the norm and ``found_inf`` (non-zero if any element of any
-    tensor, on any rank that takes part, is non-finite). No host sync. When
-    ``process_group`` is given every rank of it must call this, even with no tensors.
+    Returns two 0-d tensors on the first tensor's device (``grad_scale``'s device, else
+    CPU, when there are none): the norm, fp64 when every tensor is fp64 (so that an fp64
+    model's clip coefficient is fp64, [note: opmath scalars]), else fp32, and an fp32
+    ``found_inf`` (non-zero if any element of any tensor, on any rank that takes part, is
+    non-finite). No host sync. When ``process_group`` is given every rank of it must call
+    this, even with no tensors (and with fp64 grads, every rank must hold some).
     """
     norm_type = float(norm_type)
     if norm_type not in (2.0, math.inf):
@@ -87,25 +89,29 @@ def total_norm(
         # Every rank of the group must join the collective, with or without grads.
         buckets[(_home_device(tensors, grad_scale), (process_group,))] = []
     home = next(iter(buckets))[0] if buckets else _home_device(tensors, grad_scale)
+    all_fp64 = bool(tensors) and all(local_tensor(t).dtype == torch.float64 for t in tensors)
+    dtype = torch.float64 if all_fp64 else torch.float32
     parts, flags = [], []
     for (device, groups), local in buckets.items():
         scale = grad_scale.to(device) if grad_scale is not None else None
         if local:
             norm, _, found_inf = ops.grad_norm(local, norm_type, grad_scale=scale, backend=backend)
-            norm = norm.float()
+            norm = norm.to(dtype)
         else:
-            norm = found_inf = torch.zeros((), device=device)
+            norm, found_inf = (
+                torch.zeros((), dtype=dtype, device=device),
+                torch.zeros((), device=device),
+            )
         value = norm.square() if norm_type == 2.0 else norm
         if groups:
-            packed = torch.stack([value, found_inf])  # [note: one collective]
+            packed = torch.stack([value, found_inf.to(dtype)])  # [note: one collective]
             for group in groups:
                 dist.all_reduce(packed, op=reduce_op, group=group)
-            value, found_inf = packed[0], packed[1]
+            value, found_inf = packed[0], packed[1].float()
         parts.append(value.to(home))
         flags.append(found_inf.to(home))
     if not parts:
-        zero = torch.zeros((), device=home)
-        return zero, zero.clone()
+        return torch.zeros((), dtype=dtype, device=home), torch.zeros((), device=home)
     stacked = torch.stack(parts)
     norm = stacked.sum().sqrt() if norm_type == 2.0 else stacked.max()
     return norm, torch.stack(flags).sum()
@@ -136,7 +142,9 @@ def clip_grad_norm_(
 
     One ``grad_norm`` pass (fp32 accumulation, deterministic) and one ``scale_`` pass per
     device; the grads are multiplied by ``min(1, max_norm / (norm + 1e-6))`` as torch does.
-    Returns the total norm as an fp32 0-d tensor (torch returns the grads' dtype). Other
+    Returns the total norm as a 0-d tensor, fp64 when every grad is fp64, else fp32 (torch
+    returns the grads' dtype); the grads are scaled by an fp32 coefficient (``scale_``
+    takes an fp32 scale). Other
     norm types defer to torch. ``foreach`` is accepted and ignored. DTensor grads (FSDP2)
     give the norm of the whole, unsharded grads; ``process_group`` sums the norm over ranks
     that hold disjoint params (``ZeroRedundancyOptimizer``).
@@ -163,7 +171,8 @@ def clip_grad_norm_(
             "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
             "by the non-finite norm anyway, set `error_if_nonfinite=False`"
         )
-    coef = clip_coef(norm, float(max_norm))
+    # scale_ takes an fp32 scale: clip_grad_norm_ keeps an fp32 coefficient (a known limit).
+    coef = clip_coef(norm, float(max_norm)).float()
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
         local = local_tensor(g)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fusedopt import _contract
 from fusedopt._backend import resolve as _resolve_backend
+from fusedopt._dense import is_dense, needs_twin, swap_in_row_twins, swap_in_twins, write_back
 from fusedopt._validate import (
     LOW_PRECISION,
     PARAM_DTYPES,
@@ -80,7 +81,7 @@ def scale_(
     op = "scale_"
     tensors = list(tensors)
     for i, t in enumerate(tensors):
-        check_tensor(t, f"tensors[{i}]", op)
+        check_tensor(t, f"tensors[{i}]", op, dense=False)
         if t.dtype not in PARAM_DTYPES:
             raise TypeError(f"{op}: tensors[{i}] has unsupported dtype {t.dtype}")
     if not tensors:
@@ -88,7 +89,11 @@ def scale_(
     device = _single_device(op, tensors, "tensors")
     check_scalar(scale, "scale", op, device)
     check_scalar(found_inf, "found_inf", op, device)
-    _contract.op_handle(op, _resolve(backend, device))(tensors, scale, found_inf)
+    handle = _contract.op_handle(op, _resolve(backend, device))
+    # [note: non-dense params] in fusedopt/_dense.py
+    twins = swap_in_twins(tensors, [i for i, t in enumerate(tensors) if needs_twin(t)])
+    handle(tensors, scale, found_inf)
+    write_back(twins)
 
 
 def grad_norm(
@@ -112,7 +117,7 @@ def grad_norm(
         raise ValueError(f"{op}: norm_type must be 2.0 or inf, got {norm_type}")
     tensors = list(tensors)
     for i, t in enumerate(tensors):
-        check_tensor(t, f"tensors[{i}]", op)
+        check_tensor(t, f"tensors[{i}]", op, dense=False, read=True)
         if t.dtype not in PARAM_DTYPES:
             raise TypeError(f"{op}: tensors[{i}] has unsupported dtype {t.dtype}")
     if not tensors:
@@ -122,6 +127,8 @@ def grad_norm(
     device = _single_device(op, tensors, "tensors")
     check_scalar(grad_scale, "grad_scale", op, device)
     handle = _contract.op_handle(op, _resolve(backend, device))
+    # Read only: any tensor that is not dense, overlapping ones too, is read through a twin.
+    swap_in_twins(tensors, [i for i, t in enumerate(tensors) if not is_dense(t)])
     return GradNorm(*handle(tensors, norm_type, per_tensor, grad_scale))
 
 
@@ -199,6 +206,9 @@ def step(
     switches. The lists are split into one backend call per (param dtype, grad dtype, master
     weights or not), each a single multi-tensor launch.
 
+    ``master_sync`` (a flag; True when omitted) makes every master param first adopt the value
+    of a param written since the last step ([note: master sync] in ``fusedopt._contract``).
+
     ``_checked`` (internal) skips the per-tensor checks and the split: the optimizer classes
     check every grad themselves (to name the param), create or load every state in the
     param's layout, and pass one param dtype and one grad dtype per call, so redoing that
@@ -210,10 +220,17 @@ def step(
     n = len(lists["params"])
     if n == 0:
         return
+    # Non-dense params go through dense twins ([note: non-dense params] in fusedopt/_dense.py);
+    # the optimizer classes swap theirs in themselves, at planned positions.
+    written = tuple(name for name in spec.lists if name != "grads")
+    twins = [] if _checked else swap_in_row_twins(lists, written)
     device = lists["params"][0].device if _checked else _validate_step(spec, lists)
-    scalars = {"grad_scale": grad_scale, "clip_coef": clip_coef, "found_inf": found_inf}
-    for name, scalar in scalars.items():
-        check_scalar(scalar, name, op, device)
+    # [note: opmath scalars] fp64 params take grad_scale and clip_coef in fp64 as well.
+    params = lists["params"]
+    fp64 = all(p.dtype == torch.float64 for p in (params[:1] if _checked else params))
+    check_scalar(grad_scale, "grad_scale", op, device, allow_fp64=fp64)
+    check_scalar(clip_coef, "clip_coef", op, device, allow_fp64=fp64)
+    check_scalar(found_inf, "found_inf", op, device)
     lr_values, lr_tensor = _lr_arguments(op, hypers["lr"], n, device)
     values = {"lr": lr_values}
     values.update({h: per_tensor(op, h, hypers[h], n) for h in spec.hypers if h != "lr"})
@@ -243,7 +260,9 @@ def step(
             grad_scale,
             clip_coef,
             found_inf,
+            master_sync=bool(flags.get("master_sync", True)),
         )
+    write_back(twins)
 
 
 def _step_from_arguments(op: str, arguments: dict) -> None:
@@ -266,7 +285,7 @@ def _step_from_arguments(op: str, arguments: dict) -> None:
         op,
         lists,
         {h: arguments[h] for h in spec.hypers},
-        {f: arguments[f] for f in spec.flags},
+        {f: arguments[f] for f in (*spec.flags, *(c.name for c in _contract.COMMON_FLAGS))},
         grad_scale=arguments["grad_scale"],
         clip_coef=arguments["clip_coef"],
         found_inf=arguments["found_inf"],
@@ -292,6 +311,7 @@ def adamw_(
     bias_correction: bool = True,
     max_exp_avg_sqs: Sequence[Tensor] = (),
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -318,6 +338,7 @@ def lamb_(
     trust_clip: bool = False,
     always_adapt: bool = False,
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -338,6 +359,7 @@ def lion_(
     weight_decay: Hyper = 0.0,
     maximize: bool = False,
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -360,6 +382,7 @@ def sgd_(
     nesterov: bool = False,
     maximize: bool = False,
     master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
     grad_scale: Tensor | None = None,
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,

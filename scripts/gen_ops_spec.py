@@ -9,6 +9,7 @@ the header is out of date.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -26,10 +27,23 @@ def _macro(name: str, entries: list[str]) -> list[str]:
     return [f"#define {name}(X) {' '.join(entries)}".rstrip()]
 
 
+def _contract():
+    """``fusedopt._contract``: the loaded module, or the file alone (not the package, whose
+    import loads ``fusedopt._C``, which may be stale while the header is out of date)."""
+    if "fusedopt._contract" in sys.modules:
+        return sys.modules["fusedopt._contract"]
+    path = os.path.join(ROOT, "fusedopt", "_contract.py")
+    spec = importlib.util.spec_from_file_location("fusedopt_contract", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def render() -> str:
     """The header's text."""
-    sys.path.insert(0, ROOT)
-    from fusedopt._contract import STEP_OPS
+    contract = _contract()
+    COMMON_FLAGS, STEP_OPS = contract.COMMON_FLAGS, contract.STEP_OPS
 
     out = [
         "// Generated from fusedopt/_contract.py (STEP_OPS) by scripts/gen_ops_spec.py: do not",
@@ -44,12 +58,21 @@ def render() -> str:
         "//   FUSEDOPT_OP_STEPS(X)   X(steps) when the op has step counts, else nothing",
         "//   FUSEDOPT_OP_STEPS_OPTIONAL  whether the steps list may be empty (or is absent)",
         "//   FUSEDOPT_OP_STEPS_WITH(X)   X(list) when the steps are given iff that list is",
+        "// FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends",
+        "// with, after the common scalars (master_sync).",
         "// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops; namespace fusedopt::spec::<op> has",
         "// the indices (kExpAvgs, kBeta1, kDecoupled...) and the counts (kNumStates...).",
         "#pragma once",
         "",
     ]
     ops = list(STEP_OPS.values())
+    out += _macro(
+        "FUSEDOPT_COMMON_FLAGS",
+        [
+            f"X({f.name}, {camel(f.name)}, {k}, {'true' if f.default else 'false'})"
+            for k, f in enumerate(COMMON_FLAGS)
+        ],
+    )
     out += _macro(
         "FUSEDOPT_STEP_OPS",
         [f"X({s.name.rstrip('_')}, {s.cpp.upper()}, {s.cpp})" for s in ops],

@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q "${FUSEDOPT_TORCH:-torch==2.14.1}" "triton>=3.6" ninja pybind11 \
+python -m pip install -q "${FUSEDOPT_TORCH:-torch==2.14.1}" "triton>=3.6" ninja \
   numpy pytest pytest-benchmark matplotlib ruff cmake
 # In-place build: fusedopt._C lands next to the sources; no build isolation, so the torch
 # above (not a second download) is the one we compile against.

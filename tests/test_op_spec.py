@@ -22,7 +22,8 @@ GOLDEN_SCHEMAS = {
         "Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] beta1, "
         "float[] beta2, float[] eps, float[] weight_decay, bool decoupled, "
         "bool amsgrad, bool maximize, bool bias_correction, Tensor? lr_tensor, "
-        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf) -> ()"
+        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> ()"
     ),
     "lamb_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
@@ -30,20 +31,20 @@ GOLDEN_SCHEMAS = {
         "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
         "bool grad_averaging, bool bias_correction, bool trust_clip, "
         "bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
-        "Tensor? found_inf) -> ()"
+        "Tensor? found_inf, bool master_sync=True) -> ()"
     ),
     "lion_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(e!)[] master_params, float[] lr, float[] beta1, float[] beta2, "
         "float[] weight_decay, bool maximize, Tensor? lr_tensor, Tensor? grad_scale, "
-        "Tensor? clip_coef, Tensor? found_inf) -> ()"
+        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
     ),
     "sgd_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] momentum, "
         "float[] dampening, float[] weight_decay, bool nesterov, bool maximize, "
-        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
-        "Tensor? found_inf) -> ()"
+        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> ()"
     ),
 }
 
@@ -73,7 +74,8 @@ def test_optimizers_state_lists_come_from_the_spec():
 
 def _schema_order(op: str) -> list[str]:
     spec = _contract.STEP_OPS[op]
-    return [*spec.lists, *spec.hypers, *spec.flags, *_contract.COMMON_SCALARS]
+    common_flags = [f.name for f in _contract.COMMON_FLAGS]
+    return [*spec.lists, *spec.hypers, *spec.flags, *_contract.COMMON_SCALARS, *common_flags]
 
 
 @pytest.mark.parametrize("op", sorted(_contract.STEP_OPS))
@@ -91,7 +93,7 @@ def test_public_wrapper_defaults_agree_with_the_spec(op):
     signature = inspect.signature(getattr(ops, op)).parameters
     spec = _contract.STEP_OPS[op]
     assert set(spec.lists) | set(spec.hypers) <= set(signature)
-    for flag in spec.flag_specs:
+    for flag in (*spec.flag_specs, *_contract.COMMON_FLAGS):
         assert signature[flag.name].default is flag.default, flag.name
 
 

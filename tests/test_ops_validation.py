@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+import fusedopt
 from fusedopt import ops
 
 SHAPES = [(4,), (2, 3), (5,)]
@@ -145,8 +146,8 @@ def _step_cases():
              RuntimeError, r"params\[0\] is complex"),
             (op, "non_dense_state", _set(state, 1, lambda t: torch.zeros(2, 6)[:, ::2]),
              RuntimeError, rf"{state}\[1\] is not dense"),
-            (op, "non_dense_param", _set("params", 1, lambda t: torch.zeros(2, 6)[:, ::2]),
-             RuntimeError, r"params\[1\] is not dense"),
+            (op, "overlapping_param", _set("params", 1, lambda t: torch.zeros(1, 3).expand(2, 3)),
+             RuntimeError, r"params\[1\] overlaps itself"),
             (op, "mismatched_layout", _channels_last_param,
              RuntimeError, r"\[0\] has strides .* both must share one memory layout"),
             (op, "short_state_list", _drop(state),
@@ -260,8 +261,6 @@ LIST_CASES = [
      r"tensors\[0\] is sparse"),
     ("complex", _set("tensors", 2, lambda t: t.to(torch.complex64)), RuntimeError,
      r"tensors\[2\] is complex"),
-    ("non_dense", _set("tensors", 1, lambda t: torch.zeros(2, 6)[:, ::2]), RuntimeError,
-     r"tensors\[1\] is not dense"),
     ("mixed_devices", _set("tensors", 2, lambda t: t.to("meta")), RuntimeError,
      r"tensors\[2\] is on meta but tensors\[0\] is on cpu"),
 ]  # fmt: skip
@@ -305,3 +304,107 @@ def test_valid_kwargs_are_not_shared_between_cases():
     a, b = _valid("adamw_"), _valid("adamw_")
     a["grads"][0] = None
     assert b["grads"][0] is not None
+
+
+# ---------------------------------------------------------------- non-dense params (issue #13)
+BACKENDS = [name for name, status in fusedopt.backends().items()
+            if status.usable and "cpu" in status.devices]  # fmt: skip
+
+
+def _strided_copy(t: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A non-dense view holding ``t``'s values, in a base whose other elements are NaN."""
+    if how == "every_other":  # base[..., ::2]
+        base = torch.full((*t.shape[:-1], 2 * t.shape[-1]), math.nan, dtype=t.dtype)
+        view = base[..., ::2]
+    else:  # transposed then sliced: base.t()[1:]
+        base = torch.full((t.shape[1], t.shape[0] + 1), math.nan, dtype=t.dtype)
+        view = base.t()[1:]
+    view.copy_(t)
+    assert not view.is_contiguous()
+    return view, base
+
+
+def _non_dense_call(op: str, masters: bool):
+    """A valid call whose params 0 and 1 are non-dense views, with a non-dense grad and
+    first state of param 1; and the same call on dense copies."""
+    kwargs = _valid(op, torch.bfloat16 if masters else torch.float32, masters)
+    dense = {k: [t.clone() for t in v] if isinstance(v, list) else v for k, v in kwargs.items()}
+    bases = []
+    state = STATE[op]
+    for name, i, how in [("params", 0, "every_other"), ("params", 1, "transposed"),
+                         ("grads", 1, "every_other"), (state, 1, "transposed")]:  # fmt: skip
+        kwargs[name][i], base = _strided_copy(kwargs[name][i], how)
+        bases.append((kwargs[name][i], base))
+    return kwargs, dense, bases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masters", [False, True], ids=["fp32", "bf16_master"])
+@pytest.mark.parametrize("op", STEP_OPS)
+def test_non_dense_params_step_as_dense_copies(op, masters, backend):
+    """[note: non-dense params]: non-dense params (and a non-dense grad and state of one) are
+    stepped through dense twins: bit for bit the dense call's result, written back into the
+    views, nothing between them touched."""
+    kwargs, dense, bases = _non_dense_call(op, masters)
+    _run(op, {**kwargs, "backend": backend})
+    _run(op, {**dense, "backend": backend})
+    for name, values in kwargs.items():
+        if isinstance(values, list):
+            for i, (got, want) in enumerate(zip(values, dense[name], strict=True)):
+                assert torch.equal(got, want), f"{name}[{i}]"
+    for view, base in bases:
+        outside = torch.ones_like(base, dtype=torch.bool)
+        outside.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(False)
+        assert base[outside].isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", STEP_OPS)
+def test_non_dense_params_skipped_step_writes_the_same_bits(op, backend):
+    """With found_inf set the twins come back unchanged: every view keeps its bits."""
+    kwargs, _, bases = _non_dense_call(op, False)
+    kwargs["found_inf"] = torch.ones(())
+    before = [base.clone() for _, base in bases]
+    _run(op, {**kwargs, "backend": backend})
+    for (_, base), was in zip(bases, before, strict=True):
+        assert torch.equal(base.view(torch.int32), was.view(torch.int32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_dense_tensors_in_scale_grad_norm_and_clip(backend):
+    """scale_ and clip_grad_norm_ write non-dense tensors back; grad_norm (total and per
+    tensor) reads them whole."""
+    tensors = [torch.randn(s, generator=torch.Generator().manual_seed(i))
+               for i, s in enumerate([(3, 4), (5,), (4, 3)])]  # fmt: skip
+    views = [_strided_copy(tensors[0], "every_other")[0], tensors[1].clone(),
+             _strided_copy(tensors[2], "transposed")[0]]  # fmt: skip
+    got = ops.grad_norm(views, per_tensor=True, backend=backend)
+    want = ops.grad_norm(tensors, per_tensor=True, backend=backend)
+    assert torch.equal(got.total, want.total) and torch.equal(got.per_tensor, want.per_tensor)
+    ops.scale_(views, torch.tensor(0.5), backend=backend)
+    ops.scale_(tensors, torch.tensor(0.5), backend=backend)
+    assert all(torch.equal(v, t) for v, t in zip(views, tensors, strict=True))
+    params = [torch.nn.Parameter(torch.zeros(v.shape)) for v in views]
+    dense_params = [torch.nn.Parameter(torch.zeros(v.shape)) for v in views]
+    for p, q, v, t in zip(params, dense_params, views, tensors, strict=True):
+        p.grad, q.grad = v, t.clone()
+    norm = fusedopt.clip_grad_norm_(params, 0.1, backend=backend)
+    want_norm = fusedopt.clip_grad_norm_(dense_params, 0.1, backend=backend)
+    assert torch.equal(norm, want_norm)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(params, dense_params, strict=True))
+    assert not params[0].grad.is_contiguous()  # written in place, not replaced
+
+
+def test_overlapping_tensors_are_read_but_not_written():
+    """grad_norm reads an expanded tensor as its contiguous copy (as torch's norms do); scale_
+    refuses to write one, before touching anything."""
+    expanded = torch.randn(1, 3).expand(2, 3)
+    want = ops.grad_norm([expanded.contiguous()], per_tensor=True)
+    got = ops.grad_norm([expanded], per_tensor=True)
+    assert torch.equal(got.total, want.total) and torch.equal(got.per_tensor, want.per_tensor)
+    kwargs = _valid("scale_")
+    kwargs["tensors"][1] = expanded
+    before = _snapshot(kwargs)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] overlaps itself"):
+        ops.scale_(kwargs["tensors"], kwargs["scale"], kwargs["found_inf"])
+    assert _unchanged(kwargs, before)

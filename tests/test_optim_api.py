@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 
 import pytest
 import torch
-from optim_cases import TORCH_TOLERANCE, assert_close, clone_params, make_model
+from optim_cases import (
+    TORCH_TOLERANCE,
+    assert_close,
+    clone_params,
+    make_model,
+    usable_backends,
+)
 
 import fusedopt
 from fusedopt import ops
@@ -39,10 +46,12 @@ def test_constructor_names_and_defaults_match_torch(cls, torch_cls):
         assert name in ours, name
         if name not in ("capturable",):
             assert ours[name].default == param.default, name
-    fusedopt_extras = {"master_weights", "max_grad_norm", "backend", "grad_norm_group"}
+    fusedopt_extras = {"master_weights", "master_sync", "max_grad_norm", "backend",
+                       "grad_norm_group"}  # fmt: skip
     assert fusedopt_extras <= set(ours)
     params = clone_params(make_model(), torch.float32)
-    cls(params, foreach=True, fused=True)  # accepted and ignored
+    cls(params, foreach=True)  # accepted and ignored (with fused=True: see below)
+    cls(params, fused=True)
 
 
 def test_per_group_hyperparameters_and_add_param_group_match_torch():
@@ -254,6 +263,53 @@ def test_invalid_hyperparameters_raise_value_error(make, match):
         make(clone_params(make_model(), torch.float32))
 
 
+_MIXED_BETAS = [(0.9, torch.tensor(0.99)), (torch.tensor(0.9), 0.99)]
+
+
+@pytest.mark.parametrize("betas", _MIXED_BETAS, ids=["float_tensor", "tensor_float"])
+@pytest.mark.parametrize(
+    "cls,torch_cls",
+    [
+        (fusedopt.Adam, torch.optim.Adam),
+        (fusedopt.AdamW, torch.optim.AdamW),
+        (fusedopt.LAMB, None),
+        (fusedopt.Lion, None),
+    ],
+)
+def test_betas_mixing_a_float_and_a_tensor_raise_as_in_torch(cls, torch_cls, betas):
+    """torch's ValueError, word for word, before any tensor is touched (issue #13, item 8)."""
+    message = "betas must be either both floats or both Tensors"
+    params = clone_params(make_model(), torch.float32)
+    if torch_cls is not None:
+        with pytest.raises(ValueError, match=message):
+            torch_cls(params, betas=betas)
+    with pytest.raises(ValueError, match=message):
+        cls(params, betas=betas)
+    opt = cls(params)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "betas": betas})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "cls,torch_cls",
+    [
+        (fusedopt.Adam, torch.optim.Adam),
+        (fusedopt.AdamW, torch.optim.AdamW),
+        (fusedopt.SGD, torch.optim.SGD),
+    ],
+)
+def test_fused_and_foreach_together_raise_as_in_torch(cls, torch_cls):
+    message = "`fused` and `foreach` cannot be `True` together."
+    params = clone_params(make_model(), torch.float32)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        torch_cls(params, lr=0.1, fused=True, foreach=True)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        cls(params, lr=0.1, fused=True, foreach=True)
+    cls(params, lr=0.1, fused=True, foreach=False)  # either alone is accepted, as in torch
+    cls(params, lr=0.1, fused=False, foreach=True)
+
+
 def _bad_grad(kind, p):
     if kind == "sparse":
         p.grad = torch.zeros_like(p).to_sparse()
@@ -309,10 +365,105 @@ def test_a_new_param_with_a_bad_grad_gets_no_state():
 
 
 def test_unsupported_param_dtype_raises():
-    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
-    p.grad = torch.zeros(3, dtype=torch.complex64)
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.int32), requires_grad=False)
+    p.grad = torch.zeros(3, dtype=torch.int32)
     with pytest.raises(TypeError, match="unsupported dtype"):
         fusedopt.AdamW([p]).step()
+
+
+COMPLEX_CASES = [
+    (fusedopt.AdamW, torch.optim.AdamW, {"weight_decay": 0.1, "amsgrad": True}),
+    (fusedopt.Adam, torch.optim.Adam, {"weight_decay": 0.1, "maximize": True}),
+    (fusedopt.SGD, torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+]
+
+
+def _complex_twins(dtype):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,), ()]
+    values = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    real = torch.nn.Parameter(torch.randn(4, generator=gen, dtype=dtype.to_real()))
+    return [torch.nn.Parameter(v.clone()) for v in values] + [real], [
+        torch.nn.Parameter(v.clone()) for v in [*values, real.detach()]
+    ]
+
+
+def _as_real(t):
+    return torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
+
+
+def _complex_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+@pytest.mark.parametrize("cls,torch_cls,kwargs", COMPLEX_CASES, ids=["adamw", "adam", "sgd"])
+def test_complex_params_step_as_torch_does(cls, torch_cls, kwargs, backend):
+    """issue #13, item 11: torch steps complex params as real views; so does fusedopt, with
+    complex states (in the state dict too), mixed with a real param, clipped over |z|."""
+    params, twin = _complex_twins(torch.complex64)
+    ours = cls(params, lr=1e-2, backend=backend, max_grad_norm=1.0, **kwargs)
+    ref = torch_cls(twin, lr=1e-2, **kwargs)
+    for step in range(5):
+        _complex_grads(params, step)
+        _complex_grads(twin, step)
+        ours.step()
+        torch.nn.utils.clip_grad_norm_(twin, 1.0)
+        ref.step()
+    for i, (p, q) in enumerate(zip(params, twin, strict=True)):
+        assert p.dtype == q.dtype
+        assert_close(_as_real(p), _as_real(q), TORCH_TOLERANCE, f"param {i}")
+        for key, value in ref.state[q].items():
+            if key != "step":
+                assert ours.state[p][key].dtype == value.dtype, key
+                assert_close(
+                    _as_real(ours.state[p][key]), _as_real(value),
+                    TORCH_TOLERANCE, f"{key} of param {i}",
+                )  # fmt: skip
+
+
+@pytest.mark.parametrize("cls,torch_cls,kwargs", COMPLEX_CASES, ids=["adamw", "adam", "sgd"])
+def test_complex_state_dicts_go_to_torch_and_back(cls, torch_cls, kwargs):
+    params, twin = _complex_twins(torch.complex128)
+    ours, ref = cls(params, lr=1e-2, **kwargs), torch_cls(twin, lr=1e-2, **kwargs)
+    for step in range(2):
+        _complex_grads(params, step)
+        ours.step()
+    ref.load_state_dict(ours.state_dict())
+    ours.load_state_dict(ref.state_dict())  # and back: complex states load as they are
+    for p, q in zip(params, twin, strict=True):
+        q.data.copy_(p)
+    for step in range(2, 5):
+        _complex_grads(params, step)
+        _complex_grads(twin, step)
+        ours.step()
+        ref.step()
+    for p, q in zip(params, twin, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [fusedopt.LAMB, fusedopt.Lion])
+def test_complex_params_of_lamb_and_lion_are_refused_before_any_change(cls):
+    """timm's Lamb and lion-pytorch's Lion have no complex semantics (Lion's sign() has none
+    for complex numbers): a clear error naming the param, nothing touched."""
+    params, _ = _complex_twins(torch.complex64)
+    _complex_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    opt = cls(params)
+    with pytest.raises(TypeError, match=r"param \(group 0, index 0\) is complex"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.SGD])
+def test_complex_param_with_a_sparse_grad_is_refused(cls):
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    p.grad = torch.zeros(3, dtype=torch.complex64).to_sparse()
+    with pytest.raises(TypeError, match="needs a dense grad of its own dtype"):
+        cls([p], lr=0.1).step()
 
 
 def test_params_without_grads_are_skipped_and_get_no_state(monkeypatch):

@@ -14,14 +14,25 @@ import math
 
 import pytest
 import torch
-from optim_cases import TOLERANCES, assert_close, batches, clone_params, make_model
+from optim_cases import (
+    TOLERANCES,
+    assert_close,
+    batches,
+    clone_params,
+    make_model,
+    usable_backends,
+)
 
 import fusedopt
 
 
 def timm_lamb_step(params, states, lr, betas, eps, wd, grad_averaging, max_grad_norm,
                    trust_clip, always_adapt, bias_correction):  # fmt: skip
-    """One timm-style LAMB step over (param, grad) in float64."""
+    """One timm-style LAMB step over (param, grad) in float64: one group, whose one step count
+    (``states["step"]``) advances once per step and serves every param, as timm's
+    ``group['step']`` ([note: LAMB group step] in fusedopt/optim/lamb.py)."""
+    states["step"] = states.get("step", 0) + 1
+    t = states["step"]
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.sqrt(sum((g * g).sum() for g in grads))
     clip = max(1.0, float(norm) / max_grad_norm) if max_grad_norm is not None else 1.0
@@ -30,12 +41,11 @@ def timm_lamb_step(params, states, lr, betas, eps, wd, grad_averaging, max_grad_
         if p.grad is None:
             continue
         g = p.grad / clip
-        s = states.setdefault(p, {"t": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p)})
-        s["t"] += 1
+        s = states.setdefault(p, {"m": torch.zeros_like(p), "v": torch.zeros_like(p)})
         s["m"] = b1 * s["m"] + ((1 - b1) if grad_averaging else 1.0) * g
         s["v"] = b2 * s["v"] + (1 - b2) * g * g
-        bc1 = 1 - b1 ** s["t"] if bias_correction else 1.0
-        bc2 = 1 - b2 ** s["t"] if bias_correction else 1.0
+        bc1 = 1 - b1**t if bias_correction else 1.0
+        bc2 = 1 - b2**t if bias_correction else 1.0
         update = (s["m"] / bc1) / (s["v"].sqrt() / math.sqrt(bc2) + eps)
         if wd != 0:
             update = update + wd * p.detach()
@@ -70,16 +80,20 @@ LAMB_CONFIGS = [
 ]  # fmt: skip
 
 
-def _run(make_opt, hand_step, steps=50):
+def _run(make_opt, hand_step, steps=50, without_grad=()):
     """[note: driven trajectories] The hand-written step trains the fp64 driver; the class
-    under test follows it in fp32 with the driver's grads."""
+    under test follows it in fp32 with the driver's grads. ``without_grad``: (step, param
+    index) pairs where both see no grad for that param."""
     model = make_model()
     params = clone_params(model, torch.float32)
     opt = make_opt(params)
     states: dict = {}
-    for x, y in batches(steps):
+    for step, (x, y) in enumerate(batches(steps)):
         model.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
+        for i, q in enumerate(model.parameters()):
+            if (step, i) in without_grad:
+                q.grad = None
         for p, q in zip(params, model.parameters(), strict=True):
             p.grad = None if q.grad is None else q.grad.float()
         hand_step(list(model.parameters()), states)
@@ -109,6 +123,26 @@ def test_lamb_follows_timm_semantics(config):
         assert_close(p, q, TOLERANCES[torch.float32], f"LAMB param {i}")
 
 
+@pytest.mark.parametrize("backend", usable_backends())
+def test_lamb_counts_steps_per_group_as_timm(backend):
+    """timm's one count per group, advanced every step, also for a param without a grad at
+    some steps (issue #13, item 5): with per-param counts, param 0 would take its bias
+    corrections from 8 instead of 10 at the last step and drift from timm."""
+    # No weight decay and no adaptation: the trust ratio would scale a bias correction away.
+    c = {**LAMB_CONFIGS[0], "wd": 0.0, "max_grad_norm": None}
+    without_grad = {(1, 0), (2, 0), (4, 2)}
+    params, want = _run(
+        lambda ps: fusedopt.LAMB(
+            ps, lr=c["lr"], weight_decay=0.0, max_grad_norm=None, backend=backend
+        ),
+        lambda ps, states: timm_lamb_step(ps, states, **c),
+        steps=10,
+        without_grad=without_grad,
+    )
+    for i, (p, q) in enumerate(zip(params, want, strict=True)):
+        assert_close(p, q, TOLERANCES[torch.float32], f"LAMB param {i}")
+
+
 @pytest.mark.parametrize("betas,wd", [((0.9, 0.99), 0.0), ((0.95, 0.98), 0.5)])
 def test_lion_follows_lion_pytorch_semantics(betas, wd):
     params, want = _run(
@@ -128,16 +162,30 @@ def _signature(cls):
 
 
 def test_constructors_match_timm_and_lion_pytorch():
-    """Positional names, order and defaults as timm's Lamb and lion-pytorch's Lion (neither
-    is a dependency, so their signatures are written out here)."""
+    """Positional names, order and defaults as timm's Lamb (1.0.31) and lion-pytorch's Lion
+    (neither is a dependency, so their signatures are written out here)."""
     empty = inspect.Parameter.empty
     assert _signature(fusedopt.LAMB) == [
         ("params", empty), ("lr", 1e-3), ("bias_correction", True), ("betas", (0.9, 0.999)),
         ("eps", 1e-6), ("weight_decay", 0.01), ("grad_averaging", True),
         ("max_grad_norm", 1.0), ("trust_clip", False), ("always_adapt", False),
-        ("caution", False), ("decoupled_decay", False),
+        ("caution", False), ("decoupled_decay", False), ("corrected_weight_decay", False),
+        ("foreach", None),
     ]  # fmt: skip
     assert _signature(fusedopt.Lion) == [
         ("params", empty), ("lr", 1e-4), ("betas", (0.9, 0.99)), ("weight_decay", 0.0),
         ("use_triton", False), ("decoupled_weight_decay", False),
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("option", ["caution", "decoupled_decay", "corrected_weight_decay"])
+def test_lamb_refuses_timms_unimplemented_options_also_from_a_loaded_group(option):
+    params = clone_params(make_model(), torch.float32)
+    with pytest.raises(ValueError, match=f"timm's {option}=True is not supported"):
+        fusedopt.LAMB(params, **{option: True})
+    opt = fusedopt.LAMB(params, foreach=True)  # timm's foreach: accepted, always fused
+    saved = opt.state_dict()
+    saved["param_groups"][0][option] = True
+    with pytest.raises(ValueError, match=f"timm's {option}=True is not supported"):
+        opt.load_state_dict(saved)
+    assert not opt.param_groups[0].get(option)

@@ -100,6 +100,14 @@ def _grad_in_fp32(params, opt):
             p.grad = p.grad.float()
 
 
+def _param_data_relaid(params, opt):
+    """A column-major ``.data`` of the same values: the states are re-laid ([note: re-laid
+    state])."""
+    for p in params:
+        if p.dim() == 2:
+            p.data = p.data.t().contiguous().t()
+
+
 def _weight_decay_changed(params, opt):
     """Hyperparameters are read every step: no new plan needed."""
     opt.param_groups[0]["weight_decay"] = 0.5
@@ -107,7 +115,7 @@ def _weight_decay_changed(params, opt):
 
 #: Changes made once, before the third step.
 ONCE = [_amsgrad_on, _new_group, _state_replaced, _state_dict_loaded, _param_data_swapped,
-        _weight_decay_changed]  # fmt: skip
+        _param_data_relaid, _weight_decay_changed]  # fmt: skip
 #: Changes to the grads, made before every step from the third on.
 EVERY_STEP = [_unused_gets_a_grad, _grad_dropped, _grad_in_fp32]
 CHANGES = ONCE + EVERY_STEP
@@ -151,18 +159,21 @@ def test_a_change_plans_again_and_equals_a_fresh_plan(change, plan_builds):
         torch.bfloat16 if change is _grad_in_fp32 else torch.float32,
     )
     # The cached run planned at its first step and once more after a change that needs it;
-    # the fresh run planned at every one of its 4 steps.
-    replans = change not in (_param_data_swapped, _weight_decay_changed)
+    # the fresh run planned at every one of its 4 steps. After _param_data_relaid the grads
+    # _grads makes stay contiguous while the params are column-major: each is copied into its
+    # param's layout, a step the plan does not cache, so both later steps plan.
+    replans = {_param_data_swapped: 0, _weight_decay_changed: 0, _param_data_relaid: 2}
+    replans = replans.get(change, 1)
     assert plan_builds[0] == 1 + replans + 4
 
 
 @pytest.mark.parametrize(
     "spoil,match",
     [
-        (lambda s: s.__setitem__("exp_avg", s["exp_avg"].t().contiguous().t()), "exp_avg"),
+        (lambda s: s.__setitem__("exp_avg", s["exp_avg"][:, :-1].clone()), "exp_avg"),
         (lambda s: s.__setitem__("exp_avg_sq", s["exp_avg_sq"].double()), "exp_avg_sq"),
     ],
-    ids=["non-contiguous", "dtype"],
+    ids=["shape", "dtype"],
 )
 def test_a_state_spoiled_after_planning_raises_before_any_change(spoil, match):
     params = clone_params(make_model(), torch.float32)
@@ -179,6 +190,48 @@ def test_a_state_spoiled_after_planning_raises_before_any_change(spoil, match):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     assert all(torch.equal(s["step"], b) for s, b in zip(opt.state.values(), steps, strict=True))
+
+
+def test_a_state_set_by_hand_in_another_layout_is_re_laid(plan_builds):
+    """[note: re-laid state]: a state replaced by a column-major copy of itself is copied back
+    into its param's layout (values kept) when the step plans again, and the step equals one
+    that never saw the swap."""
+    runs = []
+    for swap in (False, True):
+        params = clone_params(make_model(), torch.float32)
+        opt = fusedopt.AdamW(params, lr=1e-2)
+        _grads(params[:-1], 0)
+        opt.step()
+        target = next(p for p in params if p.dim() == 2)
+        if swap:
+            state = opt.state[target]
+            state["exp_avg"] = state["exp_avg"].t().contiguous().t()
+        _grads(params[:-1], 1)
+        opt.step()
+        assert opt.state[target]["exp_avg"].stride() == target.stride()
+        runs.append((params, opt))
+    for p, q in zip(runs[0][0], runs[1][0], strict=True):
+        assert torch.equal(p, q)
+        for key, value in runs[0][1].state[p].items():
+            assert torch.equal(value, runs[1][1].state[q][key]), key
+
+
+def test_non_dense_params_plan_once(plan_builds):
+    """[note: non-dense params]: a strided-view param (with the contiguous grad autograd gives
+    it) keeps the cached plan from step to step, and steps as a dense copy does."""
+    base = torch.randn(6, 10)
+    strided = torch.nn.Parameter(base[:, ::2])
+    dense = torch.nn.Parameter(strided.detach().clone())
+    opts = [fusedopt.AdamW([p], lr=1e-2) for p in (strided, dense)]
+    for step in range(4):
+        x = torch.randn(3, 6, generator=torch.Generator().manual_seed(step))
+        for p, opt in zip((strided, dense), opts, strict=True):
+            opt.zero_grad()
+            (x @ p).square().sum().backward()
+            assert p.grad.is_contiguous()
+            opt.step()
+    assert plan_builds[0] == 2  # once per optimizer
+    assert torch.equal(strided, dense) and torch.equal(base[:, ::2], dense)
 
 
 def test_param_changed_dtype_after_planning_raises():

@@ -175,3 +175,120 @@ def test_loaded_states_take_the_params_memory_layout():
     _train(ours, [weight], [5])
     _train(ref, [twin], [5])
     assert_close(weight, twin, TORCH_TOLERANCE, "channels_last")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_loaded_groups_and_states_are_copies_not_shared_with_the_source(case):
+    """torch deep-copies the saved groups (issue #13, item 4): a scheduler's in-place update
+    of the source's tensor lr must not reach the loaded optimizer, nor the source's steps."""
+    params = clone_params(make_model(), torch.float32)
+    lr = case.kwargs.get("lr", 1e-3)
+    source = case.cls(params, **{**case.kwargs, "lr": torch.tensor(lr)})
+    _train(source, params, range(2))
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = case.cls(twin_params, **{**case.kwargs, "lr": torch.tensor(lr)})
+    twin.load_state_dict(source.state_dict())
+    loaded_lr = twin.param_groups[0]["lr"]
+    assert loaded_lr is not source.param_groups[0]["lr"]
+    source.param_groups[0]["lr"].fill_(123.0)  # what LRScheduler does to a tensor lr
+    assert float(loaded_lr) == float(torch.tensor(lr))
+    for p, q in zip(params, twin_params, strict=True):
+        for key, value in source.state[p].items():
+            assert twin.state[q][key].data_ptr() != value.data_ptr(), key
+
+
+# ----------------------------------------------------------------------------- LAMB's group step
+def _lamb_and_params(**kwargs):
+    params = clone_params(make_model(), torch.float32)
+    return fusedopt.LAMB(params, lr=1e-2, weight_decay=0.0, **kwargs), params
+
+
+def _timm_state_dict(opt, step):
+    """What timm's ``Lamb.state_dict()`` holds: per param only the moments, the step count in
+    each group (an int in timm 0.x, a 0-d fp32 tensor in timm 1.x); timm's group keys."""
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        state.pop("step", None)
+    for group in saved["param_groups"]:
+        for key in ("capturable", "master_weights", "backend"):
+            group.pop(key)
+        group.update(step=step, corrected_weight_decay=False, foreach=None)
+    return saved
+
+
+@pytest.mark.parametrize("step_form", ["int", "tensor"])
+def test_lamb_loads_a_timm_state_dict_and_continues_its_count(step_form):
+    """issue #13, item 5: timm's ``group['step']`` is the count the bias corrections continue
+    from (before, it was dropped and the count restarted at 0)."""
+    opt, params = _lamb_and_params()
+    _train(opt, params, range(3))
+    saved = _timm_state_dict(opt, 3 if step_form == "int" else torch.tensor(3.0))
+    twin, twin_params = _lamb_and_params()
+    for p, q in zip(params, twin_params, strict=True):
+        q.data.copy_(p)
+    twin.load_state_dict(saved)
+    _train(opt, params, range(3, 6))
+    _train(twin, twin_params, range(3, 6))
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)
+    assert float(twin.param_groups[0]["step"]) == 6.0
+
+
+def test_lamb_saves_one_step_per_group_in_timms_form():
+    opt, params = _lamb_and_params()
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(4))]})  # never has a grad
+    _train(opt, params, range(2))
+    saved = opt.state_dict()
+    _train(opt, params, range(2, 3))
+    for group in saved["param_groups"]:  # timm counts a group without grads too
+        assert isinstance(group["step"], torch.Tensor) and float(group["step"]) == 2.0
+        assert group["step"].dtype == torch.float32
+    assert all(set(state) == {"exp_avg", "exp_avg_sq"} for state in saved["state"].values())
+    assert [float(g["step"]) for g in opt.param_groups] == [3.0, 3.0]
+
+
+def test_lamb_loads_an_older_per_param_step_dict_with_the_largest_count():
+    """Older fusedopt LAMB dicts counted per param; the group count becomes their largest."""
+    opt, params = _lamb_and_params()
+    _train(opt, params, range(4))
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["step"]
+    for pid, state in saved["state"].items():
+        state["step"] = torch.tensor(4.0 if pid == 0 else 2.0)
+    twin, twin_params = _lamb_and_params()
+    for p, q in zip(params, twin_params, strict=True):
+        q.data.copy_(p)
+    twin.load_state_dict(saved)
+    assert float(twin.param_groups[0]["step"]) == 4.0
+    assert all("step" not in twin.state[p] for p in twin_params)
+    _train(opt, params, range(4, 6))
+    _train(twin, twin_params, range(4, 6))
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_lamb_skipped_step_keeps_the_count_and_the_op_gets_distinct_step_tensors(monkeypatch):
+    """A found_inf step leaves the group count as it was; the op's per-param step tensors are
+    distinct (it increments each), all holding the group count ([note: LAMB group step])."""
+    seen = []
+    real = fusedopt.ops.step
+
+    def spy(op, lists, *args, **kwargs):
+        seen.append([(t.data_ptr(), float(t)) for t in lists["steps"]])
+        return real(op, lists, *args, **kwargs)
+
+    monkeypatch.setattr(fusedopt.ops, "step", spy)
+    opt, params = _lamb_and_params()
+    _train(opt, params, range(2))
+    before = [p.detach().clone() for p in params]
+    opt.found_inf = torch.tensor(1.0)
+    _train(opt, params, range(2, 3))
+    del opt.found_inf
+    assert float(opt.param_groups[0]["step"]) == 2.0
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    _train(opt, params, range(3, 4))
+    assert float(opt.param_groups[0]["step"]) == 3.0
+    for call, count in zip(seen, [0.0, 1.0, 2.0, 2.0], strict=True):
+        assert len({ptr for ptr, _ in call}) == len(call)
+        assert {value for _, value in call} == {count}

@@ -643,14 +643,17 @@ def _step_tensors(dtype: torch.dtype, masters: bool) -> dict[str, list[torch.Ten
 
     vs = [rnd(s, state_dt).abs() for s in shapes]
     params = [rnd(s) for s in shapes]
+    # A master with more precision than its param, as after real steps; the param is its
+    # rounding (DESIGN.md §3), else the step would adopt the param ([note: master sync]).
+    master = [p.float() + 1e-3 for p in params] if masters else []
+    params = [m.to(dtype) for m in master] if masters else params
     return {
         "params": params,
         "grads": [rnd(s) for s in shapes],
         "m": [rnd(s, state_dt) for s in shapes],
         "v": vs,
         "vmax": [v * 2 for v in vs],
-        # a master a little off its rounded param, as after real steps
-        "master": [p.float() + 1e-3 for p in params] if masters else [],
+        "master": master,
         "steps": [torch.tensor(float(k)) for k in range(len(shapes))],
     }
 

@@ -41,3 +41,21 @@ def test_scale_reference_matches_foreach_mul(dtype):
     tensors[2][3] = float("nan")
     ops.scale_(tensors, torch.tensor(1.0), found_inf, backend="reference")
     assert found_inf.item() == 1.0
+
+
+def test_package_layout_is_the_installed_one():
+    """A checkout imports as an install does: the Triton kernels live inside the package, and
+    nothing else in the repository (bench/, tests/) is reachable as ``fusedopt.<folder>``."""
+    import importlib
+    import os
+
+    import fusedopt.triton_kernels
+
+    package = os.path.dirname(os.path.abspath(fusedopt.__file__))
+    assert os.path.dirname(os.path.abspath(fusedopt.triton_kernels.__file__)) == os.path.join(
+        package, "triton_kernels"
+    )
+    assert fusedopt.__path__ == [package]
+    for folder in ("bench", "tests", "scripts"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"fusedopt.{folder}")

@@ -4,7 +4,7 @@ and natively on a GPU. The shared harness (tests/harness) adds the float64-oracl
 
 Tolerances: both backends compute the same fp32 expressions in the same order, with IEEE
 division and square root and no contraction ([note: hyperparameter rounding] in
-triton_kernels/common.py); the one deliberate difference is the bias correction (float64
+fusedopt/triton_kernels/common.py); the one deliberate difference is the bias correction (float64
 ``exp(t*log(beta))`` against Python's ``beta**t``, a few float64 ulps apart), which can move
 an fp32 result by one ulp. So elementwise results must agree to 2 fp32 ulps, or exactly in
 storage dtype up to one ulp of that dtype; reductions (norms) to a size-derived tolerance.

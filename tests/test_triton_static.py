@@ -24,8 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 # kernel prefix -> (data streams read, streams written), for the variants compiled with every
-# option on (AMSGrad, momentum, ...). A master-weight variant of a kernel that writes params
-# writes one stream more (the rounded param beside the fp32 master).
+# option on (AMSGrad, momentum, ...). A master-weight variant reads one stream more (the
+# 16-bit param, compared with the rounded master: [note: master sync]) and, if it writes
+# params, writes one more (the rounded param beside the fp32 master).
 STREAMS = {
     "scale_": (1, 1),
     "grad_norm_partials_": (1, 0),
@@ -35,7 +36,7 @@ STREAMS = {
     "lamb_norms_": (4, 2),  # phase 1 with fp32 states: stores the moments
     "lamb_update_": (3, 1),  # phase 3 with fp32 states: re-reads p, m, v
 }
-# Phases with low-precision states (module docstring of triton_kernels/lamb.py).
+# Phases with low-precision states (module docstring of fusedopt/triton_kernels/lamb.py).
 LAMB_LOW_PRECISION = {"lamb_norms_": (4, 0), "lamb_update_": (4, 3)}
 WRITES_PARAMS = ("adamw_", "sgd_", "lion_", "lamb_update_")
 ELEMENTWISE_CASES = ("fp32", "bf16", "bf16_master_fp32grad", "fp16_master", "fp64")
@@ -62,7 +63,8 @@ def expected_streams(name: str) -> tuple[int, int] | None:
                 return LAMB_LOW_PRECISION[prefix]
             if case in ELEMENTWISE_CASES:
                 reads, writes = streams
-                return reads, writes + int("master" in case and prefix in WRITES_PARAMS)
+                master = "master" in case
+                return reads + master, writes + int(master and prefix in WRITES_PARAMS)
     return None
 
 

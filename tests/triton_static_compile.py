@@ -21,9 +21,10 @@ sys.path.insert(0, ROOT)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from fusedopt.triton_kernels import adamw, grad_norm, lamb, lion, scale, sgd  # noqa: E402
-from fusedopt.triton_kernels.common import LAUNCH_OPTIONS  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from fusedopt.triton_kernels import adamw, grad_norm, lamb, lion, multi_tensor, scale, sgd  # noqa: E402
+from fusedopt.triton_kernels.common import LAUNCH_OPTIONS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -42,9 +43,12 @@ F32, BF16, F16, F64 = tl.float32, tl.bfloat16, tl.float16, tl.float64
 
 
 def step_dtypes(p, g, master):
+    """Constexprs of a step kernel; master-weight cases adopt written params (the default,
+    MASTER_SYNCED: [note: master sync] in fusedopt/_contract.py)."""
     s = F32 if master else p
+    mode = multi_tensor.MASTER_SYNCED if master else multi_tensor.NO_MASTER
     return {"P_DTYPE": p, "G_DTYPE": g, "S_DTYPE": s, "COMPUTE": F64 if p == F64 else F32,
-            "MASTER": master}  # fmt: skip
+            "MASTER": mode}  # fmt: skip
 
 
 SCALARS = {"LR_MODE": 2, "HAS_GRAD_SCALE": True, "HAS_CLIP": True, "HAS_FOUND_INF": True}

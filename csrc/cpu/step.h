@@ -5,6 +5,7 @@
 #pragma once
 
 #include <array>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -34,15 +35,44 @@ inline std::vector<double> advance_steps(const StepLists& lists) {
   return t;
 }
 
+/// [note: master sync] (fusedopt/_contract.py) on the CPU: `master` is block [off, off+n) of
+/// the fp32 master; where the 16-bit param's bits differ from the master's rounded bits,
+/// the param's value replaces the master's. Returns the values to step with: `master`
+/// itself when nothing was written (the common case: one vectorised round-and-compare
+/// loop, convert.h's rounds_to), else `master` changed in place (in_place: the caller
+/// writes the master back anyway) or `buffer` holding the adopted values (LAMB's norm pass
+/// writes nothing, so the master memory must not change there).
+template <typename T>
+inline T* adopt_written_params(T* master, const void* param, DType d, int64_t off, int64_t n,
+                               bool in_place, T* buffer) {
+  const uint16_t* bits = static_cast<const uint16_t*>(param) + off;
+  if constexpr (std::is_same_v<T, float>) {
+    if (rounds_to(master, bits, d, n)) return master;
+  }
+  alignas(64) uint16_t rounded[kBlock];
+  alignas(64) T widened[kBlock];
+  store_values(rounded, d, master, n);
+  load_values(widened, bits, d, n);
+  T* out = master;
+  if (!in_place) {
+    std::memcpy(buffer, master, n * sizeof(T));
+    out = buffer;
+  }
+  for (int64_t k = 0; k < n; ++k)
+    if (rounded[k] != bits[k]) out[k] = widened[k];
+  return out;
+}
+
 /// Calls f(p, g, states, n) for each block of work item w, where p, g and states[k] point at
-/// n opmath values of the param (or master), the grad and state slot k. With kWrite the
-/// param, master and states are written back after f (f may change them); without, nothing
-/// is written (LAMB's norm pass).
+/// n opmath values of the param (or master, after [note: master sync] when lists.master_sync),
+/// the grad and state slot k. With kWrite the param, master and states are written back
+/// after f (f may change them); without, nothing is written (LAMB's norm pass).
 template <typename T, size_t kStates, bool kWrite, typename F>
 void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates>& states,
                     const WorkItem& w, F&& f) {
   const int64_t i = w.tensor;
   const bool master = lists.master_params.present();
+  const bool sync = master && lists.master_sync;
   void* param = lists.params.data[i];
   void* p_base = master ? lists.master_params.data[i] : param;
   const DType p_dtype = master ? DType::kFloat32 : lists.params.dtype;
@@ -54,6 +84,7 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
   for (int64_t off = w.begin; off < w.end; off += kBlock) {
     const int64_t n = std::min(kBlock, w.end - off);
     T* p = view_block(p_base, p_dtype, off, n, p_buffer);
+    if (sync) p = adopt_written_params(p, param, lists.params.dtype, off, n, kWrite, p_buffer);
     const T* g = view_block(g_base, lists.grads.dtype, off, n, g_buffer);
     for (size_t k = 0; k < kStates; ++k)
       s[k] = view_block(states[k].data[i], states[k].dtype, off, n, s_buffer[k]);

@@ -30,6 +30,7 @@ struct AdamWBody {
   S* v;
   S* vmax;
   float* master;
+  bool master_sync;  // [note: master sync]
   AdamWScalars<T> s;
   GradLoad<T> load_g;
 
@@ -40,6 +41,7 @@ struct AdamWBody {
         v(static_cast<S*>(row.slot[kExpAvgSq])),
         vmax(static_cast<S*>(row.slot[kMaxExpAvgSq])),
         master(static_cast<float*>(row.slot[kMaster])),
+        master_sync(a.master_sync),
         s(adamw_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
                            row.hyper[kEps], row.hyper[kWeightDecay],
                            static_cast<double>(*row.step), a.flag[kDecoupled],
@@ -54,7 +56,7 @@ struct AdamWBody {
   template <int V>
   __device__ __forceinline__ void apply(int64_t i) const {
     T pv[V], gv[V], mv[V], vv[V], xv[V];
-    load_param<V, P, T, kMasterWeights>(p, master, i, pv);
+    load_param<V, P, T, kMasterWeights>(p, master, i, pv, master_sync);
     load<V>(g, i, gv);
     load<V>(m, i, mv);
     load<V>(v, i, vv);

@@ -178,13 +178,19 @@ struct alignas(V * sizeof(S) >= 16 ? 16 : alignof(S)) Pack {
 
 /// x[0..V) = base[i..i+V) in opmath. V > 1 needs base + i 16-byte aligned ([note: vector
 /// path]); V == 1 is the scalar path.
-template <int V, class S, class T>
-__device__ __forceinline__ void load(const S* base, int64_t i, T (&x)[V]) {
+/// base[i..i+V) as stored (bits, unconverted); alignment as for load().
+template <int V, class S>
+__device__ __forceinline__ Pack<S, V> load_pack(const S* base, int64_t i) {
   // Table addresses reach the kernel through memory, so without this the compiler cannot
   // tell they are global and issues generic LD/ST (LD.E.128) instead of LDG/STG.
   __builtin_assume(__isGlobal(base));
   check_access<Pack<S, V>>(base + i);
-  const Pack<S, V> p = *reinterpret_cast<const Pack<S, V>*>(base + i);
+  return *reinterpret_cast<const Pack<S, V>*>(base + i);
+}
+
+template <int V, class S, class T>
+__device__ __forceinline__ void load(const S* base, int64_t i, T (&x)[V]) {
+  const Pack<S, V> p = load_pack<V>(base, i);
 #pragma unroll
   for (int k = 0; k < V; ++k) x[k] = to_opmath<T>(p.v[k]);
 }

@@ -39,6 +39,7 @@ struct LambElements {
   S* m;
   S* v;
   float* master;
+  bool master_sync;  // [note: master sync]
   LambScalars<T> s;
   GradLoad<T> load_g;
 
@@ -48,6 +49,7 @@ struct LambElements {
         m(static_cast<S*>(row.slot[kExpAvg])),
         v(static_cast<S*>(row.slot[kExpAvgSq])),
         master(static_cast<float*>(row.slot[kMaster])),
+        master_sync(a.master_sync),
         s(lamb_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
                           row.hyper[kEps], row.hyper[kWeightDecay],
                           static_cast<double>(*row.step), a.flag[kGradAveraging],
@@ -62,7 +64,7 @@ struct LambElements {
   __device__ __forceinline__ void direction(int64_t i, T (&pv)[V], T (&mv)[V], T (&vv)[V],
                                             T (&uv)[V]) const {
     T gv[V];
-    load_param<V, P, T, kMasterWeights>(p, master, i, pv);
+    load_param<V, P, T, kMasterWeights>(p, master, i, pv, master_sync);
     load<V>(g, i, gv);
     load<V>(m, i, mv);
     load<V>(v, i, vv);

@@ -24,6 +24,7 @@ struct LionBody {
   const G* g;
   S* m;
   float* master;
+  bool master_sync;  // [note: master sync]
   LionScalars<T> s;
   GradLoad<T> load_g;
 
@@ -32,6 +33,7 @@ struct LionBody {
         g(static_cast<const G*>(row.slot[kGrad])),
         m(static_cast<S*>(row.slot[kExpAvg])),
         master(static_cast<float*>(row.slot[kMaster])),
+        master_sync(a.master_sync),
         s(lion_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
                           row.hyper[kWeightDecay])),
         load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef,
@@ -44,7 +46,7 @@ struct LionBody {
   template <int V>
   __device__ __forceinline__ void apply(int64_t i) const {
     T pv[V], gv[V], mv[V];
-    load_param<V, P, T, kMasterWeights>(p, master, i, pv);
+    load_param<V, P, T, kMasterWeights>(p, master, i, pv, master_sync);
     load<V>(g, i, gv);
     load<V>(m, i, mv);
 #pragma unroll

@@ -25,6 +25,7 @@ struct SgdBody {
   const G* g;
   S* buf;
   float* master;
+  bool master_sync;  // [note: master sync]
   SgdScalars<T> s;
   GradLoad<T> load_g;
 
@@ -40,6 +41,7 @@ struct SgdBody {
         g(static_cast<const G*>(row.slot[kGrad])),
         buf(static_cast<S*>(row.slot[kMomentumBuffer])),
         master(static_cast<float*>(row.slot[kMaster])),
+        master_sync(a.master_sync),
         s(sgd_scalars<T>(step_lr(row, t, a), row.hyper[kMomentum],
                          row.hyper[kDampening], row.hyper[kWeightDecay],
                          kWithMomentum && row.step && *row.step == 1.0f, a.flag[kNesterov])),
@@ -54,7 +56,7 @@ struct SgdBody {
   template <int V>
   __device__ __forceinline__ void apply(int64_t i) const {
     T pv[V], gv[V], bv[V] = {};
-    load_param<V, P, T, kMasterWeights>(p, master, i, pv);
+    load_param<V, P, T, kMasterWeights>(p, master, i, pv, master_sync);
     load<V>(g, i, gv);
     if (use_buffer) {
       // On the first step the buffer is overwritten, not read (it may hold anything).

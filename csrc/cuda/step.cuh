@@ -51,6 +51,7 @@ struct StepArgs {
   const void* extra;  // an op's per-tensor device array (LAMB's trust ratios), or null
   double lr;          // the lr of every tensor, when lr_in_args ([note: uniform lr])
   bool lr_in_args;
+  bool master_sync;             // StepLists::master_sync ([note: master sync])
   bool flag[spec::kMaxFlags];  // an op's per-call flags, at their spec index
 };
 
@@ -78,12 +79,22 @@ __device__ __forceinline__ bool aligned_all(int64_t start, const S*... ptrs) {
 }
 
 /// The param value in opmath: the master's when there is one ([note: master weights] in
-/// DESIGN.md §3: the param is always master.to(dtype)).
+/// DESIGN.md §3: the param is always master.to(dtype)). With master_sync, an element whose
+/// param bits differ from its rounded master's takes the param's value ([note: master sync]
+/// in fusedopt/_contract.py): one more (vector) load of the 16-bit param. The flag is a
+/// kernel argument, the same for the whole launch, so the branch never diverges.
 template <int V, class P, class T, bool kMasterWeights>
 __device__ __forceinline__ void load_param(const P* p, const float* master, int64_t i,
-                                           T (&x)[V]) {
+                                           T (&x)[V], bool master_sync) {
   if constexpr (kMasterWeights) {
     load<V>(master, i, x);
+    if (master_sync) {
+      const Pack<P, V> bits = load_pack<V>(p, i);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (from_opmath<P>(x[k]).bits != bits.v[k].bits) x[k] = to_opmath<T>(bits.v[k]);
+      }
+    }
   } else {
     load<V>(p, i, x);
   }
@@ -107,6 +118,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Table table, StepArgs ar
 inline StepArgs step_args(const StepLists& lists, const double* lr) {
   StepArgs args{};
   args.scalars = lists.scalars;
+  args.master_sync = lists.master_sync && lists.master_params.present();
   args.lr_in_args = lists.num_tensors > 0 && !lists.scalars.lr &&
                     std::all_of(lr, lr + lists.num_tensors, [&](double x) { return x == lr[0]; });
   args.lr = args.lr_in_args ? lr[0] : 0.0;

@@ -64,6 +64,75 @@ static void test_grad_norm_threads() {
   CHECK_NEAR(totals[0], std::sqrt(exact), 1e-6);
 }
 
+/// total and per-tensor norms of one call over fp32 or bf16 storage (out: fp32).
+static std::vector<float> norms(const std::vector<int64_t>& numels, const std::vector<void*>& data,
+                                DType dtype, bool inf_norm, const float* grad_scale) {
+  std::vector<float> out(1 + numels.size());
+  const std::vector<DType> dtypes(numels.size(), dtype);
+  float found = -1.0f;
+  GradNormCall call;
+  call.num_tensors = static_cast<int64_t>(numels.size());
+  call.numels = numels.data();
+  call.data = data.data();
+  call.dtypes = dtypes.data();
+  call.inf_norm = inf_norm;
+  call.per_tensor = true;
+  call.grad_scale = grad_scale;
+  call.total_norm = out.data();
+  call.per_tensor_norms = out.data() + 1;
+  call.found_inf = &found;
+  cpu::grad_norm(call, ExecContext{});
+  CHECK(found == 0.0f);
+  return out;
+}
+
+// [note: exact unscale] (csrc/cpu/grad_norm.cpp): a power-of-two grad_scale multiplies by
+// its reciprocal instead of dividing. The norms must keep the bits of the division: those of
+// the same call over the quotients x / grad_scale (rounded to fp32 one by one) with no scale,
+// which adds the same terms in the same order. Quotients normal, subnormal and zero (2^100),
+// a scale below 1 (2^-20), GradScaler's 2^16, and 3 (not a power of two: divides).
+static void test_grad_norm_unscale_is_a_division() {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  const std::vector<int64_t> numels = {5000, 70001, 3};
+  std::vector<std::vector<float>> f32(numels.size());
+  std::vector<std::vector<uint16_t>> bf16(numels.size());
+  for (size_t i = 0; i < numels.size(); ++i) {
+    for (int64_t k = 0; k < numels[i]; ++k) {
+      const float x = normal(rng) * std::pow(10.0f, static_cast<float>(k % 20 - 10));
+      f32[i].push_back(x);
+      bf16[i].push_back(float_to_bf16(x));
+    }
+  }
+  for (const float scale : {0x1p16f, 0x1p100f, 0x1p-20f, 3.0f}) {
+    for (const bool from_bf16 : {false, true}) {
+      std::vector<std::vector<float>> quotients(numels.size());
+      std::vector<void*> data, divided;
+      for (size_t i = 0; i < numels.size(); ++i) {
+        for (int64_t k = 0; k < numels[i]; ++k) {
+          const float x = from_bf16 ? bf16_to_float(bf16[i][k]) : f32[i][k];
+          quotients[i].push_back(x / scale);
+        }
+        data.push_back(from_bf16 ? static_cast<void*>(bf16[i].data()) : f32[i].data());
+        divided.push_back(quotients[i].data());
+      }
+      const DType dtype = from_bf16 ? DType::kBFloat16 : DType::kFloat32;
+      for (const bool inf_norm : {false, true}) {
+        const std::vector<float> got = norms(numels, data, dtype, inf_norm, &scale);
+        const std::vector<float> want =
+            norms(numels, divided, DType::kFloat32, inf_norm, nullptr);
+        const bool same = std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0;
+        if (!same)
+          std::fprintf(stderr, "scale %g, %s, %s norm: total %.9g, divided first %.9g\n",
+                       scale, from_bf16 ? "bf16" : "fp32", inf_norm ? "inf" : "L2", got[0],
+                       want[0]);
+        CHECK(same);
+        CHECK(want[0] > 0.0f);  // the comparison sees non-zero terms
+      }
+    }
+  }
+}
+
 static void test_adamw_master_and_found_inf() {
   const int64_t n = 100003;
   std::vector<float> master(n), m(n, 0.0f), v(n, 0.0f);
@@ -115,6 +184,7 @@ static void test_adamw_master_and_found_inf() {
 
 int main() {
   test_grad_norm_threads();
+  test_grad_norm_unscale_is_a_division();
   test_adamw_master_and_found_inf();
   if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);
   return g_failures != 0;

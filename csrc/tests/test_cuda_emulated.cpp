@@ -133,8 +133,9 @@ struct CudaContext {
 //   * cuda: a thread adds <= kChunk/256 terms, then warp and block trees (5 + 5 levels); the
 //     finishing block adds a tensor's chunk partials lane-strided (chunks/32 per lane), a
 //     5-level tree, the tensors of one warp in a row (n/32), and a 5-level tree: k below;
-//   * cpu: fp32 lanes of kBlock/kLanes = 32 terms (csrc/cpu/reduce.h), then double sums of
-//     at most total/32 + n lanes, each adding at most 2^-53.
+//   * cpu: fp32 lanes of at most kLaneTerms = 32 terms (csrc/cpu/reduce.h), then double sums
+//     (a lane tree, blocks, items, tensors) of at most total/32 + n lanes, each adding at most
+//     2^-53.
 // The exact reference sums the same terms in double (its own error, <= n_terms * 2^-53
 // relative, is inside the bound).
 double cuda_chain(int64_t max_chunks, int64_t n) {
@@ -186,10 +187,13 @@ const Variant kVariants[] = {
     {"sgd_momentum_0_in_buffered_call", Op::kSgd, {false, false}, {0.9, 0.1, 0.01, 0.0}, 0.1, 0},
 };
 
-/// Storage of a step call: param and grad dtypes, master weights (DESIGN.md §3).
+/// Storage of a step call: param and grad dtypes, master weights (DESIGN.md §3), and
+/// StepLists::master_sync ([note: master sync]; the user writes into the params of every
+/// master-weight case between steps, see write_params).
 struct Storage {
   DType param, grad;
   bool master;
+  bool sync = true;
 };
 const Storage kStorages[] = {
     {DType::kFloat32, DType::kFloat32, false},   {DType::kBFloat16, DType::kBFloat16, false},
@@ -197,6 +201,7 @@ const Storage kStorages[] = {
     {DType::kFloat16, DType::kFloat32, false},   {DType::kFloat64, DType::kFloat64, false},
     {DType::kBFloat16, DType::kBFloat16, true},  {DType::kBFloat16, DType::kFloat32, true},
     {DType::kFloat16, DType::kFloat16, true},    {DType::kFloat16, DType::kFloat32, true},
+    {DType::kBFloat16, DType::kBFloat16, true, false},
 };
 
 enum class LrKind { kUniform, kPerTensor, kTensor1, kTensorN };
@@ -340,6 +345,15 @@ void initialize(World& w, const StepCase& c, std::mt19937& rng) {
   }
 }
 
+/// The user writes into the params between steps (a model load, a re-initialisation, a
+/// clamp; [note: master sync] in fusedopt/_contract.py): every 4th element, from one that
+/// moves with the step, gets a new value, a third of them -0.0 (a sign bit only).
+void write_params(World& w, int step) {
+  for (auto& p : w.params)
+    for (int64_t k = step % 4; k < p->numel(); k += 4)
+      p->set(k, k % 3 == 0 ? -0.0 : 1.5 + 0.01 * static_cast<double>(k % 50));
+}
+
 /// Per-case arrays that the call structs point into (bindings.cpp keeps the same alive).
 struct Call {
   std::vector<int64_t> numels;
@@ -350,6 +364,7 @@ struct Call {
   std::array<std::vector<double>, 4> hyper;
   std::vector<float> lr_tensor;
   float grad_scale, clip_coef, found_inf;
+  double grad_scale64, clip_coef64;  // the same values for fp64 steps, which read them in fp64
 
   StepLists lists(const StepCase& c, World& w, int step) {
     const size_t n = w.params.size();
@@ -382,6 +397,7 @@ struct Call {
     l.params = {params.data(), c.storage.param};
     l.grads = {grads.data(), c.storage.grad};
     if (c.storage.master) l.master_params = {masters.data(), DType::kFloat32};
+    l.master_sync = c.storage.sync;
     l.steps = has_steps(v) ? steps.data() : nullptr;
     if (s.lr == LrKind::kTensor1 || s.lr == LrKind::kTensorN) {
       // Values that differ from the lr lists, so a kernel that ignores the tensor shows.
@@ -394,8 +410,13 @@ struct Call {
     grad_scale = s.grad_scale;
     clip_coef = s.clip_coef;
     found_inf = s.found_inf[step];
-    if (grad_scale > 0) l.scalars.grad_scale = &grad_scale;
-    if (clip_coef > 0) l.scalars.clip_coef = &clip_coef;
+    grad_scale64 = grad_scale;
+    clip_coef64 = clip_coef;
+    const bool fp64 = c.storage.param == DType::kFloat64;  // [note: opmath scalars]
+    if (grad_scale > 0) l.scalars.grad_scale = fp64 ? static_cast<const void*>(&grad_scale64)
+                                                    : &grad_scale;
+    if (clip_coef > 0) l.scalars.clip_coef = fp64 ? static_cast<const void*>(&clip_coef64)
+                                                  : &clip_coef;
     if (found_inf >= 0) l.scalars.found_inf = &found_inf;
     return l;
   }
@@ -485,7 +506,8 @@ const char* dtype_short(DType d) {
 
 std::string name(const StepCase& c) {
   return std::string(c.variant->name) + " " + dtype_short(c.storage.param) + "/" +
-         dtype_short(c.storage.grad) + (c.storage.master ? "+master" : "") + " " +
+         dtype_short(c.storage.grad) + (c.storage.master ? "+master" : "") +
+         (c.storage.master && !c.storage.sync ? "-nosync" : "") + " " +
          c.scalars->name + (c.shapes == &kLarge ? " large" : " small") +
          (c.schedule == emu::Schedule::kReverse ? " reverse" : "");
 }
@@ -511,7 +533,7 @@ double smallest(DType d) {
 }
 
 // [note: lamb tolerance] LAMB is not elementwise: its trust ratio |p| / |u| comes from two
-// per-tensor sums of squares, which the CPU adds in opmath lanes of 32 terms and in double,
+// per-tensor sums of squares, which the CPU adds in opmath lanes of <= 32 terms and in double,
 // then roots in double, while the CUDA kernels add in opmath trees and root in opmath. Every
 // other quantity is elementwise, so m, v, the step counts, and the params of tensors that do
 // not adapt (ratio 1) must still be equal bit for bit. By [note: norm tolerance] a backend's
@@ -580,6 +602,10 @@ void run_step_case(const StepCase& c, std::mt19937& rng) {
   emu::set_capturing(c.scalars->capturing);
   for (int s = 0; s < c.steps; ++s) {
     const std::string what = name(c) + " step " + std::to_string(s + 1);
+    if (c.storage.master) {
+      write_params(cpu_world, s);
+      write_params(cuda_world, s);
+    }
     before.copy_from(cuda_world);
     step(c, cpu_world, s, false);
     step(c, cuda_world, s, true);
@@ -625,6 +651,161 @@ int test_step_ops() {
         run_step_case({&v, st, &kScalars[3], &kLarge, 2, emu::Schedule::kForward}, rng);
         ++cases;
       }
+    }
+  }
+  return cases;
+}
+
+/// [note: master sync], semantics on the CUDA side itself (the comparisons above only say
+/// that CUDA and CPU agree): each op with lr 0 leaves every master as it was, except that
+/// with master_sync an element written into the param takes the param's value; without it,
+/// the master alone counts and the param is rebuilt from it.
+int test_master_sync() {
+  std::mt19937 rng(5);
+  int cases = 0;
+  for (const Variant* base : {&kVariants[0], &kVariants[5], &kVariants[9], &kVariants[11]}) {
+    for (const bool sync : {true, false}) {
+      Variant v = *base;
+      v.lr = 0.0;
+      const StepCase c{&v, {DType::kBFloat16, DType::kBFloat16, true, sync}, &kScalars[0],
+                       &kSmall, 1, emu::Schedule::kForward};
+      World w(c), before(c);
+      initialize(w, c, rng);
+      write_params(w, 0);
+      before.copy_from(w);
+      step(c, w, 0, true);
+      bool ok = true;
+      for (size_t i = 0; i < w.params.size(); ++i) {
+        for (int64_t k = 0; k < w.params[i]->numel(); ++k) {
+          const bool written = k % 4 == 0;
+          const double expected =
+              sync && written ? before.params[i]->get(k) : before.masters[i]->get(k);
+          const double got = w.masters[i]->get(k);
+          ok &= got == expected;  // by value: with lr 0, -0 - (+-0) may give +0
+          ok &= w.params[i]->get(k) == static_cast<double>(bf16_to_float(float_to_bf16(
+                                           static_cast<float>(got))));
+        }
+      }
+      if (!ok) std::fprintf(stderr, "master sync: %s sync=%d\n", v.name, int(sync));
+      CHECK(ok);
+      ++cases;
+    }
+  }
+  return cases;
+}
+
+// ---------------------------------------------------------------------------------------
+// Non-finite edges (issue #13) on both backends, against exact hand-computed values: Lion's
+// sign(NaN) = 0, [note: zero weight decay], and an fp64 clip_coef read in fp64 ([note:
+// opmath scalars]). The values are chosen so that every result is exact in fp32.
+
+/// One tensor per slot (param, grad, then the states), with the given values.
+struct EdgeCall {
+  DType dtype;
+  int64_t numel;
+  std::vector<std::unique_ptr<Buffer>> slots;
+  std::vector<void*> data;  // one pointer per slot: each slot's 1-tensor list
+  float step = 0.0f;
+  float* step_ptr = &step;
+  EdgeCall(DType d, const std::vector<std::vector<double>>& values)
+      : dtype(d), numel(static_cast<int64_t>(values[0].size())) {
+    for (const auto& v : values) {
+      slots.push_back(std::make_unique<Buffer>(d, numel, false));
+      for (size_t k = 0; k < v.size(); ++k) slots.back()->set(static_cast<int64_t>(k), v[k]);
+    }
+    for (auto& b : slots) data.push_back(b->data());
+  }
+  TensorSlot slot(size_t k) { return {&data[k], dtype}; }
+  StepLists lists(bool with_step) {
+    StepLists l;
+    l.num_tensors = 1;
+    l.numels = &numel;
+    l.params = slot(0);
+    l.grads = slot(1);
+    l.steps = with_step ? &step_ptr : nullptr;
+    return l;
+  }
+  /// Slot s equals `want` element for element (inf included; NaN where want is NaN).
+  bool holds(size_t s, const std::vector<double>& want) const {
+    for (size_t k = 0; k < want.size(); ++k) {
+      const double got = slots[s]->get(static_cast<int64_t>(k));
+      if (std::isnan(want[k]) ? !std::isnan(got) : got != want[k]) return false;
+    }
+    return true;
+  }
+};
+
+int test_edge_values() {
+  int cases = 0;
+  for (DType d : {DType::kFloat32, DType::kFloat64}) {
+    for (bool cuda : {false, true}) {
+      CudaContext cuda_ctx;
+      const ExecContext ctx = cuda ? cuda_ctx.ctx : ExecContext{};
+      const std::string where = std::string(cuda ? "cuda " : "cpu ") + dtype_short(d);
+      // Lion, lr 0.125, wd 0.5 (decay 0.9375), beta1 0.5, beta2 0.75: a NaN in c = b1*m +
+      // (1-b1)*g has sign 0, so p only decays; its moment becomes NaN.
+      {
+        EdgeCall e(d, {{1.0, -2.0, 0.5, 3.0, -1.0},
+                       {NAN, 0.25, NAN, -1.0, 2.0},
+                       {0.5, -0.5, NAN, 0.125, 0.0}});
+        const double lr = 0.125, b1 = 0.5, b2 = 0.75, wd = 0.5;
+        LionCall a;
+        a.lists = e.lists(false);
+        a.exp_avgs = e.slot(2);
+        a.lr = &lr, a.beta1 = &b1, a.beta2 = &b2, a.weight_decay = &wd;
+        cuda ? cuda::lion(a, ctx) : cpu::lion(a, ctx);
+        const bool ok = e.holds(0, {0.9375, -1.75, 0.46875, 2.9375, -1.0625}) &&
+                        e.holds(2, {NAN, -0.3125, NAN, -0.15625, 0.5});
+        if (!ok) std::fprintf(stderr, "%s: lion with a NaN grad\n", where.c_str());
+        CHECK(ok);
+      }
+      // Adam (L2), wd = 0, lr 0.5, beta1 0.5, beta2 0.75, eps 0.5, t = 1: m = 0.25,
+      // v = 0.0625, denom = 0.25/0.5 + 0.5 = 1, p -= 0.25; infinite params stay infinite.
+      // AdamW, wd = 0, lr = inf: p = 1 - inf*0.25 = -inf, not 1*(1 - inf*0) = NaN.
+      for (bool decoupled : {false, true}) {
+        EdgeCall e(d, {decoupled ? std::vector<double>{1.0, 1.0, -2.0}
+                                 : std::vector<double>{-INFINITY, 1.0, INFINITY},
+                       {0.5, 0.5, 0.5},
+                       {0.0, 0.0, 0.0},
+                       {0.0, 0.0, 0.0}});
+        const double lr = decoupled ? INFINITY : 0.5, b1 = 0.5, b2 = 0.75, eps = 0.5, wd = 0.0;
+        AdamWCall a;
+        a.lists = e.lists(true);
+        a.exp_avgs = e.slot(2);
+        a.exp_avg_sqs = e.slot(3);
+        a.lr = &lr, a.beta1 = &b1, a.beta2 = &b2, a.eps = &eps, a.weight_decay = &wd;
+        a.decoupled = decoupled;
+        cuda ? cuda::adamw(a, ctx) : cpu::adamw(a, ctx);
+        const std::vector<double> want_p =
+            decoupled ? std::vector<double>{-INFINITY, -INFINITY, -INFINITY}
+                      : std::vector<double>{-INFINITY, 0.75, INFINITY};
+        const bool ok = e.holds(0, want_p) && e.holds(2, {0.25, 0.25, 0.25}) &&
+                        e.holds(3, {0.0625, 0.0625, 0.0625});
+        if (!ok)
+          std::fprintf(stderr, "%s: %s with wd = 0\n", where.c_str(),
+                       decoupled ? "adamw (lr inf)" : "adam l2 (inf param)");
+        CHECK(ok);
+      }
+      // SGD, lr 1, clip_coef = 1/3 in the opmath type: p = 1 - 3 * (1/3) exactly in that
+      // type (fp64: 0; an fp32 coefficient would leave -3e-8 in an fp64 param).
+      {
+        EdgeCall e(d, {{1.0}, {3.0}});
+        const double lr = 1.0, zero = 0.0;
+        const float third32 = 1.0f / 3.0f;
+        const double third64 = 1.0 / 3.0;
+        SgdCall a;
+        a.lists = e.lists(false);
+        a.lists.scalars.clip_coef = d == DType::kFloat64 ? static_cast<const void*>(&third64)
+                                                         : &third32;
+        a.lr = &lr, a.momentum = &zero, a.dampening = &zero, a.weight_decay = &zero;
+        cuda ? cuda::sgd(a, ctx) : cpu::sgd(a, ctx);
+        const double want = d == DType::kFloat64 ? 1.0 - 3.0 * third64
+                                                 : static_cast<double>(1.0f - 3.0f * third32);
+        const bool ok = e.holds(0, {want});
+        if (!ok) std::fprintf(stderr, "%s: sgd with clip_coef 1/3\n", where.c_str());
+        CHECK(ok);
+      }
+      cases += 4;
     }
   }
   return cases;
@@ -883,14 +1064,15 @@ int test_emulator() {
 
 int main() {
   const int emulator_cases = test_emulator();
-  const int step_cases = test_step_ops();
+  const int step_cases = test_step_ops() + test_master_sync();
   const int scale_cases = test_scale();
   const int norm_cases = test_grad_norm();
+  const int edge_cases = test_edge_values();
   const emu::Stats s = emu::stats();
   std::printf(
-      "%d emulator, %d step-op, %d scale_, %d grad_norm cases; emulated %llu launches, %llu "
-      "blocks, %llu threads, %llu fiber switches\n",
-      emulator_cases, step_cases, scale_cases, norm_cases,
+      "%d emulator, %d step-op, %d scale_, %d grad_norm, %d edge-value cases; emulated %llu "
+      "launches, %llu blocks, %llu threads, %llu fiber switches\n",
+      emulator_cases, step_cases, scale_cases, norm_cases, edge_cases,
       static_cast<unsigned long long>(s.launches), static_cast<unsigned long long>(s.blocks),
       static_cast<unsigned long long>(s.threads), static_cast<unsigned long long>(s.switches));
   if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);

@@ -21,6 +21,12 @@ static void test_load_grad() {
   // for some values; with scale 3 and g = 10 the quotient is the correctly rounded 10/3.
   const float three = 3.0f;
   CHECK(load_grad(10.0f, make_grad_load<float>(&three, nullptr, false)) == 10.0f / 3.0f);
+  // [note: opmath scalars]: an fp64 step reads an fp64 coefficient unrounded: 3 * (1/3 in
+  // double), not 3 * (1/3 rounded to fp32), which is 1 + 3e-8.
+  const double third = 1.0 / 3.0;
+  CHECK(load_grad(3.0, make_grad_load<double>(nullptr, &third, false)) == 3.0 * third);
+  CHECK(load_grad(3.0, make_grad_load<double>(nullptr, &third, false)) !=
+        3.0 * static_cast<double>(static_cast<float>(third)));
 }
 
 static void test_bias_correction() {
@@ -70,6 +76,19 @@ static void test_adamw() {
   // Without bias correction, step_size = lr and sqrt_bc2 = 1.
   s = adamw_scalars<float>(0.25, 0.5, 0.75, 0.5, 0.0, 7.0, true, false);
   CHECK(s.step_size == 0.25f && s.sqrt_bc2 == 1.0f && s.decay == 1.0f);
+
+  // [note: zero weight decay]: wd = 0 is no decay. Adam (L2) keeps an infinite param
+  // infinite (g + 0*p would be NaN) with finite moments; AdamW with lr = inf does not form
+  // 1 - inf*0 (NaN): p = 1 - inf * m/denom = -inf.
+  s = adamw_scalars<float>(0.5, 0.5, 0.75, 0.5, 0.0, 1.0, false, true);
+  p = -INFINITY, m = 0.25f, v = 0.0f;
+  adamw_update<float, false>(p, 0.5f, m, v, unused, s);
+  CHECK(p == -INFINITY && m == 0.375f && v == 0.0625f);
+  s = adamw_scalars<float>(INFINITY, 0.5, 0.75, 0.5, 0.0, 1.0, true, true);
+  CHECK(s.decay == 1.0f);
+  p = 1.0f, m = 0.25f, v = 0.0f;
+  adamw_update<float, false>(p, 0.5f, m, v, unused, s);
+  CHECK(p == -INFINITY);
 }
 
 static void test_lamb() {
@@ -109,6 +128,11 @@ static void test_lion() {
   lion_update(p, 1.0f, m, s);
   CHECK(p == 0.875f);
   CHECK(sign0(-0.0f) == 0.0f && sign0(3.0f) == 1.0f && sign0(-2.0f) == -1.0f);
+  // sign(NaN) = 0, as torch.sign (lion-pytorch): a NaN grad only decays p; m becomes NaN.
+  CHECK(sign0(NAN) == 0.0f && sign0(static_cast<double>(NAN)) == 0.0);
+  p = 1.0f, m = -1.0f;
+  lion_update(p, NAN, m, s);
+  CHECK(p == 0.875f && std::isnan(m));
 }
 
 static void test_sgd() {

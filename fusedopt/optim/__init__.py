@@ -9,10 +9,14 @@ Drop-in use::
 Everything torch.optim does works: param groups, ``add_param_group``, ``zero_grad``,
 ``step(closure)``, step hooks, every ``torch.optim.lr_scheduler`` (OneCycleLR/CyclicLR cycle
 ``betas[0]`` or ``momentum``), ``state_dict`` with torch's keys (a torch AdamW/Adam/SGD state
-dict loads, and ours loads into torch). fusedopt adds:
+dict loads, and ours loads into torch; timm's Lamb dicts likewise), complex params of
+AdamW/Adam/SGD. README's "Differences from torch.optim" lists what differs. fusedopt adds:
 
 * ``master_weights=True``: fp32 master copies (``state["master_param"]``) for bf16/fp16
   params, updated in the same pass; no effect on fp32/fp64 params (they are their own master).
+  A value written into a param between steps is adopted by its master at the next step
+  (``master_sync=True``, the default; ``False`` saves 2 bytes per element and loses such
+  writes). ``master_weights`` may be switched on or off mid-run.
 * ``max_grad_norm=x``: global-norm clipping inside ``step()``; ``opt.last_grad_norm`` holds
   the pre-clip norm on the device (no sync). LAMB has timm's default ``max_grad_norm=1.0``.
 * Loss scaling: ``torch.amp.GradScaler`` works unchanged (the optimizer unscales on load, so

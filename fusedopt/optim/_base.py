@@ -45,12 +45,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from copy import deepcopy
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from fusedopt import ops
+from fusedopt._dense import dense_stride, state_like, swap_in_twins, write_back
 from fusedopt._validate import LOW_PRECISION, PARAM_DTYPES, check_like, check_tensor
 from fusedopt.clip import clip_coef as torch_clip_coef
 from fusedopt.clip import local_tensor, total_norm
@@ -73,6 +75,8 @@ def check_betas(betas: Any, inclusive_upper: bool = False) -> None:
     """torch's checks on ``betas``: two values, each in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
     for i, beta in enumerate(betas):
         upper_ok = beta <= 1.0 if inclusive_upper else beta < 1.0
         if not (beta >= 0.0 and upper_ok):
@@ -98,7 +102,18 @@ class FusedOptimizer(torch.optim.Optimizer):
     * ``master_weights``: bf16/fp16 params get an fp32 copy in ``state["master_param"]``; the
       step updates the master and its fp32 states and writes ``master.to(param.dtype)`` into
       the param, in one pass. On fp32 and fp64 params it does nothing: they are their own
-      master (no copy is kept and the states stay in the param's dtype).
+      master (no copy is kept and the states stay in the param's dtype). It may be switched
+      on or off mid-run (``group["master_weights"] = ...``, or a loaded state dict that says
+      otherwise): the next step creates the master from the param, or drops it, and casts
+      the param's states (fp32 with a master, the param's dtype without)
+      [note: master weights switched].
+    * ``master_sync`` (default True): with master weights, a value written into a param
+      between steps (``model.load_state_dict``, a re-initialisation, ``p.clamp_()``) is
+      adopted by its master at the next step, element by element (the param's bits differ
+      from the rounded master's), instead of being overwritten from the stale master; a step
+      skipped by ``found_inf`` adopts nothing. ``False`` skips that check (2 bytes per
+      element less to read): then writes into the params are lost, as in Apex, Transformer
+      Engine and DeepSpeed. [note: master sync] in ``fusedopt/_contract.py``.
     * ``max_grad_norm``: clip the global L2 norm of all grads of all groups inside ``step()``
       (``torch.nn.utils.clip_grad_norm_``'s coefficient). The pre-clip norm stays on the
       device in :attr:`last_grad_norm`. One value for the whole optimizer: every group must
@@ -115,6 +130,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     #: state key -> the op's tensor-list name, for every state key the class may keep.
     STATE_LISTS: ClassVar[dict[str, str]]
     _step_supports_amp_scaling = True  # [note: GradScaler protocol]
+    #: Step complex params as real views, as torch does ([note: complex params]).
+    STEPS_COMPLEX: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -123,7 +140,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_norm_group: Any = None,
     ) -> None:
         foreach, fused = defaults.pop("foreach", None), defaults.pop("fused", None)
-        del foreach, fused  # accepted for torch compatibility: fusedopt is always fused
+        # accepted for torch compatibility (fusedopt is always fused), with torch's check
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if defaults.pop("differentiable", False):
             raise ValueError(
                 f"{type(self).__name__}: differentiable=True is not supported: fused kernels "
@@ -140,7 +159,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     @property
     def last_grad_norm(self) -> Tensor | None:
         """The global norm of the last step's unscaled grads (before clipping), a 0-d fp32
-        device tensor; None until a step computes one (needs a clip or fusedopt's scaler)."""
+        device tensor (fp64 when every grad is fp64); None until a step computes one (needs a
+        clip or fusedopt's scaler)."""
         return self._step_out.get("last_grad_norm")
 
     # ----------------------------------------------------------------- declarations
@@ -168,15 +188,26 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _fix_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
         """Complete a state loaded from a foreign state dict (e.g. torch's SGD has no step)."""
 
+    def _fix_loaded_group(self, group: dict[str, Any], states: dict[Tensor, dict]) -> None:
+        """Complete a loaded group and its params' states (``states``: param -> state, for
+        the params that have one); called after every check passed, before any change."""
+        for p, state in states.items():
+            self._fix_loaded_state(group, p, state)
+
+    def _after_step(self, found_inf: Tensor | None) -> None:
+        """Called at the end of every ``step()`` with the step's ``found_inf`` (None: none)."""
+
     def _run(
         self,
         lists: dict[str, list[Tensor]],
         hypers: dict[str, Any],
         flags: dict[str, bool],
         params: list[Tensor],
+        group_runs: list[list[int]],
         **scalars: Any,
     ) -> None:
-        """Run one op call; ``params`` are the (possibly DTensor) params of ``lists``."""
+        """Run one op call; ``params`` are the (possibly DTensor) params of ``lists``, in runs
+        of ``[group index, count]``."""
         ops.step(self.OP, lists, hypers, flags, **scalars, _checked=True)
 
     # ----------------------------------------------------------------- groups
@@ -241,6 +272,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if g is None:
                     continue
                 local_p, local_g = local_tensor(p), local_tensor(g)
+                if local_p.is_complex() and self.STEPS_COMPLEX:
+                    local_p, local_g = self._real_views(gi, i, local_p, local_g)
                 if not (
                     local_p.dtype in PARAM_DTYPES
                     and local_g.layout == torch.strided
@@ -254,6 +287,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 found.append((gi, i, p, g, local_p, local_g))
         return found
 
+    def _real_views(self, gi: int, i: int, p: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """[note: complex params] torch steps a complex param, its grad and every state as
+        ``torch.view_as_real`` views: real and imaginary parts are elements like any other
+        (Adam's ``v`` holds re² and im² apart, not |z|²). The states stay complex (in the
+        state dict too); only the op sees the views. Such a param is planned afresh at
+        every step ([note: cached plan] matches the complex grad, not its view)."""
+        if g.dtype != p.dtype or g.layout != torch.strided:
+            where, name = f"fusedopt.{type(self).__name__}", self._param_name(gi, i)
+            raise TypeError(
+                f"{where}: the grad of {name} is {g.dtype} ({g.layout}); a {p.dtype} param "
+                "needs a dense grad of its own dtype"
+            )
+        return torch.view_as_real(p), torch.view_as_real(g)
+
     def _check_grad(self, gi: int, i: int, local_p: Tensor, local_g: Tensor) -> Tensor:
         """Check an uncommon grad, naming the param; returns the grad to step with.
 
@@ -261,19 +308,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         (say a contiguous grad set by hand on a channels_last param; autograd gives grads the
         param's layout) is copied into the param's layout: torch accepts it, and the kernels
         pair elements by position. That copy is the only extra pass, and only in this case.
+        A param that is not dense is stepped through a dense twin, whose layout its grad is
+        given ([note: non-dense params] in fusedopt/_dense.py).
         """
         where, name = f"fusedopt.{type(self).__name__}", self._param_name(gi, i)
+        if local_p.is_complex():  # only where the class has no complex semantics
+            raise TypeError(
+                f"{where}: {name} is complex ({local_p.dtype}); {type(self).__name__} steps "
+                "real params only (AdamW, Adam and SGD step complex ones, as torch does)"
+            )
         if local_p.dtype not in PARAM_DTYPES:
             raise TypeError(f"{where}: {name} has unsupported dtype {local_p.dtype}")
-        check_tensor(local_p, name, where)
+        check_tensor(local_p, name, where, dense=False)
         if (
             local_g.layout == torch.strided
             and not local_g.is_complex()
             and local_g.shape == local_p.shape
             and local_g.device == local_p.device
-            and local_g.stride() != local_p.stride()
+            and local_g.stride() != dense_stride(local_p)
         ):
-            local_g = torch.empty_like(local_p, dtype=local_g.dtype).copy_(local_g)
+            local_g = state_like(local_p, local_g.dtype).copy_(local_g)
         check_like(local_g, local_p, f"the grad of {name}", where, None)
         if local_g.dtype not in (local_p.dtype, torch.float32):
             raise TypeError(
@@ -292,6 +346,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         master = self._uses_master(group, p)
         dtype = torch.float32 if master else p.dtype
+        if p.dtype in LOW_PRECISION:
+            self._switch_master(state, master, p.dtype)
         if master and MASTER_KEY not in state:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
         for key in self._state_keys(group):
@@ -302,6 +358,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
+
+    @staticmethod
+    def _switch_master(state: dict, master: bool, param_dtype: torch.dtype) -> None:
+        """[note: master weights switched] ``master_weights`` of a bf16/fp16 param changed
+        since its states were made (set on the group mid-run, or a state dict saved with the
+        other setting): drop the master when off (the param, ``master.to(dtype)`` or what the
+        user wrote since, goes on from its own value), and cast the states that are in the
+        other setting's dtype to this one's (fp32 with a master, else the param's). The
+        master itself is made by the caller, from the param. States of any other dtype are
+        left for the plan's check to report. Runs only when a step plans (a change of
+        ``master_weights`` changes the group signature: [note: cached plan])."""
+        if not master:
+            state.pop(MASTER_KEY, None)
+        dtype, other = (torch.float32, param_dtype) if master else (param_dtype, torch.float32)
+        for key, t in state.items():
+            if key not in (STEP_KEY, MASTER_KEY) and isinstance(t, Tensor) and t.dtype == other:
+                state[key] = t.to(dtype)
 
     def _scalar_attribute(self, name: str) -> Tensor | None:
         value = self.__dict__.get(name)
@@ -350,7 +423,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                 runs.append((group_hypers[gi], count))
             lists = {**call.lists, "grads": local_grads}
             hypers = _merge_hypers(runs, device)
-            self._run(lists, hypers, call.flags, call.params, backend=call.backend, **scalars)
+            twins = []
+            if call.twins:  # [note: non-dense params] in fusedopt/_dense.py
+                lists["params"] = list(lists["params"])
+                twins = swap_in_twins(lists["params"], call.twins)
+            self._run(
+                lists, hypers, call.flags, call.params, call.group_runs,
+                backend=call.backend, **scalars,
+            )  # fmt: skip
+            write_back(twins)
+        self._after_step(found_inf)
 
     def _step_plan(self) -> tuple[_Plan, list[Tensor], list[list[Tensor]]]:
         """The op calls of this step, the grads in param order (for the norm pass) and each
@@ -376,12 +458,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         call_grads: list[list[Tensor]] = [[] for _ in plan.calls]
         for (*_, local_g), ci in zip(entries, plan.call_of_entry, strict=True):
             call_grads[ci].append(local_g)
-        return plan, [entry[3] for entry in entries], call_grads
+        # The norm pass reads the grads as the step does: a complex grad as its real view.
+        norm_grads = [local_g if g.is_complex() else g for _, _, _, g, _, local_g in entries]
+        return plan, norm_grads, call_grads
+
+    def _call_flags(self, group: dict[str, Any]) -> dict[str, bool]:
+        """The op's per-call flags for ``group``: the class's, and ``master_sync``."""
+        return {**self._flags(group), "master_sync": bool(group.get("master_sync", True))}
 
     def _group_signature(self, group: dict[str, Any]) -> tuple:
         """What decides how a group's params are called: flags, state keys, master weights,
         backend."""
-        flags = self._flags(group)
+        flags = self._call_flags(group)
         return (tuple(sorted(flags.items())), self._state_keys(group),
                 bool(group["master_weights"]), group["backend"])  # fmt: skip
 
@@ -395,10 +483,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         calls when nothing they were built from changed: the same groups with the same
         flags, state keys, master weights and backend; the same params, each with the dtype,
         shape, device and strides it had, and a grad again with the dtype, shape, device and
-        strides it had (dense, as the full checks found the param); the same state dict and
-        state tensor objects. A load, a new group or a state replaced by hand makes a new
-        plan, with the full checks. Per param that is a few attribute reads and identity
-        tests. Not covered, as in torch: resizing or ``set_()`` on a state tensor in place.
+        strides it had (dense: the param's, or its dense twin's [note: non-dense params]); the
+        same state dict and state tensor objects. A load, a new group or a state replaced by
+        hand makes a new plan, with the full checks. Per param that is a few attribute reads
+        and identity tests. Not covered, as in torch: resizing or ``set_()`` on a state tensor
+        in place.
         """
         if plan.state is not self.state or len(plan.groups) != len(self.param_groups):
             return None
@@ -416,7 +505,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if g is None:
                         continue
                     return None
-                param, shape, stride, dtype, grad_dtype, device, state, tensors, ci = slot
+                param, shape, stride, dtype, grad_dtype, device, state, tensors, ci, p_stride = slot
                 if (
                     g is None
                     or p is not param
@@ -428,7 +517,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     or p.device != device
                     or g.layout != strided
                     or g.stride() != stride
-                    or p.stride() != stride
+                    or p.stride() != p_stride
                     or state_of(p) is not state
                 ):
                     return None
@@ -442,7 +531,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _plan(self, entries: list[tuple]) -> _Plan:
         """Group the params into op calls, one per (device, param dtype, grad dtype, flags,
         state keys, master weights or not, backend); check each state tensor still fits
-        ([note: checked once])."""
+        ([note: checked once]), re-laid if its param's layout changed ([note: re-laid state])."""
         plan = _Plan(self.state, len(self.param_groups))
         calls: dict[tuple, int] = {}
         per_group: dict[int, tuple] = {}
@@ -454,7 +543,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 signature = self._group_signature(group)
                 keys = signature[1]
                 names = tuple(self.STATE_LISTS[k] for k in keys)
-                info = per_group[gi] = (group, keys, names, self._flags(group), signature)
+                info = per_group[gi] = (group, keys, names, self._call_flags(group), signature)
             group, keys, names, flags, signature = info
             master = self._uses_master(group, p)
             key = (local_p.device, local_p.dtype, local_g.dtype, master, signature)
@@ -463,20 +552,28 @@ class FusedOptimizer(torch.optim.Optimizer):
                 ci = calls[key] = len(plan.calls)
                 plan.calls.append(_Call(local_p.device, group["backend"], flags, names, master))
             state = self.state[p]
-            sharded = local_p is not p  # a DTensor: its states are DTensors too
-            local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
-            masters = [local_tensor(state[MASTER_KEY])] if master else []
-            layout = (local_p.shape, local_p.stride(), local_p.device)
+            # A DTensor: its states are DTensors too. (local_p is also another tensor for a
+            # complex param: its real view, [note: complex params].)
+            sharded = local_tensor(p) is not p
+            slot_keys = (*keys, MASTER_KEY) if master else keys
+            # The states' layout: the param's, or its dense twin's [note: non-dense params].
+            layout = (local_p.shape, dense_stride(local_p), local_p.device)
             dtype = torch.float32 if master else local_p.dtype
-            for k, t in zip((*keys, MASTER_KEY), (*local_states, *masters), strict=False):
+            for k in slot_keys:
+                t = local_tensor(state[k]) if sharded else state[k]
+                t = torch.view_as_real(t) if t.is_complex() else t  # as local_p
                 if not _fits(t, layout, k, dtype):
-                    raise RuntimeError(
-                        f"fusedopt.{type(self).__name__}: state {k!r} of "
-                        f"{self._param_name(gi, i)} no longer fits it "
-                        f"(shape {tuple(t.shape)}, strides {t.stride()}, {t.dtype}, {t.device});"
-                        " was it replaced by hand? Load states with load_state_dict"
-                    )
-            plan.calls[ci].add(gi, p, local_p, local_states, masters)
+                    state[k] = self._relaid_state(gi, i, p, k, t, layout, dtype)
+            local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
+            if p.is_complex():
+                local_states = [
+                    torch.view_as_real(t) if t.is_complex() else t for t in local_states
+                ]
+            masters = [local_tensor(state[MASTER_KEY])] if master else []
+            call = plan.calls[ci]
+            call.add(gi, p, local_p, local_states, masters)
+            if layout[1] != local_p.stride():
+                call.twins.append(len(call.params) - 1)
             plan.call_of_entry.append(ci)
             # Reusable by later steps only when every grad passed _collect's fast check as is
             # ([note: cached plan] repeats that check) and nothing is sharded.
@@ -485,10 +582,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
             slots = plan.groups[gi][1]
             slots.extend([None] * (i - len(slots)))
-            slot_keys = (*keys, MASTER_KEY) if master else keys
             slots.append(_Slot(
                 p, layout[0], layout[1], p.dtype, g.dtype, layout[2], state,
-                tuple((k, state[k]) for k in slot_keys), ci,
+                tuple((k, state[k]) for k in slot_keys), ci, local_p.stride(),
             ))  # fmt: skip
         for gi, group in enumerate(self.param_groups):
             slots = plan.groups[gi][1]
@@ -496,6 +592,42 @@ class FusedOptimizer(torch.optim.Optimizer):
             signature = per_group[gi][4] if gi in per_group else self._group_signature(group)
             plan.groups[gi] = (signature, slots)
         return plan
+
+    def _relaid_state(
+        self, gi: int, i: int, p: Tensor, key: str, t: Tensor, layout: tuple, dtype: torch.dtype
+    ) -> Tensor:
+        """The state ``t`` (local) of ``p`` under ``key``, which no longer fits ``layout``,
+        re-laid to it.
+
+        [note: re-laid state] ``model.to(memory_format=torch.channels_last)``, or any swap of
+        ``p.data`` for a tensor of the same shape in another memory layout, leaves the states
+        in the old one; torch.optim goes on stepping (its ops pair elements by logical index).
+        The kernels pair them by position, so the states are copied into the param's new
+        layout, element for element by logical index (``empty_like(p).copy_(state)``), once,
+        when the step plans again (the plan compares strides each step, [note: cached
+        plan]). A state set by hand in another layout is re-laid the same way, and so are the
+        states of a non-dense param made or loaded in torch's layout for it, which is not its
+        contiguous twin's (``state_like``, [note: non-dense params] in fusedopt/_dense.py).
+        A state whose shape, device or dtype no longer fits has no such meaning: that
+        raises, saying what changed, before anything is touched.
+        """
+        shape, _, device = layout
+        if key == STEP_KEY:
+            problem = f"holds {t.numel()} numbers, {t.dtype}, on {t.device}"
+            problem += f"; a step count is one float32 number on {device}"
+        elif t.shape != shape:
+            problem = f"has shape {tuple(t.shape)} but the param now has {tuple(shape)}"
+        elif t.device != device:
+            problem = f"is on {t.device} but the param now is on {device}"
+        elif t.dtype != dtype and not (key == MASTER_KEY and t.dtype == torch.float32):
+            problem = f"has dtype {t.dtype} but the param needs {dtype} states"
+        else:
+            return state_like(p, self.state[p][key].dtype).copy_(self.state[p][key])
+        raise RuntimeError(
+            f"fusedopt.{type(self).__name__}: state {key!r} of {self._param_name(gi, i)} no "
+            f"longer fits it: it {problem}; was the param's .data, or the state, replaced by "
+            "hand? Load states with load_state_dict"
+        )
 
     def step(self, closure: Any = None) -> Any:
         """One optimizer step over every param that has a grad; returns ``closure()``'s loss.
@@ -525,7 +657,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        saved_groups = state_dict["param_groups"]
+        # Deep-copied as torch does: a tensor lr (or any group value) of the source optimizer
+        # must not be shared with this one, or a scheduler's in-place update of one would
+        # change the other.
+        saved_groups = deepcopy(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         new_groups, id_map = [], {}
@@ -561,9 +696,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             gi, i, p = id_map[pid]
             new_state[p] = self._cast_state(new_groups[gi], p, saved_state, gi, i)
         for group in new_groups:
-            for p in group["params"]:
-                if p in new_state:
-                    self._fix_loaded_state(group, p, new_state[p])
+            self._fix_loaded_group(
+                group, {p: new_state[p] for p in group["params"] if p in new_state}
+            )
         state: defaultdict = defaultdict(dict)
         state.update(new_state)
         self.__setstate__({"state": state, "param_groups": new_groups})
@@ -581,6 +716,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"(expected some of {sorted(allowed)})"
             )
         master = self._uses_master(group, p)
+        if MASTER_KEY in saved and not master and p.dtype in LOW_PRECISION:
+            # Saved with master weights, loaded without: [note: master weights switched].
+            saved = {k: v for k, v in saved.items() if k != MASTER_KEY}
         if MASTER_KEY in saved and not master:
             raise ValueError(
                 f"{where}: has a master_param but the param is {p.dtype} with "
@@ -593,7 +731,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 value = torch.as_tensor(value)
                 if value.numel() != 1:
                     raise ValueError(f"{where}: step must hold one number, has shape {value.shape}")
-                out[key] = value.detach().reshape(()).to(dtype=torch.float32, device=device)
+                # A copy, as every other state: two optimizers never advance one count.
+                value = value.detach().reshape(())
+                out[key] = value.to(dtype=torch.float32, device=device, copy=True)
                 continue
             if not isinstance(value, Tensor):
                 raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value)}")
@@ -622,6 +762,7 @@ class _Slot(NamedTuple):
     state: dict
     tensors: tuple[tuple[str, Tensor], ...]  # (state key, tensor) for every key it steps
     call: int  # index into _Plan.calls
+    param_stride: tuple[int, ...]  # the param's own: stride above unless it is not dense
 
 
 class _Plan:
@@ -644,7 +785,7 @@ class _Call:
     """The tensor lists of one op call but the grads (new every step), filled param by param."""
 
     __slots__ = ("backend", "device", "flags", "group_runs", "lists", "master", "params",
-                 "state_lists")  # fmt: skip
+                 "state_lists", "twins")  # fmt: skip
 
     def __init__(
         self, device: torch.device, backend: str, flags: dict[str, bool],
@@ -657,6 +798,7 @@ class _Call:
         if master:
             self.lists["master_params"] = []
         self.group_runs: list[list[int]] = []  # [group index, count]: runs of one group's params
+        self.twins: list[int] = []  # positions of non-dense params [note: non-dense params]
 
     def add(self, gi: int, p, local_p, local_states, masters) -> None:
         self.params.append(p)

@@ -38,6 +38,7 @@ class Adam(FusedOptimizer):
     """
 
     OP = "adamw_"
+    STEPS_COMPLEX = True  # as torch ([note: complex params] in _base.py)
     #: torch state key -> op list name, from the op's spec (``fusedopt._contract``).
     STATE_LISTS: ClassVar[dict[str, str]] = STEP_OPS[OP].state_keys
     #: AdamW is decoupled whatever a loaded group says.
@@ -59,6 +60,7 @@ class Adam(FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         master_weights: bool = False,
+        master_sync: bool = True,
         max_grad_norm: float | None = None,
         backend: str = "auto",
         grad_norm_group: Any = None,
@@ -67,7 +69,8 @@ class Adam(FusedOptimizer):
             lr=lr, betas=tuple(float(b) for b in betas) if _pair(betas) else betas, eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
-            master_weights=master_weights, max_grad_norm=max_grad_norm, backend=backend,
+            master_weights=master_weights, master_sync=master_sync,
+            max_grad_norm=max_grad_norm, backend=backend,
             foreach=foreach, fused=fused, differentiable=differentiable,
         )  # fmt: skip
         super().__init__(params, defaults, grad_norm_group)
@@ -112,6 +115,7 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         master_weights: bool = False,
+        master_sync: bool = True,
         max_grad_norm: float | None = None,
         backend: str = "auto",
         grad_norm_group: Any = None,
@@ -119,10 +123,16 @@ class AdamW(Adam):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True, master_weights=master_weights,
+            decoupled_weight_decay=True, master_weights=master_weights, master_sync=master_sync,
             max_grad_norm=max_grad_norm, backend=backend, grad_norm_group=grad_norm_group,
         )  # fmt: skip
 
 
 def _pair(betas: Any) -> bool:
-    return isinstance(betas, (tuple, list)) and len(betas) == 2
+    """Two betas of one kind (floats, or Tensors read once here), so ``float`` is safe; a
+    mixed pair stays as given for ``check_betas`` to refuse, as torch does."""
+    return (
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and isinstance(betas[0], Tensor) == isinstance(betas[1], Tensor)
+    )

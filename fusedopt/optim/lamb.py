@@ -8,6 +8,25 @@ fp32, sums the squared per-tensor norms ``‖p‖², ‖u‖²`` of all params i
 the mesh, and only then applies ``p -= lr * r * u``. It is a second writing of the LAMB math,
 kept to plain torch ops on purpose (it is the path that must be right, not fast); the skip on
 ``found_inf`` stays on the device (``torch.where``), so it needs no host sync either.
+
+[note: LAMB group step] timm's ``Lamb`` keeps one step count per param group
+(``group["step"]``), advanced once per ``step()`` whether or not a param of the group has a
+grad, and every param of the group takes its bias correction from it. fusedopt does the same:
+``group["step"]`` is a 0-d fp32 tensor on the device of the group's first param, advanced at
+the end of each ``step()`` by ``found_inf == 0`` (by 1 without a scaler), on the device, with
+no host sync. The ``lamb_`` op (like every step op) takes one step tensor per param and
+increments each; handing it the group's count N times would make it increment one tensor N
+times (on CUDA and Triton from N programs at once). So each call gets a scratch vector with one
+slot per param (cached with its views, so its addresses stay fixed for CUDA graphs), filled from
+its group's count before the launch (one broadcasting copy per run of a group's params): the op
+computes the bias corrections from ``count + 1`` as before, and its increments of the scratch
+are simply dropped. The cost is a copy per group run and an add per group, a few scalars.
+
+State dicts: the count is saved as ``group["step"]``, the form timm's ``Lamb`` keeps and loads
+(timm 1.x keeps a 0-d tensor, older timm an int; both load here, and ours loads into timm). A
+fusedopt state dict from before this note has a per-param ``state["step"]`` and no group count:
+the group count becomes the largest of its params' counts (a param's count lags only where it
+had no grad, and the largest is the number of steps the group took), computed on the device.
 """
 
 from __future__ import annotations
@@ -21,8 +40,8 @@ from torch import Tensor
 
 from fusedopt import ops
 from fusedopt._contract import STEP_OPS
-from fusedopt.clip import _reduce_groups
-from fusedopt.optim._base import FusedOptimizer
+from fusedopt.clip import _reduce_groups, local_tensor
+from fusedopt.optim._base import STEP_KEY, FusedOptimizer
 from fusedopt.optim.adamw import adam_hypers, check_adam_group
 from fusedopt.reference import load_grad
 
@@ -32,14 +51,17 @@ class LAMB(FusedOptimizer):
 
     The global clip ``g /= max(1, ‖g‖ / max_grad_norm)`` (timm's default ``max_grad_norm=1.0``;
     None disables it) runs inside ``step()`` from the one ``grad_norm`` pass and is folded into
-    the step's ``clip_coef``; the norm stays in :attr:`last_grad_norm`. timm's ``caution`` and
-    ``decoupled_decay`` are not implemented (True raises). DTensor params: see
-    [note: sharded LAMB]. State per param: ``step`` (0-d fp32 on the device), ``exp_avg``,
-    ``exp_avg_sq`` (and ``master_param``).
+    the step's ``clip_coef``; the norm stays in :attr:`last_grad_norm`. timm's ``caution``,
+    ``decoupled_decay`` and ``corrected_weight_decay`` are not implemented (True raises);
+    ``foreach`` is accepted and ignored. DTensor params: see
+    [note: sharded LAMB]. State per group, as timm: ``step`` (a 0-d fp32 tensor on the device,
+    [note: LAMB group step]); per param: ``exp_avg``, ``exp_avg_sq`` (and ``master_param``).
     """
 
     OP = "lamb_"
-    #: torch state key -> op list name, from the op's spec (``fusedopt._contract``).
+    #: torch state key -> op list name, from the op's spec (``fusedopt._contract``). "step"
+    #: is among them so that older fusedopt state dicts (a per-param count) load; a param
+    #: keeps no step here ([note: LAMB group step]).
     STATE_LISTS: ClassVar[dict[str, str]] = STEP_OPS[OP].state_keys
 
     def __init__(
@@ -56,26 +78,37 @@ class LAMB(FusedOptimizer):
         always_adapt: bool = False,
         caution: bool = False,
         decoupled_decay: bool = False,
+        corrected_weight_decay: bool = False,
+        foreach: bool | None = None,
         *,
         capturable: bool = False,
         master_weights: bool = False,
+        master_sync: bool = True,
         backend: str = "auto",
         grad_norm_group: Any = None,
     ) -> None:
-        if caution or decoupled_decay:
-            raise ValueError("fusedopt.LAMB: timm's caution and decoupled_decay are not supported")
         defaults = dict(
             lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps,
             weight_decay=weight_decay, grad_averaging=grad_averaging,
             max_grad_norm=max_grad_norm, trust_clip=trust_clip, always_adapt=always_adapt,
-            capturable=capturable, master_weights=master_weights, backend=backend,
+            capturable=capturable, master_weights=master_weights, master_sync=master_sync,
+            backend=backend, caution=caution, decoupled_decay=decoupled_decay,
+            corrected_weight_decay=corrected_weight_decay, foreach=foreach,
         )  # fmt: skip
         super().__init__(params, defaults, grad_norm_group)
 
-    _check_group = staticmethod(check_adam_group)
+    @classmethod
+    def _check_group(cls, group: dict[str, Any]) -> None:
+        check_adam_group(group)
+        for option in _TIMM_UNSUPPORTED:  # a loaded timm group may carry them
+            if group.get(option):
+                raise ValueError(f"fusedopt.LAMB: timm's {option}=True is not supported")
+        step = group.get(STEP_KEY)
+        if step is not None and torch.as_tensor(step).numel() != 1:
+            raise ValueError(f"LAMB group step must hold one number, got {step!r}")
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("step", "exp_avg", "exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
 
     _hypers = staticmethod(adam_hypers)
 
@@ -90,7 +123,62 @@ class LAMB(FusedOptimizer):
         """timm's global clip as a multiplier: ``1 / max(1, norm / max_grad_norm)``."""
         return 1.0 / torch.clamp(norm / max_grad_norm, min=1.0)
 
-    def _run(self, lists, hypers, flags, params, **scalars) -> None:
+    # ----------------------------------------------------------------- group step
+    def _fused_step(self) -> None:
+        for group in self.param_groups:  # timm counts every group, with or without grads
+            group[STEP_KEY] = _as_count(group.get(STEP_KEY, 0), _group_device(group))
+        super()._fused_step()
+
+    def _after_step(self, found_inf: Tensor | None) -> None:
+        """[note: LAMB group step] every group's count advances, unless the step was skipped."""
+        for group in self.param_groups:
+            count = group[STEP_KEY]
+            if found_inf is None:
+                count.add_(1.0)
+            else:
+                count.add_(found_inf.to(count.device) == 0)
+
+    def _step_slots(self, device: torch.device, group_runs: list[list[int]]) -> list[Tensor]:
+        """One step tensor per param of a call, each holding its group's count
+        ([note: LAMB group step])."""
+        key = (device, tuple(tuple(run) for run in group_runs))
+        cache = {} if torch.compiler.is_compiling() else self._step_out.setdefault("lamb", {})
+        entry = cache.get(key)
+        if entry is None:
+            if len(cache) >= 16:  # group layouts that no longer occur
+                cache.clear()
+            scratch = torch.empty(sum(n for _, n in group_runs), device=device)
+            runs, start = [], 0
+            for gi, n in group_runs:
+                runs.append((gi, scratch[start : start + n]))
+                start += n
+            entry = cache[key] = (list(scratch.unbind()), runs)
+        slots, runs = entry
+        for gi, run in runs:
+            run.copy_(self.param_groups[gi][STEP_KEY])
+        return slots
+
+    def _fix_loaded_group(self, group: dict[str, Any], states: dict[Tensor, dict]) -> None:
+        """[note: LAMB group step] the group's count from timm's ``group["step"]`` or, in an
+        older fusedopt dict, the largest per-param ``step``."""
+        device = _group_device(group)
+        param_steps = [s.pop(STEP_KEY).to(device) for s in states.values() if STEP_KEY in s]
+        if STEP_KEY in group:
+            group[STEP_KEY] = _as_count(group[STEP_KEY], device, copy=True)
+        elif param_steps:
+            group[STEP_KEY] = torch.stack(param_steps).amax()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``; each group's ``step`` is a copy (as timm saves it), so a
+        saved dict does not move on with later steps."""
+        saved = super().state_dict()
+        for packed in saved["param_groups"]:
+            if isinstance(packed.get(STEP_KEY), Tensor):
+                packed[STEP_KEY] = packed[STEP_KEY].clone()
+        return saved
+
+    def _run(self, lists, hypers, flags, params, group_runs, **scalars) -> None:
+        lists = {**lists, "steps": self._step_slots(lists["params"][0].device, group_runs)}
         by_groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_groups.setdefault(_reduce_groups(p, None), []).append(i)
@@ -101,6 +189,21 @@ class LAMB(FusedOptimizer):
             else:
                 sharded = {k: v for k, v in scalars.items() if k != "backend"}
                 _sharded_lamb(sub_lists, sub_hypers, flags, groups, **sharded)
+
+
+#: timm ``Lamb`` options fusedopt does not implement (True raises).
+_TIMM_UNSUPPORTED = ("caution", "decoupled_decay", "corrected_weight_decay")
+
+
+def _group_device(group: dict[str, Any]) -> torch.device:
+    params = group["params"]
+    return local_tensor(params[0]).device if params else torch.device("cpu")
+
+
+def _as_count(value: Any, device: torch.device, copy: bool = False) -> Tensor:
+    """A group step count as a 0-d fp32 tensor on ``device`` (as is when it already is one)."""
+    count = torch.as_tensor(value).detach().reshape(())
+    return count.to(dtype=torch.float32, device=device, copy=copy)
 
 
 def _subset(lists: dict, hypers: dict, index: list[int], n: int) -> tuple[dict, dict]:

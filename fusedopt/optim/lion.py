@@ -37,6 +37,7 @@ class Lion(FusedOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         master_weights: bool = False,
+        master_sync: bool = True,
         max_grad_norm: float | None = None,
         backend: str = "auto",
         grad_norm_group: Any = None,
@@ -48,7 +49,8 @@ class Lion(FusedOptimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas), weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-            capturable=capturable, master_weights=master_weights, max_grad_norm=max_grad_norm,
+            capturable=capturable, master_weights=master_weights, master_sync=master_sync,
+            max_grad_norm=max_grad_norm,
             backend=backend,
         )  # fmt: skip
         super().__init__(params, defaults, grad_norm_group)

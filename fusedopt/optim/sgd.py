@@ -28,6 +28,7 @@ class SGD(FusedOptimizer):
     """
 
     OP = "sgd_"
+    STEPS_COMPLEX = True  # as torch ([note: complex params] in _base.py)
     #: torch state key -> op list name, from the op's spec (``fusedopt._contract``).
     STATE_LISTS: ClassVar[dict[str, str]] = STEP_OPS[OP].state_keys
 
@@ -46,6 +47,7 @@ class SGD(FusedOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         master_weights: bool = False,
+        master_sync: bool = True,
         max_grad_norm: float | None = None,
         backend: str = "auto",
         grad_norm_group: Any = None,
@@ -53,7 +55,8 @@ class SGD(FusedOptimizer):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, capturable=capturable,
-            master_weights=master_weights, max_grad_norm=max_grad_norm, backend=backend,
+            master_weights=master_weights, master_sync=master_sync,
+            max_grad_norm=max_grad_norm, backend=backend,
             foreach=foreach, fused=fused, differentiable=differentiable,
         )  # fmt: skip
         super().__init__(params, defaults, grad_norm_group)

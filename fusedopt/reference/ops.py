@@ -49,8 +49,23 @@ def load_grad(
     return -g if maximize else g
 
 
-def _load_param(param: Tensor, master_params: Sequence[Tensor], i: int, opmath) -> Tensor:
-    return master_params[i].to(opmath) if master_params else param.to(opmath)
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _load_param(
+    param: Tensor, master_params: Sequence[Tensor], i: int, opmath, master_sync: bool
+) -> Tensor:
+    """The param in opmath: its master when there is one, where ``master_sync`` first adopts
+    every element whose param bits differ from the rounded master's ([note: master sync] in
+    fusedopt._contract)."""
+    if not master_params:
+        return param.to(opmath)
+    master = master_params[i].to(opmath)
+    if not master_sync:
+        return master
+    bits = _BITS[param.dtype]
+    written = master.to(param.dtype).view(bits) != param.view(bits)
+    return torch.where(written, param.to(opmath), master)
 
 
 def _store_param(p: Tensor, param: Tensor, master_params: Sequence[Tensor], i: int) -> None:
@@ -109,7 +124,7 @@ def grad_norm(
 def adamw_(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
     lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, bias_correction,
-    lr_tensor, grad_scale, clip_coef, found_inf,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """Adam (L2 decay) / AdamW (decoupled decay), as torch.optim.Adam/AdamW."""
     if _skip(found_inf):
@@ -121,11 +136,14 @@ def adamw_(
         bc2 = _bias_correction(beta2[i], t, bias_correction)
         lr_i = _lr(lr, lr_tensor, i, opmath)
         g = load_grad(grads[i], opmath, grad_scale, clip_coef, maximize)
-        p = _load_param(param, master_params, i, opmath)
-        if decoupled:
-            p = p * (1 - lr_i * weight_decay[i])
-        else:
-            g = g + weight_decay[i] * p
+        p = _load_param(param, master_params, i, opmath, master_sync)
+        # [note: zero weight decay] As torch (``if weight_decay != 0``): a zero decay is no
+        # decay, not p * (1 - lr*0) (NaN for lr = inf) nor g + 0*p (NaN for an infinite p).
+        if weight_decay[i] != 0:
+            if decoupled:
+                p = p * (1 - lr_i * weight_decay[i])
+            else:
+                g = g + weight_decay[i] * p
         m = beta1[i] * exp_avgs[i].to(opmath) + (1 - beta1[i]) * g
         v = beta2[i] * exp_avg_sqs[i].to(opmath) + (1 - beta2[i]) * g * g
         v_hat = v
@@ -142,7 +160,7 @@ def adamw_(
 def lamb_(
     params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
     lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction, trust_clip,
-    always_adapt, lr_tensor, grad_scale, clip_coef, found_inf,
+    always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """LAMB with timm's semantics (DESIGN.md §3); the global clip arrives in clip_coef."""
     if _skip(found_inf):
@@ -155,7 +173,7 @@ def lamb_(
         beta3 = 1 - beta1[i] if grad_averaging else 1.0
         lr_i = _lr(lr, lr_tensor, i, opmath)
         g = load_grad(grads[i], opmath, grad_scale, clip_coef)
-        p = _load_param(param, master_params, i, opmath)
+        p = _load_param(param, master_params, i, opmath, master_sync)
         m = beta1[i] * exp_avgs[i].to(opmath) + beta3 * g
         v = beta2[i] * exp_avg_sqs[i].to(opmath) + (1 - beta2[i]) * g * g
         update = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps[i])
@@ -176,7 +194,7 @@ def lamb_(
 
 def lion_(
     params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, maximize,
-    lr_tensor, grad_scale, clip_coef, found_inf,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """Lion (Chen et al. 2023, lion-pytorch), with sign(0) = 0."""
     if _skip(found_inf):
@@ -185,7 +203,7 @@ def lion_(
         opmath = opmath_dtype(param.dtype)
         lr_i = _lr(lr, lr_tensor, i, opmath)
         g = load_grad(grads[i], opmath, grad_scale, clip_coef, maximize)
-        p = _load_param(param, master_params, i, opmath)
+        p = _load_param(param, master_params, i, opmath, master_sync)
         m = exp_avgs[i].to(opmath)
         p = p * (1 - lr_i * weight_decay[i])
         c = beta1[i] * m + (1 - beta1[i]) * g
@@ -197,6 +215,7 @@ def lion_(
 def sgd_(
     params, grads, momentum_buffers, master_params, steps, lr, momentum, dampening,
     weight_decay, nesterov, maximize, lr_tensor, grad_scale, clip_coef, found_inf,
+    master_sync=True,
 ) -> None:  # fmt: skip
     """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD."""
     if _skip(found_inf):
@@ -205,7 +224,7 @@ def sgd_(
         opmath = opmath_dtype(param.dtype)
         lr_i = _lr(lr, lr_tensor, i, opmath)
         g = load_grad(grads[i], opmath, grad_scale, clip_coef, maximize)
-        p = _load_param(param, master_params, i, opmath)
+        p = _load_param(param, master_params, i, opmath, master_sync)
         if weight_decay[i] != 0:
             g = g + weight_decay[i] * p
         # [note: sgd momentum 0] A tensor whose momentum is 0 in a call with buffers (its

@@ -20,7 +20,7 @@ enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64
 ///
 /// [note: store rounding] The rounding of a store is one template parameter (one
 /// tl.constexpr in Triton) of each backend's store conversion: csrc/cuda/common.cuh
-/// from_opmath, csrc/cpu/convert.h store_values, triton_kernels/common.py round_to. Every
+/// from_opmath, csrc/cpu/convert.h store_values, fusedopt/triton_kernels/common.py round_to. Every
 /// store passes through one of them, so a new mode (stochastic rounding) is added in the
 /// enum and in those three conversions. Round to nearest even (c10's rounding, the
 /// functions below) is the only mode today, and the default of every store.

@@ -53,8 +53,10 @@ struct TensorSlot {
 struct DeviceScalars {
   const float* lr = nullptr;  // lr_tensor: overrides the per-tensor lr when given
   int64_t lr_numel = 0;       // 1 (one lr for all) or num_tensors
-  const float* grad_scale = nullptr;
-  const float* clip_coef = nullptr;
+  // grad_scale and clip_coef: one value of the call's opmath type (double for fp64 params,
+  // else float), [note: opmath scalars] in fusedopt/_contract.py.
+  const void* grad_scale = nullptr;
+  const void* clip_coef = nullptr;
   const float* found_inf = nullptr;
 };
 
@@ -111,6 +113,10 @@ struct StepLists {
   TensorSlot params, grads, master_params;  // master_params absent: no master weights
   float* const* steps = nullptr;
   DeviceScalars scalars;
+  // With master_params: an element whose param bits differ from its rounded master's takes
+  // the param's value as its master before the update ([note: master sync] in
+  // fusedopt/_contract.py). Not under found_inf. Per element: one more read of the param.
+  bool master_sync = true;
 };
 
 // The call struct of a step op, from its spec (fusedopt/ops_spec.h, generated from

@@ -10,10 +10,13 @@
 //   FUSEDOPT_OP_STEPS(X)   X(steps) when the op has step counts, else nothing
 //   FUSEDOPT_OP_STEPS_OPTIONAL  whether the steps list may be empty (or is absent)
 //   FUSEDOPT_OP_STEPS_WITH(X)   X(list) when the steps are given iff that list is
+// FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends
+// with, after the common scalars (master_sync).
 // FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops; namespace fusedopt::spec::<op> has
 // the indices (kExpAvgs, kBeta1, kDecoupled...) and the counts (kNumStates...).
 #pragma once
 
+#define FUSEDOPT_COMMON_FLAGS(X) X(master_sync, MasterSync, 0, true)
 #define FUSEDOPT_STEP_OPS(X) X(adamw, ADAMW, AdamW) X(lamb, LAMB, Lamb) X(lion, LION, Lion) X(sgd, SGD, Sgd)
 
 // adamw_

@@ -40,14 +40,16 @@ FUSEDOPT_HD FUSEDOPT_INLINE T load_grad(T g, const GradLoad<T>& s) {
   return s.maximize ? -g : g;
 }
 
-/// The device scalars as read once per call (pointers may be null: absent).
+/// The device scalars as read once per call (pointers may be null: absent). Each points to
+/// one value of type T, the opmath ([note: opmath scalars] in fusedopt/_contract.py): an fp64
+/// step takes its clip coefficient in fp64, not rounded to fp32.
 template <typename T>
-FUSEDOPT_HD FUSEDOPT_INLINE GradLoad<T> make_grad_load(const float* grad_scale,
-                                                       const float* clip_coef, bool maximize) {
+FUSEDOPT_HD FUSEDOPT_INLINE GradLoad<T> make_grad_load(const void* grad_scale,
+                                                       const void* clip_coef, bool maximize) {
   GradLoad<T> s;
-  if (grad_scale) s.grad_scale = static_cast<T>(*grad_scale);
+  if (grad_scale) s.grad_scale = *static_cast<const T*>(grad_scale);
   s.divide = s.grad_scale != T(1);
-  if (clip_coef) s.clip_coef = static_cast<T>(*clip_coef);
+  if (clip_coef) s.clip_coef = *static_cast<const T*>(clip_coef);
   s.maximize = maximize;
   return s;
 }
@@ -64,12 +66,15 @@ FUSEDOPT_HD FUSEDOPT_INLINE double tensor_lr(const double* lr, const float* lr_t
   return lr[i];
 }
 
-/// sign(x) with sign(0) = 0 and sign(NaN) = NaN, as torch.sign; branch-free so that it
-/// vectorises.
+/// sign(x) with sign(±0) = 0 and sign(NaN) = 0, as torch.sign (lion-pytorch's `sign_`, the
+/// Lion anchor): both comparisons are false for NaN. Two flat selects: g++ vectorises them
+/// (a nested `?:` is "control flow in loop" to it, and csrc/cpu/lion.cpp stays scalar), and
+/// ptxas (CUDA 13.0) keeps the fp16 Lion kernel free of the 8-byte stack frame that
+/// `(x > 0) - (x < 0)` alone gave it (tests/test_cuda_static.py).
 template <typename T>
 FUSEDOPT_HD FUSEDOPT_INLINE T sign0(T x) {
-  const T s = static_cast<T>(x > T(0)) - static_cast<T>(x < T(0));
-  return x == x ? s : x;
+  const T positive = x > T(0) ? T(1) : T(0);
+  return x < T(0) ? T(-1) : positive;
 }
 
 }  // namespace fusedopt

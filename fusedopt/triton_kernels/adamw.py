@@ -44,18 +44,19 @@ L = layout("adamw_")
 def _adamw_block(
     offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, grad_scale, clip_coef,
     decay, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps,
-    weight_decay, COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_CLIP: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
+    weight_decay, has_weight_decay, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
     """The update of BLOCK elements, in the reference's order of operations."""
     g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   MAXIMIZE)  # fmt: skip
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
     if DECOUPLED:
-        p = p * decay
+        p = p * decay  # 1 for wd == 0: p * 1 == p exactly
     else:
-        g = g + weight_decay * p
+        # [note: zero weight decay]: no 0 * p term (an infinite param would give NaN).
+        g = tl.where(has_weight_decay, g + weight_decay * p, g)
     m = beta1 * load(m_ptr, offs, mask, COMPUTE) + one_minus_beta1 * g
     v = beta2 * load(v_ptr, offs, mask, COMPUTE) + one_minus_beta2 * g * g
     v_hat = v
@@ -90,6 +91,7 @@ def adamw_kernel(
         bc2 = bias_correction(beta2, new_step, BIAS_CORRECTION)
         # [note: hyperparameter rounding]: float64 expressions for a Python lr, fp32 ones for
         # a tensor lr, exactly as the reference evaluates them.
+        has_weight_decay = weight_decay != 0.0
         if LR_MODE == 0:
             decay = (1.0 - lr * weight_decay).to(COMPUTE)
             step_size = (lr / bc1).to(COMPUTE)
@@ -97,6 +99,8 @@ def adamw_kernel(
             lr_c = lr.to(COMPUTE)
             decay = 1.0 - lr_c * weight_decay.to(COMPUTE)
             step_size = div(lr_c, bc1.to(COMPUTE))
+        # [note: zero weight decay]: a zero decay is none, not 1 - lr*0 (NaN for lr = inf).
+        decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
         p_ptr = slot(row, L.PARAMS, P_DTYPE, ALIGNED)
         g_ptr = slot(row, L.GRADS, G_DTYPE, ALIGNED)
         m_ptr = slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED)
@@ -109,7 +113,7 @@ def adamw_kernel(
             load_scalar(clip_coef, HAS_CLIP, COMPUTE), decay, step_size, beta1.to(COMPUTE),
             (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE), (1.0 - beta2).to(COMPUTE),
             tl.sqrt(bc2).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
-            weight_decay.to(COMPUTE),
+            weight_decay.to(COMPUTE), has_weight_decay,
         )  # fmt: skip
         full_end = full_blocks_end(start, end)
         for base in range(start, full_end, BLOCK):

@@ -187,18 +187,27 @@ def tl_dtype(dtype: torch.dtype):
     return getattr(tl, _TL_DTYPES[dtype])
 
 
-def dtype_arguments(params: Sequence[Tensor], grads: Sequence[Tensor], master: bool) -> dict:
-    """Constexpr dtypes of a step call (one param dtype, one grad dtype: fusedopt.ops splits).
+#: A step kernel's MASTER constexpr: no master weights; masters; masters that first adopt a
+#: param written since the last step ([note: master sync] in fusedopt._contract).
+NO_MASTER, MASTER, MASTER_SYNCED = 0, 1, 2
+
+
+def dtype_arguments(
+    params: Sequence[Tensor], grads: Sequence[Tensor], master: bool, master_sync: bool = False
+) -> dict:
+    """Constexpr dtypes of a step call (one param dtype, one grad dtype: fusedopt.ops splits),
+    and MASTER (``NO_MASTER``, ``MASTER`` or ``MASTER_SYNCED``).
 
     States are fp32 with master weights, else in the param dtype (DESIGN.md §3); the math is
     fp32, fp64 for fp64 params."""
     p, g = params[0].dtype, grads[0].dtype
+    mode = (MASTER_SYNCED if master_sync else MASTER) if master else NO_MASTER
     return {
         "P_DTYPE": tl_dtype(p),
         "G_DTYPE": tl_dtype(g),
         "S_DTYPE": tl_dtype(torch.float32 if master else p),
         "COMPUTE": tl_dtype(torch.float64 if p == torch.float64 else torch.float32),
-        "MASTER": master,
+        "MASTER": mode,
     }
 
 

@@ -71,12 +71,16 @@ class StepArguments:
 
 
 def bind(op: str, args: tuple) -> StepArguments:
-    """``op``'s positional arguments (the schema order) by name."""
+    """``op``'s positional arguments (the schema order) by name; the common flags
+    (``master_sync``) may be left out, then they take their schema default."""
     spec = _contract.STEP_OPS[op]
     names = (*spec.lists, *spec.hypers, *spec.flags, *_contract.COMMON_SCALARS)
-    if len(args) != len(names):
-        raise TypeError(f"{op}: expected {len(names)} arguments, got {len(args)}")
-    named = dict(zip(names, args, strict=True))
+    defaults = {f.name: f.default for f in _contract.COMMON_FLAGS}  # schema defaults
+    if not len(names) <= len(args) <= len(names) + len(defaults):
+        raise TypeError(f"{op}: expected {len(names)} to {len(names) + len(defaults)} "
+                        f"arguments, got {len(args)}")  # fmt: skip
+    named = {**dict(zip(names, args[: len(names)], strict=True)), **defaults}
+    named.update(zip(defaults, args[len(names) :], strict=False))
     return StepArguments(
         named,
         [named[n] for n in spec.lists],
@@ -96,7 +100,7 @@ def prepare(op: str, args: tuple, tables: TableCache) -> StepArguments | None:
     spec = _contract.STEP_OPS[op]
     if spec.steps_with is not None and bool(a.named[spec.steps_with]) != bool(a.steps):
         raise ValueError(f"{op}: {spec.steps_with} and steps must both be given or both be empty")
-    a.dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params))
+    a.dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params), a.master_sync)
     a.launch = tables.launch(
         a.lists, a.hypers, (tuple(map(str, a.dtypes.values())),), scalar_lists=a.step_slots
     )

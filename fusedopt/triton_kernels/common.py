@@ -33,6 +33,8 @@ from . import multi_tensor
 CHUNK = tl.constexpr(multi_tensor.CHUNK)
 BLOCK = tl.constexpr(multi_tensor.BLOCK)
 HEADER = tl.constexpr(multi_tensor.HEADER)
+#: The MASTER constexpr of a step kernel that adopts written params ([note: master sync]).
+MASTER_SYNCED = tl.constexpr(multi_tensor.MASTER_SYNCED)
 
 #: The table of the mixed-dtype ops (scale_, grad_norm): one slot, the tensors, and one
 #: hyperparameter column, the dtype code (``multi_tensor.dtype_code_arguments``). The step
@@ -227,9 +229,21 @@ def maximum(a, b):
 
 @triton.jit
 def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.constexpr):
-    """The param in the compute dtype: its fp32 master copy when MASTER, else itself."""
+    """The param in the compute dtype: its fp32 master copy when MASTER, else itself. With
+    MASTER == MASTER_SYNCED, an element whose param bits differ from its rounded master's
+    takes the param's value ([note: master sync] in fusedopt._contract): one more 16-bit
+    read per element."""
     if MASTER:
-        return load(master_ptr, offs, mask, COMPUTE)
+        x = load(master_ptr, offs, mask, COMPUTE)
+        if MASTER == MASTER_SYNCED:
+            if mask is None:  # a compile-time branch, as in `load`
+                raw = tl.load(p_ptr + offs)
+            else:
+                raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
+            rounded = round_to(x, p_ptr.dtype.element_ty)
+            written = rounded.to(tl.int16, bitcast=True) != raw.to(tl.int16, bitcast=True)
+            x = tl.where(written, raw.to(COMPUTE), x)
+        return x
     else:
         return load(p_ptr, offs, mask, COMPUTE)
 
