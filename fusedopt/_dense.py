@@ -12,13 +12,13 @@ with them as it comes, and the cached plan holds from step to step. (torch's
 ``zeros_like(p, memory_format=torch.preserve_format)`` would give a transposed view's states
 column-major strides and a channels_last slice channels_last ones; the optimizer re-lays
 states made or loaded that way once, when it plans, [note: re-laid state] in
-``fusedopt/optim/_base.py``.) ``fusedopt.ops`` takes what its caller passes: there any tensor
+``fusedopt/optim/_plan.py``.) ``fusedopt.ops`` takes what its caller passes: there any tensor
 of a non-dense param's row (grad, state, master) not in the twin's layout is twinned too, and
 written back if the op writes it.
 
 Cost: two extra passes over the non-dense params only (a read and a write each), plus one
 temporary of each of their sizes during the op. Dense params pay nothing: the optimizer finds
-the non-dense ones when it plans ([note: cached plan] in ``fusedopt/optim/_base.py``) and keeps
+the non-dense ones when it plans ([note: cached plan] in ``fusedopt/optim/_plan.py``) and keeps
 their positions per op call, so a steady step of a model without any pays one empty-list test
 per call. A strided path in every kernel of every backend would avoid the two passes, at the
 cost of a second traversal in each; non-dense params are rare (views made by hand) and

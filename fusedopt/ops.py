@@ -213,7 +213,7 @@ def step(
     check every grad themselves (to name the param), create or load every state in the
     param's layout, and pass one param dtype and one grad dtype per call, so redoing that
     work for ~4 tensors per param on every step would only cost time ([note: cached plan] in
-    fusedopt/optim/_base.py).
+    fusedopt/optim/_plan.py).
     """
     spec = STEP_OPS[op]
     lists = {name: list(lists.get(name, ())) for name in spec.lists}

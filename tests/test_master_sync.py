@@ -215,6 +215,9 @@ def _twin_from(opt, params, master: bool):
         }
         if master:
             twin.state[q]["master_param"] = q.detach().float().clone()
+    for group, twin_group in zip(opt.param_groups, twin.param_groups, strict=True):
+        if "step" in group:  # LAMB counts per group ([note: LAMB group step])
+            twin_group["step"] = group["step"].clone()
     return twin, twin_params
 
 

@@ -720,3 +720,14 @@ def test_master_weights_step_the_fp32_master_and_round_the_param(op):
     for k in ("m", "v", "vmax", "steps"):
         for a, b in zip(with_master[k], as_fp32[k], strict=True):
             assert torch.equal(_bits(a), _bits(b))
+
+
+def test_reference_sqrt_is_correctly_rounded():
+    """[note: reference sqrt] The oracle's fp32 square root is IEEE's, as the kernels' sqrt_rn:
+    torch.sqrt's vectorised CPU path is not on some machines (AVX-512 with torch 2.14.1)."""
+    import numpy as np
+
+    from fusedopt.reference.ops import sqrt_rn
+
+    x = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 10 + 1e-3
+    assert np.array_equal(sqrt_rn(x).numpy(), np.sqrt(x.numpy()))

@@ -41,7 +41,8 @@ from torch import Tensor
 from fusedopt import ops
 from fusedopt._contract import STEP_OPS
 from fusedopt.clip import _reduce_groups, local_tensor
-from fusedopt.optim._base import STEP_KEY, FusedOptimizer
+from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._keys import STEP_KEY
 from fusedopt.optim.adamw import adam_hypers, check_adam_group
 from fusedopt.reference import load_grad
 

@@ -1,0 +1,8 @@
+"""State and group keys every fusedopt optimizer shares."""
+
+#: The state key of a 0-d step count; every other state tensor pairs with its param.
+STEP_KEY = "step"
+#: The state key of a bf16/fp16 param's fp32 master copy.
+MASTER_KEY = "master_param"
+#: torch group keys that mean nothing to fusedopt (always fused): dropped on load.
+TORCH_ONLY_KEYS = ("foreach", "fused", "differentiable")

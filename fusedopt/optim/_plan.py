@@ -1,0 +1,320 @@
+"""The cached plan of a fusedopt step: which op calls a step makes, with which tensors, and
+the per-step check that the last step's calls still hold ([note: cached plan]). A mixin of
+:class:`fusedopt.optim._base.FusedOptimizer`; the states it re-lays ([note: re-laid state])
+are made there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from fusedopt._dense import dense_stride, state_like
+from fusedopt.clip import local_tensor
+from fusedopt.optim._keys import MASTER_KEY, STEP_KEY
+
+
+class PlanMixin:
+    """Plans a step's op calls and reuses them while nothing they were built from changed."""
+
+    def _step_plan(self) -> tuple[_Plan, list[Tensor], list[list[Tensor]]]:
+        """The op calls of this step, the grads in param order (for the norm pass) and each
+        call's local grads: the last step's plan when it still holds ([note: cached plan]),
+        else a new one from the full checks."""
+        # Under torch.compile the plan is traced away, and a cache written by the traced code
+        # would only make Dynamo guard on it and recompile every step.
+        compiling = torch.compiler.is_compiling()
+        plan = None if compiling else self._step_out.get("plan")
+        if plan is not None:
+            matched = self._match_plan(plan)
+            if matched is not None:
+                return (plan, *matched)
+        entries = self._collect()
+        for gi, _, p, *_ in entries:
+            self._init_state(self.param_groups[gi], p)
+        plan = self._plan(entries)
+        if not compiling:
+            if plan.reusable:
+                self._step_out["plan"] = plan
+            else:
+                self._step_out.pop("plan", None)
+        call_grads: list[list[Tensor]] = [[] for _ in plan.calls]
+        for (*_, local_g), ci in zip(entries, plan.call_of_entry, strict=True):
+            call_grads[ci].append(local_g)
+        # The norm pass reads the grads as the step does: a complex grad as its real view.
+        norm_grads = [local_g if g.is_complex() else g for _, _, _, g, _, local_g in entries]
+        return plan, norm_grads, call_grads
+
+    def _call_flags(self, group: dict[str, Any]) -> dict[str, bool]:
+        """The op's per-call flags for ``group``: the class's, and ``master_sync``."""
+        return {**self._flags(group), "master_sync": bool(group.get("master_sync", True))}
+
+    def _group_signature(self, group: dict[str, Any]) -> tuple:
+        """What decides how a group's params are called: flags, state keys, master weights,
+        backend."""
+        flags = self._call_flags(group)
+        return (tuple(sorted(flags.items())), self._state_keys(group),
+                bool(group["master_weights"]), group["backend"])  # fmt: skip
+
+    def _match_plan(self, plan: _Plan) -> tuple[list[Tensor], list[list[Tensor]]] | None:
+        """The grads of this step if ``plan`` still holds, else None.
+
+        [note: cached plan] Grouping the params into calls and checking every state tensor
+        against its param costs ~10 us per param in Python, ~1.5 ms per step for GPT-2's 148
+        tensors: more than the whole step of ``torch.optim.AdamW(fused=True)`` (0.6 ms) and,
+        on a GPU, more than the kernels of a model that size. So a step reuses the last one's
+        calls when nothing they were built from changed: the same groups with the same
+        flags, state keys, master weights and backend; the same params, each with the dtype,
+        shape, device and strides it had, and a grad again with the dtype, shape, device and
+        strides it had (dense: the param's, or its dense twin's [note: non-dense params]); the
+        same state dict and state tensor objects. A load, a new group or a state replaced by
+        hand makes a new plan, with the full checks. Per param that is a few attribute reads
+        and identity tests. Not covered, as in torch: resizing or ``set_()`` on a state tensor
+        in place.
+        """
+        if plan.state is not self.state or len(plan.groups) != len(self.param_groups):
+            return None
+        grads: list[Tensor] = []
+        call_grads: list[list[Tensor]] = [[] for _ in plan.calls]
+        state_of = self.state.get
+        strided = torch.strided
+        for group, (signature, slots) in zip(self.param_groups, plan.groups, strict=True):
+            params = group["params"]
+            if len(params) != len(slots) or self._group_signature(group) != signature:
+                return None
+            for p, slot in zip(params, slots, strict=True):
+                g = p.grad
+                if slot is None:
+                    if g is None:
+                        continue
+                    return None
+                param, shape, stride, dtype, grad_dtype, device, state, tensors, ci, p_stride = slot
+                if (
+                    g is None
+                    or p is not param
+                    or g.dtype != grad_dtype
+                    or p.dtype != dtype
+                    or g.shape != shape
+                    or p.shape != shape
+                    or g.device != device
+                    or p.device != device
+                    or g.layout != strided
+                    or g.stride() != stride
+                    or p.stride() != p_stride
+                    or state_of(p) is not state
+                ):
+                    return None
+                for key, t in tensors:
+                    if state.get(key) is not t:
+                        return None
+                grads.append(g)
+                call_grads[ci].append(g)
+        return grads, call_grads
+
+    def _plan(self, entries: list[tuple]) -> _Plan:
+        """Group the params into op calls, one per (device, param dtype, grad dtype, flags,
+        state keys, master weights or not, backend); check each state tensor still fits
+        ([note: checked once]), re-laid if its param's layout changed ([note: re-laid state])."""
+        plan = _Plan(self.state, len(self.param_groups))
+        calls: dict[tuple, int] = {}
+        per_group: dict[int, tuple] = {}
+        strided = torch.strided
+        for gi, i, p, g, local_p, local_g in entries:
+            info = per_group.get(gi)
+            if info is None:
+                group = self.param_groups[gi]
+                signature = self._group_signature(group)
+                keys = signature[1]
+                names = tuple(self.STATE_LISTS[k] for k in keys)
+                info = per_group[gi] = (group, keys, names, self._call_flags(group), signature)
+            group, keys, names, flags, signature = info
+            master = self._uses_master(group, p)
+            key = (local_p.device, local_p.dtype, local_g.dtype, master, signature)
+            ci = calls.get(key)
+            if ci is None:
+                ci = calls[key] = len(plan.calls)
+                plan.calls.append(_Call(local_p.device, group["backend"], flags, names, master))
+            state = self.state[p]
+            # A DTensor: its states are DTensors too. (local_p is also another tensor for a
+            # complex param: its real view, [note: complex params].)
+            sharded = local_tensor(p) is not p
+            slot_keys = (*keys, MASTER_KEY) if master else keys
+            # The states' layout: the param's, or its dense twin's [note: non-dense params].
+            layout = (local_p.shape, dense_stride(local_p), local_p.device)
+            dtype = torch.float32 if master else local_p.dtype
+            for k in slot_keys:
+                t = local_tensor(state[k]) if sharded else state[k]
+                t = torch.view_as_real(t) if t.is_complex() else t  # as local_p
+                if not _fits(t, layout, k, dtype):
+                    state[k] = self._relaid_state(gi, i, p, k, t, layout, dtype)
+            local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
+            if p.is_complex():
+                local_states = [
+                    torch.view_as_real(t) if t.is_complex() else t for t in local_states
+                ]
+            masters = [local_tensor(state[MASTER_KEY])] if master else []
+            call = plan.calls[ci]
+            call.add(gi, p, local_p, local_states, masters)
+            if layout[1] != local_p.stride():
+                call.twins.append(len(call.params) - 1)
+            plan.call_of_entry.append(ci)
+            # Reusable by later steps only when every grad passed _collect's fast check as is
+            # ([note: cached plan] repeats that check) and nothing is sharded.
+            plan.reusable &= (
+                not sharded and local_g is g and g.layout == strided and g.stride() == layout[1]
+            )
+            slots = plan.groups[gi][1]
+            slots.extend([None] * (i - len(slots)))
+            slots.append(_Slot(
+                p, layout[0], layout[1], p.dtype, g.dtype, layout[2], state,
+                tuple((k, state[k]) for k in slot_keys), ci, local_p.stride(),
+            ))  # fmt: skip
+        for gi, group in enumerate(self.param_groups):
+            slots = plan.groups[gi][1]
+            slots.extend([None] * (len(group["params"]) - len(slots)))
+            signature = per_group[gi][4] if gi in per_group else self._group_signature(group)
+            plan.groups[gi] = (signature, slots)
+        return plan
+
+    def _relaid_state(
+        self, gi: int, i: int, p: Tensor, key: str, t: Tensor, layout: tuple, dtype: torch.dtype
+    ) -> Tensor:
+        """The state ``t`` (local) of ``p`` under ``key``, which no longer fits ``layout``,
+        re-laid to it.
+
+        [note: re-laid state] ``model.to(memory_format=torch.channels_last)``, or any swap of
+        ``p.data`` for a tensor of the same shape in another memory layout, leaves the states
+        in the old one; torch.optim goes on stepping (its ops pair elements by logical index).
+        The kernels pair them by position, so the states are copied into the param's new
+        layout, element for element by logical index (``empty_like(p).copy_(state)``), once,
+        when the step plans again (the plan compares strides each step, [note: cached
+        plan]). A state set by hand in another layout is re-laid the same way, and so are the
+        states of a non-dense param made or loaded in torch's layout for it, which is not its
+        contiguous twin's (``state_like``, [note: non-dense params] in fusedopt/_dense.py).
+        A state whose shape, device or dtype no longer fits has no such meaning: that
+        raises, saying what changed, before anything is touched.
+        """
+        shape, _, device = layout
+        if key == STEP_KEY:
+            problem = f"holds {t.numel()} numbers, {t.dtype}, on {t.device}"
+            problem += f"; a step count is one float32 number on {device}"
+        elif t.shape != shape:
+            problem = f"has shape {tuple(t.shape)} but the param now has {tuple(shape)}"
+        elif t.device != device:
+            problem = f"is on {t.device} but the param now is on {device}"
+        elif t.dtype != dtype and not (key == MASTER_KEY and t.dtype == torch.float32):
+            problem = f"has dtype {t.dtype} but the param needs {dtype} states"
+        else:
+            return state_like(p, self.state[p][key].dtype).copy_(self.state[p][key])
+        raise RuntimeError(
+            f"fusedopt.{type(self).__name__}: state {key!r} of {self._param_name(gi, i)} no "
+            f"longer fits it: it {problem}; was the param's .data, or the state, replaced by "
+            "hand? Load states with load_state_dict"
+        )
+
+
+class _Slot(NamedTuple):
+    """One stepped param of a plan: what it and its grad looked like, its state dict and state
+    tensors, and its call. A tuple, so that the per-step check unpacks it at tuple speed."""
+
+    param: Tensor
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    grad_dtype: torch.dtype
+    device: torch.device
+    state: dict
+    tensors: tuple[tuple[str, Tensor], ...]  # (state key, tensor) for every key it steps
+    call: int  # index into _Plan.calls
+    param_stride: tuple[int, ...]  # the param's own: stride above unless it is not dense
+
+
+class _Plan:
+    """The op calls of one step, and what they were built from ([note: cached plan])."""
+
+    __slots__ = ("call_of_entry", "calls", "groups", "reusable", "state")
+
+    def __init__(self, state: dict, num_groups: int) -> None:
+        self.state = state
+        self.calls: list[_Call] = []
+        self.call_of_entry: list[int] = []  # the call of each stepped param, in param order
+        # Per group: (its _group_signature, one _Slot per param, None where it had no grad).
+        self.groups: list[tuple[tuple | None, list[_Slot | None]]] = [
+            (None, []) for _ in range(num_groups)
+        ]
+        self.reusable = True
+
+
+class _Call:
+    """The tensor lists of one op call but the grads (new every step), filled param by param."""
+
+    __slots__ = ("backend", "device", "flags", "group_runs", "lists", "master", "params",
+                 "state_lists", "twins")  # fmt: skip
+
+    def __init__(
+        self, device: torch.device, backend: str, flags: dict[str, bool],
+        names: tuple[str, ...], master: bool,
+    ) -> None:  # fmt: skip
+        self.device, self.backend, self.flags, self.master = device, backend, flags, master
+        self.params: list[Tensor] = []
+        self.lists: dict[str, list[Tensor]] = {name: [] for name in ("params", *names)}
+        self.state_lists = [self.lists[name] for name in names]
+        if master:
+            self.lists["master_params"] = []
+        self.group_runs: list[list[int]] = []  # [group index, count]: runs of one group's params
+        self.twins: list[int] = []  # positions of non-dense params [note: non-dense params]
+
+    def add(self, gi: int, p, local_p, local_states, masters) -> None:
+        self.params.append(p)
+        self.lists["params"].append(local_p)
+        for target, t in zip(self.state_lists, local_states, strict=True):
+            target.append(t)
+        if self.master:
+            self.lists["master_params"].append(masters[0])
+        if self.group_runs and self.group_runs[-1][0] == gi:
+            self.group_runs[-1][1] += 1
+        else:
+            self.group_runs.append([gi, 1])
+
+
+def _fits(t: Tensor, layout: tuple, key: str, dtype: torch.dtype) -> bool:
+    """A state tensor still pairs with its param (``layout``: its shape, strides, device):
+    what the kernels rely on ([note: checked once])."""
+    shape, stride, device = layout
+    if key == STEP_KEY:
+        return t.numel() == 1 and t.dtype == torch.float32 and t.device == device
+    return (
+        t.shape == shape
+        and t.stride() == stride
+        and t.device == device
+        and (t.dtype == dtype or (key == MASTER_KEY and t.dtype == torch.float32))
+    )
+
+
+def _merge_hypers(runs: list[list], device: torch.device) -> dict[str, Any]:
+    """One list per hyperparameter, from runs of params sharing a group's values; a tensor lr
+    stays on the device: one shared tensor is passed as is (CUDA-graph friendly), mixed ones
+    become a vector."""
+    merged: dict[str, Any] = {}
+    for name in runs[0][0]:
+        values = [(hypers[name], count) for hypers, count in runs]
+        if name != "lr" or not any(isinstance(v, Tensor) for v, _ in values):
+            merged[name] = [float(v) for v, count in values for _ in range(count)]
+        elif len(values) == 1 or all(v is values[0][0] for v, _ in values):
+            merged[name] = _device_lr(values[0][0], device)
+        else:
+            merged[name] = torch.cat(
+                [
+                    _device_lr(v, device).reshape(1).expand(count)
+                    if isinstance(v, Tensor)
+                    else torch.full((count,), float(v), device=device)
+                    for v, count in values
+                ]
+            )
+    return merged
+
+
+def _device_lr(lr: Tensor, device: torch.device) -> Tensor:
+    return lr.detach().reshape(()).to(device=device, dtype=torch.float32)

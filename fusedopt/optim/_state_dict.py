@@ -1,0 +1,125 @@
+"""``load_state_dict`` of fusedopt's optimizers: torch's, checked before anything changes
+and cast to fusedopt's state layout. A mixin of :class:`fusedopt.optim._base.FusedOptimizer`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fusedopt._validate import LOW_PRECISION
+from fusedopt.clip import local_tensor
+from fusedopt.optim._keys import MASTER_KEY, STEP_KEY, TORCH_ONLY_KEYS
+
+
+class StateDictMixin:
+    """torch's ``load_state_dict``, with fusedopt's checks and casts."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, checked first and cast to fusedopt's state dtypes.
+
+        Accepts torch.optim state dicts of the same algorithm. Every mismatch (group or param
+        counts, an unknown state key, a state tensor whose shape does not fit its param, an
+        invalid hyperparameter) raises naming the param before anything changes. Moments are
+        fp32 when the param is fp32 or keeps a master copy, else in the param's dtype; steps
+        become 0-d fp32 tensors on the param's device.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        # Deep-copied as torch does: a tensor lr (or any group value) of the source optimizer
+        # must not be shared with this one, or a scheduler's in-place update of one would
+        # change the other.
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        new_groups, id_map = [], {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"loaded state dict contains a parameter group (group {gi}) that doesn't "
+                    "match the size of optimizer's group"
+                )
+            new_group = {k: v for k, v in saved.items() if k != "params"}
+            new_group["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                new_group["param_names"] = group["param_names"]
+            for key, value in self.defaults.items():
+                new_group.setdefault(key, value)
+            for key in TORCH_ONLY_KEYS:
+                new_group.pop(key, None)
+            try:
+                self._check_group(new_group)
+                self._check_common(new_group)
+            except ValueError as error:
+                raise ValueError(f"loaded state dict, param group {gi}: {error}") from None
+            new_groups.append(new_group)
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+                id_map[pid] = (gi, i, p)
+        if len({g.get("max_grad_norm") for g in new_groups}) > 1:
+            raise ValueError("loaded state dict: groups have different max_grad_norm")
+
+        new_state: dict[Tensor, dict[str, Any]] = {}
+        for pid, saved_state in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"loaded state dict has state for unknown param id {pid!r}")
+            gi, i, p = id_map[pid]
+            new_state[p] = self._cast_state(new_groups[gi], p, saved_state, gi, i)
+        for group in new_groups:
+            self._fix_loaded_group(
+                group, {p: new_state[p] for p in group["params"] if p in new_state}
+            )
+        state: defaultdict = defaultdict(dict)
+        state.update(new_state)
+        self.__setstate__({"state": state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _cast_state(self, group, p: Tensor, saved: dict, gi: int, i: int) -> dict[str, Any]:
+        """Check one param's saved state and cast it to this optimizer's layout."""
+        where = f"loaded state dict, {self._param_name(gi, i)}"
+        allowed = set(self.STATE_LISTS) | {MASTER_KEY}
+        unknown = set(saved) - allowed
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown state keys {sorted(unknown)} for {type(self).__name__} "
+                f"(expected some of {sorted(allowed)})"
+            )
+        master = self._uses_master(group, p)
+        if MASTER_KEY in saved and not master and p.dtype in LOW_PRECISION:
+            # Saved with master weights, loaded without: [note: master weights switched].
+            saved = {k: v for k, v in saved.items() if k != MASTER_KEY}
+        if MASTER_KEY in saved and not master:
+            raise ValueError(
+                f"{where}: has a master_param but the param is {p.dtype} with "
+                f"master_weights={group['master_weights']}"
+            )
+        device = local_tensor(p).device
+        out: dict[str, Any] = {}
+        for key, value in saved.items():
+            if key == STEP_KEY:
+                value = torch.as_tensor(value)
+                if value.numel() != 1:
+                    raise ValueError(f"{where}: step must hold one number, has shape {value.shape}")
+                # A copy, as every other state: two optimizers never advance one count.
+                value = value.detach().reshape(())
+                out[key] = value.to(dtype=torch.float32, device=device, copy=True)
+                continue
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value)}")
+            if value.shape != p.shape:
+                raise ValueError(
+                    f"{where}: state {key!r} has shape {tuple(value.shape)} but the param has "
+                    f"{tuple(p.shape)}"
+                )
+            dtype = torch.float32 if (master or key == MASTER_KEY) else p.dtype
+            # In the param's memory layout, whatever the saved one: the step pairs elements
+            # by position ([note: checked once] in _init_state).
+            out[key] = torch.empty_like(p, dtype=dtype).copy_(value.detach())
+        return out
