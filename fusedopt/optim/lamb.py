@@ -32,14 +32,13 @@ had no grad, and the largest is the number of steps the group took), computed on
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from fusedopt import ops
-from fusedopt._contract import STEP_OPS
 from fusedopt.clip import _reduce_groups, local_tensor
 from fusedopt.optim._base import FusedOptimizer
 from fusedopt.optim._keys import STEP_KEY
@@ -60,10 +59,8 @@ class LAMB(FusedOptimizer):
     """
 
     OP = "lamb_"
-    #: torch state key -> op list name, from the op's spec (``fusedopt._contract``). "step"
-    #: is among them so that older fusedopt state dicts (a per-param count) load; a param
-    #: keeps no step here ([note: LAMB group step]).
-    STATE_LISTS: ClassVar[dict[str, str]] = STEP_OPS[OP].state_keys
+    # STATE_LISTS (from the spec) has "step", so that older fusedopt state dicts (a per-param
+    # count) load; a param keeps no step here ([note: LAMB group step]).
 
     def __init__(
         self,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import Tensor
 
-from fusedopt._contract import STEP_OPS
 from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
 
 
@@ -22,8 +21,6 @@ class Lion(FusedOptimizer):
     """
 
     OP = "lion_"
-    #: torch state key -> op list name, from the op's spec (``fusedopt._contract``).
-    STATE_LISTS: ClassVar[dict[str, str]] = STEP_OPS[OP].state_keys
 
     def __init__(
         self,

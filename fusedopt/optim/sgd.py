@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from fusedopt._contract import STEP_OPS
 from fusedopt.clip import local_tensor
 from fusedopt.optim._base import FusedOptimizer, check_nonnegative
 
@@ -29,8 +28,6 @@ class SGD(FusedOptimizer):
 
     OP = "sgd_"
     STEPS_COMPLEX = True  # as torch ([note: complex params] in _base.py)
-    #: torch state key -> op list name, from the op's spec (``fusedopt._contract``).
-    STATE_LISTS: ClassVar[dict[str, str]] = STEP_OPS[OP].state_keys
 
     def __init__(
         self,
