@@ -67,10 +67,9 @@ struct CpuBackend {
   }
   static void scale(const ScaleCall& c, const ExecContext& x) { cpu::scale(c, x); }
   static void grad_norm(const GradNormCall& c, const ExecContext& x) { cpu::grad_norm(c, x); }
-  static void adamw(const AdamWCall& c, const ExecContext& x) { cpu::adamw(c, x); }
-  static void lamb(const LambCall& c, const ExecContext& x) { cpu::lamb(c, x); }
-  static void lion(const LionCall& c, const ExecContext& x) { cpu::lion(c, x); }
-  static void sgd(const SgdCall& c, const ExecContext& x) { cpu::sgd(c, x); }
+#define FUSEDOPT_CPU_LAUNCHER(op, OP, Stem) \
+  static void op(const Stem##Call& c, const ExecContext& x) { cpu::op(c, x); }
+  FUSEDOPT_STEP_OPS(FUSEDOPT_CPU_LAUNCHER)
 };
 
 #ifdef FUSEDOPT_WITH_CUDA
@@ -85,10 +84,9 @@ struct CudaBackend {
   }
   static void scale(const ScaleCall& c, const ExecContext& x) { cuda::scale(c, x); }
   static void grad_norm(const GradNormCall& c, const ExecContext& x) { cuda::grad_norm(c, x); }
-  static void adamw(const AdamWCall& c, const ExecContext& x) { cuda::adamw(c, x); }
-  static void lamb(const LambCall& c, const ExecContext& x) { cuda::lamb(c, x); }
-  static void lion(const LionCall& c, const ExecContext& x) { cuda::lion(c, x); }
-  static void sgd(const SgdCall& c, const ExecContext& x) { cuda::sgd(c, x); }
+#define FUSEDOPT_CUDA_LAUNCHER(op, OP, Stem) \
+  static void op(const Stem##Call& c, const ExecContext& x) { cuda::op(c, x); }
+  FUSEDOPT_STEP_OPS(FUSEDOPT_CUDA_LAUNCHER)
 };
 #endif
 
@@ -415,110 +413,66 @@ std::tuple<Tensor, Tensor, Tensor> grad_norm_impl(TensorList tensors, double nor
   return {total, per, found_inf};
 }
 
-template <class B>
-void adamw_impl(TensorList params, TensorList grads, TensorList exp_avgs,
-                TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList master_params,
-                TensorList steps, Floats lr, Floats beta1, Floats beta2, Floats eps,
-                Floats weight_decay, bool decoupled, bool amsgrad, bool maximize,
-                bool bias_correction, const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync) {
-  const Checker check(op_name<B>("adamw"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
-                     clip_coef, found_inf, master_sync);
-  AdamWCall call;
-  call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
-  call.exp_avg_sqs = args.state("exp_avg_sqs", exp_avg_sqs, false);
-  if (amsgrad) {
-    call.max_exp_avg_sqs = args.state("max_exp_avg_sqs", max_exp_avg_sqs, false);
-  } else {
-    TORCH_CHECK_VALUE(max_exp_avg_sqs.empty(), check.op(), ": max_exp_avg_sqs has ",
-                      max_exp_avg_sqs.size(), " entries but amsgrad is False (expected 0)");
+/// The steps argument of an op without step counts (lion_): none.
+TensorList steps_or_none() { return {}; }
+TensorList steps_or_none(TensorList steps) { return steps; }
+
+// The step ops: one implementation per op, written once below from the op's spec
+// (fusedopt/ops_spec.h, generated from fusedopt/_contract.py): the parameters in schema
+// order (the common flags, master_sync, last: StepArguments takes them), then the checks of
+// StepArguments, each state list (a list that a flag switches on,
+// amsgrad's, must be empty while the flag is off), each hyperparameter list, and the flags.
+#define FUSEDOPT_STATE_PARAM(name, ...) TensorList name,
+#define FUSEDOPT_HYPER_PARAM(name, ...) Floats name,
+#define FUSEDOPT_FLAG_PARAM(name, ...) bool name,
+#define FUSEDOPT_STEPS_PARAM(name) TensorList name,
+#define FUSEDOPT_NAME(name) name
+#define FUSEDOPT_TRAILING_FLAG_PARAM(name, ...) , bool name
+#define FUSEDOPT_TRAILING_NAME(name, ...) , name
+#define FUSEDOPT_SET_STATE(name, Name, index, may_be_empty, when)                               \
+  if (when) {                                                                                   \
+    call.name = args.state(#name, name, may_be_empty);                                          \
+  } else {                                                                                      \
+    TORCH_CHECK_VALUE(name.empty(), check.op(), ": " #name " has ", name.size(),                \
+                      " entries but " #when " is False (expected 0)");                          \
   }
-  call.lr = args.values("lr", lr);
-  call.beta1 = args.values("beta1", beta1);
-  call.beta2 = args.values("beta2", beta2);
-  call.eps = args.values("eps", eps);
-  call.weight_decay = args.values("weight_decay", weight_decay);
-  if (args.size() == 0) return;
-  call.lists = args.lists();
-  call.decoupled = decoupled;
-  call.amsgrad = amsgrad;
-  call.maximize = maximize;
-  call.bias_correction = bias_correction;
-  launch<B>(args.device(), call, B::adamw);
-}
+#define FUSEDOPT_CHECK_STEPS_WITH(name)                                                         \
+  TORCH_CHECK_VALUE(name.empty() == steps.empty(), check.op(), ": " #name " has ", name.size(), \
+                    " entries and steps has ", steps.size(), "; pass both or neither");
+#define FUSEDOPT_SET_HYPER(name, ...) call.name = args.values(#name, name);
+#define FUSEDOPT_SET_FLAG(name, ...) call.name = name;
+#define FUSEDOPT_STEP_IMPL(op, OP, Stem)                                                        \
+  template <class B>                                                                            \
+  void op##_impl(TensorList params, TensorList grads,                                           \
+                 FUSEDOPT_##OP##_STATES(FUSEDOPT_STATE_PARAM) TensorList master_params,         \
+                 FUSEDOPT_##OP##_STEPS(FUSEDOPT_STEPS_PARAM)                                    \
+                     FUSEDOPT_##OP##_HYPERS(FUSEDOPT_HYPER_PARAM)                               \
+                         FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FLAG_PARAM) const OptTensor& lr_tensor, \
+                 const OptTensor& grad_scale, const OptTensor& clip_coef,                       \
+                 const OptTensor& found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_FLAG_PARAM)) { \
+    const Checker check(op_name<B>(#op), B::kDeviceType);                                       \
+    StepArguments args(check, params, grads, master_params,                                     \
+                       steps_or_none(FUSEDOPT_##OP##_STEPS(FUSEDOPT_NAME)),                     \
+                       FUSEDOPT_##OP##_STEPS_OPTIONAL, lr_tensor, grad_scale, clip_coef,        \
+                       found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_NAME));                \
+    Stem##Call call;                                                                            \
+    FUSEDOPT_##OP##_STATES(FUSEDOPT_SET_STATE)                                                  \
+    FUSEDOPT_##OP##_STEPS_WITH(FUSEDOPT_CHECK_STEPS_WITH)                                       \
+    FUSEDOPT_##OP##_HYPERS(FUSEDOPT_SET_HYPER)                                                  \
+    if (args.size() == 0) return;                                                               \
+    call.lists = args.lists();                                                                  \
+    FUSEDOPT_##OP##_FLAGS(FUSEDOPT_SET_FLAG)                                                    \
+    launch<B>(args.device(), call, B::op);                                                      \
+  }
+FUSEDOPT_STEP_OPS(FUSEDOPT_STEP_IMPL)
 
+/// Registers every op of backend B.
 template <class B>
-void lamb_impl(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-               TensorList master_params, TensorList steps, Floats lr, Floats beta1,
-               Floats beta2, Floats eps, Floats weight_decay, bool grad_averaging,
-               bool bias_correction, bool trust_clip, bool always_adapt,
-               const OptTensor& lr_tensor, const OptTensor& grad_scale,
-               const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync) {
-  const Checker check(op_name<B>("lamb"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
-                     clip_coef, found_inf, master_sync);
-  LambCall call;
-  call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
-  call.exp_avg_sqs = args.state("exp_avg_sqs", exp_avg_sqs, false);
-  call.lr = args.values("lr", lr);
-  call.beta1 = args.values("beta1", beta1);
-  call.beta2 = args.values("beta2", beta2);
-  call.eps = args.values("eps", eps);
-  call.weight_decay = args.values("weight_decay", weight_decay);
-  if (args.size() == 0) return;
-  call.lists = args.lists();
-  call.grad_averaging = grad_averaging;
-  call.bias_correction = bias_correction;
-  call.trust_clip = trust_clip;
-  call.always_adapt = always_adapt;
-  launch<B>(args.device(), call, B::lamb);
-}
-
-template <class B>
-void lion_impl(TensorList params, TensorList grads, TensorList exp_avgs,
-               TensorList master_params, Floats lr, Floats beta1, Floats beta2,
-               Floats weight_decay, bool maximize, const OptTensor& lr_tensor,
-               const OptTensor& grad_scale, const OptTensor& clip_coef,
-               const OptTensor& found_inf, bool master_sync) {
-  const Checker check(op_name<B>("lion"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, {}, true, lr_tensor, grad_scale,
-                     clip_coef, found_inf, master_sync);
-  LionCall call;
-  call.exp_avgs = args.state("exp_avgs", exp_avgs, false);
-  call.lr = args.values("lr", lr);
-  call.beta1 = args.values("beta1", beta1);
-  call.beta2 = args.values("beta2", beta2);
-  call.weight_decay = args.values("weight_decay", weight_decay);
-  if (args.size() == 0) return;
-  call.lists = args.lists();
-  call.maximize = maximize;
-  launch<B>(args.device(), call, B::lion);
-}
-
-template <class B>
-void sgd_impl(TensorList params, TensorList grads, TensorList momentum_buffers,
-              TensorList master_params, TensorList steps, Floats lr, Floats momentum,
-              Floats dampening, Floats weight_decay, bool nesterov, bool maximize,
-              const OptTensor& lr_tensor, const OptTensor& grad_scale,
-              const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync) {
-  const Checker check(op_name<B>("sgd"), B::kDeviceType);
-  StepArguments args(check, params, grads, master_params, steps, true, lr_tensor, grad_scale,
-                     clip_coef, found_inf, master_sync);
-  SgdCall call;
-  call.momentum_buffers = args.state("momentum_buffers", momentum_buffers, true);
-  TORCH_CHECK_VALUE(momentum_buffers.empty() == steps.empty(), check.op(),
-                    ": momentum_buffers has ", momentum_buffers.size(), " entries and steps has ",
-                    steps.size(), "; pass both (momentum) or neither");
-  call.lr = args.values("lr", lr);
-  call.momentum = args.values("momentum", momentum);
-  call.dampening = args.values("dampening", dampening);
-  call.weight_decay = args.values("weight_decay", weight_decay);
-  if (args.size() == 0) return;
-  call.lists = args.lists();
-  call.nesterov = nesterov;
-  call.maximize = maximize;
-  launch<B>(args.device(), call, B::sgd);
+void register_backend(torch::Library& m) {
+  m.impl(op_name<B>("scale").c_str(), &scale_impl<B>);
+  m.impl(("grad_norm_" + std::string(B::kName)).c_str(), &grad_norm_impl<B>);
+#define FUSEDOPT_REGISTER_STEP(op, OP, Stem) m.impl(op_name<B>(#op).c_str(), &op##_impl<B>);
+  FUSEDOPT_STEP_OPS(FUSEDOPT_REGISTER_STEP)
 }
 
 }  // namespace
@@ -526,20 +480,10 @@ void sgd_impl(TensorList params, TensorList grads, TensorList momentum_buffers,
 
 // Registration: the schemas come from fusedopt/_contract.py (imported before _C by
 // fusedopt/__init__.py); C++ only implements them.
-#define FUSEDOPT_REGISTER_BACKEND(m, B, suffix)                               \
-  m.impl("scale_" suffix "_", &fusedopt::scale_impl<B>);                      \
-  m.impl("grad_norm_" suffix, &fusedopt::grad_norm_impl<B>);                  \
-  m.impl("adamw_" suffix "_", &fusedopt::adamw_impl<B>);                      \
-  m.impl("lamb_" suffix "_", &fusedopt::lamb_impl<B>);                        \
-  m.impl("lion_" suffix "_", &fusedopt::lion_impl<B>);                        \
-  m.impl("sgd_" suffix "_", &fusedopt::sgd_impl<B>)
-
-TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { FUSEDOPT_REGISTER_BACKEND(m, fusedopt::CpuBackend, "cpu"); }
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { fusedopt::register_backend<fusedopt::CpuBackend>(m); }
 
 #ifdef FUSEDOPT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
-  FUSEDOPT_REGISTER_BACKEND(m, fusedopt::CudaBackend, "cuda");
-}
+TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) { fusedopt::register_backend<fusedopt::CudaBackend>(m); }
 #endif
 
 // The Python module itself only says whether the CUDA part was built: importing it runs the

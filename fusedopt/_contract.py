@@ -54,6 +54,9 @@ DeepSpeed's): the master alone is the truth. Without master params the flag does
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import torch
 
 NAMESPACE = "fusedopt"
@@ -61,10 +64,204 @@ NAMESPACE = "fusedopt"
 #: Every backend's name, in the order ``backend="auto"`` prefers them for a device.
 BACKEND_NAMES: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
 
-_COMMON_SCALARS = "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf"
-#: What every step op ends with: the common scalars, then the master_sync flag ([note: master
-#: sync]), last and with a default so that positional callers of the older schema still fit.
-_STEP_TAIL = _COMMON_SCALARS + ", bool master_sync=True"
+#: The device scalars every step op takes last, in schema order ([note: common scalars]).
+COMMON_SCALARS: tuple[str, ...] = ("lr_tensor", "grad_scale", "clip_coef", "found_inf")
+
+#: Roles of a step op's tensor lists, in the order every step op's schema lists them.
+ROLES: tuple[str, ...] = ("param", "grad", "state", "master", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorListSpec:
+    """One tensor list of a step op: one tensor per param (or none, where ``optional``).
+
+    ``layout`` is the shape/dtype rule of a state: ``"param"`` (the only one today) is the
+    param's shape and strides, fp32 with master weights, else the param's dtype. Factored
+    (row/column) or block-scaled states will add layouts here.
+    """
+
+    name: str  # the schema's argument name ("exp_avgs")
+    role: str  # one of ROLES
+    mutable: bool  # written by the op: an alias annotation ``Tensor(x!)[]`` in the schema
+    optional: bool = False  # may be empty (absent)
+    state_key: str | None = None  # its key in torch's per-param optimizer state
+    layout: str = "param"
+    #: a flag that decides presence: the list is given iff the flag is set (``amsgrad``)
+    present_iff: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagSpec:
+    """A per-call ``bool`` of a step op; ``default`` is the default of the C++ call struct."""
+
+    name: str
+    default: bool = False
+
+
+#: The flags every step op ends with, after the common scalars, each with a schema default so
+#: that positional callers of the older schema still fit ([note: master sync]).
+COMMON_FLAGS: tuple[FlagSpec, ...] = (FlagSpec("master_sync", True),)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOpSpec:
+    """A step op: its tensor lists (params, grads, states, master_params, steps), its
+    per-tensor ``float[]`` hyperparameters (``lr`` first), its per-call flags, the
+    :data:`COMMON_SCALARS` and the :data:`COMMON_FLAGS`, in that schema order. Everything
+    else (the schema string, ``fusedopt.ops``' packing, the Triton and C++ slot and
+    hyperparameter indices, the optimizers' state keys) is derived from it; see DESIGN.md
+    "How to add an op"."""
+
+    name: str  # "adamw_"
+    doc: str  # the semantics, one paragraph (DESIGN.md §3 has the full contract)
+    states: tuple[TensorListSpec, ...]
+    hypers: tuple[str, ...]
+    flag_specs: tuple[FlagSpec, ...]
+    cpp: str  # the C++ stem: ``<cpp>Call`` in launch.h, ``FUSEDOPT_<CPP upper>_*`` macros
+    steps: str = "required"  # "required", "optional" (empty or one per param) or "none"
+    #: with optional steps: the list that is given iff the steps are (sgd's momentum buffers)
+    steps_with: str | None = None
+
+    @property
+    def tensor_lists(self) -> tuple[TensorListSpec, ...]:
+        """Every tensor list, in schema order."""
+        lists = [
+            TensorListSpec("params", "param", True),
+            TensorListSpec("grads", "grad", False),
+            *self.states,
+            TensorListSpec("master_params", "master", True, True, "master_param"),
+        ]
+        if self.steps != "none":
+            lists.append(TensorListSpec("steps", "step", True, self.steps == "optional", "step"))
+        return tuple(lists)
+
+    @property
+    def lists(self) -> tuple[str, ...]:
+        """The list names, in schema order."""
+        return tuple(t.name for t in self.tensor_lists)
+
+    @property
+    def optional_lists(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensor_lists if t.optional)
+
+    @property
+    def state_lists(self) -> tuple[str, ...]:
+        """The per-param states (same layout as the param: fp32 with masters, else its dtype)."""
+        return tuple(t.name for t in self.states)
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The flag names, in schema order."""
+        return tuple(f.name for f in self.flag_specs)
+
+    @property
+    def state_keys(self) -> dict[str, str]:
+        """torch's state key -> list name, for the optimizer classes (steps first, then the
+        states; master weights are handled apart: ``fusedopt.optim._base.MASTER_KEY``)."""
+        lists = [t for t in self.tensor_lists if t.role == "step"] + list(self.states)
+        return {t.state_key: t.name for t in lists if t.state_key}
+
+    def schema(self) -> str:
+        """The schema template (``{name}`` stands for the backend's op name)."""
+        return "{name}(" + ", ".join(self._arguments()) + ") -> ()"
+
+    def _arguments(self) -> list[str]:
+        aliases = _aliases(self.tensor_lists)
+        args = [
+            f"Tensor({aliases[t.name]}!)[] {t.name}" if t.mutable else f"Tensor[] {t.name}"
+            for t in self.tensor_lists
+        ]
+        args += [f"float[] {h}" for h in self.hypers]
+        args += [f"bool {f}" for f in self.flags]
+        args += [f"Tensor? {s}" for s in COMMON_SCALARS]
+        args += [f"bool {f.name}={f.default}" for f in COMMON_FLAGS]
+        return args
+
+
+def _aliases(lists: Sequence[TensorListSpec]) -> dict[str, str]:
+    """Alias letters of the mutable lists: params a, states b, c, d..., master_params e,
+    steps f (states past the third continue after f)."""
+    fixed = {"param": "a", "master": "e", "step": "f"}
+    state_letters = "bcd" + "ghijklmnopqrstuvwxyz"
+    aliases, k = {}, 0
+    for t in lists:
+        if not t.mutable:
+            continue
+        if t.role in fixed:
+            aliases[t.name] = fixed[t.role]
+        else:
+            aliases[t.name], k = state_letters[k], k + 1
+    return aliases
+
+
+def _state(name: str, key: str, **kwargs) -> TensorListSpec:
+    return TensorListSpec(name, "state", True, state_key=key, **kwargs)
+
+
+#: Every step op, declared once.
+STEP_OPS: dict[str, StepOpSpec] = {
+    spec.name: spec
+    for spec in (
+        StepOpSpec(
+            "adamw_",
+            cpp="AdamW",
+            doc="Adam / AdamW. decoupled=True: p *= 1 - lr*wd; decoupled=False (Adam): "
+            "g += wd*p. max_exp_avg_sqs is empty unless amsgrad.",
+            states=(
+                _state("exp_avgs", "exp_avg"),
+                _state("exp_avg_sqs", "exp_avg_sq"),
+                _state("max_exp_avg_sqs", "max_exp_avg_sq", optional=True, present_iff="amsgrad"),
+            ),
+            hypers=("lr", "beta1", "beta2", "eps", "weight_decay"),
+            flag_specs=(
+                FlagSpec("decoupled", True),
+                FlagSpec("amsgrad"),
+                FlagSpec("maximize"),
+                FlagSpec("bias_correction", True),
+            ),
+        ),
+        StepOpSpec(
+            "lamb_",
+            cpp="Lamb",
+            doc="LAMB, timm semantics. The global clip g /= max(1, |g|/max_grad_norm) arrives "
+            "folded into clip_coef (the functional layer computes it with grad_norm), so the "
+            "op itself sees only the common scalars.",
+            states=(_state("exp_avgs", "exp_avg"), _state("exp_avg_sqs", "exp_avg_sq")),
+            hypers=("lr", "beta1", "beta2", "eps", "weight_decay"),
+            flag_specs=(
+                FlagSpec("grad_averaging", True),
+                FlagSpec("bias_correction", True),
+                FlagSpec("trust_clip"),
+                FlagSpec("always_adapt"),
+            ),
+        ),
+        StepOpSpec(
+            "lion_",
+            cpp="Lion",
+            doc="Lion (lion-pytorch): p *= 1 - lr*wd; p -= lr*sign(b1*m + (1-b1)*g); "
+            "m = b2*m + (1-b2)*g.",
+            states=(_state("exp_avgs", "exp_avg"),),
+            hypers=("lr", "beta1", "beta2", "weight_decay"),
+            flag_specs=(FlagSpec("maximize"),),
+            steps="none",
+        ),
+        StepOpSpec(
+            "sgd_",
+            cpp="Sgd",
+            doc="SGD (torch.optim.SGD). momentum_buffers and steps are both empty (no momentum in "
+            "this call: every momentum value is 0) or both of length N. A param whose step "
+            "count is 0 before this step takes buf = g (torch's first-step rule); a skipped "
+            "step does not count. A tensor whose momentum is 0 in a call with buffers steps "
+            "as p -= lr*g (torch's momentum-free SGD: no dampening) and leaves its buffer and "
+            "step untouched.",
+            states=(_state("momentum_buffers", "momentum_buffer", optional=True),),
+            hypers=("lr", "momentum", "dampening", "weight_decay"),
+            flag_specs=(FlagSpec("nesterov"), FlagSpec("maximize")),
+            steps="optional",
+            steps_with="momentum_buffers",
+        ),
+    )
+}
 
 #: op name -> schema template. ``{name}`` is replaced by the backend-specific op name.
 #: In-place ops end in ``_``; the backend suffix goes before it (``adamw_cuda_``).
@@ -81,42 +278,8 @@ SCHEMAS: dict[str, str] = {
         "{name}(Tensor[] tensors, float norm_type, bool per_tensor, Tensor? grad_scale)"
         " -> (Tensor total_norm, Tensor per_tensor_norms, Tensor found_inf)"
     ),
-    # Adam / AdamW. decoupled=True: p *= 1 - lr*wd; decoupled=False (Adam): g += wd*p.
-    # max_exp_avg_sqs is empty unless amsgrad.
-    "adamw_": (
-        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
-        " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params,"
-        " Tensor(f!)[] steps, float[] lr, float[] beta1, float[] beta2, float[] eps,"
-        " float[] weight_decay, bool decoupled, bool amsgrad, bool maximize,"
-        " bool bias_correction, " + _STEP_TAIL + ") -> ()"
-    ),
-    # LAMB, timm semantics. The global clip g /= max(1, |g|/max_grad_norm) arrives folded
-    # into clip_coef (the functional layer computes it with grad_norm), so the op itself
-    # sees only the common scalars.
-    "lamb_": (
-        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
-        " Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps,"
-        " float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay,"
-        " bool grad_averaging, bool bias_correction, bool trust_clip, bool always_adapt,"
-        " " + _STEP_TAIL + ") -> ()"
-    ),
-    # Lion (lion-pytorch): p *= 1 - lr*wd; p -= lr*sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g.
-    "lion_": (
-        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
-        " Tensor(e!)[] master_params, float[] lr, float[] beta1, float[] beta2,"
-        " float[] weight_decay, bool maximize, " + _STEP_TAIL + ") -> ()"
-    ),
-    # SGD (torch.optim.SGD). momentum_buffers and steps are both empty (no momentum in this
-    # call: every momentum value is 0) or both of length N. A param whose step count is 0
-    # before this step takes buf = g (torch's first-step rule); a skipped step does not count.
-    # A tensor whose momentum is 0 in a call with buffers steps as p -= lr*g (torch's
-    # momentum-free SGD: no dampening) and leaves its buffer and step untouched.
-    "sgd_": (
-        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers,"
-        " Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] momentum,"
-        " float[] dampening, float[] weight_decay, bool nesterov, bool maximize,"
-        " " + _STEP_TAIL + ") -> ()"
-    ),
+    # The step ops: derived from STEP_OPS.
+    **{op: spec.schema() for op, spec in STEP_OPS.items()},
 }
 
 OP_NAMES: tuple[str, ...] = tuple(SCHEMAS)

@@ -8,7 +8,6 @@ backend (``fusedopt._backend.resolve``) and calls ``torch.ops.fusedopt.<op>_<bac
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -133,55 +132,12 @@ def grad_norm(
     return GradNorm(*handle(tensors, norm_type, per_tensor, grad_scale))
 
 
-@dataclasses.dataclass(frozen=True)
-class _StepOp:
-    """How a step op's arguments line up with its schema."""
-
-    name: str
-    lists: tuple[str, ...]  # tensor lists, in schema order (params and grads first)
-    optional_lists: tuple[str, ...]  # lists that may be empty
-    state_lists: tuple[str, ...]  # per-param states: fp32 with masters, else param dtype
-    hypers: tuple[str, ...]  # per-tensor floats, in schema order
-    flags: tuple[str, ...]  # per-call bools, in schema order (and master_sync, last of all)
+#: The step ops' specs (``fusedopt._contract``): lists, hyperparameters and flags in schema
+#: order.
+STEP_OPS = _contract.STEP_OPS
 
 
-STEP_OPS = {
-    "adamw_": _StepOp(
-        "adamw_",
-        ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "steps"),
-        ("max_exp_avg_sqs", "master_params"),
-        ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
-        ("lr", "beta1", "beta2", "eps", "weight_decay"),
-        ("decoupled", "amsgrad", "maximize", "bias_correction"),
-    ),
-    "lamb_": _StepOp(
-        "lamb_",
-        ("params", "grads", "exp_avgs", "exp_avg_sqs", "master_params", "steps"),
-        ("master_params",),
-        ("exp_avgs", "exp_avg_sqs"),
-        ("lr", "beta1", "beta2", "eps", "weight_decay"),
-        ("grad_averaging", "bias_correction", "trust_clip", "always_adapt"),
-    ),
-    "lion_": _StepOp(
-        "lion_",
-        ("params", "grads", "exp_avgs", "master_params"),
-        ("master_params",),
-        ("exp_avgs",),
-        ("lr", "beta1", "beta2", "weight_decay"),
-        ("maximize",),
-    ),
-    "sgd_": _StepOp(
-        "sgd_",
-        ("params", "grads", "momentum_buffers", "master_params", "steps"),
-        ("momentum_buffers", "master_params", "steps"),
-        ("momentum_buffers",),
-        ("lr", "momentum", "dampening", "weight_decay"),
-        ("nesterov", "maximize"),
-    ),
-}
-
-
-def _validate_step(spec: _StepOp, lists: dict[str, list[Tensor]]) -> torch.device:
+def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -> torch.device:
     op = spec.name
     params, grads = lists["params"], lists["grads"]
     check_lengths(op, len(params), lists, spec.optional_lists)
@@ -309,6 +265,34 @@ def step(
     write_back(twins)
 
 
+def _step_from_arguments(op: str, arguments: dict) -> None:
+    """:func:`step` with the arguments of a public wrapper (its ``locals()``), sorted into
+    lists, hyperparameters and flags by the op's spec, so that no wrapper re-lists them.
+    A list that a flag switches (``present_iff``) is passed only when the flag is set; steps
+    that go with a list (``steps_with``) must be given with it or not at all."""
+    spec = STEP_OPS[op]
+    lists = {name: arguments[name] for name in spec.lists}
+    for t in spec.tensor_lists:
+        if t.present_iff is None:
+            continue
+        if not arguments[t.present_iff]:
+            lists[t.name] = ()
+        elif len(lists[t.name]) != len(lists["params"]):
+            raise ValueError(f"{op}: {t.present_iff}=True needs one {t.name} tensor per param")
+    if spec.steps_with is not None and bool(lists[spec.steps_with]) != bool(lists["steps"]):
+        raise ValueError(f"{op}: pass both {spec.steps_with} and steps, or neither")
+    step(
+        op,
+        lists,
+        {h: arguments[h] for h in spec.hypers},
+        {f: arguments[f] for f in (*spec.flags, *(c.name for c in _contract.COMMON_FLAGS))},
+        grad_scale=arguments["grad_scale"],
+        clip_coef=arguments["clip_coef"],
+        found_inf=arguments["found_inf"],
+        backend=arguments["backend"],
+    )
+
+
 def adamw_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -334,20 +318,7 @@ def adamw_(
     backend: str = "auto",
 ) -> None:
     """One Adam/AdamW step in place (``decoupled=False`` is Adam's L2 decay); fp32 math."""
-    if amsgrad and len(max_exp_avg_sqs) != len(params):
-        raise ValueError("adamw_: amsgrad=True needs one max_exp_avg_sqs tensor per param")
-    step(
-        "adamw_",
-        dict(
-            params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-            max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else (), master_params=master_params,
-            steps=steps,
-        ),
-        dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
-        dict(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
-             bias_correction=bias_correction, master_sync=master_sync),
-        grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
-    )  # fmt: skip
+    _step_from_arguments("adamw_", locals())
 
 
 def lamb_(
@@ -374,15 +345,7 @@ def lamb_(
     backend: str = "auto",
 ) -> None:
     """One LAMB step in place (timm semantics; fold the global clip into ``clip_coef``)."""
-    step(
-        "lamb_",
-        dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-             master_params=master_params, steps=steps),
-        dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
-        dict(grad_averaging=grad_averaging, bias_correction=bias_correction,
-             trust_clip=trust_clip, always_adapt=always_adapt, master_sync=master_sync),
-        grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
-    )  # fmt: skip
+    _step_from_arguments("lamb_", locals())
 
 
 def lion_(
@@ -403,13 +366,7 @@ def lion_(
     backend: str = "auto",
 ) -> None:
     """One Lion step in place (lion-pytorch semantics, ``sign(0) = 0``); fp32 math."""
-    step(
-        "lion_",
-        dict(params=params, grads=grads, exp_avgs=exp_avgs, master_params=master_params),
-        dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay),
-        dict(maximize=maximize, master_sync=master_sync),
-        grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
-    )  # fmt: skip
+    _step_from_arguments("lion_", locals())
 
 
 def sgd_(
@@ -433,13 +390,4 @@ def sgd_(
 ) -> None:
     """One SGD step in place (torch.optim.SGD semantics); pass ``momentum_buffers`` and
     ``steps`` (both, or neither when momentum is 0); fp32 math."""
-    if bool(momentum_buffers) != bool(steps):
-        raise ValueError("sgd_: pass both momentum_buffers and steps, or neither")
-    step(
-        "sgd_",
-        dict(params=params, grads=grads, momentum_buffers=momentum_buffers,
-             master_params=master_params, steps=steps),
-        dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay),
-        dict(nesterov=nesterov, maximize=maximize, master_sync=master_sync),
-        grad_scale=grad_scale, clip_coef=clip_coef, found_inf=found_inf, backend=backend,
-    )  # fmt: skip
+    _step_from_arguments("sgd_", locals())

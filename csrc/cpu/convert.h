@@ -103,9 +103,11 @@ inline void load_values(T* dst, const void* src, DType d, int64_t n) {
   }
 }
 
-/// Storage values dst[0:n] of dtype d = opmath src[0:n], rounded to nearest even.
-template <typename T>
+/// Storage values dst[0:n] of dtype d = opmath src[0:n], rounded as R says ([note: store
+/// rounding] in fusedopt/dtype.h; to nearest even, the only mode so far).
+template <Rounding R = Rounding::kNearestEven, typename T>
 inline void store_values(void* dst, DType d, const T* src, int64_t n) {
+  static_assert(R == Rounding::kNearestEven, "only round-to-nearest-even stores exist");
   switch (d) {
     case DType::kFloat32: {
       float* o = static_cast<float*>(dst);

@@ -75,15 +75,16 @@ inline T* view_block(void* base, DType d, int64_t offset, int64_t n, T* buffer) 
   return buffer;
 }
 
-/// Writes `values` (from view_block) back to block [offset, offset+n) of a storage slot.
-template <typename T>
+/// Writes `values` (from view_block) back to block [offset, offset+n) of a storage slot,
+/// rounded as R says ([note: store rounding] in fusedopt/dtype.h).
+template <Rounding R = Rounding::kNearestEven, typename T>
 inline void write_block(void* base, DType d, int64_t offset, int64_t n, const T* values) {
   if (d == OpmathDType<T>::value) {
     T* dst = static_cast<T*>(base) + offset;
     if (dst != values) std::memcpy(dst, values, n * sizeof(T));
     return;
   }
-  store_values(element_ptr(base, d, offset), d, values, n);
+  store_values<R>(element_ptr(base, d, offset), d, values, n);
 }
 
 }  // namespace fusedopt::cpu

@@ -9,11 +9,13 @@
 namespace fusedopt::cuda {
 namespace {
 
-// Slots and hyperparameters of an adamw Row.
-constexpr int kExpAvg = kState0, kExpAvgSq = kState0 + 1, kMaxExpAvgSq = kState0 + 2;
-constexpr int kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4;
-// StepArgs::flag
-constexpr int kDecoupled = 0, kMaximize = 1, kBiasCorrection = 2;
+// Slots, hyperparameters and StepArgs::flag indices of an adamw call, from its spec.
+constexpr int kExpAvg = state_slot(spec::adamw::kExpAvgs);
+constexpr int kExpAvgSq = state_slot(spec::adamw::kExpAvgSqs);
+constexpr int kMaxExpAvgSq = state_slot(spec::adamw::kMaxExpAvgSqs);
+using spec::adamw::kBeta1, spec::adamw::kBeta2, spec::adamw::kEps,
+    spec::adamw::kWeightDecay;
+using spec::adamw::kDecoupled, spec::adamw::kMaximize, spec::adamw::kBiasCorrection;
 
 template <class P, class G, bool kMasterWeights, bool kAmsgrad>
 struct AdamWBody {
@@ -77,22 +79,10 @@ void adamw(const AdamWCall& call, const ExecContext& ctx) {
   if (lists.num_tensors == 0) return;
   StepArgs args = step_args(lists, call.lr);
   TableBuilder host = step_table(lists, call.lr, args);
-  fill_slot(host, kExpAvg, call.exp_avgs);
-  fill_slot(host, kExpAvgSq, call.exp_avg_sqs);
-  fill_slot(host, kMaxExpAvgSq, call.max_exp_avg_sqs);
-  for (int i = 0; i < host.n(); ++i) {
-    double* h = host.row(i).hyper;
-    h[kBeta1] = call.beta1[i];
-    h[kBeta2] = call.beta2[i];
-    h[kEps] = call.eps[i];
-    h[kWeightDecay] = call.weight_decay[i];
-  }
+  FUSEDOPT_FILL_STEP_CALL(ADAMW)
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
   increment_steps(table, lists.scalars.found_inf, stream);
-  args.flag[kDecoupled] = call.decoupled;
-  args.flag[kMaximize] = call.maximize;
-  args.flag[kBiasCorrection] = call.bias_correction;
   dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
                       [&](auto p, auto g, auto master) {
                         using P = decltype(p);

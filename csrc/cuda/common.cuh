@@ -26,7 +26,8 @@
 namespace fusedopt::cuda {
 
 inline constexpr int kThreads = 256;  // threads of every multi-tensor block
-inline constexpr int kMaxSlots = 6;
+// Slots of a Row: params, grads, master_params and the most states of a step op.
+inline constexpr int kMaxSlots = 3 + spec::kMaxStates;
 
 /// One tensor of an op call, in the device table. Slot meaning is per op (each op names its
 /// slots: kParam, kGrad...); an absent slot is null. hyper[] holds the op's per-tensor
@@ -35,7 +36,7 @@ struct Row {
   void* slot[kMaxSlots];
   float* step;  // the tensor's step count (device), or null
   int64_t numel;
-  double hyper[5];
+  double hyper[spec::kMaxHypers];
   int32_t dtype;  // fusedopt::DType of slot 0, for ops whose tensors may mix dtypes
   int32_t reserved;
 };
@@ -155,8 +156,10 @@ __device__ __forceinline__ T to_opmath(S x) {
   }
 }
 
-template <class S, class T>
+/// x rounded to storage type S as R says ([note: store rounding] in fusedopt/dtype.h).
+template <class S, Rounding R = Rounding::kNearestEven, class T>
 __device__ __forceinline__ S from_opmath(T x) {
+  static_assert(R == Rounding::kNearestEven, "only round-to-nearest-even stores exist");
   if constexpr (std::is_same_v<S, bf16>) {
     return bf16{float_to_bf16(static_cast<float>(x))};
   } else if constexpr (std::is_same_v<S, fp16>) {
@@ -192,12 +195,13 @@ __device__ __forceinline__ void load(const S* base, int64_t i, T (&x)[V]) {
   for (int k = 0; k < V; ++k) x[k] = to_opmath<T>(p.v[k]);
 }
 
-template <int V, class S, class T>
+/// base[i..i+V) = x[0..V), rounded as R says; the same alignment rule as load.
+template <int V, Rounding R = Rounding::kNearestEven, class S, class T>
 __device__ __forceinline__ void store(S* base, int64_t i, const T (&x)[V]) {
   __builtin_assume(__isGlobal(base));
   Pack<S, V> p;
 #pragma unroll
-  for (int k = 0; k < V; ++k) p.v[k] = from_opmath<S>(x[k]);
+  for (int k = 0; k < V; ++k) p.v[k] = from_opmath<S, R>(x[k]);
   check_access<Pack<S, V>>(base + i);
   *reinterpret_cast<Pack<S, V>*>(base + i) = p;
 }

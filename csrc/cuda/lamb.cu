@@ -14,10 +14,12 @@
 namespace fusedopt::cuda {
 namespace {
 
-constexpr int kExpAvg = kState0, kExpAvgSq = kState0 + 1;
-constexpr int kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4;
-// StepArgs::flag
-constexpr int kGradAveraging = 0, kBiasCorrection = 1, kTrustClip = 2, kAlwaysAdapt = 3;
+// Slots, hyperparameters and StepArgs::flag indices of a lamb call, from its spec.
+constexpr int kExpAvg = state_slot(spec::lamb::kExpAvgs);
+constexpr int kExpAvgSq = state_slot(spec::lamb::kExpAvgSqs);
+using spec::lamb::kBeta1, spec::lamb::kBeta2, spec::lamb::kEps, spec::lamb::kWeightDecay;
+using spec::lamb::kGradAveraging, spec::lamb::kBiasCorrection, spec::lamb::kTrustClip,
+    spec::lamb::kAlwaysAdapt;
 inline constexpr int kRatioThreads = 1024;
 
 __device__ __forceinline__ bool adapts(const Row& row, const StepArgs& a) {
@@ -168,25 +170,15 @@ void lamb(const LambCall& call, const ExecContext& ctx) {
   if (lists.num_tensors == 0) return;
   StepArgs args = step_args(lists, call.lr);
   TableBuilder host = step_table(lists, call.lr, args);
-  fill_slot(host, kExpAvg, call.exp_avgs);
-  fill_slot(host, kExpAvgSq, call.exp_avg_sqs);
+  FUSEDOPT_FILL_STEP_CALL(LAMB)
   bool any_adapts = false;
   for (int i = 0; i < host.n(); ++i) {
-    double* h = host.row(i).hyper;
-    h[kBeta1] = call.beta1[i];
-    h[kBeta2] = call.beta2[i];
-    h[kEps] = call.eps[i];
-    h[kWeightDecay] = call.weight_decay[i];
     any_adapts |= (call.weight_decay[i] != 0.0 || call.always_adapt) && lists.numels[i] > 0;
   }
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
   increment_steps(table, lists.scalars.found_inf, stream);
   if (host.total_chunks() == 0) return;
-  args.flag[kGradAveraging] = call.grad_averaging;
-  args.flag[kBiasCorrection] = call.bias_correction;
-  args.flag[kTrustClip] = call.trust_clip;
-  args.flag[kAlwaysAdapt] = call.always_adapt;
   dispatch_step_types(
       lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
       [&](auto p, auto g, auto master) {

@@ -8,9 +8,10 @@
 namespace fusedopt::cuda {
 namespace {
 
-constexpr int kExpAvg = kState0;
-constexpr int kBeta1 = 1, kBeta2 = 2, kWeightDecay = 3;
-constexpr int kMaximize = 0;  // StepArgs::flag
+// Slots, hyperparameters and StepArgs::flag indices of a lion call, from its spec.
+constexpr int kExpAvg = state_slot(spec::lion::kExpAvgs);
+using spec::lion::kBeta1, spec::lion::kBeta2, spec::lion::kWeightDecay;
+using spec::lion::kMaximize;
 
 template <class P, class G, bool kMasterWeights>
 struct LionBody {
@@ -62,16 +63,9 @@ void lion(const LionCall& call, const ExecContext& ctx) {
   if (lists.num_tensors == 0) return;
   StepArgs args = step_args(lists, call.lr);
   TableBuilder host = step_table(lists, call.lr, args);
-  fill_slot(host, kExpAvg, call.exp_avgs);
-  for (int i = 0; i < host.n(); ++i) {
-    double* h = host.row(i).hyper;
-    h[kBeta1] = call.beta1[i];
-    h[kBeta2] = call.beta2[i];
-    h[kWeightDecay] = call.weight_decay[i];
-  }
+  FUSEDOPT_FILL_STEP_CALL(LION)
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
-  args.flag[kMaximize] = call.maximize;
   dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
                       [&](auto p, auto g, auto master) {
                         using P = decltype(p);

@@ -9,9 +9,10 @@
 namespace fusedopt::cuda {
 namespace {
 
-constexpr int kMomentumBuffer = kState0;
-constexpr int kMomentum = 1, kDampening = 2, kWeightDecay = 3;
-constexpr int kNesterov = 0, kMaximize = 1;  // StepArgs::flag
+// Slots, hyperparameters and StepArgs::flag indices of an sgd call, from its spec.
+constexpr int kMomentumBuffer = state_slot(spec::sgd::kMomentumBuffers);
+using spec::sgd::kMomentum, spec::sgd::kDampening, spec::sgd::kWeightDecay;
+using spec::sgd::kNesterov, spec::sgd::kMaximize;
 
 template <class P, class G, bool kMasterWeights, bool kWithMomentum>
 struct SgdBody {
@@ -79,19 +80,13 @@ void sgd(const SgdCall& call, const ExecContext& ctx) {
   const bool with_momentum = call.momentum_buffers.present();
   StepArgs args = step_args(lists, call.lr);
   TableBuilder host = step_table(lists, call.lr, args);
-  fill_slot(host, kMomentumBuffer, call.momentum_buffers);
+  FUSEDOPT_FILL_STEP_CALL(SGD)
   for (int i = 0; i < host.n(); ++i) {
-    double* h = host.row(i).hyper;
-    h[kMomentum] = call.momentum[i];
-    h[kDampening] = call.dampening[i];
-    h[kWeightDecay] = call.weight_decay[i];
     if (call.momentum[i] == 0.0) host.row(i).step = nullptr;  // [note: sgd momentum 0]
   }
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
   if (with_momentum) increment_steps(table, lists.scalars.found_inf, stream);
-  args.flag[kNesterov] = call.nesterov;
-  args.flag[kMaximize] = call.maximize;
   dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
                       [&](auto p, auto g, auto master) {
                         using P = decltype(p);

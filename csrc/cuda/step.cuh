@@ -21,6 +21,26 @@ inline constexpr int kState0 = 3;
 // hyper[0] is the lr of every step op (step_lr); the others are per op.
 inline constexpr int kLr = 0;
 
+/// The table slot of a step op's state list `index` (its index in the op's spec,
+/// fusedopt/ops_spec.h).
+constexpr int state_slot(int index) { return kState0 + index; }
+
+// The op-specific host side of a step call, from its spec (fusedopt/ops_spec.h): the state
+// slots (from kState0 on, in schema order), the hyperparameter columns but lr (step_table
+// writes it) and the flags, each at its spec index. Expands in a launcher that has `host`
+// (the TableBuilder from step_table), `call` and `args` (the StepArgs) in scope.
+#define FUSEDOPT_FILL_STATE(name, Name, index, may_be_empty, when) \
+  fill_slot(host, state_slot(index), call.name);
+#define FUSEDOPT_FILL_HYPER(name, Name, index) \
+  if constexpr (index != kLr) host.row(i).hyper[index] = call.name[i];
+#define FUSEDOPT_FILL_FLAG(name, Name, index, default_value) args.flag[index] = call.name;
+#define FUSEDOPT_FILL_STEP_CALL(OP)                    \
+  FUSEDOPT_##OP##_STATES(FUSEDOPT_FILL_STATE)          \
+  for (int i = 0; i < host.n(); ++i) {                 \
+    FUSEDOPT_##OP##_HYPERS(FUSEDOPT_FILL_HYPER)        \
+  }                                                    \
+  FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FILL_FLAG)
+
 /// The storage of a step op's states: fp32 with master weights, else the param's.
 template <class P, bool kMasterWeights>
 using StateOf = std::conditional_t<kMasterWeights, float, P>;
@@ -31,8 +51,8 @@ struct StepArgs {
   const void* extra;  // an op's per-tensor device array (LAMB's trust ratios), or null
   double lr;          // the lr of every tensor, when lr_in_args ([note: uniform lr])
   bool lr_in_args;
-  bool master_sync;  // StepLists::master_sync ([note: master sync])
-  bool flag[4];      // an op's per-call flags, named by the op
+  bool master_sync;             // StepLists::master_sync ([note: master sync])
+  bool flag[spec::kMaxFlags];  // an op's per-call flags, at their spec index
 };
 
 // [note: uniform lr] A learning-rate schedule with float lrs changes lr every step. Kept in

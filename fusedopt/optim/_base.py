@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import ops
+from fusedopt._contract import STEP_OPS
 from fusedopt._dense import dense_stride, state_like, swap_in_twins, write_back
 from fusedopt._validate import LOW_PRECISION, PARAM_DTYPES, check_like, check_tensor
 from fusedopt.clip import clip_coef as torch_clip_coef
@@ -88,8 +89,8 @@ def _check_lr(lr: Any) -> None:
 class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
     """Base of ``fusedopt.AdamW``, ``Adam``, ``LAMB``, ``Lion`` and ``SGD``.
 
-    Subclasses set :attr:`OP` and :attr:`STATE_LISTS` and override :meth:`_check_group`,
-    :meth:`_state_keys`, :meth:`_hypers` and :meth:`_flags`.
+    Subclasses set :attr:`OP` (:attr:`STATE_LISTS` follows from it) and override
+    :meth:`_check_group`, :meth:`_state_keys`, :meth:`_hypers` and :meth:`_flags`.
 
     Common keyword arguments (also group keys):
 
@@ -121,9 +122,16 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
 
     #: The ``fusedopt.ops`` step op this class calls.
     OP: ClassVar[str]
-    #: state key -> the op's tensor-list name, for every state key the class may keep.
+    #: state key -> the op's tensor-list name, for every state key the class may keep: the
+    #: op spec's state keys (``fusedopt._contract``), set from :attr:`OP` for each subclass.
     STATE_LISTS: ClassVar[dict[str, str]]
     _step_supports_amp_scaling = True  # [note: GradScaler protocol]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "OP" in cls.__dict__:
+            cls.STATE_LISTS = STEP_OPS[cls.OP].state_keys
+
     #: Step complex params as real views, as torch does ([note: complex params]).
     STEPS_COMPLEX: ClassVar[bool] = False
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import Tensor
 
@@ -38,12 +38,6 @@ class Adam(FusedOptimizer):
 
     OP = "adamw_"
     STEPS_COMPLEX = True  # as torch ([note: complex params] in _base.py)
-    STATE_LISTS: ClassVar[dict[str, str]] = {
-        "step": "steps",
-        "exp_avg": "exp_avgs",
-        "exp_avg_sq": "exp_avg_sqs",
-        "max_exp_avg_sq": "max_exp_avg_sqs",
-    }
     #: AdamW is decoupled whatever a loaded group says.
     _ALWAYS_DECOUPLED = False
 

@@ -32,7 +32,7 @@ had no grad, and the largest is the number of steps the group took), computed on
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,13 +59,8 @@ class LAMB(FusedOptimizer):
     """
 
     OP = "lamb_"
-    # "step" is listed so that older fusedopt state dicts (a per-param count) load; a param
-    # keeps no step here ([note: LAMB group step]).
-    STATE_LISTS: ClassVar[dict[str, str]] = {
-        "step": "steps",
-        "exp_avg": "exp_avgs",
-        "exp_avg_sq": "exp_avg_sqs",
-    }
+    # STATE_LISTS (from the spec) has "step", so that older fusedopt state dicts (a per-param
+    # count) load; a param keeps no step here ([note: LAMB group step]).
 
     def __init__(
         self,

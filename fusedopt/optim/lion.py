@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import Tensor
 
@@ -21,7 +21,6 @@ class Lion(FusedOptimizer):
     """
 
     OP = "lion_"
-    STATE_LISTS: ClassVar[dict[str, str]] = {"exp_avg": "exp_avgs"}
 
     def __init__(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,7 +28,6 @@ class SGD(FusedOptimizer):
 
     OP = "sgd_"
     STEPS_COMPLEX = True  # as torch ([note: complex params] in _base.py)
-    STATE_LISTS: ClassVar[dict[str, str]] = {"step": "steps", "momentum_buffer": "momentum_buffers"}
 
     def __init__(
         self,

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from . import common
 from .common import (
     BLOCK,
     bias_correction,
@@ -34,13 +32,12 @@ from .common import (
     store_param,
     tail_block,
 )
-from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
+from .layout import layout, prepare
+from .multi_tensor import TableCache
 from .registry import register
 
-# Table slots (lists, in schema order) and hyperparameter columns.
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, MASTER_PARAM, STEP = range(7)
-N_SLOTS: tl.constexpr = tl.constexpr(7)
-LR, BETA1, BETA2, EPS, WEIGHT_DECAY = range(5)
+#: The table columns, named by the spec.
+L = layout("adamw_")
 
 
 @triton.jit
@@ -85,11 +82,11 @@ def adamw_kernel(
     """One program per chunk; the chunk's last-finishing program advances the step count."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        new_step = tl.load(slot(row, 6, tl.float32, False)) + 1.0
-        lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
-        beta1 = hyper(row, N_SLOTS, 1)
-        beta2 = hyper(row, N_SLOTS, 2)
-        weight_decay = hyper(row, N_SLOTS, 4)
+        new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
+        lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE)
+        beta1 = hyper(row, L.N_SLOTS, L.BETA1)
+        beta2 = hyper(row, L.N_SLOTS, L.BETA2)
+        weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
         bc1 = bias_correction(beta1, new_step, BIAS_CORRECTION)
         bc2 = bias_correction(beta2, new_step, BIAS_CORRECTION)
         # [note: hyperparameter rounding]: float64 expressions for a Python lr, fp32 ones for
@@ -104,18 +101,18 @@ def adamw_kernel(
             step_size = div(lr_c, bc1.to(COMPUTE))
         # [note: zero weight decay]: a zero decay is none, not 1 - lr*0 (NaN for lr = inf).
         decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
-        p_ptr = slot(row, 0, P_DTYPE, ALIGNED)
-        g_ptr = slot(row, 1, G_DTYPE, ALIGNED)
-        m_ptr = slot(row, 2, S_DTYPE, ALIGNED)
-        v_ptr = slot(row, 3, S_DTYPE, ALIGNED)
-        vmax_ptr = slot(row, 4, S_DTYPE, ALIGNED)
-        master_ptr = slot(row, 5, tl.float32, ALIGNED)
+        p_ptr = slot(row, L.PARAMS, P_DTYPE, ALIGNED)
+        g_ptr = slot(row, L.GRADS, G_DTYPE, ALIGNED)
+        m_ptr = slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED)
+        v_ptr = slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED)
+        vmax_ptr = slot(row, L.MAX_EXP_AVG_SQS, S_DTYPE, ALIGNED)
+        master_ptr = slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED)
         args = (
             p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr,
             load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
             load_scalar(clip_coef, HAS_CLIP, COMPUTE), decay, step_size, beta1.to(COMPUTE),
             (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE), (1.0 - beta2).to(COMPUTE),
-            tl.sqrt(bc2).to(COMPUTE), hyper(row, N_SLOTS, 3).to(COMPUTE),
+            tl.sqrt(bc2).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
             weight_decay.to(COMPUTE), has_weight_decay,
         )  # fmt: skip
         full_end = full_blocks_end(start, end)
@@ -130,38 +127,20 @@ def adamw_kernel(
         # the loops, it cost the bf16 master-weight unaligned variant an 8-byte stack and a
         # spill with Triton 3.6's ptxas (CUDA 12.8), around the IEEE division subroutine
         # calls (Triton 3.8's ptxas kept it in a register). tests/test_triton_static.py.
-        finish_tensor(counters, t, row, slot(row, 6, tl.float32, False), new_step)
+        finish_tensor(counters, t, row, slot(row, L.STEPS, tl.float32, False), new_step)
 
 
 _TABLES = TableCache()
 
 
-def adamw_(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], master_params: list[Tensor],
-    steps: list[Tensor], lr: list[float], beta1: list[float], beta2: list[float],
-    eps: list[float], weight_decay: list[float], decoupled: bool, amsgrad: bool,
-    maximize: bool, bias_correction: bool, lr_tensor: Tensor | None,
-    grad_scale: Tensor | None, clip_coef: Tensor | None, found_inf: Tensor | None,
-    master_sync: bool = True,
-) -> None:  # fmt: skip
-    """One Adam/AdamW step over every tensor in one launch (see ``fusedopt._contract``)."""
-    if not params:
-        return
-    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps]
-    dtypes = dtype_arguments(params, grads, bool(master_params), master_sync)
-    launch = _TABLES.launch(
-        lists,
-        [lr, beta1, beta2, eps, weight_decay],
-        (tuple(map(str, dtypes.values())),),
-        scalar_lists=(6,),
-    )
-    scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
-    adamw_kernel[(launch.n_chunks,)](
-        launch.table, launch.chunks, launch.counters, *scalars, WIDTH=launch.width,
-        **dtypes, **flags, DECOUPLED=decoupled, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-        BIAS_CORRECTION=bias_correction, ALIGNED=launch.aligned, **common.LAUNCH_OPTIONS,
-    )  # fmt: skip
+def adamw_(*args) -> None:
+    """One Adam/AdamW step over every tensor in one launch (``fusedopt._contract``'s schema
+    order)."""
+    a = prepare("adamw_", args, _TABLES)
+    if a is not None:
+        adamw_kernel[(a.launch.n_chunks,)](
+            a.launch.table, a.launch.chunks, a.launch.counters, *a.scalar_tensors, **a.options()
+        )
 
 
 register("adamw_", adamw_)

@@ -36,6 +36,13 @@ HEADER = tl.constexpr(multi_tensor.HEADER)
 #: The MASTER constexpr of a step kernel that adopts written params ([note: master sync]).
 MASTER_SYNCED = tl.constexpr(multi_tensor.MASTER_SYNCED)
 
+#: The table of the mixed-dtype ops (scale_, grad_norm): one slot, the tensors, and one
+#: hyperparameter column, the dtype code (``multi_tensor.dtype_code_arguments``). The step
+#: ops' columns come from their spec (``layout``).
+TENSORS: tl.constexpr = tl.constexpr(0)
+MIXED_N_SLOTS: tl.constexpr = tl.constexpr(1)
+DTYPE_CODE: tl.constexpr = tl.constexpr(0)
+
 #: True under TRITON_INTERPRET=1 ([note: interpreter bf16 rounding]).
 INTERPRETING: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
@@ -81,9 +88,16 @@ def load(ptr, offs, mask, COMPUTE: tl.constexpr):
     return x.to(COMPUTE)
 
 
+#: Store rounding modes ([note: store rounding] in csrc/include/fusedopt/dtype.h): the
+#: ``ROUNDING`` constexpr of ``round_to`` and ``store``. Round to nearest even is the only one.
+NEAREST_EVEN: tl.constexpr = tl.constexpr(0)
+
+
 @triton.jit
-def round_to(x, DTYPE: tl.constexpr):
-    """``x`` rounded to ``DTYPE``, to nearest even ([note: interpreter bf16 rounding])."""
+def round_to(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr = NEAREST_EVEN):
+    """``x`` rounded to ``DTYPE`` as ``ROUNDING`` says: to nearest even, the only mode so far
+    ([note: interpreter bf16 rounding])."""
+    tl.static_assert(ROUNDING == NEAREST_EVEN, "only round-to-nearest-even stores exist")
     if INTERPRETING and DTYPE == tl.bfloat16:  # noqa: SIM300
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -94,9 +108,9 @@ def round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def store(ptr, offs, mask, x):
-    """Round to the pointer's dtype (to nearest even) and store."""
-    tl.store(ptr + offs, round_to(x, ptr.dtype.element_ty), mask=mask)
+def store(ptr, offs, mask, x, ROUNDING: tl.constexpr = NEAREST_EVEN):
+    """Round to the pointer's dtype (``round_to``) and store."""
+    tl.store(ptr + offs, round_to(x, ptr.dtype.element_ty, ROUNDING), mask=mask)
 
 
 @triton.jit

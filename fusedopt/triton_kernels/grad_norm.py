@@ -28,6 +28,9 @@ from torch import Tensor
 from . import common
 from .common import (
     BLOCK,
+    DTYPE_CODE,
+    MIXED_N_SLOTS,
+    TENSORS,
     div,
     full_blocks_end,
     hyper,
@@ -75,7 +78,7 @@ def _norm_range(
     row, start, end, grad_scale, DTYPE: tl.constexpr, ACC: tl.constexpr,
     INF_NORM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    ptr = slot(row, 0, DTYPE, ALIGNED)
+    ptr = slot(row, TENSORS, DTYPE, ALIGNED)
     acc = tl.zeros((BLOCK,), ACC)
     bad = tl.zeros((BLOCK,), tl.int32)
     full_end = full_blocks_end(start, end)
@@ -98,7 +101,7 @@ def chunk_partials_kernel(
 ):  # fmt: skip
     """Per chunk: sum of squares (or max |x|) of x / grad_scale, and non-finite count."""
     _, row, start, end = locate_chunk(chunks, table, WIDTH)
-    code = hyper(row, 1, 0)
+    code = hyper(row, MIXED_N_SLOTS, DTYPE_CODE)
     scale = tl.load(grad_scale).to(ACC) if HAS_GRAD_SCALE else tl.full((), 1.0, ACC)
     partial = tl.full((), 0.0, ACC)
     bad = tl.full((), 0, tl.int32)

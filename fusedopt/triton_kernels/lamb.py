@@ -39,7 +39,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from . import common
 from .common import (
@@ -62,12 +61,12 @@ from .common import (
     store_param,
     tail_block,
 )
-from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
+from .layout import layout, prepare
+from .multi_tensor import TableCache
 from .registry import register
 
-# Table slots: params 0, grads 1, exp_avgs 2, exp_avg_sqs 3, master_params 4, steps 5.
-# Hyperparameter columns: lr 0, beta1 1, beta2 2, eps 3, weight_decay 4.
-N_SLOTS: tl.constexpr = tl.constexpr(6)
+#: The table columns, named by the spec.
+L = layout("lamb_")
 #: Partials folded per iteration by the trust-ratio kernel.
 FOLD_BLOCK: tl.constexpr = tl.constexpr(256)
 
@@ -89,15 +88,15 @@ def _update(m, v, p, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay):
 def _coefficients(row, new_step, COMPUTE: tl.constexpr, GRAD_AVERAGING: tl.constexpr,
                   BIAS_CORRECTION: tl.constexpr):  # fmt: skip
     """The per-tensor scalars of the update ([note: hyperparameter rounding])."""
-    beta1 = hyper(row, N_SLOTS, 1)
-    beta2 = hyper(row, N_SLOTS, 2)
-    weight_decay = hyper(row, N_SLOTS, 4)
+    beta1 = hyper(row, L.N_SLOTS, L.BETA1)
+    beta2 = hyper(row, L.N_SLOTS, L.BETA2)
+    weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
     beta3 = (1.0 - beta1).to(COMPUTE) if GRAD_AVERAGING else tl.full((), 1.0, COMPUTE)
     bc1 = bias_correction(beta1, new_step, BIAS_CORRECTION)
     bc2 = bias_correction(beta2, new_step, BIAS_CORRECTION)
     return (
         beta1.to(COMPUTE), beta3, beta2.to(COMPUTE), (1.0 - beta2).to(COMPUTE),
-        bc1.to(COMPUTE), tl.sqrt(bc2).to(COMPUTE), hyper(row, N_SLOTS, 3).to(COMPUTE),
+        bc1.to(COMPUTE), tl.sqrt(bc2).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
         weight_decay.to(COMPUTE), weight_decay != 0.0,
     )  # fmt: skip
 
@@ -137,11 +136,12 @@ def lamb_norms_kernel(
     and u² (partials[2 * chunk], partials[2 * chunk + 1])."""
     if not skipped(found_inf, HAS_FOUND_INF):
         _, row, start, end = locate_chunk(chunks, table, WIDTH)
-        new_step = tl.load(slot(row, 5, tl.float32, False)) + 1.0
+        new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
         args = (
-            slot(row, 0, P_DTYPE, ALIGNED), slot(row, 1, G_DTYPE, ALIGNED),
-            slot(row, 2, S_DTYPE, ALIGNED), slot(row, 3, S_DTYPE, ALIGNED),
-            slot(row, 4, tl.float32, ALIGNED), load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
+            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
+            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
+            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
+            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
             load_scalar(clip_coef, HAS_CLIP, COMPUTE),
             _coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
         )  # fmt: skip
@@ -187,7 +187,7 @@ def lamb_trust_ratio_kernel(
         if TRUST_CLIP:
             ratio = tl.minimum(ratio, 1.0, propagate_nan=tl.PropagateNan.ALL)
         if not ALWAYS_ADAPT:
-            ratio = tl.where(hyper(row, N_SLOTS, 4) != 0.0, ratio, 1.0)
+            ratio = tl.where(hyper(row, L.N_SLOTS, L.WEIGHT_DECAY) != 0.0, ratio, 1.0)
         tl.store(ratios + t, ratio.to(COMPUTE))
 
 
@@ -227,14 +227,15 @@ def lamb_update_kernel(
     """Phase 3, per chunk: p -= lr * (u * ratio); the last chunk advances the step count."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        step_ptr = slot(row, 5, tl.float32, False)
+        step_ptr = slot(row, L.STEPS, tl.float32, False)
         new_step = tl.load(step_ptr) + 1.0
         ratio = tl.load(ratios + t)
-        lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE).to(COMPUTE)
+        lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE).to(COMPUTE)
         args = (
-            slot(row, 0, P_DTYPE, ALIGNED), slot(row, 1, G_DTYPE, ALIGNED),
-            slot(row, 2, S_DTYPE, ALIGNED), slot(row, 3, S_DTYPE, ALIGNED),
-            slot(row, 4, tl.float32, ALIGNED), load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
+            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
+            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
+            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
+            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
             load_scalar(clip_coef, HAS_CLIP, COMPUTE),
             _coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
         )  # fmt: skip
@@ -252,36 +253,28 @@ def lamb_update_kernel(
 _TABLES = TableCache()
 
 
-def lamb_(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor], master_params: list[Tensor], steps: list[Tensor],
-    lr: list[float], beta1: list[float], beta2: list[float], eps: list[float],
-    weight_decay: list[float], grad_averaging: bool, bias_correction: bool, trust_clip: bool,
-    always_adapt: bool, lr_tensor: Tensor | None, grad_scale: Tensor | None,
-    clip_coef: Tensor | None, found_inf: Tensor | None, master_sync: bool = True,
-) -> None:  # fmt: skip
+def lamb_(*args) -> None:
     """One LAMB step over every tensor in three launches (see the module docstring)."""
-    if not params:
+    a = prepare("lamb_", args, _TABLES)
+    if a is None:
         return
-    lists = [params, grads, exp_avgs, exp_avg_sqs, master_params, steps]
-    dtypes = dtype_arguments(params, grads, bool(master_params), master_sync)
-    compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    launch = _TABLES.launch(
-        lists,
-        [lr, beta1, beta2, eps, weight_decay],
-        (tuple(map(str, dtypes.values())),),
-        scalar_lists=(5,),
+    params, dtypes, launch, scalars, flags = (
+        a.params,
+        a.dtypes,
+        a.launch,
+        a.scalar_tensors,
+        a.scalar_flags,
     )
-    scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
+    compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     device = params[0].device
     partials = torch.empty(2 * launch.n_chunks, dtype=compute, device=device)
     ratios = torch.empty(len(params), dtype=compute, device=device)
     # The moments are exact in storage when they are fp32 (or fp64): see the module docstring.
-    states_exact = bool(master_params) or params[0].dtype in (torch.float32, torch.float64)
+    states_exact = bool(a.master_params) or params[0].dtype in (torch.float32, torch.float64)
     options = {
         "WIDTH": launch.width, **dtypes, "HAS_GRAD_SCALE": flags["HAS_GRAD_SCALE"],
         "HAS_CLIP": flags["HAS_CLIP"], "HAS_FOUND_INF": flags["HAS_FOUND_INF"],
-        "GRAD_AVERAGING": grad_averaging, "BIAS_CORRECTION": bias_correction,
+        "GRAD_AVERAGING": a.grad_averaging, "BIAS_CORRECTION": a.bias_correction,
         "STATES_EXACT": states_exact, "ALIGNED": launch.aligned, **common.LAUNCH_OPTIONS,
     }  # fmt: skip
     _, grad_scale_arg, clip_coef_arg, found_inf_arg = scalars
@@ -292,7 +285,7 @@ def lamb_(
     lamb_trust_ratio_kernel[(len(params),)](
         launch.table, partials, ratios, found_inf_arg, WIDTH=launch.width,
         COMPUTE=dtypes["COMPUTE"], HAS_FOUND_INF=flags["HAS_FOUND_INF"],
-        TRUST_CLIP=trust_clip, ALWAYS_ADAPT=always_adapt, **common.LAUNCH_OPTIONS,
+        TRUST_CLIP=a.trust_clip, ALWAYS_ADAPT=a.always_adapt, **common.LAUNCH_OPTIONS,
     )  # fmt: skip
     lamb_update_kernel[(launch.n_chunks,)](
         launch.table, launch.chunks, launch.counters, ratios, *scalars, **options,

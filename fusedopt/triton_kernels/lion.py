@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from . import common
 from .common import (
     BLOCK,
     full_blocks_end,
@@ -29,12 +27,12 @@ from .common import (
     store_param,
     tail_block,
 )
-from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
+from .layout import layout, prepare
+from .multi_tensor import TableCache
 from .registry import register
 
-# Table slots: params 0, grads 1, exp_avgs 2, master_params 3.
-# Hyperparameter columns: lr 0, beta1 1, beta2 2, weight_decay 3.
-N_SLOTS: tl.constexpr = tl.constexpr(4)
+#: The table columns, named by the spec.
+L = layout("lion_")
 
 
 @triton.jit
@@ -67,18 +65,19 @@ def lion_kernel(
     """One program per chunk."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
-        beta1 = hyper(row, N_SLOTS, 1)
-        beta2 = hyper(row, N_SLOTS, 2)
-        weight_decay = hyper(row, N_SLOTS, 3)
+        lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE)
+        beta1 = hyper(row, L.N_SLOTS, L.BETA1)
+        beta2 = hyper(row, L.N_SLOTS, L.BETA2)
+        weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
         # [note: hyperparameter rounding]
         if LR_MODE == 0:
             decay = (1.0 - lr * weight_decay).to(COMPUTE)
         else:
             decay = 1.0 - lr.to(COMPUTE) * weight_decay.to(COMPUTE)
         args = (
-            slot(row, 0, P_DTYPE, ALIGNED), slot(row, 1, G_DTYPE, ALIGNED),
-            slot(row, 2, S_DTYPE, ALIGNED), slot(row, 3, tl.float32, ALIGNED),
+            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
+            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED),
+            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
             load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
             load_scalar(clip_coef, HAS_CLIP, COMPUTE), lr.to(COMPUTE), decay,
             beta1.to(COMPUTE), (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE),
@@ -97,26 +96,13 @@ def lion_kernel(
 _TABLES = TableCache()
 
 
-def lion_(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-    master_params: list[Tensor], lr: list[float], beta1: list[float], beta2: list[float],
-    weight_decay: list[float], maximize: bool, lr_tensor: Tensor | None,
-    grad_scale: Tensor | None, clip_coef: Tensor | None, found_inf: Tensor | None,
-    master_sync: bool = True,
-) -> None:  # fmt: skip
-    """One Lion step over every tensor in one launch (see ``fusedopt._contract``)."""
-    if not params:
-        return
-    lists = [params, grads, exp_avgs, master_params]
-    dtypes = dtype_arguments(params, grads, bool(master_params), master_sync)
-    launch = _TABLES.launch(
-        lists, [lr, beta1, beta2, weight_decay], (tuple(map(str, dtypes.values())),)
-    )
-    scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
-    lion_kernel[(launch.n_chunks,)](
-        launch.table, launch.chunks, *scalars, WIDTH=launch.width, **dtypes, **flags,
-        MAXIMIZE=maximize, ALIGNED=launch.aligned, **common.LAUNCH_OPTIONS,
-    )  # fmt: skip
+def lion_(*args) -> None:
+    """One Lion step over every tensor in one launch (``fusedopt._contract``'s schema order)."""
+    a = prepare("lion_", args, _TABLES)
+    if a is not None:
+        lion_kernel[(a.launch.n_chunks,)](
+            a.launch.table, a.launch.chunks, *a.scalar_tensors, **a.options()
+        )
 
 
 register("lion_", lion_)

@@ -16,6 +16,9 @@ from torch import Tensor
 from . import common
 from .common import (
     BLOCK,
+    DTYPE_CODE,
+    MIXED_N_SLOTS,
+    TENSORS,
     full_blocks_end,
     hyper,
     load,
@@ -42,7 +45,7 @@ def _scale_range(
     row, start, end, scale_ptr, found_inf, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
     CHECK: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    ptr = slot(row, 0, DTYPE, ALIGNED)
+    ptr = slot(row, TENSORS, DTYPE, ALIGNED)
     full_end = full_blocks_end(start, end)
     for base in range(start, full_end, BLOCK):
         _scale_block(ptr, base + tl.arange(0, BLOCK), None, scale_ptr, found_inf, COMPUTE, CHECK)
@@ -58,7 +61,7 @@ def scale_kernel(
     HAS_F64: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     _, row, start, end = locate_chunk(chunks, table, WIDTH)
-    code = hyper(row, 1, 0)
+    code = hyper(row, MIXED_N_SLOTS, DTYPE_CODE)
     # Nested ifs: the outer one is resolved at compile time (constexpr), the inner at run time.
     if HAS_F32:  # noqa: SIM102
         if code == 0.0:

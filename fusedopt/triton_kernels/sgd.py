@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from . import common
 from .common import (
     BLOCK,
     finish_tensor,
@@ -31,12 +29,12 @@ from .common import (
     store_param,
     tail_block,
 )
-from .multi_tensor import TableCache, dtype_arguments, scalar_arguments
+from .layout import layout, prepare
+from .multi_tensor import TableCache
 from .registry import register
 
-# Table slots: params 0, grads 1, momentum_buffers 2, master_params 3, steps 4.
-# Hyperparameter columns: lr 0, momentum 1, dampening 2, weight_decay 3.
-N_SLOTS: tl.constexpr = tl.constexpr(5)
+#: The table columns, named by the spec.
+L = layout("sgd_")
 
 
 @triton.jit
@@ -75,22 +73,23 @@ def sgd_kernel(
     """One program per chunk; with momentum, the last-finishing chunk advances the step."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        step_ptr = slot(row, 4, tl.float32, False)
+        step_ptr = slot(row, L.STEPS, tl.float32, False)
         new_step = tl.full((), 1.0, tl.float32)
         if HAS_MOMENTUM:
             new_step = tl.load(step_ptr) + 1.0
-        weight_decay = hyper(row, N_SLOTS, 3)
-        momentum = hyper(row, N_SLOTS, 1)
+        weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
+        momentum = hyper(row, L.N_SLOTS, L.MOMENTUM)
         # [note: sgd momentum 0] (reference): a tensor with momentum 0 in a call with buffers
         # steps as plain SGD; its buffer and step count stay untouched.
         use_momentum = momentum != 0.0
         args = (
-            slot(row, 0, P_DTYPE, ALIGNED), slot(row, 1, G_DTYPE, ALIGNED),
-            slot(row, 2, S_DTYPE, ALIGNED), slot(row, 3, tl.float32, ALIGNED),
+            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
+            slot(row, L.MOMENTUM_BUFFERS, S_DTYPE, ALIGNED),
+            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
             load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
             load_scalar(clip_coef, HAS_CLIP, COMPUTE),
-            learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE).to(COMPUTE),
-            momentum.to(COMPUTE), (1.0 - hyper(row, N_SLOTS, 2)).to(COMPUTE),
+            learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE).to(COMPUTE),
+            momentum.to(COMPUTE), (1.0 - hyper(row, L.N_SLOTS, L.DAMPENING)).to(COMPUTE),
             weight_decay.to(COMPUTE), weight_decay != 0.0, new_step == 1.0, use_momentum,
         )  # fmt: skip
         full_end = full_blocks_end(start, end)
@@ -109,32 +108,14 @@ def sgd_kernel(
 _TABLES = TableCache()
 
 
-def sgd_(
-    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
-    master_params: list[Tensor], steps: list[Tensor], lr: list[float], momentum: list[float],
-    dampening: list[float], weight_decay: list[float], nesterov: bool, maximize: bool,
-    lr_tensor: Tensor | None, grad_scale: Tensor | None,
-    clip_coef: Tensor | None, found_inf: Tensor | None, master_sync: bool = True,
-) -> None:  # fmt: skip
-    """One SGD step over every tensor in one launch (see ``fusedopt._contract``)."""
-    if not params:
-        return
-    if bool(momentum_buffers) != bool(steps):
-        raise ValueError("sgd_: momentum_buffers and steps must both be given or both be empty")
-    lists = [params, grads, momentum_buffers, master_params, steps]
-    dtypes = dtype_arguments(params, grads, bool(master_params), master_sync)
-    launch = _TABLES.launch(
-        lists,
-        [lr, momentum, dampening, weight_decay],
-        (tuple(map(str, dtypes.values())),),
-        scalar_lists=(4,),
-    )
-    scalars, flags = scalar_arguments(launch.table, lr_tensor, grad_scale, clip_coef, found_inf)
-    sgd_kernel[(launch.n_chunks,)](
-        launch.table, launch.chunks, launch.counters, *scalars, WIDTH=launch.width, **dtypes,
-        **flags, HAS_MOMENTUM=bool(momentum_buffers), NESTEROV=nesterov, MAXIMIZE=maximize,
-        ALIGNED=launch.aligned, **common.LAUNCH_OPTIONS,
-    )  # fmt: skip
+def sgd_(*args) -> None:
+    """One SGD step over every tensor in one launch (``fusedopt._contract``'s schema order)."""
+    a = prepare("sgd_", args, _TABLES)
+    if a is not None:
+        sgd_kernel[(a.launch.n_chunks,)](
+            a.launch.table, a.launch.chunks, a.launch.counters, *a.scalar_tensors,
+            HAS_MOMENTUM=bool(a.momentum_buffers), **a.options(),
+        )  # fmt: skip
 
 
 register("sgd_", sgd_)

@@ -16,6 +16,16 @@ namespace fusedopt {
 /// Storage dtype of a tensor slot. Values are stable: they cross the binding boundary.
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
+/// How a store rounds an opmath value to a narrower storage dtype.
+///
+/// [note: store rounding] The rounding of a store is one template parameter (one
+/// tl.constexpr in Triton) of each backend's store conversion: csrc/cuda/common.cuh
+/// from_opmath, csrc/cpu/convert.h store_values, fusedopt/triton_kernels/common.py round_to. Every
+/// store passes through one of them, so a new mode (stochastic rounding) is added in the
+/// enum and in those three conversions. Round to nearest even (c10's rounding, the
+/// functions below) is the only mode today, and the default of every store.
+enum class Rounding : int32_t { kNearestEven = 0 };
+
 FUSEDOPT_HD constexpr int dtype_size(DType d) {
   return d == DType::kFloat64 ? 8 : (d == DType::kFloat32 ? 4 : 2);
 }

@@ -37,6 +37,7 @@
 #include <cstdint>
 
 #include "fusedopt/dtype.h"
+#include "fusedopt/ops_spec.h"
 
 namespace fusedopt {
 
@@ -118,73 +119,57 @@ struct StepLists {
   bool master_sync = true;
 };
 
+// The call struct of a step op, from its spec (fusedopt/ops_spec.h, generated from
+// fusedopt/_contract.py): the common lists, then one TensorSlot per state list, one host
+// array of num_tensors doubles per hyperparameter (lr: ignored where lists.scalars.lr is
+// given) and one bool per flag, all in schema order and named as the schema names them.
+#define FUSEDOPT_CALL_STATE(name, Name, index, may_be_empty, when) TensorSlot name;
+#define FUSEDOPT_CALL_HYPER(name, Name, index) const double* name = nullptr;
+#define FUSEDOPT_CALL_FLAG(name, Name, index, default_value) bool name = default_value;
+#define FUSEDOPT_STEP_CALL_FIELDS(OP)                 \
+  StepLists lists;                                    \
+  FUSEDOPT_##OP##_STATES(FUSEDOPT_CALL_STATE)         \
+  FUSEDOPT_##OP##_HYPERS(FUSEDOPT_CALL_HYPER)         \
+  FUSEDOPT_##OP##_FLAGS(FUSEDOPT_CALL_FLAG)
+
 /// adamw_ (Adam with decoupled=false). max_exp_avg_sqs present iff amsgrad.
 /// Per element: reads g, p, m, v (+vmax, +master); writes p, m, v (+vmax, +master).
 struct AdamWCall {
-  StepLists lists;
-  TensorSlot exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
-  const double* lr = nullptr;  // per tensor (host); ignored where scalars.lr is given
-  const double* beta1 = nullptr;
-  const double* beta2 = nullptr;
-  const double* eps = nullptr;
-  const double* weight_decay = nullptr;
-  bool decoupled = true, amsgrad = false, maximize = false, bias_correction = true;
+  FUSEDOPT_STEP_CALL_FIELDS(ADAMW)
 };
 
 /// lamb_ (timm semantics; the global clip arrives in scalars.clip_coef).
 /// Per element: pass 1 reads g, p, m, v; pass 2 reads them again and writes p, m, v.
 struct LambCall {
-  StepLists lists;
-  TensorSlot exp_avgs, exp_avg_sqs;
-  const double* lr = nullptr;
-  const double* beta1 = nullptr;
-  const double* beta2 = nullptr;
-  const double* eps = nullptr;
-  const double* weight_decay = nullptr;
-  bool grad_averaging = true, bias_correction = true, trust_clip = false,
-       always_adapt = false;
+  FUSEDOPT_STEP_CALL_FIELDS(LAMB)
 };
 
 /// lion_. lists.steps is null. Per element: reads g, p, m; writes p, m.
 struct LionCall {
-  StepLists lists;
-  TensorSlot exp_avgs;
-  const double* lr = nullptr;
-  const double* beta1 = nullptr;
-  const double* beta2 = nullptr;
-  const double* weight_decay = nullptr;
-  bool maximize = false;
+  FUSEDOPT_STEP_CALL_FIELDS(LION)
 };
 
 /// sgd_. momentum_buffers and lists.steps are both present or both absent (no momentum).
 /// A param whose step count is 0 before this step takes buf = g.
 /// Per element: reads g, p (+buf); writes p (+buf).
 struct SgdCall {
-  StepLists lists;
-  TensorSlot momentum_buffers;
-  const double* lr = nullptr;
-  const double* momentum = nullptr;
-  const double* dampening = nullptr;
-  const double* weight_decay = nullptr;
-  bool nesterov = false, maximize = false;
+  FUSEDOPT_STEP_CALL_FIELDS(SGD)
 };
 
+/// The launchers: scale, grad_norm and one per step op (adamw, lamb...), in each backend.
+#define FUSEDOPT_DECLARE_LAUNCHER(op, OP, Stem) \
+  void op(const Stem##Call& call, const ExecContext& ctx);
+#define FUSEDOPT_DECLARE_LAUNCHERS                                  \
+  void scale(const ScaleCall& call, const ExecContext& ctx);        \
+  void grad_norm(const GradNormCall& call, const ExecContext& ctx); \
+  FUSEDOPT_STEP_OPS(FUSEDOPT_DECLARE_LAUNCHER)
+
 namespace cpu {
-void scale(const ScaleCall& call, const ExecContext& ctx);
-void grad_norm(const GradNormCall& call, const ExecContext& ctx);
-void adamw(const AdamWCall& call, const ExecContext& ctx);
-void lamb(const LambCall& call, const ExecContext& ctx);
-void lion(const LionCall& call, const ExecContext& ctx);
-void sgd(const SgdCall& call, const ExecContext& ctx);
+FUSEDOPT_DECLARE_LAUNCHERS
 }  // namespace cpu
 
 namespace cuda {
-void scale(const ScaleCall& call, const ExecContext& ctx);
-void grad_norm(const GradNormCall& call, const ExecContext& ctx);
-void adamw(const AdamWCall& call, const ExecContext& ctx);
-void lamb(const LambCall& call, const ExecContext& ctx);
-void lion(const LionCall& call, const ExecContext& ctx);
-void sgd(const SgdCall& call, const ExecContext& ctx);
+FUSEDOPT_DECLARE_LAUNCHERS
 }  // namespace cuda
 
 }  // namespace fusedopt

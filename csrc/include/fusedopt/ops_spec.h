@@ -1,0 +1,84 @@
+// Generated from fusedopt/_contract.py (STEP_OPS) by scripts/gen_ops_spec.py: do not
+// edit. tests/test_op_spec.py checks that it is up to date.
+//
+// For each step op OP (its C++ stem in upper case), in schema order:
+//   FUSEDOPT_OP_STATES(X)  X(name, Name, index, may_be_empty, when): the state lists;
+//                          `when` is the flag that switches the list on (given iff the
+//                          flag is set; then required), else true
+//   FUSEDOPT_OP_HYPERS(X)  X(name, Name, index): the per-tensor float[] hyperparameters
+//   FUSEDOPT_OP_FLAGS(X)   X(name, Name, index, default): the per-call bools
+//   FUSEDOPT_OP_STEPS(X)   X(steps) when the op has step counts, else nothing
+//   FUSEDOPT_OP_STEPS_OPTIONAL  whether the steps list may be empty (or is absent)
+//   FUSEDOPT_OP_STEPS_WITH(X)   X(list) when the steps are given iff that list is
+// FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends
+// with, after the common scalars (master_sync).
+// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops; namespace fusedopt::spec::<op> has
+// the indices (kExpAvgs, kBeta1, kDecoupled...) and the counts (kNumStates...).
+#pragma once
+
+#define FUSEDOPT_COMMON_FLAGS(X) X(master_sync, MasterSync, 0, true)
+#define FUSEDOPT_STEP_OPS(X) X(adamw, ADAMW, AdamW) X(lamb, LAMB, Lamb) X(lion, LION, Lion) X(sgd, SGD, Sgd)
+
+// adamw_
+#define FUSEDOPT_ADAMW_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(max_exp_avg_sqs, MaxExpAvgSqs, 2, false, amsgrad)
+#define FUSEDOPT_ADAMW_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(eps, Eps, 3) X(weight_decay, WeightDecay, 4)
+#define FUSEDOPT_ADAMW_FLAGS(X) X(decoupled, Decoupled, 0, true) X(amsgrad, Amsgrad, 1, false) X(maximize, Maximize, 2, false) X(bias_correction, BiasCorrection, 3, true)
+#define FUSEDOPT_ADAMW_STEPS(X) X(steps)
+#define FUSEDOPT_ADAMW_STEPS_OPTIONAL false
+#define FUSEDOPT_ADAMW_STEPS_WITH(X)
+
+// lamb_
+#define FUSEDOPT_LAMB_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true)
+#define FUSEDOPT_LAMB_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(eps, Eps, 3) X(weight_decay, WeightDecay, 4)
+#define FUSEDOPT_LAMB_FLAGS(X) X(grad_averaging, GradAveraging, 0, true) X(bias_correction, BiasCorrection, 1, true) X(trust_clip, TrustClip, 2, false) X(always_adapt, AlwaysAdapt, 3, false)
+#define FUSEDOPT_LAMB_STEPS(X) X(steps)
+#define FUSEDOPT_LAMB_STEPS_OPTIONAL false
+#define FUSEDOPT_LAMB_STEPS_WITH(X)
+
+// lion_
+#define FUSEDOPT_LION_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true)
+#define FUSEDOPT_LION_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(weight_decay, WeightDecay, 3)
+#define FUSEDOPT_LION_FLAGS(X) X(maximize, Maximize, 0, false)
+#define FUSEDOPT_LION_STEPS(X)
+#define FUSEDOPT_LION_STEPS_OPTIONAL true
+#define FUSEDOPT_LION_STEPS_WITH(X)
+
+// sgd_
+#define FUSEDOPT_SGD_STATES(X) X(momentum_buffers, MomentumBuffers, 0, true, true)
+#define FUSEDOPT_SGD_HYPERS(X) X(lr, Lr, 0) X(momentum, Momentum, 1) X(dampening, Dampening, 2) X(weight_decay, WeightDecay, 3)
+#define FUSEDOPT_SGD_FLAGS(X) X(nesterov, Nesterov, 0, false) X(maximize, Maximize, 1, false)
+#define FUSEDOPT_SGD_STEPS(X) X(steps)
+#define FUSEDOPT_SGD_STEPS_OPTIONAL true
+#define FUSEDOPT_SGD_STEPS_WITH(X) X(momentum_buffers)
+
+namespace fusedopt::spec {
+
+namespace adamw {
+inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kMaxExpAvgSqs = 2, kNumStates = 3;
+inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
+inline constexpr int kDecoupled = 0, kAmsgrad = 1, kMaximize = 2, kBiasCorrection = 3, kNumFlags = 4;
+}  // namespace adamw
+
+namespace lamb {
+inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kNumStates = 2;
+inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
+inline constexpr int kGradAveraging = 0, kBiasCorrection = 1, kTrustClip = 2, kAlwaysAdapt = 3, kNumFlags = 4;
+}  // namespace lamb
+
+namespace lion {
+inline constexpr int kExpAvgs = 0, kNumStates = 1;
+inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kWeightDecay = 3, kNumHypers = 4;
+inline constexpr int kMaximize = 0, kNumFlags = 1;
+}  // namespace lion
+
+namespace sgd {
+inline constexpr int kMomentumBuffers = 0, kNumStates = 1;
+inline constexpr int kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kNumHypers = 4;
+inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
+}  // namespace sgd
+
+inline constexpr int kMaxStates = 3;
+inline constexpr int kMaxHypers = 5;
+inline constexpr int kMaxFlags = 4;
+
+}  // namespace fusedopt::spec

@@ -1,0 +1,130 @@
+"""The op spec (``fusedopt._contract.STEP_OPS``) and what is derived from it."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import re
+
+import pytest
+
+from fusedopt import _contract, ops, optim, reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: The step ops' schemas as they were written by hand before the spec derived them: the
+#: derived ones must stay identical (they are public API: torch.ops.fusedopt.*).
+GOLDEN_SCHEMAS = {
+    "adamw_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, "
+        "Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] beta1, "
+        "float[] beta2, float[] eps, float[] weight_decay, bool decoupled, "
+        "bool amsgrad, bool maximize, bool bias_correction, Tensor? lr_tensor, "
+        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> ()"
+    ),
+    "lamb_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps, "
+        "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
+        "bool grad_averaging, bool bias_correction, bool trust_clip, "
+        "bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
+        "Tensor? found_inf, bool master_sync=True) -> ()"
+    ),
+    "lion_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(e!)[] master_params, float[] lr, float[] beta1, float[] beta2, "
+        "float[] weight_decay, bool maximize, Tensor? lr_tensor, Tensor? grad_scale, "
+        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
+    ),
+    "sgd_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] momentum, "
+        "float[] dampening, float[] weight_decay, bool nesterov, bool maximize, "
+        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> ()"
+    ),
+}
+
+
+def test_derived_schemas_equal_the_hand_written_ones():
+    for op, schema in GOLDEN_SCHEMAS.items():
+        assert _contract.SCHEMAS[op] == schema, op
+    assert set(_contract.STEP_OPS) == set(GOLDEN_SCHEMAS)
+
+
+#: torch's state keys of each optimizer, as torch.optim names them.
+TORCH_STATE_KEYS = {
+    "adamw_": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+    "lamb_": {"step", "exp_avg", "exp_avg_sq"},
+    "lion_": {"exp_avg"},
+    "sgd_": {"step", "momentum_buffer"},
+}
+
+
+def test_optimizers_state_lists_come_from_the_spec():
+    for cls in (optim.AdamW, optim.Adam, optim.LAMB, optim.Lion, optim.SGD):
+        spec = _contract.STEP_OPS[cls.OP]
+        assert spec.state_keys == cls.STATE_LISTS
+        assert set(cls.STATE_LISTS) == TORCH_STATE_KEYS[cls.OP]
+        assert set(cls.STATE_LISTS.values()) <= set(spec.lists)
+
+
+def _schema_order(op: str) -> list[str]:
+    spec = _contract.STEP_OPS[op]
+    common_flags = [f.name for f in _contract.COMMON_FLAGS]
+    return [*spec.lists, *spec.hypers, *spec.flags, *_contract.COMMON_SCALARS, *common_flags]
+
+
+@pytest.mark.parametrize("op", sorted(_contract.STEP_OPS))
+def test_reference_signature_is_the_schema_order(op):
+    """The reference spells its arguments out (it is the readable semantics): in the spec's
+    order, with the spec's names."""
+    params = list(inspect.signature(getattr(reference, op)).parameters)
+    assert params == _schema_order(op)
+
+
+@pytest.mark.parametrize("op", sorted(_contract.STEP_OPS))
+def test_public_wrapper_defaults_agree_with_the_spec(op):
+    """Every list, hyperparameter and flag of the spec is a parameter of ``fusedopt.ops.<op>``
+    (the wrapper passes them by name), and the flags default as the C++ call structs do."""
+    signature = inspect.signature(getattr(ops, op)).parameters
+    spec = _contract.STEP_OPS[op]
+    assert set(spec.lists) | set(spec.hypers) <= set(signature)
+    for flag in (*spec.flag_specs, *_contract.COMMON_FLAGS):
+        assert signature[flag.name].default is flag.default, flag.name
+
+
+def test_cpp_header_is_up_to_date():
+    """csrc/include/fusedopt/ops_spec.h is what scripts/gen_ops_spec.py writes from the spec;
+    launch.h's call structs, bindings.cpp's op implementations and the CUDA slots, hyper
+    columns and flags are all expanded from it."""
+    path = os.path.join(ROOT, "scripts", "gen_ops_spec.py")
+    module_spec = importlib.util.spec_from_file_location("gen_ops_spec", path)
+    gen = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(gen)
+    with open(gen.HEADER) as f:
+        assert f.read() == gen.render(), "run: python scripts/gen_ops_spec.py"
+
+
+def test_cpp_uses_the_spec_not_hand_written_indices():
+    """The C++ side names no slot, hyperparameter or flag index by hand: the CUDA step ops
+    take them from fusedopt::spec, the call structs and bindings from the X-macros."""
+    for op in _contract.STEP_OPS:
+        stem = op.rstrip("_")
+        with open(os.path.join(ROOT, "csrc", "cuda", f"{stem}.cu")) as f:
+            source = f.read()
+        assert f"FUSEDOPT_FILL_STEP_CALL({_contract.STEP_OPS[op].cpp.upper()})" in source
+        spec = _contract.STEP_OPS[op]
+        names = [*spec.hypers, *spec.flags]
+        for name in names:
+            camel = "".join(part.capitalize() for part in name.split("_"))
+            assert not re.search(rf"\bk{camel} = \d", source), (stem, name)
+        assert "kState0" not in source, stem  # state slots: state_slot(spec index)
+        assert not re.search(r"args\.flag\[\w+\] =", source), stem  # set by the spec's fill
+    with open(os.path.join(ROOT, "csrc", "bindings.cpp")) as f:
+        bindings = f.read()
+    assert "FUSEDOPT_STEP_OPS(FUSEDOPT_STEP_IMPL)" in bindings
+    assert not re.search(r"void (adamw|lamb|lion|sgd)_impl\(", bindings)
