@@ -8,8 +8,8 @@ Rows: fusedopt's AdamW on the ``cpu`` backend (``fp32``; ``amp``: bf16 params wi
 weights, ``max_grad_norm`` and ``fusedopt.GradScaler``, as in ``bench/fused.py``) beside
 ``torch.optim.AdamW(fused=True)`` (``amp``: torch's composition of the same step,
 ``bench/peers.py``). Each number is the **minimum** over ``--repeats`` timed steps (after a
-warm-up): the machine is shared, and the minimum is the run least disturbed by others.
-Prints a Markdown table.
+warm-up; above 150 tensors, ``repeats * 150 / tensors`` steps, at least 5): the machine is
+shared, and the minimum is the run least disturbed by others. Prints a Markdown table.
 """
 
 from __future__ import annotations

@@ -136,6 +136,9 @@ class PlanMixin:
         state keys, master weights or not, backend); check each state tensor still fits
         ([note: checked once]), re-laid if its param's layout changed ([note: re-laid state])."""
         plan = _Plan(self.state)
+        # What the per-step check compares is recorded only where a plan may be cached: under
+        # torch.compile none is, and the recording (attrgetter, map) would break the graph.
+        record = not torch.compiler.is_compiling()
         calls: dict[tuple, int] = {}
         planned_states: dict[str, tuple[list[dict], list[Tensor]]] = {}
         per_group: dict[int, tuple] = {}
@@ -184,21 +187,23 @@ class PlanMixin:
             plan.reusable &= (
                 not sharded and local_g is g and g.layout == strided and g.stride() == layout[1]
             )
-            plan.stepped.append(p)
-            plan.grad_meta.append(_GRAD_META(g))
-            plan.grad_strides.append(g.stride())
-            plan.param_meta.append(_PARAM_META(p))
-            plan.param_strides.append(p.stride())
-            for k in slot_keys:
-                dicts, tensors = planned_states.setdefault(k, ([], []))
-                dicts.append(state)
-                tensors.append(state[k])
+            if record:
+                plan.stepped.append(p)
+                plan.grad_meta.append(_GRAD_META(g))
+                plan.grad_strides.append(g.stride())
+                plan.param_meta.append(_PARAM_META(p))
+                plan.param_strides.append(p.stride())
+                for k in slot_keys:
+                    dicts, tensors = planned_states.setdefault(k, ([], []))
+                    dicts.append(state)
+                    tensors.append(state[k])
         for gi, group in enumerate(self.param_groups):
             plan.group_params.append(list(group["params"]))
             plan.signatures.append(
                 per_group[gi][4] if gi in per_group else self._group_signature(group)
             )
-        plan.seal(planned_states)
+        if record:
+            plan.seal(planned_states)
         return plan
 
     def _relaid_state(
