@@ -8,7 +8,7 @@ Rows: fusedopt's AdamW on the ``cpu`` backend (``fp32``; ``amp``: bf16 params wi
 weights, ``max_grad_norm`` and ``fusedopt.GradScaler``, as in ``bench/fused.py``) beside
 ``torch.optim.AdamW(fused=True)`` (``amp``: torch's composition of the same step,
 ``bench/peers.py``). Each number is the **minimum** over ``--repeats`` timed steps (after a
-warm-up; above 150 tensors, ``repeats * 150 / tensors`` steps, at least 5): the machine is
+warm-up; above 150 tensors, ``repeats * 150 / tensors`` steps, at least 20): the machine is
 shared, and the minimum is the run least disturbed by others. Prints a Markdown table.
 """
 
@@ -54,7 +54,7 @@ def main() -> None:
     for n in args.tensors:
         shapes = [(f"t{i}", (args.numel,)) for i in range(n)]
         for mode in args.modes:
-            repeats = max(5, args.repeats * 150 // max(n, 150))
+            repeats = max(20, args.repeats * 150 // max(n, 150))
             workload = make_workload("host", "adamw", mode, device, shapes=shapes)
             ours = min_step_seconds(make_fused(workload, "cpu"), args.warmup, repeats)
             workload = make_workload("host", "adamw", mode, device, shapes=shapes)
