@@ -22,6 +22,7 @@
 #include <cmath>
 #include <deque>
 #include <optional>
+#include <ostream>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -93,8 +94,17 @@ struct CudaBackend {
 // ---------------------------------------------------------------------------------------
 // Validation.
 
-std::string indexed(const char* list, size_t i) {
-  return std::string(list) + "[" + std::to_string(i) + "]";
+/// Where a tensor sits in a call's lists (`grads[3]`), printed only into an error message.
+/// The checks run on every tensor of every step: a name formatted up front was one string
+/// allocation per tensor (~4 per param) when all is well (issue #14 item 5; [note: cached
+/// plan] in fusedopt/optim/_plan.py). TORCH_CHECK formats its message only when it fails.
+struct Indexed {
+  const char* list;
+  size_t index;
+};
+
+std::ostream& operator<<(std::ostream& out, const Indexed& where) {
+  return out << where.list << "[" << where.index << "]";
 }
 
 std::optional<DType> to_dtype(at::ScalarType s) {
@@ -115,7 +125,7 @@ class Checker {
   const std::string& op() const { return op_; }
 
   /// A tensor of a list: defined, on this backend's device type, dense, supported dtype.
-  DType tensor(const Tensor& t, const std::string& where) const {
+  DType tensor(const Tensor& t, const Indexed& where) const {
     TORCH_CHECK(t.defined(), op_, ": ", where, " is an undefined tensor");
     TORCH_CHECK(t.device().type() == type_, op_, ": ", where, " is on ", t.device(), "; ", op_,
                 " takes ", c10::DeviceTypeName(type_, true), " tensors");
@@ -131,7 +141,7 @@ class Checker {
   }
 
   /// A tensor paired element for element with `param`: same device, shape and strides.
-  void like(const Tensor& t, const Tensor& param, const std::string& where) const {
+  void like(const Tensor& t, const Tensor& param, const Indexed& where) const {
     TORCH_CHECK(t.device() == param.device(), op_, ": ", where, " is on ", t.device(),
                 " but its param is on ", param.device());
     TORCH_CHECK(t.sizes() == param.sizes(), op_, ": ", where, " has shape ", t.sizes(),
@@ -145,7 +155,8 @@ class Checker {
 
   /// A device scalar: one fp32 element (fp32 or fp64 with allow_fp64) on `device` (absent
   /// is fine).
-  void scalar(const OptTensor& t, const char* name, c10::Device device,
+  template <class Name>
+  void scalar(const OptTensor& t, const Name& name, c10::Device device,
               bool allow_fp64 = false) const {
     if (!t.has_value()) return;
     TORCH_CHECK(t->defined(), op_, ": ", name, " is an undefined tensor");
@@ -200,11 +211,11 @@ class StepArguments {
     check.length("steps", steps.size(), n_, steps_optional);
     if (n_ == 0) return;
     device_ = params[0].device();
-    param_dtype_ = check.tensor(params[0], "params[0]");
-    grad_dtype_ = check.tensor(grads[0], "grads[0]");
+    param_dtype_ = check.tensor(params[0], Indexed{"params", 0});
+    grad_dtype_ = check.tensor(grads[0], Indexed{"grads", 0});
     const bool masters = !master_params.empty();
     for (size_t i = 0; i < n_; ++i) {
-      const std::string p_name = indexed("params", i);
+      const Indexed p_name{"params", i};
       const DType pd = check.tensor(params[i], p_name);
       TORCH_CHECK(params[i].device() == device_, check.op(), ": ", p_name, " is on ",
                   params[i].device(), " but params[0] is on ", device_,
@@ -212,7 +223,7 @@ class StepArguments {
       TORCH_CHECK_TYPE(pd == param_dtype_, check.op(), ": ", p_name, " has dtype ",
                        params[i].scalar_type(), " but params[0] has ", params[0].scalar_type(),
                        "; one call takes one param dtype");
-      const std::string g_name = indexed("grads", i);
+      const Indexed g_name{"grads", i};
       const DType gd = check.tensor(grads[i], g_name);
       check.like(grads[i], params[i], g_name);
       TORCH_CHECK_TYPE(gd == param_dtype_ || gd == DType::kFloat32, check.op(), ": ", g_name,
@@ -222,7 +233,7 @@ class StepArguments {
                        grads[i].scalar_type(), " but grads[0] has ", grads[0].scalar_type(),
                        "; one call takes one grad dtype");
       if (masters) {
-        const std::string m_name = indexed("master_params", i);
+        const Indexed m_name{"master_params", i};
         TORCH_CHECK_TYPE(pd == DType::kBFloat16 || pd == DType::kFloat16, check.op(), ": ",
                          m_name, " given for a ", params[i].scalar_type(),
                          " param; master weights are for bfloat16/float16 params");
@@ -232,9 +243,9 @@ class StepArguments {
                          master_params[i].scalar_type(), ", expected float32");
       }
       if (!steps.empty()) {
-        const std::string s_name = indexed("steps", i);
+        const Indexed s_name{"steps", i};
         check.tensor(steps[i], s_name);
-        check.scalar(steps[i], s_name.c_str(), device_);
+        check.scalar(steps[i], s_name, device_);
       }
     }
     state_dtype_ = masters ? DType::kFloat32 : param_dtype_;
@@ -286,7 +297,7 @@ class StepArguments {
   TensorSlot state(const char* name, TensorList states, bool may_be_empty) {
     check_.length(name, states.size(), n_, may_be_empty);
     for (size_t i = 0; i < states.size(); ++i) {
-      const std::string where = indexed(name, i);
+      const Indexed where{name, i};
       const DType d = check_.tensor(states[i], where);
       check_.like(states[i], params_[i], where);
       TORCH_CHECK_TYPE(d == state_dtype_, check_.op(), ": ", where, " has dtype ",
@@ -349,7 +360,7 @@ struct MixedList {
 
   MixedList(const Checker& check, TensorList tensors) {
     for (size_t i = 0; i < tensors.size(); ++i) {
-      const std::string where = indexed("tensors", i);
+      const Indexed where{"tensors", i};
       dtypes.push_back(check.tensor(tensors[i], where));
       if (i == 0) device = tensors[0].device();
       TORCH_CHECK(tensors[i].device() == device, check.op(), ": ", where, " is on ",

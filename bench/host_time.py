@@ -1,0 +1,67 @@
+"""Host time per optimizer step against the tensor count (issue #14 item 5).
+
+``python -m bench.host_time [--tensors 10 150 1000 10000] [--repeats 50] [--numel 4]``
+
+Every tensor holds ``--numel`` elements (default 4), so the kernels' own work is negligible and
+a step's CPU time is its host time: the Python and C++ bookkeeping per tensor and per step.
+Rows: fusedopt's AdamW on the ``cpu`` backend (``fp32``; ``amp``: bf16 params with master
+weights, ``max_grad_norm`` and ``fusedopt.GradScaler``, as in ``bench/fused.py``) beside
+``torch.optim.AdamW(fused=True)`` (``amp``: torch's composition of the same step,
+``bench/peers.py``). Each number is the **minimum** over ``--repeats`` timed steps (after a
+warm-up; above 150 tensors, ``repeats * 150 / tensors`` steps, at least 20): the machine is
+shared, and the minimum is the run least disturbed by others. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.cases import make_workload
+from bench.fused import make_fused
+from bench.peers import make_peer
+
+
+def min_step_seconds(step, warmup: int, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``step`` (after ``warmup`` calls), in seconds."""
+    for _ in range(warmup):
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tensors", type=int, nargs="+", default=[10, 150, 1000, 10000])
+    parser.add_argument("--modes", nargs="+", default=["fp32", "amp"])
+    parser.add_argument("--numel", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    print(f"torch {torch.__version__}, cpu, {args.numel} elements per tensor, "
+          f"min of {args.repeats} steps\n")  # fmt: skip
+    print("| tensors | mode | fusedopt host us/step | us/tensor | torch fused host us/step "
+          "| us/tensor |")  # fmt: skip
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for n in args.tensors:
+        shapes = [(f"t{i}", (args.numel,)) for i in range(n)]
+        for mode in args.modes:
+            repeats = max(20, args.repeats * 150 // max(n, 150))
+            workload = make_workload("host", "adamw", mode, device, shapes=shapes)
+            ours = min_step_seconds(make_fused(workload, "cpu"), args.warmup, repeats)
+            workload = make_workload("host", "adamw", mode, device, shapes=shapes)
+            theirs = min_step_seconds(make_peer(workload, "torch fused"), args.warmup, repeats)
+            print(f"| {n} | {mode} | {ours * 1e6:.0f} | {ours * 1e6 / n:.2f} "
+                  f"| {theirs * 1e6:.0f} | {theirs * 1e6 / n:.2f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
