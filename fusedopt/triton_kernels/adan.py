@@ -47,15 +47,23 @@ def _adan_block(
     beta3, one_minus_beta3, sqrt_bc3, eps, first, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, NO_PROX: tl.constexpr,
 ):  # fmt: skip
-    """The update of BLOCK elements, in the reference's order of operations."""
+    """The update of BLOCK elements, in the reference's order of operations. Each state is
+    stored as soon as it is final, so that few values are live at once: with every store at
+    the end the fp64 variant spilled 16 registers; loading the param last instead of first
+    gave the unaligned fp16-master variant 3 spills and an 8-byte stack around the division
+    calls (Triton 3.8, sm_90; tests/test_triton_static.py)."""
     g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   False)  # fmt: skip
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
     d = g + tl.where(first, -g, load(npg_ptr, offs, mask, COMPUTE))  # g - g_prev; 0 at step 1
+    store(npg_ptr, offs, mask, -g)
     m = beta1 * load(m_ptr, offs, mask, COMPUTE) + one_minus_beta1 * g
+    store(m_ptr, offs, mask, m)
     v = beta2 * load(v_ptr, offs, mask, COMPUTE) + one_minus_beta2 * d
+    store(v_ptr, offs, mask, v)
     u = beta2 * d + g
     n = beta3 * load(n_ptr, offs, mask, COMPUTE) + one_minus_beta3 * u * u
+    store(n_ptr, offs, mask, n)
     denom = div(sqrt(n), sqrt_bc3) + eps
     if NO_PROX:
         p = p * decay  # 1 for wd == 0: p * 1 == p exactly
@@ -63,10 +71,6 @@ def _adan_block(
     p = p - step_size_diff * div(v, denom)
     if not NO_PROX:
         p = div(p, prox)  # 1 for wd == 0: p / 1 == p exactly
-    store(m_ptr, offs, mask, m)
-    store(n_ptr, offs, mask, n)
-    store(v_ptr, offs, mask, v)
-    store(npg_ptr, offs, mask, -g)
     store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
 
 
