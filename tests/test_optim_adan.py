@@ -110,3 +110,44 @@ def test_trajectory_equals_the_official_adan(backend, no_prox, max_grad_norm):
         assert float(opt.state[a]["step"]) == 15
     if max_grad_norm:
         assert math.isfinite(float(opt.last_grad_norm))
+
+
+def test_an_official_state_dict_loads_and_continues():
+    """The official dict (per-group ``step``, no per-param one, ``max_grad_norm=0.0``) loads:
+    7 official steps, then 5 more on both sides agree to float64 rounding."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(5, 3), (7,)]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    theirs = [torch.nn.Parameter(x.clone()) for x in init]
+    hp = dict(lr=1e-2, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.02)
+    groups = [{**hp, "index": [0, 1], "no_prox": False}]
+    states = [{k: torch.zeros_like(x) for k in ("exp_avg", "exp_avg_sq", "exp_avg_diff")}
+              for x in init]  # fmt: skip
+    group_step = [0]
+
+    def grads():
+        return [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+
+    for _ in range(7):
+        for p, g in zip(theirs, grads(), strict=True):
+            p.grad = g
+        _official_step(theirs, states, group_step, groups, 0.0)
+    official_dict = {
+        "state": {i: {k: v.clone() for k, v in st.items()} for i, st in enumerate(states)},
+        "param_groups": [{**hp, "max_grad_norm": 0.0, "no_prox": False, "foreach": True,
+                          "fused": False, "step": 7, "params": [0, 1]}],
+    }  # fmt: skip
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    opt = fusedopt.Adan(ours, **hp)
+    opt.load_state_dict(official_dict)
+    assert "step" not in opt.param_groups[0] and opt.param_groups[0]["max_grad_norm"] is None
+    for _ in range(5):
+        for a, b, g in zip(ours, theirs, grads(), strict=True):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        _official_step(theirs, states, group_step, groups, 0.0)
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        torch.testing.assert_close(a.data, b.data, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt.state[a]["exp_avg_diff"], states[i]["exp_avg_diff"],
+                                   rtol=1e-12, atol=1e-14)  # fmt: skip
+        assert float(opt.state[a]["step"]) == 12

@@ -65,6 +65,8 @@ class Adan(FusedOptimizer):
 
     @classmethod
     def _check_group(cls, group: dict[str, Any]) -> None:
+        if group.get("max_grad_norm") == 0.0:  # the official "no clip" (a loaded official group)
+            group["max_grad_norm"] = None
         check_nonnegative("eps", group["eps"], "epsilon value")
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 3:
@@ -85,6 +87,14 @@ class Adan(FusedOptimizer):
 
     def _flags(self, group: dict[str, Any]) -> dict[str, bool]:
         return dict(no_prox=bool(group["no_prox"]))
+
+    def _fix_loaded_group(self, group: dict[str, Any], states: dict[Tensor, dict]) -> None:
+        """An official Adan state dict counts steps per group (``group["step"]``, an int) and
+        keeps none per param: each param of the group takes the group's count."""
+        count = group.pop("step", None)
+        for p, state in states.items():
+            if "step" not in state and count is not None:
+                state["step"] = torch.tensor(float(count), dtype=torch.float32, device=p.device)
 
     def _clip_coef(self, norm: Tensor, max_grad_norm: float) -> Tensor:
         """The official Adan's global clip: ``min(1, max_grad_norm / (norm + eps))``."""
