@@ -250,9 +250,10 @@ CASES = [(op, o) for op, options in OPTIONS.items() for o in options]
 #: 1-2 params differ by ~1e-15 of the change: Adan's update is two rounded terms that
 #: partly cancel, so a one-ulp difference in one term (torch's fp64 sqrt, [note: reference
 #: sqrt]) exceeds 2 ulps of the net change. The ops matrix checks fp64 adan_ with its own
-#: tolerance model. Strict, so that an unexpected pass is noticed and this entry revisited.
+#: tolerance model. Strict where it was measured (interpreted, on the CPU), so that an
+#: unexpected pass is noticed; not verified compiled on a GPU (libdevice exp/log, CUDA sqrt).
 _FP64_BIAS_CORRECTION = pytest.mark.xfail(
-    strict=True, reason="triton fp64 bias correction via exp/log, a few ulps off beta**t"
+    strict=DEVICE == "cpu", reason="triton fp64 bias correction via exp/log, a few ulps off beta**t"
 )
 
 
