@@ -311,7 +311,7 @@ def _source_hash(paths: list[Path], extra: str) -> str:
 
 
 _CUDA_NAMES = {"AdamWBody": "adamw", "SgdBody": "sgd", "LionBody": "lion",
-               "LambApplyBody": "lamb_update"}  # fmt: skip
+               "AdanBody": "adan", "LambApplyBody": "lamb_update"}  # fmt: skip
 
 
 def _cuda_label(name: str) -> tuple[str, str]:
@@ -377,9 +377,9 @@ def _cuda_threads() -> dict[str, int]:
 #: Kernels that stream tensor elements (a pass over memory), by backend: the ones the goals
 #: apply to. The others (norm finish, trust ratios, tables, step counts) touch a few bytes.
 STREAMING = {
-    "cuda": ("adamw", "sgd", "lion", "lamb_update", "lamb_norms_kernel",
+    "cuda": ("adamw", "sgd", "lion", "adan", "lamb_update", "lamb_norms_kernel",
              "grad_norm_partials_kernel", "scale_kernel"),
-    "triton": ("adamw", "sgd", "lion", "lamb_update", "lamb_norms", "grad_norm_partials",
+    "triton": ("adamw", "sgd", "lion", "adan", "lamb_update", "lamb_norms", "grad_norm_partials",
                "scale"),
 }  # fmt: skip
 
@@ -473,8 +473,10 @@ def triton_rows(gpu: Gpu = H200) -> list[KernelRow]:
 #: no upload), read from the launchers: adamw_ = increment_steps + step (adamw.cu),
 #: grad_norm = partials + finish (grad_norm.cu), lamb_ = increment_steps + norms + ratios +
 #: update (lamb.cu), sgd_ = increment_steps (with momentum) + step (sgd.cu), lion_ = step,
-#: scale_ = one. Any other op of a step (aten) counts one launch.
-CUDA_LAUNCHES_PER_OP = {"adamw": 2, "grad_norm": 2, "lamb": 4, "sgd": 2, "lion": 1, "scale": 1}
+#: adan_ = increment_steps + step (adan.cu), scale_ = one. Any other op of a step (aten) counts
+#: one launch.
+CUDA_LAUNCHES_PER_OP = {"adamw": 2, "grad_norm": 2, "lamb": 4, "sgd": 2, "lion": 1, "adan": 2,
+                        "scale": 1}  # fmt: skip
 
 
 @dataclasses.dataclass

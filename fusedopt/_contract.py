@@ -246,6 +246,23 @@ STEP_OPS: dict[str, StepOpSpec] = {
             steps="none",
         ),
         StepOpSpec(
+            "adan_",
+            cpp="Adan",
+            doc="Adan (Xie et al. 2022; the official sail-sg Adan's conventions: betas are the "
+            "EMA weights, (0.98, 0.92, 0.99)). d = g - g_prev (0 at step 1); m = b1*m + (1-b1)*g; "
+            "v = b2*v + (1-b2)*d; n = b3*n + (1-b3)*(g + b2*d)^2; "
+            "u = (m/bc1 + b2*v/bc2) / (sqrt(n)/sqrt(bc3) + eps); no_prox: p = p*(1-lr*wd) - lr*u, "
+            "else p = (p - lr*u) / (1+lr*wd). neg_pre_grads keeps -g (the official state).",
+            states=(
+                _state("exp_avgs", "exp_avg"),
+                _state("exp_avg_sqs", "exp_avg_sq"),
+                _state("exp_avg_diffs", "exp_avg_diff"),
+                _state("neg_pre_grads", "neg_pre_grad"),
+            ),
+            hypers=("lr", "beta1", "beta2", "beta3", "eps", "weight_decay"),
+            flag_specs=(FlagSpec("no_prox"),),
+        ),
+        StepOpSpec(
             "sgd_",
             cpp="Sgd",
             doc="SGD (torch.optim.SGD). momentum_buffers and steps are both empty (no momentum in "

@@ -198,7 +198,8 @@ def step(
     backend: str = "auto",
     _checked: bool = False,
 ) -> None:
-    """Run the step op ``op`` (``adamw_``, ``lamb_``, ``lion_``, ``sgd_``) over tensor lists.
+    """Run the step op ``op`` (``adamw_``, ``lamb_``, ``lion_``, ``adan_``, ``sgd_``) over
+    tensor lists.
 
     ``lists`` maps each list name of the op's schema to its tensors (optional ones may be
     omitted); ``hypers`` maps each hyperparameter to a float (all tensors) or one float per
@@ -367,6 +368,35 @@ def lion_(
 ) -> None:
     """One Lion step in place (lion-pytorch semantics, ``sign(0) = 0``); fp32 math."""
     _step_from_arguments("lion_", locals())
+
+
+def adan_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    exp_avg_diffs: Sequence[Tensor],
+    neg_pre_grads: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: Hyper | Tensor,
+    beta1: Hyper = 0.98,
+    beta2: Hyper = 0.92,
+    beta3: Hyper = 0.99,
+    eps: Hyper = 1e-8,
+    weight_decay: Hyper = 0.0,
+    no_prox: bool = False,
+    master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
+    grad_scale: Tensor | None = None,
+    clip_coef: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One Adan step in place (the official Adan's conventions: betas are EMA weights,
+    ``neg_pre_grads`` hold the previous step's ``-grad`` and are ignored at step 1;
+    ``no_prox=False`` divides by ``1 + lr*weight_decay``); fp32 math."""
+    _step_from_arguments("adan_", locals())
 
 
 def sgd_(

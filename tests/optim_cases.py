@@ -84,6 +84,12 @@ CASES = [
     Case("lamb", fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.01)),
     Case("lamb_trust_clip", fusedopt.LAMB, dict(lr=1e-2, trust_clip=True, always_adapt=True)),
     Case("lion", fusedopt.Lion, dict(lr=1e-3, weight_decay=0.1)),
+    Case("adan", fusedopt.Adan, dict(lr=1e-2, weight_decay=0.02)),
+    Case(
+        "adan_no_prox_clip",
+        fusedopt.Adan,
+        dict(lr=1e-2, weight_decay=0.02, no_prox=True, max_grad_norm=0.5),
+    ),
 ]
 CASE_IDS = [case.name for case in CASES]
 

@@ -167,6 +167,7 @@ def _expected() -> dict[str, tuple[str, ...]]:
             expected[f"AdamWBody<{types}, {variant}>"] = both
             expected[f"SgdBody<{types}, {variant}>"] = both
         expected[f"LionBody<{types}>"] = both
+        expected[f"AdanBody<{types}>"] = both
         expected[f"LambApplyBody<{types}>"] = both
         expected[f"lamb_norms_kernel<{types}>("] = loads
     return expected

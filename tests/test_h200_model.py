@@ -37,6 +37,8 @@ _FP16 = _ISSUE % " and fp16's exact conversion in integer code (fusedopt/dtype.h
 KNOWN_BELOW = {
     "cuda adamw [fp16,fp16,false,false]": _FP16,
     "cuda adamw [fp16,fp16,false,true]": _FP16,
+    "cuda adan [fp16,fp16,false]": _FP16,
+    "cuda adan [fp16,float,false]": _FP16,
     "cuda lamb_norms_kernel [fp16,fp16,false]": _FP16,
     "cuda lamb_norms_kernel [fp16,float,false]": _FP16,
     "cuda lamb_norms_kernel [bf16,bf16,false]": _ISSUE % "",

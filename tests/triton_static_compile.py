@@ -23,7 +23,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fusedopt.triton_kernels import adamw, grad_norm, lamb, lion, multi_tensor, scale, sgd  # noqa: E402
+from fusedopt.triton_kernels import adamw, adan, grad_norm, lamb, lion, multi_tensor, scale, sgd  # noqa: E402
 from fusedopt.triton_kernels.common import LAUNCH_OPTIONS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -90,6 +90,8 @@ def variants():
                      "MAXIMIZE": True}))  # fmt: skip
         out.append((f"lion_{case}", lion.lion_kernel,
                     {"WIDTH": 11, **base, "MAXIMIZE": True}))  # fmt: skip
+        out.append((f"adan_{case}", adan.adan_kernel,
+                    {"WIDTH": 17, **base, "NO_PROX": False}))  # fmt: skip
         exact = dtypes["MASTER"] or dtypes["P_DTYPE"] in (F32, F64)
         lamb_base = {"WIDTH": 14, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
                      "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,

@@ -145,7 +145,7 @@ double cuda_chain(int64_t max_chunks, int64_t n) {
 // ---------------------------------------------------------------------------------------
 // The step ops: cases.
 
-enum class Op { kAdamW, kLamb, kLion, kSgd };
+enum class Op { kAdamW, kLamb, kLion, kAdan, kSgd };
 
 /// One variant of an op: its per-call flags (in launch.h's order), per-tensor
 /// hyperparameters after lr (in launch.h's order) and which of them is 0 for every third
@@ -154,7 +154,7 @@ struct Variant {
   const char* name;
   Op op;
   std::array<bool, 4> flags;
-  std::array<double, 4> hyper;
+  std::array<double, 5> hyper;
   double lr;
   int zero_every_third;
 };
@@ -162,6 +162,7 @@ struct Variant {
 // adamw: decoupled, amsgrad, maximize, bias_correction; beta1, beta2, eps, weight_decay
 // lamb: grad_averaging, bias_correction, trust_clip, always_adapt; beta1, beta2, eps, wd
 // lion: maximize; beta1, beta2, weight_decay
+// adan: no_prox; beta1, beta2, beta3, eps, weight_decay
 // sgd: nesterov, maximize; momentum, dampening, weight_decay (momentum 0: no buffers)
 const Variant kVariants[] = {
     {"adamw", Op::kAdamW, {true, false, false, true}, {0.9, 0.999, 1e-8, 0.01}, 1e-2, -1},
@@ -180,6 +181,8 @@ const Variant kVariants[] = {
      -1},
     {"lion", Op::kLion, {false}, {0.9, 0.99, 0.01, 0.0}, 1e-3, -1},
     {"lion_maximize", Op::kLion, {true}, {0.95, 0.98, 0.1, 0.0}, 1e-3, 2},
+    {"adan", Op::kAdan, {false}, {0.98, 0.92, 0.99, 1e-8, 0.02}, 1e-2, -1},
+    {"adan_no_prox_mixed_wd", Op::kAdan, {true}, {0.9, 0.8, 0.95, 1e-6, 0.1}, 1e-2, 4},
     {"sgd", Op::kSgd, {false, false}, {0.0, 0.0, 0.01, 0.0}, 0.1, -1},
     {"sgd_momentum", Op::kSgd, {false, false}, {0.9, 0.0, 0.0, 0.0}, 0.1, -1},
     {"sgd_nesterov", Op::kSgd, {true, false}, {0.9, 0.0, 0.01, 0.0}, 0.1, -1},
@@ -253,13 +256,14 @@ int state_count(const Variant& v) {
     case Op::kAdamW: return v.flags[1] ? 3 : 2;  // exp_avg, exp_avg_sq (+ max_exp_avg_sq)
     case Op::kLamb: return 2;
     case Op::kLion: return 1;
+    case Op::kAdan: return 4;  // exp_avg, exp_avg_sq, exp_avg_diff, neg_pre_grad
     case Op::kSgd: return v.hyper[0] != 0.0 ? 1 : 0;  // momentum buffers
   }
   return 0;
 }
 
 bool has_steps(const Variant& v) {
-  return v.op == Op::kAdamW || v.op == Op::kLamb || (v.op == Op::kSgd && state_count(v) > 0);
+  return v.op == Op::kAdamW || v.op == Op::kLamb || v.op == Op::kAdan || (v.op == Op::kSgd && state_count(v) > 0);
 }
 
 /// The tensors of one backend for one case.
@@ -361,7 +365,7 @@ struct Call {
   std::vector<std::vector<void*>> states;
   std::vector<float*> steps;
   std::vector<double> lr;
-  std::array<std::vector<double>, 4> hyper;
+  std::array<std::vector<double>, 5> hyper;
   std::vector<float> lr_tensor;
   float grad_scale, clip_coef, found_inf;
   double grad_scale64, clip_coef64;  // the same values for fp64 steps, which read them in fp64
@@ -386,7 +390,7 @@ struct Call {
     const Scalars& s = *c.scalars;
     lr.assign(n, v.lr);
     for (size_t i = 0; i < n && s.lr != LrKind::kUniform; ++i) lr[i] = v.lr * (1.0 + 0.25 * i);
-    for (int h = 0; h < 4; ++h) {
+    for (int h = 0; h < 5; ++h) {
       hyper[h].assign(n, v.hyper[h]);
       if (h == v.zero_every_third)
         for (size_t i = 1; i < n; i += 3) hyper[h][i] = 0.0;
@@ -478,6 +482,22 @@ void step(const StepCase& c, World& w, int index, bool cuda) {
       a.weight_decay = h[2].data();
       a.maximize = v.flags[0];
       return cuda ? cuda::lion(a, ctx) : cpu::lion(a, ExecContext{});
+    }
+    case Op::kAdan: {
+      AdanCall a;
+      a.lists = lists;
+      a.exp_avgs = call.state(0, c);
+      a.exp_avg_sqs = call.state(1, c);
+      a.exp_avg_diffs = call.state(2, c);
+      a.neg_pre_grads = call.state(3, c);
+      a.lr = call.lr.data();
+      a.beta1 = h[0].data();
+      a.beta2 = h[1].data();
+      a.beta3 = h[2].data();
+      a.eps = h[3].data();
+      a.weight_decay = h[4].data();
+      a.no_prox = v.flags[0];
+      return cuda ? cuda::adan(a, ctx) : cpu::adan(a, ExecContext{});
     }
     case Op::kSgd: {
       SgdCall a;

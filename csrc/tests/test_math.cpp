@@ -5,6 +5,7 @@
 #include "check.h"
 #include "fusedopt/math/adamw.h"
 #include "fusedopt/math/lamb.h"
+#include "fusedopt/math/adan.h"
 #include "fusedopt/math/lion.h"
 #include "fusedopt/math/norm.h"
 #include "fusedopt/math/sgd.h"
@@ -135,6 +136,29 @@ static void test_lion() {
   CHECK(p == 0.875f && std::isnan(m));
 }
 
+static void test_adan() {
+  // lr 0.75, betas (0.5, 0.5, 0), eps 0, no weight decay, no_prox. Step 2 (bc1 = bc2 = 0.75,
+  // bc3 = 1): p 1, g 1, g_prev 0.5 (npg -0.5), m 0.25, v 0.125, n 7:
+  // d = 0.5; m = 0.125 + 0.5 = 0.625; v = 0.0625 + 0.25 = 0.3125; u = 0.25 + 1 = 1.25;
+  // n = 0 * 7 + 1 * 1.5625; denom = 1.25; p = 1 - (0.75/0.75) * 0.5 = 0.5;
+  // p = 0.5 - (0.75*0.5/0.75) * 0.25 = 0.375; npg = -1.
+  auto s = adan_scalars<float>(0.75, 0.5, 0.5, 0.0, 0.0, 0.0, 2.0, true);
+  float p = 1.0f, m = 0.25f, v = 0.125f, n = 7.0f, npg = -0.5f;
+  adan_update(p, 1.0f, m, v, n, npg, s);
+  CHECK(p == 0.375f && m == 0.625f && v == 0.3125f && n == 1.5625f && npg == -1.0f);
+  // The same with prox weight decay, lr*wd = 0.5: p = 0.375 / 1.5 = 0.25.
+  s = adan_scalars<float>(0.75, 0.5, 0.5, 0.0, 0.0, 2.0 / 3.0, 2.0, false);
+  p = 1.0f, m = 0.25f, v = 0.125f, n = 7.0f, npg = -0.5f;
+  adan_update(p, 1.0f, m, v, n, npg, s);
+  CHECK(p == 0.25f);
+  // Step 1 (bc1 = bc2 = 0.5): the stored previous grad is not read (d = 0, even for NaN):
+  // m = 0.5, v = 0.25, u = 1, n = 1; p = 1 - 1.5*0.5 - 0.75*0.25 = 0.0625.
+  s = adan_scalars<float>(0.75, 0.5, 0.5, 0.0, 0.0, 0.0, 1.0, true);
+  p = 1.0f, m = 0.0f, v = 0.5f, n = 3.0f, npg = NAN;
+  adan_update(p, 1.0f, m, v, n, npg, s);
+  CHECK(p == 0.0625f && m == 0.5f && v == 0.25f && n == 1.0f && npg == -1.0f);
+}
+
 static void test_sgd() {
   // lr 0.25, momentum 0.5, dampening 0.5, wd 0.5; p 1, g 0.5, buf 2:
   // g = 0.5 + 0.5 = 1; buf = 0.5*2 + 0.5*1 = 1.5; p = 1 - 0.25*1.5 = 0.625.
@@ -177,6 +201,7 @@ int main() {
   test_adamw();
   test_lamb();
   test_lion();
+  test_adan();
   test_sgd();
   test_norm_terms();
   if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);

@@ -7,6 +7,7 @@ import torch
 from fusedopt import _contract
 from fusedopt.reference.ops import (
     adamw_,
+    adan_,
     grad_norm,
     lamb_,
     lion_,
@@ -33,6 +34,7 @@ IMPLEMENTATIONS = {
     "adamw_": adamw_,
     "lamb_": lamb_,
     "lion_": lion_,
+    "adan_": adan_,
     "sgd_": sgd_,
 }
 

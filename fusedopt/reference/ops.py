@@ -229,6 +229,46 @@ def lion_(
         _store_param(p, param, master_params, i)
 
 
+def adan_(
+    params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, master_params, steps,
+    lr, beta1, beta2, beta3, eps, weight_decay, no_prox, lr_tensor, grad_scale, clip_coef,
+    found_inf, master_sync=True,
+) -> None:  # fmt: skip
+    """Adan (Xie et al. 2022), as the official sail-sg ``Adan``: betas are the EMA weights,
+    ``neg_pre_grads`` keep ``-g`` of the previous step (taken as ``-g`` at step 1, so the
+    grad difference starts at 0), every moment is bias-corrected."""
+    if _skip(found_inf):
+        return
+    for i, param in enumerate(params):
+        opmath = opmath_dtype(param.dtype)
+        t = _next_step(steps[i])
+        b1, b2, b3 = beta1[i], beta2[i], beta3[i]
+        bc1, bc2, bc3 = (_bias_correction(b, t, True) for b in (b1, b2, b3))
+        lr_i = _lr(lr, lr_tensor, i, opmath)
+        g = load_grad(grads[i], opmath, grad_scale, clip_coef)
+        p = _load_param(param, master_params, i, opmath, master_sync)
+        neg_pre_grad = -g if t == 1 else neg_pre_grads[i].to(opmath)
+        d = g + neg_pre_grad
+        m = b1 * exp_avgs[i].to(opmath) + (1 - b1) * g
+        v = b2 * exp_avg_diffs[i].to(opmath) + (1 - b2) * d
+        u = b2 * d + g
+        n = b3 * exp_avg_sqs[i].to(opmath) + (1 - b3) * u * u
+        denom = sqrt_rn(n) / math.sqrt(bc3) + eps[i]
+        # [note: zero weight decay]: a zero decay is none (no 1 - lr*0, NaN for lr = inf).
+        decays = weight_decay[i] != 0
+        if no_prox and decays:
+            p = p * (1 - lr_i * weight_decay[i])
+        p = p - (lr_i / bc1) * (m / denom)
+        p = p - (lr_i * b2 / bc2) * (v / denom)
+        if not no_prox and decays:
+            p = p / (1 + lr_i * weight_decay[i])
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(n)
+        exp_avg_diffs[i].copy_(v)
+        neg_pre_grads[i].copy_(-g)
+        _store_param(p, param, master_params, i)
+
+
 def sgd_(
     params, grads, momentum_buffers, master_params, steps, lr, momentum, dampening,
     weight_decay, nesterov, maximize, lr_tensor, grad_scale, clip_coef, found_inf,

@@ -206,6 +206,7 @@ _ADAM = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
 _ADAM_FLAGS = dict(decoupled=True, amsgrad=False, maximize=False, bias_correction=True)
 _LAMB = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=1e-2)
 _LAMB_FLAGS = dict(grad_averaging=True, bias_correction=True, trust_clip=False, always_adapt=False)
+_ADAN = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=2e-2)
 _SGD = dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=1e-3)
 
 #: Every option set of every step op. The first of each op is its default (used by the
@@ -256,6 +257,11 @@ OPTIONS: dict[str, list[OpOptions]] = {
             beta2=0.98,
             weight_decay=0.0,
         ),
+    ],
+    "adan_": [
+        _options("adan_", "prox_wd", {"no_prox": False}, **_ADAN),
+        _options("adan_", "no_prox_wd", {"no_prox": True}, **_ADAN),
+        _options("adan_", "no_wd", {"no_prox": False}, **{**_ADAN, "weight_decay": 0.0}),
     ],
     "sgd_": [
         _options("sgd_", "momentum", {"nesterov": False, "maximize": False}, **_SGD),
@@ -316,6 +322,7 @@ def per_tensor_values(name: str, value: float, n: int, differ: bool) -> list[flo
         "lr": 2 * value,
         "beta1": 0.8,
         "beta2": 0.99,
+        "beta3": 0.95,
         "eps": 1e-6,
         "weight_decay": 0.0,
         "momentum": 0.0,

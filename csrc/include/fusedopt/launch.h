@@ -149,6 +149,12 @@ struct LionCall {
   FUSEDOPT_STEP_CALL_FIELDS(LION)
 };
 
+/// adan_ (the official Adan's conventions; neg_pre_grads hold -g of the previous step).
+/// Per element: reads g, p, m, v, n, neg_pre_grad (+master); writes them all.
+struct AdanCall {
+  FUSEDOPT_STEP_CALL_FIELDS(ADAN)
+};
+
 /// sgd_. momentum_buffers and lists.steps are both present or both absent (no momentum).
 /// A param whose step count is 0 before this step takes buf = g.
 /// Per element: reads g, p (+buf); writes p (+buf).

@@ -17,7 +17,7 @@
 #pragma once
 
 #define FUSEDOPT_COMMON_FLAGS(X) X(master_sync, MasterSync, 0, true)
-#define FUSEDOPT_STEP_OPS(X) X(adamw, ADAMW, AdamW) X(lamb, LAMB, Lamb) X(lion, LION, Lion) X(sgd, SGD, Sgd)
+#define FUSEDOPT_STEP_OPS(X) X(adamw, ADAMW, AdamW) X(lamb, LAMB, Lamb) X(lion, LION, Lion) X(adan, ADAN, Adan) X(sgd, SGD, Sgd)
 
 // adamw_
 #define FUSEDOPT_ADAMW_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(max_exp_avg_sqs, MaxExpAvgSqs, 2, false, amsgrad)
@@ -42,6 +42,14 @@
 #define FUSEDOPT_LION_STEPS(X)
 #define FUSEDOPT_LION_STEPS_OPTIONAL true
 #define FUSEDOPT_LION_STEPS_WITH(X)
+
+// adan_
+#define FUSEDOPT_ADAN_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(exp_avg_diffs, ExpAvgDiffs, 2, false, true) X(neg_pre_grads, NegPreGrads, 3, false, true)
+#define FUSEDOPT_ADAN_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(beta3, Beta3, 3) X(eps, Eps, 4) X(weight_decay, WeightDecay, 5)
+#define FUSEDOPT_ADAN_FLAGS(X) X(no_prox, NoProx, 0, false)
+#define FUSEDOPT_ADAN_STEPS(X) X(steps)
+#define FUSEDOPT_ADAN_STEPS_OPTIONAL false
+#define FUSEDOPT_ADAN_STEPS_WITH(X)
 
 // sgd_
 #define FUSEDOPT_SGD_STATES(X) X(momentum_buffers, MomentumBuffers, 0, true, true)
@@ -71,14 +79,20 @@ inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kWeightDecay = 3, kNumHype
 inline constexpr int kMaximize = 0, kNumFlags = 1;
 }  // namespace lion
 
+namespace adan {
+inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kExpAvgDiffs = 2, kNegPreGrads = 3, kNumStates = 4;
+inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kBeta3 = 3, kEps = 4, kWeightDecay = 5, kNumHypers = 6;
+inline constexpr int kNoProx = 0, kNumFlags = 1;
+}  // namespace adan
+
 namespace sgd {
 inline constexpr int kMomentumBuffers = 0, kNumStates = 1;
 inline constexpr int kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kNumHypers = 4;
 inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
 }  // namespace sgd
 
-inline constexpr int kMaxStates = 3;
-inline constexpr int kMaxHypers = 5;
+inline constexpr int kMaxStates = 4;
+inline constexpr int kMaxHypers = 6;
 inline constexpr int kMaxFlags = 4;
 
 }  // namespace fusedopt::spec

@@ -1,0 +1,151 @@
+"""``adan_``: Adan (Xie et al. 2022, the official sail-sg Adan's conventions), one launch over
+every tensor.
+
+Bytes per element: reads grad, param (or master), exp_avg, exp_avg_sq, exp_avg_diff,
+neg_pre_grad, writes param (and master) and the four states. fp32: 44 B. bf16 with master
+weights: 2 + 4 + 16 read, 4 + 2 + 16 written = 44 B. bf16 without: 22 B. Step counts: 4 B per
+tensor.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    BLOCK,
+    bias_correction,
+    div,
+    finish_tensor,
+    full_blocks_end,
+    hyper,
+    learning_rate,
+    load,
+    load_grad,
+    load_param,
+    load_scalar,
+    locate_chunk,
+    skipped,
+    slot,
+    sqrt,
+    store,
+    store_param,
+    tail_block,
+)
+from .layout import layout, prepare
+from .multi_tensor import TableCache
+from .registry import register
+
+#: The table columns, named by the spec.
+L = layout("adan_")
+
+
+@triton.jit
+def _adan_block(
+    offs, mask, p_ptr, g_ptr, m_ptr, n_ptr, v_ptr, npg_ptr, master_ptr, grad_scale, clip_coef,
+    decay, prox, step_size, step_size_diff, beta1, one_minus_beta1, beta2, one_minus_beta2,
+    beta3, one_minus_beta3, sqrt_bc3, eps, first, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, NO_PROX: tl.constexpr,
+):  # fmt: skip
+    """The update of BLOCK elements, in the reference's order of operations. Each state is
+    stored as soon as it is final, so that few values are live at once: with every store at
+    the end the fp64 variant spilled 16 registers; loading the param last instead of first
+    gave the unaligned fp16-master variant 3 spills and an 8-byte stack around the division
+    calls (Triton 3.8, sm_90; tests/test_triton_static.py)."""
+    g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
+                  False)  # fmt: skip
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
+    d = g + tl.where(first, -g, load(npg_ptr, offs, mask, COMPUTE))  # g - g_prev; 0 at step 1
+    store(npg_ptr, offs, mask, -g)
+    m = beta1 * load(m_ptr, offs, mask, COMPUTE) + one_minus_beta1 * g
+    store(m_ptr, offs, mask, m)
+    v = beta2 * load(v_ptr, offs, mask, COMPUTE) + one_minus_beta2 * d
+    store(v_ptr, offs, mask, v)
+    u = beta2 * d + g
+    n = beta3 * load(n_ptr, offs, mask, COMPUTE) + one_minus_beta3 * u * u
+    store(n_ptr, offs, mask, n)
+    denom = div(sqrt(n), sqrt_bc3) + eps
+    if NO_PROX:
+        p = p * decay  # 1 for wd == 0: p * 1 == p exactly
+    p = p - step_size * div(m, denom)
+    p = p - step_size_diff * div(v, denom)
+    if not NO_PROX:
+        p = div(p, prox)  # 1 for wd == 0: p / 1 == p exactly
+    store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
+
+
+@triton.jit
+def adan_kernel(
+    table, chunks, counters, lr_tensor, grad_scale, clip_coef, found_inf,
+    WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    NO_PROX: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """One program per chunk; the chunk's last-finishing program advances the step count."""
+    if not skipped(found_inf, HAS_FOUND_INF):
+        t, row, start, end = locate_chunk(chunks, table, WIDTH)
+        new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
+        lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE)
+        beta1 = hyper(row, L.N_SLOTS, L.BETA1)
+        beta2 = hyper(row, L.N_SLOTS, L.BETA2)
+        beta3 = hyper(row, L.N_SLOTS, L.BETA3)
+        weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
+        bc1 = bias_correction(beta1, new_step, True)
+        bc2 = bias_correction(beta2, new_step, True)
+        bc3 = bias_correction(beta3, new_step, True)
+        # [note: hyperparameter rounding]: float64 expressions for a Python lr, fp32 ones for
+        # a tensor lr, exactly as the reference evaluates them.
+        if LR_MODE == 0:
+            decay = (1.0 - lr * weight_decay).to(COMPUTE)
+            prox = (1.0 + lr * weight_decay).to(COMPUTE)
+            step_size = (lr / bc1).to(COMPUTE)
+            step_size_diff = (lr * beta2 / bc2).to(COMPUTE)
+        else:
+            lr_c = lr.to(COMPUTE)
+            decay = 1.0 - lr_c * weight_decay.to(COMPUTE)
+            prox = 1.0 + lr_c * weight_decay.to(COMPUTE)
+            step_size = div(lr_c, bc1.to(COMPUTE))
+            step_size_diff = div(lr_c * beta2.to(COMPUTE), bc2.to(COMPUTE))
+        # [note: zero weight decay]: a zero decay is none, not 1 - lr*0 (NaN for lr = inf).
+        has_weight_decay = weight_decay != 0.0
+        decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
+        prox = tl.where(has_weight_decay, prox, 1.0).to(COMPUTE)
+        args = (
+            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
+            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
+            slot(row, L.EXP_AVG_DIFFS, S_DTYPE, ALIGNED),
+            slot(row, L.NEG_PRE_GRADS, S_DTYPE, ALIGNED),
+            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
+            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
+            load_scalar(clip_coef, HAS_CLIP, COMPUTE), decay, prox, step_size, step_size_diff,
+            beta1.to(COMPUTE), (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE),
+            (1.0 - beta2).to(COMPUTE), beta3.to(COMPUTE), (1.0 - beta3).to(COMPUTE),
+            tl.sqrt(bc3).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
+            new_step == 1.0,
+        )  # fmt: skip
+        full_end = full_blocks_end(start, end)
+        for base in range(start, full_end, BLOCK):
+            _adan_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, MASTER,
+                        HAS_GRAD_SCALE, HAS_CLIP, NO_PROX)  # fmt: skip
+        if full_end < end:
+            offs, mask = tail_block(full_end, end)
+            _adan_block(offs, mask, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+                        NO_PROX)  # fmt: skip
+        # The step pointer is read again here, as adamw_ does (no register kept live).
+        finish_tensor(counters, t, row, slot(row, L.STEPS, tl.float32, False), new_step)
+
+
+_TABLES = TableCache()
+
+
+def adan_(*args) -> None:
+    """One Adan step over every tensor in one launch (``fusedopt._contract``'s schema order)."""
+    a = prepare("adan_", args, _TABLES)
+    if a is not None:
+        adan_kernel[(a.launch.n_chunks,)](
+            a.launch.table, a.launch.chunks, a.launch.counters, *a.scalar_tensors, **a.options()
+        )
+
+
+register("adan_", adan_)
