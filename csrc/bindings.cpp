@@ -57,6 +57,13 @@ struct Scratch {
   }
 };
 
+// lamb_'s two passes (lamb_direction_, lamb_apply_), in every backend.
+#define FUSEDOPT_LAMB_PASS_LAUNCHERS(ns)                                                   \
+  static void lamb_direction(const LambDirectionCall& c, const ExecContext& x) {           \
+    ns::lamb_direction(c, x);                                                              \
+  }                                                                                        \
+  static void lamb_apply(const LambApplyCall& c, const ExecContext& x) { ns::lamb_apply(c, x); }
+
 struct CpuBackend {
   static constexpr const char* kName = "cpu";
   static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
@@ -71,6 +78,7 @@ struct CpuBackend {
 #define FUSEDOPT_CPU_LAUNCHER(op, OP, Stem) \
   static void op(const Stem##Call& c, const ExecContext& x) { cpu::op(c, x); }
   FUSEDOPT_STEP_OPS(FUSEDOPT_CPU_LAUNCHER)
+  FUSEDOPT_LAMB_PASS_LAUNCHERS(cpu)
 };
 
 #ifdef FUSEDOPT_WITH_CUDA
@@ -88,6 +96,7 @@ struct CudaBackend {
 #define FUSEDOPT_CUDA_LAUNCHER(op, OP, Stem) \
   static void op(const Stem##Call& c, const ExecContext& x) { cuda::op(c, x); }
   FUSEDOPT_STEP_OPS(FUSEDOPT_CUDA_LAUNCHER)
+  FUSEDOPT_LAMB_PASS_LAUNCHERS(cuda)
 };
 #endif
 
@@ -477,6 +486,73 @@ TensorList steps_or_none(TensorList steps) { return steps; }
   }
 FUSEDOPT_STEP_OPS(FUSEDOPT_STEP_IMPL)
 
+// lamb_'s two passes (fusedopt/_contract.py PHASE_OPS): lamb_'s arguments, checked as
+// lamb_impl checks them, with sq_norms after the flags (lamb_apply_) or returned
+// (lamb_direction_): [N, 2] in the params' opmath, on their device.
+#define FUSEDOPT_ARG_NAME(name, ...) name,
+#define FUSEDOPT_LAMB_PASS_PARAMS                                                          \
+  TensorList params, TensorList grads, FUSEDOPT_LAMB_STATES(FUSEDOPT_STATE_PARAM)         \
+      TensorList master_params, TensorList steps, FUSEDOPT_LAMB_HYPERS(FUSEDOPT_HYPER_PARAM) \
+          FUSEDOPT_LAMB_FLAGS(FUSEDOPT_FLAG_PARAM)
+#define FUSEDOPT_LAMB_PASS_SCALARS                                                         \
+  const OptTensor &lr_tensor, const OptTensor &grad_scale, const OptTensor &clip_coef,    \
+      const OptTensor &found_inf, bool master_sync
+#define FUSEDOPT_LAMB_PASS_ARGS                                                            \
+  params, grads, FUSEDOPT_LAMB_STATES(FUSEDOPT_ARG_NAME) master_params, steps,             \
+      FUSEDOPT_LAMB_HYPERS(FUSEDOPT_ARG_NAME) FUSEDOPT_LAMB_FLAGS(FUSEDOPT_ARG_NAME)       \
+          lr_tensor, grad_scale, clip_coef, found_inf, master_sync
+
+/// Checks a lamb pass's lamb_ arguments and calls run(call, device) (not for an empty call).
+template <class Run>
+void with_lamb_call(const Checker& check, FUSEDOPT_LAMB_PASS_PARAMS FUSEDOPT_LAMB_PASS_SCALARS,
+                    Run run) {
+  StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
+                     clip_coef, found_inf, master_sync);
+  LambCall call;
+  FUSEDOPT_LAMB_STATES(FUSEDOPT_SET_STATE)
+  FUSEDOPT_LAMB_HYPERS(FUSEDOPT_SET_HYPER)
+  if (args.size() == 0) return;
+  call.lists = args.lists();
+  FUSEDOPT_LAMB_FLAGS(FUSEDOPT_SET_FLAG)
+  run(call, args.device());
+}
+
+at::ScalarType lamb_opmath(TensorList params) {
+  return !params.empty() && params[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <class B>
+Tensor lamb_direction_impl(FUSEDOPT_LAMB_PASS_PARAMS FUSEDOPT_LAMB_PASS_SCALARS) {
+  const Checker check(op_name<B>("lamb_direction"), B::kDeviceType);
+  const auto options = at::TensorOptions().dtype(lamb_opmath(params));
+  Tensor sq_norms = at::zeros({0, 2}, options);
+  with_lamb_call(check, FUSEDOPT_LAMB_PASS_ARGS, [&](const LambCall& call, c10::Device device) {
+    sq_norms = at::zeros({call.lists.num_tensors, 2}, options.device(device));
+    LambDirectionCall pass{call, sq_norms.data_ptr()};
+    launch<B>(device, pass, B::lamb_direction);
+  });
+  return sq_norms;
+}
+
+template <class B>
+void lamb_apply_impl(FUSEDOPT_LAMB_PASS_PARAMS const Tensor& sq_norms,
+                     FUSEDOPT_LAMB_PASS_SCALARS) {
+  const Checker check(op_name<B>("lamb_apply"), B::kDeviceType);
+  with_lamb_call(check, FUSEDOPT_LAMB_PASS_ARGS, [&](const LambCall& call, c10::Device device) {
+    TORCH_CHECK_TYPE(sq_norms.scalar_type() == lamb_opmath(params) && sq_norms.dim() == 2 &&
+                         sq_norms.size(0) == call.lists.num_tensors && sq_norms.size(1) == 2 &&
+                         sq_norms.is_contiguous(),
+                     check.op(), ": sq_norms must be a contiguous ", lamb_opmath(params),
+                     " tensor of shape (", call.lists.num_tensors,
+                     ", 2) (lamb_direction_'s output); got shape ", sq_norms.sizes(),
+                     " and dtype ", sq_norms.scalar_type());
+    TORCH_CHECK(sq_norms.device() == device, check.op(), ": sq_norms is on ", sq_norms.device(),
+                " but the params are on ", device);
+    LambApplyCall pass{call, sq_norms.const_data_ptr()};
+    launch<B>(device, pass, B::lamb_apply);
+  });
+}
+
 /// Registers every op of backend B.
 template <class B>
 void register_backend(torch::Library& m) {
@@ -484,6 +560,8 @@ void register_backend(torch::Library& m) {
   m.impl(("grad_norm_" + std::string(B::kName)).c_str(), &grad_norm_impl<B>);
 #define FUSEDOPT_REGISTER_STEP(op, OP, Stem) m.impl(op_name<B>(#op).c_str(), &op##_impl<B>);
   FUSEDOPT_STEP_OPS(FUSEDOPT_REGISTER_STEP)
+  m.impl(op_name<B>("lamb_direction").c_str(), &lamb_direction_impl<B>);
+  m.impl(op_name<B>("lamb_apply").c_str(), &lamb_apply_impl<B>);
 }
 
 }  // namespace

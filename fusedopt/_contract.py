@@ -55,6 +55,7 @@ DeepSpeed's): the master alone is the truth. Without master params the flag does
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import torch
@@ -280,6 +281,78 @@ STEP_OPS: dict[str, StepOpSpec] = {
     )
 }
 
+
+@dataclasses.dataclass(frozen=True)
+class PhaseOpSpec:
+    """One pass of a multi-pass step op, exposed as an op of its own, so that a caller can
+    run code between the passes (LAMB's all-reduce of per-tensor norms over a mesh, [note:
+    sharded LAMB] in fusedopt/optim/lamb.py). It takes its step op's arguments, in the step
+    op's schema order, with ``inputs`` (per-call ``Tensor`` arguments) after the flags, and
+    returns ``returns``. ``read_only``: the step op's mutable lists that this pass does not
+    write (one pass advances the steps; the others read the advanced counts). Running the passes in
+    order with the same arguments is the step op, bit for bit ([note: multi-pass ops] in
+    DESIGN.md §2)."""
+
+    name: str  # "lamb_direction_"
+    step_op: str  # "lamb_"
+    doc: str
+    inputs: tuple[str, ...] = ()
+    returns: tuple[str, ...] = ()
+    read_only: tuple[str, ...] = ()
+
+    @property
+    def step(self) -> StepOpSpec:
+        return STEP_OPS[self.step_op]
+
+    @property
+    def input_index(self) -> int:
+        """The position of ``inputs`` among the positional arguments (after the flags)."""
+        s = self.step
+        return len(s.tensor_lists) + len(s.hypers) + len(s.flags)
+
+    def schema(self) -> str:
+        """The schema template: the step op's, with the inputs, the returns and the lists
+        this pass does not write without their alias annotation."""
+        args = self.step._arguments()
+        for name in self.read_only:
+            args = [re.sub(rf"^Tensor\(\w!\)\[\] {name}$", f"Tensor[] {name}", a) for a in args]
+        k = self.input_index
+        args[k:k] = [f"Tensor {name}" for name in self.inputs]
+        returns = ", ".join(f"Tensor {name}" for name in self.returns)
+        return "{name}(" + ", ".join(args) + f") -> ({returns})"
+
+
+#: The passes of the multi-pass step ops, each an op ([note: multi-pass ops] in DESIGN.md).
+PHASE_OPS: dict[str, PhaseOpSpec] = {
+    spec.name: spec
+    for spec in (
+        PhaseOpSpec(
+            "lamb_direction_",
+            step_op="lamb_",
+            doc="LAMB's first pass: advances the steps and, for each tensor that adapts "
+            "(wd != 0 or always_adapt), computes the new moments and the update u and returns "
+            "sq_norms [N, 2] in opmath (fp64 for fp64 params, else fp32): sum(p^2), sum(u^2) "
+            "of its elements, deterministic; 0 for a tensor that does not adapt and when "
+            "found_inf skips the step. The new moments are stored here when they are exact "
+            "in storage (fp32/fp64 states) and the tensor adapts; else lamb_apply_ stores "
+            "them. lr is not read.",
+            returns=("sq_norms",),
+            read_only=("params", "master_params"),
+        ),
+        PhaseOpSpec(
+            "lamb_apply_",
+            step_op="lamb_",
+            doc="LAMB's second pass, after lamb_direction_ with the same arguments: the trust "
+            "ratio of each tensor from sq_norms (summed over the shards of a sharded param by "
+            "the caller), then p -= lr * ratio * u, u recomputed from the moments "
+            "lamb_direction_ stored, or from the grad and the old moments (then stored here). "
+            "Reads the advanced steps; writes none.",
+            inputs=("sq_norms",),
+            read_only=("steps",),
+        ),
+    )
+}
+
 #: op name -> schema template. ``{name}`` is replaced by the backend-specific op name.
 #: In-place ops end in ``_``; the backend suffix goes before it (``adamw_cuda_``).
 SCHEMAS: dict[str, str] = {
@@ -297,6 +370,8 @@ SCHEMAS: dict[str, str] = {
     ),
     # The step ops: derived from STEP_OPS.
     **{op: spec.schema() for op, spec in STEP_OPS.items()},
+    # The passes of multi-pass step ops: derived from PHASE_OPS.
+    **{op: spec.schema() for op, spec in PHASE_OPS.items()},
 }
 
 OP_NAMES: tuple[str, ...] = tuple(SCHEMAS)
@@ -335,12 +410,21 @@ def _fake_inplace(*args, **kwargs):
     return None
 
 
+def _fake_lamb_direction(params, *args, **kwargs):
+    """sq_norms [N, 2] in the params' opmath."""
+    dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty((len(params), 2), dtype=dtype, device=device)
+
+
+_FAKES = {"grad_norm": _fake_grad_norm, "lamb_direction_": _fake_lamb_direction}
+
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 
 
 def _define_all() -> None:
     for op, template in SCHEMAS.items():
-        fake = _fake_grad_norm if op == "grad_norm" else _fake_inplace
+        fake = _FAKES.get(op, _fake_inplace)
         for backend in BACKEND_NAMES:
             name = op_name(op, backend)
             _LIBRARY.define(template.format(name=name))

@@ -196,16 +196,22 @@ def step(
     clip_coef: Tensor | None = None,
     found_inf: Tensor | None = None,
     backend: str = "auto",
+    inputs: dict[str, Tensor] | None = None,
     _checked: bool = False,
-) -> None:
-    """Run the step op ``op`` (``adamw_``, ``lamb_``, ``lion_``, ``adan_``, ``sgd_``) over
-    tensor lists.
+) -> Tensor | None:
+    """Run the step op ``op`` (``adamw_``, ``lamb_``, ``lion_``, ``adan_``, ``sgd_``), or one
+    pass of a multi-pass one (``lamb_direction_``, ``lamb_apply_``: ``_contract.PHASE_OPS``),
+    over tensor lists.
 
     ``lists`` maps each list name of the op's schema to its tensors (optional ones may be
     omitted); ``hypers`` maps each hyperparameter to a float (all tensors) or one float per
     tensor (``lr`` may also be a 0-d or length-N fp32 device tensor); ``flags`` the per-call
     switches. The lists are split into one backend call per (param dtype, grad dtype, master
     weights or not), each a single multi-tensor launch.
+
+    A pass takes its step op's lists, hyperparameters and flags, and its own per-call tensors
+    in ``inputs`` (``sq_norms``: one row per tensor, in the order of ``lists``); it returns
+    its output (``lamb_direction_``'s ``sq_norms``, rows in that order), else None.
 
     ``master_sync`` (a flag; True when omitted) makes every master param first adopt the value
     of a param written since the last step ([note: master sync] in ``fusedopt._contract``).
@@ -216,11 +222,12 @@ def step(
     work for ~4 tensors per param on every step would only cost time ([note: cached plan] in
     fusedopt/optim/_plan.py).
     """
-    spec = STEP_OPS[op]
+    phase = _contract.PHASE_OPS.get(op)
+    spec = phase.step if phase is not None else STEP_OPS[op]
     lists = {name: list(lists.get(name, ())) for name in spec.lists}
     n = len(lists["params"])
     if n == 0:
-        return
+        return torch.zeros((0, 2)) if phase is not None and phase.returns else None
     # Non-dense params go through dense twins ([note: non-dense params] in fusedopt/_dense.py);
     # the optimizer classes swap theirs in themselves, at planned positions.
     written = tuple(name for name in spec.lists if name != "grads")
@@ -236,6 +243,8 @@ def step(
     values = {"lr": lr_values}
     values.update({h: per_tensor(op, h, hypers[h], n) for h in spec.hypers if h != "lr"})
     handle = _contract.op_handle(op, _resolve(backend, device))
+    extra = _phase_inputs(phase, inputs or {}, params, device)
+    out = None
 
     groups: dict[tuple, list[int]] = {}
     if _checked:
@@ -253,25 +262,63 @@ def step(
         group_lr_tensor = lr_tensor
         if lr_tensor is not None and lr_tensor.dim() == 1 and not whole:
             group_lr_tensor = lr_tensor[torch.tensor(index, device=device)]
-        handle(
+        rows = None if whole else torch.tensor(index, device=device)
+        result = handle(
             *(pick(lists[name]) for name in spec.lists),
             *(pick(values[h]) for h in spec.hypers),
             *(bool(flags[f]) for f in spec.flags),
+            *(x if whole else x[rows] for x in extra),
             group_lr_tensor,
             grad_scale,
             clip_coef,
             found_inf,
             master_sync=bool(flags.get("master_sync", True)),
         )
+        if result is not None and whole:
+            out = result
+        elif result is not None:
+            if out is None:
+                fp64 = all(p.dtype == torch.float64 for p in params)
+                out = result.new_zeros((n, *result.shape[1:]), dtype=_opmath(fp64))
+            out[rows] = result.to(out.dtype)
     write_back(twins)
+    return out
 
 
-def _step_from_arguments(op: str, arguments: dict) -> None:
+def _opmath(fp64: bool) -> torch.dtype:
+    return torch.float64 if fp64 else torch.float32
+
+
+def _phase_inputs(phase, inputs: dict[str, Tensor], params: list[Tensor], device) -> list:
+    """A pass's own tensors (``sq_norms``), checked: [N, 2] in the params' opmath, on their
+    device, before any tensor is touched."""
+    if phase is None:
+        return []
+    extra = []
+    for name in phase.inputs:
+        x = inputs.get(name)
+        dtype = _opmath(all(p.dtype == torch.float64 for p in params))
+        if not isinstance(x, Tensor) or x.shape != (len(params), 2) or x.dtype != dtype:
+            got = f"shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, Tensor) else x
+            raise TypeError(
+                f"{phase.name}: {name} must be a {dtype} tensor of shape "
+                f"({len(params)}, 2) (lamb_direction_'s output); got {got}"
+            )
+        if x.device != device:
+            raise RuntimeError(
+                f"{phase.name}: {name} is on {x.device} but the params are on {device}"
+            )
+        extra.append(x)
+    return extra
+
+
+def _step_from_arguments(op: str, arguments: dict) -> Tensor | None:
     """:func:`step` with the arguments of a public wrapper (its ``locals()``), sorted into
     lists, hyperparameters and flags by the op's spec, so that no wrapper re-lists them.
     A list that a flag switches (``present_iff``) is passed only when the flag is set; steps
     that go with a list (``steps_with``) must be given with it or not at all."""
-    spec = STEP_OPS[op]
+    phase = _contract.PHASE_OPS.get(op)
+    spec = phase.step if phase is not None else STEP_OPS[op]
     lists = {name: arguments[name] for name in spec.lists}
     for t in spec.tensor_lists:
         if t.present_iff is None:
@@ -282,7 +329,7 @@ def _step_from_arguments(op: str, arguments: dict) -> None:
             raise ValueError(f"{op}: {t.present_iff}=True needs one {t.name} tensor per param")
     if spec.steps_with is not None and bool(lists[spec.steps_with]) != bool(lists["steps"]):
         raise ValueError(f"{op}: pass both {spec.steps_with} and steps, or neither")
-    step(
+    return step(
         op,
         lists,
         {h: arguments[h] for h in spec.hypers},
@@ -291,6 +338,7 @@ def _step_from_arguments(op: str, arguments: dict) -> None:
         clip_coef=arguments["clip_coef"],
         found_inf=arguments["found_inf"],
         backend=arguments["backend"],
+        inputs={name: arguments[name] for name in (phase.inputs if phase else ())},
     )
 
 
@@ -347,6 +395,67 @@ def lamb_(
 ) -> None:
     """One LAMB step in place (timm semantics; fold the global clip into ``clip_coef``)."""
     _step_from_arguments("lamb_", locals())
+
+
+def lamb_direction_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: Hyper | Tensor,
+    beta1: Hyper = 0.9,
+    beta2: Hyper = 0.999,
+    eps: Hyper = 1e-6,
+    weight_decay: Hyper = 0.01,
+    grad_averaging: bool = True,
+    bias_correction: bool = True,
+    trust_clip: bool = False,
+    always_adapt: bool = False,
+    master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
+    grad_scale: Tensor | None = None,
+    clip_coef: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """LAMB's first pass: advances ``steps`` and returns ``sq_norms`` [N, 2] (fp32; fp64 for
+    fp64 params), the sums of p² and u² over each tensor that adapts (0 for the others),
+    deterministic. Sum the rows over the shards of a sharded param (an all-reduce), then call
+    :func:`lamb_apply_` with the same arguments; the two are :func:`lamb_`, bit for bit.
+    ``lr`` is not read here (the pair takes one set of keywords)."""
+    return _step_from_arguments("lamb_direction_", locals())
+
+
+def lamb_apply_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    sq_norms: Tensor,
+    *,
+    lr: Hyper | Tensor,
+    beta1: Hyper = 0.9,
+    beta2: Hyper = 0.999,
+    eps: Hyper = 1e-6,
+    weight_decay: Hyper = 0.01,
+    grad_averaging: bool = True,
+    bias_correction: bool = True,
+    trust_clip: bool = False,
+    always_adapt: bool = False,
+    master_params: Sequence[Tensor] = (),
+    master_sync: bool = True,
+    grad_scale: Tensor | None = None,
+    clip_coef: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """LAMB's second pass, after :func:`lamb_direction_` with the same arguments: the trust
+    ratio ``sqrt(sq_norms[i, 0]) / sqrt(sq_norms[i, 1])`` of each tensor, then
+    ``p -= lr * ratio * u`` (fp32 math; fp64 for fp64 params). Reads ``steps``, writes none."""
+    _step_from_arguments("lamb_apply_", locals())
 
 
 def lion_(

@@ -1,7 +1,9 @@
-// lamb_ on the CPU (timm semantics). Two passes over the list (math/lamb.h explains why):
-// pass 1 reads g, p, m, v and accumulates |p|^2 and |u|^2 per work item; the per-tensor trust
-// ratios follow from those in item order; pass 2 reads g, p, m, v again and writes p, m, v.
-// Per element: 32 bytes read + 12 written for fp32 (a single pass when no tensor adapts).
+// lamb_ on the CPU (timm semantics), as its two passes lamb_direction_ and lamb_apply_
+// (math/lamb.h, [note: lamb passes]): lamb_direction_ reads g, p, m, v of each tensor that
+// adapts, sums |p|^2 and |u|^2 per work item (folded per tensor in item order, in double)
+// and stores m, v where the states are exact; lamb_apply_ turns the sums into trust ratios
+// and writes p (from the stored m, v) or p, m, v (from g and the old m, v).
+// Per element, fp32: 16 + 8 written, then 12 + 4 written (40 B); bf16 states: 8, then 8 + 6.
 #include <cmath>
 #include <vector>
 
@@ -22,18 +24,23 @@ struct NormPartial {
 // sqrt(v) / sqrt_bc2 and the quotient of those: four vdivps and a vsqrtps per 8 floats; perf
 // puts pass 1's time on them), so both passes drop g / grad_scale when grad_scale is 1
 // (load_grad<kDivide>, the same bits). GPT-2 small's first 26.8M params, fp32, 2 shared
-// cores: 101-120 ms -> 88-99 ms a step, i.e. from 2.4x to 2.0x AdamW's time.
+// cores: 101-120 ms -> 88-99 ms a step, i.e. from 2.4x to 2.0x AdamW's time (measured before
+// the passes became two ops).
 
-/// Pass 1 over one block: |p|^2 and |u|^2 of its elements (u from m, v as pass 2 will compute
-/// them; nothing is written).
-template <typename T, bool kDivide>
-NormPartial lamb_norm_block(const T* __restrict p, const T* __restrict g,
-                            const T* __restrict m, const T* __restrict v, int64_t n,
-                            const LambScalars<T> s, const GradLoad<T> load) {
+/// lamb_direction_ over one block: |p|^2 and |u|^2 of its elements; with kStore the new m, v
+/// are stored (m, v then point into exact fp32/fp64 storage: view_block's own memory).
+template <typename T, bool kDivide, bool kStore>
+NormPartial lamb_norm_block(const T* __restrict p, const T* __restrict g, T* __restrict m,
+                            T* __restrict v, int64_t n, const LambScalars<T> s,
+                            const GradLoad<T> load) {
   alignas(64) T u[kBlock];
   for (int64_t e = 0; e < n; ++e) {
     T m_e = m[e], v_e = v[e];
     u[e] = lamb_direction(p[e], load_grad<kDivide>(g[e], load), m_e, v_e, s);
+    if constexpr (kStore) {
+      m[e] = m_e;
+      v[e] = v_e;
+    }
   }
   NormPartial part;
   part.param_sq = lane_sum<T>(n, [&](int64_t e) { return p[e] * p[e]; });
@@ -41,7 +48,8 @@ NormPartial lamb_norm_block(const T* __restrict p, const T* __restrict g,
   return part;
 }
 
-/// Pass 2 over one block: the same m, v, u as pass 1, then p -= lr * (u * ratio).
+/// lamb_apply_ over one block of a one-pass tensor: m, v, u from g and the old m, v, then
+/// p -= lr * (u * ratio).
 template <typename T, bool kDivide>
 void lamb_block(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
                 int64_t n, const LambScalars<T> s, const T ratio, const GradLoad<T> load) {
@@ -51,63 +59,99 @@ void lamb_block(T* __restrict p, const T* __restrict g, T* __restrict m, T* __re
   }
 }
 
+/// lamb_apply_ over one block of a two-pass tensor: u from the stored new m, v.
 template <typename T>
-void lamb_items(const LambCall& call, const ExecContext& ctx) {
+void lamb_block_stored(T* __restrict p, const T* __restrict m, const T* __restrict v, int64_t n,
+                       const LambScalars<T> s, const T ratio) {
+  for (int64_t e = 0; e < n; ++e) p[e] = lamb_apply(p[e], lamb_update(p[e], m[e], v[e], s), ratio, s);
+}
+
+/// What both passes take from a call: per-tensor scalars at step t, which tensors adapt,
+/// the grad load, the state slots and the work items.
+template <typename T>
+struct LambPlan {
+  std::vector<LambScalars<T>> scalars;
+  std::vector<char> adapt;
+  bool states_exact;  // fp32/fp64 states (or master weights): they hold opmath values
+  GradLoad<T> load;
+  std::array<TensorSlot, 2> states;
+  std::vector<WorkItem> items;
+
+  LambPlan(const LambCall& call, const std::vector<double>& t)
+      : scalars(call.lists.num_tensors),
+        adapt(call.lists.num_tensors),
+        states_exact(call.exp_avgs.dtype == OpmathDType<T>::value),
+        load(make_grad_load<T>(call.lists.scalars.grad_scale, call.lists.scalars.clip_coef,
+                               false)),
+        states{call.exp_avgs, call.exp_avg_sqs},
+        items(split_work(call.lists.num_tensors, call.lists.numels)) {
+    const StepLists& lists = call.lists;
+    for (int64_t i = 0; i < lists.num_tensors; ++i) {
+      scalars[i] = lamb_scalars<T>(lr_of(lists, call.lr, i), call.beta1[i], call.beta2[i],
+                                   call.eps[i], call.weight_decay[i], t[i],
+                                   call.grad_averaging, call.bias_correction);
+      adapt[i] = call.weight_decay[i] != 0.0 || call.always_adapt;
+    }
+  }
+  bool two_pass(int64_t i) const { return lamb_two_pass(adapt[i] != 0, states_exact); }
+};
+
+template <typename T>
+void direction_items(const LambCall& call, T* sq_norms, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
-  const int64_t n_tensors = lists.num_tensors;
-  const std::vector<double> t = advance_steps(lists);
-  std::vector<LambScalars<T>> scalars(n_tensors);
-  std::vector<char> adapt(n_tensors);
-  bool any_adapt = false;
-  for (int64_t i = 0; i < n_tensors; ++i) {
-    scalars[i] = lamb_scalars<T>(lr_of(lists, call.lr, i), call.beta1[i], call.beta2[i],
-                                 call.eps[i], call.weight_decay[i], t[i], call.grad_averaging,
-                                 call.bias_correction);
-    adapt[i] = call.weight_decay[i] != 0.0 || call.always_adapt;
-    any_adapt |= adapt[i] != 0;
-  }
-  const GradLoad<T> load =
-      make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef, false);
-  const std::array<TensorSlot, 2> states{call.exp_avgs, call.exp_avg_sqs};
-  const std::vector<WorkItem> items = split_work(n_tensors, lists.numels);
-
-  // Pass 1: norms of p and u, nothing written.
-  std::vector<NormPartial> parts(items.size());
-  if (any_adapt) {
-    parallel_items(items, ctx, [&](int64_t k) {
-      const WorkItem& w = items[k];
-      if (!adapt[w.tensor]) return;
-      const LambScalars<T> s = scalars[w.tensor];
-      NormPartial part;
-      for_each_block<T, 2, false>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
-        with_divide(load.divide, [&](auto divide) {
-          const NormPartial b = lamb_norm_block<T, divide()>(p, g, st[0], st[1], n, s, load);
-          part.param_sq += b.param_sq;
-          part.update_sq += b.update_sq;
-        });
+  const LambPlan<T> plan(call, advance_steps(lists));
+  std::vector<NormPartial> parts(plan.items.size());
+  parallel_items(plan.items, ctx, [&](int64_t k) {
+    const WorkItem& w = plan.items[k];
+    if (!plan.adapt[w.tensor]) return;
+    const LambScalars<T> s = plan.scalars[w.tensor];
+    NormPartial part;
+    for_each_block<T, 2, false>(lists, plan.states, w, [&](T* p, const T* g, auto& st, int64_t n) {
+      with_divide(plan.load.divide, [&](auto divide) {
+        const NormPartial b =
+            plan.states_exact
+                ? lamb_norm_block<T, divide(), true>(p, g, st[0], st[1], n, s, plan.load)
+                : lamb_norm_block<T, divide(), false>(p, g, st[0], st[1], n, s, plan.load);
+        part.param_sq += b.param_sq;
+        part.update_sq += b.update_sq;
       });
-      parts[k] = part;
     });
+    parts[k] = part;
+  });
+  std::vector<NormPartial> norms(lists.num_tensors);
+  for (size_t k = 0; k < plan.items.size(); ++k) {
+    norms[plan.items[k].tensor].param_sq += parts[k].param_sq;
+    norms[plan.items[k].tensor].update_sq += parts[k].update_sq;
   }
-  std::vector<NormPartial> norms(n_tensors);
-  for (size_t k = 0; k < items.size(); ++k) {
-    norms[items[k].tensor].param_sq += parts[k].param_sq;
-    norms[items[k].tensor].update_sq += parts[k].update_sq;
+  for (int64_t i = 0; i < lists.num_tensors; ++i) {
+    sq_norms[2 * i] = static_cast<T>(norms[i].param_sq);
+    sq_norms[2 * i + 1] = static_cast<T>(norms[i].update_sq);
   }
-  std::vector<T> ratio(n_tensors);
-  for (int64_t i = 0; i < n_tensors; ++i)
-    ratio[i] = lamb_trust_ratio(static_cast<T>(std::sqrt(norms[i].param_sq)),
-                                static_cast<T>(std::sqrt(norms[i].update_sq)), adapt[i] != 0,
-                                call.trust_clip);
+}
 
-  // Pass 2: recompute m, v, u from the old states (bit-identical to pass 1) and write.
-  parallel_items(items, ctx, [&](int64_t k) {
-    const WorkItem& w = items[k];
-    const LambScalars<T> s = scalars[w.tensor];
+template <typename T>
+void apply_items(const LambCall& call, const T* sq_norms, const ExecContext& ctx) {
+  const StepLists& lists = call.lists;
+  std::vector<double> t(lists.num_tensors);
+  for (int64_t i = 0; i < lists.num_tensors; ++i) t[i] = static_cast<double>(*lists.steps[i]);
+  const LambPlan<T> plan(call, t);
+  std::vector<T> ratio(lists.num_tensors);
+  for (int64_t i = 0; i < lists.num_tensors; ++i)
+    ratio[i] = lamb_trust_ratio_sq(sq_norms[2 * i], sq_norms[2 * i + 1], plan.adapt[i] != 0,
+                                   call.trust_clip);
+  parallel_items(plan.items, ctx, [&](int64_t k) {
+    const WorkItem& w = plan.items[k];
+    const LambScalars<T> s = plan.scalars[w.tensor];
     const T r = ratio[w.tensor];
-    for_each_block<T, 2, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
-      with_divide(load.divide, [&](auto divide) {
-        lamb_block<T, divide()>(p, g, st[0], st[1], n, s, r, load);
+    if (plan.two_pass(w.tensor)) {
+      for_each_block<T, 2, true, false>(
+          lists, plan.states, w,
+          [&](T* p, const T*, auto& st, int64_t n) { lamb_block_stored(p, st[0], st[1], n, s, r); });
+      return;
+    }
+    for_each_block<T, 2, true>(lists, plan.states, w, [&](T* p, const T* g, auto& st, int64_t n) {
+      with_divide(plan.load.divide, [&](auto divide) {
+        lamb_block<T, divide()>(p, g, st[0], st[1], n, s, r, plan.load);
       });
     });
   });
@@ -115,9 +159,30 @@ void lamb_items(const LambCall& call, const ExecContext& ctx) {
 
 }  // namespace
 
+void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx) {
+  if (!step_enabled(call.step.lists)) return;  // sq_norms stay 0
+  with_opmath(call.step.lists.params.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    direction_items<T>(call.step, static_cast<T*>(call.sq_norms), ctx);
+  });
+}
+
+void lamb_apply(const LambApplyCall& call, const ExecContext& ctx) {
+  if (!step_enabled(call.step.lists)) return;
+  with_opmath(call.step.lists.params.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    apply_items<T>(call.step, static_cast<const T*>(call.sq_norms), ctx);
+  });
+}
+
 void lamb(const LambCall& call, const ExecContext& ctx) {
   if (!step_enabled(call.lists)) return;
-  with_opmath(call.lists.params.dtype, [&](auto zero) { lamb_items<decltype(zero)>(call, ctx); });
+  with_opmath(call.lists.params.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    std::vector<T> sq_norms(2 * call.lists.num_tensors, T(0));
+    direction_items<T>(call, sq_norms.data(), ctx);
+    apply_items<T>(call, sq_norms.data(), ctx);
+  });
 }
 
 }  // namespace fusedopt::cpu

@@ -66,8 +66,9 @@ inline T* adopt_written_params(T* master, const void* param, DType d, int64_t of
 /// Calls f(p, g, states, n) for each block of work item w, where p, g and states[k] point at
 /// n opmath values of the param (or master, after [note: master sync] when lists.master_sync),
 /// the grad and state slot k. With kWrite the param, master and states are written back
-/// after f (f may change them); without, nothing is written (LAMB's norm pass).
-template <typename T, size_t kStates, bool kWrite, typename F>
+/// after f (f may change them); without, nothing is written (LAMB's norm pass). Without
+/// kReadGrad the grad is not read (g is null: LAMB's second pass over stored moments).
+template <typename T, size_t kStates, bool kWrite, bool kReadGrad = true, typename F>
 void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates>& states,
                     const WorkItem& w, F&& f) {
   const int64_t i = w.tensor;
@@ -85,7 +86,7 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
     const int64_t n = std::min(kBlock, w.end - off);
     T* p = view_block(p_base, p_dtype, off, n, p_buffer);
     if (sync) p = adopt_written_params(p, param, lists.params.dtype, off, n, kWrite, p_buffer);
-    const T* g = view_block(g_base, lists.grads.dtype, off, n, g_buffer);
+    const T* g = kReadGrad ? view_block(g_base, lists.grads.dtype, off, n, g_buffer) : nullptr;
     for (size_t k = 0; k < kStates; ++k)
       s[k] = view_block(states[k].data[i], states[k].dtype, off, n, s_buffer[k]);
     f(p, g, s, n);

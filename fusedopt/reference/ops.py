@@ -174,39 +174,120 @@ def adamw_(
         _store_param(p, param, master_params, i)
 
 
+def _lamb_coefficients(i, t, beta1, beta2, grad_averaging, bias_correction):
+    """beta3 (1 - beta1 with grad averaging, else 1), bc1 and sqrt(bc2) of tensor i at step t."""
+    beta3 = 1 - beta1[i] if grad_averaging else 1.0
+    bc1 = _bias_correction(beta1[i], t, bias_correction)
+    return beta3, bc1, math.sqrt(_bias_correction(beta2[i], t, bias_correction))
+
+
+def _lamb_update(m, v, p, bc1, sqrt_bc2, eps, weight_decay):
+    """u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) + wd*p (no decay term for wd == 0)."""
+    u = (m / bc1) / (sqrt_rn(v) / sqrt_bc2 + eps)
+    return u + weight_decay * p if weight_decay != 0 else u
+
+
+def _lamb_two_pass(param, master_params, weight_decay, always_adapt) -> bool:
+    """Whether lamb_direction_ stores this tensor's new moments (lamb_apply_ then recomputes u
+    from them): the tensor adapts and its states hold opmath values exactly."""
+    exact = bool(master_params) or param.dtype in (torch.float32, torch.float64)
+    return exact and (weight_decay != 0 or always_adapt)
+
+
+def _lamb_direction(i, t, params, grads, exp_avgs, exp_avg_sqs, master_params, beta1, beta2,
+                    eps, weight_decay, grad_averaging, bias_correction, grad_scale, clip_coef,
+                    master_sync):  # fmt: skip
+    """The param, the new moments and the update u of tensor i at step t, in opmath."""
+    opmath = opmath_dtype(params[i].dtype)
+    beta3, bc1, sqrt_bc2 = _lamb_coefficients(i, t, beta1, beta2, grad_averaging,
+                                              bias_correction)  # fmt: skip
+    g = load_grad(grads[i], opmath, grad_scale, clip_coef)
+    p = _load_param(params[i], master_params, i, opmath, master_sync)
+    m = beta1[i] * exp_avgs[i].to(opmath) + beta3 * g
+    v = beta2[i] * exp_avg_sqs[i].to(opmath) + (1 - beta2[i]) * g * g
+    return p, m, v, _lamb_update(m, v, p, bc1, sqrt_bc2, eps[i], weight_decay[i])
+
+
+def lamb_direction_(
+    params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
+    lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction, trust_clip,
+    always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+) -> Tensor:  # fmt: skip
+    """LAMB's first pass (``fusedopt._contract.PHASE_OPS``): advances the steps, returns
+    ``sq_norms`` [N, 2] (sum p², sum u² of each tensor that adapts, else 0) and stores the
+    new moments of the tensors that take two passes (:func:`_lamb_two_pass`)."""
+    opmath = opmath_dtype(params[0].dtype) if params else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    sq_norms = torch.zeros((len(params), 2), dtype=opmath, device=device)
+    if _skip(found_inf):
+        return sq_norms
+    for i, param in enumerate(params):
+        t = _next_step(steps[i])
+        if weight_decay[i] == 0 and not always_adapt:
+            continue
+        p, m, v, u = _lamb_direction(i, t, params, grads, exp_avgs, exp_avg_sqs, master_params,
+                                     beta1, beta2, eps, weight_decay, grad_averaging,
+                                     bias_correction, grad_scale, clip_coef,
+                                     master_sync)  # fmt: skip
+        sq_norms[i, 0] = p.square().sum()
+        sq_norms[i, 1] = u.square().sum()
+        if _lamb_two_pass(param, master_params, weight_decay[i], always_adapt):
+            exp_avgs[i].copy_(m)
+            exp_avg_sqs[i].copy_(v)
+    return sq_norms
+
+
+def lamb_apply_(
+    params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
+    lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction, trust_clip,
+    always_adapt, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+) -> None:  # fmt: skip
+    """LAMB's second pass, after :func:`lamb_direction_`: trust ratios from ``sq_norms``, then
+    ``p -= lr * (u * ratio)`` with u recomputed (from the stored new moments of a two-pass
+    tensor, else from the grad and the old moments, which are then stored)."""
+    if _skip(found_inf):
+        return
+    for i, param in enumerate(params):
+        opmath = opmath_dtype(param.dtype)
+        t = float(steps[i].item())
+        adapt = weight_decay[i] != 0 or always_adapt
+        if _lamb_two_pass(param, master_params, weight_decay[i], always_adapt):
+            _, bc1, sqrt_bc2 = _lamb_coefficients(i, t, beta1, beta2, grad_averaging,
+                                                  bias_correction)  # fmt: skip
+            p = _load_param(param, master_params, i, opmath, master_sync)
+            m, v = exp_avgs[i].to(opmath), exp_avg_sqs[i].to(opmath)
+            u = _lamb_update(m, v, p, bc1, sqrt_bc2, eps[i], weight_decay[i])
+        else:
+            p, m, v, u = _lamb_direction(i, t, params, grads, exp_avgs, exp_avg_sqs,
+                                         master_params, beta1, beta2, eps, weight_decay,
+                                         grad_averaging, bias_correction, grad_scale, clip_coef,
+                                         master_sync)  # fmt: skip
+            exp_avgs[i].copy_(m)
+            exp_avg_sqs[i].copy_(v)
+        ratio = 1.0
+        if adapt:
+            w_norm, u_norm = sqrt_rn(sq_norms[i, 0].to(opmath)), sqrt_rn(sq_norms[i, 1].to(opmath))
+            one = torch.ones((), dtype=opmath, device=p.device)
+            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, one)
+            if trust_clip:
+                ratio = torch.clamp(ratio, max=1.0)
+        p = p - _lr(lr, lr_tensor, i, opmath) * (u * ratio)
+        _store_param(p, param, master_params, i)
+
+
 def lamb_(
     params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
     lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction, trust_clip,
     always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
-    """LAMB with timm's semantics (DESIGN.md §3); the global clip arrives in clip_coef."""
-    if _skip(found_inf):
-        return
-    for i, param in enumerate(params):
-        opmath = opmath_dtype(param.dtype)
-        t = _next_step(steps[i])
-        bc1 = _bias_correction(beta1[i], t, bias_correction)
-        bc2 = _bias_correction(beta2[i], t, bias_correction)
-        beta3 = 1 - beta1[i] if grad_averaging else 1.0
-        lr_i = _lr(lr, lr_tensor, i, opmath)
-        g = load_grad(grads[i], opmath, grad_scale, clip_coef)
-        p = _load_param(param, master_params, i, opmath, master_sync)
-        m = beta1[i] * exp_avgs[i].to(opmath) + beta3 * g
-        v = beta2[i] * exp_avg_sqs[i].to(opmath) + (1 - beta2[i]) * g * g
-        update = (m / bc1) / (sqrt_rn(v) / math.sqrt(bc2) + eps[i])
-        if weight_decay[i] != 0:
-            update = update + weight_decay[i] * p
-        if weight_decay[i] != 0 or always_adapt:
-            w_norm, u_norm = p.norm(2), update.norm(2)
-            one = torch.ones((), dtype=opmath, device=p.device)
-            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, one)
-            if trust_clip:
-                ratio = torch.clamp(ratio, max=1.0)
-            update = update * ratio
-        p = p - lr_i * update
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
-        _store_param(p, param, master_params, i)
+    """LAMB with timm's semantics (DESIGN.md §3); the global clip arrives in clip_coef. Its two
+    passes, :func:`lamb_direction_` then :func:`lamb_apply_`."""
+    hypers_flags = (lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction,
+                    trust_clip, always_adapt)  # fmt: skip
+    lists = (params, grads, exp_avgs, exp_avg_sqs, master_params, steps)
+    scalars = (lr_tensor, grad_scale, clip_coef, found_inf, master_sync)
+    sq_norms = lamb_direction_(*lists, *hypers_flags, *scalars)
+    lamb_apply_(*lists, *hypers_flags, sq_norms, *scalars)
 
 
 def lion_(

@@ -162,6 +162,35 @@ struct SgdCall {
   FUSEDOPT_STEP_CALL_FIELDS(SGD)
 };
 
+// lamb_'s two passes as ops of their own, so that sharded LAMB all-reduces its per-tensor
+// sums between them ([note: multi-pass ops] in DESIGN.md §2; math/lamb.h [note: lamb passes]
+// says which pass reads and writes what). lamb(call) is lamb_direction then lamb_apply.
+
+/// lamb_direction_: advances the steps; writes sq_norms (2 * num_tensors values of the
+/// opmath type, pre-zeroed by the caller: sum p^2, sum u^2 of each tensor that adapts, in a
+/// fixed order) and, for two-pass tensors, m and v. Per element: reads g, p, m, v.
+struct LambDirectionCall {
+  LambCall step;
+  void* sq_norms = nullptr;  // device
+};
+
+/// lamb_apply_: trust ratios from sq_norms, then p -= lr * ratio * u. Reads the advanced
+/// steps. Per element: reads p, m, v (+g for one-pass tensors); writes p (+m, v).
+struct LambApplyCall {
+  LambCall step;
+  const void* sq_norms = nullptr;  // device, 2 * num_tensors values of the opmath type
+};
+
+namespace cpu {
+void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx);
+void lamb_apply(const LambApplyCall& call, const ExecContext& ctx);
+}  // namespace cpu
+
+namespace cuda {
+void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx);
+void lamb_apply(const LambApplyCall& call, const ExecContext& ctx);
+}  // namespace cuda
+
 /// The launchers: scale, grad_norm and one per step op (adamw, lamb...), in each backend.
 #define FUSEDOPT_DECLARE_LAUNCHER(op, OP, Stem) \
   void op(const Stem##Call& call, const ExecContext& ctx);

@@ -1,10 +1,20 @@
 // LAMB per-element math (timm's Lamb, DESIGN.md §3), over opmath registers.
 //
-// LAMB needs two per-tensor norms (of p and of the update u) before any param can move, so a
-// launcher runs two passes: pass 1 reads g, p, m, v and accumulates |p|^2 and |u|^2 (writing
-// nothing); pass 2 reads g, p, m, v again, recomputes the same m, v, u bit for bit and writes
-// p, m, v. Recomputing from the old states (rather than writing m, v in pass 1 and re-reading
-// them) keeps u computed from unrounded m, v when states are bf16/fp16, as the reference does.
+// LAMB needs two per-tensor norms (of p and of the update u) before any param can move, so it
+// runs as two passes, each an op of its own ([note: multi-pass ops] in DESIGN.md §2):
+// lamb_direction_ reads g, p, m, v, forms the new m, v and u and sums |p|^2 and |u|^2 per
+// tensor; lamb_apply_ turns the sums into the trust ratio and writes p. Where u comes from in
+// the second pass is decided per tensor, the same way in every backend ([note: lamb passes]):
+// * a tensor that adapts and whose states hold opmath values exactly (fp32/fp64 params, or
+//   master weights): lamb_direction_ stores the new m, v; lamb_apply_ reads p, m, v and
+//   recomputes u from them (lamb_update) — the stored moments are the unrounded ones, so u is
+//   bit for bit the one whose norm was taken. fp32: 24 + 16 = 40 B per element;
+// * else (bf16/fp16 states without master weights, or a tensor that does not adapt):
+//   lamb_direction_ writes nothing (and skips a tensor that does not adapt); lamb_apply_
+//   reads g, p, m, v, recomputes the moments and u from them (lamb_direction) and writes
+//   p, m, v. Storing rounded moments in the first pass would make the second pass's u differ
+//   from the one whose norm was taken. bf16: 8 + 14 = 22 B; a tensor that does not adapt
+//   takes the one pass (fp32 28 B).
 #pragma once
 
 #include "fusedopt/macros.h"
@@ -41,15 +51,21 @@ FUSEDOPT_HD FUSEDOPT_INLINE LambScalars<T> lamb_scalars(double lr, double beta1,
   return s;
 }
 
-/// Updates m and v of one element and returns its update direction u (before the trust
-/// ratio): u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) + wd*p.
+/// The update direction u of one element (before the trust ratio) from its new moments:
+/// u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) + wd*p.
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE T lamb_update(T p, T m, T v, const LambScalars<T>& s) {
+  T u = (m / s.bc1) / (sqrt_rn(v) / s.sqrt_bc2 + s.eps);
+  if (s.decay) u = u + s.weight_decay * p;
+  return u;
+}
+
+/// Updates m and v of one element and returns its update direction u (lamb_update).
 template <typename T>
 FUSEDOPT_HD FUSEDOPT_INLINE T lamb_direction(T p, T g, T& m, T& v, const LambScalars<T>& s) {
   m = s.beta1 * m + s.beta3 * g;
   v = s.beta2 * v + s.one_minus_beta2 * g * g;
-  T u = (m / s.bc1) / (sqrt_rn(v) / s.sqrt_bc2 + s.eps);
-  if (s.decay) u = u + s.weight_decay * p;
-  return u;
+  return lamb_update(p, m, v, s);
 }
 
 /// The trust ratio |p| / |u| from the two norms: 1 where either is 0, clamped to <= 1 with
@@ -61,6 +77,21 @@ FUSEDOPT_HD FUSEDOPT_INLINE T lamb_trust_ratio(T param_norm, T update_norm, bool
   T ratio = (param_norm > T(0) && update_norm > T(0)) ? param_norm / update_norm : T(1);
   if (trust_clip) ratio = ratio > T(1) ? T(1) : ratio;  // torch.clamp(max=1) keeps NaN
   return ratio;
+}
+
+/// The trust ratio from the sums of squares that lamb_direction_ returns (over every shard of
+/// a sharded param): lamb_trust_ratio(sqrt(param_sq), sqrt(update_sq)).
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE T lamb_trust_ratio_sq(T param_sq, T update_sq, bool adapt,
+                                                  bool trust_clip) {
+  return lamb_trust_ratio(sqrt_rn(param_sq), sqrt_rn(update_sq), adapt, trust_clip);
+}
+
+/// [note: lamb passes] Whether a tensor takes two passes over its elements (lamb_direction_
+/// stores its new moments and lamb_apply_ recomputes u from them): it adapts and its states
+/// hold opmath values exactly. See this file's header.
+FUSEDOPT_HD FUSEDOPT_INLINE bool lamb_two_pass(bool adapt, bool states_exact) {
+  return adapt && states_exact;
 }
 
 /// The param update p - lr * (u * ratio).
