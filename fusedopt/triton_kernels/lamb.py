@@ -1,37 +1,34 @@
 """``lamb_``: LAMB with timm's semantics (DESIGN.md §3); per-tensor norms of the params and
-of the updates, and the trust ratio, all on the device, without a host sync.
+of the updates, and the trust ratio, all on the device, without a host sync. Also its two
+passes as ops of their own, ``lamb_direction_`` and ``lamb_apply_`` ([note: multi-pass ops] in
+DESIGN.md §2), so that sharded LAMB all-reduces the per-tensor sums between them.
 
 The trust ratio of a tensor needs the norm of its whole update before any element of the
 param may change, so LAMB cannot be one pass; it is three launches, whatever the tensor count:
 
-1. ``lamb_norms_kernel`` (one program per chunk): computes the new moments and the update
-   ``u``, and writes each chunk's partial sums of p² and u².
-2. ``lamb_trust_ratio_kernel`` (one program per tensor): folds its chunks' partials in chunk
-   order (deterministic) into ‖p‖ and ‖u‖ and writes the trust ratio.
-3. ``lamb_update_kernel`` (one program per chunk): ``p -= lr * ratio * u``; the tensor's last
+1. ``lamb_direction_kernel`` (one program per chunk): for a tensor that adapts, the new
+   moments and the update ``u`` and the chunk's partial sums of p² and u²; the tensor's last
    chunk advances its step count.
+2. ``lamb_fold_kernel`` (one program per tensor): folds its chunks' partials in chunk order
+   (deterministic) into ``sq_norms[t] = (sum p², sum u²)``. (1 and 2 are ``lamb_direction_``.)
+3. ``lamb_apply_kernel`` (one program per chunk): the trust ratio from ``sq_norms``, then
+   ``p -= lr * ratio * u`` (``lamb_apply_``).
 
-Bytes per element (G grad, P param source: the fp32 master or the param, W param written
-back, S state element):
+Which pass stores the moments is decided per tensor, as in every backend ([note: lamb
+passes] in csrc/include/fusedopt/math/lamb.h, which also argues why it is minimal). Bytes per
+element (G grad, P param source: the fp32 master or the param, W param written back, S state
+element):
 
-* States in fp32 (fp32 params, or master weights): phase 1 reads g, p, m, v and writes m, v
-  (G + P + 4S); phase 3 reads p, m, v, recomputes u from them, and writes p (P + 2S + W,
-  plus 4 for the master). fp32: 24 + 16 = 40 B; bf16 with master: 22 + 18 = 40 B.
-* States in bf16/fp16 (no master): phase 1 only reads g, p, m, v (G + P + 2S); phase 3
-  reads them again, recomputes the moments and the update, and writes m, v, p
-  (G + P + 4S + W). bf16: 8 + 14 = 22 B.
+* A tensor that adapts, with states in fp32 (fp32 params, or master weights): pass 1 reads
+  g, p, m, v and writes m, v (G + P + 4S); pass 3 reads p, m, v, recomputes u from them, and
+  writes p (P + 2S + W, plus 4 for the master). fp32: 24 + 16 = 40 B; bf16 with master:
+  22 + 18 = 40 B.
+* A tensor that adapts, with bf16/fp16 states (no master): pass 1 only reads g, p, m, v
+  (G + P + 2S); pass 3 reads them again, recomputes the moments and the update, and writes
+  m, v, p (G + P + 4S + W). bf16: 8 + 14 = 22 B.
+* A tensor that does not adapt: pass 1 reads nothing; pass 3 is the whole step (fp32 28 B).
 
-Why minimal: the one-pass floor (read g, p, m, v; write p, m, v: fp32 28 B) is out of reach,
-since no element of p may be written before ‖u‖ is known, so some data is read twice. In
-phase 3 the update is needed again; it can come from (a) a stored copy of u (phase 1 writes
-4 B, phase 3 reads 4 B, plus p), (b) recomputation from the stored new moments (re-read m, v:
-2S) or (c) recomputation from the grad and old moments (re-read g, m, v: G + 2S, with the
-state writes moved to phase 3). For fp32 states (a) and (b) cost the same 8 B and (b) needs
-no scratch buffer; (c) costs G more. For low-precision states (b) would recompute u from
-*rounded* moments and disagree with the update whose norm was taken, so (c) is the exact
-choice there and (a) would cost 2 B more (fp32 u: 8 B against G + 2S - 2S = 6 B for bf16,
-since (c) also saves phase 1's state writes). Each variant moves the fewest bytes that are
-exact. The per-chunk partials (8 B per 65536 elements) are negligible.
+The per-chunk partials (8 B per 65536 elements) are negligible.
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._contract import PHASE_OPS
 from . import common
 from .common import (
     BLOCK,
@@ -125,18 +123,28 @@ def _norms_block(
 
 
 @triton.jit
-def lamb_norms_kernel(
-    table, chunks, partials, grad_scale, clip_coef, found_inf, WIDTH: tl.constexpr,
+def _adapts(row, ALWAYS_ADAPT: tl.constexpr):
+    """Whether LAMB adapts this tensor's step (wd != 0 or ALWAYS_ADAPT)."""
+    return (hyper(row, L.N_SLOTS, L.WEIGHT_DECAY) != 0.0) | ALWAYS_ADAPT
+
+
+@triton.jit
+def lamb_direction_kernel(
+    table, chunks, counters, partials, grad_scale, clip_coef, found_inf, WIDTH: tl.constexpr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, GRAD_AVERAGING: tl.constexpr,
-    BIAS_CORRECTION: tl.constexpr, STATES_EXACT: tl.constexpr, ALIGNED: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr, ALWAYS_ADAPT: tl.constexpr, STATES_EXACT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    """Phase 1, per chunk: the moments (stored when STATES_EXACT) and the partial sums of p²
-    and u² (partials[2 * chunk], partials[2 * chunk + 1])."""
+    """Pass 1, per chunk: for a tensor that adapts, the moments (stored when STATES_EXACT) and
+    the partial sums of p² and u² (partials[2 * chunk], partials[2 * chunk + 1]; 0 for a
+    tensor that does not adapt); the last chunk advances the step count."""
     if not skipped(found_inf, HAS_FOUND_INF):
-        _, row, start, end = locate_chunk(chunks, table, WIDTH)
-        new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
+        t, row, start, end = locate_chunk(chunks, table, WIDTH)
+        step_ptr = slot(row, L.STEPS, tl.float32, False)
+        new_step = tl.load(step_ptr) + 1.0
+        end = tl.where(_adapts(row, ALWAYS_ADAPT), end, start)  # no elements: partials 0
         args = (
             slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
             slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
@@ -159,16 +167,16 @@ def lamb_norms_kernel(
         pid = tl.program_id(0)
         tl.store(partials + 2 * pid, tl.sum(w_acc, axis=0))
         tl.store(partials + 2 * pid + 1, tl.sum(u_acc, axis=0))
+        finish_tensor(counters, t, row, step_ptr, new_step)
 
 
 @triton.jit
-def lamb_trust_ratio_kernel(
-    table, partials, ratios, found_inf, WIDTH: tl.constexpr, COMPUTE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, TRUST_CLIP: tl.constexpr, ALWAYS_ADAPT: tl.constexpr,
+def lamb_fold_kernel(
+    table, partials, sq_norms, found_inf, WIDTH: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
 ):  # fmt: skip
-    """Phase 2, per tensor: fold the chunk partials in chunk order; the trust ratio
-    ‖p‖/‖u‖ (1 where either is 0; clamped to 1 with TRUST_CLIP; 1 unless wd != 0 or
-    ALWAYS_ADAPT)."""
+    """Pass 2, per tensor: fold the chunk partials in chunk order into
+    ``sq_norms[2t] = sum p²``, ``sq_norms[2t + 1] = sum u²``."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t = tl.program_id(0)
         row = table + t.to(tl.int64) * WIDTH
@@ -181,30 +189,37 @@ def lamb_trust_ratio_kernel(
             idx = 2 * (first + offs)
             w_acc += tl.load(partials + idx, mask=offs < n, other=0.0)
             u_acc += tl.load(partials + idx + 1, mask=offs < n, other=0.0)
-        w_norm = sqrt(tl.sum(w_acc, axis=0))
-        u_norm = sqrt(tl.sum(u_acc, axis=0))
-        ratio = tl.where((w_norm > 0) & (u_norm > 0), div(w_norm, u_norm), 1.0)
-        if TRUST_CLIP:
-            ratio = tl.minimum(ratio, 1.0, propagate_nan=tl.PropagateNan.ALL)
-        if not ALWAYS_ADAPT:
-            ratio = tl.where(hyper(row, L.N_SLOTS, L.WEIGHT_DECAY) != 0.0, ratio, 1.0)
-        tl.store(ratios + t, ratio.to(COMPUTE))
+        tl.store(sq_norms + 2 * t, tl.sum(w_acc, axis=0).to(COMPUTE))
+        tl.store(sq_norms + 2 * t + 1, tl.sum(u_acc, axis=0).to(COMPUTE))
 
 
 @triton.jit
-def _update_block(
-    offs, mask, ratio, lr, p_ptr, g_ptr, m_ptr, v_ptr, master_ptr, grad_scale, clip_coef,
-    coefficients, COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_CLIP: tl.constexpr, STATES_EXACT: tl.constexpr,
+def _trust_ratio(row, sq_norms, t, COMPUTE: tl.constexpr, TRUST_CLIP: tl.constexpr,
+                 ALWAYS_ADAPT: tl.constexpr):  # fmt: skip
+    """‖p‖/‖u‖ from ``sq_norms`` (1 where either is 0; clamped to 1 with TRUST_CLIP; 1 for a
+    tensor that does not adapt)."""
+    w_norm = sqrt(tl.load(sq_norms + 2 * t).to(COMPUTE))
+    u_norm = sqrt(tl.load(sq_norms + 2 * t + 1).to(COMPUTE))
+    ratio = tl.where((w_norm > 0) & (u_norm > 0), div(w_norm, u_norm), 1.0)
+    if TRUST_CLIP:
+        ratio = tl.minimum(ratio, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.where(_adapts(row, ALWAYS_ADAPT), ratio, 1.0).to(COMPUTE)
+
+
+@triton.jit
+def _apply_block(
+    offs, mask, ratio, lr, two_pass, p_ptr, g_ptr, m_ptr, v_ptr, master_ptr, grad_scale,
+    clip_coef, coefficients, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
 ):  # fmt: skip
     beta1, beta3, beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = (
         coefficients
     )
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
-    if STATES_EXACT:  # phase 1 stored the fp32 moments: recompute u from them
+    if two_pass:  # pass 1 stored the exact moments: recompute u from them
         m = load(m_ptr, offs, mask, COMPUTE)
         v = load(v_ptr, offs, mask, COMPUTE)
-    else:  # low-precision states: recompute the moments from the grad, then store them
+    else:  # recompute the moments from the grad, then store them
         g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE,
                       HAS_CLIP, False)  # fmt: skip
         m, v = _moments(g, load(m_ptr, offs, mask, COMPUTE), load(v_ptr, offs, mask, COMPUTE),
@@ -216,21 +231,22 @@ def _update_block(
 
 
 @triton.jit
-def lamb_update_kernel(
-    table, chunks, counters, ratios, lr_tensor, grad_scale, clip_coef, found_inf,
+def lamb_apply_kernel(
+    table, chunks, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf,
     WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
     LR_MODE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, GRAD_AVERAGING: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-    STATES_EXACT: tl.constexpr, ALIGNED: tl.constexpr,
+    TRUST_CLIP: tl.constexpr, ALWAYS_ADAPT: tl.constexpr, STATES_EXACT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    """Phase 3, per chunk: p -= lr * (u * ratio); the last chunk advances the step count."""
+    """Pass 3, per chunk: p -= lr * (u * ratio), at the step count pass 1 advanced."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        step_ptr = slot(row, L.STEPS, tl.float32, False)
-        new_step = tl.load(step_ptr) + 1.0
-        ratio = tl.load(ratios + t)
+        new_step = tl.load(slot(row, L.STEPS, tl.float32, False))
+        ratio = _trust_ratio(row, sq_norms, t, COMPUTE, TRUST_CLIP, ALWAYS_ADAPT)
         lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE).to(COMPUTE)
+        two_pass = _adapts(row, ALWAYS_ADAPT) if STATES_EXACT else False  # [note: lamb passes]
         args = (
             slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
             slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
@@ -241,16 +257,88 @@ def lamb_update_kernel(
         )  # fmt: skip
         full_end = full_blocks_end(start, end)
         for base in range(start, full_end, BLOCK):
-            _update_block(base + tl.arange(0, BLOCK), None, ratio, lr, *args, COMPUTE, MASTER,
-                          HAS_GRAD_SCALE, HAS_CLIP, STATES_EXACT)  # fmt: skip
+            _apply_block(base + tl.arange(0, BLOCK), None, ratio, lr, two_pass, *args, COMPUTE,
+                         MASTER, HAS_GRAD_SCALE, HAS_CLIP)  # fmt: skip
         if full_end < end:
             offs, mask = tail_block(full_end, end)
-            _update_block(offs, mask, ratio, lr, *args, COMPUTE, MASTER, HAS_GRAD_SCALE,
-                          HAS_CLIP, STATES_EXACT)  # fmt: skip
-        finish_tensor(counters, t, row, step_ptr, new_step)
+            _apply_block(offs, mask, ratio, lr, two_pass, *args, COMPUTE, MASTER,
+                         HAS_GRAD_SCALE, HAS_CLIP)  # fmt: skip
 
 
 _TABLES = TableCache()
+
+
+def _options(a) -> dict:
+    """The constexpr and launch options of the direction and apply kernels."""
+    states_exact = bool(a.master_params) or a.params[0].dtype in (torch.float32, torch.float64)
+    return {
+        "WIDTH": a.launch.width, **a.dtypes, "HAS_GRAD_SCALE": a.scalar_flags["HAS_GRAD_SCALE"],
+        "HAS_CLIP": a.scalar_flags["HAS_CLIP"], "HAS_FOUND_INF": a.scalar_flags["HAS_FOUND_INF"],
+        "GRAD_AVERAGING": a.grad_averaging, "BIAS_CORRECTION": a.bias_correction,
+        "ALWAYS_ADAPT": a.always_adapt, "STATES_EXACT": states_exact,
+        "ALIGNED": a.launch.aligned, **common.LAUNCH_OPTIONS,
+    }  # fmt: skip
+
+
+def _direction(a, sq_norms: torch.Tensor) -> None:
+    """Passes 1 and 2 (see the module docstring) into ``sq_norms``, zeros of shape [N, 2]."""
+    launch = a.launch
+    compute = sq_norms.dtype
+    partials = torch.empty(2 * launch.n_chunks, dtype=compute, device=sq_norms.device)
+    _, grad_scale_arg, clip_coef_arg, found_inf_arg = a.scalar_tensors
+    lamb_direction_kernel[(launch.n_chunks,)](
+        launch.table, launch.chunks, launch.counters, partials, grad_scale_arg, clip_coef_arg,
+        found_inf_arg, **_options(a),
+    )  # fmt: skip
+    lamb_fold_kernel[(len(a.params),)](
+        launch.table, partials, sq_norms, found_inf_arg, WIDTH=launch.width,
+        COMPUTE=a.dtypes["COMPUTE"], HAS_FOUND_INF=a.scalar_flags["HAS_FOUND_INF"],
+        **common.LAUNCH_OPTIONS,
+    )  # fmt: skip
+
+
+def _apply(a, sq_norms: torch.Tensor) -> None:
+    """Pass 3 (see the module docstring)."""
+    lamb_apply_kernel[(a.launch.n_chunks,)](
+        a.launch.table, a.launch.chunks, sq_norms, *a.scalar_tensors, **_options(a),
+        LR_MODE=a.scalar_flags["LR_MODE"], TRUST_CLIP=a.trust_clip,
+    )  # fmt: skip
+
+
+def _zero_norms(args: tuple) -> torch.Tensor:
+    """``sq_norms`` zeros [N, 2] in the params' opmath, on their device."""
+    params = args[0]
+    fp64 = bool(params) and params[0].dtype == torch.float64
+    device = params[0].device if params else torch.device("cpu")
+    dtype = torch.float64 if fp64 else torch.float32
+    return torch.zeros((len(params), 2), dtype=dtype, device=device)
+
+
+def lamb_direction_(*args) -> torch.Tensor:
+    """LAMB's first pass (passes 1 and 2 above): advances the steps, returns ``sq_norms``."""
+    sq_norms = _zero_norms(args)
+    a = prepare("lamb_", args, _TABLES)
+    if a is not None:
+        _direction(a, sq_norms)
+    return sq_norms
+
+
+def lamb_apply_(*args) -> None:
+    """LAMB's second pass (pass 3 above), with ``sq_norms`` from :func:`lamb_direction_`."""
+    k = PHASE_OPS["lamb_apply_"].input_index
+    sq_norms = args[k]
+    expected = _zero_norms(args)
+    if (sq_norms.shape, sq_norms.dtype, sq_norms.device) != (
+        expected.shape, expected.dtype, expected.device,
+    ) or not sq_norms.is_contiguous():  # fmt: skip
+        raise TypeError(
+            f"lamb_apply_triton_: sq_norms must be a contiguous {expected.dtype} tensor of "
+            f"shape {tuple(expected.shape)} on {expected.device}; got {tuple(sq_norms.shape)}, "
+            f"{sq_norms.dtype} on {sq_norms.device}"
+        )
+    a = prepare("lamb_", args[:k] + args[k + 1 :], _TABLES)
+    if a is not None:
+        _apply(a, sq_norms)
 
 
 def lamb_(*args) -> None:
@@ -258,39 +346,11 @@ def lamb_(*args) -> None:
     a = prepare("lamb_", args, _TABLES)
     if a is None:
         return
-    params, dtypes, launch, scalars, flags = (
-        a.params,
-        a.dtypes,
-        a.launch,
-        a.scalar_tensors,
-        a.scalar_flags,
-    )
-    compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    device = params[0].device
-    partials = torch.empty(2 * launch.n_chunks, dtype=compute, device=device)
-    ratios = torch.empty(len(params), dtype=compute, device=device)
-    # The moments are exact in storage when they are fp32 (or fp64): see the module docstring.
-    states_exact = bool(a.master_params) or params[0].dtype in (torch.float32, torch.float64)
-    options = {
-        "WIDTH": launch.width, **dtypes, "HAS_GRAD_SCALE": flags["HAS_GRAD_SCALE"],
-        "HAS_CLIP": flags["HAS_CLIP"], "HAS_FOUND_INF": flags["HAS_FOUND_INF"],
-        "GRAD_AVERAGING": a.grad_averaging, "BIAS_CORRECTION": a.bias_correction,
-        "STATES_EXACT": states_exact, "ALIGNED": launch.aligned, **common.LAUNCH_OPTIONS,
-    }  # fmt: skip
-    _, grad_scale_arg, clip_coef_arg, found_inf_arg = scalars
-    lamb_norms_kernel[(launch.n_chunks,)](
-        launch.table, launch.chunks, partials, grad_scale_arg, clip_coef_arg, found_inf_arg,
-        **options,
-    )  # fmt: skip
-    lamb_trust_ratio_kernel[(len(params),)](
-        launch.table, partials, ratios, found_inf_arg, WIDTH=launch.width,
-        COMPUTE=dtypes["COMPUTE"], HAS_FOUND_INF=flags["HAS_FOUND_INF"],
-        TRUST_CLIP=a.trust_clip, ALWAYS_ADAPT=a.always_adapt, **common.LAUNCH_OPTIONS,
-    )  # fmt: skip
-    lamb_update_kernel[(launch.n_chunks,)](
-        launch.table, launch.chunks, launch.counters, ratios, *scalars, **options,
-        LR_MODE=flags["LR_MODE"],
-    )  # fmt: skip
+    sq_norms = _zero_norms(args)
+    _direction(a, sq_norms)
+    _apply(a, sq_norms)
 
 
 register("lamb_", lamb_)
+register("lamb_direction_", lamb_direction_)
+register("lamb_apply_", lamb_apply_)
