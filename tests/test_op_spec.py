@@ -65,6 +65,49 @@ def test_derived_schemas_equal_the_hand_written_ones():
     assert set(_contract.STEP_OPS) == set(GOLDEN_SCHEMAS)
 
 
+#: The passes of multi-pass ops (``_contract.PHASE_OPS``), public API too: lamb_'s arguments,
+#: with only what each pass writes annotated; sq_norms returned by the first, taken by the second.
+GOLDEN_PHASE_SCHEMAS = {
+    "lamb_direction_": (
+        "{name}(Tensor[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor[] master_params, Tensor(f!)[] steps, "
+        "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
+        "bool grad_averaging, bool bias_correction, bool trust_clip, "
+        "bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
+        "Tensor? found_inf, bool master_sync=True) -> (Tensor sq_norms)"
+    ),
+    "lamb_apply_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor[] steps, "
+        "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
+        "bool grad_averaging, bool bias_correction, bool trust_clip, "
+        "bool always_adapt, Tensor sq_norms, Tensor? lr_tensor, Tensor? grad_scale, "
+        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
+    ),
+}
+
+
+def test_phase_schemas_equal_the_hand_written_ones():
+    for op, schema in GOLDEN_PHASE_SCHEMAS.items():
+        assert _contract.SCHEMAS[op] == schema, op
+    assert set(_contract.PHASE_OPS) == set(GOLDEN_PHASE_SCHEMAS)
+
+
+@pytest.mark.parametrize("op", sorted(_contract.PHASE_OPS))
+def test_phase_reference_and_wrapper_follow_the_schema(op):
+    """A pass's reference spells its schema's arguments in order; its public wrapper takes
+    every list, hyperparameter, flag and input, with the step op's flag defaults."""
+    spec = _contract.PHASE_OPS[op]
+    order = _schema_order(spec.step_op)
+    k = spec.input_index
+    order[k:k] = spec.inputs
+    assert list(inspect.signature(getattr(reference, op)).parameters) == order
+    signature = inspect.signature(getattr(ops, op)).parameters
+    assert set(spec.step.lists) | set(spec.step.hypers) | set(spec.inputs) <= set(signature)
+    for flag in (*spec.step.flag_specs, *_contract.COMMON_FLAGS):
+        assert signature[flag.name].default is flag.default, flag.name
+
+
 #: torch's state keys of each optimizer, as torch.optim names them.
 TORCH_STATE_KEYS = {
     "adamw_": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},

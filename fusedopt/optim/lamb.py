@@ -2,12 +2,14 @@
 
 [note: sharded LAMB] LAMB's trust ratio ``‖p‖/‖u‖`` needs the norms of *whole* tensors.
 The ``lamb_`` op computes them from the tensors it is given, which for a DTensor param
-(FSDP2) is only the local shard. For params sharded that way this module runs a
-decomposition instead: on the local shards it forms the new moments and the update ``u`` in
-fp32, sums the squared per-tensor norms ``‖p‖², ‖u‖²`` of all params in one all-reduce over
-the mesh, and only then applies ``p -= lr * r * u``. It is a second writing of the LAMB math,
-kept to plain torch ops on purpose (it is the path that must be right, not fast); the skip on
-``found_inf`` stays on the device (``torch.where``), so it needs no host sync either.
+(FSDP2) is only the local shard. For params sharded that way this module runs ``lamb_``'s two
+passes as the ops they also are ([note: multi-pass ops] in DESIGN.md §2): ``lamb_direction_``
+on the local shards (it advances the steps and returns each tensor's sums of p² and u²), one
+all-reduce (sum) of those sums over the mesh's groups, and ``lamb_apply_`` on the summed
+norms. Two fused passes and an all-reduce of 2N numbers; ``found_inf`` skips both passes on
+the device (the sums of a skipped step are zeros), so it needs no host sync either. The
+sums are fp32 (fp64 for fp64 params), and the all-reduce adds the ranks' sums in its own
+order, so a sharded param's trust ratio may differ from the unsharded one by rounding.
 
 [note: LAMB group step] timm's ``Lamb`` keeps one step count per param group
 (``group["step"]``), advanced once per ``step()`` whether or not a param of the group has a
@@ -43,7 +45,6 @@ from fusedopt.clip import _reduce_groups, local_tensor
 from fusedopt.optim._base import FusedOptimizer
 from fusedopt.optim._keys import STEP_KEY
 from fusedopt.optim.adamw import adam_hypers, check_adam_group
-from fusedopt.reference import load_grad
 
 
 class LAMB(FusedOptimizer):
@@ -184,9 +185,14 @@ class LAMB(FusedOptimizer):
             sub_lists, sub_hypers = _subset(lists, hypers, index, len(params))
             if not groups:  # whole tensors: the fused op's own per-tensor norms are right
                 ops.step(self.OP, sub_lists, sub_hypers, flags, **scalars, _checked=True)
-            else:
-                sharded = {k: v for k, v in scalars.items() if k != "backend"}
-                _sharded_lamb(sub_lists, sub_hypers, flags, groups, **sharded)
+                continue
+            # [note: sharded LAMB]
+            sq_norms = ops.step("lamb_direction_", sub_lists, sub_hypers, flags, **scalars,
+                                _checked=True)  # fmt: skip
+            for group in groups:
+                dist.all_reduce(sq_norms, group=group)
+            ops.step("lamb_apply_", sub_lists, sub_hypers, flags, **scalars,
+                     inputs={"sq_norms": sq_norms}, _checked=True)  # fmt: skip
 
 
 #: timm ``Lamb`` options fusedopt does not implement (True raises).
@@ -216,55 +222,3 @@ def _subset(lists: dict, hypers: dict, index: list[int], n: int) -> tuple[dict, 
         else:
             sub_hypers[k] = [v[i] for i in index]
     return sub_lists, sub_hypers
-
-
-def _sharded_lamb(lists, hypers, flags, reduce_groups, grad_scale, clip_coef, found_inf) -> None:
-    """[note: sharded LAMB] LAMB over local shards with all-reduced per-tensor norms."""
-    params, grads = lists["params"], lists["grads"]
-    masters = lists.get("master_params") or []
-    n = len(params)
-    device = params[0].device
-    ok = torch.ones((), device=device) if found_inf is None else (found_inf == 0).float()
-    lr = hypers["lr"]
-    new = []
-    sq_norms = []
-    for i in range(n):
-        step = lists["steps"][i]
-        t = (step + ok).double()
-        b1, b2 = hypers["beta1"][i], hypers["beta2"][i]
-        bc1 = 1 - torch.pow(b1, t) if flags["bias_correction"] else torch.ones((), device=device)
-        bc2 = 1 - torch.pow(b2, t) if flags["bias_correction"] else torch.ones((), device=device)
-        b3 = 1 - b1 if flags["grad_averaging"] else 1.0
-        g = load_grad(grads[i], torch.float32, grad_scale, clip_coef)
-        p = (masters[i] if masters else params[i]).float()
-        m = b1 * lists["exp_avgs"][i].float() + b3 * g
-        v = b2 * lists["exp_avg_sqs"][i].float() + (1 - b2) * g * g
-        u = (m / bc1.float()) / (v.sqrt() / bc2.sqrt().float() + hypers["eps"][i])
-        wd = hypers["weight_decay"][i]
-        if wd != 0:
-            u = u + wd * p
-        sq_norms += [p.square().sum(), u.square().sum()]
-        new.append((p, m, v, u, t))
-    norms = torch.stack(sq_norms)
-    for group in reduce_groups:
-        dist.all_reduce(norms, group=group)
-    norms = norms.sqrt().view(n, 2)
-    for i, (p, m, v, u, t) in enumerate(new):
-        wd = hypers["weight_decay"][i]
-        if wd != 0 or flags["always_adapt"]:
-            w_norm, u_norm = norms[i, 0], norms[i, 1]
-            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
-            if flags["trust_clip"]:
-                ratio = torch.clamp(ratio, max=1.0)
-            u = u * ratio
-        lr_i = lr[i] if not isinstance(lr, Tensor) else lr.reshape(-1)[i if lr.dim() else 0]
-        p = p - lr_i * u
-        keep = ok == 0
-        for dst, value in (
-            (lists["exp_avgs"][i], m),
-            (lists["exp_avg_sqs"][i], v),
-            *(((masters[i], p),) if masters else ()),
-            (params[i], p),
-        ):
-            dst.copy_(torch.where(keep, dst.to(value.dtype), value))
-        lists["steps"][i].copy_(t.float())
