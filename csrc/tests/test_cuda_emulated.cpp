@@ -470,7 +470,22 @@ void step(const StepCase& c, World& w, int index, bool cuda) {
       a.bias_correction = v.flags[1];
       a.trust_clip = v.flags[2];
       a.always_adapt = v.flags[3];
-      return cuda ? cuda::lamb(a, ctx) : cpu::lamb(a, ExecContext{});
+      if (index % 2 == 0) return cuda ? cuda::lamb(a, ctx) : cpu::lamb(a, ExecContext{});
+      // Odd steps run lamb_'s two passes as their own launchers (lamb_direction_, then
+      // lamb_apply_ on its sq_norms: zeros first, as the binding hands them over), so that
+      // the comparisons below check those launchers of the two backends against each other.
+      const size_t bytes = (c.storage.param == DType::kFloat64 ? 8 : 4) * 2 * lists.num_tensors;
+      void* sq_norms = cuda ? ctx.workspace.get(bytes) : std::malloc(bytes);
+      std::memset(sq_norms, 0, bytes);  // emulated device memory is host memory
+      if (cuda) {
+        cuda::lamb_direction({a, sq_norms}, ctx);
+        cuda::lamb_apply({a, sq_norms}, ctx);
+      } else {
+        cpu::lamb_direction({a, sq_norms}, ExecContext{});
+        cpu::lamb_apply({a, sq_norms}, ExecContext{});
+        std::free(sq_norms);
+      }
+      return;
     }
     case Op::kLion: {
       LionCall a;
