@@ -311,7 +311,7 @@ def _source_hash(paths: list[Path], extra: str) -> str:
 
 
 _CUDA_NAMES = {"AdamWBody": "adamw", "SgdBody": "sgd", "LionBody": "lion",
-               "AdanBody": "adan", "LambApplyBody": "lamb_update"}  # fmt: skip
+               "AdanBody": "adan", "LambApplyBody": "lamb_apply"}  # fmt: skip
 
 
 def _cuda_label(name: str) -> tuple[str, str]:
@@ -359,7 +359,7 @@ def cuda_rows(gpu: Gpu = H200) -> list[KernelRow]:
     for pretty, regs, smem, sass in json.loads(stats.read_text()):
         kernel, variant = _cuda_label(pretty)
         block = threads["finish" if "finish" in kernel else
-                        "ratio" if "ratio" in kernel else "default"]  # fmt: skip
+                        "fold" if "fold" in kernel else "default"]  # fmt: skip
         rows.append(_row("cuda", kernel, variant, block, regs, smem, sass, gpu))
     return rows
 
@@ -371,15 +371,15 @@ def _cuda_threads() -> dict[str, int]:
     lamb = (ROOT / "csrc" / "cuda" / "lamb.cu").read_text()
     pick = lambda text, name: int(re.search(rf"{name}\s*=\s*(\d+)", text).group(1))  # noqa: E731
     return {"default": pick(common, "kThreads"), "finish": pick(grad_norm, "kFinishThreads"),
-            "ratio": pick(lamb, "kRatioThreads")}  # fmt: skip
+            "fold": pick(lamb, "kFoldThreads")}  # fmt: skip
 
 
 #: Kernels that stream tensor elements (a pass over memory), by backend: the ones the goals
 #: apply to. The others (norm finish, trust ratios, tables, step counts) touch a few bytes.
 STREAMING = {
-    "cuda": ("adamw", "sgd", "lion", "adan", "lamb_update", "lamb_norms_kernel",
+    "cuda": ("adamw", "sgd", "lion", "adan", "lamb_apply", "lamb_norms_kernel",
              "grad_norm_partials_kernel", "scale_kernel"),
-    "triton": ("adamw", "sgd", "lion", "adan", "lamb_update", "lamb_norms", "grad_norm_partials",
+    "triton": ("adamw", "sgd", "lion", "adan", "lamb_apply", "lamb_norms", "grad_norm_partials",
                "scale"),
 }  # fmt: skip
 
@@ -457,7 +457,7 @@ def triton_rows(gpu: Gpu = H200) -> list[KernelRow]:
         aligned = not k["name"].endswith("_unaligned")
         kernel, _, variant = k["name"].removesuffix("_unaligned").partition("_")
         for op in ("grad_norm_partials", "grad_norm_tensor_norms", "grad_norm_total",
-                   "lamb_norms", "lamb_update", "lamb_trust_ratio"):  # fmt: skip
+                   "lamb_norms", "lamb_apply", "lamb_fold"):  # fmt: skip
             if k["name"].startswith(op):
                 kernel, variant = op, k["name"].removeprefix(op).strip("_")
         variant = variant.removesuffix("_unaligned") + ("" if aligned else " (unaligned)")
@@ -471,10 +471,10 @@ def triton_rows(gpu: Gpu = H200) -> list[KernelRow]:
 
 #: Kernel launches per op call of the cuda backend in a steady step (the table is cached, so
 #: no upload), read from the launchers: adamw_ = increment_steps + step (adamw.cu),
-#: grad_norm = partials + finish (grad_norm.cu), lamb_ = increment_steps + norms + ratios +
-#: update (lamb.cu), sgd_ = increment_steps (with momentum) + step (sgd.cu), lion_ = step,
-#: adan_ = increment_steps + step (adan.cu), scale_ = one. Any other op of a step (aten) counts
-#: one launch.
+#: grad_norm = partials + finish (grad_norm.cu), lamb_ = increment_steps + norms + fold
+#: (lamb_direction_) + apply (lamb_apply_) (lamb.cu), sgd_ = increment_steps (with
+#: momentum) + step (sgd.cu), lion_ = step, adan_ = increment_steps + step (adan.cu),
+#: scale_ = one. Any other op of a step (aten) counts one launch.
 CUDA_LAUNCHES_PER_OP = {"adamw": 2, "grad_norm": 2, "lamb": 4, "sgd": 2, "lion": 1, "adan": 2,
                         "scale": 1}  # fmt: skip
 

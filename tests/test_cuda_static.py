@@ -160,7 +160,7 @@ def _expected() -> dict[str, tuple[str, ...]]:
         for inf in ("false", "true"):
             expected[f"grad_norm_partials_kernel<{acc}, {inf}>("] = loads
             expected[f"grad_norm_finish_kernel<{acc}, {inf}>("] = ()
-        expected[f"lamb_ratio_kernel<{acc}>("] = ()
+        expected[f"lamb_fold_kernel<{acc}>("] = ()
     for p, g, m in STORAGE:
         types = f"{p}, {g}, {m}"
         for variant in ("true", "false"):

@@ -42,8 +42,8 @@ KNOWN_BELOW = {
     "cuda lamb_norms_kernel [fp16,fp16,false]": _FP16,
     "cuda lamb_norms_kernel [fp16,float,false]": _FP16,
     "cuda lamb_norms_kernel [bf16,bf16,false]": _ISSUE % "",
-    "cuda lamb_update [fp16,fp16,false]": _FP16,
-    "cuda lamb_update [fp16,float,false]": _FP16,
+    "cuda lamb_apply [fp16,fp16,false]": _FP16,
+    "cuda lamb_apply [fp16,float,false]": _FP16,
     "cuda lion [fp16,fp16,false]": _FP16,
     "cuda sgd [fp16,fp16,false,false]": _FP16,
     "triton grad_norm_partials [bf16]": "issue-bound: one bf16 stream, 8 elements per thread, "

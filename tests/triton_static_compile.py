@@ -95,13 +95,12 @@ def variants():
         exact = dtypes["MASTER"] or dtypes["P_DTYPE"] in (F32, F64)
         lamb_base = {"WIDTH": 14, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
                      "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,
-                     "STATES_EXACT": exact}  # fmt: skip
+                     "ALWAYS_ADAPT": False, "STATES_EXACT": exact}  # fmt: skip
         out.append((f"lamb_norms_{case}", lamb.lamb_norms_kernel, lamb_base))
-        out.append((f"lamb_update_{case}", lamb.lamb_update_kernel,
-                    {**lamb_base, "LR_MODE": 0}))  # fmt: skip
-    out.append(("lamb_trust_ratio", lamb.lamb_trust_ratio_kernel,
-                {"WIDTH": 14, "COMPUTE": F32, "HAS_FOUND_INF": True, "TRUST_CLIP": True,
-                 "ALWAYS_ADAPT": False}))  # fmt: skip
+        out.append((f"lamb_apply_{case}", lamb.lamb_apply_kernel,
+                    {**lamb_base, "LR_MODE": 0, "TRUST_CLIP": True}))  # fmt: skip
+    out.append(("lamb_fold", lamb.lamb_fold_kernel,
+                {"WIDTH": 14, "COMPUTE": F32, "HAS_FOUND_INF": True}))  # fmt: skip
     return out
 
 

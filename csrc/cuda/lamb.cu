@@ -1,12 +1,14 @@
 // lamb_: one LAMB step (timm semantics, DESIGN.md §3) over every tensor of the call, with the
-// math of fusedopt/math/lamb.h. The trust ratio |p| / |u| needs two per-tensor norms before
-// any param moves, so (as math/lamb.h explains) pass 1 reads g, p, m, v and reduces
-// |p|^2, |u|^2 per chunk (writing nothing else), a one-block kernel turns the chunk partials
-// into one trust ratio per tensor, and pass 2 reads g, p, m, v again, recomputes the same
-// m, v, u bit for bit and writes p, m, v. Per element: bf16 without masters 8 + 14 bytes, fp32
-// 16 + 28. Tensors that do not adapt (wd == 0 and not always_adapt) skip pass 1, and a call
-// where none adapts runs neither pass 1 nor the ratio kernel. Launches: step increment,
-// pass 1, ratios, pass 2 (plus a table upload when the table changed); all deterministic
+// math of fusedopt/math/lamb.h, as its two passes, each also an op of its own
+// ([note: lamb passes] there says which pass reads and writes what):
+// lamb_direction_ advances the steps (one launch), reduces |p|^2, |u|^2 per chunk of each
+// tensor that adapts (storing m, v where the states are exact) and folds the chunk partials
+// into sq_norms per tensor in a fixed order (a one-block kernel); lamb_apply_ takes the trust
+// ratio from sq_norms in each block and writes p (u from the stored m, v) or p, m, v (u from
+// g and the old m, v). Per element: fp32 24 + 16 bytes, bf16 without masters 8 + 14.
+// Tensors that do not adapt (wd == 0 and not always_adapt) skip the first pass, and a call
+// where none adapts runs neither the norms nor the fold kernel. Launches: step increment,
+// norms, fold, apply (plus a table upload when the table changed); all deterministic
 // ([note: deterministic norm] in grad_norm.cu).
 #include "fusedopt/math/lamb.h"
 #include "step.cuh"
@@ -20,7 +22,7 @@ constexpr int kExpAvgSq = state_slot(spec::lamb::kExpAvgSqs);
 using spec::lamb::kBeta1, spec::lamb::kBeta2, spec::lamb::kEps, spec::lamb::kWeightDecay;
 using spec::lamb::kGradAveraging, spec::lamb::kBiasCorrection, spec::lamb::kTrustClip,
     spec::lamb::kAlwaysAdapt;
-inline constexpr int kRatioThreads = 1024;
+inline constexpr int kFoldThreads = 1024;
 
 __device__ __forceinline__ bool adapts(const Row& row, const StepArgs& a) {
   return row.hyper[kWeightDecay] != 0.0 || a.flag[kAlwaysAdapt];
@@ -31,6 +33,9 @@ template <class P, class G, bool kMasterWeights>
 struct LambElements {
   using T = Opmath<P>;
   using S = StateOf<P, kMasterWeights>;
+  // The states hold opmath values exactly: a tensor that adapts takes two passes
+  // ([note: lamb passes] in math/lamb.h).
+  static constexpr bool kStatesExact = std::is_same_v<S, T>;
   static constexpr int kWidth =
       kMasterWeights ? kVecWidth<P, G, S, float> : kVecWidth<P, G, S>;
 
@@ -73,7 +78,8 @@ struct LambElements {
   }
 };
 
-/// Pass 1: accumulates |p|^2 and |u|^2 of the thread's elements.
+/// lamb_direction_: accumulates |p|^2 and |u|^2 of the thread's elements (a tensor that
+/// adapts); stores m, v when the states are exact.
 template <class P, class G, bool kMasterWeights>
 struct LambNormBody : LambElements<P, G, kMasterWeights> {
   using Base = LambElements<P, G, kMasterWeights>;
@@ -94,28 +100,49 @@ struct LambNormBody : LambElements<P, G, kMasterWeights> {
       *p2 = *p2 + pv[k] * pv[k];
       *u2 = *u2 + uv[k] * uv[k];
     }
+    if constexpr (Base::kStatesExact) {
+      store<V>(this->m, i, mv);
+      store<V>(this->v, i, vv);
+    }
   }
 };
 
-/// Pass 2: p -= lr * ratio * u; writes p, m, v.
+/// lamb_apply_: p -= lr * ratio * u, the ratio from sq_norms (StepArgs::extra); u from the
+/// stored m, v (two-pass tensors: writes p) or from g and the old m, v (writes p, m, v).
 template <class P, class G, bool kMasterWeights>
 struct LambApplyBody : LambElements<P, G, kMasterWeights> {
   using Base = LambElements<P, G, kMasterWeights>;
   using T = typename Base::T;
   T ratio;
+  bool two_pass;  // the same for the whole block: no divergence
 
   __device__ __forceinline__ LambApplyBody(const Row& row, int t, const StepArgs& a)
-      : Base(row, t, a), ratio(a.extra ? static_cast<const T*>(a.extra)[t] : T(1)) {}
+      : Base(row, t, a),
+        ratio(adapts(row, a) ? lamb_trust_ratio_sq(static_cast<const T*>(a.extra)[2 * t],
+                                                   static_cast<const T*>(a.extra)[2 * t + 1],
+                                                   true, a.flag[kTrustClip])
+                             : T(1)),
+        two_pass(lamb_two_pass(adapts(row, a), Base::kStatesExact)) {}
 
   template <int V>
   __device__ __forceinline__ void apply(int64_t i) const {
     T pv[V], mv[V], vv[V], uv[V];
-    this->template direction<V>(i, pv, mv, vv, uv);
+    if (two_pass) {
+      load_param<V, P, T, kMasterWeights>(this->p, this->master, i, pv, this->master_sync);
+      load<V>(this->m, i, mv);
+      load<V>(this->v, i, vv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) uv[k] = lamb_update(pv[k], mv[k], vv[k], this->s);
+    } else {
+      this->template direction<V>(i, pv, mv, vv, uv);
+    }
 #pragma unroll
     for (int k = 0; k < V; ++k) pv[k] = lamb_apply(pv[k], uv[k], ratio, this->s);
     store_param<V, P, T, kMasterWeights>(this->p, this->master, i, pv);
-    store<V>(this->m, i, mv);
-    store<V>(this->v, i, vv);
+    if (!two_pass) {
+      store<V>(this->m, i, mv);
+      store<V>(this->v, i, vv);
+    }
   }
 };
 
@@ -131,7 +158,7 @@ __global__ void __launch_bounds__(kThreads)
   if (skip_step(args.scalars.found_inf)) return;
   const Work w = this_work(table);
   const Row& row = table.rows[w.t];
-  if (!adapts(row, args)) return;  // its ratio is 1; lamb_ratio_kernel reads no partial
+  if (!adapts(row, args)) return;  // its ratio is 1; lamb_fold_kernel reads no partial
   T p2 = T(0), u2 = T(0);
   const LambNormBody<P, G, kMasterWeights> body(row, w.t, args, &p2, &u2);
   for_chunk<LambNormBody<P, G, kMasterWeights>::kWidth>(w.span, body.aligned(w.span.start),
@@ -141,10 +168,11 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = {p2, u2};
 }
 
-// One block: warp w sums the partials of tensors w, w + 32, ... in a fixed order.
+// One block: warp w folds the chunk partials of tensors w, w + 32, ... in a fixed order into
+// sq_norms[2t], sq_norms[2t + 1] (0 for a tensor that does not adapt).
 template <class T>
-__global__ void __launch_bounds__(kRatioThreads)
-    lamb_ratio_kernel(Table table, StepArgs args, const NormPartial<T>* partials, T* ratio) {
+__global__ void __launch_bounds__(kFoldThreads)
+    lamb_fold_kernel(Table table, StepArgs args, const NormPartial<T>* partials, T* sq_norms) {
   if (skip_step(args.scalars.found_inf)) return;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
   for (int t = warp; t < table.n; t += nwarps) {
@@ -158,48 +186,85 @@ __global__ void __launch_bounds__(kRatioThreads)
     p2 = warp_reduce(p2, Sum{});
     u2 = warp_reduce(u2, Sum{});
     if (lane == 0) {
-      ratio[t] = lamb_trust_ratio(sqrt_rn(p2), sqrt_rn(u2), adapt, args.flag[kTrustClip]);
+      sq_norms[2 * t] = p2;
+      sq_norms[2 * t + 1] = u2;
     }
   }
 }
 
-}  // namespace
+/// A call's table and kernel arguments, shared by the two passes of lamb().
+struct LambLaunch {
+  StepArgs args;
+  TableBuilder host;
+  Table table;
+  bool any_adapts = false;  // some non-empty tensor adapts: the first pass has work
 
-void lamb(const LambCall& call, const ExecContext& ctx) {
-  const StepLists& lists = call.lists;
-  if (lists.num_tensors == 0) return;
-  StepArgs args = step_args(lists, call.lr);
-  TableBuilder host = step_table(lists, call.lr, args);
-  FUSEDOPT_FILL_STEP_CALL(LAMB)
-  bool any_adapts = false;
-  for (int i = 0; i < host.n(); ++i) {
-    any_adapts |= (call.weight_decay[i] != 0.0 || call.always_adapt) && lists.numels[i] > 0;
+  LambLaunch(const LambCall& call, const ExecContext& ctx)
+      : args(step_args(call.lists, call.lr)), host(step_table(call.lists, call.lr, args)) {
+    FUSEDOPT_FILL_STEP_CALL(LAMB)
+    for (int i = 0; i < host.n(); ++i) {
+      any_adapts |= (call.weight_decay[i] != 0.0 || call.always_adapt) && call.lists.numels[i] > 0;
+    }
+    table = host.upload(ctx);
   }
+};
+
+void run_direction(const LambCall& call, LambLaunch& l, void* sq_norms, const ExecContext& ctx) {
   const cudaStream_t stream = stream_of(ctx);
-  const Table table = host.upload(ctx);
-  increment_steps(table, lists.scalars.found_inf, stream);
-  if (host.total_chunks() == 0) return;
+  increment_steps(l.table, call.lists.scalars.found_inf, stream);
+  if (!l.any_adapts) return;
   dispatch_step_types(
-      lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
+      call.lists.params.dtype, call.lists.grads.dtype, call.lists.master_params.present(),
       [&](auto p, auto g, auto master) {
         using P = decltype(p);
         using G = decltype(g);
         using T = Opmath<P>;
         constexpr bool kM = decltype(master)::value;
-        if (any_adapts) {
-          auto* partials = static_cast<NormPartial<T>*>(
-              ctx.workspace.get(sizeof(NormPartial<T>) * host.total_chunks()));
-          auto* ratio = static_cast<T*>(ctx.workspace.get(sizeof(T) * host.n()));
-          launch_kernel(lamb_norms_kernel<P, G, kM>, chunk_grid(host.total_chunks()), kThreads,
-                        stream, table, args, partials);
-          check(cudaGetLastError(), "launching lamb_ (norms)");
-          launch_kernel(lamb_ratio_kernel<T>, 1, kRatioThreads, stream, table, args, partials,
-                        ratio);
-          check(cudaGetLastError(), "launching lamb_ (trust ratios)");
-          args.extra = ratio;
-        }
-        launch_step<LambApplyBody<P, G, kM>>(host, table, args, stream);
+        auto* partials = static_cast<NormPartial<T>*>(
+            ctx.workspace.get(sizeof(NormPartial<T>) * l.host.total_chunks()));
+        launch_kernel(lamb_norms_kernel<P, G, kM>, chunk_grid(l.host.total_chunks()), kThreads,
+                      stream, l.table, l.args, partials);
+        check(cudaGetLastError(), "launching lamb_direction_ (norms)");
+        launch_kernel(lamb_fold_kernel<T>, 1, kFoldThreads, stream, l.table, l.args, partials,
+                      static_cast<T*>(sq_norms));
+        check(cudaGetLastError(), "launching lamb_direction_ (fold)");
       });
+}
+
+void run_apply(const LambCall& call, LambLaunch& l, const void* sq_norms,
+               const ExecContext& ctx) {
+  l.args.extra = sq_norms;
+  dispatch_step_types(call.lists.params.dtype, call.lists.grads.dtype,
+                      call.lists.master_params.present(), [&](auto p, auto g, auto master) {
+                        using P = decltype(p);
+                        using G = decltype(g);
+                        constexpr bool kM = decltype(master)::value;
+                        launch_step<LambApplyBody<P, G, kM>>(l.host, l.table, l.args,
+                                                             stream_of(ctx));
+                      });
+}
+
+}  // namespace
+
+void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx) {
+  if (call.step.lists.num_tensors == 0) return;
+  LambLaunch l(call.step, ctx);
+  run_direction(call.step, l, call.sq_norms, ctx);
+}
+
+void lamb_apply(const LambApplyCall& call, const ExecContext& ctx) {
+  if (call.step.lists.num_tensors == 0) return;
+  LambLaunch l(call.step, ctx);
+  run_apply(call.step, l, call.sq_norms, ctx);
+}
+
+void lamb(const LambCall& call, const ExecContext& ctx) {
+  if (call.lists.num_tensors == 0) return;
+  LambLaunch l(call, ctx);
+  const size_t bytes = (call.lists.params.dtype == DType::kFloat64 ? 8 : 4) * 2 * l.host.n();
+  void* sq_norms = ctx.workspace.get(bytes);  // the fold writes every entry that is read
+  run_direction(call, l, sq_norms, ctx);
+  run_apply(call, l, sq_norms, ctx);
 }
 
 }  // namespace fusedopt::cuda

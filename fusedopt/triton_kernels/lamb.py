@@ -6,7 +6,7 @@ DESIGN.md §2), so that sharded LAMB all-reduces the per-tensor sums between the
 The trust ratio of a tensor needs the norm of its whole update before any element of the
 param may change, so LAMB cannot be one pass; it is three launches, whatever the tensor count:
 
-1. ``lamb_direction_kernel`` (one program per chunk): for a tensor that adapts, the new
+1. ``lamb_norms_kernel`` (one program per chunk): for a tensor that adapts, the new
    moments and the update ``u`` and the chunk's partial sums of p² and u²; the tensor's last
    chunk advances its step count.
 2. ``lamb_fold_kernel`` (one program per tensor): folds its chunks' partials in chunk order
@@ -129,7 +129,7 @@ def _adapts(row, ALWAYS_ADAPT: tl.constexpr):
 
 
 @triton.jit
-def lamb_direction_kernel(
+def lamb_norms_kernel(
     table, chunks, counters, partials, grad_scale, clip_coef, found_inf, WIDTH: tl.constexpr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
@@ -286,7 +286,7 @@ def _direction(a, sq_norms: torch.Tensor) -> None:
     compute = sq_norms.dtype
     partials = torch.empty(2 * launch.n_chunks, dtype=compute, device=sq_norms.device)
     _, grad_scale_arg, clip_coef_arg, found_inf_arg = a.scalar_tensors
-    lamb_direction_kernel[(launch.n_chunks,)](
+    lamb_norms_kernel[(launch.n_chunks,)](
         launch.table, launch.chunks, launch.counters, partials, grad_scale_arg, clip_coef_arg,
         found_inf_arg, **_options(a),
     )  # fmt: skip
