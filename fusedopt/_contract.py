@@ -322,36 +322,35 @@ class PhaseOpSpec:
         return "{name}(" + ", ".join(args) + f") -> ({returns})"
 
 
-#: The passes of the multi-pass step ops, each an op ([note: multi-pass ops] in DESIGN.md).
-PHASE_OPS: dict[str, PhaseOpSpec] = {
-    spec.name: spec
-    for spec in (
-        PhaseOpSpec(
-            "lamb_direction_",
-            step_op="lamb_",
-            doc="LAMB's first pass: advances the steps and, for each tensor that adapts "
-            "(wd != 0 or always_adapt), computes the new moments and the update u and returns "
-            "sq_norms [N, 2] in opmath (fp64 for fp64 params, else fp32): sum(p^2), sum(u^2) "
-            "of its elements, deterministic; 0 for a tensor that does not adapt and when "
-            "found_inf skips the step. The new moments are stored here when they are exact "
-            "in storage (fp32/fp64 states) and the tensor adapts; else lamb_apply_ stores "
-            "them. lr is not read.",
-            returns=("sq_norms",),
-            read_only=("params", "master_params"),
-        ),
-        PhaseOpSpec(
-            "lamb_apply_",
-            step_op="lamb_",
-            doc="LAMB's second pass, after lamb_direction_ with the same arguments: the trust "
-            "ratio of each tensor from sq_norms (summed over the shards of a sharded param by "
-            "the caller), then p -= lr * ratio * u, u recomputed from the moments "
-            "lamb_direction_ stored, or from the grad and the old moments (then stored here). "
-            "Reads the advanced steps; writes none.",
-            inputs=("sq_norms",),
-            read_only=("steps",),
-        ),
-    )
-}
+#: LAMB's passes ([note: multi-pass ops] in DESIGN.md §2; [note: lamb passes] in
+#: csrc/include/fusedopt/math/lamb.h).
+LAMB_DIRECTION = PhaseOpSpec(
+    "lamb_direction_",
+    step_op="lamb_",
+    doc="LAMB's first pass: advances the steps and, for each tensor that adapts "
+    "(wd != 0 or always_adapt), computes the new moments and the update u and returns "
+    "sq_norms [N, 2] in opmath (fp64 for fp64 params, else fp32): sum(p^2), sum(u^2) "
+    "of its elements, deterministic; 0 for a tensor that does not adapt and when "
+    "found_inf skips the step. The new moments are stored here when they are exact "
+    "in storage (fp32/fp64 states) and the tensor adapts; else lamb_apply_ stores "
+    "them. lr is not read.",
+    returns=("sq_norms",),
+    read_only=("params", "master_params"),
+)
+LAMB_APPLY = PhaseOpSpec(
+    "lamb_apply_",
+    step_op="lamb_",
+    doc="LAMB's second pass, after lamb_direction_ with the same arguments: the trust "
+    "ratio of each tensor from sq_norms (summed over the shards of a sharded param by "
+    "the caller), then p -= lr * ratio * u, u recomputed from the moments "
+    "lamb_direction_ stored, or from the grad and the old moments (then stored here). "
+    "Reads the advanced steps; writes none.",
+    inputs=("sq_norms",),
+    read_only=("steps",),
+)
+
+#: The passes of the multi-pass step ops, each an op.
+PHASE_OPS: dict[str, PhaseOpSpec] = {p.name: p for p in (LAMB_DIRECTION, LAMB_APPLY)}
 
 #: op name -> schema template. ``{name}`` is replaced by the backend-specific op name.
 #: In-place ops end in ``_``; the backend suffix goes before it (``adamw_cuda_``).

@@ -8,8 +8,10 @@ backend (``fusedopt._backend.resolve``) and calls ``torch.ops.fusedopt.<op>_<bac
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -397,35 +399,29 @@ def lamb_(
     _step_from_arguments("lamb_", locals())
 
 
+def _lamb_pass(op: str, arguments: dict, **inputs: Tensor) -> Tensor | None:
+    """A LAMB pass called with ``lamb_``'s arguments (bound, with its defaults, by its
+    signature: an unknown keyword is a ``TypeError`` as in a spelled-out signature)."""
+    keywords = arguments.pop("keywords")
+    bound = inspect.signature(lamb_).bind(**arguments, **keywords)
+    bound.apply_defaults()
+    return _step_from_arguments(op, {**bound.arguments, **inputs})
+
+
 def lamb_direction_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[Tensor],
-    *,
-    lr: Hyper | Tensor,
-    beta1: Hyper = 0.9,
-    beta2: Hyper = 0.999,
-    eps: Hyper = 1e-6,
-    weight_decay: Hyper = 0.01,
-    grad_averaging: bool = True,
-    bias_correction: bool = True,
-    trust_clip: bool = False,
-    always_adapt: bool = False,
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **keywords: Any,
 ) -> Tensor:
-    """LAMB's first pass: advances ``steps`` and returns ``sq_norms`` [N, 2] (fp32; fp64 for
-    fp64 params), the sums of p² and u² over each tensor that adapts (0 for the others),
-    deterministic. Sum the rows over the shards of a sharded param (an all-reduce), then call
-    :func:`lamb_apply_` with the same arguments; the two are :func:`lamb_`, bit for bit.
-    ``lr`` is not read here (the pair takes one set of keywords)."""
-    return _step_from_arguments("lamb_direction_", locals())
+    """LAMB's first pass; takes :func:`lamb_`'s keywords, with its defaults. Advances
+    ``steps`` and returns ``sq_norms`` [N, 2] (fp32; fp64 for fp64 params), the sums of p² and
+    u² over each tensor that adapts (0 for the others), deterministic. Sum the rows over the
+    shards of a sharded param (an all-reduce), then call :func:`lamb_apply_` with the same
+    arguments; the two are :func:`lamb_`, bit for bit. ``lr`` is not read here."""
+    return _lamb_pass("lamb_direction_", locals())
 
 
 def lamb_apply_(
@@ -435,27 +431,14 @@ def lamb_apply_(
     exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[Tensor],
     sq_norms: Tensor,
-    *,
-    lr: Hyper | Tensor,
-    beta1: Hyper = 0.9,
-    beta2: Hyper = 0.999,
-    eps: Hyper = 1e-6,
-    weight_decay: Hyper = 0.01,
-    grad_averaging: bool = True,
-    bias_correction: bool = True,
-    trust_clip: bool = False,
-    always_adapt: bool = False,
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **keywords: Any,
 ) -> None:
-    """LAMB's second pass, after :func:`lamb_direction_` with the same arguments: the trust
-    ratio ``sqrt(sq_norms[i, 0]) / sqrt(sq_norms[i, 1])`` of each tensor, then
-    ``p -= lr * ratio * u`` (fp32 math; fp64 for fp64 params). Reads ``steps``, writes none."""
-    _step_from_arguments("lamb_apply_", locals())
+    """LAMB's second pass, after :func:`lamb_direction_` with the same arguments (and
+    :func:`lamb_`'s keywords): the trust ratio ``sqrt(sq_norms[i, 0]) / sqrt(sq_norms[i, 1])`` of
+    each tensor, then ``p -= lr * ratio * u`` (fp32 math; fp64 for fp64 params). Reads
+    ``steps``, writes none."""
+    arguments = locals()
+    _lamb_pass("lamb_apply_", arguments, sq_norms=arguments.pop("sq_norms"))
 
 
 def lion_(

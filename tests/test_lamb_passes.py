@@ -163,3 +163,16 @@ def test_apply_refuses_bad_norms_before_touching_anything(backend_device, bad):
     with pytest.raises(TypeError, match="sq_norms"):
         ops.lamb_apply_(**lists, sq_norms=None if bad == "none" else bad, **_hypers(backend))
     _assert_equal_bits(lists, _lists("fp32"), "refused")
+
+
+def test_the_passes_take_lamb_keywords_and_defaults():
+    """Bound by ``lamb_``'s signature: its defaults apply, an unknown keyword is refused."""
+    one, two = _lists("fp32"), _lists("fp32")
+    ops.lamb_(**one, lr=0.01, backend="reference")
+    sq_norms = ops.lamb_direction_(**two, lr=0.01, backend="reference")
+    ops.lamb_apply_(**two, sq_norms=sq_norms, lr=0.01, backend="reference")
+    _assert_equal_bits(two, one, "defaults")
+    with pytest.raises(TypeError, match="weight_dcay"):
+        ops.lamb_direction_(**two, lr=0.01, weight_dcay=0.1)
+    with pytest.raises(TypeError, match="lr"):
+        ops.lamb_apply_(**two, sq_norms=sq_norms)
