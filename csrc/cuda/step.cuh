@@ -48,7 +48,7 @@ using StateOf = std::conditional_t<kMasterWeights, float, P>;
 /// Per-call arguments every step kernel receives (by value, in kernel parameter space).
 struct StepArgs {
   DeviceScalars scalars;
-  const void* extra;  // an op's per-tensor device array (LAMB's trust ratios), or null
+  const void* extra;  // an op's per-tensor device array (LAMB's sq_norms), or null
   double lr;          // the lr of every tensor, when lr_in_args ([note: uniform lr])
   bool lr_in_args;
   bool master_sync;             // StepLists::master_sync ([note: master sync])
