@@ -518,10 +518,27 @@ def test_binding_rejects_bad_norm_type_and_mixed_lists():
 # ---------------------------------------------------------------------------------------
 # Agreement with the triton backend (interpreted on a CPU machine): the same fp32 math with
 # pinned contraction, so one step may differ by a couple of ULPs at most (DESIGN.md §5).
-# Measured: every case agrees bit for bit except LAMB with master weights (2 ULPs on some
-# elements: the two backends sum the trust-ratio norms in different orders).
+# Measured: every case agrees bit for bit except LAMB's adapted params (the two backends sum
+# the trust-ratio norms in different orders), which take the bound of [note: lamb tolerance]
+# (csrc/tests/test_cuda_emulated.cpp) instead: since the sums are fp32 in both backends
+# (``lamb_direction_``'s sq_norms; the cpu backend once rooted double sums, and agreed on
+# these inputs by luck), one ULP of the ratio shows where an update cancels most of a param
+# (measured: 64 ULPs on an element that the step takes from 0.0316 to 0.00066).
 
 MAX_ULPS = 2
+
+
+def _lamb_close(a: torch.Tensor, b: torch.Tensor, before: torch.Tensor, numel: int) -> bool:
+    """[note: lamb tolerance]: a sum of n non-negative fp32 terms in any order is within
+    (n - 1) u of the exact one, so a norm within n u / 2 + u and a ratio within n u + 3u; the
+    cpu backend's chains are <= 32 lanes plus the rounding of its double sum to fp32. An
+    adapted param x = p - lr * (u * r) then differs by delta * |x - p| plus a rounding of x in
+    each backend."""
+    u = 2.0**-24
+    delta = (numel + 32 + 1 + 6) * u
+    a, b, before = a.double(), b.double(), before.double()
+    bound = delta * (b - before).abs() + 2 * u * torch.maximum(a.abs(), b.abs()) + 2.0**-149
+    return bool(((a - b).abs() <= bound).all())
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -554,6 +571,7 @@ def test_one_step_agrees_with_triton_to_a_couple_of_ulps(op, flags, master):
     excused = None
     if op == "lion_":
         excused = _excused_lion(_f64(lists), [g.to(F64) for g in grads], hypers, flags)
+    before = {k: [t.clone() for t in v] for k, v in lists.items()}
     _run(op, lists, grads, hypers, flags, "cpu", **scalars)
     _run(op, twin, grads, hypers, flags, "triton", **scalars)
     for name in lists:
@@ -562,6 +580,12 @@ def test_one_step_agrees_with_triton_to_a_couple_of_ulps(op, flags, master):
         for i, (a, b) in enumerate(zip(lists[name], twin[name], strict=True)):
             if name == "steps":
                 assert torch.equal(a, b)
+                continue
+            adapts = hypers.get("weight_decay", [0.0] * len(shapes))[i] != 0 or flags.get(
+                "always_adapt", False
+            )
+            if op == "lamb_" and name in ("params", "master_params") and adapts:
+                assert _lamb_close(a, b, before[name][i], a.numel()), f"{name}[{i}]"
                 continue
             d = _ulps(a, b)
             if excused is not None and name in ("params", "master_params"):
