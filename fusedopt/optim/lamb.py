@@ -1,4 +1,5 @@
-"""``fusedopt.LAMB``: timm's ``Lamb`` constructor and semantics, one ``lamb_`` op.
+"""``fusedopt.LAMB``: timm's ``Lamb`` constructor and semantics, one ``lamb_`` op (its two
+passes and an all-reduce for sharded params).
 
 [note: sharded LAMB] LAMB's trust ratio ``‖p‖/‖u‖`` needs the norms of *whole* tensors.
 The ``lamb_`` op computes them from the tensors it is given, which for a DTensor param
