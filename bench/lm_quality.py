@@ -1,7 +1,7 @@
 """Quality of every memory mode on a real task: a small byte-level language model (issue #15).
 
     python -m bench.lm_quality [--steps 300] [--optimizers adamw,lion] [--modes ...]
-                               [--out bench/results] [--threads 2]
+                               [--out bench/results] [--threads 1]
 
 A 2-layer causal transformer (pre-LayerNorm, GELU MLP, learned positions; plain torch) learns
 to predict the next byte of the Python Language Reference as shipped with the interpreter:
@@ -373,7 +373,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MEMORY_MODES))
     parser.add_argument("--no-seed-spread", action="store_true",
                         help="skip the second-seed run of the reference mode")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None)
+    # One thread by default: on the shared 2-core VM at load 9, two threads took 0.6-4 s a
+    # step (OpenMP threads waiting on each other while descheduled), one thread 0.1 s.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     args.optimizers = [o for o in args.optimizers.split(",") if o]

@@ -205,3 +205,30 @@ def test_lm_quality_runs_and_every_curve_learns(tmp_path):
         assert evals[-1] < evals[0] - 0.1, (key, evals)
     md = csv_path.with_suffix(".md").read_text()
     assert md.count("| adamw |") == 1 + len(MEMORY_MODES) and "(reference)" in md
+
+
+def test_memory_table_measures_each_mode_as_designed(tmp_path):
+    """bench.memory on tiny shapes: every fusedopt optimizer x memory mode holds exactly its
+    design's bytes per element (states in the mode's dtype, + 4 B with a master), torch's
+    AdamW holds what fusedopt's does in the same mode, and the outputs are written."""
+    from bench import memory
+    from bench.modes import MEMORY_MODES
+
+    assert memory.main(["--device", "cpu", "--model", "tiny", "--out", str(tmp_path)]) == 0
+    (csv_path,) = tmp_path.glob("memory-cpu-tiny-*.csv")
+    with open(csv_path) as f:
+        rows = {(r["impl"], r["optimizer"], r["mode"]): r for r in csv.DictReader(f)}
+    assert {"device_name", "torch", "triton", "date", "commit"} <= set(next(iter(rows.values())))
+    for name in memory.OPTIMIZERS:
+        for mode in MEMORY_MODES:
+            row = rows[("fusedopt", name, mode)]
+            assert float(row["element_bytes"]) == float(row["expected_bytes"]), row
+            assert int(row["traffic_bytes"]) > 0
+    # AdamW: fp32 2 states x 4 B; bf16 + master: 4 B master + 2 x 4; bf16: 2 x 2 B.
+    adamw = {m: float(rows[("fusedopt", "adamw", m)]["element_bytes"]) for m in MEMORY_MODES}
+    assert (adamw["fp32"], adamw["bf16+master"], adamw["bf16"]) == (8.0, 12.0, 4.0)
+    for mode in ("fp32", "bf16"):
+        torch_row, ours = rows[("torch", "adamw", mode)], rows[("fusedopt", "adamw", mode)]
+        assert torch_row["element_bytes"] == ours["element_bytes"]
+    md = csv_path.with_suffix(".md").read_text()
+    assert "torchao AdamW8bit" in md and "bitsandbytes" in md
