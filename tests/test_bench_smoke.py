@@ -39,6 +39,26 @@ def test_byte_table(op, mode, expected):
     assert bytes_per_param(op, mode) == expected
 
 
+@pytest.mark.parametrize(
+    ("op", "param_bytes", "state_bytes", "master", "expected"),
+    [
+        # the kernel headers' own counts (csrc/cuda/*.cu): bf16 everything without masters
+        ("adamw_", 2, 2, False, 14),
+        ("lion_", 2, 2, False, 10),
+        ("adan_", 4, 4, False, 44),
+        ("adan_", 2, 2, False, 22),
+        # with a master: the master stands in for p, the bf16 p is read beside it and written
+        ("adamw_", 2, 4, True, 30),
+        ("sgd_", 2, 4, True, 22),
+    ],
+)
+def test_byte_table_by_storage_size(op, param_bytes, state_bytes, master, expected):
+    from bench.traffic import step_bytes_per_param
+
+    got = step_bytes_per_param(op, param_bytes=param_bytes, state_bytes=state_bytes, master=master)
+    assert got == expected
+
+
 def test_model_shapes_match_their_stated_sizes():
     gpt2, llama = model_shapes("gpt2"), model_shapes("llama1b")
     assert (len(gpt2), numel(gpt2)) == (148, 124_439_808)
