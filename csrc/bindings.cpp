@@ -546,13 +546,18 @@ namespace fusedopt {
 namespace {
 
 /// What plan_grads compares of one tensor, in order: layout, dtype, device type and index,
-/// dim, then sizes and strides. (Only strided tensors are recorded: a plan with a sparse
-/// grad is not cached.)
+/// dim, then sizes and strides. A tensor that is not strided (a sparse param without a grad:
+/// a plan with a sparse grad is not cached) has no strides: dim -1 stands for "layout,
+/// dtype and device only".
+constexpr int64_t kNotStrided = -1;
+
 void record_tensor(std::vector<int64_t>& out, const Tensor& t) {
-  TORCH_CHECK(t.layout() == at::kStrided, "fusedopt::plan_record: a tensor is not strided");
   const auto device = t.device();
+  const bool strided = t.layout() == at::kStrided;
   out.insert(out.end(), {static_cast<int64_t>(t.layout()), static_cast<int64_t>(t.scalar_type()),
-                         static_cast<int64_t>(device.type()), device.index(), t.dim()});
+                         static_cast<int64_t>(device.type()), device.index(),
+                         strided ? t.dim() : kNotStrided});
+  if (!strided) return;
   out.insert(out.end(), t.sizes().begin(), t.sizes().end());
   out.insert(out.end(), t.strides().begin(), t.strides().end());
 }
@@ -562,10 +567,14 @@ bool matches(const Tensor& t, const std::vector<int64_t>& meta, size_t& at) {
   const int64_t* m = meta.data() + at;
   if (at + 5 > meta.size() || m[0] != static_cast<int64_t>(t.layout()) ||
       m[1] != static_cast<int64_t>(t.scalar_type()) ||
-      m[2] != static_cast<int64_t>(t.device().type()) || m[3] != t.device().index() ||
-      m[4] != t.dim()) {
+      m[2] != static_cast<int64_t>(t.device().type()) || m[3] != t.device().index()) {
     return false;
   }
+  if (m[4] == kNotStrided) {  // the layout matched, so t is not strided either
+    at += 5;
+    return true;
+  }
+  if (m[4] != t.dim()) return false;
   const size_t dim = static_cast<size_t>(m[4]);  // a strided layout matched: t has strides
   if (at + 5 + 2 * dim > meta.size() || !std::equal(m + 5, m + 5 + dim, t.sizes().begin()) ||
       !std::equal(m + 5 + dim, m + 5 + 2 * dim, t.strides().begin())) {

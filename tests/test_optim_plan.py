@@ -293,6 +293,23 @@ def test_param_changed_shape_after_planning_raises():
         opt.step()
 
 
+def test_a_sparse_param_without_a_grad_keeps_the_plan(plan_builds):
+    """A sparse param that has no grad (nothing to step; it has no strides to record) does
+    not stop the plan of the others from being cached; once it gets a grad, the step plans
+    again and rejects it, as a fresh plan does."""
+    dense = torch.nn.Parameter(torch.randn(3))
+    sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,), check_invariants=False)
+    sparse.requires_grad_()
+    opt = fusedopt.AdamW([dense, sparse], lr=1e-2)
+    for _ in range(3):
+        dense.grad = torch.randn(3)
+        opt.step()
+    assert plan_builds[0] == 1
+    sparse.grad = sparse.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
 def _forget_by_add_param_group(opt, params):
     opt.add_param_group({"params": [params[-1]]})
 
