@@ -241,6 +241,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        self._forget_plan()  # [note: cached plan]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -250,7 +251,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                     group.setdefault(key, value)
         self.__dict__.setdefault("_step_out", {})
         self.__dict__.setdefault("grad_norm_group", None)
-        self._step_out.pop("plan", None)  # [note: cached plan]
+        self._forget_plan()  # [note: cached plan]
 
     # ----------------------------------------------------------------- step
     def _param_name(self, group_index: int, index: int) -> str:
