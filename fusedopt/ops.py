@@ -246,6 +246,16 @@ def _runs(rows: Sequence[tuple]) -> tuple[list[tuple], list[int]]:
     return unique, sizes
 
 
+def hyper_table(*columns: Sequence[float], device=None) -> tuple[Tensor, list[int]]:
+    """Per-tensor hyperparameter lists (one list of N floats per hyperparameter, in the op's
+    order, ``lr`` first) as the op contract's ``(hypers, group_sizes)``: a float64 ``[G, K]``
+    table with one row per run of tensors with equal values ([note: hyper table]). For calling
+    the registered ops directly; ``fusedopt.ops`` and the optimizers build theirs."""
+    unique, sizes = _runs(list(zip(*columns, strict=True)))
+    table = torch.tensor(unique, dtype=torch.float64, device=device)
+    return table.reshape(len(unique), len(columns)), sizes
+
+
 #: Hyperparameter tables of ``fusedopt.ops`` calls, one per call site (op, device, first
 #: param, tensor count), rewritten in place when the values change (an lr schedule), so that
 #: the backends' cached tensor tables, which hold the table's address, stay valid.
