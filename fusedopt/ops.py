@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Mapping, Sequence
+from typing import TypedDict, Unpack
 
 import torch
 from torch import Tensor
@@ -367,11 +368,37 @@ def step(
     write_back(twins)
 
 
+class StepOptions(TypedDict, total=False):
+    """The keyword arguments every public step wrapper ends with: ``master_params`` (one fp32
+    master per bf16/fp16 param, or none), ``master_sync`` ([note: master sync] in
+    ``fusedopt._contract``; default True), the common device scalars ``grad_scale``,
+    ``clip_coef`` and ``found_inf`` (default None) and ``backend`` (default ``"auto"``)."""
+
+    master_params: Sequence[Tensor]
+    master_sync: bool
+    grad_scale: Tensor | None
+    clip_coef: Tensor | None
+    found_inf: Tensor | None
+    backend: str
+
+
+#: :class:`StepOptions`' defaults.
+STEP_OPTION_DEFAULTS: dict = {
+    "master_params": (), "master_sync": True, "grad_scale": None, "clip_coef": None,
+    "found_inf": None, "backend": "auto",
+}  # fmt: skip
+
+
 def _step_from_arguments(op: str, arguments: dict) -> None:
-    """:func:`step` with the arguments of a public wrapper (its ``locals()``), sorted into
-    lists, hyperparameters and flags by the op's spec, so that no wrapper re-lists them.
+    """:func:`step` with the arguments of a public wrapper (its ``locals()``, the
+    :class:`StepOptions` in ``options``), sorted into lists, hyperparameters and flags by the
+    op's spec, so that no wrapper re-lists them.
     A list that a flag switches (``present_iff``) is passed only when the flag is set; steps
     that go with a list (``steps_with``) must be given with it or not at all."""
+    unknown = set(arguments["options"]) - set(STEP_OPTION_DEFAULTS)
+    if unknown:
+        raise TypeError(f"{op}() got unexpected keyword arguments {sorted(unknown)}")
+    arguments = {**STEP_OPTION_DEFAULTS, **arguments, **arguments["options"]}
     spec = STEP_OPS[op]
     lists = {name: arguments[name] for name in spec.lists}
     for t in spec.tensor_lists:
@@ -412,12 +439,7 @@ def adamw_(
     maximize: bool = False,
     bias_correction: bool = True,
     max_exp_avg_sqs: Sequence[Tensor] = (),
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **options: Unpack[StepOptions],
 ) -> None:
     """One Adam/AdamW step in place (``decoupled=False`` is Adam's L2 decay); fp32 math."""
     _step_from_arguments("adamw_", locals())
@@ -439,12 +461,7 @@ def lamb_(
     bias_correction: bool = True,
     trust_clip: bool = False,
     always_adapt: bool = False,
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **options: Unpack[StepOptions],
 ) -> None:
     """One LAMB step in place (timm semantics; fold the global clip into ``clip_coef``)."""
     _step_from_arguments("lamb_", locals())
@@ -460,12 +477,7 @@ def lion_(
     beta2: Hyper = 0.99,
     weight_decay: Hyper = 0.0,
     maximize: bool = False,
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **options: Unpack[StepOptions],
 ) -> None:
     """One Lion step in place (lion-pytorch semantics, ``sign(0) = 0``); fp32 math."""
     _step_from_arguments("lion_", locals())
@@ -487,12 +499,7 @@ def adan_(
     eps: Hyper = 1e-8,
     weight_decay: Hyper = 0.0,
     no_prox: bool = False,
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **options: Unpack[StepOptions],
 ) -> None:
     """One Adan step in place (the official Adan's conventions: betas are EMA weights,
     ``neg_pre_grads`` hold the previous step's ``-grad`` and are ignored at step 1;
@@ -512,12 +519,7 @@ def sgd_(
     weight_decay: Hyper = 0.0,
     nesterov: bool = False,
     maximize: bool = False,
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **options: Unpack[StepOptions],
 ) -> None:
     """One SGD step in place (torch.optim.SGD semantics); pass ``momentum_buffers`` and
     ``steps`` (both, or neither when momentum is 0); fp32 math."""

@@ -30,14 +30,15 @@ GOLDEN_SCHEMAS = {
     "lamb_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps, "
-        "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, bool trust_clip, "
-        "bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
-        "Tensor? found_inf, bool master_sync=True) -> ()"
+        "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
+        "bool trust_clip, bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, "
+        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
     ),
     "lion_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(e!)[] master_params, Tensor hypers, int[] group_sizes, bool maximize, Tensor? lr_tensor, Tensor? grad_scale, "
-        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
+        "Tensor(e!)[] master_params, Tensor hypers, int[] group_sizes, bool maximize, "
+        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> ()"
     ),
     # Added through the spec (the first op that was): written here by hand from the official
     # Adan's names, so that the derivation is checked against an independent spelling.
@@ -101,12 +102,17 @@ def test_reference_signature_is_the_schema_order(op):
 @pytest.mark.parametrize("op", sorted(_contract.STEP_OPS))
 def test_public_wrapper_defaults_agree_with_the_spec(op):
     """Every list, hyperparameter and flag of the spec is a parameter of ``fusedopt.ops.<op>``
-    (the wrapper passes them by name), and the flags default as the C++ call structs do."""
+    or one of the :class:`~fusedopt.ops.StepOptions` every wrapper ends with (the wrapper
+    passes them by name), and the flags default as the C++ call structs do."""
     signature = inspect.signature(getattr(ops, op)).parameters
+    assert signature["options"].kind is inspect.Parameter.VAR_KEYWORD
+    defaults = {name: p.default for name, p in signature.items() if name != "options"}
+    assert set(ops.StepOptions.__annotations__) == set(ops.STEP_OPTION_DEFAULTS)
+    defaults.update(ops.STEP_OPTION_DEFAULTS)
     spec = _contract.STEP_OPS[op]
-    assert set(spec.lists) | set(spec.hypers) <= set(signature)
+    assert set(spec.lists) | set(spec.hypers) <= set(defaults)
     for flag in (*spec.flag_specs, *_contract.COMMON_FLAGS):
-        assert signature[flag.name].default is flag.default, flag.name
+        assert defaults[flag.name] is flag.default, flag.name
 
 
 def test_cpp_header_is_up_to_date():
