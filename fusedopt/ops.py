@@ -193,7 +193,10 @@ def write_hyper_table(rows: Sequence[Sequence[float]], device: torch.device, tab
     ([note: hyper table] in fusedopt._contract): ``table`` rewritten in place when it has that
     shape and device, else a new one. No host sync: on CUDA a non-blocking copy from pinned
     memory, ordered on the current stream after every kernel that read the old values; under
-    CUDA-graph capture one captured fill per value (a replay writes the captured values)."""
+    CUDA-graph capture one captured fill per value (a replay writes the captured values);
+    under ``torch.compile`` a new table (a constant of the graph)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(rows, dtype=torch.float64, device=device)
     shape = (len(rows), len(rows[0]))
     if table is None or tuple(table.shape) != shape or table.device != device:
         table = torch.empty(shape, dtype=torch.float64, device=device)
@@ -267,6 +270,8 @@ _MAX_TABLES = 64
 def _site_table(key: tuple, rows: list[tuple], device: torch.device):
     """The call site's table of ``rows``' runs, and the run lengths."""
     unique, sizes = _runs(rows)
+    if torch.compiler.is_compiling():  # no cache in a traced function (nor data_ptr in the key)
+        return sizes, write_hyper_table(unique, device)
     cached = _TABLES.pop(key, None)
     if cached is not None and cached[0] == unique:
         table = cached[1]

@@ -246,15 +246,17 @@ def _all_ops_on_device_scalars(n_tensors: int = 5):
         st, steps = list(case["states"].values()), case["steps"]
         sc = tuple(scalars.values())
         if op == "adamw_":
-            args = (p, g, *st, [], m, steps, ones, [0.9] * n, [0.999] * n, [1e-8] * n, wd,
-                    True, False, False, True, *sc)  # fmt: skip
+            hypers = ops.hyper_table(ones, [0.9] * n, [0.999] * n, [1e-8] * n, wd, device=dev)
+            args = (p, g, *st, [], m, steps, *hypers, True, False, False, True, *sc)
         elif op == "lamb_":
-            args = (p, g, *st, m, steps, ones, [0.9] * n, [0.999] * n, [1e-6] * n, wd,
-                    True, True, False, False, *sc)  # fmt: skip
+            hypers = ops.hyper_table(ones, [0.9] * n, [0.999] * n, [1e-6] * n, wd, device=dev)
+            args = (p, g, *st, m, steps, *hypers, True, True, False, False, *sc)
         elif op == "lion_":
-            args = (p, g, *st, m, ones, [0.9] * n, [0.99] * n, wd, False, *sc)
+            hypers = ops.hyper_table(ones, [0.9] * n, [0.99] * n, wd, device=dev)
+            args = (p, g, *st, m, *hypers, False, *sc)
         else:
-            args = (p, g, *st, m, steps, ones, [0.9] * n, [0.0] * n, wd, True, False, *sc)
+            hypers = ops.hyper_table(ones, [0.9] * n, [0.0] * n, wd, device=dev)
+            args = (p, g, *st, m, steps, *hypers, True, False, *sc)
         calls.append((op, case, lambda handle=handle, args=args: handle(*args)))
     grads = [torch.randn(n, device=dev).to(torch.bfloat16) for n in sizes]
     norm = _contract.op_handle("grad_norm", "cuda")
