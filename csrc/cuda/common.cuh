@@ -3,9 +3,9 @@
 //
 // [note: device table] One launch covers every tensor of an op call, whatever their number
 // (DESIGN.md §2 "multi-tensor everywhere"). The launcher writes, on the host, one Row per
-// tensor (slot addresses, numel, step address, its hyperparameter row's address, dtype) after the
-// chunk prefix sums of [note: chunks] (fusedopt/multi_tensor.h), and puts that blob in device
-// memory (table.cu: [note: table upload]); the kernels read their tensor's Row from it. The
+// tensor (slot addresses, numel, step address, its hyperparameter row's address, dtype) after
+// the chunk prefix sums of [note: chunks] (fusedopt/multi_tensor.h), and puts that blob in
+// device memory (table.cu: [note: table upload]); the kernels read their tensor's Row from it. The
 // table has no size limit, unlike the 4 KB of kernel arguments that cap torch's and Apex's
 // launches at ~110 tensors.
 #pragma once

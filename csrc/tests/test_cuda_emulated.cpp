@@ -396,7 +396,8 @@ struct Call {
     for (size_t i = 0; i < n; ++i) {
       std::array<double, kWidth> row{v.lr};
       if (s.lr != LrKind::kUniform) row[0] = v.lr * (1.0 + 0.25 * i);
-      for (int h = 0; h < 5; ++h) row[h + 1] = h == v.zero_every_third && i % 3 == 1 ? 0.0 : v.hyper[h];
+      for (int h = 0; h < 5; ++h)
+        row[h + 1] = h == v.zero_every_third && i % 3 == 1 ? 0.0 : v.hyper[h];
       if (hypers.empty() || !std::equal(row.begin(), row.end(), hypers.end() - kWidth))
         hypers.insert(hypers.end(), row.begin(), row.end());
       group.push_back(static_cast<int32_t>(hypers.size() / kWidth - 1));
