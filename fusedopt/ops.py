@@ -2,7 +2,8 @@
 
 Each function validates its inputs (raising before any tensor is touched), splits the tensor
 lists into calls that a kernel can take in one launch (one device, one param dtype, one grad
-dtype, master weights or not), expands per-group hyperparameters to per-tensor lists, picks a
+dtype, master weights or not), packs the hyperparameters into a small table (one row per run
+of tensors sharing their values, [note: hyper table] in ``fusedopt._contract``), picks a
 backend (``fusedopt._backend.resolve``) and calls ``torch.ops.fusedopt.<op>_<backend>``.
 """
 
