@@ -41,7 +41,6 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 using OptTensor = std::optional<Tensor>;
-using Floats = c10::ArrayRef<double>;
 
 // ---------------------------------------------------------------------------------------
 // Backends: the launchers and the execution context of each dispatch key.
@@ -177,11 +176,6 @@ class Checker {
                       may_be_empty ? " or 0)" : ")");
   }
 
-  void values(const char* name, Floats v, size_t n) const {
-    TORCH_CHECK_VALUE(v.size() == n, op_, ": ", name, " has ", v.size(), " values for ", n,
-                      " tensors");
-  }
-
  private:
   std::string op_;
   c10::DeviceType type_;
@@ -309,10 +303,32 @@ class StepArguments {
     return states_.back().slot();
   }
 
-  /// Checks one per-tensor hyperparameter list and returns its data for the call struct.
-  const double* values(const char* name, Floats v) const {
-    check_.values(name, v, n_);
-    return v.data();
+  /// Checks the hyperparameter table ([note: hyper table] in fusedopt/_contract.py: float64
+  /// [G, width] on the params' device, G group sizes summing to N) and points the call at
+  /// it; tensor i's row index is expanded here, N ints in C++, not in the dispatcher.
+  void hypers(const Tensor& table, c10::IntArrayRef group_sizes, int64_t width) {
+    TORCH_CHECK_TYPE(table.defined() && table.scalar_type() == at::kDouble && table.dim() == 2 &&
+                         table.size(1) == width && table.stride(1) == 1,
+                     check_.op(), ": hypers must be a float64 [G, ", width,
+                     "] table with unit column stride, got shape ", table.sizes(),
+                     " and dtype ", table.scalar_type());
+    TORCH_CHECK(n_ == 0 || table.device() == device_, check_.op(), ": hypers is on ",
+                table.device(), " but the params are on ", device_);
+    TORCH_CHECK_VALUE(static_cast<int64_t>(group_sizes.size()) == table.size(0), check_.op(),
+                      ": group_sizes has ", group_sizes.size(), " entries for the ",
+                      table.size(0), " rows of hypers");
+    group_.clear();
+    group_.reserve(n_);
+    for (size_t g = 0; g < group_sizes.size(); ++g) {
+      TORCH_CHECK_VALUE(group_sizes[g] >= 0 && group_.size() + group_sizes[g] <= n_, check_.op(),
+                        ": group_sizes ", group_sizes, " must be counts >= 0 summing to ", n_);
+      group_.insert(group_.end(), group_sizes[g], static_cast<int32_t>(g));
+    }
+    TORCH_CHECK_VALUE(group_.size() == n_, check_.op(), ": group_sizes ", group_sizes,
+                      " must be counts >= 0 summing to ", n_);
+    lists_.hypers.data = table.const_data_ptr<double>();
+    lists_.hypers.row_stride = table.stride(0);
+    lists_.hypers.group = group_.data();
   }
 
  private:
@@ -333,6 +349,7 @@ class StepArguments {
   std::deque<SlotTable> states_;  // deque: slots handed out keep pointing at live tables
   std::vector<float*> steps_;
   std::vector<int64_t> numels_;
+  std::vector<int32_t> group_;  // tensor i's row of the hyperparameter table
   Tensor grad_scale_, clip_coef_;  // in opmath, alive for the call
   StepLists lists_;
 };
@@ -434,9 +451,8 @@ TensorList steps_or_none(TensorList steps) { return steps; }
 // (fusedopt/ops_spec.h, generated from fusedopt/_contract.py): the parameters in schema
 // order (the common flags, master_sync, last: StepArguments takes them), then the checks of
 // StepArguments, each state list (a list that a flag switches on,
-// amsgrad's, must be empty while the flag is off), each hyperparameter list, and the flags.
+// amsgrad's, must be empty while the flag is off), the hyperparameter table, and the flags.
 #define FUSEDOPT_STATE_PARAM(name, ...) TensorList name,
-#define FUSEDOPT_HYPER_PARAM(name, ...) Floats name,
 #define FUSEDOPT_FLAG_PARAM(name, ...) bool name,
 #define FUSEDOPT_STEPS_PARAM(name) TensorList name,
 #define FUSEDOPT_NAME(name) name
@@ -452,15 +468,14 @@ TensorList steps_or_none(TensorList steps) { return steps; }
 #define FUSEDOPT_CHECK_STEPS_WITH(name)                                                         \
   TORCH_CHECK_VALUE(name.empty() == steps.empty(), check.op(), ": " #name " has ", name.size(), \
                     " entries and steps has ", steps.size(), "; pass both or neither");
-#define FUSEDOPT_SET_HYPER(name, ...) call.name = args.values(#name, name);
 #define FUSEDOPT_SET_FLAG(name, ...) call.name = name;
 #define FUSEDOPT_STEP_IMPL(op, OP, Stem)                                                        \
   template <class B>                                                                            \
   void op##_impl(TensorList params, TensorList grads,                                           \
                  FUSEDOPT_##OP##_STATES(FUSEDOPT_STATE_PARAM) TensorList master_params,         \
-                 FUSEDOPT_##OP##_STEPS(FUSEDOPT_STEPS_PARAM)                                    \
-                     FUSEDOPT_##OP##_HYPERS(FUSEDOPT_HYPER_PARAM)                               \
-                         FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FLAG_PARAM) const OptTensor& lr_tensor, \
+                 FUSEDOPT_##OP##_STEPS(FUSEDOPT_STEPS_PARAM) const Tensor& hypers,              \
+                 c10::IntArrayRef group_sizes,                                                  \
+                 FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FLAG_PARAM) const OptTensor& lr_tensor,         \
                  const OptTensor& grad_scale, const OptTensor& clip_coef,                       \
                  const OptTensor& found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_FLAG_PARAM)) { \
     const Checker check(op_name<B>(#op), B::kDeviceType);                                       \
@@ -471,7 +486,7 @@ TensorList steps_or_none(TensorList steps) { return steps; }
     Stem##Call call;                                                                            \
     FUSEDOPT_##OP##_STATES(FUSEDOPT_SET_STATE)                                                  \
     FUSEDOPT_##OP##_STEPS_WITH(FUSEDOPT_CHECK_STEPS_WITH)                                       \
-    FUSEDOPT_##OP##_HYPERS(FUSEDOPT_SET_HYPER)                                                  \
+    args.hypers(hypers, group_sizes, spec::op::kNumHypers);                                     \
     if (args.size() == 0) return;                                                               \
     call.lists = args.lists();                                                                  \
     FUSEDOPT_##OP##_FLAGS(FUSEDOPT_SET_FLAG)                                                    \

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fusedopt._dense import dense_stride, state_like
 from fusedopt.clip import local_tensor
+from fusedopt.ops import StepHypers, write_hyper_table
 from fusedopt.optim._keys import MASTER_KEY, STEP_KEY
 
 
@@ -360,8 +361,8 @@ class _Plan:
 class _Call:
     """The tensor lists of one op call but the grads (new every step), filled param by param."""
 
-    __slots__ = ("backend", "device", "flags", "group_runs", "lists", "master", "params",
-                 "state_lists", "twins")  # fmt: skip
+    __slots__ = ("backend", "device", "flags", "group_runs", "hyper_rows", "hyper_table", "lists",
+                 "master", "params", "state_lists", "twins")  # fmt: skip
 
     def __init__(
         self, device: torch.device, backend: str, flags: dict[str, bool],
@@ -375,6 +376,9 @@ class _Call:
             self.lists["master_params"] = []
         self.group_runs: list[list[int]] = []  # [group index, count]: runs of one group's params
         self.twins: list[int] = []  # positions of non-dense params [note: non-dense params]
+        # The call's hyperparameter table and the values it holds ([note: hyper table]).
+        self.hyper_rows: list[tuple[float, ...]] | None = None
+        self.hyper_table: Tensor | None = None
 
     def add(self, gi: int, p, local_p, local_states, masters) -> None:
         self.params.append(p)
@@ -403,31 +407,32 @@ def _fits(t: Tensor, layout: tuple, key: str, dtype: torch.dtype) -> bool:
     )
 
 
-def _merge_hypers(runs: list[list], device: torch.device) -> dict[str, Any]:
-    """One list per hyperparameter, from runs of params sharing a group's values; a tensor lr
-    stays on the device: one shared tensor is passed as is (CUDA-graph friendly), mixed ones
-    become a vector."""
-    merged: dict[str, Any] = {}
-    for name in runs[0][0]:
-        values = [(hypers[name], count) for hypers, count in runs]
-        if name != "lr" or not any(isinstance(v, Tensor) for v, _ in values):
-            # Repeated lists, not a Python loop per tensor: this runs every step ([note: cached
-            # plan]). (A list even when all agree: LAMB's _run and the sharded paths index it.)
-            merged[name] = []
-            for v, count in values:
-                merged[name] += [float(v)] * count
-        elif len(values) == 1 or all(v is values[0][0] for v, _ in values):
-            merged[name] = _device_lr(values[0][0], device)
-        else:
-            merged[name] = torch.cat(
-                [
-                    _device_lr(v, device).reshape(1).expand(count)
-                    if isinstance(v, Tensor)
-                    else torch.full((count,), float(v), device=device)
-                    for v, count in values
-                ]
-            )
-    return merged
+def call_hypers(call: _Call, runs: list, names: tuple[str, ...]) -> StepHypers:
+    """The call's hyperparameters, from runs ``(group hypers, count)`` of params sharing a
+    group's values: one table row per run, kept in the plan and rewritten (no host sync) only
+    when a value changed, so that an lr schedule costs G x K float comparisons per step and
+    leaves the backends' tensor tables cached ([note: hyper table] in fusedopt._contract). A
+    tensor lr stays on the device: one shared tensor is passed as is (CUDA-graph friendly),
+    mixed ones become a vector."""
+    rows = [tuple(0.0 if isinstance(h[k], Tensor) else float(h[k]) for k in names) for h, _ in runs]
+    if rows != call.hyper_rows:
+        call.hyper_table = write_hyper_table(rows, call.device, call.hyper_table)
+        call.hyper_rows = rows
+    lrs = [(h["lr"], count) for h, count in runs]
+    if not any(isinstance(v, Tensor) for v, _ in lrs):
+        lr_tensor = None
+    elif len(lrs) == 1 or all(v is lrs[0][0] for v, _ in lrs):
+        lr_tensor = _device_lr(lrs[0][0], call.device)
+    else:
+        lr_tensor = torch.cat(
+            [
+                _device_lr(v, call.device).reshape(1).expand(count)
+                if isinstance(v, Tensor)
+                else torch.full((count,), float(v), device=call.device)
+                for v, count in lrs
+            ]
+        )
+    return StepHypers(names, rows, [count for _, count in runs], lr_tensor, call.hyper_table)
 
 
 def _device_lr(lr: Tensor, device: torch.device) -> Tensor:
