@@ -87,10 +87,10 @@ struct LambPlan {
         items(split_work(call.lists.num_tensors, call.lists.numels)) {
     const StepLists& lists = call.lists;
     for (int64_t i = 0; i < lists.num_tensors; ++i) {
-      scalars[i] = lamb_scalars<T>(lr_of(lists, call.lr, i), call.beta1[i], call.beta2[i],
-                                   call.eps[i], call.weight_decay[i], t[i],
+      scalars[i] = lamb_scalars<T>(lr_of(lists, call.lr(i), i), call.beta1(i), call.beta2(i),
+                                   call.eps(i), call.weight_decay(i), t[i],
                                    call.grad_averaging, call.bias_correction);
-      adapt[i] = call.weight_decay[i] != 0.0 || call.always_adapt;
+      adapt[i] = call.weight_decay(i) != 0.0 || call.always_adapt;
     }
   }
   bool two_pass(int64_t i) const { return lamb_two_pass(adapt[i] != 0, states_exact); }

@@ -6,8 +6,8 @@
 // into sq_norms per tensor in a fixed order (a one-block kernel); lamb_apply_ takes the trust
 // ratio from sq_norms in each block and writes p (u from the stored m, v) or p, m, v (u from
 // g and the old m, v). Per element: fp32 24 + 16 bytes, bf16 without masters 8 + 14.
-// Tensors that do not adapt (wd == 0 and not always_adapt) skip the first pass, and a call
-// where none adapts runs neither the norms nor the fold kernel. Launches: step increment,
+// Tensors that do not adapt (wd == 0 and not always_adapt) skip the first pass's work (its
+// kernels still run: the weight decays are device memory). Launches: step increment,
 // norms, fold, apply (plus a table upload when the table changed); all deterministic
 // ([note: deterministic norm] in grad_norm.cu).
 #include "fusedopt/math/lamb.h"
@@ -197,14 +197,10 @@ struct LambLaunch {
   StepArgs args;
   TableBuilder host;
   Table table;
-  bool any_adapts = false;  // some non-empty tensor adapts: the first pass has work
 
   LambLaunch(const LambCall& call, const ExecContext& ctx)
-      : args(step_args(call.lists, call.lr)), host(step_table(call.lists, call.lr, args)) {
+      : args(step_args(call.lists)), host(step_table(call.lists)) {
     FUSEDOPT_FILL_STEP_CALL(LAMB)
-    for (int i = 0; i < host.n(); ++i) {
-      any_adapts |= (call.weight_decay[i] != 0.0 || call.always_adapt) && call.lists.numels[i] > 0;
-    }
     table = host.upload(ctx);
   }
 };
@@ -212,7 +208,11 @@ struct LambLaunch {
 void run_direction(const LambCall& call, LambLaunch& l, void* sq_norms, const ExecContext& ctx) {
   const cudaStream_t stream = stream_of(ctx);
   increment_steps(l.table, call.lists.scalars.found_inf, stream);
-  if (!l.any_adapts) return;
+  // The weight decays are device memory ([note: hyper table] in fusedopt/_contract.py), so
+  // the host cannot tell which tensors adapt: the norms kernel skips each tensor that does
+  // not (the fold writes its 0), and a call where none does costs two almost empty launches
+  // instead of none.
+  if (l.host.total_chunks() == 0) return;
   dispatch_step_types(
       call.lists.params.dtype, call.lists.grads.dtype, call.lists.master_params.present(),
       [&](auto p, auto g, auto master) {

@@ -61,8 +61,8 @@ struct LionBody {
 void lion(const LionCall& call, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
   if (lists.num_tensors == 0) return;
-  StepArgs args = step_args(lists, call.lr);
-  TableBuilder host = step_table(lists, call.lr, args);
+  StepArgs args = step_args(lists);
+  TableBuilder host = step_table(lists);
   FUSEDOPT_FILL_STEP_CALL(LION)
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);

@@ -31,7 +31,7 @@ struct SgdBody {
 
   // [note: sgd momentum 0] (fusedopt/reference/ops.py): a tensor whose momentum is 0 steps
   // as momentum-free SGD even in a call with buffers; its buffer and step count stay as
-  // they are (the host gave its row no step, so increment_steps skips it too).
+  // they are (increment_steps skips a row whose momentum is 0).
   bool use_buffer;
 
   // The step count was incremented before this kernel: 1 now means this is the param's first
@@ -78,15 +78,13 @@ void sgd(const SgdCall& call, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
   if (lists.num_tensors == 0) return;
   const bool with_momentum = call.momentum_buffers.present();
-  StepArgs args = step_args(lists, call.lr);
-  TableBuilder host = step_table(lists, call.lr, args);
+  StepArgs args = step_args(lists);
+  TableBuilder host = step_table(lists);
   FUSEDOPT_FILL_STEP_CALL(SGD)
-  for (int i = 0; i < host.n(); ++i) {
-    if (call.momentum[i] == 0.0) host.row(i).step = nullptr;  // [note: sgd momentum 0]
-  }
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
-  if (with_momentum) increment_steps(table, lists.scalars.found_inf, stream);
+  // [note: sgd momentum 0]: a tensor whose momentum is 0 keeps its step count.
+  if (with_momentum) increment_steps(table, lists.scalars.found_inf, stream, kMomentum);
   dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
                       [&](auto p, auto g, auto master) {
                         using P = decltype(p);

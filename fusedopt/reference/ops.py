@@ -42,6 +42,14 @@ def _skip(found_inf: Tensor | None) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
 
 
+def _columns(hypers: Tensor, group_sizes: Sequence[int]) -> list[list[float]]:
+    """The hyperparameter table ([note: hyper table] in fusedopt._contract) as one list of
+    per-tensor floats per column."""
+    rows = zip(hypers.tolist(), group_sizes, strict=True)
+    per_tensor = [row for row, count in rows for _ in range(count)]
+    return [list(c) for c in zip(*per_tensor, strict=True)] or [[]] * hypers.shape[1]
+
+
 def _lr(lr: Sequence[float], lr_tensor: Tensor | None, i: int, opmath: torch.dtype):
     """The learning rate of tensor i: a Python float or a 0-d opmath tensor."""
     if lr_tensor is None:
@@ -140,10 +148,11 @@ def grad_norm(
 
 def adamw_(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
-    lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, bias_correction,
+    hypers, group_sizes, decoupled, amsgrad, maximize, bias_correction,
     lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """Adam (L2 decay) / AdamW (decoupled decay), as torch.optim.Adam/AdamW."""
+    lr, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
     if _skip(found_inf):
         return
     for i, param in enumerate(params):
@@ -210,12 +219,13 @@ def _lamb_direction(i, t, params, grads, exp_avgs, exp_avg_sqs, master_params, b
 
 def lamb_direction_(
     params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
-    lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction, trust_clip,
+    hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
     always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> Tensor:  # fmt: skip
     """LAMB's first pass (``fusedopt._contract.PHASE_OPS``): advances the steps, returns
     ``sq_norms`` [N, 2] (sum p², sum u² of each tensor that adapts, else 0) and stores the
     new moments of the tensors that take two passes (:func:`_lamb_two_pass`)."""
+    _, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
     opmath = opmath_dtype(params[0].dtype) if params else torch.float32
     device = params[0].device if params else torch.device("cpu")
     sq_norms = torch.zeros((len(params), 2), dtype=opmath, device=device)
@@ -239,12 +249,13 @@ def lamb_direction_(
 
 def lamb_apply_(
     params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
-    lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction, trust_clip,
+    hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
     always_adapt, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """LAMB's second pass, after :func:`lamb_direction_`: trust ratios from ``sq_norms``, then
     ``p -= lr * (u * ratio)`` with u recomputed (from the stored new moments of a two-pass
     tensor, else from the grad and the old moments, which are then stored)."""
+    lr, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
     if _skip(found_inf):
         return
     for i, param in enumerate(params):
@@ -277,13 +288,13 @@ def lamb_apply_(
 
 def lamb_(
     params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
-    lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction, trust_clip,
+    hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
     always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """LAMB with timm's semantics (DESIGN.md §3); the global clip arrives in clip_coef. Its two
     passes, :func:`lamb_direction_` then :func:`lamb_apply_`."""
-    hypers_flags = (lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction,
-                    trust_clip, always_adapt)  # fmt: skip
+    hypers_flags = (hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
+                    always_adapt)  # fmt: skip
     lists = (params, grads, exp_avgs, exp_avg_sqs, master_params, steps)
     scalars = (lr_tensor, grad_scale, clip_coef, found_inf, master_sync)
     sq_norms = lamb_direction_(*lists, *hypers_flags, *scalars)
@@ -291,10 +302,11 @@ def lamb_(
 
 
 def lion_(
-    params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, maximize,
+    params, grads, exp_avgs, master_params, hypers, group_sizes, maximize,
     lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """Lion (Chen et al. 2023, lion-pytorch), with sign(0) = 0."""
+    lr, beta1, beta2, weight_decay = _columns(hypers, group_sizes)
     if _skip(found_inf):
         return
     for i, param in enumerate(params):
@@ -312,12 +324,13 @@ def lion_(
 
 def adan_(
     params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, master_params, steps,
-    lr, beta1, beta2, beta3, eps, weight_decay, no_prox, lr_tensor, grad_scale, clip_coef,
+    hypers, group_sizes, no_prox, lr_tensor, grad_scale, clip_coef,
     found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """Adan (Xie et al. 2022), as the official sail-sg ``Adan``: betas are the EMA weights,
     ``neg_pre_grads`` keep ``-g`` of the previous step (taken as ``-g`` at step 1, so the
     grad difference starts at 0), every moment is bias-corrected."""
+    lr, beta1, beta2, beta3, eps, weight_decay = _columns(hypers, group_sizes)
     if _skip(found_inf):
         return
     for i, param in enumerate(params):
@@ -351,11 +364,12 @@ def adan_(
 
 
 def sgd_(
-    params, grads, momentum_buffers, master_params, steps, lr, momentum, dampening,
-    weight_decay, nesterov, maximize, lr_tensor, grad_scale, clip_coef, found_inf,
+    params, grads, momentum_buffers, master_params, steps, hypers, group_sizes, nesterov,
+    maximize, lr_tensor, grad_scale, clip_coef, found_inf,
     master_sync=True,
 ) -> None:  # fmt: skip
     """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD."""
+    lr, momentum, dampening, weight_decay = _columns(hypers, group_sizes)
     if _skip(found_inf):
         return
     for i, param in enumerate(params):

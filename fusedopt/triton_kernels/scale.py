@@ -19,8 +19,8 @@ from .common import (
     DTYPE_CODE,
     MIXED_N_SLOTS,
     TENSORS,
+    column,
     full_blocks_end,
-    hyper,
     load,
     locate_chunk,
     nonfinite,
@@ -61,7 +61,7 @@ def scale_kernel(
     HAS_F64: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     _, row, start, end = locate_chunk(chunks, table, WIDTH)
-    code = hyper(row, MIXED_N_SLOTS, DTYPE_CODE)
+    code = column(row, MIXED_N_SLOTS, DTYPE_CODE)
     # Nested ifs: the outer one is resolved at compile time (constexpr), the inner at run time.
     if HAS_F32:  # noqa: SIM102
         if code == 0.0:
