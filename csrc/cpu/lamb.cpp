@@ -63,7 +63,8 @@ void lamb_block(T* __restrict p, const T* __restrict g, T* __restrict m, T* __re
 template <typename T>
 void lamb_block_stored(T* __restrict p, const T* __restrict m, const T* __restrict v, int64_t n,
                        const LambScalars<T> s, const T ratio) {
-  for (int64_t e = 0; e < n; ++e) p[e] = lamb_apply(p[e], lamb_update(p[e], m[e], v[e], s), ratio, s);
+  for (int64_t e = 0; e < n; ++e)
+    p[e] = lamb_apply(p[e], lamb_update(p[e], m[e], v[e], s), ratio, s);
 }
 
 /// What both passes take from a call: per-tensor scalars at step t, which tensors adapt,
@@ -146,7 +147,9 @@ void apply_items(const LambCall& call, const T* sq_norms, const ExecContext& ctx
     if (plan.two_pass(w.tensor)) {
       for_each_block<T, 2, true, false>(
           lists, plan.states, w,
-          [&](T* p, const T*, auto& st, int64_t n) { lamb_block_stored(p, st[0], st[1], n, s, r); });
+          [&](T* p, const T*, auto& st, int64_t n) {
+            lamb_block_stored(p, st[0], st[1], n, s, r);
+          });
       return;
     }
     for_each_block<T, 2, true>(lists, plan.states, w, [&](T* p, const T* g, auto& st, int64_t n) {

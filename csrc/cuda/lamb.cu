@@ -74,7 +74,8 @@ struct LambElements {
     load<V>(m, i, mv);
     load<V>(v, i, vv);
 #pragma unroll
-    for (int k = 0; k < V; ++k) uv[k] = lamb_direction(pv[k], load_grad(gv[k], load_g), mv[k], vv[k], s);
+    for (int k = 0; k < V; ++k)
+      uv[k] = lamb_direction(pv[k], load_grad(gv[k], load_g), mv[k], vv[k], s);
   }
 };
 

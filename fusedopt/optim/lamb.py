@@ -34,7 +34,7 @@ had no grad, and the largest is the number of steps the group took), computed on
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -211,8 +211,10 @@ def _as_count(value: Any, device: torch.device, copy: bool = False) -> Tensor:
     return count.to(dtype=torch.float32, device=device, copy=copy)
 
 
-def _subset(lists: dict, hypers: dict, index: list[int], n: int) -> tuple[dict, dict]:
-    """The lists and per-tensor hyperparameters of the tensors at ``index``."""
+def _subset(lists: dict, hypers: Mapping, index: list[int], n: int) -> tuple[dict, Mapping]:
+    """The lists and hyperparameters of the tensors at ``index``: all of them as given (the
+    plan's cached ``ops.StepHypers`` table), else per-tensor values (``ops.step`` builds
+    their table)."""
     if len(index) == n:
         return lists, hypers
     sub_lists = {k: [v[i] for i in index] if v else v for k, v in lists.items()}
