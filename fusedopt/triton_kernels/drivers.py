@@ -1,5 +1,6 @@
-"""The traversal every step kernel shares, written once: the arguments every block function
-takes first (param, grad, master, grad_scale, clip_coef) and the loop over a chunk's blocks.
+"""The traversal the kernels share, written once: for the step kernels the arguments every
+block function takes first (param, grad, master, grad_scale, clip_coef) and the loop over a
+chunk's blocks; for the mixed-dtype kernels (scale_, grad_norm) the choice of a row's dtype.
 
 An op's Triton kernel is then its block function (the per-element update of BLOCK elements,
 ``_<op>_block``), its prologue (the per-tensor scalars from its table row) and one call to
@@ -77,3 +78,28 @@ def for_each_block(
         offs, mask = tail_block(full_end, end)
         _step_block(BLOCK_FN, offs, mask, *common, args, flags, COMPUTE, MASTER, HAS_GRAD_SCALE,
                     HAS_CLIP, MAXIMIZE)  # fmt: skip
+
+
+@triton.jit
+def by_dtype(
+    RANGE_FN: tl.constexpr, code, args, result, HAS_F32: tl.constexpr,
+    HAS_BF16: tl.constexpr, HAS_F16: tl.constexpr, HAS_F64: tl.constexpr,
+):  # fmt: skip
+    """``RANGE_FN(DTYPE, COMPUTE, *args)`` for the storage dtype that a mixed-dtype row's
+    ``code`` names (``multi_tensor.dtype_code_arguments``: 0 fp32, 1 bf16, 2 fp16, 3 fp64),
+    compiled only for the dtypes the launch has (HAS_*); its result, ``result`` if none ran.
+    Nested ifs: the outer one is resolved at compile time (constexpr), the inner at run
+    time."""
+    if HAS_F32:  # noqa: SIM102
+        if code == 0.0:
+            result = RANGE_FN(tl.float32, tl.float32, *args)
+    if HAS_BF16:  # noqa: SIM102
+        if code == 1.0:
+            result = RANGE_FN(tl.bfloat16, tl.float32, *args)
+    if HAS_F16:  # noqa: SIM102
+        if code == 2.0:
+            result = RANGE_FN(tl.float16, tl.float32, *args)
+    if HAS_F64:  # noqa: SIM102
+        if code == 3.0:
+            result = RANGE_FN(tl.float64, tl.float64, *args)
+    return result
