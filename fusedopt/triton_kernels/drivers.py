@@ -81,25 +81,26 @@ def for_each_block(
 
 
 @triton.jit
+def _if_code(
+    RANGE_FN: tl.constexpr, code, CODE: tl.constexpr, HAS: tl.constexpr, DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr, args, result,
+):  # fmt: skip
+    # Nested ifs: the outer one is resolved at compile time (constexpr), the inner at run time.
+    if HAS:  # noqa: SIM102
+        if code == CODE:
+            result = RANGE_FN(DTYPE, COMPUTE, *args)
+    return result
+
+
+@triton.jit
 def by_dtype(
     RANGE_FN: tl.constexpr, code, args, result, HAS_F32: tl.constexpr,
     HAS_BF16: tl.constexpr, HAS_F16: tl.constexpr, HAS_F64: tl.constexpr,
 ):  # fmt: skip
     """``RANGE_FN(DTYPE, COMPUTE, *args)`` for the storage dtype that a mixed-dtype row's
-    ``code`` names (``multi_tensor.dtype_code_arguments``: 0 fp32, 1 bf16, 2 fp16, 3 fp64),
-    compiled only for the dtypes the launch has (HAS_*); its result, ``result`` if none ran.
-    Nested ifs: the outer one is resolved at compile time (constexpr), the inner at run
-    time."""
-    if HAS_F32:  # noqa: SIM102
-        if code == 0.0:
-            result = RANGE_FN(tl.float32, tl.float32, *args)
-    if HAS_BF16:  # noqa: SIM102
-        if code == 1.0:
-            result = RANGE_FN(tl.bfloat16, tl.float32, *args)
-    if HAS_F16:  # noqa: SIM102
-        if code == 2.0:
-            result = RANGE_FN(tl.float16, tl.float32, *args)
-    if HAS_F64:  # noqa: SIM102
-        if code == 3.0:
-            result = RANGE_FN(tl.float64, tl.float64, *args)
-    return result
+    ``code`` names (``multi_tensor.dtype_code_arguments``), compiled only for the dtypes the
+    launch has (HAS_*); its result, ``result`` if none ran."""
+    result = _if_code(RANGE_FN, code, 0.0, HAS_F32, tl.float32, tl.float32, args, result)
+    result = _if_code(RANGE_FN, code, 1.0, HAS_BF16, tl.bfloat16, tl.float32, args, result)
+    result = _if_code(RANGE_FN, code, 2.0, HAS_F16, tl.float16, tl.float32, args, result)
+    return _if_code(RANGE_FN, code, 3.0, HAS_F64, tl.float64, tl.float64, args, result)
