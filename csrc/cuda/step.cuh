@@ -4,7 +4,8 @@
 // A Body<P, G, kMaster, ...> is the per-element work of one op for param storage P, grad
 // storage G and master weights or not; states are fp32 with masters, else P
 // (DESIGN.md §3). It is built once per block from the block's Row (the per-tensor scalars,
-// derived in double by the math headers), then apply<V>(i) handles elements i..i+V-1.
+// derived in double by the math headers), then apply<V>(i) handles elements i..i+V-1. The
+// elementwise ops' Bodies derive from StepBody (below), which holds what they share.
 #pragma once
 
 #include <algorithm>

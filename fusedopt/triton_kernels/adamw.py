@@ -91,6 +91,8 @@ def adamw_kernel(
             step_size = div(lr_c, bc1.to(COMPUTE))
         # [note: zero weight decay]: a zero decay is none, not 1 - lr*0 (NaN for lr = inf).
         decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
+        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
+                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         args = (
             slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
             slot(row, L.MAX_EXP_AVG_SQS, S_DTYPE, ALIGNED), decay, step_size, beta1.to(COMPUTE),
@@ -98,8 +100,6 @@ def adamw_kernel(
             tl.sqrt(bc2).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
             weight_decay.to(COMPUTE), has_weight_decay,
         )  # fmt: skip
-        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
-                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         for_each_block(_adamw_block, start, end, common, args, (COMPUTE, DECOUPLED, AMSGRAD),
                        COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
         # The step pointer is read again here rather than kept from the top: kept live across

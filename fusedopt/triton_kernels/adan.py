@@ -103,6 +103,8 @@ def adan_kernel(
         has_weight_decay = weight_decay != 0.0
         decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
         prox = tl.where(has_weight_decay, prox, 1.0).to(COMPUTE)
+        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
+                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         args = (
             slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
             slot(row, L.EXP_AVG_DIFFS, S_DTYPE, ALIGNED),
@@ -112,8 +114,6 @@ def adan_kernel(
             tl.sqrt(bc3).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
             new_step == 1.0,
         )  # fmt: skip
-        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
-                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         for_each_block(_adan_block, start, end, common, args, (COMPUTE, NO_PROX), COMPUTE, MASTER,
                        HAS_GRAD_SCALE, HAS_CLIP, False)  # fmt: skip
         # The step pointer is read again here, as adamw_ does (no register kept live).

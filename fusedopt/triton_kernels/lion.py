@@ -57,13 +57,13 @@ def lion_kernel(
             decay = (1.0 - lr * weight_decay).to(COMPUTE)
         else:
             decay = 1.0 - lr.to(COMPUTE) * weight_decay.to(COMPUTE)
+        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
+                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         args = (
             slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), lr.to(COMPUTE), decay,
             beta1.to(COMPUTE), (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE),
             (1.0 - beta2).to(COMPUTE),
         )  # fmt: skip
-        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
-                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         for_each_block(_lion_block, start, end, common, args, (COMPUTE,), COMPUTE, MASTER,
                        HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
 
