@@ -10,7 +10,8 @@
 #    plus the static SASS checks (tests/test_cuda_static.py);
 # 3. runs compute-sanitizer memcheck on a small call of every op (bench/cuda_memcheck_case.py),
 #    where compute-sanitizer exists;
-# 4. runs the benchmark report for AdamW on the ~1B Llama-like shapes (CSV/MD/PNG into OUTPUT_DIR).
+# 4. runs the benchmark report for AdamW on the ~1B Llama-like shapes (CSV/MD/PNG into OUTPUT_DIR);
+# 5. writes the memory table of issue #15 (bench/memory.py, CUDA allocator numbers; CSV/MD).
 # Writes OUTPUT_DIR/gpu_suite.log (everything), OUTPUT_DIR/gpu_suite.csv (one row per test and
 # per step, with the device, versions, date and commit) and OUTPUT_DIR/junit_*.xml. Budget: well
 # under 5 minutes on 16 cores (the build is ~2 of them). Exit status: non-zero if any step
@@ -85,9 +86,13 @@ if [ "$(cut -f2 "$STEPS")" = "0" ]; then
   #    model vs measured" prints the measured % of copy beside bench/h200_model.py's prediction.
   step report 150 "$PY" -m bench.report --device cuda --model llama1b --optimizers adamw \
     --out "$OUT"
+  # 5. issue #15's memory table (bench/memory.py) with the CUDA allocator's view: the bytes
+  #    every optimizer holds in every memory mode, on GPT-2 small's shapes; fails when a mode
+  #    holds other than its design.
+  step memory 90 "$PY" -m bench.memory --device cuda --model gpt2 --out "$OUT"
 fi
 for log in "$OUT"/build.log "$OUT"/static.log "$OUT"/memcheck.log "$OUT"/pytest_*.log \
-  "$OUT"/report.log; do
+  "$OUT"/report.log "$OUT"/memory.log; do
   [ -f "$log" ] && cat "$log" >> "$LOG" && rm -f "$log"
 done
 status=0

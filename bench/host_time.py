@@ -7,15 +7,21 @@ a step's CPU time is its host time: the Python and C++ bookkeeping per tensor an
 Rows: fusedopt's AdamW on the ``cpu`` backend (``fp32``; ``amp``: bf16 params with master
 weights, ``max_grad_norm`` and ``fusedopt.GradScaler``, as in ``bench/fused.py``) beside
 ``torch.optim.AdamW(fused=True)`` (``amp``: torch's composition of the same step,
-``bench/peers.py``). Each number is the **minimum** over ``--repeats`` timed steps (after a
-warm-up; above 150 tensors, ``repeats * 150 / tensors`` steps, at least 20): the machine is
-shared, and the minimum is the run least disturbed by others. Prints a Markdown table.
+``bench/peers.py``). fusedopt's step is also split: ``plan`` is ``_step_plan`` (the cached
+plan's per-step check and the grads lists, [note: cached plan]), ``op calls`` the step ops
+(``_run``: the dispatcher's conversion of the lists, the op's validation, the kernel), and the
+step's remainder (the norm pass, the hyperparameter lists, the scaler) is the difference.
+Each number is the **minimum** over ``--repeats`` timed steps (after a warm-up; above 150
+tensors, ``repeats * 150 / tensors`` steps, at least 20), each part's minimum taken apart: the
+machine is shared, and the minimum is the run least disturbed by others. Prints a Markdown
+table.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -36,6 +42,37 @@ def min_step_seconds(step, warmup: int, repeats: int) -> float:
     return best
 
 
+def _timed(method: Callable, spent: list[float]) -> Callable:
+    """``method``, adding the seconds each call takes to ``spent[0]``."""
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    return timed
+
+
+def min_split_seconds(step, opt, warmup: int, repeats: int) -> tuple[float, float, float]:
+    """The fastest step, the fastest ``_step_plan`` and the fastest op calls (``_run``, summed
+    over a step's calls) of ``repeats`` steps of ``opt``, in seconds, each a minimum apart."""
+    plan_spent, run_spent = [0.0], [0.0]
+    opt._step_plan = _timed(opt._step_plan, plan_spent)  # instance attributes: this run only
+    opt._run = _timed(opt._run, run_spent)
+    for _ in range(warmup):
+        step()
+    best = [float("inf")] * 3
+    for _ in range(repeats):
+        plan_spent[0] = run_spent[0] = 0.0
+        start = time.perf_counter()
+        step()
+        spent = (time.perf_counter() - start, plan_spent[0], run_spent[0])
+        best = [min(b, s) for b, s in zip(best, spent, strict=True)]
+    return best[0], best[1], best[2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensors", type=int, nargs="+", default=[10, 150, 1000, 10000])
@@ -48,19 +85,22 @@ def main() -> None:
     device = torch.device("cpu")
     print(f"torch {torch.__version__}, cpu, {args.numel} elements per tensor, "
           f"min of {args.repeats} steps\n")  # fmt: skip
-    print("| tensors | mode | fusedopt host us/step | us/tensor | torch fused host us/step "
-          "| us/tensor |")  # fmt: skip
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| tensors | mode | fusedopt host us/step | us/tensor | of which plan us | op calls us "
+          "| torch fused host us/step | us/tensor |")  # fmt: skip
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n in args.tensors:
         shapes = [(f"t{i}", (args.numel,)) for i in range(n)]
         for mode in args.modes:
             repeats = max(20, args.repeats * 150 // max(n, 150))
             workload = make_workload("host", "adamw", mode, device, shapes=shapes)
-            ours = min_step_seconds(make_fused(workload, "cpu"), args.warmup, repeats)
+            step = make_fused(workload, "cpu")
+            opt = step.__self__ if hasattr(step, "__self__") else step.optimizer
+            ours, plan, run = min_split_seconds(step, opt, args.warmup, repeats)
             workload = make_workload("host", "adamw", mode, device, shapes=shapes)
             theirs = min_step_seconds(make_peer(workload, "torch fused"), args.warmup, repeats)
-            print(f"| {n} | {mode} | {ours * 1e6:.0f} | {ours * 1e6 / n:.2f} "
-                  f"| {theirs * 1e6:.0f} | {theirs * 1e6 / n:.2f} |", flush=True)  # fmt: skip
+            print(f"| {n} | {mode} | {ours * 1e6:.0f} | {ours * 1e6 / n:.2f} | {plan * 1e6:.0f} "
+                  f"| {run * 1e6:.0f} | {theirs * 1e6:.0f} | {theirs * 1e6 / n:.2f} |",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

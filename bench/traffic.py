@@ -78,13 +78,34 @@ _STEP_PASSES: dict[str, tuple[Pass, ...]] = {
     ),
     "lion_": (Pass(("p", "g", "m"), ("p", "m")),),
     "sgd_": (Pass(("p", "g", "buf"), ("p", "buf")),),
+    # Adan (csrc/cuda/adan.cu's header: fp32 44 B, bf16 without masters 22 B): not in the
+    # timed report (OPTIMIZER_OPS), only in the memory table (bench/memory.py).
+    "adan_": (Pass(("p", "g", "m", "v", "n", "npg"), ("p", "m", "v", "n", "npg")),),
 }
+
+#: Roles that are not optimizer state: the param (or its master), the grad, the bf16 param.
+_NOT_STATE = ("p", "g", "lowp")
+
+
+def state_names(op: str) -> tuple[str, ...]:
+    """The per-element state tensors of ``op``'s passes (e.g. ``("m", "v")`` for adamw_)."""
+    names: list[str] = []
+    for one in _STEP_PASSES[op]:
+        for role in (*one.reads, *one.writes):
+            if role not in _NOT_STATE and role not in names:
+                names.append(role)
+    return tuple(names)
 
 
 def passes(op: str, mode: str) -> tuple[Pass, ...]:
     """The passes of ``op`` in ``mode``: the clip/inf-check norm pass first when needed."""
-    step = _STEP_PASSES[op]
     _, master, clipped = MODES[mode]
+    return step_passes(op, master=master, clipped=clipped)
+
+
+def step_passes(op: str, *, master: bool, clipped: bool) -> tuple[Pass, ...]:
+    """The passes of ``op`` with or without master weights and a clip/inf-check norm pass."""
+    step = _STEP_PASSES[op]
     if clipped and op != "lamb_":  # LAMB's own clip pass already reads the grads
         step = (Pass(("g",), ()), *step)
     if master:
@@ -103,12 +124,25 @@ def passes(op: str, mode: str) -> tuple[Pass, ...]:
 
 def bytes_per_param(op: str, mode: str) -> int:
     """Compulsory bytes per parameter element of one step of ``op`` in ``mode`` (table above)."""
-    param_dtype, _, _ = MODES[mode]
+    param_dtype, master, clipped = MODES[mode]
     low = torch.empty((), dtype=param_dtype).element_size()
-    size = {"g": low, "lowp": low}  # grads arrive in the param dtype
     # p (or the master standing in for it) and every state are fp32 in both modes.
+    return step_bytes_per_param(op, param_bytes=low, state_bytes=4, master=master, clipped=clipped)
+
+
+def step_bytes_per_param(
+    op: str, *, param_bytes: int, state_bytes: int, master: bool, clipped: bool = False
+) -> int:
+    """Compulsory bytes per element of one step of ``op``, by the storage sizes it touches.
+
+    ``param_bytes``: the param's (and grad's) element size; ``state_bytes``: each state's;
+    ``master``: an fp32 master stands in for the param in the update (and the param is read
+    beside it and written as its rounding). A memory mode of issue #15 (bench/modes.py) is
+    one choice of these sizes.
+    """
+    size = {"g": param_bytes, "lowp": param_bytes, "p": 4 if master else param_bytes}
     total = 0
-    for one in passes(op, mode):
+    for one in step_passes(op, master=master, clipped=clipped):
         for role in (*one.reads, *one.writes):
-            total += size.get(role, 4)
+            total += size.get(role, state_bytes)
     return total

@@ -13,11 +13,14 @@ Conventions common to every op (see [note: common scalars]):
   dtype, all grads share one dtype (the param dtype or fp32), and ``master_params`` is either
   empty (no master weights) or one fp32 tensor per param. The functional layer
   (``fusedopt.ops``) splits a user's lists into such calls.
-* Per-tensor hyperparameters are ``float[]`` lists of length N (one value per tensor), so
-  that one launch covers every param group. Flags that change the code path (``amsgrad``,
-  ``nesterov``...) are per call.
-* ``lr_tensor``: when given, overrides ``lr``; a 0-d fp32 tensor (one lr for all tensors) or a
-  1-d fp32 tensor of length N, on the params' device.
+* Hyperparameters are a small device table, ``Tensor hypers`` (float64 ``[G, K]``, one row per
+  group of tensors, the columns in the spec's ``hypers`` order, ``lr`` first, on the params'
+  device) and ``int[] group_sizes`` (G counts summing to N: row g holds the hyperparameters
+  of the next ``group_sizes[g]`` tensors), so that one launch covers every param group
+  ([note: hyper table]). Flags that change the code path (``amsgrad``, ``nesterov``...) are
+  per call.
+* ``lr_tensor``: when given, overrides the ``lr`` column; a 0-d fp32 tensor (one lr for all
+  tensors) or a 1-d fp32 tensor of length N, on the params' device.
 * ``steps``: one 0-d fp32 tensor per param on the params' device (torch's layout). The op
   adds 1 to each, unless ``found_inf`` is non-zero, then uses the new value ``t``. Bias
   corrections ``1 - beta**t`` are computed in float64.
@@ -50,6 +53,18 @@ element). With ``found_inf`` set nothing is adopted either (the step changes not
 next step adopts). LAMB adopts in both passes alike, so ``|p|`` of the trust ratio is the
 norm of the adopted master. ``master_sync=False`` is the old behaviour (Apex's, TE's,
 DeepSpeed's): the master alone is the truth. Without master params the flag does nothing.
+
+[note: hyper table] Hyperparameters travel as a device table of G rows (one per run of
+tensors sharing their values, typically one per param group), not as per-tensor lists: the
+caller (an optimizer's cached plan, ``fusedopt.ops``) keeps the table and rewrites its few
+values when a schedule changes them, so the backends' tensor tables, which hold the address
+of each tensor's row (not its values), stay cached across an lr schedule, a CUDA graph that
+captured a step reads the current values at each replay, and the dispatcher converts G
+counts per call instead of K floats per tensor. float64, because the kernels evaluate
+``1 - beta`` and the bias corrections in float64 ([note: hyperparameter rounding] in
+``fusedopt/triton_kernels/common.py``). The group structure is an ``int[]`` of G run
+lengths rather than a per-tensor index (``int[]`` of N: a conversion per tensor again) or a
+CPU index tensor (beside CUDA tensors it would keep ``torch.compile``'s CUDA graphs off).
 """
 
 from __future__ import annotations
@@ -106,7 +121,8 @@ COMMON_FLAGS: tuple[FlagSpec, ...] = (FlagSpec("master_sync", True),)
 @dataclasses.dataclass(frozen=True)
 class StepOpSpec:
     """A step op: its tensor lists (params, grads, states, master_params, steps), its
-    per-tensor ``float[]`` hyperparameters (``lr`` first), its per-call flags, the
+    hyperparameters (``lr`` first: the columns of ``hypers``, [note: hyper table]), its
+    per-call flags, the
     :data:`COMMON_SCALARS` and the :data:`COMMON_FLAGS`, in that schema order. Everything
     else (the schema string, ``fusedopt.ops``' packing, the Triton and C++ slot and
     hyperparameter indices, the optimizers' state keys) is derived from it; see DESIGN.md
@@ -171,7 +187,7 @@ class StepOpSpec:
             f"Tensor({aliases[t.name]}!)[] {t.name}" if t.mutable else f"Tensor[] {t.name}"
             for t in self.tensor_lists
         ]
-        args += [f"float[] {h}" for h in self.hypers]
+        args += ["Tensor hypers", "int[] group_sizes"]  # [note: hyper table]
         args += [f"bool {f}" for f in self.flags]
         args += [f"Tensor? {s}" for s in COMMON_SCALARS]
         args += [f"bool {f.name}={f.default}" for f in COMMON_FLAGS]

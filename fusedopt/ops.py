@@ -2,14 +2,17 @@
 
 Each function validates its inputs (raising before any tensor is touched), splits the tensor
 lists into calls that a kernel can take in one launch (one device, one param dtype, one grad
-dtype, master weights or not), expands per-group hyperparameters to per-tensor lists, picks a
+dtype, master weights or not), packs the hyperparameters into a small table (one row per run
+of tensors sharing their values, [note: hyper table] in ``fusedopt._contract``), picks a
 backend (``fusedopt._backend.resolve``) and calls ``torch.ops.fusedopt.<op>_<backend>``.
 """
 
 from __future__ import annotations
 
+import collections
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TypedDict, Unpack
 
 import torch
 from torch import Tensor
@@ -186,10 +189,105 @@ def _lr_arguments(op: str, lr, n: int, device: torch.device):
     return per_tensor(op, "lr", lr, n), None
 
 
+def write_hyper_table(rows: Sequence[Sequence[float]], device: torch.device, table=None) -> Tensor:
+    """A float64 ``[G, K]`` hyperparameter table holding ``rows`` on ``device``
+    ([note: hyper table] in fusedopt._contract): ``table`` rewritten in place when it has that
+    shape and device, else a new one. No host sync: on CUDA a non-blocking copy from pinned
+    memory, ordered on the current stream after every kernel that read the old values; under
+    CUDA-graph capture one captured fill per value (a replay writes the captured values);
+    under ``torch.compile`` a new table (a constant of the graph)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(rows, dtype=torch.float64, device=device)
+    shape = (len(rows), len(rows[0]))
+    if table is None or tuple(table.shape) != shape or table.device != device:
+        table = torch.empty(shape, dtype=torch.float64, device=device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        for g, row in enumerate(rows):
+            for k, value in enumerate(row):
+                table[g, k].fill_(value)
+        return table
+    host = torch.tensor(rows, dtype=torch.float64)
+    table.copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=True)
+    return table
+
+
+class StepHypers(Mapping):
+    """A step call's hyperparameters in the op's form ([note: hyper table]): ``table``
+    (float64 ``[G, K]`` on the params' device, holding ``rows``), ``group_sizes`` (row g is
+    that of the next ``group_sizes[g]`` tensors) and ``lr_tensor`` (None, or 0-d / length-N
+    fp32: overrides the lr column). Read as a mapping it gives each hyperparameter's
+    per-tensor values (``lr``: ``lr_tensor`` when given), for code that wants lists."""
+
+    __slots__ = ("group_sizes", "lr_tensor", "names", "rows", "table")
+
+    def __init__(self, names, rows, group_sizes, lr_tensor, table) -> None:
+        self.names, self.rows, self.group_sizes = tuple(names), rows, list(group_sizes)
+        self.lr_tensor, self.table = lr_tensor, table
+
+    def __getitem__(self, name: str):
+        if name == "lr" and self.lr_tensor is not None:
+            return self.lr_tensor
+        k = self.names.index(name)
+        return [
+            row[k] for row, n in zip(self.rows, self.group_sizes, strict=True) for _ in range(n)
+        ]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _runs(rows: Sequence[tuple]) -> tuple[list[tuple], list[int]]:
+    """Runs of equal consecutive rows: (the distinct rows, their run lengths)."""
+    unique, sizes = [], []
+    for row in rows:
+        if unique and unique[-1] == row:
+            sizes[-1] += 1
+        else:
+            unique.append(row)
+            sizes.append(1)
+    return unique, sizes
+
+
+def hyper_table(*columns: Sequence[float], device=None) -> tuple[Tensor, list[int]]:
+    """Per-tensor hyperparameter lists (one list of N floats per hyperparameter, in the op's
+    order, ``lr`` first) as the op contract's ``(hypers, group_sizes)``: a float64 ``[G, K]``
+    table with one row per run of tensors with equal values ([note: hyper table]). For calling
+    the registered ops directly; ``fusedopt.ops`` and the optimizers build theirs."""
+    unique, sizes = _runs(list(zip(*columns, strict=True)))
+    table = torch.tensor(unique, dtype=torch.float64, device=device)
+    return table.reshape(len(unique), len(columns)), sizes
+
+
+#: Hyperparameter tables of ``fusedopt.ops`` calls, one per call site (op, device, first
+#: param, tensor count), rewritten in place when the values change (an lr schedule), so that
+#: the backends' cached tensor tables, which hold the table's address, stay valid.
+_TABLES: collections.OrderedDict[tuple, tuple[list, Tensor]] = collections.OrderedDict()
+_MAX_TABLES = 64
+
+
+def _site_table(key: tuple, rows: list[tuple], device: torch.device):
+    """The call site's table of ``rows``' runs, and the run lengths."""
+    unique, sizes = _runs(rows)
+    if torch.compiler.is_compiling():  # no cache in a traced function (nor data_ptr in the key)
+        return sizes, write_hyper_table(unique, device)
+    cached = _TABLES.pop(key, None)
+    if cached is not None and cached[0] == unique:
+        table = cached[1]
+    else:
+        table = write_hyper_table(unique, device, cached[1] if cached else None)
+    _TABLES[key] = (unique, table)
+    if len(_TABLES) > _MAX_TABLES:
+        _TABLES.popitem(last=False)
+    return sizes, table
+
+
 def step(
     op: str,
     lists: dict[str, Sequence[Tensor]],
-    hypers: dict[str, Hyper | Tensor],
+    hypers: dict[str, Hyper | Tensor] | StepHypers,
     flags: dict[str, bool],
     *,
     grad_scale: Tensor | None = None,
@@ -203,9 +301,10 @@ def step(
 
     ``lists`` maps each list name of the op's schema to its tensors (optional ones may be
     omitted); ``hypers`` maps each hyperparameter to a float (all tensors) or one float per
-    tensor (``lr`` may also be a 0-d or length-N fp32 device tensor); ``flags`` the per-call
-    switches. The lists are split into one backend call per (param dtype, grad dtype, master
-    weights or not), each a single multi-tensor launch.
+    tensor (``lr`` may also be a 0-d or length-N fp32 device tensor), or is a
+    :class:`StepHypers` table already in the op's form; ``flags`` the per-call switches. The
+    lists are split into one backend call per (param dtype, grad dtype, master weights or
+    not), each a single multi-tensor launch.
 
     ``master_sync`` (a flag; True when omitted) makes every master param first adopt the value
     of a param written since the last step ([note: master sync] in ``fusedopt._contract``).
@@ -232,10 +331,25 @@ def step(
     check_scalar(grad_scale, "grad_scale", op, device, allow_fp64=fp64)
     check_scalar(clip_coef, "clip_coef", op, device, allow_fp64=fp64)
     check_scalar(found_inf, "found_inf", op, device)
-    lr_values, lr_tensor = _lr_arguments(op, hypers["lr"], n, device)
-    values = {"lr": lr_values}
-    values.update({h: per_tensor(op, h, hypers[h], n) for h in spec.hypers if h != "lr"})
     handle = _contract.op_handle(op, _resolve(backend, device))
+    call_flags = [bool(flags[f]) for f in spec.flags]
+    master_sync = bool(flags.get("master_sync", True))
+
+    def call(call_lists, table, group_sizes, lr_tensor) -> None:
+        handle(
+            *call_lists, table, group_sizes, *call_flags, lr_tensor, grad_scale, clip_coef,
+            found_inf, master_sync,
+        )  # fmt: skip
+
+    if isinstance(hypers, StepHypers):  # the optimizers' cached table: one call as is
+        call(
+            [lists[name] for name in spec.lists], hypers.table, hypers.group_sizes, hypers.lr_tensor
+        )
+        write_back(twins)
+        return
+    lr_values, lr_tensor = _lr_arguments(op, hypers["lr"], n, device)
+    columns = [lr_values] + [per_tensor(op, h, hypers[h], n) for h in spec.hypers[1:]]
+    rows = list(zip(*columns, strict=True))
 
     groups: dict[tuple, list[int]] = {}
     if _checked:
@@ -253,24 +367,44 @@ def step(
         group_lr_tensor = lr_tensor
         if lr_tensor is not None and lr_tensor.dim() == 1 and not whole:
             group_lr_tensor = lr_tensor[torch.tensor(index, device=device)]
-        handle(
-            *(pick(lists[name]) for name in spec.lists),
-            *(pick(values[h]) for h in spec.hypers),
-            *(bool(flags[f]) for f in spec.flags),
-            group_lr_tensor,
-            grad_scale,
-            clip_coef,
-            found_inf,
-            master_sync=bool(flags.get("master_sync", True)),
-        )
+        call_params = pick(params)
+        key = (op, device, call_params[0].data_ptr(), len(call_params))
+        sizes, table = _site_table(key, pick(rows), device)
+        call([pick(lists[name]) for name in spec.lists], table, sizes, group_lr_tensor)
     write_back(twins)
 
 
+class StepOptions(TypedDict, total=False):
+    """The keyword arguments every public step wrapper ends with: ``master_params`` (one fp32
+    master per bf16/fp16 param, or none), ``master_sync`` ([note: master sync] in
+    ``fusedopt._contract``; default True), the common device scalars ``grad_scale``,
+    ``clip_coef`` and ``found_inf`` (default None) and ``backend`` (default ``"auto"``)."""
+
+    master_params: Sequence[Tensor]
+    master_sync: bool
+    grad_scale: Tensor | None
+    clip_coef: Tensor | None
+    found_inf: Tensor | None
+    backend: str
+
+
+#: :class:`StepOptions`' defaults.
+STEP_OPTION_DEFAULTS: dict = {
+    "master_params": (), "master_sync": True, "grad_scale": None, "clip_coef": None,
+    "found_inf": None, "backend": "auto",
+}  # fmt: skip
+
+
 def _step_from_arguments(op: str, arguments: dict) -> None:
-    """:func:`step` with the arguments of a public wrapper (its ``locals()``), sorted into
-    lists, hyperparameters and flags by the op's spec, so that no wrapper re-lists them.
+    """:func:`step` with the arguments of a public wrapper (its ``locals()``, the
+    :class:`StepOptions` in ``options``), sorted into lists, hyperparameters and flags by the
+    op's spec, so that no wrapper re-lists them.
     A list that a flag switches (``present_iff``) is passed only when the flag is set; steps
     that go with a list (``steps_with``) must be given with it or not at all."""
+    unknown = set(arguments["options"]) - set(STEP_OPTION_DEFAULTS)
+    if unknown:
+        raise TypeError(f"{op}() got unexpected keyword arguments {sorted(unknown)}")
+    arguments = {**STEP_OPTION_DEFAULTS, **arguments, **arguments["options"]}
     spec = STEP_OPS[op]
     lists = {name: arguments[name] for name in spec.lists}
     for t in spec.tensor_lists:
@@ -311,12 +445,7 @@ def adamw_(
     maximize: bool = False,
     bias_correction: bool = True,
     max_exp_avg_sqs: Sequence[Tensor] = (),
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **options: Unpack[StepOptions],
 ) -> None:
     """One Adam/AdamW step in place (``decoupled=False`` is Adam's L2 decay); fp32 math."""
     _step_from_arguments("adamw_", locals())
@@ -338,12 +467,7 @@ def lamb_(
     bias_correction: bool = True,
     trust_clip: bool = False,
     always_adapt: bool = False,
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **options: Unpack[StepOptions],
 ) -> None:
     """One LAMB step in place (timm semantics; fold the global clip into ``clip_coef``)."""
     _step_from_arguments("lamb_", locals())
@@ -359,12 +483,7 @@ def lion_(
     beta2: Hyper = 0.99,
     weight_decay: Hyper = 0.0,
     maximize: bool = False,
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **options: Unpack[StepOptions],
 ) -> None:
     """One Lion step in place (lion-pytorch semantics, ``sign(0) = 0``); fp32 math."""
     _step_from_arguments("lion_", locals())
@@ -386,12 +505,7 @@ def adan_(
     eps: Hyper = 1e-8,
     weight_decay: Hyper = 0.0,
     no_prox: bool = False,
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **options: Unpack[StepOptions],
 ) -> None:
     """One Adan step in place (the official Adan's conventions: betas are EMA weights,
     ``neg_pre_grads`` hold the previous step's ``-grad`` and are ignored at step 1;
@@ -411,12 +525,7 @@ def sgd_(
     weight_decay: Hyper = 0.0,
     nesterov: bool = False,
     maximize: bool = False,
-    master_params: Sequence[Tensor] = (),
-    master_sync: bool = True,
-    grad_scale: Tensor | None = None,
-    clip_coef: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str = "auto",
+    **options: Unpack[StepOptions],
 ) -> None:
     """One SGD step in place (torch.optim.SGD semantics); pass ``momentum_buffers`` and
     ``steps`` (both, or neither when momentum is 0); fp32 math."""

@@ -400,8 +400,8 @@ def _direct_adamw_args(n=3, dtype=torch.float32):
         params=params, grads=[torch.randn(4, 5).to(dtype) for _ in range(n)],
         exp_avgs=[torch.zeros(4, 5, dtype=dtype) for _ in range(n)],
         exp_avg_sqs=[torch.zeros(4, 5, dtype=dtype) for _ in range(n)], max_exp_avg_sqs=[],
-        master_params=[], steps=[torch.zeros(()) for _ in range(n)], lr=[1e-3] * n,
-        beta1=[0.9] * n, beta2=[0.999] * n, eps=[1e-8] * n, weight_decay=[0.0] * n,
+        master_params=[], steps=[torch.zeros(()) for _ in range(n)],
+        hypers=torch.tensor([[1e-3, 0.9, 0.999, 1e-8, 0.0]], dtype=F64), group_sizes=[n],
         decoupled=True, amsgrad=False, maximize=False, bias_correction=True, lr_tensor=None,
         grad_scale=None, clip_coef=None, found_inf=None,
     )  # fmt: skip
@@ -448,10 +448,25 @@ BAD_INPUTS = {
         r"grads\[0\] has strides",
     ),
     "length": (lambda a: a["exp_avg_sqs"].pop(), ValueError, r"exp_avg_sqs has 2 entries"),
-    "hyper length": (
-        lambda a: a.__setitem__("beta2", [0.9]),
+    "group sizes": (
+        lambda a: a.__setitem__("group_sizes", [2]),
         ValueError,
-        r"beta2 has 1 values for 3",
+        r"group_sizes \[2\] must be counts >= 0 summing to 3",
+    ),
+    "group count": (
+        lambda a: a.__setitem__("group_sizes", [1, 2]),
+        ValueError,
+        r"group_sizes has 2 entries for the 1 rows of hypers",
+    ),
+    "hypers width": (
+        lambda a: a.__setitem__("hypers", a["hypers"][:, :4]),
+        TypeError,
+        r"hypers must be a float64 \[G, 5\] table",
+    ),
+    "hypers dtype": (
+        lambda a: a.__setitem__("hypers", a["hypers"].float()),
+        TypeError,
+        r"hypers must be a float64 \[G, 5\] table",
     ),
     "int dtype": (
         lambda a: a["params"].__setitem__(0, torch.zeros(4, 5, dtype=torch.int32)),
@@ -506,8 +521,9 @@ def test_binding_rejects_bad_norm_type_and_mixed_lists():
         torch.ops.fusedopt.grad_norm_cpu([torch.ones(3)], 1.0, False, None)
     with pytest.raises(ValueError, match="pass both"):
         torch.ops.fusedopt.sgd_cpu_(
-            [torch.ones(3)], [torch.ones(3)], [torch.ones(3)], [], [], [0.1], [0.9], [0.0],
-            [0.0], False, False, None, None, None, None,
+            [torch.ones(3)], [torch.ones(3)], [torch.ones(3)], [], [],
+            torch.tensor([[0.1, 0.9, 0.0, 0.0]], dtype=F64), [1], False, False, None, None,
+            None, None,
         )  # fmt: skip
     with pytest.raises(TypeError, match=r"tensors\[1\] has unsupported dtype"):
         torch.ops.fusedopt.scale_cpu_(

@@ -13,14 +13,16 @@ from fusedopt import _contract, ops, optim, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: The step ops' schemas as they were written by hand before the spec derived them: the
-#: derived ones must stay identical (they are public API: torch.ops.fusedopt.*).
+#: The step ops' schemas, written by hand: the derived ones must stay identical (they are
+#: public API: torch.ops.fusedopt.*). Changed deliberately once, when the per-tensor
+#: ``float[]`` hyperparameters became ``Tensor hypers, int[] group_sizes`` ([note: hyper
+#: table] in fusedopt/_contract.py; DESIGN.md §3 "Op contract").
 GOLDEN_SCHEMAS = {
     "adamw_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, "
-        "Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] beta1, "
-        "float[] beta2, float[] eps, float[] weight_decay, bool decoupled, "
+        "Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, "
+        "bool decoupled, "
         "bool amsgrad, bool maximize, bool bias_correction, Tensor? lr_tensor, "
         "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
         "bool master_sync=True) -> ()"
@@ -28,31 +30,30 @@ GOLDEN_SCHEMAS = {
     "lamb_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps, "
-        "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
-        "bool grad_averaging, bool bias_correction, bool trust_clip, "
-        "bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
-        "Tensor? found_inf, bool master_sync=True) -> ()"
+        "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
+        "bool trust_clip, bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, "
+        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
     ),
     "lion_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(e!)[] master_params, float[] lr, float[] beta1, float[] beta2, "
-        "float[] weight_decay, bool maximize, Tensor? lr_tensor, Tensor? grad_scale, "
-        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
+        "Tensor(e!)[] master_params, Tensor hypers, int[] group_sizes, bool maximize, "
+        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> ()"
     ),
     # Added through the spec (the first op that was): written here by hand from the official
     # Adan's names, so that the derivation is checked against an independent spelling.
     "adan_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_diffs, Tensor(g!)[] neg_pre_grads, "
-        "Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] beta1, "
-        "float[] beta2, float[] beta3, float[] eps, float[] weight_decay, bool no_prox, "
+        "Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, "
+        "bool no_prox, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
         "bool master_sync=True) -> ()"
     ),
     "sgd_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-        "Tensor(e!)[] master_params, Tensor(f!)[] steps, float[] lr, float[] momentum, "
-        "float[] dampening, float[] weight_decay, bool nesterov, bool maximize, "
+        "Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, "
+        "bool nesterov, bool maximize, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
         "bool master_sync=True) -> ()"
     ),
@@ -86,7 +87,8 @@ def test_optimizers_state_lists_come_from_the_spec():
 def _schema_order(op: str) -> list[str]:
     spec = _contract.STEP_OPS[op]
     common_flags = [f.name for f in _contract.COMMON_FLAGS]
-    return [*spec.lists, *spec.hypers, *spec.flags, *_contract.COMMON_SCALARS, *common_flags]
+    hypers = ["hypers", "group_sizes"]  # [note: hyper table]
+    return [*spec.lists, *hypers, *spec.flags, *_contract.COMMON_SCALARS, *common_flags]
 
 
 @pytest.mark.parametrize("op", sorted(_contract.STEP_OPS))
@@ -100,12 +102,17 @@ def test_reference_signature_is_the_schema_order(op):
 @pytest.mark.parametrize("op", sorted(_contract.STEP_OPS))
 def test_public_wrapper_defaults_agree_with_the_spec(op):
     """Every list, hyperparameter and flag of the spec is a parameter of ``fusedopt.ops.<op>``
-    (the wrapper passes them by name), and the flags default as the C++ call structs do."""
+    or one of the :class:`~fusedopt.ops.StepOptions` every wrapper ends with (the wrapper
+    passes them by name), and the flags default as the C++ call structs do."""
     signature = inspect.signature(getattr(ops, op)).parameters
+    assert signature["options"].kind is inspect.Parameter.VAR_KEYWORD
+    defaults = {name: p.default for name, p in signature.items() if name != "options"}
+    assert set(ops.StepOptions.__annotations__) == set(ops.STEP_OPTION_DEFAULTS)
+    defaults.update(ops.STEP_OPTION_DEFAULTS)
     spec = _contract.STEP_OPS[op]
-    assert set(spec.lists) | set(spec.hypers) <= set(signature)
+    assert set(spec.lists) | set(spec.hypers) <= set(defaults)
     for flag in (*spec.flag_specs, *_contract.COMMON_FLAGS):
-        assert signature[flag.name].default is flag.default, flag.name
+        assert defaults[flag.name] is flag.default, flag.name
 
 
 def test_cpp_header_is_up_to_date():

@@ -11,6 +11,7 @@ import torch
 from optim_cases import clone_params, make_model
 
 import fusedopt
+from fusedopt.optim import _plan
 from fusedopt.optim._base import FusedOptimizer
 
 CLASSES = [
@@ -27,6 +28,17 @@ def _grads(params, seed):
     gen = torch.Generator().manual_seed(seed)
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def per_tensor_check(request, monkeypatch):
+    """Every test runs with the per-tensor part of the per-step check in C++ (fusedopt._C's
+    plan_grads) and in Python (the fallback where _C is not built)."""
+    if request.param == "python":
+        monkeypatch.setattr(_plan, "_native_check", lambda: None)
+    elif _plan._native_check() is None:
+        pytest.skip("fusedopt._C is not built")
+    return request.param
 
 
 @pytest.fixture
@@ -113,6 +125,22 @@ def _param_data_relaid(params, opt):
             p.data = p.data.t().contiguous().t()
 
 
+def _param_data_reshaped(params, opt):
+    """A ``.data`` of another shape (with a grad that fits it): the states no longer fit, which
+    only a new plan finds."""
+    p = next(p for p in params if p.dim() == 2)
+    p.data = p.data.reshape(-1)
+    p.grad = p.grad.reshape(-1)
+
+
+def _grad_of_other_strides(params, opt):
+    """A grad of the right shape in another memory layout: copied into the param's layout
+    ([note: cached plan] compares strides)."""
+    for p in params:
+        if p.dim() == 2 and p.grad is not None:
+            p.grad = p.grad.t().contiguous().t()
+
+
 def _weight_decay_changed(params, opt):
     """Hyperparameters are read every step: no new plan needed."""
     opt.param_groups[0]["weight_decay"] = 0.5
@@ -122,7 +150,7 @@ def _weight_decay_changed(params, opt):
 ONCE = [_amsgrad_on, _new_group, _state_replaced, _state_dict_replaced, _state_dict_loaded,
         _param_data_swapped, _param_data_relaid, _weight_decay_changed]  # fmt: skip
 #: Changes to the grads, made before every step from the third on.
-EVERY_STEP = [_unused_gets_a_grad, _grad_dropped, _grad_in_fp32]
+EVERY_STEP = [_unused_gets_a_grad, _grad_dropped, _grad_in_fp32, _grad_of_other_strides]
 CHANGES = ONCE + EVERY_STEP
 
 
@@ -166,8 +194,10 @@ def test_a_change_plans_again_and_equals_a_fresh_plan(change, plan_builds):
     # The cached run planned at its first step and once more after a change that needs it;
     # the fresh run planned at every one of its 4 steps. After _param_data_relaid the grads
     # _grads makes stay contiguous while the params are column-major: each is copied into its
-    # param's layout, a step the plan does not cache, so both later steps plan.
-    replans = {_param_data_swapped: 0, _weight_decay_changed: 0, _param_data_relaid: 2}
+    # param's layout, a step the plan does not cache, so both later steps plan; so do the grads
+    # _grad_of_other_strides makes.
+    replans = {_param_data_swapped: 0, _weight_decay_changed: 0, _param_data_relaid: 2,
+               _grad_of_other_strides: 2}  # fmt: skip
     replans = replans.get(change, 1)
     assert plan_builds[0] == 1 + replans + 4
 
@@ -248,6 +278,84 @@ def test_param_changed_dtype_after_planning_raises():
     _grads(params[:-1], 1)
     with pytest.raises(RuntimeError, match="no longer fits"):
         opt.step()
+
+
+def test_param_changed_shape_after_planning_raises():
+    """A ``.data`` swap to another shape, its grad reshaped alike: the per-step check sees it
+    (else the step would pair the param with states of the old shape)."""
+    params = clone_params(make_model(), torch.float32)
+    opt = fusedopt.AdamW(params, lr=1e-2)
+    _grads(params[:-1], 0)
+    opt.step()
+    _grads(params[:-1], 1)
+    _param_data_reshaped(params, opt)
+    with pytest.raises(RuntimeError, match=r"has shape .* but the param now has"):
+        opt.step()
+
+
+def test_a_sparse_param_without_a_grad_keeps_the_plan(plan_builds):
+    """A sparse param that has no grad (nothing to step; it has no strides to record) does
+    not stop the plan of the others from being cached; once it gets a grad, the step plans
+    again and rejects it, as a fresh plan does."""
+    dense = torch.nn.Parameter(torch.randn(3))
+    sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,), check_invariants=False)
+    sparse.requires_grad_()
+    opt = fusedopt.AdamW([dense, sparse], lr=1e-2)
+    for _ in range(3):
+        dense.grad = torch.randn(3)
+        opt.step()
+    assert plan_builds[0] == 1
+    sparse.grad = sparse.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def _forget_by_add_param_group(opt, params):
+    opt.add_param_group({"params": [params[-1]]})
+
+
+def _forget_by_load_state_dict(opt, params):
+    opt.load_state_dict(opt.state_dict())
+
+
+def _forget_by_setstate(opt, params):
+    opt.__setstate__(opt.__getstate__())
+
+
+FORGETS = [_forget_by_add_param_group, _forget_by_load_state_dict, _forget_by_setstate]
+
+
+@pytest.mark.parametrize("change", FORGETS, ids=[c.__name__[11:] for c in FORGETS])
+def test_the_optimizers_own_changes_forget_the_plan_at_once(change, plan_builds):
+    """[note: cached plan]: what the optimizer changes itself drops the plan where it changes
+    it, not at the next step's check; the next step plans again."""
+    params = clone_params(make_model(), torch.float32)
+    opt = fusedopt.AdamW(params[:-1], lr=1e-2)
+    _grads(params[:-1], 0)
+    opt.step()
+    assert "plan" in opt._step_out
+    change(opt, params)
+    assert "plan" not in opt._step_out
+    _grads(params[:-1], 1)
+    opt.step()
+    assert plan_builds[0] == 2
+
+
+def test_the_native_check_holds_a_record_only_plan_record_made(per_tensor_check):
+    """plan_grads trusts its argument only if plan_record made it (the record's storage
+    deleter); anything else, a copy of a record too, raises."""
+    if per_tensor_check != "native":
+        pytest.skip("the C++ check")
+    record_op, grads_op = _plan._native_check()
+    params = clone_params(make_model(), torch.float32)
+    _grads(params[:-1], 0)
+    record = record_op(params)
+    matched, grads = grads_op(record)
+    assert matched and len(grads) == len(params) - 1
+    assert all(g is p.grad for g, p in zip(grads, params, strict=False))
+    for other in (torch.empty(0, dtype=torch.uint8), record.clone(), copy.deepcopy(record)):
+        with pytest.raises(RuntimeError, match="not a tensor plan_record made"):
+            grads_op(other)
 
 
 def _sgd_momentum_on(params, opt):

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from fusedopt import reference
+from fusedopt.ops import hyper_table
 
 F64 = torch.float64
 STEPS = 20
@@ -98,6 +99,11 @@ ADAM_GROUPS = [
 ]
 
 
+def _table(hypers: dict, *names: str):
+    """The op contract's ``(hypers, group_sizes)`` of per-tensor lists ([note: hyper table])."""
+    return hyper_table(*(hypers[name] for name in names))
+
+
 def _adam_hypers(groups):
     return dict(
         lr=_per_tensor(groups, "lr"),
@@ -121,8 +127,8 @@ class _AdamState:
         reference.adamw_(
             self.params, grads, self.exp_avgs, self.exp_avg_sqs,
             self.max_exp_avg_sqs if amsgrad else [], [], self.steps,
-            hypers["lr"], hypers["beta1"], hypers["beta2"], hypers["eps"],
-            hypers["weight_decay"], decoupled, amsgrad, maximize, bias_correction,
+            *_table(hypers, "lr", "beta1", "beta2", "eps", "weight_decay"), decoupled, amsgrad,
+            maximize, bias_correction,
             lr_tensor, grad_scale, clip_coef, found_inf,
         )  # fmt: skip
 
@@ -234,8 +240,9 @@ class _SgdState:
     def step(self, grads, hypers, *, nesterov, maximize, found_inf=None, grad_scale=None,
              clip_coef=None, lr_tensor=None):  # fmt: skip
         reference.sgd_(
-            self.params, grads, self.bufs, [], self.steps, hypers["lr"], hypers["momentum"],
-            hypers["dampening"], hypers["weight_decay"], nesterov, maximize, lr_tensor,
+            self.params, grads, self.bufs, [], self.steps,
+            *_table(hypers, "lr", "momentum", "dampening", "weight_decay"), nesterov, maximize,
+            lr_tensor,
             grad_scale, clip_coef, found_inf,
         )  # fmt: skip
 
@@ -412,8 +419,8 @@ class _LambState:
     def step(self, grads, hypers, flags, *, clip_coef=None, grad_scale=None, found_inf=None):
         reference.lamb_(
             self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps,
-            hypers["lr"], hypers["beta1"], hypers["beta2"], hypers["eps"],
-            hypers["weight_decay"], flags["grad_averaging"], flags["bias_correction"],
+            *_table(hypers, "lr", "beta1", "beta2", "eps", "weight_decay"),
+            flags["grad_averaging"], flags["bias_correction"],
             flags["trust_clip"], flags["always_adapt"], None, grad_scale, clip_coef, found_inf,
         )  # fmt: skip
 
@@ -545,7 +552,8 @@ def test_lion_equals_chen_et_al(weight_decay, maximize):
     wd = [weight_decay] * n
     for t in range(1, STEPS + 1):
         grads = _grads(t, zero_every=3)
-        reference.lion_(ps, grads, ms, [], lr, b1, b2, wd, maximize, None, None, None, None)
+        reference.lion_(ps, grads, ms, [], *hyper_table(lr, b1, b2, wd), maximize, None, None,
+                        None, None)  # fmt: skip
         for i in range(n):
             g = -grads[i] if maximize else grads[i]
             xs[i], paper_ms[i] = _paper_lion_step(
@@ -613,8 +621,8 @@ def test_adan_equals_official(no_prox, weight_decay):
     clip = torch.tensor(0.75, dtype=F64)
     for t in range(1, STEPS + 1):
         grads = _grads(t, zero_every=3)
-        reference.adan_(ps, grads, ms, ns, vs, qs, [], steps, lr, b1, b2, b3, eps, wd, no_prox,
-                        None, None, clip, None)  # fmt: skip
+        reference.adan_(ps, grads, ms, ns, vs, qs, [], steps, *hyper_table(lr, b1, b2, b3, eps, wd),
+                        no_prox, None, None, clip, None)  # fmt: skip
         for i in range(n):
             hp = groups[GROUP_OF[i]]
             _official_adan_step(xs[i], grads[i], official[i], t=t, lr=hp["lr"],
@@ -737,20 +745,24 @@ def _call_step(op: str, t: dict, found_inf: torch.Tensor) -> None:
     lr, b1, b2, eps, wd = [1e-2] * n, [0.9] * n, [0.99] * n, [1e-8] * n, [0.1] * n
     p, g, m, v, master, steps = (t[k] for k in ("params", "grads", "m", "v", "master", "steps"))
     if op == "adamw_":
-        reference.adamw_(p, g, m, v, t["vmax"], master, steps, lr, b1, b2, eps, wd, True, True,
-                         False, True, torch.tensor(1e-2), None, None, found_inf)  # fmt: skip
+        reference.adamw_(p, g, m, v, t["vmax"], master, steps, *hyper_table(lr, b1, b2, eps, wd),
+                         True, True, False, True, torch.tensor(1e-2), None, None,
+                         found_inf)  # fmt: skip
     elif op == "lamb_":
-        reference.lamb_(p, g, m, v, master, steps, lr, b1, b2, eps, wd, True, True, True, True,
+        reference.lamb_(p, g, m, v, master, steps, *hyper_table(lr, b1, b2, eps, wd), True, True,
+                        True, True,
                         None, torch.tensor(2.0), None, found_inf)  # fmt: skip
     elif op == "lion_":
-        reference.lion_(p, g, m, master, lr, b1, b2, wd, False, None, None, torch.tensor(0.5),
+        reference.lion_(p, g, m, master, *hyper_table(lr, b1, b2, wd), False, None, None,
+                        torch.tensor(0.5),
                         found_inf)  # fmt: skip
     elif op == "adan_":
-        reference.adan_(p, g, m, v, t["d"], t["q"], master, steps, lr, b1, [0.9] * n, b2, eps,
-                        wd, False, torch.tensor(1e-2), torch.tensor(2.0), None,
-                        found_inf)  # fmt: skip
+        reference.adan_(p, g, m, v, t["d"], t["q"], master, steps,
+                        *hyper_table(lr, b1, [0.9] * n, b2, eps, wd), False, torch.tensor(1e-2),
+                        torch.tensor(2.0), None, found_inf)  # fmt: skip
     else:
-        reference.sgd_(p, g, m, master, steps, lr, [0.9] * n, [0.0] * n, wd, True, False, None,
+        reference.sgd_(p, g, m, master, steps, *hyper_table(lr, [0.9] * n, [0.0] * n, wd), True,
+                       False, None,
                        None, None, found_inf)  # fmt: skip
 
 

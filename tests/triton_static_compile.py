@@ -83,24 +83,24 @@ def variants():
     for case, dtypes in dtype_cases.items():
         base = {**dtypes, **SCALARS}
         out.append((f"adamw_{case}", adamw.adamw_kernel,
-                    {"WIDTH": 15, **base, "DECOUPLED": True, "AMSGRAD": True, "MAXIMIZE": True,
+                    {"WIDTH": 11, **base, "DECOUPLED": True, "AMSGRAD": True, "MAXIMIZE": True,
                      "BIAS_CORRECTION": True}))  # fmt: skip
         out.append((f"sgd_{case}", sgd.sgd_kernel,
-                    {"WIDTH": 12, **base, "HAS_MOMENTUM": True, "NESTEROV": True,
+                    {"WIDTH": 9, **base, "HAS_MOMENTUM": True, "NESTEROV": True,
                      "MAXIMIZE": True}))  # fmt: skip
         out.append((f"lion_{case}", lion.lion_kernel,
-                    {"WIDTH": 11, **base, "MAXIMIZE": True}))  # fmt: skip
+                    {"WIDTH": 8, **base, "MAXIMIZE": True}))  # fmt: skip
         out.append((f"adan_{case}", adan.adan_kernel,
-                    {"WIDTH": 17, **base, "NO_PROX": False}))  # fmt: skip
+                    {"WIDTH": 12, **base, "NO_PROX": False}))  # fmt: skip
         exact = dtypes["MASTER"] or dtypes["P_DTYPE"] in (F32, F64)
-        lamb_base = {"WIDTH": 14, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
+        lamb_base = {"WIDTH": 10, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
                      "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,
                      "STATES_EXACT": exact}  # fmt: skip
         out.append((f"lamb_norms_{case}", lamb.lamb_norms_kernel, lamb_base))
         out.append((f"lamb_update_{case}", lamb.lamb_update_kernel,
                     {**lamb_base, "LR_MODE": 0}))  # fmt: skip
     out.append(("lamb_trust_ratio", lamb.lamb_trust_ratio_kernel,
-                {"WIDTH": 14, "COMPUTE": F32, "HAS_FOUND_INF": True, "TRUST_CLIP": True,
+                {"WIDTH": 10, "COMPUTE": F32, "HAS_FOUND_INF": True, "TRUST_CLIP": True,
                  "ALWAYS_ADAPT": False}))  # fmt: skip
     return out
 

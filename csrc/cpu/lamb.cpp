@@ -60,10 +60,10 @@ void lamb_items(const LambCall& call, const ExecContext& ctx) {
   std::vector<char> adapt(n_tensors);
   bool any_adapt = false;
   for (int64_t i = 0; i < n_tensors; ++i) {
-    scalars[i] = lamb_scalars<T>(lr_of(lists, call.lr, i), call.beta1[i], call.beta2[i],
-                                 call.eps[i], call.weight_decay[i], t[i], call.grad_averaging,
+    scalars[i] = lamb_scalars<T>(lr_of(lists, call.lr(i), i), call.beta1(i), call.beta2(i),
+                                 call.eps(i), call.weight_decay(i), t[i], call.grad_averaging,
                                  call.bias_correction);
-    adapt[i] = call.weight_decay[i] != 0.0 || call.always_adapt;
+    adapt[i] = call.weight_decay(i) != 0.0 || call.always_adapt;
     any_adapt |= adapt[i] != 0;
   }
   const GradLoad<T> load =

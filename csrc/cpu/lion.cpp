@@ -20,8 +20,8 @@ void lion_items(const LionCall& call, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
   std::vector<LionScalars<T>> scalars(lists.num_tensors);
   for (int64_t i = 0; i < lists.num_tensors; ++i)
-    scalars[i] = lion_scalars<T>(lr_of(lists, call.lr, i), call.beta1[i], call.beta2[i],
-                                 call.weight_decay[i]);
+    scalars[i] = lion_scalars<T>(lr_of(lists, call.lr(i), i), call.beta1(i), call.beta2(i),
+                                 call.weight_decay(i));
   const GradLoad<T> load = make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef,
                                              call.maximize);
   const std::array<TensorSlot, 1> states{call.exp_avgs};

@@ -60,12 +60,12 @@ void sgd_items(const SgdCall& call, const ExecContext& ctx) {
     // count (not the buffer's contents) decides, so a skipped step or a loaded state dict
     // keeps it right. A tensor with momentum 0 keeps its count ([note: sgd momentum 0]).
     bool first_step = false;
-    if (kMomentum && call.momentum[i] != 0.0) {
+    if (kMomentum && call.momentum(i) != 0.0) {
       first_step = *lists.steps[i] == 0.0f;
       *lists.steps[i] += 1.0f;
     }
-    scalars[i] = sgd_scalars<T>(lr_of(lists, call.lr, i), call.momentum[i], call.dampening[i],
-                                call.weight_decay[i], first_step, call.nesterov);
+    scalars[i] = sgd_scalars<T>(lr_of(lists, call.lr(i), i), call.momentum(i), call.dampening(i),
+                                call.weight_decay(i), first_step, call.nesterov);
   }
   const GradLoad<T> load = make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef,
                                              call.maximize);

@@ -20,8 +20,8 @@ inline bool step_enabled(const StepLists& lists) {
   return lists.scalars.found_inf == nullptr || *lists.scalars.found_inf == 0.0f;
 }
 
-/// The learning rate of tensor i (lr_tensor overrides the per-tensor values).
-inline double lr_of(const StepLists& lists, const double* lr, int64_t i) {
+/// The learning rate of tensor i, whose row holds `lr` (lr_tensor overrides it).
+inline double lr_of(const StepLists& lists, double lr, int64_t i) {
   return tensor_lr(lr, lists.scalars.lr, lists.scalars.lr_numel, i);
 }
 

@@ -3,9 +3,9 @@
 //
 // [note: device table] One launch covers every tensor of an op call, whatever their number
 // (DESIGN.md §2 "multi-tensor everywhere"). The launcher writes, on the host, one Row per
-// tensor (slot addresses, numel, step address, per-tensor hyperparameters, dtype) after the
-// chunk prefix sums of [note: chunks] (fusedopt/multi_tensor.h), and puts that blob in device
-// memory (table.cu: [note: table upload]); the kernels read their tensor's Row from it. The
+// tensor (slot addresses, numel, step address, its hyperparameter row's address, dtype) after
+// the chunk prefix sums of [note: chunks] (fusedopt/multi_tensor.h), and puts that blob in
+// device memory (table.cu: [note: table upload]); the kernels read their tensor's Row from it. The
 // table has no size limit, unlike the 4 KB of kernel arguments that cap torch's and Apex's
 // launches at ~110 tensors.
 #pragma once
@@ -30,13 +30,15 @@ inline constexpr int kThreads = 256;  // threads of every multi-tensor block
 inline constexpr int kMaxSlots = 3 + spec::kMaxStates;
 
 /// One tensor of an op call, in the device table. Slot meaning is per op (each op names its
-/// slots: kParam, kGrad...); an absent slot is null. hyper[] holds the op's per-tensor
-/// hyperparameters in double, as the math headers take them.
-struct Row {
+/// slots: kParam, kGrad...); an absent slot is null. hyper points at the tensor's row of the
+/// call's hyperparameter table (device memory, doubles in spec order, as the math headers
+/// take them; [note: hyper table] in fusedopt/_contract.py): a schedule that rewrites the
+/// values leaves the Row, and so the cached device table, unchanged.
+struct alignas(16) Row {
   void* slot[kMaxSlots];
   float* step;  // the tensor's step count (device), or null
   int64_t numel;
-  double hyper[spec::kMaxHypers];
+  const double* hyper;
   int32_t dtype;  // fusedopt::DType of slot 0, for ops whose tensors may mix dtypes
   int32_t reserved;
 };
@@ -73,7 +75,10 @@ class TableBuilder {
 
 /// steps[i] += 1 for every tensor with a step, unless *found_inf != 0 (one launch; before
 /// the kernels that read the new counts).
-void increment_steps(const Table& table, const float* found_inf, cudaStream_t stream);
+/// With `skip_if_zero` >= 0, a row whose hyperparameter in that column is 0 is skipped (SGD's
+/// momentum, [note: sgd momentum 0]: the values are device memory, [note: hyper table]).
+void increment_steps(const Table& table, const float* found_inf, cudaStream_t stream,
+                     int skip_if_zero = -1);
 
 /// The launch grid of a multi-tensor kernel: one block per work item.
 dim3 chunk_grid(int64_t total_chunks);

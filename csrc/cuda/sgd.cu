@@ -21,7 +21,7 @@ struct SgdBody : StepBody<P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentum
 
   // [note: sgd momentum 0] (fusedopt/reference/ops.py): a tensor whose momentum is 0 steps
   // as momentum-free SGD even in a call with buffers; its buffer and step count stay as
-  // they are (the host gave its row no step, so increment_steps skips it too).
+  // they are (increment_steps skips a row whose momentum is 0).
   bool use_buffer;
 
   // The step count was incremented before this kernel: 1 now means this is the param's first
@@ -66,11 +66,9 @@ struct SgdBody : StepBody<P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentum
 void sgd(const SgdCall& call, const ExecContext& ctx) {
   if (call.lists.num_tensors == 0) return;
   FUSEDOPT_STEP_HOST(SGD)
-  for (int i = 0; i < host.n(); ++i) {
-    if (call.momentum[i] == 0.0) host.row(i).step = nullptr;  // [note: sgd momentum 0]
-  }
   if (call.momentum_buffers.present()) {
-    run_step<SgdBody, true>(call.lists, host, args, /*count_steps=*/true, ctx);
+    // [note: sgd momentum 0]: a tensor whose momentum is 0 keeps its step count.
+    run_step<SgdBody, true>(call.lists, host, args, /*count_steps=*/true, ctx, kMomentum);
   } else {
     run_step<SgdBody, false>(call.lists, host, args, /*count_steps=*/false, ctx);
   }

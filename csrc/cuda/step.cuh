@@ -8,7 +8,6 @@
 // elementwise ops' Bodies derive from StepBody (below), which holds what they share.
 #pragma once
 
-#include <algorithm>
 #include <utility>
 
 #include "common.cuh"
@@ -28,26 +27,22 @@ inline constexpr int kLr = 0;
 constexpr int state_slot(int index) { return kState0 + index; }
 
 // The op-specific host side of a step call, from its spec (fusedopt/ops_spec.h): the state
-// slots (from kState0 on, in schema order), the hyperparameter columns but lr (step_table
-// writes it) and the flags, each at its spec index. Expands in a launcher that has `host`
-// (the TableBuilder from step_table), `call` and `args` (the StepArgs) in scope.
+// slots (from kState0 on, in schema order) and the flags, each at its spec index (step_table
+// points each row at its hyperparameter row). Expands in a launcher that has `host` (the
+// TableBuilder from step_table), `call` and `args` (the StepArgs) in scope.
 #define FUSEDOPT_FILL_STATE(name, Name, index, may_be_empty, when) \
   fill_slot(host, state_slot(index), call.name);
-#define FUSEDOPT_FILL_HYPER(name, Name, index) \
-  if constexpr (index != kLr) host.row(i).hyper[index] = call.name[i];
 #define FUSEDOPT_FILL_FLAG(name, Name, index, default_value) args.flag[index] = call.name;
-#define FUSEDOPT_FILL_STEP_CALL(OP)                    \
-  FUSEDOPT_##OP##_STATES(FUSEDOPT_FILL_STATE)          \
-  for (int i = 0; i < host.n(); ++i) {                 \
-    FUSEDOPT_##OP##_HYPERS(FUSEDOPT_FILL_HYPER)        \
-  }                                                    \
+#define FUSEDOPT_FILL_STEP_CALL(OP)           \
+  FUSEDOPT_##OP##_STATES(FUSEDOPT_FILL_STATE) \
   FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FILL_FLAG)
 
 // The host side of a step call up to its launch: `args` (the StepArgs) and `host` (its
-// TableBuilder: step_table, then the op's columns), in a launcher that has `call` in scope.
-#define FUSEDOPT_STEP_HOST(OP)                                \
-  StepArgs args = step_args(call.lists, call.lr);              \
-  TableBuilder host = step_table(call.lists, call.lr, args);   \
+// TableBuilder: step_table, then the op's state slots and flags), in a launcher that has
+// `call` in scope.
+#define FUSEDOPT_STEP_HOST(OP)                 \
+  StepArgs args = step_args(call.lists);       \
+  TableBuilder host = step_table(call.lists);  \
   FUSEDOPT_FILL_STEP_CALL(OP)
 
 /// The storage of a step op's states: fp32 with master weights, else the param's.
@@ -58,26 +53,15 @@ using StateOf = std::conditional_t<kMasterWeights, float, P>;
 struct StepArgs {
   DeviceScalars scalars;
   const void* extra;  // an op's per-tensor device array (LAMB's trust ratios), or null
-  double lr;          // the lr of every tensor, when lr_in_args ([note: uniform lr])
-  bool lr_in_args;
   bool master_sync;             // StepLists::master_sync ([note: master sync])
   bool flag[spec::kMaxFlags];  // an op's per-call flags, at their spec index
 };
 
-// [note: uniform lr] A learning-rate schedule with float lrs changes lr every step. Kept in
-// the rows, it would change the device table, and so cost a table upload, every step. When
-// every tensor of the call has the same float lr (one param group, or groups that differ in
-// other hyperparameters only: the common case) it travels in the kernel arguments instead,
-// and the table, which then depends on addresses, sizes and the constant hyperparameters
-// only, stays cached. (Moving every hyperparameter to per-group kernel arguments was tried:
-// the indexed argument reads kept enough registers live across the bias corrections' pow()
-// calls to cost one LAMB kernel an 8-byte stack frame, which the static checks reject.)
-
-/// The learning rate of tensor t: the lr tensor (1 or N values) when given, else the call's
-/// or the row's (the semantics of fusedopt::tensor_lr, math/common.h, on the device table).
+/// The learning rate of tensor t: the lr tensor (1 or N values) when given, else its row's
+/// (fusedopt::tensor_lr, math/common.h, on the device table).
 __device__ __forceinline__ double step_lr(const Row& row, int t, const StepArgs& a) {
   if (a.scalars.lr) return static_cast<double>(a.scalars.lr[a.scalars.lr_numel > 1 ? t : 0]);
-  return a.lr_in_args ? a.lr : row.hyper[kLr];
+  return row.hyper[kLr];
 }
 
 /// True when every non-null pointer is 16-byte aligned at element `start` ([note: vector
@@ -190,19 +174,18 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Table table, StepArgs ar
   for_chunk<Body::kWidth>(w.span, body.aligned(w.span.start), body);
 }
 
-/// The StepArgs of a call: its device scalars, and its lr when uniform ([note: uniform lr]).
-inline StepArgs step_args(const StepLists& lists, const double* lr) {
+/// The StepArgs of a call: its device scalars and master_sync.
+inline StepArgs step_args(const StepLists& lists) {
   StepArgs args{};
   args.scalars = lists.scalars;
   args.master_sync = lists.master_sync && lists.master_params.present();
-  args.lr_in_args = lists.num_tensors > 0 && !lists.scalars.lr &&
-                    std::all_of(lr, lr + lists.num_tensors, [&](double x) { return x == lr[0]; });
-  args.lr = args.lr_in_args ? lr[0] : 0.0;
   return args;
 }
 
-/// The host side of a step op: a table with the common slots, steps and lr filled in.
-inline TableBuilder step_table(const StepLists& lists, const double* lr, const StepArgs& args) {
+/// The host side of a step op: a table with the common slots, steps and the address of each
+/// tensor's hyperparameter row filled in (addresses only: the table stays cached while a
+/// schedule rewrites the values, [note: hyper table] in fusedopt/_contract.py).
+inline TableBuilder step_table(const StepLists& lists) {
   TableBuilder table(lists.num_tensors, lists.numels);
   fill_slot(table, kParam, lists.params);
   fill_slot(table, kGrad, lists.grads);
@@ -210,9 +193,7 @@ inline TableBuilder step_table(const StepLists& lists, const double* lr, const S
   for (int i = 0; i < table.n(); ++i) {
     Row& row = table.row(i);
     row.step = lists.steps ? lists.steps[i] : nullptr;
-    // Ignored on the device when an lr tensor is given or the lr is in the arguments: keep
-    // the row independent of it so that the table stays cached across steps.
-    row.hyper[kLr] = lists.scalars.lr || args.lr_in_args ? 0.0 : lr[i];
+    row.hyper = lists.hypers.row(i);
   }
   return table;
 }
@@ -227,14 +208,15 @@ void launch_step(const TableBuilder& host, const Table& table, const StepArgs& a
 }
 
 /// The rest of a step op's launcher: uploads the table, advances the step counts when the op
-/// keeps them (`count_steps`: its kernel reads the incremented count) and launches
-/// Body<P, G, kMasterWeights, kVariant...> for the call's storage types.
+/// keeps them (`count_steps`: its kernel reads the incremented count; `skip_if_zero`: as
+/// increment_steps's) and launches Body<P, G, kMasterWeights, kVariant...> for the call's
+/// storage types.
 template <template <class, class, bool, bool...> class Body, bool... kVariant>
 void run_step(const StepLists& lists, TableBuilder& host, const StepArgs& args, bool count_steps,
-              const ExecContext& ctx) {
+              const ExecContext& ctx, int skip_if_zero = -1) {
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
-  if (count_steps) increment_steps(table, lists.scalars.found_inf, stream);
+  if (count_steps) increment_steps(table, lists.scalars.found_inf, stream, skip_if_zero);
   dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
                       [&](auto p, auto g, auto master) {
                         using OpBody = Body<decltype(p), decltype(g),

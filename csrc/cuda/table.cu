@@ -10,10 +10,11 @@
 // of the capture. Kernel arguments of up to 32 KB need CUDA >= 12.1 on sm_70+.
 //
 // Eager calls reuse device tables across steps: a per-(device, stream) cache of the last
-// kCachePerStream tables, looked up by content (addresses, sizes, hyperparameters), so a
-// training loop whose tensors and hyperparameters do not change uploads nothing after its
-// first step, and one that alternates several calls per step (a bf16 and an fp32 group;
-// grad_norm then the step) keeps one table each. A changed table overwrites the least
+// kCachePerStream tables, looked up by content (addresses and sizes; a row holds the address
+// of its hyperparameter row, not the values: [note: hyper table] in fusedopt/_contract.py),
+// so a training loop whose tensors do not move uploads nothing after its first step, even
+// under an lr schedule, and one that alternates several calls per step (a bf16 and an fp32
+// group; grad_norm then the step) keeps one table each. A changed table overwrites the least
 // recently used entry in stream order, after every kernel that read it on that stream.
 // During capture the table goes to ctx.workspace instead (torch's allocator keeps memory
 // taken during capture for the graph's lifetime), and the cache is neither read nor written.
@@ -107,9 +108,10 @@ void* cached_upload(const std::vector<unsigned char>& blob, cudaStream_t stream)
 }
 
 __global__ void __launch_bounds__(kThreads)
-    increment_steps_kernel(const Row* rows, int n, const float* found_inf) {
+    increment_steps_kernel(const Row* rows, int n, const float* found_inf, int skip_if_zero) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n || skip_step(found_inf)) return;
+  if (skip_if_zero >= 0 && rows[i].hyper[skip_if_zero] == 0.0) return;
   float* step = rows[i].step;
   if (step) *step += 1.0f;
 }
@@ -148,10 +150,11 @@ Table TableBuilder::upload(const ExecContext& ctx) {
                reinterpret_cast<const Row*>(base + rows_offset_), n_};
 }
 
-void increment_steps(const Table& table, const float* found_inf, cudaStream_t stream) {
+void increment_steps(const Table& table, const float* found_inf, cudaStream_t stream,
+                     int skip_if_zero) {
   if (table.n == 0) return;
   launch_kernel(increment_steps_kernel, (table.n + kThreads - 1) / kThreads, kThreads, stream,
-                table.rows, table.n, found_inf);
+                table.rows, table.n, found_inf, skip_if_zero);
   check(cudaGetLastError(), "launching increment_steps");
 }
 

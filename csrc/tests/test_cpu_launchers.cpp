@@ -159,11 +159,9 @@ static void test_adamw_master_and_found_inf() {
   call.lists.steps = &step_ptr;
   call.exp_avgs = {&m_ptr, DType::kFloat32};
   call.exp_avg_sqs = {&v_ptr, DType::kFloat32};
-  call.lr = &lr;
-  call.beta1 = &b1;
-  call.beta2 = &b2;
-  call.eps = &eps;
-  call.weight_decay = &wd;
+  const double hypers[] = {lr, b1, b2, eps, wd};  // one row, [note: hyper table]
+  const int32_t group = 0;
+  call.lists.hypers = {hypers, 5, &group};
   const float found_inf = 1.0f;
   call.lists.scalars.found_inf = &found_inf;
   const std::vector<float> master_before = master;

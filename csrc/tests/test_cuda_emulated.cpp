@@ -364,8 +364,11 @@ struct Call {
   std::vector<void*> params, grads, masters;
   std::vector<std::vector<void*>> states;
   std::vector<float*> steps;
-  std::vector<double> lr;
-  std::array<std::vector<double>, 5> hyper;
+  // The hyperparameter table ([note: hyper table]): one row of kWidth doubles (lr, then
+  // Variant::hyper) per run of tensors with equal values, and each tensor's row.
+  static constexpr int kWidth = 6;
+  std::vector<double> hypers;
+  std::vector<int32_t> group;
   std::vector<float> lr_tensor;
   float grad_scale, clip_coef, found_inf;
   double grad_scale64, clip_coef64;  // the same values for fp64 steps, which read them in fp64
@@ -388,12 +391,16 @@ struct Call {
     }
     const Variant& v = *c.variant;
     const Scalars& s = *c.scalars;
-    lr.assign(n, v.lr);
-    for (size_t i = 0; i < n && s.lr != LrKind::kUniform; ++i) lr[i] = v.lr * (1.0 + 0.25 * i);
-    for (int h = 0; h < 5; ++h) {
-      hyper[h].assign(n, v.hyper[h]);
-      if (h == v.zero_every_third)
-        for (size_t i = 1; i < n; i += 3) hyper[h][i] = 0.0;
+    hypers.clear();
+    group.clear();
+    for (size_t i = 0; i < n; ++i) {
+      std::array<double, kWidth> row{v.lr};
+      if (s.lr != LrKind::kUniform) row[0] = v.lr * (1.0 + 0.25 * i);
+      for (int h = 0; h < 5; ++h)
+        row[h + 1] = h == v.zero_every_third && i % 3 == 1 ? 0.0 : v.hyper[h];
+      if (hypers.empty() || !std::equal(row.begin(), row.end(), hypers.end() - kWidth))
+        hypers.insert(hypers.end(), row.begin(), row.end());
+      group.push_back(static_cast<int32_t>(hypers.size() / kWidth - 1));
     }
     StepLists l;
     l.num_tensors = static_cast<int64_t>(n);
@@ -403,6 +410,7 @@ struct Call {
     if (c.storage.master) l.master_params = {masters.data(), DType::kFloat32};
     l.master_sync = c.storage.sync;
     l.steps = has_steps(v) ? steps.data() : nullptr;
+    l.hypers = {hypers.data(), kWidth, group.data()};
     if (s.lr == LrKind::kTensor1 || s.lr == LrKind::kTensorN) {
       // Values that differ from the lr lists, so a kernel that ignores the tensor shows.
       lr_tensor.assign(s.lr == LrKind::kTensor1 ? 1 : n, 0.0f);
@@ -435,7 +443,6 @@ void step(const StepCase& c, World& w, int index, bool cuda) {
   Call call;
   const StepLists lists = call.lists(c, w, index);
   const Variant& v = *c.variant;
-  const auto& h = call.hyper;
   CudaContext cuda_ctx;
   const ExecContext& ctx = cuda_ctx.ctx;
   switch (v.op) {
@@ -445,11 +452,6 @@ void step(const StepCase& c, World& w, int index, bool cuda) {
       a.exp_avgs = call.state(0, c);
       a.exp_avg_sqs = call.state(1, c);
       if (v.flags[1]) a.max_exp_avg_sqs = call.state(2, c);
-      a.lr = call.lr.data();
-      a.beta1 = h[0].data();
-      a.beta2 = h[1].data();
-      a.eps = h[2].data();
-      a.weight_decay = h[3].data();
       a.decoupled = v.flags[0];
       a.amsgrad = v.flags[1];
       a.maximize = v.flags[2];
@@ -461,11 +463,6 @@ void step(const StepCase& c, World& w, int index, bool cuda) {
       a.lists = lists;
       a.exp_avgs = call.state(0, c);
       a.exp_avg_sqs = call.state(1, c);
-      a.lr = call.lr.data();
-      a.beta1 = h[0].data();
-      a.beta2 = h[1].data();
-      a.eps = h[2].data();
-      a.weight_decay = h[3].data();
       a.grad_averaging = v.flags[0];
       a.bias_correction = v.flags[1];
       a.trust_clip = v.flags[2];
@@ -476,10 +473,6 @@ void step(const StepCase& c, World& w, int index, bool cuda) {
       LionCall a;
       a.lists = lists;
       a.exp_avgs = call.state(0, c);
-      a.lr = call.lr.data();
-      a.beta1 = h[0].data();
-      a.beta2 = h[1].data();
-      a.weight_decay = h[2].data();
       a.maximize = v.flags[0];
       return cuda ? cuda::lion(a, ctx) : cpu::lion(a, ExecContext{});
     }
@@ -490,12 +483,6 @@ void step(const StepCase& c, World& w, int index, bool cuda) {
       a.exp_avg_sqs = call.state(1, c);
       a.exp_avg_diffs = call.state(2, c);
       a.neg_pre_grads = call.state(3, c);
-      a.lr = call.lr.data();
-      a.beta1 = h[0].data();
-      a.beta2 = h[1].data();
-      a.beta3 = h[2].data();
-      a.eps = h[3].data();
-      a.weight_decay = h[4].data();
       a.no_prox = v.flags[0];
       return cuda ? cuda::adan(a, ctx) : cpu::adan(a, ExecContext{});
     }
@@ -503,10 +490,6 @@ void step(const StepCase& c, World& w, int index, bool cuda) {
       SgdCall a;
       a.lists = lists;
       if (state_count(v) > 0) a.momentum_buffers = call.state(0, c);
-      a.lr = call.lr.data();
-      a.momentum = h[0].data();
-      a.dampening = h[1].data();
-      a.weight_decay = h[2].data();
       a.nesterov = v.flags[0];
       a.maximize = v.flags[1];
       return cuda ? cuda::sgd(a, ctx) : cpu::sgd(a, ExecContext{});
@@ -736,13 +719,17 @@ struct EdgeCall {
     for (auto& b : slots) data.push_back(b->data());
   }
   TensorSlot slot(size_t k) { return {&data[k], dtype}; }
-  StepLists lists(bool with_step) {
+  std::vector<double> hypers;  // the one row of the hyperparameter table
+  int32_t group = 0;
+  StepLists lists(bool with_step, std::vector<double> row) {
+    hypers = std::move(row);
     StepLists l;
     l.num_tensors = 1;
     l.numels = &numel;
     l.params = slot(0);
     l.grads = slot(1);
     l.steps = with_step ? &step_ptr : nullptr;
+    l.hypers = {hypers.data(), static_cast<int64_t>(hypers.size()), &group};
     return l;
   }
   /// Slot s equals `want` element for element (inf included; NaN where want is NaN).
@@ -770,9 +757,8 @@ int test_edge_values() {
                        {0.5, -0.5, NAN, 0.125, 0.0}});
         const double lr = 0.125, b1 = 0.5, b2 = 0.75, wd = 0.5;
         LionCall a;
-        a.lists = e.lists(false);
+        a.lists = e.lists(false, {lr, b1, b2, wd});
         a.exp_avgs = e.slot(2);
-        a.lr = &lr, a.beta1 = &b1, a.beta2 = &b2, a.weight_decay = &wd;
         cuda ? cuda::lion(a, ctx) : cpu::lion(a, ctx);
         const bool ok = e.holds(0, {0.9375, -1.75, 0.46875, 2.9375, -1.0625}) &&
                         e.holds(2, {NAN, -0.3125, NAN, -0.15625, 0.5});
@@ -790,10 +776,9 @@ int test_edge_values() {
                        {0.0, 0.0, 0.0}});
         const double lr = decoupled ? INFINITY : 0.5, b1 = 0.5, b2 = 0.75, eps = 0.5, wd = 0.0;
         AdamWCall a;
-        a.lists = e.lists(true);
+        a.lists = e.lists(true, {lr, b1, b2, eps, wd});
         a.exp_avgs = e.slot(2);
         a.exp_avg_sqs = e.slot(3);
-        a.lr = &lr, a.beta1 = &b1, a.beta2 = &b2, a.eps = &eps, a.weight_decay = &wd;
         a.decoupled = decoupled;
         cuda ? cuda::adamw(a, ctx) : cpu::adamw(a, ctx);
         const std::vector<double> want_p =
@@ -814,10 +799,9 @@ int test_edge_values() {
         const float third32 = 1.0f / 3.0f;
         const double third64 = 1.0 / 3.0;
         SgdCall a;
-        a.lists = e.lists(false);
+        a.lists = e.lists(false, {lr, zero, zero, zero});
         a.lists.scalars.clip_coef = d == DType::kFloat64 ? static_cast<const void*>(&third64)
                                                          : &third32;
-        a.lr = &lr, a.momentum = &zero, a.dampening = &zero, a.weight_decay = &zero;
         cuda ? cuda::sgd(a, ctx) : cpu::sgd(a, ctx);
         const double want = d == DType::kFloat64 ? 1.0 - 3.0 * third64
                                                  : static_cast<double>(1.0f - 3.0f * third32);

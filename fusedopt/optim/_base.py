@@ -56,7 +56,7 @@ from fusedopt._validate import LOW_PRECISION, PARAM_DTYPES, check_like, check_te
 from fusedopt.clip import clip_coef as torch_clip_coef
 from fusedopt.clip import local_tensor, total_norm
 from fusedopt.optim._keys import MASTER_KEY, STEP_KEY, TORCH_ONLY_KEYS
-from fusedopt.optim._plan import PlanMixin, _merge_hypers
+from fusedopt.optim._plan import PlanMixin, call_hypers
 from fusedopt.optim._state_dict import StateDictMixin
 
 
@@ -241,6 +241,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        self._forget_plan()  # [note: cached plan]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -250,7 +251,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                     group.setdefault(key, value)
         self.__dict__.setdefault("_step_out", {})
         self.__dict__.setdefault("grad_norm_group", None)
-        self._step_out.pop("plan", None)  # [note: cached plan]
+        self._forget_plan()  # [note: cached plan]
 
     # ----------------------------------------------------------------- step
     def _param_name(self, group_index: int, index: int) -> str:
@@ -424,7 +425,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                     group_hypers[gi] = self._hypers(self.param_groups[gi])
                 runs.append((group_hypers[gi], count))
             lists = {**call.lists, "grads": local_grads}
-            hypers = _merge_hypers(runs, device)
+            hypers = call_hypers(call, runs, STEP_OPS[self.OP].hypers)
             twins = []
             if call.twins:  # [note: non-dense params] in fusedopt/_dense.py
                 lists["params"] = list(lists["params"])

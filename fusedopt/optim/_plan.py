@@ -6,6 +6,8 @@ are made there.
 
 from __future__ import annotations
 
+import functools
+from itertools import repeat
 from operator import attrgetter, is_, itemgetter
 from typing import Any
 
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from fusedopt._dense import dense_stride, state_like
 from fusedopt.clip import local_tensor
+from fusedopt.ops import StepHypers, write_hyper_table
 from fusedopt.optim._keys import MASTER_KEY, STEP_KEY
 
 
@@ -70,24 +73,38 @@ class PlanMixin:
         flags, state keys, master weights and backend; the same params, each with the dtype,
         shape, device and strides it had, and a grad again with the dtype, shape, device and
         strides it had (dense: the param's, or its dense twin's [note: non-dense params]); the
-        same state dict and state tensor objects. A load, a new group or a state replaced by
-        hand makes a new plan, with the full checks. Not covered, as in torch: resizing or
-        ``set_()`` on a state tensor in place.
+        same state dict and state tensor objects. A complex or sharded param, or a grad the
+        step must copy into its param's layout, is planned afresh at every step.
 
-        The check runs every step, so it is written as a few whole-list operations that loop
-        in C (``map`` over ``operator`` and ``attrgetter`` functions, list equality), not a
-        Python loop with a dozen comparisons per param (issue #14 item 5; 2-core CPU VM, 1,000
-        tensors of 4 elements, fastest of many: 1.34 us per tensor before, 0.98 after, of which
-        ~0.8 is making the dtype/shape/device/strides objects compared; ``bench/host_time.py``
-        times whole steps). Per step it reads: each group's
-        signature (per group, not per param); each group's params list by identity; one
-        ``(dtype, shape, layout, device)`` tuple and the strides of every grad and every
-        stepped param, compared with the plan's lists; the grads of the params that had none
-        (still none); the state: ``self.state``'s keys and values by identity, in order,
-        against the plan's snapshot (no lookup by param: a tensor's ``__hash__`` is a Python
-        call), which catches a param's state dict replaced, added or dropped; and every
-        planned state tensor by identity, one ``map`` per state key, which catches a state
-        tensor replaced by hand (``state["exp_avg"] = ...``).
+        What the optimizer itself changes forgets the plan where it changes it
+        (:meth:`_forget_plan`: ``add_param_group``, ``load_state_dict`` and ``__setstate__``;
+        states are made, cast or re-laid, and master weights made or dropped, only while a
+        step plans, which replaces the plan). What a user can change without telling the
+        optimizer is checked every step, as cheaply as it can be:
+
+        * per tensor, in C++ (``plan_grads`` in ``csrc/bindings.cpp``, one call holding the
+          params): each planned param's dtype, shape, device and strides (a ``.data`` swap),
+          whether it has a grad (set or dropped) and that grad's dtype, shape, layout, device
+          and strides, read from the param in C++; it returns the grads. ~60 ns per tensor,
+          nearly all of it the dispatcher wrapping the returned grads for Python. Without
+          ``fusedopt._C`` the same check runs in Python, as whole-list comparisons of
+          ``(dtype, shape, layout, device)`` tuples and strides (~1 us per tensor);
+        * per group, in Python: its signature (flags, state keys, master weights, backend:
+          what ``group["amsgrad"] = True`` or ``group["master_weights"] = False`` changes);
+          its params list, element by element by identity (``group["params"]`` edited by
+          hand), one ``map`` over ``operator.is_``, ~15 ns per tensor;
+        * the state, in Python, since a user may replace it by hand (torch users do:
+          ``opt.state[p]["exp_avg"] = t``, ``opt.state[p] = {...}``): ``self.state``'s keys
+          and values by identity, in order, against the plan's snapshot (no lookup by param:
+          a tensor's ``__hash__`` is a Python call), and every planned state tensor by
+          identity, one ``map`` per state key: ~15 ns per tensor for the keys, as much for
+          the values, ~30 per state key (AdamW fp32, 3 keys: ~120 ns per tensor, more than
+          the C++ part; 2-core CPU VM, 1,000 tensors).
+
+        A load, a new group or a state replaced by hand makes a new plan, with the full
+        checks. Not covered, as in torch: resizing or ``set_()`` on a state tensor in place.
+        Measured by ``bench/host_time.py`` (issue #14 item 5): at 1,000 tensors the plan costs
+        ~1.1 us per tensor with the per-tensor part in Python, ~0.2 with it in C++.
         """
         if (
             plan.state is not self.state
@@ -116,22 +133,17 @@ class PlanMixin:
                     return None
             except KeyError:
                 return None
-        if any(p.grad is not None for p in plan.idle):
-            return None
-        grads = [p.grad for p in plan.stepped]
-        try:
-            if (
-                list(map(_GRAD_META, grads)) != plan.grad_meta
-                or list(map(Tensor.stride, grads)) != plan.grad_strides
-                or list(map(_PARAM_META, plan.stepped)) != plan.param_meta
-                or list(map(Tensor.stride, plan.stepped)) != plan.param_strides
-            ):
-                return None
-        except (AttributeError, TypeError):  # a grad is None now
+        grads = plan.grads()
+        if grads is None:
             return None
         if len(plan.calls) == 1:
             return grads, [grads]
         return grads, [list(map(grads.__getitem__, index)) for index in plan.call_index]
+
+    def _forget_plan(self) -> None:
+        """Drop the cached plan: the optimizer changed what it was built from
+        ([note: cached plan])."""
+        self._step_out.pop("plan", None)
 
     def _plan(self, entries: list[tuple]) -> _Plan:
         """Group the params into op calls, one per (device, param dtype, grad dtype, flags,
@@ -191,10 +203,6 @@ class PlanMixin:
             )
             if record:
                 plan.stepped.append(p)
-                plan.grad_meta.append(_GRAD_META(g))
-                plan.grad_strides.append(g.stride())
-                plan.param_meta.append(_PARAM_META(p))
-                plan.param_strides.append(p.stride())
                 for k in slot_keys:
                     dicts, tensors = planned_states.setdefault(k, ([], []))
                     dicts.append(state)
@@ -245,21 +253,34 @@ class PlanMixin:
         )
 
 
-#: What the per-step check compares of each grad, and of each stepped param, besides their
-#: strides ([note: cached plan]): one C-level call per tensor. (A grad's layout, since a
-#: sparse grad has no strides; a param's is covered by its strides, which a sparse one lacks.)
+#: What the Python per-step check compares of each grad, and of each stepped param, besides
+#: their strides, where ``fusedopt._C`` is not built ([note: cached plan]): one C-level call
+#: per tensor. (A grad's layout, since a sparse grad has no strides; a param's is covered by
+#: its strides, which a sparse one lacks.)
+_GRAD = attrgetter("grad")
 _GRAD_META = attrgetter("dtype", "shape", "layout", "device")
 _PARAM_META = attrgetter("dtype", "shape", "device")
 
 
+@functools.cache
+def _native_check() -> tuple[Any, Any] | None:
+    """``fusedopt._C``'s ``plan_record`` and ``plan_grads`` (the per-tensor part of the
+    per-step check, in C++: [note: cached plan]), or None where ``_C`` is not built. The
+    ops' ``_op``: the C++ callable, without ``OpOverload.__call__``'s Python frame."""
+    ns = torch.ops.fusedopt
+    if not hasattr(ns, "plan_grads"):
+        return None
+    return ns.plan_record.default._op, ns.plan_grads.default._op
+
+
 class _Plan:
     """The op calls of one step, and what they were built from ([note: cached plan]): lists
-    that the per-step check compares whole."""
+    that the per-step check compares whole, and the C++ record of the params and grads."""
 
     __slots__ = ("call_index", "call_of_entry", "calls", "grad_meta", "grad_strides",
-                 "group_params", "idle", "param_meta", "param_strides", "reusable",
-                 "signatures", "state", "state_keys", "state_tensors", "state_values",
-                 "stepped")  # fmt: skip
+                 "group_params", "idle", "native_grads", "param_meta", "param_strides",
+                 "record", "reusable", "signatures", "state", "state_keys", "state_tensors",
+                 "state_values", "stepped")  # fmt: skip
 
     def __init__(self, state: dict) -> None:
         self.state = state
@@ -269,7 +290,11 @@ class _Plan:
         self.group_params: list[list[Tensor]] = []  # per group: its params list, as planned
         self.signatures: list[tuple] = []  # per group: its _group_signature
         self.stepped: list[Tensor] = []  # the params with a grad, in param order
-        self.idle: list[Tensor] = []  # the params without one
+        # The per-tensor check: fusedopt._C's plan_grads and the record it compares ...
+        self.record: Tensor | None = None
+        self.native_grads: Any = None
+        # ... or, without _C, the params without a grad and what the Python check compares.
+        self.idle: list[Tensor] = []
         self.grad_meta: list[tuple] = []  # _GRAD_META of each stepped param's grad
         self.grad_strides: list[tuple[int, ...]] = []
         self.param_meta: list[tuple] = []  # _PARAM_META of each stepped param
@@ -282,10 +307,8 @@ class _Plan:
         self.reusable = True
 
     def seal(self, planned_states: dict[str, tuple[list[dict], list[Tensor]]]) -> None:
-        """Finish the plan once every param is planned: the params without a grad, each
-        call's positions, the state snapshot."""
-        stepped = set(map(id, self.stepped))
-        self.idle = [p for params in self.group_params for p in params if id(p) not in stepped]
+        """Finish the plan once every param is planned: each call's positions, the state
+        snapshot, and (if it may be reused) what the per-tensor check compares."""
         self.call_index = [[] for _ in self.calls]
         for position, ci in enumerate(self.call_of_entry):
             self.call_index[ci].append(position)
@@ -294,13 +317,52 @@ class _Plan:
         ]
         self.state_keys = tuple(self.state.keys())
         self.state_values = tuple(self.state.values())
+        planned = [p for params in self.group_params for p in params]
+        # A sharded param without a grad: the op would see the DTensor (and a sharded one
+        # with a grad already made the plan single-use).
+        self.reusable &= all(map(is_, map(local_tensor, planned), planned))
+        if not self.reusable:
+            return
+        native = _native_check()
+        if native is not None:
+            record, self.native_grads = native
+            self.record = record(planned)
+            return
+        stepped = set(map(id, self.stepped))
+        self.idle = [p for p in planned if id(p) not in stepped]
+        grads = list(map(_GRAD, self.stepped))
+        self.grad_meta = list(map(_GRAD_META, grads))
+        self.grad_strides = list(map(Tensor.stride, grads))
+        self.param_meta = list(map(_PARAM_META, self.stepped))
+        self.param_strides = list(map(Tensor.stride, self.stepped))
+
+    def grads(self) -> list[Tensor] | None:
+        """The stepped params' grads, in order, if every planned param and grad is as the
+        plan recorded (the per-tensor part of [note: cached plan]); else None."""
+        if self.record is not None:
+            matched, grads = self.native_grads(self.record)
+            return grads if matched else None
+        if not all(map(is_, map(_GRAD, self.idle), repeat(None))):
+            return None
+        grads = list(map(_GRAD, self.stepped))
+        try:
+            if (
+                list(map(_GRAD_META, grads)) != self.grad_meta
+                or list(map(Tensor.stride, grads)) != self.grad_strides
+                or list(map(_PARAM_META, self.stepped)) != self.param_meta
+                or list(map(Tensor.stride, self.stepped)) != self.param_strides
+            ):
+                return None
+        except (AttributeError, TypeError):  # a grad is None now
+            return None
+        return grads
 
 
 class _Call:
     """The tensor lists of one op call but the grads (new every step), filled param by param."""
 
-    __slots__ = ("backend", "device", "flags", "group_runs", "lists", "master", "params",
-                 "state_lists", "twins")  # fmt: skip
+    __slots__ = ("backend", "device", "flags", "group_runs", "hyper_rows", "hyper_table", "lists",
+                 "master", "params", "state_lists", "twins")  # fmt: skip
 
     def __init__(
         self, device: torch.device, backend: str, flags: dict[str, bool],
@@ -314,6 +376,9 @@ class _Call:
             self.lists["master_params"] = []
         self.group_runs: list[list[int]] = []  # [group index, count]: runs of one group's params
         self.twins: list[int] = []  # positions of non-dense params [note: non-dense params]
+        # The call's hyperparameter table and the values it holds ([note: hyper table]).
+        self.hyper_rows: list[tuple[float, ...]] | None = None
+        self.hyper_table: Tensor | None = None
 
     def add(self, gi: int, p, local_p, local_states, masters) -> None:
         self.params.append(p)
@@ -342,31 +407,32 @@ def _fits(t: Tensor, layout: tuple, key: str, dtype: torch.dtype) -> bool:
     )
 
 
-def _merge_hypers(runs: list[list], device: torch.device) -> dict[str, Any]:
-    """One list per hyperparameter, from runs of params sharing a group's values; a tensor lr
-    stays on the device: one shared tensor is passed as is (CUDA-graph friendly), mixed ones
-    become a vector."""
-    merged: dict[str, Any] = {}
-    for name in runs[0][0]:
-        values = [(hypers[name], count) for hypers, count in runs]
-        if name != "lr" or not any(isinstance(v, Tensor) for v, _ in values):
-            # Repeated lists, not a Python loop per tensor: this runs every step ([note: cached
-            # plan]). (A list even when all agree: LAMB's _run and the sharded paths index it.)
-            merged[name] = []
-            for v, count in values:
-                merged[name] += [float(v)] * count
-        elif len(values) == 1 or all(v is values[0][0] for v, _ in values):
-            merged[name] = _device_lr(values[0][0], device)
-        else:
-            merged[name] = torch.cat(
-                [
-                    _device_lr(v, device).reshape(1).expand(count)
-                    if isinstance(v, Tensor)
-                    else torch.full((count,), float(v), device=device)
-                    for v, count in values
-                ]
-            )
-    return merged
+def call_hypers(call: _Call, runs: list, names: tuple[str, ...]) -> StepHypers:
+    """The call's hyperparameters, from runs ``(group hypers, count)`` of params sharing a
+    group's values: one table row per run, kept in the plan and rewritten (no host sync) only
+    when a value changed, so that an lr schedule costs G x K float comparisons per step and
+    leaves the backends' tensor tables cached ([note: hyper table] in fusedopt._contract). A
+    tensor lr stays on the device: one shared tensor is passed as is (CUDA-graph friendly),
+    mixed ones become a vector."""
+    rows = [tuple(0.0 if isinstance(h[k], Tensor) else float(h[k]) for k in names) for h, _ in runs]
+    if rows != call.hyper_rows:
+        call.hyper_table = write_hyper_table(rows, call.device, call.hyper_table)
+        call.hyper_rows = rows
+    lrs = [(h["lr"], count) for h, count in runs]
+    if not any(isinstance(v, Tensor) for v, _ in lrs):
+        lr_tensor = None
+    elif len(lrs) == 1 or all(v is lrs[0][0] for v, _ in lrs):
+        lr_tensor = _device_lr(lrs[0][0], call.device)
+    else:
+        lr_tensor = torch.cat(
+            [
+                _device_lr(v, call.device).reshape(1).expand(count)
+                if isinstance(v, Tensor)
+                else torch.full((count,), float(v), device=call.device)
+                for v, count in lrs
+            ]
+        )
+    return StepHypers(names, rows, [count for _, count in runs], lr_tensor, call.hyper_table)
 
 
 def _device_lr(lr: Tensor, device: torch.device) -> Tensor:

@@ -43,6 +43,14 @@ def _skip(found_inf: Tensor | None) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
 
 
+def _columns(hypers: Tensor, group_sizes: Sequence[int]) -> list[list[float]]:
+    """The hyperparameter table ([note: hyper table] in fusedopt._contract) as one list of
+    per-tensor floats per column."""
+    rows = zip(hypers.tolist(), group_sizes, strict=True)
+    per_tensor = [row for row, count in rows for _ in range(count)]
+    return [list(c) for c in zip(*per_tensor, strict=True)] or [[]] * hypers.shape[1]
+
+
 def _lr(lr: Sequence[float], lr_tensor: Tensor | None, i: int, opmath: torch.dtype):
     """The learning rate of tensor i: a Python float or a 0-d opmath tensor."""
     if lr_tensor is None:
@@ -157,10 +165,11 @@ def grad_norm(
 
 def adamw_(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
-    lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, bias_correction,
+    hypers, group_sizes, decoupled, amsgrad, maximize, bias_correction,
     lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """Adam (L2 decay) / AdamW (decoupled decay), as torch.optim.Adam/AdamW."""
+    lr, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
     scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, maximize, master_sync)
     for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
         t = _next_step(steps[i])
@@ -188,10 +197,11 @@ def adamw_(
 
 def lamb_(
     params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
-    lr, beta1, beta2, eps, weight_decay, grad_averaging, bias_correction, trust_clip,
+    hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
     always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """LAMB with timm's semantics (DESIGN.md §3); the global clip arrives in clip_coef."""
+    lr, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
     if _skip(found_inf):
         return
     for i, param in enumerate(params):
@@ -222,10 +232,11 @@ def lamb_(
 
 
 def lion_(
-    params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, maximize,
+    params, grads, exp_avgs, master_params, hypers, group_sizes, maximize,
     lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """Lion (Chen et al. 2023, lion-pytorch), with sign(0) = 0."""
+    lr, beta1, beta2, weight_decay = _columns(hypers, group_sizes)
     scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, maximize, master_sync)
     for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
         m = exp_avgs[i].to(opmath)
@@ -238,12 +249,13 @@ def lion_(
 
 def adan_(
     params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, master_params, steps,
-    lr, beta1, beta2, beta3, eps, weight_decay, no_prox, lr_tensor, grad_scale, clip_coef,
+    hypers, group_sizes, no_prox, lr_tensor, grad_scale, clip_coef,
     found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """Adan (Xie et al. 2022), as the official sail-sg ``Adan``: betas are the EMA weights,
     ``neg_pre_grads`` keep ``-g`` of the previous step (taken as ``-g`` at step 1, so the
     grad difference starts at 0), every moment is bias-corrected."""
+    lr, beta1, beta2, beta3, eps, weight_decay = _columns(hypers, group_sizes)
     scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, False, master_sync)
     for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
         t = _next_step(steps[i])
@@ -272,11 +284,12 @@ def adan_(
 
 
 def sgd_(
-    params, grads, momentum_buffers, master_params, steps, lr, momentum, dampening,
-    weight_decay, nesterov, maximize, lr_tensor, grad_scale, clip_coef, found_inf,
+    params, grads, momentum_buffers, master_params, steps, hypers, group_sizes, nesterov,
+    maximize, lr_tensor, grad_scale, clip_coef, found_inf,
     master_sync=True,
 ) -> None:  # fmt: skip
     """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD."""
+    lr, momentum, dampening, weight_decay = _columns(hypers, group_sizes)
     scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, maximize, master_sync)
     for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
         if weight_decay[i] != 0:

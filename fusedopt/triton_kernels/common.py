@@ -37,7 +37,7 @@ HEADER = tl.constexpr(multi_tensor.HEADER)
 MASTER_SYNCED = tl.constexpr(multi_tensor.MASTER_SYNCED)
 
 #: The table of the mixed-dtype ops (scale_, grad_norm): one slot, the tensors, and one
-#: hyperparameter column, the dtype code (``multi_tensor.dtype_code_arguments``). The step
+#: float64 column, the dtype code (``multi_tensor.dtype_code_arguments``). The step
 #: ops' columns come from their spec (``layout``).
 TENSORS: tl.constexpr = tl.constexpr(0)
 MIXED_N_SLOTS: tl.constexpr = tl.constexpr(1)
@@ -74,7 +74,15 @@ def slot(row, SLOT: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit
 def hyper(row, N_SLOTS: tl.constexpr, K: tl.constexpr):
-    """Hyperparameter ``K`` of a table row, float64."""
+    """Hyperparameter ``K`` of a step op's table row, float64: column K of the row of the
+    hyperparameter table whose address follows the slots ([note: hyper table] in
+    ``fusedopt._contract``)."""
+    return tl.load(tl.load(row + HEADER + N_SLOTS).to(tl.pointer_type(tl.float64)) + K)
+
+
+@triton.jit
+def column(row, N_SLOTS: tl.constexpr, K: tl.constexpr):
+    """Float64 column ``K`` after the slots of a table row (the mixed-dtype ops' dtype code)."""
     return tl.load(row + HEADER + N_SLOTS + K).to(tl.float64, bitcast=True)
 
 

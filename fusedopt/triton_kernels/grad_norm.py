@@ -31,9 +31,9 @@ from .common import (
     DTYPE_CODE,
     MIXED_N_SLOTS,
     TENSORS,
+    column,
     div,
     full_blocks_end,
-    hyper,
     load,
     locate_chunk,
     maximum,
@@ -104,7 +104,7 @@ def chunk_partials_kernel(
 ):  # fmt: skip
     """Per chunk: sum of squares (or max |x|) of x / grad_scale, and non-finite count."""
     _, row, start, end = locate_chunk(chunks, table, WIDTH)
-    code = hyper(row, MIXED_N_SLOTS, DTYPE_CODE)
+    code = column(row, MIXED_N_SLOTS, DTYPE_CODE)
     scale = tl.load(grad_scale).to(ACC) if HAS_GRAD_SCALE else tl.full((), 1.0, ACC)
     partial = tl.full((), 0.0, ACC)
     bad = tl.full((), 0, tl.int32)

@@ -1,11 +1,13 @@
 """A step op's table layout and arguments, derived from its spec (``fusedopt._contract``).
 
 The tensor table of a step call has one address column per tensor list, in schema order, then
-one float64 column per hyperparameter (``multi_tensor``). :func:`layout` names those columns
-as constexprs, so that kernels read ``slot(row, L.EXP_AVGS, ...)`` and
-``hyper(row, L.N_SLOTS, L.BETA1)`` instead of bare numbers; :func:`bind` turns a call's
-positional arguments (schema order) into the lists, hyperparameters, flags and common scalars
-a launch needs, so that no wrapper re-lists the schema.
+the address of the tensor's row in the call's hyperparameter table (``multi_tensor``;
+[note: hyper table] in ``fusedopt._contract``). :func:`layout` names the slots and the
+hyperparameter table's columns as constexprs, so that kernels read
+``slot(row, L.EXP_AVGS, ...)`` and ``hyper(row, L.N_SLOTS, L.BETA1)`` instead of bare
+numbers; :func:`bind` turns a call's positional arguments (schema order) into the lists,
+hyperparameter rows, flags and common scalars a launch needs, so that no wrapper re-lists the
+schema.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import types
 
+import torch
 import triton.language as tl
 from torch import Tensor
 
@@ -23,9 +26,9 @@ from .multi_tensor import Launch, TableCache, dtype_arguments, scalar_arguments
 
 
 def layout(op: str) -> types.ModuleType:
-    """The constexpr column names of ``op``'s table: each tensor list's slot (``PARAMS``,
+    """The constexpr column names of ``op``'s tables: each tensor list's slot (``PARAMS``,
     ``GRADS``, ``EXP_AVGS``..., ``MASTER_PARAMS``, ``STEPS``), ``N_SLOTS``, and each
-    hyperparameter's index among the hyperparameter columns (``LR``, ``BETA1``...).
+    hyperparameter's column in the hyperparameter table (``LR``, ``BETA1``...).
 
     A module object, because jit code may read the attributes of a module global (and only
     constexpr or module globals)."""
@@ -45,7 +48,7 @@ class StepArguments:
 
     named: dict[str, object]  # every argument by its schema name
     lists: list[list[Tensor]]  # the tensor lists, in schema order (table slots)
-    hypers: list[list[float]]  # the hyperparameter lists, in schema order (table columns)
+    hyper_rows: list[int]  # each tensor's row address in the hyperparameter table
     flags: dict[str, bool]  # the per-call flags as constexpr kernel arguments (upper case)
     scalars: tuple[Tensor | None, ...]  # lr_tensor, grad_scale, clip_coef, found_inf
     step_slots: tuple[int, ...]  # slots read as scalars (the step counts)
@@ -74,7 +77,7 @@ def bind(op: str, args: tuple) -> StepArguments:
     """``op``'s positional arguments (the schema order) by name; the common flags
     (``master_sync``) may be left out, then they take their schema default."""
     spec = _contract.STEP_OPS[op]
-    names = (*spec.lists, *spec.hypers, *spec.flags, *_contract.COMMON_SCALARS)
+    names = (*spec.lists, "hypers", "group_sizes", *spec.flags, *_contract.COMMON_SCALARS)
     defaults = {f.name: f.default for f in _contract.COMMON_FLAGS}  # schema defaults
     if not len(names) <= len(args) <= len(names) + len(defaults):
         raise TypeError(f"{op}: expected {len(names)} to {len(names) + len(defaults)} "
@@ -84,7 +87,7 @@ def bind(op: str, args: tuple) -> StepArguments:
     return StepArguments(
         named,
         [named[n] for n in spec.lists],
-        [named[h] for h in spec.hypers],
+        _hyper_rows(op, named["hypers"], named["group_sizes"], named["params"]),
         {f.upper(): bool(named[f]) for f in spec.flags},
         tuple(named[s] for s in _contract.COMMON_SCALARS),
         tuple(k for k, t in enumerate(spec.tensor_lists) if t.role == "step"),
@@ -102,7 +105,27 @@ def prepare(op: str, args: tuple, tables: TableCache) -> StepArguments | None:
         raise ValueError(f"{op}: {spec.steps_with} and steps must both be given or both be empty")
     a.dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params), a.master_sync)
     a.launch = tables.launch(
-        a.lists, a.hypers, (tuple(map(str, a.dtypes.values())),), scalar_lists=a.step_slots
+        a.lists,
+        extra_key=(tuple(map(str, a.dtypes.values())),),
+        scalar_lists=a.step_slots,
+        hyper_rows=a.hyper_rows,
     )
     a.scalar_tensors, a.scalar_flags = scalar_arguments(a.launch.table, *a.scalars)
     return a
+
+
+def _hyper_rows(op: str, hypers: Tensor, group_sizes: list[int], params: list[Tensor]) -> list[int]:
+    """The address of each tensor's row in the hyperparameter table, after checking the
+    table's form ([note: hyper table] in ``fusedopt._contract``)."""
+    k, n = len(_contract.STEP_OPS[op].hypers), len(params)
+    shape = tuple(hypers.shape)
+    if hypers.dtype != torch.float64 or len(shape) != 2 or shape[1] != k or hypers.stride(1) != 1:
+        raise ValueError(f"{op}: hypers must be a float64 [G, {k}] table with unit column "
+                         f"stride, got {hypers.dtype} {shape}")  # fmt: skip
+    if params and hypers.device != params[0].device:
+        raise ValueError(f"{op}: hypers is on {hypers.device}, the params on {params[0].device}")
+    if len(group_sizes) != shape[0] or sum(group_sizes) != n or min(group_sizes, default=0) < 0:
+        raise ValueError(f"{op}: group_sizes {list(group_sizes)} must be {shape[0]} counts "
+                         f">= 0 summing to {n}")  # fmt: skip
+    base, stride = hypers.data_ptr(), hypers.stride(0) * hypers.element_size()
+    return [base + g * stride for g, count in enumerate(group_sizes) for _ in range(count)]

@@ -6,20 +6,24 @@ per chunk. Two device tables drive it:
 * the **tensor table**, ``int64 [N, WIDTH]``, one row per tensor::
 
       [numel, first_chunk, n_chunks, address of list 0, ..., address of list S-1,
-       hyperparameter 0, ..., hyperparameter K-1]       (hyperparameters: float64 bits)
+       address of the tensor's hyperparameter row]                       (step ops)
+      [numel, first_chunk, n_chunks, address of the tensors, column 0, ...] (scale_, grad_norm)
 
   The kernel turns an address into a typed pointer (``int64 -> tl.pointer_type``), which works
   both compiled and under ``TRITON_INTERPRET=1`` (the interpreter dereferences raw addresses
-  too), so one scheme serves both. Hyperparameters travel as float64 because bias corrections
-  and ``1 - beta`` are float64 expressions in the reference ([note: hyperparameter rounding]).
+  too), so one scheme serves both. A step op's hyperparameters stay in the caller's float64
+  ``[G, K]`` table ([note: hyper table] in ``fusedopt._contract``): the row holds the address
+  of its group's row there, so a changed value (an lr schedule) changes no tensor table.
+  The mixed-dtype ops keep their per-tensor dtype code as a float64 column.
 * the **chunk table**, ``int32 [n_chunks, 2]``: (tensor index, chunk index within the tensor).
 
 [note: table caching] What fixes the chunk table is the tensor count and sizes (and dtypes,
 which pick the kernel), so that is the cache key. The chunk table is built once per key with
-torch ops over chunk counts (no per-element host work) and stays on the device. Addresses and
-hyperparameters are compared with the cached ones on every call (O(N) Python ints, no device
-access) and the tensor table is re-uploaded only when one moved (grads set to None come back
-at new addresses) or a hyperparameter changed (an lr schedule). On CUDA the upload is a
+torch ops over chunk counts (no per-element host work) and stays on the device. Addresses
+(hyperparameter rows included) and columns are compared with the cached ones on every call
+(O(N) Python ints, no device access) and the tensor table is re-uploaded only when one moved
+(grads set to None come back at new addresses; a new hyperparameter table); an lr schedule,
+which rewrites the hyperparameter table in place, uploads nothing. On CUDA the upload is a
 non-blocking copy from pinned memory: no host sync. A table that a CUDA graph captured is
 kept alive for the life of the cache (the graph reads it at every replay), and never written
 again: a rebuild allocates a new table.
@@ -72,7 +76,8 @@ class _Entry:
     counters: Tensor
     n_chunks: int
     addresses: list[int] | None = None
-    hypers: list[tuple[float, ...]] | None = None
+    hyper_rows: list[int] | None = None
+    columns: list[tuple[float, ...]] | None = None
     table: Tensor | None = None
     pinned: Tensor | None = None  # the host copy the last upload read from
     captured: bool = False
@@ -108,23 +113,26 @@ class TableCache:
         self._entries: collections.OrderedDict[tuple, _Entry] = collections.OrderedDict()
         self._max_entries = max_entries
         self._captured: list[Tensor] = []  # tables a CUDA graph may still read
+        self.uploads = 0  # tensor tables built and uploaded so far (a test counts them)
 
     def launch(
         self,
         lists: Sequence[Sequence[Tensor | None]],
-        hypers: Sequence[Sequence[float]] = (),
+        columns: Sequence[Sequence[float]] = (),
         extra_key: tuple = (),
         scalar_lists: Sequence[int] = (),
+        hyper_rows: Sequence[int] = (),
     ) -> Launch:
         """Tables for ``lists`` (aligned, one entry per tensor; the first list gives the
-        sizes; an empty list stands for an absent one) and per-tensor ``hypers`` (K lists of
-        N floats). ``scalar_lists`` (indices into ``lists``: the step counts) are read as
+        sizes; an empty list stands for an absent one), then either ``hyper_rows`` (each
+        tensor's hyperparameter row address, a step op's) or ``columns`` (K lists of N
+        floats). ``scalar_lists`` (indices into ``lists``: the step counts) are read as
         scalars, so their addresses do not decide whether the 128-bit path is safe."""
         first = lists[0]
         n = len(first)
         device = first[0].device
         numels = tuple(t.numel() for t in first)
-        key = (device, numels, len(lists), len(hypers), extra_key)
+        key = (device, numels, len(lists), len(columns), bool(hyper_rows), extra_key)
         entry = self._entries.get(key)
         if entry is None:
             chunks, n_chunks = _chunk_table(numels, device)
@@ -136,9 +144,15 @@ class TableCache:
         else:
             self._entries.move_to_end(key)
         addresses = [address(seq[i]) if seq else 0 for i in range(n) for seq in lists]
-        rows = list(zip(*hypers, strict=True)) if hypers else []
-        if entry.table is None or addresses != entry.addresses or rows != entry.hypers:
-            self._rebuild(entry, numels, lists, addresses, rows, device)
+        rows = list(zip(*columns, strict=True)) if columns else []
+        hyper_rows = list(hyper_rows)
+        if (
+            entry.table is None
+            or addresses != entry.addresses
+            or hyper_rows != entry.hyper_rows
+            or rows != entry.columns
+        ):
+            self._rebuild(entry, numels, lists, addresses, hyper_rows, rows, device)
         if not entry.captured and _capturing(device):
             entry.captured = True
             self._captured += [entry.table, entry.chunks, entry.counters]
@@ -150,8 +164,7 @@ class TableCache:
             entry.table, entry.chunks, entry.counters, entry.n_chunks, entry.table.shape[1], aligned
         )
 
-    @staticmethod
-    def _rebuild(entry, numels, lists, addresses, rows, device) -> None:
+    def _rebuild(self, entry, numels, lists, addresses, hyper_rows, rows, device) -> None:
         n, s = len(numels), len(lists)
         counts = [max(1, -(-m // CHUNK)) for m in numels]
         firsts = [0] * n
@@ -159,13 +172,16 @@ class TableCache:
             firsts[i] = firsts[i - 1] + counts[i - 1]
         header = torch.tensor(list(zip(numels, firsts, counts, strict=True)), dtype=torch.int64)
         host = [header.reshape(n, HEADER), torch.tensor(addresses, dtype=torch.int64).view(n, s)]
+        if hyper_rows:
+            host.append(torch.tensor(hyper_rows, dtype=torch.int64).view(n, 1))
         if rows:
             host.append(torch.tensor(rows, dtype=torch.float64).view(torch.int64))
         table, pinned = _upload(torch.cat(host, dim=1), device)
         # A captured table is never overwritten: the new one is a new allocation anyway.
         entry.table, entry.pinned = table, pinned
-        entry.addresses, entry.hypers = addresses, rows
+        entry.addresses, entry.hyper_rows, entry.columns = addresses, hyper_rows, rows
         entry.captured = False
+        self.uploads += 1
 
 
 def _capturing(device: torch.device) -> bool:
@@ -238,7 +254,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.floa
 
 
 def dtype_code_arguments(tensors: Sequence[Tensor]) -> tuple[list[float], dict]:
-    """The per-tensor dtype codes (a table hyperparameter column) and the HAS_* constexprs."""
+    """The per-tensor dtype codes (a table column) and the HAS_* constexprs."""
     present = {t.dtype for t in tensors}
     flags = {
         "HAS_F32": torch.float32 in present,

@@ -19,8 +19,8 @@ from .common import (
     DTYPE_CODE,
     MIXED_N_SLOTS,
     TENSORS,
+    column,
     full_blocks_end,
-    hyper,
     load,
     locate_chunk,
     nonfinite,
@@ -63,7 +63,7 @@ def scale_kernel(
     HAS_F64: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     _, row, start, end = locate_chunk(chunks, table, WIDTH)
-    code = hyper(row, MIXED_N_SLOTS, DTYPE_CODE)
+    code = column(row, MIXED_N_SLOTS, DTYPE_CODE)
     # The arguments are written in the call: in a tuple variable the constexprs (CHECK,
     # ALIGNED) would reach _scale_range as run-time values (Triton 3.8).
     by_dtype(_scale_range, code, (row, start, end, scale_ptr, found_inf, CHECK, ALIGNED), (),

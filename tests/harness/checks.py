@@ -250,7 +250,7 @@ def run_oracle(inputs: StepInputs, oracle: dict[str, list[Tensor]], grads: list[
     lists = {**oracle, "grads": [g.detach().to("cpu", F64) for g in grads]}
     getattr(reference, inputs.case.op)(
         *(lists.get(name, []) for name in spec.lists),
-        *(inputs.hypers[h] for h in spec.hypers),
+        *ops.hyper_table(*(inputs.hypers[h] for h in spec.hypers)),
         *(inputs.flags[f] for f in spec.flags),
         _cpu(inputs.lr_tensor),
         _cpu(inputs.grad_scale),

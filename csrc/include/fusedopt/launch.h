@@ -10,8 +10,10 @@
 //     launcher may rely on it and should not re-check.
 //   * Pointers: tensor data, numels-sized outputs and the device scalars (DeviceScalars,
 //     GradNormCall outputs, steps) are DEVICE pointers; the arrays that hold them (the
-//     `void* const*` tables, numels, dtypes, per-tensor hyperparameters) are HOST arrays that
+//     `void* const*` tables, numels, dtypes, HyperTable::group) are HOST arrays that
 //     live until the launcher returns. Copy what the kernel needs into device tables.
+//     HyperTable::data is DEVICE memory (the caller's [G, K] table, [note: hyper table] in
+//     fusedopt/_contract.py): a device table row holds the address of its tensor's row.
 //   * ExecContext::stream is the current cudaStream_t (cast it back); launch on it, never
 //     synchronise the host. ExecContext::workspace hands out device memory from torch's
 //     caching allocator, stream-ordered on that stream, valid until the launcher returns
@@ -30,7 +32,8 @@
 //   * data pointers are aligned to their element size only (views at odd offsets happen);
 //   * dtypes: params one of fp32/bf16/fp16/fp64; grads the param dtype or fp32; master_params
 //     fp32 and only for bf16/fp16 params; states fp32 with masters, else the param dtype;
-//     steps and the device scalars fp32; lr_numel is 1 or num_tensors.
+//     steps and the device scalars fp32; lr_numel is 1 or num_tensors;
+//   * the hyperparameter table: width == the op's hyperparameter count, 0 <= group[i] < G.
 #pragma once
 
 #include <cstddef>
@@ -105,6 +108,17 @@ struct GradNormCall {
   float* found_inf = nullptr;         // device, 1 fp32
 };
 
+/// The hyperparameter table of a step call ([note: hyper table] in fusedopt/_contract.py):
+/// G rows of the op's hyperparameters in spec order (lr first), as doubles, `row_stride`
+/// doubles apart, on the params' device; `group[i]` (a host array) is tensor i's row.
+struct HyperTable {
+  const double* data = nullptr;
+  int64_t row_stride = 0;
+  const int32_t* group = nullptr;
+  /// Tensor i's row (a device address for the CUDA backend: not to be read on the host).
+  const double* row(int64_t i) const { return data + group[i] * row_stride; }
+};
+
 /// The lists and scalars every step op has. `steps` holds num_tensors device floats, or is
 /// null where the op has none (lion_; sgd_ without momentum).
 struct StepLists {
@@ -112,6 +126,7 @@ struct StepLists {
   const int64_t* numels = nullptr;
   TensorSlot params, grads, master_params;  // master_params absent: no master weights
   float* const* steps = nullptr;
+  HyperTable hypers;
   DeviceScalars scalars;
   // With master_params: an element whose param bits differ from its rounded master's takes
   // the param's value as its master before the update ([note: master sync] in
@@ -120,11 +135,14 @@ struct StepLists {
 };
 
 // The call struct of a step op, from its spec (fusedopt/ops_spec.h, generated from
-// fusedopt/_contract.py): the common lists, then one TensorSlot per state list, one host
-// array of num_tensors doubles per hyperparameter (lr: ignored where lists.scalars.lr is
-// given) and one bool per flag, all in schema order and named as the schema names them.
+// fusedopt/_contract.py): the common lists (the hyperparameter table among them), then one
+// TensorSlot per state list, one accessor per hyperparameter (`call.beta1(i)`: tensor i's
+// value, read from lists.hypers on the host, so for the CPU backend only; lr: ignored where
+// lists.scalars.lr is given) and one bool per flag, all in schema order and named as the
+// schema names them.
 #define FUSEDOPT_CALL_STATE(name, Name, index, may_be_empty, when) TensorSlot name;
-#define FUSEDOPT_CALL_HYPER(name, Name, index) const double* name = nullptr;
+#define FUSEDOPT_CALL_HYPER(name, Name, index) \
+  double name(int64_t i) const { return lists.hypers.row(i)[index]; }
 #define FUSEDOPT_CALL_FLAG(name, Name, index, default_value) bool name = default_value;
 #define FUSEDOPT_STEP_CALL_FIELDS(OP)                 \
   StepLists lists;                                    \

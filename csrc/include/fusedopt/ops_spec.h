@@ -5,7 +5,8 @@
 //   FUSEDOPT_OP_STATES(X)  X(name, Name, index, may_be_empty, when): the state lists;
 //                          `when` is the flag that switches the list on (given iff the
 //                          flag is set; then required), else true
-//   FUSEDOPT_OP_HYPERS(X)  X(name, Name, index): the per-tensor float[] hyperparameters
+//   FUSEDOPT_OP_HYPERS(X)  X(name, Name, index): the hyperparameters, columns of the
+//                          call's hypers table ([note: hyper table])
 //   FUSEDOPT_OP_FLAGS(X)   X(name, Name, index, default): the per-call bools
 //   FUSEDOPT_OP_STEPS(X)   X(steps) when the op has step counts, else nothing
 //   FUSEDOPT_OP_STEPS_OPTIONAL  whether the steps list may be empty (or is absent)

@@ -59,11 +59,12 @@ FUSEDOPT_HD FUSEDOPT_INLINE double bias_correction(double beta, double step, boo
   return enabled ? 1.0 - ::pow(beta, step) : 1.0;
 }
 
-/// The learning rate of tensor i: lr_tensor (1 or N fp32 values) when given, else lr[i].
-FUSEDOPT_HD FUSEDOPT_INLINE double tensor_lr(const double* lr, const float* lr_tensor,
+/// The learning rate of tensor i: lr_tensor (1 or N fp32 values) when given, else its
+/// hyperparameter row's lr.
+FUSEDOPT_HD FUSEDOPT_INLINE double tensor_lr(double lr, const float* lr_tensor,
                                              long long lr_tensor_numel, long long i) {
   if (lr_tensor) return static_cast<double>(lr_tensor[lr_tensor_numel > 1 ? i : 0]);
-  return lr[i];
+  return lr;
 }
 
 /// sign(x) with sign(±0) = 0 and sign(NaN) = 0, as torch.sign (lion-pytorch's `sign_`, the

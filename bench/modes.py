@@ -1,0 +1,81 @@
+"""The memory modes of issue #15: how an optimizer holds the params and its own state.
+
+One registry, read by both pieces of the issue's evidence: the language-model quality run
+(``bench/lm_quality.py``: one loss curve per mode and optimizer) and the memory table
+(``bench/memory.py``: bytes per parameter held, and traffic per step). A new mode (stochastic
+rounding, Kahan compensation, bf16 or 8-bit states...) is one more :class:`MemoryMode` in
+:data:`MEMORY_MODES`: the constructor arguments that select it, the dtype the params are in,
+and what it keeps per element, from which the expected bytes and the traffic follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+
+import torch
+
+from bench.traffic import state_names, step_bytes_per_param
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryMode:
+    """One way of holding a model's params and the optimizer state.
+
+    ``kwargs``: what the fusedopt constructor is given to select the mode (on top of the
+    optimizer's hyperparameters). ``param_dtype``: the dtype the model's params (and so its
+    grads) are cast to. ``state_dtype``: the dtype the mode keeps each optimizer state in.
+    ``master``: an fp32 master copy of every param is kept by the optimizer.
+    """
+
+    name: str
+    param_dtype: torch.dtype
+    state_dtype: torch.dtype
+    master: bool
+    kwargs: MappingProxyType
+    what: str
+
+    def expected_state_bytes(self, op: str) -> int:
+        """Bytes per param the optimizer should hold: its states, plus the master if kept."""
+        size = torch.empty((), dtype=self.state_dtype).element_size()
+        return size * len(state_names(op)) + (4 if self.master else 0)
+
+    def traffic(self, op: str) -> int:
+        """Compulsory bytes per param of one step of ``op`` in this mode (bench/traffic.py)."""
+        return step_bytes_per_param(
+            op,
+            param_bytes=torch.empty((), dtype=self.param_dtype).element_size(),
+            state_bytes=torch.empty((), dtype=self.state_dtype).element_size(),
+            master=self.master,
+        )
+
+
+def _mode(name: str, param: torch.dtype, state: torch.dtype, what: str, **kwargs) -> MemoryMode:
+    master = bool(kwargs.get("master_weights", False))
+    return MemoryMode(name, param, state, master, MappingProxyType(kwargs), what)
+
+
+#: Every memory mode that exists today, in report order. The reference of the quality
+#: comparison is :data:`REFERENCE_MODE` (bf16 params with fp32 masters: "fp32 master").
+MEMORY_MODES: dict[str, MemoryMode] = {
+    m.name: m
+    for m in (
+        _mode("fp32", torch.float32, torch.float32, "fp32 params, grads and states"),
+        _mode(
+            "bf16+master",
+            torch.bfloat16,
+            torch.float32,
+            "bf16 params and grads; fp32 master weights and states",
+            master_weights=True,
+        ),
+        _mode(
+            "bf16",
+            torch.bfloat16,
+            torch.bfloat16,
+            "bf16 params, grads and states; no master (round-to-nearest writes)",
+        ),
+    )
+}
+
+#: The mode every other one is compared with: mixed precision with fp32 master weights.
+REFERENCE_MODE = "bf16+master"
