@@ -37,50 +37,31 @@ class Case:
     torch_kwargs: dict[str, Any] | None = None
 
 
+def torch_twin(name: str, cls: type, **kwargs: Any) -> Case:
+    """A case whose torch twin is the torch.optim class of the same name, with the same
+    arguments."""
+    return Case(name, cls, kwargs, getattr(torch.optim, cls.__name__), dict(kwargs))
+
+
 CASES = [
-    Case(
-        "adamw",
-        fusedopt.AdamW,
-        dict(lr=1e-2, weight_decay=0.1),
-        torch.optim.AdamW,
-        dict(lr=1e-2, weight_decay=0.1),
-    ),
-    Case(
+    torch_twin("adamw", fusedopt.AdamW, lr=1e-2, weight_decay=0.1),
+    torch_twin(
         "adamw_amsgrad_maximize",
         fusedopt.AdamW,
-        dict(lr=1e-2, betas=(0.8, 0.99), amsgrad=True, maximize=True),
-        torch.optim.AdamW,
-        dict(lr=1e-2, betas=(0.8, 0.99), amsgrad=True, maximize=True),
+        lr=1e-2,
+        betas=(0.8, 0.99),
+        amsgrad=True,
+        maximize=True,
     ),
-    Case(
-        "adam_l2",
-        fusedopt.Adam,
-        dict(lr=1e-2, weight_decay=0.1),
-        torch.optim.Adam,
-        dict(lr=1e-2, weight_decay=0.1),
+    torch_twin("adam_l2", fusedopt.Adam, lr=1e-2, weight_decay=0.1),
+    torch_twin(
+        "adam_decoupled", fusedopt.Adam, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True
     ),
-    Case(
-        "adam_decoupled",
-        fusedopt.Adam,
-        dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
-        torch.optim.Adam,
-        dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    torch_twin(
+        "sgd_momentum", fusedopt.SGD, lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01
     ),
-    Case(
-        "sgd_momentum",
-        fusedopt.SGD,
-        dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01),
-        torch.optim.SGD,
-        dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01),
-    ),
-    Case(
-        "sgd_nesterov",
-        fusedopt.SGD,
-        dict(lr=1e-2, momentum=0.9, nesterov=True),
-        torch.optim.SGD,
-        dict(lr=1e-2, momentum=0.9, nesterov=True),
-    ),
-    Case("sgd_plain", fusedopt.SGD, dict(lr=1e-2), torch.optim.SGD, dict(lr=1e-2)),
+    torch_twin("sgd_nesterov", fusedopt.SGD, lr=1e-2, momentum=0.9, nesterov=True),
+    torch_twin("sgd_plain", fusedopt.SGD, lr=1e-2),
     Case("lamb", fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.01)),
     Case("lamb_trust_clip", fusedopt.LAMB, dict(lr=1e-2, trust_clip=True, always_adapt=True)),
     Case("lion", fusedopt.Lion, dict(lr=1e-3, weight_decay=0.1)),

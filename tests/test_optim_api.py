@@ -27,18 +27,18 @@ def _grads(params, seed):
         p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
 
 
+#: The classes that are drop-ins for a torch.optim class, with it.
+TORCH_TWINS = [
+    (cls, getattr(torch.optim, cls.__name__))
+    for cls in (fusedopt.AdamW, fusedopt.Adam, fusedopt.SGD)
+]
+
+
 def _twins(dtype=torch.float32):
     return clone_params(make_model(), dtype), clone_params(make_model(), dtype)
 
 
-@pytest.mark.parametrize(
-    "cls,torch_cls",
-    [
-        (fusedopt.AdamW, torch.optim.AdamW),
-        (fusedopt.Adam, torch.optim.Adam),
-        (fusedopt.SGD, torch.optim.SGD),
-    ],
-)
+@pytest.mark.parametrize("cls,torch_cls", TORCH_TWINS)
 def test_constructor_names_and_defaults_match_torch(cls, torch_cls):
     ours = inspect.signature(cls.__init__).parameters
     theirs = inspect.signature(torch_cls.__init__).parameters
@@ -291,14 +291,7 @@ def test_betas_mixing_a_float_and_a_tensor_raise_as_in_torch(cls, torch_cls, bet
     assert len(opt.param_groups) == 1
 
 
-@pytest.mark.parametrize(
-    "cls,torch_cls",
-    [
-        (fusedopt.Adam, torch.optim.Adam),
-        (fusedopt.AdamW, torch.optim.AdamW),
-        (fusedopt.SGD, torch.optim.SGD),
-    ],
-)
+@pytest.mark.parametrize("cls,torch_cls", TORCH_TWINS)
 def test_fused_and_foreach_together_raise_as_in_torch(cls, torch_cls):
     message = "`fused` and `foreach` cannot be `True` together."
     params = clone_params(make_model(), torch.float32)

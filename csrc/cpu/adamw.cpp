@@ -35,17 +35,11 @@ void adamw_items(const AdamWCall& call, const ExecContext& ctx) {
   states[0] = call.exp_avgs;
   states[1] = call.exp_avg_sqs;
   if constexpr (kAmsgrad) states[2] = call.max_exp_avg_sqs;
-  const std::vector<WorkItem> items = split_work(lists.num_tensors, lists.numels);
-  parallel_items(items, ctx, [&](int64_t k) {
-    const WorkItem& w = items[k];
-    const AdamWScalars<T> s = scalars[w.tensor];
-    for_each_block<T, kStates, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
-      T* vmax = kAmsgrad ? st[kStates - 1] : nullptr;
-      with_divide(load.divide, [&](auto divide) {
-        adamw_block<T, kAmsgrad, divide()>(p, g, st[0], st[1], vmax, n, s, load);
-      });
-    });
-  });
+  step_blocks<T>(lists, states, scalars, load.divide, ctx,
+                 [&](auto divide, T* p, const T* g, auto& st, int64_t n, const auto& s) {
+                   T* vmax = kAmsgrad ? st[kStates - 1] : nullptr;
+                   adamw_block<T, kAmsgrad, divide()>(p, g, st[0], st[1], vmax, n, s, load);
+                 });
 }
 
 }  // namespace

@@ -31,16 +31,10 @@ void adan_items(const AdanCall& call, const ExecContext& ctx) {
   // Schema order: exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads.
   const std::array<TensorSlot, 4> states{call.exp_avgs, call.exp_avg_sqs, call.exp_avg_diffs,
                                          call.neg_pre_grads};
-  const std::vector<WorkItem> items = split_work(lists.num_tensors, lists.numels);
-  parallel_items(items, ctx, [&](int64_t k) {
-    const WorkItem& w = items[k];
-    const AdanScalars<T> s = scalars[w.tensor];
-    for_each_block<T, 4, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
-      with_divide(load.divide, [&](auto divide) {
-        adan_block<T, divide()>(p, g, st[0], st[1], st[2], st[3], n, s, load);
-      });
-    });
-  });
+  step_blocks<T>(lists, states, scalars, load.divide, ctx,
+                 [&](auto divide, T* p, const T* g, auto& st, int64_t n, const auto& s) {
+                   adan_block<T, divide()>(p, g, st[0], st[1], st[2], st[3], n, s, load);
+                 });
 }
 
 }  // namespace

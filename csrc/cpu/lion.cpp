@@ -25,15 +25,10 @@ void lion_items(const LionCall& call, const ExecContext& ctx) {
   const GradLoad<T> load = make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef,
                                              call.maximize);
   const std::array<TensorSlot, 1> states{call.exp_avgs};
-  const std::vector<WorkItem> items = split_work(lists.num_tensors, lists.numels);
-  parallel_items(items, ctx, [&](int64_t k) {
-    const WorkItem& w = items[k];
-    const LionScalars<T> s = scalars[w.tensor];
-    for_each_block<T, 1, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
-      with_divide(load.divide,
-                  [&](auto divide) { lion_block<T, divide()>(p, g, st[0], n, s, load); });
-    });
-  });
+  step_blocks<T>(lists, states, scalars, load.divide, ctx,
+                 [&](auto divide, T* p, const T* g, auto& st, int64_t n, const auto& s) {
+                   lion_block<T, divide()>(p, g, st[0], n, s, load);
+                 });
 }
 
 }  // namespace

@@ -72,18 +72,12 @@ void sgd_items(const SgdCall& call, const ExecContext& ctx) {
   constexpr size_t kStates = kMomentum ? 1 : 0;
   std::array<TensorSlot, kStates> states{};
   if constexpr (kMomentum) states[0] = call.momentum_buffers;
-  const std::vector<WorkItem> items = split_work(lists.num_tensors, lists.numels);
-  parallel_items(items, ctx, [&](int64_t k) {
-    const WorkItem& w = items[k];
-    const SgdScalars<T> s = scalars[w.tensor];
-    for_each_block<T, kStates, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
-      T* buf = nullptr;
-      if constexpr (kMomentum) buf = st[0];
-      with_divide(load.divide, [&](auto divide) {
-        sgd_block<T, kMomentum, divide()>(p, g, buf, n, s, load);
-      });
-    });
-  });
+  step_blocks<T>(lists, states, scalars, load.divide, ctx,
+                 [&](auto divide, T* p, const T* g, auto& st, int64_t n, const auto& s) {
+                   T* buf = nullptr;
+                   if constexpr (kMomentum) buf = st[0];
+                   sgd_block<T, kMomentum, divide()>(p, g, buf, n, s, load);
+                 });
 }
 
 }  // namespace

@@ -110,6 +110,24 @@ void with_divide(bool divide, F&& body) {
   }
 }
 
+/// A step op's loop over a call, in parallel: its work items (split_work), each tensor's
+/// elements in blocks (for_each_block, with the op's `states`), each block through
+/// `block(divide, p, g, st, n, s)` with the tensor's `scalars` and the grad load's division
+/// choice (with_divide: `divide` is a std::bool_constant).
+template <typename T, size_t kStates, typename Scalars, typename Block>
+void step_blocks(const StepLists& lists, const std::array<TensorSlot, kStates>& states,
+                 const std::vector<Scalars>& scalars, bool divide, const ExecContext& ctx,
+                 Block&& block) {
+  const std::vector<WorkItem> items = split_work(lists.num_tensors, lists.numels);
+  parallel_items(items, ctx, [&](int64_t k) {
+    const WorkItem& w = items[k];
+    const Scalars s = scalars[w.tensor];
+    for_each_block<T, kStates, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
+      with_divide(divide, [&](auto d) { block(d, p, g, st, n, s); });
+    });
+  });
+}
+
 /// Runs `body<T>()` with T = double for fp64 params, float otherwise.
 template <typename F>
 void with_opmath(DType param_dtype, F&& body) {

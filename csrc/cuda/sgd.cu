@@ -15,19 +15,9 @@ using spec::sgd::kMomentum, spec::sgd::kDampening, spec::sgd::kWeightDecay;
 using spec::sgd::kNesterov, spec::sgd::kMaximize;
 
 template <class P, class G, bool kMasterWeights, bool kWithMomentum>
-struct SgdBody {
-  using T = Opmath<P>;
-  using S = StateOf<P, kMasterWeights>;
-  static constexpr int kWidth =
-      kMasterWeights ? kVecWidth<P, G, S, float> : kVecWidth<P, G, S>;
-
-  P* p;
-  const G* g;
-  S* buf;
-  float* master;
-  bool master_sync;  // [note: master sync]
-  SgdScalars<T> s;
-  GradLoad<T> load_g;
+struct SgdBody : StepBody<P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentumBuffer> {
+  using Base = StepBody<P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentumBuffer>;
+  using typename Base::T;
 
   // [note: sgd momentum 0] (fusedopt/reference/ops.py): a tensor whose momentum is 0 steps
   // as momentum-free SGD even in a call with buffers; its buffer and step count stay as
@@ -37,27 +27,26 @@ struct SgdBody {
   // The step count was incremented before this kernel: 1 now means this is the param's first
   // (unskipped) step, whatever a state dict loaded before.
   __device__ __forceinline__ SgdBody(const Row& row, int t, const StepArgs& a)
-      : p(static_cast<P*>(row.slot[kParam])),
-        g(static_cast<const G*>(row.slot[kGrad])),
-        buf(static_cast<S*>(row.slot[kMomentumBuffer])),
-        master(static_cast<float*>(row.slot[kMaster])),
-        master_sync(a.master_sync),
-        s(sgd_scalars<T>(step_lr(row, t, a), row.hyper[kMomentum],
+      : Base(row, a, a.flag[kMaximize], [&] {
+          return sgd_scalars<T>(step_lr(row, t, a), row.hyper[kMomentum],
                          row.hyper[kDampening], row.hyper[kWeightDecay],
-                         kWithMomentum && row.step && *row.step == 1.0f, a.flag[kNesterov])),
-        load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef,
-                                 a.flag[kMaximize])),
+                         kWithMomentum && row.step && *row.step == 1.0f, a.flag[kNesterov]);
+        }),
         use_buffer(kWithMomentum && row.hyper[kMomentum] != 0.0) {}
 
+  // Hides Base::aligned: an unused buffer need not be aligned.
   __device__ __forceinline__ bool aligned(int64_t start) const {
-    return aligned_all(start, p, g, use_buffer ? buf : nullptr, master);
+    return aligned_all(start, this->p, this->g, use_buffer ? this->states[0] : nullptr,
+                       this->master);
   }
 
   template <int V>
   __device__ __forceinline__ void apply(int64_t i) const {
+    auto* const buf = this->states[0];
+    const auto& s = this->s;
+    const GradLoad<T>& load_g = this->load_g;
     T pv[V], gv[V], bv[V] = {};
-    load_param<V, P, T, kMasterWeights>(p, master, i, pv, master_sync);
-    load<V>(g, i, gv);
+    this->load_param_and_grad(i, pv, gv);
     if (use_buffer) {
       // On the first step the buffer is overwritten, not read (it may hold anything).
       if (!s.first_step) load<V>(buf, i, bv);
@@ -68,34 +57,21 @@ struct SgdBody {
 #pragma unroll
       for (int k = 0; k < V; ++k) sgd_update<T, false>(pv[k], load_grad(gv[k], load_g), bv[k], s);
     }
-    store_param<V, P, T, kMasterWeights>(p, master, i, pv);
+    this->store_param_and_master(i, pv);
   }
 };
 
 }  // namespace
 
 void sgd(const SgdCall& call, const ExecContext& ctx) {
-  const StepLists& lists = call.lists;
-  if (lists.num_tensors == 0) return;
-  const bool with_momentum = call.momentum_buffers.present();
-  StepArgs args = step_args(lists);
-  TableBuilder host = step_table(lists);
-  FUSEDOPT_FILL_STEP_CALL(SGD)
-  const cudaStream_t stream = stream_of(ctx);
-  const Table table = host.upload(ctx);
-  // [note: sgd momentum 0]: a tensor whose momentum is 0 keeps its step count.
-  if (with_momentum) increment_steps(table, lists.scalars.found_inf, stream, kMomentum);
-  dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
-                      [&](auto p, auto g, auto master) {
-                        using P = decltype(p);
-                        using G = decltype(g);
-                        constexpr bool kM = decltype(master)::value;
-                        if (with_momentum) {
-                          launch_step<SgdBody<P, G, kM, true>>(host, table, args, stream);
-                        } else {
-                          launch_step<SgdBody<P, G, kM, false>>(host, table, args, stream);
-                        }
-                      });
+  if (call.lists.num_tensors == 0) return;
+  FUSEDOPT_STEP_HOST(SGD)
+  if (call.momentum_buffers.present()) {
+    // [note: sgd momentum 0]: a tensor whose momentum is 0 keeps its step count.
+    run_step<SgdBody, true>(call.lists, host, args, /*count_steps=*/true, ctx, kMomentum);
+  } else {
+    run_step<SgdBody, false>(call.lists, host, args, /*count_steps=*/false, ctx);
+  }
 }
 
 }  // namespace fusedopt::cuda

@@ -4,8 +4,11 @@
 // A Body<P, G, kMaster, ...> is the per-element work of one op for param storage P, grad
 // storage G and master weights or not; states are fp32 with masters, else P
 // (DESIGN.md §3). It is built once per block from the block's Row (the per-tensor scalars,
-// derived in double by the math headers), then apply<V>(i) handles elements i..i+V-1.
+// derived in double by the math headers), then apply<V>(i) handles elements i..i+V-1. The
+// elementwise ops' Bodies derive from StepBody (below), which holds what they share.
 #pragma once
+
+#include <utility>
 
 #include "common.cuh"
 
@@ -33,6 +36,14 @@ constexpr int state_slot(int index) { return kState0 + index; }
 #define FUSEDOPT_FILL_STEP_CALL(OP)           \
   FUSEDOPT_##OP##_STATES(FUSEDOPT_FILL_STATE) \
   FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FILL_FLAG)
+
+// The host side of a step call up to its launch: `args` (the StepArgs) and `host` (its
+// TableBuilder: step_table, then the op's state slots and flags), in a launcher that has
+// `call` in scope.
+#define FUSEDOPT_STEP_HOST(OP)                 \
+  StepArgs args = step_args(call.lists);       \
+  TableBuilder host = step_table(call.lists);  \
+  FUSEDOPT_FILL_STEP_CALL(OP)
 
 /// The storage of a step op's states: fp32 with master weights, else the param's.
 template <class P, bool kMasterWeights>
@@ -88,6 +99,73 @@ __device__ __forceinline__ void store_param(P* p, float* master, int64_t i, cons
   store<V>(p, i, x);
 }
 
+/// What every step op's Body holds and does alike: the param, grad, state and master
+/// pointers of its Row, the master_sync flag, the op's per-tensor `Scalars` (from its math
+/// header), the grad load (the common scalars), the vector width, the alignment test, and
+/// the loads and stores of param and grad. `kStateSlots` are the op's state slots in spec
+/// order (`states[k]`). An op's Body derives from it and adds `apply<V>`:
+/// load_param_and_grad, its state loads, its math per element, store_param_and_master, its
+/// state stores.
+///
+/// The members are built in the order the hand-written Bodies used (pointers, scalars, grad
+/// load last): with the grad scalars loaded before the scalars' pow() calls they stay live
+/// across the calls, which cost two AdamW kernels a 24-byte stack frame and the fp64 Lion
+/// one an 8-byte frame; with the state pointers loaded after the calls, AdamW's fp32 kernel
+/// took 48 registers instead of 40 (nvcc 13.0, sm_90; tests/test_cuda_static.py).
+template <class P, class G, bool kMasterWeights, class Scalars, int... kStateSlots>
+struct StepBody {
+  using T = Opmath<P>;
+  using S = StateOf<P, kMasterWeights>;
+  static constexpr int kWidth =
+      kMasterWeights ? kVecWidth<P, G, S, float> : kVecWidth<P, G, S>;
+
+  P* p;
+  const G* g;
+  S* states[sizeof...(kStateSlots)];
+  float* master;
+  bool master_sync;  // [note: master sync]
+  Scalars s;
+  GradLoad<T> load_g;
+
+  /// `make_scalars()` returns the op's Scalars (a lambda of the op's Body constructor).
+  template <class MakeScalars>
+  __device__ __forceinline__ StepBody(const Row& row, const StepArgs& a, bool maximize,
+                                      MakeScalars make_scalars)
+      : p(static_cast<P*>(row.slot[kParam])),
+        g(static_cast<const G*>(row.slot[kGrad])),
+        states{static_cast<S*>(row.slot[kStateSlots])...},
+        master(static_cast<float*>(row.slot[kMaster])),
+        master_sync(a.master_sync),
+        s(make_scalars()),
+        load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef, maximize)) {}
+
+  /// True when param, grad, every state and master are 16-byte aligned at element `start`
+  /// ([note: vector path]).
+  __device__ __forceinline__ bool aligned(int64_t start) const {
+    return aligned_states(start, std::make_index_sequence<sizeof...(kStateSlots)>{});
+  }
+
+  /// Elements i..i+V-1 of the param in opmath (load_param) and of the raw grad (the op
+  /// applies load_grad per element).
+  template <int V>
+  __device__ __forceinline__ void load_param_and_grad(int64_t i, T (&pv)[V], T (&gv)[V]) const {
+    load_param<V, P, T, kMasterWeights>(p, master, i, pv, master_sync);
+    load<V>(g, i, gv);
+  }
+
+  template <int V>
+  __device__ __forceinline__ void store_param_and_master(int64_t i, const T (&pv)[V]) const {
+    store_param<V, P, T, kMasterWeights>(p, master, i, pv);
+  }
+
+ private:
+  template <std::size_t... k>
+  __device__ __forceinline__ bool aligned_states(int64_t start,
+                                                 std::index_sequence<k...>) const {
+    return aligned_all(start, p, g, states[k]..., master);
+  }
+};
+
 template <class Body>
 __global__ void __launch_bounds__(kThreads) step_kernel(Table table, StepArgs args) {
   if (skip_step(args.scalars.found_inf)) return;
@@ -127,6 +205,24 @@ void launch_step(const TableBuilder& host, const Table& table, const StepArgs& a
   launch_kernel(step_kernel<Body>, chunk_grid(host.total_chunks()), kThreads, stream, table,
                 args);
   check(cudaGetLastError(), "launching a step kernel");
+}
+
+/// The rest of a step op's launcher: uploads the table, advances the step counts when the op
+/// keeps them (`count_steps`: its kernel reads the incremented count; `skip_if_zero`: as
+/// increment_steps's) and launches Body<P, G, kMasterWeights, kVariant...> for the call's
+/// storage types.
+template <template <class, class, bool, bool...> class Body, bool... kVariant>
+void run_step(const StepLists& lists, TableBuilder& host, const StepArgs& args, bool count_steps,
+              const ExecContext& ctx, int skip_if_zero = -1) {
+  const cudaStream_t stream = stream_of(ctx);
+  const Table table = host.upload(ctx);
+  if (count_steps) increment_steps(table, lists.scalars.found_inf, stream, skip_if_zero);
+  dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
+                      [&](auto p, auto g, auto master) {
+                        using OpBody = Body<decltype(p), decltype(g),
+                                            decltype(master)::value, kVariant...>;
+                        launch_step<OpBody>(host, table, args, stream);
+                      });
 }
 
 }  // namespace fusedopt::cuda

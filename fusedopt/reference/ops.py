@@ -10,7 +10,8 @@ speed here; host syncs are allowed (``found_inf`` is read with ``.item()``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -105,6 +106,22 @@ def _next_step(step: Tensor) -> float:
     return float(step.item())
 
 
+def _each_param(
+    params, grads, master_params, lr, lr_tensor, grad_scale, clip_coef, found_inf, maximize,
+    master_sync,
+) -> Iterator[tuple[int, torch.dtype, Any, Tensor, Tensor]]:  # fmt: skip
+    """What every step op does first, param by param: nothing at all when ``found_inf`` is
+    set; else, for each param in order, its index, opmath dtype, learning rate, loaded grad
+    (``load_grad``) and loaded param (``_load_param``)."""
+    if _skip(found_inf):
+        return
+    for i, param in enumerate(params):
+        opmath = opmath_dtype(param.dtype)
+        g = load_grad(grads[i], opmath, grad_scale, clip_coef, maximize)
+        p = _load_param(param, master_params, i, opmath, master_sync)
+        yield i, opmath, _lr(lr, lr_tensor, i, opmath), g, p
+
+
 def _bias_correction(beta: float, t: float, enabled: bool) -> float:
     return 1.0 - beta**t if enabled else 1.0  # float64, see DESIGN.md §3
 
@@ -153,16 +170,11 @@ def adamw_(
 ) -> None:  # fmt: skip
     """Adam (L2 decay) / AdamW (decoupled decay), as torch.optim.Adam/AdamW."""
     lr, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
-    if _skip(found_inf):
-        return
-    for i, param in enumerate(params):
-        opmath = opmath_dtype(param.dtype)
+    scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, maximize, master_sync)
+    for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
         t = _next_step(steps[i])
         bc1 = _bias_correction(beta1[i], t, bias_correction)
         bc2 = _bias_correction(beta2[i], t, bias_correction)
-        lr_i = _lr(lr, lr_tensor, i, opmath)
-        g = load_grad(grads[i], opmath, grad_scale, clip_coef, maximize)
-        p = _load_param(param, master_params, i, opmath, master_sync)
         # [note: zero weight decay] As torch (``if weight_decay != 0``): a zero decay is no
         # decay, not p * (1 - lr*0) (NaN for lr = inf) nor g + 0*p (NaN for an infinite p).
         if weight_decay[i] != 0:
@@ -180,7 +192,7 @@ def adamw_(
         p = p - (lr_i / bc1) * m / denom
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
-        _store_param(p, param, master_params, i)
+        _store_param(p, params[i], master_params, i)
 
 
 def _lamb_coefficients(i, t, beta1, beta2, grad_averaging, bias_correction):
@@ -307,19 +319,14 @@ def lion_(
 ) -> None:  # fmt: skip
     """Lion (Chen et al. 2023, lion-pytorch), with sign(0) = 0."""
     lr, beta1, beta2, weight_decay = _columns(hypers, group_sizes)
-    if _skip(found_inf):
-        return
-    for i, param in enumerate(params):
-        opmath = opmath_dtype(param.dtype)
-        lr_i = _lr(lr, lr_tensor, i, opmath)
-        g = load_grad(grads[i], opmath, grad_scale, clip_coef, maximize)
-        p = _load_param(param, master_params, i, opmath, master_sync)
+    scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, maximize, master_sync)
+    for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
         m = exp_avgs[i].to(opmath)
         p = p * (1 - lr_i * weight_decay[i])
         c = beta1[i] * m + (1 - beta1[i]) * g
         p = p - lr_i * torch.sign(c)
         exp_avgs[i].copy_(beta2[i] * m + (1 - beta2[i]) * g)
-        _store_param(p, param, master_params, i)
+        _store_param(p, params[i], master_params, i)
 
 
 def adan_(
@@ -331,16 +338,11 @@ def adan_(
     ``neg_pre_grads`` keep ``-g`` of the previous step (taken as ``-g`` at step 1, so the
     grad difference starts at 0), every moment is bias-corrected."""
     lr, beta1, beta2, beta3, eps, weight_decay = _columns(hypers, group_sizes)
-    if _skip(found_inf):
-        return
-    for i, param in enumerate(params):
-        opmath = opmath_dtype(param.dtype)
+    scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, False, master_sync)
+    for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
         t = _next_step(steps[i])
         b1, b2, b3 = beta1[i], beta2[i], beta3[i]
         bc1, bc2, bc3 = (_bias_correction(b, t, True) for b in (b1, b2, b3))
-        lr_i = _lr(lr, lr_tensor, i, opmath)
-        g = load_grad(grads[i], opmath, grad_scale, clip_coef)
-        p = _load_param(param, master_params, i, opmath, master_sync)
         neg_pre_grad = -g if t == 1 else neg_pre_grads[i].to(opmath)
         d = g + neg_pre_grad
         m = b1 * exp_avgs[i].to(opmath) + (1 - b1) * g
@@ -360,7 +362,7 @@ def adan_(
         exp_avg_sqs[i].copy_(n)
         exp_avg_diffs[i].copy_(v)
         neg_pre_grads[i].copy_(-g)
-        _store_param(p, param, master_params, i)
+        _store_param(p, params[i], master_params, i)
 
 
 def sgd_(
@@ -370,13 +372,8 @@ def sgd_(
 ) -> None:  # fmt: skip
     """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD."""
     lr, momentum, dampening, weight_decay = _columns(hypers, group_sizes)
-    if _skip(found_inf):
-        return
-    for i, param in enumerate(params):
-        opmath = opmath_dtype(param.dtype)
-        lr_i = _lr(lr, lr_tensor, i, opmath)
-        g = load_grad(grads[i], opmath, grad_scale, clip_coef, maximize)
-        p = _load_param(param, master_params, i, opmath, master_sync)
+    scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, maximize, master_sync)
+    for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
         if weight_decay[i] != 0:
             g = g + weight_decay[i] * p
         # [note: sgd momentum 0] A tensor whose momentum is 0 in a call with buffers (its
@@ -392,4 +389,4 @@ def sgd_(
             momentum_buffers[i].copy_(buf)
             g = g + momentum[i] * buf if nesterov else buf
         p = p - lr_i * g
-        _store_param(p, param, master_params, i)
+        _store_param(p, params[i], master_params, i)

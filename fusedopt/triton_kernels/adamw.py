@@ -12,26 +12,20 @@ import triton
 import triton.language as tl
 
 from .common import (
-    BLOCK,
     bias_correction,
     div,
     finish_tensor,
-    full_blocks_end,
     hyper,
     learning_rate,
     load,
-    load_grad,
-    load_param,
-    load_scalar,
     locate_chunk,
     maximum,
     skipped,
     slot,
     sqrt,
     store,
-    store_param,
-    tail_block,
 )
+from .drivers import for_each_block, param_args
 from .layout import layout, prepare
 from .multi_tensor import TableCache
 from .registry import register
@@ -42,16 +36,12 @@ L = layout("adamw_")
 
 @triton.jit
 def _adamw_block(
-    offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, grad_scale, clip_coef,
-    decay, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps,
-    weight_decay, has_weight_decay, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, DECOUPLED: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    offs, mask, g, p, m_ptr, v_ptr, vmax_ptr, decay, step_size, beta1, one_minus_beta1, beta2,
+    one_minus_beta2, sqrt_bc2, eps, weight_decay, has_weight_decay, COMPUTE: tl.constexpr,
+    DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
 ):  # fmt: skip
-    """The update of BLOCK elements, in the reference's order of operations."""
-    g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
-                  MAXIMIZE)  # fmt: skip
-    p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
+    """The update of BLOCK elements, in the reference's order of operations: stores the
+    states, returns the new param (``drivers.for_each_block`` loads g and p, stores p)."""
     if DECOUPLED:
         p = p * decay  # 1 for wd == 0: p * 1 == p exactly
     else:
@@ -67,7 +57,7 @@ def _adamw_block(
     p = p - div(step_size * m, denom)
     store(m_ptr, offs, mask, m)
     store(v_ptr, offs, mask, v)
-    store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
+    return p
 
 
 @triton.jit
@@ -101,28 +91,17 @@ def adamw_kernel(
             step_size = div(lr_c, bc1.to(COMPUTE))
         # [note: zero weight decay]: a zero decay is none, not 1 - lr*0 (NaN for lr = inf).
         decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
-        p_ptr = slot(row, L.PARAMS, P_DTYPE, ALIGNED)
-        g_ptr = slot(row, L.GRADS, G_DTYPE, ALIGNED)
-        m_ptr = slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED)
-        v_ptr = slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED)
-        vmax_ptr = slot(row, L.MAX_EXP_AVG_SQS, S_DTYPE, ALIGNED)
-        master_ptr = slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED)
+        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
+                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         args = (
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr,
-            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
-            load_scalar(clip_coef, HAS_CLIP, COMPUTE), decay, step_size, beta1.to(COMPUTE),
+            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
+            slot(row, L.MAX_EXP_AVG_SQS, S_DTYPE, ALIGNED), decay, step_size, beta1.to(COMPUTE),
             (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE), (1.0 - beta2).to(COMPUTE),
             tl.sqrt(bc2).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
             weight_decay.to(COMPUTE), has_weight_decay,
         )  # fmt: skip
-        full_end = full_blocks_end(start, end)
-        for base in range(start, full_end, BLOCK):
-            _adamw_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, MASTER,
-                         HAS_GRAD_SCALE, HAS_CLIP, DECOUPLED, AMSGRAD, MAXIMIZE)  # fmt: skip
-        if full_end < end:
-            offs, mask = tail_block(full_end, end)
-            _adamw_block(offs, mask, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
-                         DECOUPLED, AMSGRAD, MAXIMIZE)  # fmt: skip
+        for_each_block(_adamw_block, start, end, common, args, (COMPUTE, DECOUPLED, AMSGRAD),
+                       COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
         # The step pointer is read again here rather than kept from the top: kept live across
         # the loops, it cost the bf16 master-weight unaligned variant an 8-byte stack and a
         # spill with Triton 3.6's ptxas (CUDA 12.8), around the IEEE division subroutine

@@ -13,25 +13,19 @@ import triton
 import triton.language as tl
 
 from .common import (
-    BLOCK,
     bias_correction,
     div,
     finish_tensor,
-    full_blocks_end,
     hyper,
     learning_rate,
     load,
-    load_grad,
-    load_param,
-    load_scalar,
     locate_chunk,
     skipped,
     slot,
     sqrt,
     store,
-    store_param,
-    tail_block,
 )
+from .drivers import for_each_block, param_args
 from .layout import layout, prepare
 from .multi_tensor import TableCache
 from .registry import register
@@ -42,19 +36,17 @@ L = layout("adan_")
 
 @triton.jit
 def _adan_block(
-    offs, mask, p_ptr, g_ptr, m_ptr, n_ptr, v_ptr, npg_ptr, master_ptr, grad_scale, clip_coef,
-    decay, prox, step_size, step_size_diff, beta1, one_minus_beta1, beta2, one_minus_beta2,
-    beta3, one_minus_beta3, sqrt_bc3, eps, first, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, NO_PROX: tl.constexpr,
+    offs, mask, g, p, m_ptr, n_ptr, v_ptr, npg_ptr, decay, prox, step_size, step_size_diff,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, sqrt_bc3, eps,
+    first, COMPUTE: tl.constexpr, NO_PROX: tl.constexpr,
 ):  # fmt: skip
-    """The update of BLOCK elements, in the reference's order of operations. Each state is
+    """The update of BLOCK elements, in the reference's order of operations: stores the
+    states, returns the new param (``drivers.for_each_block`` loads g and p first and stores
+    p last). Each state is
     stored as soon as it is final, so that few values are live at once: with every store at
     the end the fp64 variant spilled 16 registers; loading the param last instead of first
     gave the unaligned fp16-master variant 3 spills and an 8-byte stack around the division
     calls (Triton 3.8, sm_90; tests/test_triton_static.py)."""
-    g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
-                  False)  # fmt: skip
-    p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
     d = g + tl.where(first, -g, load(npg_ptr, offs, mask, COMPUTE))  # g - g_prev; 0 at step 1
     store(npg_ptr, offs, mask, -g)
     m = beta1 * load(m_ptr, offs, mask, COMPUTE) + one_minus_beta1 * g
@@ -71,7 +63,7 @@ def _adan_block(
     p = p - step_size_diff * div(v, denom)
     if not NO_PROX:
         p = div(p, prox)  # 1 for wd == 0: p / 1 == p exactly
-    store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
+    return p
 
 
 @triton.jit
@@ -111,27 +103,19 @@ def adan_kernel(
         has_weight_decay = weight_decay != 0.0
         decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
         prox = tl.where(has_weight_decay, prox, 1.0).to(COMPUTE)
+        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
+                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         args = (
-            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
             slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
             slot(row, L.EXP_AVG_DIFFS, S_DTYPE, ALIGNED),
-            slot(row, L.NEG_PRE_GRADS, S_DTYPE, ALIGNED),
-            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
-            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
-            load_scalar(clip_coef, HAS_CLIP, COMPUTE), decay, prox, step_size, step_size_diff,
+            slot(row, L.NEG_PRE_GRADS, S_DTYPE, ALIGNED), decay, prox, step_size, step_size_diff,
             beta1.to(COMPUTE), (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE),
             (1.0 - beta2).to(COMPUTE), beta3.to(COMPUTE), (1.0 - beta3).to(COMPUTE),
             tl.sqrt(bc3).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
             new_step == 1.0,
         )  # fmt: skip
-        full_end = full_blocks_end(start, end)
-        for base in range(start, full_end, BLOCK):
-            _adan_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, MASTER,
-                        HAS_GRAD_SCALE, HAS_CLIP, NO_PROX)  # fmt: skip
-        if full_end < end:
-            offs, mask = tail_block(full_end, end)
-            _adan_block(offs, mask, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
-                        NO_PROX)  # fmt: skip
+        for_each_block(_adan_block, start, end, common, args, (COMPUTE, NO_PROX), COMPUTE, MASTER,
+                       HAS_GRAD_SCALE, HAS_CLIP, False)  # fmt: skip
         # The step pointer is read again here, as adamw_ does (no register kept live).
         finish_tensor(counters, t, row, slot(row, L.STEPS, tl.float32, False), new_step)
 

@@ -42,6 +42,7 @@ from .common import (
     sqrt,
     tail_block,
 )
+from .drivers import by_dtype
 from .multi_tensor import TableCache, dtype_code_arguments
 from .registry import register
 
@@ -75,9 +76,11 @@ def _reduce(acc, INF_NORM: tl.constexpr):
 
 @triton.jit
 def _norm_range(
-    row, start, end, grad_scale, DTYPE: tl.constexpr, ACC: tl.constexpr,
+    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, row, start, end, grad_scale, ACC: tl.constexpr,
     INF_NORM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
+    """The partial norm of [start, end) and its count of non-finite elements, accumulated in
+    ACC whatever the storage DTYPE (``by_dtype``'s COMPUTE is not used)."""
     ptr = slot(row, TENSORS, DTYPE, ALIGNED)
     acc = tl.zeros((BLOCK,), ACC)
     bad = tl.zeros((BLOCK,), tl.int32)
@@ -105,23 +108,12 @@ def chunk_partials_kernel(
     scale = tl.load(grad_scale).to(ACC) if HAS_GRAD_SCALE else tl.full((), 1.0, ACC)
     partial = tl.full((), 0.0, ACC)
     bad = tl.full((), 0, tl.int32)
-    # Nested ifs: the outer one is resolved at compile time (constexpr), the inner at run time.
-    if HAS_F32:  # noqa: SIM102
-        if code == 0.0:
-            partial, bad = _norm_range(row, start, end, scale, tl.float32, ACC, INF_NORM,
-                                       HAS_GRAD_SCALE, ALIGNED)  # fmt: skip
-    if HAS_BF16:  # noqa: SIM102
-        if code == 1.0:
-            partial, bad = _norm_range(row, start, end, scale, tl.bfloat16, ACC, INF_NORM,
-                                       HAS_GRAD_SCALE, ALIGNED)  # fmt: skip
-    if HAS_F16:  # noqa: SIM102
-        if code == 2.0:
-            partial, bad = _norm_range(row, start, end, scale, tl.float16, ACC, INF_NORM,
-                                       HAS_GRAD_SCALE, ALIGNED)  # fmt: skip
-    if HAS_F64:  # noqa: SIM102
-        if code == 3.0:
-            partial, bad = _norm_range(row, start, end, scale, tl.float64, ACC, INF_NORM,
-                                       HAS_GRAD_SCALE, ALIGNED)  # fmt: skip
+    # The arguments are written in the call: a tuple variable that holds a dtype does not
+    # compile (Triton 3.8: "'dtype' object has no attribute 'type'"), and its other
+    # constexprs would reach _norm_range as run-time values.
+    partial, bad = by_dtype(_norm_range, code,
+                            (row, start, end, scale, ACC, INF_NORM, HAS_GRAD_SCALE, ALIGNED),
+                            (partial, bad), HAS_F32, HAS_BF16, HAS_F16, HAS_F64)  # fmt: skip
     pid = tl.program_id(0)
     tl.store(partials + pid, partial)
     tl.store(bad_counts + pid, bad)

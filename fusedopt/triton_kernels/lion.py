@@ -11,22 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (
-    BLOCK,
-    full_blocks_end,
-    hyper,
-    learning_rate,
-    load,
-    load_grad,
-    load_param,
-    load_scalar,
-    locate_chunk,
-    skipped,
-    slot,
-    store,
-    store_param,
-    tail_block,
-)
+from .common import hyper, learning_rate, load, locate_chunk, skipped, slot, store
+from .drivers import for_each_block, param_args
 from .layout import layout, prepare
 from .multi_tensor import TableCache
 from .registry import register
@@ -37,21 +23,18 @@ L = layout("lion_")
 
 @triton.jit
 def _lion_block(
-    offs, mask, p_ptr, g_ptr, m_ptr, master_ptr, grad_scale, clip_coef, lr, decay, beta1,
-    one_minus_beta1, beta2, one_minus_beta2, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr,
+    offs, mask, g, p, m_ptr, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+    COMPUTE: tl.constexpr,
 ):  # fmt: skip
-    """The update of BLOCK elements, in the reference's order of operations."""
-    g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
-                  MAXIMIZE)  # fmt: skip
-    p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
+    """The update of BLOCK elements, in the reference's order of operations: stores the
+    moment, returns the new param (``drivers.for_each_block`` loads g and p, stores p)."""
     m = load(m_ptr, offs, mask, COMPUTE)
     p = p * decay
     c = beta1 * m + one_minus_beta1 * g
     sign = (c > 0).to(COMPUTE) - (c < 0).to(COMPUTE)  # torch.sign: 0 for ±0 (and for NaN)
     p = p - lr * sign
     store(m_ptr, offs, mask, beta2 * m + one_minus_beta2 * g)
-    store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
+    return p
 
 
 @triton.jit
@@ -74,23 +57,15 @@ def lion_kernel(
             decay = (1.0 - lr * weight_decay).to(COMPUTE)
         else:
             decay = 1.0 - lr.to(COMPUTE) * weight_decay.to(COMPUTE)
+        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
+                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         args = (
-            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
-            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED),
-            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
-            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
-            load_scalar(clip_coef, HAS_CLIP, COMPUTE), lr.to(COMPUTE), decay,
+            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), lr.to(COMPUTE), decay,
             beta1.to(COMPUTE), (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE),
             (1.0 - beta2).to(COMPUTE),
         )  # fmt: skip
-        full_end = full_blocks_end(start, end)
-        for base in range(start, full_end, BLOCK):
-            _lion_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, MASTER,
-                        HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
-        if full_end < end:
-            offs, mask = tail_block(full_end, end)
-            _lion_block(offs, mask, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
-                        MAXIMIZE)  # fmt: skip
+        for_each_block(_lion_block, start, end, common, args, (COMPUTE,), COMPUTE, MASTER,
+                       HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
 
 
 _TABLES = TableCache()

@@ -28,6 +28,7 @@ from .common import (
     store,
     tail_block,
 )
+from .drivers import by_dtype
 from .multi_tensor import TableCache, dtype_code_arguments
 from .registry import register
 
@@ -42,7 +43,7 @@ def _scale_block(ptr, offs, mask, scale_ptr, found_inf, COMPUTE: tl.constexpr, C
 
 @triton.jit
 def _scale_range(
-    row, start, end, scale_ptr, found_inf, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, row, start, end, scale_ptr, found_inf,
     CHECK: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     ptr = slot(row, TENSORS, DTYPE, ALIGNED)
@@ -52,6 +53,7 @@ def _scale_range(
     if full_end < end:
         offs, mask = tail_block(full_end, end)
         _scale_block(ptr, offs, mask, scale_ptr, found_inf, COMPUTE, CHECK)
+    return ()  # by_dtype's result: none
 
 
 @triton.jit
@@ -62,23 +64,10 @@ def scale_kernel(
 ):  # fmt: skip
     _, row, start, end = locate_chunk(chunks, table, WIDTH)
     code = column(row, MIXED_N_SLOTS, DTYPE_CODE)
-    # Nested ifs: the outer one is resolved at compile time (constexpr), the inner at run time.
-    if HAS_F32:  # noqa: SIM102
-        if code == 0.0:
-            _scale_range(row, start, end, scale_ptr, found_inf, tl.float32, tl.float32, CHECK,
-                         ALIGNED)  # fmt: skip
-    if HAS_BF16:  # noqa: SIM102
-        if code == 1.0:
-            _scale_range(row, start, end, scale_ptr, found_inf, tl.bfloat16, tl.float32, CHECK,
-                         ALIGNED)  # fmt: skip
-    if HAS_F16:  # noqa: SIM102
-        if code == 2.0:
-            _scale_range(row, start, end, scale_ptr, found_inf, tl.float16, tl.float32, CHECK,
-                         ALIGNED)  # fmt: skip
-    if HAS_F64:  # noqa: SIM102
-        if code == 3.0:
-            _scale_range(row, start, end, scale_ptr, found_inf, tl.float64, tl.float64, CHECK,
-                         ALIGNED)  # fmt: skip
+    # The arguments are written in the call: in a tuple variable the constexprs (CHECK,
+    # ALIGNED) would reach _scale_range as run-time values (Triton 3.8).
+    by_dtype(_scale_range, code, (row, start, end, scale_ptr, found_inf, CHECK, ALIGNED), (),
+             HAS_F32, HAS_BF16, HAS_F16, HAS_F64)  # fmt: skip
 
 
 _TABLES = TableCache()

@@ -12,23 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (
-    BLOCK,
-    finish_tensor,
-    full_blocks_end,
-    hyper,
-    learning_rate,
-    load,
-    load_grad,
-    load_param,
-    load_scalar,
-    locate_chunk,
-    skipped,
-    slot,
-    store,
-    store_param,
-    tail_block,
-)
+from .common import finish_tensor, hyper, learning_rate, load, locate_chunk, skipped, slot, store
+from .drivers import for_each_block, param_args
 from .layout import layout, prepare
 from .multi_tensor import TableCache
 from .registry import register
@@ -39,16 +24,12 @@ L = layout("sgd_")
 
 @triton.jit
 def _sgd_block(
-    offs, mask, p_ptr, g_ptr, buf_ptr, master_ptr, grad_scale, clip_coef, lr, momentum,
-    one_minus_dampening, weight_decay, has_weight_decay, first_step, use_momentum,
-    COMPUTE: tl.constexpr,
-    MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    offs, mask, g, p, buf_ptr, lr, momentum, one_minus_dampening, weight_decay,
+    has_weight_decay, first_step, use_momentum, COMPUTE: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
 ):  # fmt: skip
-    """The update of BLOCK elements, in the reference's order of operations."""
-    g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
-                  MAXIMIZE)  # fmt: skip
-    p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
+    """The update of BLOCK elements, in the reference's order of operations: stores the
+    buffer, returns the new param (``drivers.for_each_block`` loads g and p, stores p)."""
     # A zero decay adds nothing, not 0 * p (which would turn an infinite param into NaN).
     g = tl.where(has_weight_decay, g + weight_decay * p, g)
     # Compile-time test, then the run-time one ([note: sgd momentum 0] of the reference).
@@ -58,7 +39,7 @@ def _sgd_block(
             buf = tl.where(first_step, g, buf)  # torch's first step: buf = g
             store(buf_ptr, offs, mask, buf)
             g = g + momentum * buf if NESTEROV else buf
-    store_param(p_ptr, master_ptr, offs, mask, p - lr * g, MASTER)
+    return p - lr * g
 
 
 @triton.jit
@@ -82,24 +63,16 @@ def sgd_kernel(
         # [note: sgd momentum 0] (reference): a tensor with momentum 0 in a call with buffers
         # steps as plain SGD; its buffer and step count stay untouched.
         use_momentum = momentum != 0.0
+        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
+                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         args = (
-            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
             slot(row, L.MOMENTUM_BUFFERS, S_DTYPE, ALIGNED),
-            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
-            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
-            load_scalar(clip_coef, HAS_CLIP, COMPUTE),
             learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE).to(COMPUTE),
             momentum.to(COMPUTE), (1.0 - hyper(row, L.N_SLOTS, L.DAMPENING)).to(COMPUTE),
             weight_decay.to(COMPUTE), weight_decay != 0.0, new_step == 1.0, use_momentum,
         )  # fmt: skip
-        full_end = full_blocks_end(start, end)
-        for base in range(start, full_end, BLOCK):
-            _sgd_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, MASTER, HAS_GRAD_SCALE,
-                       HAS_CLIP, HAS_MOMENTUM, NESTEROV, MAXIMIZE)  # fmt: skip
-        if full_end < end:
-            offs, mask = tail_block(full_end, end)
-            _sgd_block(offs, mask, *args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
-                       HAS_MOMENTUM, NESTEROV, MAXIMIZE)  # fmt: skip
+        for_each_block(_sgd_block, start, end, common, args, (COMPUTE, HAS_MOMENTUM, NESTEROV),
+                       COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
         if HAS_MOMENTUM:  # noqa: SIM102
             if use_momentum:  # the same for every chunk of the tensor
                 finish_tensor(counters, t, row, step_ptr, new_step)

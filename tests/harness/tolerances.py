@@ -52,10 +52,17 @@ class Tolerance:
 
 #: THE table, keyed by the dtype of the values compared (the storage dtype of a param or
 #: state; fp32 for masters and fp32 states).
+def _fp32_math_stored_in(dtype: torch.dtype, atol: float, reason: str) -> Tolerance:
+    """fp32 math (FP32_OPS_PER_STEP roundings) whose result is stored in ``dtype``: half of
+    its ulp (its unit roundoff; 0 for fp32, whose roundings are among those counted) more."""
+    storage = UNIT_ROUNDOFF[dtype] if dtype != torch.float32 else 0.0
+    fp32 = FP32_OPS_PER_STEP * U32
+    return Tolerance(rtol=storage + fp32, cancel=fp32, atol=atol, reason=reason)
+
+
 TOLERANCES: dict[torch.dtype, Tolerance] = {
-    torch.float32: Tolerance(
-        rtol=FP32_OPS_PER_STEP * U32,
-        cancel=FP32_OPS_PER_STEP * U32,
+    torch.float32: _fp32_math_stored_in(
+        torch.float32,
         atol=0.0,
         reason=(
             "fp32 math and fp32 storage: ~32 roundings of 2^-24 per element per step; a "
@@ -63,9 +70,8 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
             "error of its terms, whose size is the old value's."
         ),
     ),
-    torch.bfloat16: Tolerance(
-        rtol=UNIT_ROUNDOFF[torch.bfloat16] + FP32_OPS_PER_STEP * U32,
-        cancel=FP32_OPS_PER_STEP * U32,
+    torch.bfloat16: _fp32_math_stored_in(
+        torch.bfloat16,
         atol=0.0,
         reason=(
             "fp32 math rounded once to bf16 (round to nearest): half a bf16 ulp (u = 2^-8 "
@@ -74,9 +80,8 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
             "fails. bf16 has fp32's exponent range: no subnormal floor."
         ),
     ),
-    torch.float16: Tolerance(
-        rtol=UNIT_ROUNDOFF[torch.float16] + FP32_OPS_PER_STEP * U32,
-        cancel=FP32_OPS_PER_STEP * U32,
+    torch.float16: _fp32_math_stored_in(
+        torch.float16,
         atol=2.0**-24,
         reason=(
             "fp32 math rounded once to fp16: half an fp16 ulp (u = 2^-11 relative) plus the "
