@@ -56,3 +56,22 @@ def pytest_collection_modifyitems(config, items):
         # name, so a checkout folder named "cuda" would skip the whole suite.
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(owner, name)`` wraps ``owner.name`` for the test and returns a one-element
+    list holding how many times it was called since (a list, so the caller reads it live)."""
+
+    def install(owner, name: str) -> list[int]:
+        count = [0]
+        real = getattr(owner, name)
+
+        def counting(*args, **kwargs):
+            count[0] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counting)
+        return count
+
+    return install

@@ -33,19 +33,6 @@ def _grads(params, step: int) -> None:
         p.grad = g if p.grad is None else p.grad.copy_(g)
 
 
-def _count_uploads(monkeypatch) -> list[int]:
-    """Counts the Triton backend's table uploads (tensor and chunk tables alike)."""
-    count = [0]
-    upload = multi_tensor._upload
-
-    def counting(host, device):
-        count[0] += 1
-        return upload(host, device)
-
-    monkeypatch.setattr(multi_tensor, "_upload", counting)
-    return count
-
-
 def _optimizer(cls, params, backend):
     # Two groups with their own lr and betas: two rows of the table, one call.
     groups = [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}]
@@ -53,7 +40,7 @@ def _optimizer(cls, params, backend):
 
 
 @pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.SGD, fusedopt.Lion])
-def test_lr_schedule_uploads_no_table_and_matches_the_reference(cls, monkeypatch):
+def test_lr_schedule_uploads_no_table_and_matches_the_reference(cls, count_calls):
     """An lr that changes every step (both groups, different values) rewrites the optimizer's
     hyperparameter table in place (same tensor, no new one) and uploads no Triton tensor
     table after the first step; the trajectory equals the reference backend's."""
@@ -62,7 +49,7 @@ def test_lr_schedule_uploads_no_table_and_matches_the_reference(cls, monkeypatch
     params, twins = _model(), _model()
     opt = _optimizer(cls, params, "triton")
     ref = _optimizer(cls, twins, "reference")
-    uploads = _count_uploads(monkeypatch)
+    uploads = count_calls(multi_tensor, "_upload")
     tables, counts = [], []
     for step, lr in enumerate(SCHEDULE):
         for o in (opt, ref):
@@ -82,7 +69,7 @@ def test_lr_schedule_uploads_no_table_and_matches_the_reference(cls, monkeypatch
         torch.testing.assert_close(p, q, rtol=2e-6, atol=1e-7)
 
 
-def test_functional_lr_schedule_uploads_no_table(monkeypatch):
+def test_functional_lr_schedule_uploads_no_table(count_calls):
     """``fusedopt.ops`` keeps one hyperparameter table per call site and rewrites it when the
     values change: a float lr schedule through ``ops.adamw_`` uploads no tensor table after
     the first call, and each call applies its own lr (the reference backend agrees)."""
@@ -91,7 +78,7 @@ def test_functional_lr_schedule_uploads_no_table(monkeypatch):
     params, twins = _model(), _model()
     states = {id(p): [torch.zeros_like(p.data) for _ in range(2)] for p in params + twins}
     steps = {id(p): torch.zeros(()) for p in params + twins}
-    uploads = _count_uploads(monkeypatch)
+    uploads = count_calls(multi_tensor, "_upload")
     counts = []
     for step, lr in enumerate(SCHEDULE):
         _grads(params, step)

@@ -42,17 +42,9 @@ def per_tensor_check(request, monkeypatch):
 
 
 @pytest.fixture
-def plan_builds(monkeypatch):
+def plan_builds(count_calls):
     """Counts the steps that planned from scratch."""
-    count = [0]
-    real = FusedOptimizer._plan
-
-    def counting(self, entries):
-        count[0] += 1
-        return real(self, entries)
-
-    monkeypatch.setattr(FusedOptimizer, "_plan", counting)
-    return count
+    return count_calls(FusedOptimizer, "_plan")
 
 
 @pytest.mark.parametrize("cls,kwargs", CLASSES, ids=IDS)
