@@ -46,19 +46,37 @@ def param_args(
 
 
 @triton.jit
+def fold_blocks(BLOCK_FN: tl.constexpr, start, end, carry, args):
+    """``carry = BLOCK_FN(offs, mask, carry, *args)`` over the elements [start, end) of one
+    tensor, in order: the whole BLOCKs unmasked (``mask`` None, a compile-time branch in
+    ``load``), then the partial last block masked (``tail_block``); returns ``carry``. The
+    carry is what a block hands the next: sums for a reduction (LAMB's norms pass), a
+    placeholder for an elementwise step (:func:`for_each_block`)."""
+    full_end = full_blocks_end(start, end)
+    for base in range(start, full_end, BLOCK):
+        carry = BLOCK_FN(base + tl.arange(0, BLOCK), None, carry, *args)
+    if full_end < end:
+        offs, mask = tail_block(full_end, end)
+        carry = BLOCK_FN(offs, mask, carry, *args)
+    return carry
+
+
+@triton.jit
 def _step_block(
-    BLOCK_FN: tl.constexpr, offs, mask, p_ptr, g_ptr, master_ptr, grad_scale, clip_coef, args,
-    flags, COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr,
+    offs, mask, carry, BLOCK_FN: tl.constexpr, common, args, flags, COMPUTE: tl.constexpr,
+    MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
     """Load the grad (unscaled, clipped, negated for MAXIMIZE) and the param (its master with
     MASTER), let ``BLOCK_FN(offs, mask, g, p, *args, *flags)`` update the op's states and
     return the new param, store it (and its master)."""
+    p_ptr, g_ptr, master_ptr, grad_scale, clip_coef = common
     g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   MAXIMIZE)  # fmt: skip
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
     p = BLOCK_FN(offs, mask, g, p, *args, *flags)
     store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
+    return carry
 
 
 @triton.jit
@@ -67,17 +85,12 @@ def for_each_block(
     MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
-    """The step of the elements [start, end) of one tensor (``common`` from ``param_args``):
-    the whole BLOCKs unmasked (``mask`` None, a compile-time branch in ``load``), then the
-    partial last block masked (``tail_block``), each through ``BLOCK_FN`` (``_step_block``)."""
-    full_end = full_blocks_end(start, end)
-    for base in range(start, full_end, BLOCK):
-        _step_block(BLOCK_FN, base + tl.arange(0, BLOCK), None, *common, args, flags, COMPUTE,
-                    MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
-    if full_end < end:
-        offs, mask = tail_block(full_end, end)
-        _step_block(BLOCK_FN, offs, mask, *common, args, flags, COMPUTE, MASTER, HAS_GRAD_SCALE,
-                    HAS_CLIP, MAXIMIZE)  # fmt: skip
+    """The elementwise step of the elements [start, end) of one tensor (``common`` from
+    ``param_args``): :func:`fold_blocks` over ``_step_block``, which loads g and p, calls
+    ``BLOCK_FN`` and stores p."""
+    nothing = tl.zeros((), tl.int32)  # an elementwise step hands nothing on (folded away)
+    fold_blocks(_step_block, start, end, nothing, (BLOCK_FN, common, args, flags, COMPUTE,
+                MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE))  # fmt: skip
 
 
 @triton.jit
