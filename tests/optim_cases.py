@@ -124,6 +124,23 @@ def batches(steps: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]
     ]  # fmt: skip
 
 
+def random_grads(params, seed: int) -> None:
+    """New grad tensors (seeded, standard normal, in each param's dtype and on its device), as
+    ``zero_grad(set_to_none=True)`` and a backward give."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+
+
+def step_twins(ours, ref, params, twin, seeds, grads=random_grads) -> None:
+    """Step two optimizers (over ``params`` and ``twin``) on the same grads, one step per seed."""
+    for seed in seeds:
+        grads(params, seed)
+        grads(twin, seed)
+        ours.step()
+        ref.step()
+
+
 def clone_params(model: torch.nn.Module, dtype: torch.dtype, device: str = "cpu"):
     """Leaf copies of the model's params in ``dtype`` (a run's own params)."""
     return [

@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+from optim_cases import random_grads
 
 import fusedopt
 
@@ -26,12 +27,6 @@ CLASSES = [
     (fusedopt.LAMB, {}),
 ]
 IDS = [cls.__name__ for cls, _ in CLASSES]
-
-
-def _fill(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen)
 
 
 def _pair(cls, kwargs):
@@ -49,9 +44,9 @@ def _pair(cls, kwargs):
 @pytest.mark.parametrize("cls,kwargs", CLASSES, ids=IDS)
 def test_step_compiles_without_graph_break(cls, kwargs):
     model, opt, _, _ = _pair(cls, kwargs)
-    _fill(model, 0)
+    random_grads(model.parameters(), 0)
     opt.step()  # state exists before compiling, as for torch's compiled optimizers
-    _fill(model, 1)
+    random_grads(model.parameters(), 1)
     opt.grad_scale = torch.tensor(2.0)  # the GradScaler protocol's path traces too
     explanation = torch._dynamo.explain(opt.step)()
     del opt.grad_scale
@@ -68,14 +63,14 @@ def test_step_compiles_without_graph_break(cls, kwargs):
 @pytest.mark.parametrize("cls,kwargs", CLASSES, ids=IDS)
 def test_inductor_compiled_step_equals_eager(cls, kwargs):
     model, opt, twin, ref = _pair(cls, kwargs)
-    _fill(model, 0)
-    _fill(twin, 0)
+    random_grads(model.parameters(), 0)
+    random_grads(twin.parameters(), 0)
     opt.step()
     ref.step()
     compiled = torch.compile(opt.step, fullgraph=True, backend="inductor")
     for seed in range(1, 4):
-        _fill(model, seed)
-        _fill(twin, seed)
+        random_grads(model.parameters(), seed)
+        random_grads(twin.parameters(), seed)
         compiled()
         ref.step()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
@@ -114,11 +109,11 @@ def test_step_assigns_no_optimizer_attribute(cls, kwargs):
     every attribute as it was, the same object; it may only fill the ``_step_out`` dict.
     This catches a new ``self.x = ...`` on torch versions whose Dynamo would accept it."""
     model, opt, _, _ = _pair(cls, kwargs)
-    _fill(model, 0)
+    random_grads(model.parameters(), 0)
     opt.step()
     opt._fusedopt_detect_inf = True
     before = dict(vars(opt))
-    _fill(model, 1)
+    random_grads(model.parameters(), 1)
     opt.step()
     after = dict(vars(opt))
     assert after.keys() == before.keys()
