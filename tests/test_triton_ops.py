@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness.cases import STORAGES
 
 import fusedopt
 from fusedopt import ops
@@ -195,15 +196,9 @@ ADAMW_OPTIONS = [
     {"maximize": True, "bias_correction": False},
     {"weight_decay": [0.0, 0.1, 0.2, 0.0, 0.05, 0.3], "beta1": [0.9, 0.8, 0.9, 0.5, 0.9, 0.9]},
 ]
-DTYPES = [  # (param, grad, master)
-    (torch.float32, torch.float32, False),
-    (torch.bfloat16, torch.bfloat16, False),
-    (torch.float16, torch.float16, False),
-    (torch.bfloat16, torch.bfloat16, True),
-    (torch.float16, torch.float16, True),
-    (torch.bfloat16, torch.float32, False),
-    (torch.bfloat16, torch.float32, True),
-    (torch.float64, torch.float64, False),
+#: (param, grad, master): every storage of the op matrix (tests/harness/cases.py), and fp64.
+DTYPES = [(s.param, s.grad, s.master) for s in STORAGES.values()] + [
+    (torch.float64, torch.float64, False)
 ]
 
 
