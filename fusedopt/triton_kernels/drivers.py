@@ -1,6 +1,7 @@
-"""The traversal the kernels share, written once: for the step kernels the arguments every
-block function takes first (param, grad, master, grad_scale, clip_coef) and the loop over a
-chunk's blocks; for the mixed-dtype kernels (scale_, grad_norm) the choice of a row's dtype.
+"""The traversal the kernels share, written once: for the step kernels the program's tensor,
+chunk and lr (``locate_step``), the arguments every block function takes first (param, grad,
+master, grad_scale, clip_coef) and the loop over a chunk's blocks; for the mixed-dtype
+kernels (scale_, grad_norm) the choice of a row's dtype.
 
 An op's Triton kernel is then its block function (the per-element update of BLOCK elements,
 ``_<op>_block``), its prologue (the per-tensor scalars from its table row) and one call to
@@ -17,9 +18,11 @@ import triton.language as tl
 from .common import (
     BLOCK,
     full_blocks_end,
+    learning_rate,
     load_grad,
     load_param,
     load_scalar,
+    locate_chunk,
     slot,
     store_param,
     tail_block,
@@ -28,6 +31,18 @@ from .common import (
 #: The param and grad slots of every step op's table (the spec lists them first).
 PARAMS: tl.constexpr = tl.constexpr(0)
 GRADS: tl.constexpr = tl.constexpr(1)
+
+
+@triton.jit
+def locate_step(
+    table, chunks, lr_tensor, WIDTH: tl.constexpr, N_SLOTS: tl.constexpr,
+    LR_MODE: tl.constexpr,
+):  # fmt: skip
+    """What a step program finds first: its tensor ``t``, the tensor's table row, the element
+    range [start, end) of its chunk (``common.locate_chunk``) and the tensor's lr
+    (``common.learning_rate``; unread, it compiles to nothing)."""
+    t, row, start, end = locate_chunk(chunks, table, WIDTH)
+    return t, row, start, end, learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
 
 
 @triton.jit

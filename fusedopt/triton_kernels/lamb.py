@@ -45,7 +45,6 @@ from .common import (
     div,
     finish_tensor,
     hyper,
-    learning_rate,
     load,
     load_grad,
     load_param,
@@ -56,7 +55,7 @@ from .common import (
     store,
     store_param,
 )
-from .drivers import fold_blocks, param_args
+from .drivers import fold_blocks, locate_step, param_args
 from .layout import layout, prepare
 from .multi_tensor import TableCache
 from .registry import register
@@ -249,16 +248,15 @@ def lamb_apply_kernel(
 ):  # fmt: skip
     """Pass 3, per chunk: p -= lr * (u * ratio), at the step count pass 1 advanced."""
     if not skipped(found_inf, HAS_FOUND_INF):
-        t, row, start, end = locate_chunk(chunks, table, WIDTH)
+        t, row, start, end, lr = locate_step(table, chunks, lr_tensor, WIDTH, L.N_SLOTS, LR_MODE)
         new_step = tl.load(slot(row, L.STEPS, tl.float32, False))
         ratio = _trust_ratio(row, sq_norms, t, COMPUTE, TRUST_CLIP, ALWAYS_ADAPT)
-        lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE).to(COMPUTE)
         two_pass = _adapts(row, ALWAYS_ADAPT) if STATES_EXACT else False  # [note: lamb passes]
         block_args = _block_args(row, new_step, grad_scale, clip_coef, P_DTYPE, G_DTYPE, S_DTYPE,
                                  COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, GRAD_AVERAGING,
                                  BIAS_CORRECTION, ALIGNED)  # fmt: skip
-        fold_blocks(_apply_block, start, end, tl.zeros((), tl.int32), (ratio, lr, two_pass,
-                    block_args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP))  # fmt: skip
+        fold_blocks(_apply_block, start, end, tl.zeros((), tl.int32), (ratio, lr.to(COMPUTE),
+                    two_pass, block_args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP))  # fmt: skip
 
 
 _TABLES = TableCache()
