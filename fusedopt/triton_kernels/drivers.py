@@ -40,7 +40,8 @@ def locate_step(
 ):  # fmt: skip
     """What a step program finds first: its tensor ``t``, the tensor's table row, the element
     range [start, end) of its chunk (``common.locate_chunk``) and the tensor's lr
-    (``common.learning_rate``; unread, it compiles to nothing)."""
+    (``common.learning_rate``: float64 or fp32 by LR_MODE; the caller rounds it per
+    [note: hyperparameter rounding])."""
     t, row, start, end = locate_chunk(chunks, table, WIDTH)
     return t, row, start, end, learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
 
