@@ -49,6 +49,28 @@ def test_constructor_names_and_defaults_match_torch(cls, torch_cls):
     cls(params, fused=True)
 
 
+#: Constructor arguments that are not group keys: the optimizer's own, torch's accepted-and-
+#: ignored switches, lion-pytorch's kernel switch.
+_NOT_GROUP_KEYS = {"self", "params", "grad_norm_group", "foreach", "fused", "differentiable",
+                   "use_triton"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [fusedopt.Adam, fusedopt.AdamW, fusedopt.SGD, fusedopt.Lion, fusedopt.LAMB, fusedopt.Adan],
+)
+def test_group_defaults_are_the_constructor_arguments(cls):
+    """The constructors share one body (``_init_from_arguments(locals())``): every argument
+    but the optimizer's own becomes a group default, with its value, and nothing else does."""
+    names = set(inspect.signature(cls.__init__).parameters) - _NOT_GROUP_KEYS
+    if cls is fusedopt.AdamW:
+        names.add("decoupled_weight_decay")  # Adam's group key; AdamW sets it True
+    opt = cls(clone_params(make_model(), torch.float32), lr=0.5, weight_decay=0.25)
+    assert set(opt.defaults) == names
+    assert opt.defaults["lr"] == 0.5 and opt.defaults["weight_decay"] == 0.25
+    assert opt.param_groups[0]["master_sync"] is True
+
+
 def test_per_group_hyperparameters_and_add_param_group_match_torch():
     params, twin = _twins()
     ours = fusedopt.AdamW(
