@@ -284,6 +284,20 @@ STEP_OPS: dict[str, StepOpSpec] = {
             flag_specs=(FlagSpec("no_prox"),),
         ),
         StepOpSpec(
+            "schedulefree_adamw_",
+            cpp="ScheduleFreeAdamW",
+            doc="Schedule-Free AdamW (Defazio et al. 2024; the schedulefree package's "
+            "AdamWScheduleFree): params hold y, zs the base sequence z. v = b2*v + (1-b2)*g*g; "
+            "u = g / (sqrt(v / bias_correction2) + eps) (+ wd*y where wd != 0); "
+            "y = lerp(y, z, ckp1) + lr*(b1*(1-ckp1) - 1)*u; z -= lr*u. lr (warmup applied), "
+            "ckp1 and bias_correction2 are the group's per-step scalars, computed by the caller "
+            "on the host from its step count k, lr_max and weight_sum (no step counts here).",
+            states=(_state("zs", "z"), _state("exp_avg_sqs", "exp_avg_sq")),
+            hypers=("lr", "beta1", "beta2", "eps", "weight_decay", "ckp1", "bias_correction2"),
+            flag_specs=(),
+            steps="none",
+        ),
+        StepOpSpec(
             "sgd_",
             cpp="Sgd",
             doc="SGD (torch.optim.SGD). momentum_buffers and steps are both empty (no momentum in "
