@@ -169,11 +169,13 @@ class ScheduleFreeAdamW(FusedOptimizer):
             state["z"] = p.detach().to(dtype=dtype, memory_format=torch.preserve_format, copy=True)
         return super()._init_state(group, p)
 
-    def _fix_loaded_group(self, group: dict[str, Any], states: dict[Tensor, dict]) -> None:
-        """``foreach`` is dropped on load (a torch-only key) but the anchor's step reads it:
-        keep it, so that this optimizer's state dicts load into the anchor."""
-        group["foreach"] = self.defaults["foreach"]
-        super()._fix_loaded_group(group, states)
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, each group with ``foreach`` (the anchor's default, True): the
+        anchor's step reads it, and fusedopt keeps no such key (it is always fused)."""
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            group.setdefault("foreach", True)
+        return state
 
     # ----------------------------------------------------------------- train / eval
     @torch.no_grad()
