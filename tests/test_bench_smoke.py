@@ -33,6 +33,8 @@ from bench.traffic import bytes_per_param
         ("lion_", "amp", 24),
         ("sgd_", "fp32", 20),
         ("sgd_", "amp", 24),
+        ("schedulefree_adamw_", "fp32", 28),  # read y g z v, write y z v: AdamW's traffic
+        ("schedulefree_adamw_", "amp", 32),
     ],
 )
 def test_byte_table(op, mode, expected):
@@ -47,6 +49,8 @@ def test_byte_table(op, mode, expected):
         ("lion_", 2, 2, False, 10),
         ("adan_", 4, 4, False, 44),
         ("adan_", 2, 2, False, 22),
+        ("schedulefree_adamw_", 4, 4, False, 28),
+        ("schedulefree_adamw_", 2, 2, False, 14),
         # with a master: the master stands in for p, the bf16 p is read beside it and written
         ("adamw_", 2, 4, True, 30),
         ("sgd_", 2, 4, True, 22),
