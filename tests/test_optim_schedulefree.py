@@ -262,6 +262,13 @@ def test_bad_grad_raises_before_the_schedule_advances():
     with pytest.raises(RuntimeError, match=r"param \(group 0, index 1\) is sparse"):
         opt.step()
     assert [{k: g[k] for k in SCHEDULE_KEYS} for g in opt.param_groups] == groups
+    # A complex param: refused (the anchor's lerp would take it; no semantics here).
+    z = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    z.grad = torch.randn(3, dtype=torch.complex64)
+    opt = fusedopt.ScheduleFreeAdamW([z])
+    with pytest.raises(TypeError, match=r"param \(group 0, index 0\) is complex"):
+        opt.step()
+    assert opt.param_groups[0]["k"] == 0 and not opt.state[z]
 
 
 def test_a_group_without_grads_advances_its_schedule_as_the_anchor():
