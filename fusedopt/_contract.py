@@ -65,6 +65,9 @@ counts per call instead of K floats per tensor. float64, because the kernels eva
 ``fusedopt/triton_kernels/common.py``). The group structure is an ``int[]`` of G run
 lengths rather than a per-tensor index (``int[]`` of N: a conversion per tensor again) or a
 CPU index tensor (beside CUDA tensors it would keep ``torch.compile``'s CUDA graphs off).
+One op's columns change at every step: ``schedulefree_adamw_``'s ``ckp1`` and
+``bias_correction2`` (host arithmetic of its optimizer's schedule), so its table is rewritten
+at every step (G x 7 float64 values, one host-to-device copy); the tensor tables stay cached.
 """
 
 from __future__ import annotations
