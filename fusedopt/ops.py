@@ -300,7 +300,8 @@ def step(
     inputs: dict[str, Tensor] | None = None,
     _checked: bool = False,
 ) -> Tensor | None:
-    """Run the step op ``op`` (``adamw_``, ``lamb_``, ``lion_``, ``adan_``, ``sgd_``), or one
+    """Run the step op ``op`` (``adamw_``, ``lamb_``, ``lion_``, ``adan_``,
+    ``schedulefree_adamw_``, ``sgd_``), or one
     pass of a multi-pass one (``lamb_direction_``, ``lamb_apply_``: ``_contract.PHASE_OPS``),
     over tensor lists.
 
@@ -561,6 +562,29 @@ def adan_(
     ``neg_pre_grads`` hold the previous step's ``-grad`` and are ignored at step 1;
     ``no_prox=False`` divides by ``1 + lr*weight_decay``); fp32 math."""
     _step_from_arguments("adan_", locals())
+
+
+def schedulefree_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    zs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    *,
+    lr: Hyper | Tensor,
+    ckp1: Hyper,
+    bias_correction2: Hyper,
+    beta1: Hyper = 0.9,
+    beta2: Hyper = 0.999,
+    eps: Hyper = 1e-8,
+    weight_decay: Hyper = 0.0,
+    **options: Unpack[StepOptions],
+) -> None:
+    """One Schedule-Free AdamW step in place (the schedulefree package's ``AdamWScheduleFree``):
+    ``params`` hold y, ``zs`` the base sequence z. ``lr`` is the step's lr (warmup applied),
+    ``ckp1`` the averaging weight ``weight / weight_sum`` and ``bias_correction2``
+    ``1 - beta2**k``: the per-step scalars that ``fusedopt.ScheduleFreeAdamW`` computes on the
+    host; fp32 math."""
+    _step_from_arguments("schedulefree_adamw_", locals())
 
 
 def sgd_(

@@ -71,6 +71,17 @@ CASES = [
         fusedopt.Adan,
         dict(lr=1e-2, weight_decay=0.02, no_prox=True, max_grad_norm=0.5),
     ),
+    # schedulefree's AdamWScheduleFree (tests/test_optim_schedulefree.py runs it against that).
+    Case(
+        "schedulefree_adamw",
+        fusedopt.ScheduleFreeAdamW,
+        dict(lr=1e-2, weight_decay=0.05, warmup_steps=5),
+    ),
+    Case(
+        "schedulefree_adamw_r_clip",
+        fusedopt.ScheduleFreeAdamW,
+        dict(lr=1e-2, betas=(0.8, 0.99), r=0.5, weight_lr_power=1.0, max_grad_norm=0.5),
+    ),
 ]
 CASE_IDS = [case.name for case in CASES]
 

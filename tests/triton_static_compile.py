@@ -23,7 +23,17 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fusedopt.triton_kernels import adamw, adan, grad_norm, lamb, lion, multi_tensor, scale, sgd  # noqa: E402
+from fusedopt.triton_kernels import (  # noqa: E402
+    adamw,
+    adan,
+    grad_norm,
+    lamb,
+    lion,
+    multi_tensor,
+    scale,
+    schedulefree_adamw,
+    sgd,
+)
 from fusedopt.triton_kernels.common import LAUNCH_OPTIONS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -92,6 +102,8 @@ def variants():
                     {"WIDTH": 8, **base, "MAXIMIZE": True}))  # fmt: skip
         out.append((f"adan_{case}", adan.adan_kernel,
                     {"WIDTH": 12, **base, "NO_PROX": False}))  # fmt: skip
+        out.append((f"schedulefree_adamw_{case}", schedulefree_adamw.schedulefree_adamw_kernel,
+                    {"WIDTH": 9, **base}))  # fmt: skip
         exact = dtypes["MASTER"] or dtypes["P_DTYPE"] in (F32, F64)
         lamb_base = {"WIDTH": 10, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
                      "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,

@@ -16,6 +16,7 @@ from fusedopt.reference.ops import (
     load_grad,
     opmath_dtype,
     scale_,
+    schedulefree_adamw_,
     sgd_,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "load_grad",
     "opmath_dtype",
     "scale_",
+    "schedulefree_adamw_",
     "sgd_",
 ]
 
@@ -41,6 +43,7 @@ IMPLEMENTATIONS = {
     "lamb_apply_": lamb_apply_,
     "lion_": lion_,
     "adan_": adan_,
+    "schedulefree_adamw_": schedulefree_adamw_,
     "sgd_": sgd_,
 }
 

@@ -350,6 +350,38 @@ def adan_(
         _store_param(p, params[i], master_params, i)
 
 
+def _lerp(start: Tensor, end: Tensor, weight: float, one_minus_weight: float) -> Tensor:
+    """torch's lerp formula (``aten/src/ATen/native/Lerp.h``), from the end nearer the weight,
+    exact at weight 0 and 1; ``one_minus_weight`` is ``1 - weight`` as the caller rounds it."""
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * one_minus_weight
+
+
+def schedulefree_adamw_(
+    params, grads, zs, exp_avg_sqs, master_params, hypers, group_sizes,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+) -> None:  # fmt: skip
+    """Schedule-Free AdamW (Defazio et al. 2024), as the schedulefree package's
+    ``AdamWScheduleFree.step``: the params hold y, ``zs`` the base sequence z. ``lr`` (with the
+    warmup applied), ``ckp1`` and ``bias_correction2`` are the group's per-step scalars, which
+    the caller computes on the host (``fusedopt.ScheduleFreeAdamW``); no step counts."""
+    lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2 = _columns(hypers, group_sizes)
+    scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, False, master_sync)
+    for i, opmath, lr_i, g, y in _each_param(params, grads, master_params, *scalars):
+        b2, c = beta2[i], ckp1[i]
+        v = b2 * exp_avg_sqs[i].to(opmath) + (1 - b2) * g * g
+        u = g / (sqrt_rn(v / bias_correction2[i]) + eps[i])
+        if weight_decay[i] != 0:  # [note: zero weight decay]; the decay is taken at y
+            u = u + weight_decay[i] * y
+        z = zs[i].to(opmath)
+        y = _lerp(y, z, c, 1 - c)
+        y = y + lr_i * (beta1[i] * (1 - c) - 1) * u
+        zs[i].copy_(z - lr_i * u)
+        exp_avg_sqs[i].copy_(v)
+        _store_param(y, params[i], master_params, i)
+
+
 def sgd_(
     params, grads, momentum_buffers, master_params, steps, hypers, group_sizes, nesterov,
     maximize, lr_tensor, grad_scale, clip_coef, found_inf,
