@@ -51,7 +51,7 @@ from torch import Tensor
 
 from fusedopt import ops
 from fusedopt._contract import STEP_OPS
-from fusedopt._dense import dense_stride, state_like, swap_in_twins, write_back
+from fusedopt._dense import dense_stride, state_for, state_like, swap_in_twins, write_back
 from fusedopt._validate import LOW_PRECISION, PARAM_DTYPES, check_like, check_tensor
 from fusedopt.clip import clip_coef as torch_clip_coef
 from fusedopt.clip import local_tensor, total_norm
@@ -353,13 +353,16 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
             self._switch_master(state, master, p.dtype)
         if master and MASTER_KEY not in state:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
+        layouts = STEP_OPS[self.OP].state_layouts
         for key in self._state_keys(group):
             if key in state:
                 continue
             if key == STEP_KEY:
                 state[key] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
-            else:
+            elif layouts.get(key, "param") == "param":
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            else:  # [note: factored layouts] in fusedopt/_contract.py
+                state[key] = state_for(p, layouts[key], dtype).zero_()
         return state
 
     @staticmethod

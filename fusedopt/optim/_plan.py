@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusedopt._dense import dense_stride, state_like
+from fusedopt._contract import STEP_OPS, state_shape
+from fusedopt._dense import dense_stride, state_like, state_stride
 from fusedopt.clip import local_tensor
 from fusedopt.ops import StepHypers, write_hyper_table
 from fusedopt.optim._keys import MASTER_KEY, STEP_KEY
@@ -157,6 +158,7 @@ class PlanMixin:
         planned_states: dict[str, tuple[list[dict], list[Tensor]]] = {}
         per_group: dict[int, tuple] = {}
         strided = torch.strided
+        layouts = STEP_OPS[self.OP].state_layouts
         for gi, i, p, g, local_p, local_g in entries:
             info = per_group.get(gi)
             if info is None:
@@ -183,8 +185,12 @@ class PlanMixin:
             for k in slot_keys:
                 t = local_tensor(state[k]) if sharded else state[k]
                 t = torch.view_as_real(t) if t.is_complex() else t  # as local_p
-                if not _fits(t, layout, k, dtype):
-                    state[k] = self._relaid_state(gi, i, p, k, t, layout, dtype)
+                k_layout = layout
+                if layouts.get(k, "param") != "param":  # [note: factored layouts]
+                    shape = state_shape(layouts[k], local_p.shape)
+                    k_layout = (shape, state_stride(local_p, layouts[k]), local_p.device)
+                if not _fits(t, k_layout, k, dtype):
+                    state[k] = self._relaid_state(gi, i, p, k, t, k_layout, dtype)
             local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
             if p.is_complex():
                 local_states = [
@@ -239,11 +245,13 @@ class PlanMixin:
             problem = f"holds {t.numel()} numbers, {t.dtype}, on {t.device}"
             problem += f"; a step count is one float32 number on {device}"
         elif t.shape != shape:
-            problem = f"has shape {tuple(t.shape)} but the param now has {tuple(shape)}"
+            problem = f"has shape {tuple(t.shape)} but the param now needs {tuple(shape)}"
         elif t.device != device:
             problem = f"is on {t.device} but the param now is on {device}"
         elif t.dtype != dtype and not (key == MASTER_KEY and t.dtype == torch.float32):
             problem = f"has dtype {t.dtype} but the param needs {dtype} states"
+        elif tuple(shape) != tuple(p.shape):  # a factored state ([note: factored layouts])
+            return torch.empty(shape, dtype=t.dtype, device=device).copy_(self.state[p][key])
         else:
             return state_like(p, self.state[p][key].dtype).copy_(self.state[p][key])
         raise RuntimeError(

@@ -6,6 +6,9 @@ import torch
 
 from fusedopt import _contract
 from fusedopt.reference.ops import (
+    adafactor_,
+    adafactor_apply_,
+    adafactor_norms_,
     adamw_,
     adan_,
     grad_norm,
@@ -20,6 +23,9 @@ from fusedopt.reference.ops import (
 )
 
 __all__ = [
+    "adafactor_",
+    "adafactor_apply_",
+    "adafactor_norms_",
     "adamw_",
     "grad_norm",
     "lamb_",
@@ -42,6 +48,9 @@ IMPLEMENTATIONS = {
     "lion_": lion_,
     "adan_": adan_,
     "sgd_": sgd_,
+    "adafactor_": adafactor_,
+    "adafactor_norms_": adafactor_norms_,
+    "adafactor_apply_": adafactor_apply_,
 }
 
 
