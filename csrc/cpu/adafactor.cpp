@@ -126,6 +126,7 @@ std::array<double, 2> norms_tensor(const AdafactorCall& call, const AdafactorPla
   const AdafactorScalars<T>& s = plan.scalars[i];
   const GradLoad<T>& load = plan.load;
   double param_sq = 0.0, update_sq = 0.0;
+  if (lists.numels[i] == 0) return {0.0, 0.0};  // nothing to reduce (nor a row to divide by)
   if (lists.factor_dims[2 * i] == 0) {  // a vector or scalar: its variance, in one pass
     const TensorSlot& slot = call.variances;
     walk<T, false>(lists, i, [&](T* p, const T* g, int64_t off, int64_t n) {
