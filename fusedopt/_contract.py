@@ -215,6 +215,15 @@ def factored(shape: Sequence[int]) -> bool:
     return len(shape) >= 2
 
 
+def has_state(layout: str, shape: Sequence[int]) -> bool:
+    """Whether a param of ``shape`` keeps a state of ``layout`` (else the op's lists hold a
+    ``(0,)`` placeholder for it, and the optimizer's state has no such key:
+    [note: factored layouts])."""
+    if layout in ("row", "col"):
+        return factored(shape)
+    return layout == "param" or not factored(shape)
+
+
 def state_shape(layout: str, shape: Sequence[int]) -> tuple[int, ...]:
     """The shape of a state of ``layout`` for a param of ``shape``.
 
@@ -224,8 +233,9 @@ def state_shape(layout: str, shape: Sequence[int]) -> tuple[int, ...]:
     with any leading dims batched; for a vector or scalar param, an elementwise ``variance``
     (``"unfactored"``: the param's shape). A state list is aligned with the params like any
     other, so a param that has no such state (a vector's ``row_var``, a matrix's
-    ``variance``) holds a placeholder of shape ``(0,)`` there: the op skips it, the optimizer
-    keeps it out of its state dict (torch's dicts have only the keys a param uses). The
+    ``variance``) holds a placeholder of shape ``(0,)`` there: the op skips it, and the
+    optimizers put it in the op's lists only (their state, and so their state dicts, have
+    only the keys a param uses, as torch's: ``has_state``). The
     factored states are contiguous in their own shape (they are R + C numbers, not R x C);
     ``"param"`` and ``"unfactored"`` states take the param's (dense) strides."""
     shape = tuple(shape)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusedopt._contract import STEP_OPS, state_shape
+from fusedopt._contract import STEP_OPS, has_state, state_shape
 from fusedopt._dense import dense_stride, state_like, state_stride
 from fusedopt.clip import local_tensor
 from fusedopt.ops import StepHypers, write_hyper_table
@@ -182,7 +182,9 @@ class PlanMixin:
             # The states' layout: the param's, or its dense twin's [note: non-dense params].
             layout = (local_p.shape, dense_stride(local_p), local_p.device)
             dtype = torch.float32 if master else local_p.dtype
-            for k in slot_keys:
+            # [note: factored layouts]: a state the param does not keep is a placeholder
+            used = [k for k in slot_keys if has_state(layouts.get(k, "param"), local_p.shape)]
+            for k in used:
                 t = local_tensor(state[k]) if sharded else state[k]
                 t = torch.view_as_real(t) if t.is_complex() else t  # as local_p
                 k_layout = layout
@@ -191,7 +193,12 @@ class PlanMixin:
                     k_layout = (shape, state_stride(local_p, layouts[k]), local_p.device)
                 if not _fits(t, k_layout, k, dtype):
                     state[k] = self._relaid_state(gi, i, p, k, t, k_layout, dtype)
-            local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
+            local_states = [
+                (local_tensor(state[k]) if sharded else state[k])
+                if k in used
+                else torch.empty(0, dtype=dtype, device=local_p.device)
+                for k in keys
+            ]
             if p.is_complex():
                 local_states = [
                     torch.view_as_real(t) if t.is_complex() else t for t in local_states
@@ -209,7 +216,7 @@ class PlanMixin:
             )
             if record:
                 plan.stepped.append(p)
-                for k in slot_keys:
+                for k in used:
                     dicts, tensors = planned_states.setdefault(k, ([], []))
                     dicts.append(state)
                     tensors.append(state[k])

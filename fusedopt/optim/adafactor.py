@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from fusedopt._contract import STEP_OPS, factored
+from fusedopt._contract import factored
+from fusedopt._dense import is_dense
 from fusedopt.optim._base import FusedOptimizer
-from fusedopt.optim._keys import STEP_KEY
 
 
 class Adafactor(FusedOptimizer):
@@ -30,11 +29,10 @@ class Adafactor(FusedOptimizer):
 
     State per param, torch's keys: ``step`` (0-d fp32 on the param's device) and
     ``row_var``/``col_var`` (a param of 2+ dims) or ``variance`` (any other), plus
-    ``master_param`` with master weights. (Internally a param also holds a ``(0,)``
-    placeholder under the keys it does not use; they never reach a state dict:
-    [note: factored layouts] in fusedopt/_contract.py.) A param of 2+ dims must be
-    contiguous, and DTensor params are refused: the factored moments and the per-tensor
-    norms would need reductions across the shards.
+    ``master_param`` with master weights ([note: factored layouts] in
+    fusedopt/_contract.py). A dense param of 2+ dims must be row-major (contiguous; a
+    non-dense view is stepped through a contiguous copy), and DTensor params are refused:
+    the factored moments and the per-tensor norms would need reductions across the shards.
     """
 
     OP = "adafactor_"
@@ -109,7 +107,9 @@ class Adafactor(FusedOptimizer):
                     f"{where} is a DTensor: Adafactor's factored moments and per-tensor norms "
                     "would need reductions across its shards, which are not implemented"
                 )
-            if factored(p.shape) and not p.is_contiguous():
+            # A dense, not row-major param (channels_last, transposed); a non-dense one is
+            # stepped through a contiguous twin ([note: non-dense params] in _dense.py).
+            if factored(p.shape) and is_dense(local_p) and not local_p.is_contiguous():
                 raise RuntimeError(
                     f"{where} (shape {tuple(p.shape)}, strides {p.stride()}) is not "
                     "contiguous; its factored moments are reduced over its last two dims, "
@@ -117,28 +117,6 @@ class Adafactor(FusedOptimizer):
                     "channels_last)"
                 )
         return entries
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's ``state_dict``, without the placeholders of the states a param does not use
-        ([note: factored layouts]): the keys torch.optim.Adafactor keeps."""
-        saved = super().state_dict()
-        layouts = STEP_OPS[self.OP].state_layouts
-        params = [p for group in self.param_groups for p in group["params"]]
-        ids = [pid for group in saved["param_groups"] for pid in group["params"]]
-        by_id = dict(zip(ids, params, strict=True))
-        for pid, state in list(saved["state"].items()):
-            shape = by_id[pid].shape
-            saved["state"][pid] = {
-                k: v
-                for k, v in state.items()
-                if k == STEP_KEY or k not in layouts or _used(layouts[k], shape)
-            }
-        return saved
-
-
-def _used(layout: str, shape: torch.Size) -> bool:
-    """Whether a param of ``shape`` keeps a state of ``layout`` (else a placeholder)."""
-    return layout in ("row", "col") if factored(shape) else layout not in ("row", "col")
 
 
 __all__ = ["Adafactor"]
