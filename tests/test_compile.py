@@ -24,6 +24,7 @@ CLASSES = [
     (fusedopt.SGD, {"momentum": 0.9}),
     (fusedopt.Lion, {}),
     (fusedopt.LAMB, {}),
+    (fusedopt.Adafactor, {"weight_decay": 0.1, "max_grad_norm": 1.0}),
 ]
 IDS = [cls.__name__ for cls, _ in CLASSES]
 
