@@ -27,6 +27,14 @@ Per element, by op (storage sizes; ``P`` param, ``G`` grad, ``S`` state, ``M`` f
 | `lion_`                      | amp    | g M p m (12) + grad_norm g (2) | M m p (10) | 24 |
 | `sgd_` (momentum)            | fp32   | p g buf   (12)   | p buf  (8)    | 20      |
 | `sgd_` (momentum)            | amp    | g M p buf (12) + grad_norm g (2) | M buf p (10) | 24 |
+| `adafactor_` (matrices)      | fp32   | p g; g; p g (8+4+8) | p (4)      | 24      |
+| `adafactor_` (matrices)      | amp    | g; M p g; g; M p g (2+8+2+8) | M p (6) | 26 |
+
+Adafactor's factored second moments are R + C numbers per R x C matrix: ~0 bytes per element,
+so the count is that of matrices (a vector's variance, read and written in pass 1 and read in
+pass 3, adds 12 B per element of vectors: biases and norms, a small share of a model). Its
+three passes ([note: adafactor passes] in csrc/include/fusedopt/math/adafactor.h): reduce
+p² and the row/column sums of g², reduce u² (g again), apply.
 
 ``fp32``: fp32 params, grads and states, no loss scale, no clipping (LAMB keeps timm's default
 global clip, part of the algorithm). ``amp``: bf16 params and grads, fp32 master weights and
@@ -51,6 +59,7 @@ OPTIMIZER_OPS = {
     "lamb": "lamb_",
     "lion": "lion_",
     "sgd": "sgd_",
+    "adafactor": "adafactor_",
 }
 
 #: Precision modes: (param dtype, master weights, loss scale + clipping).
@@ -81,6 +90,12 @@ _STEP_PASSES: dict[str, tuple[Pass, ...]] = {
     # Adan (csrc/cuda/adan.cu's header: fp32 44 B, bf16 without masters 22 B): not in the
     # timed report (OPTIMIZER_OPS), only in the memory table (bench/memory.py).
     "adan_": (Pass(("p", "g", "m", "v", "n", "npg"), ("p", "m", "v", "n", "npg")),),
+    # Adafactor, as a model's matrices step (the factors are ~0 B per element; see the table)
+    "adafactor_": (
+        Pass(("p", "g"), ()),  # sum p², row and column sums of g² (the factors)
+        Pass(("g",), ()),  # sum u² from the new factors
+        Pass(("p", "g"), ("p",)),  # apply
+    ),
 }
 
 #: Roles that are not optimizer state: the param (or its master), the grad, the bf16 param.

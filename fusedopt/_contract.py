@@ -358,7 +358,8 @@ STEP_OPS: dict[str, StepOpSpec] = {
             "over dim -2, v = row_var*col_var / max(mean(row_var, -2), eps1); else "
             "variance = lerp(variance, g^2, w), v = variance; u = g / sqrt(max(v, eps1^2)); "
             "p *= 1 - lr*wd (wd != 0); p -= alpha / max(1, rms(u)/d) * u. eps1 < 0 stands for "
-            "torch's eps1=None: finfo(param dtype).eps. A param holds a (0,) placeholder in the "
+            "torch's eps1=None: finfo(dtype).eps of the update's dtype (the param's, fp32 with "
+            "master weights). A param holds a (0,) placeholder in the "
             "lists it has no state in ([note: factored layouts]).",
             states=(
                 _state("row_vars", "row_var", layout="row"),

@@ -670,7 +670,8 @@ def adafactor_(
 
 
 def _adafactor_eps(arguments: dict) -> dict:
-    """``eps1=None`` as the op's ``eps1 < 0``: the eps of the param's dtype."""
+    """``eps1=None`` as the op's ``eps1 < 0``: the eps of the update's dtype (the param's,
+    fp32 with master weights)."""
     eps1 = arguments["eps1"]
     if eps1 is None:
         arguments["eps1"] = -1.0

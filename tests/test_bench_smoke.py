@@ -33,6 +33,8 @@ from bench.traffic import bytes_per_param
         ("lion_", "amp", 24),
         ("sgd_", "fp32", 20),
         ("sgd_", "amp", 24),
+        ("adafactor_", "fp32", 24),  # p g (norms, factors); g (u²); p g -> p
+        ("adafactor_", "amp", 26),  # clip g; M p g; g; M p g -> M p (bf16 g and p: 2 B)
     ],
 )
 def test_byte_table(op, mode, expected):
@@ -175,7 +177,7 @@ def test_report_runs_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["fp32", "amp"])
-@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "adafactor"])
 def test_fusedopt_and_torch_rows_compute_the_same_step(optimizer, mode):
     """The report compares like with like: the same hyperparameters, and in amp the same
     unscale + clip + master-weight update (SGD is not scale-invariant, so a wrong loss scale
@@ -185,7 +187,8 @@ def test_fusedopt_and_torch_rows_compute_the_same_step(optimizer, mode):
     theirs = make_workload("tiny", optimizer, mode, device)
     for workload in (ours, theirs):  # norm ~6.5 > max_grad_norm = 1: the clip is active
         torch._foreach_mul_(workload.grads, 100.0)
-    ours_step, theirs_step = make_fused(ours, "reference"), make_peer(theirs, "torch fused")
+    peer = "torch foreach" if optimizer == "adafactor" else "torch fused"  # no fused Adafactor
+    ours_step, theirs_step = make_fused(ours, "reference"), make_peer(theirs, peer)
     for _ in range(2):
         ours_step()
         theirs_step()

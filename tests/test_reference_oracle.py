@@ -767,10 +767,10 @@ def _call_step(op: str, t: dict, found_inf: torch.Tensor) -> None:
                         *hyper_table(lr, b1, [0.9] * n, b2, eps, wd), False, torch.tensor(1e-2),
                         torch.tensor(2.0), None, found_inf)  # fmt: skip
     elif op == "adafactor_":
-        # lr 0.5 (rho = 1/sqrt(t) from step 5), eps1 given (the fp32 and bf16 runs of the
-        # master test must floor alike), maximize, a grad scale
+        # lr 0.5 (rho = 1/sqrt(t) from step 5), eps1 None (-1: with masters fp32's eps, so
+        # that the master test's bf16-with-master and fp32 runs floor alike), maximize, a scale
         reference.adafactor_(p, g, t["row"], t["col"], t["var"], master, steps,
-                             *hyper_table([0.5] * n, [-0.8] * n, [1e-30] * n, [1e-3] * n,
+                             *hyper_table([0.5] * n, [-0.8] * n, [-1.0] * n, [1e-3] * n,
                                           [1.0] * n, wd),
                              True, None, torch.tensor(2.0), None, found_inf)  # fmt: skip
     else:

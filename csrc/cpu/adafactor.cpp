@@ -108,7 +108,9 @@ struct AdafactorPlan {
         load(make_grad_load<T>(call.lists.scalars.grad_scale, call.lists.scalars.clip_coef,
                                call.maximize)) {
     const StepLists& lists = call.lists;
-    const double eps = dtype_eps(lists.params.dtype);
+    // eps1 = None: the eps of the dtype the update runs on (fp32 with master weights)
+    const double eps =
+        dtype_eps(lists.master_params.present() ? DType::kFloat32 : lists.params.dtype);
     for (int64_t i = 0; i < lists.num_tensors; ++i) {
       scalars[i] = adafactor_scalars<T>(lr_of(lists, call.lr(i), i), call.beta2_decay(i),
                                         adafactor_eps1(call.eps1(i), eps), call.weight_decay(i),

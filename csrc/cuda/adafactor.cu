@@ -32,7 +32,7 @@ static_assert(kFloors < kMaxSlots, "the Row has no free slot for the floored row
 using spec::adafactor::kBeta2Decay, spec::adafactor::kEps1, spec::adafactor::kEps2,
     spec::adafactor::kD, spec::adafactor::kWeightDecay, spec::adafactor::kMaximize;
 
-/// torch.finfo(P).eps: eps1 = None.
+/// torch.finfo(P).eps: eps1 = None (P the type the update runs on: float with masters).
 template <class P>
 __host__ __device__ constexpr double storage_eps() {
   if constexpr (std::is_same_v<P, double>) return DBL_EPSILON;
@@ -50,10 +50,10 @@ __device__ __forceinline__ Dims dims_of(const Row& row) {
   return {rows, cols, rows > 0 && row.numel > 0 ? row.numel / (rows * cols) : 0};
 }
 
-template <class P, class T>
+template <class P, bool kM, class T>
 __device__ __forceinline__ AdafactorScalars<T> scalars_of(const Row& row, double lr) {
-  return adafactor_scalars<T>(lr, row.hyper[kBeta2Decay],
-                              adafactor_eps1(row.hyper[kEps1], storage_eps<P>()),
+  const double eps = kM ? storage_eps<float>() : storage_eps<P>();
+  return adafactor_scalars<T>(lr, row.hyper[kBeta2Decay], adafactor_eps1(row.hyper[kEps1], eps),
                               row.hyper[kWeightDecay], static_cast<double>(*row.step));
 }
 
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads)
   const int t = blockIdx.x;
   const Row& row = table.rows[t];
   const Dims d = dims_of(row);
-  const AdafactorScalars<T> s = scalars_of<P, T>(row, 0.0);
+  const AdafactorScalars<T> s = scalars_of<P, kM, T>(row, 0.0);
   const GradLoad<T> gl =
       make_grad_load<T>(args.scalars.grad_scale, args.scalars.clip_coef, args.flag[kMaximize]);
   const P* p = static_cast<const P*>(row.slot[kParam]);
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) adafactor_floor_kernel(Table table, 
   if (skip_step(args.scalars.found_inf)) return;
   const Row& row = table.rows[blockIdx.x];
   const Dims d = dims_of(row);
-  if (d.batches > 0) write_floors<StateOf<P, kM>, T>(row, d, scalars_of<P, T>(row, 0.0));
+  if (d.batches > 0) write_floors<StateOf<P, kM>, T>(row, d, scalars_of<P, kM, T>(row, 0.0));
 }
 
 /// adafactor_apply_'s per-chunk body: p = p*(1 - lr*wd) - step_size * u.
@@ -199,7 +199,7 @@ struct AdafactorApplyBody {
         g(static_cast<const G*>(row_.slot[kGrad])),
         master(static_cast<float*>(row_.slot[kMaster])),
         master_sync(a.master_sync),
-        s(scalars_of<P, T>(row_, step_lr(row_, t, a))),
+        s(scalars_of<P, kM, T>(row_, step_lr(row_, t, a))),
         gl(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef, a.flag[kMaximize])) {
     const T* sq = static_cast<const T*>(a.extra);
     s.step_size = static_cast<T>(adafactor_step_size(

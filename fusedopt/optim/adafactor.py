@@ -22,7 +22,9 @@ class Adafactor(FusedOptimizer):
     dims (leading dims batched), updated by ``lerp(., mean(g²), t**beta2_decay)``, and
     estimates ``v = row*col / max(mean(row), eps1)``; a vector or scalar keeps ``v`` itself.
     ``u = g / sqrt(max(v, eps1²))``; ``p *= 1 - lr*weight_decay``; ``p -= alpha / max(1,
-    rms(u)/d) * u``. ``eps=(None, 1e-3)``: ``eps1=None`` is the eps of the param's dtype.
+    rms(u)/d) * u``. ``eps=(None, 1e-3)``: ``eps1=None`` is the eps of the
+    dtype the update runs on: the param's, fp32 with master weights (as torch's Adafactor
+    stepping fp32 masters).
     ``foreach`` is accepted and ignored. Beyond torch: ``max_grad_norm``, ``master_weights``,
     ``master_sync``, the GradScaler protocol (torch's Adafactor refuses scaled grads),
     ``backend`` (see :class:`~fusedopt.optim._base.FusedOptimizer`).
@@ -90,7 +92,7 @@ class Adafactor(FusedOptimizer):
         eps1, eps2 = group["eps"]
         return dict(
             lr=group["lr"], beta2_decay=group["beta2_decay"],
-            eps1=-1.0 if eps1 is None else eps1,  # the op's "eps of the param dtype"
+            eps1=-1.0 if eps1 is None else eps1,  # the op's "eps of the update dtype"
             eps2=eps2, d=group["d"], weight_decay=group["weight_decay"],
         )  # fmt: skip
 

@@ -394,9 +394,12 @@ def sgd_(
         _store_param(p, params[i], master_params, i)
 
 
-def _adafactor_eps1(eps1: float, dtype: torch.dtype) -> float:
-    """``eps1 < 0`` is torch's ``eps1=None``: the eps of the param's (storage) dtype."""
-    return torch.finfo(dtype).eps if eps1 < 0 else eps1
+def _adafactor_eps1(eps1: float, param: Tensor, master_params: Sequence[Tensor]) -> float:
+    """``eps1 < 0`` is torch's ``eps1=None``: the eps of the dtype the update runs on, the
+    param's, or fp32 with master weights (torch's Adafactor stepping fp32 masters)."""
+    if eps1 >= 0:
+        return eps1
+    return torch.finfo(torch.float32 if master_params else param.dtype).eps
 
 
 def _adafactor_update(i, g, row_vars, col_vars, variances, eps1, opmath) -> Tensor:
@@ -435,7 +438,7 @@ def adafactor_norms_(
             col_vars[i].copy_(torch.lerp(col_vars[i].to(opmath), col_mean, weight))
         else:
             variances[i].copy_(torch.lerp(variances[i].to(opmath), g.square(), weight))
-        e1 = _adafactor_eps1(eps1[i], params[i].dtype)
+        e1 = _adafactor_eps1(eps1[i], params[i], master_params)
         u = _adafactor_update(i, g, row_vars, col_vars, variances, e1, opmath)
         sq_norms[i, 0] = p.square().sum()
         sq_norms[i, 1] = u.square().sum()
@@ -463,7 +466,7 @@ def adafactor_apply_(
         p_rms = math.sqrt(float(sq_norms[i, 0])) / math.sqrt(n)
         alpha = max(eps2[i], p_rms) * rho
         clip = max(1.0, math.sqrt(float(sq_norms[i, 1])) / (math.sqrt(n) * d[i]))
-        e1 = _adafactor_eps1(eps1[i], params[i].dtype)
+        e1 = _adafactor_eps1(eps1[i], params[i], master_params)
         u = _adafactor_update(i, g, row_vars, col_vars, variances, e1, opmath)
         if weight_decay[i] != 0:  # [note: zero weight decay]
             p = p * (1 - lr_value * weight_decay[i])

@@ -316,11 +316,16 @@ def _check_row_major(a) -> None:
                                "factored states must be row-major")  # fmt: skip
 
 
+def _dtype_eps(a) -> float:
+    """eps1 = None: the eps of the dtype the update runs on (fp32 with master weights)."""
+    return torch.finfo(torch.float32 if a.master_params else a.params[0].dtype).eps
+
+
 def _common(a) -> dict:
     return {
         "WIDTH": a.launch.width, **a.dtypes, "HAS_GRAD_SCALE": a.scalar_flags["HAS_GRAD_SCALE"],
         "HAS_CLIP": a.scalar_flags["HAS_CLIP"], "HAS_FOUND_INF": a.scalar_flags["HAS_FOUND_INF"],
-        "MAXIMIZE": a.maximize, "DTYPE_EPS": torch.finfo(a.params[0].dtype).eps,
+        "MAXIMIZE": a.maximize, "DTYPE_EPS": _dtype_eps(a),
         **common.LAUNCH_OPTIONS,
     }  # fmt: skip
 
@@ -345,7 +350,7 @@ def _apply(a, sq_norms: torch.Tensor) -> None:
         a.launch.table, dims, floors, found_inf_arg, WIDTH=a.launch.width,
         S_DTYPE=a.dtypes["S_DTYPE"], COMPUTE=a.dtypes["COMPUTE"],
         HAS_FOUND_INF=a.scalar_flags["HAS_FOUND_INF"],
-        DTYPE_EPS=torch.finfo(a.params[0].dtype).eps, **common.LAUNCH_OPTIONS,
+        DTYPE_EPS=_dtype_eps(a), **common.LAUNCH_OPTIONS,
     )  # fmt: skip
     adafactor_apply_kernel[(a.launch.n_chunks,)](
         a.launch.table, a.launch.chunks, dims, floors, sq_norms, *a.scalar_tensors,

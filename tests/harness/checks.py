@@ -262,8 +262,8 @@ def run_oracle(inputs: StepInputs, oracle: dict[str, list[Tensor]], grads: list[
     spec = ops.STEP_OPS[inputs.case.op]
     lists = {**oracle, "grads": [g.detach().to("cpu", F64) for g in grads]}
     hypers = dict(inputs.hypers)
-    if "eps1" in hypers:  # Adafactor's eps1 < 0: the eps of the backend's param dtype, not F64's
-        eps = torch.finfo(inputs.case.storage.param).eps
+    if "eps1" in hypers:  # Adafactor's eps1 < 0: the eps of the backend's update dtype, not F64's
+        eps = _adafactor_eps(inputs.case.storage)
         hypers["eps1"] = [eps if e < 0 else e for e in hypers["eps1"]]
     getattr(reference, inputs.case.op)(
         *(lists.get(name, []) for name in spec.lists),
@@ -332,6 +332,11 @@ def _grad_term(inputs: StepInputs, name: str, i: int, grad: Tensor, p_old: Tenso
     return weight * g
 
 
+def _adafactor_eps(storage) -> float:
+    """Adafactor's eps1 = None: the eps of the dtype its update runs on (fp32 with masters)."""
+    return torch.finfo(torch.float32 if storage.master else storage.param).eps
+
+
 def _adafactor_stored_moments(inputs: StepInputs, oracle, i: int) -> Tensor:
     """The relative error of tensor i's Adafactor update that comes from computing u from
     second moments stored in a 16-bit dtype, as torch does (the float64 oracle rounds none).
@@ -346,7 +351,7 @@ def _adafactor_stored_moments(inputs: StepInputs, oracle, i: int) -> Tensor:
     dtype = inputs.case.storage.state
     u_s, a_s = UNIT_ROUNDOFF[dtype], 2.0**-25 if dtype == torch.float16 else 0.0
     eps1 = inputs.hypers["eps1"][i]
-    eps1 = torch.finfo(inputs.case.storage.param).eps if eps1 < 0 else eps1
+    eps1 = _adafactor_eps(inputs.case.storage) if eps1 < 0 else eps1
     shape = inputs.lists["params"][i].shape
 
     def rel(x: Tensor) -> Tensor:  # 0 is stored exactly

@@ -40,7 +40,8 @@ struct AdafactorScalars {
   T step_size;   // alpha / clip (pass 3 only; 0 before)
 };
 
-/// eps1 < 0 stands for torch's eps1=None: the eps of the param's storage dtype.
+/// eps1 < 0 stands for torch's eps1=None: the eps of the dtype the update runs on (the
+/// param's storage dtype; fp32 with master weights).
 FUSEDOPT_HD FUSEDOPT_INLINE double adafactor_eps1(double eps1, double dtype_eps) {
   return eps1 < 0.0 ? dtype_eps : eps1;
 }
