@@ -50,10 +50,15 @@ __device__ __forceinline__ Dims dims_of(const Row& row) {
   return {rows, cols, rows > 0 && row.numel > 0 ? row.numel / (rows * cols) : 0};
 }
 
+template <class P, bool kM>
+__device__ __forceinline__ double eps1_of(const Row& row) {
+  return adafactor_eps1(row.hyper[kEps1], kM ? storage_eps<float>() : storage_eps<P>());
+}
+
+/// The scalars of the reductions (with the lerp weight; lr unused there).
 template <class P, bool kM, class T>
-__device__ __forceinline__ AdafactorScalars<T> scalars_of(const Row& row, double lr) {
-  const double eps = kM ? storage_eps<float>() : storage_eps<P>();
-  return adafactor_scalars<T>(lr, row.hyper[kBeta2Decay], adafactor_eps1(row.hyper[kEps1], eps),
+__device__ __forceinline__ AdafactorScalars<T> scalars_of(const Row& row) {
+  return adafactor_scalars<T>(0.0, row.hyper[kBeta2Decay], eps1_of<P, kM>(row),
                               row.hyper[kWeightDecay], static_cast<double>(*row.step));
 }
 
@@ -89,11 +94,18 @@ __device__ __forceinline__ void write_floors(const Row& row, const Dims& d,
     floors[b] = batch_floor<S, T>(row_var, b, d.rows, s);
 }
 
+/// a / b for a, b >= 0: a 32-bit division where both fit (the common case: a few
+/// instructions), else the 64-bit one (a call).
+__device__ __forceinline__ int64_t quotient(int64_t a, int64_t b) {
+  if (((a | b) >> 32) == 0) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+  return a / b;
+}
+
 /// The variance estimate of element i (factored: from the factors as stored and the floors).
 template <class S, class T>
 __device__ __forceinline__ T variance_at(const Row& row, const Dims& d, int64_t i) {
   if (d.rows == 0) return load1<S, T>(static_cast<const S*>(row.slot[kVariance]), i);
-  const int64_t r = i / d.cols, c = i - r * d.cols, b = r / d.rows;
+  const int64_t r = quotient(i, d.cols), c = i - r * d.cols, b = quotient(r, d.rows);
   return adafactor_factored_variance(load1<S, T>(static_cast<const S*>(row.slot[kRowVar]), r),
                                      load1<S, T>(static_cast<const S*>(row.slot[kColVar]),
                                                  b * d.cols + c),
@@ -109,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
   const int t = blockIdx.x;
   const Row& row = table.rows[t];
   const Dims d = dims_of(row);
-  const AdafactorScalars<T> s = scalars_of<P, kM, T>(row, 0.0);
+  const AdafactorScalars<T> s = scalars_of<P, kM, T>(row);
   const GradLoad<T> gl =
       make_grad_load<T>(args.scalars.grad_scale, args.scalars.clip_coef, args.flag[kMaximize]);
   const P* p = static_cast<const P*>(row.slot[kParam]);
@@ -143,7 +155,7 @@ __global__ void __launch_bounds__(kThreads)
       store1(row_var, r, adafactor_lerp(load1<S, T>(row_var, r), mean, s.weight));
     }
     for (int64_t j = threadIdx.x; j < d.batches * d.cols; j += blockDim.x) {
-      const int64_t b = j / d.cols, c = j - b * d.cols;
+      const int64_t b = quotient(j, d.cols), c = j - b * d.cols;
       double sum = 0.0;
       for (int64_t r = 0; r < d.rows; ++r) {
         const T ge = grad((b * d.rows + r) * d.cols + c);
@@ -174,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) adafactor_floor_kernel(Table table, 
   if (skip_step(args.scalars.found_inf)) return;
   const Row& row = table.rows[blockIdx.x];
   const Dims d = dims_of(row);
-  if (d.batches > 0) write_floors<StateOf<P, kM>, T>(row, d, scalars_of<P, kM, T>(row, 0.0));
+  if (d.batches > 0) write_floors<StateOf<P, kM>, T>(row, d, scalars_of<P, kM, T>(row));
 }
 
 /// adafactor_apply_'s per-chunk body: p = p*(1 - lr*wd) - step_size * u.
@@ -199,7 +211,8 @@ struct AdafactorApplyBody {
         g(static_cast<const G*>(row_.slot[kGrad])),
         master(static_cast<float*>(row_.slot[kMaster])),
         master_sync(a.master_sync),
-        s(scalars_of<P, kM, T>(row_, step_lr(row_, t, a))),
+        s(adafactor_update_scalars<T>(step_lr(row_, t, a), eps1_of<P, kM>(row_),
+                                      row_.hyper[kWeightDecay])),
         gl(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef, a.flag[kMaximize])) {
     const T* sq = static_cast<const T*>(a.extra);
     s.step_size = static_cast<T>(adafactor_step_size(

@@ -46,18 +46,30 @@ FUSEDOPT_HD FUSEDOPT_INLINE double adafactor_eps1(double eps1, double dtype_eps)
   return eps1 < 0.0 ? dtype_eps : eps1;
 }
 
+/// The scalars the update needs (weight 0: the apply pass takes no pow, which in a CUDA
+/// kernel keeps values live across a call: a stack frame).
 template <typename T>
-FUSEDOPT_HD FUSEDOPT_INLINE AdafactorScalars<T> adafactor_scalars(double lr, double beta2_decay,
-                                                                  double eps1,
-                                                                  double weight_decay,
-                                                                  double step) {
+FUSEDOPT_HD FUSEDOPT_INLINE AdafactorScalars<T> adafactor_update_scalars(double lr, double eps1,
+                                                                         double weight_decay) {
   AdafactorScalars<T> s;
-  s.weight = static_cast<T>(::pow(step, beta2_decay));
+  s.weight = T(0);
   s.eps1 = static_cast<T>(eps1);
   s.eps1_sq = static_cast<T>(eps1 * eps1);
   s.decay = static_cast<T>(1.0 - lr * weight_decay);
   s.decays = weight_decay != 0.0;
   s.step_size = T(0);
+  return s;
+}
+
+/// Every per-tensor scalar at step `step` but the step size: the update's and the lerp
+/// weight t**beta2_decay of the second moments.
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE AdafactorScalars<T> adafactor_scalars(double lr, double beta2_decay,
+                                                                  double eps1,
+                                                                  double weight_decay,
+                                                                  double step) {
+  AdafactorScalars<T> s = adafactor_update_scalars<T>(lr, eps1, weight_decay);
+  s.weight = static_cast<T>(::pow(step, beta2_decay));
   return s;
 }
 
