@@ -36,10 +36,11 @@ STREAMS = {
     "adan_": (6, 5),  # param/master, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg_pre_grad
     "lamb_norms_": (4, 2),  # pass 1 with fp32 states: stores the moments
     "lamb_apply_": (3, 1),  # pass 3 with fp32 states: re-reads p, m, v (two-pass tensors)
+    "adafactor_apply_": (2, 1),  # param/master, grad (the factors are per row and column)
 }
 # Passes with low-precision states (module docstring of fusedopt/triton_kernels/lamb.py).
 LAMB_LOW_PRECISION = {"lamb_norms_": (4, 0), "lamb_apply_": (4, 3)}
-WRITES_PARAMS = ("adamw_", "sgd_", "lion_", "adan_", "lamb_apply_")
+WRITES_PARAMS = ("adamw_", "sgd_", "lion_", "adan_", "lamb_apply_", "adafactor_apply_")
 ELEMENTWISE_CASES = ("fp32", "bf16", "bf16_master_fp32grad", "fp16_master", "fp64")
 
 
@@ -72,11 +73,20 @@ def expected_streams(name: str) -> tuple[int, int] | None:
 def test_every_kernel_compiles_for_sm90(report):
     kernels = {"scale", "grad_norm_partials", "grad_norm_tensor_norms", "grad_norm_total",
                "adamw", "sgd", "lion", "adan", "lamb_norms", "lamb_apply",
-               "lamb_fold"}  # fmt: skip
+               "lamb_fold", "adafactor_norms", "adafactor_apply", "adafactor_floor"}  # fmt: skip
     for kernel in kernels:
         assert any(name.startswith(kernel) for name in report), kernel
     for case in ELEMENTWISE_CASES:
-        for op in ("adamw", "sgd", "lion", "adan", "lamb_norms", "lamb_apply"):
+        for op in (
+            "adamw",
+            "sgd",
+            "lion",
+            "adan",
+            "lamb_norms",
+            "lamb_apply",
+            "adafactor_norms",
+            "adafactor_apply",
+        ):
             assert f"{op}_{case}" in report
 
 

@@ -224,7 +224,7 @@ def _apply_block(offs, mask, rows, cols, floor_ptr, p_ptr, g_ptr, master_ptr, r_
         r = offs // cols
         b = r // rows
         c = offs - r * cols
-        floor = tl.load(floor_ptr + b, mask=mask, other=1.0).to(COMPUTE)
+        floor = load(floor_ptr, b, mask, COMPUTE)  # masked-off lanes: 0, never stored
         v = div(load(r_ptr, r, mask, COMPUTE) * load(c_ptr, b * cols + c, mask, COMPUTE), floor)
     else:
         v = load(v_ptr, offs, mask, COMPUTE)
