@@ -90,9 +90,18 @@ def test_every_kernel_compiles_for_sm90(report):
             assert f"{op}_{case}" in report
 
 
+#: Kernels known to spill, each with the reason; a listed kernel that stops spilling fails, so
+#: that the list stays true. adafactor_norms (one program reduces a whole tensor, through
+#: several loops whose state stays live across the IEEE-division and fp64 exp/log calls):
+#: 15 spilled values and a 24-byte stack in fp32 and fp16-master builds (tile sizes tried in
+#: fusedopt/triton_kernels/adafactor.py); to go with the chunked reduction that replaces it.
+KNOWN_SPILLS = {"adafactor_norms_fp32", "adafactor_norms_fp16_master"}
+
+
 def test_no_spills_no_local_memory(report):
     for name, r in report.items():
-        assert r["spills"] == 0 and r["local"] == 0 and r["stack"] == 0, (name, r)
+        clean = r["spills"] == 0 and r["local"] == 0 and r["stack"] == 0
+        assert clean != (name in KNOWN_SPILLS), (name, r)
 
 
 def test_aligned_path_is_128_bit_for_every_stream(report):
