@@ -252,7 +252,9 @@ class PlanMixin:
             problem = f"holds {t.numel()} numbers, {t.dtype}, on {t.device}"
             problem += f"; a step count is one float32 number on {device}"
         elif t.shape != shape:
-            problem = f"has shape {tuple(t.shape)} but the param now needs {tuple(shape)}"
+            problem = f"has shape {tuple(t.shape)} but the param now has {tuple(shape)}"
+            if tuple(shape) != tuple(p.shape):  # [note: factored layouts]
+                problem = f"has shape {tuple(t.shape)} but the param now needs {tuple(shape)}"
         elif t.device != device:
             problem = f"is on {t.device} but the param now is on {device}"
         elif t.dtype != dtype and not (key == MASTER_KEY and t.dtype == torch.float32):
