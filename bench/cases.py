@@ -29,6 +29,8 @@ HYPERS: dict[str, dict] = {
     "schedulefree_adamw": dict(
         lr=2.5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, warmup_steps=100
     ),
+    # torch.optim.Adafactor defaults, with a weight decay so that the decay path runs.
+    "adafactor": dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=1e-2),
 }
 
 #: AMP mode: global-norm clip threshold (clip_grad_norm_'s max_norm) and the loss scale.

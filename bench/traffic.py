@@ -29,6 +29,14 @@ Per element, by op (storage sizes; ``P`` param, ``G`` grad, ``S`` state, ``M`` f
 | `sgd_` (momentum)            | amp    | g M p buf (12) + grad_norm g (2) | M buf p (10) | 24 |
 | `schedulefree_adamw_`        | fp32   | y g z v   (16)   | y z v  (12)   | 28      |
 | `schedulefree_adamw_`        | amp    | g M y z v (16) + grad_norm g (2) | M z v y (14) | 32 |
+| `adafactor_` (matrices)      | fp32   | p g; g; p g (8+4+8) | p (4)      | 24      |
+| `adafactor_` (matrices)      | amp    | g; M p g; g; M p g (2+8+2+8) | M p (6) | 26 |
+
+Adafactor's factored second moments are R + C numbers per R x C matrix: ~0 bytes per element,
+so the count is that of matrices (a vector's variance, read and written in pass 1 and read in
+pass 3, adds 12 B per element of vectors: biases and norms, a small share of a model). Its
+three passes ([note: adafactor passes] in csrc/include/fusedopt/math/adafactor.h): reduce
+p² and the row/column sums of g², reduce u² (g again), apply.
 
 ``fp32``: fp32 params, grads and states, no loss scale, no clipping (LAMB keeps timm's default
 global clip, part of the algorithm). ``amp``: bf16 params and grads, fp32 master weights and
@@ -57,6 +65,7 @@ OPTIMIZER_OPS = {
     "lion": "lion_",
     "sgd": "sgd_",
     "schedulefree_adamw": "schedulefree_adamw_",
+    "adafactor": "adafactor_",
 }
 
 #: Precision modes: (param dtype, master weights, loss scale + clipping).
@@ -89,6 +98,12 @@ _STEP_PASSES: dict[str, tuple[Pass, ...]] = {
     "adan_": (Pass(("p", "g", "m", "v", "n", "npg"), ("p", "m", "v", "n", "npg")),),
     # y is the param ("p"); z the second sequence (csrc/cuda/schedulefree_adamw.cu: fp32 28 B).
     "schedulefree_adamw_": (Pass(("p", "g", "z", "v"), ("p", "z", "v")),),
+    # Adafactor, as a model's matrices step (the factors are ~0 B per element; see the table)
+    "adafactor_": (
+        Pass(("p", "g"), ()),  # sum p², row and column sums of g² (the factors)
+        Pass(("g",), ()),  # sum u² from the new factors
+        Pass(("p", "g"), ("p",)),  # apply
+    ),
 }
 
 #: Roles that are not optimizer state: the param (or its master), the grad, the bf16 param.

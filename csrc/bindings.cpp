@@ -58,12 +58,19 @@ struct Scratch {
   }
 };
 
-// lamb_'s two passes (lamb_direction_, lamb_apply_), in every backend.
+// The passes of multi-pass ops (lamb_direction_, lamb_apply_, adafactor_norms_,
+// adafactor_apply_), in every backend.
 #define FUSEDOPT_LAMB_PASS_LAUNCHERS(ns)                                                   \
   static void lamb_direction(const LambDirectionCall& c, const ExecContext& x) {           \
     ns::lamb_direction(c, x);                                                              \
   }                                                                                        \
-  static void lamb_apply(const LambApplyCall& c, const ExecContext& x) { ns::lamb_apply(c, x); }
+  static void lamb_apply(const LambApplyCall& c, const ExecContext& x) { ns::lamb_apply(c, x); } \
+  static void adafactor_norms(const AdafactorNormsCall& c, const ExecContext& x) {         \
+    ns::adafactor_norms(c, x);                                                             \
+  }                                                                                        \
+  static void adafactor_apply(const AdafactorApplyCall& c, const ExecContext& x) {         \
+    ns::adafactor_apply(c, x);                                                             \
+  }
 
 struct CpuBackend {
   static constexpr const char* kName = "cpu";
@@ -298,16 +305,32 @@ class StepArguments {
   c10::Device device() const { return device_; }
   const StepLists& lists() const { return lists_; }
 
-  /// A per-param state list (exp_avgs...): fp32 with master weights, else the param dtype.
-  TensorSlot state(const char* name, TensorList states, bool may_be_empty) {
+  /// A per-param state list (exp_avgs...): fp32 with master weights, else the param dtype,
+  /// in its shape rule ([note: factored layouts] in fusedopt/_contract.py): the param's shape
+  /// and strides, or a factored state's shape, contiguous (a (0,) placeholder where the param
+  /// has no such state: its dtype is not checked).
+  TensorSlot state(const char* name, TensorList states, bool may_be_empty,
+                   spec::StateLayout layout) {
     check_.length(name, states.size(), n_, may_be_empty);
     for (size_t i = 0; i < states.size(); ++i) {
       const Indexed where{name, i};
       const DType d = check_.tensor(states[i], where);
-      check_.like(states[i], params_[i], where);
-      TORCH_CHECK_TYPE(d == state_dtype_, check_.op(), ": ", where, " has dtype ",
-                       states[i].scalar_type(), ", expected ", dtype_name(state_dtype_));
+      const std::vector<int64_t> shape = state_shape(layout, params_[i].sizes());
+      if (layout == spec::StateLayout::kParam || shape == params_[i].sizes().vec()) {
+        check_.like(states[i], params_[i], where);
+      } else {
+        TORCH_CHECK(states[i].device() == device_, check_.op(), ": ", where, " is on ",
+                    states[i].device(), " but its param is on ", device_);
+        TORCH_CHECK(states[i].sizes() == at::IntArrayRef(shape) && states[i].is_contiguous(),
+                    check_.op(), ": ", where, " has shape ", states[i].sizes(), " (strides ",
+                    states[i].strides(), ") but this state of a param of shape ",
+                    params_[i].sizes(), " is a contiguous tensor of shape ", shape);
+      }
+      TORCH_CHECK_TYPE(d == state_dtype_ || states[i].numel() == 0, check_.op(), ": ", where,
+                       " has dtype ", states[i].scalar_type(), ", expected ",
+                       dtype_name(state_dtype_));
     }
+    if (layout == spec::StateLayout::kRow) factor_dims();
     states_.push_back(table(states, state_dtype_));
     return states_.back().slot();
   }
@@ -341,6 +364,44 @@ class StepArguments {
   }
 
  private:
+  /// The shape of a state of `layout` for a param of `sizes` (fusedopt/_contract.py
+  /// state_shape).
+  static std::vector<int64_t> state_shape(spec::StateLayout layout, at::IntArrayRef sizes) {
+    std::vector<int64_t> shape = sizes.vec();
+    const bool factored = shape.size() >= 2;
+    switch (layout) {
+      case spec::StateLayout::kParam:
+        return shape;
+      case spec::StateLayout::kUnfactored:
+        return factored ? std::vector<int64_t>{0} : shape;
+      case spec::StateLayout::kRow:
+        if (!factored) return {0};
+        shape.back() = 1;
+        return shape;
+      case spec::StateLayout::kCol:
+        if (!factored) return {0};
+        shape[shape.size() - 2] = 1;
+        return shape;
+    }
+    return shape;
+  }
+
+  /// Each param's (rows, cols) for the factored states (StepLists::factor_dims).
+  void factor_dims() {
+    factor_dims_.assign(2 * n_, 0);
+    for (size_t i = 0; i < n_; ++i) {
+      const at::IntArrayRef sizes = params_[i].sizes();
+      if (sizes.size() < 2) continue;
+      TORCH_CHECK(params_[i].is_contiguous(), check_.op(), ": params[", i, "] (shape ", sizes,
+                  ", strides ", params_[i].strides(), ") is not contiguous; a param with "
+                  "factored states is reduced over its last two dims, which the kernels walk "
+                  "in row-major order: pass .contiguous() tensors");
+      factor_dims_[2 * i] = sizes[sizes.size() - 2];
+      factor_dims_[2 * i + 1] = sizes.back();
+    }
+    lists_.factor_dims = factor_dims_.data();
+  }
+
   static SlotTable table(TensorList list, DType dtype) {
     SlotTable t;
     t.dtype = dtype;
@@ -359,6 +420,7 @@ class StepArguments {
   std::vector<float*> steps_;
   std::vector<int64_t> numels_;
   std::vector<int32_t> group_;  // tensor i's row of the hyperparameter table
+  std::vector<int64_t> factor_dims_;  // StepLists::factor_dims
   Tensor grad_scale_, clip_coef_;  // in opmath, alive for the call
   StepLists lists_;
 };
@@ -469,7 +531,7 @@ TensorList steps_or_none(TensorList steps) { return steps; }
 #define FUSEDOPT_TRAILING_NAME(name, ...) , name
 #define FUSEDOPT_SET_STATE(name, Name, index, may_be_empty, when)                               \
   if (when) {                                                                                   \
-    call.name = args.state(#name, name, may_be_empty);                                          \
+    call.name = args.state(#name, name, may_be_empty, layouts[index]);                          \
   } else {                                                                                      \
     TORCH_CHECK_VALUE(name.empty(), check.op(), ": " #name " has ", name.size(),                \
                       " entries but " #when " is False (expected 0)");                          \
@@ -493,6 +555,7 @@ TensorList steps_or_none(TensorList steps) { return steps; }
                        FUSEDOPT_##OP##_STEPS_OPTIONAL, lr_tensor, grad_scale, clip_coef,        \
                        found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_NAME));                \
     Stem##Call call;                                                                            \
+    const auto& layouts = spec::op::kStateLayouts;                                              \
     FUSEDOPT_##OP##_STATES(FUSEDOPT_SET_STATE)                                                  \
     FUSEDOPT_##OP##_STEPS_WITH(FUSEDOPT_CHECK_STEPS_WITH)                                       \
     args.hypers(hypers, group_sizes, spec::op::kNumHypers);                                     \
@@ -503,72 +566,86 @@ TensorList steps_or_none(TensorList steps) { return steps; }
   }
 FUSEDOPT_STEP_OPS(FUSEDOPT_STEP_IMPL)
 
-// lamb_'s two passes (fusedopt/_contract.py PHASE_OPS): lamb_'s arguments, checked as
-// lamb_impl checks them, with sq_norms after the flags (lamb_apply_) or returned
-// (lamb_direction_): [N, 2] in the params' opmath, on their device.
+// The passes of multi-pass step ops (fusedopt/_contract.py PHASE_OPS): the step op's
+// arguments, checked as its _impl checks them, with sq_norms after the flags (the last pass)
+// or returned (the first): [N, 2] in the params' opmath, on their device. lamb_direction_ /
+// lamb_apply_ and adafactor_norms_ / adafactor_apply_.
 #define FUSEDOPT_ARG_NAME(name, ...) name,
-#define FUSEDOPT_LAMB_PASS_PARAMS                                                   \
-  TensorList params, TensorList grads, FUSEDOPT_LAMB_STATES(FUSEDOPT_STATE_PARAM)  \
-      TensorList master_params, TensorList steps, const Tensor &hypers,            \
-      c10::IntArrayRef group_sizes, FUSEDOPT_LAMB_FLAGS(FUSEDOPT_FLAG_PARAM)
-#define FUSEDOPT_LAMB_PASS_SCALARS                                                         \
+#define FUSEDOPT_PASS_PARAMS(OP)                                                     \
+  TensorList params, TensorList grads, FUSEDOPT_##OP##_STATES(FUSEDOPT_STATE_PARAM)  \
+      TensorList master_params, TensorList steps, const Tensor &hypers,             \
+      c10::IntArrayRef group_sizes, FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FLAG_PARAM)
+#define FUSEDOPT_PASS_SCALARS                                                              \
   const OptTensor &lr_tensor, const OptTensor &grad_scale, const OptTensor &clip_coef,    \
       const OptTensor &found_inf, bool master_sync
-#define FUSEDOPT_LAMB_PASS_ARGS                                                            \
-  params, grads, FUSEDOPT_LAMB_STATES(FUSEDOPT_ARG_NAME) master_params, steps, hypers, \
-      group_sizes, FUSEDOPT_LAMB_FLAGS(FUSEDOPT_ARG_NAME) lr_tensor, grad_scale, clip_coef, \
+#define FUSEDOPT_PASS_ARGS(OP)                                                             \
+  params, grads, FUSEDOPT_##OP##_STATES(FUSEDOPT_ARG_NAME) master_params, steps, hypers,   \
+      group_sizes, FUSEDOPT_##OP##_FLAGS(FUSEDOPT_ARG_NAME) lr_tensor, grad_scale, clip_coef, \
       found_inf, master_sync
 
-/// Checks a lamb pass's lamb_ arguments and calls run(call, device) (not for an empty call).
-template <class Run>
-void with_lamb_call(const Checker& check, FUSEDOPT_LAMB_PASS_PARAMS FUSEDOPT_LAMB_PASS_SCALARS,
-                    Run run) {
-  StepArguments args(check, params, grads, master_params, steps, false, lr_tensor, grad_scale,
-                     clip_coef, found_inf, master_sync);
-  LambCall call;
-  FUSEDOPT_LAMB_STATES(FUSEDOPT_SET_STATE)
-  args.hypers(hypers, group_sizes, spec::lamb::kNumHypers);
-  if (args.size() == 0) return;
-  call.lists = args.lists();
-  FUSEDOPT_LAMB_FLAGS(FUSEDOPT_SET_FLAG)
-  run(call, args.device());
-}
-
-at::ScalarType lamb_opmath(TensorList params) {
+at::ScalarType pass_opmath(TensorList params) {
   return !params.empty() && params[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-template <class B>
-Tensor lamb_direction_impl(FUSEDOPT_LAMB_PASS_PARAMS FUSEDOPT_LAMB_PASS_SCALARS) {
-  const Checker check(op_name<B>("lamb_direction"), B::kDeviceType);
-  const auto options = at::TensorOptions().dtype(lamb_opmath(params));
-  Tensor sq_norms = at::zeros({0, 2}, options);
-  with_lamb_call(check, FUSEDOPT_LAMB_PASS_ARGS, [&](const LambCall& call, c10::Device device) {
-    sq_norms = at::zeros({call.lists.num_tensors, 2}, options.device(device));
-    LambDirectionCall pass{call, sq_norms.data_ptr()};
-    launch<B>(device, pass, B::lamb_direction);
-  });
-  return sq_norms;
+/// Checks sq_norms, the input of a last pass: [N, 2] contiguous, the params' opmath, on their
+/// device.
+void check_sq_norms(const Checker& check, const Tensor& sq_norms, TensorList params, int64_t n,
+                    c10::Device device, const char* first_pass) {
+  TORCH_CHECK_TYPE(sq_norms.scalar_type() == pass_opmath(params) && sq_norms.dim() == 2 &&
+                       sq_norms.size(0) == n && sq_norms.size(1) == 2 &&
+                       sq_norms.is_contiguous(),
+                   check.op(), ": sq_norms must be a contiguous ", pass_opmath(params),
+                   " tensor of shape (", n, ", 2) (", first_pass, "'s output); got shape ",
+                   sq_norms.sizes(), " and dtype ", sq_norms.scalar_type());
+  TORCH_CHECK(sq_norms.device() == device, check.op(), ": sq_norms is on ", sq_norms.device(),
+              " but the params are on ", device);
 }
 
-template <class B>
-void lamb_apply_impl(FUSEDOPT_LAMB_PASS_PARAMS const Tensor& sq_norms,
-                     FUSEDOPT_LAMB_PASS_SCALARS) {
-  const Checker check(op_name<B>("lamb_apply"), B::kDeviceType);
-  with_lamb_call(check, FUSEDOPT_LAMB_PASS_ARGS, [&](const LambCall& call, c10::Device device) {
-    TORCH_CHECK_TYPE(sq_norms.scalar_type() == lamb_opmath(params) && sq_norms.dim() == 2 &&
-                         sq_norms.size(0) == call.lists.num_tensors && sq_norms.size(1) == 2 &&
-                         sq_norms.is_contiguous(),
-                     check.op(), ": sq_norms must be a contiguous ", lamb_opmath(params),
-                     " tensor of shape (", call.lists.num_tensors,
-                     ", 2) (lamb_direction_'s output); got shape ", sq_norms.sizes(),
-                     " and dtype ", sq_norms.scalar_type());
-    TORCH_CHECK(sq_norms.device() == device, check.op(), ": sq_norms is on ", sq_norms.device(),
-                " but the params are on ", device);
-    LambApplyCall pass{call, sq_norms.const_data_ptr()};
-    launch<B>(device, pass, B::lamb_apply);
-  });
-}
+/// with_<op>_call (checks a pass's step-op arguments and calls run(call, device), not for an
+/// empty call), <first>_impl (returns sq_norms) and <last>_impl (takes it).
+#define FUSEDOPT_PASS_IMPLS(op, OP, Stem, first, last)                                       \
+  template <class Run>                                                                      \
+  void with_##op##_call(const Checker& check, FUSEDOPT_PASS_PARAMS(OP) FUSEDOPT_PASS_SCALARS, \
+                        Run run) {                                                          \
+    StepArguments args(check, params, grads, master_params, steps, false, lr_tensor,       \
+                       grad_scale, clip_coef, found_inf, master_sync);                     \
+    Stem##Call call;                                                                        \
+    const auto& layouts = spec::op::kStateLayouts;                                          \
+    FUSEDOPT_##OP##_STATES(FUSEDOPT_SET_STATE)                                              \
+    args.hypers(hypers, group_sizes, spec::op::kNumHypers);                                 \
+    if (args.size() == 0) return;                                                           \
+    call.lists = args.lists();                                                              \
+    FUSEDOPT_##OP##_FLAGS(FUSEDOPT_SET_FLAG)                                                \
+    run(call, args.device());                                                               \
+  }                                                                                         \
+  template <class B>                                                                        \
+  Tensor first##_impl(FUSEDOPT_PASS_PARAMS(OP) FUSEDOPT_PASS_SCALARS) {                      \
+    const Checker check(op_name<B>(#first), B::kDeviceType);                                \
+    const auto options = at::TensorOptions().dtype(pass_opmath(params));                    \
+    Tensor sq_norms = at::zeros({0, 2}, options);                                           \
+    with_##op##_call(check, FUSEDOPT_PASS_ARGS(OP), [&](const Stem##Call& call,             \
+                                                         c10::Device device) {              \
+      sq_norms = at::zeros({call.lists.num_tensors, 2}, options.device(device));            \
+      launch<B>(device, Stem##First{call, sq_norms.data_ptr()}, B::first);                  \
+    });                                                                                     \
+    return sq_norms;                                                                        \
+  }                                                                                         \
+  template <class B>                                                                        \
+  void last##_impl(FUSEDOPT_PASS_PARAMS(OP) const Tensor& sq_norms, FUSEDOPT_PASS_SCALARS) { \
+    const Checker check(op_name<B>(#last), B::kDeviceType);                                 \
+    with_##op##_call(check, FUSEDOPT_PASS_ARGS(OP), [&](const Stem##Call& call,             \
+                                                         c10::Device device) {              \
+      check_sq_norms(check, sq_norms, params, call.lists.num_tensors, device, #first "_");   \
+      launch<B>(device, Stem##Last{call, sq_norms.const_data_ptr()}, B::last);              \
+    });                                                                                     \
+  }
+
+using LambFirst = LambDirectionCall;
+using LambLast = LambApplyCall;
+using AdafactorFirst = AdafactorNormsCall;
+using AdafactorLast = AdafactorApplyCall;
+FUSEDOPT_PASS_IMPLS(lamb, LAMB, Lamb, lamb_direction, lamb_apply)
+FUSEDOPT_PASS_IMPLS(adafactor, ADAFACTOR, Adafactor, adafactor_norms, adafactor_apply)
 
 /// Registers every op of backend B.
 template <class B>
@@ -579,6 +656,8 @@ void register_backend(torch::Library& m) {
   FUSEDOPT_STEP_OPS(FUSEDOPT_REGISTER_STEP)
   m.impl(op_name<B>("lamb_direction").c_str(), &lamb_direction_impl<B>);
   m.impl(op_name<B>("lamb_apply").c_str(), &lamb_apply_impl<B>);
+  m.impl(op_name<B>("adafactor_norms").c_str(), &adafactor_norms_impl<B>);
+  m.impl(op_name<B>("adafactor_apply").c_str(), &adafactor_apply_impl<B>);
 }
 
 }  // namespace

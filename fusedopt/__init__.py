@@ -16,7 +16,7 @@ from fusedopt import (
 from fusedopt._backend import BackendStatus, backends, resolve
 from fusedopt.amp import GradScaler
 from fusedopt.clip import clip_grad_norm_
-from fusedopt.optim import LAMB, SGD, Adam, AdamW, Adan, Lion, ScheduleFreeAdamW
+from fusedopt.optim import LAMB, SGD, Adafactor, Adam, AdamW, Adan, Lion, ScheduleFreeAdamW
 
 with contextlib.suppress(ImportError):  # _C registers the cpu and cuda backends when built
     from fusedopt import _C  # noqa: F401
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LAMB",
     "SGD",
+    "Adafactor",
     "Adam",
     "AdamW",
     "Adan",

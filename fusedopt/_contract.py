@@ -94,9 +94,10 @@ ROLES: tuple[str, ...] = ("param", "grad", "state", "master", "step")
 class TensorListSpec:
     """One tensor list of a step op: one tensor per param (or none, where ``optional``).
 
-    ``layout`` is the shape/dtype rule of a state: ``"param"`` (the only one today) is the
-    param's shape and strides, fp32 with master weights, else the param's dtype. Factored
-    (row/column) or block-scaled states will add layouts here.
+    ``layout`` is the shape rule of a state (:data:`STATE_LAYOUTS`, :func:`state_shape`):
+    ``"param"`` is the param's shape and strides; ``"row"``, ``"col"`` and ``"unfactored"``
+    are Adafactor's factored second moments ([note: factored layouts]). Every layout takes
+    the same dtype: fp32 with master weights, else the param's dtype.
     """
 
     name: str  # the schema's argument name ("exp_avgs")
@@ -179,6 +180,11 @@ class StepOpSpec:
         return tuple(f.name for f in self.flag_specs)
 
     @property
+    def state_layouts(self) -> dict[str, str]:
+        """torch's state key -> the state's layout ([note: factored layouts])."""
+        return {t.state_key: t.layout for t in self.states if t.state_key}
+
+    @property
     def state_keys(self) -> dict[str, str]:
         """torch's state key -> list name, for the optimizer classes (steps first, then the
         states; master weights are handled apart: ``fusedopt.optim._base.MASTER_KEY``)."""
@@ -200,6 +206,51 @@ class StepOpSpec:
         args += [f"Tensor? {s}" for s in COMMON_SCALARS]
         args += [f"bool {f.name}={f.default}" for f in COMMON_FLAGS]
         return args
+
+
+#: The shape rules of a state list ([note: factored layouts]).
+STATE_LAYOUTS: tuple[str, ...] = ("param", "row", "col", "unfactored")
+
+
+def factored(shape: Sequence[int]) -> bool:
+    """Whether a param of ``shape`` keeps factored (row and column) second moments: it has two
+    or more dims (torch.optim.Adafactor's ``grad.dim() > 1``)."""
+    return len(shape) >= 2
+
+
+def has_state(layout: str, shape: Sequence[int]) -> bool:
+    """Whether a param of ``shape`` keeps a state of ``layout`` (else the op's lists hold a
+    ``(0,)`` placeholder for it, and the optimizer's state has no such key:
+    [note: factored layouts])."""
+    if layout in ("row", "col"):
+        return factored(shape)
+    return layout == "param" or not factored(shape)
+
+
+def state_shape(layout: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of a state of ``layout`` for a param of ``shape``.
+
+    [note: factored layouts] Adafactor keeps, for a param of two or more dims, a row factor
+    (``"row"``: the param's shape with the last dim 1, torch's ``row_var``) and a column factor
+    (``"col"``: the second-to-last dim 1, ``col_var``), both reduced over the last two dims
+    with any leading dims batched; for a vector or scalar param, an elementwise ``variance``
+    (``"unfactored"``: the param's shape). A state list is aligned with the params like any
+    other, so a param that has no such state (a vector's ``row_var``, a matrix's
+    ``variance``) holds a placeholder of shape ``(0,)`` there: the op skips it, and the
+    optimizers put it in the op's lists only (their state, and so their state dicts, have
+    only the keys a param uses, as torch's: ``has_state``). The
+    factored states are contiguous in their own shape (they are R + C numbers, not R x C);
+    ``"param"`` and ``"unfactored"`` states take the param's (dense) strides."""
+    shape = tuple(shape)
+    if layout == "param":
+        return shape
+    if layout == "unfactored":
+        return (0,) if factored(shape) else shape
+    if layout == "row":
+        return (*shape[:-1], 1) if factored(shape) else (0,)
+    if layout == "col":
+        return (*shape[:-2], 1, shape[-1]) if factored(shape) else (0,)
+    raise ValueError(f"unknown state layout {layout!r}; known: {', '.join(STATE_LAYOUTS)}")
 
 
 def _aliases(lists: Sequence[TensorListSpec]) -> dict[str, str]:
@@ -315,6 +366,26 @@ STEP_OPS: dict[str, StepOpSpec] = {
             steps="optional",
             steps_with="momentum_buffers",
         ),
+        StepOpSpec(
+            "adafactor_",
+            cpp="Adafactor",
+            doc="Adafactor (torch.optim.Adafactor). t = step + 1; w = t**beta2_decay; "
+            "rho = min(lr, 1/sqrt(t)); alpha = max(eps2, rms(p)) * rho (p before the decay); "
+            "a param of 2+ dims: row_var = lerp(row_var, mean(g^2, -1), w), col_var likewise "
+            "over dim -2, v = row_var*col_var / max(mean(row_var, -2), eps1); else "
+            "variance = lerp(variance, g^2, w), v = variance; u = g / sqrt(max(v, eps1^2)); "
+            "p *= 1 - lr*wd (wd != 0); p -= alpha / max(1, rms(u)/d) * u. eps1 < 0 stands for "
+            "torch's eps1=None: finfo(dtype).eps of the update's dtype (the param's, fp32 with "
+            "master weights). A param holds a (0,) placeholder in the "
+            "lists it has no state in ([note: factored layouts]).",
+            states=(
+                _state("row_vars", "row_var", layout="row"),
+                _state("col_vars", "col_var", layout="col"),
+                _state("variances", "variance", layout="unfactored"),
+            ),
+            hypers=("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay"),
+            flag_specs=(FlagSpec("maximize"),),
+        ),
     )
 }
 
@@ -386,8 +457,34 @@ LAMB_APPLY = PhaseOpSpec(
     read_only=("steps",),
 )
 
+#: Adafactor's passes ([note: adafactor passes] in DESIGN.md §2 and
+#: csrc/include/fusedopt/math/adafactor.h).
+ADAFACTOR_NORMS = PhaseOpSpec(
+    "adafactor_norms_",
+    step_op="adafactor_",
+    doc="Adafactor's reductions: advances the steps, folds g^2 into the second moments "
+    "(row and column sums of each factored param, elementwise for the others) and returns "
+    "sq_norms [N, 2] in opmath (fp64 for fp64 params, else fp32): sum(p^2) (p before the "
+    "decay) and sum(u^2) of the unclipped update, deterministic; 0 when found_inf skips "
+    "the step. lr is not read.",
+    returns=("sq_norms",),
+    read_only=("params", "master_params"),
+)
+ADAFACTOR_APPLY = PhaseOpSpec(
+    "adafactor_apply_",
+    step_op="adafactor_",
+    doc="Adafactor's last pass, after adafactor_norms_ with the same arguments: alpha and "
+    "the update clip of each tensor from sq_norms, then p = p*(1 - lr*wd) - alpha/denom * u, "
+    "u recomputed from the new second moments. Reads the advanced steps and the second "
+    "moments; writes the params (and masters) only.",
+    inputs=("sq_norms",),
+    read_only=("steps", "row_vars", "col_vars", "variances"),
+)
+
 #: The passes of the multi-pass step ops, each an op.
-PHASE_OPS: dict[str, PhaseOpSpec] = {p.name: p for p in (LAMB_DIRECTION, LAMB_APPLY)}
+PHASE_OPS: dict[str, PhaseOpSpec] = {
+    p.name: p for p in (LAMB_DIRECTION, LAMB_APPLY, ADAFACTOR_NORMS, ADAFACTOR_APPLY)
+}
 
 #: op name -> schema template. ``{name}`` is replaced by the backend-specific op name.
 #: In-place ops end in ``_``; the backend suffix goes before it (``adamw_cuda_``).
@@ -446,14 +543,18 @@ def _fake_inplace(*args, **kwargs):
     return None
 
 
-def _fake_lamb_direction(params, *args, **kwargs):
-    """sq_norms [N, 2] in the params' opmath."""
+def _fake_sq_norms(params, *args, **kwargs):
+    """sq_norms [N, 2] in the params' opmath (lamb_direction_, adafactor_norms_)."""
     dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
     device = params[0].device if params else torch.device("cpu")
     return torch.empty((len(params), 2), dtype=dtype, device=device)
 
 
-_FAKES = {"grad_norm": _fake_grad_norm, "lamb_direction_": _fake_lamb_direction}
+_FAKES = {
+    "grad_norm": _fake_grad_norm,
+    "lamb_direction_": _fake_sq_norms,
+    "adafactor_norms_": _fake_sq_norms,
+}
 
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 

@@ -70,6 +70,29 @@ def state_like(t: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(t.shape, dtype=dtype, device=t.device)
 
 
+def state_for(t: Tensor, layout: str, dtype: torch.dtype) -> Tensor:
+    """An uninitialised state of ``t`` in ``layout`` ([note: factored layouts] in
+    fusedopt._contract): :func:`state_like` where the state has the param's shape
+    (``"param"``, ``"unfactored"`` on a vector), else contiguous in its own shape."""
+    from fusedopt._contract import state_shape
+
+    shape = state_shape(layout, t.shape)
+    if shape == tuple(t.shape) and layout in ("param", "unfactored"):
+        return state_like(t, dtype)
+    return torch.empty(shape, dtype=dtype, device=t.device)
+
+
+def state_stride(t: Tensor, layout: str) -> tuple[int, ...]:
+    """The strides of ``t``'s state in ``layout``: :func:`dense_stride` where it has the
+    param's shape, else contiguous ones."""
+    from fusedopt._contract import state_shape
+
+    shape = state_shape(layout, t.shape)
+    if shape == tuple(t.shape) and layout in ("param", "unfactored"):
+        return dense_stride(t)
+    return torch.empty(shape, device="meta").stride()
+
+
 def overlaps(t: Tensor) -> bool:
     """Whether two elements of ``t`` may share memory: False when its dims, sorted by stride,
     each step past everything the smaller ones span (true of every view made by slicing,

@@ -70,6 +70,33 @@ def check_like(t: Tensor, param: Tensor, where: str, op: str, dtype: torch.dtype
         raise TypeError(f"{op}: {where} has dtype {t.dtype}, expected {dtype}")
 
 
+def check_state(
+    t: Tensor, param: Tensor, layout: str, where: str, op: str, dtype: torch.dtype
+) -> None:
+    """A state of ``param`` in ``layout`` ([note: factored layouts] in fusedopt._contract): the
+    param's shape and layout for ``"param"`` (and ``"unfactored"`` on a vector), else a
+    contiguous tensor of :func:`fusedopt._contract.state_shape` (a ``(0,)`` placeholder where
+    the param has no such state)."""
+    from fusedopt._contract import state_shape
+
+    shape = state_shape(layout, param.shape)
+    if shape == tuple(param.shape) and layout in ("param", "unfactored"):
+        check_like(t, param, where, op, dtype)
+        return
+    check_tensor(t, where, op)
+    if tuple(t.shape) != shape:
+        raise RuntimeError(
+            f"{op}: {where} has shape {tuple(t.shape)} but a {layout!r} state of a param of "
+            f"shape {tuple(param.shape)} has {shape}"
+        )
+    if t.device != param.device:
+        raise RuntimeError(f"{op}: {where} is on {t.device} but its param is on {param.device}")
+    if not t.is_contiguous():
+        raise RuntimeError(f"{op}: {where} must be contiguous (a {layout!r} state)")
+    if t.dtype != dtype and t.numel():
+        raise TypeError(f"{op}: {where} has dtype {t.dtype}, expected {dtype}")
+
+
 def check_scalar(
     t: Tensor | None, name: str, op: str, device: torch.device, allow_fp64: bool = False
 ) -> None:

@@ -27,6 +27,7 @@ from fusedopt._validate import (
     check_lengths,
     check_like,
     check_scalar,
+    check_state,
     check_tensor,
     per_tensor,
 )
@@ -153,6 +154,7 @@ def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -
             raise TypeError(f"{op}: params[{i}] has unsupported dtype {p.dtype}")
     device = _single_device(op, params, "params")
     masters = lists.get("master_params", [])
+    factored_contiguous = any(t.layout in ("row", "col") for t in spec.states)
     for i, p in enumerate(params):
         g = grads[i]
         check_like(g, p, f"grads[{i}]", op, None)
@@ -168,9 +170,17 @@ def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -
                 )
             check_like(masters[i], p, f"master_params[{i}]", op, torch.float32)
         state_dtype = torch.float32 if masters else p.dtype
-        for name in spec.state_lists:
-            if lists[name]:
-                check_like(lists[name][i], p, f"{name}[{i}]", op, state_dtype)
+        for t in spec.states:
+            if lists[t.name]:
+                check_state(lists[t.name][i], p, t.layout, f"{t.name}[{i}]", op, state_dtype)
+        if factored_contiguous and _contract.factored(p.shape) and not p.is_contiguous():
+            raise RuntimeError(
+                f"{op}: params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) is not "
+                "contiguous; a param with factored states is reduced over its last two dims, "
+                "which the kernels walk in row-major order: pass .contiguous() tensors"
+            )
+        if factored_contiguous and _contract.factored(p.shape) and not g.is_contiguous():
+            raise RuntimeError(f"{op}: grads[{i}] must be contiguous, as its param")
         if lists.get("steps"):
             s = lists["steps"][i]
             check_tensor(s, f"steps[{i}]", op)
@@ -423,7 +433,7 @@ def _phase_inputs(phase, inputs: dict[str, Tensor], params: list[Tensor], device
             got = f"shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, Tensor) else x
             raise TypeError(
                 f"{phase.name}: {name} must be a {dtype} tensor of shape "
-                f"({len(params)}, 2) (lamb_direction_'s output); got {got}"
+                f"({len(params)}, 2) (the output of {phase.step_op}'s first pass); got {got}"
             )
         if x.device != device:
             raise RuntimeError(
@@ -595,3 +605,82 @@ def sgd_(
     """One SGD step in place (torch.optim.SGD semantics); pass ``momentum_buffers`` and
     ``steps`` (both, or neither when momentum is 0); fp32 math."""
     _step_from_arguments("sgd_", locals())
+
+
+def adafactor_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    row_vars: Sequence[Tensor],
+    col_vars: Sequence[Tensor],
+    variances: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: Hyper | Tensor = 1e-2,
+    beta2_decay: Hyper = -0.8,
+    eps1: Hyper | None = None,
+    eps2: Hyper = 1e-3,
+    d: Hyper = 1.0,
+    weight_decay: Hyper = 0.0,
+    maximize: bool = False,
+    **options: Unpack[StepOptions],
+) -> None:
+    """One Adafactor step in place (torch.optim.Adafactor semantics; fp32 math, fp64 for fp64
+    params). A param of two or more dims keeps ``row_vars[i]`` (its shape with the last dim
+    1) and ``col_vars[i]`` (the second-to-last dim 1) and a ``(0,)`` placeholder in
+    ``variances``; any other param keeps ``variances[i]`` (its shape) and placeholders in the
+    other two ([note: factored layouts] in fusedopt._contract). ``eps1=None`` is torch's
+    ``finfo(param dtype).eps``. Three passes: :func:`adafactor_norms_`, then
+    :func:`adafactor_apply_` ([note: adafactor passes])."""
+    _step_from_arguments("adafactor_", _adafactor_eps(locals()))
+
+
+def _adafactor_eps(arguments: dict) -> dict:
+    """``eps1=None`` as the op's ``eps1 < 0``: the eps of the update's dtype (the param's,
+    fp32 with master weights)."""
+    eps1 = arguments["eps1"]
+    if eps1 is None:
+        arguments["eps1"] = -1.0
+    elif not isinstance(eps1, (int, float)):
+        arguments["eps1"] = [-1.0 if e is None else e for e in eps1]
+    return arguments
+
+
+def _adafactor_pass(op: str, arguments: dict, **inputs: Tensor) -> Tensor | None:
+    """An Adafactor pass called with ``adafactor_``'s arguments (bound by its signature)."""
+    keywords = arguments.pop("keywords")
+    bound = inspect.signature(adafactor_).bind(**arguments, **keywords)
+    bound.apply_defaults()
+    return _step_from_arguments(op, {**_adafactor_eps(bound.arguments), **inputs})
+
+
+def adafactor_norms_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    row_vars: Sequence[Tensor],
+    col_vars: Sequence[Tensor],
+    variances: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    **keywords: Any,
+) -> Tensor:
+    """Adafactor's reductions; takes :func:`adafactor_`'s keywords. Advances ``steps``,
+    updates the second moments and returns ``sq_norms`` [N, 2] (fp32; fp64 for fp64
+    params): ``sum(p²)`` and ``sum(u²)`` of the unclipped update of each tensor,
+    deterministic. Then :func:`adafactor_apply_` with the same arguments."""
+    return _adafactor_pass("adafactor_norms_", locals())
+
+
+def adafactor_apply_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    row_vars: Sequence[Tensor],
+    col_vars: Sequence[Tensor],
+    variances: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    sq_norms: Tensor,
+    **keywords: Any,
+) -> None:
+    """Adafactor's update, after :func:`adafactor_norms_` with the same arguments: ``alpha``
+    from ``sqrt(sq_norms[i, 0] / numel)``, the clip ``max(1, sqrt(sq_norms[i, 1] / numel) /
+    d)``, then ``p = p*(1 - lr*wd) - alpha/clip * u``. Reads ``steps``, writes none."""
+    arguments = locals()
+    _adafactor_pass("adafactor_apply_", arguments, sq_norms=arguments.pop("sq_norms"))

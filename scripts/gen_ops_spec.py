@@ -62,7 +62,9 @@ def render() -> str:
         "// FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends",
         "// with, after the common scalars (master_sync).",
         "// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops; namespace fusedopt::spec::<op> has",
-        "// the indices (kExpAvgs, kBeta1, kDecoupled...) and the counts (kNumStates...).",
+        "// the indices (kExpAvgs, kBeta1, kDecoupled...), the counts (kNumStates...) and each",
+        "// state list's shape rule (kStateLayouts: [note: factored layouts] in",
+        "// fusedopt/_contract.py).",
         "#pragma once",
         "",
     ]
@@ -102,8 +104,16 @@ def render() -> str:
         out += [f"#define FUSEDOPT_{op}_STEPS_OPTIONAL {optional}"]
         out += _macro(f"FUSEDOPT_{op}_STEPS_WITH", [f"X({s.steps_with})"] if s.steps_with else [])
     out += ["", "namespace fusedopt::spec {", ""]
+    layouts = [camel(name) for name in contract.STATE_LAYOUTS]
+    out += [
+        "/// The shape rule of a state list (fusedopt/_contract.py STATE_LAYOUTS).",
+        f"enum class StateLayout {{ {', '.join(f'k{name}' for name in layouts)} }};",
+        "",
+    ]
     for s in ops:
         out.append(f"namespace {s.name.rstrip('_')} {{")
+        rules = ", ".join(f"StateLayout::k{camel(t.layout)}" for t in s.states)
+        out.append(f"inline constexpr StateLayout kStateLayouts[] = {{{rules}}};")
         for kind, names in (
             ("States", [t.name for t in s.states]),
             ("Hypers", list(s.hypers)),

@@ -82,6 +82,25 @@ CASES = [
         fusedopt.ScheduleFreeAdamW,
         dict(lr=1e-2, betas=(0.8, 0.99), r=0.5, weight_lr_power=1.0, max_grad_norm=0.5),
     ),
+    # eps1 given: the oracle runs in float64, where eps1=None would be float64's eps
+    # (tests/test_optim_adafactor.py checks None against torch directly).
+    torch_twin(
+        "adafactor_wd_maximize",
+        fusedopt.Adafactor,
+        lr=1e-2,
+        eps=(1e-10, 1e-3),
+        weight_decay=0.1,
+        maximize=True,
+    ),
+    # lr 0.2 > 1/sqrt(t) from t = 26: rho = 1/sqrt(t) for the last half of the 50 steps
+    torch_twin(
+        "adafactor_rho_clip",
+        fusedopt.Adafactor,
+        lr=0.2,
+        eps=(1e-10, 1e-2),
+        d=1.5,
+        beta2_decay=-0.5,
+    ),
 ]
 CASE_IDS = [case.name for case in CASES]
 

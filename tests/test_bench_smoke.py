@@ -35,6 +35,8 @@ from bench.traffic import bytes_per_param
         ("sgd_", "amp", 24),
         ("schedulefree_adamw_", "fp32", 28),  # read y g z v, write y z v: AdamW's traffic
         ("schedulefree_adamw_", "amp", 32),
+        ("adafactor_", "fp32", 24),  # p g (norms, factors); g (u²); p g -> p
+        ("adafactor_", "amp", 26),  # clip g; M p g; g; M p g -> M p (bf16 g and p: 2 B)
     ],
 )
 def test_byte_table(op, mode, expected):
@@ -182,7 +184,8 @@ def test_report_runs_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("optimizer", "peer"),
     [("adamw", "torch fused"), ("adam", "torch fused"), ("sgd", "torch fused"),
-     ("schedulefree_adamw", "schedulefree AdamWScheduleFree")],
+     ("schedulefree_adamw", "schedulefree AdamWScheduleFree"),
+     ("adafactor", "torch foreach")],  # torch has no fused Adafactor
 )  # fmt: skip
 def test_fusedopt_and_torch_rows_compute_the_same_step(optimizer, peer, mode):
     """The report compares like with like: the same hyperparameters, and in amp the same

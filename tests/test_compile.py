@@ -28,6 +28,7 @@ CLASSES = [
     # Its host-made group scalars (k, lr_max, weight_sum) change at every step: Dynamo
     # recompiles once, then traces them as dynamic (2 graphs over 5 steps, torch 2.14.1).
     (fusedopt.ScheduleFreeAdamW, {"warmup_steps": 2, "weight_decay": 0.01}),
+    (fusedopt.Adafactor, {"weight_decay": 0.1, "max_grad_norm": 1.0}),
 ]
 IDS = [cls.__name__ for cls, _ in CLASSES]
 

@@ -171,6 +171,11 @@ def _expected() -> dict[str, tuple[str, ...]]:
         expected[f"ScheduleFreeAdamWBody<{types}>"] = both
         expected[f"LambApplyBody<{types}>"] = both
         expected[f"lamb_norms_kernel<{types}>("] = loads
+        # Adafactor's reductions walk a tensor per block with scalar accesses (csrc/cuda/
+        # adafactor.cu: a known cost); its apply takes p and g on the vector path.
+        expected[f"adafactor_norms_kernel<{types}>("] = ()
+        expected[f"adafactor_floor_kernel<{types}>("] = ()
+        expected[f"AdafactorApplyBody<{types}>"] = both
     return expected
 
 

@@ -20,7 +20,7 @@ import fusedopt
 from fusedopt import ops
 
 BACKENDS = backend_device_params()
-STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_")
+STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "adafactor_")
 N = 1029  # not a multiple of any vector width; crosses a Triton block
 
 
@@ -67,6 +67,13 @@ def _op_call(op: str, n_tensors: int, device: str, gen: torch.Generator):
         hypers = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, ckp1=0.25,
                       bias_correction2=0.05)  # fmt: skip
         flags = {}
+    elif op == "adafactor_":  # vectors: a variance each, (0,) placeholders for the factors
+        empty = [torch.zeros(0, device=device) for _ in range(n_tensors)]
+        lists = dict(row_vars=empty, col_vars=[t.clone() for t in empty], variances=squares,
+                     steps=steps)  # fmt: skip
+        # eps1 given: None would floor the bf16 run at bf16's eps and its fp32 twin at fp32's
+        hypers = dict(lr=1e-2, beta2_decay=-0.8, eps1=1e-30, eps2=1e-3, d=1.0, weight_decay=0.1)
+        flags = dict(maximize=False)
     else:
         lists = dict(momentum_buffers=moments, steps=steps)
         hypers = dict(lr=1e-1, momentum=0.9, dampening=0.0, weight_decay=0.1)

@@ -66,6 +66,14 @@ GOLDEN_SCHEMAS = {
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
         "bool master_sync=True) -> ()"
     ),
+    # Written by hand from torch.optim.Adafactor's state names (row_var, col_var, variance).
+    "adafactor_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] row_vars, "
+        "Tensor(c!)[] col_vars, Tensor(d!)[] variances, Tensor(e!)[] master_params, "
+        "Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, bool maximize, "
+        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> ()"
+    ),
 }
 
 
@@ -84,6 +92,19 @@ GOLDEN_PHASE_SCHEMAS = {
         "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor[] steps, "
         "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
         "bool trust_clip, bool always_adapt, Tensor sq_norms, Tensor? lr_tensor, "
+        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
+    ),
+    "adafactor_norms_": (
+        "{name}(Tensor[] params, Tensor[] grads, Tensor(b!)[] row_vars, "
+        "Tensor(c!)[] col_vars, Tensor(d!)[] variances, Tensor[] master_params, "
+        "Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, bool maximize, "
+        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> (Tensor sq_norms)"
+    ),
+    "adafactor_apply_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor[] row_vars, Tensor[] col_vars, "
+        "Tensor[] variances, Tensor(e!)[] master_params, Tensor[] steps, Tensor hypers, "
+        "int[] group_sizes, bool maximize, Tensor sq_norms, Tensor? lr_tensor, "
         "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
     ),
 }
@@ -125,12 +146,13 @@ TORCH_STATE_KEYS = {
     "adan_": {"step", "exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"},  # official Adan's
     "schedulefree_adamw_": {"z", "exp_avg_sq"},  # schedulefree's AdamWScheduleFree
     "sgd_": {"step", "momentum_buffer"},
+    "adafactor_": {"step", "row_var", "col_var", "variance"},
 }
 
 
 def test_optimizers_state_lists_come_from_the_spec():
     for cls in (optim.AdamW, optim.Adam, optim.LAMB, optim.Lion, optim.Adan,
-                optim.ScheduleFreeAdamW, optim.SGD):  # fmt: skip
+                optim.ScheduleFreeAdamW, optim.SGD, optim.Adafactor):  # fmt: skip
         spec = _contract.STEP_OPS[cls.OP]
         assert spec.state_keys == cls.STATE_LISTS
         assert set(cls.STATE_LISTS) == TORCH_STATE_KEYS[cls.OP]
@@ -200,4 +222,6 @@ def test_cpp_uses_the_spec_not_hand_written_indices():
     with open(os.path.join(ROOT, "csrc", "bindings.cpp")) as f:
         bindings = f.read()
     assert "FUSEDOPT_STEP_OPS(FUSEDOPT_STEP_IMPL)" in bindings
-    assert not re.search(r"void (adamw|lamb|lion|adan|schedulefree_adamw|sgd)_impl\(", bindings)
+    assert not re.search(
+        r"void (adamw|lamb|lion|adan|schedulefree_adamw|sgd|adafactor)_impl\(", bindings
+    )

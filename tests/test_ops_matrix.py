@@ -25,7 +25,7 @@ from harness import (
     scale_cases,
     step_cases,
 )
-from harness.cases import SCALARS, params
+from harness.cases import SCALARS, op_layout, params
 from harness.checks import (
     assert_close,
     lion_excused,
@@ -113,7 +113,8 @@ def test_one_call_over_several_dtypes_equals_one_call_per_dtype(target, op):
     def parts():
         out = []
         for seed, storage in enumerate(storages):
-            case = StepCase(OPTIONS[op][0], STORAGES[storage], "mixed", SCALARS["groups"])
+            layout = op_layout(op, "mixed")
+            case = StepCase(OPTIONS[op][0], STORAGES[storage], layout, SCALARS["groups"])
             inputs = make_inputs(case, device, seed=seed)
             inputs.lists["grads"] = make_grads(inputs, 1)
             inputs.lr_tensor *= 1 + seed  # each group its own lrs: a mix-up shows
@@ -145,7 +146,7 @@ def _agree_params():
     for p in backend_device_params(include_reference=False):
         (backend, device), marks = p.values[0], p.marks
         for op, options in OPTIONS.items():
-            case = StepCase(options[0], STORAGES["fp32"], "mixed", SCALARS["amp"])
+            case = StepCase(options[0], STORAGES["fp32"], op_layout(op, "mixed"), SCALARS["amp"])
             out.append(
                 pytest.param(backend, device, case, marks=marks, id=f"{backend}-{device}-{op}")
             )
@@ -174,7 +175,7 @@ def test_registry_covers_every_op_option_storage_and_layout():
     cases = step_cases()
     assert {c.options for c in cases} == {o for opts in OPTIONS.values() for o in opts}
     assert {c.storage.name for c in cases} == set(STORAGES)
-    assert {c.layout for c in cases} == {"mixed", "many", "big"}
+    assert {c.layout for c in cases} == {"mixed", "rowmajor", "many", "big"}
     assert {c.scalars.name for c in cases} == set(SCALARS)
     assert len({c.id for c in cases}) == len(cases)
 
@@ -239,7 +240,7 @@ def test_lion_excuses_only_near_zero_c():
     assert not excused[~nonzero].any() and (~nonzero[10:]).any()
 
 
-@pytest.mark.parametrize("op", ["adamw_", "sgd_"])
+@pytest.mark.parametrize("op", ["adamw_", "sgd_", "adafactor_"])
 def test_check_step_case_fails_for_a_wrong_backend(op, monkeypatch):
     """Break the oracle's view of one hyperparameter: the check must notice."""
     import harness.checks as checks
@@ -252,7 +253,7 @@ def test_check_step_case_fails_for_a_wrong_backend(op, monkeypatch):
         inputs.hypers["lr"] = [lr / (1 + 1e-4) for lr in inputs.hypers["lr"]]
 
     monkeypatch.setattr(checks, "run_oracle", off_by_a_little)
-    case = StepCase(OPTIONS[op][0], STORAGES["fp32"], "mixed", SCALARS["plain"])
+    case = StepCase(OPTIONS[op][0], STORAGES["fp32"], op_layout(op, "mixed"), SCALARS["plain"])
     with pytest.raises(AssertionError, match="params"):
         check_step_case(case, "reference", "cpu", steps=1)
 

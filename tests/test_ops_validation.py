@@ -16,6 +16,7 @@ import torch
 
 import fusedopt
 from fusedopt import ops
+from fusedopt._contract import state_shape
 
 SHAPES = [(4,), (2, 3), (5,)]
 
@@ -62,6 +63,13 @@ def _valid(op: str, dtype: torch.dtype = torch.float32, masters: bool = False) -
     if op == "sgd_":
         return dict(params=rnd(), grads=rnd(), momentum_buffers=rnd(state), steps=steps,
                     lr=1e-2, momentum=0.9, **common)  # fmt: skip
+    if op == "adafactor_":
+        # [note: factored layouts]: (2, 3) is factored, the vectors keep a variance
+        def zeros(layout):
+            return [torch.zeros(state_shape(layout, s), dtype=state) for s in SHAPES]
+
+        return dict(params=rnd(), grads=rnd(), row_vars=zeros("row"), col_vars=zeros("col"),
+                    variances=zeros("unfactored"), steps=steps, lr=1e-2, **common)  # fmt: skip
     raise ValueError(op)
 
 
@@ -92,10 +100,10 @@ def _unchanged(kwargs: dict, before: list) -> bool:
     return all(b is None or torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
-STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_")
+STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "adafactor_")
 STATE = {"adamw_": "exp_avgs", "lamb_": "exp_avg_sqs", "lion_": "exp_avgs",
          "adan_": "exp_avg_diffs", "schedulefree_adamw_": "zs",
-         "sgd_": "momentum_buffers"}  # fmt: skip
+         "sgd_": "momentum_buffers", "adafactor_": "variances"}  # fmt: skip
 
 
 def _set(name: str, i: int, make: Callable[[torch.Tensor], torch.Tensor]):
@@ -127,6 +135,10 @@ def _channels_last_param(kw: dict) -> None:
     for name in {n for spec in ops.STEP_OPS.values() for n in spec.state_lists}:  # any op's
         if name in kw:
             kw[name][0] = torch.zeros(2, 3, 2, 2)
+    if "row_vars" in kw:  # Adafactor: its states fit; the param's layout does not
+        kw["row_vars"][0] = torch.zeros(2, 3, 2, 1)
+        kw["col_vars"][0] = torch.zeros(2, 3, 1, 2)
+        kw["variances"][0] = torch.zeros(0)
 
 
 def _step_cases():
@@ -158,7 +170,9 @@ def _step_cases():
             (op, "overlapping_param", _set("params", 1, lambda t: torch.zeros(1, 3).expand(2, 3)),
              RuntimeError, r"params\[1\] overlaps itself"),
             (op, "mismatched_layout", _channels_last_param,
-             RuntimeError, r"\[0\] has strides .* both must share one memory layout"),
+             RuntimeError, r"\[0\] has strides .* both must share one memory layout"
+             if op != "adafactor_" else r"params\[0\] .* is not contiguous; a param with "
+             r"factored states"),
             (op, "short_state_list", _drop(state),
              ValueError, rf"{state} has 2 entries but params has 3"),
             (op, "short_grad_list", _drop("grads"),
@@ -191,7 +205,7 @@ def _step_cases():
              lambda: [torch.zeros(s) for s in SHAPES]),
              TypeError, r"master_params\[0\] given for a torch.float32 param"),
         ]  # fmt: skip
-        if op in ("adamw_", "lamb_", "sgd_"):
+        if op in ("adamw_", "lamb_", "sgd_", "adafactor_"):
             cases += [
                 (op, "steps_fp64", _set("steps", 1, lambda t: t.double()),
                  TypeError, r"steps\[1\] must be a one-element float32 tensor"),
@@ -205,6 +219,17 @@ def _step_cases():
          ValueError, r"amsgrad=True needs one max_exp_avg_sqs tensor per param"),
         ("sgd_", "buffers_without_steps", _put("steps", []),
          ValueError, r"pass both momentum_buffers and steps, or neither"),
+        # [note: factored layouts]: a factor in the param's shape, a factored param's
+        # variance that is not the (0,) placeholder, a vector's row factor that is not
+        ("adafactor_", "row_var_param_shaped", _set("row_vars", 1, lambda t: torch.zeros(2, 3)),
+         RuntimeError, r"row_vars\[1\] has shape \(2, 3\) but a 'row' state of a param of "
+         r"shape \(2, 3\) has \(2, 1\)"),
+        ("adafactor_", "col_var_transposed", _set("col_vars", 1, lambda t: torch.zeros(3, 1)),
+         RuntimeError, r"col_vars\[1\] has shape \(3, 1\) but .* has \(1, 3\)"),
+        ("adafactor_", "variance_of_a_matrix", _set("variances", 1, lambda t: torch.zeros(2, 3)),
+         RuntimeError, r"variances\[1\] has shape \(2, 3\) but .* has \(0,\)"),
+        ("adafactor_", "row_var_of_a_vector", _set("row_vars", 0, lambda t: torch.zeros(4, 1)),
+         RuntimeError, r"row_vars\[0\] has shape \(4, 1\) but .* has \(0,\)"),
     ]  # fmt: skip
     return cases
 
@@ -339,9 +364,10 @@ def _non_dense_call(op: str, masters: bool):
     kwargs = _valid(op, torch.bfloat16 if masters else torch.float32, masters)
     dense = {k: [t.clone() for t in v] if isinstance(v, list) else v for k, v in kwargs.items()}
     bases = []
-    state = STATE[op]
+    # Adafactor's (2, 3) param 1 has no param-shaped state: the variance of vector 0 instead
+    state = (STATE[op], 1, "transposed") if op != "adafactor_" else ("variances", 0, "every_other")
     for name, i, how in [("params", 0, "every_other"), ("params", 1, "transposed"),
-                         ("grads", 1, "every_other"), (state, 1, "transposed")]:  # fmt: skip
+                         ("grads", 1, "every_other"), state]:  # fmt: skip
         kwargs[name][i], base = _strided_copy(kwargs[name][i], how)
         bases.append((kwargs[name][i], base))
     return kwargs, dense, bases

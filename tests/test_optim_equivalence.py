@@ -22,10 +22,16 @@ from optim_cases import (
 )
 
 import fusedopt
+from fusedopt._contract import STEP_OPS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKENDS = [(d, b) for d in DEVICES for b in usable_backends(d)]
 BACKEND_IDS = [f"{d}-{b}" for d, b in BACKENDS]
+
+
+def _has_factored_states(cls) -> bool:
+    """Whether the class keeps factored (row/column) states ([note: factored layouts])."""
+    return any(t.layout in ("row", "col") for t in STEP_OPS[cls.OP].states)
 
 
 def _compare_states(opt, params, oracle, tol, what):
@@ -92,6 +98,12 @@ def test_master_weights_trajectory(case, dtype, device, backend):
 def test_low_precision_step_by_step(case, dtype, device, backend):
     """Without master weights, states take the param's dtype; each step from identical
     inputs equals the fp64 oracle's step rounded once (DESIGN.md §5)."""
+    if _has_factored_states(case.cls):
+        pytest.skip(f"{case.cls.__name__} computes its update from second moments as stored in "
+                    "the param's dtype (torch's semantics), which the fp64 oracle does not "
+                    "round: not one rounding of the oracle's step. The op matrix checks it with "
+                    "the allowance derived for that (tests/harness/checks.py "
+                    "_adafactor_stored_moments)")  # fmt: skip
     params = clone_params(make_model(), dtype, device)
     opt = case.cls(params, **case.kwargs, backend=backend)
     gen = torch.Generator().manual_seed(3)
@@ -202,7 +214,9 @@ def test_non_dense_params_step_as_dense_copies_and_as_torch(case, device, backen
         assert set(opt.state[p]) == set(dense_opt.state[q])
         for key, value in opt.state[p].items():
             assert torch.equal(value, dense_opt.state[q][key]), f"param {i} {key}"
-            assert value.dim() == 0 or value.stride() == q.stride(), f"param {i} {key}"
+            # (a factored state has its own shape, contiguous: [note: factored layouts])
+            param_shaped = value.shape == q.shape
+            assert not param_shaped or value.stride() == q.stride(), f"param {i} {key}"
     if case.torch_cls is not None:
         for i, (p, q) in enumerate(zip(params, torch_params, strict=True)):
             assert_close(p, q, TORCH_TOLERANCE, f"vs torch param {i}")
@@ -330,6 +344,10 @@ def test_a_layout_change_after_stepping_re_lays_the_states(case, swap, device, b
     """[note: re-laid state]: ``model.to(memory_format=torch.channels_last)`` (or a
     column-major ``.data`` swap) between steps: the states follow the params' new layout,
     values kept, and the run goes on as the same run without the swap, and as torch's."""
+    if _has_factored_states(case.cls):
+        pytest.skip(f"{case.cls.__name__} refuses params that are not row-major (a factored "
+                    "state is reduced over the last two dims): test_optim_adafactor.py "
+                    "checks the refusal")  # fmt: skip
     runs = {}
     for name in ("swapped", "kept", "torch"):
         if name == "torch" and case.torch_cls is None:

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from fusedopt import reference
+from fusedopt._contract import state_shape
 from fusedopt.ops import hyper_table
 
 F64 = torch.float64
@@ -806,6 +807,11 @@ def _step_tensors(dtype: torch.dtype, masters: bool) -> dict[str, list[torch.Ten
         # Adan's exp_avg_diff and neg_pre_grad (drawn last: the other ops' tensors keep theirs)
         "d": [rnd(s, state_dt) for s in shapes],
         "q": [rnd(s, state_dt) for s in shapes],
+        # Adafactor's factored and unfactored second moments ([note: factored layouts])
+        **{
+            key: [rnd(state_shape(layout, s), state_dt).abs() for s in shapes]
+            for key, layout in (("row", "row"), ("col", "col"), ("var", "unfactored"))
+        },
     }
 
 
@@ -835,6 +841,13 @@ def _call_step(op: str, t: dict, found_inf: torch.Tensor) -> None:
                                       *hyper_table(lr, b1, b2, eps, wd, [0.25] * n, [0.5] * n),
                                       torch.tensor(1e-2), torch.tensor(2.0), None,
                                       found_inf)  # fmt: skip
+    elif op == "adafactor_":
+        # lr 0.5 (rho = 1/sqrt(t) from step 5), eps1 None (-1: with masters fp32's eps, so
+        # that the master test's bf16-with-master and fp32 runs floor alike), maximize, a scale
+        reference.adafactor_(p, g, t["row"], t["col"], t["var"], master, steps,
+                             *hyper_table([0.5] * n, [-0.8] * n, [-1.0] * n, [1e-3] * n,
+                                          [1.0] * n, wd),
+                             True, None, torch.tensor(2.0), None, found_inf)  # fmt: skip
     else:
         reference.sgd_(p, g, m, master, steps, *hyper_table(lr, [0.9] * n, [0.0] * n, wd), True,
                        False, None,
@@ -842,10 +855,11 @@ def _call_step(op: str, t: dict, found_inf: torch.Tensor) -> None:
 
 
 def _touched(t: dict) -> list[torch.Tensor]:
-    return [x for k in ("params", "m", "v", "vmax", "d", "q", "master", "steps") for x in t[k]]
+    keys = ("params", "m", "v", "vmax", "d", "q", "row", "col", "var", "master", "steps")
+    return [x for k in keys for x in t[k]]
 
 
-STEP_OPS = ["adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_"]
+STEP_OPS = ["adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "adafactor_"]
 
 
 @pytest.mark.parametrize("op", STEP_OPS)
@@ -881,7 +895,7 @@ def test_master_weights_step_the_fp32_master_and_round_the_param(op):
                                as_fp32["params"], strict=True):  # fmt: skip
         assert torch.equal(_bits(master), _bits(fp32))
         assert torch.equal(_bits(p), _bits(master.to(torch.bfloat16)))
-    for k in ("m", "v", "vmax", "d", "q", "steps"):
+    for k in ("m", "v", "vmax", "d", "q", "row", "col", "var", "steps"):
         for a, b in zip(with_master[k], as_fp32[k], strict=True):
             assert torch.equal(_bits(a), _bits(b))
 
@@ -895,3 +909,65 @@ def test_reference_sqrt_is_correctly_rounded():
 
     x = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 10 + 1e-3
     assert np.array_equal(sqrt_rn(x).numpy(), np.sqrt(x.numpy()))
+
+
+# --------------------------------------------------------------------------------------------
+# Adafactor: torch.optim.Adafactor is the anchor
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(lr=1e-2, beta2_decay=-0.8, eps1=None, eps2=1e-3, d=1.0, weight_decay=0.0,
+             maximize=False),
+        dict(lr=0.5, beta2_decay=-0.5, eps1=1e-20, eps2=1e-2, d=1.5, weight_decay=0.1,
+             maximize=True),
+    ],
+    ids=["defaults", "wd_maximize_clip"],
+)  # fmt: skip
+def test_adafactor_equals_torch(config):
+    """The reference ``adafactor_`` (its two passes) against torch.optim.Adafactor's own
+    single-tensor step, in float64 over 20 steps: matrices, a batched 3-d param, a column,
+    vectors and a scalar. lr 0.5 makes rho = 1/sqrt(t) from step 5 and the clip d act."""
+    from torch.optim._adafactor import _single_tensor_adafactor
+
+    shapes = [(5, 7), (3, 4, 6), (9, 1), (11,), ()]
+    gen = _gen(7)
+    ours = [torch.randn(s, generator=gen, dtype=F64) for s in shapes]
+    theirs = [p.clone() for p in ours]
+    rows = [torch.zeros(state_shape("row", s), dtype=F64) for s in shapes]
+    cols = [torch.zeros(state_shape("col", s), dtype=F64) for s in shapes]
+    variances = [torch.zeros(state_shape("unfactored", s), dtype=F64) for s in shapes]
+    steps = [torch.tensor(0.0) for _ in shapes]
+    t_rows = [r.clone() if len(s) >= 2 else None for r, s in zip(rows, shapes, strict=True)]
+    t_cols = [c.clone() if len(s) >= 2 else None for c, s in zip(cols, shapes, strict=True)]
+    t_vars = [v.clone() if len(s) < 2 else None for v, s in zip(variances, shapes, strict=True)]
+    t_steps = [torch.tensor(0.0) for _ in shapes]
+    n = len(shapes)
+    eps1 = -1.0 if config["eps1"] is None else config["eps1"]
+    columns = (
+        [[config[k]] * n for k in ("lr", "beta2_decay")]
+        + [[eps1] * n]
+        + [[config[k]] * n for k in ("eps2", "d", "weight_decay")]
+    )
+    for _ in range(20):
+        grads = [torch.randn(s, generator=gen, dtype=F64) for s in shapes]
+        reference.adafactor_(ours, grads, rows, cols, variances, [], steps,
+                             *hyper_table(*columns), config["maximize"], None, None, None,
+                             None)  # fmt: skip
+        _single_tensor_adafactor(theirs, grads, t_rows, t_cols, t_vars, t_steps, None, None,
+                                 d=config["d"], lr=config["lr"],
+                                 beta2_decay=config["beta2_decay"],
+                                 weight_decay=config["weight_decay"], eps1=config["eps1"],
+                                 eps2=config["eps2"], maximize=config["maximize"],
+                                 has_complex=False)  # fmt: skip
+    for i, s in enumerate(shapes):
+        torch.testing.assert_close(ours[i], theirs[i], rtol=1e-13, atol=1e-15)
+        if len(s) >= 2:
+            torch.testing.assert_close(rows[i], t_rows[i], rtol=1e-13, atol=1e-300)
+            torch.testing.assert_close(cols[i], t_cols[i], rtol=1e-13, atol=1e-300)
+            assert variances[i].shape == (0,)
+        else:
+            torch.testing.assert_close(variances[i], t_vars[i], rtol=1e-13, atol=1e-300)
+            assert rows[i].shape == cols[i].shape == (0,)
+        assert steps[i].item() == t_steps[i].item() == 20

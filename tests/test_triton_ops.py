@@ -108,9 +108,12 @@ STATES = {  # op -> (state lists, kwargs flag that needs max_exp_avg_sqs)
     "adan_": ("exp_avgs", "exp_avg_sqs", "exp_avg_diffs", "neg_pre_grads"),
     "schedulefree_adamw_": ("zs", "exp_avg_sqs"),
     "sgd_": ("momentum_buffers",),
+    # vectors only here (1-d sizes): a variance each, (0,) factors; the factored params are
+    # covered by the op matrix (tests/harness) and tests/test_optim_adafactor.py
+    "adafactor_": ("variances",),
 }
 HAS_STEPS = {"adamw_": True, "lamb_": True, "lion_": False, "adan_": True,
-             "schedulefree_adamw_": False, "sgd_": True}  # fmt: skip
+             "schedulefree_adamw_": False, "sgd_": True, "adafactor_": True}  # fmt: skip
 #: Hyperparameters an op requires besides lr, for the tests that pass only lr.
 REQUIRED = {"schedulefree_adamw_": {"ckp1": 0.25, "bias_correction2": 0.05}}
 
@@ -130,11 +133,14 @@ def make_lists(op, sizes, dtype, grad_dtype, master, *, amsgrad=False, seed=0, s
         "master_params": [p.float() for p in params] if master else [],
     }
     for name in STATES[op] if steps else ():
-        square = name.endswith("sqs")
+        square = name.endswith("sqs") or name == "variances"
         values = [randn(n, torch.float32, 0.1) for n in sizes]
         lists[name] = [(v.abs() if square else v).to(state_dtype) for v in values]
     if amsgrad:
         lists["max_exp_avg_sqs"] = [v.clone() for v in lists["exp_avg_sqs"]]
+    if op == "adafactor_":  # [note: factored layouts]: a vector has no factors
+        for name in ("row_vars", "col_vars"):
+            lists[name] = [torch.zeros(0, dtype=state_dtype, device=DEVICE) for _ in sizes]
     if HAS_STEPS[op] and steps:
         lists["steps"] = [torch.tensor(float(i % 3), device=DEVICE) for i in range(len(sizes))]
     return lists
@@ -146,8 +152,10 @@ def run_op(op, lists, backend, **kwargs):
                   "lamb_": ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps"),
                   "lion_": ("params", "grads", "exp_avgs"),
                   "adan_": ("params", "grads"),
-                  "schedulefree_adamw_": ("params", "grads"),
-                  "sgd_": ("params", "grads")}[op]  # fmt: skip
+                   "schedulefree_adamw_": ("params", "grads"),
+                   "sgd_": ("params", "grads"),
+                   "adafactor_": ("params", "grads", "row_vars", "col_vars", "variances",
+                                  "steps")}[op]  # fmt: skip
     rest = {k: v for k, v in lists.items() if k not in positional}
     kwargs = {**REQUIRED.get(op, {}), **kwargs}
     fn(*(lists[k] for k in positional), **rest, **kwargs, backend=backend)
@@ -158,7 +166,7 @@ def compare_lists(op, got, want, initial, dtype, sizes, n_steps):
     # LAMB's update scales with its trust ratio, a quotient of two norms that the kernel and
     # torch sum in different orders: its relative error is at most twice a norm's.
     change_rtol = None
-    if op == "lamb_":
+    if op in ("lamb_", "adafactor_"):  # Adafactor: alpha / clip, from two norms likewise
         change_rtol = 2 * torch.finfo(dtype).eps + 2 * n_steps * norm_tolerance(sizes)
     for name in got:
         for i, (a, b) in enumerate(zip(got[name], want[name], strict=True)):
@@ -237,7 +245,13 @@ LAMB_OPTIONS = [
     {"weight_decay": 0.0, "always_adapt": True, "grad_averaging": False},
     {"bias_correction": False, "weight_decay": [0.0, 0.1, 0.0, 0.2, 0.01, 0.0]},
 ]
+ADAFACTOR_OPTIONS = [
+    {},
+    {"weight_decay": 0.1, "maximize": True, "d": 1.5},
+    {"eps1": 1e-10, "eps2": 1e-2, "beta2_decay": [-0.8, -0.5, -0.8, -0.3, -0.8, -1.0]},
+]
 OPTIONS = {
+    "adafactor_": ADAFACTOR_OPTIONS,
     "adamw_": ADAMW_OPTIONS,
     "sgd_": SGD_OPTIONS,
     "lion_": LION_OPTIONS,

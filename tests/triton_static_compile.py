@@ -24,6 +24,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from fusedopt.triton_kernels import (  # noqa: E402
+    adafactor,
     adamw,
     adan,
     grad_norm,
@@ -47,6 +48,7 @@ ARG_TYPES = {
     "bad_counts": "*i32",
     "tensor_bad": "*i32",
     "n_tensors": "i32",
+    "dims": "*i64",  # adafactor: (rows, cols, first floor) per tensor
 }
 
 F32, BF16, F16, F64 = tl.float32, tl.bfloat16, tl.float16, tl.float64
@@ -109,8 +111,18 @@ def variants():
                      "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,
                      "ALWAYS_ADAPT": False, "STATES_EXACT": exact}  # fmt: skip
         out.append((f"lamb_norms_{case}", lamb.lamb_norms_kernel, lamb_base))
+        # WIDTH = 3 + 7 slots + 1 (the hyperparameter row)
+        adafactor_base = {"WIDTH": 11, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
+                          "HAS_FOUND_INF": True, "MAXIMIZE": True,
+                          "DTYPE_EPS": 2.0**-23}  # fmt: skip
+        out.append((f"adafactor_norms_{case}", adafactor.adafactor_norms_kernel, adafactor_base))
+        out.append((f"adafactor_apply_{case}", adafactor.adafactor_apply_kernel,
+                    {**adafactor_base, "LR_MODE": 0, "ALIGNED": True}))  # fmt: skip
         out.append((f"lamb_apply_{case}", lamb.lamb_apply_kernel,
                     {**lamb_base, "LR_MODE": 0, "TRUST_CLIP": True}))  # fmt: skip
+    out.append(("adafactor_floor", adafactor.adafactor_floor_kernel,
+                {"WIDTH": 11, "S_DTYPE": F32, "COMPUTE": F32, "HAS_FOUND_INF": True,
+                 "DTYPE_EPS": 2.0**-23}))  # fmt: skip
     out.append(("lamb_fold", lamb.lamb_fold_kernel,
                 {"WIDTH": 10, "COMPUTE": F32, "HAS_FOUND_INF": True}))  # fmt: skip
     return out

@@ -1095,12 +1095,180 @@ int test_emulator() {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------
+// adafactor_ ([note: adafactor passes] in math/adafactor.h): its states are not param-shaped
+// ([note: factored layouts]), so it has a world of its own. CUDA and CPU sum a factor's
+// terms in the same order in double and share the math, so the factors, variances and step
+// counts must agree bit for bit; sum p^2 and sum u^2 are reductions in different orders
+// (CPU: lanes widened to double per block, then double; CUDA: a thread's terms in opmath,
+// then a tree over 256 threads), each within (numel / 256 + 8) u + 32 u of the exact sum by
+// [note: norm tolerance], and the step size alpha / clip takes half of each (square roots):
+// a param x = p - step * u differs by at most delta * |x - p| plus one rounding in each.
+// Each step starts both from the CPU's state.
+
+struct AdafactorShape {
+  std::vector<int64_t> dims;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : dims) n *= d;
+    return n;
+  }
+  bool factored() const { return dims.size() >= 2; }
+  int64_t rows() const { return factored() ? dims[dims.size() - 2] : 0; }
+  int64_t cols() const { return factored() ? dims.back() : 0; }
+  int64_t batches() const { return factored() && numel() ? numel() / (rows() * cols()) : 0; }
+};
+
+struct AdafactorWorld {
+  std::vector<std::unique_ptr<Buffer>> params, grads, masters, rows, cols, vars;
+  std::vector<float> steps;
+  AdafactorWorld(const std::vector<AdafactorShape>& shapes, const Storage& st) {
+    const DType sd = st.master ? DType::kFloat32 : st.param;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const AdafactorShape& s = shapes[i];
+      const bool odd = i % 2 == 1;  // misaligned views
+      params.push_back(std::make_unique<Buffer>(st.param, s.numel(), odd));
+      grads.push_back(std::make_unique<Buffer>(st.grad, s.numel(), odd));
+      if (st.master) masters.push_back(std::make_unique<Buffer>(DType::kFloat32, s.numel(), odd));
+      rows.push_back(std::make_unique<Buffer>(sd, s.batches() * s.rows(), false));
+      cols.push_back(std::make_unique<Buffer>(sd, s.batches() * s.cols(), false));
+      vars.push_back(std::make_unique<Buffer>(sd, s.factored() ? 0 : s.numel(), odd));
+    }
+    steps.assign(shapes.size(), 0.0f);
+  }
+  std::vector<std::vector<std::unique_ptr<Buffer>>*> all() {
+    return {&params, &grads, &masters, &rows, &cols, &vars};
+  }
+  void copy_from(AdafactorWorld& o) {
+    auto mine = all(), theirs = o.all();
+    for (size_t k = 0; k < mine.size(); ++k)
+      for (size_t i = 0; i < mine[k]->size(); ++i) (*mine[k])[i]->copy_from(*(*theirs[k])[i]);
+    steps = o.steps;
+  }
+};
+
+void adafactor_step(const std::vector<AdafactorShape>& shapes, const Storage& st,
+                    AdafactorWorld& w, bool maximize, float found_inf, bool cuda) {
+  const size_t n = shapes.size();
+  std::vector<int64_t> numels, dims;
+  std::vector<void*> p, g, m, r, c, v;
+  std::vector<float*> steps;
+  for (size_t i = 0; i < n; ++i) {
+    numels.push_back(shapes[i].numel());
+    dims.push_back(shapes[i].rows());
+    dims.push_back(shapes[i].cols());
+    p.push_back(w.params[i]->data());
+    g.push_back(w.grads[i]->data());
+    if (st.master) m.push_back(w.masters[i]->data());
+    r.push_back(w.rows[i]->data());
+    c.push_back(w.cols[i]->data());
+    v.push_back(w.vars[i]->data());
+    steps.push_back(&w.steps[i]);
+  }
+  // lr 0.5 (rho = 1/sqrt(t) from t = 5), beta2_decay, eps1 None, eps2, d 1 (the clip acts),
+  // weight decay; the second row (odd tensors) with eps1 given and no decay.
+  const double hypers[12] = {0.5, -0.8, -1.0, 1e-3, 1.0, 0.1, 0.5, -0.5, 1e-10, 1e-2, 1.5, 0.0};
+  std::vector<int32_t> group;
+  for (size_t i = 0; i < n; ++i) group.push_back(static_cast<int32_t>(i % 2));
+  const DType sd = st.master ? DType::kFloat32 : st.param;
+  AdafactorCall a;
+  a.lists.num_tensors = static_cast<int64_t>(n);
+  a.lists.numels = numels.data();
+  a.lists.params = {p.data(), st.param};
+  a.lists.grads = {g.data(), st.grad};
+  if (st.master) a.lists.master_params = {m.data(), DType::kFloat32};
+  a.lists.master_sync = st.sync;
+  a.lists.steps = steps.data();
+  a.lists.hypers = {hypers, 6, group.data()};
+  a.lists.factor_dims = dims.data();
+  const float scale = 4.0f;
+  const double scale64 = 4.0;
+  const bool fp64 = st.param == DType::kFloat64;
+  a.lists.scalars.grad_scale = fp64 ? static_cast<const void*>(&scale64) : &scale;
+  if (found_inf >= 0) a.lists.scalars.found_inf = &found_inf;
+  a.row_vars = {r.data(), sd};
+  a.col_vars = {c.data(), sd};
+  a.variances = {v.data(), sd};
+  a.maximize = maximize;
+  CudaContext cuda_ctx;
+  if (cuda) {
+    cuda::adafactor(a, cuda_ctx.ctx);
+  } else {
+    cpu::adafactor(a, ExecContext{});
+  }
+}
+
+int test_adafactor() {
+  // Matrices (one across two chunks, one batched), a column, an empty matrix, vectors (one
+  // across three chunks), a scalar.
+  const std::vector<AdafactorShape> shapes = {
+      {{5, 7}}, {{2, 3, 4}}, {{9, 1}}, {{3, 0}}, {{1029}}, {{}}, {{300, 257}},
+      {{2 * kChunk + 5}}, {{0}}};
+  std::mt19937 rng(11);
+  std::normal_distribution<double> normal;
+  int cases = 0;
+  for (const Storage& st : kStorages) {
+    for (const bool maximize : {false, true}) {
+      AdafactorWorld cpu_w(shapes, st), cuda_w(shapes, st), before(shapes, st);
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        for (int64_t k = 0; k < shapes[i].numel(); ++k) {
+          const double x = normal(rng);
+          if (st.master) cpu_w.masters[i]->set(k, x);
+          cpu_w.params[i]->set(k, st.master ? static_cast<float>(x) : x);
+          cpu_w.grads[i]->set(k, 4.0 * normal(rng));
+        }
+        for (auto* states : {&cpu_w.rows, &cpu_w.cols, &cpu_w.vars})  // torch's zeros
+          for (int64_t k = 0; k < (*states)[i]->numel(); ++k) (*states)[i]->set(k, 0.0);
+      }
+      cuda_w.copy_from(cpu_w);
+      const float found[3] = {-1.0f, 1.0f, 0.0f};
+      for (int s = 0; s < 3; ++s) {
+        const std::string what = std::string("adafactor ") + dtype_name(st.param) + "/" +
+                                 dtype_name(st.grad) + (st.master ? " master" : "") +
+                                 (maximize ? " maximize" : "") + " step " + std::to_string(s);
+        before.copy_from(cpu_w);
+        adafactor_step(shapes, st, cpu_w, maximize, found[s], false);
+        adafactor_step(shapes, st, cuda_w, maximize, found[s], true);
+        bool ok = std::memcmp(cpu_w.steps.data(), cuda_w.steps.data(),
+                              cpu_w.steps.size() * sizeof(float)) == 0;
+        for (auto states : {&AdafactorWorld::rows, &AdafactorWorld::cols, &AdafactorWorld::vars})
+          for (size_t i = 0; i < shapes.size(); ++i)
+            ok &= (cpu_w.*states)[i]->same_bits(*(cuda_w.*states)[i]);
+        if (found[s] > 0) {  // skipped: nothing moved on either side
+          for (size_t i = 0; i < shapes.size(); ++i)
+            ok &= cpu_w.params[i]->same_bits(*before.params[i]) &&
+                  cuda_w.params[i]->same_bits(*before.params[i]);
+        } else {
+          const double u = st.param == DType::kFloat64 ? 0x1p-53 : 0x1p-24;
+          bool moved = false;
+          for (size_t i = 0; i < shapes.size(); ++i) {
+            const double delta = (static_cast<double>(shapes[i].numel()) / 256 + 8 + 32 + 6) * u;
+            auto& x = st.master ? cpu_w.masters : cpu_w.params;
+            auto& y = st.master ? cuda_w.masters : cuda_w.params;
+            auto& b = st.master ? before.masters : before.params;
+            ok &= lamb_close(*y[i], *x[i], *b[i], delta);
+            if (st.master) ok &= lamb_close(*cuda_w.params[i], *cpu_w.params[i],
+                                            *before.params[i], delta);
+            moved |= !x[i]->same_bits(*b[i]);
+          }
+          ok &= moved;
+        }
+        if (!ok) std::fprintf(stderr, "%s: cuda and cpu differ\n", what.c_str());
+        CHECK(ok);
+        cuda_w.copy_from(cpu_w);
+        ++cases;
+      }
+    }
+  }
+  return cases;
+}
+
 int main() {
   const int emulator_cases = test_emulator();
   const int step_cases = test_step_ops() + test_master_sync();
   const int scale_cases = test_scale();
   const int norm_cases = test_grad_norm();
-  const int edge_cases = test_edge_values();
+  const int edge_cases = test_edge_values() + test_adafactor();
   const emu::Stats s = emu::stats();
   std::printf(
       "%d emulator, %d step-op, %d scale_, %d grad_norm, %d edge-value cases; emulated %llu "

@@ -42,6 +42,7 @@ AdamW/Adam/SGD. README's "Differences from torch.optim" lists what differs. fuse
 from __future__ import annotations
 
 from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim.adafactor import Adafactor
 from fusedopt.optim.adamw import Adam, AdamW
 from fusedopt.optim.adan import Adan
 from fusedopt.optim.lamb import LAMB
@@ -49,4 +50,14 @@ from fusedopt.optim.lion import Lion
 from fusedopt.optim.schedulefree import ScheduleFreeAdamW
 from fusedopt.optim.sgd import SGD
 
-__all__ = ["LAMB", "SGD", "Adam", "AdamW", "Adan", "FusedOptimizer", "Lion", "ScheduleFreeAdamW"]
+__all__ = [
+    "LAMB",
+    "SGD",
+    "Adafactor",
+    "Adam",
+    "AdamW",
+    "Adan",
+    "FusedOptimizer",
+    "Lion",
+    "ScheduleFreeAdamW",
+]

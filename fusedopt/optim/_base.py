@@ -50,8 +50,8 @@ import torch
 from torch import Tensor
 
 from fusedopt import ops
-from fusedopt._contract import STEP_OPS
-from fusedopt._dense import dense_stride, state_like, swap_in_twins, write_back
+from fusedopt._contract import STEP_OPS, has_state
+from fusedopt._dense import dense_stride, state_for, state_like, swap_in_twins, write_back
 from fusedopt._validate import LOW_PRECISION, PARAM_DTYPES, check_like, check_tensor
 from fusedopt.clip import clip_coef as torch_clip_coef
 from fusedopt.clip import local_tensor, total_norm
@@ -372,13 +372,16 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
             self._switch_master(state, master, p.dtype)
         if master and MASTER_KEY not in state:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
+        layouts = STEP_OPS[self.OP].state_layouts
         for key in self._state_keys(group):
-            if key in state:
+            if key in state or not has_state(layouts.get(key, "param"), p.shape):
                 continue
             if key == STEP_KEY:
                 state[key] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
-            else:
+            elif layouts.get(key, "param") == "param":
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            else:  # [note: factored layouts] in fusedopt/_contract.py
+                state[key] = state_for(p, layouts[key], dtype).zero_()
         return state
 
     @staticmethod

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusedopt._dense import dense_stride, state_like
+from fusedopt._contract import STEP_OPS, has_state, state_shape
+from fusedopt._dense import dense_stride, state_like, state_stride
 from fusedopt.clip import local_tensor
 from fusedopt.ops import StepHypers, write_hyper_table
 from fusedopt.optim._keys import MASTER_KEY, STEP_KEY
@@ -157,6 +158,7 @@ class PlanMixin:
         planned_states: dict[str, tuple[list[dict], list[Tensor]]] = {}
         per_group: dict[int, tuple] = {}
         strided = torch.strided
+        layouts = STEP_OPS[self.OP].state_layouts
         for gi, i, p, g, local_p, local_g in entries:
             info = per_group.get(gi)
             if info is None:
@@ -180,12 +182,23 @@ class PlanMixin:
             # The states' layout: the param's, or its dense twin's [note: non-dense params].
             layout = (local_p.shape, dense_stride(local_p), local_p.device)
             dtype = torch.float32 if master else local_p.dtype
-            for k in slot_keys:
+            # [note: factored layouts]: a state the param does not keep is a placeholder
+            used = [k for k in slot_keys if has_state(layouts.get(k, "param"), local_p.shape)]
+            for k in used:
                 t = local_tensor(state[k]) if sharded else state[k]
                 t = torch.view_as_real(t) if t.is_complex() else t  # as local_p
-                if not _fits(t, layout, k, dtype):
-                    state[k] = self._relaid_state(gi, i, p, k, t, layout, dtype)
-            local_states = [local_tensor(state[k]) if sharded else state[k] for k in keys]
+                k_layout = layout
+                if layouts.get(k, "param") != "param":  # [note: factored layouts]
+                    shape = state_shape(layouts[k], local_p.shape)
+                    k_layout = (shape, state_stride(local_p, layouts[k]), local_p.device)
+                if not _fits(t, k_layout, k, dtype):
+                    state[k] = self._relaid_state(gi, i, p, k, t, k_layout, dtype)
+            local_states = [
+                (local_tensor(state[k]) if sharded else state[k])
+                if k in used
+                else torch.empty(0, dtype=dtype, device=local_p.device)
+                for k in keys
+            ]
             if p.is_complex():
                 local_states = [
                     torch.view_as_real(t) if t.is_complex() else t for t in local_states
@@ -203,7 +216,7 @@ class PlanMixin:
             )
             if record:
                 plan.stepped.append(p)
-                for k in slot_keys:
+                for k in used:
                     dicts, tensors = planned_states.setdefault(k, ([], []))
                     dicts.append(state)
                     tensors.append(state[k])
@@ -240,10 +253,14 @@ class PlanMixin:
             problem += f"; a step count is one float32 number on {device}"
         elif t.shape != shape:
             problem = f"has shape {tuple(t.shape)} but the param now has {tuple(shape)}"
+            if tuple(shape) != tuple(p.shape):  # [note: factored layouts]
+                problem = f"has shape {tuple(t.shape)} but the param now needs {tuple(shape)}"
         elif t.device != device:
             problem = f"is on {t.device} but the param now is on {device}"
         elif t.dtype != dtype and not (key == MASTER_KEY and t.dtype == torch.float32):
             problem = f"has dtype {t.dtype} but the param needs {dtype} states"
+        elif tuple(shape) != tuple(p.shape):  # a factored state ([note: factored layouts])
+            return torch.empty(shape, dtype=t.dtype, device=device).copy_(self.state[p][key])
         else:
             return state_like(p, self.state[p][key].dtype).copy_(self.state[p][key])
         raise RuntimeError(

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fusedopt._contract import STEP_OPS, state_shape
+from fusedopt._dense import state_for
 from fusedopt._validate import LOW_PRECISION
 from fusedopt.clip import local_tensor
 from fusedopt.optim._keys import MASTER_KEY, STEP_KEY, TORCH_ONLY_KEYS
@@ -101,6 +103,7 @@ class StateDictMixin:
                 f"master_weights={group['master_weights']}"
             )
         device = local_tensor(p).device
+        layouts = STEP_OPS[self.OP].state_layouts
         out: dict[str, Any] = {}
         for key, value in saved.items():
             if key == STEP_KEY:
@@ -113,13 +116,18 @@ class StateDictMixin:
                 continue
             if not isinstance(value, Tensor):
                 raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value)}")
-            if value.shape != p.shape:
+            layout = layouts.get(key, "param")
+            shape = state_shape(layout, p.shape)  # [note: factored layouts]
+            if tuple(value.shape) != shape:
+                expected = "the param has" if layout == "param" else f"a {layout!r} state has"
                 raise ValueError(
-                    f"{where}: state {key!r} has shape {tuple(value.shape)} but the param has "
-                    f"{tuple(p.shape)}"
+                    f"{where}: state {key!r} has shape {tuple(value.shape)} but {expected} {shape}"
                 )
             dtype = torch.float32 if (master or key == MASTER_KEY) else p.dtype
             # In the param's memory layout, whatever the saved one: the step pairs elements
             # by position ([note: checked once] in _init_state).
-            out[key] = torch.empty_like(p, dtype=dtype).copy_(value.detach())
+            if layout == "param":
+                out[key] = torch.empty_like(p, dtype=dtype).copy_(value.detach())
+            else:
+                out[key] = state_for(p, layout, dtype).copy_(value.detach())
         return out

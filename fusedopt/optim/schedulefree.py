@@ -79,14 +79,10 @@ class ScheduleFreeAdamW(FusedOptimizer):
         backend: str = "auto",
         grad_norm_group: Any = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, r=r, k=0, warmup_steps=warmup_steps,
-            train_mode=True, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0,
-            weight_lr_power=weight_lr_power, weight_decay=weight_decay, foreach=foreach,
-            master_weights=master_weights, master_sync=master_sync, max_grad_norm=max_grad_norm,
-            capturable=capturable, backend=backend,
+        self._init_from_arguments(
+            locals(), betas=tuple(betas), k=0, train_mode=True, weight_sum=0.0, lr_max=-1.0,
+            scheduled_lr=0.0,
         )  # fmt: skip
-        super().__init__(params, defaults, grad_norm_group)
 
     @classmethod
     def _check_group(cls, group: dict[str, Any]) -> None:

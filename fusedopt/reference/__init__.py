@@ -6,6 +6,9 @@ import torch
 
 from fusedopt import _contract
 from fusedopt.reference.ops import (
+    adafactor_,
+    adafactor_apply_,
+    adafactor_norms_,
     adamw_,
     adan_,
     grad_norm,
@@ -21,6 +24,9 @@ from fusedopt.reference.ops import (
 )
 
 __all__ = [
+    "adafactor_",
+    "adafactor_apply_",
+    "adafactor_norms_",
     "adamw_",
     "grad_norm",
     "lamb_",
@@ -45,6 +51,9 @@ IMPLEMENTATIONS = {
     "adan_": adan_,
     "schedulefree_adamw_": schedulefree_adamw_,
     "sgd_": sgd_,
+    "adafactor_": adafactor_,
+    "adafactor_norms_": adafactor_norms_,
+    "adafactor_apply_": adafactor_apply_,
 }
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fusedopt._contract import factored
+
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype fusedopt computes in for a given storage dtype."""
@@ -407,3 +409,96 @@ def sgd_(
             g = g + momentum[i] * buf if nesterov else buf
         p = p - lr_i * g
         _store_param(p, params[i], master_params, i)
+
+
+def _adafactor_eps1(eps1: float, param: Tensor, master_params: Sequence[Tensor]) -> float:
+    """``eps1 < 0`` is torch's ``eps1=None``: the eps of the dtype the update runs on, the
+    param's, or fp32 with master weights (torch's Adafactor stepping fp32 masters)."""
+    if eps1 >= 0:
+        return eps1
+    return torch.finfo(torch.float32 if master_params else param.dtype).eps
+
+
+def _adafactor_update(i, g, row_vars, col_vars, variances, eps1, opmath) -> Tensor:
+    """The unclipped update ``u = g / sqrt(max(v, eps1²))`` of tensor i from its (new) second
+    moments: ``v = row*col / max(mean(row, -2), eps1)`` when factored, else the variance."""
+    if factored(g.shape):
+        row, col = row_vars[i].to(opmath), col_vars[i].to(opmath)
+        v = (row * col) / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
+    else:
+        v = variances[i].to(opmath)
+    return g / sqrt_rn(v.clamp(min=eps1 * eps1))
+
+
+def adafactor_norms_(
+    params, grads, row_vars, col_vars, variances, master_params, steps,
+    hypers, group_sizes, maximize, lr_tensor, grad_scale, clip_coef, found_inf,
+    master_sync=True,
+) -> Tensor:  # fmt: skip
+    """Adafactor's reductions (``fusedopt._contract.PHASE_OPS``): advances the steps, folds
+    g² into the second moments (``lerp`` with weight ``t**beta2_decay``, as torch) and
+    returns ``sq_norms`` [N, 2]: ``sum p²`` (p before the decay) and ``sum u²``."""
+    _, beta2_decay, eps1, _, _, _ = _columns(hypers, group_sizes)
+    opmath = opmath_dtype(params[0].dtype) if params else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    sq_norms = torch.zeros((len(params), 2), dtype=opmath, device=device)
+    scalars = ([0.0] * len(params), None, grad_scale, clip_coef, found_inf, maximize, master_sync)
+    for i, opmath, _, g, p in _each_param(params, grads, master_params, *scalars):
+        t = _next_step(steps[i])
+        if g.numel() == 0:
+            continue
+        weight = t ** beta2_decay[i]
+        if factored(g.shape):
+            row_mean = g.square().mean(dim=-1, keepdim=True)
+            col_mean = g.square().mean(dim=-2, keepdim=True)
+            row_vars[i].copy_(torch.lerp(row_vars[i].to(opmath), row_mean, weight))
+            col_vars[i].copy_(torch.lerp(col_vars[i].to(opmath), col_mean, weight))
+        else:
+            variances[i].copy_(torch.lerp(variances[i].to(opmath), g.square(), weight))
+        e1 = _adafactor_eps1(eps1[i], params[i], master_params)
+        u = _adafactor_update(i, g, row_vars, col_vars, variances, e1, opmath)
+        sq_norms[i, 0] = p.square().sum()
+        sq_norms[i, 1] = u.square().sum()
+    return sq_norms
+
+
+def adafactor_apply_(
+    params, grads, row_vars, col_vars, variances, master_params, steps,
+    hypers, group_sizes, maximize, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf,
+    master_sync=True,
+) -> None:  # fmt: skip
+    """Adafactor's update, after :func:`adafactor_norms_`: per tensor, in float64,
+    ``rho = min(lr, 1/sqrt(t))``, ``alpha = max(eps2, sqrt(sum p² / n)) * rho`` and
+    ``clip = max(1, sqrt(sum u² / n) / d)``; then ``p = p*(1 - lr*wd) - (alpha/clip) * u``
+    (no decay for wd = 0), u recomputed from the new second moments."""
+    lr, _, eps1, eps2, d, weight_decay = _columns(hypers, group_sizes)
+    scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, maximize, master_sync)
+    for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
+        n = g.numel()
+        if n == 0:
+            continue
+        t = float(steps[i].item())
+        lr_value = float(lr_i)  # a tensor lr is fp32: its value, as torch's _to_scalar
+        rho = min(lr_value, 1.0 / math.sqrt(t))
+        p_rms = math.sqrt(float(sq_norms[i, 0])) / math.sqrt(n)
+        alpha = max(eps2[i], p_rms) * rho
+        clip = max(1.0, math.sqrt(float(sq_norms[i, 1])) / (math.sqrt(n) * d[i]))
+        e1 = _adafactor_eps1(eps1[i], params[i], master_params)
+        u = _adafactor_update(i, g, row_vars, col_vars, variances, e1, opmath)
+        if weight_decay[i] != 0:  # [note: zero weight decay]
+            p = p * (1 - lr_value * weight_decay[i])
+        p = p - (alpha / clip) * u
+        _store_param(p, params[i], master_params, i)
+
+
+def adafactor_(
+    params, grads, row_vars, col_vars, variances, master_params, steps,
+    hypers, group_sizes, maximize, lr_tensor, grad_scale, clip_coef, found_inf,
+    master_sync=True,
+) -> None:  # fmt: skip
+    """Adafactor, as torch.optim.Adafactor (DESIGN.md §3): its passes,
+    :func:`adafactor_norms_` then :func:`adafactor_apply_`."""
+    lists = (params, grads, row_vars, col_vars, variances, master_params, steps)
+    scalars = (lr_tensor, grad_scale, clip_coef, found_inf, master_sync)
+    sq_norms = adafactor_norms_(*lists, hypers, group_sizes, maximize, *scalars)
+    adafactor_apply_(*lists, hypers, group_sizes, maximize, sq_norms, *scalars)

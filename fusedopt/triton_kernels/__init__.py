@@ -16,4 +16,4 @@ from ._compat import patch_interpreter_index
 
 patch_interpreter_index()  # Triton 3.6 under TRITON_INTERPRET=1 with NumPy >= 2.4
 
-from . import adamw, adan, grad_norm, lamb, lion, scale, schedulefree_adamw, sgd  # noqa: E402, F401  (each op registers itself)
+from . import adafactor, adamw, adan, grad_norm, lamb, lion, scale, schedulefree_adamw, sgd  # noqa: E402, F401  (each op registers itself)

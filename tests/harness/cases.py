@@ -138,6 +138,24 @@ LAYOUTS: dict[str, tuple[TensorSpec, ...]] = {
         TensorSpec((3, 11), "offset"),
         TensorSpec((2, 4, 3, 3), "channels_last"),
     ),
+    # "mixed" for ops with factored states ([note: factored layouts] in fusedopt/_contract.py),
+    # which take row-major params only: its channels_last tensors contiguous, and a batched
+    # 3-d offset view (factored over its last two dims).
+    "rowmajor": (
+        TensorSpec((0,)),
+        TensorSpec((1,)),
+        TensorSpec((3,), zero=True),
+        TensorSpec((33,), "offset"),
+        TensorSpec((5, 7)),
+        TensorSpec((2, 3, 5, 7)),
+        TensorSpec((4, 0)),
+        TensorSpec((1025,), "offset"),
+        TensorSpec((3, 11), "offset"),
+        TensorSpec((2, 4, 3, 3)),
+        TensorSpec((3, 40, 1)),
+        TensorSpec((2, 3, 4), "offset"),
+        TensorSpec(()),
+    ),
     "many": _many(),
     # One tensor larger than a 65536-element chunk, then small ones after it.
     "big": (TensorSpec((70_001,), "offset"), TensorSpec((3,)), TensorSpec((257,))),
@@ -146,7 +164,15 @@ LAYOUTS: dict[str, tuple[TensorSpec, ...]] = {
 #: Steps of a trajectory check per layout. Three steps cover step 1 (bias corrections, SGD's
 #: first-step rule, zero states) and steady steps, with room for a skipped step between;
 #: the large lists test the multi-tensor tables and chunking, for which two steps suffice.
-LAYOUT_STEPS = {"mixed": 3, "many": 2, "big": 2}
+LAYOUT_STEPS = {"mixed": 3, "rowmajor": 3, "many": 2, "big": 2}
+
+
+def op_layout(op: str, layout: str) -> str:
+    """The layout an op runs a case on: ``rowmajor`` for ``mixed`` where the op has factored
+    states (their params must be row-major), else ``layout``."""
+    factored = any(t.layout in ("row", "col") for t in fusedopt.ops.STEP_OPS[op].states)
+    return "rowmajor" if factored and layout == "mixed" else layout
+
 
 #: Size budget: elements per tensor list. The Triton backend runs interpreted on CPU.
 MAX_ELEMENTS = 100_000
@@ -212,6 +238,7 @@ _SGD = dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=1e-3)
 # by the class; constant here). ckp1 < 0.5 and >= 0.5 take the two forms of torch's lerp.
 _SF_ADAMW = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, ckp1=0.25,
                  bias_correction2=0.05)  # fmt: skip
+_ADAFACTOR = dict(lr=1e-2, beta2_decay=-0.8, eps1=-1.0, eps2=1e-3, d=1.0, weight_decay=0.0)
 
 #: Every option set of every step op. The first of each op is its default (used by the
 #: tiers that vary something else).
@@ -299,6 +326,25 @@ OPTIONS: dict[str, list[OpOptions]] = {
         ),
         _options("sgd_", "nesterov", {"nesterov": True, "maximize": False}, **_SGD),
     ],
+    "adafactor_": [
+        # eps1 -1: torch's eps1=None (the eps of the param's dtype)
+        _options("adafactor_", "default", {"maximize": False}, **_ADAFACTOR),
+        # lr 0.5 > 1/sqrt(t) from t = 5: rho = 1/sqrt(t); d = 1 with rms(u) ~ 1: the clip acts
+        _options(
+            "adafactor_",
+            "wd_maximize",
+            {"maximize": True},
+            **{**_ADAFACTOR, "lr": 0.5, "weight_decay": 0.1},
+        ),
+        # eps1 = 1e-3: eps1^2 = 1e-6 stays within fp16's range (a 1e-10 floor would let fp16
+        # variances underflow to 0 and u blow up, in torch as here: fp16 needs a larger eps1)
+        _options(
+            "adafactor_",
+            "eps_d",
+            {"maximize": False},
+            **{**_ADAFACTOR, "eps1": 1e-3, "eps2": 1e-2, "d": 1.5, "beta2_decay": -0.5},
+        ),
+    ],
 }
 STEP_OPS = tuple(OPTIONS)
 
@@ -349,6 +395,10 @@ def per_tensor_values(name: str, value: float, n: int, differ: bool) -> list[flo
         "dampening": 0.5,
         "ckp1": 0.6,
         "bias_correction2": 0.5,
+        "beta2_decay": -0.5,
+        "eps1": 1e-10,
+        "eps2": 1e-2,
+        "d": 2.0,
     }[name]
     return [value if i % 2 == 0 else second for i in range(n)]
 
@@ -394,19 +444,20 @@ def step_cases() -> list[StepCase]:
     3. each op's default on ``many`` (fp32) and ``big`` (bf16 with masters), AMP scalars.
     """
     cases = [
-        StepCase(opt, STORAGES[storage], "mixed", SCALARS["amp"])
+        StepCase(opt, STORAGES[storage], op_layout(op, "mixed"), SCALARS["amp"])
         for op in STEP_OPS
         for opt in OPTIONS[op]
         for storage in FULL_STORAGES
     ]
     for op in STEP_OPS:
         default = OPTIONS[op][0]
+        mixed = op_layout(op, "mixed")
         for storage in STORAGES:
             if storage not in FULL_STORAGES:
-                cases.append(StepCase(default, STORAGES[storage], "mixed", SCALARS["amp"]))
+                cases.append(StepCase(default, STORAGES[storage], mixed, SCALARS["amp"]))
         for scalars in ("plain", "lr_tensor", "groups"):
             for storage in ("fp32", "bf16"):
-                cases.append(StepCase(default, STORAGES[storage], "mixed", SCALARS[scalars]))
+                cases.append(StepCase(default, STORAGES[storage], mixed, SCALARS[scalars]))
         cases.append(StepCase(default, STORAGES["fp32"], "many", SCALARS["amp"]))
         cases.append(StepCase(default, STORAGES["bf16_master"], "big", SCALARS["amp"]))
     return cases
@@ -415,7 +466,7 @@ def step_cases() -> list[StepCase]:
 def found_inf_cases() -> list[StepCase]:
     """Each op's default x {fp32, bf16, bf16_master}: a set flag must be a bit-exact no-op."""
     return [
-        StepCase(OPTIONS[op][0], STORAGES[s], "mixed", SCALARS["amp"])
+        StepCase(OPTIONS[op][0], STORAGES[s], op_layout(op, "mixed"), SCALARS["amp"])
         for op in STEP_OPS
         for s in ("fp32", "bf16", "bf16_master")
     ]

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import ops, reference
+from fusedopt._contract import state_shape
 
 from .cases import (
     LAYOUT_STEPS,
@@ -34,6 +35,7 @@ from .tolerances import (
     CROSS_BACKEND_MAX_ULPS,
     INF_NORM_RTOL,
     U32,
+    UNIT_ROUNDOFF,
     Tolerance,
     reduction_rtol,
     tolerance,
@@ -162,7 +164,8 @@ def make_inputs(case: StepCase, device: str, seed: int = 0) -> StepInputs:
         elif name == "steps":
             lists[name] = [torch.zeros((), device=device) for _ in specs]
         else:
-            lists[name] = [allocate(s, 0.0, storage.state, device) for s in specs]
+            layout = next(t.layout for t in spec.states if t.name == name)
+            lists[name] = [_state(s, layout, storage.state, device) for s in specs]
     differ = case.scalars.lr == "per_tensor"
     n = len(specs)
     hypers = {h: per_tensor_values(h, case.hyper(h), n, differ) for h in spec.hypers}
@@ -184,6 +187,16 @@ def make_inputs(case: StepCase, device: str, seed: int = 0) -> StepInputs:
         ),
     )
     return inputs
+
+
+def _state(spec, layout: str, dtype: torch.dtype, device: str) -> Tensor:
+    """A zero state of a param laid out as ``spec``, in the state list's ``layout``
+    ([note: factored layouts]): the param's own layout where it has the param's shape, else
+    contiguous (a ``(0,)`` placeholder where the param has no such state)."""
+    shape = state_shape(layout, spec.shape)
+    if shape == tuple(spec.shape) and layout in ("param", "unfactored"):
+        return allocate(spec, 0.0, dtype, device)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _check_sentinels(inputs: StepInputs, what: str) -> None:
@@ -248,9 +261,13 @@ def run_oracle(inputs: StepInputs, oracle: dict[str, list[Tensor]], grads: list[
     """One step of ``fusedopt.reference.<op>`` on the float64 copies, schema argument order."""
     spec = ops.STEP_OPS[inputs.case.op]
     lists = {**oracle, "grads": [g.detach().to("cpu", F64) for g in grads]}
+    hypers = dict(inputs.hypers)
+    if "eps1" in hypers:  # Adafactor's eps1 < 0: the eps of the backend's update dtype, not F64's
+        eps = _adafactor_eps(inputs.case.storage)
+        hypers["eps1"] = [eps if e < 0 else e for e in hypers["eps1"]]
     getattr(reference, inputs.case.op)(
         *(lists.get(name, []) for name in spec.lists),
-        *ops.hyper_table(*(inputs.hypers[h] for h in spec.hypers)),
+        *ops.hyper_table(*(hypers[h] for h in spec.hypers)),
         *(inputs.flags[f] for f in spec.flags),
         _cpu(inputs.lr_tensor),
         _cpu(inputs.grad_scale),
@@ -294,7 +311,7 @@ def _grad_term(inputs: StepInputs, name: str, i: int, grad: Tensor, p_old: Tenso
     cancel): ``weight * (|g| + wd*|p|)`` with the grad as loaded and the L2 decay where the
     op adds it to the grad (SGD, Adam)."""
     case = inputs.case
-    if name in ("params", "exp_avg_sqs", "max_exp_avg_sqs"):
+    if name in ("params", "exp_avg_sqs", "max_exp_avg_sqs", "row_vars", "col_vars", "variances"):
         return 0.0
     h, flags = inputs.hypers, inputs.flags
     g = reference.load_grad(
@@ -313,6 +330,46 @@ def _grad_term(inputs: StepInputs, name: str, i: int, grad: Tensor, p_old: Tenso
     else:
         weight = 1 - h["beta1"][i]
     return weight * g
+
+
+def _adafactor_eps(storage) -> float:
+    """Adafactor's eps1 = None: the eps of the dtype its update runs on (fp32 with masters)."""
+    return torch.finfo(torch.float32 if storage.master else storage.param).eps
+
+
+def _adafactor_stored_moments(inputs: StepInputs, oracle, i: int) -> Tensor:
+    """The relative error of tensor i's Adafactor update that comes from computing u from
+    second moments stored in a 16-bit dtype, as torch does (the float64 oracle rounds none).
+
+    A stored value x is within ``u_s * |x| + a_s`` of the exact one (``u_s`` the dtype's unit
+    roundoff, ``a_s`` its subnormal floor: half of fp16's 2^-24 spacing, 0 for bf16), i.e.
+    within ``u_s + a_s/|x|`` relative. v is one such value (a vector's variance) or
+    ``r * c / mean(r)`` (three; mean(r) of rounded r is within the mean of their absolute
+    errors: ``u_s * mean + a_s``); an exact 0 stays exact;
+    u = g / sqrt(max(v, eps1^2)) is then within half of v's relative error, and the clip
+    rms(u) within the largest of those over the tensor: the update within their sum."""
+    dtype = inputs.case.storage.state
+    u_s, a_s = UNIT_ROUNDOFF[dtype], 2.0**-25 if dtype == torch.float16 else 0.0
+    eps1 = inputs.hypers["eps1"][i]
+    eps1 = _adafactor_eps(inputs.case.storage) if eps1 < 0 else eps1
+    shape = inputs.lists["params"][i].shape
+
+    def rel(x: Tensor) -> Tensor:  # 0 is stored exactly
+        return torch.where(x > 0, u_s + a_s / x.clamp(min=1e-300), torch.zeros_like(x))
+
+    if len(shape) >= 2:
+        r, c = oracle["row_vars"][i], oracle["col_vars"][i]
+        mean = r.mean(dim=-2, keepdim=True)
+        # mean(r) of the rounded r: within the mean of their absolute errors
+        rel_v = rel(r) + rel(c) + rel(mean)
+        v = r * c / mean.clamp(min=eps1)
+    else:
+        v = oracle["variances"][i]
+        rel_v = rel(v)
+    # below the floor eps1^2 the rounding of v does not reach u
+    rel_u = 0.5 * torch.where(v >= eps1 * eps1, rel_v, torch.zeros_like(rel_v)).expand(shape)
+    rel_u = rel_u.nan_to_num(0.0, 0.0, 0.0).reshape(-1)
+    return rel_u + (rel_u.max() if rel_u.numel() else 0.0)
 
 
 def check_step(
@@ -357,6 +414,15 @@ def check_step(
             # The trust ratio |p|/|u| scales the whole update and carries the error of two
             # fp32 reductions over this tensor (reduction_rtol of its size).
             extra = reduction_rtol(got.numel()) * envelope["update:params"][i]
+        if case.op == "adafactor_":
+            # Adafactor's step size alpha/clip carries two fp32 reductions over the tensor
+            # (sum p^2, sum u^2), and a factored u the row and column sums of g^2 and the
+            # mean of the row factor (each over fewer elements), under a square root: four
+            # reductions of the tensor's size bound the relative error of the update.
+            extra = 4 * reduction_rtol(got.numel()) * envelope["update:params"][i]
+            if case.storage.state != torch.float32:
+                update = envelope["update:params"][i].reshape(-1)
+                extra = extra.reshape(-1) + _adafactor_stored_moments(inputs, oracle, i) * update
         assert_close(
             got,
             want,
@@ -378,7 +444,14 @@ def check_step(
             if name == "steps":
                 assert got.item() == want.item(), f"{what}: step {got.item()} != {want.item()}"
             else:
-                assert_close(got, want, tolerance(got.dtype), k_tol, what, envelope[name][i])
+                extra = None
+                if name in ("row_vars", "col_vars"):
+                    # [note: factored layouts] a factor is a mean of g^2 over a row (column):
+                    # an fp32 reduction, bounded by one over the whole tensor.
+                    n = inputs.lists["params"][i].numel()
+                    extra = reduction_rtol(n) * envelope[name][i]
+                assert_close(got, want, tolerance(got.dtype), k_tol, what, envelope[name][i],
+                             extra=extra)  # fmt: skip
     if case.storage.master:
         for i, (p, m) in enumerate(
             zip(inputs.lists["params"], inputs.lists["master_params"], strict=True)
@@ -451,6 +524,18 @@ def compare_backends(case: StepCase, first: str, second: str, device: str, steps
                 if case.op == "lamb_" and name == updated:
                     x64, y64 = x.detach().to("cpu", F64), y.detach().to("cpu", F64)
                     slack = 2 * k * reduction_rtol(x.numel()) * (x64 - before[i]).abs()
+                    far &= ((x64 - y64).abs() > slack).to(far.device)
+                if case.op == "adafactor_" and name in (updated, "row_vars", "col_vars"):
+                    # Adafactor's step size and factors come from reductions whose order
+                    # each backend picks: the param within twice check_step's derived
+                    # bound of the update (4 reductions of the tensor's size, each backend
+                    # off the exact value), a factor within one reduction of its size.
+                    x64, y64 = x.detach().to("cpu", F64), y.detach().to("cpu", F64)
+                    n = a.lists["params"][i].numel()
+                    if name == updated:
+                        slack = 2 * k * 4 * reduction_rtol(n) * (x64 - before[i]).abs()
+                    else:
+                        slack = 2 * k * reduction_rtol(n) * x64.abs()
                     far &= ((x64 - y64).abs() > slack).to(far.device)
                 if far.any():
                     j = int(far.reshape(-1).nonzero()[0])

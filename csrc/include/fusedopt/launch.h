@@ -132,6 +132,10 @@ struct StepLists {
   // the param's value as its master before the update ([note: master sync] in
   // fusedopt/_contract.py). Not under found_inf. Per element: one more read of the param.
   bool master_sync = true;
+  // For an op with factored states ([note: factored layouts] in fusedopt/_contract.py):
+  // 2 * num_tensors values, tensor i's (rows, cols) = its last two dims when it has two or
+  // more, else (0, 0) (a vector or scalar: unfactored). Null for any other op.
+  const int64_t* factor_dims = nullptr;
 };
 
 // The call struct of a step op, from its spec (fusedopt/ops_spec.h, generated from
@@ -206,14 +210,42 @@ struct LambApplyCall {
   const void* sq_norms = nullptr;  // device, 2 * num_tensors values of the opmath type
 };
 
+/// adafactor_ (torch.optim.Adafactor). A param with two or more dims (lists.factor_dims:
+/// rows, cols) has row_vars[i] (rows of every batch, contiguous) and col_vars[i] (cols of
+/// every batch, contiguous) and an empty variances[i]; any other has variances[i] (its
+/// layout) and empty row_vars[i], col_vars[i] ([note: factored layouts]). Per element, fp32:
+/// pass 1 reads g, p (+ the variance, read and written, of a vector), pass 2 reads g of a
+/// factored param, pass 3 reads g, p and writes p ([note: adafactor passes]).
+struct AdafactorCall {
+  FUSEDOPT_STEP_CALL_FIELDS(ADAFACTOR)
+};
+
+// adafactor_'s passes as ops: adafactor_norms_ (passes 1 and 2: advances the steps, updates
+// the second moments, writes sq_norms, 2 * num_tensors values of the opmath type, pre-zeroed
+// by the caller: sum p^2, sum u^2) and adafactor_apply_ (pass 3: reads sq_norms and the
+// advanced steps, writes the params). adafactor(call) is the two.
+struct AdafactorNormsCall {
+  AdafactorCall step;
+  void* sq_norms = nullptr;  // device
+};
+
+struct AdafactorApplyCall {
+  AdafactorCall step;
+  const void* sq_norms = nullptr;  // device, 2 * num_tensors values of the opmath type
+};
+
 namespace cpu {
 void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx);
 void lamb_apply(const LambApplyCall& call, const ExecContext& ctx);
+void adafactor_norms(const AdafactorNormsCall& call, const ExecContext& ctx);
+void adafactor_apply(const AdafactorApplyCall& call, const ExecContext& ctx);
 }  // namespace cpu
 
 namespace cuda {
 void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx);
 void lamb_apply(const LambApplyCall& call, const ExecContext& ctx);
+void adafactor_norms(const AdafactorNormsCall& call, const ExecContext& ctx);
+void adafactor_apply(const AdafactorApplyCall& call, const ExecContext& ctx);
 }  // namespace cuda
 
 /// The launchers: scale, grad_norm and one per step op (adamw, lamb...), in each backend.

@@ -14,11 +14,13 @@
 // FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends
 // with, after the common scalars (master_sync).
 // FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops; namespace fusedopt::spec::<op> has
-// the indices (kExpAvgs, kBeta1, kDecoupled...) and the counts (kNumStates...).
+// the indices (kExpAvgs, kBeta1, kDecoupled...), the counts (kNumStates...) and each
+// state list's shape rule (kStateLayouts: [note: factored layouts] in
+// fusedopt/_contract.py).
 #pragma once
 
 #define FUSEDOPT_COMMON_FLAGS(X) X(master_sync, MasterSync, 0, true)
-#define FUSEDOPT_STEP_OPS(X) X(adamw, ADAMW, AdamW) X(lamb, LAMB, Lamb) X(lion, LION, Lion) X(adan, ADAN, Adan) X(schedulefree_adamw, SCHEDULEFREEADAMW, ScheduleFreeAdamW) X(sgd, SGD, Sgd)
+#define FUSEDOPT_STEP_OPS(X) X(adamw, ADAMW, AdamW) X(lamb, LAMB, Lamb) X(lion, LION, Lion) X(adan, ADAN, Adan) X(schedulefree_adamw, SCHEDULEFREEADAMW, ScheduleFreeAdamW) X(sgd, SGD, Sgd) X(adafactor, ADAFACTOR, Adafactor)
 
 // adamw_
 #define FUSEDOPT_ADAMW_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(max_exp_avg_sqs, MaxExpAvgSqs, 2, false, amsgrad)
@@ -68,43 +70,67 @@
 #define FUSEDOPT_SGD_STEPS_OPTIONAL true
 #define FUSEDOPT_SGD_STEPS_WITH(X) X(momentum_buffers)
 
+// adafactor_
+#define FUSEDOPT_ADAFACTOR_STATES(X) X(row_vars, RowVars, 0, false, true) X(col_vars, ColVars, 1, false, true) X(variances, Variances, 2, false, true)
+#define FUSEDOPT_ADAFACTOR_HYPERS(X) X(lr, Lr, 0) X(beta2_decay, Beta2Decay, 1) X(eps1, Eps1, 2) X(eps2, Eps2, 3) X(d, D, 4) X(weight_decay, WeightDecay, 5)
+#define FUSEDOPT_ADAFACTOR_FLAGS(X) X(maximize, Maximize, 0, false)
+#define FUSEDOPT_ADAFACTOR_STEPS(X) X(steps)
+#define FUSEDOPT_ADAFACTOR_STEPS_OPTIONAL false
+#define FUSEDOPT_ADAFACTOR_STEPS_WITH(X)
+
 namespace fusedopt::spec {
 
+/// The shape rule of a state list (fusedopt/_contract.py STATE_LAYOUTS).
+enum class StateLayout { kParam, kRow, kCol, kUnfactored };
+
 namespace adamw {
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam, StateLayout::kParam};
 inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kMaxExpAvgSqs = 2, kNumStates = 3;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
 inline constexpr int kDecoupled = 0, kAmsgrad = 1, kMaximize = 2, kBiasCorrection = 3, kNumFlags = 4;
 }  // namespace adamw
 
 namespace lamb {
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam};
 inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kNumStates = 2;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
 inline constexpr int kGradAveraging = 0, kBiasCorrection = 1, kTrustClip = 2, kAlwaysAdapt = 3, kNumFlags = 4;
 }  // namespace lamb
 
 namespace lion {
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam};
 inline constexpr int kExpAvgs = 0, kNumStates = 1;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kWeightDecay = 3, kNumHypers = 4;
 inline constexpr int kMaximize = 0, kNumFlags = 1;
 }  // namespace lion
 
 namespace adan {
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam, StateLayout::kParam, StateLayout::kParam};
 inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kExpAvgDiffs = 2, kNegPreGrads = 3, kNumStates = 4;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kBeta3 = 3, kEps = 4, kWeightDecay = 5, kNumHypers = 6;
 inline constexpr int kNoProx = 0, kNumFlags = 1;
 }  // namespace adan
 
 namespace schedulefree_adamw {
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam};
 inline constexpr int kZs = 0, kExpAvgSqs = 1, kNumStates = 2;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kCkp1 = 5, kBiasCorrection2 = 6, kNumHypers = 7;
 inline constexpr int kNumFlags = 0;
 }  // namespace schedulefree_adamw
 
 namespace sgd {
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam};
 inline constexpr int kMomentumBuffers = 0, kNumStates = 1;
 inline constexpr int kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kNumHypers = 4;
 inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
 }  // namespace sgd
+
+namespace adafactor {
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kRow, StateLayout::kCol, StateLayout::kUnfactored};
+inline constexpr int kRowVars = 0, kColVars = 1, kVariances = 2, kNumStates = 3;
+inline constexpr int kLr = 0, kBeta2Decay = 1, kEps1 = 2, kEps2 = 3, kD = 4, kWeightDecay = 5, kNumHypers = 6;
+inline constexpr int kMaximize = 0, kNumFlags = 1;
+}  // namespace adafactor
 
 inline constexpr int kMaxStates = 4;
 inline constexpr int kMaxHypers = 7;

@@ -1,0 +1,122 @@
+// Adafactor per-element math (torch.optim.Adafactor, DESIGN.md §3), over opmath registers.
+//
+// [note: adafactor passes] Adafactor needs, before any param can move, three reductions per
+// tensor: sum p^2 (alpha = max(eps2, rms(p)) * rho), the row and column means of g^2 of a
+// factored param (its second moment), and sum u^2 of the unclipped update (the clip
+// max(1, rms(u)/d)), which needs the new row and column factors. So it runs as two ops
+// ([note: multi-pass ops] in DESIGN.md §2; fusedopt/_contract.py PHASE_OPS), with three
+// passes over memory:
+//   adafactor_norms_  pass 1: reads g, p; sums p^2 per tensor, g^2 per row and per column of
+//                     a factored tensor (folded into row_var, col_var with adafactor_lerp),
+//                     and for a vector or scalar updates the variance and sums u^2 in the
+//                     same pass;
+//                     pass 2 (factored tensors only): reads g and the new factors, sums u^2;
+//   adafactor_apply_  pass 3: reads g, p and the factors (or the variance), recomputes u and
+//                     writes p = decay(p) - (alpha/clip) * u.
+// Every reduction is deterministic (a fixed order that depends on the sizes only). u is
+// always computed from the second moments as stored (rounded to their dtype), in all three
+// passes alike, so pass 3's u is the one whose norm pass 2 took.
+// Bytes per element, fp32 (the factors are R + C numbers per R x C matrix: ~0 per element):
+// pass 1 8 (g, p), pass 2 4 (g), pass 3 12 (g, p read, p written): 24 B; a vector: 12 + 12
+// (its variance read and written in pass 1, read in pass 3) = 28 B. Master weights add the
+// master (4 B read in passes 1 and 3, written in 3) and the param's 2-byte read for master_sync.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedopt/macros.h"
+#include "fusedopt/math/common.h"
+
+namespace fusedopt {
+
+/// The per-tensor scalars of Adafactor at step t (all passes), in opmath.
+template <typename T>
+struct AdafactorScalars {
+  T weight;      // t**beta2_decay: the lerp weight of the new mean of g^2 (1 - beta2_t)
+  T eps1;        // the floor of a factored param's row mean
+  T eps1_sq;     // the floor of the variance estimate
+  T decay;       // 1 - lr*wd
+  bool decays;   // wd != 0 ([note: zero weight decay])
+  T step_size;   // alpha / clip (pass 3 only; 0 before)
+};
+
+/// eps1 < 0 stands for torch's eps1=None: the eps of the dtype the update runs on (the
+/// param's storage dtype; fp32 with master weights).
+FUSEDOPT_HD FUSEDOPT_INLINE double adafactor_eps1(double eps1, double dtype_eps) {
+  return eps1 < 0.0 ? dtype_eps : eps1;
+}
+
+/// The scalars the update needs (weight 0: the apply pass takes no pow, which in a CUDA
+/// kernel keeps values live across a call: a stack frame).
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE AdafactorScalars<T> adafactor_update_scalars(double lr, double eps1,
+                                                                         double weight_decay) {
+  AdafactorScalars<T> s;
+  s.weight = T(0);
+  s.eps1 = static_cast<T>(eps1);
+  s.eps1_sq = static_cast<T>(eps1 * eps1);
+  s.decay = static_cast<T>(1.0 - lr * weight_decay);
+  s.decays = weight_decay != 0.0;
+  s.step_size = T(0);
+  return s;
+}
+
+/// Every per-tensor scalar at step `step` but the step size: the update's and the lerp
+/// weight t**beta2_decay of the second moments.
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE AdafactorScalars<T> adafactor_scalars(double lr, double beta2_decay,
+                                                                  double eps1,
+                                                                  double weight_decay,
+                                                                  double step) {
+  AdafactorScalars<T> s = adafactor_update_scalars<T>(lr, eps1, weight_decay);
+  s.weight = static_cast<T>(::pow(step, beta2_decay));
+  return s;
+}
+
+/// alpha / clip of a tensor of n elements, in double, from the sums of squares of pass 1
+/// and 2: rho = min(lr, 1/sqrt(t)), alpha = max(eps2, sqrt(sum p^2)/sqrt(n)) * rho,
+/// clip = max(1, sqrt(sum u^2)/(sqrt(n)*d)) (torch's order of operations).
+FUSEDOPT_HD FUSEDOPT_INLINE double adafactor_step_size(double lr, double step, double eps2,
+                                                      double d, double param_sq,
+                                                      double update_sq, int64_t n) {
+  const double rho = fmin(lr, 1.0 / ::sqrt(step));
+  const double root_n = ::sqrt(static_cast<double>(n));
+  const double param_rms = ::sqrt(param_sq) / root_n;
+  const double alpha = (param_rms > eps2 ? param_rms : eps2) * rho;
+  const double update_rms = ::sqrt(update_sq) / (root_n * d);
+  return alpha / (update_rms > 1.0 ? update_rms : 1.0);
+}
+
+/// torch.lerp(v, x, w): v + w*(x - v) for |w| < 0.5, else x - (x - v)*(1 - w).
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE T adafactor_lerp(T v, T x, T w) {
+  const T diff = x - v;
+  return (w < T(0.5) && w > T(-0.5)) ? v + w * diff : x - diff * (T(1) - w);
+}
+
+/// The floor of a factored param's mean row factor: max(mean, eps1) (NaN stays NaN).
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE T adafactor_row_floor(T row_mean, const AdafactorScalars<T>& s) {
+  return row_mean < s.eps1 ? s.eps1 : row_mean;
+}
+
+/// The variance estimate of a factored element: row * col / floored row mean.
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE T adafactor_factored_variance(T row, T col, T row_floor) {
+  return (row * col) / row_floor;
+}
+
+/// The unclipped update u = g / sqrt(max(v, eps1^2)) (NaN stays NaN).
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE T adafactor_update(T g, T v, const AdafactorScalars<T>& s) {
+  return g / sqrt_rn(v < s.eps1_sq ? s.eps1_sq : v);
+}
+
+/// The new param: p * (1 - lr*wd) (wd != 0), then - step_size * u.
+template <typename T>
+FUSEDOPT_HD FUSEDOPT_INLINE T adafactor_apply(T p, T u, const AdafactorScalars<T>& s) {
+  if (s.decays) p = p * s.decay;
+  return p - s.step_size * u;
+}
+
+}  // namespace fusedopt
