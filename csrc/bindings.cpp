@@ -730,6 +730,129 @@ std::tuple<bool, std::vector<Tensor>> plan_grads(const Tensor& handle) {
   return std::make_tuple(true, std::move(grads));
 }
 
+// ---------------------------------------------------------------------------------------
+// A cached plan's op calls ([note: planned calls] in fusedopt/optim/_plan.py).
+//
+// A step op called from Python converts every tensor list it takes: the dispatcher wraps
+// each tensor of each list (params, grads, the states, masters, steps: ~5 per param) into
+// a boxed stack, reads its dispatch keys, the autograd fallback reads whether it requires
+// grad, and the kernel wrapper copies each list out of the stack again. At 10,000 tensors
+// that touches ~50,000 TensorImpls and their Python objects several times over: ~7 of a
+// 13 ms op call (perf, 2-core CPU VM), more than the op's own checks and kernel. But all
+// those lists but the grads are the plan's, the same tensors every step. plan_call keeps
+// them in C++ once per plan, in a PlannedCall that holds them (strong references) with the
+// op's flags; plan_call_step takes that handle, reads each param's grad in C++ (the
+// optimizer's plan_grads checked them this step) and calls the op's implementation with
+// the lists, so every check of the op still runs, on the same tensors. What reaches the
+// dispatcher is a handle and the step's few scalars.
+
+/// One op call of a cached plan: the op's tensor lists in schema order, the grads' (index
+/// 1) left empty, and its flags then the common flags (master_sync), in schema order.
+struct PlannedCall {
+  using Run = void (*)(const PlannedCall&, TensorList grads, const Tensor& hypers,
+                       c10::IntArrayRef group_sizes, const OptTensor& lr_tensor,
+                       const OptTensor& grad_scale, const OptTensor& clip_coef,
+                       const OptTensor& found_inf);
+  Run run = nullptr;
+  std::vector<std::vector<Tensor>> lists;
+  std::vector<bool> flags;
+};
+
+// The op's implementation called with a PlannedCall's lists and flags, for each step op.
+#define FUSEDOPT_PLANNED_STATE(name, Name, index, ...) c.lists[2 + index],
+#define FUSEDOPT_PLANNED_STEPS(name) c.lists.back(),
+#define FUSEDOPT_PLANNED_FLAG(name, Name, index, ...) c.flags[index],
+#define FUSEDOPT_PLANNED_COMMON_FLAG(name, Name, index, ...) , c.flags[kOpFlags + index]
+#define FUSEDOPT_PLANNED_RUN(op, OP, Stem)                                                     \
+  template <class B>                                                                           \
+  void op##_planned(const PlannedCall& c, TensorList grads, const Tensor& hypers,              \
+                    c10::IntArrayRef group_sizes, const OptTensor& lr_tensor,                  \
+                    const OptTensor& grad_scale, const OptTensor& clip_coef,                   \
+                    const OptTensor& found_inf) {                                              \
+    constexpr int kOpFlags = spec::op::kNumFlags;                                              \
+    op##_impl<B>(c.lists[0], grads, FUSEDOPT_##OP##_STATES(FUSEDOPT_PLANNED_STATE)             \
+                     c.lists[2 + spec::op::kNumStates],                                        \
+                 FUSEDOPT_##OP##_STEPS(FUSEDOPT_PLANNED_STEPS) hypers, group_sizes,            \
+                 FUSEDOPT_##OP##_FLAGS(FUSEDOPT_PLANNED_FLAG) lr_tensor, grad_scale, clip_coef, \
+                 found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_PLANNED_COMMON_FLAG));               \
+  }
+FUSEDOPT_STEP_OPS(FUSEDOPT_PLANNED_RUN)
+
+/// The number of tensor lists and of flags (the op's and the common ones) of each step op.
+struct PlannedShape {
+  PlannedCall::Run run;
+  size_t lists, flags;
+};
+
+#define FUSEDOPT_COUNT(...) +1
+template <class B>
+std::optional<PlannedShape> planned_shape(const std::string& op) {
+#define FUSEDOPT_PLANNED_SHAPE(op_, OP, Stem)                                             \
+  if (op == #op_ "_") {                                                                   \
+    return PlannedShape{&op_##_planned<B>,                                                \
+                        3 + spec::op_::kNumStates FUSEDOPT_##OP##_STEPS(FUSEDOPT_COUNT), \
+                        spec::op_::kNumFlags FUSEDOPT_COMMON_FLAGS(FUSEDOPT_COUNT)};     \
+  }
+  FUSEDOPT_STEP_OPS(FUSEDOPT_PLANNED_SHAPE)
+  return std::nullopt;
+}
+
+void delete_planned_call(void* call) { delete static_cast<PlannedCall*>(call); }
+
+/// An empty CPU tensor that owns the PlannedCall of the step op ``op`` (``"adamw_"``) on
+/// ``backend`` (``"cpu"``, ``"cuda"``): ``tensors`` holds its lists in schema order, the
+/// grads' left out (``list_sizes[1]`` is 0), one after the other, ``list_sizes`` their
+/// lengths; ``flags`` the op's flags then the common flags, in schema order.
+Tensor plan_call(const std::string& op, const std::string& backend, TensorList tensors,
+                 c10::IntArrayRef list_sizes, c10::IntArrayRef flags) {
+  std::optional<PlannedShape> shape;
+  if (backend == CpuBackend::kName) shape = planned_shape<CpuBackend>(op);
+#ifdef FUSEDOPT_WITH_CUDA
+  if (backend == CudaBackend::kName) shape = planned_shape<CudaBackend>(op);
+#endif
+  TORCH_CHECK_VALUE(shape.has_value(), "fusedopt::plan_call: no step op ", op,
+                    " on the backend ", backend, " in fusedopt._C");
+  TORCH_CHECK_VALUE(list_sizes.size() == shape->lists && flags.size() == shape->flags &&
+                        list_sizes[1] == 0,
+                    "fusedopt::plan_call: ", op, " takes ", shape->lists, " lists (grads empty) and ",
+                    shape->flags, " flags; got ", list_sizes, " and ", flags);
+  auto call = std::make_unique<PlannedCall>();
+  call->run = shape->run;
+  size_t at = 0;
+  for (const int64_t size : list_sizes) {
+    TORCH_CHECK_VALUE(size >= 0 && at + size <= tensors.size(), "fusedopt::plan_call: ",
+                      "list_sizes ", list_sizes, " do not add up to the ", tensors.size(),
+                      " tensors");
+    call->lists.emplace_back(tensors.begin() + at, tensors.begin() + at + size);
+    at += size;
+  }
+  TORCH_CHECK_VALUE(at == tensors.size(), "fusedopt::plan_call: list_sizes ", list_sizes,
+                    " do not add up to the ", tensors.size(), " tensors");
+  call->flags.assign(flags.begin(), flags.end());
+  void* owned = call.get();
+  Tensor handle = at::for_blob(owned, {0})
+                      .context(owned, &delete_planned_call)
+                      .options(at::TensorOptions().dtype(at::kByte))
+                      .make_tensor();
+  call.release();  // the handle's storage owns it now
+  return handle;
+}
+
+/// Runs the planned call ``handle`` with the params' grads and this step's hyperparameter
+/// table and scalars (the step op's arguments of those names).
+void plan_call_step(const Tensor& handle, const Tensor& hypers, c10::IntArrayRef group_sizes,
+                    const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                    const OptTensor& clip_coef, const OptTensor& found_inf) {
+  TORCH_CHECK(handle.has_storage() &&
+                  handle.storage().data_ptr().get_deleter() == &delete_planned_call,
+              "fusedopt::plan_call_step: the argument is not a tensor plan_call made");
+  const auto& call = *static_cast<const PlannedCall*>(handle.storage().data_ptr().get_context());
+  std::vector<Tensor> grads;
+  grads.reserve(call.lists[0].size());
+  for (const Tensor& p : call.lists[0]) grads.push_back(p.grad());  // undefined: the op raises
+  call.run(call, grads, hypers, group_sizes, lr_tensor, grad_scale, clip_coef, found_inf);
+}
+
 }  // namespace
 }  // namespace fusedopt
 
@@ -738,4 +861,9 @@ std::tuple<bool, std::vector<Tensor>> plan_grads(const Tensor& handle) {
 TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
   m.def("plan_record(Tensor[] params) -> Tensor", &fusedopt::plan_record);
   m.def("plan_grads(Tensor record) -> (bool, Tensor[])", &fusedopt::plan_grads);
+  m.def("plan_call(str op, str backend, Tensor[] tensors, int[] list_sizes, int[] flags) -> Tensor",
+        &fusedopt::plan_call);
+  m.def("plan_call_step(Tensor call, Tensor hypers, int[] group_sizes, Tensor? lr_tensor, "
+        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf) -> ()",
+        &fusedopt::plan_call_step);
 }

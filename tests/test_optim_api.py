@@ -19,6 +19,7 @@ from optim_cases import (
 
 import fusedopt
 from fusedopt import ops
+from fusedopt.optim._base import FusedOptimizer
 
 
 def _grads(params, seed):
@@ -459,7 +460,7 @@ def test_complex_param_with_a_sparse_grad_is_refused(cls):
         cls([p], lr=0.1).step()
 
 
-def test_params_without_grads_are_skipped_and_get_no_state(monkeypatch):
+def test_params_without_grads_are_skipped_and_get_no_state(monkeypatch, count_calls):
     params = clone_params(make_model(), torch.float32)
     opt = fusedopt.AdamW(params)
     params[0].grad = torch.ones_like(params[0])
@@ -468,8 +469,12 @@ def test_params_without_grads_are_skipped_and_get_no_state(monkeypatch):
     monkeypatch.setattr(
         ops, "step", lambda op, lists, *a, **k: (seen.append(lists), real(op, lists, *a, **k))
     )
+    planned = count_calls(FusedOptimizer, "_run_planned")  # [note: planned calls]
     opt.step()
-    assert len(seen) == 1 and len(seen[0]["params"]) == 1
+    # One op call: through ops.step, or the plan's own call of the same lists.
+    assert len(seen) + planned[0] == 1
+    assert all(len(lists["params"]) == 1 for lists in seen)
+    assert [call.params for call in opt._step_out["plan"].calls] == [[params[0]]]
     assert set(opt.state) == {params[0]}
 
 
