@@ -745,7 +745,15 @@ std::tuple<bool, std::vector<Tensor>> plan_grads(const Tensor& handle) {
   grads.reserve(record.params.size());
   const auto mismatch = [] { return std::make_tuple(false, std::vector<Tensor>{}); };
   size_t at = 0;
-  for (const Tensor& p : record.params) {
+  const TensorList params = record.params;
+  for (size_t i = 0; i < params.size(); ++i) {
+    // [note: prefetch]: each param's TensorImpl, then its autograd metadata (which holds
+    // the grad), ahead of the loop.
+    prefetch_tensor(params, i);
+    if (i + kPrefetchAhead / 2 < params.size()) {
+      __builtin_prefetch(params[i + kPrefetchAhead / 2].unsafeGetTensorImpl()->autograd_meta());
+    }
+    const Tensor& p = params[i];
     const bool had_grad = meta[at++] != 0;
     if (!matches(p, meta, at)) return mismatch();
     const Tensor& g = p.grad();
