@@ -9,7 +9,8 @@ weights, ``max_grad_norm`` and ``fusedopt.GradScaler``, as in ``bench/fused.py``
 ``torch.optim.AdamW(fused=True)`` (``amp``: torch's composition of the same step,
 ``bench/peers.py``). fusedopt's step is also split: ``plan`` is ``_step_plan`` (the cached
 plan's per-step check and the grads lists, [note: cached plan]), ``op calls`` the step ops
-(``_run``: the dispatcher's conversion of the lists, the op's validation, the kernel), and the
+(``_run``, or ``_run_planned`` for a cached plan's calls, [note: planned calls]: the
+dispatcher's conversion of the lists, the op's validation, the kernel), and the
 step's remainder (the norm pass, the hyperparameter lists, the scaler) is the difference.
 Each number is the **minimum** over ``--repeats`` timed steps (after a warm-up; above 150
 tensors, ``repeats * 150 / tensors`` steps, at least 20), each part's minimum taken apart: the
@@ -56,11 +57,13 @@ def _timed(method: Callable, spent: list[float]) -> Callable:
 
 
 def min_split_seconds(step, opt, warmup: int, repeats: int) -> tuple[float, float, float]:
-    """The fastest step, the fastest ``_step_plan`` and the fastest op calls (``_run``, summed
-    over a step's calls) of ``repeats`` steps of ``opt``, in seconds, each a minimum apart."""
+    """The fastest step, the fastest ``_step_plan`` and the fastest op calls (``_run`` and
+    ``_run_planned``, summed over a step's calls) of ``repeats`` steps of ``opt``, in
+    seconds, each a minimum apart."""
     plan_spent, run_spent = [0.0], [0.0]
     opt._step_plan = _timed(opt._step_plan, plan_spent)  # instance attributes: this run only
     opt._run = _timed(opt._run, run_spent)
+    opt._run_planned = _timed(opt._run_planned, run_spent)  # [note: planned calls]
     for _ in range(warmup):
         step()
     best = [float("inf")] * 3

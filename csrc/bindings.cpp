@@ -209,6 +209,26 @@ struct SlotTable {
   }
 };
 
+/// [note: prefetch] A step's lists hold ~5 tensors per param, each a TensorImpl of ~4 cache
+/// lines and a StorageImpl elsewhere in memory; at 10,000 params that is ~13 MB of
+/// metadata, more than the caches keep between steps, and the checks read it one dependent
+/// load after another. So each loop over a list asks for the TensorImpl of the tensor
+/// kPrefetchAhead places on, and for the StorageImpl of the one half as far on (its
+/// TensorImpl asked for earlier), and reads each tensor's data pointer in the same loop as
+/// its checks, while its lines are there: no tensor's metadata is read twice per call.
+constexpr size_t kPrefetchAhead = 16;
+
+inline void prefetch_tensor(TensorList list, size_t i) {
+  if (i + kPrefetchAhead < list.size()) {
+    const auto* impl = reinterpret_cast<const char*>(list[i + kPrefetchAhead].unsafeGetTensorImpl());
+    for (size_t line = 0; line < sizeof(c10::TensorImpl); line += 64) __builtin_prefetch(impl + line);
+  }
+  if (i + kPrefetchAhead / 2 < list.size()) {
+    const c10::TensorImpl* impl = list[i + kPrefetchAhead / 2].unsafeGetTensorImpl();
+    if (impl->has_storage()) __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
+  }
+}
+
 /// Validates and converts the lists and scalars every step op has (params, grads,
 /// master_params, steps, the common device scalars) and the op's state lists.
 class StepArguments {
@@ -226,7 +246,18 @@ class StepArguments {
     param_dtype_ = check.tensor(params[0], Indexed{"params", 0});
     grad_dtype_ = check.tensor(grads[0], Indexed{"grads", 0});
     const bool masters = !master_params.empty();
-    for (size_t i = 0; i < n_; ++i) {
+    params_table_.dtype = param_dtype_;
+    grads_table_.dtype = grad_dtype_;
+    params_table_.pointers.reserve(n_);
+    grads_table_.pointers.reserve(n_);
+    masters_table_.pointers.reserve(master_params.size());
+    numels_.reserve(n_);
+    steps_.reserve(steps.size());
+    for (size_t i = 0; i < n_; ++i) {  // [note: prefetch]
+      prefetch_tensor(params, i);
+      prefetch_tensor(grads, i);
+      if (masters) prefetch_tensor(master_params, i);
+      if (!steps.empty()) prefetch_tensor(steps, i);
       const Indexed p_name{"params", i};
       const DType pd = check.tensor(params[i], p_name);
       TORCH_CHECK(params[i].device() == device_, check.op(), ": ", p_name, " is on ",
@@ -253,12 +284,17 @@ class StepArguments {
         check.like(master_params[i], params[i], m_name);
         TORCH_CHECK_TYPE(md == DType::kFloat32, check.op(), ": ", m_name, " has dtype ",
                          master_params[i].scalar_type(), ", expected float32");
+        masters_table_.pointers.push_back(master_params[i].data_ptr());
       }
       if (!steps.empty()) {
         const Indexed s_name{"steps", i};
         check.tensor(steps[i], s_name);
         check.scalar(steps[i], s_name, device_);
+        steps_.push_back(steps[i].data_ptr<float>());
       }
+      params_table_.pointers.push_back(params[i].data_ptr());
+      grads_table_.pointers.push_back(grads[i].data_ptr());
+      numels_.push_back(params[i].numel());
     }
     state_dtype_ = masters ? DType::kFloat32 : param_dtype_;
     const bool fp64 = param_dtype_ == DType::kFloat64;
@@ -275,12 +311,6 @@ class StepArguments {
                   " but the params are on ", device_);
     }
 
-    params_table_ = table(params, param_dtype_);
-    grads_table_ = table(grads, grad_dtype_);
-    masters_table_ = table(master_params, DType::kFloat32);
-    for (const Tensor& s : steps) steps_.push_back(s.data_ptr<float>());
-    numels_.reserve(n_);
-    for (const Tensor& p : params) numels_.push_back(p.numel());
     lists_.num_tensors = static_cast<int64_t>(n_);
     lists_.numels = numels_.data();
     lists_.params = params_table_.slot();
@@ -312,11 +342,18 @@ class StepArguments {
   TensorSlot state(const char* name, TensorList states, bool may_be_empty,
                    spec::StateLayout layout) {
     check_.length(name, states.size(), n_, may_be_empty);
-    for (size_t i = 0; i < states.size(); ++i) {
+    SlotTable& table = states_.emplace_back();
+    table.dtype = state_dtype_;
+    table.pointers.reserve(states.size());
+    for (size_t i = 0; i < states.size(); ++i) {  // [note: prefetch]
+      prefetch_tensor(states, i);
+      prefetch_tensor(params_, i);
       const Indexed where{name, i};
       const DType d = check_.tensor(states[i], where);
-      const std::vector<int64_t> shape = state_shape(layout, params_[i].sizes());
-      if (layout == spec::StateLayout::kParam || shape == params_[i].sizes().vec()) {
+      if (layout == spec::StateLayout::kParam) {
+        check_.like(states[i], params_[i], where);
+      } else if (const std::vector<int64_t> shape = state_shape(layout, params_[i].sizes());
+                 shape == params_[i].sizes().vec()) {
         check_.like(states[i], params_[i], where);
       } else {
         TORCH_CHECK(states[i].device() == device_, check_.op(), ": ", where, " is on ",
@@ -329,10 +366,10 @@ class StepArguments {
       TORCH_CHECK_TYPE(d == state_dtype_ || states[i].numel() == 0, check_.op(), ": ", where,
                        " has dtype ", states[i].scalar_type(), ", expected ",
                        dtype_name(state_dtype_));
+      table.pointers.push_back(states[i].data_ptr());
     }
     if (layout == spec::StateLayout::kRow) factor_dims();
-    states_.push_back(table(states, state_dtype_));
-    return states_.back().slot();
+    return table.slot();
   }
 
   /// Checks the hyperparameter table ([note: hyper table] in fusedopt/_contract.py: float64
@@ -400,13 +437,6 @@ class StepArguments {
       factor_dims_[2 * i + 1] = sizes.back();
     }
     lists_.factor_dims = factor_dims_.data();
-  }
-
-  static SlotTable table(TensorList list, DType dtype) {
-    SlotTable t;
-    t.dtype = dtype;
-    for (const Tensor& x : list) t.pointers.push_back(x.data_ptr());
-    return t;
   }
 
   const Checker& check_;
@@ -796,7 +826,15 @@ std::tuple<bool, std::vector<Tensor>> plan_grads(const Tensor& handle) {
   grads.reserve(record.params.size());
   const auto mismatch = [] { return std::make_tuple(false, std::vector<Tensor>{}); };
   size_t at = 0;
-  for (const Tensor& p : record.params) {
+  const TensorList params = record.params;
+  for (size_t i = 0; i < params.size(); ++i) {
+    // [note: prefetch]: each param's TensorImpl, then its autograd metadata (which holds
+    // the grad), ahead of the loop.
+    prefetch_tensor(params, i);
+    if (i + kPrefetchAhead / 2 < params.size()) {
+      __builtin_prefetch(params[i + kPrefetchAhead / 2].unsafeGetTensorImpl()->autograd_meta());
+    }
+    const Tensor& p = params[i];
     const bool had_grad = meta[at++] != 0;
     if (!matches(p, meta, at)) return mismatch();
     const Tensor& g = p.grad();
@@ -809,6 +847,129 @@ std::tuple<bool, std::vector<Tensor>> plan_grads(const Tensor& handle) {
   return std::make_tuple(true, std::move(grads));
 }
 
+// ---------------------------------------------------------------------------------------
+// A cached plan's op calls ([note: planned calls] in fusedopt/optim/_plan.py).
+//
+// A step op called from Python converts every tensor list it takes: the dispatcher wraps
+// each tensor of each list (params, grads, the states, masters, steps: ~5 per param) into
+// a boxed stack, reads its dispatch keys, the autograd fallback reads whether it requires
+// grad, and the kernel wrapper copies each list out of the stack again. At 10,000 tensors
+// that touches ~50,000 TensorImpls and their Python objects several times over: ~7 of a
+// 13 ms op call (perf, 2-core CPU VM), more than the op's own checks and kernel. But all
+// those lists but the grads are the plan's, the same tensors every step. plan_call keeps
+// them in C++ once per plan, in a PlannedCall that holds them (strong references) with the
+// op's flags; plan_call_step takes that handle, reads each param's grad in C++ (the
+// optimizer's plan_grads checked them this step) and calls the op's implementation with
+// the lists, so every check of the op still runs, on the same tensors. What reaches the
+// dispatcher is a handle and the step's few scalars.
+
+/// One op call of a cached plan: the op's tensor lists in schema order, the grads' (index
+/// 1) left empty, and its flags then the common flags (master_sync), in schema order.
+struct PlannedCall {
+  using Run = void (*)(const PlannedCall&, TensorList grads, const Tensor& hypers,
+                       c10::IntArrayRef group_sizes, const OptTensor& lr_tensor,
+                       const OptTensor& grad_scale, const OptTensor& clip_coef,
+                       const OptTensor& found_inf);
+  Run run = nullptr;
+  std::vector<std::vector<Tensor>> lists;
+  std::vector<bool> flags;
+};
+
+// The op's implementation called with a PlannedCall's lists and flags, for each step op.
+#define FUSEDOPT_PLANNED_STATE(name, Name, index, ...) c.lists[2 + index],
+#define FUSEDOPT_PLANNED_STEPS(name) c.lists.back(),
+#define FUSEDOPT_PLANNED_FLAG(name, Name, index, ...) c.flags[index],
+#define FUSEDOPT_PLANNED_COMMON_FLAG(name, Name, index, ...) , c.flags[kOpFlags + index]
+#define FUSEDOPT_PLANNED_RUN(op, OP, Stem)                                                     \
+  template <class B>                                                                           \
+  void op##_planned(const PlannedCall& c, TensorList grads, const Tensor& hypers,              \
+                    c10::IntArrayRef group_sizes, const OptTensor& lr_tensor,                  \
+                    const OptTensor& grad_scale, const OptTensor& clip_coef,                   \
+                    const OptTensor& found_inf) {                                              \
+    constexpr int kOpFlags = spec::op::kNumFlags;                                              \
+    op##_impl<B>(c.lists[0], grads, FUSEDOPT_##OP##_STATES(FUSEDOPT_PLANNED_STATE)             \
+                     c.lists[2 + spec::op::kNumStates],                                        \
+                 FUSEDOPT_##OP##_STEPS(FUSEDOPT_PLANNED_STEPS) hypers, group_sizes,            \
+                 FUSEDOPT_##OP##_FLAGS(FUSEDOPT_PLANNED_FLAG) lr_tensor, grad_scale, clip_coef, \
+                 found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_PLANNED_COMMON_FLAG));               \
+  }
+FUSEDOPT_STEP_OPS(FUSEDOPT_PLANNED_RUN)
+
+/// The number of tensor lists and of flags (the op's and the common ones) of each step op.
+struct PlannedShape {
+  PlannedCall::Run run;
+  size_t lists, flags;
+};
+
+#define FUSEDOPT_COUNT(...) +1
+template <class B>
+std::optional<PlannedShape> planned_shape(const std::string& op) {
+#define FUSEDOPT_PLANNED_SHAPE(op_, OP, Stem)                                             \
+  if (op == #op_ "_") {                                                                   \
+    return PlannedShape{&op_##_planned<B>,                                                \
+                        3 + spec::op_::kNumStates FUSEDOPT_##OP##_STEPS(FUSEDOPT_COUNT), \
+                        spec::op_::kNumFlags FUSEDOPT_COMMON_FLAGS(FUSEDOPT_COUNT)};     \
+  }
+  FUSEDOPT_STEP_OPS(FUSEDOPT_PLANNED_SHAPE)
+  return std::nullopt;
+}
+
+void delete_planned_call(void* call) { delete static_cast<PlannedCall*>(call); }
+
+/// An empty CPU tensor that owns the PlannedCall of the step op ``op`` (``"adamw_"``) on
+/// ``backend`` (``"cpu"``, ``"cuda"``): ``tensors`` holds its lists in schema order, the
+/// grads' left out (``list_sizes[1]`` is 0), one after the other, ``list_sizes`` their
+/// lengths; ``flags`` the op's flags then the common flags, in schema order.
+Tensor plan_call(const std::string& op, const std::string& backend, TensorList tensors,
+                 c10::IntArrayRef list_sizes, c10::IntArrayRef flags) {
+  std::optional<PlannedShape> shape;
+  if (backend == CpuBackend::kName) shape = planned_shape<CpuBackend>(op);
+#ifdef FUSEDOPT_WITH_CUDA
+  if (backend == CudaBackend::kName) shape = planned_shape<CudaBackend>(op);
+#endif
+  TORCH_CHECK_VALUE(shape.has_value(), "fusedopt::plan_call: no step op ", op,
+                    " on the backend ", backend, " in fusedopt._C");
+  TORCH_CHECK_VALUE(list_sizes.size() == shape->lists && flags.size() == shape->flags &&
+                        list_sizes[1] == 0,
+                    "fusedopt::plan_call: ", op, " takes ", shape->lists, " lists (grads empty) and ",
+                    shape->flags, " flags; got ", list_sizes, " and ", flags);
+  auto call = std::make_unique<PlannedCall>();
+  call->run = shape->run;
+  size_t at = 0;
+  for (const int64_t size : list_sizes) {
+    TORCH_CHECK_VALUE(size >= 0 && at + size <= tensors.size(), "fusedopt::plan_call: ",
+                      "list_sizes ", list_sizes, " do not add up to the ", tensors.size(),
+                      " tensors");
+    call->lists.emplace_back(tensors.begin() + at, tensors.begin() + at + size);
+    at += size;
+  }
+  TORCH_CHECK_VALUE(at == tensors.size(), "fusedopt::plan_call: list_sizes ", list_sizes,
+                    " do not add up to the ", tensors.size(), " tensors");
+  call->flags.assign(flags.begin(), flags.end());
+  void* owned = call.get();
+  Tensor handle = at::for_blob(owned, {0})
+                      .context(owned, &delete_planned_call)
+                      .options(at::TensorOptions().dtype(at::kByte))
+                      .make_tensor();
+  call.release();  // the handle's storage owns it now
+  return handle;
+}
+
+/// Runs the planned call ``handle`` with the params' grads and this step's hyperparameter
+/// table and scalars (the step op's arguments of those names).
+void plan_call_step(const Tensor& handle, const Tensor& hypers, c10::IntArrayRef group_sizes,
+                    const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                    const OptTensor& clip_coef, const OptTensor& found_inf) {
+  TORCH_CHECK(handle.has_storage() &&
+                  handle.storage().data_ptr().get_deleter() == &delete_planned_call,
+              "fusedopt::plan_call_step: the argument is not a tensor plan_call made");
+  const auto& call = *static_cast<const PlannedCall*>(handle.storage().data_ptr().get_context());
+  std::vector<Tensor> grads;
+  grads.reserve(call.lists[0].size());
+  for (const Tensor& p : call.lists[0]) grads.push_back(p.grad());  // undefined: the op raises
+  call.run(call, grads, hypers, group_sizes, lr_tensor, grad_scale, clip_coef, found_inf);
+}
+
 }  // namespace
 }  // namespace fusedopt
 
@@ -817,4 +978,9 @@ std::tuple<bool, std::vector<Tensor>> plan_grads(const Tensor& handle) {
 TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
   m.def("plan_record(Tensor[] params) -> Tensor", &fusedopt::plan_record);
   m.def("plan_grads(Tensor record) -> (bool, Tensor[])", &fusedopt::plan_grads);
+  m.def("plan_call(str op, str backend, Tensor[] tensors, int[] list_sizes, int[] flags) -> Tensor",
+        &fusedopt::plan_call);
+  m.def("plan_call_step(Tensor call, Tensor hypers, int[] group_sizes, Tensor? lr_tensor, "
+        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf) -> ()",
+        &fusedopt::plan_call_step);
 }

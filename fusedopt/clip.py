@@ -67,6 +67,7 @@ def total_norm(
     grad_scale: Tensor | None = None,
     process_group: dist.ProcessGroup | None = None,
     backend: str = "auto",
+    _checked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Global ``norm_type`` (2 or inf) norm of ``tensors / grad_scale`` and a found_inf flag.
 
@@ -76,26 +77,40 @@ def total_norm(
     ``found_inf`` (non-zero if any element of any tensor, on any rank that takes part, is
     non-finite). No host sync. When ``process_group`` is given every rank of it must call
     this, even with no tensors (and with fp64 grads, every rank must hold some).
+
+    ``_checked`` (internal): the caller guarantees that ``tensors`` are plain (no DTensor),
+    dense tensors on one device (an optimizer's cached plan, [note: cached plan]), so no
+    Python code runs per tensor: the norm is the same, in the same arithmetic.
     """
     norm_type = float(norm_type)
     if norm_type not in (2.0, math.inf):
         raise ValueError(f"total_norm: norm_type must be 2.0 or inf, got {norm_type}")
     reduce_op = dist.ReduceOp.SUM if norm_type == 2.0 else dist.ReduceOp.MAX
     buckets: dict[tuple, list[Tensor]] = {}
-    for t in tensors:
+    if _checked and tensors:
+        groups = (process_group,) if process_group is not None else ()
+        buckets[(tensors[0].device, groups)] = list(tensors)
+    for t in () if _checked else tensors:
         local = local_tensor(t)
         buckets.setdefault((local.device, _reduce_groups(t, process_group)), []).append(local)
     if process_group is not None and not any(groups for _, groups in buckets):
         # Every rank of the group must join the collective, with or without grads.
         buckets[(_home_device(tensors, grad_scale), (process_group,))] = []
     home = next(iter(buckets))[0] if buckets else _home_device(tensors, grad_scale)
-    all_fp64 = bool(tensors) and all(local_tensor(t).dtype == torch.float64 for t in tensors)
+    if _checked:  # the op's norm is fp64 exactly when every tensor is
+        all_fp64 = None
+    else:
+        all_fp64 = bool(tensors) and all(local_tensor(t).dtype == torch.float64 for t in tensors)
     dtype = torch.float64 if all_fp64 else torch.float32
     parts, flags = [], []
     for (device, groups), local in buckets.items():
         scale = grad_scale.to(device) if grad_scale is not None else None
         if local:
-            norm, _, found_inf = ops.grad_norm(local, norm_type, grad_scale=scale, backend=backend)
+            norm, _, found_inf = ops.grad_norm(
+                local, norm_type, grad_scale=scale, backend=backend, _checked=_checked
+            )
+            if all_fp64 is None:
+                dtype = norm.dtype
             norm = norm.to(dtype)
         else:
             norm, found_inf = (

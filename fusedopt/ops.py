@@ -110,6 +110,7 @@ def grad_norm(
     per_tensor: bool = False,
     grad_scale: Tensor | None = None,
     backend: str = "auto",
+    _checked: bool = False,
 ) -> GradNorm:
     """Global L2 (``norm_type=2``) or inf norm of ``tensors / grad_scale``, in fp32.
 
@@ -117,12 +118,21 @@ def grad_norm(
     :class:`GradNorm` ``(total, per_tensor, found_inf)``: 0-d total norm, the per-tensor norms
     (shape ``[N]``, or ``[0]`` unless ``per_tensor``), and 1.0 in ``found_inf`` if any element
     is non-finite. Tensors may mix dtypes, but share one device.
+
+    ``_checked`` (internal) skips the per-tensor checks in Python: the caller guarantees dense
+    tensors of the supported dtypes on one device (an optimizer's cached plan, [note: cached
+    plan] in fusedopt/optim/_plan.py); the op's own checks still run on every tensor.
     """
     op = "grad_norm"
     norm_type = float(norm_type)
     if norm_type not in (2.0, math.inf):
         raise ValueError(f"{op}: norm_type must be 2.0 or inf, got {norm_type}")
     tensors = list(tensors)
+    if _checked and tensors:
+        device = tensors[0].device
+        check_scalar(grad_scale, "grad_scale", op, device)
+        handle = _contract.op_handle(op, _resolve(backend, device))
+        return GradNorm(*handle(tensors, norm_type, per_tensor, grad_scale))
     for i, t in enumerate(tensors):
         check_tensor(t, f"tensors[{i}]", op, dense=False, read=True)
         if t.dtype not in PARAM_DTYPES:

@@ -21,6 +21,7 @@ from optim_cases import (
 
 import fusedopt
 from fusedopt import ops
+from fusedopt.optim._base import FusedOptimizer
 
 #: The classes that are drop-ins for a torch.optim class, with it.
 TORCH_TWINS = [
@@ -472,7 +473,7 @@ def test_complex_param_with_a_sparse_grad_is_refused(cls):
         cls([p], lr=0.1).step()
 
 
-def test_params_without_grads_are_skipped_and_get_no_state(monkeypatch):
+def test_params_without_grads_are_skipped_and_get_no_state(monkeypatch, count_calls):
     params = clone_params(make_model(), torch.float32)
     opt = fusedopt.AdamW(params)
     params[0].grad = torch.ones_like(params[0])
@@ -481,8 +482,12 @@ def test_params_without_grads_are_skipped_and_get_no_state(monkeypatch):
     monkeypatch.setattr(
         ops, "step", lambda op, lists, *a, **k: (seen.append(lists), real(op, lists, *a, **k))
     )
+    planned = count_calls(FusedOptimizer, "_run_planned")  # [note: planned calls]
     opt.step()
-    assert len(seen) == 1 and len(seen[0]["params"]) == 1
+    # One op call: through ops.step, or the plan's own call of the same lists.
+    assert len(seen) + planned[0] == 1
+    assert all(len(lists["params"]) == 1 for lists in seen)
+    assert [call.params for call in opt._step_out["plan"].calls] == [[params[0]]]
     assert set(opt.state) == {params[0]}
 
 

@@ -55,8 +55,10 @@ from fusedopt._dense import dense_stride, state_for, state_like, swap_in_twins, 
 from fusedopt._validate import LOW_PRECISION, PARAM_DTYPES, check_like, check_tensor
 from fusedopt.clip import clip_coef as torch_clip_coef
 from fusedopt.clip import local_tensor, total_norm
+from fusedopt.ops import StepHypers
+from fusedopt.ops import _resolve as resolve_backend
 from fusedopt.optim._keys import MASTER_KEY, STEP_KEY, TORCH_ONLY_KEYS
-from fusedopt.optim._plan import PlanMixin, call_hypers
+from fusedopt.optim._plan import PlanMixin, call_hypers, native_calls
 from fusedopt.optim._state_dict import StateDictMixin
 
 
@@ -230,6 +232,21 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         """Run one op call; ``params`` are the (possibly DTensor) params of ``lists``, in runs
         of ``[group index, count]``."""
         ops.step(self.OP, lists, hypers, flags, **scalars, _checked=True)
+
+    def _run_planned(
+        self,
+        call: Tensor,
+        hypers: StepHypers,
+        grad_scale: Tensor | None,
+        clip_coef: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        """Run the planned op call ``call`` (``fusedopt._C``'s handle of its lists) with this
+        step's grads, hyperparameters and scalars ([note: planned calls])."""
+        native_calls()[1](
+            call, hypers.table, hypers.group_sizes, hypers.lr_tensor, grad_scale, clip_coef,
+            found_inf,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- groups
     @staticmethod
@@ -425,6 +442,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                 grad_scale=grad_scale,
                 process_group=self.grad_norm_group,
                 backend=self.param_groups[0]["backend"],
+                _checked=plan.checked_grads,
             )
             self._step_out["last_grad_norm"] = norm
             if detect_inf:  # [note: found_inf from the norm pass]
@@ -446,8 +464,15 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                 if gi not in group_hypers:
                     group_hypers[gi] = self._hypers(self.param_groups[gi])
                 runs.append((group_hypers[gi], count))
-            lists = {**call.lists, "grads": local_grads}
             hypers = call_hypers(call, runs, STEP_OPS[self.OP].hypers)
+            if (
+                call.native is not None
+                and type(self)._run is FusedOptimizer._run
+                and resolve_backend(call.backend, device) == call.native_backend
+            ):  # [note: planned calls] in fusedopt/optim/_plan.py
+                self._run_planned(call.native, hypers, **scalars)
+                continue
+            lists = {**call.lists, "grads": local_grads}
             twins = []
             if call.twins:  # [note: non-dense params] in fusedopt/_dense.py
                 lists["params"] = list(lists["params"])
