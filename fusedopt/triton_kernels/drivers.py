@@ -156,8 +156,13 @@ def by_dtype(
 # compile-time. (A tuple *variable* built inside a kernel from constexpr arguments passes them
 # as run-time values, and one holding a dtype does not compile, Triton 3.8; a constexpr tuple
 # argument and its unpacking are compile-time, and ``(a, *FLAGS)`` is not supported.)
-# Compiled for sm_90, every variant of tests/triton_static_compile.py has the register count,
-# stack and global-access counts it had as five hand-written kernels.
+# Compiled for sm_90 (Triton 3.8), every variant of tests/triton_static_compile.py keeps the
+# register count, SASS instruction count, stack and global accesses it had as five
+# hand-written kernels, except (none of it in a main loop: bench/results/h200_model.csv):
+# sgd_'s master-weight variants re-read the step pointer for finish_tensor (8 more
+# instructions, 2-3 fewer registers), sgd_bf16 takes 46 registers instead of 47, and adan_'s
+# master-weight variants 8 more instructions and 119 / 117 registers instead of 120 / 116
+# (the same allocation unit of 8).
 
 
 @triton.jit
@@ -174,10 +179,13 @@ def step_kernel(
     STEPS, the tensor's last-finishing chunk advances its step count (when ``advance``)."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        args, new_step, advance = PROLOGUE(row, t, lr_tensor, S_DTYPE, COMPUTE, LR_MODE,
-                                           ALIGNED, FLAGS)  # fmt: skip
+        # param_args before the prologue: after it, the unaligned bf16-master adamw_ variant
+        # took 110 registers instead of 96, the unaligned fp32 and bf16 ones 94 instead of 92
+        # (Triton 3.8, sm_90); before it, every variant is as hand-written.
         common = param_args(row, grad_scale, clip_coef, MASTER_SLOT, P_DTYPE, G_DTYPE, COMPUTE,
                             HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+        args, new_step, advance = PROLOGUE(row, t, lr_tensor, S_DTYPE, COMPUTE, LR_MODE,
+                                           ALIGNED, FLAGS)  # fmt: skip
         for_each_block(BLOCK_FN, start, end, common, args, (COMPUTE, FLAGS), COMPUTE, MASTER,
                        HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
         # Nested ifs: compile-time, then run-time (the same for every chunk of the tensor).
