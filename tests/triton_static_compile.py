@@ -27,6 +27,7 @@ from fusedopt.triton_kernels import (  # noqa: E402
     adafactor,
     adamw,
     adan,
+    drivers,
     grad_norm,
     lamb,
     lion,
@@ -94,18 +95,18 @@ def variants():
     }
     for case, dtypes in dtype_cases.items():
         base = {**dtypes, **SCALARS}
-        out.append((f"adamw_{case}", adamw.adamw_kernel,
-                    {"WIDTH": 11, **base, "DECOUPLED": True, "AMSGRAD": True, "MAXIMIZE": True,
-                     "BIAS_CORRECTION": True}))  # fmt: skip
-        out.append((f"sgd_{case}", sgd.sgd_kernel,
-                    {"WIDTH": 9, **base, "HAS_MOMENTUM": True, "NESTEROV": True,
-                     "MAXIMIZE": True}))  # fmt: skip
-        out.append((f"lion_{case}", lion.lion_kernel,
-                    {"WIDTH": 8, **base, "MAXIMIZE": True}))  # fmt: skip
-        out.append((f"adan_{case}", adan.adan_kernel,
-                    {"WIDTH": 12, **base, "NO_PROX": False}))  # fmt: skip
-        out.append((f"schedulefree_adamw_{case}", schedulefree_adamw.schedulefree_adamw_kernel,
-                    {"WIDTH": 9, **base}))  # fmt: skip
+        step = lambda op, width, steps, base=base, **flags: (  # noqa: E731
+            drivers.step_kernel,
+            {"WIDTH": width, **base, **op.constexprs(steps, **flags)},
+        )
+        out.append((f"adamw_{case}", *step(adamw.adamw_, 11, True, DECOUPLED=True, AMSGRAD=True,
+                                           MAXIMIZE=True, BIAS_CORRECTION=True)))  # fmt: skip
+        out.append((f"sgd_{case}", *step(sgd.sgd_, 9, True, HAS_MOMENTUM=True, NESTEROV=True,
+                                         MAXIMIZE=True)))  # fmt: skip
+        out.append((f"lion_{case}", *step(lion.lion_, 8, False, MAXIMIZE=True)))
+        out.append((f"adan_{case}", *step(adan.adan_, 12, True, NO_PROX=False)))
+        out.append((f"schedulefree_adamw_{case}",
+                    *step(schedulefree_adamw.schedulefree_adamw_, 9, False)))  # fmt: skip
         exact = dtypes["MASTER"] or dtypes["P_DTYPE"] in (F32, F64)
         lamb_base = {"WIDTH": 10, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
                      "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,

@@ -33,30 +33,15 @@ struct AdanBody : StepBody<P, G, kMasterWeights, AdanScalars<Opmath<P>>, kExpAvg
 
   template <int V>
   __device__ __forceinline__ void apply(int64_t i) const {
-    const auto [m, n, v, npg] = this->states;
-    T pv[V], gv[V], mv[V], nv[V], vv[V], qv[V];
-    this->load_param_and_grad(i, pv, gv);
-    load<V>(m, i, mv);
-    load<V>(n, i, nv);
-    load<V>(v, i, vv);
-    load<V>(npg, i, qv);
-#pragma unroll
-    for (int k = 0; k < V; ++k)
-      adan_update(pv[k], load_grad(gv[k], this->load_g), mv[k], vv[k], nv[k], qv[k], this->s);
-    this->store_param_and_master(i, pv);
-    store<V>(m, i, mv);
-    store<V>(n, i, nv);
-    store<V>(v, i, vv);
-    store<V>(npg, i, qv);
+    // States in spec order: exp_avg m, exp_avg_sq n, exp_avg_diff v, neg_pre_grad npg.
+    apply_every_state<V>(*this, i, [](T& p, T g, T& m, T& n, T& v, T& npg, const auto& s) {
+      adan_update(p, g, m, v, n, npg, s);
+    });
   }
 };
 
 }  // namespace
 
-void adan(const AdanCall& call, const ExecContext& ctx) {
-  if (call.lists.num_tensors == 0) return;
-  FUSEDOPT_STEP_HOST(ADAN)
-  run_step<AdanBody>(call.lists, host, args, /*count_steps=*/true, ctx);
-}
+FUSEDOPT_STEP_LAUNCHER(adan, AdanCall, ADAN, AdanBody, /*count_steps=*/true)
 
 }  // namespace fusedopt::cuda

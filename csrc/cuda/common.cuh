@@ -127,25 +127,6 @@ struct fp16 {
   uint16_t bits;
 };
 
-template <class S>
-struct DTypeOf;
-template <>
-struct DTypeOf<float> {
-  static constexpr DType value = DType::kFloat32;
-};
-template <>
-struct DTypeOf<double> {
-  static constexpr DType value = DType::kFloat64;
-};
-template <>
-struct DTypeOf<bf16> {
-  static constexpr DType value = DType::kBFloat16;
-};
-template <>
-struct DTypeOf<fp16> {
-  static constexpr DType value = DType::kFloat16;
-};
-
 /// The opmath type of a storage type: double for fp64, float otherwise.
 template <class S>
 using Opmath = std::conditional_t<std::is_same_v<S, double>, double, float>;

@@ -26,23 +26,13 @@ struct LionBody : StepBody<P, G, kMasterWeights, LionScalars<Opmath<P>>, kExpAvg
 
   template <int V>
   __device__ __forceinline__ void apply(int64_t i) const {
-    auto* const m = this->states[0];
-    T pv[V], gv[V], mv[V];
-    this->load_param_and_grad(i, pv, gv);
-    load<V>(m, i, mv);
-#pragma unroll
-    for (int k = 0; k < V; ++k) lion_update(pv[k], load_grad(gv[k], this->load_g), mv[k], this->s);
-    this->store_param_and_master(i, pv);
-    store<V>(m, i, mv);
+    apply_every_state<V>(*this, i,
+                         [](T& p, T g, T& m, const auto& s) { lion_update(p, g, m, s); });
   }
 };
 
 }  // namespace
 
-void lion(const LionCall& call, const ExecContext& ctx) {
-  if (call.lists.num_tensors == 0) return;
-  FUSEDOPT_STEP_HOST(LION)
-  run_step<LionBody>(call.lists, host, args, /*count_steps=*/false, ctx);
-}
+FUSEDOPT_STEP_LAUNCHER(lion, LionCall, LION, LionBody, /*count_steps=*/false)
 
 }  // namespace fusedopt::cuda

@@ -33,26 +33,15 @@ struct ScheduleFreeAdamWBody
 
   template <int V>
   __device__ __forceinline__ void apply(int64_t i) const {
-    const auto [z, v] = this->states;
-    T yv[V], gv[V], zv[V], vv[V];
-    this->load_param_and_grad(i, yv, gv);
-    load<V>(z, i, zv);
-    load<V>(v, i, vv);
-#pragma unroll
-    for (int k = 0; k < V; ++k)
-      schedulefree_adamw_update(yv[k], load_grad(gv[k], this->load_g), zv[k], vv[k], this->s);
-    this->store_param_and_master(i, yv);
-    store<V>(z, i, zv);
-    store<V>(v, i, vv);
+    apply_every_state<V>(*this, i, [](T& y, T g, T& z, T& v, const auto& s) {
+      schedulefree_adamw_update(y, g, z, v, s);
+    });
   }
 };
 
 }  // namespace
 
-void schedulefree_adamw(const ScheduleFreeAdamWCall& call, const ExecContext& ctx) {
-  if (call.lists.num_tensors == 0) return;
-  FUSEDOPT_STEP_HOST(SCHEDULEFREEADAMW)
-  run_step<ScheduleFreeAdamWBody>(call.lists, host, args, /*count_steps=*/false, ctx);
-}
+FUSEDOPT_STEP_LAUNCHER(schedulefree_adamw, ScheduleFreeAdamWCall, SCHEDULEFREEADAMW,
+                       ScheduleFreeAdamWBody, /*count_steps=*/false)
 
 }  // namespace fusedopt::cuda

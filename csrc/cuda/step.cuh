@@ -225,4 +225,37 @@ void run_step(const StepLists& lists, TableBuilder& host, const StepArgs& args, 
                       });
 }
 
+template <int V, class Body, class Update, std::size_t... k>
+__device__ __forceinline__ void apply_every_state(const Body& body, int64_t i, Update update,
+                                                  std::index_sequence<k...>) {
+  using T = typename Body::T;
+  T pv[V], gv[V], sv[sizeof...(k)][V];
+  body.load_param_and_grad(i, pv, gv);
+  (load<V>(body.states[k], i, sv[k]), ...);
+#pragma unroll
+  for (int e = 0; e < V; ++e) update(pv[e], load_grad(gv[e], body.load_g), sv[k][e]..., body.s);
+  body.store_param_and_master(i, pv);
+  (store<V>(body.states[k], i, sv[k]), ...);
+}
+
+/// The apply<V> of a Body that reads and writes every state in full, element by element:
+/// loads elements i..i+V-1 of the param, the grad and each state (spec order), calls
+/// `update(p, g, state..., body.s)` per element (g through load_grad), stores the param and
+/// then the states. The loads and stores come in the order the hand-written applies of lion,
+/// adan and schedulefree_adamw had (the same SASS: tests/test_cuda_static.py).
+template <int V, class Body, class Update>
+__device__ __forceinline__ void apply_every_state(const Body& body, int64_t i, Update update) {
+  constexpr std::size_t kStates = std::extent_v<decltype(Body::states)>;
+  apply_every_state<V>(body, i, update, std::make_index_sequence<kStates>{});
+}
+
+/// A step op's whole launcher `void op(const Call&, const ExecContext&)`: nothing for a call
+/// without tensors, else its table and StepArgs (FUSEDOPT_STEP_HOST) and run_step<Body>.
+#define FUSEDOPT_STEP_LAUNCHER(op, Call, OP, Body, count_steps)    \
+  void op(const Call& call, const ExecContext& ctx) {              \
+    if (call.lists.num_tensors == 0) return;                       \
+    FUSEDOPT_STEP_HOST(OP)                                         \
+    run_step<Body>(call.lists, host, args, count_steps, ctx);      \
+  }
+
 }  // namespace fusedopt::cuda

@@ -14,18 +14,16 @@ import triton.language as tl
 from .common import (
     bias_correction,
     div,
-    finish_tensor,
     hyper,
+    learning_rate,
     load,
     maximum,
-    skipped,
     slot,
     sqrt,
     store,
 )
-from .drivers import for_each_block, locate_step, param_args
-from .layout import layout, prepare
-from .multi_tensor import TableCache
+from .drivers import StepOp
+from .layout import layout
 from .registry import register
 
 #: The table columns, named by the spec.
@@ -36,10 +34,11 @@ L = layout("adamw_")
 def _adamw_block(
     offs, mask, g, p, m_ptr, v_ptr, vmax_ptr, decay, step_size, beta1, one_minus_beta1, beta2,
     one_minus_beta2, sqrt_bc2, eps, weight_decay, has_weight_decay, COMPUTE: tl.constexpr,
-    DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+    FLAGS: tl.constexpr,
 ):  # fmt: skip
     """The update of BLOCK elements, in the reference's order of operations: stores the
     states, returns the new param (``drivers.for_each_block`` loads g and p, stores p)."""
+    DECOUPLED, AMSGRAD, _ = FLAGS
     if DECOUPLED:
         p = p * decay  # 1 for wd == 0: p * 1 == p exactly
     else:
@@ -59,64 +58,46 @@ def _adamw_block(
 
 
 @triton.jit
-def adamw_kernel(
-    table, chunks, counters, lr_tensor, grad_scale, clip_coef, found_inf,
-    WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-    COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    BIAS_CORRECTION: tl.constexpr, ALIGNED: tl.constexpr,
+def _adamw_prologue(
+    row, t, lr_tensor, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr,
+    ALIGNED: tl.constexpr, FLAGS: tl.constexpr,
 ):  # fmt: skip
-    """One program per chunk; the chunk's last-finishing program advances the step count."""
-    if not skipped(found_inf, HAS_FOUND_INF):
-        t, row, start, end, lr = locate_step(table, chunks, lr_tensor, WIDTH, L.N_SLOTS, LR_MODE)
-        new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
-        beta1 = hyper(row, L.N_SLOTS, L.BETA1)
-        beta2 = hyper(row, L.N_SLOTS, L.BETA2)
-        weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
-        bc1 = bias_correction(beta1, new_step, BIAS_CORRECTION)
-        bc2 = bias_correction(beta2, new_step, BIAS_CORRECTION)
-        # [note: hyperparameter rounding]: float64 expressions for a Python lr, fp32 ones for
-        # a tensor lr, exactly as the reference evaluates them.
-        has_weight_decay = weight_decay != 0.0
-        if LR_MODE == 0:
-            decay = (1.0 - lr * weight_decay).to(COMPUTE)
-            step_size = (lr / bc1).to(COMPUTE)
-        else:
-            lr_c = lr.to(COMPUTE)
-            decay = 1.0 - lr_c * weight_decay.to(COMPUTE)
-            step_size = div(lr_c, bc1.to(COMPUTE))
-        # [note: zero weight decay]: a zero decay is none, not 1 - lr*0 (NaN for lr = inf).
-        decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
-        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
-                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
-        args = (
-            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
-            slot(row, L.MAX_EXP_AVG_SQS, S_DTYPE, ALIGNED), decay, step_size, beta1.to(COMPUTE),
-            (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE), (1.0 - beta2).to(COMPUTE),
-            tl.sqrt(bc2).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
-            weight_decay.to(COMPUTE), has_weight_decay,
-        )  # fmt: skip
-        for_each_block(_adamw_block, start, end, common, args, (COMPUTE, DECOUPLED, AMSGRAD),
-                       COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
-        # The step pointer is read again here rather than kept from the top: kept live across
-        # the loops, it cost the bf16 master-weight unaligned variant an 8-byte stack and a
-        # spill with Triton 3.6's ptxas (CUDA 12.8), around the IEEE division subroutine
-        # calls (Triton 3.8's ptxas kept it in a register). tests/test_triton_static.py.
-        finish_tensor(counters, t, row, slot(row, L.STEPS, tl.float32, False), new_step)
+    """The tensor's block args and new step count ([note: generic step kernel] in
+    ``drivers``)."""
+    _, _, BIAS_CORRECTION = FLAGS
+    lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE)
+    new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
+    beta1 = hyper(row, L.N_SLOTS, L.BETA1)
+    beta2 = hyper(row, L.N_SLOTS, L.BETA2)
+    weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
+    bc1 = bias_correction(beta1, new_step, BIAS_CORRECTION)
+    bc2 = bias_correction(beta2, new_step, BIAS_CORRECTION)
+    # [note: hyperparameter rounding]: float64 expressions for a Python lr, fp32 ones for
+    # a tensor lr, exactly as the reference evaluates them.
+    has_weight_decay = weight_decay != 0.0
+    if LR_MODE == 0:
+        decay = (1.0 - lr * weight_decay).to(COMPUTE)
+        step_size = (lr / bc1).to(COMPUTE)
+    else:
+        lr_c = lr.to(COMPUTE)
+        decay = 1.0 - lr_c * weight_decay.to(COMPUTE)
+        step_size = div(lr_c, bc1.to(COMPUTE))
+    # [note: zero weight decay]: a zero decay is none, not 1 - lr*0 (NaN for lr = inf).
+    decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
+    args = (
+        slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
+        slot(row, L.MAX_EXP_AVG_SQS, S_DTYPE, ALIGNED), decay, step_size, beta1.to(COMPUTE),
+        (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE), (1.0 - beta2).to(COMPUTE),
+        tl.sqrt(bc2).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
+        weight_decay.to(COMPUTE), has_weight_decay,
+    )  # fmt: skip
+    return args, new_step, True
 
 
-_TABLES = TableCache()
-
-
-def adamw_(*args) -> None:
-    """One Adam/AdamW step over every tensor in one launch (``fusedopt._contract``'s schema
-    order)."""
-    a = prepare("adamw_", args, _TABLES)
-    if a is not None:
-        adamw_kernel[(a.launch.n_chunks,)](
-            a.launch.table, a.launch.chunks, a.launch.counters, *a.scalar_tensors, **a.options()
-        )
+#: One Adam/AdamW step over every tensor in one launch (``fusedopt._contract``'s schema order).
+adamw_ = StepOp(
+    "adamw_", _adamw_prologue, _adamw_block, ("DECOUPLED", "AMSGRAD", "BIAS_CORRECTION")
+)
 
 
 register("adamw_", adamw_)

@@ -15,17 +15,15 @@ import triton.language as tl
 from .common import (
     bias_correction,
     div,
-    finish_tensor,
     hyper,
+    learning_rate,
     load,
-    skipped,
     slot,
     sqrt,
     store,
 )
-from .drivers import for_each_block, locate_step, param_args
-from .layout import layout, prepare
-from .multi_tensor import TableCache
+from .drivers import StepOp
+from .layout import layout
 from .registry import register
 
 #: The table columns, named by the spec.
@@ -36,7 +34,7 @@ L = layout("adan_")
 def _adan_block(
     offs, mask, g, p, m_ptr, n_ptr, v_ptr, npg_ptr, decay, prox, step_size, step_size_diff,
     beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, sqrt_bc3, eps,
-    first, COMPUTE: tl.constexpr, NO_PROX: tl.constexpr,
+    first, COMPUTE: tl.constexpr, FLAGS: tl.constexpr,
 ):  # fmt: skip
     """The update of BLOCK elements, in the reference's order of operations: stores the
     states, returns the new param (``drivers.for_each_block`` loads g and p first and stores
@@ -45,6 +43,7 @@ def _adan_block(
     the end the fp64 variant spilled 16 registers; loading the param last instead of first
     gave the unaligned fp16-master variant 3 spills and an 8-byte stack around the division
     calls (Triton 3.8, sm_90; tests/test_triton_static.py)."""
+    (NO_PROX,) = FLAGS
     d = g + tl.where(first, -g, load(npg_ptr, offs, mask, COMPUTE))  # g - g_prev; 0 at step 1
     store(npg_ptr, offs, mask, -g)
     m = beta1 * load(m_ptr, offs, mask, COMPUTE) + one_minus_beta1 * g
@@ -65,68 +64,52 @@ def _adan_block(
 
 
 @triton.jit
-def adan_kernel(
-    table, chunks, counters, lr_tensor, grad_scale, clip_coef, found_inf,
-    WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-    COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    NO_PROX: tl.constexpr, ALIGNED: tl.constexpr,
+def _adan_prologue(
+    row, t, lr_tensor, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr,
+    ALIGNED: tl.constexpr, FLAGS: tl.constexpr,
 ):  # fmt: skip
-    """One program per chunk; the chunk's last-finishing program advances the step count."""
-    if not skipped(found_inf, HAS_FOUND_INF):
-        t, row, start, end, lr = locate_step(table, chunks, lr_tensor, WIDTH, L.N_SLOTS, LR_MODE)
-        new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
-        beta1 = hyper(row, L.N_SLOTS, L.BETA1)
-        beta2 = hyper(row, L.N_SLOTS, L.BETA2)
-        beta3 = hyper(row, L.N_SLOTS, L.BETA3)
-        weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
-        bc1 = bias_correction(beta1, new_step, True)
-        bc2 = bias_correction(beta2, new_step, True)
-        bc3 = bias_correction(beta3, new_step, True)
-        # [note: hyperparameter rounding]: float64 expressions for a Python lr, fp32 ones for
-        # a tensor lr, exactly as the reference evaluates them.
-        if LR_MODE == 0:
-            decay = (1.0 - lr * weight_decay).to(COMPUTE)
-            prox = (1.0 + lr * weight_decay).to(COMPUTE)
-            step_size = (lr / bc1).to(COMPUTE)
-            step_size_diff = (lr * beta2 / bc2).to(COMPUTE)
-        else:
-            lr_c = lr.to(COMPUTE)
-            decay = 1.0 - lr_c * weight_decay.to(COMPUTE)
-            prox = 1.0 + lr_c * weight_decay.to(COMPUTE)
-            step_size = div(lr_c, bc1.to(COMPUTE))
-            step_size_diff = div(lr_c * beta2.to(COMPUTE), bc2.to(COMPUTE))
-        # [note: zero weight decay]: a zero decay is none, not 1 - lr*0 (NaN for lr = inf).
-        has_weight_decay = weight_decay != 0.0
-        decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
-        prox = tl.where(has_weight_decay, prox, 1.0).to(COMPUTE)
-        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
-                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
-        args = (
-            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
-            slot(row, L.EXP_AVG_DIFFS, S_DTYPE, ALIGNED),
-            slot(row, L.NEG_PRE_GRADS, S_DTYPE, ALIGNED), decay, prox, step_size, step_size_diff,
-            beta1.to(COMPUTE), (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE),
-            (1.0 - beta2).to(COMPUTE), beta3.to(COMPUTE), (1.0 - beta3).to(COMPUTE),
-            tl.sqrt(bc3).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
-            new_step == 1.0,
-        )  # fmt: skip
-        for_each_block(_adan_block, start, end, common, args, (COMPUTE, NO_PROX), COMPUTE, MASTER,
-                       HAS_GRAD_SCALE, HAS_CLIP, False)  # fmt: skip
-        # The step pointer is read again here, as adamw_ does (no register kept live).
-        finish_tensor(counters, t, row, slot(row, L.STEPS, tl.float32, False), new_step)
+    """The tensor's block args and new step count ([note: generic step kernel] in
+    ``drivers``)."""
+    lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE)
+    new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
+    beta1 = hyper(row, L.N_SLOTS, L.BETA1)
+    beta2 = hyper(row, L.N_SLOTS, L.BETA2)
+    beta3 = hyper(row, L.N_SLOTS, L.BETA3)
+    weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
+    bc1 = bias_correction(beta1, new_step, True)
+    bc2 = bias_correction(beta2, new_step, True)
+    bc3 = bias_correction(beta3, new_step, True)
+    # [note: hyperparameter rounding]: float64 expressions for a Python lr, fp32 ones for
+    # a tensor lr, exactly as the reference evaluates them.
+    if LR_MODE == 0:
+        decay = (1.0 - lr * weight_decay).to(COMPUTE)
+        prox = (1.0 + lr * weight_decay).to(COMPUTE)
+        step_size = (lr / bc1).to(COMPUTE)
+        step_size_diff = (lr * beta2 / bc2).to(COMPUTE)
+    else:
+        lr_c = lr.to(COMPUTE)
+        decay = 1.0 - lr_c * weight_decay.to(COMPUTE)
+        prox = 1.0 + lr_c * weight_decay.to(COMPUTE)
+        step_size = div(lr_c, bc1.to(COMPUTE))
+        step_size_diff = div(lr_c * beta2.to(COMPUTE), bc2.to(COMPUTE))
+    # [note: zero weight decay]: a zero decay is none, not 1 - lr*0 (NaN for lr = inf).
+    has_weight_decay = weight_decay != 0.0
+    decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
+    prox = tl.where(has_weight_decay, prox, 1.0).to(COMPUTE)
+    args = (
+        slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
+        slot(row, L.EXP_AVG_DIFFS, S_DTYPE, ALIGNED),
+        slot(row, L.NEG_PRE_GRADS, S_DTYPE, ALIGNED), decay, prox, step_size, step_size_diff,
+        beta1.to(COMPUTE), (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE),
+        (1.0 - beta2).to(COMPUTE), beta3.to(COMPUTE), (1.0 - beta3).to(COMPUTE),
+        tl.sqrt(bc3).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
+        new_step == 1.0,
+    )  # fmt: skip
+    return args, new_step, True
 
 
-_TABLES = TableCache()
-
-
-def adan_(*args) -> None:
-    """One Adan step over every tensor in one launch (``fusedopt._contract``'s schema order)."""
-    a = prepare("adan_", args, _TABLES)
-    if a is not None:
-        adan_kernel[(a.launch.n_chunks,)](
-            a.launch.table, a.launch.chunks, a.launch.counters, *a.scalar_tensors, **a.options()
-        )
+#: One Adan step over every tensor in one launch (``fusedopt._contract``'s schema order).
+adan_ = StepOp("adan_", _adan_prologue, _adan_block, ("NO_PROX",))
 
 
 register("adan_", adan_)

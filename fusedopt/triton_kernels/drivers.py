@@ -3,30 +3,38 @@ chunk and lr (``locate_step``), the arguments every block function takes first (
 master, grad_scale, clip_coef) and the loop over a chunk's blocks; for the mixed-dtype
 kernels (scale_, grad_norm) the choice of a row's dtype.
 
-An op's Triton kernel is then its block function (the per-element update of BLOCK elements,
-``_<op>_block``), its prologue (the per-tensor scalars from its table row) and one call to
-:func:`for_each_block`. The block function is a ``tl.constexpr`` argument of the driver
-(jit functions pass as constexprs): Triton inlines it, so the compiled kernel is the one a
-hand-written loop gives (the same SASS properties: tests/test_triton_static.py).
+An elementwise op's Triton kernel is :func:`step_kernel`, written once, specialised by the
+op's block function (the per-element update of BLOCK elements, ``_<op>_block``) and its
+prologue (the per-tensor scalars from its table row, ``_<op>_prologue``); :class:`StepOp`
+launches it. Both functions are ``tl.constexpr`` arguments (jit functions pass as
+constexprs): Triton inlines them, so the compiled kernel is the one a hand-written kernel
+gives (the same SASS: [note: generic step kernel]).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import triton
 import triton.language as tl
 
 from .common import (
     BLOCK,
+    finish_tensor,
     full_blocks_end,
     learning_rate,
     load_grad,
     load_param,
     load_scalar,
     locate_chunk,
+    skipped,
     slot,
     store_param,
     tail_block,
 )
+from .layout import StepArguments, layout, prepare
+from .multi_tensor import TableCache
 
 #: The param and grad slots of every step op's table (the spec lists them first).
 PARAMS: tl.constexpr = tl.constexpr(0)
@@ -133,3 +141,99 @@ def by_dtype(
     result = _if_code(RANGE_FN, code, 1.0, HAS_BF16, tl.bfloat16, tl.float32, args, result)
     result = _if_code(RANGE_FN, code, 2.0, HAS_F16, tl.float16, tl.float32, args, result)
     return _if_code(RANGE_FN, code, 3.0, HAS_F64, tl.float64, tl.float64, args, result)
+
+
+# [note: generic step kernel] Every elementwise step op (adamw_, sgd_, lion_, adan_,
+# schedulefree_adamw_) runs this one kernel; an op brings two jit functions, passed as
+# constexprs and inlined:
+#   PROLOGUE(row, t, lr_tensor, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS) -> (args, new_step,
+#       advance): reads the tensor's hyperparameters (and lr, where it likes: sgd_ reads it
+#       last, [note: sgd lr late]) and returns the block's run-time args, the tensor's new
+#       step count and whether this tensor's count advances (both unused without STEPS);
+#   BLOCK_FN(offs, mask, g, p, *args, COMPUTE, FLAGS) -> new p (``for_each_block``).
+# FLAGS is the op's own flags as one constexpr tuple of bools (``StepOp.flags`` names them),
+# unpacked inside the two functions (``DECOUPLED, AMSGRAD, _ = FLAGS``): the values stay
+# compile-time. (A tuple *variable* built inside a kernel from constexpr arguments passes them
+# as run-time values, and one holding a dtype does not compile, Triton 3.8; a constexpr tuple
+# argument and its unpacking are compile-time, and ``(a, *FLAGS)`` is not supported.)
+# Compiled for sm_90 (Triton 3.8), every variant of tests/triton_static_compile.py keeps the
+# register count, SASS instruction count, stack and global accesses it had as five
+# hand-written kernels, except (none of it in a main loop: bench/results/h200_model.csv):
+# sgd_'s master-weight variants re-read the step pointer for finish_tensor (8 more
+# instructions, 2-3 fewer registers), sgd_bf16 takes 46 registers instead of 47, and adan_'s
+# master-weight variants 8 more instructions and 119 / 117 registers instead of 120 / 116
+# (the same allocation unit of 8).
+
+
+@triton.jit
+def step_kernel(
+    table, chunks, counters, lr_tensor, grad_scale, clip_coef, found_inf,
+    PROLOGUE: tl.constexpr, BLOCK_FN: tl.constexpr, FLAGS: tl.constexpr,
+    MASTER_SLOT: tl.constexpr, STEP_SLOT: tl.constexpr, STEPS: tl.constexpr,
+    WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """One program per chunk of an elementwise step op ([note: generic step kernel]); with
+    STEPS, the tensor's last-finishing chunk advances its step count (when ``advance``)."""
+    if not skipped(found_inf, HAS_FOUND_INF):
+        t, row, start, end = locate_chunk(chunks, table, WIDTH)
+        # param_args before the prologue: after it, the unaligned bf16-master adamw_ variant
+        # took 110 registers instead of 96, the unaligned fp32 and bf16 ones 94 instead of 92
+        # (Triton 3.8, sm_90); before it, every variant is as hand-written.
+        common = param_args(row, grad_scale, clip_coef, MASTER_SLOT, P_DTYPE, G_DTYPE, COMPUTE,
+                            HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+        args, new_step, advance = PROLOGUE(row, t, lr_tensor, S_DTYPE, COMPUTE, LR_MODE,
+                                           ALIGNED, FLAGS)  # fmt: skip
+        for_each_block(BLOCK_FN, start, end, common, args, (COMPUTE, FLAGS), COMPUTE, MASTER,
+                       HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
+        # Nested ifs: compile-time, then run-time (the same for every chunk of the tensor).
+        if STEPS:  # noqa: SIM102
+            if advance:
+                # The step pointer is read again here rather than kept from the prologue:
+                # kept live across the loops, it cost the bf16 master-weight unaligned adamw_
+                # an 8-byte stack and a spill with Triton 3.6's ptxas (CUDA 12.8), around the
+                # IEEE division calls. tests/test_triton_static.py.
+                finish_tensor(counters, t, row, slot(row, STEP_SLOT, tl.float32, False), new_step)
+
+
+@dataclasses.dataclass
+class StepOp:
+    """An elementwise step op on :func:`step_kernel`: calling it runs one step over every
+    tensor in one launch (``fusedopt._contract``'s schema order)."""
+
+    op: str
+    prologue: triton.JITFunction
+    block_fn: triton.JITFunction
+    #: The op's flags in FLAGS order (upper case): the spec's (``MAXIMIZE`` apart, a common
+    #: argument of the kernel) and the ``derived`` ones.
+    flags: tuple[str, ...] = ()
+    #: Flags computed from the call's arguments (e.g. sgd_'s HAS_MOMENTUM).
+    derived: Callable[[StepArguments], dict[str, bool]] = lambda a: {}
+
+    def __post_init__(self) -> None:
+        self.layout = layout(self.op)
+        self.tables = TableCache()
+
+    def constexprs(self, steps: bool, **flags: bool) -> dict:
+        """The op's constexprs of :func:`step_kernel` for the flag values ``flags`` (by upper
+        case name, ``MAXIMIZE`` among them where the op has it)."""
+        return {
+            "PROLOGUE": self.prologue, "BLOCK_FN": self.block_fn,
+            "FLAGS": tuple(bool(flags[name]) for name in self.flags),
+            "MASTER_SLOT": self.layout.MASTER_PARAMS,
+            "STEP_SLOT": getattr(self.layout, "STEPS", tl.constexpr(0)), "STEPS": steps,
+            "MAXIMIZE": bool(flags.get("MAXIMIZE", False)),
+        }  # fmt: skip
+
+    def __call__(self, *args) -> None:
+        a = prepare(self.op, args, self.tables)
+        if a is None:
+            return
+        flags = {**a.flags, **self.derived(a)}
+        options = {k: v for k, v in a.options().items() if k not in a.flags}
+        step_kernel[(a.launch.n_chunks,)](
+            a.launch.table, a.launch.chunks, a.launch.counters, *a.scalar_tensors,
+            **self.constexprs(bool(a.named.get("steps")), **flags), **options,
+        )  # fmt: skip

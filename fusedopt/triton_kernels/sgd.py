@@ -12,10 +12,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import finish_tensor, hyper, learning_rate, load, locate_chunk, skipped, slot, store
-from .drivers import for_each_block, param_args
-from .layout import layout, prepare
-from .multi_tensor import TableCache
+from .common import hyper, learning_rate, load, slot, store
+from .drivers import StepOp
+from .layout import layout
 from .registry import register
 
 #: The table columns, named by the spec.
@@ -25,11 +24,11 @@ L = layout("sgd_")
 @triton.jit
 def _sgd_block(
     offs, mask, g, p, buf_ptr, lr, momentum, one_minus_dampening, weight_decay,
-    has_weight_decay, first_step, use_momentum, COMPUTE: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    has_weight_decay, first_step, use_momentum, COMPUTE: tl.constexpr, FLAGS: tl.constexpr,
 ):  # fmt: skip
     """The update of BLOCK elements, in the reference's order of operations: stores the
     buffer, returns the new param (``drivers.for_each_block`` loads g and p, stores p)."""
+    HAS_MOMENTUM, NESTEROV = FLAGS
     # A zero decay adds nothing, not 0 * p (which would turn an infinite param into NaN).
     g = tl.where(has_weight_decay, g + weight_decay * p, g)
     # Compile-time test, then the run-time one ([note: sgd momentum 0] of the reference).
@@ -43,54 +42,37 @@ def _sgd_block(
 
 
 @triton.jit
-def sgd_kernel(
-    table, chunks, counters, lr_tensor, grad_scale, clip_coef, found_inf,
-    WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-    COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,
+def _sgd_prologue(
+    row, t, lr_tensor, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr,
+    ALIGNED: tl.constexpr, FLAGS: tl.constexpr,
 ):  # fmt: skip
-    """One program per chunk; with momentum, the last-finishing chunk advances the step."""
-    if not skipped(found_inf, HAS_FOUND_INF):
-        # locate_chunk, not drivers.locate_step: the lr is read late (in `args`); read first,
-        # it cost the fp64 variant an 8-byte stack (Triton 3.8, sm_90; test_triton_static.py).
-        t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        step_ptr = slot(row, L.STEPS, tl.float32, False)
-        new_step = tl.full((), 1.0, tl.float32)
-        if HAS_MOMENTUM:
-            new_step = tl.load(step_ptr) + 1.0
-        weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
-        momentum = hyper(row, L.N_SLOTS, L.MOMENTUM)
-        # [note: sgd momentum 0] (reference): a tensor with momentum 0 in a call with buffers
-        # steps as plain SGD; its buffer and step count stay untouched.
-        use_momentum = momentum != 0.0
-        common = param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
-                            COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
-        args = (
-            slot(row, L.MOMENTUM_BUFFERS, S_DTYPE, ALIGNED),
-            learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE).to(COMPUTE),
-            momentum.to(COMPUTE), (1.0 - hyper(row, L.N_SLOTS, L.DAMPENING)).to(COMPUTE),
-            weight_decay.to(COMPUTE), weight_decay != 0.0, new_step == 1.0, use_momentum,
-        )  # fmt: skip
-        for_each_block(_sgd_block, start, end, common, args, (COMPUTE, HAS_MOMENTUM, NESTEROV),
-                       COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
-        if HAS_MOMENTUM:  # noqa: SIM102
-            if use_momentum:  # the same for every chunk of the tensor
-                finish_tensor(counters, t, row, step_ptr, new_step)
+    """The tensor's block args and new step count ([note: generic step kernel] in
+    ``drivers``); the count advances only with momentum."""
+    HAS_MOMENTUM, _ = FLAGS
+    new_step = tl.full((), 1.0, tl.float32)
+    if HAS_MOMENTUM:
+        new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
+    weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
+    momentum = hyper(row, L.N_SLOTS, L.MOMENTUM)
+    # [note: sgd momentum 0] (reference): a tensor with momentum 0 in a call with buffers
+    # steps as plain SGD; its buffer and step count stay untouched.
+    use_momentum = momentum != 0.0
+    # [note: sgd lr late] The lr is read last (in `args`); read first, it cost the fp64
+    # variant an 8-byte stack (Triton 3.8, sm_90; test_triton_static.py).
+    args = (
+        slot(row, L.MOMENTUM_BUFFERS, S_DTYPE, ALIGNED),
+        learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE).to(COMPUTE),
+        momentum.to(COMPUTE), (1.0 - hyper(row, L.N_SLOTS, L.DAMPENING)).to(COMPUTE),
+        weight_decay.to(COMPUTE), weight_decay != 0.0, new_step == 1.0, use_momentum,
+    )  # fmt: skip
+    return args, new_step, use_momentum
 
 
-_TABLES = TableCache()
-
-
-def sgd_(*args) -> None:
-    """One SGD step over every tensor in one launch (``fusedopt._contract``'s schema order)."""
-    a = prepare("sgd_", args, _TABLES)
-    if a is not None:
-        sgd_kernel[(a.launch.n_chunks,)](
-            a.launch.table, a.launch.chunks, a.launch.counters, *a.scalar_tensors,
-            HAS_MOMENTUM=bool(a.momentum_buffers), **a.options(),
-        )  # fmt: skip
+#: One SGD step over every tensor in one launch (``fusedopt._contract``'s schema order).
+sgd_ = StepOp(
+    "sgd_", _sgd_prologue, _sgd_block, ("HAS_MOMENTUM", "NESTEROV"),
+    derived=lambda a: {"HAS_MOMENTUM": bool(a.momentum_buffers)},
+)  # fmt: skip
 
 
 register("sgd_", sgd_)
