@@ -209,9 +209,14 @@ def test_cpp_uses_the_spec_not_hand_written_indices():
         stem = op.rstrip("_")
         with open(os.path.join(ROOT, "csrc", "cuda", f"{stem}.cu")) as f:
             source = f.read()
-        # FUSEDOPT_STEP_HOST (csrc/cuda/step.cuh) expands FUSEDOPT_FILL_STEP_CALL.
+        # FUSEDOPT_STEP_LAUNCHER expands FUSEDOPT_STEP_HOST, which expands
+        # FUSEDOPT_FILL_STEP_CALL (csrc/cuda/step.cuh).
         macro = _contract.STEP_OPS[op].cpp.upper()
-        assert re.search(rf"FUSEDOPT_(FILL_STEP_CALL|STEP_HOST)\({macro}\)", source), stem
+        assert re.search(
+            rf"FUSEDOPT_(FILL_STEP_CALL|STEP_HOST)\({macro}\)"
+            rf"|FUSEDOPT_STEP_LAUNCHER\(\w+, \w+, {macro},",
+            source,
+        ), stem
         spec = _contract.STEP_OPS[op]
         names = [*spec.hypers, *spec.flags]
         for name in names:
