@@ -1,0 +1,158 @@
+"""Compact master weights (issue #15): [note: compact master] in ``fusedopt/_contract.py``.
+
+A bf16 param plus an int16 remainder *is* the fp32 master: the split and join are exact over
+every fp32 bit pattern (a dense sample here, all 2^32 in ctest's test_convert), and a step
+with compact masters equals the step with fp32 masters bit for bit (master, states), the
+param being the master rounded to nearest with ties away from zero (so ``master.to(bf16)``
+except at exact ties), on every backend, over several steps with a skipped one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness.cases import backend_device_params
+from test_master_sync import _bits, _op_call, _same
+
+from fusedopt import ops
+from fusedopt.reference.ops import join_master, split_master
+
+BACKENDS = [b for b in backend_device_params() if b.values[0][0] in ("reference",)]
+STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "sgd_")
+N = 1029  # not a multiple of any vector width; crosses a Triton block
+
+
+def dense_fp32_bits() -> torch.Tensor:
+    """fp32 values (int64 bit patterns) covering every upper half (bf16 value) with the low
+    halves where the split's cases change (0, 1, 0x7FFF, 0x8000 (the tie), 0x8001, 0xFFFF)
+    and a few random ones: every sign, zero, subnormal, infinity and NaN class."""
+    gen = torch.Generator().manual_seed(0)
+    edges = [0, 1, 2, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xFFFE, 0xFFFF]
+    lows = torch.tensor(edges + torch.randint(0, 1 << 16, (7,), generator=gen).tolist())
+    high = torch.arange(1 << 16, dtype=torch.int64)
+    return ((high[:, None] << 16) | lows[None, :]).reshape(-1)
+
+
+def as_fp32(bits: torch.Tensor) -> torch.Tensor:
+    return (
+        (bits - (bits >= 1 << 31).to(torch.int64) * (1 << 32)).to(torch.int32).view(torch.float32)
+    )
+
+
+def rounded_half_away(master: torch.Tensor) -> torch.Tensor:
+    """The compact param of an fp32 master, computed apart from split_master: nearest bf16,
+    ties away from zero; NaN -> 0x7FC0."""
+    lo = master.to(torch.bfloat16)  # nearest even; differs only at ties
+    u = master.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    tie = (u & 0xFFFF) == 0x8000
+    away = as_fp32(((u >> 16) + 1) << 16).to(torch.bfloat16)
+    out = torch.where(tie & ~master.isnan(), away, lo)
+    out[master.isnan()] = float("nan")
+    return out
+
+
+def check_split(master: torch.Tensor, param: torch.Tensor, remainder: torch.Tensor) -> None:
+    """``param`` and ``remainder`` are the compact form of ``master``: the join gives the
+    master back bit for bit (a NaN: a NaN), the param is its nearest bf16 with ties away
+    from zero, and it is ``master.to(bf16)`` except at exact ties."""
+    assert remainder.dtype == torch.int16 and param.dtype == torch.bfloat16
+    assert _same(join_master(param, remainder), master)
+    assert _same(param, rounded_half_away(master))
+    nan = master.isnan()
+    u = master.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    even_tie = ((u & 0xFFFF) == 0x8000) & ((u >> 16) % 2 == 0) & ~nan
+    differs = _bits(param) != _bits(master.to(torch.bfloat16))
+    assert torch.equal(differs & ~nan, even_tie)
+
+
+def test_split_join_reference_dense():
+    """The reference split/join over the dense sample (~1M patterns), and the hand-checked
+    edges: ties both ways, -0, the largest finite value (rounds to inf and back), NaN."""
+    master = as_fp32(dense_fp32_bits())
+    check_split(master, *split_master(master))
+    cases = {  # master bits: (param bits, remainder)
+        0x3F808000: (0x3F81, -0x8000),  # tie, even upper: away from zero (RNE: 0x3F80)
+        0x3F818000: (0x3F82, -0x8000),  # tie, odd upper: up as RNE
+        0xBF808000: (0xBF81, -0x8000),  # negative tie: away from zero
+        0x80000000: (0x8000, 0),  # -0
+        0x7F7FFFFF: (0x7F80, -1),  # max finite -> +inf param, joins back
+        0x00007FFF: (0x0000, 0x7FFF),  # subnormal below half: +0 param
+    }
+    for bits, (want_p, want_r) in cases.items():
+        m = as_fp32(torch.tensor([bits]))
+        p, r = split_master(m)
+        assert int(_bits(p).item()) & 0xFFFF == want_p, hex(bits)
+        assert int(r.item()) == want_r, hex(bits)
+        assert _same(join_master(p, r), m)
+
+
+def test_join_of_a_written_param_rounds_to_it():
+    """A write into the param keeps the old remainder: the joined master rounds back to the
+    written value (within half a bf16 ulp of it), and a remainder that does not fit it (a
+    negative one beside a zero, a positive one beside an infinity, anything beside a NaN) is
+    dropped, the written value taken exactly."""
+    values = torch.tensor([0.0, -0.0, 1.0, -3.5, float("inf"), -float("inf"), float("nan")])
+    param = values.to(torch.bfloat16).repeat_interleave(4)
+    remainder = torch.tensor([-0x8000, -1, 1, 0x7FFF] * len(values), dtype=torch.int16)
+    master = join_master(param, remainder)
+    assert not master[~param.isnan()].isnan().any()
+    assert _same(split_master(master)[0], param)
+    misfit = ((param == 0) & (remainder < 0)) | (param.isinf() & (remainder > 0))
+    assert _same(master[misfit], param[misfit].float())
+
+
+def test_fp16_compact_master_is_refused():
+    p = torch.zeros(4, dtype=torch.float16)
+    with pytest.raises(TypeError, match="compact masters are for bfloat16"):
+        ops.step("sgd_", dict(params=[p], grads=[p.clone()],
+                              master_params=[torch.zeros(4, dtype=torch.int16)]),
+                 dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0),
+                 dict(nesterov=False, maximize=False), backend="reference")  # fmt: skip
+
+
+def _edge_masters(gen: torch.Generator) -> torch.Tensor:
+    """fp32 masters with bf16 edge values: exact ties both ways (even and odd upper halves,
+    both signs), +-0, subnormals, values just below a power of two, large values."""
+    m = torch.randn(N, generator=gen)
+    u = m.view(torch.int32).clone()
+    u[0:40:2] = (u[0:40:2] & ~0x1FFFF) | 0x8000  # even upper half, exact tie
+    u[1:40:2] = (u[1:40:2] & ~0x1FFFF) | 0x18000  # odd upper half, exact tie
+    m = u.view(torch.float32)
+    m[40], m[41] = 0.0, -0.0
+    m[42], m[43] = 1e-39, -3e-40  # fp32 subnormals (bf16 has them too)
+    m[44] = torch.tensor(0x3F7FFFFF, dtype=torch.int32).view(torch.float32)  # 1 - 2^-24
+    m[45] = -torch.tensor(0x3F7F8000, dtype=torch.int32).view(torch.float32)  # tie below -1
+    m[46] = 3.0e38
+    return m
+
+
+@pytest.mark.parametrize("target", BACKENDS)
+@pytest.mark.parametrize("op", STEP_OPS)
+def test_compact_steps_equal_fp32_master_steps(op, target):
+    """Three steps, the second skipped by found_inf: with compact masters the joined master
+    and every state equal those of the fp32-master run bit for bit, and the param is the
+    compact rounding of that master (the fp32 run's param except at exact ties)."""
+    backend, device = target
+    gen = torch.Generator().manual_seed(5)
+    masters = [_edge_masters(gen).to(device) for _ in range(2)]
+    params = [m.to(torch.bfloat16) for m in masters]
+    split = [split_master(m.cpu()) for m in masters]
+    compact_params = [p.to(device) for p, _ in split]
+    remainders = [r.to(device) for _, r in split]
+    lists, hypers, flags = _op_call(op, 2, device, gen)
+    compact_lists = {k: [t.clone() for t in v] for k, v in lists.items()}
+    for step in range(3):
+        grads = [torch.randn(N, generator=gen).to(device=device, dtype=torch.bfloat16)
+                 for _ in masters]  # fmt: skip
+        found_inf = torch.full((), float(step == 1), device=device)
+        ops.step(op, dict(params=params, grads=grads, master_params=masters, **lists), hypers,
+                 flags, found_inf=found_inf, backend=backend)  # fmt: skip
+        ops.step(op, dict(params=compact_params, grads=grads, master_params=remainders,
+                          **compact_lists), hypers, flags, found_inf=found_inf,
+                 backend=backend)  # fmt: skip
+        for m, cp, r in zip(masters, compact_params, remainders, strict=True):
+            check_split(m.cpu(), cp.cpu(), r.cpu())
+            assert _same(join_master(cp, r), m)
+        for name, got in compact_lists.items():
+            for a, b in zip(got, lists[name], strict=True):
+                assert _same(a, b), name
