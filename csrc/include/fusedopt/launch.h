@@ -132,6 +132,10 @@ struct StepLists {
   // the param's value as its master before the update ([note: master sync] in
   // fusedopt/_contract.py). Not under found_inf. Per element: one more read of the param.
   bool master_sync = true;
+  // master_params holds the int16 remainders of bf16 params, not fp32 masters: the master is
+  // joined from param and remainder ([note: compact master] in fusedopt/_contract.py), which
+  // adopts a written param whatever master_sync says.
+  bool compact_master = false;
 };
 
 // The call struct of a step op, from its spec (fusedopt/ops_spec.h, generated from
