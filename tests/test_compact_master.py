@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from harness.cases import backend_device_params
 from test_master_sync import _bits, _op_call, _same
 
+import fusedopt
 from fusedopt import ops
 from fusedopt.reference.ops import join_master, split_master
+from fusedopt.triton_kernels import common
 
-BACKENDS = [b for b in backend_device_params() if b.values[0][0] in ("reference",)]
+BACKENDS = [b for b in backend_device_params() if b.values[0][0] in ("reference", "cpu", "triton")]
 STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "sgd_")
 N = 1029  # not a multiple of any vector width; crosses a Triton block
 
@@ -86,6 +90,33 @@ def test_split_join_reference_dense():
         assert _same(join_master(p, r), m)
 
 
+@triton.jit
+def _split_join(m_ptr, p_ptr, r_ptr, j_ptr, BLOCK: tl.constexpr):
+    """Triton's split_master, then join_master, over BLOCK fp32 masters per program."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    param, remainder = common.split_master(tl.load(m_ptr + offs))
+    tl.store(p_ptr + offs, param)
+    tl.store(r_ptr + offs, remainder)
+    tl.store(j_ptr + offs, common.join_master(param, remainder))
+
+
+@pytest.mark.skipif(not fusedopt.backends()["triton"].usable, reason="needs Triton")
+def test_split_join_triton_dense():
+    """Triton's split_master/join_master (common.py; interpreted here) equal the reference's
+    over the dense sample, bit for bit: param, remainder and joined master."""
+    master = as_fp32(dense_fp32_bits())
+    param = torch.empty(master.shape, dtype=torch.bfloat16)
+    remainder = torch.empty(master.shape, dtype=torch.int16)
+    joined = torch.empty_like(master)
+    block = 1 << 14
+    _split_join[(master.numel() // block,)](master, param, remainder, joined, BLOCK=block)
+    want_p, want_r = split_master(master)
+    assert torch.equal(_bits(param), _bits(want_p))
+    assert torch.equal(remainder, want_r)
+    assert _same(joined, master)
+    check_split(master, param, remainder)
+
+
 def test_join_of_a_written_param_rounds_to_it():
     """A write into the param keeps the old remainder: the joined master rounds back to the
     written value (within half a bf16 ulp of it), and a remainder that does not fit it (a
@@ -122,14 +153,15 @@ def _edge_masters(gen: torch.Generator) -> torch.Tensor:
     m[42], m[43] = 1e-39, -3e-40  # fp32 subnormals (bf16 has them too)
     m[44] = torch.tensor(0x3F7FFFFF, dtype=torch.int32).view(torch.float32)  # 1 - 2^-24
     m[45] = -torch.tensor(0x3F7F8000, dtype=torch.int32).view(torch.float32)  # tie below -1
-    m[46] = 3.0e38
+    m[46] = -1.0e18  # large, but LAMB's sum of squares stays finite
     return m
 
 
 @pytest.mark.parametrize("target", BACKENDS)
 @pytest.mark.parametrize("op", STEP_OPS)
 def test_compact_steps_equal_fp32_master_steps(op, target):
-    """Three steps, the second skipped by found_inf: with compact masters the joined master
+    """Four steps, the first with lr 0 (the masters, exact ties among them, stay as they
+    are), the second skipped by found_inf: with compact masters the joined master
     and every state equal those of the fp32-master run bit for bit, and the param is the
     compact rounding of that master (the fp32 run's param except at exact ties)."""
     backend, device = target
@@ -141,14 +173,16 @@ def test_compact_steps_equal_fp32_master_steps(op, target):
     remainders = [r.to(device) for _, r in split]
     lists, hypers, flags = _op_call(op, 2, device, gen)
     compact_lists = {k: [t.clone() for t in v] for k, v in lists.items()}
-    for step in range(3):
+    for step in range(4):
         grads = [torch.randn(N, generator=gen).to(device=device, dtype=torch.bfloat16)
                  for _ in masters]  # fmt: skip
         found_inf = torch.full((), float(step == 1), device=device)
-        ops.step(op, dict(params=params, grads=grads, master_params=masters, **lists), hypers,
-                 flags, found_inf=found_inf, backend=backend)  # fmt: skip
+        # lr 0 first: every master keeps its value, so the store meets the exact ties.
+        step_hypers = {**hypers, "lr": 0.0} if step == 0 else hypers
+        ops.step(op, dict(params=params, grads=grads, master_params=masters, **lists),
+                 step_hypers, flags, found_inf=found_inf, backend=backend)  # fmt: skip
         ops.step(op, dict(params=compact_params, grads=grads, master_params=remainders,
-                          **compact_lists), hypers, flags, found_inf=found_inf,
+                          **compact_lists), step_hypers, flags, found_inf=found_inf,
                  backend=backend)  # fmt: skip
         for m, cp, r in zip(masters, compact_params, remainders, strict=True):
             check_split(m.cpu(), cp.cpu(), r.cpu())
