@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from harness.cases import backend_device_params
+from optim_cases import CASE_IDS, CASES, clone_params, make_model, random_grads, usable_backends
 from test_master_sync import _bits, _op_call, _same
 
 import fusedopt
@@ -190,3 +191,145 @@ def test_compact_steps_equal_fp32_master_steps(op, target):
         for name, got in compact_lists.items():
             for a, b in zip(got, lists[name], strict=True):
                 assert _same(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer option: master_weights="compact"
+
+OPTIM_BACKENDS = [b for b in ("reference", "cpu", "triton") if b in usable_backends()]
+
+
+def _tie_masters(opt) -> None:
+    """Make every 5th fp32 master an exact tie with an even upper half (the param its
+    ``to(bf16)``, as after a step): where the compact param differs from the fp32 one."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            master = opt.state[p]["master_param"]
+            bits = master.view(torch.int32)
+            bits[..., ::5] = (bits[..., ::5] & ~0x1FFFF) | 0x8000
+            p.data.copy_(master)
+
+
+def _optim_run(case, backend: str, modes: list, steps: int = 4, ties: bool = False):
+    """bf16 params of the shared model, stepped ``steps`` times with random grads (step 2
+    skipped through the GradScaler protocol's ``found_inf``), ``master_weights`` set to
+    ``modes[k]`` before step k (switching mid-run); with ``ties``, step 1 has lr 0 and
+    starts from masters with exact ties (``_tie_masters``, fp32 masters after step 0).
+    Returns the params and optimizer."""
+    params = clone_params(make_model(), torch.bfloat16)
+    opt = case.cls(params, **{**case.kwargs, "master_weights": modes[0], "backend": backend})
+    lr = opt.param_groups[0]["lr"]
+    for k in range(steps):
+        if ties and k == 1:
+            _tie_masters(opt)
+        for group in opt.param_groups:
+            group["lr"] = 0.0 if ties and k == 1 else lr
+        for group in opt.param_groups:
+            group["master_weights"] = modes[k]
+        random_grads(params, seed=10 + k)
+        if k == 2:
+            opt.found_inf = torch.ones(())
+        opt.step()
+        opt.__dict__.pop("found_inf", None)
+    return params, opt
+
+
+def _master_of(opt, p: torch.Tensor) -> torch.Tensor:
+    state = opt.state[p]
+    if "master_remainder" in state:
+        return join_master(p, state["master_remainder"])
+    return state["master_param"]
+
+
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_optimizer_compact_equals_fp32_masters(case, backend):
+    """Every optimizer, every backend: four steps (one skipped) with compact masters equal
+    the fp32-master run bit for bit: the joined master, every state and step count; the
+    param is the compact rounding of the master."""
+    ref_params, ref = _optim_run(case, backend, [True] * 4)
+    params, opt = _optim_run(case, backend, ["compact"] * 4)
+    tied_ref_params, tied_ref = _optim_run(case, backend, [True, True], 2, ties=True)
+    tied_params, tied = _optim_run(case, backend, [True, "compact"], 2, ties=True)
+    for p, q in zip(tied_params, tied_ref_params, strict=True):
+        master = tied_ref.state[q]["master_param"]
+        assert _same(_master_of(tied, p), master)
+        check_split(master, p.detach(), tied.state[p]["master_remainder"])
+        assert not torch.equal(_bits(p), _bits(q))  # the ties are there, rounded away
+    for p, q in zip(params, ref_params, strict=True):
+        assert set(opt.state[p]) == set(ref.state[q]) - {"master_param"} | {"master_remainder"}
+        assert opt.state[p]["master_remainder"].dtype == torch.int16
+        master = ref.state[q]["master_param"]
+        assert _same(_master_of(opt, p), master)
+        check_split(master, p.detach(), opt.state[p]["master_remainder"])
+        for key, value in ref.state[q].items():
+            if key != "master_param":
+                assert _same(opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("adamw", "lamb", "lion")],
+                         ids=lambda c: c.name)  # fmt: skip
+def test_switching_master_modes_mid_run_is_exact(case):
+    """fp32 -> compact -> fp32 (and off -> compact) mid-run: the run equals the one that never
+    switched, bit for bit, params included (the switches rewrite a param only at exact ties,
+    and back)."""
+    ref_params, ref = _optim_run(case, "cpu", [True] * 4, ties=True)
+    params, opt = _optim_run(case, "cpu", [True, "compact", "compact", True], ties=True)
+    for p, q in zip(params, ref_params, strict=True):
+        assert "master_remainder" not in opt.state[p]
+        assert _same(p.detach(), q.detach())
+        for key, value in ref.state[q].items():
+            assert _same(opt.state[p][key], value), key
+    # From no master: the master is made from the param (remainder 0), as an fp32 one is.
+    fp32_params, fp32 = _optim_run(case, "cpu", [False, True, True, True])
+    params, opt = _optim_run(case, "cpu", [False, "compact", "compact", "compact"])
+    for p, q in zip(params, fp32_params, strict=True):
+        assert _same(_master_of(opt, p), fp32.state[q]["master_param"])
+
+
+def test_state_dict_converts_between_fp32_and_compact():
+    """A compact state dict (``master_remainder``) loads into an optimizer that then steps
+    with fp32 masters, and an fp32 one into a compact one, exactly: the next step equals the
+    unconverted run. (As in torch, a loaded dict brings its groups' settings: the mode is set
+    after the load.)"""
+    case = CASES[0]  # AdamW
+    ref_params, ref = _optim_run(case, "cpu", [True] * 3, 3)
+    params, opt = _optim_run(case, "cpu", ["compact"] * 3, 3)
+    assert "master_remainder" in opt.state_dict()["state"][0]
+    # compact -> fp32: a fresh fp32-master optimizer over the compact run's params.
+    fp32_opt = case.cls(params, **{**case.kwargs, "master_weights": True, "backend": "cpu"})
+    fp32_opt.load_state_dict(opt.state_dict())
+    assert fp32_opt.param_groups[0]["master_weights"] == "compact"
+    fp32_opt.param_groups[0]["master_weights"] = True
+    # fp32 -> compact, over the fp32 run's params.
+    compact = case.cls(ref_params, **{**case.kwargs, "master_weights": "compact",
+                                      "backend": "cpu"})  # fmt: skip
+    compact.load_state_dict(ref.state_dict())
+    compact.param_groups[0]["master_weights"] = "compact"
+    random_grads(params, seed=99)
+    random_grads(ref_params, seed=99)
+    fp32_opt.step()
+    compact.step()
+    for p, q in zip(params, ref_params, strict=True):
+        assert _same(fp32_opt.state[p]["master_param"], _master_of(compact, q))
+        assert _same(p.detach(), fp32_opt.state[p]["master_param"].to(torch.bfloat16))
+        check_split(fp32_opt.state[p]["master_param"], q.detach(),
+                    compact.state[q]["master_remainder"])  # fmt: skip
+
+
+def test_compact_refuses_fp16_params():
+    with pytest.raises(ValueError, match=r"compact.*bfloat16"):
+        fusedopt.AdamW([torch.zeros(3, dtype=torch.float16, requires_grad=True)],
+                       master_weights="compact")  # fmt: skip
+    with pytest.raises(ValueError, match="Invalid master_weights"):
+        fusedopt.AdamW([torch.zeros(3, requires_grad=True)], master_weights="fp8")
+    p = torch.zeros(3, dtype=torch.float16, requires_grad=True)
+    opt = fusedopt.SGD([p], lr=0.1, master_weights=True)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    before = (p.detach().clone(), opt.state[p]["master_param"].clone())
+    opt.param_groups[0]["master_weights"] = "compact"
+    with pytest.raises(ValueError, match=r"compact.*bfloat16"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0])
+    assert torch.equal(opt.state[p]["master_param"], before[1])
