@@ -40,7 +40,10 @@ STREAMS = {
 # Passes with low-precision states (module docstring of fusedopt/triton_kernels/lamb.py).
 LAMB_LOW_PRECISION = {"lamb_norms_": (4, 0), "lamb_apply_": (4, 3)}
 WRITES_PARAMS = ("adamw_", "sgd_", "lion_", "adan_", "lamb_apply_")
-ELEMENTWISE_CASES = ("fp32", "bf16", "bf16_master_fp32grad", "fp16_master", "fp64")
+# A compact master (bf16 param + int16 remainder, [note: compact master]) reads and writes
+# the same streams as an fp32 one: "master" in its name counts them alike.
+ELEMENTWISE_CASES = ("fp32", "bf16", "bf16_master_fp32grad", "fp16_master",
+                     "bf16_compact_master", "fp64")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
