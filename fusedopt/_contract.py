@@ -11,7 +11,8 @@ Conventions common to every op (see [note: common scalars]):
 * Tensor lists are aligned: ``params[i]``, ``grads[i]``, ``exp_avgs[i]``... belong to the same
   parameter. All tensors of one call share one device. Within one call all params share one
   dtype, all grads share one dtype (the param dtype or fp32), and ``master_params`` is either
-  empty (no master weights) or one fp32 tensor per param. The functional layer
+  empty (no master weights), one fp32 tensor per param, or, beside bf16 params, one int16
+  remainder per param ([note: compact master]). The functional layer
   (``fusedopt.ops``) splits a user's lists into such calls.
 * Hyperparameters are a small device table, ``Tensor hypers`` (float64 ``[G, K]``, one row per
   group of tensors, the columns in the spec's ``hypers`` order, ``lr`` first, on the params'
