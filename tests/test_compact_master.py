@@ -333,3 +333,37 @@ def test_compact_refuses_fp16_params():
         opt.step()
     assert torch.equal(p.detach(), before[0])
     assert torch.equal(opt.state[p]["master_param"], before[1])
+
+
+@pytest.mark.parametrize("target", BACKENDS)
+@pytest.mark.parametrize("op", STEP_OPS)
+def test_compact_master_adopts_written_params(op, target):
+    """[note: master sync] with compact masters: a value written into the param is adopted
+    joined with the old remainder, whatever ``master_sync`` says. A step skipped by
+    found_inf changes nothing; a step with lr 0 (the master unchanged by the update) then
+    leaves the written param as written, its master ``join_master(written, old remainder)``
+    (a remainder that does not fit the written value dropped: a zero over a negative one)."""
+    backend, device = target
+    gen = torch.Generator().manual_seed(7)
+    master = torch.randn(N, generator=gen)
+    param, remainder = (t.to(device) for t in split_master(master))
+    written = param.clone()
+    written[::5] = torch.randn(written[::5].shape, generator=gen).to(torch.bfloat16)
+    written[1::10] = 0.0
+    remainder[1::10] = -5  # a zero written over a negative remainder: taken exactly
+    want = join_master(written, remainder)
+    grads = [torch.randn(N, generator=gen).to(device=device, dtype=torch.bfloat16)]
+    lists, hypers, flags = _op_call(op, 1, device, gen)
+    for sync in (True, False):
+        param.copy_(written)
+        before = param.clone(), remainder.clone()
+        ops.step(op, dict(params=[param], grads=grads, master_params=[remainder], **lists),
+                 hypers, {**flags, "master_sync": sync}, found_inf=torch.ones((), device=device),
+                 backend=backend)  # fmt: skip
+        assert torch.equal(_bits(param), _bits(before[0]))
+        assert torch.equal(remainder, before[1])
+    ops.step(op, dict(params=[param], grads=grads, master_params=[remainder], **lists),
+             {**hypers, "lr": 0.0}, {**flags, "master_sync": False}, backend=backend)  # fmt: skip
+    assert _same(join_master(param, remainder), want)
+    assert torch.equal(_bits(param), _bits(written))
+    assert not remainder[1::10].any()
