@@ -367,3 +367,25 @@ def test_compact_master_adopts_written_params(op, target):
     assert _same(join_master(param, remainder), want)
     assert torch.equal(_bits(param), _bits(written))
     assert not remainder[1::10].any()
+
+
+def test_ops_split_a_call_by_master_dtype():
+    """``fusedopt.ops`` takes fp32 and compact masters in one list (one backend call each):
+    the same as two calls."""
+    gen = torch.Generator().manual_seed(9)
+    masters = [torch.randn(N, generator=gen) for _ in range(2)]
+    grads = [torch.randn(N, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    hypers = dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0)
+    flags = dict(nesterov=False, maximize=False)
+    compact_param, remainder = split_master(masters[1])
+    params = [masters[0].to(torch.bfloat16), compact_param]
+    lists = dict(params=params, grads=grads, master_params=[masters[0], remainder])
+    alone = [masters[0].clone()], [compact_param.clone()], [remainder.clone()]
+    fp32_param = params[0].clone()
+    ops.step("sgd_", lists, hypers, flags, backend="cpu")
+    ops.step("sgd_", dict(params=[fp32_param], grads=grads[:1], master_params=alone[0]),
+             hypers, flags, backend="cpu")  # fmt: skip
+    ops.step("sgd_", dict(params=alone[1], grads=grads[1:], master_params=alone[2]), hypers,
+             flags, backend="cpu")  # fmt: skip
+    assert _same(masters[0], alone[0][0])
+    assert _same(join_master(params[1], remainder), join_master(alone[1][0], alone[2][0]))
