@@ -238,7 +238,8 @@ def markdown(rows: list[MemoryRow], meta: dict, model: str) -> str:
             "exposes in `state` and `param_groups`)."
         )
         + " Expected: the mode's design (states in its state dtype + a 4 B master, 2 B for a "
-        "compact one); ok: the per-element part of the measurement equals it (the rest are 4-byte step counts). "
+        "compact one); ok: the per-element part of the measurement equals it (the rest are "
+        "4-byte step counts). "
         "Traffic: compulsory bytes read + written by one step (`bench/traffic.py`; no "
         "clipping, no loss scale). Modes: "
         + "; ".join(f"`{m.name}` {m.what}" for m in MEMORY_MODES.values())
