@@ -315,9 +315,16 @@ _CUDA_NAMES = {"AdamWBody": "adamw", "SgdBody": "sgd", "LionBody": "lion",
                 "LambApplyBody": "lamb_apply", "AdafactorApplyBody": "adafactor_apply"}  # fmt: skip
 
 
+#: A Body's MasterKind as the variant labels name it (false/true: no/fp32 masters, as
+#: before the compact kind; [note: compact master] in fusedopt/_contract.py).
+_MASTER_KINDS = {"(MasterKind)0": "false", "(MasterKind)1": "true", "(MasterKind)2": "compact"}
+
+
 def _cuda_label(name: str) -> tuple[str, str]:
     """(kernel, variant) of a demangled CUDA kernel name."""
     short = name.replace("fusedopt::cuda::", "").replace("(anonymous namespace)::", "")
+    for kind, label in _MASTER_KINDS.items():
+        short = short.replace(kind, label)
     body = re.search(r"step_kernel<(\w+)<([^>]*)>", short)
     if body:
         return _CUDA_NAMES.get(body.group(1), body.group(1)), body.group(2).replace(" ", "")

@@ -15,8 +15,9 @@ and measures what the optimizer holds:
   minus before the optimizer was built (everything it allocated and still holds, seen or
   not) and the step's peak above that start (transient scratch).
 * **expected**: what the mode should hold by design (``MemoryMode.expected_state_bytes``: each
-  state in the mode's state dtype, plus a 4-byte master). ``ok`` when the per-element part of
-  the measurement equals it; the rest is per-tensor scalars (step counts: 4 B per tensor).
+  state in the mode's state dtype, plus a 4-byte master, 2 for a compact one). ``ok`` when the
+  per-element part of the measurement equals it; the rest is per-tensor scalars (step counts:
+  4 B per tensor).
 * **traffic B/param**: the compulsory bytes one step reads and writes (``bench/traffic.py``,
   the byte table the timed report uses; no clipping, no loss scale).
 
@@ -237,8 +238,9 @@ def markdown(rows: list[MemoryRow], meta: dict, model: str) -> str:
             else " (on a CPU this sum is the measurement: it sees the tensors the optimizer "
             "exposes in `state` and `param_groups`)."
         )
-        + " Expected: the mode's design (states in its state dtype + a 4 B master); ok: the "
-        "per-element part of the measurement equals it (the rest are 4-byte step counts). "
+        + " Expected: the mode's design (states in its state dtype + a 4 B master, 2 B for a "
+        "compact one); ok: the per-element part of the measurement equals it (the rest are "
+        "4-byte step counts). "
         "Traffic: compulsory bytes read + written by one step (`bench/traffic.py`; no "
         "clipping, no loss scale). Modes: "
         + "; ".join(f"`{m.name}` {m.what}" for m in MEMORY_MODES.values())

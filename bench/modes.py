@@ -25,7 +25,10 @@ class MemoryMode:
     ``kwargs``: what the fusedopt constructor is given to select the mode (on top of the
     optimizer's hyperparameters). ``param_dtype``: the dtype the model's params (and so its
     grads) are cast to. ``state_dtype``: the dtype the mode keeps each optimizer state in.
-    ``master``: an fp32 master copy of every param is kept by the optimizer.
+    ``master``: the optimizer keeps a master of every param (the update runs on fp32
+    values). ``master_bytes``: what it holds per element for it: 4 for an fp32 copy, 2 for a
+    compact one (the int16 low halves beside the bf16 param, [note: compact master] in
+    fusedopt/_contract.py), 0 without.
     """
 
     name: str
@@ -34,11 +37,12 @@ class MemoryMode:
     master: bool
     kwargs: MappingProxyType
     what: str
+    master_bytes: int = 0
 
     def expected_state_bytes(self, op: str) -> int:
         """Bytes per param the optimizer should hold: its states, plus the master if kept."""
         size = torch.empty((), dtype=self.state_dtype).element_size()
-        return size * len(state_names(op)) + (4 if self.master else 0)
+        return size * len(state_names(op)) + self.master_bytes
 
     def traffic(self, op: str) -> int:
         """Compulsory bytes per param of one step of ``op`` in this mode (bench/traffic.py)."""
@@ -47,12 +51,15 @@ class MemoryMode:
             param_bytes=torch.empty((), dtype=self.param_dtype).element_size(),
             state_bytes=torch.empty((), dtype=self.state_dtype).element_size(),
             master=self.master,
+            master_bytes=self.master_bytes,
         )
 
 
 def _mode(name: str, param: torch.dtype, state: torch.dtype, what: str, **kwargs) -> MemoryMode:
-    master = bool(kwargs.get("master_weights", False))
-    return MemoryMode(name, param, state, master, MappingProxyType(kwargs), what)
+    setting = kwargs.get("master_weights", False)
+    master = bool(setting)
+    master_bytes = 2 if setting == "compact" else 4 if master else 0
+    return MemoryMode(name, param, state, master, MappingProxyType(kwargs), what, master_bytes)
 
 
 #: Every memory mode that exists today, in report order. The reference of the quality
@@ -67,6 +74,14 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             torch.float32,
             "bf16 params and grads; fp32 master weights and states",
             master_weights=True,
+        ),
+        _mode(
+            "bf16+compact master",
+            torch.bfloat16,
+            torch.float32,
+            "bf16 params and grads; compact master weights (the int16 low halves of the fp32 "
+            "master beside the param: the same step bit for bit) and fp32 states",
+            master_weights="compact",
         ),
         _mode(
             "bf16",

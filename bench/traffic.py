@@ -45,7 +45,10 @@ global-norm clipping to 1.0, end to end. In ``amp`` every pass that reads the fp
 also reads the bf16 param (2 B), to adopt a value the user wrote into it since the last step
 ([note: master sync] in ``fusedopt/_contract.py``, on by default); ``master_sync=False``
 saves those 2 B per pass (adamw_ 30, lamb_ 42, lion_ 22, sgd_ 22, schedulefree_adamw_ 30),
-and a write into the params is then lost. Schedule-Free AdamW moves what AdamW moves: its
+and a write into the params is then lost. Compact masters (``master_weights="compact"``,
+[note: compact master]) read and write a 2-byte remainder where ``M`` is: 2 B less per master
+access (adamw_ 28, lamb_ 40, lion_ 20, sgd_ 20, with the bf16 param always read, as with
+master sync). Schedule-Free AdamW moves what AdamW moves: its
 params hold y, its two states are z and v (no first moment; no step count, its ckp1 and
 bias correction arrive in the hyperparameter table); ``eval()``/``train()`` (a lerp of the
 params towards z, outside the step) are not in the count.
@@ -154,16 +157,24 @@ def bytes_per_param(op: str, mode: str) -> int:
 
 
 def step_bytes_per_param(
-    op: str, *, param_bytes: int, state_bytes: int, master: bool, clipped: bool = False
+    op: str,
+    *,
+    param_bytes: int,
+    state_bytes: int,
+    master: bool,
+    clipped: bool = False,
+    master_bytes: int = 4,
 ) -> int:
     """Compulsory bytes per element of one step of ``op``, by the storage sizes it touches.
 
     ``param_bytes``: the param's (and grad's) element size; ``state_bytes``: each state's;
     ``master``: an fp32 master stands in for the param in the update (and the param is read
-    beside it and written as its rounding). A memory mode of issue #15 (bench/modes.py) is
-    one choice of these sizes.
+    beside it and written as its rounding). ``master_bytes``: the master's own storage, 4
+    for an fp32 copy, 2 for a compact one (the int16 remainder read and written where the
+    fp32 master is, beside the bf16 param: [note: compact master] in fusedopt/_contract.py).
+    A memory mode of issue #15 (bench/modes.py) is one choice of these sizes.
     """
-    size = {"g": param_bytes, "lowp": param_bytes, "p": 4 if master else param_bytes}
+    size = {"g": param_bytes, "lowp": param_bytes, "p": master_bytes if master else param_bytes}
     total = 0
     for one in step_passes(op, master=master, clipped=clipped):
         for role in (*one.reads, *one.writes):

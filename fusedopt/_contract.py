@@ -11,7 +11,8 @@ Conventions common to every op (see [note: common scalars]):
 * Tensor lists are aligned: ``params[i]``, ``grads[i]``, ``exp_avgs[i]``... belong to the same
   parameter. All tensors of one call share one device. Within one call all params share one
   dtype, all grads share one dtype (the param dtype or fp32), and ``master_params`` is either
-  empty (no master weights) or one fp32 tensor per param. The functional layer
+  empty (no master weights), one fp32 tensor per param, or, beside bf16 params, one int16
+  remainder per param ([note: compact master]). The functional layer
   (``fusedopt.ops``) splits a user's lists into such calls.
 * Hyperparameters are a small device table, ``Tensor hypers`` (float64 ``[G, K]``, one row per
   group of tensors, the columns in the spec's ``hypers`` order, ``lr`` first, on the params'
@@ -53,6 +54,35 @@ element). With ``found_inf`` set nothing is adopted either (the step changes not
 next step adopts). LAMB adopts in both passes alike, so ``|p|`` of the trust ratio is the
 norm of the adopted master. ``master_sync=False`` is the old behaviour (Apex's, TE's,
 DeepSpeed's): the master alone is the truth. Without master params the flag does nothing.
+
+[note: compact master] A compact master (``master_weights="compact"``, bf16 params only)
+keeps, beside the bf16 param, the 16 low bits of the fp32 master as an int16 *remainder*, so
+that param and remainder together are the fp32 master: 2 bytes per param instead of 4. It is
+signalled by the dtype of ``master_params`` (int16 beside a bf16 param; no schema changes).
+Layout, in 32-bit integer arithmetic on the fp32 bits u of the master:
+``param_bits = (u + 0x8000) >> 16`` and ``remainder = int16(u & 0xFFFF)`` (split), and
+``u = (param_bits << 16) + remainder`` (join, the remainder sign-extended). The param is the
+master rounded to nearest, *ties away from zero* (the carry of ``+ 0x8000`` adds to the
+magnitude; the sign bit is apart), and ``master - param`` is then within
+``[-0x8000, 0x7FFF]`` units of the master's last place: an int16. Round to nearest *even*
+cannot be kept: for an even param 2^16 + 1 fp32 values round to it (both ties), one more
+than 16 bits can name; any 16-bit scheme loses one of them or rounds a tie the other way.
+So the master (and every state and the update) is bit for bit the fp32 master's, and the
+param equals ``master.to(bfloat16)`` except where the master's low 16 bits are exactly
+0x8000 and its upper half is even (a tie, one fp32 value in 2^17): there the param is the
+other neighbour, equally near. Edge cases: a NaN master stores the param's NaN
+(``float_to_bf16``'s 0x7FC0) and remainder 0, and a NaN param joins to its widened value; a
+remainder that does not fit its param (negative beside a zero, positive beside an infinity:
+it would cross the sign or make a NaN) can only follow a write into the param and is
+dropped: the param's value is taken exactly. The master is derived from the param, so
+[note: master sync] has one meaning here whatever ``master_sync`` says: a value written into
+the param is adopted joined with the old remainder, i.e. within half a bf16 ulp of the
+written value (and rounding back to it), at no cost (the param is read anyway). A step
+skipped by ``found_inf`` writes nothing. fp16 is not the top half of fp32: compact masters
+are refused for fp16 params. Implemented once per backend in the shared master path:
+``split_master``/``join_master`` (csrc/include/fusedopt/dtype.h; Triton ``common.py``;
+``fusedopt.reference.ops``), used by ``load_param``/``store_param`` (csrc/cuda/step.cuh),
+``for_each_block`` (csrc/cpu/step.h), the Triton driver and ``_load_param``/``_store_param``.
 
 [note: hyper table] Hyperparameters travel as a device table of G rows (one per run of
 tensors sharing their values, typically one per param group), not as per-tensor lists: the

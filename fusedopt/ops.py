@@ -154,6 +154,20 @@ def grad_norm(
 STEP_OPS = _contract.STEP_OPS
 
 
+def _master_dtype(op: str, i: int, param: Tensor, master: Tensor) -> torch.dtype:
+    """The dtype ``master_params[i]`` must have: fp32, or int16 (a compact master: the
+    remainder of a bf16 param, [note: compact master] in ``fusedopt._contract``)."""
+    if master.dtype != torch.int16:
+        return torch.float32
+    if param.dtype != torch.bfloat16:
+        raise TypeError(
+            f"{op}: master_params[{i}] is int16 (a compact master) beside a {param.dtype} "
+            "param; compact masters are for bfloat16 params only (fp16 is not the top half "
+            "of fp32): use fp32 master weights"
+        )
+    return torch.int16
+
+
 def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -> torch.device:
     op = spec.name
     params, grads = lists["params"], lists["grads"]
@@ -178,7 +192,9 @@ def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -
                     f"{op}: master_params[{i}] given for a {p.dtype} param; master weights "
                     "are for bf16/fp16 params"
                 )
-            check_like(masters[i], p, f"master_params[{i}]", op, torch.float32)
+            check_like(
+                masters[i], p, f"master_params[{i}]", op, _master_dtype(op, i, p, masters[i])
+            )
         state_dtype = torch.float32 if masters else p.dtype
         for t in spec.states:
             if lists[t.name]:
@@ -329,8 +345,9 @@ def step(
     omitted); ``hypers`` maps each hyperparameter to a float (all tensors) or one float per
     tensor (``lr`` may also be a 0-d or length-N fp32 device tensor), or is a
     :class:`StepHypers` table already in the op's form; ``flags`` the per-call switches. The
-    lists are split into one backend call per (param dtype, grad dtype, master weights or
-    not), each a single multi-tensor launch.
+    lists are split into one backend call per (param dtype, grad dtype, master dtype or no
+    master), each a single multi-tensor launch. A master is fp32, or int16 beside a bf16
+    param: a compact master ([note: compact master] in ``fusedopt._contract``).
 
     A pass takes its step op's lists, hyperparameters and flags, and its own per-call tensors
     in ``inputs`` (``sq_norms``: one row per tensor, in the order of ``lists``); it returns
@@ -392,9 +409,10 @@ def step(
     if _checked:
         groups[()] = list(range(n))
     else:
-        has_master = bool(lists.get("master_params"))
+        masters = lists.get("master_params") or [None] * n
         for i, (p, g) in enumerate(zip(lists["params"], lists["grads"], strict=True)):
-            groups.setdefault((p.dtype, g.dtype, has_master), []).append(i)
+            master = None if masters[i] is None else masters[i].dtype
+            groups.setdefault((p.dtype, g.dtype, master), []).append(i)
     for index in groups.values():
         whole = len(index) == n
 
@@ -455,8 +473,9 @@ def _phase_inputs(phase, inputs: dict[str, Tensor], params: list[Tensor], device
 
 class StepOptions(TypedDict, total=False):
     """The keyword arguments every public step wrapper ends with: ``master_params`` (one fp32
-    master per bf16/fp16 param, or none), ``master_sync`` ([note: master sync] in
-    ``fusedopt._contract``; default True), the common device scalars ``grad_scale``,
+    master per bf16/fp16 param, or one int16 remainder per bf16 param: a compact master,
+    [note: compact master] in ``fusedopt._contract``; or none), ``master_sync`` ([note:
+    master sync] in ``fusedopt._contract``; default True), the common device scalars ``grad_scale``,
     ``clip_coef`` and ``found_inf`` (default None) and ``backend`` (default ``"auto"``)."""
 
     master_params: Sequence[Tensor]

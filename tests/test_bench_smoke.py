@@ -65,6 +65,18 @@ def test_byte_table_by_storage_size(op, param_bytes, state_bytes, master, expect
     assert got == expected
 
 
+@pytest.mark.parametrize(("op", "expected"), [("adamw_", 28), ("lamb_", 40), ("lion_", 20),
+                                              ("sgd_", 20)])  # fmt: skip
+def test_byte_table_compact_master(op, expected):
+    """Compact masters ([note: compact master]): the 2-byte remainder is read and written
+    where the fp32 master is (amp: bf16 params, fp32 states, loss scale and clip)."""
+    from bench.traffic import step_bytes_per_param
+
+    got = step_bytes_per_param(op, param_bytes=2, state_bytes=4, master=True, clipped=True,
+                               master_bytes=2)  # fmt: skip
+    assert got == expected
+
+
 def test_model_shapes_match_their_stated_sizes():
     gpt2, llama = model_shapes("gpt2"), model_shapes("llama1b")
     assert (len(gpt2), numel(gpt2)) == (148, 124_439_808)
@@ -244,7 +256,8 @@ def test_lm_quality_runs_and_every_curve_learns(tmp_path):
 
 def test_memory_table_measures_each_mode_as_designed(tmp_path):
     """bench.memory on tiny shapes: every fusedopt optimizer x memory mode holds exactly its
-    design's bytes per element (states in the mode's dtype, + 4 B with a master), torch's
+    design's bytes per element (states in the mode's dtype, + 4 B with a master, 2 B with a
+    compact one), torch's
     AdamW holds what fusedopt's does in the same mode, and the outputs are written."""
     from bench import memory
     from bench.modes import MEMORY_MODES
@@ -262,6 +275,7 @@ def test_memory_table_measures_each_mode_as_designed(tmp_path):
     # AdamW: fp32 2 states x 4 B; bf16 + master: 4 B master + 2 x 4; bf16: 2 x 2 B.
     adamw = {m: float(rows[("fusedopt", "adamw", m)]["element_bytes"]) for m in MEMORY_MODES}
     assert (adamw["fp32"], adamw["bf16+master"], adamw["bf16"]) == (8.0, 12.0, 4.0)
+    assert adamw["bf16+compact master"] == 10.0  # 2 x 4 B states + the 2 B remainder
     for mode in ("fp32", "bf16"):
         torch_row, ours = rows[("torch", "adamw", mode)], rows[("fusedopt", "adamw", mode)]
         assert torch_row["element_bytes"] == ours["element_bytes"]

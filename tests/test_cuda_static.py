@@ -138,13 +138,17 @@ def kernels(toolchain, tmp_path_factory) -> dict[str, Kernel]:
     return found
 
 
-# The (param, grad, master) storage combinations of DESIGN.md §3, as the kernels name them.
+# The (param, grad, master) storage combinations of DESIGN.md §3, as the kernels name them:
+# the master is a MasterKind (csrc/cuda/common.cuh: none, fp32, compact), compact for bf16
+# only ([note: compact master] in fusedopt/_contract.py).
 _NS = "fusedopt::cuda::"
 _LOW = (_NS + "bf16", _NS + "fp16")
+NO_MASTER, FP32_MASTER, COMPACT_MASTER = (f"({_NS}MasterKind){k}" for k in range(3))
 STORAGE = (
-    [("float", "float", "false")]
-    + [(p, g, m) for p in _LOW for g in (p, "float") for m in ("false", "true")]
-    + [("double", "double", "false"), ("double", "float", "false")]
+    [("float", "float", NO_MASTER)]
+    + [(p, g, m) for p in _LOW for g in (p, "float") for m in (NO_MASTER, FP32_MASTER)]
+    + [(_NS + "bf16", g, COMPACT_MASTER) for g in (_NS + "bf16", "float")]
+    + [("double", "double", NO_MASTER), ("double", "float", NO_MASTER)]
 )
 
 

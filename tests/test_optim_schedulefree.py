@@ -16,6 +16,7 @@ import torch
 from optim_cases import TORCH_TOLERANCE, assert_close, usable_backends
 
 import fusedopt
+from fusedopt.reference.ops import join_master
 
 schedulefree = pytest.importorskip("schedulefree")
 
@@ -187,6 +188,31 @@ def test_master_weights_with_eval_train_follow_the_anchor_in_fp32(backend):
         assert_close(ours.state[p]["master_param"], q, TORCH_TOLERANCE, "y at the end")
         assert_close(ours.state[p]["z"], anchor.state[q]["z"], TORCH_TOLERANCE, "z at the end")
         assert torch.equal(p, ours.state[p]["master_param"].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compact_masters_move_through_eval_train_as_fp32_masters(backend):
+    """[note: compact master]: eval()/train() join param and remainder, move the fp32 master
+    and split it again, so a compact run's masters and z equal the fp32-master run's bit for
+    bit through the switches (moving the bf16 param alone would lose the low bits)."""
+    runs = []
+    for mode in (True, "compact"):
+        params = _params(torch.bfloat16)
+        opt = fusedopt.ScheduleFreeAdamW(_groups(params), master_weights=mode, backend=backend)
+        for step in range(12):
+            _set_grads([params], step, dtype=torch.bfloat16)
+            opt.step()
+            if step in (4, 8):
+                opt.eval()
+                opt.train()
+        opt.eval()
+        runs.append((params, opt))
+    (ref_params, ref), (params, opt) = runs
+    for p, q in zip(params, ref_params, strict=True):
+        joined = join_master(p, opt.state[p]["master_remainder"])
+        master = ref.state[q]["master_param"]
+        assert torch.equal(joined.view(torch.int32), master.view(torch.int32))
+        assert torch.equal(opt.state[p]["z"], ref.state[q]["z"])
 
 
 def test_eval_adopts_a_write_into_a_bf16_param_with_master_sync():

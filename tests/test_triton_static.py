@@ -50,7 +50,10 @@ WRITES_PARAMS = (
     "lamb_apply_",
     "adafactor_apply_",
 )
-ELEMENTWISE_CASES = ("fp32", "bf16", "bf16_master_fp32grad", "fp16_master", "fp64")
+# A compact master (bf16 param + int16 remainder, [note: compact master]) reads and writes
+# the same streams as an fp32 one: "master" in its name counts them alike.
+ELEMENTWISE_CASES = ("fp32", "bf16", "bf16_master_fp32grad", "fp16_master",
+                     "bf16_compact_master", "fp64")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 // The traversal every step op shares: for one work item, walk its blocks with the param
-// (the fp32 master when there are master weights), the grad and the op's state slots seen
+// (the fp32 master when there are master weights; joined from param and remainder for a
+// compact master), the grad and the op's state slots seen
 // as opmath values, then write back what changed: the master and the rounded param (so
 // param == master.to(dtype) bit for bit), and the states.
 #pragma once
@@ -75,6 +76,27 @@ inline T* adopt_written_params(T* master, const void* param, DType d, int64_t of
   return out;
 }
 
+/// [note: compact master] (fusedopt/_contract.py) on the CPU: block [off, off+n) of the
+/// fp32 master joined from the bf16 param and its int16 remainder (join_master), and back
+/// (split_master). Both loops are integer code that g++ vectorises like the bf16 ones.
+inline void join_block(float* master, const void* param, const void* remainder, int64_t off,
+                       int64_t n) {
+  const uint16_t* p = static_cast<const uint16_t*>(param) + off;
+  const int16_t* r = static_cast<const int16_t*>(remainder) + off;
+  for (int64_t k = 0; k < n; ++k) master[k] = join_master(p[k], r[k]);
+}
+
+inline void split_block(void* param, void* remainder, int64_t off, int64_t n,
+                        const float* master) {
+  uint16_t* p = static_cast<uint16_t*>(param) + off;
+  int16_t* r = static_cast<int16_t*>(remainder) + off;
+  for (int64_t k = 0; k < n; ++k) {
+    const CompactMaster c = split_master(master[k]);
+    p[k] = c.param;
+    r[k] = c.remainder;
+  }
+}
+
 /// Calls f(p, g, states, n) for each block of work item w, where p, g and states[k] point at
 /// n opmath values of the param (or master, after [note: master sync] when lists.master_sync),
 /// the grad and state slot k. With kWrite the param, master and states are written back
@@ -85,7 +107,8 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
                     const WorkItem& w, F&& f) {
   const int64_t i = w.tensor;
   const bool master = lists.master_params.present();
-  const bool sync = master && lists.master_sync;
+  const bool compact = master && lists.compact_master;  // [note: compact master]
+  const bool sync = master && !compact && lists.master_sync;
   void* param = lists.params.data[i];
   void* p_base = master ? lists.master_params.data[i] : param;
   const DType p_dtype = master ? DType::kFloat32 : lists.params.dtype;
@@ -96,15 +119,24 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
   std::array<T*, kStates> s{};
   for (int64_t off = w.begin; off < w.end; off += kBlock) {
     const int64_t n = std::min(kBlock, w.end - off);
-    T* p = view_block(p_base, p_dtype, off, n, p_buffer);
+    T* p = p_buffer;
+    if constexpr (std::is_same_v<T, float>) {
+      if (compact) join_block(p_buffer, param, p_base, off, n);
+    }
+    if (!compact) p = view_block(p_base, p_dtype, off, n, p_buffer);
     if (sync) p = adopt_written_params(p, param, lists.params.dtype, off, n, kWrite, p_buffer);
     const T* g = kReadGrad ? view_block(g_base, lists.grads.dtype, off, n, g_buffer) : nullptr;
     for (size_t k = 0; k < kStates; ++k)
       s[k] = view_block(states[k].data[i], states[k].dtype, off, n, s_buffer[k]);
     f(p, g, s, n);
     if constexpr (kWrite) {
-      write_block(p_base, p_dtype, off, n, p);
-      if (master) write_block(param, lists.params.dtype, off, n, p);
+      if constexpr (std::is_same_v<T, float>) {
+        if (compact) split_block(param, p_base, off, n, p);
+      }
+      if (!compact) {
+        write_block(p_base, p_dtype, off, n, p);
+        if (master) write_block(param, lists.params.dtype, off, n, p);
+      }
       for (size_t k = 0; k < kStates; ++k)
         write_block(states[k].data[i], states[k].dtype, off, n, s[k]);
     }

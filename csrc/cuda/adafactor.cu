@@ -50,13 +50,13 @@ __device__ __forceinline__ Dims dims_of(const Row& row) {
   return {rows, cols, rows > 0 && row.numel > 0 ? row.numel / (rows * cols) : 0};
 }
 
-template <class P, bool kM>
+template <class P, MasterKind kM>
 __device__ __forceinline__ double eps1_of(const Row& row) {
-  return adafactor_eps1(row.hyper[kEps1], kM ? storage_eps<float>() : storage_eps<P>());
+  return adafactor_eps1(row.hyper[kEps1], kM != kNoMaster ? storage_eps<float>() : storage_eps<P>());
 }
 
 /// The scalars of the reductions (with the lerp weight; lr unused there).
-template <class P, bool kM, class T>
+template <class P, MasterKind kM, class T>
 __device__ __forceinline__ AdafactorScalars<T> scalars_of(const Row& row) {
   return adafactor_scalars<T>(0.0, row.hyper[kBeta2Decay], eps1_of<P, kM>(row),
                               row.hyper[kWeightDecay], static_cast<double>(*row.step));
@@ -112,7 +112,7 @@ __device__ __forceinline__ T variance_at(const Row& row, const Dims& d, int64_t 
                                      static_cast<const T*>(row.slot[kFloors])[b]);
 }
 
-template <class P, class G, bool kM>
+template <class P, class G, MasterKind kM>
 __global__ void __launch_bounds__(kThreads)
     adafactor_norms_kernel(Table table, StepArgs args, Opmath<P>* sq_norms) {
   using T = Opmath<P>;
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads)
       make_grad_load<T>(args.scalars.grad_scale, args.scalars.clip_coef, args.flag[kMaximize]);
   const P* p = static_cast<const P*>(row.slot[kParam]);
   const G* g = static_cast<const G*>(row.slot[kGrad]);
-  const float* master = static_cast<const float*>(row.slot[kMaster]);
+  const MasterOf<kM>* master = static_cast<const MasterOf<kM>*>(row.slot[kMaster]);
   auto grad = [&](int64_t i) { return load_grad(load1<G, T>(g, i), gl); };
   T p2 = T(0), u2 = T(0);
   for (int64_t i = threadIdx.x; i < row.numel; i += blockDim.x) {
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class P, class G, bool kM>
+template <class P, class G, MasterKind kM>
 __global__ void __launch_bounds__(kThreads) adafactor_floor_kernel(Table table, StepArgs args) {
   using T = Opmath<P>;
   if (skip_step(args.scalars.found_inf)) return;
@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) adafactor_floor_kernel(Table table, 
 }
 
 /// adafactor_apply_'s per-chunk body: p = p*(1 - lr*wd) - step_size * u.
-template <class P, class G, bool kM>
+template <class P, class G, MasterKind kM>
 struct AdafactorApplyBody {
   using T = Opmath<P>;
   using S = StateOf<P, kM>;
@@ -199,7 +199,7 @@ struct AdafactorApplyBody {
   Dims d;
   P* p;
   const G* g;
-  float* master;
+  MasterOf<kM>* master;
   bool master_sync;
   AdafactorScalars<T> s;
   GradLoad<T> gl;
@@ -209,7 +209,7 @@ struct AdafactorApplyBody {
         d(dims_of(row_)),
         p(static_cast<P*>(row_.slot[kParam])),
         g(static_cast<const G*>(row_.slot[kGrad])),
-        master(static_cast<float*>(row_.slot[kMaster])),
+        master(static_cast<MasterOf<kM>*>(row_.slot[kMaster])),
         master_sync(a.master_sync),
         s(adafactor_update_scalars<T>(step_lr(row_, t, a), eps1_of<P, kM>(row_),
                                       row_.hyper[kWeightDecay])),
@@ -276,9 +276,9 @@ void run_norms(const AdafactorCall& call, void* sq_norms, const ExecContext& ctx
   const cudaStream_t stream = stream_of(ctx);
   increment_steps(l.table, call.lists.scalars.found_inf, stream);
   dispatch_step_types(call.lists.params.dtype, call.lists.grads.dtype,
-                      call.lists.master_params.present(), [&](auto p, auto g, auto master) {
+                      master_kind(call.lists), [&](auto p, auto g, auto master) {
                         using P = decltype(p);
-                        constexpr bool kM = decltype(master)::value;
+                        constexpr MasterKind kM = decltype(master)::value;
                         launch_kernel(adafactor_norms_kernel<P, decltype(g), kM>, l.host.n(),
                                       kThreads, stream, l.table, l.args,
                                       static_cast<Opmath<P>*>(sq_norms));
@@ -291,10 +291,10 @@ void run_apply(const AdafactorCall& call, const void* sq_norms, const ExecContex
   l.args.extra = sq_norms;
   const cudaStream_t stream = stream_of(ctx);
   dispatch_step_types(call.lists.params.dtype, call.lists.grads.dtype,
-                      call.lists.master_params.present(), [&](auto p, auto g, auto master) {
+                      master_kind(call.lists), [&](auto p, auto g, auto master) {
                         using P = decltype(p);
                         using G = decltype(g);
-                        constexpr bool kM = decltype(master)::value;
+                        constexpr MasterKind kM = decltype(master)::value;
                         launch_kernel(adafactor_floor_kernel<P, G, kM>, l.host.n(), kThreads,
                                       stream, l.table, l.args);
                         check(cudaGetLastError(), "launching adafactor_apply_ (floors)");

@@ -17,7 +17,7 @@ using spec::adamw::kBeta1, spec::adamw::kBeta2, spec::adamw::kEps,
     spec::adamw::kWeightDecay;
 using spec::adamw::kDecoupled, spec::adamw::kMaximize, spec::adamw::kBiasCorrection;
 
-template <class P, class G, bool kMasterWeights, bool kAmsgrad>
+template <class P, class G, MasterKind kMasterWeights, bool kAmsgrad>
 struct AdamWBody
     : StepBody<P, G, kMasterWeights, AdamWScalars<Opmath<P>>, kExpAvg, kExpAvgSq, kMaxExpAvgSq> {
   using Base =

@@ -17,7 +17,7 @@ using spec::adan::kBeta1, spec::adan::kBeta2, spec::adan::kBeta3, spec::adan::kE
     spec::adan::kWeightDecay;
 using spec::adan::kNoProx;
 
-template <class P, class G, bool kMasterWeights>
+template <class P, class G, MasterKind kMasterWeights>
 struct AdanBody : StepBody<P, G, kMasterWeights, AdanScalars<Opmath<P>>, kExpAvg, kExpAvgSq,
                            kExpAvgDiff, kNegPreGrad> {
   using Base = StepBody<P, G, kMasterWeights, AdanScalars<Opmath<P>>, kExpAvg, kExpAvgSq,

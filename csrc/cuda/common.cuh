@@ -181,15 +181,21 @@ __device__ __forceinline__ void load(const S* base, int64_t i, T (&x)[V]) {
   for (int k = 0; k < V; ++k) x[k] = to_opmath<T>(p.v[k]);
 }
 
+/// base[i..i+V) = p as stored (bits, unconverted); alignment as for load().
+template <int V, class S>
+__device__ __forceinline__ void store_pack(S* base, int64_t i, const Pack<S, V>& p) {
+  __builtin_assume(__isGlobal(base));
+  check_access<Pack<S, V>>(base + i);
+  *reinterpret_cast<Pack<S, V>*>(base + i) = p;
+}
+
 /// base[i..i+V) = x[0..V), rounded as R says; the same alignment rule as load.
 template <int V, Rounding R = Rounding::kNearestEven, class S, class T>
 __device__ __forceinline__ void store(S* base, int64_t i, const T (&x)[V]) {
-  __builtin_assume(__isGlobal(base));
   Pack<S, V> p;
 #pragma unroll
   for (int k = 0; k < V; ++k) p.v[k] = from_opmath<S, R>(x[k]);
-  check_access<Pack<S, V>>(base + i);
-  *reinterpret_cast<Pack<S, V>*>(base + i) = p;
+  store_pack<V>(base, i, p);
 }
 
 /// The elements per vector access for slots of these storage types (the narrowest fills 16
@@ -281,19 +287,38 @@ void dispatch_dtype(DType d, F&& f) {
   }
 }
 
+/// The master weights of a step op's Body: none, fp32 masters, or compact ones (the int16
+/// remainders of bf16 params, [note: compact master] in fusedopt/_contract.py).
+enum MasterKind : int { kNoMaster = 0, kFp32Master = 1, kCompactMaster = 2 };
+
+/// The MasterKind of a call's lists.
+inline MasterKind master_kind(const StepLists& lists) {
+  if (!lists.master_params.present()) return kNoMaster;
+  return lists.compact_master ? kCompactMaster : kFp32Master;
+}
+
 /// The storage types of a step op call ([note: validated call] in launch.h): calls
-/// f(P{}, G{}, std::bool_constant<master>{}) for param dtype P and grad dtype G (P or fp32).
+/// f(P{}, G{}, std::integral_constant<MasterKind, master>{}) for param dtype P and grad
+/// dtype G (P or fp32). Compact masters exist for bf16 only: two Body instantiations each.
 template <class F>
-void dispatch_step_types(DType param, DType grad, bool master, F&& f) {
+void dispatch_step_types(DType param, DType grad, MasterKind master, F&& f) {
+  using None = std::integral_constant<MasterKind, kNoMaster>;
+  using Fp32 = std::integral_constant<MasterKind, kFp32Master>;
+  using Compact = std::integral_constant<MasterKind, kCompactMaster>;
   dispatch_dtype(param, [&](auto p) {
     using P = decltype(p);
     const bool fp32_grad = grad == DType::kFloat32 && !std::is_same_v<P, float>;
-    if constexpr (std::is_same_v<P, bf16> || std::is_same_v<P, fp16>) {
-      if (master) {
-        return fp32_grad ? f(p, float{}, std::true_type{}) : f(p, p, std::true_type{});
+    if constexpr (std::is_same_v<P, bf16>) {
+      if (master == kCompactMaster) {
+        return fp32_grad ? f(p, float{}, Compact{}) : f(p, p, Compact{});
       }
     }
-    return fp32_grad ? f(p, float{}, std::false_type{}) : f(p, p, std::false_type{});
+    if constexpr (std::is_same_v<P, bf16> || std::is_same_v<P, fp16>) {
+      if (master != kNoMaster) {
+        return fp32_grad ? f(p, float{}, Fp32{}) : f(p, p, Fp32{});
+      }
+    }
+    return fp32_grad ? f(p, float{}, None{}) : f(p, p, None{});
   });
 }
 

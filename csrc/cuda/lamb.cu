@@ -30,7 +30,7 @@ __device__ __forceinline__ bool adapts(const Row& row, const StepArgs& a) {
 
 /// What both passes compute per element: the new m, v and the update direction u. The
 /// pointers, scalars and loads are StepBody's (step.cuh): states[0] is m, states[1] v.
-template <class P, class G, bool kMasterWeights>
+template <class P, class G, MasterKind kMasterWeights>
 struct LambElements
     : StepBody<P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq> {
   using Base = StepBody<P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq>;
@@ -63,7 +63,7 @@ struct LambElements
 
 /// lamb_direction_: accumulates |p|^2 and |u|^2 of the thread's elements (a tensor that
 /// adapts); stores m, v when the states are exact.
-template <class P, class G, bool kMasterWeights>
+template <class P, class G, MasterKind kMasterWeights>
 struct LambNormBody : LambElements<P, G, kMasterWeights> {
   using Base = LambElements<P, G, kMasterWeights>;
   using T = typename Base::T;
@@ -92,7 +92,7 @@ struct LambNormBody : LambElements<P, G, kMasterWeights> {
 
 /// lamb_apply_: p -= lr * ratio * u, the ratio from sq_norms (StepArgs::extra); u from the
 /// stored m, v (two-pass tensors: writes p) or from g and the old m, v (writes p, m, v).
-template <class P, class G, bool kMasterWeights>
+template <class P, class G, MasterKind kMasterWeights>
 struct LambApplyBody : LambElements<P, G, kMasterWeights> {
   using Base = LambElements<P, G, kMasterWeights>;
   using T = typename Base::T;
@@ -134,7 +134,7 @@ struct NormPartial {
   T p2, u2;
 };
 
-template <class P, class G, bool kMasterWeights>
+template <class P, class G, MasterKind kMasterWeights>
 __global__ void __launch_bounds__(kThreads)
     lamb_norms_kernel(Table table, StepArgs args, NormPartial<Opmath<P>>* partials) {
   using T = Opmath<P>;
@@ -197,12 +197,12 @@ void run_direction(const LambCall& call, LambLaunch& l, void* sq_norms, const Ex
   // instead of none.
   if (l.host.total_chunks() == 0) return;
   dispatch_step_types(
-      call.lists.params.dtype, call.lists.grads.dtype, call.lists.master_params.present(),
+      call.lists.params.dtype, call.lists.grads.dtype, master_kind(call.lists),
       [&](auto p, auto g, auto master) {
         using P = decltype(p);
         using G = decltype(g);
         using T = Opmath<P>;
-        constexpr bool kM = decltype(master)::value;
+        constexpr MasterKind kM = decltype(master)::value;
         auto* partials = static_cast<NormPartial<T>*>(
             ctx.workspace.get(sizeof(NormPartial<T>) * l.host.total_chunks()));
         launch_kernel(lamb_norms_kernel<P, G, kM>, chunk_grid(l.host.total_chunks()), kThreads,
@@ -218,10 +218,10 @@ void run_apply(const LambCall& call, LambLaunch& l, const void* sq_norms,
                const ExecContext& ctx) {
   l.args.extra = sq_norms;
   dispatch_step_types(call.lists.params.dtype, call.lists.grads.dtype,
-                      call.lists.master_params.present(), [&](auto p, auto g, auto master) {
+                      master_kind(call.lists), [&](auto p, auto g, auto master) {
                         using P = decltype(p);
                         using G = decltype(g);
-                        constexpr bool kM = decltype(master)::value;
+                        constexpr MasterKind kM = decltype(master)::value;
                         launch_step<LambApplyBody<P, G, kM>>(l.host, l.table, l.args,
                                                              stream_of(ctx));
                       });

@@ -13,7 +13,7 @@ constexpr int kExpAvg = state_slot(spec::lion::kExpAvgs);
 using spec::lion::kBeta1, spec::lion::kBeta2, spec::lion::kWeightDecay;
 using spec::lion::kMaximize;
 
-template <class P, class G, bool kMasterWeights>
+template <class P, class G, MasterKind kMasterWeights>
 struct LionBody : StepBody<P, G, kMasterWeights, LionScalars<Opmath<P>>, kExpAvg> {
   using Base = StepBody<P, G, kMasterWeights, LionScalars<Opmath<P>>, kExpAvg>;
   using typename Base::T;

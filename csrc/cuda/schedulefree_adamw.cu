@@ -17,7 +17,7 @@ using spec::schedulefree_adamw::kBeta1, spec::schedulefree_adamw::kBeta2,
     spec::schedulefree_adamw::kEps, spec::schedulefree_adamw::kWeightDecay,
     spec::schedulefree_adamw::kCkp1, spec::schedulefree_adamw::kBiasCorrection2;
 
-template <class P, class G, bool kMasterWeights>
+template <class P, class G, MasterKind kMasterWeights>
 struct ScheduleFreeAdamWBody
     : StepBody<P, G, kMasterWeights, ScheduleFreeAdamWScalars<Opmath<P>>, kZ, kExpAvgSq> {
   using Base = StepBody<P, G, kMasterWeights, ScheduleFreeAdamWScalars<Opmath<P>>, kZ, kExpAvgSq>;

@@ -14,7 +14,7 @@ constexpr int kMomentumBuffer = state_slot(spec::sgd::kMomentumBuffers);
 using spec::sgd::kMomentum, spec::sgd::kDampening, spec::sgd::kWeightDecay;
 using spec::sgd::kNesterov, spec::sgd::kMaximize;
 
-template <class P, class G, bool kMasterWeights, bool kWithMomentum>
+template <class P, class G, MasterKind kMasterWeights, bool kWithMomentum>
 struct SgdBody : StepBody<P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentumBuffer> {
   using Base = StepBody<P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentumBuffer>;
   using typename Base::T;

@@ -1,11 +1,16 @@
 // What the step ops (adamw, lamb, lion, sgd) share: one kernel template that walks a block's
 // chunk with an op's Body, the slots every step op has, and the host side of a launch.
 //
-// A Body<P, G, kMaster, ...> is the per-element work of one op for param storage P, grad
-// storage G and master weights or not; states are fp32 with masters, else P
+// A Body<P, G, kMasterWeights, ...> is the per-element work of one op for param storage P,
+// grad storage G and its MasterKind (none, fp32, compact); states are fp32 with masters, else P
 // (DESIGN.md §3). It is built once per block from the block's Row (the per-tensor scalars,
 // derived in double by the math headers), then apply<V>(i) handles elements i..i+V-1. The
 // elementwise ops' Bodies derive from StepBody (below), which holds what they share.
+//
+// Bytes: an op file's "+ master" (4 B read, 4 B written, beside the 16-bit param read for
+// [note: master sync] and written as the master's rounding) is, with compact masters, the
+// 2-byte remainder read and written beside the bf16 param ([note: compact master] in
+// fusedopt/_contract.py): AMP AdamW 30 -> 26 B per element without the norm pass.
 #pragma once
 
 #include <utility>
@@ -46,8 +51,13 @@ constexpr int state_slot(int index) { return kState0 + index; }
   FUSEDOPT_FILL_STEP_CALL(OP)
 
 /// The storage of a step op's states: fp32 with master weights, else the param's.
-template <class P, bool kMasterWeights>
-using StateOf = std::conditional_t<kMasterWeights, float, P>;
+template <class P, MasterKind kMasterWeights>
+using StateOf = std::conditional_t<kMasterWeights != kNoMaster, float, P>;
+
+/// The storage of a step op's master slot: fp32 masters, or the int16 remainders of compact
+/// ones ([note: compact master] in fusedopt/_contract.py); unused without masters.
+template <MasterKind kMasterWeights>
+using MasterOf = std::conditional_t<kMasterWeights == kCompactMaster, int16_t, float>;
 
 /// Per-call arguments every step kernel receives (by value, in kernel parameter space).
 struct StepArgs {
@@ -75,11 +85,18 @@ __device__ __forceinline__ bool aligned_all(int64_t start, const S*... ptrs) {
 /// DESIGN.md §3: the param is always master.to(dtype)). With master_sync, an element whose
 /// param bits differ from its rounded master's takes the param's value ([note: master sync]
 /// in fusedopt/_contract.py): one more (vector) load of the 16-bit param. The flag is a
-/// kernel argument, the same for the whole launch, so the branch never diverges.
-template <int V, class P, class T, bool kMasterWeights>
-__device__ __forceinline__ void load_param(const P* p, const float* master, int64_t i,
-                                           T (&x)[V], bool master_sync) {
-  if constexpr (kMasterWeights) {
+/// kernel argument, the same for the whole launch, so the branch never diverges. A compact
+/// master is joined from the bf16 param and its int16 remainder ([note: compact master]).
+template <int V, class P, class T, MasterKind kMasterWeights>
+__device__ __forceinline__ void load_param(const P* p, const MasterOf<kMasterWeights>* master,
+                                           int64_t i, T (&x)[V], bool master_sync) {
+  if constexpr (kMasterWeights == kCompactMaster) {
+    static_assert(std::is_same_v<P, bf16>, "compact masters are for bf16 params");
+    const Pack<P, V> bits = load_pack<V>(p, i);
+    const Pack<int16_t, V> remainder = load_pack<V>(master, i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) x[k] = join_master(bits.v[k].bits, remainder.v[k]);
+  } else if constexpr (kMasterWeights == kFp32Master) {
     load<V>(master, i, x);
     if (master_sync) {
       const Pack<P, V> bits = load_pack<V>(p, i);
@@ -93,10 +110,24 @@ __device__ __forceinline__ void load_param(const P* p, const float* master, int6
   }
 }
 
-template <int V, class P, class T, bool kMasterWeights>
-__device__ __forceinline__ void store_param(P* p, float* master, int64_t i, const T (&x)[V]) {
-  if constexpr (kMasterWeights) store<V>(master, i, x);
-  store<V>(p, i, x);
+template <int V, class P, class T, MasterKind kMasterWeights>
+__device__ __forceinline__ void store_param(P* p, MasterOf<kMasterWeights>* master, int64_t i,
+                                            const T (&x)[V]) {
+  if constexpr (kMasterWeights == kCompactMaster) {
+    Pack<P, V> bits;
+    Pack<int16_t, V> remainder;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const CompactMaster c = split_master(x[k]);
+      bits.v[k].bits = c.param;
+      remainder.v[k] = c.remainder;
+    }
+    store_pack<V>(master, i, remainder);
+    store_pack<V>(p, i, bits);
+  } else {
+    if constexpr (kMasterWeights == kFp32Master) store<V>(master, i, x);
+    store<V>(p, i, x);
+  }
 }
 
 /// What every step op's Body holds and does alike: the param, grad, state and master
@@ -112,17 +143,18 @@ __device__ __forceinline__ void store_param(P* p, float* master, int64_t i, cons
 /// across the calls, which cost two AdamW kernels a 24-byte stack frame and the fp64 Lion
 /// one an 8-byte frame; with the state pointers loaded after the calls, AdamW's fp32 kernel
 /// took 48 registers instead of 40 (nvcc 13.0, sm_90; tests/test_cuda_static.py).
-template <class P, class G, bool kMasterWeights, class Scalars, int... kStateSlots>
+template <class P, class G, MasterKind kMasterWeights, class Scalars, int... kStateSlots>
 struct StepBody {
   using T = Opmath<P>;
   using S = StateOf<P, kMasterWeights>;
+  using M = MasterOf<kMasterWeights>;
   static constexpr int kWidth =
-      kMasterWeights ? kVecWidth<P, G, S, float> : kVecWidth<P, G, S>;
+      kMasterWeights != kNoMaster ? kVecWidth<P, G, S, M> : kVecWidth<P, G, S>;
 
   P* p;
   const G* g;
   S* states[sizeof...(kStateSlots)];
-  float* master;
+  M* master;
   bool master_sync;  // [note: master sync]
   Scalars s;
   GradLoad<T> load_g;
@@ -134,7 +166,7 @@ struct StepBody {
       : p(static_cast<P*>(row.slot[kParam])),
         g(static_cast<const G*>(row.slot[kGrad])),
         states{static_cast<S*>(row.slot[kStateSlots])...},
-        master(static_cast<float*>(row.slot[kMaster])),
+        master(static_cast<M*>(row.slot[kMaster])),
         master_sync(a.master_sync),
         s(make_scalars()),
         load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef, maximize)) {}
@@ -211,13 +243,13 @@ void launch_step(const TableBuilder& host, const Table& table, const StepArgs& a
 /// keeps them (`count_steps`: its kernel reads the incremented count; `skip_if_zero`: as
 /// increment_steps's) and launches Body<P, G, kMasterWeights, kVariant...> for the call's
 /// storage types.
-template <template <class, class, bool, bool...> class Body, bool... kVariant>
+template <template <class, class, MasterKind, bool...> class Body, bool... kVariant>
 void run_step(const StepLists& lists, TableBuilder& host, const StepArgs& args, bool count_steps,
               const ExecContext& ctx, int skip_if_zero = -1) {
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
   if (count_steps) increment_steps(table, lists.scalars.found_inf, stream, skip_if_zero);
-  dispatch_step_types(lists.params.dtype, lists.grads.dtype, lists.master_params.present(),
+  dispatch_step_types(lists.params.dtype, lists.grads.dtype, master_kind(lists),
                       [&](auto p, auto g, auto master) {
                         using OpBody = Body<decltype(p), decltype(g),
                                             decltype(master)::value, kVariant...>;

@@ -109,10 +109,51 @@ static void test_against_references_and_vector_loops() {
   CHECK(bad_load == 0);
 }
 
+// [note: compact master] (fusedopt/_contract.py), over all 2^32 fp32 bit patterns: the
+// join of the split is the master bit for bit (a NaN: a NaN), and the param is the nearest
+// bf16 with ties away from zero: float_to_bf16's (nearest even) except at the ties whose
+// upper half is even. And over all 2^32 (param, remainder) pairs, what a write into the
+// param meets: the join rounds back to the param (a written value is adopted within half an
+// ulp), and is finite beside a finite param.
+static void test_compact_master_all_patterns() {
+  uint64_t bad_join = 0, bad_param = 0, bad_written = 0, bad_finite = 0;
+  for (uint64_t x = 0; x <= 0xFFFFFFFFull; ++x) {
+    const uint32_t u = static_cast<uint32_t>(x);
+    const float master = bits_float(u);
+    const CompactMaster c = split_master(master);
+    const float joined = join_master(c.param, c.remainder);
+    if (std::isnan(master)) {
+      bad_join += !std::isnan(joined) || c.param != 0x7FC0;
+    } else {
+      bad_join += float_bits(joined) != u;
+      const bool even_tie = (u & 0xFFFFu) == 0x8000u && ((u >> 16) & 1u) == 0;
+      bad_param += (c.param != float_to_bf16(master)) != even_tie;
+      bad_param += even_tie && c.param != static_cast<uint16_t>((u >> 16) + 1);
+    }
+    const uint16_t param = static_cast<uint16_t>(u >> 16);
+    const float adopted = join_master(param, static_cast<int16_t>(u & 0xFFFFu));
+    if (!std::isnan(bf16_to_float(param))) {
+      bad_written += split_master(adopted).param != param;
+      bad_finite += std::isfinite(bf16_to_float(param)) && !std::isfinite(adopted);
+    }
+  }
+  CHECK(bad_join == 0);
+  CHECK(bad_param == 0);
+  CHECK(bad_written == 0);
+  CHECK(bad_finite == 0);
+  CHECK(split_master(1.00390625f).param == 0x3F81);  // a tie beside an even param: away
+  CHECK(split_master(1.00390625f).remainder == -0x8000);
+  CHECK(split_master(-0.0f).param == 0x8000 && split_master(-0.0f).remainder == 0);
+  CHECK(float_bits(join_master(0x0000, -1)) == 0);           // +0 written over r < 0
+  CHECK(join_master(0x7F80, 1) == INFINITY);                 // inf written over r > 0
+  CHECK(float_bits(join_master(0x7F80, -1)) == 0x7F7FFFFFu);  // the largest finite master
+}
+
 int main() {
   test_round_trips();
   test_known_values();
   test_against_references_and_vector_loops();
+  test_compact_master_all_patterns();
   if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);
   return g_failures != 0;
 }

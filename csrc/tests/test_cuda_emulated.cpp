@@ -89,6 +89,9 @@ class Buffer {
         break;
     }
   }
+  /// Element k's raw 16 bits (a 16-bit dtype's buffer; a compact master's remainders).
+  void set_bits(int64_t k, uint16_t bits) { static_cast<uint16_t*>(data_)[k] = bits; }
+  uint16_t bits(int64_t k) const { return static_cast<const uint16_t*>(data_)[k]; }
   void copy_from(const Buffer& other) {
     if (bytes_) std::memcpy(data_, other.data_, bytes_);
   }
@@ -196,13 +199,15 @@ const Variant kVariants[] = {
     {"sgd_momentum_0_in_buffered_call", Op::kSgd, {false, false}, {0.9, 0.1, 0.01, 0.0}, 0.1, 0},
 };
 
-/// Storage of a step call: param and grad dtypes, master weights (DESIGN.md §3), and
+/// Storage of a step call: param and grad dtypes, master weights (DESIGN.md §3),
 /// StepLists::master_sync ([note: master sync]; the user writes into the params of every
-/// master-weight case between steps, see write_params).
+/// master-weight case between steps, see write_params), and compact masters (int16
+/// remainders, held in 16-bit buffers: [note: compact master] in fusedopt/_contract.py).
 struct Storage {
   DType param, grad;
   bool master;
   bool sync = true;
+  bool compact = false;
 };
 const Storage kStorages[] = {
     {DType::kFloat32, DType::kFloat32, false},   {DType::kBFloat16, DType::kBFloat16, false},
@@ -211,6 +216,8 @@ const Storage kStorages[] = {
     {DType::kBFloat16, DType::kBFloat16, true},  {DType::kBFloat16, DType::kFloat32, true},
     {DType::kFloat16, DType::kFloat16, true},    {DType::kFloat16, DType::kFloat32, true},
     {DType::kBFloat16, DType::kBFloat16, true, false},
+    {DType::kBFloat16, DType::kBFloat16, true, true, true},
+    {DType::kBFloat16, DType::kFloat32, true, true, true},
 };
 
 enum class LrKind { kUniform, kPerTensor, kTensor1, kTensorN };
@@ -290,7 +297,8 @@ struct World {
       params.push_back(std::make_unique<Buffer>(c.storage.param, s.numel, s.misaligned, null));
       grads.push_back(std::make_unique<Buffer>(c.storage.grad, s.numel, s.misaligned, null));
       if (c.storage.master)
-        masters.push_back(std::make_unique<Buffer>(DType::kFloat32, s.numel, s.misaligned, null));
+        masters.push_back(std::make_unique<Buffer>(
+            c.storage.compact ? DType::kBFloat16 : DType::kFloat32, s.numel, s.misaligned, null));
       // Mixed alignment inside one tensor's slots: its first state is aligned when the
       // param is not, and the other way round, so both "one slot refuses" cases occur.
       for (size_t k = 0; k < states.size(); ++k)
@@ -342,9 +350,15 @@ void initialize(World& w, const StepCase& c, std::mt19937& rng) {
     w.steps[i] = i % 2 ? 5.0f : 0.0f;
     for (int64_t k = 0; k < w.params[i]->numel(); ++k) {
       const double p = uniform(rng);
-      if (!w.masters.empty()) w.masters[i]->set(k, p);
-      // The param is master.to(dtype) (DESIGN.md §3): round through fp32 as the master does.
-      w.params[i]->set(k, w.masters.empty() ? p : static_cast<float>(p));
+      if (c.storage.compact) {  // the param and remainder of the fp32 master
+        const CompactMaster m = split_master(static_cast<float>(p));
+        w.params[i]->set_bits(k, m.param);
+        w.masters[i]->set_bits(k, static_cast<uint16_t>(m.remainder));
+      } else {
+        if (!w.masters.empty()) w.masters[i]->set(k, p);
+        // The param is master.to(dtype) (DESIGN.md §3): round through fp32 as the master does.
+        w.params[i]->set(k, w.masters.empty() ? p : static_cast<float>(p));
+      }
       w.grads[i]->set(k, normal(rng) * loss_scale);
       const double v = 0.01 * std::fabs(normal(rng));
       for (size_t s = 0; s < w.states.size(); ++s) {
@@ -414,8 +428,11 @@ struct Call {
     l.numels = numels.data();
     l.params = {params.data(), c.storage.param};
     l.grads = {grads.data(), c.storage.grad};
-    if (c.storage.master) l.master_params = {masters.data(), DType::kFloat32};
+    if (c.storage.master)
+      l.master_params = {masters.data(),
+                         c.storage.compact ? DType::kBFloat16 : DType::kFloat32};
     l.master_sync = c.storage.sync;
+    l.compact_master = c.storage.compact;
     l.steps = has_steps(v) ? steps.data() : nullptr;
     l.hypers = {hypers.data(), kWidth, group.data()};
     if (s.lr == LrKind::kTensor1 || s.lr == LrKind::kTensorN) {
@@ -538,7 +555,8 @@ const char* dtype_short(DType d) {
 
 std::string name(const StepCase& c) {
   return std::string(c.variant->name) + " " + dtype_short(c.storage.param) + "/" +
-         dtype_short(c.storage.grad) + (c.storage.master ? "+master" : "") +
+         dtype_short(c.storage.grad) +
+         (c.storage.compact ? "+compact" : c.storage.master ? "+master" : "") +
          (c.storage.master && !c.storage.sync ? "-nosync" : "") + " " +
          c.scalars->name + (c.shapes == &kLarge ? " large" : " small") +
          (c.schedule == emu::Schedule::kReverse ? " reverse" : "");
@@ -589,6 +607,14 @@ bool lamb_close(const Buffer& cuda, const Buffer& cpu, const Buffer& before, dou
   return true;
 }
 
+/// The fp32 masters of tensor i of a world with compact masters (join_master).
+std::unique_ptr<Buffer> joined(const World& w, size_t i) {
+  auto out = std::make_unique<Buffer>(DType::kFloat32, w.params[i]->numel(), false);
+  for (int64_t k = 0; k < out->numel(); ++k)
+    out->set(k, join_master(w.params[i]->bits(k), static_cast<int16_t>(w.masters[i]->bits(k))));
+  return out;
+}
+
 /// The LAMB comparison of [note: lamb tolerance]; then cuda takes cpu's state.
 bool lamb_matches(const StepCase& c, World& cuda, const World& cpu, const World& before,
                   const std::string& what) {
@@ -607,8 +633,11 @@ bool lamb_matches(const StepCase& c, World& cuda, const World& cpu, const World&
       ok &= cuda.states[k][i]->same_bits(*cpu.states[k][i]);
     if (adapts) {
       ok &= lamb_close(*cuda.params[i], *cpu.params[i], *before.params[i], delta);
-      if (!cpu.masters.empty())
+      if (c.storage.compact) {
+        ok &= lamb_close(*joined(cuda, i), *joined(cpu, i), *joined(before, i), delta);
+      } else if (!cpu.masters.empty()) {
         ok &= lamb_close(*cuda.masters[i], *cpu.masters[i], *before.masters[i], delta);
+      }
     } else {
       ok &= cuda.params[i]->same_bits(*cpu.params[i]);
       if (!cpu.masters.empty()) ok &= cuda.masters[i]->same_bits(*cpu.masters[i]);

@@ -19,6 +19,9 @@ AdamW/Adam/SGD. README's "Differences from torch.optim" lists what differs. fuse
   A value written into a param between steps is adopted by its master at the next step
   (``master_sync=True``, the default; ``False`` saves 2 bytes per element and loses such
   writes). ``master_weights`` may be switched on or off mid-run.
+* ``master_weights="compact"``: bf16 params only; the int16 low halves of the fp32 masters
+  (``state["master_remainder"]``) beside the params, 2 bytes per param less, the same step
+  bit for bit ([note: compact master] in ``fusedopt/_contract.py``).
 * ``max_grad_norm=x``: global-norm clipping inside ``step()``; ``opt.last_grad_norm`` holds
   the pre-clip norm on the device (no sync). LAMB has timm's default ``max_grad_norm=1.0``.
 * Loss scaling: ``torch.amp.GradScaler`` works unchanged (the optimizer unscales on load, so

@@ -57,9 +57,10 @@ from fusedopt.clip import clip_coef as torch_clip_coef
 from fusedopt.clip import local_tensor, total_norm
 from fusedopt.ops import StepHypers
 from fusedopt.ops import _resolve as resolve_backend
-from fusedopt.optim._keys import MASTER_KEY, STEP_KEY, TORCH_ONLY_KEYS
+from fusedopt.optim._keys import COMPACT, MASTER_KEY, REMAINDER_KEY, STEP_KEY, TORCH_ONLY_KEYS
 from fusedopt.optim._plan import PlanMixin, call_hypers, native_calls
 from fusedopt.optim._state_dict import StateDictMixin
+from fusedopt.reference.ops import join_master, split_master
 
 
 def check_nonnegative(name: str, value: Any, label: str | None = None) -> None:
@@ -109,7 +110,15 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
       on or off mid-run (``group["master_weights"] = ...``, or a loaded state dict that says
       otherwise): the next step creates the master from the param, or drops it, and casts
       the param's states (fp32 with a master, the param's dtype without)
-      [note: master weights switched].
+      [note: master weights switched]. ``master_weights="compact"`` (bf16 params only; fp16
+      raises) keeps only the 16 low bits of each fp32 master, as int16, in
+      ``state["master_remainder"]``: param and remainder together are the fp32 master, 2
+      bytes per param instead of 4, and the step is bit for bit the fp32-master step; the
+      param is the master rounded to nearest with ties away from zero (``master.to(bf16)``
+      but at exact ties), and a value written into the param is always adopted, joined with
+      the old remainder (within half an ulp) [note: compact master] in
+      ``fusedopt/_contract.py``. Switching between False, True and "compact" converts
+      exactly at the next step.
     * ``master_sync`` (default True): with master weights, a value written into a param
       between steps (``model.load_state_dict``, a re-initialisation, ``p.clamp_()``) is
       adopted by its master at the next step, element by element (the param's bits differ
@@ -252,6 +261,19 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
     @staticmethod
     def _check_common(group: dict[str, Any]) -> None:
         _check_lr(group["lr"])
+        master_weights = group.get("master_weights", False)
+        if isinstance(master_weights, str) and master_weights != COMPACT:
+            raise ValueError(
+                f"Invalid master_weights: {master_weights!r} (False, True or {COMPACT!r})"
+            )
+        if master_weights == COMPACT:
+            for p in group.get("params", ()):  # (the defaults have none)
+                if p.dtype == torch.float16:
+                    raise ValueError(
+                        "master_weights='compact' needs bfloat16 params (fp16 is not the top "
+                        "half of fp32); got a float16 param: use master_weights=True for it, "
+                        "in a group of its own"
+                    )
         max_norm = group.get("max_grad_norm")
         if max_norm is not None and not max_norm > 0.0:
             raise ValueError(f"Invalid max_grad_norm: {max_norm} (must be > 0 or None)")
@@ -298,6 +320,22 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
 
     def _uses_master(self, group: dict[str, Any], param: Tensor) -> bool:
         return bool(group["master_weights"]) and param.dtype in LOW_PRECISION
+
+    def _master_key(self, group: dict[str, Any], param: Tensor) -> str | None:
+        """The state key of ``param``'s master: ``master_param`` (fp32), ``master_remainder``
+        (compact, [note: compact master] in fusedopt/_contract.py) or None (no master).
+        Raises for a compact master of an fp16 param."""
+        if not self._uses_master(group, param):
+            return None
+        if group["master_weights"] != COMPACT:
+            return MASTER_KEY
+        if param.dtype != torch.bfloat16:
+            raise ValueError(
+                f"fusedopt.{type(self).__name__}: master_weights='compact' needs bfloat16 "
+                f"params, got a {param.dtype} one (fp16 is not the top half of fp32): use "
+                "master_weights=True for it, in a group of its own"
+            )
+        return REMAINDER_KEY
 
     def _collect(self) -> list[tuple[int, int, Tensor, Tensor, Tensor, Tensor]]:
         """Every (group index, index, param, grad, local param, local grad) to step, all checked
@@ -383,12 +421,19 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         is called with ``_checked=True`` (grads and params are checked in ``_collect``).
         """
         state = self.state[p]
-        master = self._uses_master(group, p)
+        master_key = self._master_key(group, p)
+        master = master_key is not None
         dtype = torch.float32 if master else p.dtype
         if p.dtype in LOW_PRECISION:
             self._switch_master(state, master, p.dtype)
-        if master and MASTER_KEY not in state:
+            self._convert_master(state, master_key, p, bool(group.get("master_sync", True)))
+        if master_key == MASTER_KEY and MASTER_KEY not in state:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
+        if master_key == REMAINDER_KEY and REMAINDER_KEY not in state:
+            # The master of a param without one is the param itself: remainder 0.
+            state[REMAINDER_KEY] = torch.zeros_like(
+                p, dtype=torch.int16, memory_format=torch.preserve_format
+            )
         layouts = STEP_OPS[self.OP].state_layouts
         for key in self._state_keys(group):
             if key in state or not has_state(layouts.get(key, "param"), p.shape):
@@ -413,10 +458,36 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         ``master_weights`` changes the group signature: [note: cached plan])."""
         if not master:
             state.pop(MASTER_KEY, None)
+            state.pop(REMAINDER_KEY, None)
         dtype, other = (torch.float32, param_dtype) if master else (param_dtype, torch.float32)
         for key, t in state.items():
-            if key not in (STEP_KEY, MASTER_KEY) and isinstance(t, Tensor) and t.dtype == other:
+            if (
+                key not in (STEP_KEY, MASTER_KEY, REMAINDER_KEY)
+                and isinstance(t, Tensor)
+                and t.dtype == other
+            ):
                 state[key] = t.to(dtype)
+
+    @staticmethod
+    def _convert_master(state: dict, master_key: str | None, p: Tensor, sync: bool) -> None:
+        """[note: master weights switched] between fp32 and compact masters ([note: compact
+        master] in fusedopt/_contract.py), exactly: fp32 -> compact splits the master (after
+        [note: master sync]'s adoption of a written param, when ``sync``) into the param
+        (rewritten: it changes only where the master is an exact tie) and its remainder;
+        compact -> fp32 joins them into the master and rewrites the param as
+        ``master.to(bfloat16)`` (again only at ties), so that the next step adopts nothing."""
+        param = p.detach()
+        if master_key == REMAINDER_KEY and MASTER_KEY in state:
+            master = state.pop(MASTER_KEY)
+            if sync:
+                written = master.to(param.dtype).view(torch.int16) != param.view(torch.int16)
+                master = torch.where(written, param.to(torch.float32), master)
+            rounded, state[REMAINDER_KEY] = split_master(master)
+            param.copy_(rounded)
+        elif master_key == MASTER_KEY and REMAINDER_KEY in state:
+            master = join_master(param, state.pop(REMAINDER_KEY))
+            state[MASTER_KEY] = master
+            param.copy_(master)
 
     def _scalar_attribute(self, name: str) -> Tensor | None:
         value = self.__dict__.get(name)

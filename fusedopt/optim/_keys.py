@@ -4,5 +4,10 @@
 STEP_KEY = "step"
 #: The state key of a bf16/fp16 param's fp32 master copy.
 MASTER_KEY = "master_param"
+#: The state key of a bf16 param's compact master: the int16 low halves of its fp32 master
+#: (``master_weights="compact"``; [note: compact master] in fusedopt/_contract.py).
+REMAINDER_KEY = "master_remainder"
+#: The ``master_weights`` value of compact masters.
+COMPACT = "compact"
 #: torch group keys that mean nothing to fusedopt (always fused): dropped on load.
 TORCH_ONLY_KEYS = ("foreach", "fused", "differentiable")

@@ -19,7 +19,7 @@ from fusedopt._dense import dense_stride, state_like, state_stride
 from fusedopt.clip import local_tensor
 from fusedopt.ops import StepHypers, write_hyper_table
 from fusedopt.ops import _resolve as resolve_backend
-from fusedopt.optim._keys import MASTER_KEY, STEP_KEY
+from fusedopt.optim._keys import MASTER_KEY, REMAINDER_KEY, STEP_KEY
 
 
 class PlanMixin:
@@ -38,6 +38,8 @@ class PlanMixin:
             if matched is not None:
                 return (plan, *matched)
         entries = self._collect()
+        for gi, _, p, *_ in entries:  # raises for a compact fp16 master before any change
+            self._master_key(self.param_groups[gi], p)
         for gi, _, p, *_ in entries:
             self._init_state(self.param_groups[gi], p)
         plan = self._plan(entries)
@@ -62,7 +64,7 @@ class PlanMixin:
         backend."""
         flags = self._call_flags(group)
         return (tuple(sorted(flags.items())), self._state_keys(group),
-                bool(group["master_weights"]), group["backend"])  # fmt: skip
+                _master_mode(group["master_weights"]), group["backend"])  # fmt: skip
 
     def _match_plan(self, plan: _Plan) -> tuple[list[Tensor], list[list[Tensor]]] | None:
         """The grads of this step if ``plan`` still holds, else None.
@@ -169,8 +171,9 @@ class PlanMixin:
                 names = tuple(self.STATE_LISTS[k] for k in keys)
                 info = per_group[gi] = (group, keys, names, self._call_flags(group), signature)
             group, keys, names, flags, signature = info
-            master = self._uses_master(group, p)
-            key = (local_p.device, local_p.dtype, local_g.dtype, master, signature)
+            master_key = self._master_key(group, p)
+            master = master_key is not None
+            key = (local_p.device, local_p.dtype, local_g.dtype, master_key, signature)
             ci = calls.get(key)
             if ci is None:
                 ci = calls[key] = len(plan.calls)
@@ -179,7 +182,7 @@ class PlanMixin:
             # A DTensor: its states are DTensors too. (local_p is also another tensor for a
             # complex param: its real view, [note: complex params].)
             sharded = local_tensor(p) is not p
-            slot_keys = (*keys, MASTER_KEY) if master else keys
+            slot_keys = (*keys, master_key) if master else keys
             # The states' layout: the param's, or its dense twin's [note: non-dense params].
             layout = (local_p.shape, dense_stride(local_p), local_p.device)
             dtype = torch.float32 if master else local_p.dtype
@@ -204,7 +207,7 @@ class PlanMixin:
                 local_states = [
                     torch.view_as_real(t) if t.is_complex() else t for t in local_states
                 ]
-            masters = [local_tensor(state[MASTER_KEY])] if master else []
+            masters = [local_tensor(state[master_key])] if master else []
             call = plan.calls[ci]
             call.add(gi, p, local_p, local_states, masters)
             if layout[1] != local_p.stride():
@@ -258,7 +261,7 @@ class PlanMixin:
                 problem = f"has shape {tuple(t.shape)} but the param now needs {tuple(shape)}"
         elif t.device != device:
             problem = f"is on {t.device} but the param now is on {device}"
-        elif t.dtype != dtype and not (key == MASTER_KEY and t.dtype == torch.float32):
+        elif t.dtype != dtype and not _master_dtype(key, t):
             problem = f"has dtype {t.dtype} but the param needs {dtype} states"
         elif tuple(shape) != tuple(p.shape):  # a factored state ([note: factored layouts])
             return torch.empty(shape, dtype=t.dtype, device=device).copy_(self.state[p][key])
@@ -476,8 +479,21 @@ def _fits(t: Tensor, layout: tuple, key: str, dtype: torch.dtype) -> bool:
         t.shape == shape
         and t.stride() == stride
         and t.device == device
-        and (t.dtype == dtype or (key == MASTER_KEY and t.dtype == torch.float32))
+        and (t.dtype == dtype or _master_dtype(key, t))
     )
+
+
+def _master_dtype(key: str, t: Tensor) -> bool:
+    """Whether ``t`` has the dtype of a master under ``key``: fp32, or the int16 remainders
+    of a compact master ([note: compact master] in fusedopt/_contract.py)."""
+    return (key == MASTER_KEY and t.dtype == torch.float32) or (
+        key == REMAINDER_KEY and t.dtype == torch.int16
+    )
+
+
+def _master_mode(value: Any) -> bool | str:
+    """A group's ``master_weights`` as the plan tells modes apart: False, True, "compact"."""
+    return value if isinstance(value, str) else bool(value)
 
 
 def call_hypers(call: _Call, runs: list, names: tuple[str, ...]) -> StepHypers:

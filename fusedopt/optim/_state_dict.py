@@ -15,7 +15,7 @@ from fusedopt._contract import STEP_OPS, state_shape
 from fusedopt._dense import state_for
 from fusedopt._validate import LOW_PRECISION
 from fusedopt.clip import local_tensor
-from fusedopt.optim._keys import MASTER_KEY, STEP_KEY, TORCH_ONLY_KEYS
+from fusedopt.optim._keys import MASTER_KEY, REMAINDER_KEY, STEP_KEY, TORCH_ONLY_KEYS
 
 
 class StateDictMixin:
@@ -86,7 +86,7 @@ class StateDictMixin:
     def _cast_state(self, group, p: Tensor, saved: dict, gi: int, i: int) -> dict[str, Any]:
         """Check one param's saved state and cast it to this optimizer's layout."""
         where = f"loaded state dict, {self._param_name(gi, i)}"
-        allowed = set(self.STATE_LISTS) | {MASTER_KEY}
+        allowed = set(self.STATE_LISTS) | {MASTER_KEY, REMAINDER_KEY}
         unknown = set(saved) - allowed
         if unknown:
             raise ValueError(
@@ -94,14 +94,18 @@ class StateDictMixin:
                 f"(expected some of {sorted(allowed)})"
             )
         master = self._uses_master(group, p)
-        if MASTER_KEY in saved and not master and p.dtype in LOW_PRECISION:
+        masters = {MASTER_KEY, REMAINDER_KEY}
+        if masters & set(saved) and not master and p.dtype in LOW_PRECISION:
             # Saved with master weights, loaded without: [note: master weights switched].
-            saved = {k: v for k, v in saved.items() if k != MASTER_KEY}
-        if MASTER_KEY in saved and not master:
-            raise ValueError(
-                f"{where}: has a master_param but the param is {p.dtype} with "
-                f"master_weights={group['master_weights']}"
-            )
+            saved = {k: v for k, v in saved.items() if k not in masters}
+        for key in sorted(masters & set(saved)):
+            if not master or (key == REMAINDER_KEY and p.dtype != torch.bfloat16):
+                raise ValueError(
+                    f"{where}: has a {key} but the param is {p.dtype} with "
+                    f"master_weights={group['master_weights']}"
+                )
+        # A saved fp32 master loaded as compact, or the other way round, is converted at
+        # the next step (_convert_master, [note: master weights switched]).
         device = local_tensor(p).device
         layouts = STEP_OPS[self.OP].state_layouts
         out: dict[str, Any] = {}
@@ -124,6 +128,8 @@ class StateDictMixin:
                     f"{where}: state {key!r} has shape {tuple(value.shape)} but {expected} {shape}"
                 )
             dtype = torch.float32 if (master or key == MASTER_KEY) else p.dtype
+            if key == REMAINDER_KEY:  # [note: compact master]
+                dtype = torch.int16
             # In the param's memory layout, whatever the saved one: the step pairs elements
             # by position ([note: checked once] in _init_state).
             if layout == "param":

@@ -46,7 +46,7 @@ class Adam(FusedOptimizer):
         foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
         differentiable: bool = False, fused: bool | None = None,
         decoupled_weight_decay: bool = False,
-        master_weights: bool = False, master_sync: bool = True,
+        master_weights: bool | str = False, master_sync: bool = True,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=_float_pair(betas))
@@ -81,7 +81,7 @@ class AdamW(Adam):
         eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
         maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
         differentiable: bool = False, fused: bool | None = None,
-        master_weights: bool = False, master_sync: bool = True,
+        master_weights: bool | str = False, master_sync: bool = True,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=_float_pair(betas), decoupled_weight_decay=True)

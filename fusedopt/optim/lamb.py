@@ -70,7 +70,7 @@ class LAMB(FusedOptimizer):
         grad_averaging: bool = True, max_grad_norm: float | None = 1.0, trust_clip: bool = False,
         always_adapt: bool = False, caution: bool = False, decoupled_decay: bool = False,
         corrected_weight_decay: bool = False, foreach: bool | None = None, *,
-        capturable: bool = False, master_weights: bool = False, master_sync: bool = True,
+        capturable: bool = False, master_weights: bool | str = False, master_sync: bool = True,
         backend: str = "auto", grad_norm_group: Any = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=tuple(betas))

@@ -25,7 +25,7 @@ class Lion(FusedOptimizer):
         self, params: Params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0, use_triton: bool = False,
         decoupled_weight_decay: bool = False, *, maximize: bool = False, capturable: bool = False,
-        master_weights: bool = False, master_sync: bool = True,
+        master_weights: bool | str = False, master_sync: bool = True,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
     ) -> None:  # fmt: skip
         del use_triton  # lion-pytorch's kernel switch; fusedopt picks by `backend`

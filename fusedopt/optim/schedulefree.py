@@ -11,7 +11,8 @@ from torch import Tensor
 
 from fusedopt._validate import LOW_PRECISION
 from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
-from fusedopt.optim._keys import MASTER_KEY
+from fusedopt.optim._keys import MASTER_KEY, REMAINDER_KEY
+from fusedopt.reference.ops import join_master, split_master
 
 #: The group keys the schedulefree package keeps on the host, advanced at every step.
 _SCHEDULE_KEYS = ("k", "lr_max", "weight_sum", "scheduled_lr")
@@ -190,6 +191,13 @@ class ScheduleFreeAdamW(FusedOptimizer):
             for p in group["params"]:
                 state = self.state.get(p, {})
                 if "z" not in state:
+                    continue
+                remainder = state.get(REMAINDER_KEY)
+                if remainder is not None:  # [note: compact master]: join, move, split
+                    master = join_master(p, remainder).lerp_(state["z"].to(p.device), weight)
+                    rounded, new_remainder = split_master(master)
+                    p.copy_(rounded)
+                    remainder.copy_(new_remainder)
                     continue
                 master = state.get(MASTER_KEY)
                 if master is None or p.dtype not in LOW_PRECISION:

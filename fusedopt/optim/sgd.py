@@ -33,7 +33,7 @@ class SGD(FusedOptimizer):
         dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
         maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
         fused: bool | None = None, capturable: bool = False,
-        master_weights: bool = False, master_sync: bool = True,
+        master_weights: bool | str = False, master_sync: bool = True,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals())

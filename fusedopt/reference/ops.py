@@ -80,14 +80,54 @@ def load_grad(
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
+def _signed(bits: Tensor, width: int) -> Tensor:
+    """Unsigned ``width``-bit values (int64) as the signed integers of the same bits."""
+    return bits - (bits >= 1 << (width - 1)).to(torch.int64) * (1 << width)
+
+
+def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
+    """[note: compact master] (fusedopt._contract): an fp32 master as its bf16 param (rounded
+    to nearest, ties away from zero) and its int16 remainder, so that
+    ``join_master(*split_master(m))`` is ``m`` bit for bit (a NaN: the param's NaN)."""
+    u = master.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    high = ((u + 0x8000) >> 16) & 0xFFFF
+    low = u & 0xFFFF
+    nan = master.isnan()
+    high = torch.where(nan, torch.full_like(high, 0x7FC0), high)
+    low = torch.where(nan, torch.zeros_like(low), low)
+    param = _signed(high, 16).to(torch.int16).view(torch.bfloat16)
+    return param, _signed(low, 16).to(torch.int16)
+
+
+def join_master(param: Tensor, remainder: Tensor) -> Tensor:
+    """[note: compact master]: the fp32 master of a bf16 param and its int16 remainder,
+    ``(param_bits << 16) + remainder``; a NaN param, or a remainder that does not fit its param
+    (only after a write into the param), gives the param's value."""
+    high = param.view(torch.int16).to(torch.int64) & 0xFFFF
+    r = remainder.to(torch.int64)
+    magnitude = high & 0x7FFF
+    misfit = (magnitude > 0x7F80) | ((magnitude == 0) & (r < 0)) | ((magnitude == 0x7F80) & (r > 0))
+    u = ((high << 16) + r) & 0xFFFFFFFF
+    joined = _signed(u, 32).to(torch.int32).view(torch.float32)
+    return torch.where(misfit, param.to(torch.float32), joined)
+
+
+def _compact(master: Tensor) -> bool:
+    return master.dtype == torch.int16
+
+
 def _load_param(
     param: Tensor, master_params: Sequence[Tensor], i: int, opmath, master_sync: bool
 ) -> Tensor:
     """The param in opmath: its master when there is one, where ``master_sync`` first adopts
     every element whose param bits differ from the rounded master's ([note: master sync] in
-    fusedopt._contract)."""
+    fusedopt._contract); a compact master is joined from the param and its remainder (which
+    adopts a written param within half an ulp, whatever ``master_sync``: [note: compact
+    master])."""
     if not master_params:
         return param.to(opmath)
+    if _compact(master_params[i]):
+        return join_master(param, master_params[i]).to(opmath)
     master = master_params[i].to(opmath)
     if not master_sync:
         return master
@@ -97,6 +137,11 @@ def _load_param(
 
 
 def _store_param(p: Tensor, param: Tensor, master_params: Sequence[Tensor], i: int) -> None:
+    if master_params and _compact(master_params[i]):
+        rounded, remainder = split_master(p)
+        param.copy_(rounded)
+        master_params[i].copy_(remainder)
+        return
     if master_params:
         master_params[i].copy_(p)
     param.copy_(p)  # rounds to the param's dtype: with masters, param == master.to(dtype)

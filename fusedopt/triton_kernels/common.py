@@ -35,6 +35,8 @@ BLOCK = tl.constexpr(multi_tensor.BLOCK)
 HEADER = tl.constexpr(multi_tensor.HEADER)
 #: The MASTER constexpr of a step kernel that adopts written params ([note: master sync]).
 MASTER_SYNCED = tl.constexpr(multi_tensor.MASTER_SYNCED)
+#: The MASTER constexpr of a step kernel with compact masters ([note: compact master]).
+MASTER_COMPACT = tl.constexpr(multi_tensor.MASTER_COMPACT)
 
 #: The table of the mixed-dtype ops (scale_, grad_norm): one slot, the tensors, and one
 #: float64 column, the dtype code (``multi_tensor.dtype_code_arguments``). The step
@@ -236,12 +238,49 @@ def maximum(a, b):
 
 
 @triton.jit
+def join_master(param, remainder):
+    """[note: compact master] in fusedopt._contract: the fp32 master of bf16 ``param`` and its
+    int16 ``remainder``, ``(param bits << 16) + remainder``; a NaN param, or a remainder that
+    does not fit the param (only after a write into it), gives the param's value."""
+    high = param.to(tl.uint16, bitcast=True).to(tl.uint32)
+    r = remainder.to(tl.int32)
+    magnitude = high & 0x7FFF
+    misfit = (magnitude > 0x7F80) | ((magnitude == 0) & (r < 0))
+    misfit = misfit | ((magnitude == 0x7F80) & (r > 0))
+    joined = (high << 16) + r.to(tl.uint32, bitcast=True)
+    return tl.where(misfit, high << 16, joined).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split_master(x):
+    """[note: compact master]: fp32 ``x`` as its bf16 param (to nearest, ties away from zero:
+    ``(bits + 0x8000) >> 16``) and int16 remainder (the low 16 bits); a NaN gives 0x7FC0 and
+    remainder 0."""
+    u = x.to(tl.uint32, bitcast=True)
+    nan = x != x
+    high = tl.where(nan, 0x7FC0, (u + 0x8000) >> 16)
+    low = tl.where(nan, 0, u & 0xFFFF)
+    param = high.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return param, low.to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
 def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.constexpr):
     """The param in the compute dtype: its fp32 master copy when MASTER, else itself. With
     MASTER == MASTER_SYNCED, an element whose param bits differ from its rounded master's
     takes the param's value ([note: master sync] in fusedopt._contract): one more 16-bit
-    read per element."""
-    if MASTER:
+    read per element. With MASTER == MASTER_COMPACT, ``master_ptr`` points at int16
+    remainders and the master is joined from param and remainder ([note: compact master])."""
+    if MASTER == MASTER_COMPACT:
+        r_ptr = master_ptr.to(tl.pointer_type(tl.int16))
+        if mask is None:  # a compile-time branch, as in `load`
+            raw = tl.load(p_ptr + offs)
+            remainder = tl.load(r_ptr + offs)
+        else:
+            raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
+            remainder = tl.load(r_ptr + offs, mask=mask, other=0)
+        return join_master(raw, remainder).to(COMPUTE)
+    elif MASTER:
         x = load(master_ptr, offs, mask, COMPUTE)
         if MASTER == MASTER_SYNCED:
             if mask is None:  # a compile-time branch, as in `load`
@@ -259,10 +298,16 @@ def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.
 @triton.jit
 def store_param(p_ptr, master_ptr, offs, mask, p, MASTER: tl.constexpr):
     """Store the updated param; with MASTER, the fp32 master and the rounded param both, so
-    that ``param == master.to(param.dtype)`` bit for bit."""
-    if MASTER:
-        store(master_ptr, offs, mask, p)
-    store(p_ptr, offs, mask, p)
+    that ``param == master.to(param.dtype)`` bit for bit; with MASTER_COMPACT, the param and
+    remainder of ``split_master`` ([note: compact master])."""
+    if MASTER == MASTER_COMPACT:
+        param, remainder = split_master(p)
+        tl.store(p_ptr + offs, param, mask=mask)
+        tl.store(master_ptr.to(tl.pointer_type(tl.int16)) + offs, remainder, mask=mask)
+    else:
+        if MASTER:
+            store(master_ptr, offs, mask, p)
+        store(p_ptr, offs, mask, p)
 
 
 @triton.jit

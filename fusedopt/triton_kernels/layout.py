@@ -103,7 +103,8 @@ def prepare(op: str, args: tuple, tables: TableCache) -> StepArguments | None:
     spec = _contract.STEP_OPS[op]
     if spec.steps_with is not None and bool(a.named[spec.steps_with]) != bool(a.steps):
         raise ValueError(f"{op}: {spec.steps_with} and steps must both be given or both be empty")
-    a.dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params), a.master_sync)
+    compact = bool(a.master_params) and a.master_params[0].dtype == torch.int16
+    a.dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params), a.master_sync, compact)
     a.launch = tables.launch(
         a.lists,
         extra_key=(tuple(map(str, a.dtypes.values())),),

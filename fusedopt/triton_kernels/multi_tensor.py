@@ -204,20 +204,28 @@ def tl_dtype(dtype: torch.dtype):
 
 
 #: A step kernel's MASTER constexpr: no master weights; masters; masters that first adopt a
-#: param written since the last step ([note: master sync] in fusedopt._contract).
-NO_MASTER, MASTER, MASTER_SYNCED = 0, 1, 2
+#: param written since the last step ([note: master sync] in fusedopt._contract); compact
+#: masters, the int16 remainders of bf16 params ([note: compact master]).
+NO_MASTER, MASTER, MASTER_SYNCED, MASTER_COMPACT = 0, 1, 2, 3
 
 
 def dtype_arguments(
-    params: Sequence[Tensor], grads: Sequence[Tensor], master: bool, master_sync: bool = False
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    master: bool,
+    master_sync: bool = False,
+    compact: bool = False,
 ) -> dict:
     """Constexpr dtypes of a step call (one param dtype, one grad dtype: fusedopt.ops splits),
-    and MASTER (``NO_MASTER``, ``MASTER`` or ``MASTER_SYNCED``).
+    and MASTER (``NO_MASTER``, ``MASTER``, ``MASTER_SYNCED`` or, for int16 ``compact``
+    masters, ``MASTER_COMPACT``).
 
     States are fp32 with master weights, else in the param dtype (DESIGN.md §3); the math is
     fp32, fp64 for fp64 params."""
     p, g = params[0].dtype, grads[0].dtype
     mode = (MASTER_SYNCED if master_sync else MASTER) if master else NO_MASTER
+    if master and compact:
+        mode = MASTER_COMPACT
     return {
         "P_DTYPE": tl_dtype(p),
         "G_DTYPE": tl_dtype(g),

@@ -69,6 +69,37 @@ FUSEDOPT_HD FUSEDOPT_INLINE uint16_t float_to_bf16(float f) {
   return nan ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
 }
 
+/// A compact master: a bf16 param and the int16 remainder that together are the fp32 master
+/// ([note: compact master] in fusedopt/_contract.py).
+struct CompactMaster {
+  uint16_t param;     // bf16 bits: the master rounded to nearest, ties away from zero
+  int16_t remainder;  // master bits - (param bits << 16)
+};
+
+/// The compact form of an fp32 master: param bits (u + 0x8000) >> 16 (the carry adds to the
+/// magnitude, never the sign, for a non-NaN u) and the low 16 bits as signed; a NaN gives
+/// float_to_bf16's NaN and remainder 0.
+/// Branch-free (selects), so that the CPU loops over it vectorise.
+FUSEDOPT_HD FUSEDOPT_INLINE CompactMaster split_master(float master) {
+  const uint32_t u = float_bits(master);
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  const uint32_t param = nan ? 0x7FC0u : (u + 0x8000u) >> 16;
+  const uint32_t low = nan ? 0u : u & 0xFFFFu;
+  return {static_cast<uint16_t>(param), static_cast<int16_t>(static_cast<uint16_t>(low))};
+}
+
+/// The fp32 master of a bf16 param and its remainder: (param << 16) + remainder; a NaN
+/// param, or a remainder that does not fit the param (negative beside a zero, positive
+/// beside an infinity: only after a write into the param), gives the param's value.
+FUSEDOPT_HD FUSEDOPT_INLINE float join_master(uint16_t param, int16_t remainder) {
+  const uint32_t magnitude = param & 0x7FFFu;
+  const bool misfit = magnitude > 0x7F80u || (magnitude == 0 && remainder < 0) ||
+                      (magnitude == 0x7F80u && remainder > 0);
+  const uint32_t joined =
+      (static_cast<uint32_t>(param) << 16) + static_cast<uint32_t>(int32_t{remainder});
+  return bits_float(misfit ? static_cast<uint32_t>(param) << 16 : joined);
+}
+
 FUSEDOPT_HD FUSEDOPT_INLINE float fp16_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exponent = (h >> 10) & 0x1Fu;

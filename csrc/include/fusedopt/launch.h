@@ -136,6 +136,10 @@ struct StepLists {
   // 2 * num_tensors values, tensor i's (rows, cols) = its last two dims when it has two or
   // more, else (0, 0) (a vector or scalar: unfactored). Null for any other op.
   const int64_t* factor_dims = nullptr;
+  // master_params holds the int16 remainders of bf16 params, not fp32 masters: the master is
+  // joined from param and remainder ([note: compact master] in fusedopt/_contract.py), which
+  // adopts a written param whatever master_sync says.
+  bool compact_master = false;
 };
 
 // The call struct of a step op, from its spec (fusedopt/ops_spec.h, generated from
