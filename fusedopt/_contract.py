@@ -91,9 +91,10 @@ ROLES: tuple[str, ...] = ("param", "grad", "state", "master", "step")
 class TensorListSpec:
     """One tensor list of a step op: one tensor per param (or none, where ``optional``).
 
-    ``layout`` is the shape/dtype rule of a state: ``"param"`` (the only one today) is the
-    param's shape and strides, fp32 with master weights, else the param's dtype. Factored
-    (row/column) or block-scaled states will add layouts here.
+    ``layout`` is the shape/dtype rule of a state: ``"param"`` is the param's shape and
+    strides, fp32 with master weights, else the param's dtype; ``"bf16"`` is the param's shape
+    and strides in bfloat16 whatever the param's dtype (Muon's Newton-Schulz buffer, [note:
+    muon passes]). Factored (row/column) or block-scaled states will add layouts here.
     """
 
     name: str  # the schema's argument name ("exp_avgs")
@@ -138,7 +139,10 @@ class StepOpSpec:
     states: tuple[TensorListSpec, ...]
     hypers: tuple[str, ...]
     flag_specs: tuple[FlagSpec, ...]
-    cpp: str  # the C++ stem: ``<cpp>Call`` in launch.h, ``FUSEDOPT_<CPP upper>_*`` macros
+    #: the C++ stem: ``<cpp>Call`` in launch.h, ``FUSEDOPT_<CPP upper>_*`` macros; None for an
+    #: op that has no C++ (cpu, cuda) implementation yet: ops_spec.h leaves it out and
+    #: ``backend="auto"`` picks triton / reference for it ([note: ops without C++])
+    cpp: str | None
     steps: str = "required"  # "required", "optional" (empty or one per param) or "none"
     #: with optional steps: the list that is given iff the steps are (sgd's momentum buffers)
     steps_with: str | None = None
@@ -298,6 +302,34 @@ STEP_OPS: dict[str, StepOpSpec] = {
             steps="optional",
             steps_with="momentum_buffers",
         ),
+        StepOpSpec(
+            "muon_",
+            cpp=None,
+            doc="Muon (torch.optim.Muon) on 2-D params: buf = lerp(buf, g, 1-momentum); "
+            "u = lerp(g, buf, momentum) if nesterov else buf; ns_buffers = bf16(u); O = "
+            "Newton-Schulz(ns_buffers) (ns_steps quintic steps (ns_a, ns_b, ns_c) in bf16 on "
+            "u/max(|u|_F, ns_eps), transposed when rows > cols); p = p*(1 - lr*wd) - "
+            "lr*lr_ratio*O. lr_ratio is the shape's adjust_lr_fn factor. The passes "
+            "muon_momentum_ and muon_apply_ are the elementwise parts; the optimizer runs the "
+            "Newton-Schulz GEMMs between them, batched over params of one shape.",
+            states=(
+                _state("momentum_buffers", "momentum_buffer"),
+                TensorListSpec("ns_buffers", "state", True, layout="bf16"),
+            ),
+            hypers=(
+                "lr",
+                "momentum",
+                "weight_decay",
+                "lr_ratio",
+                "ns_a",
+                "ns_b",
+                "ns_c",
+                "ns_eps",
+                "ns_steps",
+            ),
+            flag_specs=(FlagSpec("nesterov", True),),
+            steps="none",
+        ),
     )
 }
 
@@ -369,8 +401,31 @@ LAMB_APPLY = PhaseOpSpec(
     read_only=("steps",),
 )
 
+#: Muon's elementwise passes ([note: muon passes] in fusedopt/optim/muon.py); the
+#: optimizer runs the Newton-Schulz GEMMs between them.
+MUON_MOMENTUM = PhaseOpSpec(
+    "muon_momentum_",
+    step_op="muon_",
+    doc="Muon's first pass: buf = lerp(buf, g, 1 - momentum) (torch's lerp), and the "
+    "Newton-Schulz input ns_buffers = bf16(lerp(g, buf, momentum)) with nesterov, else "
+    "bf16(buf). Reads g (unscaled, clipped) and buf; writes buf and ns_buffers; nothing when "
+    "found_inf is set.",
+    read_only=("params", "master_params"),
+)
+MUON_APPLY = PhaseOpSpec(
+    "muon_apply_",
+    step_op="muon_",
+    doc="Muon's second pass, after the Newton-Schulz iteration wrote its output O into "
+    "ns_buffers: p = p*(1 - lr*wd), then p -= (lr*lr_ratio)*O (the decay applied even for "
+    "wd = 0, as torch.optim.Muon). Reads p (its master) and ns_buffers; writes p (and its "
+    "master); nothing when found_inf is set.",
+    read_only=("momentum_buffers", "ns_buffers"),
+)
+
 #: The passes of the multi-pass step ops, each an op.
-PHASE_OPS: dict[str, PhaseOpSpec] = {p.name: p for p in (LAMB_DIRECTION, LAMB_APPLY)}
+PHASE_OPS: dict[str, PhaseOpSpec] = {
+    p.name: p for p in (LAMB_DIRECTION, LAMB_APPLY, MUON_MOMENTUM, MUON_APPLY)
+}
 
 #: op name -> schema template. ``{name}`` is replaced by the backend-specific op name.
 #: In-place ops end in ``_``; the backend suffix goes before it (``adamw_cuda_``).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import inspect
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
@@ -34,16 +35,35 @@ from fusedopt._validate import (
 Hyper = float | Sequence[float]
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    return _resolve_device_type(backend, device.type)
+def _resolve(backend: str, device: torch.device, native: bool = True) -> str:
+    return _resolve_device_type(backend, device.type, native)
+
+
+#: The backends implemented in ``fusedopt._C``.
+_NATIVE_BACKENDS = ("cpu", "cuda")
 
 
 @torch.compiler.assume_constant_result
-def _resolve_device_type(backend: str, device_type: str) -> str:
+def _resolve_device_type(backend: str, device_type: str, native: bool = True) -> str:
     """``fusedopt._backend.resolve`` as a compile-time constant: it imports modules and reads
     the environment, which Dynamo cannot trace (a graph break in every compiled step); the
-    choice is fixed for a device type anyway, so ``torch.compile`` bakes it into the graph."""
-    return _resolve_backend(backend, torch.device(device_type))
+    choice is fixed for a device type anyway, so ``torch.compile`` bakes it into the graph.
+
+    [note: ops without C++] ``native=False``: the op has no ``fusedopt._C`` implementation
+    yet (its spec's ``cpp`` is None: Muon's passes). ``auto`` then takes the next backend of
+    the device's order (triton on CUDA, reference on the CPU); naming cpu or cuda is an error
+    that says so, never a silent fallback."""
+    choice = _resolve_backend(backend, torch.device(device_type))
+    if native or choice not in _NATIVE_BACKENDS:
+        return choice
+    explicit = backend != "auto" or os.environ.get("FUSEDOPT_BACKEND", "auto") not in ("", "auto")
+    if explicit:
+        raise RuntimeError(
+            f"fusedopt backend {choice!r} has no implementation of this op yet (no C++ "
+            "kernel); use backend='triton' or 'reference'"
+        )
+    return _resolve_backend("triton" if device_type == "cuda" else "reference",
+                            torch.device(device_type))  # fmt: skip
 
 
 class GradNorm(tuple):
@@ -166,9 +186,10 @@ def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -
                 )
             check_like(masters[i], p, f"master_params[{i}]", op, torch.float32)
         state_dtype = torch.float32 if masters else p.dtype
-        for name in spec.state_lists:
-            if lists[name]:
-                check_like(lists[name][i], p, f"{name}[{i}]", op, state_dtype)
+        for t in spec.states:
+            if lists[t.name]:
+                dtype = torch.bfloat16 if t.layout == "bf16" else state_dtype
+                check_like(lists[t.name][i], p, f"{t.name}[{i}]", op, dtype)
         if lists.get("steps"):
             s = lists["steps"][i]
             check_tensor(s, f"steps[{i}]", op)
@@ -339,7 +360,7 @@ def step(
     check_scalar(grad_scale, "grad_scale", op, device, allow_fp64=fp64)
     check_scalar(clip_coef, "clip_coef", op, device, allow_fp64=fp64)
     check_scalar(found_inf, "found_inf", op, device)
-    handle = _contract.op_handle(op, _resolve(backend, device))
+    handle = _contract.op_handle(op, _resolve(backend, device, spec.cpp is not None))
     extra = _phase_inputs(phase, inputs or {}, params, device)
     call_flags = [bool(flags[f]) for f in spec.flags]
     master_sync = bool(flags.get("master_sync", True))
@@ -630,3 +651,61 @@ def sgd_(
     """One SGD step in place (torch.optim.SGD semantics); pass ``momentum_buffers`` and
     ``steps`` (both, or neither when momentum is 0); fp32 math."""
     _step_from_arguments("sgd_", locals())
+
+
+def muon_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    ns_buffers: Sequence[Tensor],
+    *,
+    lr: Hyper | Tensor,
+    momentum: Hyper = 0.95,
+    weight_decay: Hyper = 0.1,
+    lr_ratio: Hyper = 1.0,
+    ns_a: Hyper = 3.4445,
+    ns_b: Hyper = -4.7750,
+    ns_c: Hyper = 2.0315,
+    ns_eps: Hyper = 1e-7,
+    ns_steps: Hyper = 5,
+    nesterov: bool = True,
+    **options: Unpack[StepOptions],
+) -> None:
+    """One Muon step in place (torch.optim.Muon semantics) on 2-D params: the momentum pass,
+    the bf16 Newton-Schulz iteration of each ``ns_buffers[i]`` (a bf16 scratch of the
+    param's shape) one matrix at a time, and the apply pass, with ``p -= lr*lr_ratio*O``
+    (``lr_ratio``: the ``adjust_lr_fn`` factor of the param's shape). ``fusedopt.Muon``
+    batches the Newton-Schulz GEMMs over params of one shape instead; fp32 elementwise math."""
+    _step_from_arguments("muon_", locals())
+
+
+def _muon_pass(op: str, arguments: dict) -> None:
+    """A Muon pass called with ``muon_``'s arguments (bound by its signature)."""
+    keywords = arguments.pop("keywords")
+    bound = inspect.signature(muon_).bind(**arguments, **keywords)
+    bound.apply_defaults()
+    _step_from_arguments(op, bound.arguments)
+
+
+def muon_momentum_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    ns_buffers: Sequence[Tensor],
+    **keywords: Any,
+) -> None:
+    """Muon's first pass; takes :func:`muon_`'s keywords. ``buf = lerp(buf, g, 1-momentum)``
+    and ``ns_buffers[i] = bf16(lerp(g, buf, momentum))`` (Nesterov) or ``bf16(buf)``."""
+    _muon_pass("muon_momentum_", locals())
+
+
+def muon_apply_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    ns_buffers: Sequence[Tensor],
+    **keywords: Any,
+) -> None:
+    """Muon's second pass; takes :func:`muon_`'s keywords. With the Newton-Schulz output O
+    in ``ns_buffers``: ``p = p*(1 - lr*weight_decay) - lr*lr_ratio*O`` (fp32 math)."""
+    _muon_pass("muon_apply_", locals())

@@ -66,7 +66,8 @@ def render() -> str:
         "#pragma once",
         "",
     ]
-    ops = list(STEP_OPS.values())
+    # [note: ops without C++] an op whose spec has no C++ stem has no C++ view yet
+    ops = [s for s in STEP_OPS.values() if s.cpp is not None]
     out += _macro(
         "FUSEDOPT_COMMON_FLAGS",
         [

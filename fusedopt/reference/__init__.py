@@ -14,6 +14,9 @@ from fusedopt.reference.ops import (
     lamb_direction_,
     lion_,
     load_grad,
+    muon_,
+    muon_apply_,
+    muon_momentum_,
     opmath_dtype,
     scale_,
     sgd_,
@@ -27,6 +30,9 @@ __all__ = [
     "lamb_direction_",
     "lion_",
     "load_grad",
+    "muon_",
+    "muon_apply_",
+    "muon_momentum_",
     "opmath_dtype",
     "scale_",
     "sgd_",
@@ -42,6 +48,9 @@ IMPLEMENTATIONS = {
     "lion_": lion_,
     "adan_": adan_,
     "sgd_": sgd_,
+    "muon_": muon_,
+    "muon_momentum_": muon_momentum_,
+    "muon_apply_": muon_apply_,
 }
 
 
