@@ -16,7 +16,7 @@ from fusedopt import (
 from fusedopt._backend import BackendStatus, backends, resolve
 from fusedopt.amp import GradScaler
 from fusedopt.clip import clip_grad_norm_
-from fusedopt.optim import LAMB, SGD, Adam, AdamW, Adan, Lion
+from fusedopt.optim import LAMB, SGD, Adam, AdamW, Adan, Lion, Muon
 
 with contextlib.suppress(ImportError):  # _C registers the cpu and cuda backends when built
     from fusedopt import _C  # noqa: F401
@@ -32,6 +32,7 @@ __all__ = [
     "BackendStatus",
     "GradScaler",
     "Lion",
+    "Muon",
     "backends",
     "clip_grad_norm_",
     "ops",

@@ -196,6 +196,11 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         for p, state in states.items():
             self._fix_loaded_state(group, p, state)
 
+    def _call_op(self, flags: dict[str, bool]) -> str:
+        """The step op of a call with these flags: :attr:`OP` (``fusedopt.Muon`` runs
+        ``adamw_`` too, for its non-matrix params)."""
+        return self.OP
+
     def _after_step(self, found_inf: Tensor | None) -> None:
         """Called at the end of every ``step()`` with the step's ``found_inf`` (None: none)."""
 
@@ -425,7 +430,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                     group_hypers[gi] = self._hypers(self.param_groups[gi])
                 runs.append((group_hypers[gi], count))
             lists = {**call.lists, "grads": local_grads}
-            hypers = call_hypers(call, runs, STEP_OPS[self.OP].hypers)
+            hypers = call_hypers(call, runs, STEP_OPS[self._call_op(call.flags)].hypers)
             twins = []
             if call.twins:  # [note: non-dense params] in fusedopt/_dense.py
                 lists["params"] = list(lists["params"])
