@@ -1,0 +1,346 @@
+"""``fusedopt.Muon`` against ``torch.optim.Muon`` (torch 2.14): constructor, checks, whole
+trajectories on every option, state dicts both ways, the AdamW groups against
+``torch.optim.AdamW``, master weights, a skipped step, the launch count per shape, and the
+batched bf16 Newton-Schulz iteration within the bound its rounding implies."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch.optim._muon import _zeropower_via_newtonschulz
+
+import fusedopt
+from fusedopt import ops
+from fusedopt.newton_schulz import newton_schulz_
+
+NS = (3.4445, -4.7750, 2.0315)
+SHAPES = [(6, 4), (6, 4), (4, 6), (8, 8), (5, 3), (6, 4)]
+
+#: The backends that implement Muon's passes here ([note: ops without C++]).
+BACKENDS = ["reference"]
+
+
+def _pair(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    return ours, theirs
+
+
+def _grads(shapes, step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(s, generator=g).to(dtype) for s in shapes]
+
+
+def _run(opt, params, grads):
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    opt.step()
+
+
+def test_constructor_names_and_defaults_are_torchs():
+    ours = inspect.signature(fusedopt.Muon).parameters
+    theirs = inspect.signature(torch.optim.Muon).parameters
+    for name, p in theirs.items():
+        assert name in ours, name
+        assert ours[name].default == p.default, name
+    positional = [n for n, p in ours.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert positional == list(theirs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(lr=-1.0), "Learning rate should be >= 0"),
+        (dict(momentum=-0.1), "momentum should be >= 0"),
+        (dict(weight_decay=-0.1), "weight decay should be >= 0"),
+        (dict(adjust_lr_fn="nope"), "Adjust learning rate function nope is not supported"),
+        (dict(ns_coefficients=(1.0, 2.0)), "exactly 3 values"),
+        (dict(ns_steps=100), "less than 100"),
+    ],
+)
+def test_bad_arguments_raise_torchs_errors(kwargs, message):
+    """torch's messages; torch raises the Newton-Schulz ones only inside its first step,
+    fusedopt when the group is made, before any tensor is touched."""
+    p = torch.nn.Parameter(torch.ones(3, 3))
+    p.grad = torch.ones(3, 3)
+    with pytest.raises(ValueError, match=message):
+        torch.optim.Muon([p], **kwargs).step()
+    with pytest.raises(ValueError, match=message):
+        fusedopt.Muon([p], **kwargs)
+
+
+def test_use_muon_true_on_a_vector_raises_torchs_error():
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        fusedopt.Muon([torch.nn.Parameter(torch.ones(3))], use_muon=True)
+
+
+OPTIONS = {
+    "default": {},
+    "no_nesterov": dict(nesterov=False),
+    "original": dict(adjust_lr_fn="original", weight_decay=0.0),
+    "match_rms_adamw": dict(adjust_lr_fn="match_rms_adamw", momentum=0.9),
+    "spectral_unclamped": dict(adjust_lr_fn="spectral_unclamped", lr=0.05),
+    "ns_options": dict(ns_coefficients=(3.0, -3.2, 1.2), ns_steps=3, eps=1e-3),
+    "small_momentum": dict(momentum=0.3, nesterov=True),  # lerp's other branch
+    "tensor_lr": dict(lr=torch.tensor(0.02)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_fp32_trajectory_equals_torch_bit_for_bit(option, backend):
+    """On the CPU the whole step is torch's arithmetic: the elementwise passes round as
+    torch's vectorised lerp, mul_ and add_ (an FMA where torch's has one), and the batched
+    bmm/baddbmm chain gives the same bits as torch's per-matrix mm/addmm (measured on this
+    machine; on a GPU, where cuBLAS may order the sums otherwise, the Newton-Schulz part is
+    bounded by test_newton_schulz_within_its_rounding_bound instead)."""
+    kwargs = OPTIONS[option]
+    ours, theirs = _pair(SHAPES)
+    opt = fusedopt.Muon(ours, backend=backend, **kwargs)
+    ref = torch.optim.Muon(theirs, **kwargs)
+    for step in range(4):
+        grads = _grads(SHAPES, step)
+        _run(opt, ours, grads)
+        _run(ref, theirs, grads)
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert torch.equal(a, b), (i, (a - b).abs().max())
+        assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
+
+
+def test_groups_split_and_adamw_params_follow_torch_adamw():
+    g = torch.Generator().manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=g))
+    bias = torch.nn.Parameter(torch.randn(6, generator=g))
+    emb = torch.nn.Parameter(torch.randn(10, 4, generator=g))
+    opt = fusedopt.Muon(
+        [{"params": [w, bias]}, {"params": [emb], "use_muon": False, "lr": 3e-3}],
+        lr=0.02, weight_decay=0.01, adamw_betas=(0.8, 0.95), adamw_eps=1e-6,
+    )  # fmt: skip
+    assert [(len(gr["params"]), gr["use_muon"]) for gr in opt.param_groups] == [
+        (1, True), (1, False), (1, False),
+    ]  # fmt: skip
+    w2, bias2, emb2 = (torch.nn.Parameter(t.detach().clone()) for t in (w, bias, emb))
+    muon = torch.optim.Muon([w2], lr=0.02, weight_decay=0.01)
+    adamw = torch.optim.AdamW(
+        [{"params": [bias2]}, {"params": [emb2], "lr": 3e-3}],
+        lr=0.02, weight_decay=0.01, betas=(0.8, 0.95), eps=1e-6,
+    )  # fmt: skip
+    for step in range(3):
+        grads = _grads([(6, 4), (6,), (10, 4)], step)
+        _run(opt, [w, bias, emb], grads)
+        for p, gr in zip((w2, bias2, emb2), grads, strict=True):
+            p.grad = gr.clone()
+        muon.step()
+        adamw.step()
+    assert torch.equal(w, w2)
+    torch.testing.assert_close(bias, bias2, rtol=2e-6, atol=1e-7)  # fused AdamW vs for-loop
+    torch.testing.assert_close(emb, emb2, rtol=2e-6, atol=1e-7)
+    assert set(opt.state[emb]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_torch_state_dict_loads_and_ours_loads_into_torch():
+    ours, theirs = _pair(SHAPES)
+    ref = torch.optim.Muon(theirs, lr=0.02, momentum=0.9)
+    for step in range(2):
+        _run(ref, theirs, _grads(SHAPES, step))
+    with torch.no_grad():
+        for a, b in zip(ours, theirs, strict=True):
+            a.copy_(b)
+    opt = fusedopt.Muon(ours, lr=0.02)
+    opt.load_state_dict(ref.state_dict())
+    assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["use_muon"]
+    back = torch.optim.Muon([torch.nn.Parameter(p.detach().clone()) for p in ours], lr=0.02)
+    for step in range(2, 4):
+        grads = _grads(SHAPES, step)
+        _run(opt, ours, grads)
+        _run(ref, theirs, grads)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+    saved = opt.state_dict()
+    assert set(saved["state"][0]) == {"momentum_buffer"}
+    back.load_state_dict(saved)
+    assert torch.equal(
+        back.state_dict()["state"][0]["momentum_buffer"], ref.state[theirs[0]]["momentum_buffer"]
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_weights_follow_torch_on_the_fp32_master(backend):
+    """bf16 params with masters: the master steps as torch.optim.Muon's fp32 param fed the
+    bf16 grads (upcast exactly), and the param is the rounded master."""
+    ours, _ = _pair(SHAPES, torch.bfloat16)
+    masters = [torch.nn.Parameter(p.detach().float()) for p in ours]
+    opt = fusedopt.Muon(ours, lr=0.02, master_weights=True, backend=backend)
+    ref = torch.optim.Muon(masters, lr=0.02)
+    for step in range(3):
+        grads = _grads(SHAPES, step, torch.bfloat16)
+        _run(opt, ours, grads)
+        _run(ref, masters, [g.float() for g in grads])
+    for p, m in zip(ours, masters, strict=True):
+        assert torch.equal(opt.state[p]["master_param"], m)
+        assert torch.equal(p, m.to(torch.bfloat16))
+
+
+def test_bf16_without_masters_steps_once_rounded():
+    """bf16 params without masters: buffer and update as torch's (the buffer rounded to bf16
+    before the Nesterov lerp reads it); the param is rounded once, where torch rounds after
+    the decay (half an ulp of p*(1 - lr*wd), kept through the update's cancellation) and
+    again after the update (half an ulp of the result, as ours): so at most
+    ulp(p*d)/2 + ulp(result) apart, checked from identical inputs."""
+    ours, theirs = _pair(SHAPES, torch.bfloat16)
+    before = [p.detach().float() for p in ours]
+    opt = fusedopt.Muon(ours, lr=0.02)
+    ref = torch.optim.Muon(theirs, lr=0.02)
+    grads = _grads(SHAPES, 0, torch.bfloat16)
+    _run(opt, ours, grads)
+    _run(ref, theirs, grads)
+    eps = torch.finfo(torch.bfloat16).eps  # one ulp relative to the binade's bottom
+    for a, b, p0 in zip(ours, theirs, before, strict=True):
+        assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
+        larger = torch.maximum(a.float().abs(), b.float().abs())
+        tolerance = eps / 2 * (p0 * (1 - 0.02 * 0.1)).abs() + eps * larger
+        assert ((a.float() - b.float()).abs() <= tolerance).all()
+
+
+def test_torchs_bf16_buffer_is_normalised_in_place_without_nesterov():
+    """A difference from torch, on purpose: torch.optim.Muon with a bf16 momentum buffer and
+    nesterov=False passes the buffer itself to the Newton-Schulz iteration
+    (``buf.bfloat16()`` is ``buf``), whose ``div_`` normalises the buffer in place. fusedopt
+    keeps the buffer the momentum average (README, differences)."""
+    ours, theirs = _pair([(6, 4)], torch.bfloat16)
+    opt = fusedopt.Muon(ours, lr=0.02, nesterov=False)
+    ref = torch.optim.Muon(theirs, lr=0.02, nesterov=False)
+    grads = _grads([(6, 4)], 0, torch.bfloat16)
+    _run(opt, ours, grads)
+    _run(ref, theirs, grads)
+    expected = (0.05 * grads[0].float()).to(torch.bfloat16)  # lerp(0, g, 0.05)
+    assert torch.equal(opt.state[ours[0]]["momentum_buffer"], expected)
+    assert not torch.equal(ref.state[theirs[0]]["momentum_buffer"], expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_found_inf_skips_everything(backend):
+    ours, _ = _pair([*SHAPES, (7,)])
+    opt = fusedopt.Muon(ours, lr=0.02, backend=backend)
+    _run(opt, ours, _grads([*SHAPES, (7,)], 0))
+    before = [p.detach().clone() for p in ours]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in ours]
+    opt.found_inf = torch.tensor(1.0)
+    _run(opt, ours, _grads([*SHAPES, (7,)], 1))
+    del opt.found_inf
+    for p, b in zip(ours, before, strict=True):
+        assert torch.equal(p, b)
+    for p, saved in zip(ours, states, strict=True):
+        assert all(torch.equal(v, saved[k]) for k, v in opt.state[p].items())
+
+
+class _CountGemms(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.bmm, torch.baddbmm, torch.mm, torch.addmm, torch.matmul):
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("copies", [1, 4])
+def test_launches_grow_with_shapes_not_params(copies, monkeypatch):
+    """Per step: one muon_momentum_ and one muon_apply_ call, and 3*ns_steps GEMMs per
+    distinct shape, however many params share it."""
+    shapes = [(6, 4), (4, 6), (8, 8)] * copies
+    ours, _ = _pair(shapes)
+    opt = fusedopt.Muon(ours, lr=0.02, ns_steps=5)
+    calls: list[str] = []
+    real = ops.step
+
+    def counting(op, *args, **kwargs):
+        calls.append(op)
+        return real(op, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "step", counting)
+    for p, g in zip(ours, _grads(shapes, 0), strict=True):
+        p.grad = g
+    with _CountGemms() as gemms:
+        opt.step()
+    assert calls == ["muon_momentum_", "muon_apply_"]
+    assert len(gemms.calls) == 3 * 5 * 3  # three shapes
+    assert set(gemms.calls) == {"bmm", "baddbmm"}
+
+
+# ------------------------------------------------------------------ Newton-Schulz bound
+def exact_newton_schulz(x: torch.Tensor, a: float, b: float, c: float, steps: int) -> torch.Tensor:
+    """torch.optim.Muon's iteration on the same bf16 input, in float64 throughout."""
+    y = x.double()
+    tall = y.shape[0] > y.shape[1]
+    y = (y.T if tall else y) / y.norm()
+    for _ in range(steps):
+        gram = y @ y.T
+        y = a * y + (b * gram + c * gram @ gram) @ y
+    return y.T if tall else y
+
+
+def ns_rounding_tolerance(x: torch.Tensor, a: float, b: float, c: float, steps: int) -> float:
+    """[note: muon ns tolerance] How far two bf16 Newton-Schulz runs on the same bf16 input
+    ``x`` may end apart (Frobenius norm) when they round at the same points and differ only
+    in the order of the fp32 sums inside each GEMM and reduction (torch's per-matrix
+    mm/addmm vs fusedopt's batched bmm/baddbmm, in the params' layout for tall matrices).
+
+    Derivation. Both runs round the same 2 + 3*steps results to bf16 (the norm, the
+    division, and per step A = X X^T, U = b*A + c*A A, X' = a*X + U X, each formed in fp32
+    and rounded once). Their errors are those of one arithmetic, so neither is further from
+    the exact iteration E (float64, :func:`exact_newton_schulz`) than the other by more than
+    the chance of which elements' roundings flip; by the triangle inequality
+    |ours - torch| <= |ours - E| + |torch - E| ~ 2 |torch - E|. So the tolerance is twice
+    the error torch's own bf16 rounding makes on this input, computed, not fitted.
+
+    An a-priori bound was tried first and is vacuous: propagating a relative error of one
+    bf16 ulp (2^-7) per rounding to first order along each singular value's trajectory
+    (s -> s*q(s), q = a + b s^2 + c s^4; a relative error e becomes |p'(s)/q(s)| e, up to
+    ~5 where q is small) gives 2.25 for a 16x24 Gaussian input whose output has norm 3.65,
+    while the actual bf16 error there is 0.053: the worst case adds every rounding with
+    the same sign and the largest gain. Hence the per-input computation above.
+    """
+    from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
+
+    exact = exact_newton_schulz(x, a, b, c, steps)
+    return 2 * (torch_ns(x, (a, b, c), steps, 1e-7).double() - exact).norm().item()
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (16, 8), (32, 32), (7, 5), (64, 24)])
+def test_newton_schulz_within_its_rounding_bound(shape):
+    g = torch.Generator().manual_seed(shape[0] * 100 + shape[1])
+    x = torch.randn(3, *shape, generator=g).bfloat16()
+    ours = newton_schulz_(x.clone(), *NS, 5, 1e-7)
+    for k in range(3):
+        theirs = _zeropower_via_newtonschulz(x[k], NS, 5, 1e-7)
+        bound = ns_rounding_tolerance(x[k], *NS, 5)
+        assert (ours[k].double() - theirs.double()).norm().item() <= bound
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        dict(steps=4),
+        dict(coefficients=(3.4445, -4.7750 * 1.05, 2.0315)),
+        dict(unnormalised=True),
+    ],
+)
+def test_the_newton_schulz_bound_fails_wrong_math(wrong):
+    """The bound is not vacuous: a step too few, a coefficient 5% off or a wrong
+    normalisation (by 4x the norm) each land outside it."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(16, 24, generator=g).bfloat16()
+    theirs = _zeropower_via_newtonschulz(x, NS, 5, 1e-7)
+    coefficients = wrong.get("coefficients", NS)
+    steps = wrong.get("steps", 5)
+    # unnormalised: eps = 4|x|_F makes clamp(min=eps) divide by 4|x|_F instead of |x|_F
+    eps = 4 * x.float().norm().item() if wrong.get("unnormalised") else 1e-7
+    source = x.clone()
+    ours = newton_schulz_(source, *coefficients, steps, eps)
+    bound = ns_rounding_tolerance(x, *NS, 5)
+    assert (ours.double() - theirs.double()).norm().item() > bound
