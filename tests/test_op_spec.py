@@ -57,6 +57,14 @@ GOLDEN_SCHEMAS = {
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
         "bool master_sync=True) -> ()"
     ),
+    # torch.optim.Muon's names; ns_buffers: the bf16 Newton-Schulz scratch ([note: muon passes]).
+    "muon_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] ns_buffers, Tensor(e!)[] master_params, Tensor hypers, "
+        "int[] group_sizes, bool nesterov, "
+        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> ()"
+    ),
 }
 
 
@@ -82,6 +90,18 @@ GOLDEN_PHASE_SCHEMAS = {
         "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
         "bool trust_clip, bool always_adapt, Tensor sq_norms, Tensor? lr_tensor, "
         "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
+    ),
+    "muon_momentum_": (
+        "{name}(Tensor[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] ns_buffers, Tensor[] master_params, Tensor hypers, int[] group_sizes, "
+        "bool nesterov, Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
+        "Tensor? found_inf, bool master_sync=True) -> ()"
+    ),
+    "muon_apply_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum_buffers, "
+        "Tensor[] ns_buffers, Tensor(e!)[] master_params, Tensor hypers, int[] group_sizes, "
+        "bool nesterov, Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
+        "Tensor? found_inf, bool master_sync=True) -> ()"
     ),
 }
 
@@ -116,6 +136,7 @@ TORCH_STATE_KEYS = {
     "lion_": {"exp_avg"},
     "adan_": {"step", "exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"},  # official Adan's
     "sgd_": {"step", "momentum_buffer"},
+    "muon_": {"momentum_buffer"},  # torch.optim.Muon's
 }
 
 
@@ -125,6 +146,13 @@ def test_optimizers_state_lists_come_from_the_spec():
         assert spec.state_keys == cls.STATE_LISTS
         assert set(cls.STATE_LISTS) == TORCH_STATE_KEYS[cls.OP]
         assert set(cls.STATE_LISTS.values()) <= set(spec.lists)
+
+
+def test_muon_keeps_torchs_muon_and_adamw_state_keys():
+    """fusedopt.Muon steps its non-matrix params with adamw_: both ops' keys, from the spec."""
+    muon, adamw = _contract.STEP_OPS["muon_"], _contract.STEP_OPS["adamw_"]
+    assert optim.Muon.STATE_LISTS == {**adamw.state_keys, **muon.state_keys}
+    assert set(muon.state_keys) == TORCH_STATE_KEYS["muon_"]
 
 
 def _schema_order(op: str) -> list[str]:
@@ -174,6 +202,8 @@ def test_cpp_uses_the_spec_not_hand_written_indices():
     """The C++ side names no slot, hyperparameter or flag index by hand: the CUDA step ops
     take them from fusedopt::spec, the call structs and bindings from the X-macros."""
     for op in _contract.STEP_OPS:
+        if _contract.STEP_OPS[op].cpp is None:  # [note: ops without C++]
+            continue
         stem = op.rstrip("_")
         with open(os.path.join(ROOT, "csrc", "cuda", f"{stem}.cu")) as f:
             source = f.read()
