@@ -451,15 +451,28 @@ def muon_apply_(
         _store_param(p, param, master_params, i)
 
 
+def muon_newton_schulz(
+    params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+) -> None:  # fmt: skip
+    """The Newton-Schulz iteration of each ``ns_buffers[i]`` in place, one matrix at a time,
+    with its row's ``ns_*`` hyperparameters (a host read of the table): what ``muon_`` runs
+    between its passes in every backend. Nothing when ``found_inf`` is set."""
+    from fusedopt.newton_schulz import newton_schulz_
+
+    if _skip(found_inf):
+        return
+    _, _, _, _, ns_a, ns_b, ns_c, ns_eps, ns_steps = _columns(hypers, group_sizes)
+    for i, x in enumerate(ns_buffers):
+        newton_schulz_(x, ns_a[i], ns_b[i], ns_c[i], int(ns_steps[i]), ns_eps[i])
+
+
 def muon_(
     params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov,
     lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
     """Muon: :func:`muon_momentum_`, the Newton-Schulz iteration of each ``ns_buffers[i]``
-    in place (``fusedopt.newton_schulz.newton_schulz_``, one matrix at a time), then
-    :func:`muon_apply_`."""
-    from fusedopt.newton_schulz import newton_schulz_
-
+    in place (:func:`muon_newton_schulz`), then :func:`muon_apply_`."""
     for i, p in enumerate(params):
         if p.dim() != 2:
             raise ValueError(
@@ -468,9 +481,5 @@ def muon_(
     args = (params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes,
             nesterov, lr_tensor, grad_scale, clip_coef, found_inf, master_sync)  # fmt: skip
     muon_momentum_(*args)
-    if _skip(found_inf):
-        return
-    _, _, _, _, ns_a, ns_b, ns_c, ns_eps, ns_steps = _columns(hypers, group_sizes)
-    for i, x in enumerate(ns_buffers):
-        newton_schulz_(x, ns_a[i], ns_b[i], ns_c[i], int(ns_steps[i]), ns_eps[i])
+    muon_newton_schulz(*args)
     muon_apply_(*args)
