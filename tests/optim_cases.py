@@ -35,6 +35,22 @@ class Case:
     kwargs: dict[str, Any]
     torch_cls: type | None = None
     torch_kwargs: dict[str, Any] | None = None
+    #: Why the fp64 oracle's trajectory is not this case's (None: it is). Muon's update is a
+    #: bf16 Newton-Schulz output: an fp64 oracle rounds other NS inputs to bf16 wherever its
+    #: momentum differs from the run's below bf16 resolution, and the NS spreads such a flip
+    #: over the whole matrix, so no elementwise tolerance is derivable.
+    no_oracle_trajectory: str | None = None
+
+
+def unimplemented(case: Case, backend: str) -> str | None:
+    """Why ``case`` cannot run on ``backend`` here (None: it can): a class whose op has no
+    C++ implementation yet on the cpu and cuda backends ([note: ops without C++])."""
+    from fusedopt import _contract
+
+    op = getattr(case.cls, "OP", None)
+    if backend in ("cpu", "cuda") and op and _contract.STEP_OPS[op].cpp is None:
+        return f"{case.cls.__name__}'s {op} has no {backend} (C++) implementation yet"
+    return None
 
 
 def torch_twin(name: str, cls: type, **kwargs: Any) -> Case:
@@ -42,6 +58,12 @@ def torch_twin(name: str, cls: type, **kwargs: Any) -> Case:
     arguments."""
     return Case(name, cls, kwargs, getattr(torch.optim, cls.__name__), dict(kwargs))
 
+
+MUON_NS = (
+    "Muon's update is a bf16 Newton-Schulz output that an fp64 oracle reproduces only to "
+    "bf16 rounding; tests/test_optim_muon.py checks it against torch.optim.Muon bit for bit, "
+    "with master weights and without"
+)
 
 CASES = [
     torch_twin("adamw", fusedopt.AdamW, lr=1e-2, weight_decay=0.1),
@@ -70,6 +92,15 @@ CASES = [
         "adan_no_prox_clip",
         fusedopt.Adan,
         dict(lr=1e-2, weight_decay=0.02, no_prox=True, max_grad_norm=0.5),
+    ),
+    # The model's matrices step Muon, its biases and vectors AdamW ([note: muon passes]);
+    # torch.optim.Muon refuses vectors, so its twin is tests/test_optim_muon.py.
+    Case("muon", fusedopt.Muon, dict(lr=1e-2, weight_decay=0.1), no_oracle_trajectory=MUON_NS),
+    Case(
+        "muon_plain_clip",
+        fusedopt.Muon,
+        dict(lr=1e-2, nesterov=False, adjust_lr_fn="match_rms_adamw", max_grad_norm=0.5),
+        no_oracle_trajectory=MUON_NS,
     ),
 ]
 CASE_IDS = [case.name for case in CASES]
