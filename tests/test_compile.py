@@ -24,6 +24,7 @@ CLASSES = [
     (fusedopt.SGD, {"momentum": 0.9}),
     (fusedopt.Lion, {}),
     (fusedopt.LAMB, {}),
+    (fusedopt.Muon, {"max_grad_norm": 1.0}),  # matrices: two passes and bmm; biases: adamw_
 ]
 IDS = [cls.__name__ for cls, _ in CLASSES]
 

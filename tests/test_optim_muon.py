@@ -237,21 +237,10 @@ def test_found_inf_skips_everything(backend):
         assert all(torch.equal(v, saved[k]) for k, v in opt.state[p].items())
 
 
-class _CountGemms(torch.overrides.TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.bmm, torch.baddbmm, torch.mm, torch.addmm, torch.matmul):
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("copies", [1, 4])
-def test_launches_grow_with_shapes_not_params(copies, monkeypatch):
-    """Per step: one muon_momentum_ and one muon_apply_ call, and 3*ns_steps GEMMs per
-    distinct shape, however many params share it."""
+def test_launches_grow_with_shapes_not_params(copies, monkeypatch, count_calls):
+    """Per step: one muon_momentum_ and one muon_apply_ call, one Newton-Schulz call and
+    3*ns_steps batched GEMMs per distinct shape, however many params share it."""
     shapes = [(6, 4), (4, 6), (8, 8)] * copies
     ours, _ = _pair(shapes)
     opt = fusedopt.Muon(ours, lr=0.02, ns_steps=5)
@@ -263,13 +252,16 @@ def test_launches_grow_with_shapes_not_params(copies, monkeypatch):
         return real(op, *args, **kwargs)
 
     monkeypatch.setattr(ops, "step", counting)
+    gemms = {name: count_calls(torch, name) for name in ("bmm", "baddbmm", "mm", "addmm")}
+    ns_calls = count_calls(torch.ops.fusedopt, "newton_schulz_")
     for p, g in zip(ours, _grads(shapes, 0), strict=True):
         p.grad = g
-    with _CountGemms() as gemms:
-        opt.step()
+    opt.step()
     assert calls == ["muon_momentum_", "muon_apply_"]
-    assert len(gemms.calls) == 3 * 5 * 3  # three shapes
-    assert set(gemms.calls) == {"bmm", "baddbmm"}
+    assert ns_calls[0] == 3  # three shapes
+    assert {name: n[0] for name, n in gemms.items()} == {
+        "bmm": 3 * 5, "baddbmm": 3 * 5 * 2, "mm": 0, "addmm": 0,
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------ Newton-Schulz bound
@@ -344,3 +336,58 @@ def test_the_newton_schulz_bound_fails_wrong_math(wrong):
     ours = newton_schulz_(source, *coefficients, steps, eps)
     bound = ns_rounding_tolerance(x, *NS, 5)
     assert (ours.double() - theirs.double()).norm().item() > bound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scaler_cls", [torch.amp.GradScaler, fusedopt.GradScaler])
+def test_grad_scalers_step_as_torch_on_unscaled_grads(scaler_cls, backend):
+    """Both scalers: the scale is a power of two, so unscaling on load is exact and the run
+    equals torch.optim.Muon on the plain grads, bit for bit; the step whose grads hold an
+    inf is skipped by both (params and buffers untouched) and the scale backs off."""
+    shapes = [*SHAPES, (5,)]
+    ours, theirs = _pair(shapes)
+    opt = fusedopt.Muon(ours, lr=0.02, backend=backend)
+    ref = torch.optim.Muon(theirs[:-1], lr=0.02)
+    ref_adamw = torch.optim.AdamW(theirs[-1:], lr=0.02, weight_decay=0.1)
+    scaler = scaler_cls("cpu", init_scale=2.0**10, growth_interval=100)
+    for step in range(4):
+        grads = _grads(shapes, step)
+        if step == 2:
+            grads[1][0, 0] = float("inf")
+        loss = sum((p * g).sum() for p, g in zip(ours, grads, strict=True))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if step != 2:
+            _run(ref, theirs[:-1], grads[:-1])
+            _run(ref_adamw, theirs[-1:], grads[-1:])
+    assert scaler.get_scale() == 2.0**9
+    for a, b in zip(ours[:-1], theirs[:-1], strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
+    torch.testing.assert_close(ours[-1], theirs[-1], rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_grad_norm_clips_as_torch_clip_grad_norm(backend):
+    """``max_grad_norm`` scales the grads on load by clip_grad_norm_'s coefficient over all
+    params (the AdamW ones too). The norm's summation order may differ from torch's by an
+    fp32 ulp of the coefficient; Newton-Schulz normalises its input, so only the momentum
+    buffer's scale sees it: 1e-6 relative."""
+    shapes = [*SHAPES, (5,)]
+    ours, theirs = _pair(shapes)
+    opt = fusedopt.Muon(ours, lr=0.02, max_grad_norm=0.5, backend=backend)
+    ref = torch.optim.Muon(theirs[:-1], lr=0.02)
+    ref_adamw = torch.optim.AdamW(theirs[-1:], lr=0.02, weight_decay=0.1)
+    for step in range(3):
+        grads = _grads(shapes, step)
+        _run(opt, ours, grads)
+        for p, g in zip(theirs, grads, strict=True):
+            p.grad = g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+        ref.step()
+        ref_adamw.step()
+        torch.testing.assert_close(opt.last_grad_norm, norm, rtol=1e-6, atol=0)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
