@@ -89,25 +89,46 @@ OPTIONS = {
 }
 
 
+def _ns_input(ref: torch.optim.Optimizer, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The bf16 Newton-Schulz input torch.optim.Muon formed for ``p`` in its last step."""
+    group = ref.param_groups[0]
+    buf = ref.state[p]["momentum_buffer"]
+    update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+    return update.bfloat16()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_fp32_trajectory_equals_torch_bit_for_bit(option, backend):
-    """On the CPU the whole step is torch's arithmetic: the elementwise passes round as
-    torch's vectorised lerp, mul_ and add_ (an FMA where torch's has one), and the batched
-    bmm/baddbmm chain gives the same bits as torch's per-matrix mm/addmm (measured on this
-    machine; on a GPU, where cuBLAS may order the sums otherwise, the Newton-Schulz part is
-    bounded by test_newton_schulz_within_its_rounding_bound instead)."""
+def test_fp32_trajectory_follows_torch(option, backend):
+    """The elementwise passes are torch's arithmetic (torch's vectorised lerp, mul_ and add_,
+    an FMA where torch's has one): the momentum buffers, which depend on the grads alone,
+    equal torch's bit for bit. The params differ only through the Newton-Schulz outputs
+    (batched bmm vs torch's per-matrix mm: the same on this CPU for most inputs, one bf16
+    ulp apart on some, e.g. a 5x5 one in test_reference_oracle), and such a difference does
+    not feed back (the next buffers are the grads'): so |p - p_torch|_F stays within the sum
+    over steps of lr * ratio * the tolerance [note: muon ns tolerance] of that step's input
+    (the decay only shrinks earlier differences)."""
+    from fusedopt.optim.muon import adjust_lr_ratio
+
     kwargs = OPTIONS[option]
     ours, theirs = _pair(SHAPES)
     opt = fusedopt.Muon(ours, backend=backend, **kwargs)
     ref = torch.optim.Muon(theirs, **kwargs)
+    group = ref.param_groups[0]
+    a, b, c = group["ns_coefficients"]
+    lr = float(group["lr"])
+    bounds = [0.0] * len(SHAPES)
     for step in range(4):
         grads = _grads(SHAPES, step)
         _run(opt, ours, grads)
         _run(ref, theirs, grads)
-    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-        assert torch.equal(a, b), (i, (a - b).abs().max())
-        assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
+        for i, (q, g) in enumerate(zip(theirs, grads, strict=True)):
+            x = _ns_input(ref, q, g)
+            tolerance = ns_rounding_tolerance(x, a, b, c, group["ns_steps"], group["eps"])
+            bounds[i] += lr * adjust_lr_ratio(group["adjust_lr_fn"], q.shape) * tolerance
+    for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+        assert (p.double() - q.double()).norm().item() <= bounds[i], i
 
 
 def test_groups_split_and_adamw_params_follow_torch_adamw():
@@ -265,18 +286,22 @@ def test_launches_grow_with_shapes_not_params(copies, monkeypatch, count_calls):
 
 
 # ------------------------------------------------------------------ Newton-Schulz bound
-def exact_newton_schulz(x: torch.Tensor, a: float, b: float, c: float, steps: int) -> torch.Tensor:
+def exact_newton_schulz(
+    x: torch.Tensor, a: float, b: float, c: float, steps: int, eps: float = 1e-7
+) -> torch.Tensor:
     """torch.optim.Muon's iteration on the same bf16 input, in float64 throughout."""
     y = x.double()
     tall = y.shape[0] > y.shape[1]
-    y = (y.T if tall else y) / y.norm()
+    y = (y.T if tall else y) / y.norm().clamp(min=eps)
     for _ in range(steps):
         gram = y @ y.T
         y = a * y + (b * gram + c * gram @ gram) @ y
     return y.T if tall else y
 
 
-def ns_rounding_tolerance(x: torch.Tensor, a: float, b: float, c: float, steps: int) -> float:
+def ns_rounding_tolerance(
+    x: torch.Tensor, a: float, b: float, c: float, steps: int, eps: float = 1e-7
+) -> float:
     """[note: muon ns tolerance] How far two bf16 Newton-Schulz runs on the same bf16 input
     ``x`` may end apart (Frobenius norm) when they round at the same points and differ only
     in the order of the fp32 sums inside each GEMM and reduction (torch's per-matrix
@@ -299,8 +324,8 @@ def ns_rounding_tolerance(x: torch.Tensor, a: float, b: float, c: float, steps: 
     """
     from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
 
-    exact = exact_newton_schulz(x, a, b, c, steps)
-    return 2 * (torch_ns(x, (a, b, c), steps, 1e-7).double() - exact).norm().item()
+    exact = exact_newton_schulz(x, a, b, c, steps, eps)
+    return 2 * (torch_ns(x, (a, b, c), steps, eps).double() - exact).norm().item()
 
 
 @pytest.mark.parametrize("shape", [(8, 16), (16, 8), (32, 32), (7, 5), (64, 24)])
