@@ -4,6 +4,9 @@
   ``torch.compile``d step (the foreach step traced by Dynamo, code from Inductor);
 * timm's ``Lamb`` and lion-pytorch's ``Lion`` for the algorithms torch lacks (optional: they
   are not dependencies of fusedopt; when missing, the row says so);
+* for Muon, ``torch.optim.Muon`` on the 2-D params beside ``torch.optim.AdamW`` (for-loop,
+  foreach, fused) on the others, what fusedopt.Muon does in one optimizer (heavyball's Muon
+  is not a row: see bench/README.md);
 * for the ``amp`` mode, torch's composition that computes what one fusedopt step computes:
   upcast the bf16 grads into fp32 master grads, ``GradScaler.unscale_`` (inf check + unscale),
   ``clip_grad_norm_``, ``GradScaler.step`` (skips on overflow) + ``update``, then round the
@@ -61,8 +64,40 @@ def _third_party(optimizer: str) -> tuple[str, Callable[..., torch.optim.Optimiz
     return label, cls
 
 
+#: Muon's peer rows: torch.optim.Muon for the matrices, AdamW in this variant for the rest.
+MUON_VARIANTS = {"torch Muon + AdamW for-loop": dict(foreach=False),
+                 "torch Muon + AdamW foreach": dict(foreach=True),
+                 "torch Muon + AdamW fused": dict(fused=True)}  # fmt: skip
+
+
+class _MuonWithAdamW:
+    """torch.optim.Muon on the 2-D params and torch.optim.AdamW on the others, as one
+    step (torch.optim.Muon refuses other params)."""
+
+    def __init__(self, params, hypers: dict, adamw_variant: dict) -> None:
+        matrices = [p for p in params if p.ndim == 2]
+        others = [p for p in params if p.ndim != 2]
+        self.optimizers = [torch.optim.Muon(matrices, **hypers)]
+        if others:
+            lr, wd = hypers["lr"], hypers["weight_decay"]
+            self.optimizers.append(
+                torch.optim.AdamW(others, lr=lr, weight_decay=wd, **adamw_variant)
+            )
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """Both optimizers' groups (what ``GradScaler.unscale_`` walks)."""
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+
 def peer_labels(optimizer: str) -> list[str]:
     """The peer rows of ``optimizer`` (fp32 mode; amp rows prefix them with ``amp``)."""
+    if optimizer == "muon":
+        return list(MUON_VARIANTS)
     if _torch_class(optimizer) is not None:
         return [f"torch {variant}" for variant in TORCH_VARIANTS]
     return [{"lamb": "timm Lamb", "lion": "lion-pytorch Lion"}[optimizer]]
@@ -71,6 +106,11 @@ def peer_labels(optimizer: str) -> list[str]:
 def _make_optimizer(
     optimizer: str, label: str, params: list[torch.nn.Parameter], hypers: dict
 ) -> torch.optim.Optimizer:
+    if optimizer == "muon":
+        try:
+            return _MuonWithAdamW(params, hypers, MUON_VARIANTS[label])
+        except (RuntimeError, ValueError) as error:
+            raise Unavailable(f"torch refused {label}: {error}") from None
     cls = _torch_class(optimizer)
     if cls is not None:
         variant = label.removeprefix("torch ")

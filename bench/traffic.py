@@ -27,6 +27,15 @@ Per element, by op (storage sizes; ``P`` param, ``G`` grad, ``S`` state, ``M`` f
 | `lion_`                      | amp    | g M p m (12) + grad_norm g (2) | M m p (10) | 24 |
 | `sgd_` (momentum)            | fp32   | p g buf   (12)   | p buf  (8)    | 20      |
 | `sgd_` (momentum)            | amp    | g M p buf (12) + grad_norm g (2) | M buf p (10) | 24 |
+| `muon_` (matrices)           | fp32   | g buf; p ns (8+6) | buf ns; p (6+4) | 24     |
+| `muon_` (matrices)           | amp    | g buf; M p ns (6+8) + norm (2) | buf ns; M p (6+6) | 28 |
+
+Muon (``muon_momentum_`` then ``muon_apply_``, [note: muon passes] in
+``fusedopt/optim/muon.py``): ``ns`` is the bf16 Newton-Schulz buffer (2 B whatever the
+mode). The count is the elementwise passes' only: the Newton-Schulz GEMMs read and write
+the bf16 stacks ~3 x ns_steps times more (matrix-sized, compute-bound on a GPU, and a
+function of the shapes, not a fixed B/param), and a model's vectors step AdamW's 28 / 32
+B instead (GPT-2 small: 0.1% of its params).
 
 ``fp32``: fp32 params, grads and states, no loss scale, no clipping (LAMB keeps timm's default
 global clip, part of the algorithm). ``amp``: bf16 params and grads, fp32 master weights and
@@ -51,6 +60,7 @@ OPTIMIZER_OPS = {
     "lamb": "lamb_",
     "lion": "lion_",
     "sgd": "sgd_",
+    "muon": "muon_",
 }
 
 #: Precision modes: (param dtype, master weights, loss scale + clipping).
@@ -81,10 +91,14 @@ _STEP_PASSES: dict[str, tuple[Pass, ...]] = {
     # Adan (csrc/cuda/adan.cu's header: fp32 44 B, bf16 without masters 22 B): not in the
     # timed report (OPTIMIZER_OPS), only in the memory table (bench/memory.py).
     "adan_": (Pass(("p", "g", "m", "v", "n", "npg"), ("p", "m", "v", "n", "npg")),),
+    "muon_": (Pass(("g", "buf"), ("buf", "ns")), Pass(("p", "ns"), ("p",))),
 }
 
+#: Roles of a fixed size whatever the mode: Muon's bf16 Newton-Schulz buffer.
+_FIXED_BYTES = {"ns": 2}
+
 #: Roles that are not optimizer state: the param (or its master), the grad, the bf16 param.
-_NOT_STATE = ("p", "g", "lowp")
+_NOT_STATE = ("p", "g", "lowp", "ns")
 
 
 def state_names(op: str) -> tuple[str, ...]:
@@ -140,7 +154,8 @@ def step_bytes_per_param(
     beside it and written as its rounding). A memory mode of issue #15 (bench/modes.py) is
     one choice of these sizes.
     """
-    size = {"g": param_bytes, "lowp": param_bytes, "p": 4 if master else param_bytes}
+    size = {"g": param_bytes, "lowp": param_bytes, "p": 4 if master else param_bytes,
+            **_FIXED_BYTES}  # fmt: skip
     total = 0
     for one in step_passes(op, master=master, clipped=clipped):
         for role in (*one.reads, *one.writes):
