@@ -5,8 +5,9 @@
 * timm's ``Lamb`` and lion-pytorch's ``Lion`` for the algorithms torch lacks (optional: they
   are not dependencies of fusedopt; when missing, the row says so);
 * for Muon, ``torch.optim.Muon`` on the 2-D params beside ``torch.optim.AdamW`` (for-loop,
-  foreach, fused) on the others, what fusedopt.Muon does in one optimizer (heavyball's Muon
-  is not a row: see bench/README.md);
+  foreach, fused) on the others, what fusedopt.Muon does in one optimizer, and heavyball's
+  ``Muon`` (optional; its own Newton-Schulz, scaling and state: a speed row, not an
+  equivalence);
 * for the ``amp`` mode, torch's composition that computes what one fusedopt step computes:
   upcast the bf16 grads into fp32 master grads, ``GradScaler.unscale_`` (inf check + unscale),
   ``clip_grad_norm_``, ``GradScaler.step`` (skips on overflow) + ``update``, then round the
@@ -94,10 +95,23 @@ class _MuonWithAdamW:
             opt.step()
 
 
+def _heavyball_muon(params, hypers: dict) -> torch.optim.Optimizer:
+    try:
+        heavyball = importlib.import_module("heavyball")
+    except ImportError as error:
+        raise Unavailable(
+            f"peer not installed (pip install --no-deps heavyball): {error}"
+        ) from None
+    return heavyball.Muon(
+        params, lr=hypers["lr"], weight_decay=hypers["weight_decay"],
+        betas=(hypers["momentum"], 0.99), compile_step=False,
+    )  # fmt: skip
+
+
 def peer_labels(optimizer: str) -> list[str]:
     """The peer rows of ``optimizer`` (fp32 mode; amp rows prefix them with ``amp``)."""
     if optimizer == "muon":
-        return list(MUON_VARIANTS)
+        return [*MUON_VARIANTS, "heavyball Muon"]
     if _torch_class(optimizer) is not None:
         return [f"torch {variant}" for variant in TORCH_VARIANTS]
     return [{"lamb": "timm Lamb", "lion": "lion-pytorch Lion"}[optimizer]]
@@ -106,6 +120,8 @@ def peer_labels(optimizer: str) -> list[str]:
 def _make_optimizer(
     optimizer: str, label: str, params: list[torch.nn.Parameter], hypers: dict
 ) -> torch.optim.Optimizer:
+    if label == "heavyball Muon":
+        return _heavyball_muon(params, hypers)
     if optimizer == "muon":
         try:
             return _MuonWithAdamW(params, hypers, MUON_VARIANTS[label])
