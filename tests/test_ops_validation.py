@@ -58,6 +58,9 @@ def _valid(op: str, dtype: torch.dtype = torch.float32, masters: bool = False) -
     if op == "sgd_":
         return dict(params=rnd(), grads=rnd(), momentum_buffers=rnd(state), steps=steps,
                     lr=1e-2, momentum=0.9, **common)  # fmt: skip
+    if op == "muon_momentum_":  # Muon's elementwise first pass: any shape
+        return dict(params=rnd(), grads=rnd(), momentum_buffers=rnd(state),
+                    ns_buffers=rnd(torch.bfloat16), lr=1e-2, **common)  # fmt: skip
     raise ValueError(op)
 
 
@@ -88,9 +91,10 @@ def _unchanged(kwargs: dict, before: list) -> bool:
     return all(b is None or torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
-STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "sgd_")
+STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "sgd_", "muon_momentum_")
 STATE = {"adamw_": "exp_avgs", "lamb_": "exp_avg_sqs", "lion_": "exp_avgs",
-         "adan_": "exp_avg_diffs", "sgd_": "momentum_buffers"}  # fmt: skip
+         "adan_": "exp_avg_diffs", "sgd_": "momentum_buffers",
+         "muon_momentum_": "momentum_buffers"}  # fmt: skip
 
 
 def _set(name: str, i: int, make: Callable[[torch.Tensor], torch.Tensor]):
@@ -207,8 +211,22 @@ def _step_cases():
          ValueError, r"amsgrad=True needs one max_exp_avg_sqs tensor per param"),
         ("sgd_", "buffers_without_steps", _put("steps", []),
          ValueError, r"pass both momentum_buffers and steps, or neither"),
+        ("muon_momentum_", "ns_buffer_fp32", _set("ns_buffers", 1, lambda t: t.float()),
+         TypeError, r"ns_buffers\[1\] has dtype torch.float32, expected torch.bfloat16"),
+        ("muon_momentum_", "ns_buffer_wrong_shape", _set("ns_buffers", 2, lambda t: t.view(1, 5)),
+         RuntimeError, r"ns_buffers\[2\] has shape \(1, 5\)"),
     ]  # fmt: skip
     return cases
+
+
+def _skip_unimplemented(op: str, backend: str) -> None:
+    """Skip a backend that has no implementation of ``op`` ([note: ops without C++])."""
+    from fusedopt import _contract
+
+    phase = _contract.PHASE_OPS.get(op)
+    spec = phase.step if phase is not None else _contract.STEP_OPS[op]
+    if spec.cpp is None and backend in ("cpu", "cuda"):
+        pytest.skip(f"{op} has no {backend} (C++) implementation yet")
 
 
 def _run(op: str, kwargs: dict):
@@ -356,6 +374,7 @@ def test_non_dense_params_step_as_dense_copies(op, masters, backend):
     """[note: non-dense params]: non-dense params (and a non-dense grad and state of one) are
     stepped through dense twins: bit for bit the dense call's result, written back into the
     views, nothing between them touched."""
+    _skip_unimplemented(op, backend)
     kwargs, dense, bases = _non_dense_call(op, masters)
     _run(op, {**kwargs, "backend": backend})
     _run(op, {**dense, "backend": backend})
@@ -373,6 +392,7 @@ def test_non_dense_params_step_as_dense_copies(op, masters, backend):
 @pytest.mark.parametrize("op", STEP_OPS)
 def test_non_dense_params_skipped_step_writes_the_same_bits(op, backend):
     """With found_inf set the twins come back unchanged: every view keeps its bits."""
+    _skip_unimplemented(op, backend)
     kwargs, _, bases = _non_dense_call(op, False)
     kwargs["found_inf"] = torch.ones(())
     before = [base.clone() for _, base in bases]
@@ -419,3 +439,17 @@ def test_overlapping_tensors_are_read_but_not_written():
     with pytest.raises(RuntimeError, match=r"tensors\[1\] overlaps itself"):
         ops.scale_(kwargs["tensors"], kwargs["scale"], kwargs["found_inf"])
     assert _unchanged(kwargs, before)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_an_op_without_cpp_names_it_on_the_cpp_backends(backend):
+    """[note: ops without C++]: asking cpu or cuda for Muon's passes is an error that says
+    so (never a silent fallback), raised before any tensor is touched; auto picks the
+    reference on the CPU."""
+    kwargs = _valid("muon_momentum_")
+    before = _snapshot(kwargs)
+    with pytest.raises(RuntimeError, match="(no implementation of this op yet|not usable)"):
+        _run("muon_momentum_", {**kwargs, "backend": backend})
+    assert _unchanged(kwargs, before)
+    _run("muon_momentum_", kwargs)
+    assert not _unchanged(kwargs, before)
