@@ -416,3 +416,18 @@ def test_max_grad_norm_clips_as_torch_clip_grad_norm(backend):
         torch.testing.assert_close(opt.last_grad_norm, norm, rtol=1e-6, atol=0)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_pickled_optimizer_steps():
+    """The per-shape scratch is not state: an unpickled optimizer makes its own."""
+    import pickle
+
+    ours, _ = _pair(SHAPES)
+    opt = fusedopt.Muon(ours, lr=0.02)
+    _run(opt, ours, _grads(SHAPES, 0))
+    copy = pickle.loads(pickle.dumps(opt))
+    params = [p for g in copy.param_groups for p in g["params"]]
+    _run(copy, params, _grads(SHAPES, 1))
+    _run(opt, ours, _grads(SHAPES, 1))
+    for a, b in zip(ours, params, strict=True):
+        assert torch.equal(a, b)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fusedopt import ops
 from fusedopt._contract import STEP_OPS
+from fusedopt.clip import local_tensor
 from fusedopt.newton_schulz import newton_schulz_
 from fusedopt.ops import StepHypers
 from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
@@ -147,12 +148,22 @@ class Muon(FusedOptimizer):
             use_muon = bool(matrices)
         if use_muon:
             for p in params:
+                if local_tensor(p) is not p:
+                    raise NotImplementedError(
+                        "fusedopt.Muon: a sharded (DTensor) param in a Muon group: the "
+                        "Newton-Schulz iteration needs whole matrices, and gathering them is "
+                        "not implemented; step it unsharded or with use_muon=False"
+                    )
                 if p.ndim != 2:
                     raise ValueError(
                         "Muon only supports 2D parameters whereas we found a parameter with "
                         f"size: {p.size()}"
                     )
         super().add_param_group({**param_group, "params": params, "use_muon": use_muon})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_ns_scratch", {})
 
     def _fix_loaded_group(self, group: dict[str, Any], states: dict[Tensor, dict]) -> None:
         """A torch.optim.Muon group has no ``use_muon``: its params are all 2-D, Muon's."""
