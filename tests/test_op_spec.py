@@ -151,7 +151,7 @@ def test_optimizers_state_lists_come_from_the_spec():
 def test_muon_keeps_torchs_muon_and_adamw_state_keys():
     """fusedopt.Muon steps its non-matrix params with adamw_: both ops' keys, from the spec."""
     muon, adamw = _contract.STEP_OPS["muon_"], _contract.STEP_OPS["adamw_"]
-    assert optim.Muon.STATE_LISTS == {**adamw.state_keys, **muon.state_keys}
+    assert {**adamw.state_keys, **muon.state_keys} == optim.Muon.STATE_LISTS
     assert set(muon.state_keys) == TORCH_STATE_KEYS["muon_"]
 
 
