@@ -36,10 +36,14 @@ STREAMS = {
     "adan_": (6, 5),  # param/master, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg_pre_grad
     "lamb_norms_": (4, 2),  # pass 1 with fp32 states: stores the moments
     "lamb_apply_": (3, 1),  # pass 3 with fp32 states: re-reads p, m, v (two-pass tensors)
+    "muon_momentum_": (2, 2),  # grad, buffer; buffer, bf16 ns (reads no param)
+    "muon_apply_": (2, 1),  # param/master, bf16 ns; param/master
 }
+#: Kernels that read no param (so a master variant reads no 16-bit param beside it).
+READS_NO_PARAM = ("muon_momentum_",)
 # Passes with low-precision states (module docstring of fusedopt/triton_kernels/lamb.py).
 LAMB_LOW_PRECISION = {"lamb_norms_": (4, 0), "lamb_apply_": (4, 3)}
-WRITES_PARAMS = ("adamw_", "sgd_", "lion_", "adan_", "lamb_apply_")
+WRITES_PARAMS = ("adamw_", "sgd_", "lion_", "adan_", "lamb_apply_", "muon_apply_")
 ELEMENTWISE_CASES = ("fp32", "bf16", "bf16_master_fp32grad", "fp16_master", "fp64")
 
 
@@ -65,18 +69,28 @@ def expected_streams(name: str) -> tuple[int, int] | None:
             if case in ELEMENTWISE_CASES:
                 reads, writes = streams
                 master = "master" in case
-                return reads + master, writes + int(master and prefix in WRITES_PARAMS)
+                reads_param = master and prefix not in READS_NO_PARAM
+                return reads + reads_param, writes + int(master and prefix in WRITES_PARAMS)
     return None
 
 
 def test_every_kernel_compiles_for_sm90(report):
     kernels = {"scale", "grad_norm_partials", "grad_norm_tensor_norms", "grad_norm_total",
                "adamw", "sgd", "lion", "adan", "lamb_norms", "lamb_apply",
-               "lamb_fold"}  # fmt: skip
+               "lamb_fold", "muon_momentum", "muon_apply"}  # fmt: skip
     for kernel in kernels:
         assert any(name.startswith(kernel) for name in report), kernel
     for case in ELEMENTWISE_CASES:
-        for op in ("adamw", "sgd", "lion", "adan", "lamb_norms", "lamb_apply"):
+        for op in (
+            "adamw",
+            "sgd",
+            "lion",
+            "adan",
+            "lamb_norms",
+            "lamb_apply",
+            "muon_momentum",
+            "muon_apply",
+        ):
             assert f"{op}_{case}" in report
 
 

@@ -23,7 +23,17 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fusedopt.triton_kernels import adamw, adan, grad_norm, lamb, lion, multi_tensor, scale, sgd  # noqa: E402
+from fusedopt.triton_kernels import (  # noqa: E402
+    adamw,
+    adan,
+    grad_norm,
+    lamb,
+    lion,
+    multi_tensor,
+    muon,
+    scale,
+    sgd,
+)
 from fusedopt.triton_kernels.common import LAUNCH_OPTIONS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -92,6 +102,11 @@ def variants():
                     {"WIDTH": 8, **base, "MAXIMIZE": True}))  # fmt: skip
         out.append((f"adan_{case}", adan.adan_kernel,
                     {"WIDTH": 12, **base, "NO_PROX": False}))  # fmt: skip
+        # Muon's passes: slots params, grads, momentum_buffers, ns_buffers, master_params
+        out.append((f"muon_momentum_{case}", muon.muon_momentum_kernel,
+                    {"WIDTH": 9, **base, "NESTEROV": True}))  # fmt: skip
+        out.append((f"muon_apply_{case}", muon.muon_apply_kernel,
+                    {"WIDTH": 9, **base, "NESTEROV": True}))  # fmt: skip
         exact = dtypes["MASTER"] or dtypes["P_DTYPE"] in (F32, F64)
         lamb_base = {"WIDTH": 10, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
                      "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,

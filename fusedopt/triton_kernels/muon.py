@@ -24,6 +24,7 @@ from .common import (
     load_param,
     load_scalar,
     locate_chunk,
+    round_to,
     skipped,
     slot,
     store,
@@ -56,9 +57,11 @@ def _momentum_block(
 ):  # fmt: skip
     g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   False)  # fmt: skip
-    store(buf_ptr, offs, mask, lerp(load(buf_ptr, offs, mask, COMPUTE), g, w_buf))
-    # the Nesterov lerp reads the stored (rounded) buffer, as torch's
-    buf = load(buf_ptr, offs, mask, COMPUTE)
+    # the Nesterov lerp reads the stored (rounded) buffer, as torch's: rounded in registers,
+    # not re-read (the re-read cost fp64 5 spilled registers on sm_90)
+    stored = round_to(lerp(load(buf_ptr, offs, mask, COMPUTE), g, w_buf), buf_ptr.dtype.element_ty)
+    tl.store(buf_ptr + offs, stored, mask=mask)
+    buf = stored.to(COMPUTE)
     if NESTEROV:
         store(ns_ptr, offs, mask, lerp(g, buf, w_nesterov))
     else:
