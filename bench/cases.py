@@ -27,6 +27,10 @@ HYPERS: dict[str, dict] = {
     "sgd": dict(lr=1e-2, momentum=0.9, weight_decay=0.0),
     # torch.optim.Muon's defaults (the vectors: AdamW with its defaults, lr and decay shared)
     "muon": dict(lr=1e-3, weight_decay=0.1, momentum=0.95),
+    # schedulefree's AdamWScheduleFree defaults, with a warmup and weight decay exercised.
+    "schedulefree_adamw": dict(
+        lr=2.5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, warmup_steps=100
+    ),
 }
 
 #: AMP mode: global-norm clip threshold (clip_grad_norm_'s max_norm) and the loss scale.

@@ -29,6 +29,7 @@ CLASSES: dict[str, type[torch.optim.Optimizer]] = {
     "lion": fusedopt.Lion,
     "sgd": fusedopt.SGD,
     "muon": fusedopt.Muon,
+    "schedulefree_adamw": fusedopt.ScheduleFreeAdamW,
 }
 
 

@@ -311,7 +311,8 @@ def _source_hash(paths: list[Path], extra: str) -> str:
 
 
 _CUDA_NAMES = {"AdamWBody": "adamw", "SgdBody": "sgd", "LionBody": "lion",
-               "AdanBody": "adan", "LambApplyBody": "lamb_apply"}  # fmt: skip
+               "AdanBody": "adan", "ScheduleFreeAdamWBody": "schedulefree_adamw",
+               "LambApplyBody": "lamb_apply"}  # fmt: skip
 
 
 def _cuda_label(name: str) -> tuple[str, str]:
@@ -377,10 +378,10 @@ def _cuda_threads() -> dict[str, int]:
 #: Kernels that stream tensor elements (a pass over memory), by backend: the ones the goals
 #: apply to. The others (norm finish, trust ratios, tables, step counts) touch a few bytes.
 STREAMING = {
-    "cuda": ("adamw", "sgd", "lion", "adan", "lamb_apply", "lamb_norms_kernel",
-             "grad_norm_partials_kernel", "scale_kernel"),
-    "triton": ("adamw", "sgd", "lion", "adan", "lamb_apply", "lamb_norms", "grad_norm_partials",
-               "scale"),
+    "cuda": ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_apply",
+             "lamb_norms_kernel", "grad_norm_partials_kernel", "scale_kernel"),
+    "triton": ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_apply", "lamb_norms",
+               "grad_norm_partials", "scale"),
 }  # fmt: skip
 
 _NO_LOOP = Loop(0, 0, 0, 0, 0, 0, False)
@@ -457,7 +458,7 @@ def triton_rows(gpu: Gpu = H200) -> list[KernelRow]:
         aligned = not k["name"].endswith("_unaligned")
         kernel, _, variant = k["name"].removesuffix("_unaligned").partition("_")
         for op in ("grad_norm_partials", "grad_norm_tensor_norms", "grad_norm_total",
-                   "lamb_norms", "lamb_apply", "lamb_fold"):  # fmt: skip
+                   "lamb_norms", "lamb_apply", "lamb_fold", "schedulefree_adamw"):  # fmt: skip
             if k["name"].startswith(op):
                 kernel, variant = op, k["name"].removeprefix(op).strip("_")
         variant = variant.removesuffix("_unaligned") + ("" if aligned else " (unaligned)")
@@ -474,9 +475,11 @@ def triton_rows(gpu: Gpu = H200) -> list[KernelRow]:
 #: grad_norm = partials + finish (grad_norm.cu), lamb_ = increment_steps + norms + fold
 #: (lamb_direction_) + apply (lamb_apply_) (lamb.cu), sgd_ = increment_steps (with
 #: momentum) + step (sgd.cu), lion_ = step, adan_ = increment_steps + step (adan.cu),
-#: scale_ = one. Any other op of a step (aten) counts one launch.
+#: schedulefree_adamw_ = step + the hyperparameter table's host-to-device copy, which it
+#: needs at every step (its ckp1 and bias correction change each step; a copy, not a kernel,
+#: counted as one), scale_ = one. Any other op of a step (aten) counts one launch.
 CUDA_LAUNCHES_PER_OP = {"adamw": 2, "grad_norm": 2, "lamb": 4, "sgd": 2, "lion": 1, "adan": 2,
-                        "scale": 1}  # fmt: skip
+                        "schedulefree_adamw": 2, "scale": 1}  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -50,6 +50,7 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], str, dict]] = {
     "lion": (fusedopt.Lion, "lion_", {}),
     "sgd": (fusedopt.SGD, "sgd_", {"lr": 1e-2, "momentum": 0.9}),
     "adan": (fusedopt.Adan, "adan_", {}),
+    "schedulefree_adamw": (fusedopt.ScheduleFreeAdamW, "schedulefree_adamw_", {}),
 }
 
 #: torch.optim's counterparts, measured the same way: (optimizer, mode, class, hypers).

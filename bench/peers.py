@@ -2,8 +2,9 @@
 
 * torch.optim for-loop (``foreach=False``), ``foreach=True``, ``fused=True``, and a
   ``torch.compile``d step (the foreach step traced by Dynamo, code from Inductor);
-* timm's ``Lamb`` and lion-pytorch's ``Lion`` for the algorithms torch lacks (optional: they
-  are not dependencies of fusedopt; when missing, the row says so);
+* timm's ``Lamb``, lion-pytorch's ``Lion`` and schedulefree's ``AdamWScheduleFree`` for the
+  algorithms torch lacks (optional: they are not dependencies of fusedopt; when missing, the
+  row says so);
 * for Muon, ``torch.optim.Muon`` on the 2-D params beside ``torch.optim.AdamW`` (for-loop,
   foreach, fused) on the others, what fusedopt.Muon does in one optimizer, and heavyball's
   ``Muon`` (optional; its own Newton-Schulz, scaling and state: a speed row, not an
@@ -52,12 +53,23 @@ def _torch_class(optimizer: str) -> type[torch.optim.Optimizer] | None:
     return next(c.torch_cls for c in CASES if c.name == _TORCH_TWINS[optimizer])
 
 
+#: The third-party peer of each optimizer torch lacks: (module, class, row label, pip name).
+_THIRD_PARTY = {
+    "lamb": ("timm.optim", "Lamb", "timm Lamb", "timm"),
+    "lion": ("lion_pytorch", "Lion", "lion-pytorch Lion", "lion-pytorch"),
+    "schedulefree_adamw": (
+        "schedulefree",
+        "AdamWScheduleFree",
+        "schedulefree AdamWScheduleFree",
+        "schedulefree",
+    ),
+}
+
+
 def _third_party(optimizer: str) -> tuple[str, Callable[..., torch.optim.Optimizer]]:
-    """(label, constructor) of the optional peer for LAMB / Lion; Unavailable if missing."""
-    module, attr, label, pip = {
-        "lamb": ("timm.optim", "Lamb", "timm Lamb", "timm"),
-        "lion": ("lion_pytorch", "Lion", "lion-pytorch Lion", "lion-pytorch"),
-    }[optimizer]
+    """(label, constructor) of the optional peer for LAMB / Lion / Schedule-Free AdamW;
+    Unavailable if missing."""
+    module, attr, label, pip = _THIRD_PARTY[optimizer]
     try:
         cls = getattr(importlib.import_module(module), attr)
     except ImportError as error:
@@ -114,7 +126,7 @@ def peer_labels(optimizer: str) -> list[str]:
         return [*MUON_VARIANTS, "heavyball Muon"]
     if _torch_class(optimizer) is not None:
         return [f"torch {variant}" for variant in TORCH_VARIANTS]
-    return [{"lamb": "timm Lamb", "lion": "lion-pytorch Lion"}[optimizer]]
+    return [_THIRD_PARTY[optimizer][2]]
 
 
 def _make_optimizer(
@@ -136,7 +148,10 @@ def _make_optimizer(
         except (RuntimeError, ValueError) as error:  # e.g. fused not supported on a device
             raise Unavailable(f"torch refused {variant}: {error}") from None
     _, ctor = _third_party(optimizer)
-    return ctor(params, **hypers)
+    opt = ctor(params, **hypers)
+    if hasattr(opt, "train"):  # AdamWScheduleFree starts in eval mode and refuses to step
+        opt.train()
+    return opt
 
 
 def _compiled(step: Callable[[], object]) -> Step:
@@ -151,14 +166,15 @@ def _compiled(step: Callable[[], object]) -> Step:
 
 def make_peer(workload: Workload, label: str) -> Step:
     """A step of peer ``label`` (from :func:`peer_labels`) on ``workload``, fresh state."""
-    if workload.optimizer in ("lamb", "lion"):
+    if workload.optimizer in _THIRD_PARTY:
         _third_party(workload.optimizer)  # raise Unavailable early when not installed
     if workload.amp:
         return _amp_composition(workload, label)
     params = workload.params
     # timm's Lamb divides p.grad in place by its clip factor: give it grads of its own so the
     # shared grads stay the same for every implementation.
-    own_grads = workload.optimizer == "lamb"
+    # AdamWScheduleFree divides p.grad in place too.
+    own_grads = workload.optimizer in ("lamb", "schedulefree_adamw")
     for p, g in zip(params, workload.grads, strict=True):
         p.grad = g.clone() if own_grads else g
     opt = _make_optimizer(workload.optimizer, label, params, workload.hypers)

@@ -27,6 +27,8 @@ Per element, by op (storage sizes; ``P`` param, ``G`` grad, ``S`` state, ``M`` f
 | `lion_`                      | amp    | g M p m (12) + grad_norm g (2) | M m p (10) | 24 |
 | `sgd_` (momentum)            | fp32   | p g buf   (12)   | p buf  (8)    | 20      |
 | `sgd_` (momentum)            | amp    | g M p buf (12) + grad_norm g (2) | M buf p (10) | 24 |
+| `schedulefree_adamw_`        | fp32   | y g z v   (16)   | y z v  (12)   | 28      |
+| `schedulefree_adamw_`        | amp    | g M y z v (16) + grad_norm g (2) | M z v y (14) | 32 |
 | `muon_` (matrices)           | fp32   | g buf; p ns (8+6) | buf ns; p (6+4) | 24     |
 | `muon_` (matrices)           | amp    | g buf; M p ns (6+8) + norm (2) | buf ns; M p (6+6) | 28 |
 
@@ -43,8 +45,11 @@ states, a dynamic loss scale (grads divided by it, inf check, step skipped on ov
 global-norm clipping to 1.0, end to end. In ``amp`` every pass that reads the fp32 master
 also reads the bf16 param (2 B), to adopt a value the user wrote into it since the last step
 ([note: master sync] in ``fusedopt/_contract.py``, on by default); ``master_sync=False``
-saves those 2 B per pass (adamw_ 30, lamb_ 42, lion_ 22, sgd_ 22), and a write into the
-params is then lost.
+saves those 2 B per pass (adamw_ 30, lamb_ 42, lion_ 22, sgd_ 22, schedulefree_adamw_ 30),
+and a write into the params is then lost. Schedule-Free AdamW moves what AdamW moves: its
+params hold y, its two states are z and v (no first moment; no step count, its ckp1 and
+bias correction arrive in the hyperparameter table); ``eval()``/``train()`` (a lerp of the
+params towards z, outside the step) are not in the count.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ OPTIMIZER_OPS = {
     "lion": "lion_",
     "sgd": "sgd_",
     "muon": "muon_",
+    "schedulefree_adamw": "schedulefree_adamw_",
 }
 
 #: Precision modes: (param dtype, master weights, loss scale + clipping).
@@ -92,6 +98,8 @@ _STEP_PASSES: dict[str, tuple[Pass, ...]] = {
     # timed report (OPTIMIZER_OPS), only in the memory table (bench/memory.py).
     "adan_": (Pass(("p", "g", "m", "v", "n", "npg"), ("p", "m", "v", "n", "npg")),),
     "muon_": (Pass(("g", "buf"), ("buf", "ns")), Pass(("p", "ns"), ("p",))),
+    # y is the param ("p"); z the second sequence (csrc/cuda/schedulefree_adamw.cu: fp32 28 B).
+    "schedulefree_adamw_": (Pass(("p", "g", "z", "v"), ("p", "z", "v")),),
 }
 
 #: Roles of a fixed size whatever the mode: Muon's bf16 Newton-Schulz buffer.

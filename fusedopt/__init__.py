@@ -16,7 +16,7 @@ from fusedopt import (
 from fusedopt._backend import BackendStatus, backends, resolve
 from fusedopt.amp import GradScaler
 from fusedopt.clip import clip_grad_norm_
-from fusedopt.optim import LAMB, SGD, Adam, AdamW, Adan, Lion, Muon
+from fusedopt.optim import LAMB, SGD, Adam, AdamW, Adan, Lion, Muon, ScheduleFreeAdamW
 
 with contextlib.suppress(ImportError):  # _C registers the cpu and cuda backends when built
     from fusedopt import _C  # noqa: F401
@@ -33,6 +33,7 @@ __all__ = [
     "GradScaler",
     "Lion",
     "Muon",
+    "ScheduleFreeAdamW",
     "backends",
     "clip_grad_norm_",
     "ops",

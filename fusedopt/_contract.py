@@ -65,6 +65,9 @@ counts per call instead of K floats per tensor. float64, because the kernels eva
 ``fusedopt/triton_kernels/common.py``). The group structure is an ``int[]`` of G run
 lengths rather than a per-tensor index (``int[]`` of N: a conversion per tensor again) or a
 CPU index tensor (beside CUDA tensors it would keep ``torch.compile``'s CUDA graphs off).
+One op's columns change at every step: ``schedulefree_adamw_``'s ``ckp1`` and
+``bias_correction2`` (host arithmetic of its optimizer's schedule), so its table is rewritten
+at every step (G x 7 float64 values, one host-to-device copy); the tensor tables stay cached.
 """
 
 from __future__ import annotations
@@ -286,6 +289,20 @@ STEP_OPS: dict[str, StepOpSpec] = {
             ),
             hypers=("lr", "beta1", "beta2", "beta3", "eps", "weight_decay"),
             flag_specs=(FlagSpec("no_prox"),),
+        ),
+        StepOpSpec(
+            "schedulefree_adamw_",
+            cpp="ScheduleFreeAdamW",
+            doc="Schedule-Free AdamW (Defazio et al. 2024; the schedulefree package's "
+            "AdamWScheduleFree): params hold y, zs the base sequence z. v = b2*v + (1-b2)*g*g; "
+            "u = g / (sqrt(v / bias_correction2) + eps) (+ wd*y where wd != 0); "
+            "y = lerp(y, z, ckp1) + lr*(b1*(1-ckp1) - 1)*u; z -= lr*u. lr (warmup applied), "
+            "ckp1 and bias_correction2 are the group's per-step scalars, computed by the caller "
+            "on the host from its step count k, lr_max and weight_sum (no step counts here).",
+            states=(_state("zs", "z"), _state("exp_avg_sqs", "exp_avg_sq")),
+            hypers=("lr", "beta1", "beta2", "eps", "weight_decay", "ckp1", "bias_correction2"),
+            flag_specs=(),
+            steps="none",
         ),
         StepOpSpec(
             "sgd_",

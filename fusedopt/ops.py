@@ -33,6 +33,8 @@ from fusedopt._validate import (
 )
 
 Hyper = float | Sequence[float]
+#: A tensor list argument: one tensor per param.
+Tensors = Sequence[Tensor]
 
 
 def _resolve(backend: str, device: torch.device, native: bool = True) -> str:
@@ -319,7 +321,8 @@ def step(
     inputs: dict[str, Tensor] | None = None,
     _checked: bool = False,
 ) -> Tensor | None:
-    """Run the step op ``op`` (``adamw_``, ``lamb_``, ``lion_``, ``adan_``, ``sgd_``), or one
+    """Run the step op ``op`` (``adamw_``, ``lamb_``, ``lion_``, ``adan_``,
+    ``schedulefree_adamw_``, ``sgd_``), or one
     pass of a multi-pass one (``lamb_direction_``, ``lamb_apply_``: ``_contract.PHASE_OPS``),
     over tensor lists.
 
@@ -508,46 +511,22 @@ def _step_from_arguments(op: str, arguments: dict) -> Tensor | None:
 
 
 def adamw_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    *,
-    lr: Hyper | Tensor,
-    beta1: Hyper = 0.9,
-    beta2: Hyper = 0.999,
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 1e-2,
-    decoupled: bool = True,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    bias_correction: bool = True,
-    max_exp_avg_sqs: Sequence[Tensor] = (),
+    params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: Tensors, *,
+    lr: Hyper | Tensor, beta1: Hyper = 0.9, beta2: Hyper = 0.999, eps: Hyper = 1e-8,
+    weight_decay: Hyper = 1e-2, decoupled: bool = True, amsgrad: bool = False,
+    maximize: bool = False, bias_correction: bool = True, max_exp_avg_sqs: Tensors = (),
     **options: Unpack[StepOptions],
-) -> None:
+) -> None:  # fmt: skip
     """One Adam/AdamW step in place (``decoupled=False`` is Adam's L2 decay); fp32 math."""
     _step_from_arguments("adamw_", locals())
 
 
 def lamb_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    *,
-    lr: Hyper | Tensor,
-    beta1: Hyper = 0.9,
-    beta2: Hyper = 0.999,
-    eps: Hyper = 1e-6,
-    weight_decay: Hyper = 0.01,
-    grad_averaging: bool = True,
-    bias_correction: bool = True,
-    trust_clip: bool = False,
-    always_adapt: bool = False,
-    **options: Unpack[StepOptions],
-) -> None:
+    params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: Tensors, *,
+    lr: Hyper | Tensor, beta1: Hyper = 0.9, beta2: Hyper = 0.999, eps: Hyper = 1e-6,
+    weight_decay: Hyper = 0.01, grad_averaging: bool = True, bias_correction: bool = True,
+    trust_clip: bool = False, always_adapt: bool = False, **options: Unpack[StepOptions],
+) -> None:  # fmt: skip
     """One LAMB step in place (timm semantics; fold the global clip into ``clip_coef``)."""
     _step_from_arguments("lamb_", locals())
 
@@ -562,13 +541,9 @@ def _lamb_pass(op: str, arguments: dict, **inputs: Tensor) -> Tensor | None:
 
 
 def lamb_direction_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
+    params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: Tensors,
     **keywords: Any,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """LAMB's first pass; takes :func:`lamb_`'s keywords, with its defaults. Advances
     ``steps`` and returns ``sq_norms`` [N, 2] (fp32; fp64 for fp64 params), the sums of p² and
     u² over each tensor that adapts (0 for the others), deterministic. Sum the rows over the
@@ -578,14 +553,9 @@ def lamb_direction_(
 
 
 def lamb_apply_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    sq_norms: Tensor,
-    **keywords: Any,
-) -> None:
+    params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: Tensors,
+    sq_norms: Tensor, **keywords: Any,
+) -> None:  # fmt: skip
     """LAMB's second pass, after :func:`lamb_direction_` with the same arguments (and
     :func:`lamb_`'s keywords): the trust ratio ``sqrt(sq_norms[i, 0]) / sqrt(sq_norms[i, 1])`` of
     each tensor, then ``p -= lr * ratio * u`` (fp32 math; fp64 for fp64 params). Reads
@@ -595,59 +565,54 @@ def lamb_apply_(
 
 
 def lion_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    *,
-    lr: Hyper | Tensor,
-    beta1: Hyper = 0.9,
-    beta2: Hyper = 0.99,
-    weight_decay: Hyper = 0.0,
-    maximize: bool = False,
+    params: Tensors, grads: Tensors, exp_avgs: Tensors, *, lr: Hyper | Tensor,
+    beta1: Hyper = 0.9, beta2: Hyper = 0.99, weight_decay: Hyper = 0.0, maximize: bool = False,
     **options: Unpack[StepOptions],
-) -> None:
+) -> None:  # fmt: skip
     """One Lion step in place (lion-pytorch semantics, ``sign(0) = 0``); fp32 math."""
     _step_from_arguments("lion_", locals())
 
 
 def adan_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    exp_avg_diffs: Sequence[Tensor],
-    neg_pre_grads: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    *,
-    lr: Hyper | Tensor,
-    beta1: Hyper = 0.98,
-    beta2: Hyper = 0.92,
-    beta3: Hyper = 0.99,
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 0.0,
-    no_prox: bool = False,
-    **options: Unpack[StepOptions],
-) -> None:
+    params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+    exp_avg_diffs: Tensors, neg_pre_grads: Tensors, steps: Tensors, *, lr: Hyper | Tensor,
+    beta1: Hyper = 0.98, beta2: Hyper = 0.92, beta3: Hyper = 0.99, eps: Hyper = 1e-8,
+    weight_decay: Hyper = 0.0, no_prox: bool = False, **options: Unpack[StepOptions],
+) -> None:  # fmt: skip
     """One Adan step in place (the official Adan's conventions: betas are EMA weights,
     ``neg_pre_grads`` hold the previous step's ``-grad`` and are ignored at step 1;
     ``no_prox=False`` divides by ``1 + lr*weight_decay``); fp32 math."""
     _step_from_arguments("adan_", locals())
 
 
-def sgd_(
+def schedulefree_adamw_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor] = (),
-    steps: Sequence[Tensor] = (),
+    zs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
     *,
     lr: Hyper | Tensor,
-    momentum: Hyper = 0.0,
-    dampening: Hyper = 0.0,
+    ckp1: Hyper,
+    bias_correction2: Hyper,
+    beta1: Hyper = 0.9,
+    beta2: Hyper = 0.999,
+    eps: Hyper = 1e-8,
     weight_decay: Hyper = 0.0,
-    nesterov: bool = False,
-    maximize: bool = False,
     **options: Unpack[StepOptions],
 ) -> None:
+    """One Schedule-Free AdamW step in place (the schedulefree package's ``AdamWScheduleFree``):
+    ``params`` hold y, ``zs`` the base sequence z. ``lr`` is the step's lr (warmup applied),
+    ``ckp1`` the averaging weight ``weight / weight_sum`` and ``bias_correction2``
+    ``1 - beta2**k``: the per-step scalars that ``fusedopt.ScheduleFreeAdamW`` computes on the
+    host; fp32 math."""
+    _step_from_arguments("schedulefree_adamw_", locals())
+
+
+def sgd_(
+    params: Tensors, grads: Tensors, momentum_buffers: Tensors = (), steps: Tensors = (), *,
+    lr: Hyper | Tensor, momentum: Hyper = 0.0, dampening: Hyper = 0.0, weight_decay: Hyper = 0.0,
+    nesterov: bool = False, maximize: bool = False, **options: Unpack[StepOptions],
+) -> None:  # fmt: skip
     """One SGD step in place (torch.optim.SGD semantics); pass ``momentum_buffers`` and
     ``steps`` (both, or neither when momentum is 0); fp32 math."""
     _step_from_arguments("sgd_", locals())

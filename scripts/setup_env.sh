@@ -13,6 +13,9 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "${FUSEDOPT_TORCH:-torch==2.14.1}" "triton>=3.6" ninja \
   numpy pytest pytest-benchmark matplotlib ruff cmake
+# Test oracles only, never runtime deps: --no-deps so that they cannot replace the torch above
+# (schedulefree: AdamWScheduleFree, the anchor of fusedopt.ScheduleFreeAdamW).
+python -m pip install -q --no-deps "schedulefree==1.4.1"
 # In-place build: fusedopt._C lands next to the sources; no build isolation, so the torch
 # above (not a second download) is the one we compile against.
 # The compiler lines go to build.log; on failure its tail is printed.

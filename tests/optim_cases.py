@@ -93,6 +93,17 @@ CASES = [
         fusedopt.Adan,
         dict(lr=1e-2, weight_decay=0.02, no_prox=True, max_grad_norm=0.5),
     ),
+    # schedulefree's AdamWScheduleFree (tests/test_optim_schedulefree.py runs it against that).
+    Case(
+        "schedulefree_adamw",
+        fusedopt.ScheduleFreeAdamW,
+        dict(lr=1e-2, weight_decay=0.05, warmup_steps=5),
+    ),
+    Case(
+        "schedulefree_adamw_r_clip",
+        fusedopt.ScheduleFreeAdamW,
+        dict(lr=1e-2, betas=(0.8, 0.99), r=0.5, weight_lr_power=1.0, max_grad_norm=0.5),
+    ),
     # The model's matrices step Muon, its biases and vectors AdamW ([note: muon passes]);
     # torch.optim.Muon refuses vectors, so its twin is tests/test_optim_muon.py.
     Case("muon", fusedopt.Muon, dict(lr=1e-2, weight_decay=0.1), no_oracle_trajectory=MUON_NS),
@@ -153,6 +164,23 @@ def batches(steps: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]
          torch.randn(16, 3, generator=g, dtype=torch.float64))
         for _ in range(steps)
     ]  # fmt: skip
+
+
+def random_grads(params, seed: int) -> None:
+    """New grad tensors (seeded, standard normal, in each param's dtype and on its device), as
+    ``zero_grad(set_to_none=True)`` and a backward give."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+
+
+def step_twins(ours, ref, params, twin, seeds, grads=random_grads) -> None:
+    """Step two optimizers (over ``params`` and ``twin``) on the same grads, one step per seed."""
+    for seed in seeds:
+        grads(params, seed)
+        grads(twin, seed)
+        ours.step()
+        ref.step()
 
 
 def clone_params(model: torch.nn.Module, dtype: torch.dtype, device: str = "cpu"):

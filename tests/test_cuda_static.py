@@ -168,6 +168,7 @@ def _expected() -> dict[str, tuple[str, ...]]:
             expected[f"SgdBody<{types}, {variant}>"] = both
         expected[f"LionBody<{types}>"] = both
         expected[f"AdanBody<{types}>"] = both
+        expected[f"ScheduleFreeAdamWBody<{types}>"] = both
         expected[f"LambApplyBody<{types}>"] = both
         expected[f"lamb_norms_kernel<{types}>("] = loads
     return expected

@@ -50,6 +50,8 @@ KNOWN_BELOW = {
     "cuda lamb_apply [fp16,float,false]": _FP16,
     "cuda lion [fp16,fp16,false]": _FP16,
     "cuda sgd [fp16,fp16,false,false]": _FP16,
+    "cuda schedulefree_adamw [fp16,fp16,false]": _FP16,  # 67.8% (as adamw's fp16 variants)
+    "cuda schedulefree_adamw [fp16,float,false]": _FP16,  # 85.0%
     "triton grad_norm_partials [bf16]": "issue-bound: one bf16 stream, 8 elements per thread, "
     "upcast, scale and square-accumulate each: more instructions per byte than issue allows",
     "triton lamb_norms [bf16]": _ISSUE % "",

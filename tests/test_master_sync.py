@@ -20,7 +20,7 @@ import fusedopt
 from fusedopt import ops
 
 BACKENDS = backend_device_params()
-STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "sgd_", "muon_apply_")
+STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "muon_apply_")
 
 
 def _skip_unimplemented(op: str, backend: str) -> None:
@@ -70,6 +70,11 @@ def _op_call(op: str, n_tensors: int, device: str, gen: torch.Generator):
                      neg_pre_grads=prev, steps=steps)  # fmt: skip
         hypers = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.1)
         flags = dict(no_prox=False)
+    elif op == "schedulefree_adamw_":
+        lists = dict(zs=moments, exp_avg_sqs=squares)
+        hypers = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, ckp1=0.25,
+                      bias_correction2=0.05)  # fmt: skip
+        flags = {}
     elif op == "muon_apply_":  # the master is read (and adopted) by the apply pass
         ns = [torch.randn(N, generator=gen).to(device, torch.bfloat16) for _ in range(n_tensors)]
         lists = dict(momentum_buffers=moments, ns_buffers=ns)

@@ -50,6 +50,15 @@ GOLDEN_SCHEMAS = {
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
         "bool master_sync=True) -> ()"
     ),
+    # Written by hand from the schedulefree package's names (state z, exp_avg_sq; its group
+    # scalars ckp1 and bias_correction2 as columns); no step counts, no flags.
+    "schedulefree_adamw_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] zs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor hypers, "
+        "int[] group_sizes, "
+        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> ()"
+    ),
     "sgd_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, "
@@ -66,12 +75,6 @@ GOLDEN_SCHEMAS = {
         "bool master_sync=True) -> ()"
     ),
 }
-
-
-def test_derived_schemas_equal_the_hand_written_ones():
-    for op, schema in GOLDEN_SCHEMAS.items():
-        assert _contract.SCHEMAS[op] == schema, op
-    assert set(_contract.STEP_OPS) == set(GOLDEN_SCHEMAS)
 
 
 #: The passes of multi-pass ops (``_contract.PHASE_OPS``), public API too: lamb_'s arguments,
@@ -106,10 +109,15 @@ GOLDEN_PHASE_SCHEMAS = {
 }
 
 
-def test_phase_schemas_equal_the_hand_written_ones():
-    for op, schema in GOLDEN_PHASE_SCHEMAS.items():
+@pytest.mark.parametrize(
+    "golden,derived_ops",
+    [(GOLDEN_SCHEMAS, _contract.STEP_OPS), (GOLDEN_PHASE_SCHEMAS, _contract.PHASE_OPS)],
+    ids=["step_ops", "phase_ops"],
+)
+def test_derived_schemas_equal_the_hand_written_ones(golden, derived_ops):
+    for op, schema in golden.items():
         assert _contract.SCHEMAS[op] == schema, op
-    assert set(_contract.PHASE_OPS) == set(GOLDEN_PHASE_SCHEMAS)
+    assert set(derived_ops) == set(golden)
 
 
 @pytest.mark.parametrize("op", sorted(_contract.PHASE_OPS))
@@ -135,13 +143,15 @@ TORCH_STATE_KEYS = {
     "lamb_": {"step", "exp_avg", "exp_avg_sq"},
     "lion_": {"exp_avg"},
     "adan_": {"step", "exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"},  # official Adan's
+    "schedulefree_adamw_": {"z", "exp_avg_sq"},  # schedulefree's AdamWScheduleFree
     "sgd_": {"step", "momentum_buffer"},
     "muon_": {"momentum_buffer"},  # torch.optim.Muon's
 }
 
 
 def test_optimizers_state_lists_come_from_the_spec():
-    for cls in (optim.AdamW, optim.Adam, optim.LAMB, optim.Lion, optim.Adan, optim.SGD):
+    for cls in (optim.AdamW, optim.Adam, optim.LAMB, optim.Lion, optim.Adan,
+                optim.ScheduleFreeAdamW, optim.SGD):  # fmt: skip
         spec = _contract.STEP_OPS[cls.OP]
         assert spec.state_keys == cls.STATE_LISTS
         assert set(cls.STATE_LISTS) == TORCH_STATE_KEYS[cls.OP]
@@ -220,4 +230,4 @@ def test_cpp_uses_the_spec_not_hand_written_indices():
     with open(os.path.join(ROOT, "csrc", "bindings.cpp")) as f:
         bindings = f.read()
     assert "FUSEDOPT_STEP_OPS(FUSEDOPT_STEP_IMPL)" in bindings
-    assert not re.search(r"void (adamw|lamb|lion|adan|sgd)_impl\(", bindings)
+    assert not re.search(r"void (adamw|lamb|lion|adan|schedulefree_adamw|sgd)_impl\(", bindings)

@@ -55,6 +55,10 @@ def _valid(op: str, dtype: torch.dtype = torch.float32, masters: bool = False) -
         return dict(params=rnd(), grads=rnd(), exp_avgs=rnd(state),
                     exp_avg_sqs=[t.abs() for t in rnd(state)], exp_avg_diffs=rnd(state),
                     neg_pre_grads=rnd(state), steps=steps, lr=1e-2, **common)  # fmt: skip
+    if op == "schedulefree_adamw_":
+        return dict(params=rnd(), grads=rnd(), zs=rnd(state),
+                    exp_avg_sqs=[t.abs() for t in rnd(state)], lr=1e-2, ckp1=0.5,
+                    bias_correction2=0.1, **common)  # fmt: skip
     if op == "sgd_":
         return dict(params=rnd(), grads=rnd(), momentum_buffers=rnd(state), steps=steps,
                     lr=1e-2, momentum=0.9, **common)  # fmt: skip
@@ -91,10 +95,10 @@ def _unchanged(kwargs: dict, before: list) -> bool:
     return all(b is None or torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
-STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "sgd_", "muon_momentum_")
+STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "muon_momentum_")
 STATE = {"adamw_": "exp_avgs", "lamb_": "exp_avg_sqs", "lion_": "exp_avgs",
-         "adan_": "exp_avg_diffs", "sgd_": "momentum_buffers",
-         "muon_momentum_": "momentum_buffers"}  # fmt: skip
+         "adan_": "exp_avg_diffs", "schedulefree_adamw_": "zs",
+         "sgd_": "momentum_buffers", "muon_momentum_": "momentum_buffers"}  # fmt: skip
 
 
 def _set(name: str, i: int, make: Callable[[torch.Tensor], torch.Tensor]):
@@ -123,14 +127,7 @@ def _channels_last_param(kw: dict) -> None:
     p = torch.randn(2, 3, 2, 2).to(memory_format=torch.channels_last)
     kw["params"][0] = p
     kw["grads"][0] = torch.randn(2, 3, 2, 2).to(memory_format=torch.channels_last)
-    for name in (
-        "exp_avgs",
-        "exp_avg_sqs",
-        "max_exp_avg_sqs",
-        "momentum_buffers",
-        "exp_avg_diffs",
-        "neg_pre_grads",
-    ):
+    for name in {n for spec in ops.STEP_OPS.values() for n in spec.state_lists}:  # any op's
         if name in kw:
             kw[name][0] = torch.zeros(2, 3, 2, 2)
 

@@ -14,18 +14,13 @@ from optim_cases import (
     assert_close,
     clone_params,
     make_model,
+    random_grads,
+    step_twins,
     usable_backends,
 )
 
 import fusedopt
 from fusedopt import ops
-
-
-def _grads(params, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
-
 
 #: The classes that are drop-ins for a torch.optim class, with it.
 TORCH_TWINS = [
@@ -54,6 +49,28 @@ def test_constructor_names_and_defaults_match_torch(cls, torch_cls):
     cls(params, fused=True)
 
 
+#: Constructor arguments that are not group keys: the optimizer's own, torch's accepted-and-
+#: ignored switches, lion-pytorch's kernel switch.
+_NOT_GROUP_KEYS = {"self", "params", "grad_norm_group", "foreach", "fused", "differentiable",
+                   "use_triton"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [fusedopt.Adam, fusedopt.AdamW, fusedopt.SGD, fusedopt.Lion, fusedopt.LAMB, fusedopt.Adan],
+)
+def test_group_defaults_are_the_constructor_arguments(cls):
+    """The constructors share one body (``_init_from_arguments(locals())``): every argument
+    but the optimizer's own becomes a group default, with its value, and nothing else does."""
+    names = set(inspect.signature(cls.__init__).parameters) - _NOT_GROUP_KEYS
+    if cls is fusedopt.AdamW:
+        names.add("decoupled_weight_decay")  # Adam's group key; AdamW sets it True
+    opt = cls(clone_params(make_model(), torch.float32), lr=0.5, weight_decay=0.25)
+    assert set(opt.defaults) == names
+    assert opt.defaults["lr"] == 0.5 and opt.defaults["weight_decay"] == 0.25
+    assert opt.param_groups[0]["master_sync"] is True
+
+
 def test_per_group_hyperparameters_and_add_param_group_match_torch():
     params, twin = _twins()
     ours = fusedopt.AdamW(
@@ -70,8 +87,8 @@ def test_per_group_hyperparameters_and_add_param_group_match_torch():
         if step == 3:
             ours.add_param_group({"params": params[3:], "amsgrad": True, "eps": 1e-3})
             ref.add_param_group({"params": twin[3:], "amsgrad": True, "eps": 1e-3})
-        _grads(params, step)
-        _grads(twin, step)
+        random_grads(params, step)
+        random_grads(twin, step)
         ours.step()
         ref.step()
     assert len(ours.param_groups) == 3 and ours.param_groups[2]["amsgrad"]
@@ -150,8 +167,8 @@ def test_scheduler_matches_torch(name, cls, torch_cls, kwargs):
     make = _schedulers()[name]
     sched_ours, sched_ref = make(ours), make(ref)
     for step in range(8):
-        _grads(params, step)
-        _grads(twin, step)
+        random_grads(params, step)
+        random_grads(twin, step)
         ours.step()
         ref.step()
         if name == "ReduceLROnPlateau":
@@ -174,7 +191,7 @@ def test_one_cycle_cycles_betas_of_lion_and_lamb():
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=4)
         seen = set()
         for step in range(3):
-            _grads(params, step)
+            random_grads(params, step)
             opt.step()
             sched.step()
             seen.add(opt.param_groups[0]["betas"][0])
@@ -187,8 +204,8 @@ def test_tensor_lr_with_scheduler_equals_float_lr():
     ref = fusedopt.AdamW(twin, lr=1e-2)
     scheds = [torch.optim.lr_scheduler.ExponentialLR(o, 0.7) for o in (ours, ref)]
     for step in range(5):
-        _grads(params, step)
-        _grads(twin, step)
+        random_grads(params, step)
+        random_grads(twin, step)
         ours.step()
         ref.step()
         for s in scheds:
@@ -214,7 +231,7 @@ def test_capturable_step_replays_in_cuda_graph_with_tensor_lr(cls):
     static_grads = [torch.zeros_like(p) for p in params]
     for p, g in zip(params, static_grads, strict=True):
         p.grad = g
-    _grads(twin, 0)  # warm up (creates state) outside the graph, on both
+    random_grads(twin, 0)  # warm up (creates state) outside the graph, on both
     for p, q in zip(params, twin, strict=True):
         p.grad.copy_(q.grad)
     opt.step()
@@ -228,7 +245,7 @@ def test_capturable_step_replays_in_cuda_graph_with_tensor_lr(cls):
     for step in range(1, 6):
         sched.step()
         ref_sched.step()
-        _grads(twin, step)
+        random_grads(twin, step)
         for p, q in zip(params, twin, strict=True):
             p.grad.copy_(q.grad)
         graph.replay()
@@ -332,10 +349,10 @@ def test_bad_grad_raises_naming_the_param_before_any_change(cls, kind, match):
     named = list(model.named_parameters())
     params = clone_params(model, torch.float32)
     opt = cls([{"params": params, "param_names": [n for n, _ in named]}], lr=1e-2)
-    _grads(params, 0)
+    random_grads(params, 0)
     opt.step()
     before = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
-    _grads(params, 1)
+    random_grads(params, 1)
     target = next(i for i, p in enumerate(params) if p.dim() == 2)
     _bad_grad(kind, params[target])
     with pytest.raises((RuntimeError, TypeError), match=match) as error:
@@ -350,7 +367,7 @@ def test_bad_grad_raises_naming_the_param_before_any_change(cls, kind, match):
 def test_a_new_param_with_a_bad_grad_gets_no_state():
     params = clone_params(make_model(), torch.float32)
     opt = fusedopt.AdamW(params)
-    _grads(params, 0)
+    random_grads(params, 0)
     _bad_grad("sparse", params[-1])
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
@@ -428,11 +445,7 @@ def test_complex_state_dicts_go_to_torch_and_back(cls, torch_cls, kwargs):
     ours.load_state_dict(ref.state_dict())  # and back: complex states load as they are
     for p, q in zip(params, twin, strict=True):
         q.data.copy_(p)
-    for step in range(2, 5):
-        _complex_grads(params, step)
-        _complex_grads(twin, step)
-        ours.step()
-        ref.step()
+    step_twins(ours, ref, params, twin, range(2, 5), _complex_grads)
     for p, q in zip(params, twin, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
@@ -479,11 +492,7 @@ def test_lion_decoupled_weight_decay_divides_by_the_initial_lr():
     params, twin = _twins()
     ours = fusedopt.Lion(params, lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True)
     same = fusedopt.Lion(twin, lr=1e-3, weight_decay=0.1 / 1e-3)
-    for step in range(3):
-        _grads(params, step)
-        _grads(twin, step)
-        ours.step()
-        same.step()
+    step_twins(ours, same, params, twin, range(3))
     for p, q in zip(params, twin, strict=True):
         assert torch.equal(p, q)
 
@@ -492,7 +501,7 @@ def test_grad_in_another_memory_layout_is_accepted():
     """A transposed (non-contiguous) grad steps as its contiguous copy does, as in torch."""
     params, twin = _twins()
     ours, same = fusedopt.AdamW(params), fusedopt.AdamW(twin)
-    _grads(twin, 0)
+    random_grads(twin, 0)
     for p, q in zip(params, twin, strict=True):
         p.grad = q.grad.t().contiguous().t() if q.dim() == 2 else q.grad.clone()
     assert any(not p.grad.is_contiguous() for p in params)
@@ -512,11 +521,7 @@ def test_grad_in_another_memory_layout_is_accepted():
 def test_fp64_params_step_in_fp64(cls, torch_cls, kwargs):
     params, twin = _twins(torch.float64)
     ours, ref = cls(params, lr=1e-2, **kwargs), torch_cls(twin, lr=1e-2, **kwargs)
-    for step in range(5):
-        _grads(params, step)
-        _grads(twin, step)
-        ours.step()
-        ref.step()
+    step_twins(ours, ref, params, twin, range(5))
     for p, q in zip(params, twin, strict=True):
         assert (
             p.dtype == torch.float64

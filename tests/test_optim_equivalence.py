@@ -110,6 +110,9 @@ def test_low_precision_step_by_step(case, dtype, device, backend):
         for group, oracle_group in zip(opt.param_groups, oracle.param_groups, strict=True):
             if "step" in group:  # LAMB's one count per group ([note: LAMB group step])
                 oracle_group["step"] = group["step"].clone()
+            for key in ("k", "lr_max", "weight_sum"):  # ScheduleFreeAdamW's host schedule
+                if key in group:
+                    oracle_group[key] = group[key]
         opt.step()
         oracle.step()
         for i, (p, t) in enumerate(zip(params, twins, strict=True)):

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from optim_cases import clone_params, make_model
+from optim_cases import clone_params, make_model, random_grads
 
 import fusedopt
 from fusedopt.optim import _plan
@@ -21,13 +21,6 @@ CLASSES = [
     (fusedopt.LAMB, {}),
 ]
 IDS = [cls.__name__ for cls, _ in CLASSES]
-
-
-def _grads(params, seed):
-    """New grad tensors, as ``zero_grad(set_to_none=True)`` and a backward give."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
 
 
 @pytest.fixture(autouse=True, params=["native", "python"])
@@ -54,7 +47,7 @@ def test_steady_steps_plan_once(cls, kwargs, plan_builds):
     opt = cls([{"params": params[:2]}, {"params": params[2:], "lr": 1e-3}], lr=1e-2, **kwargs)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for step in range(5):
-        _grads(params[:-1], step)
+        random_grads(params[:-1], step)
         opt.step()
         sched.step()
     assert plan_builds[0] == 1
@@ -156,7 +149,7 @@ def _cached_and_fresh(make_opt, change, dtype=torch.float32):
         params = clone_params(model, dtype)
         opt = make_opt(params)
         for step in range(4):
-            _grads(params[:-1], step)
+            random_grads(params[:-1], step)
             if step == 2 or (step > 2 and change in EVERY_STEP):
                 change(params, opt)
             if not cache:
@@ -205,13 +198,13 @@ def test_a_change_plans_again_and_equals_a_fresh_plan(change, plan_builds):
 def test_a_state_spoiled_after_planning_raises_before_any_change(spoil, match):
     params = clone_params(make_model(), torch.float32)
     opt = fusedopt.AdamW(params, lr=1e-2)
-    _grads(params[:-1], 0)
+    random_grads(params[:-1], 0)
     opt.step()
     target = next(i for i, p in enumerate(params) if p.dim() == 2)
     spoil(opt.state[params[target]])
     before = [p.detach().clone() for p in params]
     steps = [s["step"].clone() for s in opt.state.values()]
-    _grads(params[:-1], 1)
+    random_grads(params[:-1], 1)
     where = f"state '{match}' of param \\(group 0, index {target}\\)"
     with pytest.raises(RuntimeError, match=where):
         opt.step()
@@ -227,13 +220,13 @@ def test_a_state_set_by_hand_in_another_layout_is_re_laid(plan_builds):
     for swap in (False, True):
         params = clone_params(make_model(), torch.float32)
         opt = fusedopt.AdamW(params, lr=1e-2)
-        _grads(params[:-1], 0)
+        random_grads(params[:-1], 0)
         opt.step()
         target = next(p for p in params if p.dim() == 2)
         if swap:
             state = opt.state[target]
             state["exp_avg"] = state["exp_avg"].t().contiguous().t()
-        _grads(params[:-1], 1)
+        random_grads(params[:-1], 1)
         opt.step()
         assert opt.state[target]["exp_avg"].stride() == target.stride()
         runs.append((params, opt))
@@ -264,10 +257,10 @@ def test_non_dense_params_plan_once(plan_builds):
 def test_param_changed_dtype_after_planning_raises():
     params = clone_params(make_model(), torch.float32)
     opt = fusedopt.AdamW(params, lr=1e-2)
-    _grads(params[:-1], 0)
+    random_grads(params[:-1], 0)
     opt.step()
     params[0].data = params[0].data.double()
-    _grads(params[:-1], 1)
+    random_grads(params[:-1], 1)
     with pytest.raises(RuntimeError, match="no longer fits"):
         opt.step()
 
@@ -277,9 +270,9 @@ def test_param_changed_shape_after_planning_raises():
     (else the step would pair the param with states of the old shape)."""
     params = clone_params(make_model(), torch.float32)
     opt = fusedopt.AdamW(params, lr=1e-2)
-    _grads(params[:-1], 0)
+    random_grads(params[:-1], 0)
     opt.step()
-    _grads(params[:-1], 1)
+    random_grads(params[:-1], 1)
     _param_data_reshaped(params, opt)
     with pytest.raises(RuntimeError, match=r"has shape .* but the param now has"):
         opt.step()
@@ -323,12 +316,12 @@ def test_the_optimizers_own_changes_forget_the_plan_at_once(change, plan_builds)
     it, not at the next step's check; the next step plans again."""
     params = clone_params(make_model(), torch.float32)
     opt = fusedopt.AdamW(params[:-1], lr=1e-2)
-    _grads(params[:-1], 0)
+    random_grads(params[:-1], 0)
     opt.step()
     assert "plan" in opt._step_out
     change(opt, params)
     assert "plan" not in opt._step_out
-    _grads(params[:-1], 1)
+    random_grads(params[:-1], 1)
     opt.step()
     assert plan_builds[0] == 2
 
@@ -340,7 +333,7 @@ def test_the_native_check_holds_a_record_only_plan_record_made(per_tensor_check)
         pytest.skip("the C++ check")
     record_op, grads_op = _plan._native_check()
     params = clone_params(make_model(), torch.float32)
-    _grads(params[:-1], 0)
+    random_grads(params[:-1], 0)
     record = record_op(params)
     matched, grads = grads_op(record)
     assert matched and len(grads) == len(params) - 1
@@ -376,7 +369,7 @@ def test_a_cached_step_looks_up_no_param(cls, kwargs, amp, monkeypatch):
     extra = {"master_weights": True, "max_grad_norm": 1.0} if amp else {}
     opt = cls(params, lr=1e-2, **kwargs, **extra)
     for step in range(2):
-        _grads(params[:-1], step)
+        random_grads(params[:-1], step)
         opt.step()
     hashes = [0]
     real = torch.Tensor.__hash__
@@ -386,7 +379,7 @@ def test_a_cached_step_looks_up_no_param(cls, kwargs, amp, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(torch.Tensor, "__hash__", counting)
-    _grads(params[:-1], 2)
+    random_grads(params[:-1], 2)
     opt.step()
     monkeypatch.undo()
     assert hashes[0] == 0

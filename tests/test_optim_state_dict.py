@@ -6,20 +6,22 @@ import copy
 
 import pytest
 import torch
-from optim_cases import CASE_IDS, CASES, TORCH_TOLERANCE, assert_close, clone_params, make_model
+from optim_cases import (
+    CASE_IDS,
+    CASES,
+    TORCH_TOLERANCE,
+    assert_close,
+    clone_params,
+    make_model,
+    random_grads,
+)
 
 import fusedopt
 
 
-def _grads(params, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
-
-
 def _train(opt, params, seeds):
     for seed in seeds:
-        _grads(params, seed)
+        random_grads(params, seed)
         opt.step()
 
 

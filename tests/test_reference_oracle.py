@@ -10,6 +10,8 @@ sources, in float64 over many steps of random grads, to ~1e-12:
 * Lion: Chen et al. 2023, Algorithm 2 (``sign(0) = 0``, as lion-pytorch).
 * Adan: a plain transcription of the official (sail-sg) Adan's single-tensor step, in place
   with its ``neg_pre_grad`` and its per-group step count.
+* Schedule-Free AdamW: the schedulefree package's ``AdamWScheduleFree`` itself, in float64,
+  fed the group scalars of a transcription of its host arithmetic.
 * grad_norm: ``torch.nn.utils.get_total_norm``.
 * The common scalars: a set ``found_inf`` changes nothing, bit for bit; ``grad_scale`` and
   ``clip_coef`` are a division and a multiplication on load; ``lr`` as a tensor is ``lr``.
@@ -636,6 +638,74 @@ def test_adan_equals_official(no_prox, weight_decay):
 
 
 # --------------------------------------------------------------------------------------------
+# Schedule-Free AdamW against the schedulefree package
+
+
+def _schedulefree_scalars(group: dict, k: int) -> tuple[float, float, float]:
+    """The host arithmetic of ``AdamWScheduleFree.step`` for a group at its step ``k + 1``,
+    transcribed (not the class's): ``(lr with warmup, ckp1, bias_correction2)``; updates the
+    group's ``lr_max`` and ``weight_sum``."""
+    warmup = group["warmup_steps"]
+    lr = group["lr"] * ((k + 1) / warmup if k < warmup else 1.0)
+    group["lr_max"] = max(lr, group["lr_max"])
+    weight = (k + 1) ** group["r"] * group["lr_max"] ** group["weight_lr_power"]
+    group["weight_sum"] += weight
+    ckp1 = weight / group["weight_sum"] if group["weight_sum"] != 0 else 0.0
+    return lr, ckp1, 1 - group["betas"][1] ** (k + 1)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_schedulefree_adamw_equals_the_schedulefree_package(weight_decay):
+    """20 steps of random grads (some exactly 0), two groups with different hyperparameters
+    (warmup, r, weight_lr_power, betas, eps), a clip coefficient (applied to the anchor's grads
+    by hand): params (y), z and exp_avg_sq match ``AdamWScheduleFree`` (float64, foreach and
+    not) to ~1e-12. ckp1 is 1 at the first step, then at least 1/2 (torch's lerp from z) and
+    later below it (from y): both forms of the lerp are checked."""
+    schedulefree = pytest.importorskip("schedulefree")
+    params = _params()
+    n = len(SHAPES)
+    groups = [
+        dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, warmup_steps=5, r=0.0, weight_lr_power=2.0),
+        dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, warmup_steps=0, r=0.5, weight_lr_power=1.0),
+    ]
+    hosts = [{**hp, "lr_max": -1.0, "weight_sum": 0.0} for hp in groups]
+    anchors = []
+    for foreach in (True, False):
+        xs = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = schedulefree.AdamWScheduleFree(
+            [{"params": [x for i, x in enumerate(xs) if GROUP_OF[i] == k], **hp}
+             for k, hp in enumerate(groups)],
+            weight_decay=weight_decay, foreach=foreach,
+        )  # fmt: skip
+        opt.train()
+        anchors.append((xs, opt))
+    ys, zs, vs = [p.clone() for p in params], [p.clone() for p in params], _zeros_like(params)
+    eps, b1, b2 = _per_tensor(groups, "eps"), *([hp["betas"][j] for hp in groups] for j in (0, 1))
+    clip, seen_ckp1 = torch.tensor(0.75, dtype=F64), []
+    for k in range(STEPS):
+        grads = _grads(k + 1, zero_every=3)
+        scalars = [_schedulefree_scalars(h, k) for h in hosts]
+        columns = [[col[GROUP_OF[i]] for i in range(n)] for col in (b1, b2)]
+        lr, ckp1, bc2 = ([s[j] for s in scalars] for j in range(3))
+        seen_ckp1 += ckp1
+        reference.schedulefree_adamw_(
+            ys, grads, zs, vs, [], *hyper_table(
+                [lr[GROUP_OF[i]] for i in range(n)], *columns, eps, [weight_decay] * n,
+                [ckp1[GROUP_OF[i]] for i in range(n)], [bc2[GROUP_OF[i]] for i in range(n)],
+            ), None, None, clip, None,
+        )  # fmt: skip
+        for xs, opt in anchors:
+            for x, g in zip(xs, grads, strict=True):
+                x.grad = g * 0.75  # the anchor divides the grad in place: a copy each
+            opt.step()
+            _close(ys, [x.detach() for x in xs])
+            _close(zs, [opt.state[x]["z"] for x in xs])
+            _close(vs, [opt.state[x]["exp_avg_sq"] for x in xs])
+    assert seen_ckp1[:2] == [1.0, 1.0]
+    assert any(0.5 <= c < 1.0 for c in seen_ckp1) and any(c < 0.5 for c in seen_ckp1)
+
+
+# --------------------------------------------------------------------------------------------
 # grad_norm and scale_
 
 
@@ -762,6 +832,11 @@ def _call_step(op: str, t: dict, found_inf: torch.Tensor) -> None:
         reference.adan_(p, g, m, v, t["d"], t["q"], master, steps,
                         *hyper_table(lr, b1, [0.9] * n, b2, eps, wd), False, torch.tensor(1e-2),
                         torch.tensor(2.0), None, found_inf)  # fmt: skip
+    elif op == "schedulefree_adamw_":  # m: z, v: exp_avg_sq
+        reference.schedulefree_adamw_(p, g, m, v, master,
+                                      *hyper_table(lr, b1, b2, eps, wd, [0.25] * n, [0.5] * n),
+                                      torch.tensor(1e-2), torch.tensor(2.0), None,
+                                      found_inf)  # fmt: skip
     elif op == "muon_":  # its elementwise passes: the Newton-Schulz output is the NS input
         hypers = hyper_table(lr, [0.9] * n, wd, [1.5] * n, *([1.0] * n,) * 5)
         for muon_pass in (reference.muon_momentum_, reference.muon_apply_):
@@ -778,7 +853,7 @@ def _touched(t: dict) -> list[torch.Tensor]:
     return [x for k in keys for x in t[k]]
 
 
-STEP_OPS = ["adamw_", "lamb_", "lion_", "adan_", "sgd_", "muon_"]
+STEP_OPS = ["adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "muon_"]
 
 
 @pytest.mark.parametrize("op", STEP_OPS)

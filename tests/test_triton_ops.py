@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness.cases import STORAGES
 
 import fusedopt
 from fusedopt import ops
@@ -105,9 +106,13 @@ STATES = {  # op -> (state lists, kwargs flag that needs max_exp_avg_sqs)
     "lamb_": ("exp_avgs", "exp_avg_sqs"),
     "lion_": ("exp_avgs",),
     "adan_": ("exp_avgs", "exp_avg_sqs", "exp_avg_diffs", "neg_pre_grads"),
+    "schedulefree_adamw_": ("zs", "exp_avg_sqs"),
     "sgd_": ("momentum_buffers",),
 }
-HAS_STEPS = {"adamw_": True, "lamb_": True, "lion_": False, "adan_": True, "sgd_": True}
+HAS_STEPS = {"adamw_": True, "lamb_": True, "lion_": False, "adan_": True,
+             "schedulefree_adamw_": False, "sgd_": True}  # fmt: skip
+#: Hyperparameters an op requires besides lr, for the tests that pass only lr.
+REQUIRED = {"schedulefree_adamw_": {"ckp1": 0.25, "bias_correction2": 0.05}}
 
 
 def make_lists(op, sizes, dtype, grad_dtype, master, *, amsgrad=False, seed=0, steps=True):
@@ -141,8 +146,10 @@ def run_op(op, lists, backend, **kwargs):
                   "lamb_": ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps"),
                   "lion_": ("params", "grads", "exp_avgs"),
                   "adan_": ("params", "grads"),
+                  "schedulefree_adamw_": ("params", "grads"),
                   "sgd_": ("params", "grads")}[op]  # fmt: skip
     rest = {k: v for k, v in lists.items() if k not in positional}
+    kwargs = {**REQUIRED.get(op, {}), **kwargs}
     fn(*(lists[k] for k in positional), **rest, **kwargs, backend=backend)
 
 
@@ -195,15 +202,9 @@ ADAMW_OPTIONS = [
     {"maximize": True, "bias_correction": False},
     {"weight_decay": [0.0, 0.1, 0.2, 0.0, 0.05, 0.3], "beta1": [0.9, 0.8, 0.9, 0.5, 0.9, 0.9]},
 ]
-DTYPES = [  # (param, grad, master)
-    (torch.float32, torch.float32, False),
-    (torch.bfloat16, torch.bfloat16, False),
-    (torch.float16, torch.float16, False),
-    (torch.bfloat16, torch.bfloat16, True),
-    (torch.float16, torch.float16, True),
-    (torch.bfloat16, torch.float32, False),
-    (torch.bfloat16, torch.float32, True),
-    (torch.float64, torch.float64, False),
+#: (param, grad, master): every storage of the op matrix (tests/harness/cases.py), and fp64.
+DTYPES = [(s.param, s.grad, s.master) for s in STORAGES.values()] + [
+    (torch.float64, torch.float64, False)
 ]
 
 
@@ -224,6 +225,11 @@ ADAN_OPTIONS = [
     {"weight_decay": 0.02, "no_prox": True},
     {"beta3": [0.99, 0.9, 0.99, 0.95, 0.99, 0.5], "weight_decay": [0.0, 0.1, 0.2, 0.0, 0.3, 1]},
 ]
+SCHEDULEFREE_ADAMW_OPTIONS = [
+    {},
+    {"weight_decay": 0.1, "ckp1": 0.75, "bias_correction2": 0.9},  # torch's lerp from z
+    {"ckp1": [1.0, 0.25, 0.5, 0.75, 0.1, 0.0], "weight_decay": [0.0, 0.1, 0.2, 0.0, 0.3, 1]},
+]
 LAMB_OPTIONS = [
     {},
     {"trust_clip": True, "weight_decay": 0.1},
@@ -236,6 +242,7 @@ OPTIONS = {
     "sgd_": SGD_OPTIONS,
     "lion_": LION_OPTIONS,
     "adan_": ADAN_OPTIONS,
+    "schedulefree_adamw_": SCHEDULEFREE_ADAMW_OPTIONS,
     "lamb_": LAMB_OPTIONS,
 }
 STEP_OPS = list(OPTIONS)

@@ -34,6 +34,7 @@ STREAMS = {
     "sgd_": (3, 2),  # param/master, grad, momentum buffer
     "lion_": (3, 2),  # param/master, grad, exp_avg
     "adan_": (6, 5),  # param/master, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg_pre_grad
+    "schedulefree_adamw_": (4, 3),  # y (param/master), grad, z, exp_avg_sq
     "lamb_norms_": (4, 2),  # pass 1 with fp32 states: stores the moments
     "lamb_apply_": (3, 1),  # pass 3 with fp32 states: re-reads p, m, v (two-pass tensors)
     "muon_momentum_": (2, 2),  # grad, buffer; buffer, bf16 ns (reads no param)
@@ -43,7 +44,8 @@ STREAMS = {
 READS_NO_PARAM = ("muon_momentum_",)
 # Passes with low-precision states (module docstring of fusedopt/triton_kernels/lamb.py).
 LAMB_LOW_PRECISION = {"lamb_norms_": (4, 0), "lamb_apply_": (4, 3)}
-WRITES_PARAMS = ("adamw_", "sgd_", "lion_", "adan_", "lamb_apply_", "muon_apply_")
+WRITES_PARAMS = ("adamw_", "sgd_", "lion_", "adan_", "schedulefree_adamw_", "lamb_apply_",
+                 "muon_apply_")  # fmt: skip
 ELEMENTWISE_CASES = ("fp32", "bf16", "bf16_master_fp32grad", "fp16_master", "fp64")
 
 
@@ -76,21 +78,13 @@ def expected_streams(name: str) -> tuple[int, int] | None:
 
 def test_every_kernel_compiles_for_sm90(report):
     kernels = {"scale", "grad_norm_partials", "grad_norm_tensor_norms", "grad_norm_total",
-               "adamw", "sgd", "lion", "adan", "lamb_norms", "lamb_apply",
-               "lamb_fold", "muon_momentum", "muon_apply"}  # fmt: skip
+               "adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_norms",
+               "lamb_apply", "lamb_fold", "muon_momentum", "muon_apply"}  # fmt: skip
     for kernel in kernels:
         assert any(name.startswith(kernel) for name in report), kernel
     for case in ELEMENTWISE_CASES:
-        for op in (
-            "adamw",
-            "sgd",
-            "lion",
-            "adan",
-            "lamb_norms",
-            "lamb_apply",
-            "muon_momentum",
-            "muon_apply",
-        ):
+        for op in ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_norms",
+                   "lamb_apply", "muon_momentum", "muon_apply"):  # fmt: skip
             assert f"{op}_{case}" in report
 
 

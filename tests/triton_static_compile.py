@@ -32,6 +32,7 @@ from fusedopt.triton_kernels import (  # noqa: E402
     multi_tensor,
     muon,
     scale,
+    schedulefree_adamw,
     sgd,
 )
 from fusedopt.triton_kernels.common import LAUNCH_OPTIONS  # noqa: E402
@@ -102,6 +103,8 @@ def variants():
                     {"WIDTH": 8, **base, "MAXIMIZE": True}))  # fmt: skip
         out.append((f"adan_{case}", adan.adan_kernel,
                     {"WIDTH": 12, **base, "NO_PROX": False}))  # fmt: skip
+        out.append((f"schedulefree_adamw_{case}", schedulefree_adamw.schedulefree_adamw_kernel,
+                    {"WIDTH": 9, **base}))  # fmt: skip
         # Muon's passes: slots params, grads, momentum_buffers, ns_buffers, master_params
         out.append((f"muon_momentum_{case}", muon.muon_momentum_kernel,
                     {"WIDTH": 9, **base, "NESTEROV": True}))  # fmt: skip

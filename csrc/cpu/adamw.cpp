@@ -23,11 +23,10 @@ template <typename T, bool kAmsgrad>
 void adamw_items(const AdamWCall& call, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
   const std::vector<double> t = advance_steps(lists);
-  std::vector<AdamWScalars<T>> scalars(lists.num_tensors);
-  for (int64_t i = 0; i < lists.num_tensors; ++i)
-    scalars[i] = adamw_scalars<T>(lr_of(lists, call.lr(i), i), call.beta1(i), call.beta2(i),
-                                  call.eps(i), call.weight_decay(i), t[i], call.decoupled,
-                                  call.bias_correction);
+  const auto scalars = tensor_scalars(call, [&](int64_t i, double lr) {
+    return adamw_scalars<T>(lr, call.beta1(i), call.beta2(i), call.eps(i), call.weight_decay(i),
+                            t[i], call.decoupled, call.bias_correction);
+  });
   const GradLoad<T> load = make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef,
                                              call.maximize);
   constexpr size_t kStates = kAmsgrad ? 3 : 2;

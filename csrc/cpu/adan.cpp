@@ -21,11 +21,10 @@ template <typename T>
 void adan_items(const AdanCall& call, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
   const std::vector<double> t = advance_steps(lists);
-  std::vector<AdanScalars<T>> scalars(lists.num_tensors);
-  for (int64_t i = 0; i < lists.num_tensors; ++i)
-    scalars[i] = adan_scalars<T>(lr_of(lists, call.lr(i), i), call.beta1(i), call.beta2(i),
-                                 call.beta3(i), call.eps(i), call.weight_decay(i), t[i],
-                                 call.no_prox);
+  const auto scalars = tensor_scalars(call, [&](int64_t i, double lr) {
+    return adan_scalars<T>(lr, call.beta1(i), call.beta2(i), call.beta3(i), call.eps(i),
+                           call.weight_decay(i), t[i], call.no_prox);
+  });
   const GradLoad<T> load =
       make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef, false);
   // Schema order: exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads.

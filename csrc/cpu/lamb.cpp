@@ -79,7 +79,13 @@ struct LambPlan {
   std::vector<WorkItem> items;
 
   LambPlan(const LambCall& call, const std::vector<double>& t)
-      : scalars(call.lists.num_tensors),
+      : scalars(tensor_scalars(call,
+                               [&](int64_t i, double lr) {
+                                 return lamb_scalars<T>(lr, call.beta1(i), call.beta2(i),
+                                                        call.eps(i), call.weight_decay(i), t[i],
+                                                        call.grad_averaging,
+                                                        call.bias_correction);
+                               })),
         adapt(call.lists.num_tensors),
         states_exact(call.exp_avgs.dtype == OpmathDType<T>::value),
         load(make_grad_load<T>(call.lists.scalars.grad_scale, call.lists.scalars.clip_coef,
@@ -87,12 +93,8 @@ struct LambPlan {
         states{call.exp_avgs, call.exp_avg_sqs},
         items(split_work(call.lists.num_tensors, call.lists.numels)) {
     const StepLists& lists = call.lists;
-    for (int64_t i = 0; i < lists.num_tensors; ++i) {
-      scalars[i] = lamb_scalars<T>(lr_of(lists, call.lr(i), i), call.beta1(i), call.beta2(i),
-                                   call.eps(i), call.weight_decay(i), t[i],
-                                   call.grad_averaging, call.bias_correction);
+    for (int64_t i = 0; i < lists.num_tensors; ++i)
       adapt[i] = call.weight_decay(i) != 0.0 || call.always_adapt;
-    }
   }
   bool two_pass(int64_t i) const { return lamb_two_pass(adapt[i] != 0, states_exact); }
 };

@@ -18,10 +18,9 @@ void lion_block(T* __restrict p, const T* __restrict g, T* __restrict m, int64_t
 template <typename T>
 void lion_items(const LionCall& call, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
-  std::vector<LionScalars<T>> scalars(lists.num_tensors);
-  for (int64_t i = 0; i < lists.num_tensors; ++i)
-    scalars[i] = lion_scalars<T>(lr_of(lists, call.lr(i), i), call.beta1(i), call.beta2(i),
-                                 call.weight_decay(i));
+  const auto scalars = tensor_scalars(call, [&](int64_t i, double lr) {
+    return lion_scalars<T>(lr, call.beta1(i), call.beta2(i), call.weight_decay(i));
+  });
   const GradLoad<T> load = make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef,
                                              call.maximize);
   const std::array<TensorSlot, 1> states{call.exp_avgs};

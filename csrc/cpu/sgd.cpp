@@ -54,8 +54,7 @@ void sgd_block(T* __restrict p, const T* __restrict g, T* __restrict buf, int64_
 template <typename T, bool kMomentum>
 void sgd_items(const SgdCall& call, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
-  std::vector<SgdScalars<T>> scalars(lists.num_tensors);
-  for (int64_t i = 0; i < lists.num_tensors; ++i) {
+  const auto scalars = tensor_scalars(call, [&](int64_t i, double lr) {
     // torch's first-step rule: buf = g when this param has no momentum history yet. The
     // count (not the buffer's contents) decides, so a skipped step or a loaded state dict
     // keeps it right. A tensor with momentum 0 keeps its count ([note: sgd momentum 0]).
@@ -64,9 +63,9 @@ void sgd_items(const SgdCall& call, const ExecContext& ctx) {
       first_step = *lists.steps[i] == 0.0f;
       *lists.steps[i] += 1.0f;
     }
-    scalars[i] = sgd_scalars<T>(lr_of(lists, call.lr(i), i), call.momentum(i), call.dampening(i),
-                                call.weight_decay(i), first_step, call.nesterov);
-  }
+    return sgd_scalars<T>(lr, call.momentum(i), call.dampening(i), call.weight_decay(i),
+                          first_step, call.nesterov);
+  });
   const GradLoad<T> load = make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef,
                                              call.maximize);
   constexpr size_t kStates = kMomentum ? 1 : 0;

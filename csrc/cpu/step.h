@@ -25,6 +25,18 @@ inline double lr_of(const StepLists& lists, double lr, int64_t i) {
   return tensor_lr(lr, lists.scalars.lr, lists.scalars.lr_numel, i);
 }
 
+/// A call's per-tensor scalars, in tensor order: make(i, lr) for tensor i with its learning
+/// rate (lr_of: the call's lr column, or lr_tensor); make builds the op's Scalars from the
+/// math header (and may advance the tensor's step count first).
+template <typename Call, typename Make>
+auto tensor_scalars(const Call& call, Make&& make) {
+  const StepLists& lists = call.lists;
+  std::vector<decltype(make(int64_t{0}, 0.0))> scalars(lists.num_tensors);
+  for (int64_t i = 0; i < lists.num_tensors; ++i)
+    scalars[i] = make(i, lr_of(lists, call.lr(i), i));
+  return scalars;
+}
+
 /// Adds 1 to each step count and returns the new counts (as the bias corrections use them).
 inline std::vector<double> advance_steps(const StepLists& lists) {
   std::vector<double> t(lists.num_tensors);

@@ -28,54 +28,36 @@ __device__ __forceinline__ bool adapts(const Row& row, const StepArgs& a) {
   return row.hyper[kWeightDecay] != 0.0 || a.flag[kAlwaysAdapt];
 }
 
-/// What both passes compute per element: the new m, v and the update direction u.
+/// What both passes compute per element: the new m, v and the update direction u. The
+/// pointers, scalars and loads are StepBody's (step.cuh): states[0] is m, states[1] v.
 template <class P, class G, bool kMasterWeights>
-struct LambElements {
-  using T = Opmath<P>;
-  using S = StateOf<P, kMasterWeights>;
+struct LambElements
+    : StepBody<P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq> {
+  using Base = StepBody<P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq>;
+  using typename Base::S;
+  using typename Base::T;
   // The states hold opmath values exactly: a tensor that adapts takes two passes
   // ([note: lamb passes] in math/lamb.h).
   static constexpr bool kStatesExact = std::is_same_v<S, T>;
-  static constexpr int kWidth =
-      kMasterWeights ? kVecWidth<P, G, S, float> : kVecWidth<P, G, S>;
-
-  P* p;
-  const G* g;
-  S* m;
-  S* v;
-  float* master;
-  bool master_sync;  // [note: master sync]
-  LambScalars<T> s;
-  GradLoad<T> load_g;
 
   __device__ __forceinline__ LambElements(const Row& row, int t, const StepArgs& a)
-      : p(static_cast<P*>(row.slot[kParam])),
-        g(static_cast<const G*>(row.slot[kGrad])),
-        m(static_cast<S*>(row.slot[kExpAvg])),
-        v(static_cast<S*>(row.slot[kExpAvgSq])),
-        master(static_cast<float*>(row.slot[kMaster])),
-        master_sync(a.master_sync),
-        s(lamb_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
-                          row.hyper[kEps], row.hyper[kWeightDecay],
-                          static_cast<double>(*row.step), a.flag[kGradAveraging],
-                          a.flag[kBiasCorrection])),
-        load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef, false)) {}
-
-  __device__ __forceinline__ bool aligned(int64_t start) const {
-    return aligned_all(start, p, g, m, v, master);
-  }
+      : Base(row, a, /*maximize=*/false, [&] {
+          return lamb_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
+                                 row.hyper[kEps], row.hyper[kWeightDecay],
+                                 static_cast<double>(*row.step), a.flag[kGradAveraging],
+                                 a.flag[kBiasCorrection]);
+        }) {}
 
   template <int V>
   __device__ __forceinline__ void direction(int64_t i, T (&pv)[V], T (&mv)[V], T (&vv)[V],
                                             T (&uv)[V]) const {
     T gv[V];
-    load_param<V, P, T, kMasterWeights>(p, master, i, pv, master_sync);
-    load<V>(g, i, gv);
-    load<V>(m, i, mv);
-    load<V>(v, i, vv);
+    this->load_param_and_grad(i, pv, gv);
+    load<V>(this->states[0], i, mv);
+    load<V>(this->states[1], i, vv);
 #pragma unroll
     for (int k = 0; k < V; ++k)
-      uv[k] = lamb_direction(pv[k], load_grad(gv[k], load_g), mv[k], vv[k], s);
+      uv[k] = lamb_direction(pv[k], load_grad(gv[k], this->load_g), mv[k], vv[k], this->s);
   }
 };
 
@@ -102,8 +84,8 @@ struct LambNormBody : LambElements<P, G, kMasterWeights> {
       *u2 = *u2 + uv[k] * uv[k];
     }
     if constexpr (Base::kStatesExact) {
-      store<V>(this->m, i, mv);
-      store<V>(this->v, i, vv);
+      store<V>(this->states[0], i, mv);
+      store<V>(this->states[1], i, vv);
     }
   }
 };
@@ -130,8 +112,8 @@ struct LambApplyBody : LambElements<P, G, kMasterWeights> {
     T pv[V], mv[V], vv[V], uv[V];
     if (two_pass) {
       load_param<V, P, T, kMasterWeights>(this->p, this->master, i, pv, this->master_sync);
-      load<V>(this->m, i, mv);
-      load<V>(this->v, i, vv);
+      load<V>(this->states[0], i, mv);
+      load<V>(this->states[1], i, vv);
 #pragma unroll
       for (int k = 0; k < V; ++k) uv[k] = lamb_update(pv[k], mv[k], vv[k], this->s);
     } else {
@@ -139,10 +121,10 @@ struct LambApplyBody : LambElements<P, G, kMasterWeights> {
     }
 #pragma unroll
     for (int k = 0; k < V; ++k) pv[k] = lamb_apply(pv[k], uv[k], ratio, this->s);
-    store_param<V, P, T, kMasterWeights>(this->p, this->master, i, pv);
+    this->store_param_and_master(i, pv);
     if (!two_pass) {
-      store<V>(this->m, i, mv);
-      store<V>(this->v, i, vv);
+      store<V>(this->states[0], i, mv);
+      store<V>(this->states[1], i, vv);
     }
   }
 };

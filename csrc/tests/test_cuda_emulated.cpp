@@ -145,7 +145,7 @@ double cuda_chain(int64_t max_chunks, int64_t n) {
 // ---------------------------------------------------------------------------------------
 // The step ops: cases.
 
-enum class Op { kAdamW, kLamb, kLion, kAdan, kSgd };
+enum class Op { kAdamW, kLamb, kLion, kAdan, kScheduleFreeAdamW, kSgd };
 
 /// One variant of an op: its per-call flags (in launch.h's order), per-tensor
 /// hyperparameters after lr (in launch.h's order) and which of them is 0 for every third
@@ -154,7 +154,7 @@ struct Variant {
   const char* name;
   Op op;
   std::array<bool, 4> flags;
-  std::array<double, 5> hyper;
+  std::array<double, 6> hyper;
   double lr;
   int zero_every_third;
 };
@@ -163,6 +163,7 @@ struct Variant {
 // lamb: grad_averaging, bias_correction, trust_clip, always_adapt; beta1, beta2, eps, wd
 // lion: maximize; beta1, beta2, weight_decay
 // adan: no_prox; beta1, beta2, beta3, eps, weight_decay
+// schedulefree_adamw: (no flags); beta1, beta2, eps, weight_decay, ckp1, bias_correction2
 // sgd: nesterov, maximize; momentum, dampening, weight_decay (momentum 0: no buffers)
 const Variant kVariants[] = {
     {"adamw", Op::kAdamW, {true, false, false, true}, {0.9, 0.999, 1e-8, 0.01}, 1e-2, -1},
@@ -183,6 +184,11 @@ const Variant kVariants[] = {
     {"lion_maximize", Op::kLion, {true}, {0.95, 0.98, 0.1, 0.0}, 1e-3, 2},
     {"adan", Op::kAdan, {false}, {0.98, 0.92, 0.99, 1e-8, 0.02}, 1e-2, -1},
     {"adan_no_prox_mixed_wd", Op::kAdan, {true}, {0.9, 0.8, 0.95, 1e-6, 0.1}, 1e-2, 4},
+    {"schedulefree_adamw", Op::kScheduleFreeAdamW, {}, {0.9, 0.999, 1e-8, 0.01, 0.25, 0.05},
+     1e-2, -1},
+    // ckp1 >= 0.5: torch's lerp from z; every third tensor without weight decay.
+    {"schedulefree_adamw_lerp_from_z_mixed_wd", Op::kScheduleFreeAdamW, {},
+     {0.8, 0.99, 1e-6, 0.1, 0.75, 0.9}, 1e-2, 3},
     {"sgd", Op::kSgd, {false, false}, {0.0, 0.0, 0.01, 0.0}, 0.1, -1},
     {"sgd_momentum", Op::kSgd, {false, false}, {0.9, 0.0, 0.0, 0.0}, 0.1, -1},
     {"sgd_nesterov", Op::kSgd, {true, false}, {0.9, 0.0, 0.01, 0.0}, 0.1, -1},
@@ -257,6 +263,7 @@ int state_count(const Variant& v) {
     case Op::kLamb: return 2;
     case Op::kLion: return 1;
     case Op::kAdan: return 4;  // exp_avg, exp_avg_sq, exp_avg_diff, neg_pre_grad
+    case Op::kScheduleFreeAdamW: return 2;  // z, exp_avg_sq
     case Op::kSgd: return v.hyper[0] != 0.0 ? 1 : 0;  // momentum buffers
   }
   return 0;
@@ -366,7 +373,7 @@ struct Call {
   std::vector<float*> steps;
   // The hyperparameter table ([note: hyper table]): one row of kWidth doubles (lr, then
   // Variant::hyper) per run of tensors with equal values, and each tensor's row.
-  static constexpr int kWidth = 6;
+  static constexpr int kWidth = 7;
   std::vector<double> hypers;
   std::vector<int32_t> group;
   std::vector<float> lr_tensor;
@@ -396,7 +403,7 @@ struct Call {
     for (size_t i = 0; i < n; ++i) {
       std::array<double, kWidth> row{v.lr};
       if (s.lr != LrKind::kUniform) row[0] = v.lr * (1.0 + 0.25 * i);
-      for (int h = 0; h < 5; ++h)
+      for (int h = 0; h < kWidth - 1; ++h)
         row[h + 1] = h == v.zero_every_third && i % 3 == 1 ? 0.0 : v.hyper[h];
       if (hypers.empty() || !std::equal(row.begin(), row.end(), hypers.end() - kWidth))
         hypers.insert(hypers.end(), row.begin(), row.end());
@@ -500,6 +507,13 @@ void step(const StepCase& c, World& w, int index, bool cuda) {
       a.neg_pre_grads = call.state(3, c);
       a.no_prox = v.flags[0];
       return cuda ? cuda::adan(a, ctx) : cpu::adan(a, ExecContext{});
+    }
+    case Op::kScheduleFreeAdamW: {
+      ScheduleFreeAdamWCall a;
+      a.lists = lists;
+      a.zs = call.state(0, c);
+      a.exp_avg_sqs = call.state(1, c);
+      return cuda ? cuda::schedulefree_adamw(a, ctx) : cpu::schedulefree_adamw(a, ExecContext{});
     }
     case Op::kSgd: {
       SgdCall a;

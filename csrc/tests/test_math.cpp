@@ -6,6 +6,7 @@
 #include "fusedopt/math/adamw.h"
 #include "fusedopt/math/lamb.h"
 #include "fusedopt/math/adan.h"
+#include "fusedopt/math/schedulefree_adamw.h"
 #include "fusedopt/math/lion.h"
 #include "fusedopt/math/muon.h"
 #include "fusedopt/math/norm.h"
@@ -160,6 +161,30 @@ static void test_adan() {
   CHECK(p == 0.0625f && m == 0.5f && v == 0.25f && n == 1.0f && npg == -1.0f);
 }
 
+static void test_schedulefree_adamw() {
+  // lr 0.5, beta1 0.5, beta2 0.5, eps 0, wd 0, ckp1 0.25 (lerp from y), bc2 0.25; y 1, g 1,
+  // z 3, v 7: v = 3.5 + 0.5 = 4; u = 1 / (sqrt(4 / 0.25) + 0) = 0.25;
+  // y = 1 + 0.25 * (3 - 1) = 1.5; y_step = 0.5 * (0.5 * 0.75 - 1) = -0.3125;
+  // y = 1.5 - 0.078125 = 1.421875; z = 3 - 0.5 * 0.25 = 2.875.
+  auto s = schedulefree_adamw_scalars<float>(0.5, 0.5, 0.5, 0.0, 0.0, 0.25, 0.25);
+  float y = 1.0f, z = 3.0f, v = 7.0f;
+  schedulefree_adamw_update(y, 1.0f, z, v, s);
+  CHECK(v == 4.0f && y == 1.421875f && z == 2.875f);
+  // wd 0.5 at y = 1: u = 0.25 + 0.5 = 0.75; ckp1 0.75 (lerp from z): y = 3 - 2 * 0.25 = 2.5;
+  // y_step = 0.5 * (0.5 * 0.25 - 1) = -0.4375; y = 2.5 - 0.328125 = 2.171875;
+  // z = 3 - 0.375 = 2.625.
+  s = schedulefree_adamw_scalars<float>(0.5, 0.5, 0.5, 0.0, 0.5, 0.75, 0.25);
+  y = 1.0f, z = 3.0f, v = 7.0f;
+  schedulefree_adamw_update(y, 1.0f, z, v, s);
+  CHECK(v == 4.0f && y == 2.171875f && z == 2.625f);
+  // ckp1 = 1 (the first step): y = z exactly before its step (z - (z - y) * 0), whatever
+  // finite y was; y_step = -lr: y = 3 - 0.5 * 0.25.
+  s = schedulefree_adamw_scalars<float>(0.5, 0.5, 0.5, 0.0, 0.0, 1.0, 0.25);
+  y = 100.0f, z = 3.0f, v = 7.0f;
+  schedulefree_adamw_update(y, 1.0f, z, v, s);
+  CHECK(y == 3.0f - 0.125f && z == 2.875f);
+}
+
 static void test_sgd() {
   // lr 0.25, momentum 0.5, dampening 0.5, wd 0.5; p 1, g 0.5, buf 2:
   // g = 0.5 + 0.5 = 1; buf = 0.5*2 + 0.5*1 = 1.5; p = 1 - 0.25*1.5 = 0.625.
@@ -226,6 +251,7 @@ int main() {
   test_lamb();
   test_lion();
   test_adan();
+  test_schedulefree_adamw();
   test_sgd();
   test_muon();
   test_norm_terms();

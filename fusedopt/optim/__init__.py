@@ -7,6 +7,7 @@ Drop-in use::
     opt = fusedopt.Lion(model.parameters(), lr=1e-4)         # lion-pytorch's arguments
     opt = fusedopt.Adan(model.parameters(), lr=1e-3)         # the official Adan's arguments
     opt = fusedopt.Muon(model.parameters(), lr=2e-2)         # torch.optim.Muon's (+ AdamW)
+    opt = fusedopt.ScheduleFreeAdamW(model.parameters())     # schedulefree's AdamWScheduleFree
 
 Everything torch.optim does works: param groups, ``add_param_group``, ``zero_grad``,
 ``step(closure)``, step hooks, every ``torch.optim.lr_scheduler`` (OneCycleLR/CyclicLR cycle
@@ -47,6 +48,17 @@ from fusedopt.optim.adan import Adan
 from fusedopt.optim.lamb import LAMB
 from fusedopt.optim.lion import Lion
 from fusedopt.optim.muon import Muon
+from fusedopt.optim.schedulefree import ScheduleFreeAdamW
 from fusedopt.optim.sgd import SGD
 
-__all__ = ["LAMB", "SGD", "Adam", "AdamW", "Adan", "FusedOptimizer", "Lion", "Muon"]
+__all__ = [
+    "LAMB",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Adan",
+    "FusedOptimizer",
+    "Lion",
+    "Muon",
+    "ScheduleFreeAdamW",
+]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor
 
-from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
+from fusedopt.optim._base import FusedOptimizer, Params, check_betas, check_nonnegative
 
 
 def check_adam_group(group: dict[str, Any]) -> None:
@@ -42,35 +41,15 @@ class Adam(FusedOptimizer):
     _ALWAYS_DECOUPLED = False
 
     def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        *,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
+        self, params: Params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
+        foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+        differentiable: bool = False, fused: bool | None = None,
         decoupled_weight_decay: bool = False,
-        master_weights: bool = False,
-        master_sync: bool = True,
-        max_grad_norm: float | None = None,
-        backend: str = "auto",
-        grad_norm_group: Any = None,
-    ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(float(b) for b in betas) if _pair(betas) else betas, eps=eps,
-            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
-            master_weights=master_weights, master_sync=master_sync,
-            max_grad_norm=max_grad_norm, backend=backend,
-            foreach=foreach, fused=fused, differentiable=differentiable,
-        )  # fmt: skip
-        super().__init__(params, defaults, grad_norm_group)
+        master_weights: bool = False, master_sync: bool = True,
+        max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
+    ) -> None:  # fmt: skip
+        self._init_from_arguments(locals(), betas=_float_pair(betas))
 
     _check_group = staticmethod(check_adam_group)
 
@@ -98,38 +77,22 @@ class AdamW(Adam):
     _ALWAYS_DECOUPLED = True
 
     def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        master_weights: bool = False,
-        master_sync: bool = True,
-        max_grad_norm: float | None = None,
-        backend: str = "auto",
-        grad_norm_group: Any = None,
-    ) -> None:
-        super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
-            capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True, master_weights=master_weights, master_sync=master_sync,
-            max_grad_norm=max_grad_norm, backend=backend, grad_norm_group=grad_norm_group,
-        )  # fmt: skip
+        self, params: Params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+        maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+        differentiable: bool = False, fused: bool | None = None,
+        master_weights: bool = False, master_sync: bool = True,
+        max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
+    ) -> None:  # fmt: skip
+        self._init_from_arguments(locals(), betas=_float_pair(betas), decoupled_weight_decay=True)
 
 
-def _pair(betas: Any) -> bool:
-    """Two betas of one kind (floats, or Tensors read once here), so ``float`` is safe; a
+def _float_pair(betas: Any) -> Any:
+    """Two betas of one kind (floats, or Tensors read once here) as a tuple of floats; a
     mixed pair stays as given for ``check_betas`` to refuse, as torch does."""
-    return (
+    pair = (
         isinstance(betas, (tuple, list))
         and len(betas) == 2
         and isinstance(betas[0], Tensor) == isinstance(betas[1], Tensor)
     )
+    return tuple(float(b) for b in betas) if pair else betas

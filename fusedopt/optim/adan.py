@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fusedopt.optim._base import FusedOptimizer, check_nonnegative
+from fusedopt.optim._base import FusedOptimizer, Params, check_nonnegative
 
 
 class Adan(FusedOptimizer):
@@ -36,32 +35,16 @@ class Adan(FusedOptimizer):
     OP = "adan_"
 
     def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        max_grad_norm: float = 0.0,
-        no_prox: bool = False,
-        foreach: bool = True,
-        fused: bool = False,
-        *,
-        capturable: bool = False,
-        master_weights: bool = False,
-        master_sync: bool = True,
-        backend: str = "auto",
-        grad_norm_group: Any = None,
-    ) -> None:
+        self, params: Params, lr: float | Tensor = 1e-3,
+        betas: tuple[float, float, float] = (0.98, 0.92, 0.99), eps: float = 1e-8,
+        weight_decay: float = 0.0, max_grad_norm: float = 0.0, no_prox: bool = False,
+        foreach: bool = True, fused: bool = False, *,
+        capturable: bool = False, master_weights: bool = False, master_sync: bool = True,
+        backend: str = "auto", grad_norm_group: Any = None,
+    ) -> None:  # fmt: skip
         if max_grad_norm is not None and not max_grad_norm >= 0.0:
             raise ValueError(f"Invalid Max grad norm: {max_grad_norm}")
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm or None, no_prox=no_prox, foreach=foreach, fused=fused,
-            capturable=capturable, master_weights=master_weights, master_sync=master_sync,
-            backend=backend,
-        )  # fmt: skip
-        super().__init__(params, defaults, grad_norm_group)
+        self._init_from_arguments(locals(), betas=tuple(betas), max_grad_norm=max_grad_norm or None)
 
     @classmethod
     def _check_group(cls, group: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ had no grad, and the largest is the number of steps the group took), computed on
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ from torch import Tensor
 
 from fusedopt import ops
 from fusedopt.clip import _reduce_groups, local_tensor
-from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._base import FusedOptimizer, Params
 from fusedopt.optim._keys import STEP_KEY
 from fusedopt.optim.adamw import adam_hypers, check_adam_group
 
@@ -65,37 +65,15 @@ class LAMB(FusedOptimizer):
     # count) load; a param keeps no step here ([note: LAMB group step]).
 
     def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-3,
-        bias_correction: bool = True,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-        grad_averaging: bool = True,
-        max_grad_norm: float | None = 1.0,
-        trust_clip: bool = False,
-        always_adapt: bool = False,
-        caution: bool = False,
-        decoupled_decay: bool = False,
-        corrected_weight_decay: bool = False,
-        foreach: bool | None = None,
-        *,
-        capturable: bool = False,
-        master_weights: bool = False,
-        master_sync: bool = True,
-        backend: str = "auto",
-        grad_norm_group: Any = None,
-    ) -> None:
-        defaults = dict(
-            lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps,
-            weight_decay=weight_decay, grad_averaging=grad_averaging,
-            max_grad_norm=max_grad_norm, trust_clip=trust_clip, always_adapt=always_adapt,
-            capturable=capturable, master_weights=master_weights, master_sync=master_sync,
-            backend=backend, caution=caution, decoupled_decay=decoupled_decay,
-            corrected_weight_decay=corrected_weight_decay, foreach=foreach,
-        )  # fmt: skip
-        super().__init__(params, defaults, grad_norm_group)
+        self, params: Params, lr: float | Tensor = 1e-3, bias_correction: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01,
+        grad_averaging: bool = True, max_grad_norm: float | None = 1.0, trust_clip: bool = False,
+        always_adapt: bool = False, caution: bool = False, decoupled_decay: bool = False,
+        corrected_weight_decay: bool = False, foreach: bool | None = None, *,
+        capturable: bool = False, master_weights: bool = False, master_sync: bool = True,
+        backend: str = "auto", grad_norm_group: Any = None,
+    ) -> None:  # fmt: skip
+        self._init_from_arguments(locals(), betas=tuple(betas))
 
     @classmethod
     def _check_group(cls, group: dict[str, Any]) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor
 
-from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
+from fusedopt.optim._base import FusedOptimizer, Params, check_betas, check_nonnegative
 
 
 class Lion(FusedOptimizer):
@@ -23,34 +22,17 @@ class Lion(FusedOptimizer):
     OP = "lion_"
 
     def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
-        use_triton: bool = False,
-        decoupled_weight_decay: bool = False,
-        *,
-        maximize: bool = False,
-        capturable: bool = False,
-        master_weights: bool = False,
-        master_sync: bool = True,
-        max_grad_norm: float | None = None,
-        backend: str = "auto",
-        grad_norm_group: Any = None,
-    ) -> None:
+        self, params: Params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0, use_triton: bool = False,
+        decoupled_weight_decay: bool = False, *, maximize: bool = False, capturable: bool = False,
+        master_weights: bool = False, master_sync: bool = True,
+        max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
+    ) -> None:  # fmt: skip
         del use_triton  # lion-pytorch's kernel switch; fusedopt picks by `backend`
         if not isinstance(lr, Tensor) and not lr > 0.0:
             raise ValueError(f"Invalid learning rate: {lr} (Lion needs lr > 0)")
         self._init_lr = float(lr)
-        defaults = dict(
-            lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-            capturable=capturable, master_weights=master_weights, master_sync=master_sync,
-            max_grad_norm=max_grad_norm,
-            backend=backend,
-        )  # fmt: skip
-        super().__init__(params, defaults, grad_norm_group)
+        self._init_from_arguments(locals(), betas=tuple(betas))
 
     @classmethod
     def _check_group(cls, group: dict[str, Any]) -> None:

@@ -98,15 +98,10 @@ class Muon(FusedOptimizer):
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        defaults = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-            ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
-            adjust_lr_fn=adjust_lr_fn, use_muon=use_muon, adamw_betas=tuple(adamw_betas),
-            adamw_eps=adamw_eps, max_grad_norm=max_grad_norm, capturable=capturable,
-            master_weights=master_weights, master_sync=master_sync, backend=backend,
-        )  # fmt: skip
         self._ns_scratch: dict[tuple, Tensor] = {}
-        super().__init__(params, defaults, grad_norm_group)
+        self._init_from_arguments(
+            locals(), ns_coefficients=tuple(ns_coefficients), adamw_betas=tuple(adamw_betas)
+        )
 
     # ----------------------------------------------------------------- groups
     @classmethod

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fusedopt.clip import local_tensor
-from fusedopt.optim._base import FusedOptimizer, check_nonnegative
+from fusedopt.optim._base import FusedOptimizer, Params, check_nonnegative
 
 
 class SGD(FusedOptimizer):
@@ -30,33 +29,14 @@ class SGD(FusedOptimizer):
     STEPS_COMPLEX = True  # as torch ([note: complex params] in _base.py)
 
     def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-3,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        capturable: bool = False,
-        master_weights: bool = False,
-        master_sync: bool = True,
-        max_grad_norm: float | None = None,
-        backend: str = "auto",
-        grad_norm_group: Any = None,
-    ) -> None:
-        defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, maximize=maximize, capturable=capturable,
-            master_weights=master_weights, master_sync=master_sync,
-            max_grad_norm=max_grad_norm, backend=backend,
-            foreach=foreach, fused=fused, differentiable=differentiable,
-        )  # fmt: skip
-        super().__init__(params, defaults, grad_norm_group)
+        self, params: Params, lr: float | Tensor = 1e-3, momentum: float = 0.0,
+        dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+        maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
+        fused: bool | None = None, capturable: bool = False,
+        master_weights: bool = False, master_sync: bool = True,
+        max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
+    ) -> None:  # fmt: skip
+        self._init_from_arguments(locals())
 
     @classmethod
     def _check_group(cls, group: dict[str, Any]) -> None:

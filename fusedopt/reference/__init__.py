@@ -19,6 +19,7 @@ from fusedopt.reference.ops import (
     muon_momentum_,
     opmath_dtype,
     scale_,
+    schedulefree_adamw_,
     sgd_,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "muon_momentum_",
     "opmath_dtype",
     "scale_",
+    "schedulefree_adamw_",
     "sgd_",
 ]
 
@@ -47,6 +49,7 @@ IMPLEMENTATIONS = {
     "lamb_apply_": lamb_apply_,
     "lion_": lion_,
     "adan_": adan_,
+    "schedulefree_adamw_": schedulefree_adamw_,
     "sgd_": sgd_,
     "muon_": muon_,
     "muon_momentum_": muon_momentum_,

@@ -215,18 +215,11 @@ def _lamb_two_pass(param, master_params, weight_decay, always_adapt) -> bool:
     return exact and (weight_decay != 0 or always_adapt)
 
 
-def _lamb_direction(i, t, params, grads, exp_avgs, exp_avg_sqs, master_params, beta1, beta2,
-                    eps, weight_decay, grad_averaging, bias_correction, grad_scale, clip_coef,
-                    master_sync):  # fmt: skip
-    """The param, the new moments and the update u of tensor i at step t, in opmath."""
-    opmath = opmath_dtype(params[i].dtype)
-    beta3, bc1, sqrt_bc2 = _lamb_coefficients(i, t, beta1, beta2, grad_averaging,
-                                              bias_correction)  # fmt: skip
-    g = load_grad(grads[i], opmath, grad_scale, clip_coef)
-    p = _load_param(params[i], master_params, i, opmath, master_sync)
+def _lamb_moments(i, g, exp_avgs, exp_avg_sqs, beta1, beta2, beta3, opmath):
+    """The new moments of tensor i from its loaded grad, in opmath."""
     m = beta1[i] * exp_avgs[i].to(opmath) + beta3 * g
     v = beta2[i] * exp_avg_sqs[i].to(opmath) + (1 - beta2[i]) * g * g
-    return p, m, v, _lamb_update(m, v, p, bc1, sqrt_bc2, eps[i], weight_decay[i])
+    return m, v
 
 
 def lamb_direction_(
@@ -237,23 +230,22 @@ def lamb_direction_(
     """LAMB's first pass (``fusedopt._contract.PHASE_OPS``): advances the steps, returns
     ``sq_norms`` [N, 2] (sum p², sum u² of each tensor that adapts, else 0) and stores the
     new moments of the tensors that take two passes (:func:`_lamb_two_pass`)."""
-    _, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
+    lr, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
     opmath = opmath_dtype(params[0].dtype) if params else torch.float32
     device = params[0].device if params else torch.device("cpu")
     sq_norms = torch.zeros((len(params), 2), dtype=opmath, device=device)
-    if _skip(found_inf):
-        return sq_norms
-    for i, param in enumerate(params):
+    scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, False, master_sync)
+    for i, opmath, _, g, p in _each_param(params, grads, master_params, *scalars):
         t = _next_step(steps[i])
         if weight_decay[i] == 0 and not always_adapt:
             continue
-        p, m, v, u = _lamb_direction(i, t, params, grads, exp_avgs, exp_avg_sqs, master_params,
-                                     beta1, beta2, eps, weight_decay, grad_averaging,
-                                     bias_correction, grad_scale, clip_coef,
-                                     master_sync)  # fmt: skip
+        beta3, bc1, sqrt_bc2 = _lamb_coefficients(i, t, beta1, beta2, grad_averaging,
+                                                  bias_correction)  # fmt: skip
+        m, v = _lamb_moments(i, g, exp_avgs, exp_avg_sqs, beta1, beta2, beta3, opmath)
+        u = _lamb_update(m, v, p, bc1, sqrt_bc2, eps[i], weight_decay[i])
         sq_norms[i, 0] = p.square().sum()
         sq_norms[i, 1] = u.square().sum()
-        if _lamb_two_pass(param, master_params, weight_decay[i], always_adapt):
+        if _lamb_two_pass(params[i], master_params, weight_decay[i], always_adapt):
             exp_avgs[i].copy_(m)
             exp_avg_sqs[i].copy_(v)
     return sq_norms
@@ -268,34 +260,27 @@ def lamb_apply_(
     ``p -= lr * (u * ratio)`` with u recomputed (from the stored new moments of a two-pass
     tensor, else from the grad and the old moments, which are then stored)."""
     lr, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
-    if _skip(found_inf):
-        return
-    for i, param in enumerate(params):
-        opmath = opmath_dtype(param.dtype)
-        t = float(steps[i].item())
-        adapt = weight_decay[i] != 0 or always_adapt
-        if _lamb_two_pass(param, master_params, weight_decay[i], always_adapt):
-            _, bc1, sqrt_bc2 = _lamb_coefficients(i, t, beta1, beta2, grad_averaging,
+    scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, False, master_sync)
+    for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
+        t = float(steps[i].item())  # advanced by lamb_direction_
+        beta3, bc1, sqrt_bc2 = _lamb_coefficients(i, t, beta1, beta2, grad_averaging,
                                                   bias_correction)  # fmt: skip
-            p = _load_param(param, master_params, i, opmath, master_sync)
-            m, v = exp_avgs[i].to(opmath), exp_avg_sqs[i].to(opmath)
-            u = _lamb_update(m, v, p, bc1, sqrt_bc2, eps[i], weight_decay[i])
+        if _lamb_two_pass(params[i], master_params, weight_decay[i], always_adapt):
+            m, v = exp_avgs[i].to(opmath), exp_avg_sqs[i].to(opmath)  # g is not read
         else:
-            p, m, v, u = _lamb_direction(i, t, params, grads, exp_avgs, exp_avg_sqs,
-                                         master_params, beta1, beta2, eps, weight_decay,
-                                         grad_averaging, bias_correction, grad_scale, clip_coef,
-                                         master_sync)  # fmt: skip
+            m, v = _lamb_moments(i, g, exp_avgs, exp_avg_sqs, beta1, beta2, beta3, opmath)
             exp_avgs[i].copy_(m)
             exp_avg_sqs[i].copy_(v)
+        u = _lamb_update(m, v, p, bc1, sqrt_bc2, eps[i], weight_decay[i])
         ratio = 1.0
-        if adapt:
+        if weight_decay[i] != 0 or always_adapt:
             w_norm, u_norm = sqrt_rn(sq_norms[i, 0].to(opmath)), sqrt_rn(sq_norms[i, 1].to(opmath))
             one = torch.ones((), dtype=opmath, device=p.device)
             ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, one)
             if trust_clip:
                 ratio = torch.clamp(ratio, max=1.0)
-        p = p - _lr(lr, lr_tensor, i, opmath) * (u * ratio)
-        _store_param(p, param, master_params, i)
+        p = p - lr_i * (u * ratio)
+        _store_param(p, params[i], master_params, i)
 
 
 def lamb_(
@@ -363,6 +348,38 @@ def adan_(
         exp_avg_diffs[i].copy_(v)
         neg_pre_grads[i].copy_(-g)
         _store_param(p, params[i], master_params, i)
+
+
+def _lerp(start: Tensor, end: Tensor, weight: float, one_minus_weight: float) -> Tensor:
+    """torch's lerp formula (``aten/src/ATen/native/Lerp.h``), from the end nearer the weight,
+    exact at weight 0 and 1; ``one_minus_weight`` is ``1 - weight`` as the caller rounds it."""
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * one_minus_weight
+
+
+def schedulefree_adamw_(
+    params, grads, zs, exp_avg_sqs, master_params, hypers, group_sizes,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+) -> None:  # fmt: skip
+    """Schedule-Free AdamW (Defazio et al. 2024), as the schedulefree package's
+    ``AdamWScheduleFree.step``: the params hold y, ``zs`` the base sequence z. ``lr`` (with the
+    warmup applied), ``ckp1`` and ``bias_correction2`` are the group's per-step scalars, which
+    the caller computes on the host (``fusedopt.ScheduleFreeAdamW``); no step counts."""
+    lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2 = _columns(hypers, group_sizes)
+    scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, False, master_sync)
+    for i, opmath, lr_i, g, y in _each_param(params, grads, master_params, *scalars):
+        b2, c = beta2[i], ckp1[i]
+        v = b2 * exp_avg_sqs[i].to(opmath) + (1 - b2) * g * g
+        u = g / (sqrt_rn(v / bias_correction2[i]) + eps[i])
+        if weight_decay[i] != 0:  # [note: zero weight decay]; the decay is taken at y
+            u = u + weight_decay[i] * y
+        z = zs[i].to(opmath)
+        y = _lerp(y, z, c, 1 - c)
+        y = y + lr_i * (beta1[i] * (1 - c) - 1) * u
+        zs[i].copy_(z - lr_i * u)
+        exp_avg_sqs[i].copy_(v)
+        _store_param(y, params[i], master_params, i)
 
 
 def sgd_(

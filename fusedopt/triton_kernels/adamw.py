@@ -16,16 +16,14 @@ from .common import (
     div,
     finish_tensor,
     hyper,
-    learning_rate,
     load,
-    locate_chunk,
     maximum,
     skipped,
     slot,
     sqrt,
     store,
 )
-from .drivers import for_each_block, param_args
+from .drivers import for_each_block, locate_step, param_args
 from .layout import layout, prepare
 from .multi_tensor import TableCache
 from .registry import register
@@ -71,9 +69,8 @@ def adamw_kernel(
 ):  # fmt: skip
     """One program per chunk; the chunk's last-finishing program advances the step count."""
     if not skipped(found_inf, HAS_FOUND_INF):
-        t, row, start, end = locate_chunk(chunks, table, WIDTH)
+        t, row, start, end, lr = locate_step(table, chunks, lr_tensor, WIDTH, L.N_SLOTS, LR_MODE)
         new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
-        lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE)
         beta1 = hyper(row, L.N_SLOTS, L.BETA1)
         beta2 = hyper(row, L.N_SLOTS, L.BETA2)
         weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)

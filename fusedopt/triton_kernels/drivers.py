@@ -1,6 +1,7 @@
-"""The traversal the kernels share, written once: for the step kernels the arguments every
-block function takes first (param, grad, master, grad_scale, clip_coef) and the loop over a
-chunk's blocks; for the mixed-dtype kernels (scale_, grad_norm) the choice of a row's dtype.
+"""The traversal the kernels share, written once: for the step kernels the program's tensor,
+chunk and lr (``locate_step``), the arguments every block function takes first (param, grad,
+master, grad_scale, clip_coef) and the loop over a chunk's blocks; for the mixed-dtype
+kernels (scale_, grad_norm) the choice of a row's dtype.
 
 An op's Triton kernel is then its block function (the per-element update of BLOCK elements,
 ``_<op>_block``), its prologue (the per-tensor scalars from its table row) and one call to
@@ -17,9 +18,11 @@ import triton.language as tl
 from .common import (
     BLOCK,
     full_blocks_end,
+    learning_rate,
     load_grad,
     load_param,
     load_scalar,
+    locate_chunk,
     slot,
     store_param,
     tail_block,
@@ -28,6 +31,19 @@ from .common import (
 #: The param and grad slots of every step op's table (the spec lists them first).
 PARAMS: tl.constexpr = tl.constexpr(0)
 GRADS: tl.constexpr = tl.constexpr(1)
+
+
+@triton.jit
+def locate_step(
+    table, chunks, lr_tensor, WIDTH: tl.constexpr, N_SLOTS: tl.constexpr,
+    LR_MODE: tl.constexpr,
+):  # fmt: skip
+    """What a step program finds first: its tensor ``t``, the tensor's table row, the element
+    range [start, end) of its chunk (``common.locate_chunk``) and the tensor's lr
+    (``common.learning_rate``: float64 or fp32 by LR_MODE; the caller rounds it per
+    [note: hyperparameter rounding])."""
+    t, row, start, end = locate_chunk(chunks, table, WIDTH)
+    return t, row, start, end, learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
 
 
 @triton.jit
@@ -46,19 +62,37 @@ def param_args(
 
 
 @triton.jit
+def fold_blocks(BLOCK_FN: tl.constexpr, start, end, carry, args):
+    """``carry = BLOCK_FN(offs, mask, carry, *args)`` over the elements [start, end) of one
+    tensor, in order: the whole BLOCKs unmasked (``mask`` None, a compile-time branch in
+    ``load``), then the partial last block masked (``tail_block``); returns ``carry``. The
+    carry is what a block hands the next: sums for a reduction (LAMB's norms pass), a
+    placeholder for an elementwise step (:func:`for_each_block`)."""
+    full_end = full_blocks_end(start, end)
+    for base in range(start, full_end, BLOCK):
+        carry = BLOCK_FN(base + tl.arange(0, BLOCK), None, carry, *args)
+    if full_end < end:
+        offs, mask = tail_block(full_end, end)
+        carry = BLOCK_FN(offs, mask, carry, *args)
+    return carry
+
+
+@triton.jit
 def _step_block(
-    BLOCK_FN: tl.constexpr, offs, mask, p_ptr, g_ptr, master_ptr, grad_scale, clip_coef, args,
-    flags, COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr,
+    offs, mask, carry, BLOCK_FN: tl.constexpr, common, args, flags, COMPUTE: tl.constexpr,
+    MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
     """Load the grad (unscaled, clipped, negated for MAXIMIZE) and the param (its master with
     MASTER), let ``BLOCK_FN(offs, mask, g, p, *args, *flags)`` update the op's states and
     return the new param, store it (and its master)."""
+    p_ptr, g_ptr, master_ptr, grad_scale, clip_coef = common
     g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   MAXIMIZE)  # fmt: skip
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
     p = BLOCK_FN(offs, mask, g, p, *args, *flags)
     store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
+    return carry
 
 
 @triton.jit
@@ -67,17 +101,12 @@ def for_each_block(
     MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
-    """The step of the elements [start, end) of one tensor (``common`` from ``param_args``):
-    the whole BLOCKs unmasked (``mask`` None, a compile-time branch in ``load``), then the
-    partial last block masked (``tail_block``), each through ``BLOCK_FN`` (``_step_block``)."""
-    full_end = full_blocks_end(start, end)
-    for base in range(start, full_end, BLOCK):
-        _step_block(BLOCK_FN, base + tl.arange(0, BLOCK), None, *common, args, flags, COMPUTE,
-                    MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
-    if full_end < end:
-        offs, mask = tail_block(full_end, end)
-        _step_block(BLOCK_FN, offs, mask, *common, args, flags, COMPUTE, MASTER, HAS_GRAD_SCALE,
-                    HAS_CLIP, MAXIMIZE)  # fmt: skip
+    """The elementwise step of the elements [start, end) of one tensor (``common`` from
+    ``param_args``): :func:`fold_blocks` over ``_step_block``, which loads g and p, calls
+    ``BLOCK_FN`` and stores p."""
+    nothing = tl.zeros((), tl.int32)  # an elementwise step hands nothing on (folded away)
+    fold_blocks(_step_block, start, end, nothing, (BLOCK_FN, common, args, flags, COMPUTE,
+                MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE))  # fmt: skip
 
 
 @triton.jit

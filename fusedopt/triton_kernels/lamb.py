@@ -44,21 +44,18 @@ from .common import (
     bias_correction,
     div,
     finish_tensor,
-    full_blocks_end,
     hyper,
-    learning_rate,
     load,
     load_grad,
     load_param,
-    load_scalar,
     locate_chunk,
     skipped,
     slot,
     sqrt,
     store,
     store_param,
-    tail_block,
 )
+from .drivers import fold_blocks, locate_step, param_args
 from .layout import layout, prepare
 from .multi_tensor import TableCache
 from .registry import register
@@ -100,11 +97,30 @@ def _coefficients(row, new_step, COMPUTE: tl.constexpr, GRAD_AVERAGING: tl.const
 
 
 @triton.jit
-def _norms_block(
-    offs, mask, w_acc, u_acc, p_ptr, g_ptr, m_ptr, v_ptr, master_ptr, grad_scale, clip_coef,
-    coefficients, COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_CLIP: tl.constexpr, STATES_EXACT: tl.constexpr,
+def _block_args(
+    row, new_step, grad_scale, clip_coef, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+    S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_CLIP: tl.constexpr, GRAD_AVERAGING: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):  # fmt: skip
+    """What a block of either pass takes: ``drivers.param_args``, the moment pointers and the
+    coefficients of the update."""
+    return (
+        param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE, COMPUTE,
+                   HAS_GRAD_SCALE, HAS_CLIP, ALIGNED),
+        slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
+        _coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
+    )  # fmt: skip
+
+
+@triton.jit
+def _norms_block(
+    offs, mask, sums, block_args, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, STATES_EXACT: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 over BLOCK elements (``drivers.fold_blocks``): ``sums`` (of p², of u², per lane)
+    plus this block's; the moments stored when STATES_EXACT."""
+    (p_ptr, g_ptr, master_ptr, grad_scale, clip_coef), m_ptr, v_ptr, coefficients = block_args
     beta1, beta3, beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = (
         coefficients
     )
@@ -119,6 +135,7 @@ def _norms_block(
         store(v_ptr, offs, mask, v)
     if mask is not None:
         u = tl.where(mask, u, 0.0)  # masked lanes: eps > 0 keeps u finite, but not 0
+    w_acc, u_acc = sums
     return w_acc + p * p, u_acc + u * u
 
 
@@ -145,25 +162,12 @@ def lamb_norms_kernel(
         step_ptr = slot(row, L.STEPS, tl.float32, False)
         new_step = tl.load(step_ptr) + 1.0
         end = tl.where(_adapts(row, ALWAYS_ADAPT), end, start)  # no elements: partials 0
-        args = (
-            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
-            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
-            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
-            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
-            load_scalar(clip_coef, HAS_CLIP, COMPUTE),
-            _coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
-        )  # fmt: skip
-        w_acc = tl.zeros((BLOCK,), COMPUTE)
-        u_acc = tl.zeros((BLOCK,), COMPUTE)
-        full_end = full_blocks_end(start, end)
-        for base in range(start, full_end, BLOCK):
-            w_acc, u_acc = _norms_block(base + tl.arange(0, BLOCK), None, w_acc, u_acc, *args,
-                                        COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
-                                        STATES_EXACT)  # fmt: skip
-        if full_end < end:
-            offs, mask = tail_block(full_end, end)
-            w_acc, u_acc = _norms_block(offs, mask, w_acc, u_acc, *args, COMPUTE, MASTER,
-                                        HAS_GRAD_SCALE, HAS_CLIP, STATES_EXACT)  # fmt: skip
+        block_args = _block_args(row, new_step, grad_scale, clip_coef, P_DTYPE, G_DTYPE, S_DTYPE,
+                                 COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, GRAD_AVERAGING,
+                                 BIAS_CORRECTION, ALIGNED)  # fmt: skip
+        zeros = tl.zeros((BLOCK,), COMPUTE)
+        w_acc, u_acc = fold_blocks(_norms_block, start, end, (zeros, zeros), (block_args, COMPUTE,
+                                   MASTER, HAS_GRAD_SCALE, HAS_CLIP, STATES_EXACT))  # fmt: skip
         pid = tl.program_id(0)
         tl.store(partials + 2 * pid, tl.sum(w_acc, axis=0))
         tl.store(partials + 2 * pid + 1, tl.sum(u_acc, axis=0))
@@ -208,10 +212,11 @@ def _trust_ratio(row, sq_norms, t, COMPUTE: tl.constexpr, TRUST_CLIP: tl.constex
 
 @triton.jit
 def _apply_block(
-    offs, mask, ratio, lr, two_pass, p_ptr, g_ptr, m_ptr, v_ptr, master_ptr, grad_scale,
-    clip_coef, coefficients, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    offs, mask, carry, ratio, lr, two_pass, block_args, COMPUTE: tl.constexpr,
+    MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
 ):  # fmt: skip
+    """Pass 3 over BLOCK elements (``drivers.fold_blocks``; nothing carried)."""
+    (p_ptr, g_ptr, master_ptr, grad_scale, clip_coef), m_ptr, v_ptr, coefficients = block_args
     beta1, beta3, beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = (
         coefficients
     )
@@ -228,6 +233,7 @@ def _apply_block(
         store(v_ptr, offs, mask, v)
     u = _update(m, v, p, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay)
     store_param(p_ptr, master_ptr, offs, mask, p - lr * (u * ratio), MASTER)
+    return carry
 
 
 @triton.jit
@@ -242,27 +248,15 @@ def lamb_apply_kernel(
 ):  # fmt: skip
     """Pass 3, per chunk: p -= lr * (u * ratio), at the step count pass 1 advanced."""
     if not skipped(found_inf, HAS_FOUND_INF):
-        t, row, start, end = locate_chunk(chunks, table, WIDTH)
+        t, row, start, end, lr = locate_step(table, chunks, lr_tensor, WIDTH, L.N_SLOTS, LR_MODE)
         new_step = tl.load(slot(row, L.STEPS, tl.float32, False))
         ratio = _trust_ratio(row, sq_norms, t, COMPUTE, TRUST_CLIP, ALWAYS_ADAPT)
-        lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE).to(COMPUTE)
         two_pass = _adapts(row, ALWAYS_ADAPT) if STATES_EXACT else False  # [note: lamb passes]
-        args = (
-            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
-            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
-            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
-            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
-            load_scalar(clip_coef, HAS_CLIP, COMPUTE),
-            _coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
-        )  # fmt: skip
-        full_end = full_blocks_end(start, end)
-        for base in range(start, full_end, BLOCK):
-            _apply_block(base + tl.arange(0, BLOCK), None, ratio, lr, two_pass, *args, COMPUTE,
-                         MASTER, HAS_GRAD_SCALE, HAS_CLIP)  # fmt: skip
-        if full_end < end:
-            offs, mask = tail_block(full_end, end)
-            _apply_block(offs, mask, ratio, lr, two_pass, *args, COMPUTE, MASTER,
-                         HAS_GRAD_SCALE, HAS_CLIP)  # fmt: skip
+        block_args = _block_args(row, new_step, grad_scale, clip_coef, P_DTYPE, G_DTYPE, S_DTYPE,
+                                 COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, GRAD_AVERAGING,
+                                 BIAS_CORRECTION, ALIGNED)  # fmt: skip
+        fold_blocks(_apply_block, start, end, tl.zeros((), tl.int32), (ratio, lr.to(COMPUTE),
+                    two_pass, block_args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP))  # fmt: skip
 
 
 _TABLES = TableCache()

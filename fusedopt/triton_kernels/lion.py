@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import hyper, learning_rate, load, locate_chunk, skipped, slot, store
-from .drivers import for_each_block, param_args
+from .common import hyper, load, skipped, slot, store
+from .drivers import for_each_block, locate_step, param_args
 from .layout import layout, prepare
 from .multi_tensor import TableCache
 from .registry import register
@@ -47,8 +47,7 @@ def lion_kernel(
 ):  # fmt: skip
     """One program per chunk."""
     if not skipped(found_inf, HAS_FOUND_INF):
-        t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE)
+        _, row, start, end, lr = locate_step(table, chunks, lr_tensor, WIDTH, L.N_SLOTS, LR_MODE)
         beta1 = hyper(row, L.N_SLOTS, L.BETA1)
         beta2 = hyper(row, L.N_SLOTS, L.BETA2)
         weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)

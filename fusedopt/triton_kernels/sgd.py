@@ -53,6 +53,8 @@ def sgd_kernel(
 ):  # fmt: skip
     """One program per chunk; with momentum, the last-finishing chunk advances the step."""
     if not skipped(found_inf, HAS_FOUND_INF):
+        # locate_chunk, not drivers.locate_step: the lr is read late (in `args`); read first,
+        # it cost the fp64 variant an 8-byte stack (Triton 3.8, sm_90; test_triton_static.py).
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
         step_ptr = slot(row, L.STEPS, tl.float32, False)
         new_step = tl.full((), 1.0, tl.float32)

@@ -208,6 +208,10 @@ _LAMB = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=1e-2)
 _LAMB_FLAGS = dict(grad_averaging=True, bias_correction=True, trust_clip=False, always_adapt=False)
 _ADAN = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=2e-2)
 _SGD = dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=1e-3)
+# Schedule-Free AdamW: ckp1 and bias_correction2 are the group's per-step scalars (host-made
+# by the class; constant here). ckp1 < 0.5 and >= 0.5 take the two forms of torch's lerp.
+_SF_ADAMW = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, ckp1=0.25,
+                 bias_correction2=0.05)  # fmt: skip
 
 #: Every option set of every step op. The first of each op is its default (used by the
 #: tiers that vary something else).
@@ -262,6 +266,22 @@ OPTIONS: dict[str, list[OpOptions]] = {
         _options("adan_", "prox_wd", {"no_prox": False}, **_ADAN),
         _options("adan_", "no_prox_wd", {"no_prox": True}, **_ADAN),
         _options("adan_", "no_wd", {"no_prox": False}, **{**_ADAN, "weight_decay": 0.0}),
+    ],
+    "schedulefree_adamw_": [
+        _options("schedulefree_adamw_", "wd", {}, **_SF_ADAMW),
+        _options(
+            "schedulefree_adamw_",
+            "no_wd_lerp_from_z",
+            {},
+            **{**_SF_ADAMW, "weight_decay": 0.0, "ckp1": 0.75, "bias_correction2": 0.9},
+        ),
+        # The first step: ckp1 = 1 (y = z exactly), bias_correction2 = 1 - beta2.
+        _options(
+            "schedulefree_adamw_",
+            "first_step",
+            {},
+            **{**_SF_ADAMW, "ckp1": 1.0, "bias_correction2": 1 - 0.999},
+        ),
     ],
     "sgd_": [
         _options("sgd_", "momentum", {"nesterov": False, "maximize": False}, **_SGD),
@@ -327,6 +347,8 @@ def per_tensor_values(name: str, value: float, n: int, differ: bool) -> list[flo
         "weight_decay": 0.0,
         "momentum": 0.0,
         "dampening": 0.5,
+        "ckp1": 0.6,
+        "bias_correction2": 0.5,
     }[name]
     return [value if i % 2 == 0 else second for i in range(n)]
 

@@ -173,6 +173,13 @@ struct AdanCall {
   FUSEDOPT_STEP_CALL_FIELDS(ADAN)
 };
 
+/// schedulefree_adamw_ (the schedulefree package's AdamWScheduleFree; params hold y, zs hold
+/// z; no step counts: ckp1 and bias_correction2 are hyperparameter columns from the host).
+/// Per element: reads g, y, z, v (+master); writes y, z, v (+master).
+struct ScheduleFreeAdamWCall {
+  FUSEDOPT_STEP_CALL_FIELDS(SCHEDULEFREEADAMW)
+};
+
 /// sgd_. momentum_buffers and lists.steps are both present or both absent (no momentum).
 /// A param whose step count is 0 before this step takes buf = g.
 /// Per element: reads g, p (+buf); writes p (+buf).

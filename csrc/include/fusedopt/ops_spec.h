@@ -18,7 +18,7 @@
 #pragma once
 
 #define FUSEDOPT_COMMON_FLAGS(X) X(master_sync, MasterSync, 0, true)
-#define FUSEDOPT_STEP_OPS(X) X(adamw, ADAMW, AdamW) X(lamb, LAMB, Lamb) X(lion, LION, Lion) X(adan, ADAN, Adan) X(sgd, SGD, Sgd)
+#define FUSEDOPT_STEP_OPS(X) X(adamw, ADAMW, AdamW) X(lamb, LAMB, Lamb) X(lion, LION, Lion) X(adan, ADAN, Adan) X(schedulefree_adamw, SCHEDULEFREEADAMW, ScheduleFreeAdamW) X(sgd, SGD, Sgd)
 
 // adamw_
 #define FUSEDOPT_ADAMW_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(max_exp_avg_sqs, MaxExpAvgSqs, 2, false, amsgrad)
@@ -51,6 +51,14 @@
 #define FUSEDOPT_ADAN_STEPS(X) X(steps)
 #define FUSEDOPT_ADAN_STEPS_OPTIONAL false
 #define FUSEDOPT_ADAN_STEPS_WITH(X)
+
+// schedulefree_adamw_
+#define FUSEDOPT_SCHEDULEFREEADAMW_STATES(X) X(zs, Zs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true)
+#define FUSEDOPT_SCHEDULEFREEADAMW_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(eps, Eps, 3) X(weight_decay, WeightDecay, 4) X(ckp1, Ckp1, 5) X(bias_correction2, BiasCorrection2, 6)
+#define FUSEDOPT_SCHEDULEFREEADAMW_FLAGS(X)
+#define FUSEDOPT_SCHEDULEFREEADAMW_STEPS(X)
+#define FUSEDOPT_SCHEDULEFREEADAMW_STEPS_OPTIONAL true
+#define FUSEDOPT_SCHEDULEFREEADAMW_STEPS_WITH(X)
 
 // sgd_
 #define FUSEDOPT_SGD_STATES(X) X(momentum_buffers, MomentumBuffers, 0, true, true)
@@ -86,6 +94,12 @@ inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kBeta3 = 3, kEps = 4, kWei
 inline constexpr int kNoProx = 0, kNumFlags = 1;
 }  // namespace adan
 
+namespace schedulefree_adamw {
+inline constexpr int kZs = 0, kExpAvgSqs = 1, kNumStates = 2;
+inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kCkp1 = 5, kBiasCorrection2 = 6, kNumHypers = 7;
+inline constexpr int kNumFlags = 0;
+}  // namespace schedulefree_adamw
+
 namespace sgd {
 inline constexpr int kMomentumBuffers = 0, kNumStates = 1;
 inline constexpr int kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kNumHypers = 4;
@@ -93,7 +107,7 @@ inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
 }  // namespace sgd
 
 inline constexpr int kMaxStates = 4;
-inline constexpr int kMaxHypers = 6;
+inline constexpr int kMaxHypers = 7;
 inline constexpr int kMaxFlags = 4;
 
 }  // namespace fusedopt::spec
