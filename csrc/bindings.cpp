@@ -65,6 +65,13 @@ struct Scratch {
   }                                                                                        \
   static void lamb_apply(const LambApplyCall& c, const ExecContext& x) { ns::lamb_apply(c, x); }
 
+// muon_'s two passes (muon_momentum_, muon_apply_), in every backend.
+#define FUSEDOPT_MUON_PASS_LAUNCHERS(ns)                                                    \
+  static void muon_momentum(const MuonCall& c, const ExecContext& x) {                      \
+    ns::muon_momentum(c, x);                                                                \
+  }                                                                                         \
+  static void muon_apply(const MuonCall& c, const ExecContext& x) { ns::muon_apply(c, x); }
+
 struct CpuBackend {
   static constexpr const char* kName = "cpu";
   static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
@@ -80,6 +87,7 @@ struct CpuBackend {
   static void op(const Stem##Call& c, const ExecContext& x) { cpu::op(c, x); }
   FUSEDOPT_STEP_OPS(FUSEDOPT_CPU_LAUNCHER)
   FUSEDOPT_LAMB_PASS_LAUNCHERS(cpu)
+  FUSEDOPT_MUON_PASS_LAUNCHERS(cpu)
 };
 
 #ifdef FUSEDOPT_WITH_CUDA
@@ -98,6 +106,7 @@ struct CudaBackend {
   static void op(const Stem##Call& c, const ExecContext& x) { cuda::op(c, x); }
   FUSEDOPT_STEP_OPS(FUSEDOPT_CUDA_LAUNCHER)
   FUSEDOPT_LAMB_PASS_LAUNCHERS(cuda)
+  FUSEDOPT_MUON_PASS_LAUNCHERS(cuda)
 };
 #endif
 
@@ -298,17 +307,21 @@ class StepArguments {
   c10::Device device() const { return device_; }
   const StepLists& lists() const { return lists_; }
 
-  /// A per-param state list (exp_avgs...): fp32 with master weights, else the param dtype.
-  TensorSlot state(const char* name, TensorList states, bool may_be_empty) {
+  /// A per-param state list (exp_avgs...): fp32 with master weights, else the param dtype
+  /// (layout "param"); `fixed` names the dtype of a list whose layout fixes it (Muon's
+  /// ns_buffers: "bf16").
+  TensorSlot state(const char* name, TensorList states, bool may_be_empty,
+                   std::optional<DType> fixed = std::nullopt) {
     check_.length(name, states.size(), n_, may_be_empty);
+    const DType expected = fixed.value_or(state_dtype_);
     for (size_t i = 0; i < states.size(); ++i) {
       const Indexed where{name, i};
       const DType d = check_.tensor(states[i], where);
       check_.like(states[i], params_[i], where);
-      TORCH_CHECK_TYPE(d == state_dtype_, check_.op(), ": ", where, " has dtype ",
-                       states[i].scalar_type(), ", expected ", dtype_name(state_dtype_));
+      TORCH_CHECK_TYPE(d == expected, check_.op(), ": ", where, " has dtype ",
+                       states[i].scalar_type(), ", expected ", dtype_name(expected));
     }
-    states_.push_back(table(states, state_dtype_));
+    states_.push_back(table(states, expected));
     return states_.back().slot();
   }
 
@@ -570,6 +583,45 @@ void lamb_apply_impl(FUSEDOPT_LAMB_PASS_PARAMS const Tensor& sq_norms,
   });
 }
 
+// muon_'s passes (fusedopt/_contract.py PHASE_OPS): muon_'s arguments, each pass one
+// launch. muon_ itself runs torch's Newton-Schulz GEMMs between them, so it is composed in
+// Python for every backend ([note: muon passes] in fusedopt/optim/muon.py).
+#define FUSEDOPT_MUON_PASS_PARAMS                                                             \
+  TensorList params, TensorList grads, TensorList momentum_buffers, TensorList ns_buffers,   \
+      TensorList master_params, const Tensor &hypers, c10::IntArrayRef group_sizes,          \
+      bool nesterov, const OptTensor &lr_tensor, const OptTensor &grad_scale,                \
+      const OptTensor &clip_coef, const OptTensor &found_inf, bool master_sync
+
+/// Checks a Muon pass's muon_ arguments and launches `pass` (not for an empty call).
+template <class B, class Pass>
+void muon_pass(const char* name, Pass pass, FUSEDOPT_MUON_PASS_PARAMS) {
+  const Checker check(op_name<B>(name), B::kDeviceType);
+  StepArguments args(check, params, grads, master_params, {}, true, lr_tensor, grad_scale,
+                     clip_coef, found_inf, master_sync);
+  MuonCall call;
+  call.momentum_buffers = args.state("momentum_buffers", momentum_buffers, false);
+  call.ns_buffers = args.state("ns_buffers", ns_buffers, false, DType::kBFloat16);
+  args.hypers(hypers, group_sizes, spec::muon::kNumHypers);
+  if (args.size() == 0) return;
+  call.lists = args.lists();
+  call.nesterov = nesterov;
+  launch<B>(args.device(), call, pass);
+}
+
+#define FUSEDOPT_MUON_PASS_ARGS                                                         \
+  params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov, \
+      lr_tensor, grad_scale, clip_coef, found_inf, master_sync
+
+template <class B>
+void muon_momentum_impl(FUSEDOPT_MUON_PASS_PARAMS) {
+  muon_pass<B>("muon_momentum", B::muon_momentum, FUSEDOPT_MUON_PASS_ARGS);
+}
+
+template <class B>
+void muon_apply_impl(FUSEDOPT_MUON_PASS_PARAMS) {
+  muon_pass<B>("muon_apply", B::muon_apply, FUSEDOPT_MUON_PASS_ARGS);
+}
+
 /// Registers every op of backend B.
 template <class B>
 void register_backend(torch::Library& m) {
@@ -579,6 +631,8 @@ void register_backend(torch::Library& m) {
   FUSEDOPT_STEP_OPS(FUSEDOPT_REGISTER_STEP)
   m.impl(op_name<B>("lamb_direction").c_str(), &lamb_direction_impl<B>);
   m.impl(op_name<B>("lamb_apply").c_str(), &lamb_apply_impl<B>);
+  m.impl(op_name<B>("muon_momentum").c_str(), &muon_momentum_impl<B>);
+  m.impl(op_name<B>("muon_apply").c_str(), &muon_apply_impl<B>);
 }
 
 }  // namespace

@@ -142,13 +142,16 @@ class StepOpSpec:
     states: tuple[TensorListSpec, ...]
     hypers: tuple[str, ...]
     flag_specs: tuple[FlagSpec, ...]
-    #: the C++ stem: ``<cpp>Call`` in launch.h, ``FUSEDOPT_<CPP upper>_*`` macros; None for an
-    #: op that has no C++ (cpu, cuda) implementation yet: ops_spec.h leaves it out and
-    #: ``backend="auto"`` picks triton / reference for it ([note: ops without C++])
-    cpp: str | None
+    #: the C++ stem: ``<cpp>Call`` in launch.h, ``FUSEDOPT_<CPP upper>_*`` macros
+    cpp: str
     steps: str = "required"  # "required", "optional" (empty or one per param) or "none"
     #: with optional steps: the list that is given iff the steps are (sgd's momentum buffers)
     steps_with: str | None = None
+    #: whether C++ has one launcher for the whole step (``FUSEDOPT_STEP_OPS``). False: the
+    #: step runs torch ops between its passes (Muon's Newton-Schulz GEMMs), so C++ implements
+    #: the passes only and every backend's step op is a Python composition of them ([note:
+    #: muon passes] in fusedopt/optim/muon.py)
+    cpp_launcher: bool = True
 
     @property
     def tensor_lists(self) -> tuple[TensorListSpec, ...]:
@@ -321,7 +324,7 @@ STEP_OPS: dict[str, StepOpSpec] = {
         ),
         StepOpSpec(
             "muon_",
-            cpp=None,
+            cpp="Muon",
             doc="Muon (torch.optim.Muon) on 2-D params: buf = lerp(buf, g, 1-momentum); "
             "u = lerp(g, buf, momentum) if nesterov else buf; ns_buffers = bf16(u); O = "
             "Newton-Schulz(ns_buffers) (ns_steps quintic steps (ns_a, ns_b, ns_c) in bf16 on "
@@ -346,6 +349,7 @@ STEP_OPS: dict[str, StepOpSpec] = {
             ),
             flag_specs=(FlagSpec("nesterov", True),),
             steps="none",
+            cpp_launcher=False,
         ),
     )
 }
@@ -523,3 +527,10 @@ def _define_all() -> None:
 
 
 _define_all()
+
+
+def register_composite(op: str, backend: str, dispatch_key: str, fn) -> None:
+    """Implement ``op`` of ``backend`` for ``dispatch_key`` in Python with ``fn``: a step op
+    that the backend runs as its pass ops with torch ops between them (``muon_`` on cpu and
+    cuda: fusedopt._C implements its passes, [note: muon passes])."""
+    torch.library.impl(f"{NAMESPACE}::{op_name(op, backend)}", dispatch_key, fn, lib=_LIBRARY)

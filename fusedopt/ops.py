@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import inspect
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
@@ -37,35 +36,16 @@ Hyper = float | Sequence[float]
 Tensors = Sequence[Tensor]
 
 
-def _resolve(backend: str, device: torch.device, native: bool = True) -> str:
-    return _resolve_device_type(backend, device.type, native)
-
-
-#: The backends implemented in ``fusedopt._C``.
-_NATIVE_BACKENDS = ("cpu", "cuda")
+def _resolve(backend: str, device: torch.device) -> str:
+    return _resolve_device_type(backend, device.type)
 
 
 @torch.compiler.assume_constant_result
-def _resolve_device_type(backend: str, device_type: str, native: bool = True) -> str:
+def _resolve_device_type(backend: str, device_type: str) -> str:
     """``fusedopt._backend.resolve`` as a compile-time constant: it imports modules and reads
     the environment, which Dynamo cannot trace (a graph break in every compiled step); the
-    choice is fixed for a device type anyway, so ``torch.compile`` bakes it into the graph.
-
-    [note: ops without C++] ``native=False``: the op has no ``fusedopt._C`` implementation
-    yet (its spec's ``cpp`` is None: Muon's passes). ``auto`` then takes the next backend of
-    the device's order (triton on CUDA, reference on the CPU); naming cpu or cuda is an error
-    that says so, never a silent fallback."""
-    choice = _resolve_backend(backend, torch.device(device_type))
-    if native or choice not in _NATIVE_BACKENDS:
-        return choice
-    explicit = backend != "auto" or os.environ.get("FUSEDOPT_BACKEND", "auto") not in ("", "auto")
-    if explicit:
-        raise RuntimeError(
-            f"fusedopt backend {choice!r} has no implementation of this op yet (no C++ "
-            "kernel); use backend='triton' or 'reference'"
-        )
-    return _resolve_backend("triton" if device_type == "cuda" else "reference",
-                            torch.device(device_type))  # fmt: skip
+    choice is fixed for a device type anyway, so ``torch.compile`` bakes it into the graph."""
+    return _resolve_backend(backend, torch.device(device_type))
 
 
 class GradNorm(tuple):
@@ -363,7 +343,7 @@ def step(
     check_scalar(grad_scale, "grad_scale", op, device, allow_fp64=fp64)
     check_scalar(clip_coef, "clip_coef", op, device, allow_fp64=fp64)
     check_scalar(found_inf, "found_inf", op, device)
-    handle = _contract.op_handle(op, _resolve(backend, device, spec.cpp is not None))
+    handle = _contract.op_handle(op, _resolve(backend, device))
     extra = _phase_inputs(phase, inputs or {}, params, device)
     call_flags = [bool(flags[f]) for f in spec.flags]
     master_sync = bool(flags.get("master_sync", True))

@@ -61,13 +61,13 @@ def render() -> str:
         "//   FUSEDOPT_OP_STEPS_WITH(X)   X(list) when the steps are given iff that list is",
         "// FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends",
         "// with, after the common scalars (master_sync).",
-        "// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops; namespace fusedopt::spec::<op> has",
+        "// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops with one C++ launcher for the step",
+        "// (not muon_: its passes have theirs, launch.h); namespace fusedopt::spec::<op> has",
         "// the indices (kExpAvgs, kBeta1, kDecoupled...) and the counts (kNumStates...).",
         "#pragma once",
         "",
     ]
-    # [note: ops without C++] an op whose spec has no C++ stem has no C++ view yet
-    ops = [s for s in STEP_OPS.values() if s.cpp is not None]
+    ops = list(STEP_OPS.values())
     out += _macro(
         "FUSEDOPT_COMMON_FLAGS",
         [
@@ -77,7 +77,7 @@ def render() -> str:
     )
     out += _macro(
         "FUSEDOPT_STEP_OPS",
-        [f"X({s.name.rstrip('_')}, {s.cpp.upper()}, {s.cpp})" for s in ops],
+        [f"X({s.name.rstrip('_')}, {s.cpp.upper()}, {s.cpp})" for s in ops if s.cpp_launcher],
     )
     for s in ops:
         op = s.cpp.upper()

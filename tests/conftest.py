@@ -55,18 +55,13 @@ ORACLE_TRAJECTORY_TESTS = (
 
 
 def _skip_what_a_case_cannot_run(items):
-    """An optimizer case on a backend that lacks its op ([note: ops without C++]), or an
-    oracle-trajectory test of a case that has none, is skipped with the reason."""
+    """An oracle-trajectory test of a case that has none is skipped with the reason."""
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        case, backend = params.get("case"), params.get("backend")
+        case = params.get("case")
         if case is None or not hasattr(case, "no_oracle_trajectory"):
             continue
-        from optim_cases import unimplemented
-
-        reason = unimplemented(case, backend) if backend else None
-        if reason is None and item.originalname in ORACLE_TRAJECTORY_TESTS:
-            reason = case.no_oracle_trajectory
+        reason = case.no_oracle_trajectory if item.originalname in ORACLE_TRAJECTORY_TESTS else None
         if reason is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
 

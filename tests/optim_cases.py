@@ -42,17 +42,6 @@ class Case:
     no_oracle_trajectory: str | None = None
 
 
-def unimplemented(case: Case, backend: str) -> str | None:
-    """Why ``case`` cannot run on ``backend`` here (None: it can): a class whose op has no
-    C++ implementation yet on the cpu and cuda backends ([note: ops without C++])."""
-    from fusedopt import _contract
-
-    op = getattr(case.cls, "OP", None)
-    if backend in ("cpu", "cuda") and op and _contract.STEP_OPS[op].cpp is None:
-        return f"{case.cls.__name__}'s {op} has no {backend} (C++) implementation yet"
-    return None
-
-
 def torch_twin(name: str, cls: type, **kwargs: Any) -> Case:
     """A case whose torch twin is the torch.optim class of the same name, with the same
     arguments."""

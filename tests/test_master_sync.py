@@ -23,12 +23,6 @@ BACKENDS = backend_device_params()
 STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "muon_apply_")
 
 
-def _skip_unimplemented(op: str, backend: str) -> None:
-    """Muon's passes have no cpu/cuda implementation yet ([note: ops without C++])."""
-    if op.startswith("muon") and backend in ("cpu", "cuda"):
-        pytest.skip(f"{op} has no {backend} (C++) implementation yet")
-
-
 N = 1029  # not a multiple of any vector width; crosses a Triton block
 
 
@@ -113,7 +107,6 @@ def test_master_adopts_written_params(op, sync, dtype, target):
     to the old master (no sync: the write is lost), bit for bit; the param is always
     ``master.to(dtype)``. LAMB's trust ratio thus uses the norm of the adopted master."""
     backend, device = target
-    _skip_unimplemented(op, backend)
     gen = torch.Generator().manual_seed(1)
     # A NaN in the second tensor only, and not for LAMB (its norms would make it all NaN).
     pairs = [_written(dtype, device, gen, nan=i == 1 and op != "lamb_") for i in range(2)]
@@ -148,7 +141,6 @@ def test_skipped_step_adopts_nothing(op, target):
     """A step skipped by found_inf changes nothing, the master included: the next step that
     runs adopts the write."""
     backend, device = target
-    _skip_unimplemented(op, backend)
     gen = torch.Generator().manual_seed(2)
     master, param = _written(torch.bfloat16, device, gen)
     grads = [torch.randn(N, generator=gen).to(device=device, dtype=torch.bfloat16)]

@@ -216,16 +216,6 @@ def _step_cases():
     return cases
 
 
-def _skip_unimplemented(op: str, backend: str) -> None:
-    """Skip a backend that has no implementation of ``op`` ([note: ops without C++])."""
-    from fusedopt import _contract
-
-    phase = _contract.PHASE_OPS.get(op)
-    spec = phase.step if phase is not None else _contract.STEP_OPS[op]
-    if spec.cpp is None and backend in ("cpu", "cuda"):
-        pytest.skip(f"{op} has no {backend} (C++) implementation yet")
-
-
 def _run(op: str, kwargs: dict):
     return getattr(ops, op)(**kwargs)
 
@@ -371,7 +361,6 @@ def test_non_dense_params_step_as_dense_copies(op, masters, backend):
     """[note: non-dense params]: non-dense params (and a non-dense grad and state of one) are
     stepped through dense twins: bit for bit the dense call's result, written back into the
     views, nothing between them touched."""
-    _skip_unimplemented(op, backend)
     kwargs, dense, bases = _non_dense_call(op, masters)
     _run(op, {**kwargs, "backend": backend})
     _run(op, {**dense, "backend": backend})
@@ -389,7 +378,6 @@ def test_non_dense_params_step_as_dense_copies(op, masters, backend):
 @pytest.mark.parametrize("op", STEP_OPS)
 def test_non_dense_params_skipped_step_writes_the_same_bits(op, backend):
     """With found_inf set the twins come back unchanged: every view keeps its bits."""
-    _skip_unimplemented(op, backend)
     kwargs, _, bases = _non_dense_call(op, False)
     kwargs["found_inf"] = torch.ones(())
     before = [base.clone() for _, base in bases]
@@ -436,17 +424,3 @@ def test_overlapping_tensors_are_read_but_not_written():
     with pytest.raises(RuntimeError, match=r"tensors\[1\] overlaps itself"):
         ops.scale_(kwargs["tensors"], kwargs["scale"], kwargs["found_inf"])
     assert _unchanged(kwargs, before)
-
-
-@pytest.mark.parametrize("backend", ["cpu", "cuda"])
-def test_an_op_without_cpp_names_it_on_the_cpp_backends(backend):
-    """[note: ops without C++]: asking cpu or cuda for Muon's passes is an error that says
-    so (never a silent fallback), raised before any tensor is touched; auto picks the
-    reference on the CPU."""
-    kwargs = _valid("muon_momentum_")
-    before = _snapshot(kwargs)
-    with pytest.raises(RuntimeError, match=r"(no implementation of this op yet|not usable)"):
-        _run("muon_momentum_", {**kwargs, "backend": backend})
-    assert _unchanged(kwargs, before)
-    _run("muon_momentum_", kwargs)
-    assert not _unchanged(kwargs, before)

@@ -18,8 +18,8 @@ from fusedopt.newton_schulz import newton_schulz_
 NS = (3.4445, -4.7750, 2.0315)
 SHAPES = [(6, 4), (6, 4), (4, 6), (8, 8), (5, 3), (6, 4)]
 
-#: The backends that implement Muon's passes here ([note: ops without C++]).
-BACKENDS = [b for b in ("reference", "triton") if fusedopt.backends()[b].usable]
+#: The backends usable on the CPU here (cuda: tests/test_optim_api.py's GPU cases).
+BACKENDS = [b for b in ("reference", "cpu", "triton") if fusedopt.backends()[b].usable]
 
 
 def _pair(shapes, dtype=torch.float32, seed=0):

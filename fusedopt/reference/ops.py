@@ -490,13 +490,31 @@ def muon_(
 ) -> None:  # fmt: skip
     """Muon: :func:`muon_momentum_`, the Newton-Schulz iteration of each ``ns_buffers[i]``
     in place (:func:`muon_newton_schulz`), then :func:`muon_apply_`."""
-    for i, p in enumerate(params):
-        if p.dim() != 2:
-            raise ValueError(
-                f"muon_: params[{i}] has shape {tuple(p.shape)}; Muon steps 2-D params"
-            )
+    _check_matrices(params)
     args = (params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes,
             nesterov, lr_tensor, grad_scale, clip_coef, found_inf, master_sync)  # fmt: skip
     muon_momentum_(*args)
     muon_newton_schulz(*args)
     muon_apply_(*args)
+
+
+def _check_matrices(params) -> None:
+    for i, p in enumerate(params):
+        if p.dim() != 2:
+            raise ValueError(
+                f"muon_: params[{i}] has shape {tuple(p.shape)}; Muon steps 2-D params"
+            )
+
+
+def compose_muon(momentum_pass, apply_pass):
+    """``muon_`` of a backend whose passes are ops of their own (cpu and cuda: fusedopt._C
+    has no launcher for the whole step, [note: muon passes] in fusedopt/optim/muon.py): the
+    2-D check, the momentum pass, :func:`muon_newton_schulz`, the apply pass."""
+
+    def muon(*args) -> None:
+        _check_matrices(args[0])
+        momentum_pass(*args)
+        muon_newton_schulz(*args)
+        apply_pass(*args)
+
+    return muon

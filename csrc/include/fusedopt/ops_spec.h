@@ -13,7 +13,8 @@
 //   FUSEDOPT_OP_STEPS_WITH(X)   X(list) when the steps are given iff that list is
 // FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends
 // with, after the common scalars (master_sync).
-// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops; namespace fusedopt::spec::<op> has
+// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops with one C++ launcher for the step
+// (not muon_: its passes have theirs, launch.h); namespace fusedopt::spec::<op> has
 // the indices (kExpAvgs, kBeta1, kDecoupled...) and the counts (kNumStates...).
 #pragma once
 
@@ -68,6 +69,14 @@
 #define FUSEDOPT_SGD_STEPS_OPTIONAL true
 #define FUSEDOPT_SGD_STEPS_WITH(X) X(momentum_buffers)
 
+// muon_
+#define FUSEDOPT_MUON_STATES(X) X(momentum_buffers, MomentumBuffers, 0, false, true) X(ns_buffers, NsBuffers, 1, false, true)
+#define FUSEDOPT_MUON_HYPERS(X) X(lr, Lr, 0) X(momentum, Momentum, 1) X(weight_decay, WeightDecay, 2) X(lr_ratio, LrRatio, 3) X(ns_a, NsA, 4) X(ns_b, NsB, 5) X(ns_c, NsC, 6) X(ns_eps, NsEps, 7) X(ns_steps, NsSteps, 8)
+#define FUSEDOPT_MUON_FLAGS(X) X(nesterov, Nesterov, 0, true)
+#define FUSEDOPT_MUON_STEPS(X)
+#define FUSEDOPT_MUON_STEPS_OPTIONAL true
+#define FUSEDOPT_MUON_STEPS_WITH(X)
+
 namespace fusedopt::spec {
 
 namespace adamw {
@@ -106,8 +115,14 @@ inline constexpr int kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, k
 inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
 }  // namespace sgd
 
+namespace muon {
+inline constexpr int kMomentumBuffers = 0, kNsBuffers = 1, kNumStates = 2;
+inline constexpr int kLr = 0, kMomentum = 1, kWeightDecay = 2, kLrRatio = 3, kNsA = 4, kNsB = 5, kNsC = 6, kNsEps = 7, kNsSteps = 8, kNumHypers = 9;
+inline constexpr int kNesterov = 0, kNumFlags = 1;
+}  // namespace muon
+
 inline constexpr int kMaxStates = 4;
-inline constexpr int kMaxHypers = 7;
+inline constexpr int kMaxHypers = 9;
 inline constexpr int kMaxFlags = 4;
 
 }  // namespace fusedopt::spec
