@@ -431,3 +431,66 @@ def test_pickled_optimizer_steps():
     _run(opt, ours, _grads(SHAPES, 1))
     for a, b in zip(ours, params, strict=True):
         assert torch.equal(a, b)
+
+
+#: (param dtype, master weights) of the op-level comparison: every storage of DESIGN.md §3.
+PASS_STORAGES = [
+    (torch.float32, False),
+    (torch.bfloat16, False),
+    (torch.float16, False),
+    (torch.float64, False),
+    (torch.bfloat16, True),
+    (torch.float16, True),
+]
+
+
+def _pass_tensors(dtype, master, seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(6, 4), (33, 17), (1, 1029)]
+    state = torch.float32 if master else dtype
+    params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    return dict(
+        params=params,
+        grads=[torch.randn(s, generator=g).to(dtype) for s in shapes],
+        momentum_buffers=[(0.1 * torch.randn(s, generator=g)).to(state) for s in shapes],
+        ns_buffers=[torch.zeros(s, dtype=torch.bfloat16) for s in shapes],
+        master_params=[p.float() for p in params] if master else [],
+    )
+
+
+@pytest.mark.parametrize("nesterov", [True, False], ids=["nesterov", "plain"])
+@pytest.mark.parametrize("momentum", [0.95, 0.3])
+@pytest.mark.parametrize(("dtype", "master"), PASS_STORAGES, ids=lambda x: str(x))
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_passes_equal_the_reference_bit_for_bit(backend, dtype, master, momentum, nesterov):
+    """muon_momentum_ then muon_apply_ on ``backend`` leave the same bits as the reference's
+    (both round once per store, as torch: the stored buffer, the bf16 Newton-Schulz input,
+    the param), with a grad scale, a clip, two groups and a tensor lr; momentum 0.3 takes
+    torch's other lerp form. The apply pass reads the momentum pass's bf16 output as the
+    iteration's (the iteration is torch's in every backend)."""
+    runs = {}
+    for name in ("reference", backend):
+        t = _pass_tensors(dtype, master, seed=3)
+        opmath = torch.float64 if dtype == torch.float64 else torch.float32
+        kwargs = dict(
+            lr=[2e-2, 3e-2, 2e-2], momentum=momentum, weight_decay=[0.1, 0.0, 0.1],
+            lr_ratio=[1.5, 1.0, 0.5], nesterov=nesterov, grad_scale=torch.tensor(4.0, dtype=opmath),
+            clip_coef=torch.tensor(0.75, dtype=opmath), backend=name,
+        )  # fmt: skip
+        ops.muon_momentum_(**t, **kwargs)
+        ops.muon_apply_(**t, **kwargs)
+        runs[name] = t
+    for key, tensors in runs["reference"].items():
+        for k, (want, got) in enumerate(zip(tensors, runs[backend][key], strict=True)):
+            if dtype == torch.float64 and backend == "cpu":
+                # The reference's fp64 FMA rounds twice (reference.ops._fma: torch has no
+                # fused fp64 multiply-add), the C++ one once: each lerp or update may differ
+                # by an ulp of its result (at most 2^-53 relative, twice: the buffer, then
+                # the update built on it); bounded by 2^-52 of the tensor's largest value.
+                # (Triton's interpreter rounds fp64 FMAs twice too: [note: interpreter fma].)
+                bound = 2.0**-52 * want.abs().max().item()
+                torch.testing.assert_close(got, want, rtol=0, atol=bound, msg=f"{key}[{k}]")
+                continue
+            assert torch.equal(want.view(-1).view(torch.uint8), got.view(-1).view(torch.uint8)), (
+                f"{key}[{k}]"
+            )
