@@ -1,8 +1,8 @@
 // Muon's elementwise math (torch.optim.Muon, torch 2.14), over opmath registers: the two
 // passes around the Newton-Schulz iteration ([note: muon passes] in fusedopt/optim/muon.py).
-// Mirrored by fusedopt/triton_kernels/muon.py and fusedopt/reference/ops.py. No C++
-// launcher calls it yet ([note: ops without C++] in fusedopt/ops.py): it is the math the
-// cpu and cuda passes will share, tested here on exact values (csrc/tests/test_math.cpp).
+// Called by csrc/cpu/muon.cpp and csrc/cuda/muon.cu; mirrored by
+// fusedopt/triton_kernels/muon.py and fusedopt/reference/ops.py; tested on exact values in
+// csrc/tests/test_math.cpp.
 //
 // Per element: muon_momentum reads g, buf; writes buf and the bf16 NS input.
 //              muon_apply reads p (or its master) and the bf16 NS output; writes p.
