@@ -25,6 +25,8 @@ HYPERS: dict[str, dict] = {
     "lamb": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=1e-2, max_grad_norm=1.0),
     "lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-2),
     "sgd": dict(lr=1e-2, momentum=0.9, weight_decay=0.0),
+    # torch.optim.Muon's defaults (the vectors: AdamW with its defaults, lr and decay shared)
+    "muon": dict(lr=1e-3, weight_decay=0.1, momentum=0.95),
     # schedulefree's AdamWScheduleFree defaults, with a warmup and weight decay exercised.
     "schedulefree_adamw": dict(
         lr=2.5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, warmup_steps=100

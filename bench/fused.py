@@ -28,6 +28,7 @@ CLASSES: dict[str, type[torch.optim.Optimizer]] = {
     "lamb": fusedopt.LAMB,
     "lion": fusedopt.Lion,
     "sgd": fusedopt.SGD,
+    "muon": fusedopt.Muon,
     "schedulefree_adamw": fusedopt.ScheduleFreeAdamW,
     "adafactor": fusedopt.Adafactor,
 }

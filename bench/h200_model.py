@@ -312,7 +312,8 @@ def _source_hash(paths: list[Path], extra: str) -> str:
 
 _CUDA_NAMES = {"AdamWBody": "adamw", "SgdBody": "sgd", "LionBody": "lion",
                 "AdanBody": "adan", "ScheduleFreeAdamWBody": "schedulefree_adamw",
-                "LambApplyBody": "lamb_apply", "AdafactorApplyBody": "adafactor_apply"}  # fmt: skip
+                "LambApplyBody": "lamb_apply", "AdafactorApplyBody": "adafactor_apply",
+                "MuonMomentumBody": "muon_momentum", "MuonApplyBody": "muon_apply"}  # fmt: skip
 
 
 #: A Body's MasterKind as the variant labels name it (false/true: no/fp32 masters, as
@@ -389,9 +390,10 @@ def _cuda_threads() -> dict[str, int]:
 #: chunked; its apply pass is.
 STREAMING = {
     "cuda": ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_apply",
-             "lamb_norms_kernel", "grad_norm_partials_kernel", "scale_kernel", "adafactor_apply"),
+             "lamb_norms_kernel", "grad_norm_partials_kernel", "scale_kernel", "adafactor_apply",
+             "muon_momentum", "muon_apply"),
     "triton": ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_apply", "lamb_norms",
-               "grad_norm_partials", "scale", "adafactor_apply"),
+               "grad_norm_partials", "scale", "adafactor_apply", "muon_momentum", "muon_apply"),
 }  # fmt: skip
 
 _NO_LOOP = Loop(0, 0, 0, 0, 0, 0, False)
@@ -468,7 +470,8 @@ def triton_rows(gpu: Gpu = H200) -> list[KernelRow]:
         aligned = not k["name"].endswith("_unaligned")
         kernel, _, variant = k["name"].removesuffix("_unaligned").partition("_")
         for op in ("grad_norm_partials", "grad_norm_tensor_norms", "grad_norm_total",
-                   "lamb_norms", "lamb_apply", "lamb_fold", "schedulefree_adamw"):  # fmt: skip
+                   "lamb_norms", "lamb_apply", "lamb_fold", "schedulefree_adamw",
+                   "muon_momentum", "muon_apply"):  # fmt: skip
             if k["name"].startswith(op):
                 kernel, variant = op, k["name"].removeprefix(op).strip("_")
         variant = variant.removesuffix("_unaligned") + ("" if aligned else " (unaligned)")
@@ -488,10 +491,12 @@ def triton_rows(gpu: Gpu = H200) -> list[KernelRow]:
 #: schedulefree_adamw_ = step + the hyperparameter table's host-to-device copy, which it
 #: needs at every step (its ckp1 and bias correction change each step; a copy, not a kernel,
 #: counted as one); adafactor_ = increment_steps + norms (adafactor_norms_) + floors + apply
-#: (adafactor_apply_) (adafactor.cu); scale_ = one. Any other op of a step (aten) counts one
-#: launch.
+#: (adafactor_apply_) (adafactor.cu); scale_ = one; muon_momentum_ and muon_apply_ one each
+#: (muon.cu; the Newton-Schulz GEMMs between them are aten's). Any other op of a step (aten)
+#: counts one launch.
 CUDA_LAUNCHES_PER_OP = {"adamw": 2, "grad_norm": 2, "lamb": 4, "sgd": 2, "lion": 1, "adan": 2,
-                        "schedulefree_adamw": 2, "adafactor": 4, "scale": 1}  # fmt: skip
+                        "schedulefree_adamw": 2, "adafactor": 4, "scale": 1,
+                        "muon_momentum": 1, "muon_apply": 1}  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -5,6 +5,10 @@
 * timm's ``Lamb``, lion-pytorch's ``Lion`` and schedulefree's ``AdamWScheduleFree`` for the
   algorithms torch lacks (optional: they are not dependencies of fusedopt; when missing, the
   row says so);
+* for Muon, ``torch.optim.Muon`` on the 2-D params beside ``torch.optim.AdamW`` (for-loop,
+  foreach, fused) on the others, what fusedopt.Muon does in one optimizer, and heavyball's
+  ``Muon`` (optional; its own Newton-Schulz, scaling and state: a speed row, not an
+  equivalence);
 * for the ``amp`` mode, torch's composition that computes what one fusedopt step computes:
   upcast the bf16 grads into fp32 master grads, ``GradScaler.unscale_`` (inf check + unscale),
   ``clip_grad_norm_``, ``GradScaler.step`` (skips on overflow) + ``update``, then round the
@@ -80,8 +84,53 @@ def _third_party(optimizer: str) -> tuple[str, Callable[..., torch.optim.Optimiz
     return label, cls
 
 
+#: Muon's peer rows: torch.optim.Muon for the matrices, AdamW in this variant for the rest.
+MUON_VARIANTS = {"torch Muon + AdamW for-loop": dict(foreach=False),
+                 "torch Muon + AdamW foreach": dict(foreach=True),
+                 "torch Muon + AdamW fused": dict(fused=True)}  # fmt: skip
+
+
+class _MuonWithAdamW:
+    """torch.optim.Muon on the 2-D params and torch.optim.AdamW on the others, as one
+    step (torch.optim.Muon refuses other params)."""
+
+    def __init__(self, params, hypers: dict, adamw_variant: dict) -> None:
+        matrices = [p for p in params if p.ndim == 2]
+        others = [p for p in params if p.ndim != 2]
+        self.optimizers = [torch.optim.Muon(matrices, **hypers)]
+        if others:
+            lr, wd = hypers["lr"], hypers["weight_decay"]
+            self.optimizers.append(
+                torch.optim.AdamW(others, lr=lr, weight_decay=wd, **adamw_variant)
+            )
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """Both optimizers' groups (what ``GradScaler.unscale_`` walks)."""
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+
+def _heavyball_muon(params, hypers: dict) -> torch.optim.Optimizer:
+    try:
+        heavyball = importlib.import_module("heavyball")
+    except ImportError as error:
+        raise Unavailable(
+            f"peer not installed (pip install --no-deps heavyball): {error}"
+        ) from None
+    return heavyball.Muon(
+        params, lr=hypers["lr"], weight_decay=hypers["weight_decay"],
+        betas=(hypers["momentum"], 0.99), compile_step=False,
+    )  # fmt: skip
+
+
 def peer_labels(optimizer: str) -> list[str]:
     """The peer rows of ``optimizer`` (fp32 mode; amp rows prefix them with ``amp``)."""
+    if optimizer == "muon":
+        return [*MUON_VARIANTS, "heavyball Muon"]
     if _torch_class(optimizer) is not None:
         variants = [v for v in TORCH_VARIANTS if not (v == "fused" and optimizer in _NO_FUSED)]
         return [f"torch {variant}" for variant in variants]
@@ -91,6 +140,13 @@ def peer_labels(optimizer: str) -> list[str]:
 def _make_optimizer(
     optimizer: str, label: str, params: list[torch.nn.Parameter], hypers: dict
 ) -> torch.optim.Optimizer:
+    if label == "heavyball Muon":
+        return _heavyball_muon(params, hypers)
+    if optimizer == "muon":
+        try:
+            return _MuonWithAdamW(params, hypers, MUON_VARIANTS[label])
+        except (RuntimeError, ValueError) as error:
+            raise Unavailable(f"torch refused {label}: {error}") from None
     cls = _torch_class(optimizer)
     if optimizer == "adafactor":  # torch's Adafactor divides by numel: an empty param fails
         params = [p for p in params if p.numel() > 0]

@@ -37,6 +37,15 @@ so the count is that of matrices (a vector's variance, read and written in pass 
 pass 3, adds 12 B per element of vectors: biases and norms, a small share of a model). Its
 three passes ([note: adafactor passes] in csrc/include/fusedopt/math/adafactor.h): reduce
 p² and the row/column sums of g², reduce u² (g again), apply.
+| `muon_` (matrices)           | fp32   | g buf; p ns (8+6) | buf ns; p (6+4) | 24     |
+| `muon_` (matrices)           | amp    | g buf; M p ns (6+8) + norm (2) | buf ns; M p (6+6) | 28 |
+
+Muon (``muon_momentum_`` then ``muon_apply_``, [note: muon passes] in
+``fusedopt/optim/muon.py``): ``ns`` is the bf16 Newton-Schulz buffer (2 B whatever the
+mode). The count is the elementwise passes' only: the Newton-Schulz GEMMs read and write
+the bf16 stacks ~3 x ns_steps times more (matrix-sized, compute-bound on a GPU, and a
+function of the shapes, not a fixed B/param), and a model's vectors step AdamW's 28 / 32
+B instead (GPT-2 small: 0.1% of its params).
 
 ``fp32``: fp32 params, grads and states, no loss scale, no clipping (LAMB keeps timm's default
 global clip, part of the algorithm). ``amp``: bf16 params and grads, fp32 master weights and
@@ -67,6 +76,7 @@ OPTIMIZER_OPS = {
     "lamb": "lamb_",
     "lion": "lion_",
     "sgd": "sgd_",
+    "muon": "muon_",
     "schedulefree_adamw": "schedulefree_adamw_",
     "adafactor": "adafactor_",
 }
@@ -99,6 +109,7 @@ _STEP_PASSES: dict[str, tuple[Pass, ...]] = {
     # Adan (csrc/cuda/adan.cu's header: fp32 44 B, bf16 without masters 22 B): not in the
     # timed report (OPTIMIZER_OPS), only in the memory table (bench/memory.py).
     "adan_": (Pass(("p", "g", "m", "v", "n", "npg"), ("p", "m", "v", "n", "npg")),),
+    "muon_": (Pass(("g", "buf"), ("buf", "ns")), Pass(("p", "ns"), ("p",))),
     # y is the param ("p"); z the second sequence (csrc/cuda/schedulefree_adamw.cu: fp32 28 B).
     "schedulefree_adamw_": (Pass(("p", "g", "z", "v"), ("p", "z", "v")),),
     # Adafactor, as a model's matrices step (the factors are ~0 B per element; see the table)
@@ -109,8 +120,11 @@ _STEP_PASSES: dict[str, tuple[Pass, ...]] = {
     ),
 }
 
+#: Roles of a fixed size whatever the mode: Muon's bf16 Newton-Schulz buffer.
+_FIXED_BYTES = {"ns": 2}
+
 #: Roles that are not optimizer state: the param (or its master), the grad, the bf16 param.
-_NOT_STATE = ("p", "g", "lowp")
+_NOT_STATE = ("p", "g", "lowp", "ns")
 
 
 def state_names(op: str) -> tuple[str, ...]:
@@ -174,7 +188,8 @@ def step_bytes_per_param(
     fp32 master is, beside the bf16 param: [note: compact master] in fusedopt/_contract.py).
     A memory mode of issue #15 (bench/modes.py) is one choice of these sizes.
     """
-    size = {"g": param_bytes, "lowp": param_bytes, "p": master_bytes if master else param_bytes}
+    size = {"g": param_bytes, "lowp": param_bytes, "p": master_bytes if master else param_bytes,
+            **_FIXED_BYTES}  # fmt: skip
     total = 0
     for one in step_passes(op, master=master, clipped=clipped):
         for role in (*one.reads, *one.writes):

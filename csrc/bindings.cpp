@@ -72,6 +72,13 @@ struct Scratch {
     ns::adafactor_apply(c, x);                                                             \
   }
 
+// muon_'s two passes (muon_momentum_, muon_apply_), in every backend.
+#define FUSEDOPT_MUON_PASS_LAUNCHERS(ns)                                                    \
+  static void muon_momentum(const MuonCall& c, const ExecContext& x) {                      \
+    ns::muon_momentum(c, x);                                                                \
+  }                                                                                         \
+  static void muon_apply(const MuonCall& c, const ExecContext& x) { ns::muon_apply(c, x); }
+
 struct CpuBackend {
   static constexpr const char* kName = "cpu";
   static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
@@ -87,6 +94,7 @@ struct CpuBackend {
   static void op(const Stem##Call& c, const ExecContext& x) { cpu::op(c, x); }
   FUSEDOPT_STEP_OPS(FUSEDOPT_CPU_LAUNCHER)
   FUSEDOPT_LAMB_PASS_LAUNCHERS(cpu)
+  FUSEDOPT_MUON_PASS_LAUNCHERS(cpu)
 };
 
 #ifdef FUSEDOPT_WITH_CUDA
@@ -105,6 +113,7 @@ struct CudaBackend {
   static void op(const Stem##Call& c, const ExecContext& x) { cuda::op(c, x); }
   FUSEDOPT_STEP_OPS(FUSEDOPT_CUDA_LAUNCHER)
   FUSEDOPT_LAMB_PASS_LAUNCHERS(cuda)
+  FUSEDOPT_MUON_PASS_LAUNCHERS(cuda)
 };
 #endif
 
@@ -351,19 +360,21 @@ class StepArguments {
   /// A per-param state list (exp_avgs...): fp32 with master weights, else the param dtype,
   /// in its shape rule ([note: factored layouts] in fusedopt/_contract.py): the param's shape
   /// and strides, or a factored state's shape, contiguous (a (0,) placeholder where the param
-  /// has no such state: its dtype is not checked).
+  /// has no such state: its dtype is not checked). Layout kBf16 is the param's shape in
+  /// bfloat16 whatever the param's dtype (Muon's ns_buffers, [note: muon passes]).
   TensorSlot state(const char* name, TensorList states, bool may_be_empty,
                    spec::StateLayout layout) {
     check_.length(name, states.size(), n_, may_be_empty);
     SlotTable& table = states_.emplace_back();
-    table.dtype = state_dtype_;
+    const DType expected = layout == spec::StateLayout::kBf16 ? DType::kBFloat16 : state_dtype_;
+    table.dtype = expected;
     table.pointers.reserve(states.size());
     for (size_t i = 0; i < states.size(); ++i) {  // [note: prefetch]
       prefetch_tensor(states, i);
       prefetch_tensor(params_, i);
       const Indexed where{name, i};
       const DType d = check_.tensor(states[i], where);
-      if (layout == spec::StateLayout::kParam) {
+      if (layout == spec::StateLayout::kParam || layout == spec::StateLayout::kBf16) {
         check_.like(states[i], params_[i], where);
       } else if (const std::vector<int64_t> shape = state_shape(layout, params_[i].sizes());
                  shape == params_[i].sizes().vec()) {
@@ -376,9 +387,9 @@ class StepArguments {
                     states[i].strides(), ") but this state of a param of shape ",
                     params_[i].sizes(), " is a contiguous tensor of shape ", shape);
       }
-      TORCH_CHECK_TYPE(d == state_dtype_ || states[i].numel() == 0, check_.op(), ": ", where,
+      TORCH_CHECK_TYPE(d == expected || states[i].numel() == 0, check_.op(), ": ", where,
                        " has dtype ", states[i].scalar_type(), ", expected ",
-                       dtype_name(state_dtype_));
+                       dtype_name(expected));
       table.pointers.push_back(states[i].data_ptr());
     }
     if (layout == spec::StateLayout::kRow) factor_dims();
@@ -691,6 +702,46 @@ using AdafactorLast = AdafactorApplyCall;
 FUSEDOPT_PASS_IMPLS(lamb, LAMB, Lamb, lamb_direction, lamb_apply)
 FUSEDOPT_PASS_IMPLS(adafactor, ADAFACTOR, Adafactor, adafactor_norms, adafactor_apply)
 
+// muon_'s passes (fusedopt/_contract.py PHASE_OPS): muon_'s arguments, each pass one
+// launch. muon_ itself runs torch's Newton-Schulz GEMMs between them, so it is composed in
+// Python for every backend ([note: muon passes] in fusedopt/optim/muon.py).
+#define FUSEDOPT_MUON_PASS_PARAMS                                                             \
+  TensorList params, TensorList grads, TensorList momentum_buffers, TensorList ns_buffers,   \
+      TensorList master_params, const Tensor &hypers, c10::IntArrayRef group_sizes,          \
+      bool nesterov, const OptTensor &lr_tensor, const OptTensor &grad_scale,                \
+      const OptTensor &clip_coef, const OptTensor &found_inf, bool master_sync
+
+/// Checks a Muon pass's muon_ arguments and launches `pass` (not for an empty call).
+template <class B, class Pass>
+void muon_pass(const char* name, Pass pass, FUSEDOPT_MUON_PASS_PARAMS) {
+  const Checker check(op_name<B>(name), B::kDeviceType);
+  StepArguments args(check, params, grads, master_params, {}, true, lr_tensor, grad_scale,
+                     clip_coef, found_inf, master_sync);
+  MuonCall call;
+  call.momentum_buffers =
+      args.state("momentum_buffers", momentum_buffers, false, spec::StateLayout::kParam);
+  call.ns_buffers = args.state("ns_buffers", ns_buffers, false, spec::StateLayout::kBf16);
+  args.hypers(hypers, group_sizes, spec::muon::kNumHypers);
+  if (args.size() == 0) return;
+  call.lists = args.lists();
+  call.nesterov = nesterov;
+  launch<B>(args.device(), call, pass);
+}
+
+#define FUSEDOPT_MUON_PASS_ARGS                                                         \
+  params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov, \
+      lr_tensor, grad_scale, clip_coef, found_inf, master_sync
+
+template <class B>
+void muon_momentum_impl(FUSEDOPT_MUON_PASS_PARAMS) {
+  muon_pass<B>("muon_momentum", B::muon_momentum, FUSEDOPT_MUON_PASS_ARGS);
+}
+
+template <class B>
+void muon_apply_impl(FUSEDOPT_MUON_PASS_PARAMS) {
+  muon_pass<B>("muon_apply", B::muon_apply, FUSEDOPT_MUON_PASS_ARGS);
+}
+
 /// Registers every op of backend B.
 template <class B>
 void register_backend(torch::Library& m) {
@@ -702,6 +753,8 @@ void register_backend(torch::Library& m) {
   m.impl(op_name<B>("lamb_apply").c_str(), &lamb_apply_impl<B>);
   m.impl(op_name<B>("adafactor_norms").c_str(), &adafactor_norms_impl<B>);
   m.impl(op_name<B>("adafactor_apply").c_str(), &adafactor_apply_impl<B>);
+  m.impl(op_name<B>("muon_momentum").c_str(), &muon_momentum_impl<B>);
+  m.impl(op_name<B>("muon_apply").c_str(), &muon_apply_impl<B>);
 }
 
 }  // namespace

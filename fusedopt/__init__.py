@@ -6,20 +6,41 @@ run here and why the others cannot. See DESIGN.md for the architecture.
 
 from __future__ import annotations
 
-import contextlib
-
 from fusedopt import (
-    _contract,  # noqa: F401  (defines every op schema first)
+    _contract,  # defines every op schema first
     ops,
-    reference,  # noqa: F401  (registers the reference backend)
+    reference,  # registers the reference backend
 )
 from fusedopt._backend import BackendStatus, backends, resolve
 from fusedopt.amp import GradScaler
 from fusedopt.clip import clip_grad_norm_
-from fusedopt.optim import LAMB, SGD, Adafactor, Adam, AdamW, Adan, Lion, ScheduleFreeAdamW
+from fusedopt.optim import (
+    LAMB,
+    SGD,
+    Adafactor,
+    Adam,
+    AdamW,
+    Adan,
+    Lion,
+    Muon,
+    ScheduleFreeAdamW,
+)
 
-with contextlib.suppress(ImportError):  # _C registers the cpu and cuda backends when built
-    from fusedopt import _C  # noqa: F401
+try:  # _C registers the cpu and cuda backends when built
+    from fusedopt import _C
+except ImportError:  # fusedopt.backends() says why cpu and cuda are unusable
+    _C = None
+else:  # muon_ is its passes around torch's Newton-Schulz GEMMs: composed here, not in C++
+    for _backend, _key in (("cpu", "CPU"), ("cuda", "CUDA"))[: 1 + bool(_C.WITH_CUDA)]:
+        _contract.register_composite(
+            "muon_",
+            _backend,
+            _key,
+            reference.ops.compose_muon(
+                _contract.op_handle("muon_momentum_", _backend),
+                _contract.op_handle("muon_apply_", _backend),
+            ),
+        )
 
 __version__ = "0.1.0"
 
@@ -33,6 +54,7 @@ __all__ = [
     "BackendStatus",
     "GradScaler",
     "Lion",
+    "Muon",
     "ScheduleFreeAdamW",
     "backends",
     "clip_grad_norm_",

@@ -124,10 +124,11 @@ ROLES: tuple[str, ...] = ("param", "grad", "state", "master", "step")
 class TensorListSpec:
     """One tensor list of a step op: one tensor per param (or none, where ``optional``).
 
-    ``layout`` is the shape rule of a state (:data:`STATE_LAYOUTS`, :func:`state_shape`):
+    ``layout`` is the shape/dtype rule of a state (:data:`STATE_LAYOUTS`, :func:`state_shape`):
     ``"param"`` is the param's shape and strides; ``"row"``, ``"col"`` and ``"unfactored"``
-    are Adafactor's factored second moments ([note: factored layouts]). Every layout takes
-    the same dtype: fp32 with master weights, else the param's dtype.
+    are Adafactor's factored second moments ([note: factored layouts]); these take fp32 with
+    master weights, else the param's dtype. ``"bf16"`` is the param's shape and strides in
+    bfloat16 whatever the param's dtype (Muon's Newton-Schulz buffer, [note: muon passes]).
     """
 
     name: str  # the schema's argument name ("exp_avgs")
@@ -172,10 +173,16 @@ class StepOpSpec:
     states: tuple[TensorListSpec, ...]
     hypers: tuple[str, ...]
     flag_specs: tuple[FlagSpec, ...]
-    cpp: str  # the C++ stem: ``<cpp>Call`` in launch.h, ``FUSEDOPT_<CPP upper>_*`` macros
+    #: the C++ stem: ``<cpp>Call`` in launch.h, ``FUSEDOPT_<CPP upper>_*`` macros
+    cpp: str
     steps: str = "required"  # "required", "optional" (empty or one per param) or "none"
     #: with optional steps: the list that is given iff the steps are (sgd's momentum buffers)
     steps_with: str | None = None
+    #: whether C++ has one launcher for the whole step (``FUSEDOPT_STEP_OPS``). False: the
+    #: step runs torch ops between its passes (Muon's Newton-Schulz GEMMs), so C++ implements
+    #: the passes only and every backend's step op is a Python composition of them ([note:
+    #: muon passes] in fusedopt/optim/muon.py)
+    cpp_launcher: bool = True
 
     @property
     def tensor_lists(self) -> tuple[TensorListSpec, ...]:
@@ -239,7 +246,7 @@ class StepOpSpec:
 
 
 #: The shape rules of a state list ([note: factored layouts]).
-STATE_LAYOUTS: tuple[str, ...] = ("param", "row", "col", "unfactored")
+STATE_LAYOUTS: tuple[str, ...] = ("param", "row", "col", "unfactored", "bf16")
 
 
 def factored(shape: Sequence[int]) -> bool:
@@ -254,7 +261,7 @@ def has_state(layout: str, shape: Sequence[int]) -> bool:
     [note: factored layouts])."""
     if layout in ("row", "col"):
         return factored(shape)
-    return layout == "param" or not factored(shape)
+    return layout in ("param", "bf16") or not factored(shape)
 
 
 def state_shape(layout: str, shape: Sequence[int]) -> tuple[int, ...]:
@@ -270,9 +277,9 @@ def state_shape(layout: str, shape: Sequence[int]) -> tuple[int, ...]:
     optimizers put it in the op's lists only (their state, and so their state dicts, have
     only the keys a param uses, as torch's: ``has_state``). The
     factored states are contiguous in their own shape (they are R + C numbers, not R x C);
-    ``"param"`` and ``"unfactored"`` states take the param's (dense) strides."""
+    ``"param"``, ``"bf16"`` and ``"unfactored"`` states take the param's (dense) strides."""
     shape = tuple(shape)
-    if layout == "param":
+    if layout in ("param", "bf16"):  # "bf16": the param's shape, its dtype fixed
         return shape
     if layout == "unfactored":
         return (0,) if factored(shape) else shape
@@ -416,6 +423,35 @@ STEP_OPS: dict[str, StepOpSpec] = {
             hypers=("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay"),
             flag_specs=(FlagSpec("maximize"),),
         ),
+        StepOpSpec(
+            "muon_",
+            cpp="Muon",
+            doc="Muon (torch.optim.Muon) on 2-D params: buf = lerp(buf, g, 1-momentum); "
+            "u = lerp(g, buf, momentum) if nesterov else buf; ns_buffers = bf16(u); O = "
+            "Newton-Schulz(ns_buffers) (ns_steps quintic steps (ns_a, ns_b, ns_c) in bf16 on "
+            "u/max(|u|_F, ns_eps), transposed when rows > cols); p = p*(1 - lr*wd) - "
+            "lr*lr_ratio*O. lr_ratio is the shape's adjust_lr_fn factor. The passes "
+            "muon_momentum_ and muon_apply_ are the elementwise parts; the optimizer runs the "
+            "Newton-Schulz GEMMs between them, batched over params of one shape.",
+            states=(
+                _state("momentum_buffers", "momentum_buffer"),
+                TensorListSpec("ns_buffers", "state", True, layout="bf16"),
+            ),
+            hypers=(
+                "lr",
+                "momentum",
+                "weight_decay",
+                "lr_ratio",
+                "ns_a",
+                "ns_b",
+                "ns_c",
+                "ns_eps",
+                "ns_steps",
+            ),
+            flag_specs=(FlagSpec("nesterov", True),),
+            steps="none",
+            cpp_launcher=False,
+        ),
     )
 }
 
@@ -510,10 +546,38 @@ ADAFACTOR_APPLY = PhaseOpSpec(
     inputs=("sq_norms",),
     read_only=("steps", "row_vars", "col_vars", "variances"),
 )
+#: Muon's elementwise passes ([note: muon passes] in fusedopt/optim/muon.py); the
+#: optimizer runs the Newton-Schulz GEMMs between them.
+MUON_MOMENTUM = PhaseOpSpec(
+    "muon_momentum_",
+    step_op="muon_",
+    doc="Muon's first pass: buf = lerp(buf, g, 1 - momentum) (torch's lerp), and the "
+    "Newton-Schulz input ns_buffers = bf16(lerp(g, buf, momentum)) with nesterov, else "
+    "bf16(buf). Reads g (unscaled, clipped) and buf; writes buf and ns_buffers; nothing when "
+    "found_inf is set.",
+    read_only=("params", "master_params"),
+)
+MUON_APPLY = PhaseOpSpec(
+    "muon_apply_",
+    step_op="muon_",
+    doc="Muon's second pass, after the Newton-Schulz iteration wrote its output O into "
+    "ns_buffers: p = p*(1 - lr*wd), then p -= (lr*lr_ratio)*O (the decay applied even for "
+    "wd = 0, as torch.optim.Muon). Reads p (its master) and ns_buffers; writes p (and its "
+    "master); nothing when found_inf is set.",
+    read_only=("momentum_buffers", "ns_buffers"),
+)
 
 #: The passes of the multi-pass step ops, each an op.
 PHASE_OPS: dict[str, PhaseOpSpec] = {
-    p.name: p for p in (LAMB_DIRECTION, LAMB_APPLY, ADAFACTOR_NORMS, ADAFACTOR_APPLY)
+    p.name: p
+    for p in (
+        LAMB_DIRECTION,
+        LAMB_APPLY,
+        ADAFACTOR_NORMS,
+        ADAFACTOR_APPLY,
+        MUON_MOMENTUM,
+        MUON_APPLY,
+    )
 }
 
 #: op name -> schema template. ``{name}`` is replaced by the backend-specific op name.
@@ -599,3 +663,10 @@ def _define_all() -> None:
 
 
 _define_all()
+
+
+def register_composite(op: str, backend: str, dispatch_key: str, fn) -> None:
+    """Implement ``op`` of ``backend`` for ``dispatch_key`` in Python with ``fn``: a step op
+    that the backend runs as its pass ops with torch ops between them (``muon_`` on cpu and
+    cuda: fusedopt._C implements its passes, [note: muon passes])."""
+    torch.library.impl(f"{NAMESPACE}::{op_name(op, backend)}", dispatch_key, fn, lib=_LIBRARY)

@@ -80,7 +80,7 @@ def check_state(
     from fusedopt._contract import state_shape
 
     shape = state_shape(layout, param.shape)
-    if shape == tuple(param.shape) and layout in ("param", "unfactored"):
+    if shape == tuple(param.shape) and layout in ("param", "bf16", "unfactored"):
         check_like(t, param, where, op, dtype)
         return
     check_tensor(t, where, op)

@@ -198,7 +198,8 @@ def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -
         state_dtype = torch.float32 if masters else p.dtype
         for t in spec.states:
             if lists[t.name]:
-                check_state(lists[t.name][i], p, t.layout, f"{t.name}[{i}]", op, state_dtype)
+                dtype = torch.bfloat16 if t.layout == "bf16" else state_dtype
+                check_state(lists[t.name][i], p, t.layout, f"{t.name}[{i}]", op, dtype)
         if factored_contiguous and _contract.factored(p.shape) and not p.is_contiguous():
             raise RuntimeError(
                 f"{op}: params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) is not "
@@ -713,3 +714,61 @@ def adafactor_apply_(
     d)``, then ``p = p*(1 - lr*wd) - alpha/clip * u``. Reads ``steps``, writes none."""
     arguments = locals()
     _adafactor_pass("adafactor_apply_", arguments, sq_norms=arguments.pop("sq_norms"))
+
+
+def muon_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    ns_buffers: Sequence[Tensor],
+    *,
+    lr: Hyper | Tensor,
+    momentum: Hyper = 0.95,
+    weight_decay: Hyper = 0.1,
+    lr_ratio: Hyper = 1.0,
+    ns_a: Hyper = 3.4445,
+    ns_b: Hyper = -4.7750,
+    ns_c: Hyper = 2.0315,
+    ns_eps: Hyper = 1e-7,
+    ns_steps: Hyper = 5,
+    nesterov: bool = True,
+    **options: Unpack[StepOptions],
+) -> None:
+    """One Muon step in place (torch.optim.Muon semantics) on 2-D params: the momentum pass,
+    the bf16 Newton-Schulz iteration of each ``ns_buffers[i]`` (a bf16 scratch of the
+    param's shape) one matrix at a time, and the apply pass, with ``p -= lr*lr_ratio*O``
+    (``lr_ratio``: the ``adjust_lr_fn`` factor of the param's shape). ``fusedopt.Muon``
+    batches the Newton-Schulz GEMMs over params of one shape instead; fp32 elementwise math."""
+    _step_from_arguments("muon_", locals())
+
+
+def _muon_pass(op: str, arguments: dict) -> None:
+    """A Muon pass called with ``muon_``'s arguments (bound by its signature)."""
+    keywords = arguments.pop("keywords")
+    bound = inspect.signature(muon_).bind(**arguments, **keywords)
+    bound.apply_defaults()
+    _step_from_arguments(op, bound.arguments)
+
+
+def muon_momentum_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    ns_buffers: Sequence[Tensor],
+    **keywords: Any,
+) -> None:
+    """Muon's first pass; takes :func:`muon_`'s keywords. ``buf = lerp(buf, g, 1-momentum)``
+    and ``ns_buffers[i] = bf16(lerp(g, buf, momentum))`` (Nesterov) or ``bf16(buf)``."""
+    _muon_pass("muon_momentum_", locals())
+
+
+def muon_apply_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    ns_buffers: Sequence[Tensor],
+    **keywords: Any,
+) -> None:
+    """Muon's second pass; takes :func:`muon_`'s keywords. With the Newton-Schulz output O
+    in ``ns_buffers``: ``p = p*(1 - lr*weight_decay) - lr*lr_ratio*O`` (fp32 math)."""
+    _muon_pass("muon_apply_", locals())

@@ -61,7 +61,8 @@ def render() -> str:
         "//   FUSEDOPT_OP_STEPS_WITH(X)   X(list) when the steps are given iff that list is",
         "// FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends",
         "// with, after the common scalars (master_sync).",
-        "// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops; namespace fusedopt::spec::<op> has",
+        "// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops with one C++ launcher for the step",
+        "// (not muon_: its passes have theirs, launch.h); namespace fusedopt::spec::<op> has",
         "// the indices (kExpAvgs, kBeta1, kDecoupled...), the counts (kNumStates...) and each",
         "// state list's shape rule (kStateLayouts: [note: factored layouts] in",
         "// fusedopt/_contract.py).",
@@ -78,7 +79,7 @@ def render() -> str:
     )
     out += _macro(
         "FUSEDOPT_STEP_OPS",
-        [f"X({s.name.rstrip('_')}, {s.cpp.upper()}, {s.cpp})" for s in ops],
+        [f"X({s.name.rstrip('_')}, {s.cpp.upper()}, {s.cpp})" for s in ops if s.cpp_launcher],
     )
     for s in ops:
         op = s.cpp.upper()

@@ -46,8 +46,29 @@ def _select_shard(config, items):
     items[:] = keep
 
 
+#: The class tests that compare a trajectory with the fp64 oracle's (``Case.no_oracle_trajectory``).
+ORACLE_TRAJECTORY_TESTS = (
+    "test_fp32_trajectory_matches_oracle_and_torch",
+    "test_master_weights_trajectory",
+    "test_low_precision_step_by_step",
+)
+
+
+def _skip_what_a_case_cannot_run(items):
+    """An oracle-trajectory test of a case that has none is skipped with the reason."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        case = params.get("case")
+        if case is None or not hasattr(case, "no_oracle_trajectory"):
+            continue
+        reason = case.no_oracle_trajectory if item.originalname in ORACLE_TRAJECTORY_TESTS else None
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def pytest_collection_modifyitems(config, items):
     _select_shard(config, items)
+    _skip_what_a_case_cannot_run(items)
     if _HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible")

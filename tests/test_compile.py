@@ -25,6 +25,7 @@ CLASSES = [
     (fusedopt.SGD, {"momentum": 0.9}),
     (fusedopt.Lion, {}),
     (fusedopt.LAMB, {}),
+    (fusedopt.Muon, {"max_grad_norm": 1.0}),  # matrices: two passes and bmm; biases: adamw_
     # Its host-made group scalars (k, lr_max, weight_sum) change at every step: Dynamo
     # recompiles once, then traces them as dynamic (2 graphs over 5 steps, torch 2.14.1).
     (fusedopt.ScheduleFreeAdamW, {"warmup_steps": 2, "weight_decay": 0.01}),

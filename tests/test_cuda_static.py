@@ -170,10 +170,12 @@ def _expected() -> dict[str, tuple[str, ...]]:
         for variant in ("true", "false"):
             expected[f"AdamWBody<{types}, {variant}>"] = both
             expected[f"SgdBody<{types}, {variant}>"] = both
+            expected[f"MuonMomentumBody<{types}, {variant}>"] = both  # nesterov
         expected[f"LionBody<{types}>"] = both
         expected[f"AdanBody<{types}>"] = both
         expected[f"ScheduleFreeAdamWBody<{types}>"] = both
         expected[f"LambApplyBody<{types}>"] = both
+        expected[f"MuonApplyBody<{types}>"] = both
         expected[f"lamb_norms_kernel<{types}>("] = loads
         # Adafactor's reductions walk a tensor per block with scalar accesses (csrc/cuda/
         # adafactor.cu: a known cost); its apply takes p and g on the vector path.

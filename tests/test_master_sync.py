@@ -20,7 +20,18 @@ import fusedopt
 from fusedopt import ops
 
 BACKENDS = backend_device_params()
-STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "adafactor_")
+STEP_OPS = (
+    "adamw_",
+    "lamb_",
+    "lion_",
+    "adan_",
+    "schedulefree_adamw_",
+    "sgd_",
+    "adafactor_",
+    "muon_apply_",
+)
+
+
 N = 1029  # not a multiple of any vector width; crosses a Triton block
 
 
@@ -74,6 +85,12 @@ def _op_call(op: str, n_tensors: int, device: str, gen: torch.Generator):
         # eps1 given: None would floor the bf16 run at bf16's eps and its fp32 twin at fp32's
         hypers = dict(lr=1e-2, beta2_decay=-0.8, eps1=1e-30, eps2=1e-3, d=1.0, weight_decay=0.1)
         flags = dict(maximize=False)
+    elif op == "muon_apply_":  # the master is read (and adopted) by the apply pass
+        ns = [torch.randn(N, generator=gen).to(device, torch.bfloat16) for _ in range(n_tensors)]
+        lists = dict(momentum_buffers=moments, ns_buffers=ns)
+        hypers = dict(lr=1e-2, momentum=0.95, weight_decay=0.1, lr_ratio=1.5, ns_a=3.4445,
+                      ns_b=-4.7750, ns_c=2.0315, ns_eps=1e-7, ns_steps=5.0)  # fmt: skip
+        flags = dict(nesterov=True)
     else:
         lists = dict(momentum_buffers=moments, steps=steps)
         hypers = dict(lr=1e-1, momentum=0.9, dampening=0.0, weight_decay=0.1)

@@ -74,6 +74,14 @@ GOLDEN_SCHEMAS = {
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
         "bool master_sync=True) -> ()"
     ),
+    # torch.optim.Muon's names; ns_buffers: the bf16 Newton-Schulz scratch ([note: muon passes]).
+    "muon_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] ns_buffers, Tensor(e!)[] master_params, Tensor hypers, "
+        "int[] group_sizes, bool nesterov, "
+        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
+        "bool master_sync=True) -> ()"
+    ),
 }
 
 
@@ -106,6 +114,18 @@ GOLDEN_PHASE_SCHEMAS = {
         "Tensor[] variances, Tensor(e!)[] master_params, Tensor[] steps, Tensor hypers, "
         "int[] group_sizes, bool maximize, Tensor sq_norms, Tensor? lr_tensor, "
         "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
+    ),
+    "muon_momentum_": (
+        "{name}(Tensor[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] ns_buffers, Tensor[] master_params, Tensor hypers, int[] group_sizes, "
+        "bool nesterov, Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
+        "Tensor? found_inf, bool master_sync=True) -> ()"
+    ),
+    "muon_apply_": (
+        "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum_buffers, "
+        "Tensor[] ns_buffers, Tensor(e!)[] master_params, Tensor hypers, int[] group_sizes, "
+        "bool nesterov, Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
+        "Tensor? found_inf, bool master_sync=True) -> ()"
     ),
 }
 
@@ -147,6 +167,7 @@ TORCH_STATE_KEYS = {
     "schedulefree_adamw_": {"z", "exp_avg_sq"},  # schedulefree's AdamWScheduleFree
     "sgd_": {"step", "momentum_buffer"},
     "adafactor_": {"step", "row_var", "col_var", "variance"},
+    "muon_": {"momentum_buffer"},  # torch.optim.Muon's
 }
 
 
@@ -157,6 +178,13 @@ def test_optimizers_state_lists_come_from_the_spec():
         assert spec.state_keys == cls.STATE_LISTS
         assert set(cls.STATE_LISTS) == TORCH_STATE_KEYS[cls.OP]
         assert set(cls.STATE_LISTS.values()) <= set(spec.lists)
+
+
+def test_muon_keeps_torchs_muon_and_adamw_state_keys():
+    """fusedopt.Muon steps its non-matrix params with adamw_: both ops' keys, from the spec."""
+    muon, adamw = _contract.STEP_OPS["muon_"], _contract.STEP_OPS["adamw_"]
+    assert {**adamw.state_keys, **muon.state_keys} == optim.Muon.STATE_LISTS
+    assert set(muon.state_keys) == TORCH_STATE_KEYS["muon_"]
 
 
 def _schema_order(op: str) -> list[str]:

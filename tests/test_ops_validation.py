@@ -70,6 +70,9 @@ def _valid(op: str, dtype: torch.dtype = torch.float32, masters: bool = False) -
 
         return dict(params=rnd(), grads=rnd(), row_vars=zeros("row"), col_vars=zeros("col"),
                     variances=zeros("unfactored"), steps=steps, lr=1e-2, **common)  # fmt: skip
+    if op == "muon_momentum_":  # Muon's elementwise first pass: any shape
+        return dict(params=rnd(), grads=rnd(), momentum_buffers=rnd(state),
+                    ns_buffers=rnd(torch.bfloat16), lr=1e-2, **common)  # fmt: skip
     raise ValueError(op)
 
 
@@ -100,10 +103,12 @@ def _unchanged(kwargs: dict, before: list) -> bool:
     return all(b is None or torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
-STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "adafactor_")
+STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "adafactor_",
+            "muon_momentum_")  # fmt: skip
 STATE = {"adamw_": "exp_avgs", "lamb_": "exp_avg_sqs", "lion_": "exp_avgs",
          "adan_": "exp_avg_diffs", "schedulefree_adamw_": "zs",
-         "sgd_": "momentum_buffers", "adafactor_": "variances"}  # fmt: skip
+         "sgd_": "momentum_buffers", "adafactor_": "variances",
+         "muon_momentum_": "momentum_buffers"}  # fmt: skip
 
 
 def _set(name: str, i: int, make: Callable[[torch.Tensor], torch.Tensor]):
@@ -230,6 +235,10 @@ def _step_cases():
          RuntimeError, r"variances\[1\] has shape \(2, 3\) but .* has \(0,\)"),
         ("adafactor_", "row_var_of_a_vector", _set("row_vars", 0, lambda t: torch.zeros(4, 1)),
          RuntimeError, r"row_vars\[0\] has shape \(4, 1\) but .* has \(0,\)"),
+        ("muon_momentum_", "ns_buffer_fp32", _set("ns_buffers", 1, lambda t: t.float()),
+         TypeError, r"ns_buffers\[1\] has dtype torch.float32, expected torch.bfloat16"),
+        ("muon_momentum_", "ns_buffer_wrong_shape", _set("ns_buffers", 2, lambda t: t.view(1, 5)),
+         RuntimeError, r"ns_buffers\[2\] has shape \(1, 5\)"),
     ]  # fmt: skip
     return cases
 

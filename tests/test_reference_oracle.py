@@ -812,6 +812,8 @@ def _step_tensors(dtype: torch.dtype, masters: bool) -> dict[str, list[torch.Ten
             key: [rnd(state_shape(layout, s), state_dt).abs() for s in shapes]
             for key, layout in (("row", "row"), ("col", "col"), ("var", "unfactored"))
         },
+        # Muon's bf16 Newton-Schulz buffers (drawn after the others, for the same reason)
+        "ns": [rnd(s, torch.bfloat16) for s in shapes],
     }
 
 
@@ -848,6 +850,11 @@ def _call_step(op: str, t: dict, found_inf: torch.Tensor) -> None:
                              *hyper_table([0.5] * n, [-0.8] * n, [-1.0] * n, [1e-3] * n,
                                           [1.0] * n, wd),
                              True, None, torch.tensor(2.0), None, found_inf)  # fmt: skip
+    elif op == "muon_":  # its elementwise passes: the Newton-Schulz output is the NS input
+        hypers = hyper_table(lr, [0.9] * n, wd, [1.5] * n, *([1.0] * n,) * 5)
+        for muon_pass in (reference.muon_momentum_, reference.muon_apply_):
+            muon_pass(p, g, m, t["ns"], master, *hypers, True, None, torch.tensor(2.0),
+                      torch.tensor(0.5), found_inf)  # fmt: skip
     else:
         reference.sgd_(p, g, m, master, steps, *hyper_table(lr, [0.9] * n, [0.0] * n, wd), True,
                        False, None,
@@ -855,11 +862,12 @@ def _call_step(op: str, t: dict, found_inf: torch.Tensor) -> None:
 
 
 def _touched(t: dict) -> list[torch.Tensor]:
-    keys = ("params", "m", "v", "vmax", "d", "q", "row", "col", "var", "master", "steps")
+    keys = ("params", "m", "v", "vmax", "d", "q", "row", "col", "var", "ns", "master", "steps")
     return [x for k in keys for x in t[k]]
 
 
-STEP_OPS = ["adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "adafactor_"]
+STEP_OPS = ["adamw_", "lamb_", "lion_", "adan_", "schedulefree_adamw_", "sgd_", "adafactor_",
+            "muon_"]  # fmt: skip
 
 
 @pytest.mark.parametrize("op", STEP_OPS)
@@ -895,9 +903,58 @@ def test_master_weights_step_the_fp32_master_and_round_the_param(op):
                                as_fp32["params"], strict=True):  # fmt: skip
         assert torch.equal(_bits(master), _bits(fp32))
         assert torch.equal(_bits(p), _bits(master.to(torch.bfloat16)))
-    for k in ("m", "v", "vmax", "d", "q", "row", "col", "var", "steps"):
+    for k in ("m", "v", "vmax", "d", "q", "row", "col", "var", "ns", "steps"):
         for a, b in zip(with_master[k], as_fp32[k], strict=True):
             assert torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw", "spectral_unclamped"])
+def test_muon_reference_is_torch_optim_muon_in_float64(nesterov, adjust_lr_fn, monkeypatch):
+    """The reference ``muon_`` on float64 params is torch.optim.Muon's step (torch 2.14), 20
+    steps: the elementwise parts in float64 (torch's lerp, decay and update; 1e-14: an FMA
+    where torch's vectorised kernels have one or not), the Newton-Schulz iteration on the
+    same bf16 input, by the same code: torch's per-matrix iteration is swapped for
+    fusedopt's (``newton_schulz_``), so the comparison isolates the elementwise parts (the
+    two iterations may differ by a bf16 ulp: tests/test_optim_muon.py bounds that). The bf16
+    rounding of float64 values that agree to 1e-15 is the same but on exact ties. Momentum
+    0.95 and 0.3 take both branches of torch's lerp."""
+    import torch.optim._muon as torch_muon
+
+    from fusedopt.newton_schulz import newton_schulz_
+    from fusedopt.optim.muon import adjust_lr_ratio
+
+    def same_iteration(grad, ns_coefficients, ns_steps, eps):
+        return newton_schulz_(grad.bfloat16().clone(), *ns_coefficients, ns_steps, eps)
+
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", same_iteration)
+
+    g = _gen(11)
+    shapes = [(6, 4), (4, 6), (5, 5)]
+    ours = [torch.randn(s, generator=g, dtype=F64) for s in shapes]
+    theirs = [torch.nn.Parameter(p.clone()) for p in ours]
+    bufs = [torch.zeros_like(p) for p in ours]
+    ns = [torch.empty(s, dtype=torch.bfloat16) for s in shapes]
+    for momentum in (0.95, 0.3):
+        opt = torch.optim.Muon(theirs, lr=0.02, momentum=momentum, nesterov=nesterov,
+                               adjust_lr_fn=adjust_lr_fn)  # fmt: skip
+        for state, buf in zip(theirs, bufs, strict=True):
+            opt.state[state]["momentum_buffer"] = buf.clone()
+        ratios = [adjust_lr_ratio(adjust_lr_fn, p.shape) for p in ours]
+        n = len(ours)
+        hypers = hyper_table([0.02] * n, [momentum] * n, [0.1] * n, ratios, [3.4445] * n,
+                             [-4.7750] * n, [2.0315] * n, [1e-7] * n, [5.0] * n)  # fmt: skip
+        for _ in range(10):
+            grads = [torch.randn(s, generator=g, dtype=F64) for s in shapes]
+            for p, gr in zip(theirs, grads, strict=True):
+                p.grad = gr.clone()
+            opt.step()
+            reference.muon_(ours, grads, bufs, ns, [], *hypers, nesterov, None, None, None, None)
+        for p, q in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-14, atol=1e-16)
+        for buf, q in zip(bufs, theirs, strict=True):
+            want = opt.state[q]["momentum_buffer"]
+            torch.testing.assert_close(buf, want, rtol=1e-14, atol=1e-16)
 
 
 def test_reference_sqrt_is_correctly_rounded():

@@ -38,7 +38,11 @@ STREAMS = {
     "lamb_norms_": (4, 2),  # pass 1 with fp32 states: stores the moments
     "lamb_apply_": (3, 1),  # pass 3 with fp32 states: re-reads p, m, v (two-pass tensors)
     "adafactor_apply_": (2, 1),  # param/master, grad (the factors are per row and column)
+    "muon_momentum_": (2, 2),  # grad, buffer; buffer, bf16 ns (reads no param)
+    "muon_apply_": (2, 1),  # param/master, bf16 ns; param/master
 }
+#: Kernels that read no param (so a master variant reads no 16-bit param beside it).
+READS_NO_PARAM = ("muon_momentum_",)
 # Passes with low-precision states (module docstring of fusedopt/triton_kernels/lamb.py).
 LAMB_LOW_PRECISION = {"lamb_norms_": (4, 0), "lamb_apply_": (4, 3)}
 WRITES_PARAMS = (
@@ -49,6 +53,7 @@ WRITES_PARAMS = (
     "schedulefree_adamw_",
     "lamb_apply_",
     "adafactor_apply_",
+    "muon_apply_",
 )
 # A compact master (bf16 param + int16 remainder, [note: compact master]) reads and writes
 # the same streams as an fp32 one: "master" in its name counts them alike.
@@ -78,7 +83,8 @@ def expected_streams(name: str) -> tuple[int, int] | None:
             if case in ELEMENTWISE_CASES:
                 reads, writes = streams
                 master = "master" in case
-                return reads + master, writes + int(master and prefix in WRITES_PARAMS)
+                reads_param = master and prefix not in READS_NO_PARAM
+                return reads + reads_param, writes + int(master and prefix in WRITES_PARAMS)
     return None
 
 
@@ -86,12 +92,13 @@ def test_every_kernel_compiles_for_sm90(report):
     kernels = {"scale", "grad_norm_partials", "grad_norm_tensor_norms", "grad_norm_total",
                "adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_norms",
                "lamb_apply", "lamb_fold", "adafactor_norms", "adafactor_apply",
-               "adafactor_floor"}  # fmt: skip
+               "adafactor_floor", "muon_momentum", "muon_apply"}  # fmt: skip
     for kernel in kernels:
         assert any(name.startswith(kernel) for name in report), kernel
     for case in ELEMENTWISE_CASES:
         for op in ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_norms",
-                   "lamb_apply", "adafactor_norms", "adafactor_apply"):  # fmt: skip
+                   "lamb_apply", "adafactor_norms", "adafactor_apply", "muon_momentum",
+                   "muon_apply"):  # fmt: skip
             assert f"{op}_{case}" in report
 
 

@@ -32,6 +32,7 @@ from fusedopt.triton_kernels import (  # noqa: E402
     lamb,
     lion,
     multi_tensor,
+    muon,
     scale,
     schedulefree_adamw,
     sgd,
@@ -111,6 +112,11 @@ def variants():
         out.append((f"adan_{case}", *step(adan.adan_, 12, True, NO_PROX=False)))
         out.append((f"schedulefree_adamw_{case}",
                     *step(schedulefree_adamw.schedulefree_adamw_, 9, False)))  # fmt: skip
+        # Muon's passes: slots params, grads, momentum_buffers, ns_buffers, master_params
+        out.append((f"muon_momentum_{case}", muon.muon_momentum_kernel,
+                    {"WIDTH": 9, **base, "NESTEROV": True}))  # fmt: skip
+        out.append((f"muon_apply_{case}", muon.muon_apply_kernel,
+                    {"WIDTH": 9, **base, "NESTEROV": True}))  # fmt: skip
         exact = dtypes["MASTER"] or dtypes["P_DTYPE"] in (F32, F64)
         lamb_base = {"WIDTH": 10, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
                      "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,

@@ -102,7 +102,11 @@ inline void split_block(void* param, void* remainder, int64_t off, int64_t n,
 /// the grad and state slot k. With kWrite the param, master and states are written back
 /// after f (f may change them); without, nothing is written (LAMB's norm pass). Without
 /// kReadGrad the grad is not read (g is null: LAMB's second pass over stored moments).
-template <typename T, size_t kStates, bool kWrite, bool kReadGrad = true, typename F>
+/// Without kParam the param is neither read nor written (p is null: Muon's momentum pass);
+/// only states [0, kWrittenStates) are written back (Muon's apply pass reads its bf16
+/// Newton-Schulz output and writes none).
+template <typename T, size_t kStates, bool kWrite, bool kReadGrad = true, bool kParam = true,
+          size_t kWrittenStates = kStates, typename F>
 void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates>& states,
                     const WorkItem& w, F&& f) {
   const int64_t i = w.tensor;
@@ -119,25 +123,30 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
   std::array<T*, kStates> s{};
   for (int64_t off = w.begin; off < w.end; off += kBlock) {
     const int64_t n = std::min(kBlock, w.end - off);
-    T* p = p_buffer;
-    if constexpr (std::is_same_v<T, float>) {
-      if (compact) join_block(p_buffer, param, p_base, off, n);
+    T* p = nullptr;
+    if constexpr (kParam) {
+      p = p_buffer;
+      if constexpr (std::is_same_v<T, float>) {
+        if (compact) join_block(p_buffer, param, p_base, off, n);
+      }
+      if (!compact) p = view_block(p_base, p_dtype, off, n, p_buffer);
+      if (sync) p = adopt_written_params(p, param, lists.params.dtype, off, n, kWrite, p_buffer);
     }
-    if (!compact) p = view_block(p_base, p_dtype, off, n, p_buffer);
-    if (sync) p = adopt_written_params(p, param, lists.params.dtype, off, n, kWrite, p_buffer);
     const T* g = kReadGrad ? view_block(g_base, lists.grads.dtype, off, n, g_buffer) : nullptr;
     for (size_t k = 0; k < kStates; ++k)
       s[k] = view_block(states[k].data[i], states[k].dtype, off, n, s_buffer[k]);
     f(p, g, s, n);
     if constexpr (kWrite) {
-      if constexpr (std::is_same_v<T, float>) {
-        if (compact) split_block(param, p_base, off, n, p);
+      if constexpr (kParam) {
+        if constexpr (std::is_same_v<T, float>) {
+          if (compact) split_block(param, p_base, off, n, p);
+        }
+        if (!compact) {
+          write_block(p_base, p_dtype, off, n, p);
+          if (master) write_block(param, lists.params.dtype, off, n, p);
+        }
       }
-      if (!compact) {
-        write_block(p_base, p_dtype, off, n, p);
-        if (master) write_block(param, lists.params.dtype, off, n, p);
-      }
-      for (size_t k = 0; k < kStates; ++k)
+      for (size_t k = 0; k < kWrittenStates; ++k)
         write_block(states[k].data[i], states[k].dtype, off, n, s[k]);
     }
   }
@@ -157,8 +166,10 @@ void with_divide(bool divide, F&& body) {
 /// A step op's loop over a call, in parallel: its work items (split_work), each tensor's
 /// elements in blocks (for_each_block, with the op's `states`), each block through
 /// `block(divide, p, g, st, n, s)` with the tensor's `scalars` and the grad load's division
-/// choice (with_divide: `divide` is a std::bool_constant).
-template <typename T, size_t kStates, typename Scalars, typename Block>
+/// choice (with_divide: `divide` is a std::bool_constant). kReadGrad, kParam and
+/// kWrittenStates: what a pass reads and writes, as for_each_block's.
+template <typename T, size_t kStates, bool kReadGrad = true, bool kParam = true,
+          size_t kWrittenStates = kStates, typename Scalars, typename Block>
 void step_blocks(const StepLists& lists, const std::array<TensorSlot, kStates>& states,
                  const std::vector<Scalars>& scalars, bool divide, const ExecContext& ctx,
                  Block&& block) {
@@ -166,9 +177,10 @@ void step_blocks(const StepLists& lists, const std::array<TensorSlot, kStates>& 
   parallel_items(items, ctx, [&](int64_t k) {
     const WorkItem& w = items[k];
     const Scalars s = scalars[w.tensor];
-    for_each_block<T, kStates, true>(lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
-      with_divide(divide, [&](auto d) { block(d, p, g, st, n, s); });
-    });
+    for_each_block<T, kStates, true, kReadGrad, kParam, kWrittenStates>(
+        lists, states, w, [&](T* p, const T* g, auto& st, int64_t n) {
+          with_divide(divide, [&](auto d) { block(d, p, g, st, n, s); });
+        });
   });
 }
 

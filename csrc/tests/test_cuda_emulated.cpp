@@ -148,7 +148,7 @@ double cuda_chain(int64_t max_chunks, int64_t n) {
 // ---------------------------------------------------------------------------------------
 // The step ops: cases.
 
-enum class Op { kAdamW, kLamb, kLion, kAdan, kScheduleFreeAdamW, kSgd };
+enum class Op { kAdamW, kLamb, kLion, kAdan, kScheduleFreeAdamW, kSgd, kMuon };
 
 /// One variant of an op: its per-call flags (in launch.h's order), per-tensor
 /// hyperparameters after lr (in launch.h's order) and which of them is 0 for every third
@@ -157,7 +157,7 @@ struct Variant {
   const char* name;
   Op op;
   std::array<bool, 4> flags;
-  std::array<double, 6> hyper;
+  std::array<double, 8> hyper;
   double lr;
   int zero_every_third;
 };
@@ -168,6 +168,8 @@ struct Variant {
 // adan: no_prox; beta1, beta2, beta3, eps, weight_decay
 // schedulefree_adamw: (no flags); beta1, beta2, eps, weight_decay, ckp1, bias_correction2
 // sgd: nesterov, maximize; momentum, dampening, weight_decay (momentum 0: no buffers)
+// muon: nesterov; momentum, weight_decay, lr_ratio, ns_a, ns_b, ns_c, ns_eps, ns_steps (the
+//   ns_* are the iteration's, read by neither pass)
 const Variant kVariants[] = {
     {"adamw", Op::kAdamW, {true, false, false, true}, {0.9, 0.999, 1e-8, 0.01}, 1e-2, -1},
     {"adam_l2", Op::kAdamW, {false, false, false, true}, {0.9, 0.999, 1e-8, 0.01}, 1e-2, -1},
@@ -197,6 +199,12 @@ const Variant kVariants[] = {
     {"sgd_nesterov", Op::kSgd, {true, false}, {0.9, 0.0, 0.01, 0.0}, 0.1, -1},
     {"sgd_dampening_maximize", Op::kSgd, {false, true}, {0.8, 0.3, 0.01, 0.0}, 0.1, -1},
     {"sgd_momentum_0_in_buffered_call", Op::kSgd, {false, false}, {0.9, 0.1, 0.01, 0.0}, 0.1, 0},
+    {"muon", Op::kMuon, {true}, {0.95, 0.1, 1.5, 3.4445, -4.775, 2.0315, 1e-7, 5.0}, 2e-2, -1},
+    // momentum < 0.5: both lerps of torch's other form; every third tensor without decay
+    {"muon_plain_mixed_wd", Op::kMuon, {false}, {0.3, 0.2, 0.75, 3.4445, -4.775, 2.0315, 1e-7, 5.0},
+     2e-2, 1},
+    {"muon_nesterov_low_momentum", Op::kMuon, {true}, {0.3, 0.0, 1.0, 3.4445, -4.775, 2.0315, 1e-7,
+     5.0}, 2e-2, -1},
 };
 
 /// Storage of a step call: param and grad dtypes, master weights (DESIGN.md §3),
@@ -272,8 +280,16 @@ int state_count(const Variant& v) {
     case Op::kAdan: return 4;  // exp_avg, exp_avg_sq, exp_avg_diff, neg_pre_grad
     case Op::kScheduleFreeAdamW: return 2;  // z, exp_avg_sq
     case Op::kSgd: return v.hyper[0] != 0.0 ? 1 : 0;  // momentum buffers
+    case Op::kMuon: return 2;  // momentum_buffer, the bf16 Newton-Schulz buffer
   }
   return 0;
+}
+
+/// The storage of state k: fp32 with master weights, else the param's; Muon's Newton-Schulz
+/// buffer is bf16 always (its layout "bf16").
+DType state_dtype(const Variant& v, size_t k, const Storage& storage) {
+  if (v.op == Op::kMuon && k == 1) return DType::kBFloat16;
+  return storage.master ? DType::kFloat32 : storage.param;
 }
 
 bool has_steps(const Variant& v) {
@@ -288,8 +304,6 @@ struct World {
 
   World(const StepCase& c) {
     const size_t n = c.shapes->size();
-    const DType state_dtype =
-        c.storage.master ? DType::kFloat32 : c.storage.param;
     states.resize(state_count(*c.variant));
     for (size_t i = 0; i < n; ++i) {
       const Shape s = (*c.shapes)[i];
@@ -302,7 +316,7 @@ struct World {
       // Mixed alignment inside one tensor's slots: its first state is aligned when the
       // param is not, and the other way round, so both "one slot refuses" cases occur.
       for (size_t k = 0; k < states.size(); ++k)
-        states[k].push_back(std::make_unique<Buffer>(state_dtype, s.numel,
+        states[k].push_back(std::make_unique<Buffer>(state_dtype(*c.variant, k, c.storage), s.numel,
                                                      k == 0 && i % 3 == 2 ? !s.misaligned
                                                                          : s.misaligned,
                                                      null));
@@ -387,7 +401,7 @@ struct Call {
   std::vector<float*> steps;
   // The hyperparameter table ([note: hyper table]): one row of kWidth doubles (lr, then
   // Variant::hyper) per run of tensors with equal values, and each tensor's row.
-  static constexpr int kWidth = 7;
+  static constexpr int kWidth = 9;
   std::vector<double> hypers;
   std::vector<int32_t> group;
   std::vector<float> lr_tensor;
@@ -458,7 +472,7 @@ struct Call {
   }
 
   TensorSlot state(size_t k, const StepCase& c) {
-    return {states[k].data(), c.storage.master ? DType::kFloat32 : c.storage.param};
+    return {states[k].data(), state_dtype(*c.variant, k, c.storage)};
   }
 };
 
@@ -539,6 +553,23 @@ void step(const StepCase& c, World& w, int index, bool cuda) {
       a.nesterov = v.flags[0];
       a.maximize = v.flags[1];
       return cuda ? cuda::sgd(a, ctx) : cpu::sgd(a, ExecContext{});
+    }
+    case Op::kMuon: {
+      MuonCall a;
+      a.lists = lists;
+      a.momentum_buffers = call.state(0, c);
+      a.ns_buffers = call.state(1, c);
+      a.nesterov = v.flags[0];
+      // The Newton-Schulz iteration between the passes is torch's (no C++): the apply pass
+      // takes the momentum pass's bf16 output as the iteration's, as the oracle test does.
+      if (cuda) {
+        cuda::muon_momentum(a, ctx);
+        cuda::muon_apply(a, ctx);
+      } else {
+        cpu::muon_momentum(a, ExecContext{});
+        cpu::muon_apply(a, ExecContext{});
+      }
+      return;
     }
   }
 }
@@ -707,7 +738,8 @@ int test_step_ops() {
       // third state, SGD with buffers, LAMB with per-tensor adaptation), two steps.
       const bool traversal = &v == &kVariants[0] || &v == &kVariants[2] ||
                              &v == &kVariants[6] || &v == &kVariants[9] ||
-                             &v == &kVariants[11] || &v == &kVariants[15];
+                             &v == &kVariants[11] || &v == &kVariants[15] ||
+                             &v == &kVariants[20];
       if (traversal) {
         run_step_case({&v, st, &kScalars[3], &kLarge, 2, emu::Schedule::kForward}, rng);
         ++cases;

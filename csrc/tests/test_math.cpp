@@ -8,6 +8,7 @@
 #include "fusedopt/math/adan.h"
 #include "fusedopt/math/schedulefree_adamw.h"
 #include "fusedopt/math/lion.h"
+#include "fusedopt/math/muon.h"
 #include "fusedopt/math/norm.h"
 #include "fusedopt/math/sgd.h"
 
@@ -209,6 +210,29 @@ static void test_sgd() {
   CHECK(p == 0.875f && unused == 7.0f);
 }
 
+static void test_muon() {
+  // [note: muon lerp]: both branches give the exact lerp on exact values; which branch runs
+  // shows only in the rounding (checked against torch bit for bit in tests/test_optim_muon.py).
+  CHECK(torch_lerp(1.0f, 3.0f, 0.25f) == 1.5f);
+  CHECK(torch_lerp(1.0f, 3.0f, 0.75f) == 2.5f);
+  // Momentum 0.5 (weights exact): buf = lerp(0.5, 1.5, 0.5) = 1.0 (the other branch);
+  // Nesterov input = lerp(g = 1.5, buf = 1.0, 0.5) = 1.25; without Nesterov, buf.
+  const auto s = muon_scalars<float>(0.5, 0.5, 0.25, 2.0);
+  CHECK(s.buf_weight == 0.5f && s.decay == 0.875f && s.step == -1.0f);
+  float stored = 0.0f;
+  const auto keep = [&](float x) { return stored = x; };
+  CHECK((muon_momentum<float, true>(1.5f, 0.5f, s, keep)) == 1.25f && stored == 1.0f);
+  CHECK((muon_momentum<float, false>(1.5f, 0.5f, s, keep)) == 1.0f);
+  // The stored buffer is what the Nesterov lerp reads: a store that rounds (to 0.75 here)
+  // changes the input: lerp(1.5, 0.75, 0.5) = 1.125.
+  const auto round_down = [](float) { return 0.75f; };
+  CHECK((muon_momentum<float, true>(1.5f, 0.5f, s, round_down)) == 1.125f);
+  // p = 2*(1 - 0.5*0.25) - 0.5*2*0.5 = 1.75 - 0.5 = 1.25.
+  CHECK(muon_apply(2.0f, 0.5f, s) == 1.25f);
+  // Zero decay still multiplies by 1 - lr*0 = 1 (torch.optim.Muon: unconditionally).
+  CHECK(muon_scalars<float>(0.5, 0.5, 0.0, 1.0).decay == 1.0f);
+}
+
 static void test_norm_terms() {
   CHECK(norm2_term(3.0f, 2.0f) == 2.25f);
   CHECK(norm_inf_term(-3.0f, 2.0f) == 1.5f);
@@ -229,6 +253,7 @@ int main() {
   test_adan();
   test_schedulefree_adamw();
   test_sgd();
+  test_muon();
   test_norm_terms();
   if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);
   return g_failures != 0;

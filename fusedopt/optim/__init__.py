@@ -6,6 +6,7 @@ Drop-in use::
     opt = fusedopt.LAMB(model.parameters(), lr=1e-3)         # timm's Lamb arguments
     opt = fusedopt.Lion(model.parameters(), lr=1e-4)         # lion-pytorch's arguments
     opt = fusedopt.Adan(model.parameters(), lr=1e-3)         # the official Adan's arguments
+    opt = fusedopt.Muon(model.parameters(), lr=2e-2)         # torch.optim.Muon's (+ AdamW)
     opt = fusedopt.ScheduleFreeAdamW(model.parameters())     # schedulefree's AdamWScheduleFree
 
 Everything torch.optim does works: param groups, ``add_param_group``, ``zero_grad``,
@@ -50,6 +51,7 @@ from fusedopt.optim.adamw import Adam, AdamW
 from fusedopt.optim.adan import Adan
 from fusedopt.optim.lamb import LAMB
 from fusedopt.optim.lion import Lion
+from fusedopt.optim.muon import Muon
 from fusedopt.optim.schedulefree import ScheduleFreeAdamW
 from fusedopt.optim.sgd import SGD
 
@@ -62,5 +64,6 @@ __all__ = [
     "Adan",
     "FusedOptimizer",
     "Lion",
+    "Muon",
     "ScheduleFreeAdamW",
 ]

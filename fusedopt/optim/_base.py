@@ -226,6 +226,11 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         for p, state in states.items():
             self._fix_loaded_state(group, p, state)
 
+    def _call_op(self, flags: dict[str, bool]) -> str:
+        """The step op of a call with these flags: :attr:`OP` (``fusedopt.Muon`` runs
+        ``adamw_`` too, for its non-matrix params)."""
+        return self.OP
+
     def _after_step(self, found_inf: Tensor | None) -> None:
         """Called at the end of every ``step()`` with the step's ``found_inf`` (None: none)."""
 
@@ -535,7 +540,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                 if gi not in group_hypers:
                     group_hypers[gi] = self._hypers(self.param_groups[gi])
                 runs.append((group_hypers[gi], count))
-            hypers = call_hypers(call, runs, STEP_OPS[self.OP].hypers)
+            hypers = call_hypers(call, runs, STEP_OPS[self._call_op(call.flags)].hypers)
             if (
                 call.native is not None
                 and type(self)._run is FusedOptimizer._run

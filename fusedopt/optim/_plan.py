@@ -440,8 +440,8 @@ class _Call:
         op of the contract: a call that ``torch.compile`` traces never uses a cached plan,
         so it never meets this op, which mutates tensors its schema does not show."""
         native = native_calls()
-        if native is None or self.twins:
-            return
+        if native is None or self.twins or not STEP_OPS[op].cpp_launcher:
+            return  # (muon_ has no C++ launcher for the whole step: its passes have theirs)
         try:
             backend = resolve_backend(self.backend, self.device)
         except (RuntimeError, ValueError):  # the step's op call raises it, naming it

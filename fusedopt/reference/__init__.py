@@ -17,6 +17,9 @@ from fusedopt.reference.ops import (
     lamb_direction_,
     lion_,
     load_grad,
+    muon_,
+    muon_apply_,
+    muon_momentum_,
     opmath_dtype,
     scale_,
     schedulefree_adamw_,
@@ -34,6 +37,9 @@ __all__ = [
     "lamb_direction_",
     "lion_",
     "load_grad",
+    "muon_",
+    "muon_apply_",
+    "muon_momentum_",
     "opmath_dtype",
     "scale_",
     "schedulefree_adamw_",
@@ -54,6 +60,9 @@ IMPLEMENTATIONS = {
     "adafactor_": adafactor_,
     "adafactor_norms_": adafactor_norms_,
     "adafactor_apply_": adafactor_apply_,
+    "muon_": muon_,
+    "muon_momentum_": muon_momentum_,
+    "muon_apply_": muon_apply_,
 }
 
 

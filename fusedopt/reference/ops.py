@@ -547,3 +547,114 @@ def adafactor_(
     scalars = (lr_tensor, grad_scale, clip_coef, found_inf, master_sync)
     sq_norms = adafactor_norms_(*lists, hypers, group_sizes, maximize, *scalars)
     adafactor_apply_(*lists, hypers, group_sizes, maximize, sq_norms, *scalars)
+
+
+def _fma(a, b, c):
+    """``a*b + c`` rounded once (the kernels' ``fmaf``): exact in fp64 for fp32 operands
+    (a 48-bit product), then rounded to fp32; fp64 operands compute it plainly."""
+    if isinstance(c, Tensor) and c.dtype == torch.float64:
+        return a * b + c
+    wide = [x.double() if isinstance(x, Tensor) else x for x in (a, b, c)]
+    return (wide[0] * wide[1] + wide[2]).float()
+
+
+def lerp(start: Tensor, end: Tensor, weight: float) -> Tensor:
+    """torch.lerp's formula ([note: muon lerp] in csrc/include/fusedopt/math/muon.h): with
+    ``w`` in opmath, ``start + w*(end - start)`` for ``|w| < 0.5``, else
+    ``end + (w - 1)*(end - start)``, each one FMA (torch's vectorised CPU kernel)."""
+    w = float(torch.tensor(weight, dtype=start.dtype))  # the weight rounded to opmath
+    diff = end - start
+    if abs(w) < 0.5:
+        return _fma(torch.tensor(w, dtype=start.dtype), diff, start)
+    return _fma(torch.tensor(w, dtype=start.dtype) - 1, diff, end)
+
+
+def muon_momentum_(
+    params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+) -> None:  # fmt: skip
+    """Muon's first pass (torch.optim.Muon): ``buf = lerp(buf, g, 1 - momentum)``; the
+    Newton-Schulz input ``bf16(lerp(g, buf, momentum))`` with Nesterov, else ``bf16(buf)``,
+    where ``buf`` is the stored (rounded) new buffer, as torch reads it."""
+    _, momentum, *_ = _columns(hypers, group_sizes)
+    lr = [0.0] * len(params)
+    scalars = (lr, None, grad_scale, clip_coef, found_inf, False, master_sync)
+    for i, opmath, _lr_i, g, _p in _each_param(params, grads, master_params, *scalars):
+        buf = lerp(momentum_buffers[i].to(opmath), g, 1 - momentum[i])
+        momentum_buffers[i].copy_(buf)
+        buf = momentum_buffers[i].to(opmath)
+        update = lerp(g, buf, momentum[i]) if nesterov else buf
+        ns_buffers[i].copy_(update)
+
+
+def muon_apply_(
+    params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+) -> None:  # fmt: skip
+    """Muon's second pass: ``p = p*(1 - lr*wd)`` (rounded), then
+    ``p = fma(-(lr*lr_ratio), O, p)``, O the Newton-Schulz output in ``ns_buffers``; the
+    decay is applied for ``wd = 0`` too, as torch.optim.Muon. The per-tensor factors are
+    computed in float64 and rounded to opmath, as torch's Python floats are."""
+    if _skip(found_inf):
+        return
+    lr, _, weight_decay, lr_ratio, *_ = _columns(hypers, group_sizes)
+    for i, param in enumerate(params):
+        opmath = opmath_dtype(param.dtype)
+        lr_i = float(_lr(lr, lr_tensor, i, opmath))
+        p = _load_param(param, master_params, i, opmath, master_sync)
+        decay = torch.tensor(1 - lr_i * weight_decay[i], dtype=opmath)
+        step = torch.tensor(-(lr_i * lr_ratio[i]), dtype=opmath)
+        p = _fma(step, ns_buffers[i].to(opmath), p * decay)
+        _store_param(p, param, master_params, i)
+
+
+def muon_newton_schulz(
+    params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+) -> None:  # fmt: skip
+    """The Newton-Schulz iteration of each ``ns_buffers[i]`` in place, one matrix at a time,
+    with its row's ``ns_*`` hyperparameters (a host read of the table): what ``muon_`` runs
+    between its passes in every backend. Nothing when ``found_inf`` is set."""
+    from fusedopt.newton_schulz import newton_schulz_
+
+    if _skip(found_inf):
+        return
+    _, _, _, _, ns_a, ns_b, ns_c, ns_eps, ns_steps = _columns(hypers, group_sizes)
+    for i, x in enumerate(ns_buffers):
+        newton_schulz_(x, ns_a[i], ns_b[i], ns_c[i], int(ns_steps[i]), ns_eps[i])
+
+
+def muon_(
+    params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+) -> None:  # fmt: skip
+    """Muon: :func:`muon_momentum_`, the Newton-Schulz iteration of each ``ns_buffers[i]``
+    in place (:func:`muon_newton_schulz`), then :func:`muon_apply_`."""
+    _check_matrices(params)
+    args = (params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes,
+            nesterov, lr_tensor, grad_scale, clip_coef, found_inf, master_sync)  # fmt: skip
+    muon_momentum_(*args)
+    muon_newton_schulz(*args)
+    muon_apply_(*args)
+
+
+def _check_matrices(params) -> None:
+    for i, p in enumerate(params):
+        if p.dim() != 2:
+            raise ValueError(
+                f"muon_: params[{i}] has shape {tuple(p.shape)}; Muon steps 2-D params"
+            )
+
+
+def compose_muon(momentum_pass, apply_pass):
+    """``muon_`` of a backend whose passes are ops of their own (cpu and cuda: fusedopt._C
+    has no launcher for the whole step, [note: muon passes] in fusedopt/optim/muon.py): the
+    2-D check, the momentum pass, :func:`muon_newton_schulz`, the apply pass."""
+
+    def muon(*args) -> None:
+        _check_matrices(args[0])
+        momentum_pass(*args)
+        muon_newton_schulz(*args)
+        apply_pass(*args)
+
+    return muon

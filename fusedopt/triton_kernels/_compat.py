@@ -38,3 +38,31 @@ def patch_interpreter_index() -> None:
 
     _patch_lang_tensor._fusedopt_squeezes = True
     interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+def patch_interpreter_fma() -> None:
+    """[note: interpreter fma] Triton's interpreter (3.6 to 3.8 at least) evaluates
+    ``tl.fma(x, y, z)`` as NumPy's ``x*y + z``: two roundings, where the GPU's FMA rounds
+    once. An fp32 (or fp16/bf16) FMA is computed here in float64, where the product of two
+    24-bit significands is exact, and rounded once to the operands' dtype (the double
+    rounding through 53 bits can differ from a true FMA only on exact ties of the 24-bit
+    rounding, which the reference's fp32 FMA, ``fusedopt.reference.ops._fma``, shares). fp64
+    keeps NumPy's two roundings. A no-op when repeated."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_fma, "_fusedopt_fused", False):
+        return
+
+    def create_fma(self, x, y, z):
+        dtype = z.data.dtype
+        if dtype == np.float64:
+            data = x.data * y.data + z.data
+        else:
+            wide = x.data.astype(np.float64) * y.data.astype(np.float64)
+            data = (wide + z.data.astype(np.float64)).astype(dtype)
+        return interpreter.TensorHandle(data, z.dtype.scalar)
+
+    create_fma._fusedopt_fused = True
+    builder.create_fma = create_fma

@@ -31,7 +31,8 @@
 //   * numels[i] may be 0 (then the data pointer may be null) and may exceed 2^31;
 //   * data pointers are aligned to their element size only (views at odd offsets happen);
 //   * dtypes: params one of fp32/bf16/fp16/fp64; grads the param dtype or fp32; master_params
-//     fp32 and only for bf16/fp16 params; states fp32 with masters, else the param dtype;
+//     fp32 and only for bf16/fp16 params; states fp32 with masters, else the param dtype
+//     (layout "param"; a "bf16" layout state, Muon's ns_buffers, is bf16 always);
 //     steps and the device scalars fp32; lr_numel is 1 or num_tensors;
 //   * the hyperparameter table: width == the op's hyperparameter count, 0 <= group[i] < G.
 #pragma once
@@ -250,6 +251,29 @@ void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx);
 void lamb_apply(const LambApplyCall& call, const ExecContext& ctx);
 void adafactor_norms(const AdafactorNormsCall& call, const ExecContext& ctx);
 void adafactor_apply(const AdafactorApplyCall& call, const ExecContext& ctx);
+}  // namespace cuda
+
+/// muon_ (torch.optim.Muon on 2-D params): its passes only, since torch runs the Newton-Schulz
+/// GEMMs between them ([note: muon passes] in fusedopt/optim/muon.py; the step op muon_ is
+/// the passes around the iteration, composed in Python for every backend: not in
+/// FUSEDOPT_STEP_OPS). ns_buffers are bf16 whatever the param dtype; no step counts; the ns_*
+/// hyperparameters are read on the host by the iteration, not by the passes.
+struct MuonCall {
+  FUSEDOPT_STEP_CALL_FIELDS(MUON)
+};
+
+// muon_momentum_: buf = lerp(buf, g, 1 - momentum); ns = bf16(lerp(g, buf, momentum)) with
+//   nesterov, else bf16(buf). Per element: reads g, buf; writes buf, ns (no param).
+// muon_apply_: p = fma(-(lr*lr_ratio), ns, p*(1 - lr*wd)). Per element: reads p (+master),
+//   ns; writes p (+master). Both do nothing under found_inf.
+namespace cpu {
+void muon_momentum(const MuonCall& call, const ExecContext& ctx);
+void muon_apply(const MuonCall& call, const ExecContext& ctx);
+}  // namespace cpu
+
+namespace cuda {
+void muon_momentum(const MuonCall& call, const ExecContext& ctx);
+void muon_apply(const MuonCall& call, const ExecContext& ctx);
 }  // namespace cuda
 
 /// The launchers: scale, grad_norm and one per step op (adamw, lamb...), in each backend.

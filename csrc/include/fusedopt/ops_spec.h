@@ -13,7 +13,8 @@
 //   FUSEDOPT_OP_STEPS_WITH(X)   X(list) when the steps are given iff that list is
 // FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends
 // with, after the common scalars (master_sync).
-// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops; namespace fusedopt::spec::<op> has
+// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops with one C++ launcher for the step
+// (not muon_: its passes have theirs, launch.h); namespace fusedopt::spec::<op> has
 // the indices (kExpAvgs, kBeta1, kDecoupled...), the counts (kNumStates...) and each
 // state list's shape rule (kStateLayouts: [note: factored layouts] in
 // fusedopt/_contract.py).
@@ -78,10 +79,18 @@
 #define FUSEDOPT_ADAFACTOR_STEPS_OPTIONAL false
 #define FUSEDOPT_ADAFACTOR_STEPS_WITH(X)
 
+// muon_
+#define FUSEDOPT_MUON_STATES(X) X(momentum_buffers, MomentumBuffers, 0, false, true) X(ns_buffers, NsBuffers, 1, false, true)
+#define FUSEDOPT_MUON_HYPERS(X) X(lr, Lr, 0) X(momentum, Momentum, 1) X(weight_decay, WeightDecay, 2) X(lr_ratio, LrRatio, 3) X(ns_a, NsA, 4) X(ns_b, NsB, 5) X(ns_c, NsC, 6) X(ns_eps, NsEps, 7) X(ns_steps, NsSteps, 8)
+#define FUSEDOPT_MUON_FLAGS(X) X(nesterov, Nesterov, 0, true)
+#define FUSEDOPT_MUON_STEPS(X)
+#define FUSEDOPT_MUON_STEPS_OPTIONAL true
+#define FUSEDOPT_MUON_STEPS_WITH(X)
+
 namespace fusedopt::spec {
 
 /// The shape rule of a state list (fusedopt/_contract.py STATE_LAYOUTS).
-enum class StateLayout { kParam, kRow, kCol, kUnfactored };
+enum class StateLayout { kParam, kRow, kCol, kUnfactored, kBf16 };
 
 namespace adamw {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam, StateLayout::kParam};
@@ -132,8 +141,15 @@ inline constexpr int kLr = 0, kBeta2Decay = 1, kEps1 = 2, kEps2 = 3, kD = 4, kWe
 inline constexpr int kMaximize = 0, kNumFlags = 1;
 }  // namespace adafactor
 
+namespace muon {
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kBf16};
+inline constexpr int kMomentumBuffers = 0, kNsBuffers = 1, kNumStates = 2;
+inline constexpr int kLr = 0, kMomentum = 1, kWeightDecay = 2, kLrRatio = 3, kNsA = 4, kNsB = 5, kNsC = 6, kNsEps = 7, kNsSteps = 8, kNumHypers = 9;
+inline constexpr int kNesterov = 0, kNumFlags = 1;
+}  // namespace muon
+
 inline constexpr int kMaxStates = 4;
-inline constexpr int kMaxHypers = 7;
+inline constexpr int kMaxHypers = 9;
 inline constexpr int kMaxFlags = 4;
 
 }  // namespace fusedopt::spec
