@@ -9,22 +9,13 @@ from __future__ import annotations
 from fusedopt import (
     _contract,  # defines every op schema first
     ops,
+    optim,
     reference,  # registers the reference backend
 )
 from fusedopt._backend import BackendStatus, backends, resolve
 from fusedopt.amp import GradScaler
 from fusedopt.clip import clip_grad_norm_
-from fusedopt.optim import (
-    LAMB,
-    SGD,
-    Adafactor,
-    Adam,
-    AdamW,
-    Adan,
-    Lion,
-    Muon,
-    ScheduleFreeAdamW,
-)
+from fusedopt.optim import *  # noqa: F403  (the optimizers, fusedopt.optim.__all__)
 
 try:  # _C registers the cpu and cuda backends when built
     from fusedopt import _C
@@ -45,19 +36,11 @@ else:  # muon_ is its passes around torch's Newton-Schulz GEMMs: composed here, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LAMB",
-    "SGD",
-    "Adafactor",
-    "Adam",
-    "AdamW",
-    "Adan",
     "BackendStatus",
     "GradScaler",
-    "Lion",
-    "Muon",
-    "ScheduleFreeAdamW",
     "backends",
     "clip_grad_norm_",
     "ops",
     "resolve",
 ]
+__all__ += optim.__all__  # the optimizers, named once in fusedopt.optim
