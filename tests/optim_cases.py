@@ -10,6 +10,7 @@ model feedback amplifies rounding into divergence, so the tolerances below stay 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -227,6 +228,23 @@ def drive(
         for opt, _, _ in runs:
             opt.step()
     return model, oracle
+
+
+def assert_arguments_are_torchs(ours: type, theirs: type) -> None:
+    """Every constructor argument of torch's ``theirs`` is one of ``ours``, of the same kind
+    and with the same default (a drop-in takes torch's calls unchanged)."""
+    our_arguments = inspect.signature(ours).parameters
+    for name, param in inspect.signature(theirs).parameters.items():
+        assert name in our_arguments, name
+        assert our_arguments[name].default == param.default, name
+        assert our_arguments[name].kind == param.kind, name
+
+
+def assert_params_close(params, twin, rtol: float = 1e-6, atol: float = 1e-7) -> None:
+    """The params of two runs agree (by default to the fp32 rounding that differently
+    ordered sums give)."""
+    for p, q in zip(params, twin, strict=True):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, what: str) -> None:

@@ -6,7 +6,13 @@ import math
 
 import pytest
 import torch
-from optim_cases import TORCH_TOLERANCE, assert_close, clone_params, make_model
+from optim_cases import (
+    TORCH_TOLERANCE,
+    assert_close,
+    assert_params_close,
+    clone_params,
+    make_model,
+)
 
 import fusedopt
 
@@ -105,8 +111,7 @@ def test_max_grad_norm_equals_pre_clipped_grads(cls, kwargs):
         ours.step()
         plain.step()
         torch.testing.assert_close(ours.last_grad_norm, norm, rtol=1e-6, atol=0)
-    for p, q in zip(params, twin, strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert_params_close(params, twin)
 
 
 def test_max_grad_norm_must_be_global_and_positive():

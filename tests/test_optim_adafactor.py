@@ -5,11 +5,9 @@ weight decay and maximize, on every usable backend."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
-from optim_cases import usable_backends
+from optim_cases import assert_arguments_are_torchs, usable_backends
 
 import fusedopt
 
@@ -30,12 +28,7 @@ def _grads(steps, dtype=torch.float64, seed=1):
 
 
 def test_constructor_names_and_defaults_are_torchs():
-    ours = inspect.signature(fusedopt.Adafactor).parameters
-    theirs = inspect.signature(torch.optim.Adafactor).parameters
-    for name, param in theirs.items():
-        assert name in ours, name
-        assert ours[name].default == param.default, name
-        assert ours[name].kind == param.kind, name
+    assert_arguments_are_torchs(fusedopt.Adafactor, torch.optim.Adafactor)
 
 
 @pytest.mark.parametrize(

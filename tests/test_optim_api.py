@@ -12,6 +12,7 @@ import torch
 from optim_cases import (
     TORCH_TOLERANCE,
     assert_close,
+    assert_params_close,
     clone_params,
     make_model,
     random_grads,
@@ -212,8 +213,7 @@ def test_tensor_lr_with_scheduler_equals_float_lr():
         for s in scheds:
             s.step()
     assert torch.is_tensor(ours.param_groups[0]["lr"])
-    for p, q in zip(params, twin, strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert_params_close(params, twin)
 
 
 @pytest.mark.cuda
@@ -251,8 +251,7 @@ def test_capturable_step_replays_in_cuda_graph_with_tensor_lr(cls):
             p.grad.copy_(q.grad)
         graph.replay()
         ref.step()
-    for p, q in zip(params, twin, strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert_params_close(params, twin)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -9,6 +9,7 @@ import inspect
 
 import pytest
 import torch
+from optim_cases import assert_arguments_are_torchs, assert_params_close
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 import fusedopt
@@ -41,11 +42,9 @@ def _run(opt, params, grads):
 
 
 def test_constructor_names_and_defaults_are_torchs():
+    assert_arguments_are_torchs(fusedopt.Muon, torch.optim.Muon)
     ours = inspect.signature(fusedopt.Muon).parameters
     theirs = inspect.signature(torch.optim.Muon).parameters
-    for name, p in theirs.items():
-        assert name in ours, name
-        assert ours[name].default == p.default, name
     positional = [n for n, p in ours.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
     assert positional == list(theirs)
 
@@ -414,8 +413,7 @@ def test_max_grad_norm_clips_as_torch_clip_grad_norm(backend):
         ref.step()
         ref_adamw.step()
         torch.testing.assert_close(opt.last_grad_norm, norm, rtol=1e-6, atol=0)
-    for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert_params_close(ours, theirs)
 
 
 def test_pickled_optimizer_steps():
