@@ -30,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._contract import PHASE_OPS
 from . import common
 from .common import (
     BLOCK,
@@ -51,9 +50,9 @@ from .common import (
     store_param,
     tail_block,
 )
-from .layout import layout, prepare
+from .layout import layout
 from .multi_tensor import TableCache
-from .registry import register
+from .passes import register_norm_passes
 
 #: The table columns, named by the spec.
 L = layout("adafactor_")
@@ -362,53 +361,4 @@ def _apply(a, sq_norms: torch.Tensor) -> None:
     )  # fmt: skip
 
 
-def _zero_norms(args: tuple) -> torch.Tensor:
-    """``sq_norms`` zeros [N, 2] in the params' opmath, on their device."""
-    params = args[0]
-    fp64 = bool(params) and params[0].dtype == torch.float64
-    device = params[0].device if params else torch.device("cpu")
-    return torch.zeros((len(params), 2), dtype=torch.float64 if fp64 else torch.float32,
-                       device=device)  # fmt: skip
-
-
-def adafactor_norms_(*args) -> torch.Tensor:
-    """Adafactor's reductions (launch 1): advances the steps, returns ``sq_norms``."""
-    sq_norms = _zero_norms(args)
-    a = prepare("adafactor_", args, _TABLES)
-    if a is not None:
-        _norms(a, sq_norms)
-    return sq_norms
-
-
-def adafactor_apply_(*args) -> None:
-    """Adafactor's update (launches 2 and 3), with ``sq_norms`` from
-    :func:`adafactor_norms_`."""
-    k = PHASE_OPS["adafactor_apply_"].input_index
-    sq_norms = args[k]
-    expected = _zero_norms(args)
-    if (sq_norms.shape, sq_norms.dtype, sq_norms.device) != (
-        expected.shape, expected.dtype, expected.device,
-    ) or not sq_norms.is_contiguous():  # fmt: skip
-        raise TypeError(
-            f"adafactor_apply_triton_: sq_norms must be a contiguous {expected.dtype} tensor "
-            f"of shape {tuple(expected.shape)} on {expected.device}; got "
-            f"{tuple(sq_norms.shape)}, {sq_norms.dtype} on {sq_norms.device}"
-        )
-    a = prepare("adafactor_", args[:k] + args[k + 1 :], _TABLES)
-    if a is not None:
-        _apply(a, sq_norms)
-
-
-def adafactor_(*args) -> None:
-    """One Adafactor step over every tensor in three launches (see the module docstring)."""
-    a = prepare("adafactor_", args, _TABLES)
-    if a is None:
-        return
-    sq_norms = _zero_norms(args)
-    _norms(a, sq_norms)
-    _apply(a, sq_norms)
-
-
-register("adafactor_", adafactor_)
-register("adafactor_norms_", adafactor_norms_)
-register("adafactor_apply_", adafactor_apply_)
+register_norm_passes("adafactor_", "adafactor_norms_", "adafactor_apply_", _TABLES, _norms, _apply)

@@ -37,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._contract import PHASE_OPS
 from . import common
 from .common import (
     BLOCK,
@@ -56,9 +55,9 @@ from .common import (
     store_param,
 )
 from .drivers import fold_blocks, locate_step, param_args
-from .layout import layout, prepare
+from .layout import layout
 from .multi_tensor import TableCache
-from .registry import register
+from .passes import register_norm_passes
 
 #: The table columns, named by the spec.
 L = layout("lamb_")
@@ -299,52 +298,4 @@ def _apply(a, sq_norms: torch.Tensor) -> None:
     )  # fmt: skip
 
 
-def _zero_norms(args: tuple) -> torch.Tensor:
-    """``sq_norms`` zeros [N, 2] in the params' opmath, on their device."""
-    params = args[0]
-    fp64 = bool(params) and params[0].dtype == torch.float64
-    device = params[0].device if params else torch.device("cpu")
-    dtype = torch.float64 if fp64 else torch.float32
-    return torch.zeros((len(params), 2), dtype=dtype, device=device)
-
-
-def lamb_direction_(*args) -> torch.Tensor:
-    """LAMB's first pass (passes 1 and 2 above): advances the steps, returns ``sq_norms``."""
-    sq_norms = _zero_norms(args)
-    a = prepare("lamb_", args, _TABLES)
-    if a is not None:
-        _direction(a, sq_norms)
-    return sq_norms
-
-
-def lamb_apply_(*args) -> None:
-    """LAMB's second pass (pass 3 above), with ``sq_norms`` from :func:`lamb_direction_`."""
-    k = PHASE_OPS["lamb_apply_"].input_index
-    sq_norms = args[k]
-    expected = _zero_norms(args)
-    if (sq_norms.shape, sq_norms.dtype, sq_norms.device) != (
-        expected.shape, expected.dtype, expected.device,
-    ) or not sq_norms.is_contiguous():  # fmt: skip
-        raise TypeError(
-            f"lamb_apply_triton_: sq_norms must be a contiguous {expected.dtype} tensor of "
-            f"shape {tuple(expected.shape)} on {expected.device}; got {tuple(sq_norms.shape)}, "
-            f"{sq_norms.dtype} on {sq_norms.device}"
-        )
-    a = prepare("lamb_", args[:k] + args[k + 1 :], _TABLES)
-    if a is not None:
-        _apply(a, sq_norms)
-
-
-def lamb_(*args) -> None:
-    """One LAMB step over every tensor in three launches (see the module docstring)."""
-    a = prepare("lamb_", args, _TABLES)
-    if a is None:
-        return
-    sq_norms = _zero_norms(args)
-    _direction(a, sq_norms)
-    _apply(a, sq_norms)
-
-
-register("lamb_", lamb_)
-register("lamb_direction_", lamb_direction_)
-register("lamb_apply_", lamb_apply_)
+register_norm_passes("lamb_", "lamb_direction_", "lamb_apply_", _TABLES, _direction, _apply)
