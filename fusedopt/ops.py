@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
 import torch
@@ -529,6 +529,38 @@ def _step_from_arguments(op: str, arguments: dict) -> Tensor | None:
     )
 
 
+def _pass_op(
+    op: str, step_op: Callable, doc: str, step_arguments: Callable[[dict], dict] = dict
+) -> Callable:
+    """The public wrapper of the pass ``op`` of ``step_op`` ([note: multi-pass ops] in
+    DESIGN.md §2): it takes the step op's positional lists, then the pass's own inputs
+    (``PHASE_OPS[op].inputs``), then the step op's keywords, bound, with their defaults, by
+    the step op's signature (an unknown keyword is a ``TypeError``, as for the step op) and
+    passed through ``step_arguments`` (the step op's own conversions); it returns what the
+    pass returns."""
+    spec = _contract.PHASE_OPS[op]
+    step_signature = inspect.signature(step_op)
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    lists = [p for p in step_signature.parameters.values() if p.kind == positional]
+    inputs = [inspect.Parameter(name, positional, annotation=Tensor) for name in spec.inputs]
+    keywords = inspect.Parameter("keywords", inspect.Parameter.VAR_KEYWORD, annotation=Any)
+    signature = inspect.Signature(
+        [*lists, *inputs, keywords], return_annotation=Tensor if spec.returns else None
+    )
+
+    def run_pass(*args: Any, **kwargs: Any) -> Tensor | None:
+        arguments = signature.bind(*args, **kwargs).arguments
+        own = {name: arguments.pop(name) for name in spec.inputs}
+        bound = step_signature.bind(**arguments.pop("keywords", {}), **arguments)
+        bound.apply_defaults()
+        return _step_from_arguments(op, {**step_arguments(bound.arguments), **own})
+
+    run_pass.__name__ = run_pass.__qualname__ = op
+    run_pass.__doc__ = doc
+    run_pass.__signature__ = signature
+    return run_pass
+
+
 def adamw_(
     params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: Tensors, *,
     lr: Hyper | Tensor, beta1: Hyper = 0.9, beta2: Hyper = 0.999, eps: Hyper = 1e-8,
@@ -550,37 +582,23 @@ def lamb_(
     _step_from_arguments("lamb_", locals())
 
 
-def _lamb_pass(op: str, arguments: dict, **inputs: Tensor) -> Tensor | None:
-    """A LAMB pass called with ``lamb_``'s arguments (bound, with its defaults, by its
-    signature: an unknown keyword is a ``TypeError``, as for ``lamb_``)."""
-    keywords = arguments.pop("keywords")
-    bound = inspect.signature(lamb_).bind(**arguments, **keywords)
-    bound.apply_defaults()
-    return _step_from_arguments(op, {**bound.arguments, **inputs})
-
-
-def lamb_direction_(
-    params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: Tensors,
-    **keywords: Any,
-) -> Tensor:  # fmt: skip
+lamb_direction_ = _pass_op(
+    "lamb_direction_",
+    lamb_,
     """LAMB's first pass; takes :func:`lamb_`'s keywords, with its defaults. Advances
     ``steps`` and returns ``sq_norms`` [N, 2] (fp32; fp64 for fp64 params), the sums of p² and
     u² over each tensor that adapts (0 for the others), deterministic. Sum the rows over the
     shards of a sharded param (an all-reduce), then call :func:`lamb_apply_` with the same
-    arguments; the two are :func:`lamb_`, bit for bit. ``lr`` is not read here."""
-    return _lamb_pass("lamb_direction_", locals())
-
-
-def lamb_apply_(
-    params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: Tensors,
-    sq_norms: Tensor, **keywords: Any,
-) -> None:  # fmt: skip
+    arguments; the two are :func:`lamb_`, bit for bit. ``lr`` is not read here.""",
+)
+lamb_apply_ = _pass_op(
+    "lamb_apply_",
+    lamb_,
     """LAMB's second pass, after :func:`lamb_direction_` with the same arguments (and
     :func:`lamb_`'s keywords): the trust ratio ``sqrt(sq_norms[i, 0]) / sqrt(sq_norms[i, 1])`` of
     each tensor, then ``p -= lr * ratio * u`` (fp32 math; fp64 for fp64 params). Reads
-    ``steps``, writes none."""
-    arguments = locals()
-    _lamb_pass("lamb_apply_", arguments, sq_norms=arguments.pop("sq_norms"))
+    ``steps``, writes none.""",
+)
 
 
 def lion_(
@@ -675,45 +693,23 @@ def _adafactor_eps(arguments: dict) -> dict:
     return arguments
 
 
-def _adafactor_pass(op: str, arguments: dict, **inputs: Tensor) -> Tensor | None:
-    """An Adafactor pass called with ``adafactor_``'s arguments (bound by its signature)."""
-    keywords = arguments.pop("keywords")
-    bound = inspect.signature(adafactor_).bind(**arguments, **keywords)
-    bound.apply_defaults()
-    return _step_from_arguments(op, {**_adafactor_eps(bound.arguments), **inputs})
-
-
-def adafactor_norms_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    row_vars: Sequence[Tensor],
-    col_vars: Sequence[Tensor],
-    variances: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    **keywords: Any,
-) -> Tensor:
+adafactor_norms_ = _pass_op(
+    "adafactor_norms_",
+    adafactor_,
     """Adafactor's reductions; takes :func:`adafactor_`'s keywords. Advances ``steps``,
     updates the second moments and returns ``sq_norms`` [N, 2] (fp32; fp64 for fp64
     params): ``sum(p²)`` and ``sum(u²)`` of the unclipped update of each tensor,
-    deterministic. Then :func:`adafactor_apply_` with the same arguments."""
-    return _adafactor_pass("adafactor_norms_", locals())
-
-
-def adafactor_apply_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    row_vars: Sequence[Tensor],
-    col_vars: Sequence[Tensor],
-    variances: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    sq_norms: Tensor,
-    **keywords: Any,
-) -> None:
+    deterministic. Then :func:`adafactor_apply_` with the same arguments.""",
+    _adafactor_eps,
+)
+adafactor_apply_ = _pass_op(
+    "adafactor_apply_",
+    adafactor_,
     """Adafactor's update, after :func:`adafactor_norms_` with the same arguments: ``alpha``
     from ``sqrt(sq_norms[i, 0] / numel)``, the clip ``max(1, sqrt(sq_norms[i, 1] / numel) /
-    d)``, then ``p = p*(1 - lr*wd) - alpha/clip * u``. Reads ``steps``, writes none."""
-    arguments = locals()
-    _adafactor_pass("adafactor_apply_", arguments, sq_norms=arguments.pop("sq_norms"))
+    d)``, then ``p = p*(1 - lr*wd) - alpha/clip * u``. Reads ``steps``, writes none.""",
+    _adafactor_eps,
+)
 
 
 def muon_(
@@ -742,33 +738,15 @@ def muon_(
     _step_from_arguments("muon_", locals())
 
 
-def _muon_pass(op: str, arguments: dict) -> None:
-    """A Muon pass called with ``muon_``'s arguments (bound by its signature)."""
-    keywords = arguments.pop("keywords")
-    bound = inspect.signature(muon_).bind(**arguments, **keywords)
-    bound.apply_defaults()
-    _step_from_arguments(op, bound.arguments)
-
-
-def muon_momentum_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    ns_buffers: Sequence[Tensor],
-    **keywords: Any,
-) -> None:
+muon_momentum_ = _pass_op(
+    "muon_momentum_",
+    muon_,
     """Muon's first pass; takes :func:`muon_`'s keywords. ``buf = lerp(buf, g, 1-momentum)``
-    and ``ns_buffers[i] = bf16(lerp(g, buf, momentum))`` (Nesterov) or ``bf16(buf)``."""
-    _muon_pass("muon_momentum_", locals())
-
-
-def muon_apply_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    ns_buffers: Sequence[Tensor],
-    **keywords: Any,
-) -> None:
+    and ``ns_buffers[i] = bf16(lerp(g, buf, momentum))`` (Nesterov) or ``bf16(buf)``.""",
+)
+muon_apply_ = _pass_op(
+    "muon_apply_",
+    muon_,
     """Muon's second pass; takes :func:`muon_`'s keywords. With the Newton-Schulz output O
-    in ``ns_buffers``: ``p = p*(1 - lr*weight_decay) - lr*lr_ratio*O`` (fp32 math)."""
-    _muon_pass("muon_apply_", locals())
+    in ``ns_buffers``: ``p = p*(1 - lr*weight_decay) - lr*lr_ratio*O`` (fp32 math).""",
+)

@@ -176,3 +176,38 @@ def test_factored_param_must_be_contiguous():
     with pytest.raises(RuntimeError, match="is not contiguous"):
         opt.step()
     assert torch.equal(p, before)
+
+
+def _factored_state(seed: int) -> dict[str, list[torch.Tensor]]:
+    """fp32 params, grads and zero Adafactor states of SHAPES: a factored param (two or more
+    dims) keeps a row and a column vector and a (0,) placeholder variance, any other its
+    variance and (0,) placeholders."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g) for s in SHAPES]
+    empty = torch.zeros(0)
+    return dict(
+        params=params,
+        grads=[torch.randn(s, generator=g) for s in SHAPES],
+        row_vars=[p.new_zeros((*p.shape[:-1], 1)) if p.dim() >= 2 else empty for p in params],
+        col_vars=[
+            p.new_zeros((*p.shape[:-2], 1, p.shape[-1])) if p.dim() >= 2 else empty for p in params
+        ],
+        variances=[empty if p.dim() >= 2 else torch.zeros_like(p) for p in params],
+        steps=[torch.zeros(()) for _ in params],
+    )
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+def test_passes_are_the_step_bit_for_bit(backend):
+    """ops.adafactor_norms_ then ops.adafactor_apply_, with adafactor_'s keywords (eps1=None
+    among them: the pass wrappers convert it as the step op does), leave the bits that
+    ops.adafactor_ leaves, twice over."""
+    kwargs = dict(lr=0.05, eps1=None, weight_decay=0.1, d=0.5, backend=backend)
+    step, passes = _factored_state(2), _factored_state(2)
+    for _ in range(2):
+        fusedopt.ops.adafactor_(**step, **kwargs)
+        sq_norms = fusedopt.ops.adafactor_norms_(**passes, **kwargs)
+        fusedopt.ops.adafactor_apply_(**passes, sq_norms=sq_norms, **kwargs)
+    for key, tensors in step.items():
+        for want, got in zip(tensors, passes[key], strict=True):
+            assert torch.equal(got, want), key
