@@ -123,35 +123,32 @@ def _many() -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec((sizes[i % len(sizes)] + i // len(sizes),)) for i in range(160))
 
 
-#: Layout name -> tensor list. ``mixed`` is the workhorse: empty tensors, sizes off every
-#: vector width, offset views, channels_last and a tensor spanning several 1024-blocks.
+#: ``mixed``, the workhorse: empty tensors, sizes off every vector width, offset views,
+#: channels_last and a tensor spanning several 1024-blocks.
+_MIXED = (
+    TensorSpec((0,)),
+    TensorSpec((1,)),
+    TensorSpec((3,), zero=True),
+    TensorSpec((33,), "offset"),
+    TensorSpec((5, 7)),
+    TensorSpec((2, 3, 5, 7), "channels_last"),
+    TensorSpec((4, 0)),
+    TensorSpec((1025,), "offset"),
+    TensorSpec((3, 11), "offset"),
+    TensorSpec((2, 4, 3, 3), "channels_last"),
+)
+
+#: Layout name -> tensor list.
 LAYOUTS: dict[str, tuple[TensorSpec, ...]] = {
-    "mixed": (
-        TensorSpec((0,)),
-        TensorSpec((1,)),
-        TensorSpec((3,), zero=True),
-        TensorSpec((33,), "offset"),
-        TensorSpec((5, 7)),
-        TensorSpec((2, 3, 5, 7), "channels_last"),
-        TensorSpec((4, 0)),
-        TensorSpec((1025,), "offset"),
-        TensorSpec((3, 11), "offset"),
-        TensorSpec((2, 4, 3, 3), "channels_last"),
-    ),
+    "mixed": _MIXED,
     # "mixed" for ops with factored states ([note: factored layouts] in fusedopt/_contract.py),
     # which take row-major params only: its channels_last tensors contiguous, and a batched
     # 3-d offset view (factored over its last two dims).
     "rowmajor": (
-        TensorSpec((0,)),
-        TensorSpec((1,)),
-        TensorSpec((3,), zero=True),
-        TensorSpec((33,), "offset"),
-        TensorSpec((5, 7)),
-        TensorSpec((2, 3, 5, 7)),
-        TensorSpec((4, 0)),
-        TensorSpec((1025,), "offset"),
-        TensorSpec((3, 11), "offset"),
-        TensorSpec((2, 4, 3, 3)),
+        *(
+            dataclasses.replace(t, layout="contiguous") if t.layout == "channels_last" else t
+            for t in _MIXED
+        ),
         TensorSpec((3, 40, 1)),
         TensorSpec((2, 3, 4), "offset"),
         TensorSpec(()),
