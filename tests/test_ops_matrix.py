@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from harness import (
+    LAYOUTS,
     OPTIONS,
     STORAGES,
     ListCase,
@@ -175,7 +176,7 @@ def test_registry_covers_every_op_option_storage_and_layout():
     cases = step_cases()
     assert {c.options for c in cases} == {o for opts in OPTIONS.values() for o in opts}
     assert {c.storage.name for c in cases} == set(STORAGES)
-    assert {c.layout for c in cases} == {"mixed", "rowmajor", "many", "big"}
+    assert {c.layout for c in cases} == set(LAYOUTS)
     assert {c.scalars.name for c in cases} == set(SCALARS)
     assert len({c.id for c in cases}) == len(cases)
 
@@ -240,16 +241,16 @@ def test_lion_excuses_only_near_zero_c():
     assert not excused[~nonzero].any() and (~nonzero[10:]).any()
 
 
-@pytest.mark.parametrize("op", ["adamw_", "sgd_", "adafactor_"])
+@pytest.mark.parametrize("op", ["adamw_", "sgd_", "adafactor_", "muon_"])
 def test_check_step_case_fails_for_a_wrong_backend(op, monkeypatch):
     """Break the oracle's view of one hyperparameter: the check must notice."""
     import harness.checks as checks
 
     real = checks.run_oracle
 
-    def off_by_a_little(inputs, oracle, grads):
+    def off_by_a_little(inputs, oracle, grads, op=None):
         inputs.hypers["lr"] = [lr * (1 + 1e-4) for lr in inputs.hypers["lr"]]
-        real(inputs, oracle, grads)
+        real(inputs, oracle, grads, op)
         inputs.hypers["lr"] = [lr / (1 + 1e-4) for lr in inputs.hypers["lr"]]
 
     monkeypatch.setattr(checks, "run_oracle", off_by_a_little)
