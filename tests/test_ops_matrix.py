@@ -26,7 +26,7 @@ from harness import (
     scale_cases,
     step_cases,
 )
-from harness.cases import SCALARS, op_layout, params
+from harness.cases import LAYOUT_STEPS, SCALARS, op_layout, params
 from harness.checks import (
     assert_close,
     lion_excused,
@@ -161,6 +161,58 @@ def test_backends_agree(backend, device, case):
     if not usable:
         pytest.skip(reason)
     compare_backends(case, backend, "reference", device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact masters against fp32 masters
+
+
+def _compact_params():
+    out = []
+    for p in BACKENDS:
+        (backend, device), marks = p.values[0], p.marks
+        for op, options in OPTIONS.items():
+            for layout, scalars in (("mixed", "amp"), ("mixed", "groups"), ("many", "amp"),
+                                    ("big", "lr_tensor")):  # fmt: skip
+                layout = op_layout(op, layout)
+                case = StepCase(options[0], STORAGES["bf16_master"], layout, SCALARS[scalars])
+                out.append(pytest.param(backend, device, case, marks=marks,
+                                        id=f"{backend}-{device}-{case.id}"))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(("backend", "device", "case"), _compact_params())
+def test_compact_master_equals_fp32_master(backend, device, case):
+    """[note: compact master] (fusedopt._contract): the matrix's bf16-with-fp32-master case run
+    a second time with compact masters (int16 remainders beside the bf16 params): after every
+    step the joined master and every state equal the fp32-master run's bit for bit, and the
+    param is that master split (rounded to nearest, ties away from zero: the fp32 run's param
+    but at exact ties). The fp32-master run itself is held to the oracle by ``test_step``."""
+    from fusedopt.reference.ops import join_master, split_master
+
+    fp32, compact = make_inputs(case, device), make_inputs(case, device)
+    for i, (p, m) in enumerate(zip(compact.lists["params"], fp32.lists["master_params"],
+                                   strict=True)):  # fmt: skip
+        param, remainder = split_master(m.cpu())
+        p.copy_(param)  # the split param (a tie would round away from zero)
+        compact.lists["master_params"][i] = torch.empty_like(p, dtype=torch.int16).copy_(remainder)
+    for k in range(1, LAYOUT_STEPS[case.layout] + 1):
+        fp32.lists["grads"] = make_grads(fp32, k)
+        compact.lists["grads"] = [g.clone() for g in fp32.lists["grads"]]
+        run_backend(fp32, backend)
+        run_backend(compact, backend)
+        where = f"{case.id} on {backend}/{device}, step {k}"
+        for i, (p, r, m) in enumerate(zip(compact.lists["params"],
+                                          compact.lists["master_params"],
+                                          fp32.lists["master_params"], strict=True)):  # fmt: skip
+            assert r.dtype == torch.int16
+            assert same_bits(join_master(p.cpu(), r.cpu()), m.cpu()), f"{where}: master[{i}]"
+            assert same_bits(p.cpu(), split_master(m.cpu())[0]), f"{where}: params[{i}]"
+        for name, ts in fp32.lists.items():
+            if name in ("params", "master_params", "grads"):
+                continue
+            for i, (a, b) in enumerate(zip(compact.lists[name], ts, strict=True)):
+                assert same_bits(a, b), f"{where}: {name}[{i}] differs from the fp32 master's"
 
 
 # ---------------------------------------------------------------------------------------------
