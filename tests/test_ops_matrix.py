@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from harness import (
+    LAYOUTS,
     OPTIONS,
     STORAGES,
     ListCase,
@@ -25,7 +26,7 @@ from harness import (
     scale_cases,
     step_cases,
 )
-from harness.cases import SCALARS, op_layout, params
+from harness.cases import LAYOUT_STEPS, SCALARS, op_layout, params
 from harness.checks import (
     assert_close,
     lion_excused,
@@ -163,6 +164,58 @@ def test_backends_agree(backend, device, case):
 
 
 # ---------------------------------------------------------------------------------------------
+# Compact masters against fp32 masters
+
+
+def _compact_params():
+    out = []
+    for p in BACKENDS:
+        (backend, device), marks = p.values[0], p.marks
+        for op, options in OPTIONS.items():
+            for layout, scalars in (("mixed", "amp"), ("mixed", "groups"), ("many", "amp"),
+                                    ("big", "lr_tensor")):  # fmt: skip
+                layout = op_layout(op, layout)
+                case = StepCase(options[0], STORAGES["bf16_master"], layout, SCALARS[scalars])
+                out.append(pytest.param(backend, device, case, marks=marks,
+                                        id=f"{backend}-{device}-{case.id}"))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(("backend", "device", "case"), _compact_params())
+def test_compact_master_equals_fp32_master(backend, device, case):
+    """[note: compact master] (fusedopt._contract): the matrix's bf16-with-fp32-master case run
+    a second time with compact masters (int16 remainders beside the bf16 params): after every
+    step the joined master and every state equal the fp32-master run's bit for bit, and the
+    param is that master split (rounded to nearest, ties away from zero: the fp32 run's param
+    but at exact ties). The fp32-master run itself is held to the oracle by ``test_step``."""
+    from fusedopt.reference.ops import join_master, split_master
+
+    fp32, compact = make_inputs(case, device), make_inputs(case, device)
+    for i, (p, m) in enumerate(zip(compact.lists["params"], fp32.lists["master_params"],
+                                   strict=True)):  # fmt: skip
+        param, remainder = split_master(m.cpu())
+        p.copy_(param)  # the split param (a tie would round away from zero)
+        compact.lists["master_params"][i] = torch.empty_like(p, dtype=torch.int16).copy_(remainder)
+    for k in range(1, LAYOUT_STEPS[case.layout] + 1):
+        fp32.lists["grads"] = make_grads(fp32, k)
+        compact.lists["grads"] = [g.clone() for g in fp32.lists["grads"]]
+        run_backend(fp32, backend)
+        run_backend(compact, backend)
+        where = f"{case.id} on {backend}/{device}, step {k}"
+        for i, (p, r, m) in enumerate(zip(compact.lists["params"],
+                                          compact.lists["master_params"],
+                                          fp32.lists["master_params"], strict=True)):  # fmt: skip
+            assert r.dtype == torch.int16
+            assert same_bits(join_master(p.cpu(), r.cpu()), m.cpu()), f"{where}: master[{i}]"
+            assert same_bits(p.cpu(), split_master(m.cpu())[0]), f"{where}: params[{i}]"
+        for name, ts in fp32.lists.items():
+            if name in ("params", "master_params", "grads"):
+                continue
+            for i, (a, b) in enumerate(zip(compact.lists[name], ts, strict=True)):
+                assert same_bits(a, b), f"{where}: {name}[{i}] differs from the fp32 master's"
+
+
+# ---------------------------------------------------------------------------------------------
 # The harness itself: the registry and the checks can fail
 
 
@@ -175,7 +228,7 @@ def test_registry_covers_every_op_option_storage_and_layout():
     cases = step_cases()
     assert {c.options for c in cases} == {o for opts in OPTIONS.values() for o in opts}
     assert {c.storage.name for c in cases} == set(STORAGES)
-    assert {c.layout for c in cases} == {"mixed", "rowmajor", "many", "big"}
+    assert {c.layout for c in cases} == set(LAYOUTS)
     assert {c.scalars.name for c in cases} == set(SCALARS)
     assert len({c.id for c in cases}) == len(cases)
 
@@ -240,16 +293,16 @@ def test_lion_excuses_only_near_zero_c():
     assert not excused[~nonzero].any() and (~nonzero[10:]).any()
 
 
-@pytest.mark.parametrize("op", ["adamw_", "sgd_", "adafactor_"])
+@pytest.mark.parametrize("op", ["adamw_", "sgd_", "adafactor_", "muon_"])
 def test_check_step_case_fails_for_a_wrong_backend(op, monkeypatch):
     """Break the oracle's view of one hyperparameter: the check must notice."""
     import harness.checks as checks
 
     real = checks.run_oracle
 
-    def off_by_a_little(inputs, oracle, grads):
+    def off_by_a_little(inputs, oracle, grads, op=None):
         inputs.hypers["lr"] = [lr * (1 + 1e-4) for lr in inputs.hypers["lr"]]
-        real(inputs, oracle, grads)
+        real(inputs, oracle, grads, op)
         inputs.hypers["lr"] = [lr / (1 + 1e-4) for lr in inputs.hypers["lr"]]
 
     monkeypatch.setattr(checks, "run_oracle", off_by_a_little)

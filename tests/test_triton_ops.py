@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness.cases import STORAGES
+from harness.cases import MATRIX_OPS, STORAGES
 
 import fusedopt
 from fusedopt import ops
@@ -111,16 +111,28 @@ STATES = {  # op -> (state lists, kwargs flag that needs max_exp_avg_sqs)
     # vectors only here (1-d sizes): a variance each, (0,) factors; the factored params are
     # covered by the op matrix (tests/harness) and tests/test_optim_adafactor.py
     "adafactor_": ("variances",),
+    "muon_": ("momentum_buffers", "ns_buffers"),
 }
 HAS_STEPS = {"adamw_": True, "lamb_": True, "lion_": False, "adan_": True,
-             "schedulefree_adamw_": False, "sgd_": True, "adafactor_": True}  # fmt: skip
+             "schedulefree_adamw_": False, "sgd_": True, "adafactor_": True,
+             "muon_": False}  # fmt: skip
 #: Hyperparameters an op requires besides lr, for the tests that pass only lr.
 REQUIRED = {"schedulefree_adamw_": {"ckp1": 0.25, "bias_correction2": 0.05}}
 
 
+def shapes(op, sizes):
+    """The tensors' shapes of ``op`` for the sizes of a test: themselves, or for an op that
+    steps matrices only (MATRIX_OPS, Muon) matrices of 1 to 3 rows (wide, a row, a column
+    of 1) with the size as columns: the same zero, odd and chunk-crossing sizes."""
+    return [(1 + n % 3, n) for n in sizes] if op in MATRIX_OPS else list(sizes)
+
+
 def make_lists(op, sizes, dtype, grad_dtype, master, *, amsgrad=False, seed=0, steps=True):
-    """Params, grads, states (positive where a square is kept), masters and step counts."""
+    """Params, grads, states (positive where a square is kept), masters and step counts;
+    a ``bf16`` state layout (Muon's ns_buffers) is bfloat16 whatever the params."""
     g = torch.Generator().manual_seed(seed)
+    sizes = shapes(op, sizes)
+    bf16_states = {t.name for t in ops.STEP_OPS[op].states if t.layout == "bf16"}
 
     def randn(n, dt, scale=1.0):
         return (torch.randn(n, generator=g) * scale).to(dt).to(DEVICE)
@@ -135,7 +147,8 @@ def make_lists(op, sizes, dtype, grad_dtype, master, *, amsgrad=False, seed=0, s
     for name in STATES[op] if steps else ():
         square = name.endswith("sqs") or name == "variances"
         values = [randn(n, torch.float32, 0.1) for n in sizes]
-        lists[name] = [(v.abs() if square else v).to(state_dtype) for v in values]
+        dt = torch.bfloat16 if name in bf16_states else state_dtype
+        lists[name] = [(v.abs() if square else v).to(dt) for v in values]
     if amsgrad:
         lists["max_exp_avg_sqs"] = [v.clone() for v in lists["exp_avg_sqs"]]
     if op == "adafactor_":  # [note: factored layouts]: a vector has no factors
@@ -155,7 +168,8 @@ def run_op(op, lists, backend, **kwargs):
                    "schedulefree_adamw_": ("params", "grads"),
                    "sgd_": ("params", "grads"),
                    "adafactor_": ("params", "grads", "row_vars", "col_vars", "variances",
-                                  "steps")}[op]  # fmt: skip
+                                  "steps"),
+                   "muon_": ("params", "grads", "momentum_buffers", "ns_buffers")}[op]  # fmt: skip
     rest = {k: v for k, v in lists.items() if k not in positional}
     kwargs = {**REQUIRED.get(op, {}), **kwargs}
     fn(*(lists[k] for k in positional), **rest, **kwargs, backend=backend)
@@ -250,8 +264,18 @@ ADAFACTOR_OPTIONS = [
     {"weight_decay": 0.1, "maximize": True, "d": 1.5},
     {"eps1": 1e-10, "eps2": 1e-2, "beta2_decay": [-0.8, -0.5, -0.8, -0.3, -0.8, -1.0]},
 ]
+# Muon: triton and reference run the same Newton-Schulz code (fusedopt.reference.ops,
+# bf16 torch GEMMs) between passes that compute the same fp32 expressions; the passes agree
+# bit for bit when the momentum buffers do (its bf16 input then is the same), so `close`'s
+# 2 ulps hold for the whole step. (The float64-oracle check of the passes is the op matrix.)
+MUON_OPTIONS = [
+    {},
+    {"nesterov": False, "weight_decay": 0.0, "lr_ratio": 0.4, "ns_steps": 3},
+    {"momentum": [0.95, 0.3, 0.9, 0.0, 0.5, 0.95], "weight_decay": [0.0, 0.1, 0.2, 0, 0.3, 1]},
+]
 OPTIONS = {
     "adafactor_": ADAFACTOR_OPTIONS,
+    "muon_": MUON_OPTIONS,
     "adamw_": ADAMW_OPTIONS,
     "sgd_": SGD_OPTIONS,
     "lion_": LION_OPTIONS,
@@ -323,7 +347,7 @@ def test_moved_grads_rebuild_the_table(op):
     want = {k: clone(v) for k, v in got.items()}
     initial = {k: clone(v) for k, v in got.items()}
     for seed in range(3):
-        grads = rand(SIZES, torch.float32, seed=10 + seed)
+        grads = rand(shapes(op, SIZES), torch.float32, seed=10 + seed)
         got["grads"], want["grads"] = grads, clone(grads)
         run_op(op, got, "triton", lr=1e-2)
         run_op(op, want, "reference", lr=1e-2)

@@ -12,7 +12,10 @@ Modules
                 params with fp32 grads...), ``LAYOUTS`` (``mixed``: empty tensors, odd sizes,
                 offset views, channels_last; ``many``: 160 tensors; ``big``: one tensor over a
                 65536-element chunk; each under ``MAX_ELEMENTS``; ``LAYOUT_STEPS`` steps
-                each), ``OPTIONS`` (every option
+                each; their 2-d variants ``*matrices`` for ``MATRIX_OPS``, chosen by
+                ``op_layout``), ``HOST_PASSES`` (ops with torch ops between passes: Muon's
+                passes are checked, its bf16 Newton-Schulz output handed to the oracle),
+                ``OPTIONS`` (every option
                 set of every step op), ``SCALARS`` (grad_scale / clip_coef / found_inf / lr as
                 a float, a 0-d tensor, or per tensor with per-tensor hyperparameters),
                 ``step_cases()``, ``found_inf_cases()``, ``grad_norm_cases()``,

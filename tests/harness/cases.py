@@ -102,7 +102,8 @@ class TensorSpec:
 
     ``layout``: ``contiguous``; ``offset`` (a view one element into a larger storage, so its
     data pointer is not aligned to any vector width); ``channels_last`` (4-d, dense, not
-    contiguous). ``zero``: the param starts at exactly 0 (LAMB's ``|p| = 0`` branch).
+    contiguous); ``transposed`` (2-d, dense, column-major: the transpose of a contiguous
+    tensor). ``zero``: the param starts at exactly 0 (LAMB's ``|p| = 0`` branch).
     """
 
     shape: tuple[int, ...]
@@ -117,10 +118,14 @@ class TensorSpec:
         return f"{self.shape} {self.layout}" + (" zero" if self.zero else "")
 
 
-def _many() -> tuple[TensorSpec, ...]:
-    # 160 tensors: more than a multi-tensor table row holds (110 in torch's CUDA kernels).
+def _many(rows: int = 0) -> tuple[TensorSpec, ...]:
+    # 160 tensors: more than a multi-tensor table row holds (110 in torch's CUDA kernels);
+    # with ``rows``, matrices of rows 1..rows and the sizes as columns.
     sizes = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
-    return tuple(TensorSpec((sizes[i % len(sizes)] + i // len(sizes),)) for i in range(160))
+    cols = [sizes[i % len(sizes)] + i // len(sizes) for i in range(160)]
+    if rows:
+        return tuple(TensorSpec((1 + i % rows, c)) for i, c in enumerate(cols))
+    return tuple(TensorSpec((c,)) for c in cols)
 
 
 #: ``mixed``, the workhorse: empty tensors, sizes off every vector width, offset views,
@@ -156,17 +161,72 @@ LAYOUTS: dict[str, tuple[TensorSpec, ...]] = {
     "many": _many(),
     # One tensor larger than a 65536-element chunk, then small ones after it.
     "big": (TensorSpec((70_001,), "offset"), TensorSpec((3,)), TensorSpec((257,))),
+    # "mixed", "many" and "big" for ops that step matrices only (MATRIX_OPS): empty
+    # matrices, a row and a column, wide and tall (Newton-Schulz transposes a tall one),
+    # offset views, a transposed (column-major) matrix as the dense non-default layout.
+    "matrices": (
+        TensorSpec((0, 3)),
+        TensorSpec((1, 1)),
+        TensorSpec((1, 5)),
+        TensorSpec((3, 1), zero=True),
+        TensorSpec((3, 11), "offset"),
+        TensorSpec((5, 7)),
+        TensorSpec((4, 0)),
+        TensorSpec((33, 31), "offset"),
+        TensorSpec((17, 6), "transposed"),
+        TensorSpec((6, 9), "transposed"),
+    ),
+    "many_matrices": _many(rows=4),
+    "big_matrices": (
+        TensorSpec((263, 267), "offset"),
+        TensorSpec((3, 1)),
+        TensorSpec((2, 257)),
+    ),
 }
 
 #: Steps of a trajectory check per layout. Three steps cover step 1 (bias corrections, SGD's
 #: first-step rule, zero states) and steady steps, with room for a skipped step between;
 #: the large lists test the multi-tensor tables and chunking, for which two steps suffice.
-LAYOUT_STEPS = {"mixed": 3, "rowmajor": 3, "many": 2, "big": 2}
+LAYOUT_STEPS = {"mixed": 3, "rowmajor": 3, "many": 2, "big": 2, "matrices": 3,
+                "many_matrices": 2, "big_matrices": 2}  # fmt: skip
+
+#: Step ops whose params must be matrices (2-d): they run the ``*matrices`` layouts.
+MATRIX_OPS = frozenset({"muon_"})
+_MATRIX_LAYOUTS = {"mixed": "matrices", "many": "many_matrices", "big": "big_matrices"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HostPasses:
+    """A step op whose step runs torch ops between two elementwise passes (Muon: the
+    Newton-Schulz GEMMs, in bf16): ``first`` (an op), ``middle`` (a ``fusedopt.reference.ops``
+    function of the schema's arguments, which every backend's step runs as is), ``last`` (an
+    op); ``handed``: the lists ``middle`` rewrites in place, from the first pass to the last.
+
+    Why the matrix checks the passes, not the whole step against the float64 oracle: the
+    middle is bf16 arithmetic, which no float64 oracle reproduces, and it is the same torch
+    code on every backend (tests/test_optim_muon.py bounds it against torch.optim.Muon,
+    [note: muon ns tolerance]). The passes are elementwise fp32 math, exact up to the
+    table's terms; so the check compares the first pass's output (the handed lists, the
+    middle's input) with the oracle's, runs the middle once on the backend's tensors and
+    hands the oracle that very output (bf16 values, exact in float64), compares the last
+    pass's output, and requires the whole op to equal the passes bit for bit."""
+
+    first: str
+    middle: str
+    handed: tuple[str, ...]
+    last: str
+
+
+HOST_PASSES = {"muon_": HostPasses("muon_momentum_", "muon_newton_schulz", ("ns_buffers",),
+                                   "muon_apply_")}  # fmt: skip
 
 
 def op_layout(op: str, layout: str) -> str:
-    """The layout an op runs a case on: ``rowmajor`` for ``mixed`` where the op has factored
-    states (their params must be row-major), else ``layout``."""
+    """The layout an op runs a case on: the matrices' variant of ``layout`` for an op in
+    MATRIX_OPS; ``rowmajor`` for ``mixed`` where the op has factored states (their params
+    must be row-major); else ``layout``."""
+    if op in MATRIX_OPS:
+        return _MATRIX_LAYOUTS[layout]
     factored = any(t.layout in ("row", "col") for t in fusedopt.ops.STEP_OPS[op].states)
     return "rowmajor" if factored and layout == "mixed" else layout
 
@@ -188,6 +248,8 @@ def allocate(spec: TensorSpec, values, dtype: torch.dtype, device: str) -> torch
     if spec.layout == "offset":
         base = torch.full((spec.numel + 1,), SENTINEL, dtype=dtype, device=device)
         out = base[1:].view(spec.shape)
+    elif spec.layout == "transposed":
+        out = torch.zeros(spec.shape[::-1], dtype=dtype, device=device).t()
     elif spec.layout == "channels_last":
         out = torch.zeros(spec.shape, dtype=dtype, device=device).to(
             memory_format=torch.channels_last
@@ -199,8 +261,9 @@ def allocate(spec: TensorSpec, values, dtype: torch.dtype, device: str) -> torch
 
 
 def sentinel_intact(t: torch.Tensor) -> bool:
-    """False if the element before an offset view ``t`` was written (True for non-views)."""
-    return t._base is None or t._base.view(-1)[0].item() == SENTINEL
+    """False if the element before an offset view ``t`` was written (True for non-views and
+    views at the start of their storage, as a transposed tensor)."""
+    return t._base is None or t.storage_offset() == 0 or t._base.view(-1)[0].item() == SENTINEL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +298,10 @@ _SGD = dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=1e-3)
 # by the class; constant here). ckp1 < 0.5 and >= 0.5 take the two forms of torch's lerp.
 _SF_ADAMW = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, ckp1=0.25,
                  bias_correction2=0.05)  # fmt: skip
+# Muon: torch.optim.Muon's defaults (ns_* its quintic coefficients); lr_ratio is the class's
+# adjust_lr_fn factor of a shape, any positive number to the op.
+_MUON = dict(lr=2e-2, momentum=0.95, weight_decay=0.1, lr_ratio=1.0, ns_a=3.4445, ns_b=-4.775,
+             ns_c=2.0315, ns_eps=1e-7, ns_steps=5.0)  # fmt: skip
 _ADAFACTOR = dict(lr=1e-2, beta2_decay=-0.8, eps1=-1.0, eps2=1e-3, d=1.0, weight_decay=0.0)
 
 #: Every option set of every step op. The first of each op is its default (used by the
@@ -342,6 +409,18 @@ OPTIONS: dict[str, list[OpOptions]] = {
             **{**_ADAFACTOR, "eps1": 1e-3, "eps2": 1e-2, "d": 1.5, "beta2_decay": -0.5},
         ),
     ],
+    "muon_": [
+        _options("muon_", "nesterov", {"nesterov": True}, **_MUON),
+        # no decay (torch applies p*(1 - lr*0) all the same), lr_ratio != 1, fewer NS steps
+        _options(
+            "muon_",
+            "plain_no_wd",
+            {"nesterov": False},
+            **{**_MUON, "weight_decay": 0.0, "lr_ratio": 0.4, "ns_steps": 3.0},
+        ),
+        # momentum 0.3 < 0.5: the other form of torch's lerp in both lerps
+        _options("muon_", "low_momentum", {"nesterov": True}, **{**_MUON, "momentum": 0.3}),
+    ],
 }
 STEP_OPS = tuple(OPTIONS)
 
@@ -396,6 +475,13 @@ def per_tensor_values(name: str, value: float, n: int, differ: bool) -> list[flo
         "eps1": 1e-10,
         "eps2": 1e-2,
         "d": 2.0,
+        "lr_ratio": 0.5,
+        # Newton-Schulz: the second group iterates fewer steps, same coefficients
+        "ns_a": value,
+        "ns_b": value,
+        "ns_c": value,
+        "ns_eps": 1e-6,
+        "ns_steps": 2.0,
     }[name]
     return [value if i % 2 == 0 else second for i in range(n)]
 
@@ -455,8 +541,9 @@ def step_cases() -> list[StepCase]:
         for scalars in ("plain", "lr_tensor", "groups"):
             for storage in ("fp32", "bf16"):
                 cases.append(StepCase(default, STORAGES[storage], mixed, SCALARS[scalars]))
-        cases.append(StepCase(default, STORAGES["fp32"], "many", SCALARS["amp"]))
-        cases.append(StepCase(default, STORAGES["bf16_master"], "big", SCALARS["amp"]))
+        many, big = op_layout(op, "many"), op_layout(op, "big")
+        cases.append(StepCase(default, STORAGES["fp32"], many, SCALARS["amp"]))
+        cases.append(StepCase(default, STORAGES["bf16_master"], big, SCALARS["amp"]))
     return cases
 
 

@@ -23,6 +23,7 @@ from fusedopt import ops, reference
 from fusedopt._contract import state_shape
 
 from .cases import (
+    HOST_PASSES,
     LAYOUT_STEPS,
     LAYOUTS,
     ListCase,
@@ -194,6 +195,8 @@ def _state(spec, layout: str, dtype: torch.dtype, device: str) -> Tensor:
     ([note: factored layouts]): the param's own layout where it has the param's shape, else
     contiguous (a ``(0,)`` placeholder where the param has no such state)."""
     shape = state_shape(layout, spec.shape)
+    if layout == "bf16":  # the param's shape and layout, always bfloat16 ([note: muon passes])
+        return allocate(spec, 0.0, torch.bfloat16, device)
     if shape == tuple(spec.shape) and layout in ("param", "unfactored"):
         return allocate(spec, 0.0, dtype, device)
     return torch.zeros(shape, dtype=dtype, device=device)
@@ -223,16 +226,18 @@ def make_grads(inputs: StepInputs, step: int) -> list[Tensor]:
 # Step ops: running the backend and the oracle
 
 
-def run_backend(inputs: StepInputs, backend: str, found_inf: Tensor | None = None) -> None:
+def run_backend(
+    inputs: StepInputs, backend: str, found_inf: Tensor | None = None, op: str | None = None
+) -> None:
     """One step through the functional layer, ``fusedopt.ops.<op>(..., backend=backend)``;
-    ``found_inf`` overrides the case's flag."""
+    ``found_inf`` overrides the case's flag; ``op``: one of the step op's passes instead."""
     spec = ops.STEP_OPS[inputs.case.op]
     kwargs = {name: inputs.lists[name] for name in spec.lists if name in inputs.lists}
     kwargs.update({h: inputs.hypers[h] for h in spec.hypers})
     if inputs.lr_tensor is not None:
         kwargs["lr"] = inputs.lr_tensor
     kwargs.update(inputs.flags)
-    getattr(ops, inputs.case.op)(
+    getattr(ops, op or inputs.case.op)(
         **kwargs,
         grad_scale=inputs.grad_scale,
         clip_coef=inputs.clip_coef,
@@ -257,15 +262,18 @@ def to_oracle(inputs: StepInputs) -> dict[str, list[Tensor]]:
     return out
 
 
-def run_oracle(inputs: StepInputs, oracle: dict[str, list[Tensor]], grads: list[Tensor]):
-    """One step of ``fusedopt.reference.<op>`` on the float64 copies, schema argument order."""
+def run_oracle(
+    inputs: StepInputs, oracle: dict[str, list[Tensor]], grads: list[Tensor], op: str | None = None
+):
+    """One step of ``fusedopt.reference.<op>`` (or of the pass ``op``) on the float64 copies,
+    schema argument order."""
     spec = ops.STEP_OPS[inputs.case.op]
     lists = {**oracle, "grads": [g.detach().to("cpu", F64) for g in grads]}
     hypers = dict(inputs.hypers)
     if "eps1" in hypers:  # Adafactor's eps1 < 0: the eps of the backend's update dtype, not F64's
         eps = _adafactor_eps(inputs.case.storage)
         hypers["eps1"] = [eps if e < 0 else e for e in hypers["eps1"]]
-    getattr(reference, inputs.case.op)(
+    getattr(reference, op or inputs.case.op)(
         *(lists.get(name, []) for name in spec.lists),
         *ops.hyper_table(*(hypers[h] for h in spec.hypers)),
         *(inputs.flags[f] for f in spec.flags),
@@ -313,6 +321,8 @@ def _grad_term(inputs: StepInputs, name: str, i: int, grad: Tensor, p_old: Tenso
     case = inputs.case
     if name in ("params", "exp_avg_sqs", "max_exp_avg_sqs", "row_vars", "col_vars", "variances"):
         return 0.0
+    if case.op in HOST_PASSES and name in HOST_PASSES[case.op].handed:
+        return 0.0  # handed to the oracle from the backend: equal by construction
     h, flags = inputs.hypers, inputs.flags
     g = reference.load_grad(
         grad.detach().to("cpu", F64),
@@ -327,8 +337,8 @@ def _grad_term(inputs: StepInputs, name: str, i: int, grad: Tensor, p_old: Tenso
         weight = 1 - h["beta2"][i]
     elif case.op == "sgd_" or not flags.get("grad_averaging", True):
         weight = 1.0  # SGD's first step takes buf = g (dampening only shrinks it); LAMB's b3
-    else:
-        weight = 1 - h["beta1"][i]
+    else:  # Muon's buf = lerp(buf, g, 1 - momentum)
+        weight = 1 - h["beta1" if "beta1" in h else "momentum"][i]
     return weight * g
 
 
@@ -389,8 +399,12 @@ def check_step(
     grad_bits = [bits(g) for g in grads]
     excused = lion_excused(inputs, oracle, grads, k_tol) if case.op == "lion_" else None
     old = {name: [t.clone() for t in ts] for name, ts in oracle.items() if name != "steps"}
-    run_backend(inputs, backend)
-    run_oracle(inputs, oracle, grads)
+    where = f"{case.id} on {backend}/{inputs.device}, step {k}"
+    if case.op in HOST_PASSES:
+        _run_host_passes(inputs, backend, oracle, grads, k_tol, where)
+    else:
+        run_backend(inputs, backend)
+        run_oracle(inputs, oracle, grads)
     for name, olds in old.items():
         terms = [
             o.abs() + n.abs() + _grad_term(inputs, name, i, grads[i], old["params"][i])
@@ -401,7 +415,6 @@ def check_step(
             env = envelope.get(key, new)
             envelope[key] = [torch.maximum(e, x) for e, x in zip(env, new, strict=True)]
 
-    where = f"{case.id} on {backend}/{inputs.device}, step {k}"
     specs = LAYOUTS[case.layout]
     for i, g in enumerate(grads):
         assert torch.equal(bits(g), grad_bits[i]), f"{where}: grads[{i}] was written"
@@ -457,6 +470,70 @@ def check_step(
             zip(inputs.lists["params"], inputs.lists["master_params"], strict=True)
         ):
             assert same_bits(p, m.to(p.dtype)), f"{where}: params[{i}] != master.to(dtype)"
+
+
+def _schema_args(inputs: StepInputs, lists: dict[str, list[Tensor]]) -> tuple:
+    """The schema's arguments of a step of ``inputs`` over ``lists`` (on their device)."""
+    spec = ops.STEP_OPS[inputs.case.op]
+    return (
+        *(lists.get(name, []) for name in spec.lists),
+        *ops.hyper_table(*(inputs.hypers[h] for h in spec.hypers)),
+        *(inputs.flags[f] for f in spec.flags),
+        inputs.lr_tensor,
+        inputs.grad_scale,
+        inputs.clip_coef,
+        inputs.found_inf,
+    )
+
+
+def _run_host_passes(inputs: StepInputs, backend: str, oracle, grads, k_tol: int, where: str):
+    """A step of an op in HOST_PASSES (see there): the whole op on a copy, the passes on
+    ``inputs`` and the oracle, the middle's input compared and its output handed over."""
+    passes = HOST_PASSES[inputs.case.op]
+    whole = dataclasses.replace(
+        inputs, lists={name: [t.clone() for t in ts] for name, ts in inputs.lists.items()}
+    )
+    run_backend(whole, backend)
+    handed_before = {name: [t.clone() for t in oracle[name]] for name in passes.handed}
+    run_backend(inputs, backend, op=passes.first)
+    run_oracle(inputs, oracle, grads, op=passes.first)
+    loaded = [
+        reference.load_grad(
+            g.detach().to("cpu", F64),
+            F64,
+            _cpu(inputs.grad_scale),
+            _cpu(inputs.clip_coef),
+            inputs.flags.get("maximize", False),
+        ).abs()
+        for g in grads
+    ]
+    for name in passes.handed:
+        for i, (got, want) in enumerate(zip(inputs.lists[name], oracle[name], strict=True)):
+            # One rounding of fp32 math to the list's dtype (tolerance(got.dtype)); the
+            # value is a lerp of the grad and states (Nesterov: lerp(g, buf, momentum)),
+            # whose terms are bounded by |g| and every state's old and new values. A state
+            # is read back as stored (torch reads the rounded buf): in a 16-bit state dtype
+            # its storage rounding, u_s * |state| (weight <= 1), enters too; the float64
+            # oracle keeps it unrounded. (fp32's rounding is among the table's counted ones.)
+            terms = loaded[i] + handed_before[name][i].abs() + want.abs()
+            stored = torch.zeros_like(want)
+            for state, values in oracle.items():
+                if state not in ("params", "steps", *passes.handed) and values[i].numel():
+                    terms = terms + values[i].abs()
+                    dtype = inputs.lists[state][i].dtype
+                    if dtype in (torch.bfloat16, torch.float16):
+                        stored = stored + UNIT_ROUNDOFF[dtype] * values[i].abs()
+            assert_close(got, want, tolerance(got.dtype), k_tol, f"{where}: {name}[{i}] "
+                         "after the first pass", terms, extra=stored)  # fmt: skip
+    getattr(reference.ops, passes.middle)(*_schema_args(inputs, inputs.lists))
+    for name in passes.handed:
+        for got, want in zip(inputs.lists[name], oracle[name], strict=True):
+            want.copy_(got.detach().to("cpu", F64))
+    run_backend(inputs, backend, op=passes.last)
+    run_oracle(inputs, oracle, grads, op=passes.last)
+    for name, ts in inputs.lists.items():
+        for i, (got, want) in enumerate(zip(ts, whole.lists[name], strict=True)):
+            assert same_bits(got, want), f"{where}: {name}[{i}] of the op != of its passes"
 
 
 def check_found_inf_skip(inputs: StepInputs, backend: str, where: str) -> None:
