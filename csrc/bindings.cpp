@@ -859,7 +859,32 @@ struct PlanRecord {
   std::vector<int64_t> meta;  // per param: had a grad (0/1), the param's entry, the grad's
 };
 
-void delete_plan_record(void* record) { delete static_cast<PlanRecord*>(record); }
+/// A handle op's object (PlanRecord, PlannedCall) owned by an empty CPU tensor's storage, so
+/// that Python holds it like any tensor; owned<T>(handle, what) reads it back, refusing a
+/// tensor that some other op (or no handle op) made.
+template <class T>
+void delete_owned(void* object) {
+  delete static_cast<T*>(object);
+}
+
+template <class T>
+Tensor owning_handle(std::unique_ptr<T> object) {
+  void* raw = object.get();
+  Tensor handle = at::for_blob(raw, {0})
+                      .context(raw, &delete_owned<T>)
+                      .options(at::TensorOptions().dtype(at::kByte))
+                      .make_tensor();
+  object.release();  // the handle's storage owns it now
+  return handle;
+}
+
+template <class T>
+const T& owned(const Tensor& handle, const char* what) {
+  TORCH_CHECK(
+      handle.has_storage() && handle.storage().data_ptr().get_deleter() == &delete_owned<T>,
+      what);
+  return *static_cast<const T*>(handle.storage().data_ptr().get_context());
+}
 
 /// An empty CPU tensor that owns the PlanRecord of ``params``.
 Tensor plan_record(TensorList params) {
@@ -872,22 +897,14 @@ Tensor plan_record(TensorList params) {
     record_tensor(record->meta, p);
     if (g.defined()) record_tensor(record->meta, g);
   }
-  void* owned = record.get();
-  Tensor handle = at::for_blob(owned, {0})
-                      .context(owned, &delete_plan_record)
-                      .options(at::TensorOptions().dtype(at::kByte))
-                      .make_tensor();
-  record.release();  // the handle's storage owns it now
-  return handle;
+  return owning_handle(std::move(record));
 }
 
 /// (true, the grads of the params that had one, in order) if every param and grad is as
 /// ``handle``'s record says; (false, []) at the first difference.
 std::tuple<bool, std::vector<Tensor>> plan_grads(const Tensor& handle) {
-  TORCH_CHECK(handle.has_storage() &&
-                  handle.storage().data_ptr().get_deleter() == &delete_plan_record,
-              "fusedopt::plan_grads: the argument is not a tensor plan_record made");
-  const auto& record = *static_cast<const PlanRecord*>(handle.storage().data_ptr().get_context());
+  const auto& record = owned<PlanRecord>(
+      handle, "fusedopt::plan_grads: the argument is not a tensor plan_record made");
   const std::vector<int64_t>& meta = record.meta;
   std::vector<Tensor> grads;
   grads.reserve(record.params.size());
@@ -981,8 +998,6 @@ std::optional<PlannedShape> planned_shape(const std::string& op) {
   return std::nullopt;
 }
 
-void delete_planned_call(void* call) { delete static_cast<PlannedCall*>(call); }
-
 /// An empty CPU tensor that owns the PlannedCall of the step op ``op`` (``"adamw_"``) on
 /// ``backend`` (``"cpu"``, ``"cuda"``): ``tensors`` holds its lists in schema order, the
 /// grads' left out (``list_sizes[1]`` is 0), one after the other, ``list_sizes`` their
@@ -1013,13 +1028,7 @@ Tensor plan_call(const std::string& op, const std::string& backend, TensorList t
   TORCH_CHECK_VALUE(at == tensors.size(), "fusedopt::plan_call: list_sizes ", list_sizes,
                     " do not add up to the ", tensors.size(), " tensors");
   call->flags.assign(flags.begin(), flags.end());
-  void* owned = call.get();
-  Tensor handle = at::for_blob(owned, {0})
-                      .context(owned, &delete_planned_call)
-                      .options(at::TensorOptions().dtype(at::kByte))
-                      .make_tensor();
-  call.release();  // the handle's storage owns it now
-  return handle;
+  return owning_handle(std::move(call));
 }
 
 /// Runs the planned call ``handle`` with the params' grads and this step's hyperparameter
@@ -1027,10 +1036,8 @@ Tensor plan_call(const std::string& op, const std::string& backend, TensorList t
 void plan_call_step(const Tensor& handle, const Tensor& hypers, c10::IntArrayRef group_sizes,
                     const OptTensor& lr_tensor, const OptTensor& grad_scale,
                     const OptTensor& clip_coef, const OptTensor& found_inf) {
-  TORCH_CHECK(handle.has_storage() &&
-                  handle.storage().data_ptr().get_deleter() == &delete_planned_call,
-              "fusedopt::plan_call_step: the argument is not a tensor plan_call made");
-  const auto& call = *static_cast<const PlannedCall*>(handle.storage().data_ptr().get_context());
+  const auto& call = owned<PlannedCall>(
+      handle, "fusedopt::plan_call_step: the argument is not a tensor plan_call made");
   std::vector<Tensor> grads;
   grads.reserve(call.lists[0].size());
   for (const Tensor& p : call.lists[0]) grads.push_back(p.grad());  // undefined: the op raises
