@@ -151,15 +151,19 @@ class Checker {
   const std::string& op() const { return op_; }
 
   /// A tensor of a list: defined, on this backend's device type, dense, supported dtype.
-  DType tensor(const Tensor& t, const Indexed& where) const {
+  /// With `codes`, int8 and uint8 too (the codes of 8-bit states).
+  DType tensor(const Tensor& t, const Indexed& where, bool codes = false) const {
     TORCH_CHECK(t.defined(), op_, ": ", where, " is an undefined tensor");
     TORCH_CHECK(t.device().type() == type_, op_, ": ", where, " is on ", t.device(), "; ", op_,
                 " takes ", c10::DeviceTypeName(type_, true), " tensors");
     TORCH_CHECK(t.layout() == at::kStrided, op_, ": ", where, " is sparse (", t.layout(),
                 "); only dense tensors are supported");
-    const auto d = to_dtype(t.scalar_type());
+    auto d = to_dtype(t.scalar_type());
+    if (codes && t.scalar_type() == at::kChar) d = DType::kInt8;
+    if (codes && t.scalar_type() == at::kByte) d = DType::kUInt8;
     TORCH_CHECK_TYPE(d.has_value(), op_, ": ", where, " has unsupported dtype ", t.scalar_type(),
-                     " (supported: float32, bfloat16, float16, float64)");
+                     codes ? " (supported: int8, uint8: 8-bit codes)"
+                           : " (supported: float32, bfloat16, float16, float64)");
     TORCH_CHECK(t.is_non_overlapping_and_dense(), op_, ": ", where, " is not dense (shape ",
                 t.sizes(), ", strides ", t.strides(),
                 "); fused kernels need non-overlapping, dense memory: pass .contiguous() tensors");
@@ -363,17 +367,29 @@ class StepArguments {
   /// has no such state: its dtype is not checked). Layout kBf16 is the param's shape in
   /// bfloat16 whatever the param's dtype (Muon's ns_buffers, [note: muon passes]).
   TensorSlot state(const char* name, TensorList states, bool may_be_empty,
-                   spec::StateLayout layout) {
+                   spec::StateLayout layout,
+                   spec::StateCodes codes = spec::StateCodes::kNone) {
     check_.length(name, states.size(), n_, may_be_empty);
     SlotTable& table = states_.emplace_back();
-    const DType expected = layout == spec::StateLayout::kBf16 ? DType::kBFloat16 : state_dtype_;
+    DType expected = layout == spec::StateLayout::kBf16 ? DType::kBFloat16 : state_dtype_;
+    if (layout == spec::StateLayout::kBlockScales) expected = DType::kFloat32;
+    if (codes != spec::StateCodes::kNone)  // [note: 8-bit states] in fusedopt/quant8.py
+      expected = codes == spec::StateCodes::kSigned ? DType::kInt8 : DType::kUInt8;
     table.dtype = expected;
     table.pointers.reserve(states.size());
     for (size_t i = 0; i < states.size(); ++i) {  // [note: prefetch]
       prefetch_tensor(states, i);
       prefetch_tensor(params_, i);
       const Indexed where{name, i};
-      const DType d = check_.tensor(states[i], where);
+      const DType d = check_.tensor(states[i], where, codes != spec::StateCodes::kNone);
+      if (codes != spec::StateCodes::kNone) {
+        TORCH_CHECK_TYPE(param_dtype_ != DType::kFloat64, check_.op(), ": ", where,
+                         " holds 8-bit codes beside a float64 param; 8-bit states are for "
+                         "float32, bfloat16 and float16 params");
+        TORCH_CHECK(states[i].is_contiguous() && params_[i].is_contiguous(), check_.op(), ": ",
+                    where, " or its param is not contiguous; 8-bit states quantize runs of the "
+                    "last dimension, which the kernels walk in row-major order");
+      }
       if (layout == spec::StateLayout::kParam || layout == spec::StateLayout::kBf16) {
         check_.like(states[i], params_[i], where);
       } else if (const std::vector<int64_t> shape = state_shape(layout, params_[i].sizes());
@@ -393,6 +409,7 @@ class StepArguments {
       table.pointers.push_back(states[i].data_ptr());
     }
     if (layout == spec::StateLayout::kRow) factor_dims();
+    if (layout == spec::StateLayout::kBlockScales && !states.empty()) row_lengths();
     return table.slot();
   }
 
@@ -443,8 +460,21 @@ class StepArguments {
         if (!factored) return {0};
         shape[shape.size() - 2] = 1;
         return shape;
+      case spec::StateLayout::kBlockScales:  // [note: 8-bit states] in fusedopt/quant8.py
+        if (shape.empty()) return {1};
+        shape.back() = (shape.back() + kQuantBlock - 1) / kQuantBlock;
+        return shape;
     }
     return shape;
+  }
+
+  /// Each param's row length (its last dim; 1 for a 0-d param) for the block scales of
+  /// 8-bit states (StepLists::row_lengths).
+  void row_lengths() {
+    row_lengths_.assign(n_, 1);
+    for (size_t i = 0; i < n_; ++i)
+      if (params_[i].dim() > 0) row_lengths_[i] = params_[i].sizes().back();
+    lists_.row_lengths = row_lengths_.data();
   }
 
   /// Each param's (rows, cols) for the factored states (StepLists::factor_dims).
@@ -476,6 +506,7 @@ class StepArguments {
   std::vector<int64_t> numels_;
   std::vector<int32_t> group_;  // tensor i's row of the hyperparameter table
   std::vector<int64_t> factor_dims_;  // StepLists::factor_dims
+  std::vector<int64_t> row_lengths_;  // StepLists::row_lengths
   Tensor grad_scale_, clip_coef_;  // in opmath, alive for the call
   StepLists lists_;
 };
@@ -586,11 +617,19 @@ TensorList steps_or_none(TensorList steps) { return steps; }
 #define FUSEDOPT_TRAILING_NAME(name, ...) , name
 #define FUSEDOPT_SET_STATE(name, Name, index, may_be_empty, when)                               \
   if (when) {                                                                                   \
-    call.name = args.state(#name, name, may_be_empty, layouts[index]);                          \
+    call.name = args.state(#name, name, may_be_empty, layouts[index],                           \
+                           eight_bit ? codes[index] : spec::StateCodes::kNone);                 \
   } else {                                                                                      \
     TORCH_CHECK_VALUE(name.empty(), check.op(), ": " #name " has ", name.size(),                \
                       " entries but " #when " is False (expected 0)");                          \
   }
+#define FUSEDOPT_GIVEN_SCALES(name, Name, index, may_be_empty, when) \
+  eight_bit |= layouts[index] == spec::StateLayout::kBlockScales && !name.empty();
+#define FUSEDOPT_CHECK_SCALES(name, Name, index, may_be_empty, when)                        \
+  TORCH_CHECK_VALUE(!eight_bit || layouts[index] != spec::StateLayout::kBlockScales ||      \
+                        !name.empty(),                                                      \
+                    check.op(), ": " #name " is empty but other block scales are given; "   \
+                    "8-bit states take the scales of every quantized state, or none");
 #define FUSEDOPT_CHECK_STEPS_WITH(name)                                                         \
   TORCH_CHECK_VALUE(name.empty() == steps.empty(), check.op(), ": " #name " has ", name.size(), \
                     " entries and steps has ", steps.size(), "; pass both or neither");
@@ -611,7 +650,14 @@ TensorList steps_or_none(TensorList steps) { return steps; }
                        found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_NAME));                \
     Stem##Call call;                                                                            \
     const auto& layouts = spec::op::kStateLayouts;                                              \
+    const auto& codes = spec::op::kStateCodes;                                                  \
+    bool eight_bit = false; /* [note: 8-bit states]: block scales given */                      \
+    FUSEDOPT_##OP##_STATES(FUSEDOPT_GIVEN_SCALES)                                               \
     FUSEDOPT_##OP##_STATES(FUSEDOPT_SET_STATE)                                                  \
+    FUSEDOPT_##OP##_STATES(FUSEDOPT_CHECK_SCALES)                                               \
+    TORCH_CHECK(!eight_bit || B::kDeviceType == c10::DeviceType::CPU, op_name<B>(#op),          \
+                ": 8-bit states are not implemented on this backend yet (cpu and reference "    \
+                "have them)");                                                                  \
     FUSEDOPT_##OP##_STEPS_WITH(FUSEDOPT_CHECK_STEPS_WITH)                                       \
     args.hypers(hypers, group_sizes, spec::op::kNumHypers);                                     \
     if (args.size() == 0) return;                                                               \
@@ -666,7 +712,11 @@ void check_sq_norms(const Checker& check, const Tensor& sq_norms, TensorList par
                        grad_scale, clip_coef, found_inf, master_sync);                     \
     Stem##Call call;                                                                        \
     const auto& layouts = spec::op::kStateLayouts;                                          \
+    const auto& codes = spec::op::kStateCodes;                                              \
+    bool eight_bit = false;                                                                 \
+    FUSEDOPT_##OP##_STATES(FUSEDOPT_GIVEN_SCALES)                                           \
     FUSEDOPT_##OP##_STATES(FUSEDOPT_SET_STATE)                                              \
+    FUSEDOPT_##OP##_STATES(FUSEDOPT_CHECK_SCALES)                                           \
     args.hypers(hypers, group_sizes, spec::op::kNumHypers);                                 \
     if (args.size() == 0) return;                                                           \
     call.lists = args.lists();                                                              \

@@ -129,6 +129,11 @@ class TensorListSpec:
     are Adafactor's factored second moments ([note: factored layouts]); these take fp32 with
     master weights, else the param's dtype. ``"bf16"`` is the param's shape and strides in
     bfloat16 whatever the param's dtype (Muon's Newton-Schulz buffer, [note: muon passes]).
+    ``"block_scales"`` is the fp32 absmax of each 256-element block of the 8-bit state
+    ``scales_of`` names (shape ``(*shape[:-1], ceil(shape[-1]/256))``, contiguous: [note: 8-bit
+    states] in fusedopt/quant8.py); given (non-empty) iff that state is 8-bit in this call.
+    ``quantized``: a ``"param"`` state that may hold 8-bit codes instead of values,
+    ``"signed"`` (int8) or ``"unsigned"`` (uint8), contiguous, when its scales are given.
     """
 
     name: str  # the schema's argument name ("exp_avgs")
@@ -139,6 +144,10 @@ class TensorListSpec:
     layout: str = "param"
     #: a flag that decides presence: the list is given iff the flag is set (``amsgrad``)
     present_iff: str | None = None
+    #: "signed" (int8) or "unsigned" (uint8): the codes this state holds when 8-bit
+    quantized: str | None = None
+    #: a "block_scales" list: the state whose block absmaxes it holds
+    scales_of: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +231,17 @@ class StepOpSpec:
         return {t.state_key: t.layout for t in self.states if t.state_key}
 
     @property
+    def quantized_states(self) -> tuple[tuple[str, str, bool], ...]:
+        """The states that may be 8-bit: (state list, its scales list, signed) ([note: 8-bit
+        states] in fusedopt/quant8.py). A call's states are 8-bit iff the scales are given."""
+        scales = {t.scales_of: t.name for t in self.states if t.scales_of}
+        return tuple(
+            (t.name, scales[t.name], t.quantized == "signed")
+            for t in self.states
+            if t.quantized and t.name in scales
+        )
+
+    @property
     def state_keys(self) -> dict[str, str]:
         """torch's state key -> list name, for the optimizer classes (steps first, then the
         states; master weights are handled apart: ``fusedopt.optim._base.MASTER_KEY``)."""
@@ -245,8 +265,12 @@ class StepOpSpec:
         return args
 
 
+#: Elements per block of an 8-bit state: a run within one row of the last dimension
+#: ([note: 8-bit states] in fusedopt/quant8.py).
+QUANT_BLOCK = 256
+
 #: The shape rules of a state list ([note: factored layouts]).
-STATE_LAYOUTS: tuple[str, ...] = ("param", "row", "col", "unfactored", "bf16")
+STATE_LAYOUTS: tuple[str, ...] = ("param", "row", "col", "unfactored", "bf16", "block_scales")
 
 
 def factored(shape: Sequence[int]) -> bool:
@@ -261,7 +285,7 @@ def has_state(layout: str, shape: Sequence[int]) -> bool:
     [note: factored layouts])."""
     if layout in ("row", "col"):
         return factored(shape)
-    return layout in ("param", "bf16") or not factored(shape)
+    return layout in ("param", "bf16", "block_scales") or not factored(shape)
 
 
 def state_shape(layout: str, shape: Sequence[int]) -> tuple[int, ...]:
@@ -287,6 +311,8 @@ def state_shape(layout: str, shape: Sequence[int]) -> tuple[int, ...]:
         return (*shape[:-1], 1) if factored(shape) else (0,)
     if layout == "col":
         return (*shape[:-2], 1, shape[-1]) if factored(shape) else (0,)
+    if layout == "block_scales":  # [note: 8-bit states] in fusedopt/quant8.py
+        return (1,) if not shape else (*shape[:-1], -(-shape[-1] // QUANT_BLOCK))
     raise ValueError(f"unknown state layout {layout!r}; known: {', '.join(STATE_LAYOUTS)}")
 
 
@@ -318,11 +344,28 @@ STEP_OPS: dict[str, StepOpSpec] = {
             "adamw_",
             cpp="AdamW",
             doc="Adam / AdamW. decoupled=True: p *= 1 - lr*wd; decoupled=False (Adam): "
-            "g += wd*p. max_exp_avg_sqs is empty unless amsgrad.",
+            "g += wd*p. max_exp_avg_sqs is empty unless amsgrad. 8-bit states: exp_avgs int8 "
+            "and exp_avg_sqs uint8 codes with their fp32 block absmaxes in exp_avg_scales and "
+            "exp_avg_sq_scales (else both empty), dequantized, stepped and requantized "
+            "([note: 8-bit states] in fusedopt/quant8.py).",
             states=(
-                _state("exp_avgs", "exp_avg"),
-                _state("exp_avg_sqs", "exp_avg_sq"),
+                _state("exp_avgs", "exp_avg", quantized="signed"),
+                _state("exp_avg_sqs", "exp_avg_sq", quantized="unsigned"),
                 _state("max_exp_avg_sqs", "max_exp_avg_sq", optional=True, present_iff="amsgrad"),
+                _state(
+                    "exp_avg_scales",
+                    "exp_avg_scale",
+                    optional=True,
+                    layout="block_scales",
+                    scales_of="exp_avgs",
+                ),
+                _state(
+                    "exp_avg_sq_scales",
+                    "exp_avg_sq_scale",
+                    optional=True,
+                    layout="block_scales",
+                    scales_of="exp_avg_sqs",
+                ),
             ),
             hypers=("lr", "beta1", "beta2", "eps", "weight_decay"),
             flag_specs=(

@@ -179,6 +179,19 @@ def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -
     device = _single_device(op, params, "params")
     masters = lists.get("master_params", [])
     factored_contiguous = any(t.layout in ("row", "col") for t in spec.states)
+    # [note: 8-bit states] (fusedopt/quant8.py): states given with their block scales are 8-bit
+    quantized = {}
+    for name, scales, signed in spec.quantized_states:
+        if lists[scales]:
+            quantized[name] = (scales, signed)
+            quantized[scales] = None
+    quantized = {k: v for k, v in quantized.items() if v is not None}
+    if quantized and not all(lists[scales] for _, scales, _ in spec.quantized_states):
+        raise ValueError(
+            f"{op}: 8-bit states take the block scales of every quantized state "
+            f"({', '.join(s for _, s, _ in spec.quantized_states)}), or none"
+        )
+    scale_lists = {scales for scales, _ in quantized.values()}
     for i, p in enumerate(params):
         g = grads[i]
         check_like(g, p, f"grads[{i}]", op, None)
@@ -197,9 +210,11 @@ def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -
             )
         state_dtype = torch.float32 if masters else p.dtype
         for t in spec.states:
-            if lists[t.name]:
+            if lists[t.name] and t.name not in quantized and t.name not in scale_lists:
                 dtype = torch.bfloat16 if t.layout == "bf16" else state_dtype
                 check_state(lists[t.name][i], p, t.layout, f"{t.name}[{i}]", op, dtype)
+        for name, (scales, signed) in quantized.items():
+            _check_quantized(op, i, p, g, lists[name][i], lists[scales][i], name, scales, signed)
         if factored_contiguous and _contract.factored(p.shape) and not p.is_contiguous():
             raise RuntimeError(
                 f"{op}: params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) is not "
@@ -213,6 +228,29 @@ def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -
             check_tensor(s, f"steps[{i}]", op)
             check_scalar(s, f"steps[{i}]", op, device)
     return device
+
+
+def _check_quantized(
+    op: str, i: int, p: Tensor, g: Tensor, codes: Tensor, scales: Tensor, name: str,
+    scales_name: str, signed: bool,
+) -> None:  # fmt: skip
+    """An 8-bit state of ``p`` ([note: 8-bit states] in fusedopt/quant8.py): int8 (signed) or
+    uint8 codes of the param's shape and its fp32 block absmaxes, all contiguous (the blocks
+    are runs of the last dimension in memory), on the param's device; fp64 params refused."""
+    dtype = torch.int8 if signed else torch.uint8
+    where = f"{name}[{i}]"
+    if p.dtype == torch.float64:
+        raise TypeError(f"{op}: params[{i}] is float64; 8-bit states are for fp32/bf16/fp16")
+    if not p.is_contiguous() or not g.is_contiguous():
+        raise RuntimeError(
+            f"{op}: params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) or its grad is "
+            "not contiguous; 8-bit states quantize runs of the last dimension, which the "
+            "kernels walk in row-major order: pass .contiguous() tensors"
+        )
+    check_state(codes, p, "param", where, op, dtype)
+    if not codes.is_contiguous():
+        raise RuntimeError(f"{op}: {where} must be contiguous (8-bit codes)")
+    check_state(scales, p, "block_scales", f"{scales_name}[{i}]", op, torch.float32)
 
 
 def _lr_arguments(op: str, lr, n: int, device: torch.device):
@@ -566,9 +604,15 @@ def adamw_(
     lr: Hyper | Tensor, beta1: Hyper = 0.9, beta2: Hyper = 0.999, eps: Hyper = 1e-8,
     weight_decay: Hyper = 1e-2, decoupled: bool = True, amsgrad: bool = False,
     maximize: bool = False, bias_correction: bool = True, max_exp_avg_sqs: Tensors = (),
+    exp_avg_scales: Tensors = (), exp_avg_sq_scales: Tensors = (),
     **options: Unpack[StepOptions],
 ) -> None:  # fmt: skip
-    """One Adam/AdamW step in place (``decoupled=False`` is Adam's L2 decay); fp32 math."""
+    """One Adam/AdamW step in place (``decoupled=False`` is Adam's L2 decay); fp32 math.
+
+    8-bit states: ``exp_avgs`` int8 and ``exp_avg_sqs`` uint8 codes, with their fp32 block
+    absmaxes in ``exp_avg_scales`` and ``exp_avg_sq_scales`` (``fusedopt.quant8``: the codes,
+    the block shape, the exact rounding), dequantized, stepped and requantized in the one
+    pass ([note: 8-bit states] in fusedopt/quant8.py)."""
     _step_from_arguments("adamw_", locals())
 
 

@@ -65,7 +65,7 @@ def render() -> str:
         "// (not muon_: its passes have theirs, launch.h); namespace fusedopt::spec::<op> has",
         "// the indices (kExpAvgs, kBeta1, kDecoupled...), the counts (kNumStates...) and each",
         "// state list's shape rule (kStateLayouts: [note: factored layouts] in",
-        "// fusedopt/_contract.py).",
+        "// fusedopt/_contract.py) and 8-bit codes (kStateCodes).",
         "#pragma once",
         "",
     ]
@@ -109,12 +109,18 @@ def render() -> str:
     out += [
         "/// The shape rule of a state list (fusedopt/_contract.py STATE_LAYOUTS).",
         f"enum class StateLayout {{ {', '.join(f'k{name}' for name in layouts)} }};",
+        "/// The codes a state holds when its call's states are 8-bit (its block_scales list",
+        "/// given): int8 (signed), uint8 (unsigned), or none (never 8-bit). [note: 8-bit",
+        "/// states] in fusedopt/quant8.py.",
+        "enum class StateCodes { kNone, kSigned, kUnsigned };",
         "",
     ]
     for s in ops:
         out.append(f"namespace {s.name.rstrip('_')} {{")
         rules = ", ".join(f"StateLayout::k{camel(t.layout)}" for t in s.states)
         out.append(f"inline constexpr StateLayout kStateLayouts[] = {{{rules}}};")
+        codes = ", ".join(f"StateCodes::k{camel(t.quantized or 'none')}" for t in s.states)
+        out.append(f"inline constexpr StateCodes kStateCodes[] = {{{codes}}};")
         for kind, names in (
             ("States", [t.name for t in s.states]),
             ("Hypers", list(s.hypers)),

@@ -21,6 +21,7 @@ GOLDEN_SCHEMAS = {
     "adamw_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, "
+        "Tensor(g!)[] exp_avg_scales, Tensor(h!)[] exp_avg_sq_scales, "
         "Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, "
         "bool decoupled, "
         "bool amsgrad, bool maximize, bool bias_correction, Tensor? lr_tensor, "
@@ -160,7 +161,15 @@ def test_phase_reference_and_wrapper_follow_the_schema(op):
 
 #: torch's state keys of each optimizer, as torch.optim names them.
 TORCH_STATE_KEYS = {
-    "adamw_": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+    # + the block absmaxes of 8-bit states ([note: 8-bit states] in fusedopt/quant8.py)
+    "adamw_": {
+        "step",
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "exp_avg_scale",
+        "exp_avg_sq_scale",
+    },
     "lamb_": {"step", "exp_avg", "exp_avg_sq"},
     "lion_": {"exp_avg"},
     "adan_": {"step", "exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"},  # official Adan's

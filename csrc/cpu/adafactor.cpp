@@ -29,6 +29,8 @@ double dtype_eps(DType d) {
     case DType::kFloat16:
       return 0.0009765625;  // 2^-10
     case DType::kFloat32:
+    case DType::kInt8:  // (never a param: 8-bit codes)
+    case DType::kUInt8:
       break;
   }
   return FLT_EPSILON;

@@ -100,6 +100,9 @@ inline void load_values(T* dst, const void* src, DType d, int64_t n) {
       }
       return;
     }
+    case DType::kInt8:  // 8-bit codes are never loaded as values: quant8.h dequantizes
+    case DType::kUInt8:
+      return;
   }
 }
 
@@ -133,6 +136,9 @@ inline void store_values(void* dst, DType d, const T* src, int64_t n) {
       }
       return;
     }
+    case DType::kInt8:  // 8-bit codes are never stored from values: quant8.h quantizes
+    case DType::kUInt8:
+      return;
   }
 }
 

@@ -134,6 +134,9 @@ Partial<T> norm_range(const void* base, DType d, int64_t begin, int64_t end, boo
         add_block<T, U>(part, n, inf_norm, s, [x = buffer](int64_t k) { return x[k]; });
         break;
       }
+      case DType::kInt8:  // never a grad (8-bit codes: the binding refuses them here)
+      case DType::kUInt8:
+        break;
     }
   }
   return part;

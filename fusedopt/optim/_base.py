@@ -57,6 +57,7 @@ from fusedopt.clip import clip_coef as torch_clip_coef
 from fusedopt.clip import local_tensor, total_norm
 from fusedopt.ops import StepHypers
 from fusedopt.ops import _resolve as resolve_backend
+from fusedopt.optim import _state_bits
 from fusedopt.optim._keys import COMPACT, MASTER_KEY, REMAINDER_KEY, STEP_KEY, TORCH_ONLY_KEYS
 from fusedopt.optim._plan import PlanMixin, call_hypers, native_calls
 from fusedopt.optim._state_dict import StateDictMixin
@@ -430,7 +431,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         master = master_key is not None
         dtype = torch.float32 if master else p.dtype
         if p.dtype in LOW_PRECISION:
-            self._switch_master(state, master, p.dtype)
+            self._switch_master(state, master, p.dtype, _state_bits.scale_keys(self.OP))
             self._convert_master(state, master_key, p, bool(group.get("master_sync", True)))
         if master_key == MASTER_KEY and MASTER_KEY not in state:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
@@ -439,11 +440,17 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
             state[REMAINDER_KEY] = torch.zeros_like(
                 p, dtype=torch.int16, memory_format=torch.preserve_format
             )
+        q8 = _state_bits.eight_bit(group)  # [note: 8-bit states] in fusedopt/quant8.py
+        if q8 or _state_bits.scale_keys(self.OP) & state.keys():
+            _state_bits.convert(state, self.OP, q8, dtype, p)
         layouts = STEP_OPS[self.OP].state_layouts
         for key in self._state_keys(group):
             if key in state or not has_state(layouts.get(key, "param"), p.shape):
                 continue
-            if key == STEP_KEY:
+            quantized = _state_bits.new_state(key, self.OP, p) if q8 else None
+            if quantized is not None:
+                state[key] = quantized
+            elif key == STEP_KEY:
                 state[key] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
             elif layouts.get(key, "param") == "param":
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -452,7 +459,9 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         return state
 
     @staticmethod
-    def _switch_master(state: dict, master: bool, param_dtype: torch.dtype) -> None:
+    def _switch_master(
+        state: dict, master: bool, param_dtype: torch.dtype, fixed: frozenset = frozenset()
+    ) -> None:
         """[note: master weights switched] ``master_weights`` of a bf16/fp16 param changed
         since its states were made (set on the group mid-run, or a state dict saved with the
         other setting): drop the master when off (the param, ``master.to(dtype)`` or what the
@@ -460,7 +469,8 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         other setting's dtype to this one's (fp32 with a master, else the param's). The
         master itself is made by the caller, from the param. States of any other dtype are
         left for the plan's check to report. Runs only when a step plans (a change of
-        ``master_weights`` changes the group signature: [note: cached plan])."""
+        ``master_weights`` changes the group signature: [note: cached plan]). The keys in
+        ``fixed`` keep their dtype (the fp32 absmaxes of 8-bit states)."""
         if not master:
             state.pop(MASTER_KEY, None)
             state.pop(REMAINDER_KEY, None)
@@ -468,6 +478,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         for key, t in state.items():
             if (
                 key not in (STEP_KEY, MASTER_KEY, REMAINDER_KEY)
+                and key not in fixed
                 and isinstance(t, Tensor)
                 and t.dtype == other
             ):

@@ -19,6 +19,7 @@ from fusedopt._dense import dense_stride, state_like, state_stride
 from fusedopt.clip import local_tensor
 from fusedopt.ops import StepHypers, write_hyper_table
 from fusedopt.ops import _resolve as resolve_backend
+from fusedopt.optim import _state_bits
 from fusedopt.optim._keys import MASTER_KEY, REMAINDER_KEY, STEP_KEY
 
 
@@ -38,8 +39,12 @@ class PlanMixin:
             if matched is not None:
                 return (plan, *matched)
         entries = self._collect()
-        for gi, _, p, *_ in entries:  # raises for a compact fp16 master before any change
-            self._master_key(self.param_groups[gi], p)
+        for gi, i, p, _, local_p, _ in entries:  # raises before any change: a compact fp16
+            group = self.param_groups[gi]  # master, a param that cannot keep 8-bit states
+            self._master_key(group, p)
+            if _state_bits.eight_bit(group):
+                _state_bits.check_param(f"fusedopt.{type(self).__name__}: "
+                                        f"{self._param_name(gi, i)}", p, local_p)  # fmt: skip
         for gi, _, p, *_ in entries:
             self._init_state(self.param_groups[gi], p)
         plan = self._plan(entries)
@@ -186,6 +191,7 @@ class PlanMixin:
             # The states' layout: the param's, or its dense twin's [note: non-dense params].
             layout = (local_p.shape, dense_stride(local_p), local_p.device)
             dtype = torch.float32 if master else local_p.dtype
+            q8 = _state_bits.eight_bit(group)  # [note: 8-bit states] in fusedopt/quant8.py
             # [note: factored layouts]: a state the param does not keep is a placeholder
             used = [k for k in slot_keys if has_state(layouts.get(k, "param"), local_p.shape)]
             for k in used:
@@ -195,8 +201,9 @@ class PlanMixin:
                 if layouts.get(k, "param") != "param":  # [note: factored layouts]
                     shape = state_shape(layouts[k], local_p.shape)
                     k_layout = (shape, state_stride(local_p, layouts[k]), local_p.device)
-                if not _fits(t, k_layout, k, dtype):
-                    state[k] = self._relaid_state(gi, i, p, k, t, k_layout, dtype)
+                k_dtype = _state_bits.planned_dtype(k, self.OP, q8, dtype)
+                if not _fits(t, k_layout, k, k_dtype):
+                    state[k] = self._relaid_state(gi, i, p, k, t, k_layout, k_dtype)
             local_states = [
                 (local_tensor(state[k]) if sharded else state[k])
                 if k in used

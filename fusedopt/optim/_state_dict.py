@@ -11,10 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fusedopt import quant8
 from fusedopt._contract import STEP_OPS, state_shape
 from fusedopt._dense import state_for
 from fusedopt._validate import LOW_PRECISION
 from fusedopt.clip import local_tensor
+from fusedopt.optim import _state_bits
 from fusedopt.optim._keys import MASTER_KEY, REMAINDER_KEY, STEP_KEY, TORCH_ONLY_KEYS
 
 
@@ -130,9 +132,14 @@ class StateDictMixin:
             dtype = torch.float32 if (master or key == MASTER_KEY) else p.dtype
             if key == REMAINDER_KEY:  # [note: compact master]
                 dtype = torch.int16
+            # [note: 8-bit states]: codes and absmaxes as saved; converted at the next step
+            # if this group's state_bits says otherwise
+            dtype = _state_bits.loaded_dtype(key, self.OP, value, dtype)
             # In the param's memory layout, whatever the saved one: the step pairs elements
             # by position ([note: checked once] in _init_state).
-            if layout == "param":
+            if layout == "param" and quant8.is_quantized(value):  # codes are contiguous
+                out[key] = torch.empty(p.shape, dtype=dtype, device=device).copy_(value)
+            elif layout == "param":
                 out[key] = torch.empty_like(p, dtype=dtype).copy_(value.detach())
             else:
                 out[key] = state_for(p, layout, dtype).copy_(value.detach())

@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from fusedopt.optim._base import FusedOptimizer, Params, check_betas, check_nonnegative
+from fusedopt.optim._state_bits import check_state_bits_value
 
 
 def check_adam_group(group: dict[str, Any]) -> None:
@@ -33,6 +34,13 @@ class Adam(FusedOptimizer):
 
     State per param: ``step`` (0-d fp32, on the param's device), ``exp_avg``, ``exp_avg_sq``,
     ``max_exp_avg_sq`` (amsgrad), ``master_param`` (master weights).
+
+    ``state_bits=8`` (a group key; default None: states in the param's dtype, fp32 with
+    master weights) keeps ``exp_avg`` as int8 and ``exp_avg_sq`` as uint8 codes with one fp32
+    absmax per 256-element block of a row in ``exp_avg_scale`` / ``exp_avg_sq_scale``:
+    ~2.03 bytes per param instead of 8 ([note: 8-bit states] in fusedopt/quant8.py). Params
+    must be contiguous, not fp64; not with amsgrad. Switching it mid-run (group key, or a
+    state dict saved with the other setting) converts the states at the next step.
     """
 
     OP = "adamw_"
@@ -48,13 +56,19 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay: bool = False,
         master_weights: bool | str = False, master_sync: bool = True,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
+        state_bits: int | None = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=_float_pair(betas))
 
-    _check_group = staticmethod(check_adam_group)
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        check_adam_group(group)
+        check_state_bits_value(group)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         base = ("step", "exp_avg", "exp_avg_sq")
+        if group.get("state_bits") == 8:  # [note: 8-bit states] in fusedopt/quant8.py
+            return (*base, "exp_avg_scale", "exp_avg_sq_scale")
         return (*base, "max_exp_avg_sq") if group["amsgrad"] else base
 
     _hypers = staticmethod(adam_hypers)
@@ -83,6 +97,7 @@ class AdamW(Adam):
         differentiable: bool = False, fused: bool | None = None,
         master_weights: bool | str = False, master_sync: bool = True,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
+        state_bits: int | None = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=_float_pair(betas), decoupled_weight_decay=True)
 

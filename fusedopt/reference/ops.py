@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fusedopt import quant8
 from fusedopt._contract import factored
 
 
@@ -210,12 +211,32 @@ def grad_norm(
     return total, per, found_inf
 
 
+def load_state(states: Sequence[Tensor], scales: Sequence[Tensor], i: int, opmath) -> Tensor:
+    """State i in opmath: its values, or, where ``scales`` are given (8-bit states), its
+    codes dequantized with its block absmaxes ([note: 8-bit states] in fusedopt/quant8.py)."""
+    if scales:
+        return quant8.dequantize(states[i], scales[i]).to(opmath)
+    return states[i].to(opmath)
+
+
+def store_state(value: Tensor, states: Sequence[Tensor], scales: Sequence[Tensor], i: int) -> None:
+    """Writes ``value`` into state i: rounded to its dtype, or requantized (new block
+    absmaxes, nearest codes: [note: 8-bit states])."""
+    if scales:
+        codes, absmax = quant8.quantize(value.to(torch.float32), states[i].dtype == torch.int8)
+        states[i].copy_(codes)
+        scales[i].copy_(absmax)
+    else:
+        states[i].copy_(value)
+
+
 def adamw_(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
-    hypers, group_sizes, decoupled, amsgrad, maximize, bias_correction,
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+    master_params, steps, hypers, group_sizes, decoupled, amsgrad, maximize, bias_correction,
     lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
 ) -> None:  # fmt: skip
-    """Adam (L2 decay) / AdamW (decoupled decay), as torch.optim.Adam/AdamW."""
+    """Adam (L2 decay) / AdamW (decoupled decay), as torch.optim.Adam/AdamW; with
+    ``exp_avg_scales``/``exp_avg_sq_scales`` the moments are 8-bit ([note: 8-bit states])."""
     lr, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
     scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, maximize, master_sync)
     for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
@@ -229,16 +250,17 @@ def adamw_(
                 p = p * (1 - lr_i * weight_decay[i])
             else:
                 g = g + weight_decay[i] * p
-        m = beta1[i] * exp_avgs[i].to(opmath) + (1 - beta1[i]) * g
-        v = beta2[i] * exp_avg_sqs[i].to(opmath) + (1 - beta2[i]) * g * g
+        m = beta1[i] * load_state(exp_avgs, exp_avg_scales, i, opmath) + (1 - beta1[i]) * g
+        v_old = load_state(exp_avg_sqs, exp_avg_sq_scales, i, opmath)
+        v = beta2[i] * v_old + (1 - beta2[i]) * g * g
         v_hat = v
         if amsgrad:
             v_hat = torch.maximum(max_exp_avg_sqs[i].to(opmath), v)
             max_exp_avg_sqs[i].copy_(v_hat)
         denom = sqrt_rn(v_hat) / math.sqrt(bc2) + eps[i]
         p = p - (lr_i / bc1) * m / denom
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
+        store_state(m, exp_avgs, exp_avg_scales, i)
+        store_state(v, exp_avg_sqs, exp_avg_sq_scales, i)
         _store_param(p, params[i], master_params, i)
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import triton
 import triton.language as tl
 
+from fusedopt._contract import STEP_OPS
+
 from .common import (
     BLOCK,
     finish_tensor,
@@ -231,6 +233,11 @@ class StepOp:
         a = prepare(self.op, args, self.tables)
         if a is None:
             return
+        if any(a.named.get(scales) for _, scales, _ in STEP_OPS[self.op].quantized_states):
+            raise NotImplementedError(
+                f"{self.op}: 8-bit states are not implemented on the triton backend yet (cpu "
+                "and reference have them; [note: 8-bit states] in fusedopt/quant8.py)"
+            )
         flags = {**a.flags, **self.derived(a)}
         options = {k: v for k, v in a.options().items() if k not in a.flags}
         step_kernel[(a.launch.n_chunks,)](

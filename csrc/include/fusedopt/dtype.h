@@ -14,7 +14,16 @@
 namespace fusedopt {
 
 /// Storage dtype of a tensor slot. Values are stable: they cross the binding boundary.
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+/// kInt8 / kUInt8: the codes of 8-bit states only ([note: 8-bit states] in
+/// fusedopt/quant8.py), never a param, grad or float state.
+enum class DType : int32_t {
+  kFloat32 = 0,
+  kBFloat16 = 1,
+  kFloat16 = 2,
+  kFloat64 = 3,
+  kInt8 = 4,
+  kUInt8 = 5
+};
 
 /// How a store rounds an opmath value to a narrower storage dtype.
 ///
@@ -27,7 +36,10 @@ enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64
 enum class Rounding : int32_t { kNearestEven = 0 };
 
 FUSEDOPT_HD constexpr int dtype_size(DType d) {
-  return d == DType::kFloat64 ? 8 : (d == DType::kFloat32 ? 4 : 2);
+  return d == DType::kFloat64                           ? 8
+         : d == DType::kFloat32                         ? 4
+         : (d == DType::kInt8 || d == DType::kUInt8)    ? 1
+                                                        : 2;
 }
 
 inline const char* dtype_name(DType d) {
@@ -36,6 +48,8 @@ inline const char* dtype_name(DType d) {
     case DType::kBFloat16: return "bfloat16";
     case DType::kFloat16: return "float16";
     case DType::kFloat64: return "float64";
+    case DType::kInt8: return "int8";
+    case DType::kUInt8: return "uint8";
   }
   return "?";
 }

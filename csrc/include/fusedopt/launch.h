@@ -141,7 +141,14 @@ struct StepLists {
   // joined from param and remainder ([note: compact master] in fusedopt/_contract.py), which
   // adopts a written param whatever master_sync says.
   bool compact_master = false;
+  // For an op with 8-bit states ([note: 8-bit states] in fusedopt/quant8.py), when they are
+  // given: num_tensors values, tensor i's row length (its last dim; 1 for a 0-d param): its
+  // quantization blocks are runs of min(256, rest of the row) elements. Null otherwise.
+  const int64_t* row_lengths = nullptr;
 };
+
+/// Elements per block of an 8-bit state (fusedopt/_contract.py QUANT_BLOCK).
+inline constexpr int64_t kQuantBlock = 256;
 
 // The call struct of a step op, from its spec (fusedopt/ops_spec.h, generated from
 // fusedopt/_contract.py): the common lists (the hyperparameter table among them), then one

@@ -17,14 +17,14 @@
 // (not muon_: its passes have theirs, launch.h); namespace fusedopt::spec::<op> has
 // the indices (kExpAvgs, kBeta1, kDecoupled...), the counts (kNumStates...) and each
 // state list's shape rule (kStateLayouts: [note: factored layouts] in
-// fusedopt/_contract.py).
+// fusedopt/_contract.py) and 8-bit codes (kStateCodes).
 #pragma once
 
 #define FUSEDOPT_COMMON_FLAGS(X) X(master_sync, MasterSync, 0, true)
 #define FUSEDOPT_STEP_OPS(X) X(adamw, ADAMW, AdamW) X(lamb, LAMB, Lamb) X(lion, LION, Lion) X(adan, ADAN, Adan) X(schedulefree_adamw, SCHEDULEFREEADAMW, ScheduleFreeAdamW) X(sgd, SGD, Sgd) X(adafactor, ADAFACTOR, Adafactor)
 
 // adamw_
-#define FUSEDOPT_ADAMW_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(max_exp_avg_sqs, MaxExpAvgSqs, 2, false, amsgrad)
+#define FUSEDOPT_ADAMW_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(max_exp_avg_sqs, MaxExpAvgSqs, 2, false, amsgrad) X(exp_avg_scales, ExpAvgScales, 3, true, true) X(exp_avg_sq_scales, ExpAvgSqScales, 4, true, true)
 #define FUSEDOPT_ADAMW_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(eps, Eps, 3) X(weight_decay, WeightDecay, 4)
 #define FUSEDOPT_ADAMW_FLAGS(X) X(decoupled, Decoupled, 0, true) X(amsgrad, Amsgrad, 1, false) X(maximize, Maximize, 2, false) X(bias_correction, BiasCorrection, 3, true)
 #define FUSEDOPT_ADAMW_STEPS(X) X(steps)
@@ -90,17 +90,23 @@
 namespace fusedopt::spec {
 
 /// The shape rule of a state list (fusedopt/_contract.py STATE_LAYOUTS).
-enum class StateLayout { kParam, kRow, kCol, kUnfactored, kBf16 };
+enum class StateLayout { kParam, kRow, kCol, kUnfactored, kBf16, kBlockScales };
+/// The codes a state holds when its call's states are 8-bit (its block_scales list
+/// given): int8 (signed), uint8 (unsigned), or none (never 8-bit). [note: 8-bit
+/// states] in fusedopt/quant8.py.
+enum class StateCodes { kNone, kSigned, kUnsigned };
 
 namespace adamw {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam, StateLayout::kParam};
-inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kMaxExpAvgSqs = 2, kNumStates = 3;
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam, StateLayout::kParam, StateLayout::kBlockScales, StateLayout::kBlockScales};
+inline constexpr StateCodes kStateCodes[] = {StateCodes::kSigned, StateCodes::kUnsigned, StateCodes::kNone, StateCodes::kNone, StateCodes::kNone};
+inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kMaxExpAvgSqs = 2, kExpAvgScales = 3, kExpAvgSqScales = 4, kNumStates = 5;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
 inline constexpr int kDecoupled = 0, kAmsgrad = 1, kMaximize = 2, kBiasCorrection = 3, kNumFlags = 4;
 }  // namespace adamw
 
 namespace lamb {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam};
+inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone};
 inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kNumStates = 2;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
 inline constexpr int kGradAveraging = 0, kBiasCorrection = 1, kTrustClip = 2, kAlwaysAdapt = 3, kNumFlags = 4;
@@ -108,6 +114,7 @@ inline constexpr int kGradAveraging = 0, kBiasCorrection = 1, kTrustClip = 2, kA
 
 namespace lion {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam};
+inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone};
 inline constexpr int kExpAvgs = 0, kNumStates = 1;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kWeightDecay = 3, kNumHypers = 4;
 inline constexpr int kMaximize = 0, kNumFlags = 1;
@@ -115,6 +122,7 @@ inline constexpr int kMaximize = 0, kNumFlags = 1;
 
 namespace adan {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam, StateLayout::kParam, StateLayout::kParam};
+inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone, StateCodes::kNone, StateCodes::kNone};
 inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kExpAvgDiffs = 2, kNegPreGrads = 3, kNumStates = 4;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kBeta3 = 3, kEps = 4, kWeightDecay = 5, kNumHypers = 6;
 inline constexpr int kNoProx = 0, kNumFlags = 1;
@@ -122,6 +130,7 @@ inline constexpr int kNoProx = 0, kNumFlags = 1;
 
 namespace schedulefree_adamw {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam};
+inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone};
 inline constexpr int kZs = 0, kExpAvgSqs = 1, kNumStates = 2;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kCkp1 = 5, kBiasCorrection2 = 6, kNumHypers = 7;
 inline constexpr int kNumFlags = 0;
@@ -129,6 +138,7 @@ inline constexpr int kNumFlags = 0;
 
 namespace sgd {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam};
+inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone};
 inline constexpr int kMomentumBuffers = 0, kNumStates = 1;
 inline constexpr int kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kNumHypers = 4;
 inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
@@ -136,6 +146,7 @@ inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
 
 namespace adafactor {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kRow, StateLayout::kCol, StateLayout::kUnfactored};
+inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone, StateCodes::kNone};
 inline constexpr int kRowVars = 0, kColVars = 1, kVariances = 2, kNumStates = 3;
 inline constexpr int kLr = 0, kBeta2Decay = 1, kEps1 = 2, kEps2 = 3, kD = 4, kWeightDecay = 5, kNumHypers = 6;
 inline constexpr int kMaximize = 0, kNumFlags = 1;
@@ -143,12 +154,13 @@ inline constexpr int kMaximize = 0, kNumFlags = 1;
 
 namespace muon {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kBf16};
+inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone};
 inline constexpr int kMomentumBuffers = 0, kNsBuffers = 1, kNumStates = 2;
 inline constexpr int kLr = 0, kMomentum = 1, kWeightDecay = 2, kLrRatio = 3, kNsA = 4, kNsB = 5, kNsC = 6, kNsEps = 7, kNsSteps = 8, kNumHypers = 9;
 inline constexpr int kNesterov = 0, kNumFlags = 1;
 }  // namespace muon
 
-inline constexpr int kMaxStates = 4;
+inline constexpr int kMaxStates = 5;
 inline constexpr int kMaxHypers = 9;
 inline constexpr int kMaxFlags = 4;
 

@@ -1,0 +1,131 @@
+"""8-bit optimizer states in the optimizer classes (``state_bits=8``, a group key).
+
+[note: 8-bit states] in fusedopt/quant8.py has the format. Here: which state keys of an op
+are 8-bit and where their block absmaxes go, the checks a param must pass, and the
+conversion of a param's states when its group's ``state_bits`` changed since they were made
+(a group key set mid-run, or a state dict saved with the other setting): at the next step,
+values are quantized, or codes dequantized, exactly as the step would.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fusedopt import quant8
+from fusedopt._contract import STEP_OPS
+
+
+@functools.cache
+def quantized_keys(op: str) -> dict[str, tuple[str, bool]]:
+    """state key -> (its scales' state key, signed) for the states of ``op`` that may be
+    8-bit."""
+    spec = STEP_OPS[op]
+    key_of = {t.name: t.state_key for t in spec.states}
+    return {
+        key_of[name]: (key_of[scales], signed) for name, scales, signed in spec.quantized_states
+    }
+
+
+@functools.cache
+def scale_keys(op: str) -> frozenset[str]:
+    """The state keys of ``op`` that hold block absmaxes (fp32 whatever the param)."""
+    return frozenset(scales for scales, _ in quantized_keys(op).values())
+
+
+def eight_bit(group: dict[str, Any]) -> bool:
+    """Whether ``group`` keeps 8-bit states."""
+    return group.get("state_bits") == 8
+
+
+def check_state_bits_value(group: dict[str, Any]) -> None:
+    """A group's ``state_bits``: None (the default: states in the param's dtype, fp32 with
+    masters) or 8; 8 only where the op has 8-bit states and without amsgrad."""
+    bits = group.get("state_bits")
+    if bits is None:
+        return
+    if bits != 8 or isinstance(bits, bool):
+        raise ValueError(f"Invalid state_bits: {bits!r} (None or 8)")
+    if group.get("amsgrad"):
+        raise ValueError("state_bits=8 with amsgrad=True is not supported (max_exp_avg_sq "
+                         "has no 8-bit form): use amsgrad=False or state_bits=None")  # fmt: skip
+
+
+def check_param(where: str, p: Tensor, local_p: Tensor) -> None:
+    """A param that may keep 8-bit states: fp32/bf16/fp16, real, contiguous, and not a
+    sharded vector (a dim-0 shard of a 1-D param cuts its blocks: [note: 8-bit states])."""
+    if local_p.dtype == torch.float64 or p.is_complex():
+        raise TypeError(f"{where}: state_bits=8 needs fp32, bf16 or fp16 params; got {p.dtype}")
+    if not local_p.is_contiguous():
+        raise RuntimeError(
+            f"{where}: state_bits=8 needs a contiguous param (its blocks are runs of the last "
+            f"dimension in memory); got shape {tuple(p.shape)}, strides {local_p.stride()}"
+        )
+    if local_p is not p:
+        raise NotImplementedError(
+            f"{where}: state_bits=8 on a sharded (DTensor) param is not supported yet"
+        )
+    if local_p is not p and p.dim() < 2:
+        raise RuntimeError(
+            f"{where}: state_bits=8 on a sharded param of {p.dim()} dims: a dim-0 shard would "
+            "cut its 256-element blocks, so a checkpoint would not reshard; put vectors "
+            "(biases, norms) in a group without state_bits"
+        )
+
+
+def convert(state: dict, op: str, q8: bool, dtype: torch.dtype, p: Tensor) -> None:
+    """Make ``state``'s moments 8-bit (``q8``) or plain (``dtype``, in ``p``'s layout) if
+    they are the other: quantized with fresh block absmaxes, or dequantized (the absmaxes
+    dropped). States not made yet are left to be made."""
+    for key, (scales, signed) in quantized_keys(op).items():
+        value = state.get(key)
+        if value is None:
+            state.pop(scales, None)
+            continue
+        if q8 and not quant8.is_quantized(value):
+            codes, absmax = quant8.quantize(value.detach().to(torch.float32), signed)
+            state[key], state[scales] = codes, absmax
+        elif not q8 and quant8.is_quantized(value):
+            values = quant8.dequantize(value, state.pop(scales))
+            state[key] = torch.empty_like(p.detach(), dtype=dtype).copy_(values)
+        elif not q8:
+            state.pop(scales, None)
+
+
+def new_state(key: str, op: str, p: Tensor) -> Tensor | None:
+    """A fresh zero 8-bit state of ``p`` under ``key`` (codes or absmaxes), or None when
+    ``key`` is no 8-bit state of ``op``."""
+    device = p.device
+    quantized = quantized_keys(op)
+    if key in quantized:
+        dtype = quant8.SIGNED_DTYPE if quantized[key][1] else quant8.UNSIGNED_DTYPE
+        return torch.zeros(p.shape, dtype=dtype, device=device)
+    if key in scale_keys(op):
+        return torch.zeros(quant8.scale_shape(p.shape), dtype=torch.float32, device=device)
+    return None
+
+
+def planned_dtype(key: str, op: str, q8: bool, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a state under ``key`` has in a call: codes and absmaxes in an 8-bit group,
+    else ``dtype``."""
+    if not q8:
+        return dtype
+    quantized = quantized_keys(op)
+    if key in quantized:
+        return quant8.SIGNED_DTYPE if quantized[key][1] else quant8.UNSIGNED_DTYPE
+    if key in scale_keys(op):
+        return torch.float32
+    return dtype
+
+
+def loaded_dtype(key: str, op: str, value: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loaded state keeps: codes stay codes and absmaxes fp32 (converted at the
+    next step if the group's ``state_bits`` says otherwise), else ``dtype``."""
+    if key in quantized_keys(op) and quant8.is_quantized(value):
+        return value.dtype
+    if key in scale_keys(op):
+        return torch.float32
+    return dtype
