@@ -201,6 +201,8 @@ def memory_rows(model: str, device: torch.device, optimizers=None, modes=None) -
         cls, op, hypers = OPTIMIZERS[name]
         for mode_name in modes or MEMORY_MODES:
             mode = MEMORY_MODES[mode_name]
+            if not mode.applies(name):
+                continue
             m = measure(cls, {**hypers, **mode.kwargs}, shapes, mode.param_dtype, device)
             rows.append(_row(name, mode, "fusedopt", m, op))
     for name, mode_name, cls, hypers in TORCH_ROWS:

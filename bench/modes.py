@@ -38,6 +38,12 @@ class MemoryMode:
     kwargs: MappingProxyType
     what: str
     master_bytes: int = 0
+    #: the optimizers (bench/memory.py OPTIMIZERS names) that have the mode; None: all
+    optimizers: tuple[str, ...] | None = None
+
+    def applies(self, optimizer: str) -> bool:
+        """Whether ``optimizer`` has this mode (8-bit states: AdamW and Adam so far)."""
+        return self.optimizers is None or optimizer in self.optimizers
 
     def expected_state_bytes(self, op: str) -> int:
         """Bytes per param the optimizer should hold: its states, plus the master if kept."""
@@ -55,11 +61,15 @@ class MemoryMode:
         )
 
 
-def _mode(name: str, param: torch.dtype, state: torch.dtype, what: str, **kwargs) -> MemoryMode:
+def _mode(
+    name: str, param: torch.dtype, state: torch.dtype, what: str, optimizers=None, **kwargs
+) -> MemoryMode:  # fmt: skip
     setting = kwargs.get("master_weights", False)
     master = bool(setting)
     master_bytes = 2 if setting == "compact" else 4 if master else 0
-    return MemoryMode(name, param, state, master, MappingProxyType(kwargs), what, master_bytes)
+    return MemoryMode(
+        name, param, state, master, MappingProxyType(kwargs), what, master_bytes, optimizers
+    )
 
 
 #: Every memory mode that exists today, in report order. The reference of the quality
@@ -88,6 +98,18 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             torch.bfloat16,
             torch.bfloat16,
             "bf16 params, grads and states; no master (round-to-nearest writes)",
+        ),
+        _mode(
+            "bf16+master+8-bit states",
+            torch.bfloat16,
+            torch.int8,
+            "bf16 params and grads; fp32 master weights; 8-bit moments, one fp32 absmax per "
+            "256-element block of a row beside each ([note: 8-bit states] in "
+            "fusedopt/quant8.py; the scales, 2 x 4 B per block, are counted with the "
+            "per-tensor numbers)",
+            optimizers=("adamw", "adam"),
+            master_weights=True,
+            state_bits=8,
         ),
     )
 }

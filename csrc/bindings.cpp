@@ -472,8 +472,12 @@ class StepArguments {
   /// 8-bit states (StepLists::row_lengths).
   void row_lengths() {
     row_lengths_.assign(n_, 1);
-    for (size_t i = 0; i < n_; ++i)
+    for (size_t i = 0; i < n_; ++i) {
       if (params_[i].dim() > 0) row_lengths_[i] = params_[i].sizes().back();
+      TORCH_CHECK(row_lengths_[i] < (int64_t{1} << 31), check_.op(), ": params[", i,
+                  "] has a last dim of ", row_lengths_[i], "; 8-bit states take rows of fewer "
+                  "than 2^31 elements");
+    }
     lists_.row_lengths = row_lengths_.data();
   }
 
@@ -655,9 +659,6 @@ TensorList steps_or_none(TensorList steps) { return steps; }
     FUSEDOPT_##OP##_STATES(FUSEDOPT_GIVEN_SCALES)                                               \
     FUSEDOPT_##OP##_STATES(FUSEDOPT_SET_STATE)                                                  \
     FUSEDOPT_##OP##_STATES(FUSEDOPT_CHECK_SCALES)                                               \
-    TORCH_CHECK(!eight_bit || B::kDeviceType == c10::DeviceType::CPU, op_name<B>(#op),          \
-                ": 8-bit states are not implemented on this backend yet (cpu and reference "    \
-                "have them)");                                                                  \
     FUSEDOPT_##OP##_STEPS_WITH(FUSEDOPT_CHECK_STEPS_WITH)                                       \
     args.hypers(hypers, group_sizes, spec::op::kNumHypers);                                     \
     if (args.size() == 0) return;                                                               \

@@ -11,11 +11,12 @@
   holds whole rows, hence whole blocks, and its scales are the same dim-0 shard of the
   scales, so a sharded state is the unsharded one cut in pieces, and a checkpoint saved on
   one mesh loads on another. A 1-D param's only dim is the last one: a dim-0 shard cuts
-  its blocks unless the shard size is a multiple of 256, so the optimizer refuses 8-bit
-  states for sharded (DTensor) 1-D params (keep biases and norms in a group without
-  ``state_bits``; they are a negligible share of the memory, as bitsandbytes'
-  ``min_8bit_size`` assumes). torchao's 8-bit AdamW blocks the flattened local shard
-  instead, so its blocks, and so its precision, change with the mesh.
+  its blocks unless the shard size is a multiple of 256, so sharded 1-D params must keep
+  plain states (biases and norms in a group without ``state_bits``; a negligible share of
+  the memory, as bitsandbytes' ``min_8bit_size`` assumes). torchao's 8-bit AdamW blocks the
+  flattened local shard instead, so its blocks, and so its precision, change with the mesh.
+  The optimizer refuses DTensor params with ``state_bits=8`` for now: the sharded step and
+  the resharding test are not written yet.
 * **Scale: the block's absmax** (fp32, as bitsandbytes and torchao). Values are normalised
   ``y = x / absmax`` in [-1, 1] by one IEEE fp32 division.
 * **Code maps: power maps.** The first moment (signed) takes an int8 code
@@ -24,7 +25,7 @@
   send every element below half a code step of the block's absmax to 0; for ``exp_avg_sq``
   that is fatal (the update m/(sqrt(v)+eps) of an element whose v became 0 is m/eps), and
   real second moments span 4-8 decades within a block. A power map spends its codes
-  geometrically-ish near 0. Chosen by the measurement in ``bench/q8_maps.py`` on the moments
+  geometrically near 0. Chosen by the measurement in ``bench/q8_maps.py`` on the moments
   of the byte-level LM of ``bench/lm_quality.py`` after 200 AdamW steps (numbers in
   DESIGN.md [note: 8-bit states]): the error of the *update* ``m/(sqrt(v)+eps)`` that the
   dequantized moments give, and the fraction of elements whose ``v`` dequantizes to 0.

@@ -16,9 +16,7 @@ from fusedopt.reference import ops as ref
 
 #: Backends whose adamw_ takes 8-bit states, each checked against the reference bit for bit
 #: (cuda: csrc/tests/test_cuda_emulated.cpp when it has them).
-Q8_BACKENDS = [b for b in ("cpu",) if fusedopt.backends()[b].usable]
-#: Backends that refuse 8-bit states (not implemented yet), with a clear error.
-NO_Q8_BACKENDS = [b for b in ("triton",) if fusedopt.backends()[b].usable]
+Q8_BACKENDS = [b for b in ("cpu", "triton") if fusedopt.backends()[b].usable]
 
 #: Param shapes: a 0-d param, a vector shorter than a block, a vector of 2.3 blocks, rows
 #: shorter than a block, rows of 1.x blocks, a 3-d param, a row of exactly one block.
@@ -185,15 +183,6 @@ def test_found_inf_changes_nothing(backend):
     lists = _lists(SHAPES)
     before = copy.deepcopy(lists)
     _step(lists, backend, found_inf=torch.tensor(1.0))
-    _assert_same(lists, before)
-
-
-@pytest.mark.parametrize("backend", NO_Q8_BACKENDS)
-def test_backends_without_8bit_states_refuse_them(backend):
-    lists = _lists([(4, 300)])
-    before = copy.deepcopy(lists)
-    with pytest.raises(NotImplementedError, match="8-bit states"):
-        _step(lists, backend)
     _assert_same(lists, before)
 
 

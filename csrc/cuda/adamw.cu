@@ -4,6 +4,7 @@
 // fp32 28, bf16 params with fp32 grads and masters 30. Launches: the step increment, the
 // step kernel (plus a table upload when the table changed).
 #include "fusedopt/math/adamw.h"
+#include "quant8.cuh"
 #include "step.cuh"
 
 namespace fusedopt::cuda {
@@ -13,6 +14,10 @@ namespace {
 constexpr int kExpAvg = state_slot(spec::adamw::kExpAvgs);
 constexpr int kExpAvgSq = state_slot(spec::adamw::kExpAvgSqs);
 constexpr int kMaxExpAvgSq = state_slot(spec::adamw::kMaxExpAvgSqs);
+// With 8-bit states, the codes in the moments' slots and the block absmaxes in their own.
+constexpr int kExpAvgCodes = kExpAvg, kExpAvgSqCodes = kExpAvgSq;
+constexpr int kExpAvgScales = state_slot(spec::adamw::kExpAvgScales);
+constexpr int kExpAvgSqScales = state_slot(spec::adamw::kExpAvgSqScales);
 using spec::adamw::kBeta1, spec::adamw::kBeta2, spec::adamw::kEps,
     spec::adamw::kWeightDecay;
 using spec::adamw::kDecoupled, spec::adamw::kMaximize, spec::adamw::kBiasCorrection;
@@ -52,11 +57,66 @@ struct AdamWBody
   }
 };
 
+// [note: 8-bit states] (fusedopt/quant8.py) on CUDA: a block walks its chunk by
+// quantization blocks, one element per thread (kThreads == kQuantBlock); each block's new
+// absmaxes are block reductions (q8_absmax in quant8.cuh). The param, master and grad go
+// through the shared loads and stores of step.cuh. Per element: reads g, p (+master), m, v
+// (1 B each), writes p (+master), m, v; 8 B of scales read and written per 256 elements.
+template <class P, class G, MasterKind kMasterWeights>
+struct AdamWQ8Body : StepBody<P, G, kMasterWeights, AdamWScalars<Opmath<P>>> {
+  using Base = StepBody<P, G, kMasterWeights, AdamWScalars<Opmath<P>>>;
+  using typename Base::T;
+  int8_t* m;
+  uint8_t* v;
+  float* m_scales;
+  float* v_scales;
+
+  __device__ __forceinline__ AdamWQ8Body(const Row& row, int t, const StepArgs& a)
+      : Base(row, a, a.flag[kMaximize], [&] {
+          return adamw_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
+                           row.hyper[kEps], row.hyper[kWeightDecay],
+                           static_cast<double>(*row.step), a.flag[kDecoupled],
+                           a.flag[kBiasCorrection]);
+        }),
+        m(static_cast<int8_t*>(row.slot[kExpAvgCodes])),
+        v(static_cast<uint8_t*>(row.slot[kExpAvgSqCodes])),
+        m_scales(static_cast<float*>(row.slot[kExpAvgScales])),
+        v_scales(static_cast<float*>(row.slot[kExpAvgSqScales])) {}
+
+  /// Element i of block b (every thread of the block calls it; `in`: i is in the block).
+  __device__ __forceinline__ void apply(int64_t b, int64_t i, bool in) const {
+    T pv[1] = {T(0)}, gv[1] = {T(0)}, unused = T(0);
+    T mv = T(0), vv = T(0);
+    if (in) {
+      this->load_param_and_grad(i, pv, gv);
+      mv = q8::dequantize<true>(m[i], m_scales[b]);
+      vv = q8::dequantize<false>(v[i], v_scales[b]);
+      adamw_update<T, false>(pv[0], load_grad(gv[0], this->load_g), mv, vv, unused, this->s);
+    }
+    const float m_scale = q8_absmax(static_cast<float>(mv), in);  // (reads of b's scales
+    const float v_scale = q8_absmax(static_cast<float>(vv), in);  // are done: it syncs)
+    if (in) {
+      this->store_param_and_master(i, pv);
+      m[i] = static_cast<int8_t>(q8::quantize<true>(static_cast<float>(mv), m_scale));
+      v[i] = static_cast<uint8_t>(q8::quantize<false>(static_cast<float>(vv), v_scale));
+    }
+    if (threadIdx.x == 0) {
+      m_scales[b] = m_scale;
+      v_scales[b] = v_scale;
+    }
+  }
+};
+
 }  // namespace
 
 void adamw(const AdamWCall& call, const ExecContext& ctx) {
   if (call.lists.num_tensors == 0) return;
   FUSEDOPT_STEP_HOST(ADAMW)
+  if (call.exp_avg_scales.present()) {  // [note: 8-bit states]: fp32/bf16/fp16 params only
+    set_row_lengths(host, call.lists);
+    run_q8_step<AdamWQ8Body>(call.lists, host, args, ctx);
+    return;
+  }
   if (call.amsgrad) {
     run_step<AdamWBody, true>(call.lists, host, args, /*count_steps=*/true, ctx);
   } else {

@@ -284,6 +284,8 @@ void dispatch_dtype(DType d, F&& f) {
     case DType::kBFloat16: return f(bf16{});
     case DType::kFloat16: return f(fp16{});
     case DType::kFloat64: return f(double{});
+    case DType::kInt8:  // 8-bit codes: never a param, grad or float state
+    case DType::kUInt8: return;
   }
 }
 

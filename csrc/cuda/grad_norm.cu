@@ -79,6 +79,8 @@ __global__ void __launch_bounds__(kThreads)
       case DType::kBFloat16: norm_chunk<Acc, kInf, bf16>(row, w.span, scale, acc, finite); break;
       case DType::kFloat16: norm_chunk<Acc, kInf, fp16>(row, w.span, scale, acc, finite); break;
       case DType::kFloat64: norm_chunk<Acc, kInf, double>(row, w.span, scale, acc, finite); break;
+      case DType::kInt8:  // (the binding refuses 8-bit codes here)
+      case DType::kUInt8: break;
     }
   }
   const int nonfinite = __syncthreads_or(!finite);

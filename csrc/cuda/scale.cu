@@ -49,6 +49,8 @@ __global__ void __launch_bounds__(kThreads)
     case DType::kBFloat16: return scale_chunk<bf16>(row, w.span, scale, found_inf);
     case DType::kFloat16: return scale_chunk<fp16>(row, w.span, scale, found_inf);
     case DType::kFloat64: return scale_chunk<double>(row, w.span, scale, found_inf);
+    case DType::kInt8:  // (the binding refuses 8-bit codes here)
+    case DType::kUInt8: return;
   }
 }
 

@@ -73,6 +73,8 @@ class Buffer {
       case DType::kFloat64: return static_cast<const double*>(data_)[k];
       case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(data_)[k]);
       case DType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(data_)[k]);
+      case DType::kInt8: return static_cast<const int8_t*>(data_)[k];
+      case DType::kUInt8: return static_cast<const uint8_t*>(data_)[k];
     }
     return 0.0;
   }
@@ -87,6 +89,8 @@ class Buffer {
       case DType::kFloat16:
         static_cast<uint16_t*>(data_)[k] = float_to_fp16(static_cast<float>(x));
         break;
+      case DType::kInt8: static_cast<int8_t*>(data_)[k] = static_cast<int8_t>(x); break;
+      case DType::kUInt8: static_cast<uint8_t*>(data_)[k] = static_cast<uint8_t>(x); break;
     }
   }
   /// Element k's raw 16 bits (a 16-bit dtype's buffer; a compact master's remainders).
@@ -580,6 +584,8 @@ const char* dtype_short(DType d) {
     case DType::kBFloat16: return "bf16";
     case DType::kFloat16: return "f16";
     case DType::kFloat64: return "f64";
+    case DType::kInt8: return "i8";
+    case DType::kUInt8: return "u8";
   }
   return "?";
 }
@@ -600,6 +606,8 @@ double epsilon(DType d) {
     case DType::kFloat64: return 0x1p-52;
     case DType::kBFloat16: return 0x1p-7;
     case DType::kFloat16: return 0x1p-10;
+    case DType::kInt8:
+    case DType::kUInt8: break;
   }
   return 0.0;
 }
@@ -609,6 +617,8 @@ double smallest(DType d) {
     case DType::kFloat64: return 0x1p-1074;
     case DType::kBFloat16: return 0x1p-133;
     case DType::kFloat16: return 0x1p-24;
+    case DType::kInt8:
+    case DType::kUInt8: break;
   }
   return 0.0;
 }
@@ -1324,12 +1334,146 @@ int test_adafactor() {
   return cases;
 }
 
+/// adamw_ with 8-bit states ([note: 8-bit states] in fusedopt/quant8.py): rows shorter
+/// than, equal to and longer than a quantization block, a vector across two chunks (blocks
+/// that straddle a chunk boundary), an empty tensor and a scalar, every storage but fp64
+/// (refused by the binding), three steps (the last skipped by found_inf): codes, scales,
+/// params, masters and steps bit for bit the CPU launcher's.
+int test_adamw_q8() {
+  struct Q8Shape {
+    int64_t rows, cols;  // a 0-d param: rows 1, cols 1
+  };
+  const std::vector<Q8Shape> shapes = {{3, 7},   {4, 300}, {2, 256}, {1, 2 * kChunk + 300},
+                                       {0, 5},   {1, 1},   {70, 1100}};
+  std::mt19937 rng(17);
+  std::normal_distribution<double> normal;
+  int cases = 0;
+  for (const Storage& st : kStorages) {
+    if (st.param == DType::kFloat64) continue;
+    struct Q8World {
+      std::vector<std::unique_ptr<Buffer>> p, g, master, m, v, ms, vs;
+      std::vector<float> steps;
+    } w[2];
+    for (auto& x : w) {
+      for (const Q8Shape& s : shapes) {
+        const int64_t n = s.rows * s.cols, blocks = s.rows * ((s.cols + 255) / 256);
+        x.p.push_back(std::make_unique<Buffer>(st.param, n, false));
+        x.g.push_back(std::make_unique<Buffer>(st.grad, n, false));
+        if (st.master)
+          x.master.push_back(std::make_unique<Buffer>(
+              st.compact ? DType::kBFloat16 : DType::kFloat32, n, false));
+        x.m.push_back(std::make_unique<Buffer>(DType::kInt8, n, false));
+        x.v.push_back(std::make_unique<Buffer>(DType::kUInt8, n, false));
+        x.ms.push_back(std::make_unique<Buffer>(DType::kFloat32, blocks, false));
+        x.vs.push_back(std::make_unique<Buffer>(DType::kFloat32, blocks, false));
+        x.steps.push_back(2.0f);
+      }
+    }
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      for (int64_t k = 0; k < w[0].p[i]->numel(); ++k) {
+        const double p = normal(rng);
+        if (st.compact) {
+          const CompactMaster c = split_master(static_cast<float>(p));
+          w[0].p[i]->set_bits(k, c.param);
+          w[0].master[i]->set_bits(k, static_cast<uint16_t>(c.remainder));
+        } else {
+          if (st.master) w[0].master[i]->set(k, p);
+          w[0].p[i]->set(k, st.master ? static_cast<float>(p) : p);
+        }
+        w[0].g[i]->set(k, 4.0 * normal(rng));
+        w[0].m[i]->set(k, static_cast<double>(static_cast<int>(rng() % 255) - 127));
+        w[0].v[i]->set(k, static_cast<double>(rng() % 256));
+      }
+      for (int64_t b = 0; b < w[0].ms[i]->numel(); ++b) {
+        w[0].ms[i]->set(b, 0.01 * std::fabs(normal(rng)));
+        w[0].vs[i]->set(b, 1e-4 * std::fabs(normal(rng)));
+      }
+      w[1].p[i]->copy_from(*w[0].p[i]);
+      w[1].g[i]->copy_from(*w[0].g[i]);
+      if (st.master) w[1].master[i]->copy_from(*w[0].master[i]);
+      w[1].m[i]->copy_from(*w[0].m[i]);
+      w[1].v[i]->copy_from(*w[0].v[i]);
+      w[1].ms[i]->copy_from(*w[0].ms[i]);
+      w[1].vs[i]->copy_from(*w[0].vs[i]);
+    }
+    const float found[3] = {-1.0f, 0.0f, 1.0f};
+    for (int s = 0; s < 3; ++s) {
+      for (int side = 0; side < 2; ++side) {  // 0: cpu, 1: cuda
+        Q8World& x = w[side];
+        std::vector<int64_t> numels, rows;
+        std::vector<void*> p, g, master, m, v, ms, vs;
+        std::vector<float*> steps;
+        for (size_t i = 0; i < shapes.size(); ++i) {
+          numels.push_back(shapes[i].rows * shapes[i].cols);
+          rows.push_back(shapes[i].cols);
+          p.push_back(x.p[i]->data());
+          g.push_back(x.g[i]->data());
+          if (st.master) master.push_back(x.master[i]->data());
+          m.push_back(x.m[i]->data());
+          v.push_back(x.v[i]->data());
+          ms.push_back(x.ms[i]->data());
+          vs.push_back(x.vs[i]->data());
+          steps.push_back(&x.steps[i]);
+        }
+        // lr, beta1, beta2, eps, weight decay; odd tensors: the second row.
+        const double hypers[10] = {1e-2, 0.9, 0.99, 1e-8, 0.1, 3e-3, 0.8, 0.999, 1e-6, 0.0};
+        std::vector<int32_t> group;
+        for (size_t i = 0; i < shapes.size(); ++i) group.push_back(static_cast<int32_t>(i % 2));
+        AdamWCall a;
+        a.lists.num_tensors = static_cast<int64_t>(shapes.size());
+        a.lists.numels = numels.data();
+        a.lists.params = {p.data(), st.param};
+        a.lists.grads = {g.data(), st.grad};
+        if (st.master)
+          a.lists.master_params = {master.data(),
+                                   st.compact ? DType::kBFloat16 : DType::kFloat32};
+        a.lists.compact_master = st.compact;
+        a.lists.master_sync = st.sync;
+        a.lists.steps = steps.data();
+        a.lists.hypers = {hypers, 5, group.data()};
+        a.lists.row_lengths = rows.data();
+        const float scale = 4.0f;
+        a.lists.scalars.grad_scale = &scale;
+        float found_inf = found[s];
+        if (found_inf >= 0) a.lists.scalars.found_inf = &found_inf;
+        a.exp_avgs = {m.data(), DType::kInt8};
+        a.exp_avg_sqs = {v.data(), DType::kUInt8};
+        a.exp_avg_scales = {ms.data(), DType::kFloat32};
+        a.exp_avg_sq_scales = {vs.data(), DType::kFloat32};
+        a.decoupled = s != 1;  // AdamW, then Adam's L2 decay
+        a.maximize = s == 1;
+        CudaContext cuda_ctx;
+        if (side == 1) {
+          cuda::adamw(a, cuda_ctx.ctx);
+        } else {
+          cpu::adamw(a, ExecContext{});
+        }
+      }
+      bool ok = std::memcmp(w[0].steps.data(), w[1].steps.data(),
+                            w[0].steps.size() * sizeof(float)) == 0;
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        ok &= w[0].p[i]->same_bits(*w[1].p[i]) && w[0].m[i]->same_bits(*w[1].m[i]) &&
+              w[0].v[i]->same_bits(*w[1].v[i]) && w[0].ms[i]->same_bits(*w[1].ms[i]) &&
+              w[0].vs[i]->same_bits(*w[1].vs[i]);
+        if (st.master) ok &= w[0].master[i]->same_bits(*w[1].master[i]);
+      }
+      if (!ok)
+        std::fprintf(stderr, "adamw q8 %s/%s%s step %d: cuda and cpu differ\n",
+                     dtype_name(st.param), dtype_name(st.grad),
+                     st.compact ? " compact" : st.master ? " master" : "", s);
+      CHECK(ok);
+      ++cases;
+    }
+  }
+  return cases;
+}
+
 int main() {
   const int emulator_cases = test_emulator();
   const int step_cases = test_step_ops() + test_master_sync();
   const int scale_cases = test_scale();
   const int norm_cases = test_grad_norm();
-  const int edge_cases = test_edge_values() + test_adafactor();
+  const int edge_cases = test_edge_values() + test_adafactor() + test_adamw_q8();
   const emu::Stats s = emu::stats();
   std::printf(
       "%d emulator, %d step-op, %d scale_, %d grad_norm, %d edge-value cases; emulated %llu "

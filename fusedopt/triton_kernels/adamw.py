@@ -11,6 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import quant8
 from .common import (
     bias_correction,
     div,
@@ -31,6 +32,22 @@ L = layout("adamw_")
 
 
 @triton.jit
+def _adamw_moments(
+    g, p, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay,
+    has_weight_decay, DECOUPLED: tl.constexpr,
+):  # fmt: skip
+    """The decayed param and the new moments, in the reference's order of operations."""
+    if DECOUPLED:
+        p = p * decay  # 1 for wd == 0: p * 1 == p exactly
+    else:
+        # [note: zero weight decay]: no 0 * p term (an infinite param would give NaN).
+        g = tl.where(has_weight_decay, g + weight_decay * p, g)
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
+    return p, m, v
+
+
+@triton.jit
 def _adamw_block(
     offs, mask, g, p, m_ptr, v_ptr, vmax_ptr, decay, step_size, beta1, one_minus_beta1, beta2,
     one_minus_beta2, sqrt_bc2, eps, weight_decay, has_weight_decay, COMPUTE: tl.constexpr,
@@ -39,13 +56,10 @@ def _adamw_block(
     """The update of BLOCK elements, in the reference's order of operations: stores the
     states, returns the new param (``drivers.for_each_block`` loads g and p, stores p)."""
     DECOUPLED, AMSGRAD, _ = FLAGS
-    if DECOUPLED:
-        p = p * decay  # 1 for wd == 0: p * 1 == p exactly
-    else:
-        # [note: zero weight decay]: no 0 * p term (an infinite param would give NaN).
-        g = tl.where(has_weight_decay, g + weight_decay * p, g)
-    m = beta1 * load(m_ptr, offs, mask, COMPUTE) + one_minus_beta1 * g
-    v = beta2 * load(v_ptr, offs, mask, COMPUTE) + one_minus_beta2 * g * g
+    m = load(m_ptr, offs, mask, COMPUTE)
+    v = load(v_ptr, offs, mask, COMPUTE)
+    p, m, v = _adamw_moments(g, p, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                             weight_decay, has_weight_decay, DECOUPLED)  # fmt: skip
     v_hat = v
     if AMSGRAD:
         v_hat = maximum(load(vmax_ptr, offs, mask, COMPUTE), v)
@@ -58,12 +72,29 @@ def _adamw_block(
 
 
 @triton.jit
-def _adamw_prologue(
-    row, t, lr_tensor, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr,
-    ALIGNED: tl.constexpr, FLAGS: tl.constexpr,
+def _adamw_q8_block(
+    offs, mask, b, g, p, tables, m_codes, v_codes, m_scales, v_scales, decay, step_size,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, weight_decay,
+    has_weight_decay, COMPUTE: tl.constexpr, FLAGS: tl.constexpr,
 ):  # fmt: skip
-    """The tensor's block args and new step count ([note: generic step kernel] in
-    ``drivers``)."""
+    """One quantization block (b) with 8-bit moments ([note: 8-bit states] in
+    fusedopt/quant8.py): dequantized, stepped as :func:`_adamw_block` steps (no amsgrad),
+    requantized with the block's new absmaxes."""
+    DECOUPLED, _, _ = FLAGS
+    m = quant8.dequantize(m_codes, tl.load(m_scales + b), offs, mask, tables, True)
+    v = quant8.dequantize(v_codes, tl.load(v_scales + b), offs, mask, tables, False)
+    p, m, v = _adamw_moments(g, p, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                             weight_decay, has_weight_decay, DECOUPLED)  # fmt: skip
+    denom = div(sqrt(v), sqrt_bc2) + eps
+    p = p - div(step_size * m, denom)
+    quant8.requantize(m_codes, m_scales, b, m, offs, mask, tables, True)
+    quant8.requantize(v_codes, v_scales, b, v, offs, mask, tables, False)
+    return p
+
+
+@triton.jit
+def _adamw_scalars(row, t, lr_tensor, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr, FLAGS):
+    """The tensor's new step count and per-tensor scalars, from its table row."""
     _, _, BIAS_CORRECTION = FLAGS
     lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE)
     new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
@@ -84,20 +115,49 @@ def _adamw_prologue(
         step_size = div(lr_c, bc1.to(COMPUTE))
     # [note: zero weight decay]: a zero decay is none, not 1 - lr*0 (NaN for lr = inf).
     decay = tl.where(has_weight_decay, decay, 1.0).to(COMPUTE)
-    args = (
-        slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
-        slot(row, L.MAX_EXP_AVG_SQS, S_DTYPE, ALIGNED), decay, step_size, beta1.to(COMPUTE),
-        (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE), (1.0 - beta2).to(COMPUTE),
-        tl.sqrt(bc2).to(COMPUTE), hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE),
-        weight_decay.to(COMPUTE), has_weight_decay,
+    scalars = (
+        decay, step_size, beta1.to(COMPUTE), (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE),
+        (1.0 - beta2).to(COMPUTE), tl.sqrt(bc2).to(COMPUTE),
+        hyper(row, L.N_SLOTS, L.EPS).to(COMPUTE), weight_decay.to(COMPUTE), has_weight_decay,
     )  # fmt: skip
-    return args, new_step, True
+    return new_step, scalars
+
+
+@triton.jit
+def _adamw_prologue(
+    row, t, lr_tensor, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr,
+    ALIGNED: tl.constexpr, FLAGS: tl.constexpr,
+):  # fmt: skip
+    """The tensor's block args and new step count ([note: generic step kernel] in
+    ``drivers``)."""
+    new_step, scalars = _adamw_scalars(row, t, lr_tensor, COMPUTE, LR_MODE, FLAGS)
+    states = (
+        slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
+        slot(row, L.MAX_EXP_AVG_SQS, S_DTYPE, ALIGNED),
+    )  # fmt: skip
+    return states + scalars, new_step, True
+
+
+@triton.jit
+def _adamw_q8_prologue(
+    row, t, lr_tensor, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr, FLAGS: tl.constexpr
+):  # fmt: skip
+    """The block args of a call with 8-bit states: code and scale pointers, then the
+    scalars (``quant8.q8_step_kernel``)."""
+    new_step, scalars = _adamw_scalars(row, t, lr_tensor, COMPUTE, LR_MODE, FLAGS)
+    states = (
+        slot(row, L.EXP_AVGS, tl.int8, False), slot(row, L.EXP_AVG_SQS, tl.uint8, False),
+        slot(row, L.EXP_AVG_SCALES, tl.float32, False),
+        slot(row, L.EXP_AVG_SQ_SCALES, tl.float32, False),
+    )  # fmt: skip
+    return states + scalars, new_step, True
 
 
 #: One Adam/AdamW step over every tensor in one launch (``fusedopt._contract``'s schema order).
 adamw_ = StepOp(
-    "adamw_", _adamw_prologue, _adamw_block, ("DECOUPLED", "AMSGRAD", "BIAS_CORRECTION")
-)
+    "adamw_", _adamw_prologue, _adamw_block, ("DECOUPLED", "AMSGRAD", "BIAS_CORRECTION"),
+    q8=quant8.Q8Launcher(_adamw_q8_prologue, _adamw_q8_block),
+)  # fmt: skip
 
 
 register("adamw_", adamw_)

@@ -213,6 +213,8 @@ class StepOp:
     flags: tuple[str, ...] = ()
     #: Flags computed from the call's arguments (e.g. sgd_'s HAS_MOMENTUM).
     derived: Callable[[StepArguments], dict[str, bool]] = lambda a: {}
+    #: The launcher of calls with 8-bit states (``quant8.Q8Launcher``), where the op has them.
+    q8: Callable | None = None
 
     def __post_init__(self) -> None:
         self.layout = layout(self.op)
@@ -233,12 +235,15 @@ class StepOp:
         a = prepare(self.op, args, self.tables)
         if a is None:
             return
-        if any(a.named.get(scales) for _, scales, _ in STEP_OPS[self.op].quantized_states):
-            raise NotImplementedError(
-                f"{self.op}: 8-bit states are not implemented on the triton backend yet (cpu "
-                "and reference have them; [note: 8-bit states] in fusedopt/quant8.py)"
-            )
         flags = {**a.flags, **self.derived(a)}
+        if any(a.named.get(scales) for _, scales, _ in STEP_OPS[self.op].quantized_states):
+            if self.q8 is None:
+                raise NotImplementedError(
+                    f"{self.op}: 8-bit states are not implemented on the triton backend yet "
+                    "([note: 8-bit states] in fusedopt/quant8.py)"
+                )
+            self.q8(self, a, flags)
+            return
         options = {k: v for k, v in a.options().items() if k not in a.flags}
         step_kernel[(a.launch.n_chunks,)](
             a.launch.table, a.launch.chunks, a.launch.counters, *a.scalar_tensors,

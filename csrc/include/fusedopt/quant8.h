@@ -10,6 +10,7 @@
 // consecutive codes strictly below |y|. Dequantizing: fp32(code[|q|]) * scale.
 #pragma once
 
+#include <bit>
 #include <cstdint>
 
 #include "fusedopt/macros.h"
@@ -48,8 +49,15 @@ constexpr CodeTable make_table(int levels, int power) {
   return t;
 }
 
-inline constexpr CodeTable kSignedTable = make_table(kSignedLevels, kSignedPower);
-inline constexpr CodeTable kUnsignedTable = make_table(kUnsignedLevels, kUnsignedPower);
+// In device memory for the CUDA kernels (a host constexpr array cannot be indexed at run
+// time in device code); plain constants for the CPU and the host emulation.
+#if defined(__CUDACC__)
+#define FUSEDOPT_Q8_TABLE static __device__ constexpr
+#else
+#define FUSEDOPT_Q8_TABLE inline constexpr
+#endif
+FUSEDOPT_Q8_TABLE CodeTable kSignedTable = make_table(kSignedLevels, kSignedPower);
+FUSEDOPT_Q8_TABLE CodeTable kUnsignedTable = make_table(kUnsignedLevels, kUnsignedPower);
 
 /// |q| for |y| in [0, 1]: the number of midpoints strictly below it (a tie goes to the
 /// smaller code; NaN to 0). A binary search over `levels` midpoints.
@@ -69,10 +77,7 @@ FUSEDOPT_HD FUSEDOPT_INLINE int code_magnitude(float abs_y, const float* mid, in
 /// The absmax of a block as the reference takes it: NaN (canonical) if any value is NaN,
 /// else the largest magnitude (inf included).
 FUSEDOPT_HD FUSEDOPT_INLINE float canonical_absmax(float absmax, bool any_nan) {
-  if (!any_nan) return absmax;
-  float nan;
-  __builtin_memcpy(&nan, &kCanonicalNan, sizeof(nan));
-  return nan;
+  return any_nan ? std::bit_cast<float>(kCanonicalNan) : absmax;
 }
 
 /// Folds one value into a running (absmax, any_nan).

@@ -1,0 +1,195 @@
+"""8-bit states in Triton: the block-wise quantizer of ``fusedopt/quant8.py`` and the step
+kernel that walks quantization blocks ([note: 8-bit states] there has the format).
+
+A program still takes one 2^16-element chunk of a tensor (the shared chunk table), but walks
+it by quantization blocks, not by BLOCK-element runs: it owns the blocks whose *first*
+element lies in its chunk (a block that starts near the chunk's end runs on into the next
+chunk, whose program skips it), so every block has one owner and its absmax is one
+``tl.max`` over QBLOCK = 256 lanes. A block is a run of up to 256 elements of one row (the
+param's last dim, ``row_lengths[t]``), so lanes past the row's end are masked.
+
+Per element: the op's bytes with 1-byte moments, plus 4 B per block for each scale read and
+written (AdamW, fp32 params: 4 + 4 + 1 + 1 read, 4 + 1 + 1 written = 16 B + 16/256).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedopt import quant8
+
+from .common import (
+    div,
+    finish_tensor,
+    load_grad,
+    load_param,
+    locate_chunk,
+    skipped,
+    slot,
+    store_param,
+)
+from .drivers import StepOp, param_args
+from .layout import StepArguments
+
+QBLOCK: tl.constexpr = tl.constexpr(quant8.BLOCK)
+#: Offsets of the signed and unsigned code and midpoint tables in :func:`code_tables`.
+SIGNED_CODES: tl.constexpr = tl.constexpr(0)
+SIGNED_MIDS: tl.constexpr = tl.constexpr(quant8.LEVELS_SIGNED + 1)
+UNSIGNED_CODES: tl.constexpr = tl.constexpr(2 * quant8.LEVELS_SIGNED + 1)
+UNSIGNED_MIDS: tl.constexpr = tl.constexpr(2 * quant8.LEVELS_SIGNED + quant8.LEVELS_UNSIGNED + 2)
+LEVELS_SIGNED: tl.constexpr = tl.constexpr(quant8.LEVELS_SIGNED)
+LEVELS_UNSIGNED: tl.constexpr = tl.constexpr(quant8.LEVELS_UNSIGNED)
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+
+
+@functools.cache
+def code_tables(device: torch.device) -> torch.Tensor:
+    """The fp32 codes and midpoints of both maps, one tensor on ``device`` (the reference's
+    tables: ``quant8._tables``)."""
+    parts = []
+    for signed, power, levels in (
+        (True, quant8.P_SIGNED, quant8.LEVELS_SIGNED),
+        (False, quant8.P_UNSIGNED, quant8.LEVELS_UNSIGNED),
+    ):
+        codes, mids = quant8._tables(signed, power, levels, torch.device("cpu"))
+        parts += [codes, mids]
+    return torch.cat(parts).to(device)
+
+
+@triton.jit
+def dequantize(codes_ptr, scale, offs, mask, tables, SIGNED: tl.constexpr):
+    """The fp32 values of a block's codes: ``code[|q|] * scale``, negated for q < 0."""
+    q = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+    magnitude = tl.abs(q)
+    if SIGNED:
+        value = tl.load(tables + SIGNED_CODES + magnitude) * scale
+        return tl.where(q < 0, -value, value)
+    else:
+        return tl.load(tables + UNSIGNED_CODES + magnitude) * scale
+
+
+@triton.jit
+def block_absmax(x, mask):
+    """The block's scale as the reference takes it: the largest |x| over the masked lanes,
+    the canonical NaN 0x7FC00000 if any is NaN."""
+    a = tl.where(mask, tl.abs(x), 0.0)
+    any_nan = tl.max(tl.where(a != a, 1, 0), axis=0)
+    absmax = tl.max(tl.where(a == a, a, 0.0), axis=0)
+    nan = tl.full((), 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+    return tl.where(any_nan > 0, nan, absmax)
+
+
+@triton.jit
+def quantize(x, scale, tables, SIGNED: tl.constexpr):
+    """The codes (int32) of x in a block of ``scale``: |q| = the number of midpoints strictly
+    below |x / scale| (a binary search, 8 steps); 0 where the scale is 0 or not finite."""
+    usable = (scale > 0.0) & (scale <= FLT_MAX)
+    y = div(x, tl.where(usable, scale, 1.0))
+    abs_y = tl.abs(y)
+    if SIGNED:
+        mids = tables + SIGNED_MIDS
+        hi = tl.full(x.shape, LEVELS_SIGNED, tl.int32)
+    else:
+        mids = tables + UNSIGNED_MIDS
+        hi = tl.full(x.shape, LEVELS_UNSIGNED, tl.int32)
+    lo = tl.zeros(x.shape, tl.int32)
+    for _ in tl.static_range(8):
+        searching = lo < hi
+        m = (lo + hi) // 2
+        below = tl.load(mids + m, mask=searching, other=0.0) < abs_y
+        lo = tl.where(searching & below, m + 1, lo)
+        hi = tl.where(searching & ~below, m, hi)
+    q = tl.where(usable, lo, 0)
+    if SIGNED:
+        q = tl.where(y < 0.0, -q, q)
+    return q
+
+
+@triton.jit
+def requantize(codes_ptr, scales_ptr, b, x, offs, mask, tables, SIGNED: tl.constexpr):
+    """Store x as block b's new codes and absmax."""
+    scale = block_absmax(x, mask)
+    q = quantize(x, scale, tables, SIGNED)
+    tl.store(codes_ptr + offs, q.to(codes_ptr.dtype.element_ty), mask=mask)
+    tl.store(scales_ptr + b, scale)
+
+
+@triton.jit
+def _first_block(offset, row_length, blocks_per_row):
+    """The first block (index within the tensor) whose first element is at or after
+    ``offset``; a block starts every QBLOCK elements from each row's start."""
+    row = offset // row_length
+    within = offset - row * row_length
+    return row * blocks_per_row + (within + QBLOCK - 1) // QBLOCK
+
+
+@triton.jit
+def q8_step_kernel(
+    table, chunks, counters, row_lengths, tables, lr_tensor, grad_scale, clip_coef, found_inf,
+    PROLOGUE: tl.constexpr, BLOCK_FN: tl.constexpr, FLAGS: tl.constexpr,
+    MASTER_SLOT: tl.constexpr, STEP_SLOT: tl.constexpr, WIDTH: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
+    LR_MODE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """One program per chunk of a step op with 8-bit states: the quantization blocks that
+    start in the chunk, each loaded (g, p), handed to ``BLOCK_FN(offs, mask, b, g, p, tables,
+    *args, COMPUTE, FLAGS)`` (which dequantizes, steps and requantizes the op's states and
+    returns the new p) and stored; the tensor's last chunk advances its step count."""
+    if not skipped(found_inf, HAS_FOUND_INF):
+        t, row, start, end = locate_chunk(chunks, table, WIDTH)
+        common = param_args(row, grad_scale, clip_coef, MASTER_SLOT, P_DTYPE, G_DTYPE, COMPUTE,
+                            HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+        p_ptr, g_ptr, master_ptr, scale_g, clip = common
+        args, new_step, advance = PROLOGUE(row, t, lr_tensor, COMPUTE, LR_MODE, FLAGS)
+        row_length = tl.maximum(tl.load(row_lengths + t), 1)
+        per_row = (row_length + QBLOCK - 1) // QBLOCK
+        lanes = tl.arange(0, QBLOCK)
+        for b in range(_first_block(start, row_length, per_row),
+                       _first_block(end, row_length, per_row)):  # fmt: skip
+            r = b // per_row
+            begin = r * row_length + (b - r * per_row) * QBLOCK
+            offs = begin + lanes
+            mask = lanes < (tl.minimum(begin + QBLOCK, (r + 1) * row_length) - begin).to(tl.int32)
+            g = load_grad(g_ptr, offs, mask, scale_g, clip, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
+                          MAXIMIZE)  # fmt: skip
+            p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
+            p = BLOCK_FN(offs, mask, b, g, p, tables, *args, COMPUTE, FLAGS)
+            store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
+        if advance:
+            finish_tensor(counters, t, row, slot(row, STEP_SLOT, tl.float32, False), new_step)
+
+
+class Q8Launcher:
+    """Launches :func:`q8_step_kernel` for a step op's call with 8-bit states: the op's
+    ``prologue(row, t, lr_tensor, COMPUTE, LR_MODE, FLAGS) -> (args, new_step, advance)``
+    and ``block_fn`` (see the kernel)."""
+
+    def __init__(self, prologue: triton.JITFunction, block_fn: triton.JITFunction) -> None:
+        self.prologue, self.block_fn = prologue, block_fn
+        self._row_lengths: dict[tuple, torch.Tensor] = {}
+
+    def row_lengths(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Each param's last dim (1 for a 0-d param), int64 on the params' device; cached by
+        the shapes, so a step makes no host-to-device copy."""
+        key = (params[0].device, tuple(tuple(p.shape) for p in params))
+        lengths = self._row_lengths.get(key)
+        if lengths is None:
+            values = [p.shape[-1] if p.dim() else 1 for p in params]
+            lengths = torch.tensor(values, dtype=torch.int64, device=params[0].device)
+            self._row_lengths = {key: lengths}  # the last call's only
+        return lengths
+
+    def __call__(self, op: StepOp, a: StepArguments, flags: dict[str, bool]) -> None:
+        options = {k: v for k, v in a.options().items() if k not in a.flags and k != "S_DTYPE"}
+        constexprs = op.constexprs(True, **flags)
+        constexprs.pop("STEPS")
+        constexprs |= {"PROLOGUE": self.prologue, "BLOCK_FN": self.block_fn}
+        q8_step_kernel[(a.launch.n_chunks,)](
+            a.launch.table, a.launch.chunks, a.launch.counters, self.row_lengths(a.params),
+            code_tables(a.params[0].device), *a.scalar_tensors, **constexprs, **options,
+        )  # fmt: skip
