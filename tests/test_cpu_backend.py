@@ -400,6 +400,7 @@ def _direct_adamw_args(n=3, dtype=torch.float32):
         params=params, grads=[torch.randn(4, 5).to(dtype) for _ in range(n)],
         exp_avgs=[torch.zeros(4, 5, dtype=dtype) for _ in range(n)],
         exp_avg_sqs=[torch.zeros(4, 5, dtype=dtype) for _ in range(n)], max_exp_avg_sqs=[],
+        exp_avg_scales=[], exp_avg_sq_scales=[],
         master_params=[], steps=[torch.zeros(()) for _ in range(n)],
         hypers=torch.tensor([[1e-3, 0.9, 0.999, 1e-8, 0.0]], dtype=F64), group_sizes=[n],
         decoupled=True, amsgrad=False, maximize=False, bias_correction=True, lr_tensor=None,

@@ -247,7 +247,7 @@ def _all_ops_on_device_scalars(n_tensors: int = 5):
         sc = tuple(scalars.values())
         if op == "adamw_":
             hypers = ops.hyper_table(ones, [0.9] * n, [0.999] * n, [1e-8] * n, wd, device=dev)
-            args = (p, g, *st, [], m, steps, *hypers, True, False, False, True, *sc)
+            args = (p, g, *st, [], [], [], m, steps, *hypers, True, False, False, True, *sc)
         elif op == "lamb_":
             hypers = ops.hyper_table(ones, [0.9] * n, [0.999] * n, [1e-6] * n, wd, device=dev)
             args = (p, g, *st, m, steps, *hypers, True, True, False, False, *sc)

@@ -129,7 +129,7 @@ class _AdamState:
              lr_tensor=None, grad_scale=None, clip_coef=None, found_inf=None):  # fmt: skip
         reference.adamw_(
             self.params, grads, self.exp_avgs, self.exp_avg_sqs,
-            self.max_exp_avg_sqs if amsgrad else [], [], self.steps,
+            self.max_exp_avg_sqs if amsgrad else [], [], [], [], self.steps,
             *_table(hypers, "lr", "beta1", "beta2", "eps", "weight_decay"), decoupled, amsgrad,
             maximize, bias_correction,
             lr_tensor, grad_scale, clip_coef, found_inf,
@@ -823,7 +823,8 @@ def _call_step(op: str, t: dict, found_inf: torch.Tensor) -> None:
     lr, b1, b2, eps, wd = [1e-2] * n, [0.9] * n, [0.99] * n, [1e-8] * n, [0.1] * n
     p, g, m, v, master, steps = (t[k] for k in ("params", "grads", "m", "v", "master", "steps"))
     if op == "adamw_":
-        reference.adamw_(p, g, m, v, t["vmax"], master, steps, *hyper_table(lr, b1, b2, eps, wd),
+        reference.adamw_(p, g, m, v, t["vmax"], [], [], master, steps,
+                         *hyper_table(lr, b1, b2, eps, wd),
                          True, True, False, True, torch.tensor(1e-2), None, None,
                          found_inf)  # fmt: skip
     elif op == "lamb_":
