@@ -167,6 +167,37 @@ def test_backend_equals_reference_bit_for_bit(backend, option, dtype, master):
     _assert_same(got, want)
 
 
+def _midpoint_grads(scale: float) -> torch.Tensor:
+    """Rows whose first element is ``scale`` (the block's absmax) and the rest the fp32
+    values nearest ``mid[k] * scale`` and their neighbours one ulp away, every midpoint of
+    the signed map, with both signs: where ``x / scale`` lands on a midpoint or next to it,
+    so a backend that divided otherwise (``x * (1 / scale)``) or rounded a tie the other way
+    would pick another code."""
+    _, mids = quant8._tables(True, quant8.P_SIGNED, quant8.LEVELS_SIGNED, torch.device("cpu"))
+    near = (mids.double() * scale).float()
+    up = torch.nextafter(near, torch.tensor(float("inf")))
+    down = torch.nextafter(near, torch.tensor(0.0))
+    values = torch.cat([near, up, down, -near, -up])
+    rows = values[: len(values) // 255 * 255].reshape(-1, 255)
+    return torch.cat([torch.full((len(rows), 1), scale), rows], dim=1).contiguous()
+
+
+@pytest.mark.parametrize("backend", Q8_BACKENDS)
+def test_rounding_at_midpoints_equals_reference(backend):
+    """With beta1 = beta2 = 0 the new first moment is the grad itself (0*m + 1*g, exact), so
+    the grads choose what is quantized: values on and next to every midpoint, under scales
+    whose division is inexact. Codes and scales bit for bit the reference's."""
+    grads = [_midpoint_grads(s) for s in (0.3, 1.7e-3, 5.0)]
+    lists = _lists([tuple(g.shape) for g in grads], seed=9)
+    lists["grads"] = grads
+    want = copy.deepcopy(lists)
+    _step(want, "reference", beta1=0.0, beta2=0.0, weight_decay=0.0)
+    _step(lists, backend, beta1=0.0, beta2=0.0, weight_decay=0.0)
+    for m, g in zip(want["exp_avgs"], grads, strict=True):  # the reference quantized g itself
+        assert torch.equal(m, quant8.quantize(g, True)[0])
+    _assert_same(lists, want)
+
+
 @pytest.mark.parametrize("backend", Q8_BACKENDS)
 def test_many_blocks_and_tensors(backend):
     """Work split across items (CPU: 256 blocks per item) and chunks (Triton: 2^16)."""
