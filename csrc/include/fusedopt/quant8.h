@@ -11,6 +11,7 @@
 #pragma once
 
 #include <bit>
+#include <cmath>
 #include <cstdint>
 
 #include "fusedopt/macros.h"
@@ -60,18 +61,23 @@ FUSEDOPT_Q8_TABLE CodeTable kSignedTable = make_table(kSignedLevels, kSignedPowe
 FUSEDOPT_Q8_TABLE CodeTable kUnsignedTable = make_table(kUnsignedLevels, kUnsignedPower);
 
 /// |q| for |y| in [0, 1]: the number of midpoints strictly below it (a tie goes to the
-/// smaller code; NaN to 0). A binary search over `levels` midpoints.
+/// smaller code; NaN to 0). A guess from the inverse of the power map (square roots: the
+/// powers are 2 and 4), then corrected against the midpoints until it is that count
+/// exactly, so the guess's rounding never shows. (A binary search over the midpoints made
+/// the CPU step 80x slower than the fp32 one: 16 data-dependent branches per element,
+/// half of them mispredicted; 106 ns/param against 1.3 on the 2-core VM, 14.2M fp32
+/// params. With the guess: 48.6 against 2.5 ns/param in a run loaded by a build.)
+template <int kPower>
 FUSEDOPT_HD FUSEDOPT_INLINE int code_magnitude(float abs_y, const float* mid, int levels) {
-  int lo = 0, hi = levels;
-  while (lo < hi) {
-    const int m = (lo + hi) / 2;
-    if (mid[m] < abs_y) {
-      lo = m + 1;
-    } else {
-      hi = m;
-    }
-  }
-  return lo;
+  static_assert(kPower == 2 || kPower == 4, "the inverse is taken by square roots");
+  if (!(abs_y > 0.0f)) return 0;  // 0, -0 and NaN: code 0 (no midpoint is below 0)
+  float root = sqrtf(abs_y);
+  if constexpr (kPower == 4) root = sqrtf(root);
+  int k = static_cast<int>(root * static_cast<float>(levels) + 0.5f);
+  k = k < 0 ? 0 : (k > levels ? levels : k);
+  while (k < levels && mid[k] < abs_y) ++k;
+  while (k > 0 && !(mid[k - 1] < abs_y)) --k;
+  return k;
 }
 
 /// The absmax of a block as the reference takes it: NaN (canonical) if any value is NaN,
@@ -95,7 +101,8 @@ FUSEDOPT_HD FUSEDOPT_INLINE int quantize(float x, float scale) {
   const float y = x / scale;
   const float abs_y = y < 0.0f ? -y : y;
   const CodeTable& t = kSigned ? kSignedTable : kUnsignedTable;
-  const int q = code_magnitude(abs_y, t.mid, t.levels);
+  constexpr int kPower = kSigned ? kSignedPower : kUnsignedPower;
+  const int q = code_magnitude<kPower>(abs_y, t.mid, t.levels);
   return kSigned && y < 0.0f ? -q : q;
 }
 
