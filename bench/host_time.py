@@ -15,19 +15,23 @@ step's remainder (the norm pass, the hyperparameter lists, the scaler) is the di
 Each number is the **minimum** over ``--repeats`` timed steps (after a warm-up; above 150
 tensors, ``repeats * 150 / tensors`` steps, at least 20), each part's minimum taken apart: the
 machine is shared, and the minimum is the run least disturbed by others. Prints a Markdown
-table.
+table; ``--out DIR`` also writes it, with the commit and the load average at the start and
+the end, to ``DIR/host-time-cpu-<UTC date and time>.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from bench.cases import make_workload
 from bench.fused import make_fused
+from bench.output import git_commit, load_average
 from bench.peers import make_peer
 
 
@@ -83,14 +87,22 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = torch.device("cpu")
-    print(f"torch {torch.__version__}, cpu, {args.numel} elements per tensor, "
-          f"min of {args.repeats} steps\n")  # fmt: skip
-    print("| tensors | mode | fusedopt host us/step | us/tensor | of which plan us | op calls us "
-          "| torch fused host us/step | us/tensor |")  # fmt: skip
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    load_start = load_average()
+    lines: list[str] = []
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(f"torch {torch.__version__}, cpu, {args.numel} elements per tensor, "
+         f"min of {args.repeats} steps\n")  # fmt: skip
+    emit("| tensors | mode | fusedopt host us/step | us/tensor | of which plan us | op calls us "
+         "| torch fused host us/step | us/tensor |")  # fmt: skip
+    emit("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n in args.tensors:
         shapes = [(f"t{i}", (args.numel,)) for i in range(n)]
         for mode in args.modes:
@@ -101,9 +113,16 @@ def main() -> None:
             ours, plan, run = min_split_seconds(step, opt, args.warmup, repeats)
             workload = make_workload("host", "adamw", mode, device, shapes=shapes)
             theirs = min_step_seconds(make_peer(workload, "torch fused"), args.warmup, repeats)
-            print(f"| {n} | {mode} | {ours * 1e6:.0f} | {ours * 1e6 / n:.2f} | {plan * 1e6:.0f} "
-                  f"| {run * 1e6:.0f} | {theirs * 1e6:.0f} | {theirs * 1e6 / n:.2f} |",
-                  flush=True)  # fmt: skip
+            emit(f"| {n} | {mode} | {ours * 1e6:.0f} | {ours * 1e6 / n:.2f} | {plan * 1e6:.0f} "
+                 f"| {run * 1e6:.0f} | {theirs * 1e6:.0f} | {theirs * 1e6 / n:.2f} |")  # fmt: skip
+    if args.out is not None:
+        now = datetime.datetime.now(datetime.UTC)
+        path = args.out / f"host-time-cpu-{now:%Y-%m-%dT%H%M%SZ}.md"
+        header = (f"`python -m bench.host_time`, {now:%Y-%m-%d %H:%M} UTC, commit {git_commit()}, "
+                  f"load average {load_start:.1f} at the start, {load_average():.1f} at the "
+                  "end (2-core CPU VM, shared)\n\n")  # fmt: skip
+        path.write_text(header + "\n".join(lines) + "\n")
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

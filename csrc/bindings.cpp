@@ -1292,7 +1292,16 @@ void plan_call_step(const Tensor& handle, const Tensor& hypers, c10::IntArrayRef
 }  // namespace fusedopt
 
 // A fragment of the namespace fusedopt/_contract.py defines; catch-all kernels (they read
-// only metadata, on any device).
+// metadata, and call the backends' implementations above).
+//
+// Their schemas do not tell the truth about mutation: plan_call_step writes the params,
+// states, masters and step counts its handle holds (and plan_grad_norm reads the grads its
+// record points to), none of which is an argument. That is fine in eager mode, where the
+// dispatcher runs the kernel as it is, but a tracer (torch.compile, make_fx,
+// functionalization) would record them as pure ops and could drop or reorder them. So the
+// optimizer never calls them while a step is traced: under torch.compile or any dispatch
+// mode it plans afresh and calls the step ops with their lists (_tracing in
+// fusedopt/optim/_plan.py; tests/test_optim_plan.py checks both paths).
 TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
   m.def("plan_record(Tensor[] params) -> Tensor", &fusedopt::plan_record);
   m.def("plan_grads(Tensor record, bool return_grads=True) -> (bool, Tensor[])",

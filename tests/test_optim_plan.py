@@ -575,3 +575,42 @@ def test_a_step_keeps_no_grad_alive(amp):
     opt.zero_grad()
     gc.collect()
     assert all(g() is None for g in grads)
+
+
+def test_a_step_under_a_dispatch_mode_takes_no_planned_call(count_calls):
+    """[note: planned calls]: plan_call_step mutates tensors its schema does not show, which a
+    tracer (make_fx, FakeTensorMode, functionalization: all dispatch modes) would record as
+    pure; under a dispatch mode the step plans afresh and calls the ops with their lists,
+    uses and caches no plan, and steps as in eager."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    runs = []
+    for mode in (False, True):
+        params = clone_params(make_model(), torch.float32)
+        opt = fusedopt.AdamW(params, lr=1e-2, backend="cpu")
+        random_grads(params[:-1], 0)
+        opt.step()
+        planned = count_calls(FusedOptimizer, "_run_planned")
+        random_grads(params[:-1], 1)
+        if mode:
+            cached = opt._step_out["plan"]
+            recording = Recording()
+            with recording:
+                opt.step()
+            assert planned[0] == 0 and opt._step_out["plan"] is cached  # neither used nor set
+            assert not any("plan_" in op for op in recording.ops)
+            assert any("adamw" in op for op in recording.ops)
+        else:
+            opt.step()
+        runs.append(params)
+    for p, q in zip(*runs, strict=True):
+        assert torch.equal(p, q)

@@ -30,8 +30,11 @@ class PlanMixin:
         call's local grads: the last step's plan when it still holds ([note: cached plan]),
         else a new one from the full checks."""
         # Under torch.compile the plan is traced away, and a cache written by the traced code
-        # would only make Dynamo guard on it and recompile every step.
-        compiling = torch.compiler.is_compiling()
+        # would only make Dynamo guard on it and recompile every step. Under a dispatch mode
+        # (make_fx, FakeTensorMode, functionalization) the step is being traced too: a
+        # cached plan's ops (plan_call_step) mutate tensors their schemas do not show, which
+        # a tracer would record as pure ([note: planned calls]), so neither plans for reuse.
+        compiling = _tracing()
         plan = None if compiling else self._step_out.get("plan")
         if plan is not None:
             matched = self._match_plan(plan)
@@ -175,7 +178,7 @@ class PlanMixin:
         plan = _Plan(self.state)
         # What the per-step check compares is recorded only where a plan may be cached: under
         # torch.compile none is, and the recording (attrgetter, map) would break the graph.
-        record = not torch.compiler.is_compiling()
+        record = not _tracing()
         calls: dict[tuple, int] = {}
         planned_states: dict[str, tuple[list[dict], list[Tensor]]] = {}
         per_group: dict[int, tuple] = {}
@@ -291,6 +294,12 @@ class PlanMixin:
             f"longer fits it: it {problem}; was the param's .data, or the state, replaced by "
             "hand? Load states with load_state_dict"
         )
+
+
+def _tracing() -> bool:
+    """Whether the step is being traced: by torch.compile, or under a dispatch mode (make_fx,
+    FakeTensorMode, functionalization). Then no plan is cached or reused."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
 #: What the Python per-step check compares of each grad, and of each stepped param, besides
@@ -527,17 +536,25 @@ class _Call:
     def plan_native(self, op: str, record: Tensor, positions: list[int]) -> None:
         """[note: planned calls] A cached plan's call hands its lists to ``fusedopt._C``
         once (``plan_call`` in ``csrc/bindings.cpp``), and each step passes the handle, the
-        hyperparameter table and the scalars (``plan_call_step``), which reads each param's
-        grad in C++ and calls the op's implementation with its every check. The dispatcher
-        then converts no list: passing ~5 lists of tensors (params, grads, states, masters,
-        steps) cost ~0.7 us per param at 10,000 params (perf, 2-core CPU VM), each tensor
-        wrapped, key-read, autograd-checked and copied out of the boxed stack again. Only
-        for the backends of ``_C`` (cpu, cuda), a reusable plan (its grads are the params'
-        ``.grad``, none sharded or complex), a call without dense twins ([note: non-dense
-        params]) and a class that does not override ``_run`` (LAMB's runs per group); the
-        step checks that the backend still resolves the same. Like ``plan_grads`` it is no
-        op of the contract: a call that ``torch.compile`` traces never uses a cached plan,
-        so it never meets this op, which mutates tensors its schema does not show."""
+        hyperparameter table and the scalars (``plan_call_step``), which takes this step's
+        grads from the plan's record (``plan_grads`` holds the ones it checked, in param
+        order; ``positions`` are this call's among them: [note: step grads] in
+        ``csrc/bindings.cpp``) and calls the op's implementation with its every check. The
+        dispatcher then converts no list: passing ~5 lists of tensors (params, grads,
+        states, masters, steps) cost ~0.7 us per param at 10,000 params (perf, 2-core CPU
+        VM), each tensor wrapped, key-read, autograd-checked and copied out of the boxed
+        stack again. When every call of a plan is planned, the step's grads never reach
+        Python: ``plan_grads`` returns none, and the norm pass (clipping, fusedopt's scaler)
+        reads them from the record too (``plan_grad_norm``, :meth:`_Plan.planned_norm`);
+        handing 10,000 grads to Python and back cost ~0.1 us per param, and the norm op's
+        list as much again. Only for the backends of ``_C`` (cpu, cuda), a reusable plan
+        (its grads are the params' ``.grad``, none sharded or complex), a call without dense
+        twins ([note: non-dense params]) and a class that does not override ``_run``
+        (LAMB's runs per group); the step checks that the backend still resolves the same.
+        Like ``plan_grads`` it is no op of the contract, and it mutates tensors its schema
+        does not show: fine in eager mode, but a step that is traced (torch.compile, or any
+        dispatch mode: make_fx, FakeTensorMode) never uses or makes a cached plan
+        (:func:`_tracing`), so it never meets these ops."""
         native = native_calls()
         if native is None or self.twins or not STEP_OPS[op].cpp_launcher:
             return  # (muon_ has no C++ launcher for the whole step: its passes have theirs)
