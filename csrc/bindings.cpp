@@ -549,7 +549,11 @@ struct MixedList {
   c10::Device device{c10::DeviceType::CPU};
 
   MixedList(const Checker& check, TensorList tensors) {
+    data.reserve(tensors.size());
+    numels.reserve(tensors.size());
+    dtypes.reserve(tensors.size());
     for (size_t i = 0; i < tensors.size(); ++i) {
+      prefetch_tensor(tensors, i);  // [note: prefetch]
       const Indexed where{"tensors", i};
       dtypes.push_back(check.tensor(tensors[i], where));
       if (i == 0) device = tensors[0].device();
