@@ -1147,9 +1147,13 @@ std::tuple<Tensor, Tensor, Tensor> plan_grad_norm(const Tensor& handle, const st
   const std::vector<Tensor> grads_read = record.has_step_grads ? std::vector<Tensor>{}
                                                               : recorded_grads(record);
   const TensorList grads = record.has_step_grads ? TensorList(record.step_grads) : grads_read;
-  if (backend == CpuBackend::kName) return grad_norm_impl<CpuBackend>(grads, norm_type, false, grad_scale);
+  if (backend == CpuBackend::kName) {
+    return grad_norm_impl<CpuBackend>(grads, norm_type, false, grad_scale);
+  }
 #ifdef FUSEDOPT_WITH_CUDA
-  if (backend == CudaBackend::kName) return grad_norm_impl<CudaBackend>(grads, norm_type, false, grad_scale);
+  if (backend == CudaBackend::kName) {
+    return grad_norm_impl<CudaBackend>(grads, norm_type, false, grad_scale);
+  }
 #endif
   TORCH_CHECK_VALUE(false, "fusedopt::plan_grad_norm: no backend ", backend, " in fusedopt._C");
 }
