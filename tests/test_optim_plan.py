@@ -442,18 +442,25 @@ def test_planned_calls_step_as_the_op_calls(cls, kwargs, amp, per_tensor_check, 
     planned, listed = make(planned_params), make(listed_params)
     op_calls = count_calls(fusedopt.ops, "step")
     planned_calls = count_calls(FusedOptimizer, "_run_planned")
-    for step in range(3):
-        random_grads(planned_params[:-1], step)
-        planned.step()
+    _step_three_times(planned, planned_params)
     uses_plan = cls._run is FusedOptimizer._run
     assert (op_calls[0] == 0) == uses_plan and (planned_calls[0] == 3) == uses_plan
-    # `listed` keeps its lists in Python and checks its grads in Python for the norm pass.
+    _assert_listed_steps_equal(planned, planned_params, listed, listed_params, amp)
+
+
+def _step_three_times(optimizer, params):
+    for step in range(3):
+        random_grads(params[:-1], step)
+        optimizer.step()
+
+
+def _assert_listed_steps_equal(planned, planned_params, listed, listed_params, amp):
+    """Step `listed` as `planned` was stepped, but with its lists kept in Python and its grads
+    checked in Python for the norm pass, and assert that both ended bit for bit equal."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_plan, "native_calls", lambda: None)
         patch.setattr(_plan._Plan, "checked_grads", property(lambda self: False))
-        for step in range(3):
-            random_grads(listed_params[:-1], step)
-            listed.step()
+        _step_three_times(listed, listed_params)
     assert all(c.native is None for c in listed._step_out["plan"].calls)
     if amp:
         assert torch.equal(planned.last_grad_norm, listed.last_grad_norm)
@@ -538,22 +545,9 @@ def test_planned_calls_take_their_grads_by_position(amp, per_tensor_check, count
     planned = fusedopt.AdamW(planned_params, lr=1e-2, backend="cpu", **extra)
     listed = fusedopt.AdamW(listed_params, lr=1e-2, backend="cpu", **extra)
     planned_calls = count_calls(FusedOptimizer, "_run_planned")
-    for step in range(3):
-        random_grads(planned_params[:-1], step)
-        planned.step()
+    _step_three_times(planned, planned_params)
     assert len(planned._step_out["plan"].calls) == 2 and planned_calls[0] == 3 * 2
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_plan, "native_calls", lambda: None)
-        patch.setattr(_plan._Plan, "checked_grads", property(lambda self: False))
-        for step in range(3):
-            random_grads(listed_params[:-1], step)
-            listed.step()
-    if amp:
-        assert torch.equal(planned.last_grad_norm, listed.last_grad_norm)
-    for p, q in zip(planned_params, listed_params, strict=True):
-        assert torch.equal(p, q)
-        for key, value in planned.state.get(p, {}).items():
-            assert torch.equal(value, listed.state[q][key]), key
+    _assert_listed_steps_equal(planned, planned_params, listed, listed_params, amp)
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
