@@ -12,17 +12,7 @@ import triton
 import triton.language as tl
 
 from . import quant8
-from .common import (
-    bias_correction,
-    div,
-    hyper,
-    learning_rate,
-    load,
-    maximum,
-    slot,
-    sqrt,
-    store,
-)
+from .common import bias_correction, div, hyper, load, maximum, slot, sqrt, store
 from .drivers import StepOp
 from .layout import layout
 from .registry import register
@@ -93,10 +83,9 @@ def _adamw_q8_block(
 
 
 @triton.jit
-def _adamw_scalars(row, t, lr_tensor, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr, FLAGS):
-    """The tensor's new step count and per-tensor scalars, from its table row."""
+def _adamw_scalars(row, lr, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr, FLAGS):
+    """The tensor's new step count and per-tensor scalars, from its table row and lr."""
     _, _, BIAS_CORRECTION = FLAGS
-    lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE)
     new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
     beta1 = hyper(row, L.N_SLOTS, L.BETA1)
     beta2 = hyper(row, L.N_SLOTS, L.BETA2)
@@ -124,13 +113,10 @@ def _adamw_scalars(row, t, lr_tensor, COMPUTE: tl.constexpr, LR_MODE: tl.constex
 
 
 @triton.jit
-def _adamw_prologue(
-    row, t, lr_tensor, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr,
-    ALIGNED: tl.constexpr, FLAGS: tl.constexpr,
-):  # fmt: skip
+def _adamw_prologue(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS):
     """The tensor's block args and new step count ([note: generic step kernel] in
     ``drivers``)."""
-    new_step, scalars = _adamw_scalars(row, t, lr_tensor, COMPUTE, LR_MODE, FLAGS)
+    new_step, scalars = _adamw_scalars(row, lr, COMPUTE, LR_MODE, FLAGS)
     states = (
         slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
         slot(row, L.MAX_EXP_AVG_SQS, S_DTYPE, ALIGNED),
@@ -139,12 +125,10 @@ def _adamw_prologue(
 
 
 @triton.jit
-def _adamw_q8_prologue(
-    row, t, lr_tensor, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr, FLAGS: tl.constexpr
-):  # fmt: skip
+def _adamw_q8_prologue(row, lr, COMPUTE, LR_MODE, FLAGS):
     """The block args of a call with 8-bit states: code and scale pointers, then the
     scalars (``quant8.q8_step_kernel``)."""
-    new_step, scalars = _adamw_scalars(row, t, lr_tensor, COMPUTE, LR_MODE, FLAGS)
+    new_step, scalars = _adamw_scalars(row, lr, COMPUTE, LR_MODE, FLAGS)
     states = (
         slot(row, L.EXP_AVGS, tl.int8, False), slot(row, L.EXP_AVG_SQS, tl.uint8, False),
         slot(row, L.EXP_AVG_SCALES, tl.float32, False),

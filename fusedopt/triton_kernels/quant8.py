@@ -25,6 +25,7 @@ from fusedopt import quant8
 from .common import (
     div,
     finish_tensor,
+    learning_rate,
     load_grad,
     load_param,
     locate_chunk,
@@ -131,7 +132,8 @@ def _first_block(offset, row_length, blocks_per_row):
 def q8_step_kernel(
     table, chunks, counters, row_lengths, tables, lr_tensor, grad_scale, clip_coef, found_inf,
     PROLOGUE: tl.constexpr, BLOCK_FN: tl.constexpr, FLAGS: tl.constexpr,
-    MASTER_SLOT: tl.constexpr, STEP_SLOT: tl.constexpr, WIDTH: tl.constexpr,
+    N_SLOTS: tl.constexpr, MASTER_SLOT: tl.constexpr, STEP_SLOT: tl.constexpr,
+    WIDTH: tl.constexpr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
     LR_MODE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
@@ -145,7 +147,8 @@ def q8_step_kernel(
         common = param_args(row, grad_scale, clip_coef, MASTER_SLOT, P_DTYPE, G_DTYPE, COMPUTE,
                             HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         p_ptr, g_ptr, master_ptr, scale_g, clip = common
-        args, new_step, advance = PROLOGUE(row, t, lr_tensor, COMPUTE, LR_MODE, FLAGS)
+        lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
+        args, new_step, advance = PROLOGUE(row, lr, COMPUTE, LR_MODE, FLAGS)
         row_length = tl.maximum(tl.load(row_lengths + t), 1)
         per_row = (row_length + QBLOCK - 1) // QBLOCK
         lanes = tl.arange(0, QBLOCK)
@@ -166,7 +169,7 @@ def q8_step_kernel(
 
 class Q8Launcher:
     """Launches :func:`q8_step_kernel` for a step op's call with 8-bit states: the op's
-    ``prologue(row, t, lr_tensor, COMPUTE, LR_MODE, FLAGS) -> (args, new_step, advance)``
+    ``prologue(row, lr, COMPUTE, LR_MODE, FLAGS) -> (args, new_step, advance)``
     and ``block_fn`` (see the kernel)."""
 
     def __init__(self, prologue: triton.JITFunction, block_fn: triton.JITFunction) -> None:
