@@ -127,7 +127,7 @@ def _step_weight(row):
 
 @triton.jit
 def adafactor_partials_kernel(
-    table, chunks, dims, row_sums, col_partials, partials, grad_scale, clip_coef, found_inf,
+    table, rchunks, dims, row_sums, col_partials, chunk_sums, grad_scale, clip_coef, found_inf,
     WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -136,8 +136,8 @@ def adafactor_partials_kernel(
     """Launch 1, per reduction chunk (see the module)."""
     if not skipped(found_inf, HAS_FOUND_INF):
         q = tl.program_id(0)
-        t = tl.load(chunks + 2 * q)
-        k = tl.load(chunks + 2 * q + 1)
+        t = tl.load(rchunks + 2 * q)
+        k = tl.load(rchunks + 2 * q + 1)
         row = table + t.to(tl.int64) * WIDTH
         numel = tl.load(row)
         p_ptr = slot(row, L.PARAMS, P_DTYPE, False)
@@ -147,8 +147,8 @@ def adafactor_partials_kernel(
         cc = load_scalar(clip_coef, HAS_CLIP, COMPUTE)
         rows = tl.load(dims + DIMS * t)
         cols = tl.load(dims + DIMS * t + 1)
-        first = 0
-        last = 0
+        first = rows * 0  # int64, as both branches define it
+        last = rows * 0
         if rows == 0:
             start = k * CHUNK
             end = tl.minimum(start + CHUNK, numel)
@@ -156,9 +156,6 @@ def adafactor_partials_kernel(
             _, first, last = _row_chunk(k, rows, cols)
             start = first * cols
             end = last * cols
-        weight = _step_weight(row).to(COMPUTE)
-        eps1_64 = _eps1(row, DTYPE_EPS)
-        v_ptr = slot(row, L.VARIANCES, S_DTYPE, False)
         p_acc = tl.zeros((BLOCK,), COMPUTE)
         u_acc = tl.zeros((BLOCK,), COMPUTE)
         for base in range(start, end, BLOCK):
@@ -167,6 +164,11 @@ def adafactor_partials_kernel(
             p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
             p_acc += p * p
             if rows == 0:  # a vector or scalar: its variance, and u, in this pass
+                # computed here, not above the loop: hoisted, the bf16 build spilled 3 values
+                # (sm_90)
+                weight = _step_weight(row).to(COMPUTE)
+                eps1_64 = _eps1(row, DTYPE_EPS)
+                v_ptr = slot(row, L.VARIANCES, S_DTYPE, False)
                 g = load_grad(g_ptr, offs, mask, gs, cc, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                               MAXIMIZE)  # fmt: skip
                 v = _lerp(load(v_ptr, offs, mask, COMPUTE), g * g, weight)
@@ -174,8 +176,8 @@ def adafactor_partials_kernel(
                 v = round_to(v, S_DTYPE).to(COMPUTE)  # as stored
                 u = tl.where(mask, _update(g, v, (eps1_64 * eps1_64).to(COMPUTE)), 0.0)
                 u_acc += u * u
-        tl.store(partials + 2 * q, tl.sum(p_acc, axis=0).to(tl.float64))
-        tl.store(partials + 2 * q + 1, tl.sum(u_acc, axis=0).to(tl.float64))
+        tl.store(chunk_sums + 2 * q, tl.sum(p_acc, axis=0).to(tl.float64))
+        tl.store(chunk_sums + 2 * q + 1, tl.sum(u_acc, axis=0).to(tl.float64))
         if rows > 0:
             # row sums: tiles of ROWS whole rows (complete in this chunk)
             sums = row_sums + tl.load(dims + DIMS * t + 3)
@@ -190,7 +192,7 @@ def adafactor_partials_kernel(
                                   HAS_CLIP, MAXIMIZE)  # fmt: skip
                     acc += g * g
                 tl.store(sums + r, tl.sum(acc, axis=1).to(tl.float64), mask=r < last)
-            # column partials of this chunk: tiles of COLS columns, its rows in order
+            # column chunk_sums of this chunk: tiles of COLS columns, its rows in order
             part = col_partials + tl.load(dims + DIMS * t + 4) + (k * cols).to(tl.int64)
             for c0 in range(0, cols, COLS):
                 c = c0 + tl.arange(0, COLS)
@@ -241,19 +243,20 @@ def adafactor_columns_kernel(
                 for r0 in range(0, batches * rows, BLOCK):
                     r = r0 + tl.arange(0, BLOCK)
                     rmask = r < batches * rows
-                    mean = tl.load(sums + r, mask=rmask, other=0.0) / cols.to(tl.float64)
+                    row_mean = tl.load(sums + r, mask=rmask, other=0.0) / cols.to(tl.float64)
                     old = load(r_ptr, r, rmask, COMPUTE)
-                    store(r_ptr, r, rmask, _lerp(old, mean.to(COMPUTE), weight))
+                    store(r_ptr, r, rmask, _lerp(old, row_mean.to(COMPUTE), weight))
                 tl.debug_barrier()  # the row factors as stored, by every thread of the program
                 eps1 = _eps1(row, DTYPE_EPS).to(COMPUTE)
                 first = tl.load(dims + DIMS * t + 2)
-                for b in range(0, batches):
-                    tl.store(floors + first + b, _row_floor(r_ptr, b, rows, eps1, COMPUTE))
+                for batch in range(0, batches):
+                    floor = _row_floor(r_ptr, batch, rows, eps1, COMPUTE)
+                    tl.store(floors + first + batch, floor)
 
 
 @triton.jit
 def adafactor_updates_kernel(
-    table, chunks, dims, floors, partials, grad_scale, clip_coef, found_inf,
+    table, rchunks, dims, floors, chunk_sums, grad_scale, clip_coef, found_inf,
     WIDTH: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     MAXIMIZE: tl.constexpr, DTYPE_EPS: tl.constexpr,
@@ -261,8 +264,8 @@ def adafactor_updates_kernel(
     """Launch 3, per reduction chunk of a factored tensor: its sum u² (see the module)."""
     if not skipped(found_inf, HAS_FOUND_INF):
         q = tl.program_id(0)
-        t = tl.load(chunks + 2 * q)
-        k = tl.load(chunks + 2 * q + 1)
+        t = tl.load(rchunks + 2 * q)
+        k = tl.load(rchunks + 2 * q + 1)
         rows = tl.load(dims + DIMS * t)
         if rows > 0:
             row = table + t.to(tl.int64) * WIDTH
@@ -290,15 +293,15 @@ def adafactor_updates_kernel(
                     v = div(rv[:, None] * cv[None, :], floor)
                     u = tl.where(mask, _update(g, v, eps1_sq), 0.0)
                     u_tile += u * u
-            tl.store(partials + 2 * q + 1, tl.sum(tl.sum(u_tile, axis=1), axis=0).to(tl.float64))
+            tl.store(chunk_sums + 2 * q + 1, tl.sum(tl.sum(u_tile, axis=1), axis=0).to(tl.float64))
 
 
 @triton.jit
 def adafactor_fold_kernel(
-    table, dims, partials, sq_norms, found_inf, WIDTH: tl.constexpr,
+    table, dims, chunk_sums, sq_norms, found_inf, WIDTH: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
 ):  # fmt: skip
-    """Launch 4, per tensor: sq_norms[t] from its chunks' partials; the new step count."""
+    """Launch 4, per tensor: sq_norms[t] from its rchunks' chunk_sums; the new step count."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t = tl.program_id(0)
         row = table + t.to(tl.int64) * WIDTH
@@ -309,8 +312,8 @@ def adafactor_fold_kernel(
         for k0 in range(0, n_chunks, BLOCK):
             k = k0 + tl.arange(0, BLOCK)
             mask = k < n_chunks
-            p_acc += tl.load(partials + 2 * (first + k), mask=mask, other=0.0)
-            u_acc += tl.load(partials + 2 * (first + k) + 1, mask=mask, other=0.0)
+            p_acc += tl.load(chunk_sums + 2 * (first + k), mask=mask, other=0.0)
+            u_acc += tl.load(chunk_sums + 2 * (first + k) + 1, mask=mask, other=0.0)
         tl.store(sq_norms + 2 * t, tl.sum(p_acc, axis=0).to(sq_norms.dtype.element_ty))
         tl.store(sq_norms + 2 * t + 1, tl.sum(u_acc, axis=0).to(sq_norms.dtype.element_ty))
         step_ptr = slot(row, L.STEPS, tl.float32, False)
