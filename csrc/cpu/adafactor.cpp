@@ -121,7 +121,8 @@ template <typename T>
 struct AdafactorPlan {
   std::vector<AdafactorScalars<T>> scalars;
   GradLoad<T> load;
-  std::vector<WorkItem> chunks;  // pass 1: tensor, and its chunk index in `begin`
+  std::vector<WorkItem> chunks;  // pass 1: tensor and element range of each reduction chunk
+  std::vector<int64_t> chunk_index;  // each one's index among its tensor's chunks
   std::vector<int64_t> first_partial;  // per tensor: its column partials' offset
   int64_t num_partials = 0;
 
@@ -140,7 +141,16 @@ struct AdafactorPlan {
                                         t[i]);
       const Dims d = dims_of(lists, i);
       const int64_t n = adafactor_reduce_chunks(lists.numels[i], d.rows, d.cols);
-      for (int64_t k = 0; k < n; ++k) chunks.push_back({i, k, k + 1});
+      for (int64_t k = 0; k < n; ++k) {
+        int64_t begin = k * kItemElements, end = std::min(lists.numels[i], begin + kItemElements);
+        if (d.rows > 0) {
+          const AdafactorRowChunk c = adafactor_row_chunk(k, d.rows, d.cols);
+          begin = c.first_row * d.cols;
+          end = begin + c.num_rows * d.cols;
+        }
+        chunks.push_back({i, begin, end});  // the sizes parallel_items balances and counts
+        chunk_index.push_back(k);
+      }
       first_partial[i] = num_partials;
       if (d.rows > 0) num_partials += n * d.cols;
     }
@@ -268,7 +278,7 @@ void norms_items(const AdafactorCall& call, T* sq_norms, const ExecContext& ctx)
   std::vector<NormPartial> chunk_parts(plan.chunks.size());
   with_divide(plan.load.divide, [&](auto divide) {
     parallel_items(plan.chunks, ctx, [&](int64_t q) {
-      const int64_t i = plan.chunks[q].tensor, k = plan.chunks[q].begin;
+      const int64_t i = plan.chunks[q].tensor, k = plan.chunk_index[q];
       chunk_parts[q] = lists.factor_dims[2 * i] == 0
                            ? vector_chunk<T, divide()>(call, plan, i, k)
                            : factored_chunk<T, divide()>(call, plan, partials.get(), i, k);
