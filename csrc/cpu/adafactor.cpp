@@ -8,9 +8,12 @@
 // the reduction chunks (whole rows of a factored tensor: its row sums are complete in the
 // chunk; its column sums are chunk partials, folded in chunk order after the pass), passes
 // 2 and 3 over the work items of loop.h. A block is walked as runs of one row each, so no
-// element needs an index division. GPT-2 small, 2 shared cores: 1,003 ms (fp32) / 1,082 ms
-// (amp) a step with a tensor per thread and two 64-bit divisions per element in passes 2
-// and 3, vs torch's foreach Adafactor 423 / 547 ms (bench/results/cpu-gpt2-2026-11-29T121458Z).
+// element needs an index division. GPT-2 small, the 2-core VM (bench.report, fp32 / amp):
+// before, a tensor per thread and two 64-bit divisions per element in passes 2 and 3, 1,003
+// / 1,082 ms a step vs torch's foreach Adafactor 423 / 547 ms (load 1.3-1.9,
+// bench/results/cpu-gpt2-2026-11-29T121458Z); process CPU time per step 1,559 / 1,683 ms
+// before, 223 / 331 ms after (load 5-9: wall times 6,499 -> 448 ms fp32, with torch's at
+// 10,896 and 4,042 ms in the same two runs).
 #include <algorithm>
 #include <array>
 #include <cfloat>
