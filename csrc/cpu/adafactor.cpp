@@ -11,9 +11,10 @@
 // element needs an index division. GPT-2 small, the 2-core VM (bench.report, fp32 / amp):
 // before, a tensor per thread and two 64-bit divisions per element in passes 2 and 3, 1,003
 // / 1,082 ms a step vs torch's foreach Adafactor 423 / 547 ms (load 1.3-1.9,
-// bench/results/cpu-gpt2-2026-11-29T121458Z); process CPU time per step 1,559 / 1,683 ms
-// before, 223 / 331 ms after (load 5-9: wall times 6,499 -> 448 ms fp32, with torch's at
-// 10,896 and 4,042 ms in the same two runs).
+// bench/results/cpu-gpt2-2026-11-29T121458Z). Chunked, back to back with the old build at
+// load 3.0-4.7: 1,636 -> 324 ms (fp32) and 2,588 -> 345 ms (amp), torch's foreach 2,574-4,414
+// and 5,893-5,992 ms in the same runs; process CPU time per step 1,555 -> 216 and 1,787 ->
+// 342 ms (torch's 1,607-2,942 and 4,000-5,842 ms).
 #include <algorithm>
 #include <array>
 #include <cfloat>
