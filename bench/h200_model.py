@@ -492,9 +492,9 @@ def triton_rows(gpu: Gpu = H200) -> list[KernelRow]:
 #: schedulefree_adamw_ = step + the hyperparameter table's host-to-device copy, which it
 #: needs at every step (its ckp1 and bias correction change each step; a copy, not a kernel,
 #: counted as one); adafactor_ = increment_steps + vectors + rows + columns + updates + fold
-#: (adafactor_norms_) + floors + apply (adafactor_apply_) (adafactor.cu); scale_ = one; muon_momentum_ and muon_apply_ one each
-#: (muon.cu; the Newton-Schulz GEMMs between them are aten's). Any other op of a step (aten)
-#: counts one launch.
+#: (adafactor_norms_) + floors + apply (adafactor_apply_) (adafactor.cu); scale_ = one;
+#: muon_momentum_ and muon_apply_ one each (muon.cu; the Newton-Schulz GEMMs between them are
+#: aten's). Any other op of a step (aten) counts one launch.
 CUDA_LAUNCHES_PER_OP = {"adamw": 2, "grad_norm": 2, "lamb": 4, "sgd": 2, "lion": 1, "adan": 2,
                         "schedulefree_adamw": 2, "adafactor": 8, "scale": 1,
                         "muon_momentum": 1, "muon_apply": 1}  # fmt: skip
