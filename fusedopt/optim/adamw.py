@@ -47,6 +47,7 @@ class Adam(FusedOptimizer):
         differentiable: bool = False, fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         master_weights: bool | str = False, master_sync: bool = True,
+        stochastic_rounding: bool = False,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=_float_pair(betas))
@@ -82,6 +83,7 @@ class AdamW(Adam):
         maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
         differentiable: bool = False, fused: bool | None = None,
         master_weights: bool | str = False, master_sync: bool = True,
+        stochastic_rounding: bool = False,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=_float_pair(betas), decoupled_weight_decay=True)

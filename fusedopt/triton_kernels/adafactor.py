@@ -42,6 +42,7 @@ from .common import (
     load_param,
     load_scalar,
     locate_chunk,
+    master_or_key,
     round_to,
     skipped,
     slot,
@@ -238,7 +239,7 @@ def _apply_block(offs, mask, rows, cols, floor_ptr, p_ptr, g_ptr, master_ptr, r_
 
 @triton.jit
 def adafactor_apply_kernel(
-    table, chunks, dims, floors, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf,
+    table, chunks, dims, floors, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf, sr_key,
     WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -268,7 +269,7 @@ def adafactor_apply_kernel(
         args = (
             rows, cols, floors + tl.load(dims + 3 * t + 2),
             slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
-            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
+            master_or_key(row, t, sr_key, L.MASTER_PARAMS, MASTER, ALIGNED),
             slot(row, L.ROW_VARS, S_DTYPE, False), slot(row, L.COL_VARS, S_DTYPE, False),
             slot(row, L.VARIANCES, S_DTYPE, ALIGNED),
             load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
@@ -336,7 +337,7 @@ def _common(a) -> dict:
 def _norms(a, sq_norms: torch.Tensor) -> None:
     _check_row_major(a)
     dims, _ = _dims(a.params)
-    _, grad_scale_arg, clip_coef_arg, found_inf_arg = a.scalar_tensors
+    _, grad_scale_arg, clip_coef_arg, found_inf_arg, _ = a.scalar_tensors
     adafactor_norms_kernel[(len(a.params),)](
         a.launch.table, dims, sq_norms, grad_scale_arg, clip_coef_arg, found_inf_arg,
         **_common(a),

@@ -24,6 +24,7 @@ from .common import (
     load_param,
     load_scalar,
     locate_chunk,
+    master_or_key,
     round_to,
     skipped,
     slot,
@@ -70,7 +71,7 @@ def _momentum_block(
 
 @triton.jit
 def muon_momentum_kernel(
-    table, chunks, lr_tensor, grad_scale, clip_coef, found_inf, WIDTH: tl.constexpr,
+    table, chunks, lr_tensor, grad_scale, clip_coef, found_inf, sr_key, WIDTH: tl.constexpr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -110,7 +111,7 @@ def _apply_block(
 
 @triton.jit
 def muon_apply_kernel(
-    table, chunks, lr_tensor, grad_scale, clip_coef, found_inf, WIDTH: tl.constexpr,
+    table, chunks, lr_tensor, grad_scale, clip_coef, found_inf, sr_key, WIDTH: tl.constexpr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -125,7 +126,8 @@ def muon_apply_kernel(
         decay = (1.0 - lr * hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)).to(COMPUTE)
         step = (-(lr * hyper(row, L.N_SLOTS, L.LR_RATIO))).to(COMPUTE)
         args = (
-            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
+            slot(row, L.PARAMS, P_DTYPE, ALIGNED),
+            master_or_key(row, t, sr_key, L.MASTER_PARAMS, MASTER, ALIGNED),
             slot(row, L.NS_BUFFERS, tl.bfloat16, ALIGNED), decay, step,
         )  # fmt: skip
         full_end = full_blocks_end(start, end)
