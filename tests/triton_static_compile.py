@@ -51,6 +51,7 @@ ARG_TYPES = {
     "tensor_bad": "*i32",
     "n_tensors": "i32",
     "dims": "*i64",  # adafactor: (rows, cols, first floor) per tensor
+    "sr_key": "*i64",  # [note: stochastic rounding]: [seed, counter, one id per tensor]
 }
 
 F32, BF16, F16, F64 = tl.float32, tl.bfloat16, tl.float16, tl.float64
