@@ -96,14 +96,16 @@ GOLDEN_PHASE_SCHEMAS = {
         "Tensor(c!)[] exp_avg_sqs, Tensor[] master_params, Tensor(f!)[] steps, "
         "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
         "bool trust_clip, bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, "
-        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, Tensor? sr_key=None) -> (Tensor sq_norms)"
+        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, "
+        "Tensor? sr_key=None) -> (Tensor sq_norms)"
     ),
     "lamb_apply_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor[] steps, "
         "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
         "bool trust_clip, bool always_adapt, Tensor sq_norms, Tensor? lr_tensor, "
-        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, Tensor? sr_key=None) -> ()"
+        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, "
+        "Tensor? sr_key=None) -> ()"
     ),
     "adafactor_norms_": (
         "{name}(Tensor[] params, Tensor[] grads, Tensor(b!)[] row_vars, "
@@ -116,7 +118,8 @@ GOLDEN_PHASE_SCHEMAS = {
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor[] row_vars, Tensor[] col_vars, "
         "Tensor[] variances, Tensor(e!)[] master_params, Tensor[] steps, Tensor hypers, "
         "int[] group_sizes, bool maximize, Tensor sq_norms, Tensor? lr_tensor, "
-        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, Tensor? sr_key=None) -> ()"
+        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, "
+        "Tensor? sr_key=None) -> ()"
     ),
     "muon_momentum_": (
         "{name}(Tensor[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
