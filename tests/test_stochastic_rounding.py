@@ -178,7 +178,7 @@ def test_whole_step_is_bit_identical_across_backends(case):
 
 def test_functional_ops_split_calls_keep_each_params_stream():
     """``fusedopt.ops`` splits a mixed list into calls (here bf16 params with bf16 and with fp32
-    grads): each param keeps its own id's bits, as in one call."""
+    grads): each param keeps its own id's bits, as in one call; the key is not written."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(5,), (70,), (3, 4)]
     params = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
@@ -192,6 +192,8 @@ def test_functional_ops_split_calls_keep_each_params_stream():
         ops.sgd_(split, mixed, lr=0.1, sr_key=key, backend=backend)
         for a, b in zip(whole, split, strict=True):
             assert torch.equal(a.view(torch.int16), b.view(torch.int16)), backend
+    # the ops read the key and never write it: the caller advances the counter
+    assert key.tolist() == [99, 4, 30, 31, 32]
 
 
 # ----------------------------------------------------------------- (3) statistics
