@@ -259,7 +259,8 @@ class StepArguments {
   StepArguments(const Checker& check, TensorList params, TensorList grads,
                 TensorList master_params, TensorList steps, bool steps_optional,
                 const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync)
+                const OptTensor& clip_coef, const OptTensor& found_inf, bool master_sync,
+                const OptTensor& sr_key)
       : check_(check),
         params_(params),
         grads_(grads),
@@ -305,6 +306,21 @@ class StepArguments {
     lists_.scalars.grad_scale = grad_scale ? grad_scale_.const_data_ptr() : nullptr;
     lists_.scalars.clip_coef = clip_coef ? clip_coef_.const_data_ptr() : nullptr;
     lists_.scalars.found_inf = found_inf ? found_inf->data_ptr<float>() : nullptr;
+    if (sr_key.has_value()) {  // [note: stochastic rounding] in fusedopt/dtype.h
+      const Tensor& key = *sr_key;
+      TORCH_CHECK_TYPE(key.defined() && key.scalar_type() == at::kLong && key.dim() == 1 &&
+                           key.numel() == static_cast<int64_t>(n_) + 2 && key.is_contiguous(),
+                       check.op(), ": sr_key must be a contiguous int64 vector of length ",
+                       n_ + 2, " ([seed, counter, one id per param]); got shape ", key.sizes(),
+                       " and dtype ", key.scalar_type());
+      TORCH_CHECK(key.device() == device_, check.op(), ": sr_key is on ", key.device(),
+                  " but the params are on ", device_);
+      TORCH_CHECK_TYPE(param_dtype_ == DType::kBFloat16 && !masters, check.op(),
+                       ": sr_key (stochastic rounding of the param store) is for bfloat16 "
+                       "params without master weights; got ", params[0].scalar_type(),
+                       " params", masters ? " with master_params" : "");
+      lists_.scalars.sr_key = key.const_data_ptr<int64_t>();
+    }
   }
 
   size_t size() const { return n_; }
@@ -701,12 +717,13 @@ TensorList steps_or_none(TensorList steps) { return steps; }
                  c10::IntArrayRef group_sizes,                                                  \
                  FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FLAG_PARAM) const OptTensor& lr_tensor,         \
                  const OptTensor& grad_scale, const OptTensor& clip_coef,                       \
-                 const OptTensor& found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_FLAG_PARAM)) { \
+                 const OptTensor& found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_FLAG_PARAM), \
+                 const OptTensor& sr_key) {                                                     \
     const Checker check(op_name<B>(#op), B::kDeviceType);                                       \
     StepArguments args(check, params, grads, master_params,                                     \
                        steps_or_none(FUSEDOPT_##OP##_STEPS(FUSEDOPT_NAME)),                     \
                        FUSEDOPT_##OP##_STEPS_OPTIONAL, lr_tensor, grad_scale, clip_coef,        \
-                       found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_NAME));                \
+                       found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_NAME), sr_key);        \
     Stem##Call call;                                                                            \
     const auto& layouts = spec::op::kStateLayouts;                                              \
     const auto& codes = spec::op::kStateCodes;                                                  \
@@ -734,11 +751,11 @@ FUSEDOPT_STEP_OPS(FUSEDOPT_STEP_IMPL)
       c10::IntArrayRef group_sizes, FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FLAG_PARAM)
 #define FUSEDOPT_PASS_SCALARS                                                              \
   const OptTensor &lr_tensor, const OptTensor &grad_scale, const OptTensor &clip_coef,    \
-      const OptTensor &found_inf, bool master_sync
+      const OptTensor &found_inf, bool master_sync, const OptTensor &sr_key
 #define FUSEDOPT_PASS_ARGS(OP)                                                             \
   params, grads, FUSEDOPT_##OP##_STATES(FUSEDOPT_ARG_NAME) master_params, steps, hypers,   \
       group_sizes, FUSEDOPT_##OP##_FLAGS(FUSEDOPT_ARG_NAME) lr_tensor, grad_scale, clip_coef, \
-      found_inf, master_sync
+      found_inf, master_sync, sr_key
 
 at::ScalarType pass_opmath(TensorList params) {
   return !params.empty() && params[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -765,7 +782,7 @@ void check_sq_norms(const Checker& check, const Tensor& sq_norms, TensorList par
   void with_##op##_call(const Checker& check, FUSEDOPT_PASS_PARAMS(OP) FUSEDOPT_PASS_SCALARS, \
                         Run run) {                                                          \
     StepArguments args(check, params, grads, master_params, steps, false, lr_tensor,       \
-                       grad_scale, clip_coef, found_inf, master_sync);                     \
+                       grad_scale, clip_coef, found_inf, master_sync, sr_key);             \
     Stem##Call call;                                                                        \
     const auto& layouts = spec::op::kStateLayouts;                                          \
     const auto& codes = spec::op::kStateCodes;                                              \
@@ -815,14 +832,15 @@ FUSEDOPT_PASS_IMPLS(adafactor, ADAFACTOR, Adafactor, adafactor_norms, adafactor_
   TensorList params, TensorList grads, TensorList momentum_buffers, TensorList ns_buffers,   \
       TensorList master_params, const Tensor &hypers, c10::IntArrayRef group_sizes,          \
       bool nesterov, const OptTensor &lr_tensor, const OptTensor &grad_scale,                \
-      const OptTensor &clip_coef, const OptTensor &found_inf, bool master_sync
+      const OptTensor &clip_coef, const OptTensor &found_inf, bool master_sync,              \
+      const OptTensor &sr_key
 
 /// Checks a Muon pass's muon_ arguments and launches `pass` (not for an empty call).
 template <class B, class Pass>
 void muon_pass(const char* name, Pass pass, FUSEDOPT_MUON_PASS_PARAMS) {
   const Checker check(op_name<B>(name), B::kDeviceType);
   StepArguments args(check, params, grads, master_params, {}, true, lr_tensor, grad_scale,
-                     clip_coef, found_inf, master_sync);
+                     clip_coef, found_inf, master_sync, sr_key);
   MuonCall call;
   call.momentum_buffers =
       args.state("momentum_buffers", momentum_buffers, false, spec::StateLayout::kParam);
@@ -836,7 +854,7 @@ void muon_pass(const char* name, Pass pass, FUSEDOPT_MUON_PASS_PARAMS) {
 
 #define FUSEDOPT_MUON_PASS_ARGS                                                         \
   params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov, \
-      lr_tensor, grad_scale, clip_coef, found_inf, master_sync
+      lr_tensor, grad_scale, clip_coef, found_inf, master_sync, sr_key
 
 template <class B>
 void muon_momentum_impl(FUSEDOPT_MUON_PASS_PARAMS) {
@@ -1264,7 +1282,7 @@ struct PlannedCall {
                      c.lists[2 + spec::op::kNumStates],                                        \
                  FUSEDOPT_##OP##_STEPS(FUSEDOPT_PLANNED_STEPS) hypers, group_sizes,            \
                  FUSEDOPT_##OP##_FLAGS(FUSEDOPT_PLANNED_FLAG) lr_tensor, grad_scale, clip_coef, \
-                 found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_PLANNED_COMMON_FLAG));               \
+                 found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_PLANNED_COMMON_FLAG), std::nullopt); \
   }
 FUSEDOPT_STEP_OPS(FUSEDOPT_PLANNED_RUN)
 

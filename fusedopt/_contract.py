@@ -31,7 +31,11 @@ Conventions common to every op (see [note: common scalars]):
   load, after the division.
 * ``found_inf``: 0-d fp32; when non-zero the whole op is a no-op: params, master params,
   states and steps stay bit-identical.
-* ``master_sync`` (every step op's last argument, default True): see [note: master sync].
+* ``master_sync`` (after the common scalars, default True): see [note: master sync].
+* ``sr_key`` (every step op's last argument, default None): the key of stochastic rounding of
+  the param store of bf16 params without master weights, an int64 vector [seed, counter,
+  id_0, ..., id_{N-1}] on the params' device, read only ([note: stochastic rounding] in
+  csrc/include/fusedopt/dtype.h).
 
 [note: common scalars] Order of operations on a grad element, in opmath (fp32; fp64 for
 fp64 storage): ``g = grad; g = g / grad_scale; g = g * clip_coef; if maximize: g = -g``.
@@ -162,6 +166,12 @@ class FlagSpec:
 #: that positional callers of the older schema still fit ([note: master sync]).
 COMMON_FLAGS: tuple[FlagSpec, ...] = (FlagSpec("master_sync", True),)
 
+#: The optional tensor every step op ends with, after the common flags, with a schema default
+#: so that positional callers of the older schema still fit: the key of stochastic rounding,
+#: [seed, counter, one id per param] (int64), or None: round to nearest ([note: stochastic
+#: rounding] in csrc/include/fusedopt/dtype.h).
+SR_KEY = "sr_key"
+
 #: The arguments that carry a step op's hyperparameters, after its tensor lists, in schema
 #: order ([note: hyper table]).
 HYPER_ARGUMENTS: tuple[str, ...] = ("Tensor hypers", "int[] group_sizes")
@@ -262,6 +272,7 @@ class StepOpSpec:
         args += [f"bool {f}" for f in self.flags]
         args += [f"Tensor? {s}" for s in COMMON_SCALARS]
         args += [f"bool {f.name}={f.default}" for f in COMMON_FLAGS]
+        args.append(f"Tensor? {SR_KEY}=None")
         return args
 
 

@@ -137,3 +137,36 @@ def per_tensor(op: str, name: str, value: float | Sequence[float], n: int) -> li
     if len(values) != n:
         raise ValueError(f"{op}: {name} has {len(values)} values for {n} tensors")
     return values
+
+
+def check_sr_key(
+    sr_key: Tensor | None, op: str, params: Sequence[Tensor], master_params: Sequence[Tensor]
+) -> None:
+    """A step op's ``sr_key`` ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h):
+    None, or a contiguous int64 vector ``[seed, counter, id_0, ..., id_{N-1}]`` on the params'
+    device, beside bf16 params without master weights (the only store it rounds). The C++
+    backends check the same in ``StepArguments``."""
+    if sr_key is None or not params:
+        return
+    n = len(params)
+    if (
+        not isinstance(sr_key, Tensor) or sr_key.dtype != torch.int64 or sr_key.dim() != 1
+        or sr_key.numel() != n + 2 or not sr_key.is_contiguous()
+    ):  # fmt: skip
+        got = (
+            f"shape {tuple(sr_key.shape)} and dtype {sr_key.dtype}"
+            if isinstance(sr_key, Tensor) else type(sr_key).__name__
+        )  # fmt: skip
+        raise TypeError(
+            f"{op}: sr_key must be a contiguous int64 vector of length {n + 2} ([seed, counter, "
+            f"one id per param]); got {got}"
+        )
+    if sr_key.device != params[0].device:
+        raise RuntimeError(f"{op}: sr_key is on {sr_key.device} but the params are on "
+                           f"{params[0].device}")  # fmt: skip
+    if params[0].dtype != torch.bfloat16 or len(master_params):
+        masters = " with master_params" if len(master_params) else ""
+        raise TypeError(
+            f"{op}: sr_key (stochastic rounding of the param store) is for bfloat16 params "
+            f"without master weights; got {params[0].dtype} params{masters}"
+        )

@@ -27,6 +27,7 @@ from fusedopt._validate import (
     check_lengths,
     check_like,
     check_scalar,
+    check_sr_key,
     check_state,
     check_tensor,
     per_tensor,
@@ -373,6 +374,7 @@ def step(
     found_inf: Tensor | None = None,
     backend: str = "auto",
     inputs: dict[str, Tensor] | None = None,
+    sr_key: Tensor | None = None,
     _checked: bool = False,
 ) -> Tensor | None:
     """Run the step op ``op`` (``adamw_``, ``lamb_``, ``lion_``, ``adan_``,
@@ -394,6 +396,12 @@ def step(
 
     ``master_sync`` (a flag; True when omitted) makes every master param first adopt the value
     of a param written since the last step ([note: master sync] in ``fusedopt._contract``).
+
+    ``sr_key`` (bf16 params without master weights only): round the param store
+    stochastically, with the random bits keyed by ``sr_key`` = [seed, counter, id_0, ...,
+    id_{N-1}] (int64, on the params' device; one id per param of ``lists``, in order). The op
+    only reads it: the caller advances the counter between steps (the optimizers do, on the
+    device). [note: stochastic rounding] in ``csrc/include/fusedopt/dtype.h``.
 
     ``_checked`` (internal) skips the per-tensor checks and the split: the optimizer classes
     check every grad themselves (to name the param), create or load every state in the
@@ -418,15 +426,16 @@ def step(
     check_scalar(grad_scale, "grad_scale", op, device, allow_fp64=fp64)
     check_scalar(clip_coef, "clip_coef", op, device, allow_fp64=fp64)
     check_scalar(found_inf, "found_inf", op, device)
+    check_sr_key(sr_key, op, params, lists.get("master_params", ()))
     handle = _contract.op_handle(op, _resolve(backend, device))
     extra = _phase_inputs(phase, inputs or {}, params, device)
     call_flags = [bool(flags[f]) for f in spec.flags]
     master_sync = bool(flags.get("master_sync", True))
 
-    def call(call_lists, table, group_sizes, call_extra, lr_tensor) -> Tensor | None:
+    def call(call_lists, table, group_sizes, call_extra, lr_tensor, key) -> Tensor | None:
         return handle(
             *call_lists, table, group_sizes, *call_flags, *call_extra, lr_tensor, grad_scale,
-            clip_coef, found_inf, master_sync,
+            clip_coef, found_inf, master_sync, key,
         )  # fmt: skip
 
     if isinstance(hypers, StepHypers):  # the optimizers' cached table: one call as is
@@ -436,6 +445,7 @@ def step(
             hypers.group_sizes,
             extra,
             hypers.lr_tensor,
+            sr_key,
         )
         write_back(twins)
         return out
@@ -465,12 +475,14 @@ def step(
         key = (op, device, call_params[0].data_ptr(), len(call_params))
         sizes, table = _site_table(key, pick(rows), device)
         at = None if whole else torch.tensor(index, device=device)
+        key = sr_key if sr_key is None or whole else torch.cat((sr_key[:2], sr_key[2:][at]))
         result = call(
             [pick(lists[name]) for name in spec.lists],
             table,
             sizes,
             [x if whole else x[at] for x in extra],
             group_lr_tensor,
+            key,
         )
         if result is not None and whole:
             out = result
@@ -515,10 +527,13 @@ class StepOptions(TypedDict, total=False):
     master per bf16/fp16 param, or one int16 remainder per bf16 param: a compact master,
     [note: compact master] in ``fusedopt._contract``; or none), ``master_sync`` ([note:
     master sync] in ``fusedopt._contract``; default True), the common device scalars ``grad_scale``,
-    ``clip_coef`` and ``found_inf`` (default None) and ``backend`` (default ``"auto"``)."""
+    ``clip_coef`` and ``found_inf`` (default None), ``backend`` (default ``"auto"``) and
+    ``sr_key`` (default None: stochastic rounding of bf16 params without master weights,
+    :func:`step`)."""
 
     master_params: Sequence[Tensor]
     master_sync: bool
+    sr_key: Tensor | None
     grad_scale: Tensor | None
     clip_coef: Tensor | None
     found_inf: Tensor | None
@@ -528,7 +543,7 @@ class StepOptions(TypedDict, total=False):
 #: :class:`StepOptions`' defaults.
 STEP_OPTION_DEFAULTS: dict = {
     "master_params": (), "master_sync": True, "grad_scale": None, "clip_coef": None,
-    "found_inf": None, "backend": "auto",
+    "found_inf": None, "backend": "auto", "sr_key": None,
 }  # fmt: skip
 
 
@@ -564,6 +579,7 @@ def _step_from_arguments(op: str, arguments: dict) -> Tensor | None:
         found_inf=arguments["found_inf"],
         backend=arguments["backend"],
         inputs={name: arguments[name] for name in (phase.inputs if phase else ())},
+        sr_key=arguments["sr_key"],
     )
 
 

@@ -17,6 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: public API: torch.ops.fusedopt.*). Changed deliberately once, when the per-tensor
 #: ``float[]`` hyperparameters became ``Tensor hypers, int[] group_sizes`` ([note: hyper
 #: table] in fusedopt/_contract.py; DESIGN.md §3 "Op contract").
+# Every step op ends with ``Tensor? sr_key=None`` (stochastic rounding, issue #15; [note:
+# stochastic rounding] in csrc/include/fusedopt/dtype.h): a deliberate change of the public
+# schemas, last and with a default, so that positional callers of the older schema still fit.
 GOLDEN_SCHEMAS = {
     "adamw_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
@@ -26,20 +29,20 @@ GOLDEN_SCHEMAS = {
         "bool decoupled, "
         "bool amsgrad, bool maximize, bool bias_correction, Tensor? lr_tensor, "
         "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
-        "bool master_sync=True) -> ()"
+        "bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
     "lamb_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps, "
         "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
         "bool trust_clip, bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, "
-        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
+        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
     "lion_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(e!)[] master_params, Tensor hypers, int[] group_sizes, bool maximize, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
-        "bool master_sync=True) -> ()"
+        "bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
     # Added through the spec (the first op that was): written here by hand from the official
     # Adan's names, so that the derivation is checked against an independent spelling.
@@ -49,7 +52,7 @@ GOLDEN_SCHEMAS = {
         "Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, "
         "bool no_prox, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
-        "bool master_sync=True) -> ()"
+        "bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
     # Written by hand from the schedulefree package's names (state z, exp_avg_sq; its group
     # scalars ckp1 and bias_correction2 as columns); no step counts, no flags.
@@ -58,14 +61,14 @@ GOLDEN_SCHEMAS = {
         "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor hypers, "
         "int[] group_sizes, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
-        "bool master_sync=True) -> ()"
+        "bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
     "sgd_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, "
         "bool nesterov, bool maximize, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
-        "bool master_sync=True) -> ()"
+        "bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
     # Written by hand from torch.optim.Adafactor's state names (row_var, col_var, variance).
     "adafactor_": (
@@ -73,7 +76,7 @@ GOLDEN_SCHEMAS = {
         "Tensor(c!)[] col_vars, Tensor(d!)[] variances, Tensor(e!)[] master_params, "
         "Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, bool maximize, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
-        "bool master_sync=True) -> ()"
+        "bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
     # torch.optim.Muon's names; ns_buffers: the bf16 Newton-Schulz scratch ([note: muon passes]).
     "muon_": (
@@ -81,7 +84,7 @@ GOLDEN_SCHEMAS = {
         "Tensor(c!)[] ns_buffers, Tensor(e!)[] master_params, Tensor hypers, "
         "int[] group_sizes, bool nesterov, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
-        "bool master_sync=True) -> ()"
+        "bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
 }
 
@@ -94,39 +97,42 @@ GOLDEN_PHASE_SCHEMAS = {
         "Tensor(c!)[] exp_avg_sqs, Tensor[] master_params, Tensor(f!)[] steps, "
         "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
         "bool trust_clip, bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, "
-        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> (Tensor sq_norms)"
+        "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, "
+        "Tensor? sr_key=None) -> (Tensor sq_norms)"
     ),
     "lamb_apply_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor[] steps, "
         "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
         "bool trust_clip, bool always_adapt, Tensor sq_norms, Tensor? lr_tensor, "
-        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
+        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, "
+        "Tensor? sr_key=None) -> ()"
     ),
     "adafactor_norms_": (
         "{name}(Tensor[] params, Tensor[] grads, Tensor(b!)[] row_vars, "
         "Tensor(c!)[] col_vars, Tensor(d!)[] variances, Tensor[] master_params, "
         "Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, bool maximize, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
-        "bool master_sync=True) -> (Tensor sq_norms)"
+        "bool master_sync=True, Tensor? sr_key=None) -> (Tensor sq_norms)"
     ),
     "adafactor_apply_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor[] row_vars, Tensor[] col_vars, "
         "Tensor[] variances, Tensor(e!)[] master_params, Tensor[] steps, Tensor hypers, "
         "int[] group_sizes, bool maximize, Tensor sq_norms, Tensor? lr_tensor, "
-        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True) -> ()"
+        "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, "
+        "Tensor? sr_key=None) -> ()"
     ),
     "muon_momentum_": (
         "{name}(Tensor[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(c!)[] ns_buffers, Tensor[] master_params, Tensor hypers, int[] group_sizes, "
         "bool nesterov, Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
-        "Tensor? found_inf, bool master_sync=True) -> ()"
+        "Tensor? found_inf, bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
     "muon_apply_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum_buffers, "
         "Tensor[] ns_buffers, Tensor(e!)[] master_params, Tensor hypers, int[] group_sizes, "
         "bool nesterov, Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, "
-        "Tensor? found_inf, bool master_sync=True) -> ()"
+        "Tensor? found_inf, bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
 }
 
@@ -200,7 +206,10 @@ def _schema_order(op: str) -> list[str]:
     spec = _contract.STEP_OPS[op]
     common_flags = [f.name for f in _contract.COMMON_FLAGS]
     hypers = ["hypers", "group_sizes"]  # [note: hyper table]
-    return [*spec.lists, *hypers, *spec.flags, *_contract.COMMON_SCALARS, *common_flags]
+    return [
+        *spec.lists, *hypers, *spec.flags, *_contract.COMMON_SCALARS, *common_flags,
+        _contract.SR_KEY,
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("op", sorted(_contract.STEP_OPS))

@@ -55,6 +55,7 @@ ARG_TYPES = {
     "row_sums": "*fp64",
     "col_partials": "*fp64",
     "chunk_sums": "*fp64",
+    "sr_key": "*i64",  # [note: stochastic rounding]: [seed, counter, one id per tensor]
 }
 
 F32, BF16, F16, F64 = tl.float32, tl.bfloat16, tl.float16, tl.float64

@@ -14,6 +14,7 @@
 #endif
 
 #include "fusedopt/dtype.h"
+#include "fusedopt/philox.h"
 
 namespace fusedopt::cpu {
 
@@ -45,6 +46,14 @@ inline void bf16_to_float_n(float* dst, const uint16_t* src, int64_t n) {
 
 inline void float_to_bf16_n(uint16_t* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+
+/// dst[0:n] = src[0:n] rounded to bf16 stochastically, element k with the bits of element
+/// first + k of the tensor keyed by `key` ([note: stochastic rounding] in fusedopt/dtype.h).
+inline void float_to_bf16_stochastic_n(uint16_t* dst, const float* src, int64_t n,
+                                       const RoundingKey& key, int64_t first) {
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = float_to_bf16_stochastic(src[i], rounding_bits(key, first + i));
 }
 
 /// Whether every src[k] (fp32) rounds to exactly the 16-bit storage bits[k] of dtype d (bf16
@@ -107,10 +116,18 @@ inline void load_values(T* dst, const void* src, DType d, int64_t n) {
 }
 
 /// Storage values dst[0:n] of dtype d = opmath src[0:n], rounded as R says ([note: store
-/// rounding] in fusedopt/dtype.h; to nearest even, the only mode so far).
+/// rounding] in fusedopt/dtype.h). kStochastic stores fp32 values to bf16 only, element k
+/// with the random bits of element first + k under `key` ([note: stochastic rounding]).
 template <Rounding R = Rounding::kNearestEven, typename T>
-inline void store_values(void* dst, DType d, const T* src, int64_t n) {
-  static_assert(R == Rounding::kNearestEven, "only round-to-nearest-even stores exist");
+inline void store_values(void* dst, DType d, const T* src, int64_t n, const RoundingKey& key = {},
+                         int64_t first = 0) {
+  if constexpr (R == Rounding::kStochastic) {
+    static_assert(sizeof(T) == sizeof(float), "stochastic rounding stores fp32 values");
+    if (d == DType::kBFloat16) {
+      float_to_bf16_stochastic_n(static_cast<uint16_t*>(dst), src, n, key, first);
+      return;
+    }
+  }
   switch (d) {
     case DType::kFloat32: {
       float* o = static_cast<float*>(dst);

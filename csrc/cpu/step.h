@@ -113,6 +113,11 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
   const bool master = lists.master_params.present();
   const bool compact = master && lists.compact_master;  // [note: compact master]
   const bool sync = master && !compact && lists.master_sync;
+  // [note: stochastic rounding] (fusedopt/dtype.h): the param store of a bf16 param without
+  // master weights, when the call has an sr_key.
+  const bool stochastic = lists.scalars.sr_key != nullptr && !master &&
+                          lists.params.dtype == DType::kBFloat16;
+  const RoundingKey key = stochastic ? rounding_key(lists.scalars.sr_key, i) : RoundingKey{};
   void* param = lists.params.data[i];
   void* p_base = master ? lists.master_params.data[i] : param;
   const DType p_dtype = master ? DType::kFloat32 : lists.params.dtype;
@@ -141,7 +146,10 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
         if constexpr (std::is_same_v<T, float>) {
           if (compact) split_block(param, p_base, off, n, p);
         }
-        if (!compact) {
+        if constexpr (std::is_same_v<T, float>) {
+          if (stochastic) write_block<Rounding::kStochastic>(param, p_dtype, off, n, p, key);
+        }
+        if (!compact && !stochastic) {
           write_block(p_base, p_dtype, off, n, p);
           if (master) write_block(param, lists.params.dtype, off, n, p);
         }

@@ -380,6 +380,7 @@ struct AdafactorApplyBody {
   const G* g;
   MasterOf<kM>* master;
   bool master_sync;
+  StochasticStore sr;  // [note: stochastic rounding] in fusedopt/dtype.h
   AdafactorScalars<T> s;
   GradLoad<T> gl;
 
@@ -390,6 +391,7 @@ struct AdafactorApplyBody {
         g(static_cast<const G*>(row_.slot[kGrad])),
         master(static_cast<MasterOf<kM>*>(row_.slot[kMaster])),
         master_sync(a.master_sync),
+        sr(stochastic_store<P, kM>(row_, a)),
         s(adafactor_update_scalars<T>(step_lr(row_, t, a), eps1_of<P, kM>(row_),
                                       row_.hyper[kWeightDecay])),
         gl(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef, a.flag[kMaximize])) {
@@ -414,7 +416,7 @@ struct AdafactorApplyBody {
       const T u = adafactor_update(load_grad(gv[k], gl), variance_at<S, T>(row, d, i + k), s);
       pv[k] = adafactor_apply(pv[k], u, s);
     }
-    store_param<V, P, T, kM>(p, master, i, pv);
+    store_param<V, P, T, kM>(p, master, i, pv, sr);
   }
 };
 

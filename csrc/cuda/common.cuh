@@ -22,6 +22,7 @@
 #include "fusedopt/launch.h"
 #include "fusedopt/math/common.h"
 #include "fusedopt/multi_tensor.h"
+#include "fusedopt/philox.h"
 
 namespace fusedopt::cuda {
 
@@ -41,8 +42,12 @@ struct alignas(16) Row {
   const double* hyper;
   int32_t dtype;  // fusedopt::DType of slot 0, for ops whose tensors may mix dtypes
   int32_t reserved;
+  int64_t index;  // the tensor's position in its call: its entry of a step op's sr_key
 };
 static_assert(sizeof(Row) % 16 == 0, "rows are copied 16 bytes at a time");
+// index takes 8 bytes: with four states it fit the padding (96 bytes); with five (8-bit
+// AdamW's block scales) the row is 112 bytes. No hidden padding beyond the 16-byte rounding:
+static_assert(sizeof(Row) == 16 * ((8 * (kMaxSlots + 3) + 8 + 8 + 15) / 16), "Row grew");
 
 /// The device view of the table: what a kernel receives as an argument.
 struct Table {
@@ -142,11 +147,14 @@ __device__ __forceinline__ T to_opmath(S x) {
   }
 }
 
-/// x rounded to storage type S as R says ([note: store rounding] in fusedopt/dtype.h).
+/// x rounded to storage type S as R says ([note: store rounding] in fusedopt/dtype.h);
+/// kStochastic (bf16 only) adds the 16 `random` bits ([note: stochastic rounding]).
 template <class S, Rounding R = Rounding::kNearestEven, class T>
-__device__ __forceinline__ S from_opmath(T x) {
-  static_assert(R == Rounding::kNearestEven, "only round-to-nearest-even stores exist");
-  if constexpr (std::is_same_v<S, bf16>) {
+__device__ __forceinline__ S from_opmath(T x, uint32_t random = 0) {
+  if constexpr (R == Rounding::kStochastic) {
+    static_assert(std::is_same_v<S, bf16>, "stochastic rounding stores bf16 only");
+    return bf16{float_to_bf16_stochastic(static_cast<float>(x), random)};
+  } else if constexpr (std::is_same_v<S, bf16>) {
     return bf16{float_to_bf16(static_cast<float>(x))};
   } else if constexpr (std::is_same_v<S, fp16>) {
     return fp16{float_to_fp16(static_cast<float>(x))};
@@ -192,9 +200,22 @@ __device__ __forceinline__ void store_pack(S* base, int64_t i, const Pack<S, V>&
 /// base[i..i+V) = x[0..V), rounded as R says; the same alignment rule as load.
 template <int V, Rounding R = Rounding::kNearestEven, class S, class T>
 __device__ __forceinline__ void store(S* base, int64_t i, const T (&x)[V]) {
+  static_assert(R == Rounding::kNearestEven, "stochastic stores take their key: store_rounded");
   Pack<S, V> p;
 #pragma unroll
   for (int k = 0; k < V; ++k) p.v[k] = from_opmath<S, R>(x[k]);
+  store_pack<V>(base, i, p);
+}
+
+/// base[i..i+V) = x[0..V) of bf16 storage, rounded stochastically with the bits of elements
+/// i..i+V-1 under `key` ([note: stochastic rounding] in fusedopt/dtype.h).
+template <int V, class T>
+__device__ __forceinline__ void store_stochastic(bf16* base, int64_t i, const T (&x)[V],
+                                                 const RoundingKey& key) {
+  Pack<bf16, V> p;
+#pragma unroll
+  for (int k = 0; k < V; ++k)
+    p.v[k] = from_opmath<bf16, Rounding::kStochastic>(x[k], rounding_bits(key, i + k));
   store_pack<V>(base, i, p);
 }
 

@@ -110,9 +110,26 @@ __device__ __forceinline__ void load_param(const P* p, const MasterOf<kMasterWei
   }
 }
 
+/// Whether and with which key a Body's param store rounds stochastically ([note:
+/// stochastic rounding] in fusedopt/dtype.h): only bf16 params without master weights, when
+/// the call has an sr_key. The flag is the same for the whole launch: the branch never
+/// diverges.
+struct StochasticStore {
+  bool enabled = false;
+  RoundingKey key;
+};
+
+template <class P, MasterKind kMasterWeights>
+__device__ __forceinline__ StochasticStore stochastic_store(const Row& row, const StepArgs& a) {
+  if constexpr (std::is_same_v<P, bf16> && kMasterWeights == kNoMaster) {
+    if (a.scalars.sr_key != nullptr) return {true, rounding_key(a.scalars.sr_key, row.index)};
+  }
+  return {};
+}
+
 template <int V, class P, class T, MasterKind kMasterWeights>
 __device__ __forceinline__ void store_param(P* p, MasterOf<kMasterWeights>* master, int64_t i,
-                                            const T (&x)[V]) {
+                                            const T (&x)[V], const StochasticStore& sr = {}) {
   if constexpr (kMasterWeights == kCompactMaster) {
     Pack<P, V> bits;
     Pack<int16_t, V> remainder;
@@ -126,6 +143,9 @@ __device__ __forceinline__ void store_param(P* p, MasterOf<kMasterWeights>* mast
     store_pack<V>(p, i, bits);
   } else {
     if constexpr (kMasterWeights == kFp32Master) store<V>(master, i, x);
+    if constexpr (std::is_same_v<P, bf16> && kMasterWeights == kNoMaster) {
+      if (sr.enabled) return store_stochastic<V>(p, i, x, sr.key);
+    }
     store<V>(p, i, x);
   }
 }
@@ -156,6 +176,7 @@ struct StepBody {
   S* states[sizeof...(kStateSlots)];
   M* master;
   bool master_sync;  // [note: master sync]
+  StochasticStore sr;  // [note: stochastic rounding]
   Scalars s;
   GradLoad<T> load_g;
 
@@ -168,6 +189,7 @@ struct StepBody {
         states{static_cast<S*>(row.slot[kStateSlots])...},
         master(static_cast<M*>(row.slot[kMaster])),
         master_sync(a.master_sync),
+        sr(stochastic_store<P, kMasterWeights>(row, a)),
         s(make_scalars()),
         load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef, maximize)) {}
 
@@ -187,7 +209,7 @@ struct StepBody {
 
   template <int V>
   __device__ __forceinline__ void store_param_and_master(int64_t i, const T (&pv)[V]) const {
-    store_param<V, P, T, kMasterWeights>(p, master, i, pv);
+    store_param<V, P, T, kMasterWeights>(p, master, i, pv, sr);
   }
 
  private:
@@ -226,6 +248,7 @@ inline TableBuilder step_table(const StepLists& lists) {
     Row& row = table.row(i);
     row.step = lists.steps ? lists.steps[i] : nullptr;
     row.hyper = lists.hypers.row(i);
+    row.index = i;
   }
   return table;
 }

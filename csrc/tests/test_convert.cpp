@@ -10,6 +10,7 @@
 #include "../cpu/convert.h"
 #include "check.h"
 #include "fusedopt/dtype.h"
+#include "fusedopt/philox.h"
 
 using namespace fusedopt;
 
@@ -149,7 +150,82 @@ static void test_compact_master_all_patterns() {
   CHECK(float_bits(join_master(0x7F80, -1)) == 0x7F7FFFFFu);  // the largest finite master
 }
 
+/// Philox4x32-10 on Random123's published known-answer vectors (kat_vectors: counter, key,
+/// output), and the stream's key layout ([note: stochastic rounding] in fusedopt/dtype.h).
+static void test_philox_known_answers() {
+  struct Kat {
+    Philox4x32 counter;
+    uint32_t k0, k1;
+    Philox4x32 out;
+  };
+  const Kat kats[] = {
+      {{{0, 0, 0, 0}}, 0, 0, {{0x6627E8D5u, 0xE169C58Du, 0xBC57AC4Cu, 0x9B00DBD8u}}},
+      {{{0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu}}, 0xFFFFFFFFu, 0xFFFFFFFFu,
+       {{0x408F276Du, 0x41C83B0Eu, 0xA20BC7C6u, 0x6D5451FDu}}},
+      {{{0x243F6A88u, 0x85A308D3u, 0x13198A2Eu, 0x03707344u}}, 0xA4093822u, 0x299F31D0u,
+       {{0xD16CFE09u, 0x94FDCCEBu, 0x5001E420u, 0x24126EA1u}}},
+  };
+  for (const Kat& k : kats) {
+    const Philox4x32 r = philox4x32_10(k.counter, k.k0, k.k1);
+    for (int w = 0; w < 4; ++w) CHECK(r.w[w] == k.out.w[w]);
+  }
+  // rounding_bits: the top half of the first word of counter (element low, element high,
+  // tensor, counter) under key (seed low, seed high).
+  const RoundingKey key{0x243F6A8885A308D3ull, 0x03707344u, 0x13198A2Eu};
+  const Philox4x32 r = philox4x32_10({{0xA4093822u, 0x299F31D0u, 0x13198A2Eu, 0x03707344u}},
+                                     0x85A308D3u, 0x243F6A88u);
+  CHECK(rounding_bits(key, 0x299F31D0A4093822ll) == r.w[0] >> 16);
+}
+
+/// float_to_bf16_stochastic ([note: stochastic rounding]): the carry with the probability of
+/// the low half, exactly, for every 16-bit random value; the edge cases as chosen.
+static void test_stochastic_rounding() {
+  // For x = lo + f * ulp (f = low16 / 2^16), exactly low16 of the 2^16 random values round
+  // up, for either sign, in a normal and a subnormal binade and across a binade boundary.
+  for (const uint32_t u : {0x3F80ABCDu, 0xBF80ABCDu, 0x0000ABCDu, 0x807F0001u, 0x3FFFFFFFu,
+                           0x40490FDBu}) {
+    uint32_t up = 0;
+    for (uint32_t r = 0; r < 0x10000u; ++r) {
+      const uint16_t b = float_to_bf16_stochastic(bits_float(u), r);
+      CHECK(b == (u >> 16) || b == (u >> 16) + 1);
+      up += b == (u >> 16) + 1;
+    }
+    CHECK(up == (u & 0xFFFFu));
+  }
+  // Exact bf16 values never move; NaN -> 0x7FC0; infinities stay.
+  for (const uint32_t r : {0u, 1u, 0x8000u, 0xFFFFu}) {
+    CHECK(float_to_bf16_stochastic(1.0f, r) == 0x3F80);
+    CHECK(float_to_bf16_stochastic(bits_float(0x80000000u), r) == 0x8000);
+    CHECK(float_to_bf16_stochastic(bits_float(0x7FC00001u), r) == 0x7FC0);
+    CHECK(float_to_bf16_stochastic(bits_float(0xFFFFFFFFu), r) == 0x7FC0);
+    CHECK(float_to_bf16_stochastic(bits_float(0x7F800000u), r) == 0x7F80);
+    CHECK(float_to_bf16_stochastic(bits_float(0xFF800000u), r) == 0xFF80);
+  }
+  // Above the largest finite bf16 (0x7F7F): below RNE's overflow threshold 0x7F7F8000 SR
+  // saturates there (RNE stays finite too); from it on, SR gives the infinity or the largest
+  // finite (RNE: the infinity).
+  for (const uint32_t sign : {0u, 0x80000000u}) {
+    CHECK(float_to_bf16_stochastic(bits_float(sign | 0x7F7F7FFFu), 0xFFFFu) == ((sign >> 16) | 0x7F7Fu));
+    CHECK(float_to_bf16(bits_float(sign | 0x7F7F7FFFu)) == ((sign >> 16) | 0x7F7Fu));
+    CHECK(float_to_bf16_stochastic(bits_float(sign | 0x7F7F8000u), 0x7FFFu) == ((sign >> 16) | 0x7F7Fu));
+    CHECK(float_to_bf16_stochastic(bits_float(sign | 0x7F7F8000u), 0x8000u) == ((sign >> 16) | 0x7F80u));
+    CHECK(float_to_bf16(bits_float(sign | 0x7F7F8000u)) == ((sign >> 16) | 0x7F80u));
+  }
+  // The CPU block loop (csrc/cpu/convert.h) is the scalar function with the element's bits.
+  const RoundingKey key{12345, 6, 7};
+  std::vector<float> src(300);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = 1.0f + 0.001f * static_cast<float>(i);
+  std::vector<uint16_t> out(src.size());
+  cpu::store_values<Rounding::kStochastic>(out.data(), DType::kBFloat16, src.data(),
+                                           static_cast<int64_t>(src.size()), key, 1000);
+  for (size_t i = 0; i < src.size(); ++i)
+    CHECK(out[i] == float_to_bf16_stochastic(src[i],
+                                             rounding_bits(key, 1000 + static_cast<int64_t>(i))));
+}
+
 int main() {
+  test_philox_known_answers();
+  test_stochastic_rounding();
   test_round_trips();
   test_known_values();
   test_against_references_and_vector_loops();

@@ -215,11 +215,14 @@ const Variant kVariants[] = {
 /// StepLists::master_sync ([note: master sync]; the user writes into the params of every
 /// master-weight case between steps, see write_params), and compact masters (int16
 /// remainders, held in 16-bit buffers: [note: compact master] in fusedopt/_contract.py).
+/// `stochastic`: the call has an sr_key, so the bf16 param store rounds stochastically
+/// ([note: stochastic rounding] in fusedopt/dtype.h; bf16 without masters only).
 struct Storage {
   DType param, grad;
   bool master;
   bool sync = true;
   bool compact = false;
+  bool stochastic = false;
 };
 const Storage kStorages[] = {
     {DType::kFloat32, DType::kFloat32, false},   {DType::kBFloat16, DType::kBFloat16, false},
@@ -230,7 +233,18 @@ const Storage kStorages[] = {
     {DType::kBFloat16, DType::kBFloat16, true, false},
     {DType::kBFloat16, DType::kBFloat16, true, true, true},
     {DType::kBFloat16, DType::kFloat32, true, true, true},
+    {DType::kBFloat16, DType::kBFloat16, false, true, false, true},
+    {DType::kBFloat16, DType::kFloat32, false, true, false, true},
 };
+
+/// The sr_key of a stochastic call at `step`: a seed above 2^32 (both key words count), the
+/// counter, and ids that are not the tensors' positions (so a kernel that keys by position
+/// shows).
+std::vector<int64_t> sr_key_of(size_t n, int step) {
+  std::vector<int64_t> key = {0x5EED0000ABCDLL, 40 + step};
+  for (size_t i = 0; i < n; ++i) key.push_back(static_cast<int64_t>(1000 + 7 * i));
+  return key;
+}
 
 enum class LrKind { kUniform, kPerTensor, kTensor1, kTensorN };
 
@@ -411,6 +425,7 @@ struct Call {
   std::vector<float> lr_tensor;
   float grad_scale, clip_coef, found_inf;
   double grad_scale64, clip_coef64;  // the same values for fp64 steps, which read them in fp64
+  std::vector<int64_t> sr_key;       // [note: stochastic rounding]
 
   StepLists lists(const StepCase& c, World& w, int step) {
     const size_t n = w.params.size();
@@ -472,6 +487,10 @@ struct Call {
     if (clip_coef > 0) l.scalars.clip_coef = fp64 ? static_cast<const void*>(&clip_coef64)
                                                   : &clip_coef;
     if (found_inf >= 0) l.scalars.found_inf = &found_inf;
+    if (c.storage.stochastic) {
+      sr_key = sr_key_of(n, step);
+      l.scalars.sr_key = sr_key.data();
+    }
     return l;
   }
 
@@ -594,6 +613,7 @@ std::string name(const StepCase& c) {
   return std::string(c.variant->name) + " " + dtype_short(c.storage.param) + "/" +
          dtype_short(c.storage.grad) +
          (c.storage.compact ? "+compact" : c.storage.master ? "+master" : "") +
+         (c.storage.stochastic ? "+sr" : "") +
          (c.storage.master && !c.storage.sync ? "-nosync" : "") + " " +
          c.scalars->name + (c.shapes == &kLarge ? " large" : " small") +
          (c.schedule == emu::Schedule::kReverse ? " reverse" : "");
@@ -1259,6 +1279,8 @@ void adafactor_step(const std::vector<AdafactorShape>& shapes, const Storage& st
   const bool fp64 = st.param == DType::kFloat64;
   a.lists.scalars.grad_scale = fp64 ? static_cast<const void*>(&scale64) : &scale;
   if (found_inf >= 0) a.lists.scalars.found_inf = &found_inf;
+  const std::vector<int64_t> sr_key = sr_key_of(n, 0);
+  if (st.stochastic) a.lists.scalars.sr_key = sr_key.data();
   a.row_vars = {r.data(), sd};
   a.col_vars = {c.data(), sd};
   a.variances = {v.data(), sd};
@@ -1298,6 +1320,7 @@ int test_adafactor() {
       for (int s = 0; s < 3; ++s) {
         const std::string what = std::string("adafactor ") + dtype_name(st.param) + "/" +
                                  dtype_name(st.grad) + (st.master ? " master" : "") +
+                                 (st.stochastic ? " sr" : "") +
                                  (maximize ? " maximize" : "") + " step " + std::to_string(s);
         before.copy_from(cpu_w);
         adafactor_step(shapes, st, cpu_w, maximize, found[s], false);

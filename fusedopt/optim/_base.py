@@ -58,8 +58,21 @@ from fusedopt.clip import local_tensor, total_norm
 from fusedopt.ops import StepHypers
 from fusedopt.ops import _resolve as resolve_backend
 from fusedopt.optim import _state_bits
-from fusedopt.optim._keys import COMPACT, MASTER_KEY, REMAINDER_KEY, STEP_KEY, TORCH_ONLY_KEYS
-from fusedopt.optim._plan import PlanMixin, _Plan, call_hypers, native_calls
+from fusedopt.optim._keys import (
+    COMPACT,
+    MASTER_KEY,
+    REMAINDER_KEY,
+    SR_GROUP_KEY,
+    STEP_KEY,
+    TORCH_ONLY_KEYS,
+)
+from fusedopt.optim._plan import (
+    PlanMixin,
+    _Plan,
+    call_hypers,
+    check_stochastic_rounding,
+    native_calls,
+)
 from fusedopt.optim._state_dict import StateDictMixin
 from fusedopt.reference.ops import join_master, split_master
 
@@ -84,6 +97,9 @@ def check_betas(betas: Any, inclusive_upper: bool = False) -> None:
 
 #: What a constructor's ``params`` takes: tensors, or param-group dicts.
 Params = Iterable[Tensor] | Iterable[dict[str, Any]]
+#: The seed of stochastic rounding: 63 bits, so that it fits an int64 tensor.
+_SEED_MASK = (1 << 63) - 1
+
 #: Constructor arguments that are the optimizer's, not defaults of its groups.
 _NOT_GROUP_KEYS = ("self", "params", "grad_norm_group")
 
@@ -127,6 +143,18 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
       skipped by ``found_inf`` adopts nothing. ``False`` skips that check (2 bytes per
       element less to read): then writes into the params are lost, as in Apex, Transformer
       Engine and DeepSpeed. [note: master sync] in ``fusedopt/_contract.py``.
+    * ``stochastic_rounding`` (default False; bf16 params without master weights only, else
+      a ValueError at construction, ``add_param_group`` or the step, before anything
+      changes): the param store rounds stochastically instead of to nearest, so updates
+      below half a bf16 ulp move the params in expectation instead of being lost. The random
+      bits are Philox4x32-10's, keyed by (``sr_seed``, the optimizer's SR step counter, the
+      param's index in the optimizer's param order, the element): the same bits on every
+      backend, reproducible, and resumed by ``load_state_dict`` (the state dict's
+      ``"stochastic_rounding"`` entry holds seed and counter). ``sr_seed`` (an attribute)
+      is ``torch.initial_seed()`` at construction (63 bits); set it before the first step
+      to choose another. The counter lives on the device and advances by one per step that
+      runs (not when ``found_inf`` skips it): no host sync. [note: stochastic rounding] in
+      ``csrc/include/fusedopt/dtype.h``.
     * ``max_grad_norm``: clip the global L2 norm of all grads of all groups inside ``step()``
       (``torch.nn.utils.clip_grad_norm_``'s coefficient). The pre-clip norm stays on the
       device in :attr:`last_grad_norm`. One value for the whole optimizer: every group must
@@ -171,6 +199,11 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         self._check_group(defaults)
         self._check_common(defaults)
         self.grad_norm_group = grad_norm_group
+        self.sr_seed = torch.initial_seed() & _SEED_MASK  # [note: stochastic rounding]
+        # The [seed, counter] of stochastic rounding per device (int64, advanced on the
+        # device), and the counter a first one starts from (a loaded state dict's).
+        self._sr_keys: dict[torch.device, Tensor] = {}
+        self._sr_start = 0
         # What a step leaves behind: last_grad_norm, found_inf for fusedopt's scaler, and
         # its plan for the next step ([note: no setattr in step], [note: cached plan]).
         self._step_out: dict[str, Any] = {}
@@ -285,6 +318,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                         "half of fp32); got a float16 param: use master_weights=True for it, "
                         "in a group of its own"
                     )
+        check_stochastic_rounding(group)
         max_norm = group.get("max_grad_norm")
         if max_norm is not None and not max_norm > 0.0:
             raise ValueError(f"Invalid max_grad_norm: {max_norm} (must be > 0 or None)")
@@ -320,6 +354,9 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                     group.setdefault(key, value)
         self.__dict__.setdefault("_step_out", {})
         self.__dict__.setdefault("grad_norm_group", None)
+        self.__dict__.setdefault("sr_seed", torch.initial_seed() & _SEED_MASK)
+        self.__dict__.setdefault("_sr_keys", {})
+        self.__dict__.setdefault("_sr_start", 0)
         self._forget_plan()  # [note: cached plan]
 
     # ----------------------------------------------------------------- step
@@ -572,6 +609,9 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                 "clip_coef": coef.to(device) if coef is not None else None,
                 "found_inf": found_inf.to(device) if found_inf is not None else None,
             }
+            if call.sr_key is not None:  # [note: stochastic rounding]
+                call.sr_key[:2].copy_(self._sr_state(device))
+                scalars["sr_key"] = call.sr_key
             runs = []
             for gi, count in call.group_runs:
                 if gi not in group_hypers:
@@ -597,7 +637,47 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                 backend=call.backend, **scalars,
             )  # fmt: skip
             write_back(twins)
+        self._advance_sr(found_inf)
         self._after_step(found_inf)
+
+    def _sr_state(self, device: torch.device) -> Tensor:
+        """The [seed, counter] of stochastic rounding on ``device`` (int64), made at first use
+        from another device's (a device copy, no host sync) or from ``sr_seed`` and the
+        counter a loaded state dict gave ([note: stochastic rounding])."""
+        state = self._sr_keys.get(device)
+        if state is None:
+            if self._sr_keys:
+                state = next(iter(self._sr_keys.values())).to(device, copy=True)
+            else:
+                state = torch.tensor([self.sr_seed, self._sr_start], dtype=torch.int64,
+                                     device=device)  # fmt: skip
+            self._sr_keys[device] = state
+        return state
+
+    def _advance_sr(self, found_inf: Tensor | None) -> None:
+        """Advance every device's SR counter by one, on the device, unless ``found_inf`` says
+        the step was skipped: a skipped step changes nothing, its counter included."""
+        for device, state in self._sr_keys.items():
+            if found_inf is None:
+                state[1:].add_(1)
+            else:
+                state[1:].add_((found_inf.to(device) == 0).to(torch.int64))
+
+    def _sr_counter(self) -> int:
+        """The SR step counter (a host read: for ``state_dict``)."""
+        if not self._sr_keys:
+            return self._sr_start
+        return int(next(iter(self._sr_keys.values()))[1])
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``; with stochastic rounding in any group, also
+        ``"stochastic_rounding": {"seed", "counter"}`` (plain ints), which
+        ``load_state_dict`` restores, so that a resumed run draws the same bits
+        ([note: stochastic rounding] in ``csrc/include/fusedopt/dtype.h``)."""
+        saved = super().state_dict()
+        if any(group.get(SR_GROUP_KEY) for group in self.param_groups):
+            saved[SR_GROUP_KEY] = {"seed": int(self.sr_seed), "counter": self._sr_counter()}
+        return saved
 
     def step(self, closure: Any = None) -> Any:
         """One optimizer step over every param that has a grad; returns ``closure()``'s loss.

@@ -11,3 +11,6 @@ REMAINDER_KEY = "master_remainder"
 COMPACT = "compact"
 #: torch group keys that mean nothing to fusedopt (always fused): dropped on load.
 TORCH_ONLY_KEYS = ("foreach", "fused", "differentiable")
+#: The group key of stochastic rounding, and the state dict's entry of its seed and counter
+#: ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h).
+SR_GROUP_KEY = "stochastic_rounding"

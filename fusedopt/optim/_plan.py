@@ -20,7 +20,28 @@ from fusedopt.clip import local_tensor
 from fusedopt.ops import StepHypers, write_hyper_table
 from fusedopt.ops import _resolve as resolve_backend
 from fusedopt.optim import _state_bits
-from fusedopt.optim._keys import MASTER_KEY, REMAINDER_KEY, STEP_KEY
+from fusedopt.optim._keys import MASTER_KEY, REMAINDER_KEY, SR_GROUP_KEY, STEP_KEY
+
+
+def check_stochastic_rounding(group: dict[str, Any], params: Any = None) -> None:
+    """``stochastic_rounding=True`` needs bf16 params without master weights ([note:
+    stochastic rounding] in csrc/include/fusedopt/dtype.h): a ValueError naming the problem,
+    before any tensor is touched. ``params``: the group's by default."""
+    if not group.get(SR_GROUP_KEY, False):
+        return
+    if group.get("master_weights", False):
+        raise ValueError(
+            "stochastic_rounding=True is for bf16 params without master weights; this group "
+            f"has master_weights={group['master_weights']!r} (the master is already exact: "
+            "its rounding to the param is not an update that could be lost)"
+        )
+    for p in group.get("params", ()) if params is None else params:
+        if local_tensor(p).dtype != torch.bfloat16:
+            raise ValueError(
+                "stochastic_rounding=True is for bf16 params without master weights; got a "
+                f"{local_tensor(p).dtype} param of shape {tuple(p.shape)}: put it in a group "
+                "of its own without stochastic_rounding"
+            )
 
 
 class PlanMixin:
@@ -48,6 +69,9 @@ class PlanMixin:
             if _state_bits.eight_bit(group):
                 _state_bits.check_param(f"fusedopt.{type(self).__name__}: "
                                         f"{self._param_name(gi, i)}", p, local_p)  # fmt: skip
+            # [note: stochastic rounding]: bf16 without masters (a group key or a param's
+            # dtype may have changed since the group was added)
+            check_stochastic_rounding(group, (p,))
         for gi, _, p, *_ in entries:
             self._init_state(self.param_groups[gi], p)
         plan = self._plan(entries)
@@ -64,8 +88,13 @@ class PlanMixin:
         return plan, norm_grads, call_grads
 
     def _call_flags(self, group: dict[str, Any]) -> dict[str, bool]:
-        """The op's per-call flags for ``group``: the class's, and ``master_sync``."""
-        return {**self._flags(group), "master_sync": bool(group.get("master_sync", True))}
+        """The op's per-call flags for ``group``: the class's, ``master_sync`` and
+        ``stochastic_rounding`` (a call rounds all its params alike: [note: stochastic
+        rounding] in csrc/include/fusedopt/dtype.h)."""
+        return {
+            **self._flags(group), "master_sync": bool(group.get("master_sync", True)),
+            SR_GROUP_KEY: bool(group.get(SR_GROUP_KEY, False)),
+        }  # fmt: skip
 
     def _group_signature(self, group: dict[str, Any]) -> tuple:
         """What decides how a group's params are called: flags, state keys, master weights,
@@ -259,6 +288,16 @@ class PlanMixin:
             plan.signatures.append(
                 per_group[gi][4] if gi in per_group else self._group_signature(group)
             )
+        if any(call.flags[SR_GROUP_KEY] for call in plan.calls):
+            # Each param's stream id: its index in the optimizer's param order (over every
+            # group, as state_dict() numbers them), stable across backends, call splits and
+            # a resume ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h).
+            order = {id(p): k for k, p in enumerate(p for g in self.param_groups
+                                                    for p in g["params"])}  # fmt: skip
+            for call in plan.calls:
+                if call.flags[SR_GROUP_KEY]:
+                    ids = [0, 0, *(order[id(p)] for p in call.params)]
+                    call.sr_key = torch.tensor(ids, dtype=torch.int64, device=call.device)
         if record:
             plan.seal(planned_states, self.OP)
         return plan
@@ -519,7 +558,7 @@ class _Call:
     """The tensor lists of one op call but the grads (new every step), filled param by param."""
 
     __slots__ = ("backend", "device", "flags", "group_runs", "hyper_rows", "hyper_table", "lists",
-                 "master", "native", "native_backend", "params", "state_lists",
+                 "master", "native", "native_backend", "params", "sr_key", "state_lists",
                  "twins")  # fmt: skip
 
     def __init__(
@@ -540,6 +579,10 @@ class _Call:
         # The call's lists kept in C++ and the backend they run on ([note: planned calls]).
         self.native: Tensor | None = None
         self.native_backend: str | None = None
+        # [seed, counter, each param's stream id] with stochastic rounding, else None: the
+        # ids are written once, seed and counter before each step ([note: stochastic
+        # rounding] in csrc/include/fusedopt/dtype.h).
+        self.sr_key: Tensor | None = None
 
     def plan_native(self, op: str, record: Tensor, positions: list[int]) -> None:
         """[note: planned calls] A cached plan's call hands its lists to ``fusedopt._C``
@@ -566,6 +609,8 @@ class _Call:
         native = native_calls()
         if native is None or self.twins or not STEP_OPS[op].cpp_launcher:
             return  # (muon_ has no C++ launcher for the whole step: its passes have theirs)
+        if self.flags.get(SR_GROUP_KEY):
+            return  # its sr_key is a per-step argument that plan_call_step does not take
         try:
             backend = resolve_backend(self.backend, self.device)
         except (RuntimeError, ValueError):  # the step's op call raises it, naming it

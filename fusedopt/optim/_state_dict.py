@@ -17,7 +17,13 @@ from fusedopt._dense import state_for
 from fusedopt._validate import LOW_PRECISION
 from fusedopt.clip import local_tensor
 from fusedopt.optim import _state_bits
-from fusedopt.optim._keys import MASTER_KEY, REMAINDER_KEY, STEP_KEY, TORCH_ONLY_KEYS
+from fusedopt.optim._keys import (
+    MASTER_KEY,
+    REMAINDER_KEY,
+    SR_GROUP_KEY,
+    STEP_KEY,
+    TORCH_ONLY_KEYS,
+)
 
 
 class StateDictMixin:
@@ -68,6 +74,7 @@ class StateDictMixin:
                 id_map[pid] = (gi, i, p)
         if len({g.get("max_grad_norm") for g in new_groups}) > 1:
             raise ValueError("loaded state dict: groups have different max_grad_norm")
+        sr = _stochastic_rounding(state_dict.get(SR_GROUP_KEY))
 
         new_state: dict[Tensor, dict[str, Any]] = {}
         for pid, saved_state in state_dict["state"].items():
@@ -82,6 +89,9 @@ class StateDictMixin:
         state: defaultdict = defaultdict(dict)
         state.update(new_state)
         self.__setstate__({"state": state, "param_groups": new_groups})
+        if sr is not None:  # [note: stochastic rounding]: the saved seed and counter go on
+            self.sr_seed, self._sr_start = sr
+            self._sr_keys = {}
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -144,3 +154,24 @@ class StateDictMixin:
             else:
                 out[key] = state_for(p, layout, dtype).copy_(value.detach())
         return out
+
+
+def _stochastic_rounding(saved: Any) -> tuple[int, int] | None:
+    """The (seed, counter) of a state dict's ``"stochastic_rounding"`` entry, checked (None
+    when it has none) ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h)."""
+    if saved is None:
+        return None
+    ints = (int, torch.Tensor)
+    if not (
+        isinstance(saved, dict) and isinstance(saved.get("seed"), ints)
+        and isinstance(saved.get("counter"), ints)
+    ):  # fmt: skip
+        raise ValueError(
+            f"loaded state dict: {SR_GROUP_KEY!r} must be a dict with int 'seed' and 'counter', "
+            f"got {saved!r}"
+        )
+    seed, counter = int(saved["seed"]), int(saved["counter"])
+    if not 0 <= seed < 1 << 63 or not 0 <= counter < 1 << 63:
+        raise ValueError(f"loaded state dict: {SR_GROUP_KEY} seed and counter must be in "
+                         f"[0, 2**63), got {seed} and {counter}")  # fmt: skip
+    return seed, counter

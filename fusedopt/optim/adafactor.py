@@ -53,6 +53,7 @@ class Adafactor(FusedOptimizer):
         capturable: bool = False,
         master_weights: bool = False,
         master_sync: bool = True,
+        stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         backend: str = "auto",
         grad_norm_group: Any = None,

@@ -55,6 +55,7 @@ class Adam(FusedOptimizer):
         differentiable: bool = False, fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         master_weights: bool | str = False, master_sync: bool = True,
+        stochastic_rounding: bool = False,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
         state_bits: int | None = None,
     ) -> None:  # fmt: skip
@@ -96,6 +97,7 @@ class AdamW(Adam):
         maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
         differentiable: bool = False, fused: bool | None = None,
         master_weights: bool | str = False, master_sync: bool = True,
+        stochastic_rounding: bool = False,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
         state_bits: int | None = None,
     ) -> None:  # fmt: skip

@@ -40,6 +40,7 @@ class Adan(FusedOptimizer):
         weight_decay: float = 0.0, max_grad_norm: float = 0.0, no_prox: bool = False,
         foreach: bool = True, fused: bool = False, *,
         capturable: bool = False, master_weights: bool | str = False, master_sync: bool = True,
+        stochastic_rounding: bool = False,
         backend: str = "auto", grad_norm_group: Any = None,
     ) -> None:  # fmt: skip
         if max_grad_norm is not None and not max_grad_norm >= 0.0:

@@ -71,6 +71,7 @@ class LAMB(FusedOptimizer):
         always_adapt: bool = False, caution: bool = False, decoupled_decay: bool = False,
         corrected_weight_decay: bool = False, foreach: bool | None = None, *,
         capturable: bool = False, master_weights: bool | str = False, master_sync: bool = True,
+        stochastic_rounding: bool = False,
         backend: str = "auto", grad_norm_group: Any = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=tuple(betas))
@@ -162,15 +163,19 @@ class LAMB(FusedOptimizer):
             by_groups.setdefault(_reduce_groups(p, None), []).append(i)
         for groups, index in by_groups.items():
             sub_lists, sub_hypers = _subset(lists, hypers, index, len(params))
+            sub_scalars, key = scalars, scalars.get("sr_key")
+            if key is not None and len(index) != len(params):  # [note: stochastic rounding]
+                at = torch.tensor(index, device=key.device)
+                sub_scalars = {**scalars, "sr_key": torch.cat((key[:2], key[2:][at]))}
             if not groups:  # whole tensors: the fused op's own per-tensor norms are right
-                ops.step(self.OP, sub_lists, sub_hypers, flags, **scalars, _checked=True)
+                ops.step(self.OP, sub_lists, sub_hypers, flags, **sub_scalars, _checked=True)
                 continue
             # [note: sharded LAMB]
-            sq_norms = ops.step("lamb_direction_", sub_lists, sub_hypers, flags, **scalars,
+            sq_norms = ops.step("lamb_direction_", sub_lists, sub_hypers, flags, **sub_scalars,
                                 _checked=True)  # fmt: skip
             for group in groups:
                 dist.all_reduce(sq_norms, group=group)
-            ops.step("lamb_apply_", sub_lists, sub_hypers, flags, **scalars,
+            ops.step("lamb_apply_", sub_lists, sub_hypers, flags, **sub_scalars,
                      inputs={"sq_norms": sq_norms}, _checked=True)  # fmt: skip
 
 

@@ -26,6 +26,7 @@ class Lion(FusedOptimizer):
         weight_decay: float = 0.0, use_triton: bool = False,
         decoupled_weight_decay: bool = False, *, maximize: bool = False, capturable: bool = False,
         master_weights: bool | str = False, master_sync: bool = True,
+        stochastic_rounding: bool = False,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
     ) -> None:  # fmt: skip
         del use_triton  # lion-pytorch's kernel switch; fusedopt picks by `backend`

@@ -93,6 +93,7 @@ class Muon(FusedOptimizer):
         capturable: bool = False,
         master_weights: bool = False,
         master_sync: bool = True,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
         grad_norm_group: Any = None,
     ) -> None:

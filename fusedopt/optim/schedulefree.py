@@ -75,6 +75,7 @@ class ScheduleFreeAdamW(FusedOptimizer):
         *,
         master_weights: bool = False,
         master_sync: bool = True,
+        stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         capturable: bool = False,
         backend: str = "auto",

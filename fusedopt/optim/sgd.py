@@ -34,6 +34,7 @@ class SGD(FusedOptimizer):
         maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
         fused: bool | None = None, capturable: bool = False,
         master_weights: bool | str = False, master_sync: bool = True,
+        stochastic_rounding: bool = False,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals())

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from fusedopt import _contract
+from fusedopt._validate import check_sr_key
 from fusedopt.reference.ops import (
     adafactor_,
     adafactor_apply_,
@@ -66,10 +70,29 @@ IMPLEMENTATIONS = {
 }
 
 
+def _checks_sr_key(op: str, fn):
+    """``fn`` with its ``sr_key`` checked before it touches any tensor ([note: stochastic
+    rounding] in csrc/include/fusedopt/dtype.h; the C++ backends check it in
+    ``StepArguments``, Triton in ``layout.prepare``)."""
+    signature = inspect.signature(fn)
+    if _contract.SR_KEY not in signature.parameters:
+        return fn
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        check_sr_key(bound.get(_contract.SR_KEY), op, bound["params"], bound["master_params"])
+        return fn(*args, **kwargs)
+
+    return checked
+
+
 def _register() -> None:
     for op, fn in IMPLEMENTATIONS.items():
         name = f"{_contract.NAMESPACE}::{_contract.op_name(op, 'reference')}"
-        torch.library.impl(name, "CompositeExplicitAutograd", fn, lib=_contract._LIBRARY)
+        torch.library.impl(
+            name, "CompositeExplicitAutograd", _checks_sr_key(op, fn), lib=_contract._LIBRARY
+        )
 
 
 _register()

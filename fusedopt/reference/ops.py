@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fusedopt import quant8
 from fusedopt._contract import factored
+from fusedopt.reference.philox import round_stochastic
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -137,7 +138,15 @@ def _load_param(
     return torch.where(written, param.to(opmath), master)
 
 
-def _store_param(p: Tensor, param: Tensor, master_params: Sequence[Tensor], i: int) -> None:
+def _store_param(
+    p: Tensor, param: Tensor, master_params: Sequence[Tensor], i: int, sr_key: Tensor | None = None
+) -> None:
+    """Store the new param ``p`` (opmath): its master too, or its compact split; with
+    ``sr_key`` (bf16 params without masters), rounded stochastically ([note: stochastic
+    rounding] in csrc/include/fusedopt/dtype.h)."""
+    if sr_key is not None:
+        param.copy_(round_stochastic(p, param, sr_key, i))
+        return
     if master_params and _compact(master_params[i]):
         rounded, remainder = split_master(p)
         param.copy_(rounded)
@@ -233,7 +242,7 @@ def store_state(value: Tensor, states: Sequence[Tensor], scales: Sequence[Tensor
 def adamw_(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
     master_params, steps, hypers, group_sizes, decoupled, amsgrad, maximize, bias_correction,
-    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """Adam (L2 decay) / AdamW (decoupled decay), as torch.optim.Adam/AdamW; with
     ``exp_avg_scales``/``exp_avg_sq_scales`` the moments are 8-bit ([note: 8-bit states])."""
@@ -261,7 +270,7 @@ def adamw_(
         p = p - (lr_i / bc1) * m / denom
         store_state(m, exp_avgs, exp_avg_scales, i)
         store_state(v, exp_avg_sqs, exp_avg_sq_scales, i)
-        _store_param(p, params[i], master_params, i)
+        _store_param(p, params[i], master_params, i, sr_key)
 
 
 def _lamb_coefficients(i, t, beta1, beta2, grad_averaging, bias_correction):
@@ -294,7 +303,7 @@ def _lamb_moments(i, g, exp_avgs, exp_avg_sqs, beta1, beta2, beta3, opmath):
 def lamb_direction_(
     params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
     hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
-    always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+    always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> Tensor:  # fmt: skip
     """LAMB's first pass (``fusedopt._contract.PHASE_OPS``): advances the steps, returns
     ``sq_norms`` [N, 2] (sum p², sum u² of each tensor that adapts, else 0) and stores the
@@ -324,6 +333,7 @@ def lamb_apply_(
     params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
     hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
     always_adapt, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+    sr_key=None,
 ) -> None:  # fmt: skip
     """LAMB's second pass, after :func:`lamb_direction_`: trust ratios from ``sq_norms``, then
     ``p -= lr * (u * ratio)`` with u recomputed (from the stored new moments of a two-pass
@@ -349,27 +359,27 @@ def lamb_apply_(
             if trust_clip:
                 ratio = torch.clamp(ratio, max=1.0)
         p = p - lr_i * (u * ratio)
-        _store_param(p, params[i], master_params, i)
+        _store_param(p, params[i], master_params, i, sr_key)
 
 
 def lamb_(
     params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
     hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
-    always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+    always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """LAMB with timm's semantics (DESIGN.md §3); the global clip arrives in clip_coef. Its two
     passes, :func:`lamb_direction_` then :func:`lamb_apply_`."""
     hypers_flags = (hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
                     always_adapt)  # fmt: skip
     lists = (params, grads, exp_avgs, exp_avg_sqs, master_params, steps)
-    scalars = (lr_tensor, grad_scale, clip_coef, found_inf, master_sync)
+    scalars = (lr_tensor, grad_scale, clip_coef, found_inf, master_sync, sr_key)
     sq_norms = lamb_direction_(*lists, *hypers_flags, *scalars)
     lamb_apply_(*lists, *hypers_flags, sq_norms, *scalars)
 
 
 def lion_(
     params, grads, exp_avgs, master_params, hypers, group_sizes, maximize,
-    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """Lion (Chen et al. 2023, lion-pytorch), with sign(0) = 0."""
     lr, beta1, beta2, weight_decay = _columns(hypers, group_sizes)
@@ -380,13 +390,13 @@ def lion_(
         c = beta1[i] * m + (1 - beta1[i]) * g
         p = p - lr_i * torch.sign(c)
         exp_avgs[i].copy_(beta2[i] * m + (1 - beta2[i]) * g)
-        _store_param(p, params[i], master_params, i)
+        _store_param(p, params[i], master_params, i, sr_key)
 
 
 def adan_(
     params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, master_params, steps,
     hypers, group_sizes, no_prox, lr_tensor, grad_scale, clip_coef,
-    found_inf, master_sync=True,
+    found_inf, master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """Adan (Xie et al. 2022), as the official sail-sg ``Adan``: betas are the EMA weights,
     ``neg_pre_grads`` keep ``-g`` of the previous step (taken as ``-g`` at step 1, so the
@@ -416,7 +426,7 @@ def adan_(
         exp_avg_sqs[i].copy_(n)
         exp_avg_diffs[i].copy_(v)
         neg_pre_grads[i].copy_(-g)
-        _store_param(p, params[i], master_params, i)
+        _store_param(p, params[i], master_params, i, sr_key)
 
 
 def _lerp(start: Tensor, end: Tensor, weight: float, one_minus_weight: float) -> Tensor:
@@ -429,7 +439,7 @@ def _lerp(start: Tensor, end: Tensor, weight: float, one_minus_weight: float) ->
 
 def schedulefree_adamw_(
     params, grads, zs, exp_avg_sqs, master_params, hypers, group_sizes,
-    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """Schedule-Free AdamW (Defazio et al. 2024), as the schedulefree package's
     ``AdamWScheduleFree.step``: the params hold y, ``zs`` the base sequence z. ``lr`` (with the
@@ -448,13 +458,13 @@ def schedulefree_adamw_(
         y = y + lr_i * (beta1[i] * (1 - c) - 1) * u
         zs[i].copy_(z - lr_i * u)
         exp_avg_sqs[i].copy_(v)
-        _store_param(y, params[i], master_params, i)
+        _store_param(y, params[i], master_params, i, sr_key)
 
 
 def sgd_(
     params, grads, momentum_buffers, master_params, steps, hypers, group_sizes, nesterov,
     maximize, lr_tensor, grad_scale, clip_coef, found_inf,
-    master_sync=True,
+    master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD."""
     lr, momentum, dampening, weight_decay = _columns(hypers, group_sizes)
@@ -475,7 +485,7 @@ def sgd_(
             momentum_buffers[i].copy_(buf)
             g = g + momentum[i] * buf if nesterov else buf
         p = p - lr_i * g
-        _store_param(p, params[i], master_params, i)
+        _store_param(p, params[i], master_params, i, sr_key)
 
 
 def _adafactor_eps1(eps1: float, param: Tensor, master_params: Sequence[Tensor]) -> float:
@@ -500,7 +510,7 @@ def _adafactor_update(i, g, row_vars, col_vars, variances, eps1, opmath) -> Tens
 def adafactor_norms_(
     params, grads, row_vars, col_vars, variances, master_params, steps,
     hypers, group_sizes, maximize, lr_tensor, grad_scale, clip_coef, found_inf,
-    master_sync=True,
+    master_sync=True, sr_key=None,
 ) -> Tensor:  # fmt: skip
     """Adafactor's reductions (``fusedopt._contract.PHASE_OPS``): advances the steps, folds
     g² into the second moments (``lerp`` with weight ``t**beta2_decay``, as torch) and
@@ -532,7 +542,7 @@ def adafactor_norms_(
 def adafactor_apply_(
     params, grads, row_vars, col_vars, variances, master_params, steps,
     hypers, group_sizes, maximize, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf,
-    master_sync=True,
+    master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """Adafactor's update, after :func:`adafactor_norms_`: per tensor, in float64,
     ``rho = min(lr, 1/sqrt(t))``, ``alpha = max(eps2, sqrt(sum p² / n)) * rho`` and
@@ -555,18 +565,18 @@ def adafactor_apply_(
         if weight_decay[i] != 0:  # [note: zero weight decay]
             p = p * (1 - lr_value * weight_decay[i])
         p = p - (alpha / clip) * u
-        _store_param(p, params[i], master_params, i)
+        _store_param(p, params[i], master_params, i, sr_key)
 
 
 def adafactor_(
     params, grads, row_vars, col_vars, variances, master_params, steps,
     hypers, group_sizes, maximize, lr_tensor, grad_scale, clip_coef, found_inf,
-    master_sync=True,
+    master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """Adafactor, as torch.optim.Adafactor (DESIGN.md §3): its passes,
     :func:`adafactor_norms_` then :func:`adafactor_apply_`."""
     lists = (params, grads, row_vars, col_vars, variances, master_params, steps)
-    scalars = (lr_tensor, grad_scale, clip_coef, found_inf, master_sync)
+    scalars = (lr_tensor, grad_scale, clip_coef, found_inf, master_sync, sr_key)
     sq_norms = adafactor_norms_(*lists, hypers, group_sizes, maximize, *scalars)
     adafactor_apply_(*lists, hypers, group_sizes, maximize, sq_norms, *scalars)
 
@@ -593,7 +603,7 @@ def lerp(start: Tensor, end: Tensor, weight: float) -> Tensor:
 
 def muon_momentum_(
     params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov,
-    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """Muon's first pass (torch.optim.Muon): ``buf = lerp(buf, g, 1 - momentum)``; the
     Newton-Schulz input ``bf16(lerp(g, buf, momentum))`` with Nesterov, else ``bf16(buf)``,
@@ -611,7 +621,7 @@ def muon_momentum_(
 
 def muon_apply_(
     params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov,
-    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """Muon's second pass: ``p = p*(1 - lr*wd)`` (rounded), then
     ``p = fma(-(lr*lr_ratio), O, p)``, O the Newton-Schulz output in ``ns_buffers``; the
@@ -627,12 +637,12 @@ def muon_apply_(
         decay = torch.tensor(1 - lr_i * weight_decay[i], dtype=opmath)
         step = torch.tensor(-(lr_i * lr_ratio[i]), dtype=opmath)
         p = _fma(step, ns_buffers[i].to(opmath), p * decay)
-        _store_param(p, param, master_params, i)
+        _store_param(p, param, master_params, i, sr_key)
 
 
 def muon_newton_schulz(
     params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov,
-    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """The Newton-Schulz iteration of each ``ns_buffers[i]`` in place, one matrix at a time,
     with its row's ``ns_*`` hyperparameters (a host read of the table): what ``muon_`` runs
@@ -648,13 +658,14 @@ def muon_newton_schulz(
 
 def muon_(
     params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes, nesterov,
-    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
+    lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
     """Muon: :func:`muon_momentum_`, the Newton-Schulz iteration of each ``ns_buffers[i]``
     in place (:func:`muon_newton_schulz`), then :func:`muon_apply_`."""
     _check_matrices(params)
     args = (params, grads, momentum_buffers, ns_buffers, master_params, hypers, group_sizes,
-            nesterov, lr_tensor, grad_scale, clip_coef, found_inf, master_sync)  # fmt: skip
+            nesterov, lr_tensor, grad_scale, clip_coef, found_inf, master_sync,
+            sr_key)  # fmt: skip
     muon_momentum_(*args)
     muon_newton_schulz(*args)
     muon_apply_(*args)

@@ -51,6 +51,7 @@ from .common import (
     load_param,
     load_scalar,
     locate_chunk,
+    master_or_key,
     round_to,
     skipped,
     slot,
@@ -361,7 +362,7 @@ def _apply_block(offs, mask, rows, cols, floor_ptr, p_ptr, g_ptr, master_ptr, r_
 
 @triton.jit
 def adafactor_apply_kernel(
-    table, chunks, dims, floors, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf,
+    table, chunks, dims, floors, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf, sr_key,
     WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -391,7 +392,7 @@ def adafactor_apply_kernel(
         args = (
             rows, cols, floors + tl.load(dims + DIMS * t + 2),
             slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
-            slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
+            master_or_key(row, t, sr_key, L.MASTER_PARAMS, MASTER, ALIGNED),
             slot(row, L.ROW_VARS, S_DTYPE, False), slot(row, L.COL_VARS, S_DTYPE, False),
             slot(row, L.VARIANCES, S_DTYPE, ALIGNED),
             load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
@@ -495,7 +496,7 @@ def _norms(a, sq_norms: torch.Tensor) -> None:
     plan = _plan(a.params)
     device = sq_norms.device
     n_chunks = plan.n_chunks
-    _, grad_scale_arg, clip_coef_arg, found_inf_arg = a.scalar_tensors
+    _, grad_scale_arg, clip_coef_arg, found_inf_arg, _ = a.scalar_tensors
     f64 = torch.float64
     row_sums = torch.empty(plan.n_row_sums, dtype=f64, device=device)
     col_partials = torch.empty(plan.n_col_partials, dtype=f64, device=device)

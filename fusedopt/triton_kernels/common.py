@@ -37,6 +37,9 @@ HEADER = tl.constexpr(multi_tensor.HEADER)
 MASTER_SYNCED = tl.constexpr(multi_tensor.MASTER_SYNCED)
 #: The MASTER constexpr of a step kernel with compact masters ([note: compact master]).
 MASTER_COMPACT = tl.constexpr(multi_tensor.MASTER_COMPACT)
+#: The MASTER constexpr of a step kernel without masters whose bf16 param store rounds
+#: stochastically ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h).
+MASTER_STOCHASTIC = tl.constexpr(multi_tensor.MASTER_STOCHASTIC)
 
 #: The table of the mixed-dtype ops (scale_, grad_norm): one slot, the tensors, and one
 #: float64 column, the dtype code (``multi_tensor.dtype_code_arguments``). The step
@@ -99,16 +102,53 @@ def load(ptr, offs, mask, COMPUTE: tl.constexpr):
 
 
 #: Store rounding modes ([note: store rounding] in csrc/include/fusedopt/dtype.h): the
-#: ``ROUNDING`` constexpr of ``round_to`` and ``store``. Round to nearest even is the only one.
+#: ``ROUNDING`` constexpr of ``round_to`` and ``store``: round to nearest even, or
+#: stochastically (bf16 only, with 16 random bits per element: [note: stochastic rounding]).
 NEAREST_EVEN: tl.constexpr = tl.constexpr(0)
+STOCHASTIC: tl.constexpr = tl.constexpr(1)
 
 
 @triton.jit
-def round_to(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr = NEAREST_EVEN):
-    """``x`` rounded to ``DTYPE`` as ``ROUNDING`` says: to nearest even, the only mode so far
-    ([note: interpreter bf16 rounding])."""
-    tl.static_assert(ROUNDING == NEAREST_EVEN, "only round-to-nearest-even stores exist")
-    if INTERPRETING and DTYPE == tl.bfloat16:  # noqa: SIM300
+def rounding_bits(key, offs):
+    """The 16 random bits (uint32) of the elements ``offs`` of the tensor keyed by ``key`` =
+    (seed, counter, tensor id), int64 scalars ([note: stochastic rounding] in
+    csrc/include/fusedopt/dtype.h): the top half of the first word of Philox4x32-10 with key
+    (seed low, seed high) and counter (element low, element high, tensor id, counter).
+    ``tl.philox`` is the standard Philox4x32-10 (its rounds are Random123's; it splits the
+    seed low word first): it gives Random123's known-answer vectors, compiled and
+    interpreted (tests/test_stochastic_rounding.py)."""
+    seed, counter, tensor = key
+    e = offs.to(tl.int64)
+    c0 = (e & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((e >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + (tensor & 0xFFFFFFFF).to(tl.uint32)
+    c3 = tl.zeros_like(c0) + (counter & 0xFFFFFFFF).to(tl.uint32)
+    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return r0 >> 16
+
+
+@triton.jit
+def round_stochastic(x, random):
+    """fp32 ``x`` rounded to bf16 with the 16 random bits ``random`` (uint32) per element: the
+    carry of (bits + random) out of the low half; NaN -> 0x7FC0; never an infinity where
+    round to nearest stays finite (saturates at 0x7F7F) ([note: stochastic rounding])."""
+    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    magnitude = bits & 0x7FFFFFFF
+    rounded = (bits + random) >> 16
+    overflow = (magnitude < 0x7F7F8000) & ((rounded & 0x7FFF) == 0x7F80)
+    rounded = tl.where(overflow, ((bits >> 16) & 0x8000) | 0x7F7F, rounded)
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr = NEAREST_EVEN, random=None):
+    """``x`` rounded to ``DTYPE`` as ``ROUNDING`` says: to nearest even ([note: interpreter
+    bf16 rounding]), or with STOCHASTIC to bf16 with the 16 bits ``random`` per element."""
+    if ROUNDING == STOCHASTIC:
+        tl.static_assert(tl.bfloat16 == DTYPE, "stochastic rounding stores bf16 only")
+        return round_stochastic(x, random)
+    elif INTERPRETING and DTYPE == tl.bfloat16:  # noqa: SIM300
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
@@ -118,9 +158,9 @@ def round_to(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr = NEAREST_EVEN):
 
 
 @triton.jit
-def store(ptr, offs, mask, x, ROUNDING: tl.constexpr = NEAREST_EVEN):
+def store(ptr, offs, mask, x, ROUNDING: tl.constexpr = NEAREST_EVEN, random=None):
     """Round to the pointer's dtype (``round_to``) and store."""
-    tl.store(ptr + offs, round_to(x, ptr.dtype.element_ty, ROUNDING), mask=mask)
+    tl.store(ptr + offs, round_to(x, ptr.dtype.element_ty, ROUNDING, random), mask=mask)
 
 
 @triton.jit
@@ -265,6 +305,18 @@ def split_master(x):
 
 
 @triton.jit
+def master_or_key(row, t, sr_key, MASTER_SLOT: tl.constexpr, MASTER: tl.constexpr,
+                  ALIGNED: tl.constexpr):  # fmt: skip
+    """What a step kernel hands ``load_param``/``store_param`` as ``master_ptr``: the master
+    slot's pointer, or with MASTER_STOCHASTIC tensor ``t``'s rounding key (seed, counter,
+    its id) from ``sr_key`` = [seed, counter, id_0, ...] ([note: stochastic rounding])."""
+    if MASTER == MASTER_STOCHASTIC:
+        return (tl.load(sr_key), tl.load(sr_key + 1), tl.load(sr_key + 2 + t))
+    else:
+        return slot(row, MASTER_SLOT, tl.float32, ALIGNED)
+
+
+@triton.jit
 def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.constexpr):
     """The param in the compute dtype: its fp32 master copy when MASTER, else itself. With
     MASTER == MASTER_SYNCED, an element whose param bits differ from its rounded master's
@@ -280,6 +332,8 @@ def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.
             raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
             remainder = tl.load(r_ptr + offs, mask=mask, other=0)
         return join_master(raw, remainder).to(COMPUTE)
+    elif MASTER == MASTER_STOCHASTIC:  # no master: the param itself
+        return load(p_ptr, offs, mask, COMPUTE)
     elif MASTER:
         x = load(master_ptr, offs, mask, COMPUTE)
         if MASTER == MASTER_SYNCED:
@@ -299,8 +353,12 @@ def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.
 def store_param(p_ptr, master_ptr, offs, mask, p, MASTER: tl.constexpr):
     """Store the updated param; with MASTER, the fp32 master and the rounded param both, so
     that ``param == master.to(param.dtype)`` bit for bit; with MASTER_COMPACT, the param and
-    remainder of ``split_master`` ([note: compact master])."""
-    if MASTER == MASTER_COMPACT:
+    remainder of ``split_master`` ([note: compact master]); with MASTER_STOCHASTIC,
+    ``master_ptr`` is the tensor's rounding key (``master_or_key``) and the bf16 param is
+    rounded stochastically ([note: stochastic rounding])."""
+    if MASTER == MASTER_STOCHASTIC:
+        store(p_ptr, offs, mask, p, STOCHASTIC, rounding_bits(master_ptr, offs))
+    elif MASTER == MASTER_COMPACT:
         param, remainder = split_master(p)
         tl.store(p_ptr + offs, param, mask=mask)
         tl.store(master_ptr.to(tl.pointer_type(tl.int16)) + offs, remainder, mask=mask)

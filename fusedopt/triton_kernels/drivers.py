@@ -30,6 +30,7 @@ from .common import (
     load_param,
     load_scalar,
     locate_chunk,
+    master_or_key,
     skipped,
     slot,
     store_param,
@@ -58,15 +59,17 @@ def locate_step(
 
 @triton.jit
 def param_args(
-    row, grad_scale, clip_coef, MASTER_PARAMS: tl.constexpr, P_DTYPE: tl.constexpr,
-    G_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_CLIP: tl.constexpr, ALIGNED: tl.constexpr,
+    row, t, grad_scale, clip_coef, sr_key, MASTER_PARAMS: tl.constexpr, P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    """What every step block takes first: the param, grad and master pointers of a table
-    row, then grad_scale and clip_coef in the compute dtype (1 when absent)."""
+    """What every step block takes first: the param, grad and master pointers of tensor
+    ``t``'s table row (its rounding key instead of the master with MASTER_STOCHASTIC:
+    ``common.master_or_key``), then grad_scale and clip_coef in the compute dtype (1 when
+    absent)."""
     return (
         slot(row, PARAMS, P_DTYPE, ALIGNED), slot(row, GRADS, G_DTYPE, ALIGNED),
-        slot(row, MASTER_PARAMS, tl.float32, ALIGNED),
+        master_or_key(row, t, sr_key, MASTER_PARAMS, MASTER, ALIGNED),
         load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE), load_scalar(clip_coef, HAS_CLIP, COMPUTE),
     )  # fmt: skip
 
@@ -175,7 +178,7 @@ def by_dtype(
 
 @triton.jit
 def step_kernel(
-    table, chunks, counters, lr_tensor, grad_scale, clip_coef, found_inf,
+    table, chunks, counters, lr_tensor, grad_scale, clip_coef, found_inf, sr_key,
     PROLOGUE: tl.constexpr, BLOCK_FN: tl.constexpr, FLAGS: tl.constexpr,
     N_SLOTS: tl.constexpr, MASTER_SLOT: tl.constexpr, STEP_SLOT: tl.constexpr,
     STEPS: tl.constexpr,
@@ -191,8 +194,9 @@ def step_kernel(
         # param_args before the prologue: after it, the unaligned bf16-master adamw_ variant
         # took 110 registers instead of 96, the unaligned fp32 and bf16 ones 94 instead of 92
         # (Triton 3.8, sm_90); before it, every variant is as hand-written.
-        common = param_args(row, grad_scale, clip_coef, MASTER_SLOT, P_DTYPE, G_DTYPE, COMPUTE,
-                            HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+        common = param_args(row, t, grad_scale, clip_coef, sr_key, MASTER_SLOT, P_DTYPE,
+                            G_DTYPE, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+                            ALIGNED)  # fmt: skip
         lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
         args, new_step, advance = PROLOGUE(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS)
         for_each_block(BLOCK_FN, start, end, common, args, (COMPUTE, FLAGS), COMPUTE, MASTER,

@@ -97,16 +97,17 @@ def _coefficients(row, new_step, COMPUTE: tl.constexpr, GRAD_AVERAGING: tl.const
 
 @triton.jit
 def _block_args(
-    row, new_step, grad_scale, clip_coef, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-    S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    row, t, new_step, grad_scale, clip_coef, sr_key, P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr, GRAD_AVERAGING: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """What a block of either pass takes: ``drivers.param_args``, the moment pointers and the
     coefficients of the update."""
     return (
-        param_args(row, grad_scale, clip_coef, L.MASTER_PARAMS, P_DTYPE, G_DTYPE, COMPUTE,
-                   HAS_GRAD_SCALE, HAS_CLIP, ALIGNED),
+        param_args(row, t, grad_scale, clip_coef, sr_key, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
+                   COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED),
         slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
         _coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
     )  # fmt: skip
@@ -146,7 +147,8 @@ def _adapts(row, ALWAYS_ADAPT: tl.constexpr):
 
 @triton.jit
 def lamb_norms_kernel(
-    table, chunks, counters, partials, grad_scale, clip_coef, found_inf, WIDTH: tl.constexpr,
+    table, chunks, counters, partials, grad_scale, clip_coef, found_inf, sr_key,
+    WIDTH: tl.constexpr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, GRAD_AVERAGING: tl.constexpr,
@@ -161,9 +163,9 @@ def lamb_norms_kernel(
         step_ptr = slot(row, L.STEPS, tl.float32, False)
         new_step = tl.load(step_ptr) + 1.0
         end = tl.where(_adapts(row, ALWAYS_ADAPT), end, start)  # no elements: partials 0
-        block_args = _block_args(row, new_step, grad_scale, clip_coef, P_DTYPE, G_DTYPE, S_DTYPE,
-                                 COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, GRAD_AVERAGING,
-                                 BIAS_CORRECTION, ALIGNED)  # fmt: skip
+        block_args = _block_args(row, t, new_step, grad_scale, clip_coef, sr_key, P_DTYPE,
+                                 G_DTYPE, S_DTYPE, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+                                 GRAD_AVERAGING, BIAS_CORRECTION, ALIGNED)  # fmt: skip
         zeros = tl.zeros((BLOCK,), COMPUTE)
         w_acc, u_acc = fold_blocks(_norms_block, start, end, (zeros, zeros), (block_args, COMPUTE,
                                    MASTER, HAS_GRAD_SCALE, HAS_CLIP, STATES_EXACT))  # fmt: skip
@@ -237,7 +239,7 @@ def _apply_block(
 
 @triton.jit
 def lamb_apply_kernel(
-    table, chunks, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf,
+    table, chunks, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf, sr_key,
     WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
     LR_MODE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
@@ -251,9 +253,9 @@ def lamb_apply_kernel(
         new_step = tl.load(slot(row, L.STEPS, tl.float32, False))
         ratio = _trust_ratio(row, sq_norms, t, COMPUTE, TRUST_CLIP, ALWAYS_ADAPT)
         two_pass = _adapts(row, ALWAYS_ADAPT) if STATES_EXACT else False  # [note: lamb passes]
-        block_args = _block_args(row, new_step, grad_scale, clip_coef, P_DTYPE, G_DTYPE, S_DTYPE,
-                                 COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, GRAD_AVERAGING,
-                                 BIAS_CORRECTION, ALIGNED)  # fmt: skip
+        block_args = _block_args(row, t, new_step, grad_scale, clip_coef, sr_key, P_DTYPE,
+                                 G_DTYPE, S_DTYPE, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+                                 GRAD_AVERAGING, BIAS_CORRECTION, ALIGNED)  # fmt: skip
         fold_blocks(_apply_block, start, end, tl.zeros((), tl.int32), (ratio, lr.to(COMPUTE),
                     two_pass, block_args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP))  # fmt: skip
 
@@ -278,10 +280,10 @@ def _direction(a, sq_norms: torch.Tensor) -> None:
     launch = a.launch
     compute = sq_norms.dtype
     partials = torch.empty(2 * launch.n_chunks, dtype=compute, device=sq_norms.device)
-    _, grad_scale_arg, clip_coef_arg, found_inf_arg = a.scalar_tensors
+    _, grad_scale_arg, clip_coef_arg, found_inf_arg, sr_key_arg = a.scalar_tensors
     lamb_norms_kernel[(launch.n_chunks,)](
         launch.table, launch.chunks, launch.counters, partials, grad_scale_arg, clip_coef_arg,
-        found_inf_arg, **_options(a),
+        found_inf_arg, sr_key_arg, **_options(a),
     )  # fmt: skip
     lamb_fold_kernel[(len(a.params),)](
         launch.table, partials, sq_norms, found_inf_arg, WIDTH=launch.width,

@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedopt import _contract
+from fusedopt._validate import check_sr_key
 
 from . import common
 from .multi_tensor import Launch, TableCache, dtype_arguments, scalar_arguments
@@ -50,7 +51,7 @@ class StepArguments:
     lists: list[list[Tensor]]  # the tensor lists, in schema order (table slots)
     hyper_rows: list[int]  # each tensor's row address in the hyperparameter table
     flags: dict[str, bool]  # the per-call flags as constexpr kernel arguments (upper case)
-    scalars: tuple[Tensor | None, ...]  # lr_tensor, grad_scale, clip_coef, found_inf
+    scalars: tuple[Tensor | None, ...]  # lr_tensor, grad_scale, clip_coef, found_inf, sr_key
     step_slots: tuple[int, ...]  # slots read as scalars (the step counts)
     # Set by ``prepare``:
     dtypes: dict | None = None  # P_DTYPE, G_DTYPE, S_DTYPE, COMPUTE, MASTER constexprs
@@ -79,6 +80,7 @@ def bind(op: str, args: tuple) -> StepArguments:
     spec = _contract.STEP_OPS[op]
     names = (*spec.lists, "hypers", "group_sizes", *spec.flags, *_contract.COMMON_SCALARS)
     defaults = {f.name: f.default for f in _contract.COMMON_FLAGS}  # schema defaults
+    defaults[_contract.SR_KEY] = None
     if not len(names) <= len(args) <= len(names) + len(defaults):
         raise TypeError(f"{op}: expected {len(names)} to {len(names) + len(defaults)} "
                         f"arguments, got {len(args)}")  # fmt: skip
@@ -89,7 +91,7 @@ def bind(op: str, args: tuple) -> StepArguments:
         [named[n] for n in spec.lists],
         _hyper_rows(op, named["hypers"], named["group_sizes"], named["params"]),
         {f.upper(): bool(named[f]) for f in spec.flags},
-        tuple(named[s] for s in _contract.COMMON_SCALARS),
+        tuple(named[s] for s in (*_contract.COMMON_SCALARS, _contract.SR_KEY)),
         tuple(k for k, t in enumerate(spec.tensor_lists) if t.role == "step"),
     )
 
@@ -104,7 +106,9 @@ def prepare(op: str, args: tuple, tables: TableCache) -> StepArguments | None:
     if spec.steps_with is not None and bool(a.named[spec.steps_with]) != bool(a.steps):
         raise ValueError(f"{op}: {spec.steps_with} and steps must both be given or both be empty")
     compact = bool(a.master_params) and a.master_params[0].dtype == torch.int16
-    a.dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params), a.master_sync, compact)
+    check_sr_key(a.sr_key, op, a.params, a.master_params)
+    a.dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params), a.master_sync, compact,
+                               a.sr_key is not None)  # fmt: skip
     a.launch = tables.launch(
         a.lists,
         extra_key=(tuple(map(str, a.dtypes.values())),),

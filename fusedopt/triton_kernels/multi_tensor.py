@@ -206,7 +206,9 @@ def tl_dtype(dtype: torch.dtype):
 #: A step kernel's MASTER constexpr: no master weights; masters; masters that first adopt a
 #: param written since the last step ([note: master sync] in fusedopt._contract); compact
 #: masters, the int16 remainders of bf16 params ([note: compact master]).
-NO_MASTER, MASTER, MASTER_SYNCED, MASTER_COMPACT = 0, 1, 2, 3
+#: MASTER_STOCHASTIC: no master weights, the bf16 param store rounded stochastically
+#: ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h).
+NO_MASTER, MASTER, MASTER_SYNCED, MASTER_COMPACT, MASTER_STOCHASTIC = 0, 1, 2, 3, 4
 
 
 def dtype_arguments(
@@ -215,10 +217,12 @@ def dtype_arguments(
     master: bool,
     master_sync: bool = False,
     compact: bool = False,
+    stochastic: bool = False,
 ) -> dict:
     """Constexpr dtypes of a step call (one param dtype, one grad dtype: fusedopt.ops splits),
     and MASTER (``NO_MASTER``, ``MASTER``, ``MASTER_SYNCED`` or, for int16 ``compact``
-    masters, ``MASTER_COMPACT``).
+    masters, ``MASTER_COMPACT``; ``MASTER_STOCHASTIC`` without masters when the call has an
+    ``sr_key``).
 
     States are fp32 with master weights, else in the param dtype (DESIGN.md §3); the math is
     fp32, fp64 for fp64 params."""
@@ -226,6 +230,8 @@ def dtype_arguments(
     mode = (MASTER_SYNCED if master_sync else MASTER) if master else NO_MASTER
     if master and compact:
         mode = MASTER_COMPACT
+    if stochastic:
+        mode = MASTER_STOCHASTIC
     return {
         "P_DTYPE": tl_dtype(p),
         "G_DTYPE": tl_dtype(g),
@@ -241,12 +247,15 @@ def scalar_arguments(
     grad_scale: Tensor | None,
     clip_coef: Tensor | None,
     found_inf: Tensor | None,
+    sr_key: Tensor | None = None,
 ) -> tuple[list[Tensor], dict]:
-    """The common scalars as kernel arguments (``dummy`` stands in for an absent one) and the
-    constexpr flags saying which are present. LR_MODE: 0 lr from the table (Python floats),
-    1 a 0-d lr tensor, 2 one lr per tensor."""
+    """The common scalars and ``sr_key`` as kernel arguments (``dummy`` stands in for an
+    absent one) and the constexpr flags saying which are present (an sr_key shows in the
+    MASTER constexpr: ``dtype_arguments``). LR_MODE: 0 lr from the table (Python floats), 1 a
+    0-d lr tensor, 2 one lr per tensor."""
     lr_mode = 0 if lr_tensor is None else (1 if lr_tensor.dim() == 0 else 2)
-    tensors = [t if t is not None else dummy for t in (lr_tensor, grad_scale, clip_coef, found_inf)]
+    scalars = (lr_tensor, grad_scale, clip_coef, found_inf, sr_key)
+    tensors = [t if t is not None else dummy for t in scalars]
     flags = {
         "LR_MODE": lr_mode,
         "HAS_GRAD_SCALE": grad_scale is not None,

@@ -22,6 +22,7 @@ from .common import (
     load_param,
     load_scalar,
     locate_chunk,
+    master_or_key,
     round_to,
     skipped,
     slot,
@@ -85,7 +86,7 @@ APPLY_PASS: tl.constexpr = tl.constexpr(1)
 
 @triton.jit
 def muon_pass_kernel(
-    table, chunks, lr_tensor, grad_scale, clip_coef, found_inf, PASS: tl.constexpr,
+    table, chunks, lr_tensor, grad_scale, clip_coef, found_inf, sr_key, PASS: tl.constexpr,
     WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -118,7 +119,8 @@ def muon_pass_kernel(
             step = (-(lr * hyper(row, L.N_SLOTS, L.LR_RATIO))).to(COMPUTE)
             args = (
                 slot(row, L.PARAMS, P_DTYPE, ALIGNED),
-                slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
+                # the master, or with MASTER_STOCHASTIC the tensor's rounding key
+                master_or_key(row, t, sr_key, L.MASTER_PARAMS, MASTER, ALIGNED),
                 slot(row, L.NS_BUFFERS, tl.bfloat16, ALIGNED), decay, step,
             )  # fmt: skip
             fold_blocks(_apply_block, start, end, nothing, (args, COMPUTE, MASTER))

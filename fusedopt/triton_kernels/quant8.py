@@ -131,7 +131,7 @@ def _first_block(offset, row_length, blocks_per_row):
 @triton.jit
 def q8_step_kernel(
     table, chunks, counters, row_lengths, tables, lr_tensor, grad_scale, clip_coef, found_inf,
-    PROLOGUE: tl.constexpr, BLOCK_FN: tl.constexpr, FLAGS: tl.constexpr,
+    sr_key, PROLOGUE: tl.constexpr, BLOCK_FN: tl.constexpr, FLAGS: tl.constexpr,
     N_SLOTS: tl.constexpr, MASTER_SLOT: tl.constexpr, STEP_SLOT: tl.constexpr,
     WIDTH: tl.constexpr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
@@ -144,8 +144,9 @@ def q8_step_kernel(
     returns the new p) and stored; the tensor's last chunk advances its step count."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        common = param_args(row, grad_scale, clip_coef, MASTER_SLOT, P_DTYPE, G_DTYPE, COMPUTE,
-                            HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+        common = param_args(row, t, grad_scale, clip_coef, sr_key, MASTER_SLOT, P_DTYPE,
+                            G_DTYPE, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+                            ALIGNED)  # fmt: skip
         p_ptr, g_ptr, master_ptr, scale_g, clip = common
         lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
         args, new_step, advance = PROLOGUE(row, lr, COMPUTE, LR_MODE, FLAGS)

@@ -30,10 +30,45 @@ enum class DType : int32_t {
 /// [note: store rounding] The rounding of a store is one template parameter (one
 /// tl.constexpr in Triton) of each backend's store conversion: csrc/cuda/common.cuh
 /// from_opmath, csrc/cpu/convert.h store_values, fusedopt/triton_kernels/common.py round_to. Every
-/// store passes through one of them, so a new mode (stochastic rounding) is added in the
-/// enum and in those three conversions. Round to nearest even (c10's rounding, the
-/// functions below) is the only mode today, and the default of every store.
-enum class Rounding : int32_t { kNearestEven = 0 };
+/// store passes through one of them. Round to nearest even (c10's rounding, the functions
+/// below) is the default of every store; stochastic rounding ([note: stochastic rounding])
+/// is the other mode, for the bf16 param store of bf16 params without master weights.
+///
+/// [note: stochastic rounding] (issue #15) A bf16 param without master weights loses every
+/// update smaller than half its ulp under round to nearest: the param stalls. Stochastic
+/// rounding (SR) rounds x up with probability (x - down) / (up - down), so the stored param
+/// equals x in expectation. The construction: add 16 random bits to the fp32 bit pattern and
+/// keep the high half (float_to_bf16_stochastic): the low half of the pattern is the
+/// distance to the lower neighbour in units of 2^-16 of the gap, so the carry happens with
+/// exactly that probability, for either sign (the bits are sign-magnitude), across binades
+/// and for subnormals. Edge cases, chosen and tested (tests/test_stochastic_rounding.py,
+/// csrc/tests/test_math.cpp): a NaN stores the quiet NaN 0x7FC0 (as round to nearest); an
+/// infinity stays an infinity (its low half is 0: no carry); a finite x never becomes an
+/// infinity where round to nearest keeps it finite (x below 0x7F7F8000 in magnitude then
+/// stores the largest finite bf16, 0x7F7F: SR saturates there instead of overflowing), and
+/// where round to nearest overflows SR gives the infinity or the largest finite, at random.
+///
+/// The random bits come from Philox4x32-10 (fusedopt/philox.h; the same words in every
+/// backend: csrc/include/fusedopt/philox.h for CPU and CUDA, tl.philox in Triton, which
+/// is the standard Philox4x32-10 on the Random123 vectors, fusedopt/reference/philox.py in
+/// plain torch), keyed so that every backend, every split of the params into calls and
+/// a state-dict resume draw the same bits: key = the 64-bit seed; counter = (element index
+/// in the tensor's memory order, low and high words; the tensor's stream id; the optimizer's
+/// SR step counter); the top 16 bits of the first output word. The key reaches the kernels
+/// without a host sync and CUDA-graph safe as one optional trailing argument of every step
+/// op, `Tensor? sr_key=None` (after master_sync, so positional callers of the older schema
+/// still fit): a 1-d int64 tensor on the params' device, [seed, counter, id_0, ..., id_{N-1}],
+/// read by the kernels and never written. The optimizers (group key
+/// `stochastic_rounding=True`) keep the seed and counter in one int64 device tensor per
+/// device, give each param the id of its index in the optimizer's param order (over all
+/// groups, the order of state_dict()'s param ids: stable across backends, call splits and a
+/// resume), copy [seed, counter] into each call's key before the call and advance the
+/// counter on the device after the step by 1 - (found_inf != 0): a step skipped by a
+/// GradScaler changes nothing, its counter included. State dicts save seed and counter
+/// (`sr_seed`, `sr_counter` in each SR group); a loaded optimizer draws the same bits.
+/// A step op with sr_key applies SR to the param store of bf16 params without master
+/// weights only; states keep round to nearest (SR of 16-bit states is not done yet).
+enum class Rounding : int32_t { kNearestEven = 0, kStochastic = 1 };
 
 FUSEDOPT_HD constexpr int dtype_size(DType d) {
   return d == DType::kFloat64                           ? 8
@@ -81,6 +116,21 @@ FUSEDOPT_HD FUSEDOPT_INLINE uint16_t float_to_bf16(float f) {
   const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return nan ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
+
+/// f rounded to bf16 stochastically with the 16 random bits `random` (0..0xFFFF):
+/// ([note: stochastic rounding]) the carry of (bits + random) out of the low half, for a
+/// finite f; a NaN gives 0x7FC0; never an infinity where float_to_bf16 stays finite.
+FUSEDOPT_HD FUSEDOPT_INLINE uint16_t float_to_bf16_stochastic(float f, uint32_t random) {
+  const uint32_t u = float_bits(f);
+  const uint32_t magnitude = u & 0x7FFFFFFFu;
+  const bool nan = magnitude > 0x7F800000u;
+  // An infinity has a zero low half: the carry never reaches the exponent's last value.
+  const uint32_t rounded = (u + (random & 0xFFFFu)) >> 16;
+  // Below 0x7F7F8000 round to nearest stays finite: saturate at the largest finite there.
+  const bool overflow = magnitude < 0x7F7F8000u && (rounded & 0x7FFFu) == 0x7F80u;
+  const uint32_t saturated = (u >> 16 & 0x8000u) | 0x7F7Fu;
+  return nan ? uint16_t{0x7FC0} : static_cast<uint16_t>(overflow ? saturated : rounded);
 }
 
 /// A compact master: a bf16 param and the int16 remainder that together are the fp32 master

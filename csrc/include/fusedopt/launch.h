@@ -62,6 +62,10 @@ struct DeviceScalars {
   const void* grad_scale = nullptr;
   const void* clip_coef = nullptr;
   const float* found_inf = nullptr;
+  // sr_key: [seed, counter, id_0, ..., id_{N-1}] (int64), or null: round to nearest. With it,
+  // the param store of bf16 params without master weights rounds stochastically ([note:
+  // stochastic rounding] in fusedopt/dtype.h). Read only.
+  const int64_t* sr_key = nullptr;
 };
 
 /// Temporary device memory for a launcher (CPU launchers use plain host memory instead).

@@ -1,0 +1,73 @@
+// Philox4x32-10 (Salmon et al., "Parallel Random Numbers: As Easy as 1, 2, 3", SC11), the
+// counter-based generator of stochastic rounding ([note: stochastic rounding] in
+// fusedopt/dtype.h), written once for the CPU and CUDA builds (host and device), torch-free.
+// Checked against Random123's published known-answer vectors in csrc/tests/test_math.cpp;
+// fusedopt/reference/philox.py (torch) and fusedopt/triton_kernels/common.py (Triton's
+// tl.philox) give the same words, tests/test_stochastic_rounding.py.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedopt/macros.h"
+
+namespace fusedopt {
+
+/// Four 32-bit words: a counter in, the random words out.
+struct Philox4x32 {
+  uint32_t w[4];
+};
+
+// The round multipliers and the Weyl key increments of Philox4x32 (Random123's constants).
+inline constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+inline constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+inline constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+inline constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+
+/// Philox4x32 with 10 rounds of counter `c` under key (k0, k1): per round, with the two
+/// 32x32 -> 64-bit products hi0:lo0 = M0 * c0 and hi1:lo1 = M1 * c2, the counter becomes
+/// (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0), and the key is bumped by the Weyl constants
+/// between rounds.
+FUSEDOPT_HD FUSEDOPT_INLINE Philox4x32 philox4x32_10(Philox4x32 c, uint32_t k0, uint32_t k1) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c.w[0];
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c.w[2];
+    c = Philox4x32{{static_cast<uint32_t>(p1 >> 32) ^ c.w[1] ^ k0, static_cast<uint32_t>(p1),
+                    static_cast<uint32_t>(p0 >> 32) ^ c.w[3] ^ k1, static_cast<uint32_t>(p0)}};
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  return c;
+}
+
+/// The key of a stochastically rounded store ([note: stochastic rounding] in
+/// fusedopt/dtype.h): the optimizer's seed and step counter and the tensor's stream id, read
+/// once per block/work item from the op's `sr_key` = [seed, counter, id_0, ..., id_{N-1}].
+struct RoundingKey {
+  uint64_t seed = 0;
+  uint32_t counter = 0;
+  uint32_t tensor = 0;
+};
+
+/// The key of tensor `t` of a call from its sr_key array (seed, counter, then one id per
+/// tensor), int64 values taken modulo 2^64 / 2^32.
+FUSEDOPT_HD FUSEDOPT_INLINE RoundingKey rounding_key(const int64_t* sr_key, int64_t t) {
+  return RoundingKey{static_cast<uint64_t>(sr_key[0]), static_cast<uint32_t>(sr_key[1]),
+                     static_cast<uint32_t>(sr_key[2 + t])};
+}
+
+/// The 16 random bits of element `element` of the tensor keyed by `key`: the top half of
+/// the first word of Philox4x32-10 with key (seed low, seed high) and counter
+/// (element low, element high, tensor id, step counter).
+FUSEDOPT_HD FUSEDOPT_INLINE uint32_t rounding_bits(const RoundingKey& key, int64_t element) {
+  const uint64_t e = static_cast<uint64_t>(element);
+  const Philox4x32 r = philox4x32_10(
+      Philox4x32{{static_cast<uint32_t>(e), static_cast<uint32_t>(e >> 32), key.tensor,
+                  key.counter}},
+      static_cast<uint32_t>(key.seed), static_cast<uint32_t>(key.seed >> 32));
+  return r.w[0] >> 16;
+}
+
+}  // namespace fusedopt
