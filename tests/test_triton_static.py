@@ -56,9 +56,11 @@ WRITES_PARAMS = (
     "muon_apply_",
 )
 # A compact master (bf16 param + int16 remainder, [note: compact master]) reads and writes
-# the same streams as an fp32 one: "master" in its name counts them alike.
+# the same streams as an fp32 one: "master" in its name counts them alike; so does a Kahan
+# master (a 16-bit compensation beside the param, [note: kahan master]).
 ELEMENTWISE_CASES = ("fp32", "bf16", "bf16_master_fp32grad", "fp16_master",
-                     "bf16_compact_master", "fp64")  # fmt: skip
+                     "bf16_compact_master", "bf16_kahan_master", "fp16_kahan_master",
+                     "fp64")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads)
       make_grad_load<T>(args.scalars.grad_scale, args.scalars.clip_coef, args.flag[kMaximize]);
   const P* p = static_cast<const P*>(row.slot[kParam]);
   const G* g = static_cast<const G*>(row.slot[kGrad]);
-  const MasterOf<kM>* master = static_cast<const MasterOf<kM>*>(row.slot[kMaster]);
+  const MasterOf<P, kM>* master = static_cast<const MasterOf<P, kM>*>(row.slot[kMaster]);
   auto grad = [&](int64_t i) { return load_grad(load1<G, T>(g, i), gl); };
   T p2 = T(0), u2 = T(0);
   for (int64_t i = threadIdx.x; i < row.numel; i += blockDim.x) {
@@ -199,7 +199,7 @@ struct AdafactorApplyBody {
   Dims d;
   P* p;
   const G* g;
-  MasterOf<kM>* master;
+  MasterOf<P, kM>* master;
   bool master_sync;
   AdafactorScalars<T> s;
   GradLoad<T> gl;
@@ -209,7 +209,7 @@ struct AdafactorApplyBody {
         d(dims_of(row_)),
         p(static_cast<P*>(row_.slot[kParam])),
         g(static_cast<const G*>(row_.slot[kGrad])),
-        master(static_cast<MasterOf<kM>*>(row_.slot[kMaster])),
+        master(static_cast<MasterOf<P, kM>*>(row_.slot[kMaster])),
         master_sync(a.master_sync),
         s(adafactor_update_scalars<T>(step_lr(row_, t, a), eps1_of<P, kM>(row_),
                                       row_.hyper[kWeightDecay])),

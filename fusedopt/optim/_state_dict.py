@@ -15,7 +15,14 @@ from fusedopt._contract import STEP_OPS, state_shape
 from fusedopt._dense import state_for
 from fusedopt._validate import LOW_PRECISION
 from fusedopt.clip import local_tensor
-from fusedopt.optim._keys import MASTER_KEY, REMAINDER_KEY, STEP_KEY, TORCH_ONLY_KEYS
+from fusedopt.optim._keys import (
+    KAHAN_KEY,
+    MASTER_KEY,
+    MASTER_KEYS,
+    REMAINDER_KEY,
+    STEP_KEY,
+    TORCH_ONLY_KEYS,
+)
 
 
 class StateDictMixin:
@@ -86,7 +93,7 @@ class StateDictMixin:
     def _cast_state(self, group, p: Tensor, saved: dict, gi: int, i: int) -> dict[str, Any]:
         """Check one param's saved state and cast it to this optimizer's layout."""
         where = f"loaded state dict, {self._param_name(gi, i)}"
-        allowed = set(self.STATE_LISTS) | {MASTER_KEY, REMAINDER_KEY}
+        allowed = set(self.STATE_LISTS) | set(MASTER_KEYS)
         unknown = set(saved) - allowed
         if unknown:
             raise ValueError(
@@ -94,7 +101,7 @@ class StateDictMixin:
                 f"(expected some of {sorted(allowed)})"
             )
         master = self._uses_master(group, p)
-        masters = {MASTER_KEY, REMAINDER_KEY}
+        masters = set(MASTER_KEYS)
         if masters & set(saved) and not master and p.dtype in LOW_PRECISION:
             # Saved with master weights, loaded without: [note: master weights switched].
             saved = {k: v for k, v in saved.items() if k not in masters}
@@ -104,8 +111,8 @@ class StateDictMixin:
                     f"{where}: has a {key} but the param is {p.dtype} with "
                     f"master_weights={group['master_weights']}"
                 )
-        # A saved fp32 master loaded as compact, or the other way round, is converted at
-        # the next step (_convert_master, [note: master weights switched]).
+        # A saved master of another kind (fp32, compact, Kahan) is converted at the next
+        # step (_convert_master, [note: master weights switched]).
         device = local_tensor(p).device
         layouts = STEP_OPS[self.OP].state_layouts
         out: dict[str, Any] = {}
@@ -130,6 +137,8 @@ class StateDictMixin:
             dtype = torch.float32 if (master or key == MASTER_KEY) else p.dtype
             if key == REMAINDER_KEY:  # [note: compact master]
                 dtype = torch.int16
+            if key == KAHAN_KEY:  # [note: kahan master]: the param's dtype
+                dtype = p.dtype
             # In the param's memory layout, whatever the saved one: the step pairs elements
             # by position ([note: checked once] in _init_state).
             if layout == "param":

@@ -104,7 +104,10 @@ def prepare(op: str, args: tuple, tables: TableCache) -> StepArguments | None:
     if spec.steps_with is not None and bool(a.named[spec.steps_with]) != bool(a.steps):
         raise ValueError(f"{op}: {spec.steps_with} and steps must both be given or both be empty")
     compact = bool(a.master_params) and a.master_params[0].dtype == torch.int16
-    a.dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params), a.master_sync, compact)
+    kahan = bool(a.master_params) and a.master_params[0].dtype == a.params[0].dtype
+    a.dtypes = dtype_arguments(
+        a.params, a.grads, bool(a.master_params), a.master_sync, compact, kahan
+    )
     a.launch = tables.launch(
         a.lists,
         extra_key=(tuple(map(str, a.dtypes.values())),),

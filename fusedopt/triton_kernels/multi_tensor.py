@@ -205,8 +205,9 @@ def tl_dtype(dtype: torch.dtype):
 
 #: A step kernel's MASTER constexpr: no master weights; masters; masters that first adopt a
 #: param written since the last step ([note: master sync] in fusedopt._contract); compact
-#: masters, the int16 remainders of bf16 params ([note: compact master]).
-NO_MASTER, MASTER, MASTER_SYNCED, MASTER_COMPACT = 0, 1, 2, 3
+#: masters, the int16 remainders of bf16 params ([note: compact master]); Kahan masters, a
+#: compensation of the param's own dtype ([note: kahan master]).
+NO_MASTER, MASTER, MASTER_SYNCED, MASTER_COMPACT, MASTER_KAHAN = 0, 1, 2, 3, 4
 
 
 def dtype_arguments(
@@ -215,10 +216,11 @@ def dtype_arguments(
     master: bool,
     master_sync: bool = False,
     compact: bool = False,
+    kahan: bool = False,
 ) -> dict:
     """Constexpr dtypes of a step call (one param dtype, one grad dtype: fusedopt.ops splits),
     and MASTER (``NO_MASTER``, ``MASTER``, ``MASTER_SYNCED`` or, for int16 ``compact``
-    masters, ``MASTER_COMPACT``).
+    masters, ``MASTER_COMPACT``; for ``kahan`` ones, ``MASTER_KAHAN``).
 
     States are fp32 with master weights, else in the param dtype (DESIGN.md §3); the math is
     fp32, fp64 for fp64 params."""
@@ -226,6 +228,8 @@ def dtype_arguments(
     mode = (MASTER_SYNCED if master_sync else MASTER) if master else NO_MASTER
     if master and compact:
         mode = MASTER_COMPACT
+    if master and kahan:
+        mode = MASTER_KAHAN
     return {
         "P_DTYPE": tl_dtype(p),
         "G_DTYPE": tl_dtype(g),
