@@ -18,12 +18,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from fusedopt import ops
+
+if TYPE_CHECKING:
+    from fusedopt.optim._plan import PlannedNorm
 
 __all__ = ["clip_grad_norm_", "total_norm"]
 
@@ -68,6 +72,7 @@ def total_norm(
     process_group: dist.ProcessGroup | None = None,
     backend: str = "auto",
     _checked: bool = False,
+    _planned: PlannedNorm | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Global ``norm_type`` (2 or inf) norm of ``tensors / grad_scale`` and a found_inf flag.
 
@@ -81,13 +86,19 @@ def total_norm(
     ``_checked`` (internal): the caller guarantees that ``tensors`` are plain (no DTensor),
     dense tensors on one device (an optimizer's cached plan, [note: cached plan]), so no
     Python code runs per tensor: the norm is the same, in the same arithmetic.
+    ``_planned`` (internal, with ``_checked``): the grads are a cached plan's, read in C++
+    ([note: planned calls] in fusedopt/optim/_plan.py); ``tensors`` is then empty and its
+    ``grad_norm`` takes the place of ``fusedopt.ops.grad_norm``'s.
     """
     norm_type = float(norm_type)
     if norm_type not in (2.0, math.inf):
         raise ValueError(f"total_norm: norm_type must be 2.0 or inf, got {norm_type}")
     reduce_op = dist.ReduceOp.SUM if norm_type == 2.0 else dist.ReduceOp.MAX
     buckets: dict[tuple, list[Tensor]] = {}
-    if _checked and tensors:
+    if _planned is not None:
+        groups = (process_group,) if process_group is not None else ()
+        buckets[(_planned.device, groups)] = _planned
+    elif _checked and tensors:
         groups = (process_group,) if process_group is not None else ()
         buckets[(tensors[0].device, groups)] = list(tensors)
     for t in () if _checked else tensors:
@@ -105,7 +116,12 @@ def total_norm(
     parts, flags = [], []
     for (device, groups), local in buckets.items():
         scale = grad_scale.to(device) if grad_scale is not None else None
-        if local:
+        if local is _planned:
+            norm, _, found_inf = _planned.grad_norm(norm_type, scale)
+            if all_fp64 is None:
+                dtype = norm.dtype
+            norm = norm.to(dtype)
+        elif local:
             norm, _, found_inf = ops.grad_norm(
                 local, norm_type, grad_scale=scale, backend=backend, _checked=_checked
             )

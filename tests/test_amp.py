@@ -12,6 +12,7 @@ from optim_cases import TORCH_TOLERANCE, assert_close, clone_params, make_model
 import fusedopt
 from fusedopt import ops
 from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._plan import PlannedNorm
 
 INF_STEPS = {2, 5, 6}  # steps whose grads hold an inf: skipped, scale backs off
 
@@ -161,12 +162,19 @@ def test_fusedopt_scaler_reads_grads_twice_and_skips_torch_inf_check(monkeypatch
         calls.append((self.OP, len(planned_call.params)))
         return real_planned(self, call, *a, **k)
 
+    real_planned_norm = PlannedNorm.grad_norm
+
+    def planned_norm(self, *a, **k):  # a cached plan's norm pass, its grads read in C++
+        calls.append(("grad_norm", len(opt._step_out["plan"].stepped)))
+        return real_planned_norm(self, *a, **k)
+
     def forbidden(*a, **k):
         raise AssertionError("torch's inf-check pass ran")
 
     monkeypatch.setattr(ops, "grad_norm", norm)
     monkeypatch.setattr(ops, "step", step)
     monkeypatch.setattr(FusedOptimizer, "_run_planned", planned)
+    monkeypatch.setattr(PlannedNorm, "grad_norm", planned_norm)
     monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", forbidden)
     params = clone_params(make_model(), torch.float32)
     opt = fusedopt.AdamW(params, lr=1e-2, max_grad_norm=1.0)

@@ -5,6 +5,7 @@ step planned from scratch."""
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -131,9 +132,41 @@ def _weight_decay_changed(params, opt):
     opt.param_groups[0]["weight_decay"] = 0.5
 
 
+def _param_removed_from_group(params, opt):
+    """``group["params"]`` edited by hand: the removed param (it keeps its grad) is no longer
+    stepped."""
+    opt.param_groups[0]["params"].pop(0)
+
+
+def _requires_grad_off(params, opt):
+    """A param that no longer requires grad but still has one is stepped, as torch does: no
+    new plan needed."""
+    params[0].requires_grad_(False)
+
+
+def _state_key_deleted(params, opt):
+    """A state tensor deleted by hand is made again (zeros), as in a fresh plan."""
+    del opt.state[params[0]]["exp_avg"]
+
+
+def _param_state_dropped(params, opt):
+    """A param's whole state dropped from ``opt.state``: made again."""
+    del opt.state[params[0]]
+
+
+def _state_dict_replaced_by_a_mapping(params, opt):
+    """A param's state replaced by a dict subclass: the check looks its tensors up through
+    the mapping's own ``__getitem__`` from then on."""
+    opt.state[params[0]] = OrderedDict(
+        (k, v.clone() * 0.5) for k, v in opt.state[params[0]].items()
+    )
+
+
 #: Changes made once, before the third step.
 ONCE = [_amsgrad_on, _new_group, _state_replaced, _state_dict_replaced, _state_dict_loaded,
-        _param_data_swapped, _param_data_relaid, _weight_decay_changed]  # fmt: skip
+        _param_data_swapped, _param_data_relaid, _weight_decay_changed,
+        _param_removed_from_group, _requires_grad_off, _state_key_deleted,
+        _param_state_dropped, _state_dict_replaced_by_a_mapping]  # fmt: skip
 #: Changes to the grads, made before every step from the third on.
 EVERY_STEP = [_unused_gets_a_grad, _grad_dropped, _grad_in_fp32, _grad_of_other_strides]
 CHANGES = ONCE + EVERY_STEP
@@ -181,8 +214,8 @@ def test_a_change_plans_again_and_equals_a_fresh_plan(change, plan_builds):
     # _grads makes stay contiguous while the params are column-major: each is copied into its
     # param's layout, a step the plan does not cache, so both later steps plan; so do the grads
     # _grad_of_other_strides makes.
-    replans = {_param_data_swapped: 0, _weight_decay_changed: 0, _param_data_relaid: 2,
-               _grad_of_other_strides: 2}  # fmt: skip
+    replans = {_param_data_swapped: 0, _weight_decay_changed: 0, _requires_grad_off: 0,
+               _param_data_relaid: 2, _grad_of_other_strides: 2}  # fmt: skip
     replans = replans.get(change, 1)
     assert plan_builds[0] == 1 + replans + 4
 
@@ -331,7 +364,8 @@ def test_the_native_check_holds_a_record_only_plan_record_made(per_tensor_check)
     deleter); anything else, a copy of a record too, raises."""
     if per_tensor_check != "native":
         pytest.skip("the C++ check")
-    record_op, grads_op = _plan._native_check()
+    native = _plan._native_check()
+    record_op, grads_op = native.record, native.grads
     params = clone_params(make_model(), torch.float32)
     random_grads(params[:-1], 0)
     record = record_op(params)
@@ -340,7 +374,9 @@ def test_the_native_check_holds_a_record_only_plan_record_made(per_tensor_check)
     assert all(g is p.grad for g, p in zip(grads, params, strict=False))
     for other in (torch.empty(0, dtype=torch.uint8), record.clone(), copy.deepcopy(record)):
         with pytest.raises(RuntimeError, match="not a tensor plan_record made"):
-            grads_op(other)
+            grads_op(other, True)
+        with pytest.raises(RuntimeError, match="not a tensor plan_record made"):
+            native.grad_norm(other, "cpu", 2.0, None)
 
 
 def _sgd_momentum_on(params, opt):
@@ -406,18 +442,25 @@ def test_planned_calls_step_as_the_op_calls(cls, kwargs, amp, per_tensor_check, 
     planned, listed = make(planned_params), make(listed_params)
     op_calls = count_calls(fusedopt.ops, "step")
     planned_calls = count_calls(FusedOptimizer, "_run_planned")
-    for step in range(3):
-        random_grads(planned_params[:-1], step)
-        planned.step()
+    _step_three_times(planned, planned_params)
     uses_plan = cls._run is FusedOptimizer._run
     assert (op_calls[0] == 0) == uses_plan and (planned_calls[0] == 3) == uses_plan
-    # `listed` keeps its lists in Python and checks its grads in Python for the norm pass.
+    _assert_listed_steps_equal(planned, planned_params, listed, listed_params, amp)
+
+
+def _step_three_times(optimizer, params):
+    for step in range(3):
+        random_grads(params[:-1], step)
+        optimizer.step()
+
+
+def _assert_listed_steps_equal(planned, planned_params, listed, listed_params, amp):
+    """Step `listed` as `planned` was stepped, but with its lists kept in Python and its grads
+    checked in Python for the norm pass, and assert that both ended bit for bit equal."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_plan, "native_calls", lambda: None)
         patch.setattr(_plan._Plan, "checked_grads", property(lambda self: False))
-        for step in range(3):
-            random_grads(listed_params[:-1], step)
-            listed.step()
+        _step_three_times(listed, listed_params)
     assert all(c.native is None for c in listed._step_out["plan"].calls)
     if amp:
         assert torch.equal(planned.last_grad_norm, listed.last_grad_norm)
@@ -453,7 +496,7 @@ def test_plan_call_step_takes_only_a_handle_plan_call_made(per_tensor_check):
     if per_tensor_check != "native":
         pytest.skip("the C++ planned calls")
     plan_call, plan_call_step = _plan.native_calls()
-    record_op, _ = _plan._native_check()
+    record_op = _plan._native_check().record
     params = clone_params(make_model(), torch.float32)
     table = torch.zeros((1, 5), dtype=torch.float64)
     for other in (torch.empty(0, dtype=torch.uint8), record_op(params)):
@@ -482,3 +525,86 @@ def test_a_cached_norm_pass_runs_no_python_per_grad(cls, kwargs, count_calls):
     opt.step()
     assert checks[0] == 0 and locals_[0] == 0
     assert opt.last_grad_norm is not None
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_planned_calls_take_their_grads_by_position(amp, per_tensor_check, count_calls):
+    """[note: step grads]: the grads plan_grads holds for the step are in param order; a
+    plan of several calls (params of two dtypes, interleaved) hands each call its own, by
+    position, and the norm pass all of them: bit for bit as the op calls with lists."""
+    if per_tensor_check != "native":
+        pytest.skip("the planned calls need fusedopt._C")
+    extra = {"master_weights": True, "max_grad_norm": 1.0} if amp else {}
+    dtypes = [torch.float32, torch.bfloat16 if amp else torch.float64]
+
+    def make_params():
+        base = clone_params(make_model(), torch.float32)
+        return [torch.nn.Parameter(p.detach().to(dtypes[i % 2])) for i, p in enumerate(base)]
+
+    planned_params, listed_params = make_params(), make_params()
+    planned = fusedopt.AdamW(planned_params, lr=1e-2, backend="cpu", **extra)
+    listed = fusedopt.AdamW(listed_params, lr=1e-2, backend="cpu", **extra)
+    planned_calls = count_calls(FusedOptimizer, "_run_planned")
+    _step_three_times(planned, planned_params)
+    assert len(planned._step_out["plan"].calls) == 2 and planned_calls[0] == 3 * 2
+    _assert_listed_steps_equal(planned, planned_params, listed, listed_params, amp)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_a_step_keeps_no_grad_alive(amp):
+    """[note: step grads]: the grads a cached step reads in C++ are let go at the step's end,
+    so ``zero_grad()`` frees them as it does without fusedopt."""
+    import gc
+    import weakref
+
+    dtype = torch.bfloat16 if amp else torch.float32
+    extra = {"master_weights": True, "max_grad_norm": 1.0} if amp else {}
+    params = clone_params(make_model(), dtype)
+    opt = fusedopt.AdamW(params, lr=1e-2, **extra)
+    for step in range(3):
+        random_grads(params[:-1], step)
+        opt.step()
+    assert "plan" in opt._step_out
+    grads = [weakref.ref(p.grad) for p in params[:-1]]
+    opt.zero_grad()
+    gc.collect()
+    assert all(g() is None for g in grads)
+
+
+def test_a_step_under_a_dispatch_mode_takes_no_planned_call(count_calls):
+    """[note: planned calls]: plan_call_step mutates tensors its schema does not show, which a
+    tracer (make_fx, FakeTensorMode, functionalization: all dispatch modes) would record as
+    pure; under a dispatch mode the step plans afresh and calls the ops with their lists,
+    uses and caches no plan, and steps as in eager."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    runs = []
+    for mode in (False, True):
+        params = clone_params(make_model(), torch.float32)
+        opt = fusedopt.AdamW(params, lr=1e-2, backend="cpu")
+        random_grads(params[:-1], 0)
+        opt.step()
+        planned = count_calls(FusedOptimizer, "_run_planned")
+        random_grads(params[:-1], 1)
+        if mode:
+            cached = opt._step_out["plan"]
+            recording = Recording()
+            with recording:
+                opt.step()
+            assert planned[0] == 0 and opt._step_out["plan"] is cached  # neither used nor set
+            assert not any("plan_" in op for op in recording.ops)
+            assert any("adamw" in op for op in recording.ops)
+        else:
+            opt.step()
+        runs.append(params)
+    for p, q in zip(*runs, strict=True):
+        assert torch.equal(p, q)

@@ -118,10 +118,9 @@ def variants():
         out.append((f"schedulefree_adamw_{case}",
                     *step(schedulefree_adamw.schedulefree_adamw_, 9, False)))  # fmt: skip
         # Muon's passes: slots params, grads, momentum_buffers, ns_buffers, master_params
-        out.append((f"muon_momentum_{case}", muon.muon_momentum_kernel,
-                    {"WIDTH": 9, **base, "NESTEROV": True}))  # fmt: skip
-        out.append((f"muon_apply_{case}", muon.muon_apply_kernel,
-                    {"WIDTH": 9, **base, "NESTEROV": True}))  # fmt: skip
+        for pass_name, pass_ in (("momentum", muon.MOMENTUM_PASS), ("apply", muon.APPLY_PASS)):
+            out.append((f"muon_{pass_name}_{case}", muon.muon_pass_kernel,
+                        {"WIDTH": 9, **base, "NESTEROV": True, "PASS": pass_}))  # fmt: skip
         exact = dtypes["MASTER"] or dtypes["P_DTYPE"] in (F32, F64)
         lamb_base = {"WIDTH": 10, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
                      "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,

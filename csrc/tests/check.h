@@ -1,5 +1,5 @@
 // A minimal check harness for the torch-free C++ tests: CHECK records a failure and goes on;
-// main() returns the failure count, which ctest reads.
+// main() returns check_result(), nonzero after a failure, which ctest reads.
 #pragma once
 
 #include <cmath>
@@ -25,3 +25,9 @@ inline int g_failures = 0;
       ++g_failures;                                                                      \
     }                                                                                    \
   } while (0)
+
+/// What a test's main() returns: 0 if every check passed, else 1 (after printing the count).
+inline int check_result() {
+  if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);
+  return g_failures != 0;
+}

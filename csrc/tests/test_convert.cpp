@@ -154,6 +154,5 @@ int main() {
   test_known_values();
   test_against_references_and_vector_loops();
   test_compact_master_all_patterns();
-  if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);
-  return g_failures != 0;
+  return check_result();
 }

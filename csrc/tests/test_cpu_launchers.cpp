@@ -13,6 +13,31 @@
 
 using namespace fusedopt;
 
+/// The total norm (out[0]) and per-tensor norms (out[1...]) of one call over `data` (fp32 or
+/// bf16 tensors), on `threads` OpenMP threads (0: the OpenMP default); the call finds no inf.
+static std::vector<float> norms(const std::vector<int64_t>& numels, const std::vector<void*>& data,
+                                const std::vector<DType>& dtypes, bool inf_norm,
+                                const float* grad_scale, int threads = 0) {
+  std::vector<float> out(1 + numels.size());
+  float found = -1.0f;
+  GradNormCall call;
+  call.num_tensors = static_cast<int64_t>(numels.size());
+  call.numels = numels.data();
+  call.data = data.data();
+  call.dtypes = dtypes.data();
+  call.inf_norm = inf_norm;
+  call.per_tensor = true;
+  call.grad_scale = grad_scale;
+  call.total_norm = out.data();
+  call.per_tensor_norms = out.data() + 1;
+  call.found_inf = &found;
+  ExecContext ctx;
+  ctx.num_threads = threads;
+  cpu::grad_norm(call, ctx);
+  CHECK(found == 0.0f);
+  return out;
+}
+
 static void test_grad_norm_threads() {
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
@@ -38,52 +63,14 @@ static void test_grad_norm_threads() {
     dtypes.push_back(i % 2 ? DType::kBFloat16 : DType::kFloat32);
   }
   const float grad_scale = 4.0f;
-  float totals[4], per[4][5], found[4];
-  for (int threads = 1; threads <= 4; ++threads) {
-    GradNormCall call;
-    call.num_tensors = static_cast<int64_t>(numels.size());
-    call.numels = numels.data();
-    call.data = data.data();
-    call.dtypes = dtypes.data();
-    call.per_tensor = true;
-    call.grad_scale = &grad_scale;
-    call.total_norm = &totals[threads - 1];
-    call.per_tensor_norms = per[threads - 1];
-    call.found_inf = &found[threads - 1];
-    ExecContext ctx;
-    ctx.num_threads = threads;
-    cpu::grad_norm(call, ctx);
+  const std::vector<float> one_thread = norms(numels, data, dtypes, false, &grad_scale, 1);
+  for (int threads = 2; threads <= 4; ++threads) {
+    const std::vector<float> got = norms(numels, data, dtypes, false, &grad_scale, threads);
+    CHECK(std::memcmp(got.data(), one_thread.data(), got.size() * sizeof(float)) == 0);
   }
-  for (int t = 1; t < 4; ++t) {
-    CHECK(std::memcmp(&totals[t], &totals[0], sizeof(float)) == 0);
-    CHECK(std::memcmp(per[t], per[0], sizeof(per[0])) == 0);
-  }
-  CHECK(found[0] == 0.0f);
-  CHECK(per[0][0] == 0.0f);
+  CHECK(one_thread[1] == 0.0f);  // the empty tensor
   // fp32 lane sums of 32 terms, combined in double: ~1e-7 relative at most.
-  CHECK_NEAR(totals[0], std::sqrt(exact), 1e-6);
-}
-
-/// total and per-tensor norms of one call over fp32 or bf16 storage (out: fp32).
-static std::vector<float> norms(const std::vector<int64_t>& numels, const std::vector<void*>& data,
-                                DType dtype, bool inf_norm, const float* grad_scale) {
-  std::vector<float> out(1 + numels.size());
-  const std::vector<DType> dtypes(numels.size(), dtype);
-  float found = -1.0f;
-  GradNormCall call;
-  call.num_tensors = static_cast<int64_t>(numels.size());
-  call.numels = numels.data();
-  call.data = data.data();
-  call.dtypes = dtypes.data();
-  call.inf_norm = inf_norm;
-  call.per_tensor = true;
-  call.grad_scale = grad_scale;
-  call.total_norm = out.data();
-  call.per_tensor_norms = out.data() + 1;
-  call.found_inf = &found;
-  cpu::grad_norm(call, ExecContext{});
-  CHECK(found == 0.0f);
-  return out;
+  CHECK_NEAR(one_thread[0], std::sqrt(exact), 1e-6);
 }
 
 // [note: exact unscale] (csrc/cpu/grad_norm.cpp): a power-of-two grad_scale multiplies by
@@ -116,11 +103,12 @@ static void test_grad_norm_unscale_is_a_division() {
         data.push_back(from_bf16 ? static_cast<void*>(bf16[i].data()) : f32[i].data());
         divided.push_back(quotients[i].data());
       }
-      const DType dtype = from_bf16 ? DType::kBFloat16 : DType::kFloat32;
+      const std::vector<DType> dtypes(numels.size(),
+                                      from_bf16 ? DType::kBFloat16 : DType::kFloat32);
+      const std::vector<DType> f32_dtypes(numels.size(), DType::kFloat32);
       for (const bool inf_norm : {false, true}) {
-        const std::vector<float> got = norms(numels, data, dtype, inf_norm, &scale);
-        const std::vector<float> want =
-            norms(numels, divided, DType::kFloat32, inf_norm, nullptr);
+        const std::vector<float> got = norms(numels, data, dtypes, inf_norm, &scale);
+        const std::vector<float> want = norms(numels, divided, f32_dtypes, inf_norm, nullptr);
         const bool same = std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0;
         if (!same)
           std::fprintf(stderr, "scale %g, %s, %s norm: total %.9g, divided first %.9g\n",
@@ -184,6 +172,5 @@ int main() {
   test_grad_norm_threads();
   test_grad_norm_unscale_is_a_division();
   test_adamw_master_and_found_inf();
-  if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);
-  return g_failures != 0;
+  return check_result();
 }

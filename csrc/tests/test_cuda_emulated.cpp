@@ -1395,6 +1395,5 @@ int main() {
       emulator_cases, step_cases, scale_cases, norm_cases, edge_cases,
       static_cast<unsigned long long>(s.launches), static_cast<unsigned long long>(s.blocks),
       static_cast<unsigned long long>(s.threads), static_cast<unsigned long long>(s.switches));
-  if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);
-  return g_failures != 0;
+  return check_result();
 }

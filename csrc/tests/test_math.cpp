@@ -255,6 +255,5 @@ int main() {
   test_sgd();
   test_muon();
   test_norm_terms();
-  if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);
-  return g_failures != 0;
+  return check_result();
 }

@@ -67,7 +67,7 @@ from fusedopt.optim._keys import (
     STEP_KEY,
     TORCH_ONLY_KEYS,
 )
-from fusedopt.optim._plan import PlanMixin, call_hypers, native_calls
+from fusedopt.optim._plan import PlanMixin, _Plan, call_hypers, native_calls
 from fusedopt.optim._state_dict import StateDictMixin
 from fusedopt.reference.ops import join_kahan, join_master, split_kahan, split_master
 
@@ -260,6 +260,11 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         """Run one op call; ``params`` are the (possibly DTensor) params of ``lists``, in runs
         of ``[group index, count]``."""
         ops.step(self.OP, lists, hypers, flags, **scalars, _checked=True)
+
+    def _uses_planned_calls(self) -> bool:
+        """Whether a cached plan's calls run as planned calls ([note: planned calls]): not
+        for a class that overrides :meth:`_run` (LAMB steps per group)."""
+        return type(self)._run is FusedOptimizer._run
 
     def _run_planned(
         self,
@@ -539,20 +544,41 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         grad_scale = self._scalar_attribute("grad_scale")  # [note: GradScaler protocol]
         found_inf = self._scalar_attribute("found_inf")
         detect_inf = bool(self.__dict__.get("_fusedopt_detect_inf", False))
+        # grads None: a cached plan keeps this step's grads in C++ ([note: planned calls]).
         plan, grads, call_grads = self._step_plan()
+        try:
+            self._step_with(plan, grads, call_grads, grad_scale, found_inf, detect_inf)
+        finally:
+            plan.release()  # [note: step grads] in csrc/bindings.cpp
 
+    def _step_with(
+        self,
+        plan: _Plan,
+        grads: list[Tensor] | None,
+        call_grads: list[list[Tensor]] | None,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        detect_inf: bool,
+    ) -> None:
+        """The step of ``_fused_step`` once planned: the norm pass, then the op calls."""
         coef = None
         max_norm = self.param_groups[0]["max_grad_norm"] if self.param_groups else None
         if max_norm is not None or detect_inf:
-            if grad_scale is not None and grads:
-                grad_scale = grad_scale.to(local_tensor(grads[0]).device)
+            backend = self.param_groups[0]["backend"]
+            planned = None if grads is not None else plan.planned_norm(backend)
+            if grads is None and planned is None:
+                grads, call_grads = plan.python_grads()
+            if grad_scale is not None and (grads or planned):
+                device = planned.device if planned else local_tensor(grads[0]).device
+                grad_scale = grad_scale.to(device)
             norm, norm_found_inf = total_norm(
-                grads,
+                grads if grads is not None else [],
                 2.0,
                 grad_scale=grad_scale,
                 process_group=self.grad_norm_group,
-                backend=self.param_groups[0]["backend"],
+                backend=backend,
                 _checked=plan.checked_grads,
+                _planned=planned,
             )
             self._step_out["last_grad_norm"] = norm
             if detect_inf:  # [note: found_inf from the norm pass]
@@ -562,7 +588,7 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
                 coef = self._clip_coef(norm, float(max_norm))
 
         group_hypers: dict[int, dict[str, Any]] = {}
-        for call, local_grads in zip(plan.calls, call_grads, strict=True):
+        for ci, call in enumerate(plan.calls):
             device = call.device
             scalars = {
                 "grad_scale": grad_scale.to(device) if grad_scale is not None else None,
@@ -577,12 +603,14 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
             hypers = call_hypers(call, runs, STEP_OPS[self._call_op(call.flags)].hypers)
             if (
                 call.native is not None
-                and type(self)._run is FusedOptimizer._run
+                and self._uses_planned_calls()
                 and resolve_backend(call.backend, device) == call.native_backend
             ):  # [note: planned calls] in fusedopt/optim/_plan.py
                 self._run_planned(call.native, hypers, **scalars)
                 continue
-            lists = {**call.lists, "grads": local_grads}
+            if call_grads is None:
+                grads, call_grads = plan.python_grads()
+            lists = {**call.lists, "grads": call_grads[ci]}
             twins = []
             if call.twins:  # [note: non-dense params] in fusedopt/_dense.py
                 lists["params"] = list(lists["params"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from itertools import repeat
 from operator import attrgetter, is_, itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,8 +30,11 @@ class PlanMixin:
         call's local grads: the last step's plan when it still holds ([note: cached plan]),
         else a new one from the full checks."""
         # Under torch.compile the plan is traced away, and a cache written by the traced code
-        # would only make Dynamo guard on it and recompile every step.
-        compiling = torch.compiler.is_compiling()
+        # would only make Dynamo guard on it and recompile every step. Under a dispatch mode
+        # (make_fx, FakeTensorMode, functionalization) the step is being traced too: a
+        # cached plan's ops (plan_call_step) mutate tensors their schemas do not show, which
+        # a tracer would record as pure ([note: planned calls]), so neither plans for reuse.
+        compiling = _tracing()
         plan = None if compiling else self._step_out.get("plan")
         if plan is not None:
             matched = self._match_plan(plan)
@@ -66,8 +69,13 @@ class PlanMixin:
         return (tuple(sorted(flags.items())), self._state_keys(group),
                 _master_mode(group["master_weights"]), group["backend"])  # fmt: skip
 
-    def _match_plan(self, plan: _Plan) -> tuple[list[Tensor], list[list[Tensor]]] | None:
-        """The grads of this step if ``plan`` still holds, else None.
+    def _match_plan(
+        self, plan: _Plan
+    ) -> tuple[list[Tensor], list[list[Tensor]]] | tuple[None, None] | None:
+        """The grads of this step (in param order, and per call) if ``plan`` still holds, else
+        None; ``(None, None)`` where they stay in C++: every call of the plan is a planned
+        call and its norm pass may be ([note: planned calls]; :meth:`_Plan.python_grads`
+        hands them to Python if the step needs them after all).
 
         [note: cached plan] Grouping the params into calls and checking every state tensor
         against its param costs ~10 us per param in Python, ~1.5 ms per step for GPT-2's 148
@@ -95,20 +103,23 @@ class PlanMixin:
           ``(dtype, shape, layout, device)`` tuples and strides (~1 us per tensor);
         * per group, in Python: its signature (flags, state keys, master weights, backend:
           what ``group["amsgrad"] = True`` or ``group["master_weights"] = False`` changes);
-          its params list, element by element by identity (``group["params"]`` edited by
-          hand), one ``map`` over ``operator.is_``, ~15 ns per tensor;
-        * the state, in Python, since a user may replace it by hand (torch users do:
+        * by identity, in C (``plan_state_matches`` in ``csrc/bindings.cpp``, one call):
+          each group's params list, element by element (``group["params"]`` edited by
+          hand), and the state, since a user may replace it by hand (torch users do:
           ``opt.state[p]["exp_avg"] = t``, ``opt.state[p] = {...}``): ``self.state``'s keys
-          and values by identity, in order, against the plan's snapshot (no lookup by param:
-          a tensor's ``__hash__`` is a Python call), and every planned state tensor by
-          identity, one ``map`` per state key: ~15 ns per tensor for the keys, as much for
-          the values, ~30 per state key (AdamW fp32, 3 keys: ~120 ns per tensor, more than
-          the C++ part; 2-core CPU VM, 1,000 tensors).
+          and values, in order, against the plan's snapshot (no lookup by param: a tensor's
+          ``__hash__`` is a Python call), and every planned state tensor, one dict lookup
+          per state key. A pointer comparison per entry: ~0.05 us per AdamW param at 10,000
+          params, where the same comparisons in Python (one ``map`` over ``operator.is_``
+          per list, ~15-30 ns per entry with the objects warm, kept as the fallback without
+          ``fusedopt._C``) touched every param's, state dict's and state tensor's Python
+          object: ~0.17 us per param at 10,000 (2-core CPU VM).
 
         A load, a new group or a state replaced by hand makes a new plan, with the full
         checks. Not covered, as in torch: resizing or ``set_()`` on a state tensor in place.
         Measured by ``bench/host_time.py`` (issue #14 item 5): at 1,000 tensors the plan costs
-        ~1.1 us per tensor with the per-tensor part in Python, ~0.2 with it in C++.
+        ~1.1 us per tensor with the per-tensor part in Python, ~0.2 with the grads' check in
+        C++ and the identity checks in Python, ~0.08 with both in C (2-core CPU VM).
         """
         if (
             plan.state is not self.state
@@ -116,33 +127,45 @@ class PlanMixin:
             or len(self.state) != len(plan.state_keys)
         ):
             return None
-        for group, params, signature in zip(
-            self.param_groups, plan.group_params, plan.signatures, strict=True
-        ):
-            group_params = group["params"]
-            if (
-                len(group_params) != len(params)
-                or not all(map(is_, group_params, params))
-                or self._group_signature(group) != signature
-            ):
+        native = plan.native_check
+        if native is not None and type(self.param_groups) is list:  # (the C check takes lists)
+            if not native.state_matches(
+                self.state, plan.state_keys, plan.state_values, plan.state_tensors,
+                self.param_groups, plan.group_params,
+            ):  # fmt: skip
                 return None
+        elif not self._state_matches(plan):
+            return None
+        for group, signature in zip(self.param_groups, plan.signatures, strict=True):
+            if self._group_signature(group) != signature:
+                return None
+        if plan.grads_stay_native and self._uses_planned_calls():
+            return (None, None) if plan.grads(return_grads=False) is not None else None
+        grads = plan.grads()
+        if grads is None:
+            return None
+        return grads, plan.call_grads(grads)
+
+    def _state_matches(self, plan: _Plan) -> bool:
+        """The identity part of :meth:`_match_plan` in Python, where ``fusedopt._C`` is not
+        built: each group's params list and the state, one ``map`` over ``operator.is_`` per
+        list."""
+        for group, params in zip(self.param_groups, plan.group_params, strict=True):
+            group_params = group["params"]
+            if len(group_params) != len(params) or not all(map(is_, group_params, params)):
+                return False
         if not (
             all(map(is_, self.state.keys(), plan.state_keys))
             and all(map(is_, self.state.values(), plan.state_values))
         ):
-            return None
-        for get_key, dicts, tensors in plan.state_tensors:
+            return False
+        for key, dicts, tensors in plan.state_tensors:
             try:
-                if not all(map(is_, map(get_key, dicts), tensors)):
-                    return None
+                if not all(map(is_, map(itemgetter(key), dicts), tensors)):
+                    return False
             except KeyError:
-                return None
-        grads = plan.grads()
-        if grads is None:
-            return None
-        if len(plan.calls) == 1:
-            return grads, [grads]
-        return grads, [list(map(grads.__getitem__, index)) for index in plan.call_index]
+                return False
+        return True
 
     def _forget_plan(self) -> None:
         """Drop the cached plan: the optimizer changed what it was built from
@@ -156,7 +179,7 @@ class PlanMixin:
         plan = _Plan(self.state)
         # What the per-step check compares is recorded only where a plan may be cached: under
         # torch.compile none is, and the recording (attrgetter, map) would break the graph.
-        record = not torch.compiler.is_compiling()
+        record = not _tracing()
         calls: dict[tuple, int] = {}
         planned_states: dict[str, tuple[list[dict], list[Tensor]]] = {}
         per_group: dict[int, tuple] = {}
@@ -274,6 +297,12 @@ class PlanMixin:
         )
 
 
+def _tracing() -> bool:
+    """Whether the step is being traced: by torch.compile, or under a dispatch mode (make_fx,
+    FakeTensorMode, functionalization). Then no plan is cached or reused."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
 #: What the Python per-step check compares of each grad, and of each stepped param, besides
 #: their strides, where ``fusedopt._C`` is not built ([note: cached plan]): one C-level call
 #: per tensor. (A grad's layout, since a sparse grad has no strides; a param's is covered by
@@ -293,15 +322,30 @@ def native_calls() -> tuple[Any, Any] | None:
     return ns.plan_call.default._op, ns.plan_call_step.default._op
 
 
+class NativeCheck(NamedTuple):
+    """``fusedopt._C``'s part of the per-step check ([note: cached plan]): the ops' ``_op``
+    (the C++ callable, without ``OpOverload.__call__``'s Python frame) and the module's
+    state check."""
+
+    record: Any  # plan_record(params) -> record
+    grads: Any  # plan_grads(record, return_grads) -> (matched, grads)
+    grad_norm: Any  # plan_grad_norm(record, backend, norm_type, grad_scale) -> GradNorm
+    release: Any  # plan_release(record): drops the grads plan_grads held for the step
+    state_matches: Any  # plan_state_matches(state, keys, values, tensors, groups, params)
+
+
 @functools.cache
-def _native_check() -> tuple[Any, Any] | None:
-    """``fusedopt._C``'s ``plan_record`` and ``plan_grads`` (the per-tensor part of the
-    per-step check, in C++: [note: cached plan]), or None where ``_C`` is not built. The
-    ops' ``_op``: the C++ callable, without ``OpOverload.__call__``'s Python frame."""
+def _native_check() -> NativeCheck | None:
+    """``fusedopt._C``'s per-step check, or None where ``_C`` is not built."""
     ns = torch.ops.fusedopt
-    if not hasattr(ns, "plan_grads"):
+    if not hasattr(ns, "plan_release"):
         return None
-    return ns.plan_record.default._op, ns.plan_grads.default._op
+    from fusedopt import _C
+
+    return NativeCheck(
+        ns.plan_record.default._op, ns.plan_grads.default._op, ns.plan_grad_norm.default._op,
+        ns.plan_release.default._op, _C.plan_state_matches,
+    )  # fmt: skip
 
 
 class _Plan:
@@ -309,9 +353,9 @@ class _Plan:
     that the per-step check compares whole, and the C++ record of the params and grads."""
 
     __slots__ = ("call_index", "call_of_entry", "calls", "grad_meta", "grad_strides",
-                 "group_params", "idle", "native_grads", "param_meta", "param_strides",
-                 "record", "reusable", "signatures", "state", "state_keys", "state_tensors",
-                 "state_values", "stepped")  # fmt: skip
+                 "grads_stay_native", "group_params", "idle", "native_check", "param_meta",
+                 "param_strides", "record", "reusable", "signatures", "state", "state_keys",
+                 "state_tensors", "state_values", "stepped")  # fmt: skip
 
     def __init__(self, state: dict) -> None:
         self.state = state
@@ -321,18 +365,21 @@ class _Plan:
         self.group_params: list[list[Tensor]] = []  # per group: its params list, as planned
         self.signatures: list[tuple] = []  # per group: its _group_signature
         self.stepped: list[Tensor] = []  # the params with a grad, in param order
-        # The per-tensor check: fusedopt._C's plan_grads and the record it compares ...
+        # The per-tensor check: fusedopt._C's ops and the record plan_grads compares ...
         self.record: Tensor | None = None
-        self.native_grads: Any = None
+        self.native_check: NativeCheck | None = None
+        # ... and whether a step may leave its grads in C++: every call is a planned call
+        # and the grads are those of checked_grads ([note: planned calls]).
+        self.grads_stay_native = False
         # ... or, without _C, the params without a grad and what the Python check compares.
         self.idle: list[Tensor] = []
         self.grad_meta: list[tuple] = []  # _GRAD_META of each stepped param's grad
         self.grad_strides: list[tuple[int, ...]] = []
         self.param_meta: list[tuple] = []  # _PARAM_META of each stepped param
         self.param_strides: list[tuple[int, ...]] = []
-        # Per state key: (a getter of the key, the stepped params' state dicts that hold it,
-        # their tensors under it).
-        self.state_tensors: list[tuple[Any, list[dict], list[Tensor]]] = []
+        # Per state key: (the key, the stepped params' state dicts that hold it, their
+        # tensors under it).
+        self.state_tensors: list[tuple[str, list[dict], list[Tensor]]] = []
         self.state_keys: tuple = ()  # self.state's keys and values, in order
         self.state_values: tuple = ()
         self.reusable = True
@@ -352,7 +399,7 @@ class _Plan:
         for position, ci in enumerate(self.call_of_entry):
             self.call_index[ci].append(position)
         self.state_tensors = [
-            (itemgetter(key), dicts, tensors) for key, (dicts, tensors) in planned_states.items()
+            (key, dicts, tensors) for key, (dicts, tensors) in planned_states.items()
         ]
         self.state_keys = tuple(self.state.keys())
         self.state_values = tuple(self.state.values())
@@ -364,10 +411,13 @@ class _Plan:
             return
         native = _native_check()
         if native is not None:
-            record, self.native_grads = native
-            self.record = record(planned)
-            for call in self.calls:
-                call.plan_native(op)
+            self.native_check = native
+            self.record = native.record(planned)
+            for call, positions in zip(self.calls, self.call_index, strict=True):
+                call.plan_native(op, self.record, positions)
+            self.grads_stay_native = self.checked_grads and all(
+                call.native is not None for call in self.calls
+            )
             return
         stepped = set(map(id, self.stepped))
         self.idle = [p for p in planned if id(p) not in stepped]
@@ -377,11 +427,19 @@ class _Plan:
         self.param_meta = list(map(_PARAM_META, self.stepped))
         self.param_strides = list(map(Tensor.stride, self.stepped))
 
-    def grads(self) -> list[Tensor] | None:
+    @property
+    def device(self) -> torch.device | None:
+        """The device of every call, where they share one."""
+        devices = {call.device for call in self.calls}
+        return devices.pop() if len(devices) == 1 else None
+
+    def grads(self, return_grads: bool = True) -> list[Tensor] | None:
         """The stepped params' grads, in order, if every planned param and grad is as the
-        plan recorded (the per-tensor part of [note: cached plan]); else None."""
+        plan recorded (the per-tensor part of [note: cached plan]); else None. With
+        ``return_grads`` false (only with ``fusedopt._C``), an empty list when they are:
+        the step's planned calls and norm pass read them in C++ ([note: planned calls])."""
         if self.record is not None:
-            matched, grads = self.native_grads(self.record)
+            matched, grads = self.native_check.grads(self.record, return_grads)
             return grads if matched else None
         if not all(map(is_, map(_GRAD, self.idle), repeat(None))):
             return None
@@ -397,6 +455,57 @@ class _Plan:
         except (AttributeError, TypeError):  # a grad is None now
             return None
         return grads
+
+    def release(self) -> None:
+        """The step's end: ``fusedopt._C`` drops the grads ``plan_grads`` held for it
+        ([note: step grads] in csrc/bindings.cpp)."""
+        if self.record is not None:
+            self.native_check.release(self.record)
+
+    def call_grads(self, grads: list[Tensor]) -> list[list[Tensor]]:
+        """Each call's grads, from the stepped params' ``grads`` in param order."""
+        if len(self.calls) == 1:
+            return [grads]
+        return [list(map(grads.__getitem__, index)) for index in self.call_index]
+
+    def python_grads(self) -> tuple[list[Tensor], list[list[Tensor]]]:
+        """The step's grads, in param order and per call, for a step that
+        :meth:`PlanMixin._match_plan` left them in C++ and that needs them after all (a call
+        whose backend no longer resolves as planned, a norm pass on another backend):
+        plan_grads found them as recorded this step, and no user code ran since."""
+        grads = self.grads()
+        if grads is None:
+            raise RuntimeError("fusedopt: the grads changed during the step")
+        return grads, self.call_grads(grads)
+
+    def planned_norm(self, backend: str) -> PlannedNorm | None:
+        """The norm pass over this step's grads in C++ (``plan_grad_norm``) where the plan
+        keeps them there and ``backend`` resolves to the ``fusedopt._C`` backend of their
+        device; else None (the norm pass takes the grads' list)."""
+        device = self.device
+        if not self.grads_stay_native or device is None:
+            return None
+        try:
+            resolved = resolve_backend(backend, device)
+        except (RuntimeError, ValueError):  # ops.grad_norm raises it, naming it
+            return None
+        if resolved != device.type or resolved not in ("cpu", "cuda"):
+            return None
+        return PlannedNorm(self.native_check.grad_norm, self.record, resolved, device)
+
+
+class PlannedNorm:
+    """The ``grad_norm`` pass over a cached plan's grads, read in C++ (``plan_grad_norm``):
+    for :func:`fusedopt.clip.total_norm`'s ``_planned``."""
+
+    __slots__ = ("backend", "device", "op", "record")
+
+    def __init__(self, op: Any, record: Tensor, backend: str, device: torch.device) -> None:
+        self.op, self.record, self.backend, self.device = op, record, backend, device
+
+    def grad_norm(self, norm_type: float, grad_scale: Tensor | None) -> tuple[Tensor, ...]:
+        """``fusedopt.ops.grad_norm``'s ``(total, per_tensor, found_inf)`` over the grads."""
+        return self.op(self.record, self.backend, norm_type, grad_scale)
 
 
 class _Call:
@@ -425,20 +534,28 @@ class _Call:
         self.native: Tensor | None = None
         self.native_backend: str | None = None
 
-    def plan_native(self, op: str) -> None:
+    def plan_native(self, op: str, record: Tensor, positions: list[int]) -> None:
         """[note: planned calls] A cached plan's call hands its lists to ``fusedopt._C``
         once (``plan_call`` in ``csrc/bindings.cpp``), and each step passes the handle, the
-        hyperparameter table and the scalars (``plan_call_step``), which reads each param's
-        grad in C++ and calls the op's implementation with its every check. The dispatcher
-        then converts no list: passing ~5 lists of tensors (params, grads, states, masters,
-        steps) cost ~0.7 us per param at 10,000 params (perf, 2-core CPU VM), each tensor
-        wrapped, key-read, autograd-checked and copied out of the boxed stack again. Only
-        for the backends of ``_C`` (cpu, cuda), a reusable plan (its grads are the params'
-        ``.grad``, none sharded or complex), a call without dense twins ([note: non-dense
-        params]) and a class that does not override ``_run`` (LAMB's runs per group); the
-        step checks that the backend still resolves the same. Like ``plan_grads`` it is no
-        op of the contract: a call that ``torch.compile`` traces never uses a cached plan,
-        so it never meets this op, which mutates tensors its schema does not show."""
+        hyperparameter table and the scalars (``plan_call_step``), which takes this step's
+        grads from the plan's record (``plan_grads`` holds the ones it checked, in param
+        order; ``positions`` are this call's among them: [note: step grads] in
+        ``csrc/bindings.cpp``) and calls the op's implementation with its every check. The
+        dispatcher then converts no list: passing ~5 lists of tensors (params, grads,
+        states, masters, steps) cost ~0.7 us per param at 10,000 params (perf, 2-core CPU
+        VM), each tensor wrapped, key-read, autograd-checked and copied out of the boxed
+        stack again. When every call of a plan is planned, the step's grads never reach
+        Python: ``plan_grads`` returns none, and the norm pass (clipping, fusedopt's scaler)
+        reads them from the record too (``plan_grad_norm``, :meth:`_Plan.planned_norm`);
+        handing 10,000 grads to Python and back cost ~0.1 us per param, and the norm op's
+        list as much again. Only for the backends of ``_C`` (cpu, cuda), a reusable plan
+        (its grads are the params' ``.grad``, none sharded or complex), a call without dense
+        twins ([note: non-dense params]) and a class that does not override ``_run``
+        (LAMB's runs per group); the step checks that the backend still resolves the same.
+        Like ``plan_grads`` it is no op of the contract, and it mutates tensors its schema
+        does not show: fine in eager mode, but a step that is traced (torch.compile, or any
+        dispatch mode: make_fx, FakeTensorMode) never uses or makes a cached plan
+        (:func:`_tracing`), so it never meets these ops."""
         native = native_calls()
         if native is None or self.twins or not STEP_OPS[op].cpp_launcher:
             return  # (muon_ has no C++ launcher for the whole step: its passes have theirs)
@@ -453,7 +570,9 @@ class _Call:
         flags = [int(bool(self.flags[name])) for name in spec.flags]
         flags.append(int(bool(self.flags.get("master_sync", True))))  # the common flags
         tensors = [t for tensors in lists for t in tensors]
-        self.native = native[0](op, backend, tensors, list(map(len, lists)), flags)
+        self.native = native[0](
+            op, backend, tensors, list(map(len, lists)), flags, record, positions
+        )  # (record, positions: the grads plan_grads holds, [note: step grads])
         self.native_backend = backend
 
     def add(self, gi: int, p, local_p, local_states, masters) -> None:

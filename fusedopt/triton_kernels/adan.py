@@ -12,16 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (
-    bias_correction,
-    div,
-    hyper,
-    learning_rate,
-    load,
-    slot,
-    sqrt,
-    store,
-)
+from .common import bias_correction, div, hyper, load, slot, sqrt, store
 from .drivers import StepOp
 from .layout import layout
 from .registry import register
@@ -64,13 +55,9 @@ def _adan_block(
 
 
 @triton.jit
-def _adan_prologue(
-    row, t, lr_tensor, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr,
-    ALIGNED: tl.constexpr, FLAGS: tl.constexpr,
-):  # fmt: skip
+def _adan_prologue(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS):
     """The tensor's block args and new step count ([note: generic step kernel] in
     ``drivers``)."""
-    lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE)
     new_step = tl.load(slot(row, L.STEPS, tl.float32, False)) + 1.0
     beta1 = hyper(row, L.N_SLOTS, L.BETA1)
     beta2 = hyper(row, L.N_SLOTS, L.BETA2)

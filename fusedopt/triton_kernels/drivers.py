@@ -146,10 +146,14 @@ def by_dtype(
 # [note: generic step kernel] Every elementwise step op (adamw_, sgd_, lion_, adan_,
 # schedulefree_adamw_) runs this one kernel; an op brings two jit functions, passed as
 # constexprs and inlined:
-#   PROLOGUE(row, t, lr_tensor, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS) -> (args, new_step,
-#       advance): reads the tensor's hyperparameters (and lr, where it likes: sgd_ reads it
-#       last, [note: sgd lr late]) and returns the block's run-time args, the tensor's new
-#       step count and whether this tensor's count advances (both unused without STEPS);
+#   PROLOGUE(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS) -> (args, new_step, advance):
+#       from the tensor's table row and its lr (``learning_rate``, read by the kernel: float64
+#       for LR_MODE 0, fp32 otherwise, which the prologue rounds per
+#       [note: hyperparameter rounding]), reads the tensor's hyperparameters and returns the
+#       block's run-time args, the tensor's new step count and whether this tensor's count
+#       advances (both unused without STEPS). The parameters after ``lr`` are the kernel's
+#       constexprs passed on, and stay compile-time in the called function unannotated (Triton
+#       specialises a called jit function on its constexpr arguments);
 #   BLOCK_FN(offs, mask, g, p, *args, COMPUTE, FLAGS) -> new p (``for_each_block``).
 # FLAGS is the op's own flags as one constexpr tuple of bools (``StepOp.flags`` names them),
 # unpacked inside the two functions (``DECOUPLED, AMSGRAD, _ = FLAGS``): the values stay
@@ -162,14 +166,17 @@ def by_dtype(
 # sgd_'s master-weight variants re-read the step pointer for finish_tensor (8 more
 # instructions, 2-3 fewer registers), sgd_bf16 takes 46 registers instead of 47, and adan_'s
 # master-weight variants 8 more instructions and 119 / 117 registers instead of 120 / 116
-# (the same allocation unit of 8).
+# (the same allocation unit of 8). Reading the lr in the kernel rather than in each prologue
+# (sgd_'s read it last) left every variant's SASS as it was but sgd_'s, whose registers,
+# stack and instruction counts stayed too (the same instructions, a few in another order).
 
 
 @triton.jit
 def step_kernel(
     table, chunks, counters, lr_tensor, grad_scale, clip_coef, found_inf,
     PROLOGUE: tl.constexpr, BLOCK_FN: tl.constexpr, FLAGS: tl.constexpr,
-    MASTER_SLOT: tl.constexpr, STEP_SLOT: tl.constexpr, STEPS: tl.constexpr,
+    N_SLOTS: tl.constexpr, MASTER_SLOT: tl.constexpr, STEP_SLOT: tl.constexpr,
+    STEPS: tl.constexpr,
     WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -184,8 +191,8 @@ def step_kernel(
         # (Triton 3.8, sm_90); before it, every variant is as hand-written.
         common = param_args(row, grad_scale, clip_coef, MASTER_SLOT, P_DTYPE, G_DTYPE, COMPUTE,
                             HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
-        args, new_step, advance = PROLOGUE(row, t, lr_tensor, S_DTYPE, COMPUTE, LR_MODE,
-                                           ALIGNED, FLAGS)  # fmt: skip
+        lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
+        args, new_step, advance = PROLOGUE(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS)
         for_each_block(BLOCK_FN, start, end, common, args, (COMPUTE, FLAGS), COMPUTE, MASTER,
                        HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
         # Nested ifs: compile-time, then run-time (the same for every chunk of the tensor).
@@ -222,7 +229,7 @@ class StepOp:
         return {
             "PROLOGUE": self.prologue, "BLOCK_FN": self.block_fn,
             "FLAGS": tuple(bool(flags[name]) for name in self.flags),
-            "MASTER_SLOT": self.layout.MASTER_PARAMS,
+            "N_SLOTS": self.layout.N_SLOTS, "MASTER_SLOT": self.layout.MASTER_PARAMS,
             "STEP_SLOT": getattr(self.layout, "STEPS", tl.constexpr(0)), "STEPS": steps,
             "MAXIMIZE": bool(flags.get("MAXIMIZE", False)),
         }  # fmt: skip

@@ -15,8 +15,6 @@ import triton
 import triton.language as tl
 
 from .common import (
-    BLOCK,
-    full_blocks_end,
     hyper,
     learning_rate,
     load,
@@ -29,8 +27,8 @@ from .common import (
     slot,
     store,
     store_param,
-    tail_block,
 )
+from .drivers import fold_blocks
 from .layout import layout, prepare
 from .multi_tensor import TableCache
 from .registry import register
@@ -51,10 +49,11 @@ def lerp(start, end, weight):
 
 @triton.jit
 def _momentum_block(
-    offs, mask, g_ptr, buf_ptr, ns_ptr, grad_scale, clip_coef, w_buf, w_nesterov,
-    COMPUTE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
-    NESTEROV: tl.constexpr,
+    offs, mask, carry, args, COMPUTE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_CLIP: tl.constexpr, NESTEROV: tl.constexpr,
 ):  # fmt: skip
+    """The momentum pass of BLOCK elements (a ``fold_blocks`` block; ``carry`` unused)."""
+    g_ptr, buf_ptr, ns_ptr, grad_scale, clip_coef, w_buf, w_nesterov = args
     g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   False)  # fmt: skip
     # the Nesterov lerp reads the stored (rounded) buffer, as torch's: rounded in registers,
@@ -66,95 +65,84 @@ def _momentum_block(
         store(ns_ptr, offs, mask, lerp(g, buf, w_nesterov))
     else:
         store(ns_ptr, offs, mask, buf)
+    return carry
 
 
 @triton.jit
-def muon_momentum_kernel(
-    table, chunks, lr_tensor, grad_scale, clip_coef, found_inf, WIDTH: tl.constexpr,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-    COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    NESTEROV: tl.constexpr, ALIGNED: tl.constexpr,
-):  # fmt: skip
-    """One program per chunk: the momentum buffer and the Newton-Schulz input."""
-    if not skipped(found_inf, HAS_FOUND_INF):
-        _t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        momentum = hyper(row, L.N_SLOTS, L.MOMENTUM)
-        # torch's Python floats: 1 - momentum in float64, then rounded to the compute dtype
-        w_buf = (1.0 - momentum).to(COMPUTE)
-        w_nesterov = momentum.to(COMPUTE)
-        args = (
-            slot(row, L.GRADS, G_DTYPE, ALIGNED), slot(row, L.MOMENTUM_BUFFERS, S_DTYPE, ALIGNED),
-            slot(row, L.NS_BUFFERS, tl.bfloat16, ALIGNED),
-            load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
-            load_scalar(clip_coef, HAS_CLIP, COMPUTE), w_buf, w_nesterov,
-        )  # fmt: skip
-        full_end = full_blocks_end(start, end)
-        for base in range(start, full_end, BLOCK):
-            _momentum_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, HAS_GRAD_SCALE,
-                            HAS_CLIP, NESTEROV)  # fmt: skip
-        if full_end < end:
-            offs, mask = tail_block(full_end, end)
-            _momentum_block(offs, mask, *args, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, NESTEROV)
-
-
-@triton.jit
-def _apply_block(
-    offs, mask, p_ptr, master_ptr, ns_ptr, decay, step, COMPUTE: tl.constexpr,
-    MASTER: tl.constexpr,
-):  # fmt: skip
+def _apply_block(offs, mask, carry, args, COMPUTE: tl.constexpr, MASTER: tl.constexpr):
+    """The apply pass of BLOCK elements (a ``fold_blocks`` block; ``carry`` unused)."""
+    p_ptr, master_ptr, ns_ptr, decay, step = args
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
     update = load(ns_ptr, offs, mask, COMPUTE)
     store_param(p_ptr, master_ptr, offs, mask, tl.fma(step, update, p * decay), MASTER)
+    return carry
+
+
+#: The passes of :func:`muon_pass_kernel`, its PASS.
+MOMENTUM_PASS: tl.constexpr = tl.constexpr(0)
+APPLY_PASS: tl.constexpr = tl.constexpr(1)
 
 
 @triton.jit
-def muon_apply_kernel(
-    table, chunks, lr_tensor, grad_scale, clip_coef, found_inf, WIDTH: tl.constexpr,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+def muon_pass_kernel(
+    table, chunks, lr_tensor, grad_scale, clip_coef, found_inf, PASS: tl.constexpr,
+    WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     NESTEROV: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    """One program per chunk: p = p*(1 - lr*wd), then p += -(lr*lr_ratio) * O."""
+    """One program per chunk of one pass: MOMENTUM_PASS, the momentum buffer and the
+    Newton-Schulz input; APPLY_PASS, p = p*(1 - lr*wd), then p += -(lr*lr_ratio) * O."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
-        # torch's Python floats: both factors in float64 (a tensor lr too: torch reads it
-        # with .item()), rounded once to the compute dtype
-        lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE).to(tl.float64)
-        decay = (1.0 - lr * hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)).to(COMPUTE)
-        step = (-(lr * hyper(row, L.N_SLOTS, L.LR_RATIO))).to(COMPUTE)
-        args = (
-            slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
-            slot(row, L.NS_BUFFERS, tl.bfloat16, ALIGNED), decay, step,
-        )  # fmt: skip
-        full_end = full_blocks_end(start, end)
-        for base in range(start, full_end, BLOCK):
-            _apply_block(base + tl.arange(0, BLOCK), None, *args, COMPUTE, MASTER)
-        if full_end < end:
-            offs, mask = tail_block(full_end, end)
-            _apply_block(offs, mask, *args, COMPUTE, MASTER)
+        nothing = tl.zeros((), tl.int32)  # the passes hand nothing on (folded away)
+        if PASS == MOMENTUM_PASS:
+            momentum = hyper(row, L.N_SLOTS, L.MOMENTUM)
+            # torch's Python floats: 1 - momentum in float64, then rounded to the compute dtype
+            w_buf = (1.0 - momentum).to(COMPUTE)
+            w_nesterov = momentum.to(COMPUTE)
+            args = (
+                slot(row, L.GRADS, G_DTYPE, ALIGNED),
+                slot(row, L.MOMENTUM_BUFFERS, S_DTYPE, ALIGNED),
+                slot(row, L.NS_BUFFERS, tl.bfloat16, ALIGNED),
+                load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE),
+                load_scalar(clip_coef, HAS_CLIP, COMPUTE), w_buf, w_nesterov,
+            )  # fmt: skip
+            fold_blocks(_momentum_block, start, end, nothing,
+                        (args, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, NESTEROV))  # fmt: skip
+        else:
+            # torch's Python floats: both factors in float64 (a tensor lr too: torch reads it
+            # with .item()), rounded once to the compute dtype
+            lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE).to(tl.float64)
+            decay = (1.0 - lr * hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)).to(COMPUTE)
+            step = (-(lr * hyper(row, L.N_SLOTS, L.LR_RATIO))).to(COMPUTE)
+            args = (
+                slot(row, L.PARAMS, P_DTYPE, ALIGNED),
+                slot(row, L.MASTER_PARAMS, tl.float32, ALIGNED),
+                slot(row, L.NS_BUFFERS, tl.bfloat16, ALIGNED), decay, step,
+            )  # fmt: skip
+            fold_blocks(_apply_block, start, end, nothing, (args, COMPUTE, MASTER))
 
 
 _TABLES = TableCache()
 
 
-def _launch(kernel, args) -> None:
+def _launch(pass_: int, args) -> None:
     a = prepare("muon_", args, _TABLES)
     if a is not None:
-        kernel[(a.launch.n_chunks,)](
-            a.launch.table, a.launch.chunks, *a.scalar_tensors, **a.options()
+        muon_pass_kernel[(a.launch.n_chunks,)](
+            a.launch.table, a.launch.chunks, *a.scalar_tensors, PASS=pass_, **a.options()
         )
 
 
 def muon_momentum_(*args) -> None:
     """Muon's first pass over every tensor in one launch (the schema order)."""
-    _launch(muon_momentum_kernel, args)
+    _launch(MOMENTUM_PASS, args)
 
 
 def muon_apply_(*args) -> None:
     """Muon's second pass over every tensor in one launch (the schema order)."""
-    _launch(muon_apply_kernel, args)
+    _launch(APPLY_PASS, args)
 
 
 def muon_(*args) -> None:

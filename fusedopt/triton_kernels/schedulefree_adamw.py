@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import div, hyper, learning_rate, load, slot, sqrt, store
+from .common import div, hyper, load, slot, sqrt, store
 from .drivers import StepOp
 from .layout import layout
 from .registry import register
@@ -42,12 +42,8 @@ def _schedulefree_adamw_block(
 
 
 @triton.jit
-def _schedulefree_adamw_prologue(
-    row, t, lr_tensor, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr,
-    ALIGNED: tl.constexpr, FLAGS: tl.constexpr,
-):  # fmt: skip
+def _schedulefree_adamw_prologue(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS):
     """The tensor's block args ([note: generic step kernel] in ``drivers``); no step count."""
-    lr = learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE)
     beta1 = hyper(row, L.N_SLOTS, L.BETA1)
     beta2 = hyper(row, L.N_SLOTS, L.BETA2)
     weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)

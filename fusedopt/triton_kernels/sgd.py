@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import hyper, learning_rate, load, slot, store
+from .common import hyper, load, slot, store
 from .drivers import StepOp
 from .layout import layout
 from .registry import register
@@ -42,10 +42,7 @@ def _sgd_block(
 
 
 @triton.jit
-def _sgd_prologue(
-    row, t, lr_tensor, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr,
-    ALIGNED: tl.constexpr, FLAGS: tl.constexpr,
-):  # fmt: skip
+def _sgd_prologue(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS):
     """The tensor's block args and new step count ([note: generic step kernel] in
     ``drivers``); the count advances only with momentum."""
     HAS_MOMENTUM, _ = FLAGS
@@ -57,12 +54,9 @@ def _sgd_prologue(
     # [note: sgd momentum 0] (reference): a tensor with momentum 0 in a call with buffers
     # steps as plain SGD; its buffer and step count stay untouched.
     use_momentum = momentum != 0.0
-    # [note: sgd lr late] The lr is read last (in `args`); read first, it cost the fp64
-    # variant an 8-byte stack (Triton 3.8, sm_90; test_triton_static.py).
     args = (
-        slot(row, L.MOMENTUM_BUFFERS, S_DTYPE, ALIGNED),
-        learning_rate(row, lr_tensor, t, L.N_SLOTS, LR_MODE).to(COMPUTE),
-        momentum.to(COMPUTE), (1.0 - hyper(row, L.N_SLOTS, L.DAMPENING)).to(COMPUTE),
+        slot(row, L.MOMENTUM_BUFFERS, S_DTYPE, ALIGNED), lr.to(COMPUTE), momentum.to(COMPUTE),
+        (1.0 - hyper(row, L.N_SLOTS, L.DAMPENING)).to(COMPUTE),
         weight_decay.to(COMPUTE), weight_decay != 0.0, new_step == 1.0, use_momentum,
     )  # fmt: skip
     return args, new_step, use_momentum
