@@ -387,9 +387,10 @@ def _cuda_threads() -> dict[str, int]:
 
 #: Kernels that stream tensor elements (a pass over memory), by backend: the ones the goals
 #: apply to. The others (norm finish, trust ratios, tables, step counts) touch a few bytes.
-#: Adafactor's reductions (adafactor_norms_kernel) give a tensor one block/program, not a
-#: chunk each (csrc/cuda/adafactor.cu, a known cost): not modelled as streaming until they are
-#: chunked; its apply pass is.
+#: Adafactor's reductions run a block/program per chunk of whole rows ([note: adafactor sums]),
+#: a warp per row with scalar (4-byte, coalesced) loads and g read twice, the second time
+#: from cache: not modelled as streaming (this model's loops are the vector path's); its
+#: apply pass is.
 STREAMING = {
     "cuda": ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_apply",
              "lamb_norms_kernel", "grad_norm_partials_kernel", "scale_kernel", "adafactor_apply",
@@ -492,12 +493,12 @@ def triton_rows(gpu: Gpu = H200) -> list[KernelRow]:
 #: momentum) + step (sgd.cu), lion_ = step, adan_ = increment_steps + step (adan.cu),
 #: schedulefree_adamw_ = step + the hyperparameter table's host-to-device copy, which it
 #: needs at every step (its ckp1 and bias correction change each step; a copy, not a kernel,
-#: counted as one); adafactor_ = increment_steps + norms (adafactor_norms_) + floors + apply
-#: (adafactor_apply_) (adafactor.cu); scale_ = one; muon_momentum_ and muon_apply_ one each
+#: counted as one); adafactor_ = increment_steps + vectors + rows + columns + updates + fold
+#: (adafactor_norms_) + floors + apply (adafactor_apply_) (adafactor.cu); scale_ = one; muon_momentum_ and muon_apply_ one each
 #: (muon.cu; the Newton-Schulz GEMMs between them are aten's). Any other op of a step (aten)
 #: counts one launch.
 CUDA_LAUNCHES_PER_OP = {"adamw": 2, "grad_norm": 2, "lamb": 4, "sgd": 2, "lion": 1, "adan": 2,
-                        "schedulefree_adamw": 2, "adafactor": 4, "scale": 1,
+                        "schedulefree_adamw": 2, "adafactor": 8, "scale": 1,
                         "muon_momentum": 1, "muon_apply": 1}  # fmt: skip
 
 

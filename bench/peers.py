@@ -121,15 +121,20 @@ def _heavyball_muon(params, hypers: dict) -> torch.optim.Optimizer:
         raise Unavailable(
             f"peer not installed (pip install --no-deps heavyball): {error}"
         ) from None
-    # Not a row until validated: with heavyball 3.2.1 (--no-deps) this harness measured
-    # 0.06 ms per GPT-2-small step (47 TB/s on a 2-core CPU: it does not run the step it is
-    # given), and under torch's GradScaler the amp row raised "No inf checks were recorded
-    # for this optimizer" (2026-11-29, cpu). A wrong number is worse than no row.
-    raise Unavailable(
-        f"heavyball {getattr(heavyball, '__version__', '?')} Muon not validated in this "
-        "harness (its step here is a no-op: 0.06 ms for 124M params; amp: torch's GradScaler "
-        "records no inf checks through it)"
-    )
+    # consume_grad=False: heavyball's optimizers consume the grads by default (its
+    # StatefulOptimizer sets p.grad = None as it reads them, heavyball 3.2.1 utils.py), and a
+    # step without grads returns at once. This harness sets the grads once and steps several
+    # times, so with the default only the first (warm-up) step ran: the timed steps measured
+    # 0.06 ms for GPT-2 small, and GradScaler.unscale_ found no grads to check ("No inf checks
+    # were recorded"). Kept, each step is real: measured on 768x768, 768x3072, 64x32 and 768
+    # params (lr 1e-3), every step moves a matrix by lr / sqrt(rows) RMS (x sqrt(rows / cols)
+    # when rows > cols), an orthogonalized update's, as step 1 does. Its kernels are
+    # torch.compile'd on first use (heavyball's compile_mode; about a minute per shape group
+    # on the 2-core CPU VM): the warm-up step pays for it.
+    return heavyball.Muon(
+        params, lr=hypers["lr"], weight_decay=hypers["weight_decay"],
+        betas=(hypers["momentum"], 0.99), compile_step=False, consume_grad=False,
+    )  # fmt: skip
 
 
 def peer_labels(optimizer: str) -> list[str]:

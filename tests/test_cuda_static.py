@@ -171,6 +171,7 @@ def _expected() -> dict[str, tuple[str, ...]]:
             expected[f"grad_norm_partials_kernel<{acc}, {inf}>("] = loads
             expected[f"grad_norm_finish_kernel<{acc}, {inf}>("] = ()
         expected[f"lamb_fold_kernel<{acc}>("] = ()
+        expected[f"adafactor_fold_kernel<{acc}>("] = ()
     for p, g, m in STORAGE:
         types = f"{p}, {g}, {m}"
         for variant in ("true", "false"):
@@ -183,10 +184,11 @@ def _expected() -> dict[str, tuple[str, ...]]:
         expected[f"LambApplyBody<{types}>"] = both
         expected[f"MuonApplyBody<{types}>"] = both
         expected[f"lamb_norms_kernel<{types}>("] = loads
-        # Adafactor's reductions walk a tensor per block with scalar accesses (csrc/cuda/
-        # adafactor.cu: a known cost); its apply takes p and g on the vector path.
-        expected[f"adafactor_norms_kernel<{types}>("] = ()
-        expected[f"adafactor_floor_kernel<{types}>("] = ()
+        # Adafactor's reductions walk a chunk's rows a warp per row (or its columns a thread
+        # per column) with scalar accesses, coalesced: 32 consecutive elements per warp
+        # access (csrc/cuda/adafactor.cu); its apply takes p and g on the vector path.
+        for kernel in ("vectors", "rows", "columns", "updates", "floor"):
+            expected[f"adafactor_{kernel}_kernel<{types}>("] = ()
         expected[f"AdafactorApplyBody<{types}>"] = both
     return expected
 

@@ -122,6 +122,39 @@ def test_float32_trajectory_is_close_to_torch(backend):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
 
 
+#: Params that span several reduction chunks ([note: adafactor sums] in
+#: csrc/include/fusedopt/math/adafactor.h: whole rows, ~2^16 elements a chunk): two chunks
+#: (255 rows, then 45), two per batch of a 3-d param, rows longer than a chunk (a row a
+#: chunk), and a vector of three chunks.
+CHUNKED_SHAPES = [(300, 257), (2, 30, 2500), (2, 70000), (2 * 65536 + 5,)]
+
+
+@pytest.mark.parametrize("backend", usable_backends("cpu"))
+def test_chunked_reductions_equal_torch_in_float64(backend):
+    """Row sums complete in their chunk, column sums folded over chunks and per-chunk sums of
+    p² and u²: the trajectory over tensors of several chunks is torch's to float64 rounding,
+    and the CPU's is the same bits whatever its thread count."""
+    g = torch.Generator().manual_seed(2)
+    start = [torch.randn(s, generator=g, dtype=torch.float64) for s in CHUNKED_SHAPES]
+    grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in CHUNKED_SHAPES]
+             for _ in range(3)]  # fmt: skip
+    kwargs = dict(lr=0.05, weight_decay=0.1)
+    ours, theirs = [p.clone() for p in start], [p.clone() for p in start]
+    _run(fusedopt.Adafactor, ours, grads, **kwargs, backend=backend)
+    _run(torch.optim.Adafactor, theirs, grads, **kwargs)
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    if backend == "cpu":
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            serial = [p.clone() for p in start]
+            _run(fusedopt.Adafactor, serial, grads, **kwargs, backend=backend)
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(p, q) for p, q in zip(ours, serial, strict=True))
+
+
 @pytest.mark.parametrize("backend", usable_backends("cpu"))
 def test_torch_state_dict_loads_and_continues(backend):
     """A torch.optim.Adafactor state dict after 5 steps loads into fusedopt.Adafactor, and ours

@@ -50,7 +50,11 @@ ARG_TYPES = {
     "bad_counts": "*i32",
     "tensor_bad": "*i32",
     "n_tensors": "i32",
-    "dims": "*i64",  # adafactor: (rows, cols, first floor) per tensor
+    "dims": "*i64",  # adafactor: (rows, cols, first floor, ...) per tensor
+    "rchunks": "*i64",  # adafactor: its reduction chunks (tensor, chunk)
+    "row_sums": "*fp64",
+    "col_partials": "*fp64",
+    "chunk_sums": "*fp64",
 }
 
 F32, BF16, F16, F64 = tl.float32, tl.bfloat16, tl.float16, tl.float64
@@ -130,7 +134,15 @@ def variants():
         adafactor_base = {"WIDTH": 11, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
                           "HAS_FOUND_INF": True, "MAXIMIZE": True,
                           "DTYPE_EPS": 2.0**-23}  # fmt: skip
-        out.append((f"adafactor_norms_{case}", adafactor.adafactor_norms_kernel, adafactor_base))
+        out.append((f"adafactor_partials_{case}", adafactor.adafactor_partials_kernel,
+                    adafactor_base))  # fmt: skip
+        out.append(
+            (
+                f"adafactor_updates_{case}",
+                adafactor.adafactor_updates_kernel,
+                {k: v for k, v in adafactor_base.items() if k not in ("P_DTYPE", "MASTER")},
+            )
+        )
         out.append((f"adafactor_apply_{case}", adafactor.adafactor_apply_kernel,
                     {**adafactor_base, "LR_MODE": 0, "ALIGNED": True}))  # fmt: skip
         out.append((f"lamb_apply_{case}", lamb.lamb_apply_kernel,
@@ -138,6 +150,11 @@ def variants():
     out.append(("adafactor_floor", adafactor.adafactor_floor_kernel,
                 {"WIDTH": 11, "S_DTYPE": F32, "COMPUTE": F32, "HAS_FOUND_INF": True,
                  "DTYPE_EPS": 2.0**-23}))  # fmt: skip
+    out.append(("adafactor_columns", adafactor.adafactor_columns_kernel,
+                {"WIDTH": 11, "S_DTYPE": F32, "COMPUTE": F32, "HAS_FOUND_INF": True,
+                 "DTYPE_EPS": 2.0**-23}))  # fmt: skip
+    out.append(("adafactor_fold", adafactor.adafactor_fold_kernel,
+                {"WIDTH": 11, "HAS_FOUND_INF": True}))  # fmt: skip
     out.append(("lamb_fold", lamb.lamb_fold_kernel,
                 {"WIDTH": 10, "COMPUTE": F32, "HAS_FOUND_INF": True}))  # fmt: skip
     return out

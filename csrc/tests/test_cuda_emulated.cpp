@@ -1204,10 +1204,12 @@ int test_emulator() {
 // ---------------------------------------------------------------------------------------
 // adafactor_ ([note: adafactor passes] in math/adafactor.h): its states are not param-shaped
 // ([note: factored layouts]), so it has a world of its own. CUDA and CPU sum a factor's
-// terms in the same order in double and share the math, so the factors, variances and step
-// counts must agree bit for bit; sum p^2 and sum u^2 are reductions in different orders
-// (CPU: lanes widened to double per block, then double; CUDA: a thread's terms in opmath,
-// then a tree over 256 threads), each within (numel / 256 + 8) u + 32 u of the exact sum by
+// terms in the same chunks and order in double ([note: adafactor sums] in math/adafactor.h)
+// and share the math, so the factors, variances and step counts must agree bit for bit; sum
+// p^2 and sum u^2 are reductions in different orders (CPU: lanes widened to double per
+// block, then double; CUDA: per chunk a thread's terms in opmath, then a tree over 256
+// threads, the chunks then added in double: a thread adds at most max(2^16, cols) / 256 <=
+// numel / 256 terms), each within (numel / 256 + 8) u + 32 u of the exact sum by
 // [note: norm tolerance], and the step size alpha / clip takes half of each (square roots):
 // a param x = p - step * u differs by at most delta * |x - p| plus one rounding in each.
 // Each step starts both from the CPU's state.
@@ -1309,11 +1311,11 @@ void adafactor_step(const std::vector<AdafactorShape>& shapes, const Storage& st
 }
 
 int test_adafactor() {
-  // Matrices (one across two chunks, one batched), a column, an empty matrix, vectors (one
-  // across three chunks), a scalar.
+  // Matrices (one across two reduction chunks, one batched, one batched with two chunks per
+  // batch), a column, an empty matrix, vectors (one across three chunks), a scalar.
   const std::vector<AdafactorShape> shapes = {
       {{5, 7}}, {{2, 3, 4}}, {{9, 1}}, {{3, 0}}, {{1029}}, {{}}, {{300, 257}},
-      {{2 * kChunk + 5}}, {{0}}};
+      {{2 * kChunk + 5}}, {{0}}, {{3, 70, 1000}}};
   std::mt19937 rng(11);
   std::normal_distribution<double> normal;
   int cases = 0;

@@ -13,7 +13,8 @@
 //                     pass 2 (factored tensors only): reads g and the new factors, sums u^2;
 //   adafactor_apply_  pass 3: reads g, p and the factors (or the variance), recomputes u and
 //                     writes p = decay(p) - (alpha/clip) * u.
-// Every reduction is deterministic (a fixed order that depends on the sizes only). u is
+// Every reduction is deterministic (a fixed order that depends on the sizes only,
+// [note: adafactor sums]). u is
 // always computed from the second moments as stored (rounded to their dtype), in all three
 // passes alike, so pass 3's u is the one whose norm pass 2 took.
 // Bytes per element, fp32 (the factors are R + C numbers per R x C matrix: ~0 per element):
@@ -26,8 +27,71 @@
 
 #include "fusedopt/macros.h"
 #include "fusedopt/math/common.h"
+#include "fusedopt/multi_tensor.h"
 
 namespace fusedopt {
+
+// [note: adafactor sums] The reductions of adafactor_norms_ run over chunks, so that a large
+// matrix is reduced by every core / SM, not one. A factored tensor's chunks are runs of
+// whole rows of one batch (adafactor_rows_per_chunk rows: ~2^16 elements, at least one
+// row); a vector's are the 2^16-element chunks of [note: chunks]. The factor sums are the
+// same bits on the CPU and in CUDA (csrc/tests/test_cuda_emulated.cpp compares them bit for
+// bit), because both add the same terms (g^2 rounded to opmath, widened to double) in the
+// same order:
+//   * a row sum (whole in its chunk): the term of column c goes to lane c % 32 (a lane adds
+//     its terms in column order), and the 32 lanes are folded by the pairwise tree
+//     lane[j] += lane[j + w], w = 16, 8, 4, 2, 1: a CUDA warp per row (lane j reads columns
+//     j, j + 32, ..., then warp_reduce's shuffle-down tree), and on the CPU 32 double lanes
+//     folded by combine_lanes (csrc/cpu/reduce.h), which is that tree;
+//   * a column sum: per chunk, its rows in order (one CUDA thread per column; the CPU adds a
+//     row at a time into the chunk's column partials), then the chunks' partials in chunk
+//     order (the fold that follows the pass);
+//   * the floored mean of a batch's row factor (as stored): the 32-lane order of a row sum.
+// No float atomics, nothing that depends on the thread count or on timing. sum p^2 and sum
+// u^2 are per-chunk partials (CPU: lanes per block, widened to double; CUDA: a thread's
+// terms in opmath, then the block tree), folded per tensor in chunk order in double: the
+// same on every run, but not the same bits across backends (their bound is [note: norm
+// tolerance]'s). Triton sums in the same chunks with tl.sum's tree (its own bits, within the
+// harness's derived tolerance).
+
+/// Lanes of a row sum and of a floor (a CUDA warp): [note: adafactor sums].
+inline constexpr int kAdafactorLanes = 32;
+
+/// Rows of one reduction chunk of a factored tensor with `cols` columns ([note: adafactor
+/// sums]): 2^16 elements' worth, at least one row.
+FUSEDOPT_HD FUSEDOPT_INLINE int64_t adafactor_rows_per_chunk(int64_t cols) {
+  return cols >= mt::kChunkElems ? 1 : mt::kChunkElems / cols;
+}
+
+/// Reduction chunks per batch of a factored tensor of `rows` x `cols` matrices.
+FUSEDOPT_HD FUSEDOPT_INLINE int64_t adafactor_chunks_per_batch(int64_t rows, int64_t cols) {
+  const int64_t per = adafactor_rows_per_chunk(cols);
+  return (rows + per - 1) / per;
+}
+
+/// The reduction chunks of a tensor of `numel` elements with factor dims (rows, cols)
+/// (rows == 0: a vector or scalar); none for an empty tensor.
+FUSEDOPT_HD FUSEDOPT_INLINE int64_t adafactor_reduce_chunks(int64_t numel, int64_t rows,
+                                                            int64_t cols) {
+  if (numel <= 0) return 0;
+  if (rows == 0) return mt::chunk_count(numel);
+  return numel / (rows * cols) * adafactor_chunks_per_batch(rows, cols);
+}
+
+/// Reduction chunk k of a factored tensor: rows [first_row, first_row + num_rows) of the
+/// tensor (batch `batch`, rows counted across batches).
+struct AdafactorRowChunk {
+  int64_t batch, first_row, num_rows;
+};
+
+FUSEDOPT_HD FUSEDOPT_INLINE AdafactorRowChunk adafactor_row_chunk(int64_t k, int64_t rows,
+                                                                  int64_t cols) {
+  const int64_t per = adafactor_rows_per_chunk(cols);
+  const int64_t chunks = (rows + per - 1) / per;
+  const int64_t b = k / chunks, first = (k - b * chunks) * per;
+  const int64_t n = rows - first < per ? rows - first : per;
+  return {b, b * rows + first, n};
+}
 
 /// The per-tensor scalars of Adafactor at step t (all passes), in opmath.
 template <typename T>
