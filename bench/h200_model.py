@@ -317,8 +317,10 @@ _CUDA_NAMES = {"AdamWBody": "adamw", "SgdBody": "sgd", "LionBody": "lion",
 
 
 #: A Body's MasterKind as the variant labels name it (false/true: no/fp32 masters, as
-#: before the compact kind; [note: compact master] in fusedopt/_contract.py).
-_MASTER_KINDS = {"(MasterKind)0": "false", "(MasterKind)1": "true", "(MasterKind)2": "compact"}
+#: before the compact kind; [note: compact master], [note: kahan master] in
+#: fusedopt/_contract.py).
+_MASTER_KINDS = {"(MasterKind)0": "false", "(MasterKind)1": "true", "(MasterKind)2": "compact",
+                 "(MasterKind)3": "kahan"}  # fmt: skip
 
 
 def _cuda_label(name: str) -> tuple[str, str]:

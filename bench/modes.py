@@ -28,7 +28,8 @@ class MemoryMode:
     ``master``: the optimizer keeps a master of every param (the update runs on fp32
     values). ``master_bytes``: what it holds per element for it: 4 for an fp32 copy, 2 for a
     compact one (the int16 low halves beside the bf16 param, [note: compact master] in
-    fusedopt/_contract.py), 0 without.
+    fusedopt/_contract.py) or a Kahan one (a bf16 compensation, [note: kahan master]), 0
+    without.
     """
 
     name: str
@@ -66,7 +67,7 @@ def _mode(
 ) -> MemoryMode:  # fmt: skip
     setting = kwargs.get("master_weights", False)
     master = bool(setting)
-    master_bytes = 2 if setting == "compact" else 4 if master else 0
+    master_bytes = 2 if setting in ("compact", "kahan") else 4 if master else 0
     return MemoryMode(
         name, param, state, master, MappingProxyType(kwargs), what, master_bytes, optimizers
     )
@@ -92,6 +93,14 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             "bf16 params and grads; compact master weights (the int16 low halves of the fp32 "
             "master beside the param: the same step bit for bit) and fp32 states",
             master_weights="compact",
+        ),
+        _mode(
+            "bf16+kahan",
+            torch.bfloat16,
+            torch.float32,
+            "bf16 params and grads; Kahan masters (a bf16 compensation beside the param: the "
+            "master is param + compensation, ~16 significant bits) and fp32 states",
+            master_weights="kahan",
         ),
         _mode(
             "bf16",

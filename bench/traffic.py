@@ -57,7 +57,8 @@ saves those 2 B per pass (adamw_ 30, lamb_ 42, lion_ 22, sgd_ 22, schedulefree_a
 and a write into the params is then lost. Compact masters (``master_weights="compact"``,
 [note: compact master]) read and write a 2-byte remainder where ``M`` is: 2 B less per master
 access (adamw_ 28, lamb_ 40, lion_ 20, sgd_ 20, with the bf16 param always read, as with
-master sync). Schedule-Free AdamW moves what AdamW moves: its
+master sync); so do Kahan masters (``master_weights="kahan"``, [note: kahan master]: a
+2-byte compensation where ``M`` is), the same bytes. Schedule-Free AdamW moves what AdamW moves: its
 params hold y, its two states are z and v (no first moment; no step count, its ckp1 and
 bias correction arrive in the hyperparameter table); ``eval()``/``train()`` (a lerp of the
 params towards z, outside the step) are not in the count.
@@ -185,7 +186,8 @@ def step_bytes_per_param(
     ``master``: an fp32 master stands in for the param in the update (and the param is read
     beside it and written as its rounding). ``master_bytes``: the master's own storage, 4
     for an fp32 copy, 2 for a compact one (the int16 remainder read and written where the
-    fp32 master is, beside the bf16 param: [note: compact master] in fusedopt/_contract.py).
+    fp32 master is, beside the bf16 param: [note: compact master] in fusedopt/_contract.py;
+    or a Kahan one, the 16-bit compensation: [note: kahan master]).
     A memory mode of issue #15 (bench/modes.py) is one choice of these sizes.
     """
     size = {"g": param_bytes, "lowp": param_bytes, "p": master_bytes if master else param_bytes,

@@ -276,6 +276,8 @@ class StepArguments {
     grad_dtype_ = check.tensor(grads[0], Indexed{"grads", 0});
     const bool masters = !master_params.empty();
     compact_master_ = masters && master_params[0].scalar_type() == at::kShort;
+    // A master of the param's own dtype is a Kahan compensation ([note: kahan master]).
+    kahan_master_ = masters && master_params[0].scalar_type() == params[0].scalar_type();
     params_table_.dtype = param_dtype_;
     grads_table_.dtype = grad_dtype_;
     state_dtype_ = masters ? DType::kFloat32 : param_dtype_;
@@ -295,6 +297,7 @@ class StepArguments {
 
     lists_.master_sync = master_sync;
     lists_.compact_master = compact_master_;
+    lists_.kahan_master = kahan_master_;
     if (lr_tensor.has_value()) {
       lists_.scalars.lr = lr_tensor->data_ptr<float>();
       lists_.scalars.lr_numel = lr_tensor->numel();
@@ -474,20 +477,24 @@ class StepArguments {
                          m_name, " given for a ", params[i].scalar_type(),
                          " param; master weights are for bfloat16/float16 params");
         // An int16 master is a compact one: the remainders of bf16 params ([note: compact
-        // master] in fusedopt/_contract.py), checked as the bf16 view of its bits.
+        // master] in fusedopt/_contract.py), checked as the bf16 view of its bits. A master of
+        // the param's own dtype is a Kahan compensation ([note: kahan master]).
         const bool compact = master_params[i].scalar_type() == at::kShort;
+        const bool kahan = master_params[i].scalar_type() == params[i].scalar_type();
         TORCH_CHECK_TYPE(!compact || pd == DType::kBFloat16, check.op(), ": ", m_name,
                          " is int16 (a compact master) beside a ", params[i].scalar_type(),
                          " param; compact masters are for bfloat16 params only");
-        TORCH_CHECK_TYPE(compact == compact_master_, check.op(), ": ", m_name, " has dtype ",
+        TORCH_CHECK_TYPE(master_params[i].scalar_type() == master_params[0].scalar_type(),
+                         check.op(), ": ", m_name, " has dtype ",
                          master_params[i].scalar_type(), " but master_params[0] has ",
                          master_params[0].scalar_type(), "; one call takes one master dtype");
         const DType md = check.tensor(
             compact ? master_params[i].view(at::kBFloat16) : master_params[i], m_name);
         check.like(master_params[i], params[i], m_name);
-        TORCH_CHECK_TYPE(compact || md == DType::kFloat32, check.op(), ": ", m_name,
+        TORCH_CHECK_TYPE(compact || kahan || md == DType::kFloat32, check.op(), ": ", m_name,
                          " has dtype ", master_params[i].scalar_type(),
-                         ", expected float32 (or int16: a compact master of a bfloat16 param)");
+                         ", expected float32 (or int16: a compact master of a bfloat16 param; or ",
+                         params[i].scalar_type(), ": a Kahan compensation)");
         masters_table_.pointers.push_back(master_params[i].data_ptr());
       }
       if (!steps_list_.empty()) {
@@ -572,6 +579,7 @@ class StepArguments {
         state_dtype_ = DType::kFloat32;
   SlotTable params_table_, grads_table_, masters_table_;
   bool compact_master_ = false;  // StepLists::compact_master
+  bool kahan_master_ = false;    // StepLists::kahan_master
   std::deque<SlotTable> states_;  // deque: slots handed out keep pointing at live tables
   std::vector<float*> steps_;
   std::vector<int64_t> numels_;

@@ -12,7 +12,8 @@ Conventions common to every op (see [note: common scalars]):
   parameter. All tensors of one call share one device. Within one call all params share one
   dtype, all grads share one dtype (the param dtype or fp32), and ``master_params`` is either
   empty (no master weights), one fp32 tensor per param, or, beside bf16 params, one int16
-  remainder per param ([note: compact master]). The functional layer
+  remainder per param ([note: compact master]), or one compensation of the param's own
+  dtype per bf16/fp16 param ([note: kahan master]). The functional layer
   (``fusedopt.ops``) splits a user's lists into such calls.
 * Hyperparameters are a small device table, ``Tensor hypers`` (float64 ``[G, K]``, one row per
   group of tensors, the columns in the spec's ``hypers`` order, ``lr`` first, on the params'
@@ -87,6 +88,44 @@ are refused for fp16 params. Implemented once per backend in the shared master p
 ``split_master``/``join_master`` (csrc/include/fusedopt/dtype.h; Triton ``common.py``;
 ``fusedopt.reference.ops``), used by ``load_param``/``store_param`` (csrc/cuda/step.cuh),
 ``for_each_block`` (csrc/cpu/step.h), the Triton driver and ``_load_param``/``_store_param``.
+
+[note: kahan master] A Kahan master (``master_weights="kahan"``, bf16 or fp16 params) keeps,
+beside the 16-bit param, a *compensation* c of the param's own dtype (``state["kahan_comp"]``),
+and the master is ``x = fp32(p) + fp32(c)``, summed in fp32. It is a third kind of master
+beside fp32 and compact ones, signalled by the dtype of ``master_params`` (the param's; no
+schema changes), and lives in the same shared master path (load_param/store_param,
+for_each_block, the Triton driver, ``_load_param``/``_store_param``), so every step op gets
+it from one place. The store writes ``p = round(x)`` (to nearest even: ``x.to(dtype)``) and
+``c = round(x - p)`` (``x - p`` is exact in fp32; 0 where it is not finite: an infinite or
+NaN x), so p + c carries about 16 significant bits for bf16 (22 for fp16) instead of 8
+(11): an update below half an ulp of the param, which plain bf16 rounds away at every step,
+accumulates in c until it moves p (tests/test_kahan_master.py). The load takes
+``fp32(p) + fp32(c)`` only where that sum rounds back to p; elsewhere the param alone.
+That is this mode's [note: master sync], whatever ``master_sync`` says and at no cost (the
+param is read anyway): a value written into the param since the last step (a zero, a
+re-initialisation) no longer rounds to itself with the stale compensation added, except
+within half an ulp of the written value, where the compensation is kept (as compact masters
+keep their remainder). So that the store never trips this test, a compensation that rounded
+to exactly half an ulp beside an odd param (p + c a tie that rounds to the other
+neighbour) is moved one step toward zero (``c.bits - 1``): a loss of one ulp of c, once in
+about 2^10 stores. States stay fp32 as with every master kind (the memory table counts 2 B
+per param for the master instead of 4). Design choices: (1) the compensation is part of the
+master, not of the update: the whole update, weight decay, LAMB's trust ratio, Lion's sign
+and Schedule-Free's interpolation, is computed from the compensated fp32 value, and only the
+two stores round. optimi (``kahan_sum=True``) places it in the update instead: ``c += u``
+(rounded to bf16), ``p_old = p; p += c`` (rounded), ``c += p_old - p`` (rounded); its
+decoupled weight decay multiplies the bf16 param directly (uncompensated), and its states are
+bf16. For a small update the two agree to the compensation's precision; where |u| >> |c| the
+extra rounding of ``c + u`` loses 2^-9 |u|, and a decay ``lr * wd`` below 2^-9 never reaches
+an optimi param, while here it accumulates (tests/test_kahan_master.py). Measured by
+bench/kahan.py (AdamW, lr 1e-3, 200 steps, 4096 bf16 params, the same bf16 grads): the
+final master's RMS error against the fp32-master run, relative to the RMS distance moved,
+is 1.2e-4 with Kahan masters, 1.8e-2 with optimi's kahan_sum (7.3e-2 with weight decay 0.1;
+its bf16 states count in that too), 1.3e-1 for plain bf16, 0 for compact masters. (2) Kahan
+rather than a wider master (compact, fp32): same 2 B as compact but for fp16 too, and
+rounding to nearest even keeps ``param == x.to(dtype)`` exactly. The oracle is the reference
+backend in plain torch (``join_kahan``/``split_kahan``), which cpu, triton and (emulated)
+cuda equal bit for bit.
 
 [note: hyper table] Hyperparameters travel as a device table of G rows (one per run of
 tensors sharing their values, typically one per param group), not as per-tensor lists: the

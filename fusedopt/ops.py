@@ -156,8 +156,11 @@ STEP_OPS = _contract.STEP_OPS
 
 
 def _master_dtype(op: str, i: int, param: Tensor, master: Tensor) -> torch.dtype:
-    """The dtype ``master_params[i]`` must have: fp32, or int16 (a compact master: the
-    remainder of a bf16 param, [note: compact master] in ``fusedopt._contract``)."""
+    """The dtype ``master_params[i]`` must have: fp32, int16 (a compact master: the
+    remainder of a bf16 param, [note: compact master] in ``fusedopt._contract``) or the
+    param's own dtype (a Kahan master: its compensation, [note: kahan master])."""
+    if master.dtype == param.dtype:
+        return param.dtype
     if master.dtype != torch.int16:
         return torch.float32
     if param.dtype != torch.bfloat16:
@@ -387,8 +390,9 @@ def step(
     tensor (``lr`` may also be a 0-d or length-N fp32 device tensor), or is a
     :class:`StepHypers` table already in the op's form; ``flags`` the per-call switches. The
     lists are split into one backend call per (param dtype, grad dtype, master dtype or no
-    master), each a single multi-tensor launch. A master is fp32, or int16 beside a bf16
-    param: a compact master ([note: compact master] in ``fusedopt._contract``).
+    master), each a single multi-tensor launch. A master is fp32, int16 beside a bf16
+    param (a compact master, [note: compact master] in ``fusedopt._contract``) or of the
+    param's own dtype (a Kahan compensation, [note: kahan master]).
 
     A pass takes its step op's lists, hyperparameters and flags, and its own per-call tensors
     in ``inputs`` (``sq_norms``: one row per tensor, in the order of ``lists``); it returns
@@ -525,7 +529,8 @@ def _phase_inputs(phase, inputs: dict[str, Tensor], params: list[Tensor], device
 class StepOptions(TypedDict, total=False):
     """The keyword arguments every public step wrapper ends with: ``master_params`` (one fp32
     master per bf16/fp16 param, or one int16 remainder per bf16 param: a compact master,
-    [note: compact master] in ``fusedopt._contract``; or none), ``master_sync`` ([note:
+    [note: compact master] in ``fusedopt._contract``; or one compensation of the param's dtype
+    per bf16/fp16 param: a Kahan master, [note: kahan master]; or none), ``master_sync`` ([note:
     master sync] in ``fusedopt._contract``; default True), the common device scalars ``grad_scale``,
     ``clip_coef`` and ``found_inf`` (default None), ``backend`` (default ``"auto"``) and
     ``sr_key`` (default None: stochastic rounding of bf16 params without master weights,

@@ -286,6 +286,7 @@ def test_memory_table_measures_each_mode_as_designed(tmp_path):
     assert adamw["bf16+master+8-bit states"] == 6.0  # 4 B master + 2 x 1 B codes (+ scales)
     assert (adamw["fp32"], adamw["bf16+master"], adamw["bf16"]) == (8.0, 12.0, 4.0)
     assert adamw["bf16+compact master"] == 10.0  # 2 x 4 B states + the 2 B remainder
+    assert adamw["bf16+kahan"] == 10.0  # 2 x 4 B states + the 2 B bf16 compensation
     for mode in ("fp32", "bf16"):
         torch_row, ours = rows[("torch", "adamw", mode)], rows[("fusedopt", "adamw", mode)]
         assert torch_row["element_bytes"] == ours["element_bytes"]

@@ -139,14 +139,20 @@ def kernels(toolchain, tmp_path_factory) -> dict[str, Kernel]:
 
 
 # The (param, grad, master) storage combinations of DESIGN.md §3, as the kernels name them:
-# the master is a MasterKind (csrc/cuda/common.cuh: none, fp32, compact), compact for bf16
-# only ([note: compact master] in fusedopt/_contract.py).
+# the master is a MasterKind (csrc/cuda/common.cuh: none, fp32, compact, Kahan), compact for
+# bf16 only ([note: compact master] in fusedopt/_contract.py), Kahan for bf16 and fp16
+# ([note: kahan master]).
 _NS = "fusedopt::cuda::"
 _LOW = (_NS + "bf16", _NS + "fp16")
-NO_MASTER, FP32_MASTER, COMPACT_MASTER = (f"({_NS}MasterKind){k}" for k in range(3))
+NO_MASTER, FP32_MASTER, COMPACT_MASTER, KAHAN_MASTER = (f"({_NS}MasterKind){k}" for k in range(4))
 STORAGE = (
     [("float", "float", NO_MASTER)]
-    + [(p, g, m) for p in _LOW for g in (p, "float") for m in (NO_MASTER, FP32_MASTER)]
+    + [
+        (p, g, m)
+        for p in _LOW
+        for g in (p, "float")
+        for m in (NO_MASTER, FP32_MASTER, KAHAN_MASTER)
+    ]
     + [(_NS + "bf16", g, COMPACT_MASTER) for g in (_NS + "bf16", "float")]
     + [("double", "double", NO_MASTER), ("double", "float", NO_MASTER)]
 )

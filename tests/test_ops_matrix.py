@@ -216,6 +216,79 @@ def test_compact_master_equals_fp32_master(backend, device, case):
 
 
 # ---------------------------------------------------------------------------------------------
+# Kahan masters against the fp32-master step from the joined master
+
+
+#: (storage, layout, scalars) of the Kahan cases: bf16 and fp16, fp32 grads, three layouts.
+KAHAN_CASES = (
+    ("bf16_master", "mixed", "amp"),
+    ("fp16_master", "mixed", "groups"),
+    ("bf16_master", "many", "amp"),
+    ("bf16_master_fp32grad", "big", "lr_tensor"),
+)
+
+
+def _kahan_params():
+    out = []
+    for p in BACKENDS:
+        (backend, device), marks = p.values[0], p.marks
+        for op, options in OPTIONS.items():
+            for storage, layout, scalars in KAHAN_CASES:
+                layout = op_layout(op, layout)
+                case = StepCase(options[0], STORAGES[storage], layout, SCALARS[scalars])
+                out.append(pytest.param(backend, device, case, marks=marks,
+                                        id=f"{backend}-{device}-{case.id}"))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(("backend", "device", "case"), _kahan_params())
+def test_kahan_master_equals_joined_fp32_master(backend, device, case):
+    """[note: kahan master] (fusedopt._contract): the matrix's 16-bit-with-fp32-master case
+    run with Kahan masters (a compensation of the param's dtype beside each param): every
+    step equals the same backend's fp32-master step started from the joined master
+    (``join_kahan``; the param its rounding, the states the Kahan run's), split after
+    (``split_kahan``), bit for bit: param, compensation, every state. The fp32-master step
+    itself is held to the oracle by ``test_step``."""
+    from fusedopt.reference.ops import join_kahan, split_kahan
+
+    kahan = make_inputs(case, device)
+    dtype = case.storage.param
+    for i, (p, m) in enumerate(zip(kahan.lists["params"], kahan.lists["master_params"],
+                                   strict=True)):  # fmt: skip
+        param, comp = split_kahan(m.cpu(), dtype)
+        p.copy_(param)
+        kahan.lists["master_params"][i] = torch.empty_like(p).copy_(comp)
+    for k in range(1, LAYOUT_STEPS[case.layout] + 1):
+        fp32 = make_inputs(case, device)
+        for name, ts in kahan.lists.items():
+            if name in ("params", "master_params", "grads"):
+                continue
+            for a, b in zip(fp32.lists[name], ts, strict=True):
+                a.copy_(b)
+        for i, (p, c) in enumerate(zip(kahan.lists["params"], kahan.lists["master_params"],
+                                       strict=True)):  # fmt: skip
+            joined = join_kahan(p, c)
+            fp32.lists["master_params"][i].copy_(joined)
+            fp32.lists["params"][i].copy_(joined)
+        kahan.lists["grads"] = make_grads(kahan, k)
+        fp32.lists["grads"] = [g.clone() for g in kahan.lists["grads"]]
+        run_backend(fp32, backend)
+        run_backend(kahan, backend)
+        where = f"{case.id} on {backend}/{device}, step {k}"
+        for i, (p, c, m) in enumerate(zip(kahan.lists["params"], kahan.lists["master_params"],
+                                          fp32.lists["master_params"], strict=True)):  # fmt: skip
+            want_p, want_c = split_kahan(m.cpu(), dtype)
+            assert c.dtype == dtype
+            assert same_bits(p.cpu(), want_p), f"{where}: params[{i}]"
+            assert same_bits(c.cpu(), want_c), f"{where}: compensation[{i}]"
+        for name, ts in fp32.lists.items():
+            if name in ("params", "master_params", "grads"):
+                continue
+            for i, (a, b) in enumerate(zip(kahan.lists[name], ts, strict=True)):
+                assert same_bits(a, b), f"{where}: {name}[{i}] differs from the fp32 master's"
+
+
+# ---------------------------------------------------------------------------------------------
 # The harness itself: the registry and the checks can fail
 
 

@@ -271,12 +271,15 @@ def test_bad_step_input_raises_before_touching_anything(op, mutation, error, mes
     assert _unchanged(kwargs, before), "a tensor was written before the error"
 
 
+@pytest.mark.parametrize("wrong", [torch.float16, torch.float64])
 @pytest.mark.parametrize("op", STEP_OPS)
-def test_master_weights_must_be_fp32(op):
+def test_master_weights_must_be_fp32(op, wrong):
+    """A master beside a bf16 param is fp32, int16 (compact) or bf16 (a Kahan compensation,
+    [note: kahan master]); any other dtype is refused, naming it, before anything changes."""
     kwargs = _valid(op, torch.bfloat16, masters=True)
-    kwargs["master_params"][1] = kwargs["master_params"][1].bfloat16()
+    kwargs["master_params"][1] = kwargs["master_params"][1].to(wrong)
     before = _snapshot(kwargs)
-    with pytest.raises(TypeError, match=r"master_params\[1\] has dtype torch.bfloat16"):
+    with pytest.raises(TypeError, match=rf"master_params\[1\] has dtype {wrong}"):
         _run(op, kwargs)
     assert _unchanged(kwargs, before)
 

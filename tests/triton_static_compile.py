@@ -64,11 +64,14 @@ F32, BF16, F16, F64 = tl.float32, tl.bfloat16, tl.float16, tl.float64
 def step_dtypes(p, g, master):
     """Constexprs of a step kernel; master-weight cases adopt written params (the default,
     MASTER_SYNCED: [note: master sync] in fusedopt/_contract.py); ``master="compact"``:
-    compact masters (MASTER_COMPACT, [note: compact master])."""
+    compact masters (MASTER_COMPACT, [note: compact master]); ``master="kahan"``: Kahan
+    masters (MASTER_KAHAN, [note: kahan master])."""
     s = F32 if master else p
     mode = multi_tensor.MASTER_SYNCED if master else multi_tensor.NO_MASTER
     if master == "compact":
         mode = multi_tensor.MASTER_COMPACT
+    if master == "kahan":
+        mode = multi_tensor.MASTER_KAHAN
     return {"P_DTYPE": p, "G_DTYPE": g, "S_DTYPE": s, "COMPUTE": F64 if p == F64 else F32,
             "MASTER": mode}  # fmt: skip
 
@@ -101,6 +104,8 @@ def variants():
         "bf16_master_fp32grad": step_dtypes(BF16, F32, True),
         "fp16_master": step_dtypes(F16, F16, True),
         "bf16_compact_master": step_dtypes(BF16, BF16, "compact"),
+        "bf16_kahan_master": step_dtypes(BF16, F32, "kahan"),
+        "fp16_kahan_master": step_dtypes(F16, F16, "kahan"),
         "fp64": step_dtypes(F64, F64, False),
     }
     for case, dtypes in dtype_cases.items():

@@ -1,6 +1,6 @@
 // The traversal every step op shares: for one work item, walk its blocks with the param
 // (the fp32 master when there are master weights; joined from param and remainder for a
-// compact master), the grad and the op's state slots seen
+// compact master, from param and compensation for a Kahan one), the grad and the op's state slots seen
 // as opmath values, then write back what changed: the master and the rounded param (so
 // param == master.to(dtype) bit for bit), and the states.
 #pragma once
@@ -97,6 +97,46 @@ inline void split_block(void* param, void* remainder, int64_t off, int64_t n,
   }
 }
 
+/// [note: kahan master] (fusedopt/_contract.py) on the CPU: block [off, off+n) of the fp32
+/// master fp32(param) + fp32(compensation), where that sum rounds to the param (else the
+/// param alone: a value written into it since), and back: param round(x), compensation
+/// round(x - param) (0 where not finite), one step toward zero at a tie that would round
+/// param + compensation off the param. Rounding to nearest even both ways: dtype.h's
+/// conversions, through convert.h's loops.
+inline void join_kahan_block(float* master, const void* param, const void* compensation,
+                             DType d, int64_t off, int64_t n) {
+  const uint16_t* p = static_cast<const uint16_t*>(param) + off;
+  alignas(64) float c[kBlock];
+  alignas(64) float sum[kBlock];
+  alignas(64) uint16_t rounded[kBlock];
+  load_values(master, p, d, n);
+  load_values(c, static_cast<const uint16_t*>(compensation) + off, d, n);
+  for (int64_t k = 0; k < n; ++k) sum[k] = master[k] + c[k];
+  store_values(rounded, d, sum, n);
+  for (int64_t k = 0; k < n; ++k) master[k] = rounded[k] == p[k] ? sum[k] : master[k];
+}
+
+inline void split_kahan_block(void* param, void* compensation, DType d, int64_t off, int64_t n,
+                              const float* master) {
+  uint16_t* p = static_cast<uint16_t*>(param) + off;
+  uint16_t* c = static_cast<uint16_t*>(compensation) + off;
+  alignas(64) float widened[kBlock];
+  alignas(64) float diff[kBlock];
+  alignas(64) uint16_t rounded[kBlock];
+  store_values(p, d, master, n);
+  load_values(widened, p, d, n);
+  for (int64_t k = 0; k < n; ++k) {
+    const float x = master[k] - widened[k];
+    diff[k] = x - x == 0.0f ? x : 0.0f;  // x - x is NaN for an infinite or NaN x
+  }
+  store_values(c, d, diff, n);
+  load_values(diff, c, d, n);
+  for (int64_t k = 0; k < n; ++k) widened[k] += diff[k];
+  store_values(rounded, d, widened, n);
+  for (int64_t k = 0; k < n; ++k)  // a tie (c != 0 there): one step toward zero
+    c[k] = static_cast<uint16_t>(c[k] - (rounded[k] != p[k] && (c[k] & 0x7FFFu) ? 1 : 0));
+}
+
 /// Calls f(p, g, states, n) for each block of work item w, where p, g and states[k] point at
 /// n opmath values of the param (or master, after [note: master sync] when lists.master_sync),
 /// the grad and state slot k. With kWrite the param, master and states are written back
@@ -112,7 +152,9 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
   const int64_t i = w.tensor;
   const bool master = lists.master_params.present();
   const bool compact = master && lists.compact_master;  // [note: compact master]
-  const bool sync = master && !compact && lists.master_sync;
+  const bool kahan = master && lists.kahan_master;      // [note: kahan master]
+  const bool joined = compact || kahan;                 // the master is not in memory
+  const bool sync = master && !joined && lists.master_sync;
   // [note: stochastic rounding] (fusedopt/dtype.h): the param store of a bf16 param without
   // master weights, when the call has an sr_key.
   const bool stochastic = lists.scalars.sr_key != nullptr && !master &&
@@ -133,8 +175,9 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
       p = p_buffer;
       if constexpr (std::is_same_v<T, float>) {
         if (compact) join_block(p_buffer, param, p_base, off, n);
+        if (kahan) join_kahan_block(p_buffer, param, p_base, lists.params.dtype, off, n);
       }
-      if (!compact) p = view_block(p_base, p_dtype, off, n, p_buffer);
+      if (!joined) p = view_block(p_base, p_dtype, off, n, p_buffer);
       if (sync) p = adopt_written_params(p, param, lists.params.dtype, off, n, kWrite, p_buffer);
     }
     const T* g = kReadGrad ? view_block(g_base, lists.grads.dtype, off, n, g_buffer) : nullptr;
@@ -145,11 +188,12 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
       if constexpr (kParam) {
         if constexpr (std::is_same_v<T, float>) {
           if (compact) split_block(param, p_base, off, n, p);
+          if (kahan) split_kahan_block(param, p_base, lists.params.dtype, off, n, p);
         }
         if constexpr (std::is_same_v<T, float>) {
           if (stochastic) write_block<Rounding::kStochastic>(param, p_dtype, off, n, p, key);
         }
-        if (!compact && !stochastic) {
+        if (!joined && !stochastic) {
           write_block(p_base, p_dtype, off, n, p);
           if (master) write_block(param, lists.params.dtype, off, n, p);
         }

@@ -165,7 +165,7 @@ template <class P, MasterKind kM, class T>
 __device__ __forceinline__ T param_sq(const Row& row, const StepArgs& args, int64_t begin,
                                       int64_t end) {
   const P* p = static_cast<const P*>(row.slot[kParam]);
-  const MasterOf<kM>* master = static_cast<const MasterOf<kM>*>(row.slot[kMaster]);
+  const MasterOf<P, kM>* master = static_cast<const MasterOf<P, kM>*>(row.slot[kMaster]);
   T p2 = T(0);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     T pv[1];
@@ -378,7 +378,7 @@ struct AdafactorApplyBody {
   Dims d;
   P* p;
   const G* g;
-  MasterOf<kM>* master;
+  MasterOf<P, kM>* master;
   bool master_sync;
   StochasticStore sr;  // [note: stochastic rounding] in fusedopt/dtype.h
   AdafactorScalars<T> s;
@@ -389,7 +389,7 @@ struct AdafactorApplyBody {
         d(dims_of(row_)),
         p(static_cast<P*>(row_.slot[kParam])),
         g(static_cast<const G*>(row_.slot[kGrad])),
-        master(static_cast<MasterOf<kM>*>(row_.slot[kMaster])),
+        master(static_cast<MasterOf<P, kM>*>(row_.slot[kMaster])),
         master_sync(a.master_sync),
         sr(stochastic_store<P, kM>(row_, a)),
         s(adafactor_update_scalars<T>(step_lr(row_, t, a), eps1_of<P, kM>(row_),

@@ -310,24 +310,28 @@ void dispatch_dtype(DType d, F&& f) {
   }
 }
 
-/// The master weights of a step op's Body: none, fp32 masters, or compact ones (the int16
-/// remainders of bf16 params, [note: compact master] in fusedopt/_contract.py).
-enum MasterKind : int { kNoMaster = 0, kFp32Master = 1, kCompactMaster = 2 };
+/// The master weights of a step op's Body: none, fp32 masters, compact ones (the int16
+/// remainders of bf16 params, [note: compact master] in fusedopt/_contract.py) or Kahan ones
+/// (a compensation of the 16-bit param's own dtype, [note: kahan master]).
+enum MasterKind : int { kNoMaster = 0, kFp32Master = 1, kCompactMaster = 2, kKahanMaster = 3 };
 
 /// The MasterKind of a call's lists.
 inline MasterKind master_kind(const StepLists& lists) {
   if (!lists.master_params.present()) return kNoMaster;
+  if (lists.kahan_master) return kKahanMaster;
   return lists.compact_master ? kCompactMaster : kFp32Master;
 }
 
 /// The storage types of a step op call ([note: validated call] in launch.h): calls
 /// f(P{}, G{}, std::integral_constant<MasterKind, master>{}) for param dtype P and grad
-/// dtype G (P or fp32). Compact masters exist for bf16 only: two Body instantiations each.
+/// dtype G (P or fp32). Compact masters exist for bf16 only: two Body instantiations each;
+/// Kahan masters for bf16 and fp16: four.
 template <class F>
 void dispatch_step_types(DType param, DType grad, MasterKind master, F&& f) {
   using None = std::integral_constant<MasterKind, kNoMaster>;
   using Fp32 = std::integral_constant<MasterKind, kFp32Master>;
   using Compact = std::integral_constant<MasterKind, kCompactMaster>;
+  using Kahan = std::integral_constant<MasterKind, kKahanMaster>;
   dispatch_dtype(param, [&](auto p) {
     using P = decltype(p);
     const bool fp32_grad = grad == DType::kFloat32 && !std::is_same_v<P, float>;
@@ -337,6 +341,9 @@ void dispatch_step_types(DType param, DType grad, MasterKind master, F&& f) {
       }
     }
     if constexpr (std::is_same_v<P, bf16> || std::is_same_v<P, fp16>) {
+      if (master == kKahanMaster) {
+        return fp32_grad ? f(p, float{}, Kahan{}) : f(p, p, Kahan{});
+      }
       if (master != kNoMaster) {
         return fp32_grad ? f(p, float{}, Fp32{}) : f(p, p, Fp32{});
       }

@@ -2,7 +2,7 @@
 // chunk with an op's Body, the slots every step op has, and the host side of a launch.
 //
 // A Body<P, G, kMasterWeights, ...> is the per-element work of one op for param storage P,
-// grad storage G and its MasterKind (none, fp32, compact); states are fp32 with masters, else P
+// grad storage G and its MasterKind (none, fp32, compact, Kahan); states are fp32 with masters, else P
 // (DESIGN.md §3). It is built once per block from the block's Row (the per-tensor scalars,
 // derived in double by the math headers), then apply<V>(i) handles elements i..i+V-1. The
 // elementwise ops' Bodies derive from StepBody (below), which holds what they share.
@@ -10,7 +10,9 @@
 // Bytes: an op file's "+ master" (4 B read, 4 B written, beside the 16-bit param read for
 // [note: master sync] and written as the master's rounding) is, with compact masters, the
 // 2-byte remainder read and written beside the bf16 param ([note: compact master] in
-// fusedopt/_contract.py): AMP AdamW 30 -> 26 B per element without the norm pass.
+// fusedopt/_contract.py): AMP AdamW 30 -> 26 B per element without the norm pass. A Kahan
+// master ([note: kahan master]) reads and writes a 2-byte compensation beside the 16-bit
+// param in the same places: the same bytes as a compact one.
 #pragma once
 
 #include <utility>
@@ -54,10 +56,13 @@ constexpr int state_slot(int index) { return kState0 + index; }
 template <class P, MasterKind kMasterWeights>
 using StateOf = std::conditional_t<kMasterWeights != kNoMaster, float, P>;
 
-/// The storage of a step op's master slot: fp32 masters, or the int16 remainders of compact
-/// ones ([note: compact master] in fusedopt/_contract.py); unused without masters.
-template <MasterKind kMasterWeights>
-using MasterOf = std::conditional_t<kMasterWeights == kCompactMaster, int16_t, float>;
+/// The storage of a step op's master slot: fp32 masters, the int16 remainders of compact
+/// ones ([note: compact master] in fusedopt/_contract.py), or the compensations of Kahan ones,
+/// in the param's storage P ([note: kahan master]); unused without masters.
+template <class P, MasterKind kMasterWeights>
+using MasterOf = std::conditional_t<
+    kMasterWeights == kKahanMaster, P,
+    std::conditional_t<kMasterWeights == kCompactMaster, int16_t, float>>;
 
 /// Per-call arguments every step kernel receives (by value, in kernel parameter space).
 struct StepArgs {
@@ -86,9 +91,11 @@ __device__ __forceinline__ bool aligned_all(int64_t start, const S*... ptrs) {
 /// param bits differ from its rounded master's takes the param's value ([note: master sync]
 /// in fusedopt/_contract.py): one more (vector) load of the 16-bit param. The flag is a
 /// kernel argument, the same for the whole launch, so the branch never diverges. A compact
-/// master is joined from the bf16 param and its int16 remainder ([note: compact master]).
+/// master is joined from the bf16 param and its int16 remainder ([note: compact master]), a
+/// Kahan one from the param and its compensation (the param alone where their fp32 sum does
+/// not round to it: a written param, [note: kahan master]); both whatever master_sync says.
 template <int V, class P, class T, MasterKind kMasterWeights>
-__device__ __forceinline__ void load_param(const P* p, const MasterOf<kMasterWeights>* master,
+__device__ __forceinline__ void load_param(const P* p, const MasterOf<P, kMasterWeights>* master,
                                            int64_t i, T (&x)[V], bool master_sync) {
   if constexpr (kMasterWeights == kCompactMaster) {
     static_assert(std::is_same_v<P, bf16>, "compact masters are for bf16 params");
@@ -96,6 +103,15 @@ __device__ __forceinline__ void load_param(const P* p, const MasterOf<kMasterWei
     const Pack<int16_t, V> remainder = load_pack<V>(master, i);
 #pragma unroll
     for (int k = 0; k < V; ++k) x[k] = join_master(bits.v[k].bits, remainder.v[k]);
+  } else if constexpr (kMasterWeights == kKahanMaster) {
+    const Pack<P, V> bits = load_pack<V>(p, i);
+    const Pack<P, V> compensation = load_pack<V>(master, i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const T param = to_opmath<T>(bits.v[k]);
+      const T sum = param + to_opmath<T>(compensation.v[k]);
+      x[k] = from_opmath<P>(sum).bits == bits.v[k].bits ? sum : param;
+    }
   } else if constexpr (kMasterWeights == kFp32Master) {
     load<V>(master, i, x);
     if (master_sync) {
@@ -128,7 +144,7 @@ __device__ __forceinline__ StochasticStore stochastic_store(const Row& row, cons
 }
 
 template <int V, class P, class T, MasterKind kMasterWeights>
-__device__ __forceinline__ void store_param(P* p, MasterOf<kMasterWeights>* master, int64_t i,
+__device__ __forceinline__ void store_param(P* p, MasterOf<P, kMasterWeights>* master, int64_t i,
                                             const T (&x)[V], const StochasticStore& sr = {}) {
   if constexpr (kMasterWeights == kCompactMaster) {
     Pack<P, V> bits;
@@ -140,6 +156,22 @@ __device__ __forceinline__ void store_param(P* p, MasterOf<kMasterWeights>* mast
       remainder.v[k] = c.remainder;
     }
     store_pack<V>(master, i, remainder);
+    store_pack<V>(p, i, bits);
+  } else if constexpr (kMasterWeights == kKahanMaster) {
+    Pack<P, V> bits;
+    Pack<P, V> compensation;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      bits.v[k] = from_opmath<P>(x[k]);
+      const T param = to_opmath<T>(bits.v[k]);
+      const T diff = x[k] - param;
+      P c = from_opmath<P>(diff - diff == T(0) ? diff : T(0));  // 0 for a non-finite diff
+      // A tie that would round param + c off the param: c one step toward zero (c != 0).
+      const bool tie = from_opmath<P>(param + to_opmath<T>(c)).bits != bits.v[k].bits;
+      if (tie && (c.bits & 0x7FFFu)) c.bits = static_cast<uint16_t>(c.bits - 1u);
+      compensation.v[k] = c;
+    }
+    store_pack<V>(master, i, compensation);
     store_pack<V>(p, i, bits);
   } else {
     if constexpr (kMasterWeights == kFp32Master) store<V>(master, i, x);
@@ -167,7 +199,7 @@ template <class P, class G, MasterKind kMasterWeights, class Scalars, int... kSt
 struct StepBody {
   using T = Opmath<P>;
   using S = StateOf<P, kMasterWeights>;
-  using M = MasterOf<kMasterWeights>;
+  using M = MasterOf<P, kMasterWeights>;
   static constexpr int kWidth =
       kMasterWeights != kNoMaster ? kVecWidth<P, G, S, M> : kVecWidth<P, G, S>;
 

@@ -214,7 +214,8 @@ const Variant kVariants[] = {
 /// Storage of a step call: param and grad dtypes, master weights (DESIGN.md §3),
 /// StepLists::master_sync ([note: master sync]; the user writes into the params of every
 /// master-weight case between steps, see write_params), and compact masters (int16
-/// remainders, held in 16-bit buffers: [note: compact master] in fusedopt/_contract.py).
+/// remainders, held in 16-bit buffers: [note: compact master] in fusedopt/_contract.py), and
+/// Kahan masters (a compensation of the param's dtype: [note: kahan master]).
 /// `stochastic`: the call has an sr_key, so the bf16 param store rounds stochastically
 /// ([note: stochastic rounding] in fusedopt/dtype.h; bf16 without masters only).
 struct Storage {
@@ -222,7 +223,12 @@ struct Storage {
   bool master;
   bool sync = true;
   bool compact = false;
+  bool kahan = false;
   bool stochastic = false;
+  /// The dtype of the master buffers.
+  DType master_dtype() const {
+    return kahan ? param : compact ? DType::kBFloat16 : DType::kFloat32;
+  }
 };
 const Storage kStorages[] = {
     {DType::kFloat32, DType::kFloat32, false},   {DType::kBFloat16, DType::kBFloat16, false},
@@ -233,8 +239,11 @@ const Storage kStorages[] = {
     {DType::kBFloat16, DType::kBFloat16, true, false},
     {DType::kBFloat16, DType::kBFloat16, true, true, true},
     {DType::kBFloat16, DType::kFloat32, true, true, true},
-    {DType::kBFloat16, DType::kBFloat16, false, true, false, true},
-    {DType::kBFloat16, DType::kFloat32, false, true, false, true},
+    {DType::kBFloat16, DType::kBFloat16, true, true, false, true},
+    {DType::kBFloat16, DType::kFloat32, true, true, false, true},
+    {DType::kFloat16, DType::kFloat16, true, true, false, true},
+    {DType::kBFloat16, DType::kBFloat16, false, true, false, false, true},
+    {DType::kBFloat16, DType::kFloat32, false, true, false, false, true},
 };
 
 /// The sr_key of a stochastic call at `step`: a seed above 2^32 (both key words count), the
@@ -329,8 +338,8 @@ struct World {
       params.push_back(std::make_unique<Buffer>(c.storage.param, s.numel, s.misaligned, null));
       grads.push_back(std::make_unique<Buffer>(c.storage.grad, s.numel, s.misaligned, null));
       if (c.storage.master)
-        masters.push_back(std::make_unique<Buffer>(
-            c.storage.compact ? DType::kBFloat16 : DType::kFloat32, s.numel, s.misaligned, null));
+        masters.push_back(std::make_unique<Buffer>(c.storage.master_dtype(), s.numel,
+                                                   s.misaligned, null));
       // Mixed alignment inside one tensor's slots: its first state is aligned when the
       // param is not, and the other way round, so both "one slot refuses" cases occur.
       for (size_t k = 0; k < states.size(); ++k)
@@ -386,6 +395,10 @@ void initialize(World& w, const StepCase& c, std::mt19937& rng) {
         const CompactMaster m = split_master(static_cast<float>(p));
         w.params[i]->set_bits(k, m.param);
         w.masters[i]->set_bits(k, static_cast<uint16_t>(m.remainder));
+      } else if (c.storage.kahan) {  // the param and compensation of the fp32 value
+        const float x = static_cast<float>(p);
+        w.params[i]->set(k, x);
+        w.masters[i]->set(k, x - static_cast<float>(w.params[i]->get(k)));
       } else {
         if (!w.masters.empty()) w.masters[i]->set(k, p);
         // The param is master.to(dtype) (DESIGN.md §3): round through fp32 as the master does.
@@ -462,10 +475,10 @@ struct Call {
     l.params = {params.data(), c.storage.param};
     l.grads = {grads.data(), c.storage.grad};
     if (c.storage.master)
-      l.master_params = {masters.data(),
-                         c.storage.compact ? DType::kBFloat16 : DType::kFloat32};
+      l.master_params = {masters.data(), c.storage.master_dtype()};
     l.master_sync = c.storage.sync;
     l.compact_master = c.storage.compact;
+    l.kahan_master = c.storage.kahan;
     l.steps = has_steps(v) ? steps.data() : nullptr;
     l.hypers = {hypers.data(), kWidth, group.data()};
     if (s.lr == LrKind::kTensor1 || s.lr == LrKind::kTensorN) {
@@ -612,7 +625,10 @@ const char* dtype_short(DType d) {
 std::string name(const StepCase& c) {
   return std::string(c.variant->name) + " " + dtype_short(c.storage.param) + "/" +
          dtype_short(c.storage.grad) +
-         (c.storage.compact ? "+compact" : c.storage.master ? "+master" : "") +
+         (c.storage.compact ? "+compact"
+          : c.storage.kahan ? "+kahan"
+          : c.storage.master ? "+master"
+                             : "") +
          (c.storage.stochastic ? "+sr" : "") +
          (c.storage.master && !c.storage.sync ? "-nosync" : "") + " " +
          c.scalars->name + (c.shapes == &kLarge ? " large" : " small") +
@@ -676,6 +692,32 @@ std::unique_ptr<Buffer> joined(const World& w, size_t i) {
   return out;
 }
 
+/// [note: lamb tolerance] for Kahan masters ([note: kahan master]): the masters p + c of the
+/// two backends, within lamb_close's bound of the fp32 values the update ran on, plus what
+/// the Kahan store may then lose on each side: one ulp of c from its rounding and one from
+/// the tie rule (2 eps16 |c| each, and a subnormal c's spacing): nearby fp32 values may store
+/// as p + c pairs one ulp of c apart.
+bool kahan_close(const Buffer& cuda_p, const Buffer& cuda_c, const Buffer& cpu_p,
+                 const Buffer& cpu_c, const Buffer& before_p, const Buffer& before_c,
+                 double delta) {
+  const double eps16 = epsilon(cpu_p.dtype()), tiny16 = smallest(cpu_p.dtype());
+  for (int64_t k = 0; k < cpu_p.numel(); ++k) {
+    const double ca = cuda_c.get(k), cb = cpu_c.get(k);
+    const double a = static_cast<double>(static_cast<float>(cuda_p.get(k)) + static_cast<float>(ca));
+    const double b = static_cast<double>(static_cast<float>(cpu_p.get(k)) + static_cast<float>(cb));
+    const double was = static_cast<double>(static_cast<float>(before_p.get(k)) +
+                                           static_cast<float>(before_c.get(k)));
+    const double bound = delta * std::fabs(b - was) + 2 * 0x1p-23 * std::max(std::fabs(a), std::fabs(b)) +
+                         2 * eps16 * (std::fabs(ca) + std::fabs(cb)) + 2 * tiny16 + 0x1p-149;
+    if (!(std::fabs(a - b) <= bound)) {
+      std::fprintf(stderr, "element %lld: cuda %.17g, cpu %.17g (bound %.3g)\n",
+                   static_cast<long long>(k), a, b, bound);
+      return false;
+    }
+  }
+  return true;
+}
+
 /// The LAMB comparison of [note: lamb tolerance]; then cuda takes cpu's state.
 bool lamb_matches(const StepCase& c, World& cuda, const World& cpu, const World& before,
                   const std::string& what) {
@@ -696,6 +738,9 @@ bool lamb_matches(const StepCase& c, World& cuda, const World& cpu, const World&
       ok &= lamb_close(*cuda.params[i], *cpu.params[i], *before.params[i], delta);
       if (c.storage.compact) {
         ok &= lamb_close(*joined(cuda, i), *joined(cpu, i), *joined(before, i), delta);
+      } else if (c.storage.kahan) {
+        ok &= kahan_close(*cuda.params[i], *cuda.masters[i], *cpu.params[i], *cpu.masters[i],
+                          *before.params[i], *before.masters[i], delta);
       } else if (!cpu.masters.empty()) {
         ok &= lamb_close(*cuda.masters[i], *cpu.masters[i], *before.masters[i], delta);
       }
@@ -1222,7 +1267,10 @@ struct AdafactorWorld {
       const bool odd = i % 2 == 1;  // misaligned views
       params.push_back(std::make_unique<Buffer>(st.param, s.numel(), odd));
       grads.push_back(std::make_unique<Buffer>(st.grad, s.numel(), odd));
-      if (st.master) masters.push_back(std::make_unique<Buffer>(DType::kFloat32, s.numel(), odd));
+      if (st.master) {
+        const DType md = st.kahan ? st.param : DType::kFloat32;  // compact: run as fp32 here
+        masters.push_back(std::make_unique<Buffer>(md, s.numel(), odd));
+      }
       rows.push_back(std::make_unique<Buffer>(sd, s.batches() * s.rows(), false));
       cols.push_back(std::make_unique<Buffer>(sd, s.batches() * s.cols(), false));
       vars.push_back(std::make_unique<Buffer>(sd, s.factored() ? 0 : s.numel(), odd));
@@ -1269,8 +1317,9 @@ void adafactor_step(const std::vector<AdafactorShape>& shapes, const Storage& st
   a.lists.numels = numels.data();
   a.lists.params = {p.data(), st.param};
   a.lists.grads = {g.data(), st.grad};
-  if (st.master) a.lists.master_params = {m.data(), DType::kFloat32};
+  if (st.master) a.lists.master_params = {m.data(), st.kahan ? st.param : DType::kFloat32};
   a.lists.master_sync = st.sync;
+  a.lists.kahan_master = st.kahan;
   a.lists.steps = steps.data();
   a.lists.hypers = {hypers, 6, group.data()};
   a.lists.factor_dims = dims.data();
@@ -1308,8 +1357,12 @@ int test_adafactor() {
       for (size_t i = 0; i < shapes.size(); ++i) {
         for (int64_t k = 0; k < shapes[i].numel(); ++k) {
           const double x = normal(rng);
-          if (st.master) cpu_w.masters[i]->set(k, x);
           cpu_w.params[i]->set(k, st.master ? static_cast<float>(x) : x);
+          if (st.kahan) {
+            cpu_w.masters[i]->set(k, static_cast<float>(x) - cpu_w.params[i]->get(k));
+          } else if (st.master) {
+            cpu_w.masters[i]->set(k, x);
+          }
           cpu_w.grads[i]->set(k, 4.0 * normal(rng));
         }
         for (auto* states : {&cpu_w.rows, &cpu_w.cols, &cpu_w.vars})  // torch's zeros
@@ -1319,7 +1372,8 @@ int test_adafactor() {
       const float found[3] = {-1.0f, 1.0f, 0.0f};
       for (int s = 0; s < 3; ++s) {
         const std::string what = std::string("adafactor ") + dtype_name(st.param) + "/" +
-                                 dtype_name(st.grad) + (st.master ? " master" : "") +
+                                 dtype_name(st.grad) +
+                                 (st.kahan ? " kahan" : st.master ? " master" : "") +
                                  (st.stochastic ? " sr" : "") +
                                  (maximize ? " maximize" : "") + " step " + std::to_string(s);
         before.copy_from(cpu_w);
@@ -1339,10 +1393,15 @@ int test_adafactor() {
           bool moved = false;
           for (size_t i = 0; i < shapes.size(); ++i) {
             const double delta = (static_cast<double>(shapes[i].numel()) / 256 + 8 + 32 + 6) * u;
-            auto& x = st.master ? cpu_w.masters : cpu_w.params;
-            auto& y = st.master ? cuda_w.masters : cuda_w.params;
-            auto& b = st.master ? before.masters : before.params;
+            // A Kahan master is compared as param + compensation ([note: kahan master]).
+            const bool fp32 = st.master && !st.kahan;
+            auto& x = fp32 ? cpu_w.masters : cpu_w.params;
+            auto& y = fp32 ? cuda_w.masters : cuda_w.params;
+            auto& b = fp32 ? before.masters : before.params;
             ok &= lamb_close(*y[i], *x[i], *b[i], delta);
+            if (st.kahan)
+              ok &= kahan_close(*cuda_w.params[i], *cuda_w.masters[i], *cpu_w.params[i],
+                                *cpu_w.masters[i], *before.params[i], *before.masters[i], delta);
             if (st.master) ok &= lamb_close(*cuda_w.params[i], *cpu_w.params[i],
                                             *before.params[i], delta);
             moved |= !x[i]->same_bits(*b[i]);

@@ -23,6 +23,9 @@ AdamW/Adam/SGD. README's "Differences from torch.optim" lists what differs. fuse
 * ``master_weights="compact"``: bf16 params only; the int16 low halves of the fp32 masters
   (``state["master_remainder"]``) beside the params, 2 bytes per param less, the same step
   bit for bit ([note: compact master] in ``fusedopt/_contract.py``).
+* ``master_weights="kahan"``: bf16/fp16 params; a compensation of the param's dtype
+  (``state["kahan_comp"]``) beside each param, the master being param + compensation (about
+  16 significant bits for bf16), 2 bytes per param ([note: kahan master]).
 * ``max_grad_norm=x``: global-norm clipping inside ``step()``; ``opt.last_grad_norm`` holds
   the pre-clip norm on the device (no sync). LAMB has timm's default ``max_grad_norm=1.0``.
 * Loss scaling: ``torch.amp.GradScaler`` works unchanged (the optimizer unscales on load, so

@@ -60,7 +60,10 @@ from fusedopt.ops import _resolve as resolve_backend
 from fusedopt.optim import _state_bits
 from fusedopt.optim._keys import (
     COMPACT,
+    KAHAN,
+    KAHAN_KEY,
     MASTER_KEY,
+    MASTER_KEYS,
     REMAINDER_KEY,
     SR_GROUP_KEY,
     STEP_KEY,
@@ -74,7 +77,7 @@ from fusedopt.optim._plan import (
     native_calls,
 )
 from fusedopt.optim._state_dict import StateDictMixin
-from fusedopt.reference.ops import join_master, split_master
+from fusedopt.reference.ops import join_kahan, join_master, split_kahan, split_master
 
 
 def check_nonnegative(name: str, value: Any, label: str | None = None) -> None:
@@ -134,8 +137,13 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
       param is the master rounded to nearest with ties away from zero (``master.to(bf16)``
       but at exact ties), and a value written into the param is always adopted, joined with
       the old remainder (within half an ulp) [note: compact master] in
-      ``fusedopt/_contract.py``. Switching between False, True and "compact" converts
-      exactly at the next step.
+      ``fusedopt/_contract.py``. ``master_weights="kahan"`` (bf16 and fp16 params) keeps,
+      beside the param, a compensation of the param's own dtype in ``state["kahan_comp"]``:
+      the step reads the master as ``fp32(param) + fp32(comp)`` and writes ``param =
+      round(x)``, ``comp = round(x - param)``, so an update far below half an ulp of the
+      param still accumulates (2 bytes per param; the states stay fp32) [note: kahan
+      master]. Switching between False, True, "compact" and "kahan" converts at the next
+      step (exactly, except into "kahan", which keeps the compensation's precision).
     * ``master_sync`` (default True): with master weights, a value written into a param
       between steps (``model.load_state_dict``, a re-initialisation, ``p.clamp_()``) is
       adopted by its master at the next step, element by element (the param's bits differ
@@ -306,9 +314,10 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
     def _check_common(group: dict[str, Any]) -> None:
         _check_lr(group["lr"])
         master_weights = group.get("master_weights", False)
-        if isinstance(master_weights, str) and master_weights != COMPACT:
+        if isinstance(master_weights, str) and master_weights not in (COMPACT, KAHAN):
             raise ValueError(
-                f"Invalid master_weights: {master_weights!r} (False, True or {COMPACT!r})"
+                f"Invalid master_weights: {master_weights!r} (False, True, {COMPACT!r} or "
+                f"{KAHAN!r})"
             )
         if master_weights == COMPACT:
             for p in group.get("params", ()):  # (the defaults have none)
@@ -371,10 +380,13 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
 
     def _master_key(self, group: dict[str, Any], param: Tensor) -> str | None:
         """The state key of ``param``'s master: ``master_param`` (fp32), ``master_remainder``
-        (compact, [note: compact master] in fusedopt/_contract.py) or None (no master).
-        Raises for a compact master of an fp16 param."""
+        (compact, [note: compact master] in fusedopt/_contract.py), ``kahan_comp`` (Kahan,
+        [note: kahan master]) or None (no master). Raises for a compact master of an fp16
+        param."""
         if not self._uses_master(group, param):
             return None
+        if group["master_weights"] == KAHAN:
+            return KAHAN_KEY
         if group["master_weights"] != COMPACT:
             return MASTER_KEY
         if param.dtype != torch.bfloat16:
@@ -482,6 +494,9 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
             state[REMAINDER_KEY] = torch.zeros_like(
                 p, dtype=torch.int16, memory_format=torch.preserve_format
             )
+        if master_key == KAHAN_KEY and KAHAN_KEY not in state:
+            # Likewise: compensation 0, in the param's dtype ([note: kahan master]).
+            state[KAHAN_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
         q8 = _state_bits.eight_bit(group)  # [note: 8-bit states] in fusedopt/quant8.py
         if q8 or _state_bits.scale_keys(self.OP) & state.keys():
             _state_bits.convert(state, self.OP, q8, dtype, p)
@@ -514,12 +529,12 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         ``master_weights`` changes the group signature: [note: cached plan]). The keys in
         ``fixed`` keep their dtype (the fp32 absmaxes of 8-bit states)."""
         if not master:
-            state.pop(MASTER_KEY, None)
-            state.pop(REMAINDER_KEY, None)
+            for key in MASTER_KEYS:
+                state.pop(key, None)
         dtype, other = (torch.float32, param_dtype) if master else (param_dtype, torch.float32)
         for key, t in state.items():
             if (
-                key not in (STEP_KEY, MASTER_KEY, REMAINDER_KEY)
+                key not in (STEP_KEY, *MASTER_KEYS)
                 and key not in fixed
                 and isinstance(t, Tensor)
                 and t.dtype == other
@@ -528,24 +543,41 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
 
     @staticmethod
     def _convert_master(state: dict, master_key: str | None, p: Tensor, sync: bool) -> None:
-        """[note: master weights switched] between fp32 and compact masters ([note: compact
-        master] in fusedopt/_contract.py), exactly: fp32 -> compact splits the master (after
-        [note: master sync]'s adoption of a written param, when ``sync``) into the param
-        (rewritten: it changes only where the master is an exact tie) and its remainder;
-        compact -> fp32 joins them into the master and rewrites the param as
-        ``master.to(bfloat16)`` (again only at ties), so that the next step adopts nothing."""
+        """[note: master weights switched] between fp32, compact ([note: compact master] in
+        fusedopt/_contract.py) and Kahan ([note: kahan master]) masters, through the fp32
+        master each stands for: an fp32 one (after [note: master sync]'s adoption of a
+        written param, when ``sync``), a compact one joined (``join_master``), a Kahan one
+        joined (``join_kahan``); then kept as fp32 (the param rewritten as
+        ``master.to(dtype)``), split into param and remainder (``split_master``: the param
+        changes only at exact ties) or into param and compensation (``split_kahan``: the
+        param is ``master.to(dtype)``). The next step then adopts nothing. From Kahan to fp32
+        or compact is exact (the master is the fp32 sum); to Kahan keeps the master to the
+        compensation's precision (8 more significant bits for bf16, 11 for fp16), not all 24."""
+        if master_key is None:
+            return
+        old = [key for key in MASTER_KEYS if key in state and key != master_key]
+        if not old:
+            return
         param = p.detach()
-        if master_key == REMAINDER_KEY and MASTER_KEY in state:
-            master = state.pop(MASTER_KEY)
+        value = state.pop(old[0])
+        if old[0] == MASTER_KEY:
+            master = value
             if sync:
                 written = master.to(param.dtype).view(torch.int16) != param.view(torch.int16)
                 master = torch.where(written, param.to(torch.float32), master)
-            rounded, state[REMAINDER_KEY] = split_master(master)
-            param.copy_(rounded)
-        elif master_key == MASTER_KEY and REMAINDER_KEY in state:
-            master = join_master(param, state.pop(REMAINDER_KEY))
+        elif old[0] == REMAINDER_KEY:
+            master = join_master(param, value)
+        else:
+            master = join_kahan(param, value)
+        if master_key == MASTER_KEY:
             state[MASTER_KEY] = master
             param.copy_(master)
+        elif master_key == REMAINDER_KEY:
+            rounded, state[REMAINDER_KEY] = split_master(master)
+            param.copy_(rounded)
+        else:
+            rounded, state[KAHAN_KEY] = split_kahan(master, param.dtype)
+            param.copy_(rounded)
 
     def _scalar_attribute(self, name: str) -> Tensor | None:
         value = self.__dict__.get(name)

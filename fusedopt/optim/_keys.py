@@ -9,6 +9,13 @@ MASTER_KEY = "master_param"
 REMAINDER_KEY = "master_remainder"
 #: The ``master_weights`` value of compact masters.
 COMPACT = "compact"
+#: The state key of a bf16/fp16 param's Kahan compensation, in the param's dtype
+#: (``master_weights="kahan"``; [note: kahan master] in fusedopt/_contract.py).
+KAHAN_KEY = "kahan_comp"
+#: The ``master_weights`` value of Kahan masters.
+KAHAN = "kahan"
+#: The state keys of the three kinds of master (fp32, compact, Kahan).
+MASTER_KEYS = (MASTER_KEY, REMAINDER_KEY, KAHAN_KEY)
 #: torch group keys that mean nothing to fusedopt (always fused): dropped on load.
 TORCH_ONLY_KEYS = ("foreach", "fused", "differentiable")
 #: The group key of stochastic rounding, and the state dict's entry of its seed and counter

@@ -20,7 +20,7 @@ from fusedopt.clip import local_tensor
 from fusedopt.ops import StepHypers, write_hyper_table
 from fusedopt.ops import _resolve as resolve_backend
 from fusedopt.optim import _state_bits
-from fusedopt.optim._keys import MASTER_KEY, REMAINDER_KEY, SR_GROUP_KEY, STEP_KEY
+from fusedopt.optim._keys import KAHAN_KEY, MASTER_KEY, REMAINDER_KEY, SR_GROUP_KEY, STEP_KEY
 
 
 def check_stochastic_rounding(group: dict[str, Any], params: Any = None) -> None:
@@ -655,15 +655,19 @@ def _fits(t: Tensor, layout: tuple, key: str, dtype: torch.dtype) -> bool:
 
 
 def _master_dtype(key: str, t: Tensor) -> bool:
-    """Whether ``t`` has the dtype of a master under ``key``: fp32, or the int16 remainders
-    of a compact master ([note: compact master] in fusedopt/_contract.py)."""
-    return (key == MASTER_KEY and t.dtype == torch.float32) or (
-        key == REMAINDER_KEY and t.dtype == torch.int16
+    """Whether ``t`` has the dtype of a master under ``key``: fp32, the int16 remainders
+    of a compact master ([note: compact master] in fusedopt/_contract.py), or a 16-bit Kahan
+    compensation ([note: kahan master]; made and loaded in its param's dtype)."""
+    return (
+        (key == MASTER_KEY and t.dtype == torch.float32)
+        or (key == REMAINDER_KEY and t.dtype == torch.int16)
+        or (key == KAHAN_KEY and t.dtype in (torch.bfloat16, torch.float16))
     )
 
 
 def _master_mode(value: Any) -> bool | str:
-    """A group's ``master_weights`` as the plan tells modes apart: False, True, "compact"."""
+    """A group's ``master_weights`` as the plan tells modes apart: False, True, "compact",
+    "kahan"."""
     return value if isinstance(value, str) else bool(value)
 
 

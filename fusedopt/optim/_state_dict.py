@@ -18,7 +18,9 @@ from fusedopt._validate import LOW_PRECISION
 from fusedopt.clip import local_tensor
 from fusedopt.optim import _state_bits
 from fusedopt.optim._keys import (
+    KAHAN_KEY,
     MASTER_KEY,
+    MASTER_KEYS,
     REMAINDER_KEY,
     SR_GROUP_KEY,
     STEP_KEY,
@@ -98,7 +100,7 @@ class StateDictMixin:
     def _cast_state(self, group, p: Tensor, saved: dict, gi: int, i: int) -> dict[str, Any]:
         """Check one param's saved state and cast it to this optimizer's layout."""
         where = f"loaded state dict, {self._param_name(gi, i)}"
-        allowed = set(self.STATE_LISTS) | {MASTER_KEY, REMAINDER_KEY}
+        allowed = set(self.STATE_LISTS) | set(MASTER_KEYS)
         unknown = set(saved) - allowed
         if unknown:
             raise ValueError(
@@ -106,7 +108,7 @@ class StateDictMixin:
                 f"(expected some of {sorted(allowed)})"
             )
         master = self._uses_master(group, p)
-        masters = {MASTER_KEY, REMAINDER_KEY}
+        masters = set(MASTER_KEYS)
         if masters & set(saved) and not master and p.dtype in LOW_PRECISION:
             # Saved with master weights, loaded without: [note: master weights switched].
             saved = {k: v for k, v in saved.items() if k not in masters}
@@ -116,8 +118,8 @@ class StateDictMixin:
                     f"{where}: has a {key} but the param is {p.dtype} with "
                     f"master_weights={group['master_weights']}"
                 )
-        # A saved fp32 master loaded as compact, or the other way round, is converted at
-        # the next step (_convert_master, [note: master weights switched]).
+        # A saved master of another kind (fp32, compact, Kahan) is converted at the next
+        # step (_convert_master, [note: master weights switched]).
         device = local_tensor(p).device
         layouts = STEP_OPS[self.OP].state_layouts
         out: dict[str, Any] = {}
@@ -142,6 +144,8 @@ class StateDictMixin:
             dtype = torch.float32 if (master or key == MASTER_KEY) else p.dtype
             if key == REMAINDER_KEY:  # [note: compact master]
                 dtype = torch.int16
+            if key == KAHAN_KEY:  # [note: kahan master]: the param's dtype
+                dtype = p.dtype
             # [note: 8-bit states]: codes and absmaxes as saved; converted at the next step
             # if this group's state_bits says otherwise
             dtype = _state_bits.loaded_dtype(key, self.OP, value, dtype)

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from fusedopt._validate import LOW_PRECISION
 from fusedopt.optim._base import FusedOptimizer, check_betas, check_nonnegative
-from fusedopt.optim._keys import MASTER_KEY, REMAINDER_KEY
-from fusedopt.reference.ops import join_master, split_master
+from fusedopt.optim._keys import KAHAN_KEY, MASTER_KEY, REMAINDER_KEY
+from fusedopt.reference.ops import join_kahan, join_master, split_kahan, split_master
 
 #: The group keys the schedulefree package keeps on the host, advanced at every step.
 _SCHEDULE_KEYS = ("k", "lr_max", "weight_sum", "scheduled_lr")
@@ -199,6 +199,13 @@ class ScheduleFreeAdamW(FusedOptimizer):
                     rounded, new_remainder = split_master(master)
                     p.copy_(rounded)
                     remainder.copy_(new_remainder)
+                    continue
+                compensation = state.get(KAHAN_KEY)
+                if compensation is not None:  # [note: kahan master]: join, move, split
+                    master = join_kahan(p, compensation).lerp_(state["z"].to(p.device), weight)
+                    rounded, new_compensation = split_kahan(master, p.dtype)
+                    p.copy_(rounded)
+                    compensation.copy_(new_compensation)
                     continue
                 master = state.get(MASTER_KEY)
                 if master is None or p.dtype not in LOW_PRECISION:

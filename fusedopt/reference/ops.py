@@ -118,6 +118,44 @@ def _compact(master: Tensor) -> bool:
     return master.dtype == torch.int16
 
 
+def _kahan(param: Tensor, master: Tensor) -> bool:
+    """A Kahan master: a compensation of the param's own 16-bit dtype ([note: kahan master]
+    in fusedopt._contract)."""
+    return master.dtype == param.dtype
+
+
+def _fp32_bits_round(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The 16-bit bits of fp32 ``x`` rounded to ``dtype`` (to nearest even)."""
+    return x.to(dtype).view(_BITS[dtype])
+
+
+def join_kahan(param: Tensor, compensation: Tensor) -> Tensor:
+    """[note: kahan master] (fusedopt._contract): the fp32 master of a 16-bit param and its
+    compensation, ``fp32(param) + fp32(compensation)`` in fp32; where that sum does not round
+    to the param (a value written into the param since: the compensation is not its), the
+    param's value alone."""
+    p = param.to(torch.float32)
+    x = p + compensation.to(torch.float32)
+    written = _fp32_bits_round(x, param.dtype) != param.view(_BITS[param.dtype])
+    return torch.where(written, p, x)
+
+
+def split_kahan(master: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """[note: kahan master]: an fp32 master as its 16-bit param ``round(x)`` (to nearest even:
+    ``master.to(dtype)``) and compensation ``round(x - param)`` (0 where that difference is
+    not finite), moved one step toward zero where it is a tie that would round ``param +
+    compensation`` away from the param, so that ``join_kahan`` takes it back."""
+    x = master.to(torch.float32)
+    param = x.to(dtype)
+    p = param.to(torch.float32)
+    d = x - p
+    c = torch.where(d.isfinite(), d, torch.zeros_like(d)).to(dtype)
+    bits = _BITS[dtype]
+    tie = (_fp32_bits_round(p + c.to(torch.float32), dtype) != param.view(bits)) & (c != 0)
+    c = torch.where(tie, (c.view(bits) - 1).view(dtype), c)  # |c| > 0 at a tie: no borrow
+    return param, c
+
+
 def _load_param(
     param: Tensor, master_params: Sequence[Tensor], i: int, opmath, master_sync: bool
 ) -> Tensor:
@@ -125,11 +163,13 @@ def _load_param(
     every element whose param bits differ from the rounded master's ([note: master sync] in
     fusedopt._contract); a compact master is joined from the param and its remainder (which
     adopts a written param within half an ulp, whatever ``master_sync``: [note: compact
-    master])."""
+    master]), a Kahan one from the param and its compensation ([note: kahan master])."""
     if not master_params:
         return param.to(opmath)
     if _compact(master_params[i]):
         return join_master(param, master_params[i]).to(opmath)
+    if _kahan(param, master_params[i]):
+        return join_kahan(param, master_params[i]).to(opmath)
     master = master_params[i].to(opmath)
     if not master_sync:
         return master
@@ -151,6 +191,11 @@ def _store_param(
         rounded, remainder = split_master(p)
         param.copy_(rounded)
         master_params[i].copy_(remainder)
+        return
+    if master_params and _kahan(param, master_params[i]):
+        rounded, compensation = split_kahan(p, param.dtype)
+        param.copy_(rounded)
+        master_params[i].copy_(compensation)
         return
     if master_params:
         master_params[i].copy_(p)

@@ -11,6 +11,11 @@ the interpreter ``store`` therefore rounds bf16 itself, with integer ops on the 
 (add 0x7FFF plus the lowest kept bit, keep the high half; NaN stays a quiet NaN); compiled
 kernels use the hardware conversion (``cvt.rn.bf16.f32``).
 
+[note: interpreter bf16 widening] The interpreter also widens bf16 to fp32 wrongly for
+subnormals (torch 2.14.1, Triton 3.8: 9.18e-41 became 0, 1.01e-39 became 4.41e-39), so under
+the interpreter ``widen`` (and ``load``) widens bf16 by its bits (``bits << 16``, exact);
+compiled kernels use the hardware conversion, which is the same exact widening.
+
 [note: hyperparameter rounding] The reference evaluates hyperparameter expressions such as
 ``1 - beta1`` or ``lr / bc1`` in Python float64 and rounds the result to fp32 when it meets a
 tensor; a tensor lr instead makes them fp32 expressions. The kernels evaluate the same
@@ -40,6 +45,8 @@ MASTER_COMPACT = tl.constexpr(multi_tensor.MASTER_COMPACT)
 #: The MASTER constexpr of a step kernel without masters whose bf16 param store rounds
 #: stochastically ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h).
 MASTER_STOCHASTIC = tl.constexpr(multi_tensor.MASTER_STOCHASTIC)
+#: The MASTER constexpr of a step kernel with Kahan masters ([note: kahan master]).
+MASTER_KAHAN = tl.constexpr(multi_tensor.MASTER_KAHAN)
 
 #: The table of the mixed-dtype ops (scale_, grad_norm): one slot, the tensors, and one
 #: float64 column, the dtype code (``multi_tensor.dtype_code_arguments``). The step
@@ -92,13 +99,23 @@ def column(row, N_SLOTS: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
+def widen(x, COMPUTE: tl.constexpr):
+    """``x`` in the compute dtype, exactly ([note: interpreter bf16 widening])."""
+    if INTERPRETING and x.dtype == tl.bfloat16:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True).to(COMPUTE)
+    else:
+        return x.to(COMPUTE)
+
+
+@triton.jit
 def load(ptr, offs, mask, COMPUTE: tl.constexpr):
     """Load and upcast at once ([note: interpreter upcast]); masked-off lanes read 0."""
     if mask is None:  # noqa: SIM108  (a compile-time branch: no mask, no `other`)
         x = tl.load(ptr + offs)
     else:
         x = tl.load(ptr + offs, mask=mask, other=0.0)
-    return x.to(COMPUTE)
+    return widen(x, COMPUTE)
 
 
 #: Store rounding modes ([note: store rounding] in csrc/include/fusedopt/dtype.h): the
@@ -317,13 +334,52 @@ def master_or_key(row, t, sr_key, MASTER_SLOT: tl.constexpr, MASTER: tl.constexp
 
 
 @triton.jit
+def join_kahan(param, compensation):
+    """[note: kahan master] in fusedopt._contract: the fp32 master of 16-bit ``param`` and its
+    ``compensation``, their fp32 sum where it rounds to the param, else the param alone (a
+    value written into it since)."""
+    p = widen(param, tl.float32)
+    x = p + widen(compensation, tl.float32)
+    rounded = round_to(x, param.dtype)
+    written = rounded.to(tl.int16, bitcast=True) != param.to(tl.int16, bitcast=True)
+    return tl.where(written, p, x)
+
+
+@triton.jit
+def split_kahan(x, DTYPE: tl.constexpr):
+    """[note: kahan master]: fp32 ``x`` as its 16-bit param ``round(x)`` and compensation
+    ``round(x - param)`` (0 where not finite), one step toward zero at a tie that would round
+    param + compensation off the param."""
+    param = round_to(x, DTYPE)
+    p = widen(param, tl.float32)
+    d = x - p
+    c = round_to(tl.where(d - d == 0.0, d, 0.0), DTYPE)
+    p_bits = param.to(tl.int16, bitcast=True)
+    c_bits = c.to(tl.int16, bitcast=True)
+    tie = round_to(p + widen(c, tl.float32), DTYPE).to(tl.int16, bitcast=True) != p_bits
+    tie = tie & ((c_bits & 0x7FFF) != 0)
+    c = tl.where(tie, c_bits - 1, c_bits).to(tl.int16).to(DTYPE, bitcast=True)
+    return param, c
+
+
+@triton.jit
 def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.constexpr):
     """The param in the compute dtype: its fp32 master copy when MASTER, else itself. With
     MASTER == MASTER_SYNCED, an element whose param bits differ from its rounded master's
     takes the param's value ([note: master sync] in fusedopt._contract): one more 16-bit
     read per element. With MASTER == MASTER_COMPACT, ``master_ptr`` points at int16
-    remainders and the master is joined from param and remainder ([note: compact master])."""
-    if MASTER == MASTER_COMPACT:
+    remainders and the master is joined from param and remainder ([note: compact master]);
+    with MASTER_KAHAN, at compensations of the param's dtype ([note: kahan master])."""
+    if MASTER == MASTER_KAHAN:
+        c_ptr = master_ptr.to(p_ptr.dtype)
+        if mask is None:  # a compile-time branch, as in `load`
+            raw = tl.load(p_ptr + offs)
+            compensation = tl.load(c_ptr + offs)
+        else:
+            raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
+            compensation = tl.load(c_ptr + offs, mask=mask, other=0.0)
+        return join_kahan(raw, compensation).to(COMPUTE)
+    elif MASTER == MASTER_COMPACT:
         r_ptr = master_ptr.to(tl.pointer_type(tl.int16))
         if mask is None:  # a compile-time branch, as in `load`
             raw = tl.load(p_ptr + offs)
@@ -343,7 +399,7 @@ def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.
                 raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
             rounded = round_to(x, p_ptr.dtype.element_ty)
             written = rounded.to(tl.int16, bitcast=True) != raw.to(tl.int16, bitcast=True)
-            x = tl.where(written, raw.to(COMPUTE), x)
+            x = tl.where(written, widen(raw, COMPUTE), x)
         return x
     else:
         return load(p_ptr, offs, mask, COMPUTE)
@@ -353,11 +409,16 @@ def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.
 def store_param(p_ptr, master_ptr, offs, mask, p, MASTER: tl.constexpr):
     """Store the updated param; with MASTER, the fp32 master and the rounded param both, so
     that ``param == master.to(param.dtype)`` bit for bit; with MASTER_COMPACT, the param and
-    remainder of ``split_master`` ([note: compact master]); with MASTER_STOCHASTIC,
+    remainder of ``split_master`` ([note: compact master]); with MASTER_KAHAN, the param and
+    compensation of ``split_kahan`` ([note: kahan master]); with MASTER_STOCHASTIC,
     ``master_ptr`` is the tensor's rounding key (``master_or_key``) and the bf16 param is
     rounded stochastically ([note: stochastic rounding])."""
     if MASTER == MASTER_STOCHASTIC:
         store(p_ptr, offs, mask, p, STOCHASTIC, rounding_bits(master_ptr, offs))
+    elif MASTER == MASTER_KAHAN:
+        param, compensation = split_kahan(p, p_ptr.dtype.element_ty)
+        tl.store(p_ptr + offs, param, mask=mask)
+        tl.store(master_ptr.to(p_ptr.dtype) + offs, compensation, mask=mask)
     elif MASTER == MASTER_COMPACT:
         param, remainder = split_master(p)
         tl.store(p_ptr + offs, param, mask=mask)

@@ -205,10 +205,11 @@ def tl_dtype(dtype: torch.dtype):
 
 #: A step kernel's MASTER constexpr: no master weights; masters; masters that first adopt a
 #: param written since the last step ([note: master sync] in fusedopt._contract); compact
-#: masters, the int16 remainders of bf16 params ([note: compact master]).
+#: masters, the int16 remainders of bf16 params ([note: compact master]); MASTER_KAHAN: Kahan
+#: masters, a compensation of the param's own dtype ([note: kahan master]).
 #: MASTER_STOCHASTIC: no master weights, the bf16 param store rounded stochastically
 #: ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h).
-NO_MASTER, MASTER, MASTER_SYNCED, MASTER_COMPACT, MASTER_STOCHASTIC = 0, 1, 2, 3, 4
+NO_MASTER, MASTER, MASTER_SYNCED, MASTER_COMPACT, MASTER_STOCHASTIC, MASTER_KAHAN = range(6)
 
 
 def dtype_arguments(
@@ -217,12 +218,13 @@ def dtype_arguments(
     master: bool,
     master_sync: bool = False,
     compact: bool = False,
+    kahan: bool = False,
     stochastic: bool = False,
 ) -> dict:
     """Constexpr dtypes of a step call (one param dtype, one grad dtype: fusedopt.ops splits),
     and MASTER (``NO_MASTER``, ``MASTER``, ``MASTER_SYNCED`` or, for int16 ``compact``
-    masters, ``MASTER_COMPACT``; ``MASTER_STOCHASTIC`` without masters when the call has an
-    ``sr_key``).
+    masters, ``MASTER_COMPACT``; for ``kahan`` ones, ``MASTER_KAHAN``; ``MASTER_STOCHASTIC``
+    without masters when the call has an ``sr_key``).
 
     States are fp32 with master weights, else in the param dtype (DESIGN.md §3); the math is
     fp32, fp64 for fp64 params."""
@@ -230,6 +232,8 @@ def dtype_arguments(
     mode = (MASTER_SYNCED if master_sync else MASTER) if master else NO_MASTER
     if master and compact:
         mode = MASTER_COMPACT
+    if master and kahan:
+        mode = MASTER_KAHAN
     if stochastic:
         mode = MASTER_STOCHASTIC
     return {

@@ -31,7 +31,8 @@
 //   * numels[i] may be 0 (then the data pointer may be null) and may exceed 2^31;
 //   * data pointers are aligned to their element size only (views at odd offsets happen);
 //   * dtypes: params one of fp32/bf16/fp16/fp64; grads the param dtype or fp32; master_params
-//     fp32 and only for bf16/fp16 params; states fp32 with masters, else the param dtype
+//     only for bf16/fp16 params: fp32, int16 (compact_master, bf16 only) or the param dtype
+//     (kahan_master), one dtype per call; states fp32 with masters, else the param dtype
 //     (layout "param"; a "bf16" layout state, Muon's ns_buffers, is bf16 always);
 //     steps and the device scalars fp32; lr_numel is 1 or num_tensors;
 //   * the hyperparameter table: width == the op's hyperparameter count, 0 <= group[i] < G.
@@ -145,6 +146,9 @@ struct StepLists {
   // joined from param and remainder ([note: compact master] in fusedopt/_contract.py), which
   // adopts a written param whatever master_sync says.
   bool compact_master = false;
+  // master_params holds compensations of the params' own dtype (bf16/fp16): the master is
+  // fp32(param) + fp32(compensation) ([note: kahan master] in fusedopt/_contract.py).
+  bool kahan_master = false;
   // For an op with 8-bit states ([note: 8-bit states] in fusedopt/quant8.py), when they are
   // given: num_tensors values, tensor i's row length (its last dim; 1 for a 0-d param): its
   // quantization blocks are runs of min(256, rest of the row) elements. Null otherwise.
