@@ -255,3 +255,24 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, what: st
         atol=tol.atol,
         msg=lambda m: f"{what}: {m} ({tol.why})",
     )
+
+
+def run_master_modes(case, backend: str, modes: list, steps: int = 4, dtype=torch.bfloat16,
+                     before_step=None):  # fmt: skip
+    """16-bit params of the shared model, stepped ``steps`` times with random grads (step 2
+    skipped through the GradScaler protocol's ``found_inf``), ``master_weights`` set to
+    ``modes[k]`` before step k (switching mid-run), after ``before_step(opt, k)`` where given.
+    Returns the params and optimizer (the compact and Kahan master tests)."""
+    params = clone_params(make_model(), dtype)
+    opt = case.cls(params, **{**case.kwargs, "master_weights": modes[0], "backend": backend})
+    for k in range(steps):
+        if before_step is not None:
+            before_step(opt, k)
+        for group in opt.param_groups:
+            group["master_weights"] = modes[k]
+        random_grads(params, seed=10 + k)
+        if k == 2:
+            opt.found_inf = torch.ones(())
+        opt.step()
+        opt.__dict__.pop("found_inf", None)
+    return params, opt

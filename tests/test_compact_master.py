@@ -14,7 +14,13 @@ import torch
 import triton
 import triton.language as tl
 from harness.cases import backend_device_params
-from optim_cases import CASE_IDS, CASES, clone_params, make_model, random_grads, usable_backends
+from optim_cases import (
+    CASE_IDS,
+    CASES,
+    random_grads,
+    run_master_modes,
+    usable_backends,
+)
 from test_master_sync import _bits, _op_call, _same
 
 import fusedopt
@@ -211,27 +217,19 @@ def _tie_masters(opt) -> None:
 
 
 def _optim_run(case, backend: str, modes: list, steps: int = 4, ties: bool = False):
-    """bf16 params of the shared model, stepped ``steps`` times with random grads (step 2
-    skipped through the GradScaler protocol's ``found_inf``), ``master_weights`` set to
-    ``modes[k]`` before step k (switching mid-run); with ``ties``, step 1 has lr 0 and
-    starts from masters with exact ties (``_tie_masters``, fp32 masters after step 0).
-    Returns the params and optimizer."""
-    params = clone_params(make_model(), torch.bfloat16)
-    opt = case.cls(params, **{**case.kwargs, "master_weights": modes[0], "backend": backend})
-    lr = opt.param_groups[0]["lr"]
-    for k in range(steps):
+    """``run_master_modes`` of bf16 params; with ``ties``, step 1 has lr 0 and starts from
+    masters with exact ties (``_tie_masters``, fp32 masters after step 0)."""
+    lrs: list[float] = []
+
+    def set_lr(opt, k: int) -> None:
+        if not lrs:
+            lrs.append(opt.param_groups[0]["lr"])
         if ties and k == 1:
             _tie_masters(opt)
         for group in opt.param_groups:
-            group["lr"] = 0.0 if ties and k == 1 else lr
-        for group in opt.param_groups:
-            group["master_weights"] = modes[k]
-        random_grads(params, seed=10 + k)
-        if k == 2:
-            opt.found_inf = torch.ones(())
-        opt.step()
-        opt.__dict__.pop("found_inf", None)
-    return params, opt
+            group["lr"] = 0.0 if ties and k == 1 else lrs[0]
+
+    return run_master_modes(case, backend, modes, steps, before_step=set_lr)
 
 
 def _master_of(opt, p: torch.Tensor) -> torch.Tensor:

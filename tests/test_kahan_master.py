@@ -17,7 +17,15 @@ import triton
 import triton.language as tl
 from harness.cases import backend_device_params
 from harness.tolerances import reduction_rtol
-from optim_cases import CASE_IDS, CASES, clone_params, make_model, random_grads, usable_backends
+from optim_cases import (
+    CASE_IDS,
+    CASES,
+    clone_params,
+    make_model,
+    random_grads,
+    run_master_modes,
+    usable_backends,
+)
 from test_master_sync import _bits, _op_call, _same
 
 import fusedopt
@@ -206,23 +214,6 @@ def test_update_below_half_an_ulp_accumulates(target, dtype):
 OPTIM_BACKENDS = [b for b in ("reference", "cpu", "triton") if b in usable_backends()]
 
 
-def _optim_run(case, backend: str, modes: list, steps: int = 4, dtype=torch.bfloat16):
-    """16-bit params of the shared model, stepped ``steps`` times with random grads (step 2
-    skipped through the GradScaler protocol's ``found_inf``), ``master_weights`` set to
-    ``modes[k]`` before step k. Returns the params and optimizer."""
-    params = clone_params(make_model(), dtype)
-    opt = case.cls(params, **{**case.kwargs, "master_weights": modes[0], "backend": backend})
-    for k in range(steps):
-        for group in opt.param_groups:
-            group["master_weights"] = modes[k]
-        random_grads(params, seed=10 + k)
-        if k == 2:
-            opt.found_inf = torch.ones(())
-        opt.step()
-        opt.__dict__.pop("found_inf", None)
-    return params, opt
-
-
 @pytest.mark.parametrize("backend", [b for b in OPTIM_BACKENDS if b != "reference"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_optimizer_kahan_backends_equal_reference(case, backend):
@@ -230,8 +221,8 @@ def test_optimizer_kahan_backends_equal_reference(case, backend):
     reference backend's, bit for bit for elementwise optimizers (param, compensation, every
     state); where a per-tensor reduction takes part (LAMB's trust ratio, Adafactor's RMS,
     Muon's Newton-Schulz), the joined masters within the cross-backend reduction slack."""
-    ref_params, ref = _optim_run(case, "reference", ["kahan"] * 4)
-    params, opt = _optim_run(case, backend, ["kahan"] * 4)
+    ref_params, ref = run_master_modes(case, "reference", ["kahan"] * 4)
+    params, opt = run_master_modes(case, backend, ["kahan"] * 4)
     start = clone_params(make_model(), torch.bfloat16)
     exact = not case.name.startswith(("lamb", "adafactor", "muon"))
     k = 3  # steps that ran
@@ -265,8 +256,8 @@ def test_optimizer_kahan_tracks_fp32_masters(case):
     master plus the distance moved (a store loses at most one ulp of the compensation,
     2^-15 |p| in bf16; the fp32 run's roundings are far below), while plain bf16 params are
     off by up to half a bf16 ulp, 2^-9 relative, more than ten times that."""
-    fp32_params, fp32 = _optim_run(case, "cpu", [True] * 4)
-    params, opt = _optim_run(case, "cpu", ["kahan"] * 4)
+    fp32_params, fp32 = run_master_modes(case, "cpu", [True] * 4)
+    params, opt = run_master_modes(case, "cpu", ["kahan"] * 4)
     start = clone_params(make_model(), torch.bfloat16)
     k = 3  # steps that ran
     worst = 0.0
@@ -287,15 +278,15 @@ def test_switching_master_kinds_and_state_dicts():
     loads into an fp32-master optimizer and converts at the next step."""
     case = CASES[0]  # AdamW
     # off -> kahan: the same as a run that started with Kahan masters (compensation 0).
-    a_params, a = _optim_run(case, "cpu", [False, "kahan", "kahan", "kahan"])
+    a_params, a = run_master_modes(case, "cpu", [False, "kahan", "kahan", "kahan"])
     assert all(a.state[p]["kahan_comp"].dtype == torch.bfloat16 for p in a_params)
     # fp32 -> kahan -> fp32: the kahan stretch converts from and back to the fp32 master.
-    params, opt = _optim_run(case, "cpu", [True, "kahan", "kahan", True])
+    params, opt = run_master_modes(case, "cpu", [True, "kahan", "kahan", True])
     for p in params:
         assert "kahan_comp" not in opt.state[p]
         assert _same(p.detach(), opt.state[p]["master_param"].to(torch.bfloat16))
     # kahan -> compact, and kahan -> fp32 exactly (no step in between: the conversion alone).
-    params, opt = _optim_run(case, "cpu", ["kahan"] * 3, 3)
+    params, opt = run_master_modes(case, "cpu", ["kahan"] * 3, 3)
     joined = {p: join_kahan(p.detach(), opt.state[p]["kahan_comp"]) for p in params}
     sd = opt.state_dict()
     assert "kahan_comp" in sd["state"][0]
