@@ -499,7 +499,12 @@ def triton_rows(gpu: Gpu = H200) -> list[KernelRow]:
 #: aten's). Any other op of a step (aten) counts one launch.
 CUDA_LAUNCHES_PER_OP = {"adamw": 2, "grad_norm": 2, "lamb": 4, "sgd": 2, "lion": 1, "adan": 2,
                         "schedulefree_adamw": 2, "adafactor": 8, "scale": 1,
-                        "muon_momentum": 1, "muon_apply": 1}  # fmt: skip
+                        "muon_momentum": 1, "muon_apply": 1,
+                        # a cached plan's ops ([note: planned calls]): the grads' check and
+                        # release launch nothing; the norm pass is grad_norm's two; the
+                        # planned step is the host rows' AdamW (increment_steps + step)
+                        "plan_grads": 0, "plan_release": 0, "plan_grad_norm": 2,
+                        "plan_call_step": 2}  # fmt: skip
 
 
 @dataclasses.dataclass

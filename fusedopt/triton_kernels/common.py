@@ -363,6 +363,16 @@ def split_kahan(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_beside(p_ptr, q_ptr, offs, mask):
+    """The raw 16-bit param and the raw 16-bit buffer beside it (a compact master's
+    remainder, a Kahan master's compensation), 0 where masked."""
+    if mask is None:  # a compile-time branch, as in `load`
+        return tl.load(p_ptr + offs), tl.load(q_ptr + offs)
+    else:
+        return tl.load(p_ptr + offs, mask=mask, other=0), tl.load(q_ptr + offs, mask=mask, other=0)
+
+
+@triton.jit
 def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.constexpr):
     """The param in the compute dtype: its fp32 master copy when MASTER, else itself. With
     MASTER == MASTER_SYNCED, an element whose param bits differ from its rounded master's
@@ -371,22 +381,11 @@ def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, COMPUTE: tl.
     remainders and the master is joined from param and remainder ([note: compact master]);
     with MASTER_KAHAN, at compensations of the param's dtype ([note: kahan master])."""
     if MASTER == MASTER_KAHAN:
-        c_ptr = master_ptr.to(p_ptr.dtype)
-        if mask is None:  # a compile-time branch, as in `load`
-            raw = tl.load(p_ptr + offs)
-            compensation = tl.load(c_ptr + offs)
-        else:
-            raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
-            compensation = tl.load(c_ptr + offs, mask=mask, other=0.0)
+        raw, compensation = _load_beside(p_ptr, master_ptr.to(p_ptr.dtype), offs, mask)
         return join_kahan(raw, compensation).to(COMPUTE)
     elif MASTER == MASTER_COMPACT:
         r_ptr = master_ptr.to(tl.pointer_type(tl.int16))
-        if mask is None:  # a compile-time branch, as in `load`
-            raw = tl.load(p_ptr + offs)
-            remainder = tl.load(r_ptr + offs)
-        else:
-            raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
-            remainder = tl.load(r_ptr + offs, mask=mask, other=0)
+        raw, remainder = _load_beside(p_ptr, r_ptr, offs, mask)
         return join_master(raw, remainder).to(COMPUTE)
     elif MASTER == MASTER_STOCHASTIC:  # no master: the param itself
         return load(p_ptr, offs, mask, COMPUTE)
