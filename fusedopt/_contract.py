@@ -589,56 +589,65 @@ class PhaseOpSpec:
         return "{name}(" + ", ".join(args) + f") -> ({returns})"
 
 
+def norm_passes(step_op: str, norms: str, norms_doc: str, apply: str, apply_doc: str,
+                apply_read_only: tuple[str, ...]) -> tuple[PhaseOpSpec, PhaseOpSpec]:  # fmt: skip
+    """The two passes of a step op with per-tensor sums of squares between a reduction and an
+    apply (LAMB, Adafactor; Triton's ``register_norm_passes`` registers the same pair): the
+    norms pass advances the steps, reads params and masters only and returns ``sq_norms``
+    ``[N, 2]``; the apply pass takes them, its ``apply_read_only`` lists unwritten."""
+    return (
+        PhaseOpSpec(
+            norms,
+            step_op=step_op,
+            doc=norms_doc,
+            returns=("sq_norms",),
+            read_only=("params", "master_params"),
+        ),
+        PhaseOpSpec(
+            apply, step_op=step_op, doc=apply_doc, inputs=("sq_norms",), read_only=apply_read_only
+        ),
+    )
+
+
 #: LAMB's passes ([note: multi-pass ops] in DESIGN.md §2; [note: lamb passes] in
 #: csrc/include/fusedopt/math/lamb.h).
-LAMB_DIRECTION = PhaseOpSpec(
+LAMB_DIRECTION, LAMB_APPLY = norm_passes(
+    "lamb_",
     "lamb_direction_",
-    step_op="lamb_",
-    doc="LAMB's first pass: advances the steps and, for each tensor that adapts "
+    "LAMB's first pass: advances the steps and, for each tensor that adapts "
     "(wd != 0 or always_adapt), computes the new moments and the update u and returns "
     "sq_norms [N, 2] in opmath (fp64 for fp64 params, else fp32): sum(p^2), sum(u^2) "
     "of its elements, deterministic; 0 for a tensor that does not adapt and when "
     "found_inf skips the step. The new moments are stored here when they are exact "
     "in storage (fp32/fp64 states) and the tensor adapts; else lamb_apply_ stores "
     "them. lr is not read.",
-    returns=("sq_norms",),
-    read_only=("params", "master_params"),
-)
-LAMB_APPLY = PhaseOpSpec(
     "lamb_apply_",
-    step_op="lamb_",
-    doc="LAMB's second pass, after lamb_direction_ with the same arguments: the trust "
+    "LAMB's second pass, after lamb_direction_ with the same arguments: the trust "
     "ratio of each tensor from sq_norms (summed over the shards of a sharded param by "
     "the caller), then p -= lr * ratio * u, u recomputed from the moments "
     "lamb_direction_ stored, or from the grad and the old moments (then stored here). "
     "Reads the advanced steps; writes none.",
-    inputs=("sq_norms",),
-    read_only=("steps",),
+    apply_read_only=("steps",),
 )
 
 #: Adafactor's passes ([note: adafactor passes] in DESIGN.md §2 and
 #: csrc/include/fusedopt/math/adafactor.h).
-ADAFACTOR_NORMS = PhaseOpSpec(
+ADAFACTOR_NORMS, ADAFACTOR_APPLY = norm_passes(
+    "adafactor_",
     "adafactor_norms_",
-    step_op="adafactor_",
-    doc="Adafactor's reductions: advances the steps, folds g^2 into the second moments "
+    "Adafactor's reductions: advances the steps, folds g^2 into the second moments "
     "(row and column sums of each factored param, elementwise for the others) and returns "
     "sq_norms [N, 2] in opmath (fp64 for fp64 params, else fp32): sum(p^2) (p before the "
     "decay) and sum(u^2) of the unclipped update, deterministic; 0 when found_inf skips "
     "the step. lr is not read.",
-    returns=("sq_norms",),
-    read_only=("params", "master_params"),
-)
-ADAFACTOR_APPLY = PhaseOpSpec(
     "adafactor_apply_",
-    step_op="adafactor_",
-    doc="Adafactor's last pass, after adafactor_norms_ with the same arguments: alpha and "
+    "Adafactor's last pass, after adafactor_norms_ with the same arguments: alpha and "
     "the update clip of each tensor from sq_norms, then p = p*(1 - lr*wd) - alpha/denom * u, "
     "u recomputed from the new second moments. Reads the advanced steps and the second "
     "moments; writes the params (and masters) only.",
-    inputs=("sq_norms",),
-    read_only=("steps", "row_vars", "col_vars", "variances"),
+    apply_read_only=("steps", "row_vars", "col_vars", "variances"),
 )
+
 #: Muon's elementwise passes ([note: muon passes] in fusedopt/optim/muon.py); the
 #: optimizer runs the Newton-Schulz GEMMs between them.
 MUON_MOMENTUM = PhaseOpSpec(

@@ -15,7 +15,6 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from harness.cases import backend_device_params
 from harness.tolerances import reduction_rtol
 from optim_cases import (
     CASE_IDS,
@@ -26,6 +25,7 @@ from optim_cases import (
     run_master_modes,
     usable_backends,
 )
+from test_compact_master import BACKENDS, STEP_OPS, N
 from test_master_sync import _bits, _op_call, _same
 
 import fusedopt
@@ -33,9 +33,6 @@ from fusedopt import ops
 from fusedopt.reference.ops import join_kahan, split_kahan
 from fusedopt.triton_kernels import common
 
-BACKENDS = [b for b in backend_device_params() if b.values[0][0] in ("reference", "cpu", "triton")]
-STEP_OPS = ("adamw_", "lamb_", "lion_", "adan_", "sgd_")
-N = 1029  # not a multiple of any vector width; crosses a Triton block
 HALF = (torch.bfloat16, torch.float16)
 #: Significant bits of the 16-bit dtypes (with the implicit one).
 DIGITS = {torch.bfloat16: 8, torch.float16: 11}
