@@ -292,3 +292,80 @@ def test_memory_table_measures_each_mode_as_designed(tmp_path):
         assert torch_row["element_bytes"] == ours["element_bytes"]
     md = csv_path.with_suffix(".md").read_text()
     assert "torchao AdamW8bit" in md and "bitsandbytes" in md
+
+
+def _run_rows(workload, impls):
+    """run_case over (label, factory) pairs of ``workload``, quick settings."""
+    import argparse
+
+    args = argparse.Namespace(warmup=1, repeats=2)
+    return {label: report.run_case(workload, label, factory, args, 1.0) for label, factory in impls}
+
+
+@pytest.mark.parametrize("mode", ["fp32", "amp"])
+@pytest.mark.parametrize("optimizer", report.ALL_OPTIMIZERS)
+def test_every_row_does_its_steps_work(optimizer, mode):
+    """[note: every row steps]: on tiny shapes every fusedopt and peer row of every optimizer
+    (compiled peers aside: Inductor takes minutes here) passes run_case's checks: each
+    watched tensor moves and no GradScaler skips a step (the tiny model's amp rows of torch
+    fused and heavyball looked fast enough to be skipped steps; they are not)."""
+    workload = make_workload("tiny", optimizer, mode, torch.device("cpu"))
+    impls = report.implementations(workload, {"cpu": None}, "none", all_peers=True)
+    for label, row in _run_rows(workload, impls).items():
+        if row.status.startswith(("skipped", "peer not installed")):
+            continue
+        assert row.status == "ok", (label, row.status)
+        assert row.median_ms > 0
+
+
+def _with_inf_grads_for(calls: int, make_step, workload):
+    """A factory of ``make_step(workload)`` whose first ``calls`` steps see an inf grad."""
+    grad, clean = workload.grads[1], workload.grads[1][0, 0].item()
+
+    def factory():
+        inner, count = make_step(workload), [0]
+
+        def step():
+            count[0] += 1
+            grad[0, 0] = float("inf") if count[0] <= calls else clean
+            inner()
+
+        step.watched, step.scaler = inner.watched, inner.scaler
+        return step
+
+    return factory
+
+
+@pytest.mark.parametrize("impl", ["fusedopt cpu", "torch fused"])
+def test_a_row_with_skipped_steps_is_an_error(impl):
+    """Two inf steps out of the row's four: the profiled step moves the masters, but the
+    scale tells that the GradScaler skipped two, and the row says so without a time."""
+    workload = make_workload("tiny", "adamw", "amp", torch.device("cpu"))
+    make = (lambda w: make_fused(w, "cpu")) if impl == "fusedopt cpu" else (
+        lambda w: make_peer(w, "torch fused"))  # fmt: skip
+    (row,) = _run_rows(workload, [(impl, _with_inf_grads_for(2, make, workload))]).values()
+    assert row.status.startswith("error: the GradScaler skipped 2 steps"), row.status
+    assert row.median_ms is None
+
+
+@pytest.mark.parametrize("mode", ["fp32", "amp"])
+def test_a_step_that_does_no_work_is_an_error(mode):
+    """A step that works once and then returns at once (heavyball's Muon consumed its grads
+    so) is an error row, in fp32 (params watched) and amp (masters watched)."""
+    workload = make_workload("tiny", "adamw", mode, torch.device("cpu"))
+
+    def factory():
+        inner, count = make_fused(workload, "cpu"), [0]
+
+        def step():
+            count[0] += 1
+            if count[0] == 1:
+                inner()
+
+        if mode == "amp":
+            step.watched, step.scaler = inner.watched, inner.scaler
+        return step
+
+    (row,) = _run_rows(workload, [("lazy", factory)]).values()
+    assert row.status.startswith("error: 4 of 4 watched tensors unchanged"), row.status
+    assert "did no work" in row.status and row.median_ms is None
