@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma-separated fusedopt backends to time (default: every usable one)",
     )
+    parser.add_argument(
+        "--peers",
+        default=None,
+        help="comma-separated peer rows to time, by label (default: all; e.g. 'torch fused,"
+        "heavyball MuonAdamW eager'); the others are listed as not selected",
+    )
     parser.add_argument("--optimizers", default=",".join(ALL_OPTIMIZERS))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--warmup", type=int, default=None)
@@ -106,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device is visible")
     args.model = args.model or ("llama1b" if args.device == "cuda" else "gpt2")
     args.all_peers = args.all_peers or args.device == "cuda"
+    args.peers = None if args.peers is None else [x for x in args.peers.split(",") if x]
     if args.compile_peers is None:
         args.compile_peers = "adamw" if args.device == "cuda" else "none"
     lists = [("optimizers", ALL_OPTIMIZERS), ("modes", tuple(MODES))]
@@ -162,9 +169,14 @@ def _release(device: torch.device, collect: bool = False) -> None:
 
 
 def implementations(
-    workload: Workload, backends: dict[str, str | None], compile_for: str, all_peers: bool
+    workload: Workload,
+    backends: dict[str, str | None],
+    compile_for: str,
+    all_peers: bool,
+    peers: list[str] | None = None,
 ) -> list[tuple[str, Callable[[], Step] | str]]:
-    """(label, factory or the reason it is skipped) of every row of a case."""
+    """(label, factory or the reason it is skipped) of every row of a case; ``peers``: the
+    peer labels to time (None: all)."""
     impls: list[tuple[str, Callable[[], Step] | str]] = []
     for backend, why_not in backends.items():
         if why_not is None:  # the others are listed once, with the reason, above the table
@@ -172,6 +184,9 @@ def implementations(
     for label in peer_labels(workload.optimizer):
         if label == "torch for-loop" and workload.amp:
             continue  # the amp composition is only as fast as its step: foreach/fused suffice
+        if peers is not None and label not in peers:
+            impls.append((label, "not selected (--peers)"))
+            continue
         if label == "torch for-loop" and not all_peers:
             impls.append((label, "skipped on cpu: pass --all-peers"))
             continue
@@ -414,7 +429,7 @@ def _run(args: argparse.Namespace) -> int:
     planned = {
         case: len(implementations(
             Workload(args.model, *case, device, [], [], []), backends, args.compile_peers,
-            args.all_peers,
+            args.all_peers, args.peers,
         ))
         for case in cases
     }  # fmt: skip
@@ -424,7 +439,7 @@ def _run(args: argparse.Namespace) -> int:
         progress.show(f"{optimizer} {mode}: making the workload")
         workload = make_workload(args.model, optimizer, mode, device)
         for label, factory in implementations(
-            workload, backends, args.compile_peers, args.all_peers
+            workload, backends, args.compile_peers, args.all_peers, args.peers
         ):
             progress.show(f"{optimizer} {mode}: {label}")
             rows.append(run_case(workload, label, factory, args, ceiling.gbps))

@@ -369,3 +369,11 @@ def test_a_step_that_does_no_work_is_an_error(mode):
     (row,) = _run_rows(workload, [("lazy", factory)]).values()
     assert row.status.startswith("error: 4 of 4 watched tensors unchanged"), row.status
     assert "did no work" in row.status and row.median_ms is None
+
+
+def test_peers_flag_times_only_the_named_peers():
+    args = report.parse_args(["--device", "cpu", "--peers", "torch fused"])
+    workload = make_workload("tiny", "adamw", "fp32", torch.device("cpu"))
+    impls = dict(report.implementations(workload, {"cpu": None}, "none", True, args.peers))
+    assert callable(impls["fusedopt cpu"]) and callable(impls["torch fused"])
+    assert impls["torch foreach"] == "not selected (--peers)"
