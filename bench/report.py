@@ -1,7 +1,7 @@
 """The main job: how fast fusedopt is, beside torch, on real models' parameter lists.
 
     python -m bench.report [--device cpu|cuda] [--model gpt2|llama1b|tiny] [--quick]
-                           [--compile-peers [none|adamw|all]] [--slow-backends]
+                           [--compile-peers [none|adamw|muon|all]] [--slow-backends]
                            [--optimizers adamw,lamb,...] [--modes fp32,amp] [--no-norm]
                            [--out bench/results]
 
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="shape list (default: llama1b on cuda, gpt2 on cpu)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for development")
     parser.add_argument("--compile-peers", nargs="?", const="all", default=None,
-                        choices=("none", "adamw", "all"),
+                        choices=("none", "adamw", "muon", "all"),
                         help="torch.compile'd peers: for which optimizers (bare flag: all; "
                              "default: adamw on cuda, none on cpu)")  # fmt: skip
     parser.add_argument(
