@@ -186,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Same 147 tensors in the same 4 matrix shapes as the 1B list; CPU top-level op calls "
         "of one step (`bench/timing.py: profile_step`), which count per call, not per "
-        "element. fusedopt's grow with the distinct shapes (its Newton-Schulz is one "
-        "`fusedopt::newton_schulz_` call per shape group), torch.optim.Muon's with the "
-        "matrices (its loop runs the iteration one param at a time).",
+        "element. fusedopt's Newton-Schulz is one `fusedopt::newton_schulz_` call per shape "
+        "group, and its elementwise passes one op call each; its count also holds one "
+        "`aten::select` per matrix (the matrix's view in its shape's bf16 stack, made at "
+        "each step: host work, no kernel). torch.optim.Muon runs the iteration one matrix at "
+        "a time (its GEMMs and normalization are calls per matrix), heavyball likewise.",
         "",
         launches_table(launch_rows),
         "",

@@ -377,3 +377,23 @@ def test_peers_flag_times_only_the_named_peers():
     impls = dict(report.implementations(workload, {"cpu": None}, "none", True, args.peers))
     assert callable(impls["fusedopt cpu"]) and callable(impls["torch fused"])
     assert impls["torch foreach"] == "not selected (--peers)"
+
+
+def test_muon_1b_counts():
+    """bench.muon_1b's computed parts: torch's three GEMMs per Newton-Schulz iteration on the
+    m x n orientation with m <= n; the shrunk list keeps the 1B list's tensors and shape
+    groups; a decoder layer is 7 matrices and 2 norms."""
+    from collections import Counter
+
+    from bench.muon_1b import decoder_layers, newton_schulz_flops, shrunk
+    from bench.shapes import llama_1b
+
+    assert newton_schulz_flops((2048, 2048)) == 5 * 6 * 2048**3
+    assert newton_schulz_flops((5632, 2048)) == newton_schulz_flops((2048, 5632))
+    assert newton_schulz_flops((3, 5), ns_steps=1) == 4 * 9 * 5 + 2 * 27
+    full, small = llama_1b(), shrunk(llama_1b(), 16)
+    assert [n for n, _ in small] == [n for n, _ in full]
+    groups = lambda shapes: sorted(Counter(s for _, s in shapes if len(s) == 2).values())  # noqa: E731
+    assert groups(small) == groups(full) == [2, 16, 32, 64]
+    layer = decoder_layers(1)
+    assert len(layer) == 9 and numel(layer) == 51_384_320
