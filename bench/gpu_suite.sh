@@ -95,7 +95,8 @@ if [ "$(cut -f2 "$STEPS")" = "0" ]; then
   #     mode: fusedopt cuda and triton, torch.optim.Muon + AdamW for-loop/foreach/fused,
   #     heavyball eager; its compiled row is skipped: Inductor's max-autotune would take
   #     minutes). heavyball may be missing from the image (no internet there): its rows then
-  #     say so and the report does not fail for it.
+  #     say so and the report does not fail for it. Estimated (not yet measured on an H200):
+#     30-60 s, within the limit below.
   if ! "$PY" -c "import heavyball" >> "$LOG" 2>&1; then
     echo "=== report_muon: heavyball is not importable here: its Muon rows are skipped" \
       | tee -a "$LOG"
