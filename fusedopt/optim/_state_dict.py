@@ -151,8 +151,11 @@ class StateDictMixin:
             dtype = _state_bits.loaded_dtype(key, self.OP, value, dtype)
             # In the param's memory layout, whatever the saved one: the step pairs elements
             # by position ([note: checked once] in _init_state).
-            if layout == "param" and quant8.is_quantized(value):  # codes are contiguous
-                out[key] = torch.empty(p.shape, dtype=dtype, device=device).copy_(value)
+            # Codes and absmaxes are contiguous, DTensors placed as a DTensor param
+            # ([note: 8-bit states under FSDP2] in fusedopt/quant8.py).
+            quantized = layout == "param" and quant8.is_quantized(value)
+            if quantized or layout == "block_scales":
+                out[key] = _state_bits.empty_state(key, self.OP, p, dtype).copy_(value.detach())
             elif layout == "param":
                 out[key] = torch.empty_like(p, dtype=dtype).copy_(value.detach())
             else:
