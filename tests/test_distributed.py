@@ -37,6 +37,7 @@ SCENARIOS = [
     "fsdp2_q8_sharded_1d_refused",
     "fsdp2_q8_checkpoint_reshards",
     "fsdp2_sr_and_masters_equal_unsharded",
+    "fsdp2_sr_column_shard_refused",
 ]
 
 #: Optimizers run sharded (FSDP2) and unsharded on the same grads, each ``(class, kwargs,
@@ -54,6 +55,7 @@ MESH_FREE_CASES = {
         dict(lr=1e-2, master_weights="compact"),
         True,
     ),
+    "sr_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, stochastic_rounding=True), False),
     "kahan_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, master_weights="kahan"), False),
     "compact_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, master_weights="compact"), False),
 }

@@ -7,6 +7,7 @@ cures (with derived bounds), bad input, and resume from a state dict."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -194,6 +195,32 @@ def test_functional_ops_split_calls_keep_each_params_stream():
             assert torch.equal(a.view(torch.int16), b.view(torch.int16)), backend
     # the ops read the key and never write it: the caller advances the counter
     assert key.tolist() == [99, 4, 30, 31, 32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_entries_draw_the_whole_params_bits(backend):
+    """[note: sharded stochastic rounding] (fusedopt/optim/_plan.py): a key entry ``id |
+    first << 32`` makes a tensor draw the bits of elements ``first, first + 1, ...`` of the
+    param ``id``: shards stepped apart (FSDP2's dim-0 shards, uneven, one empty) give the
+    whole param's bits, whatever the cut; an entry without the high word is the whole param
+    (unsharded bits unchanged). Odd sizes and offsets: the vector paths' tails and edges."""
+    gen = torch.Generator().manual_seed(5)
+    param = torch.randn(9, 131, generator=gen).bfloat16()
+    grad = (torch.randn(9, 131, generator=gen) * 1e-3).bfloat16()
+    whole = param.clone()
+    ops.sgd_([whole], [grad], lr=0.1, sr_key=torch.tensor([7, 3, 40]), backend=backend)
+    for rows in ([5, 4], [3, 3, 3], [9, 0], [1, 7, 1]):
+        shards = [p.clone() for p in param.split(rows)]
+        firsts = [131 * r for r in itertools.accumulate([0, *rows[:-1]])]
+        key = torch.tensor([7, 3, *(40 | first << 32 for first in firsts)])
+        ops.sgd_(shards, list(grad.split(rows)), lr=0.1, sr_key=key, backend=backend)
+        got = torch.cat(shards)
+        assert torch.equal(got.view(torch.int16), whole.view(torch.int16)), (backend, rows)
+    # counted from each shard's own start instead (the bits before the fix): not the same
+    shards = [p.clone() for p in param.split([5, 4])]
+    ops.sgd_(shards, list(grad.split([5, 4])), lr=0.1, sr_key=torch.tensor([7, 3, 40, 40]),
+             backend=backend)  # fmt: skip
+    assert not torch.equal(torch.cat(shards).view(torch.int16), whole.view(torch.int16))
 
 
 # ----------------------------------------------------------------- (3) statistics
