@@ -55,6 +55,7 @@ MESH_FREE_CASES = {
         dict(lr=1e-2, master_weights="compact"),
         True,
     ),
+    "q8_sr_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, stochastic_rounding=True), True),
     "sr_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, stochastic_rounding=True), False),
     "kahan_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, master_weights="kahan"), False),
     "compact_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, master_weights="compact"), False),

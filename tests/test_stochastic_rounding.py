@@ -359,17 +359,24 @@ def test_op_refuses_a_bad_sr_key(backend, make_key, dtype, masters, error, match
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("adamw", "lion", "sgd_momentum",
                                                                 "muon", "lamb")],
                          ids=lambda c: c.name)  # fmt: skip
-def test_resume_from_state_dict_is_bit_identical(case, backend):
+@pytest.mark.parametrize("groups_only", [False, True], ids=["top_level", "groups_only"])
+def test_resume_from_state_dict_is_bit_identical(case, backend, groups_only):
     """N steps == k steps, state_dict, load into a fresh optimizer (another seed), N - k
-    steps: params and states bit for bit; the state dict holds seed and counter."""
+    steps: params and states bit for bit; the state dict holds seed and counter, at its top
+    level and in each SR group. ``groups_only``: the top-level entry dropped, as DCP's
+    get_optimizer_state_dict does (it keeps state and param_groups only)."""
     n, k = 5, 2
     want, _ = _run(case, backend, n, seed=555)
     params, opt = _run(case, backend, k, seed=555)
     saved = copy.deepcopy(opt.state_dict())
     assert saved["stochastic_rounding"] == {"seed": 555, "counter": k}
+    assert all((g["sr_seed"], g["sr_counter"]) == (555, k) for g in saved["param_groups"])
+    if groups_only:
+        del saved["stochastic_rounding"]
     fresh = case.cls(params, **case.kwargs, stochastic_rounding=True, backend=backend)
     fresh.sr_seed = 1  # overwritten by the load
     fresh.load_state_dict(saved)
+    assert not any("sr_seed" in g or "sr_counter" in g for g in fresh.param_groups)
     s0 = k
     for s in range(s0, n):
         gen = torch.Generator().manual_seed(100 + s)

@@ -68,7 +68,8 @@ enum class DType : int32_t {
 /// resume), copy [seed, counter] into each call's key before the call and advance the
 /// counter on the device after the step by 1 - (found_inf != 0): a step skipped by a
 /// GradScaler changes nothing, its counter included. State dicts save seed and counter
-/// (the top-level entry `"stochastic_rounding"`); a loaded optimizer draws the same bits.
+/// (the top-level entry `"stochastic_rounding"`, and `sr_seed`, `sr_counter` in each SR group
+/// for DCP, which keeps only state and groups); a loaded optimizer draws the same bits.
 /// A step op with sr_key applies SR to the param store of bf16 params without master
 /// weights only; states keep round to nearest (SR of 16-bit states is not done yet).
 enum class Rounding : int32_t { kNearestEven = 0, kStochastic = 1 };
