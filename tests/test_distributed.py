@@ -45,8 +45,9 @@ SCENARIOS = [
 #: that step each element alone belong here (LAMB's trust ratio all-reduces sums of squares
 #: in another order). 8-bit states ([note: 8-bit states under FSDP2] in fusedopt/quant8.py)
 #: are kept by the params of two or more dims; ops that gain them join by adding a row.
-#: Stochastic rounding draws by global element index ([note: stochastic rounding] in
-#: csrc/include/fusedopt/dtype.h); compact and Kahan masters round each element alone.
+#: Stochastic rounding draws by the element's index in the whole param ([note: sharded
+#: stochastic rounding] in fusedopt/optim/_plan.py); compact and Kahan masters round each
+#: element alone.
 MESH_FREE_CASES = {
     "q8_adamw": (lambda: fusedopt.AdamW, dict(lr=1e-2, weight_decay=0.1), True),
     "q8_adam_maximize": (lambda: fusedopt.Adam, dict(lr=1e-2, maximize=True), True),
@@ -117,7 +118,7 @@ def _close(got, want, what):
 def _full(t):
     if not hasattr(t, "full_tensor"):
         return t
-    if t.dtype in (torch.int8, torch.uint8, torch.int16):  # gloo gathers no int16
+    if t.dtype == torch.int16:  # gloo's all-gather takes no int16 (compact remainders)
         return t.to(torch.int32).full_tensor().to(t.dtype)
     return t.full_tensor()
 
