@@ -21,3 +21,9 @@ TORCH_ONLY_KEYS = ("foreach", "fused", "differentiable")
 #: The group key of stochastic rounding, and the state dict's entry of its seed and counter
 #: ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h).
 SR_GROUP_KEY = "stochastic_rounding"
+#: The SR seed and counter as written into each stochastic-rounding group of a state dict
+#: (beside the top-level ``"stochastic_rounding"`` entry): DCP's ``get_optimizer_state_dict``
+#: keeps only ``state`` and ``param_groups`` ([note: stochastic rounding] in
+#: csrc/include/fusedopt/dtype.h). ``load_state_dict`` takes them out of the groups.
+SR_SEED_KEY = "sr_seed"
+SR_COUNTER_KEY = "sr_counter"

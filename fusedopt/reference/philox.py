@@ -76,7 +76,10 @@ def float_to_bf16_stochastic(x: Tensor, random: Tensor) -> Tensor:
 
 def round_stochastic(x: Tensor, like: Tensor, sr_key: Tensor, i: int) -> Tensor:
     """``x`` (opmath) rounded to bf16 stochastically for tensor ``i`` of a call whose
-    ``sr_key`` is [seed, counter, id_0, ...], with ``like``'s (the param's) memory order."""
-    seed, counter, tensor = (int(v) for v in sr_key[[0, 1, 2 + i]].tolist())
-    bits = rounding_bits(seed, counter, tensor, memory_order_index(like))
+    ``sr_key`` is [seed, counter, entry_0, ...], with ``like``'s (the param's) memory order."""
+    seed, counter, entry = (int(v) for v in sr_key[[0, 1, 2 + i]].tolist())
+    # entry: stream id | first element << 32 ([note: sharded stochastic rounding] in
+    # fusedopt/optim/_plan.py): elements counted in the whole param
+    first = (entry >> 32) & _MASK32
+    bits = rounding_bits(seed, counter, entry, memory_order_index(like) + first)
     return float_to_bf16_stochastic(x.to(torch.float32), bits)

@@ -128,14 +128,16 @@ STOCHASTIC: tl.constexpr = tl.constexpr(1)
 @triton.jit
 def rounding_bits(key, offs):
     """The 16 random bits (uint32) of the elements ``offs`` of the tensor keyed by ``key`` =
-    (seed, counter, tensor id), int64 scalars ([note: stochastic rounding] in
+    (seed, counter, tensor entry), int64 scalars ([note: stochastic rounding] in
     csrc/include/fusedopt/dtype.h): the top half of the first word of Philox4x32-10 with key
     (seed low, seed high) and counter (element low, element high, tensor id, counter).
     ``tl.philox`` is the standard Philox4x32-10 (its rounds are Random123's; it splits the
     seed low word first): it gives Random123's known-answer vectors, compiled and
     interpreted (tests/test_stochastic_rounding.py)."""
     seed, counter, tensor = key
-    e = offs.to(tl.int64)
+    # tensor: the sr_key entry, stream id | first element << 32 ([note: sharded stochastic
+    # rounding] in fusedopt/optim/_plan.py): the element counted in the whole param
+    e = offs.to(tl.int64) + ((tensor >> 32) & 0xFFFFFFFF)
     c0 = (e & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((e >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = tl.zeros_like(c0) + (tensor & 0xFFFFFFFF).to(tl.uint32)

@@ -43,26 +43,32 @@ FUSEDOPT_HD FUSEDOPT_INLINE Philox4x32 philox4x32_10(Philox4x32 c, uint32_t k0, 
 }
 
 /// The key of a stochastically rounded store ([note: stochastic rounding] in
-/// fusedopt/dtype.h): the optimizer's seed and step counter and the tensor's stream id, read
-/// once per block/work item from the op's `sr_key` = [seed, counter, id_0, ..., id_{N-1}].
+/// fusedopt/dtype.h): the optimizer's seed and step counter, the tensor's stream id and the
+/// index of its first element in the whole param (a shard's offset, [note: sharded stochastic
+/// rounding]; 0 unsharded), read once per block/work item from the op's `sr_key` = [seed,
+/// counter, entry_0, ..., entry_{N-1}].
 struct RoundingKey {
   uint64_t seed = 0;
   uint32_t counter = 0;
   uint32_t tensor = 0;
+  uint32_t first = 0;
 };
 
-/// The key of tensor `t` of a call from its sr_key array (seed, counter, then one id per
-/// tensor), int64 values taken modulo 2^64 / 2^32.
+/// The key of tensor `t` of a call from its sr_key array (seed, counter, then one entry per
+/// tensor: the stream id in the low 32 bits, the first element's index in the high ones),
+/// int64 values taken modulo 2^64 / 2^32.
 FUSEDOPT_HD FUSEDOPT_INLINE RoundingKey rounding_key(const int64_t* sr_key, int64_t t) {
+  const uint64_t entry = static_cast<uint64_t>(sr_key[2 + t]);
   return RoundingKey{static_cast<uint64_t>(sr_key[0]), static_cast<uint32_t>(sr_key[1]),
-                     static_cast<uint32_t>(sr_key[2 + t])};
+                     static_cast<uint32_t>(entry), static_cast<uint32_t>(entry >> 32)};
 }
 
 /// The 16 random bits of element `element` of the tensor keyed by `key`: the top half of
 /// the first word of Philox4x32-10 with key (seed low, seed high) and counter
-/// (element low, element high, tensor id, step counter).
+/// (element low, element high, tensor id, step counter), the element counted in the whole
+/// param (`key.first + element`).
 FUSEDOPT_HD FUSEDOPT_INLINE uint32_t rounding_bits(const RoundingKey& key, int64_t element) {
-  const uint64_t e = static_cast<uint64_t>(element);
+  const uint64_t e = static_cast<uint64_t>(element) + key.first;
   const Philox4x32 r = philox4x32_10(
       Philox4x32{{static_cast<uint32_t>(e), static_cast<uint32_t>(e >> 32), key.tensor,
                   key.counter}},
