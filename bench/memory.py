@@ -486,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         help="timed steps per row for GB/s and %% of the ceiling (0: no timing)",
     )
     parser.add_argument("--no-peers", action="store_true", help="skip the peers' rows")
+    # On the shared 2-core VM under load ~25, two OpenMP threads got ~12% of a core between
+    # them (a GPT-2 run had not finished in 18 min); one thread per step is the fair measure
+    # there, and the ceiling is measured on the same threads.
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep)")
     parser.add_argument(
         "--quick-ceiling", action="store_true", help="smaller STREAM arrays (the smoke test)"
     )
@@ -497,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     for given, known in ((optimizers, OPTIMIZERS), (modes, MEMORY_MODES)):
         if set(given) - set(known):
             parser.error(f"unknown {sorted(set(given) - set(known))}; known: {', '.join(known)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)  # fusedopt's cpu backend follows torch's setting
     meta = {
         "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
         "triton": _triton_version(), "fusedopt": fusedopt.__version__,
