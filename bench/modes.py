@@ -152,8 +152,9 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             "bf16+SR",
             torch.bfloat16,
             torch.bfloat16,
-            "bf16 params, grads and states; no master; stochastic rounding of every param "
-            "and state write ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h)",
+            "bf16 params, grads and states; no master; the param writes rounded "
+            "stochastically, the states' to nearest ([note: stochastic rounding] in "
+            "csrc/include/fusedopt/dtype.h)",
             stochastic_rounding=True,
         ),
         _mode(
