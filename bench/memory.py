@@ -434,7 +434,7 @@ def markdown(
         if cuda:
             cells += [_b(r.cuda_held_bytes), _b(r.cuda_peak_bytes)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+    lines += [] if not peers else [
         "",
         "## Peers: other libraries' compact optimizers, on the same params",
         "",
