@@ -146,9 +146,17 @@ def _optimi(name: str, **kwargs) -> Callable[[list[torch.Tensor]], torch.optim.O
 
 
 TORCHAO_EAGER = (
-    "torchao steps each param through `torch.compile`; the memory step runs that function "
-    "eagerly (`torch.compile` patched to return it): the same state tensors, no compile time"
+    "torchao's step makes each param's states, then updates them in place through a "
+    "`torch.compile`d function; the memory step runs torchao's own step with that function "
+    "replaced by a no-op (`torch.compile` patched): the same state tensors, allocated by "
+    "torchao, without the update's compile (60 s for one shape here) or eager run (~10 min of "
+    "a loaded core for GPT-2's 4-bit states)"
 )
+
+
+def _no_update(*args, **kwargs) -> None:
+    """torchao's compiled per-param update, skipped when only its states are measured."""
+
 
 #: The peers measured where installed (``bench.memory`` says which were not, and quotes
 #: :data:`DOCUMENTED` for them instead).
@@ -353,7 +361,7 @@ def peer_rows(model: str, device: torch.device, optimizers=None) -> tuple[list[M
             continue
         eager = contextlib.nullcontext()
         if peer.package == "torchao":  # its step calls torch.compile(fn, ...) per param
-            eager = unittest.mock.patch.object(torch, "compile", lambda fn, **_: fn)
+            eager = unittest.mock.patch.object(torch, "compile", lambda fn, **_: _no_update)
         with eager:
             m = measure(lambda ps, make=peer.make: make(ps), {}, shapes, peer.param_dtype, device)
         size = torch.empty((), dtype=peer.param_dtype).element_size()
@@ -386,7 +394,7 @@ def markdown(
         head += ["ms/step", "GB/s", "% of ceiling"]
     if cuda:
         head += ["CUDA held B/param", "CUDA step peak B/param"]
-    r0 = rows[0]
+    r0 = (rows or peers)[0]
     ceiling = meta.get("ceiling")
     lines = [
         f"# Optimizer memory per parameter, {model} ({r0.params:,} params, {r0.tensors} tensors)",
@@ -486,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         help="timed steps per row for GB/s and %% of the ceiling (0: no timing)",
     )
     parser.add_argument("--no-peers", action="store_true", help="skip the peers' rows")
+    parser.add_argument("--peers-only", action="store_true", help="only the peers' rows")
     # On the shared 2-core VM under load ~25, two OpenMP threads got ~12% of a core between
     # them (a GPT-2 run had not finished in 18 min); one thread per step is the fair measure
     # there, and the ceiling is measured on the same threads.
@@ -511,12 +520,14 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "repeats": args.repeats, "load": load_average(),
     }  # fmt: skip
     ceiling: Ceiling | None = None
-    if args.repeats:
+    if args.repeats and not args.peers_only:
         # The ceiling as the timed report measures it (bench/timing.py: STREAM's kernels,
         # bus bytes), before and after the rows, each kernel's best of the two.
         nbytes = ceiling_array_bytes(device, args.quick_ceiling)
         ceiling = stream_ceiling(device, nbytes)
-    rows = memory_rows(args.model, device, optimizers, modes, args.repeats)
+    rows = (
+        [] if args.peers_only else memory_rows(args.model, device, optimizers, modes, args.repeats)
+    )
     if ceiling is not None:
         ceiling = ceiling.merged(stream_ceiling(device, nbytes))
         meta["ceiling"] = ceiling.describe()
