@@ -15,11 +15,6 @@
 namespace fusedopt::cpu {
 namespace {
 
-struct NormPartial {
-  double param_sq = 0.0;
-  double update_sq = 0.0;
-};
-
 // [note: lamb divisions] Each pass is bound by its divisions (g / grad_scale, m / bc1,
 // sqrt(v) / sqrt_bc2 and the quotient of those: four vdivps and a vsqrtps per 8 floats; perf
 // puts pass 1's time on them), so both passes drop g / grad_scale when grad_scale is 1
@@ -122,22 +117,14 @@ void direction_items(const LambCall& call, T* sq_norms, const ExecContext& ctx) 
     parts[k] = part;
   });
   std::vector<NormPartial> norms(lists.num_tensors);
-  for (size_t k = 0; k < plan.items.size(); ++k) {
-    norms[plan.items[k].tensor].param_sq += parts[k].param_sq;
-    norms[plan.items[k].tensor].update_sq += parts[k].update_sq;
-  }
-  for (int64_t i = 0; i < lists.num_tensors; ++i) {
-    sq_norms[2 * i] = static_cast<T>(norms[i].param_sq);
-    sq_norms[2 * i + 1] = static_cast<T>(norms[i].update_sq);
-  }
+  add_partials(norms, plan.items, parts);
+  store_sq_norms(norms, sq_norms);
 }
 
 template <typename T>
 void apply_items(const LambCall& call, const T* sq_norms, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
-  std::vector<double> t(lists.num_tensors);
-  for (int64_t i = 0; i < lists.num_tensors; ++i) t[i] = static_cast<double>(*lists.steps[i]);
-  const LambPlan<T> plan(call, t);
+  const LambPlan<T> plan(call, step_counts(lists));
   std::vector<T> ratio(lists.num_tensors);
   for (int64_t i = 0; i < lists.num_tensors; ++i)
     ratio[i] = lamb_trust_ratio_sq(sq_norms[2 * i], sq_norms[2 * i + 1], plan.adapt[i] != 0,
@@ -164,30 +151,7 @@ void apply_items(const LambCall& call, const T* sq_norms, const ExecContext& ctx
 
 }  // namespace
 
-void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx) {
-  if (!step_enabled(call.step.lists)) return;  // sq_norms stay 0
-  with_opmath(call.step.lists.params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    direction_items<T>(call.step, static_cast<T*>(call.sq_norms), ctx);
-  });
-}
-
-void lamb_apply(const LambApplyCall& call, const ExecContext& ctx) {
-  if (!step_enabled(call.step.lists)) return;
-  with_opmath(call.step.lists.params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    apply_items<T>(call.step, static_cast<const T*>(call.sq_norms), ctx);
-  });
-}
-
-void lamb(const LambCall& call, const ExecContext& ctx) {
-  if (!step_enabled(call.lists)) return;
-  with_opmath(call.lists.params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    std::vector<T> sq_norms(2 * call.lists.num_tensors, T(0));
-    direction_items<T>(call, sq_norms.data(), ctx);
-    apply_items<T>(call, sq_norms.data(), ctx);
-  });
-}
+FUSEDOPT_CPU_TWO_PASS_LAUNCHERS(lamb, Lamb, lamb_direction, direction_items, lamb_apply,
+                                apply_items)
 
 }  // namespace fusedopt::cpu
