@@ -472,18 +472,9 @@ def test_adafactor_chunked_reductions_equal_torch_in_float64():
     """Params of several reduction chunks ([note: adafactor sums]): the cuda kernels' row,
     column and sum-of-squares folds over chunks give torch's trajectory to float64 rounding
     (test_optim_adafactor.py's shapes, inputs and tolerance)."""
-    from test_optim_adafactor import CHUNKED_SHAPES, _run
+    from test_optim_adafactor import assert_chunked_trajectory_is_torchs
 
-    g = torch.Generator().manual_seed(2)
-    start = [torch.randn(s, generator=g, dtype=torch.float64) for s in CHUNKED_SHAPES]
-    grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in CHUNKED_SHAPES]
-             for _ in range(3)]  # fmt: skip
-    kwargs = dict(lr=0.05, weight_decay=0.1)
-    ours, theirs = [p.cuda() for p in start], [p.clone() for p in start]
-    _run(fusedopt.Adafactor, ours, _map(grads, torch.Tensor.cuda), **kwargs, backend="cuda")
-    _run(torch.optim.Adafactor, theirs, grads, **kwargs)
-    for p, q in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(p.cpu(), q, rtol=1e-12, atol=1e-14)
+    assert_chunked_trajectory_is_torchs("cuda", "cuda")
 
 
 def test_schedulefree_trajectory_equals_the_anchor():
@@ -491,25 +482,7 @@ def test_schedulefree_trajectory_equals_the_anchor():
     on the CPU (two groups, warmup, r, weight_lr_power, decay; eval()/train() switches every
     9 steps): test_optim_schedulefree.py's inputs, checks and fp32 tolerance (the same math
     in another order of operations)."""
-    schedulefree = pytest.importorskip("schedulefree")
-    from test_optim_schedulefree import SHAPES, _assert_same_run, _groups, _params
+    pytest.importorskip("schedulefree")
+    from test_optim_schedulefree import _assert_same_run, run_with_switches
 
-    anchor_params = _params()
-    ours_params = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
-    ours = fusedopt.ScheduleFreeAdamW(_groups(ours_params), backend="cuda")
-    anchor = schedulefree.AdamWScheduleFree(_groups(anchor_params))
-    anchor.train()
-    for step in range(40):
-        gen = torch.Generator().manual_seed(100 + step)  # _set_grads' grads, per device
-        grads = [torch.randn(s, generator=gen) for s in SHAPES]
-        for p, q, g in zip(ours_params, anchor_params, grads, strict=True):
-            p.grad, q.grad = g.cuda(), g.clone()
-        ours.step()
-        anchor.step()
-        if step % 9 == 8:
-            ours.eval()
-            anchor.eval()
-            _assert_same_run(ours, ours_params, anchor, anchor_params, f"eval after {step}")
-            ours.train()
-            anchor.train()
-    _assert_same_run(ours, ours_params, anchor, anchor_params, "train, end")
+    _assert_same_run(*run_with_switches("cuda", "cuda"), "train, end")

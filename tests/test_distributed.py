@@ -368,6 +368,18 @@ def _assert_same_bits(model, opt, want_model, want_opt, what, q8=True):
             assert not any(quant8.is_quantized(_full(v)) for v in state.values())
 
 
+def _train_sharded_and_unsharded(case):
+    """STEPS steps of ``case`` on FSDP2's params and on the same params unsharded:
+    (model, optimizer, unsharded model, its optimizer)."""
+    want = _q8_model(case, sharded=False)
+    want_opt = _q8_optimizer(case, want)
+    _q8_train(want, want_opt, STEPS)
+    model = _q8_model(case, sharded=True)
+    opt = _q8_optimizer(case, model)
+    _q8_train(model, opt, STEPS)
+    return model, opt, want, want_opt
+
+
 def scenario_fsdp2_q8_equals_unsharded(rank):
     """state_bits=8 on FSDP2's params: the step runs on the local shards (whole rows, hence
     whole blocks) and equals the unsharded step bit for bit: codes, absmaxes (placed as the
@@ -376,12 +388,7 @@ def scenario_fsdp2_q8_equals_unsharded(rank):
     from fusedopt.optim._state_bits import scale_keys
 
     for case in Q8_CASES:
-        want = _q8_model(case, sharded=False)
-        want_opt = _q8_optimizer(case, want)
-        _q8_train(want, want_opt, STEPS)
-        model = _q8_model(case, sharded=True)
-        opt = _q8_optimizer(case, model)
-        _q8_train(model, opt, STEPS)
+        model, opt, want, want_opt = _train_sharded_and_unsharded(case)
         _assert_same_bits(model, opt, want, want_opt, case)
         for p in list(model.parameters())[: len(Q8_MATRICES)]:
             scales = [v for k, v in opt.state[p].items() if k in scale_keys(opt.OP)]
@@ -394,12 +401,7 @@ def scenario_fsdp2_sr_and_masters_equal_unsharded(rank):
     for case, (*_, q8) in MESH_FREE_CASES.items():
         if q8:
             continue
-        want = _q8_model(case, sharded=False)
-        want_opt = _q8_optimizer(case, want)
-        _q8_train(want, want_opt, STEPS)
-        model = _q8_model(case, sharded=True)
-        opt = _q8_optimizer(case, model)
-        _q8_train(model, opt, STEPS)
+        model, opt, want, want_opt = _train_sharded_and_unsharded(case)
         _assert_same_bits(model, opt, want, want_opt, case, q8=False)
 
 
