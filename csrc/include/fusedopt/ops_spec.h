@@ -32,7 +32,7 @@
 #define FUSEDOPT_ADAMW_STEPS_WITH(X)
 
 // lamb_
-#define FUSEDOPT_LAMB_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true)
+#define FUSEDOPT_LAMB_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(exp_avg_scales, ExpAvgScales, 2, true, true) X(exp_avg_sq_scales, ExpAvgSqScales, 3, true, true)
 #define FUSEDOPT_LAMB_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(eps, Eps, 3) X(weight_decay, WeightDecay, 4)
 #define FUSEDOPT_LAMB_FLAGS(X) X(grad_averaging, GradAveraging, 0, true) X(bias_correction, BiasCorrection, 1, true) X(trust_clip, TrustClip, 2, false) X(always_adapt, AlwaysAdapt, 3, false)
 #define FUSEDOPT_LAMB_STEPS(X) X(steps)
@@ -40,7 +40,7 @@
 #define FUSEDOPT_LAMB_STEPS_WITH(X)
 
 // lion_
-#define FUSEDOPT_LION_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true)
+#define FUSEDOPT_LION_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_scales, ExpAvgScales, 1, true, true)
 #define FUSEDOPT_LION_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(weight_decay, WeightDecay, 3)
 #define FUSEDOPT_LION_FLAGS(X) X(maximize, Maximize, 0, false)
 #define FUSEDOPT_LION_STEPS(X)
@@ -64,7 +64,7 @@
 #define FUSEDOPT_SCHEDULEFREEADAMW_STEPS_WITH(X)
 
 // sgd_
-#define FUSEDOPT_SGD_STATES(X) X(momentum_buffers, MomentumBuffers, 0, true, true)
+#define FUSEDOPT_SGD_STATES(X) X(momentum_buffers, MomentumBuffers, 0, true, true) X(momentum_buffer_scales, MomentumBufferScales, 1, true, true)
 #define FUSEDOPT_SGD_HYPERS(X) X(lr, Lr, 0) X(momentum, Momentum, 1) X(dampening, Dampening, 2) X(weight_decay, WeightDecay, 3)
 #define FUSEDOPT_SGD_FLAGS(X) X(nesterov, Nesterov, 0, false) X(maximize, Maximize, 1, false)
 #define FUSEDOPT_SGD_STEPS(X) X(steps)
@@ -105,17 +105,17 @@ inline constexpr int kDecoupled = 0, kAmsgrad = 1, kMaximize = 2, kBiasCorrectio
 }  // namespace adamw
 
 namespace lamb {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam};
-inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone};
-inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kNumStates = 2;
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam, StateLayout::kBlockScales, StateLayout::kBlockScales};
+inline constexpr StateCodes kStateCodes[] = {StateCodes::kSigned, StateCodes::kUnsigned, StateCodes::kNone, StateCodes::kNone};
+inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kExpAvgScales = 2, kExpAvgSqScales = 3, kNumStates = 4;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
 inline constexpr int kGradAveraging = 0, kBiasCorrection = 1, kTrustClip = 2, kAlwaysAdapt = 3, kNumFlags = 4;
 }  // namespace lamb
 
 namespace lion {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam};
-inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone};
-inline constexpr int kExpAvgs = 0, kNumStates = 1;
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kBlockScales};
+inline constexpr StateCodes kStateCodes[] = {StateCodes::kSigned, StateCodes::kNone};
+inline constexpr int kExpAvgs = 0, kExpAvgScales = 1, kNumStates = 2;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kWeightDecay = 3, kNumHypers = 4;
 inline constexpr int kMaximize = 0, kNumFlags = 1;
 }  // namespace lion
@@ -137,9 +137,9 @@ inline constexpr int kNumFlags = 0;
 }  // namespace schedulefree_adamw
 
 namespace sgd {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam};
-inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone};
-inline constexpr int kMomentumBuffers = 0, kNumStates = 1;
+inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kBlockScales};
+inline constexpr StateCodes kStateCodes[] = {StateCodes::kSigned, StateCodes::kNone};
+inline constexpr int kMomentumBuffers = 0, kMomentumBufferScales = 1, kNumStates = 2;
 inline constexpr int kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kNumHypers = 4;
 inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
 }  // namespace sgd
