@@ -195,7 +195,7 @@ def runs(optimizers: list[str], modes: list[str]) -> list[Run]:
             out.append(Run(name, anchor, "torch", lambda ps, **kw: torch.optim.AdamW(ps, **kw)))
         for mode_name in modes:
             mode = MEMORY_MODES[mode_name]
-            if not mode.applies(name):
+            if not mode.applies(cls.OP):
                 continue
             out.append(
                 Run(name, mode, "fusedopt", lambda ps, c=cls, m=mode, **kw: c(ps, **kw, **m.kwargs))

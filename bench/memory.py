@@ -201,7 +201,7 @@ def memory_rows(model: str, device: torch.device, optimizers=None, modes=None) -
         cls, op, hypers = OPTIMIZERS[name]
         for mode_name in modes or MEMORY_MODES:
             mode = MEMORY_MODES[mode_name]
-            if not mode.applies(name):
+            if not mode.applies(op):
                 continue
             m = measure(cls, {**hypers, **mode.kwargs}, shapes, mode.param_dtype, device)
             rows.append(_row(name, mode, "fusedopt", m, op))

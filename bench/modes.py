@@ -16,6 +16,7 @@ from types import MappingProxyType
 import torch
 
 from bench.traffic import state_names, step_bytes_per_param
+from fusedopt._contract import STEP_OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +40,11 @@ class MemoryMode:
     kwargs: MappingProxyType
     what: str
     master_bytes: int = 0
-    #: the optimizers (bench/memory.py OPTIMIZERS names) that have the mode; None: all
-    optimizers: tuple[str, ...] | None = None
 
-    def applies(self, optimizer: str) -> bool:
-        """Whether ``optimizer`` has this mode (8-bit states: AdamW and Adam so far)."""
-        return self.optimizers is None or optimizer in self.optimizers
+    def applies(self, op: str) -> bool:
+        """Whether the optimizer of step op ``op`` has this mode: 8-bit states where the op's
+        spec declares quantized states (``fusedopt._contract``), every other mode always."""
+        return not self.kwargs.get("state_bits") or bool(STEP_OPS[op].quantized_states)
 
     def expected_state_bytes(self, op: str) -> int:
         """Bytes per param the optimizer should hold: its states, plus the master if kept."""
@@ -62,15 +62,11 @@ class MemoryMode:
         )
 
 
-def _mode(
-    name: str, param: torch.dtype, state: torch.dtype, what: str, optimizers=None, **kwargs
-) -> MemoryMode:  # fmt: skip
+def _mode(name: str, param: torch.dtype, state: torch.dtype, what: str, **kwargs) -> MemoryMode:
     setting = kwargs.get("master_weights", False)
     master = bool(setting)
     master_bytes = 2 if setting in ("compact", "kahan") else 4 if master else 0
-    return MemoryMode(
-        name, param, state, master, MappingProxyType(kwargs), what, master_bytes, optimizers
-    )
+    return MemoryMode(name, param, state, master, MappingProxyType(kwargs), what, master_bytes)
 
 
 #: Every memory mode that exists today, in report order. The reference of the quality
@@ -114,9 +110,8 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             torch.int8,
             "bf16 params and grads; fp32 master weights; 8-bit moments, one fp32 absmax per "
             "256-element block of a row beside each ([note: 8-bit states] in "
-            "fusedopt/quant8.py; the scales, 2 x 4 B per block, are counted with the "
-            "per-tensor numbers)",
-            optimizers=("adamw", "adam"),
+            "fusedopt/quant8.py; the scales, 4 B per block and state, are counted with the "
+            "per-tensor numbers); the optimizers whose op has 8-bit states",
             master_weights=True,
             state_bits=8,
         ),

@@ -245,9 +245,9 @@ def test_lm_quality_runs_and_every_curve_learns(tmp_path):
         curves.setdefault((r["impl"], r["optimizer"], r["mode"]), []).append(r)
     expected = {
         ("fusedopt", o, m)
-        for o in ("adamw", "lion")
+        for o, op in (("adamw", "adamw_"), ("lion", "lion_"))
         for m, mode in MEMORY_MODES.items()
-        if mode.applies(o)
+        if mode.applies(op)
     }
     assert set(curves) == expected | {("torch", "adamw", "fp32")}
     for key, curve in curves.items():
@@ -256,7 +256,7 @@ def test_lm_quality_runs_and_every_curve_learns(tmp_path):
         assert len(evals) == 4, key  # steps 0, 4, 8, 12
         assert evals[-1] < evals[0] - 0.1, (key, evals)
     md = csv_path.with_suffix(".md").read_text()
-    adamw_modes = sum(mode.applies("adamw") for mode in MEMORY_MODES.values())
+    adamw_modes = sum(mode.applies("adamw_") for mode in MEMORY_MODES.values())
     assert md.count("| adamw |") == 1 + adamw_modes and "(reference)" in md
 
 
@@ -275,7 +275,7 @@ def test_memory_table_measures_each_mode_as_designed(tmp_path):
     assert {"device_name", "torch", "triton", "date", "commit"} <= set(next(iter(rows.values())))
     for name in memory.OPTIMIZERS:
         for mode in MEMORY_MODES:
-            if not MEMORY_MODES[mode].applies(name):
+            if not MEMORY_MODES[mode].applies(memory.OPTIMIZERS[name][1]):
                 assert ("fusedopt", name, mode) not in rows
                 continue
             row = rows[("fusedopt", name, mode)]
@@ -284,6 +284,11 @@ def test_memory_table_measures_each_mode_as_designed(tmp_path):
     # AdamW: fp32 2 states x 4 B; bf16 + master: 4 B master + 2 x 4; bf16: 2 x 2 B.
     adamw = {m: float(rows[("fusedopt", "adamw", m)]["element_bytes"]) for m in MEMORY_MODES}
     assert adamw["bf16+master+8-bit states"] == 6.0  # 4 B master + 2 x 1 B codes (+ scales)
+    # every op whose spec has 8-bit states has the mode (applicability from the spec): 4 B
+    # master + 1 B codes per state
+    eight_bit = {n: float(r["element_bytes"]) for (i, n, m), r in rows.items()
+                 if i == "fusedopt" and m == "bf16+master+8-bit states"}  # fmt: skip
+    assert eight_bit == {"adamw": 6.0, "adam": 6.0, "lamb": 6.0, "lion": 5.0, "sgd": 5.0}
     assert (adamw["fp32"], adamw["bf16+master"], adamw["bf16"]) == (8.0, 12.0, 4.0)
     assert adamw["bf16+compact master"] == 10.0  # 2 x 4 B states + the 2 B remainder
     assert adamw["bf16+kahan"] == 10.0  # 2 x 4 B states + the 2 B bf16 compensation
