@@ -1590,7 +1590,13 @@ int test_q8(Q8Op op) {
   return cases;
 }
 
-int main() {
+int main(int argc, char** argv) {
+  // `test_cuda_emulated q8`: the 8-bit state cases only (a quick run while working on them).
+  if (argc > 1 && std::string(argv[1]) == "q8") {
+    const int cases = test_q8(Q8Op::kAdamW) + test_q8(Q8Op::kLion) + test_q8(Q8Op::kSgd);
+    std::printf("%d 8-bit state cases\n", cases);
+    return check_result();
+  }
   const int emulator_cases = test_emulator();
   const int step_cases = test_step_ops() + test_master_sync();
   const int scale_cases = test_scale();
