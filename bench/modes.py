@@ -162,7 +162,8 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             torch.bfloat16,
             torch.float32,
             "bf16 params and grads; fp32 master weights; 8-bit states where the op's spec "
-            "quantizes them (AdamW/Adam: both moments), one fp32 absmax per 256-element block "
+            "quantizes them (AdamW, Adam, LAMB: both moments; Lion: exp_avg; SGD: the momentum "
+            "buffer), one fp32 absmax per 256-element block "
             "of a row beside each ([note: 8-bit states] in fusedopt/quant8.py; the scales, "
             "4 B per block and state, are counted with the per-tensor numbers)",
             master_weights=True,

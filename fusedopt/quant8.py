@@ -1,7 +1,9 @@
 """8-bit optimizer states: the block-wise quantizer, defined once in plain torch.
 
-[note: 8-bit states] A group with ``state_bits=8`` keeps its moments (AdamW/Adam's
-``exp_avg`` and ``exp_avg_sq``) as one byte per element plus one fp32 scale per block:
+[note: 8-bit states] A group with ``state_bits=8`` keeps its moments (the states its op's
+spec declares quantized, ``StepOpSpec.quantized_states``: AdamW/Adam's and LAMB's
+``exp_avg`` and ``exp_avg_sq``, Lion's ``exp_avg``, SGD's ``momentum_buffer``) as one byte
+per element plus one fp32 scale per block:
 
 * **Blocks never depend on a mesh.** A block is a run of up to :data:`BLOCK` (256) elements
   within one row of the param's last dimension: row ``r`` of a ``(*lead, C)`` param holds

@@ -253,7 +253,7 @@ def test_lm_quality_runs_and_every_curve_learns(tmp_path):
         if mode.applies(lm_quality.CLASSES[o])
     }
     assert ("fusedopt", "sgd", "bf16+SR") in expected
-    assert ("fusedopt", "sgd", "bf16+master+8-bit states") not in expected  # no 8-bit SGD op
+    assert ("fusedopt", "sgd", "bf16+master+8-bit states") in expected  # an 8-bit momentum
     assert set(curves) == expected | {("torch", o, "fp32") for o in optimizers}
     for key, curve in curves.items():
         evals = [float(r["eval_loss"]) for r in curve if r["eval_loss"]]
@@ -291,13 +291,13 @@ def test_mode_applicability_comes_from_the_op_spec():
     eight = MEMORY_MODES["bf16+master+8-bit states"]
     assert eight.applies(fusedopt.AdamW) and eight.applies(fusedopt.Adam)
 
-    class LionWithBits(fusedopt.Lion):  # takes state_bits, but lion_ declares no 8-bit state
+    class AdanWithBits(fusedopt.Adan):  # takes state_bits, but adan_ declares no 8-bit state
         def __init__(self, params, state_bits=None, **kwargs):
             super().__init__(params, **kwargs)
 
-    assert not eight.applies(LionWithBits) and MEMORY_MODES["bf16"].applies(LionWithBits)
+    assert not eight.applies(AdanWithBits) and MEMORY_MODES["bf16"].applies(AdanWithBits)
     assert not MEMORY_MODES["bf16+SR"].applies(torch.optim.AdamW)  # no stochastic_rounding
-    assert quantized_roles("adamw_") == ("m", "v") and quantized_roles("lion_") == ()
+    assert quantized_roles("adamw_") == ("m", "v") and quantized_roles("adan_") == ()
     assert eight.expected_state_bytes("adamw_") == 6  # 4 B master + 2 x 1 B codes
     assert eight.traffic("adamw_") == 18  # g 2 + M 4 + p 2 + m v 1+1, written M m v p
     sr = MEMORY_MODES["bf16+SR"]
@@ -333,6 +333,11 @@ def test_memory_table_measures_each_mode_as_designed(tmp_path):
     # AdamW: fp32 2 states x 4 B; bf16 + master: 4 B master + 2 x 4; bf16: 2 x 2 B.
     adamw = {m: float(rows[("fusedopt", "adamw", m)]["element_bytes"]) for m in MEMORY_MODES}
     assert adamw["bf16+master+8-bit states"] == 6.0  # 4 B master + 2 x 1 B codes (+ scales)
+    # every op whose spec has 8-bit states has the mode (applicability from the spec): 4 B
+    # master + 1 B codes per state
+    eight_bit = {n: float(r["element_bytes"]) for (i, n, m), r in rows.items()
+                 if i == "fusedopt" and m == "bf16+master+8-bit states"}  # fmt: skip
+    assert eight_bit == {"adamw": 6.0, "adam": 6.0, "lamb": 6.0, "lion": 5.0, "sgd": 5.0}
     assert (adamw["fp32"], adamw["bf16+master"], adamw["bf16"]) == (8.0, 12.0, 4.0)
     assert adamw["bf16+compact master"] == 10.0  # 2 x 4 B states + the 2 B remainder
     assert adamw["bf16+kahan"] == 10.0  # 2 x 4 B states + the 2 B bf16 compensation

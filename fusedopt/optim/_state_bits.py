@@ -173,3 +173,12 @@ def loaded_dtype(key: str, op: str, value: Tensor, dtype: torch.dtype) -> torch.
     if key in scale_keys(op):
         return torch.float32
     return dtype
+
+
+def with_scales(op: str, group: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...]:
+    """A group's state ``keys`` and, in an 8-bit group, the block-absmax keys of those of
+    them that ``op`` keeps 8-bit (the keys an optimizer's ``_state_keys`` returns)."""
+    if not eight_bit(group):
+        return keys
+    quantized = quantized_keys(op)
+    return (*keys, *(quantized[k][0] for k in keys if k in quantized))

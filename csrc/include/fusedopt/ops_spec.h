@@ -35,22 +35,22 @@
 #define FUSEDOPT_ADAMW_STATE_RULES(X) X(Param, Signed) X(Param, Unsigned) X(Param, None) X(BlockScales, None) X(BlockScales, None)
 
 // lamb_
-#define FUSEDOPT_LAMB_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true)
+#define FUSEDOPT_LAMB_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(exp_avg_scales, ExpAvgScales, 2, true, true) X(exp_avg_sq_scales, ExpAvgSqScales, 3, true, true)
 #define FUSEDOPT_LAMB_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(eps, Eps, 3) X(weight_decay, WeightDecay, 4)
 #define FUSEDOPT_LAMB_FLAGS(X) X(grad_averaging, GradAveraging, 0, true) X(bias_correction, BiasCorrection, 1, true) X(trust_clip, TrustClip, 2, false) X(always_adapt, AlwaysAdapt, 3, false)
 #define FUSEDOPT_LAMB_STEPS(X) X(steps)
 #define FUSEDOPT_LAMB_STEPS_OPTIONAL false
 #define FUSEDOPT_LAMB_STEPS_WITH(X)
-#define FUSEDOPT_LAMB_STATE_RULES(X) X(Param, None) X(Param, None)
+#define FUSEDOPT_LAMB_STATE_RULES(X) X(Param, Signed) X(Param, Unsigned) X(BlockScales, None) X(BlockScales, None)
 
 // lion_
-#define FUSEDOPT_LION_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true)
+#define FUSEDOPT_LION_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_scales, ExpAvgScales, 1, true, true)
 #define FUSEDOPT_LION_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(weight_decay, WeightDecay, 3)
 #define FUSEDOPT_LION_FLAGS(X) X(maximize, Maximize, 0, false)
 #define FUSEDOPT_LION_STEPS(X)
 #define FUSEDOPT_LION_STEPS_OPTIONAL true
 #define FUSEDOPT_LION_STEPS_WITH(X)
-#define FUSEDOPT_LION_STATE_RULES(X) X(Param, None)
+#define FUSEDOPT_LION_STATE_RULES(X) X(Param, Signed) X(BlockScales, None)
 
 // adan_
 #define FUSEDOPT_ADAN_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(exp_avg_diffs, ExpAvgDiffs, 2, false, true) X(neg_pre_grads, NegPreGrads, 3, false, true)
@@ -71,13 +71,13 @@
 #define FUSEDOPT_SCHEDULEFREEADAMW_STATE_RULES(X) X(Param, None) X(Param, None)
 
 // sgd_
-#define FUSEDOPT_SGD_STATES(X) X(momentum_buffers, MomentumBuffers, 0, true, true)
+#define FUSEDOPT_SGD_STATES(X) X(momentum_buffers, MomentumBuffers, 0, true, true) X(momentum_buffer_scales, MomentumBufferScales, 1, true, true)
 #define FUSEDOPT_SGD_HYPERS(X) X(lr, Lr, 0) X(momentum, Momentum, 1) X(dampening, Dampening, 2) X(weight_decay, WeightDecay, 3)
 #define FUSEDOPT_SGD_FLAGS(X) X(nesterov, Nesterov, 0, false) X(maximize, Maximize, 1, false)
 #define FUSEDOPT_SGD_STEPS(X) X(steps)
 #define FUSEDOPT_SGD_STEPS_OPTIONAL true
 #define FUSEDOPT_SGD_STEPS_WITH(X) X(momentum_buffers)
-#define FUSEDOPT_SGD_STATE_RULES(X) X(Param, None)
+#define FUSEDOPT_SGD_STATE_RULES(X) X(Param, Signed) X(BlockScales, None)
 
 // adafactor_
 #define FUSEDOPT_ADAFACTOR_STATES(X) X(row_vars, RowVars, 0, false, true) X(col_vars, ColVars, 1, false, true) X(variances, Variances, 2, false, true)
