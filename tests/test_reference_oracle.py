@@ -243,7 +243,7 @@ class _SgdState:
     def step(self, grads, hypers, *, nesterov, maximize, found_inf=None, grad_scale=None,
              clip_coef=None, lr_tensor=None):  # fmt: skip
         reference.sgd_(
-            self.params, grads, self.bufs, [], self.steps,
+            self.params, grads, self.bufs, [], [], self.steps,
             *_table(hypers, "lr", "momentum", "dampening", "weight_decay"), nesterov, maximize,
             lr_tensor,
             grad_scale, clip_coef, found_inf,
@@ -421,7 +421,7 @@ class _LambState:
 
     def step(self, grads, hypers, flags, *, clip_coef=None, grad_scale=None, found_inf=None):
         reference.lamb_(
-            self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps,
+            self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], [], [], self.steps,
             *_table(hypers, "lr", "beta1", "beta2", "eps", "weight_decay"),
             flags["grad_averaging"], flags["bias_correction"],
             flags["trust_clip"], flags["always_adapt"], None, grad_scale, clip_coef, found_inf,
@@ -555,7 +555,7 @@ def test_lion_equals_chen_et_al(weight_decay, maximize):
     wd = [weight_decay] * n
     for t in range(1, STEPS + 1):
         grads = _grads(t, zero_every=3)
-        reference.lion_(ps, grads, ms, [], *hyper_table(lr, b1, b2, wd), maximize, None, None,
+        reference.lion_(ps, grads, ms, [], [], *hyper_table(lr, b1, b2, wd), maximize, None, None,
                         None, None)  # fmt: skip
         for i in range(n):
             g = -grads[i] if maximize else grads[i]
@@ -828,11 +828,12 @@ def _call_step(op: str, t: dict, found_inf: torch.Tensor) -> None:
                          True, True, False, True, torch.tensor(1e-2), None, None,
                          found_inf)  # fmt: skip
     elif op == "lamb_":
-        reference.lamb_(p, g, m, v, master, steps, *hyper_table(lr, b1, b2, eps, wd), True, True,
+        reference.lamb_(p, g, m, v, [], [], master, steps, *hyper_table(lr, b1, b2, eps, wd),
+                        True, True,
                         True, True,
                         None, torch.tensor(2.0), None, found_inf)  # fmt: skip
     elif op == "lion_":
-        reference.lion_(p, g, m, master, *hyper_table(lr, b1, b2, wd), False, None, None,
+        reference.lion_(p, g, m, [], master, *hyper_table(lr, b1, b2, wd), False, None, None,
                         torch.tensor(0.5),
                         found_inf)  # fmt: skip
     elif op == "adan_":
@@ -857,7 +858,7 @@ def _call_step(op: str, t: dict, found_inf: torch.Tensor) -> None:
             muon_pass(p, g, m, t["ns"], master, *hypers, True, None, torch.tensor(2.0),
                       torch.tensor(0.5), found_inf)  # fmt: skip
     else:
-        reference.sgd_(p, g, m, master, steps, *hyper_table(lr, [0.9] * n, [0.0] * n, wd), True,
+        reference.sgd_(p, g, m, [], master, steps, *hyper_table(lr, [0.9] * n, [0.0] * n, wd), True,
                        False, None,
                        None, None, found_inf)  # fmt: skip
 

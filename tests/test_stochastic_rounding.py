@@ -346,8 +346,9 @@ def test_op_refuses_a_bad_sr_key(backend, make_key, dtype, masters, error, match
     hypers, sizes = ops.hyper_table([0.1] * n, [0.9] * n, [0.0] * n, [0.0] * n)
     op = getattr(torch.ops.fusedopt, f"sgd_{backend}_")
     with pytest.raises(error, match=match):
-        op(params, grads, bufs, master, steps, hypers, sizes, False, False, None, None, None,
-           None, True, make_key(n))  # fmt: skip
+        # [] after the buffers: no momentum_buffer_scales (not 8-bit)
+        op(params, grads, bufs, [], master, steps, hypers, sizes, False, False, None, None,
+           None, None, True, make_key(n))  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
     assert all(float(s) == 0 for s in steps)
 
