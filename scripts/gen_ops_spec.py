@@ -121,6 +121,8 @@ def render() -> str:
         out.append(f"inline constexpr StateLayout kStateLayouts[] = {{{rules}}};")
         codes = ", ".join(f"StateCodes::k{camel(t.quantized or 'none')}" for t in s.states)
         out.append(f"inline constexpr StateCodes kStateCodes[] = {{{codes}}};")
+        free = "true" if s.state_dtypes else "false"
+        out.append(f"inline constexpr bool kStateDtypes = {free};  // [note: state dtype]")
         for kind, names in (
             ("States", [t.name for t in s.states]),
             ("Hypers", list(s.hypers)),

@@ -193,6 +193,16 @@ def _expected() -> dict[str, tuple[str, ...]]:
         # 8-bit states: one element per thread, scalar accesses (csrc/cuda/quant8.cuh: a
         # known cost; a warp per quantization block would vectorise).
         expected[f"AdamWQ8Body<{types}>"] = ()
+    # [note: state dtype]: AdamW's states in another storage than StateOf's (fp32 with
+    # masters, else the param's): run_step_with_states's instantiations.
+    for p, g, m in STORAGE:
+        if p == "double":
+            continue
+        default = "float" if m != NO_MASTER else p
+        for s in ("float", _NS + "bf16", _NS + "fp16"):
+            if s != default:
+                for variant in ("true", "false"):
+                    expected[f"AdamWBodyOf<{s}, {p}, {g}, {m}, {variant}>"] = both
     return expected
 
 

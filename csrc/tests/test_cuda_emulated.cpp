@@ -217,7 +217,9 @@ const Variant kVariants[] = {
 /// remainders, held in 16-bit buffers: [note: compact master] in fusedopt/_contract.py), and
 /// Kahan masters (a compensation of the param's dtype: [note: kahan master]).
 /// `stochastic`: the call has an sr_key, so the bf16 param store rounds stochastically
-/// ([note: stochastic rounding] in fusedopt/dtype.h; bf16 without masters only).
+/// ([note: stochastic rounding] in fusedopt/dtype.h; bf16 without masters), and AdamW's bf16
+/// states too ([note: state dtype]). `state`: AdamW's state storage (a DType) where it is
+/// not DESIGN.md §3's rule (-1), [note: state dtype].
 struct Storage {
   DType param, grad;
   bool master;
@@ -225,6 +227,7 @@ struct Storage {
   bool compact = false;
   bool kahan = false;
   bool stochastic = false;
+  int state = -1;
   /// The dtype of the master buffers.
   DType master_dtype() const {
     return kahan ? param : compact ? DType::kBFloat16 : DType::kFloat32;
@@ -244,6 +247,26 @@ const Storage kStorages[] = {
     {DType::kFloat16, DType::kFloat16, true, true, false, true},
     {DType::kBFloat16, DType::kBFloat16, false, true, false, false, true},
     {DType::kBFloat16, DType::kFloat32, false, true, false, false, true},
+};
+
+/// [note: state dtype]: AdamW's states in their own storage (fp32 params with 16-bit
+/// states, 16-bit params with fp32 / compact / Kahan masters and 16-bit states, 16-bit params
+/// without masters and fp32 states), bf16 ones with stochastic rounding too.
+constexpr int kSF32 = static_cast<int>(DType::kFloat32);
+constexpr int kSBF16 = static_cast<int>(DType::kBFloat16);
+constexpr int kSF16 = static_cast<int>(DType::kFloat16);
+const Storage kStateStorages[] = {
+    {DType::kFloat32, DType::kFloat32, false, true, false, false, false, kSBF16},
+    {DType::kFloat32, DType::kFloat32, false, true, false, false, true, kSBF16},
+    {DType::kFloat32, DType::kFloat32, false, true, false, false, false, kSF16},
+    {DType::kBFloat16, DType::kFloat32, true, true, false, false, false, kSBF16},
+    {DType::kBFloat16, DType::kBFloat16, true, true, false, false, true, kSBF16},
+    {DType::kBFloat16, DType::kBFloat16, true, true, false, false, false, kSF16},
+    {DType::kBFloat16, DType::kFloat32, true, true, true, false, true, kSBF16},
+    {DType::kFloat16, DType::kFloat32, true, true, false, true, false, kSBF16},
+    {DType::kFloat16, DType::kFloat16, true, true, false, false, false, kSF16},
+    {DType::kBFloat16, DType::kBFloat16, false, true, false, false, true, kSF32},
+    {DType::kFloat16, DType::kFloat32, false, true, false, false, false, kSF32},
 };
 
 /// The sr_key of a stochastic call at `step`: a seed above 2^32 (both key words count), the
@@ -316,6 +339,7 @@ int state_count(const Variant& v) {
 /// buffer is bf16 always (its layout "bf16").
 DType state_dtype(const Variant& v, size_t k, const Storage& storage) {
   if (v.op == Op::kMuon && k == 1) return DType::kBFloat16;
+  if (v.op == Op::kAdamW && storage.state >= 0) return static_cast<DType>(storage.state);
   return storage.master ? DType::kFloat32 : storage.param;
 }
 
@@ -503,6 +527,8 @@ struct Call {
     if (c.storage.stochastic) {
       sr_key = sr_key_of(n, step);
       l.scalars.sr_key = sr_key.data();
+      // As the binding sets it: AdamW declares free state dtypes ([note: state dtype]).
+      l.stochastic_states = v.op == Op::kAdamW;
     }
     return l;
   }
@@ -630,6 +656,8 @@ std::string name(const StepCase& c) {
           : c.storage.master ? "+master"
                              : "") +
          (c.storage.stochastic ? "+sr" : "") +
+         (c.storage.state >= 0 ? std::string("+s") + dtype_short(static_cast<DType>(c.storage.state))
+                               : std::string()) +
          (c.storage.master && !c.storage.sync ? "-nosync" : "") + " " +
          c.scalars->name + (c.shapes == &kLarge ? " large" : " small") +
          (c.schedule == emu::Schedule::kReverse ? " reverse" : "");
@@ -816,6 +844,18 @@ int test_step_ops() {
                              &v == &kVariants[11] || &v == &kVariants[15] ||
                              &v == &kVariants[20];
       if (traversal) {
+        run_step_case({&v, st, &kScalars[3], &kLarge, 2, emu::Schedule::kForward}, rng);
+        ++cases;
+      }
+    }
+    if (v.op != Op::kAdamW) continue;
+    for (const Storage& st : kStateStorages) {  // [note: state dtype]
+      for (const Scalars& sc : kScalars) {
+        const auto order = cases % 2 ? emu::Schedule::kReverse : emu::Schedule::kForward;
+        run_step_case({&v, st, &sc, &kSmall, 3, order}, rng);
+        ++cases;
+      }
+      if (&v == &kVariants[0] || &v == &kVariants[2]) {
         run_step_case({&v, st, &kScalars[3], &kLarge, 2, emu::Schedule::kForward}, rng);
         ++cases;
       }

@@ -99,6 +99,7 @@ enum class StateCodes { kNone, kSigned, kUnsigned };
 namespace adamw {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam, StateLayout::kParam, StateLayout::kBlockScales, StateLayout::kBlockScales};
 inline constexpr StateCodes kStateCodes[] = {StateCodes::kSigned, StateCodes::kUnsigned, StateCodes::kNone, StateCodes::kNone, StateCodes::kNone};
+inline constexpr bool kStateDtypes = true;  // [note: state dtype]
 inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kMaxExpAvgSqs = 2, kExpAvgScales = 3, kExpAvgSqScales = 4, kNumStates = 5;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
 inline constexpr int kDecoupled = 0, kAmsgrad = 1, kMaximize = 2, kBiasCorrection = 3, kNumFlags = 4;
@@ -107,6 +108,7 @@ inline constexpr int kDecoupled = 0, kAmsgrad = 1, kMaximize = 2, kBiasCorrectio
 namespace lamb {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam};
 inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone};
+inline constexpr bool kStateDtypes = false;  // [note: state dtype]
 inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kNumStates = 2;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
 inline constexpr int kGradAveraging = 0, kBiasCorrection = 1, kTrustClip = 2, kAlwaysAdapt = 3, kNumFlags = 4;
@@ -115,6 +117,7 @@ inline constexpr int kGradAveraging = 0, kBiasCorrection = 1, kTrustClip = 2, kA
 namespace lion {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam};
 inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone};
+inline constexpr bool kStateDtypes = false;  // [note: state dtype]
 inline constexpr int kExpAvgs = 0, kNumStates = 1;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kWeightDecay = 3, kNumHypers = 4;
 inline constexpr int kMaximize = 0, kNumFlags = 1;
@@ -123,6 +126,7 @@ inline constexpr int kMaximize = 0, kNumFlags = 1;
 namespace adan {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam, StateLayout::kParam, StateLayout::kParam};
 inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone, StateCodes::kNone, StateCodes::kNone};
+inline constexpr bool kStateDtypes = false;  // [note: state dtype]
 inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kExpAvgDiffs = 2, kNegPreGrads = 3, kNumStates = 4;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kBeta3 = 3, kEps = 4, kWeightDecay = 5, kNumHypers = 6;
 inline constexpr int kNoProx = 0, kNumFlags = 1;
@@ -131,6 +135,7 @@ inline constexpr int kNoProx = 0, kNumFlags = 1;
 namespace schedulefree_adamw {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam};
 inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone};
+inline constexpr bool kStateDtypes = false;  // [note: state dtype]
 inline constexpr int kZs = 0, kExpAvgSqs = 1, kNumStates = 2;
 inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kCkp1 = 5, kBiasCorrection2 = 6, kNumHypers = 7;
 inline constexpr int kNumFlags = 0;
@@ -139,6 +144,7 @@ inline constexpr int kNumFlags = 0;
 namespace sgd {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam};
 inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone};
+inline constexpr bool kStateDtypes = false;  // [note: state dtype]
 inline constexpr int kMomentumBuffers = 0, kNumStates = 1;
 inline constexpr int kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kNumHypers = 4;
 inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
@@ -147,6 +153,7 @@ inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
 namespace adafactor {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kRow, StateLayout::kCol, StateLayout::kUnfactored};
 inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone, StateCodes::kNone};
+inline constexpr bool kStateDtypes = false;  // [note: state dtype]
 inline constexpr int kRowVars = 0, kColVars = 1, kVariances = 2, kNumStates = 3;
 inline constexpr int kLr = 0, kBeta2Decay = 1, kEps1 = 2, kEps2 = 3, kD = 4, kWeightDecay = 5, kNumHypers = 6;
 inline constexpr int kMaximize = 0, kNumFlags = 1;
@@ -155,6 +162,7 @@ inline constexpr int kMaximize = 0, kNumFlags = 1;
 namespace muon {
 inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kBf16};
 inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone};
+inline constexpr bool kStateDtypes = false;  // [note: state dtype]
 inline constexpr int kMomentumBuffers = 0, kNsBuffers = 1, kNumStates = 2;
 inline constexpr int kLr = 0, kMomentum = 1, kWeightDecay = 2, kLrRatio = 3, kNsA = 4, kNsB = 5, kNsC = 6, kNsEps = 7, kNsSteps = 8, kNumHypers = 9;
 inline constexpr int kNesterov = 0, kNumFlags = 1;
