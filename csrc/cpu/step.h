@@ -206,7 +206,7 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
         if constexpr (std::is_same_v<T, float>) {
           if (stochastic_states && states[k].dtype == DType::kBFloat16) {
             write_block<Rounding::kStochastic>(states[k].data[i], states[k].dtype, off, n, s[k],
-                                               key.with_stream(static_cast<uint32_t>(k + 1)));
+                                               key, static_cast<uint32_t>(k + 1));
             continue;
           }
         }

@@ -267,7 +267,7 @@ struct StepBodyOf {
   template <int k, int V>
   __device__ __forceinline__ void store_state(int64_t i, const T (&x)[V]) const {
     if constexpr (std::is_same_v<S, bf16>) {
-      if (sr_states.enabled) return store_stochastic<V>(states[k], i, x, sr_states.key.with_stream(k + 1));
+      if (sr_states.enabled) return store_stochastic<V>(states[k], i, x, sr_states.key, k + 1);
     }
     store<V>(states[k], i, x);
   }
