@@ -155,7 +155,11 @@ def store_state(ptr, offs, mask, x, words, WORD: tl.constexpr):
     if words is None:
         store(ptr, offs, mask, x)
     else:
-        store(ptr, offs, mask, x, STOCHASTIC, words[WORD] >> 16)
+        # round_stochastic directly: a static_assert that the element type is bf16 (as
+        # round_to's) fails on this pointer when compiled (Triton 3.8, sm_90; it prints as
+        # bf16, derived from the prologue's S_DTYPE), not interpreted. dtype_arguments sets
+        # STATE_SR for bf16 states only.
+        tl.store(ptr + offs, round_stochastic(x, words[WORD] >> 16), mask=mask)
 
 
 @triton.jit
