@@ -77,4 +77,8 @@ def make_fused(workload: Workload, backend: str) -> Step:
         scaler.update()
 
     step.optimizer = opt  # what bench/host_time.py times apart
+    # What bench/report.py checks after timing ([note: every row steps]): the fp32 masters
+    # (created by the first step) move at every step, and the scaler skipped none.
+    step.watched = lambda: [opt.state[p]["master_param"] for p in workload.params]
+    step.scaler = scaler
     return step

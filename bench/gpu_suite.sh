@@ -11,6 +11,9 @@
 # 3. runs compute-sanitizer memcheck on a small call of every op (bench/cuda_memcheck_case.py),
 #    where compute-sanitizer exists;
 # 4. runs the benchmark report for AdamW on the ~1B Llama-like shapes (CSV/MD/PNG into OUTPUT_DIR);
+#    then Muon's rows on the same shapes (issue #16): fusedopt.Muon (cuda, triton) beside
+#    torch.optim.Muon + AdamW and heavyball's MuonAdamW (eager; skipped, with the reason, where
+#    heavyball is not installed);
 # 5. writes the memory table of issue #15 (bench/memory.py, CUDA allocator numbers; CSV/MD).
 # Writes OUTPUT_DIR/gpu_suite.log (everything), OUTPUT_DIR/gpu_suite.csv (one row per test and
 # per step, with the device, versions, date and commit) and OUTPUT_DIR/junit_*.xml. Budget: well
@@ -86,13 +89,29 @@ if [ "$(cut -f2 "$STEPS")" = "0" ]; then
   #    model vs measured" prints the measured % of copy beside bench/h200_model.py's prediction.
   step report 150 "$PY" -m bench.report --device cuda --model llama1b --optimizers adamw \
     --out "$OUT"
+  # 4b. Muon on the same shape list (issue #16), its own report (cuda-llama1b-<date>.*): a
+  #     step is ~49 TFLOP of bf16 Newton-Schulz GEMMs (python -m bench.muon_1b), ~0.1 s on an
+  #     H200, the same for every row, so 1 warm-up and 5 timed steps a row (about 7 rows per
+  #     mode: fusedopt cuda and triton, torch.optim.Muon + AdamW for-loop/foreach/fused,
+  #     heavyball eager; its compiled row is skipped: Inductor's max-autotune would take
+  #     minutes). heavyball may be missing from the image (no internet there): its rows then
+  #     say so and the report does not fail for it. Estimated (not yet measured on an H200):
+#     30-60 s, within the limit below.
+  if ! "$PY" -c "import heavyball" >> "$LOG" 2>&1; then
+    echo "=== report_muon: heavyball is not importable here: its Muon rows are skipped" \
+      | tee -a "$LOG"
+  fi
+  step report_muon 150 "$PY" -m bench.report --device cuda --model llama1b --optimizers muon \
+    --no-norm --warmup 1 --repeats 5 --out "$OUT"
   # 5. issue #15's memory table (bench/memory.py) with the CUDA allocator's view: the bytes
   #    every optimizer holds in every memory mode, on GPT-2 small's shapes; fails when a mode
-  #    holds other than its design.
-  step memory 90 "$PY" -m bench.memory --device cuda --model gpt2 --out "$OUT"
+  #    holds other than its design; the peers installed measured beside them. Untimed
+  #    (--repeats 0): the report above times the steps, and this step's 90 s would not hold
+  #    ~50 timed rows.
+  step memory 90 "$PY" -m bench.memory --device cuda --model gpt2 --repeats 0 --out "$OUT"
 fi
 for log in "$OUT"/build.log "$OUT"/static.log "$OUT"/memcheck.log "$OUT"/pytest_*.log \
-  "$OUT"/report.log "$OUT"/memory.log; do
+  "$OUT"/report.log "$OUT"/report_muon.log "$OUT"/memory.log; do
   [ -f "$log" ] && cat "$log" >> "$LOG" && rm -f "$log"
 done
 status=0

@@ -29,11 +29,14 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import functools
 import math
+import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,13 +53,43 @@ from bench.output import ROOT, device_name, git_commit, load_average
 #: mode is printed beside it, so a reader can see whether the margin is above the noise.
 MARGIN_NATS = 0.02
 
-#: Hyperparameters per optimizer (``lr`` is the peak of the schedule). Lion: the lr 10x
-#: smaller and the decay 10x larger than AdamW's, as the Lion paper advises.
+#: Hyperparameters per optimizer (``lr`` is the peak of the schedule), fixed before the
+#: committed run. AdamW: GPT-style (betas 0.9/0.95, decay 0.1). Adam: the same without weight
+#: decay (torch's coupled L2 decay is another regulariser, not AdamW's). Lion: the lr 10x
+#: smaller and the decay 10x larger than AdamW's, as the Lion paper advises. Adan: the
+#: official defaults' betas (0.98, 0.92, 0.99), decay 0.02 as its GPT-2 recipe. LAMB (its
+#: default decay 0.01 and global clip 1.0), SGD (momentum 0.9, no decay) and Adan's peak lr:
+#: the best final held-out loss of a short sanity sweep on the fp32 mode only
+#: (:data:`LR_SWEEP`, ``--lr-sweep``: 150 steps, the same init and batches), run before
+#: any other mode; a sanity check, not a tuned optimum.
 HYPERS: dict[str, dict] = {
     "adamw": dict(lr=2e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+    "adam": dict(lr=2e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0),
+    "lamb": dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.01),
     "lion": dict(lr=2e-4, betas=(0.9, 0.99), weight_decay=1.0),
+    "sgd": dict(lr=3e-2, momentum=0.9, weight_decay=0.0),
+    "adan": dict(lr=2e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.02),
 }
-CLASSES: dict[str, type[torch.optim.Optimizer]] = {"adamw": fusedopt.AdamW, "lion": fusedopt.Lion}
+CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": fusedopt.AdamW, "adam": fusedopt.Adam, "lamb": fusedopt.LAMB,
+    "lion": fusedopt.Lion, "sgd": fusedopt.SGD, "adan": fusedopt.Adan,
+}  # fmt: skip
+#: The anchors: torch.optim's class for the optimizers it has, run on fp32 params with the
+#: same hyperparameters, so a reader sees that fusedopt's fp32 curve is that algorithm's.
+TORCH_ANCHORS: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+}  # fmt: skip
+#: The peak lrs of the sanity sweep (``--lr-sweep``), for the optimizers whose lr the
+#: literature does not pin for a model of this size. Final held-out loss after 150 steps,
+#: fp32, commit b0752e8 + this change (bench/results/lm-lr-sweep-*.md; the points at the
+#: edges, LAMB 4e-2 and SGD 3e-2 and 1e-2, were added when the best sat at an edge):
+#: LAMB 5e-3 3.112, 1e-2 2.577, 2e-2 2.519, 4e-2 2.547; SGD 1e-2 2.967, 3e-2 2.817, 0.1
+#: 3.061, 0.3 and 1.0 diverged; Adan 1e-3 2.791, 2e-3 2.716, 4e-3 2.724.
+LR_SWEEP: dict[str, tuple[float, ...]] = {
+    "lamb": (5e-3, 1e-2, 2e-2, 4e-2),
+    "sgd": (1e-2, 3e-2, 0.1, 0.3, 1.0),
+    "adan": (1e-3, 2e-3, 4e-3),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,33 +206,35 @@ class ByteLM(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One curve: an optimizer in a memory mode, built by ``make(params, hypers)``."""
+    """One curve: an optimizer in a memory mode, by fusedopt or torch (the anchor)."""
 
     optimizer: str
-    mode: MemoryMode
+    mode_name: str  # a key of MEMORY_MODES (a name, so that a Run pickles for --jobs)
     impl: str
-    make: Callable[..., torch.optim.Optimizer]
+
+    @property
+    def mode(self) -> MemoryMode:
+        return MEMORY_MODES[self.mode_name]
 
     @property
     def label(self) -> str:
         return f"{self.impl} {self.optimizer} {self.mode.name}"
 
+    def make(self, params: list[torch.Tensor], **hypers) -> torch.optim.Optimizer:
+        """The optimizer of this curve over ``params``."""
+        if self.impl == "torch":
+            return TORCH_ANCHORS[self.optimizer](params, **hypers)
+        return CLASSES[self.optimizer](params, **hypers, **self.mode.kwargs)
+
 
 def runs(optimizers: list[str], modes: list[str]) -> list[Run]:
-    """Every fusedopt (optimizer, mode), and torch.optim.AdamW fp32 as the anchor."""
+    """Every fusedopt (optimizer, mode) where the mode applies to the optimizer ([note: mode
+    applicability] in bench/modes.py), after torch's fp32 anchor where torch has it."""
     out: list[Run] = []
     for name in optimizers:
-        cls = CLASSES[name]
-        if name == "adamw":
-            anchor = MEMORY_MODES["fp32"]
-            out.append(Run(name, anchor, "torch", lambda ps, **kw: torch.optim.AdamW(ps, **kw)))
-        for mode_name in modes:
-            mode = MEMORY_MODES[mode_name]
-            if not mode.applies(name):
-                continue
-            out.append(
-                Run(name, mode, "fusedopt", lambda ps, c=cls, m=mode, **kw: c(ps, **kw, **m.kwargs))
-            )
+        if name in TORCH_ANCHORS:
+            out.append(Run(name, "fp32", "torch"))
+        out += [Run(name, m, "fusedopt") for m in modes if MEMORY_MODES[m].applies(CLASSES[name])]
     return out
 
 
@@ -232,12 +267,16 @@ def warm_up(cfg: Config, data: torch.Tensor) -> None:
             model.loss(*windows(data, torch.arange(cfg.batch), cfg.context)).backward()
 
 
-def train(run: Run, cfg: Config, train_data, test_data, starts, seed: int) -> list[dict]:
-    """Train one curve; rows of (step, train loss, eval loss at every ``eval_every``)."""
+def train(
+    run: Run, cfg: Config, train_data, test_data, starts, seed: int, lr: float | None = None
+) -> list[dict]:
+    """Train one curve; rows of (step, train loss, eval loss at every ``eval_every``).
+    ``lr``: the peak lr instead of :data:`HYPERS`' (the sanity sweep). A curve whose loss
+    stops being finite ends there (its last row's losses are NaN: "diverged" in the table)."""
     torch.manual_seed(seed)
     model = ByteLM(cfg).to(run.mode.param_dtype)
     hypers = dict(HYPERS[run.optimizer])
-    hypers["lr"] *= cfg.lr_scale
+    hypers["lr"] = (hypers["lr"] if lr is None else lr) * cfg.lr_scale
     opt = run.make(list(model.parameters()), **hypers)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     rows = [{"step": 0, "train_loss": "", "eval_loss": eval_loss(model, test_data, cfg)}]
@@ -252,9 +291,46 @@ def train(run: Run, cfg: Config, train_data, test_data, starts, seed: int) -> li
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             row["eval_loss"] = eval_loss(model, test_data, cfg)
         rows.append(row)
-    if not math.isfinite(rows[-1]["train_loss"]):
-        raise FloatingPointError(f"{run.label}: the loss is not finite")
+        if not math.isfinite(row["train_loss"]):
+            row["eval_loss"] = math.nan
+            break
     return rows
+
+
+@functools.cache
+def _data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train bytes, held-out bytes, batch starts) of ``cfg``: the same in every process."""
+    train_data, test_data, _ = corpus()
+    return train_data, test_data, batch_starts(len(train_data), cfg)
+
+
+def train_job(job: tuple[Run, Config, float | None]) -> tuple[list[dict], float]:
+    """One curve, in this process or a worker: (rows, seconds). Picklable by design (the
+    run is names and a frozen mode), so ``--jobs`` can hand it to another process."""
+    run, cfg, lr = job
+    train_data, test_data, starts = _data(cfg)
+    t0 = time.perf_counter()
+    rows = train(run, cfg, train_data, test_data, starts, cfg.seed, lr)
+    return rows, time.perf_counter() - t0
+
+
+def _worker_init(threads: int, cfg: Config) -> None:
+    torch.set_num_threads(threads)
+    warm_up(cfg, _data(cfg)[0])
+
+
+def run_jobs(jobs: list, cfg: Config, workers: int, threads: int) -> Iterator[tuple]:
+    """Yield (job, rows, seconds) for every job, in order; in ``workers`` processes of
+    ``threads`` threads each when ``workers`` > 1 (each curve is independent and
+    deterministic: the same rows whichever process runs it)."""
+    if workers <= 1:
+        warm_up(cfg, _data(cfg)[0])
+        for job in jobs:
+            yield (job, *train_job(job))
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, _worker_init, (threads, cfg)) as pool:
+        yield from ((job, *out) for job, out in zip(jobs, pool.map(train_job, jobs), strict=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,13 +363,17 @@ def summary(results: dict[str, dict], seed_spread: dict[str, float]) -> list[dic
     return out
 
 
-def markdown(meta: dict, table: list[dict], cfg: Config, source: str, n_params: int) -> str:
+def markdown(
+    meta: dict, table: list[dict], cfg: Config, source: str, n_params: int, partial: str = ""
+) -> str:
     lines = [
         "# Memory modes on a byte-level language model (issue #15)",
         "",
-        f"{meta['device_name']} ({meta['threads']} threads), torch {meta['torch']}, "
+        f"{meta['device_name']} ({meta['jobs']} curves at once, {meta['threads']} thread(s) "
+        f"each), torch {meta['torch']}, "
         f"{meta['date']}, commit {meta['commit']}, fusedopt backend `{meta['backend']}`; "
-        f"wall time {meta['wall_s']:.0f} s.",
+        f"wall time {meta['wall_s']:.0f} s (load average {meta['load_start']:.1f} at the start, "
+        f"{meta['load_end']:.1f} at the end).{partial}",
         "",
         f"Corpus: {source}; {meta['train_bytes']:,} train bytes, {meta['test_bytes']:,} "
         f"held-out bytes. Model: {cfg.layers}-layer causal transformer, width {cfg.width}, "
@@ -316,6 +396,8 @@ def markdown(meta: dict, table: list[dict], cfg: Config, source: str, n_params: 
         diff = "-" if r["diff"] is None else f"{r['diff']:+.4f}"
         if r["mode"] == REFERENCE_MODE and r["impl"] == "fusedopt":
             within = "(reference)"
+        elif not math.isfinite(r["final_eval"]):
+            within = "**diverged**"
         elif r["within"] is None:
             within = "not judged (other compute dtype)"
         else:
@@ -336,7 +418,8 @@ def markdown(meta: dict, table: list[dict], cfg: Config, source: str, n_params: 
 
 
 def write_plot(path: Path, results: dict[str, dict], meta: dict) -> None:
-    """Per optimizer: train loss (20-step running mean) and eval loss against the step."""
+    """One panel per optimizer: each curve's train loss (20-step running mean) against the
+    step, its final held-out loss in the legend; torch's anchor dashed in black."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib
 
@@ -344,28 +427,39 @@ def write_plot(path: Path, results: dict[str, dict], meta: dict) -> None:
     import matplotlib.pyplot as plt
 
     optimizers = list(dict.fromkeys(r["run"].optimizer for r in results.values()))
-    fig, axes = plt.subplots(len(optimizers), 2, figsize=(11, 3.6 * len(optimizers)), squeeze=False)
-    for row, name in zip(axes, optimizers, strict=True):
-        for label, res in results.items():
-            if res["run"].optimizer != name:
-                continue
+    cols = min(3, len(optimizers))
+    rows_n = -(-len(optimizers) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.0 * rows_n), squeeze=False)
+    modes = list(MEMORY_MODES)
+    for ax, name in zip(axes.flat, optimizers, strict=False):
+        k = 1
+        lows = []
+        for res in results.values():
             run = res["run"]
-            modes = list(MEMORY_MODES)
-            color = "black" if run.impl == "torch" else f"C{modes.index(run.mode.name) % 10}"
-            style = dict(color=color, linestyle="--" if run.impl == "torch" else "-")
-            train = torch.tensor([r["train_loss"] for r in res["rows"][1:]])
+            if run.optimizer != name:
+                continue
+            torch_run = run.impl == "torch"
+            color = "black" if torch_run else f"C{modes.index(run.mode.name) % 10}"
+            train = torch.tensor([r["train_loss"] for r in res["rows"][1:]], dtype=torch.float64)
             k = min(20, len(train))
             smooth = train.unfold(0, k, 1).mean(1)
-            row[0].plot(range(k, len(train) + 1), smooth, label=label, linewidth=1, **style)
-            evals = [(r["step"], r["eval_loss"]) for r in res["rows"] if r["eval_loss"] != ""]
-            row[1].plot(*zip(*evals, strict=True), marker=".", label=label, linewidth=1, **style)
-        row[0].set_title(f"{name}: train loss ({k}-step running mean)", fontsize=9)
-        row[1].set_title(f"{name}: held-out eval loss", fontsize=9)
-        for ax in row:
-            ax.set_xlabel("step")
-            ax.set_ylabel("nats / byte")
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
+            final = res["rows"][-1]["eval_loss"]
+            what = f"{run.impl} {run.mode.name}: eval {final:.3f}"
+            style = dict(color=color, linewidth=1, linestyle="--" if torch_run else "-")
+            ax.plot(range(k, len(train) + 1), smooth, label=what, **style)
+            if len(smooth):
+                lows.append(float(smooth[-1]))
+        ax.set_title(f"{name}: train loss ({k}-step running mean)", fontsize=9)
+        if lows:  # the end of the run, where the modes differ, fills the panel
+            finite = [v for v in lows if math.isfinite(v)]
+            if finite:
+                ax.set_ylim(min(finite) - 0.15, min(finite) + 1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats / byte")
+        ax.legend(fontsize=7, title="final held-out loss", title_fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(optimizers) :]:
+        ax.set_visible(False)
     fig.suptitle(
         f"Byte-level LM, memory modes. {meta['device_name']}, torch {meta['torch']}, "
         f"{meta['date']}, {meta['commit']}",
@@ -374,6 +468,22 @@ def write_plot(path: Path, results: dict[str, dict], meta: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_outputs(stem: Path, meta: dict, results: dict[str, dict], text: str) -> None:
+    """``stem``.csv (every row of every curve, the run's identity on each), .md, .png."""
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        fields = [*meta, "optimizer", "mode", "impl", "step", "train_loss", "eval_loss"]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for res in results.values():
+            run = res["run"]
+            for row in res["rows"]:
+                writer.writerow({**meta, "optimizer": run.optimizer, "mode": run.mode.name,
+                                 "impl": run.impl, **row})  # fmt: skip
+    stem.with_suffix(".md").write_text(text)
+    if results:
+        write_plot(stem.with_suffix(".png"), results, meta)
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,6 +506,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # One thread by default: on the shared 2-core VM at load 9, two threads took 0.6-4 s a
     # step (OpenMP threads waiting on each other while descheduled), one thread 0.1 s.
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="curves trained at once, each in its own process of --threads",
+    )
+    parser.add_argument(
+        "--lr-sweep", action="store_true", help="only the fp32 sanity sweep of LR_SWEEP's peak lrs"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     args.optimizers = [o for o in args.optimizers.split(",") if o]
@@ -407,6 +526,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _priority(run: Run, second_seed: bool) -> float:
+    """The order curves are trained in, so that a run stopped early has the verdicts first:
+    each optimizer's reference, then the judged modes, the noise floor, the fp32 and torch
+    curves, and last the compact master (its step is the reference's bit for bit; its curve
+    parts from the reference's only where a tie rounds the other way: [note: compact master])."""
+    if second_seed:
+        return 3
+    if run.mode_name == REFERENCE_MODE:
+        return 0
+    if run.mode_name == "bf16+compact master":
+        return 6
+    if run.mode.param_dtype == MEMORY_MODES[REFERENCE_MODE].param_dtype:
+        return 1 + list(MEMORY_MODES).index(run.mode_name) / 100
+    return 4 if run.impl == "fusedopt" else 5
+
+
+def lr_sweep(args: argparse.Namespace, cfg: Config) -> int:
+    """The fp32 sanity sweep of :data:`LR_SWEEP` (how HYPERS' lrs for LAMB, SGD and Adan were
+    chosen): final held-out loss per peak lr, printed and written as a Markdown table."""
+    jobs = [
+        (Run(name, "fp32", "fusedopt"), cfg, lr)
+        for name in args.optimizers
+        for lr in LR_SWEEP.get(name, ())
+    ]
+    lines = [
+        f"# Peak-lr sanity sweep, fp32 mode, {cfg.steps} steps "
+        f"({device_name(torch.device('cpu'))}, commit {git_commit()})",
+        "",
+        "| optimizer | peak lr | final eval loss | s |",
+        "| --- | --- | --- | --- |",
+    ]
+    for (run, _, lr), rows, seconds in run_jobs(jobs, cfg, args.jobs, args.threads):
+        lines.append(f"| {run.optimizer} | {lr:g} | {rows[-1]['eval_loss']:.4f} | {seconds:.0f} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    (args.out / f"lm-lr-sweep-{stamp}.md").write_text(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -415,55 +575,52 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(steps=args.steps, width=args.width, context=args.context, batch=args.batch,
                  warmup=min(Config.warmup, max(1, args.steps // 10)), lr_scale=args.lr_scale,
                  eval_every=args.eval_every, eval_windows=args.eval_windows)  # fmt: skip
+    if args.lr_sweep:
+        return lr_sweep(args, cfg)
     train_data, test_data, source = corpus()
-    starts = batch_starts(len(train_data), cfg)
     n_params = sum(p.numel() for p in ByteLM(cfg).parameters())
     backend = fusedopt.resolve("auto", torch.device("cpu"))
     started = time.perf_counter()
     meta = {
         "device": "cpu", "device_name": device_name(torch.device("cpu")),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "jobs": max(1, args.jobs), "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": git_commit(), "backend": backend,
         "train_bytes": len(train_data), "test_bytes": len(test_data), "load_start": load_average(),
     }  # fmt: skip
-    warm_up(cfg, train_data)
-    results: dict[str, dict] = {}
-    for run in runs(args.optimizers, args.modes):
-        t0 = time.perf_counter()
-        rows = train(run, cfg, train_data, test_data, starts, cfg.seed)
-        results[run.label] = {"run": run, "rows": rows, "seconds": time.perf_counter() - t0}
-        print(f"{run.label:32s} final eval {rows[-1]['eval_loss']:.4f} "
-              f"({results[run.label]['seconds']:.0f} s)", flush=True)  # fmt: skip
-    seed_spread: dict[str, float] = {}
+    table_order = runs(args.optimizers, args.modes)
+    jobs = [(run, cfg, None) for run in table_order]
+    # The noise floor: each optimizer's reference mode again with another seed (init and
+    # batch order), so a reader sees whether the margin is above the seed-to-seed spread.
+    other = dataclasses.replace(cfg, seed=cfg.seed + 1)
     if not args.no_seed_spread and REFERENCE_MODE in args.modes:
-        other = dataclasses.replace(cfg, seed=cfg.seed + 1)
-        other_starts = batch_starts(len(train_data), other)
-        for name in args.optimizers:
-            ref = results[f"fusedopt {name} {REFERENCE_MODE}"]
-            rows = train(ref["run"], other, train_data, test_data, other_starts, other.seed)
-            seed_spread[name] = abs(rows[-1]["eval_loss"] - ref["rows"][-1]["eval_loss"])
-            print(f"{name} {REFERENCE_MODE} seed {other.seed}: final eval "
-                  f"{rows[-1]['eval_loss']:.4f}", flush=True)  # fmt: skip
-    meta["wall_s"] = time.perf_counter() - started
-    meta["load_end"] = load_average()
-
-    table = summary(results, seed_spread)
-    text = markdown(meta, table, cfg, source, n_params)
-    print(text)
+        jobs += [(Run(name, REFERENCE_MODE, "fusedopt"), other, None) for name in args.optimizers]
+    jobs.sort(key=lambda job: _priority(job[0], job[1] is other))
+    results: dict[str, dict] = {}
+    seed_spread: dict[str, float] = {}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"lm-quality-{meta['date'].replace(':', '')}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        fields = [*meta, "optimizer", "mode", "impl", "step", "train_loss", "eval_loss"]
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for res in results.values():
-            run = res["run"]
-            for row in res["rows"]:
-                writer.writerow({**meta, "optimizer": run.optimizer, "mode": run.mode.name,
-                                 "impl": run.impl, **row})  # fmt: skip
-    stem.with_suffix(".md").write_text(text)
-    write_plot(stem.with_suffix(".png"), results, meta)
+    for done, ((run, job_cfg, _), rows, seconds) in enumerate(
+        run_jobs(jobs, cfg, args.jobs, args.threads), 1
+    ):
+        if job_cfg.seed != cfg.seed:
+            ref = results[run.label]["rows"][-1]["eval_loss"]
+            seed_spread[run.optimizer] = abs(rows[-1]["eval_loss"] - ref)
+            print(f"{run.label} seed {job_cfg.seed}: final eval {rows[-1]['eval_loss']:.4f}",
+                  flush=True)  # fmt: skip
+        else:
+            results[run.label] = {"run": run, "rows": rows, "seconds": seconds}
+            print(f"{run.label:40s} final eval {rows[-1]['eval_loss']:.4f} ({seconds:.0f} s)",
+                  flush=True)  # fmt: skip
+        meta["wall_s"] = time.perf_counter() - started
+        meta["load_end"] = load_average()
+        # Written after every curve (the final write has them all), so that a run stopped
+        # early still leaves the curves it finished, marked partial.
+        partial = "" if done == len(jobs) else f" PARTIAL: {done} of {len(jobs)} curves."
+        results = {r.label: results[r.label] for r in table_order if r.label in results}
+        text = markdown(meta, summary(results, seed_spread), cfg, source, n_params, partial)
+        write_outputs(stem, meta, results, text)
+    print(text)
     print(f"wrote {stem}.{{csv,md,png}}")
     return 0
 

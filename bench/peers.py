@@ -7,8 +7,8 @@
   row says so);
 * for Muon, ``torch.optim.Muon`` on the 2-D params beside ``torch.optim.AdamW`` (for-loop,
   foreach, fused) on the others, what fusedopt.Muon does in one optimizer, and heavyball's
-  ``Muon`` (optional; its own Newton-Schulz, scaling and state: a speed row, not an
-  equivalence);
+  ``MuonAdamW`` (optional; the same split, its own Newton-Schulz coefficients, scaling and
+  state: a speed row, not an equivalence), eager and compiled;
 * for the ``amp`` mode, torch's composition that computes what one fusedopt step computes:
   upcast the bf16 grads into fp32 master grads, ``GradScaler.unscale_`` (inf check + unscale),
   ``clip_grad_norm_``, ``GradScaler.step`` (skips on overflow) + ``update``, then round the
@@ -114,13 +114,30 @@ class _MuonWithAdamW:
             opt.step()
 
 
-def _heavyball_muon(params, hypers: dict) -> torch.optim.Optimizer:
+#: heavyball's Muon rows: ``heavyball.MuonAdamW`` (its Muon on the params of two or more dims,
+#: its AdamW on the others: the split fusedopt.Muon and the torch rows make), in one of
+#: heavyball's two modes, the value of ``heavyball.utils.compile_mode`` while it steps:
+#: ``None`` runs its building blocks as plain torch ops (eager); its default
+#: (``"max-autotune-no-cudagraphs"``, read at import) torch.compile's each one on first use,
+#: which costs about a minute per shape group on the 2-core CPU VM (with dynamic=False a new
+#: shape recompiles), so that row is a compiled peer (``--compile-peers``).
+HEAVYBALL_MUON = {"heavyball MuonAdamW eager": False, "heavyball MuonAdamW compiled": True}
+#: Peer rows whose first steps compile: skipped unless ``--compile-peers`` asks for them.
+COMPILED_PEERS = ("torch compiled", "heavyball MuonAdamW compiled")
+#: heavyball.utils.compile_mode as imported (before any row changed it).
+_HEAVYBALL_DEFAULT_MODE: dict[str, str | None] = {}
+
+
+def _heavyball_muon(params, hypers: dict, compiled: bool) -> torch.optim.Optimizer:
     try:
         heavyball = importlib.import_module("heavyball")
+        utils = importlib.import_module("heavyball.utils")
     except ImportError as error:
         raise Unavailable(
             f"peer not installed (pip install --no-deps heavyball): {error}"
         ) from None
+    default_mode = _HEAVYBALL_DEFAULT_MODE.setdefault("mode", utils.compile_mode)
+    mode = default_mode if compiled else None
     # consume_grad=False: heavyball's optimizers consume the grads by default (its
     # StatefulOptimizer sets p.grad = None as it reads them, heavyball 3.2.1 utils.py), and a
     # step without grads returns at once. This harness sets the grads once and steps several
@@ -128,19 +145,30 @@ def _heavyball_muon(params, hypers: dict) -> torch.optim.Optimizer:
     # 0.06 ms for GPT-2 small, and GradScaler.unscale_ found no grads to check ("No inf checks
     # were recorded"). Kept, each step is real: measured on 768x768, 768x3072, 64x32 and 768
     # params (lr 1e-3), every step moves a matrix by lr / sqrt(rows) RMS (x sqrt(rows / cols)
-    # when rows > cols), an orthogonalized update's, as step 1 does. Its kernels are
-    # torch.compile'd on first use (heavyball's compile_mode; about a minute per shape group
-    # on the 2-core CPU VM): the warm-up step pays for it.
-    return heavyball.Muon(
+    # when rows > cols), an orthogonalized update's, as step 1 does. (run_case also checks
+    # that every timed step moved the params: [note: every row steps] in bench/report.py.)
+    opt = heavyball.MuonAdamW(
         params, lr=hypers["lr"], weight_decay=hypers["weight_decay"],
-        betas=(hypers["momentum"], 0.99), compile_step=False, consume_grad=False,
+        betas=(hypers["momentum"], 0.999), compile_step=False, consume_grad=False,
     )  # fmt: skip
+    step = opt.step
+
+    def step_in_mode(*args, **kwargs):
+        """heavyball reads its compile mode at each call: set this row's around the step."""
+        saved, utils.compile_mode = utils.compile_mode, mode
+        try:
+            return step(*args, **kwargs)
+        finally:
+            utils.compile_mode = saved
+
+    opt.step = step_in_mode  # what GradScaler.step calls too
+    return opt
 
 
 def peer_labels(optimizer: str) -> list[str]:
     """The peer rows of ``optimizer`` (fp32 mode; amp rows prefix them with ``amp``)."""
     if optimizer == "muon":
-        return [*MUON_VARIANTS, "heavyball Muon"]
+        return [*MUON_VARIANTS, *HEAVYBALL_MUON]
     if _torch_class(optimizer) is not None:
         variants = [v for v in TORCH_VARIANTS if not (v == "fused" and optimizer in _NO_FUSED)]
         return [f"torch {variant}" for variant in variants]
@@ -150,8 +178,8 @@ def peer_labels(optimizer: str) -> list[str]:
 def _make_optimizer(
     optimizer: str, label: str, params: list[torch.nn.Parameter], hypers: dict
 ) -> torch.optim.Optimizer:
-    if label == "heavyball Muon":
-        return _heavyball_muon(params, hypers)
+    if label in HEAVYBALL_MUON:
+        return _heavyball_muon(params, hypers, compiled=HEAVYBALL_MUON[label])
     if optimizer == "muon":
         try:
             return _MuonWithAdamW(params, hypers, MUON_VARIANTS[label])
@@ -227,4 +255,7 @@ def _amp_composition(workload: Workload, label: str) -> Step:
             scaler.update()
             torch._foreach_copy_(model_params, masters)
 
+    # What bench/report.py checks after timing ([note: every row steps]): the fp32 masters
+    # move at every step, and the scaler skipped none.
+    step.watched, step.scaler = lambda: masters, scaler
     return step

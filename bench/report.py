@@ -1,7 +1,7 @@
 """The main job: how fast fusedopt is, beside torch, on real models' parameter lists.
 
     python -m bench.report [--device cpu|cuda] [--model gpt2|llama1b|tiny] [--quick]
-                           [--compile-peers [none|adamw|all]] [--slow-backends]
+                           [--compile-peers [none|adamw|muon|all]] [--slow-backends]
                            [--optimizers adamw,lamb,...] [--modes fp32,amp] [--no-norm]
                            [--out bench/results]
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ import torch
 
 from bench import goals as goals_mod
 from bench import h200_model
-from bench.cases import Workload, make_workload
+from bench.cases import LOSS_SCALE, Workload, make_workload
 from bench.fused import backend_rows, make_fused
 from bench.norm import NORM_MODES, norm_rows
 from bench.output import (
@@ -41,7 +42,7 @@ from bench.output import (
     write_csv,
     write_plot,
 )
-from bench.peers import Unavailable, make_peer, peer_labels
+from bench.peers import COMPILED_PEERS, Unavailable, make_peer, peer_labels
 from bench.shapes import MODELS, model_shapes, numel
 from bench.timing import (
     Step,
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="shape list (default: llama1b on cuda, gpt2 on cpu)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for development")
     parser.add_argument("--compile-peers", nargs="?", const="all", default=None,
-                        choices=("none", "adamw", "all"),
+                        choices=("none", "adamw", "muon", "all"),
                         help="torch.compile'd peers: for which optimizers (bare flag: all; "
                              "default: adamw on cuda, none on cpu)")  # fmt: skip
     parser.add_argument(
@@ -88,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma-separated fusedopt backends to time (default: every usable one)",
     )
+    parser.add_argument(
+        "--peers",
+        default=None,
+        help="comma-separated peer rows to time, by label (default: all; e.g. 'torch fused,"
+        "heavyball MuonAdamW eager'); the others are listed as not selected",
+    )
     parser.add_argument("--optimizers", default=",".join(ALL_OPTIMIZERS))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--warmup", type=int, default=None)
@@ -105,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device is visible")
     args.model = args.model or ("llama1b" if args.device == "cuda" else "gpt2")
     args.all_peers = args.all_peers or args.device == "cuda"
+    args.peers = None if args.peers is None else [x for x in args.peers.split(",") if x]
     if args.compile_peers is None:
         args.compile_peers = "adamw" if args.device == "cuda" else "none"
     lists = [("optimizers", ALL_OPTIMIZERS), ("modes", tuple(MODES))]
@@ -161,9 +169,14 @@ def _release(device: torch.device, collect: bool = False) -> None:
 
 
 def implementations(
-    workload: Workload, backends: dict[str, str | None], compile_for: str, all_peers: bool
+    workload: Workload,
+    backends: dict[str, str | None],
+    compile_for: str,
+    all_peers: bool,
+    peers: list[str] | None = None,
 ) -> list[tuple[str, Callable[[], Step] | str]]:
-    """(label, factory or the reason it is skipped) of every row of a case."""
+    """(label, factory or the reason it is skipped) of every row of a case; ``peers``: the
+    peer labels to time (None: all)."""
     impls: list[tuple[str, Callable[[], Step] | str]] = []
     for backend, why_not in backends.items():
         if why_not is None:  # the others are listed once, with the reason, above the table
@@ -171,10 +184,13 @@ def implementations(
     for label in peer_labels(workload.optimizer):
         if label == "torch for-loop" and workload.amp:
             continue  # the amp composition is only as fast as its step: foreach/fused suffice
+        if peers is not None and label not in peers:
+            impls.append((label, "not selected (--peers)"))
+            continue
         if label == "torch for-loop" and not all_peers:
             impls.append((label, "skipped on cpu: pass --all-peers"))
             continue
-        if label == "torch compiled" and compile_for not in ("all", workload.optimizer):
+        if label in COMPILED_PEERS and compile_for not in ("all", workload.optimizer):
             impls.append((label, "skipped: pass --compile-peers (slow to compile here)"))
             continue
         impls.append((label, lambda lab=label: make_peer(workload, lab)))
@@ -198,11 +214,14 @@ def run_case(
         row.status = factory
         return row
     step = None
+    compiled = label in COMPILED_PEERS
     try:
         step = factory()
-        warmup = args.warmup + (2 if label == "torch compiled" else 0)  # compile + recompile
+        warmup = args.warmup + (2 if compiled else 0)  # compile + recompile
         timed = time_steps(step, device, warmup, args.repeats)
+        before = fingerprint(watched_tensors(step, workload))  # [note: every row steps]
         prof = profile_step(step, device)
+        idle = why_no_work(step, workload, before)
     except Unavailable as why:
         row.status = str(why)
         return row
@@ -211,9 +230,12 @@ def run_case(
         return row
     finally:
         del step
-        if label == "torch compiled":
+        if compiled:
             torch._dynamo.reset()
         _release(device)
+    if idle:
+        row.status = f"error: {idle}"
+        return row
     row.median_ms, row.p20_ms, row.p80_ms = (t * 1e3 for t in (timed.median, timed.p20, timed.p80))
     row.gbps = workload.bytes_per_param * workload.numel / timed.median / 1e9
     row.pct_ceiling = 100.0 * row.gbps / ceiling_gbps
@@ -223,6 +245,59 @@ def run_case(
         row.extra_peak_mib = prof.extra_peak_bytes / 2**20
     row.warmup, row.repeats = warmup, args.repeats
     return row
+
+
+# [note: every row steps] A row's time counts only if each step it timed did the step's work.
+# Two ways a step can do less and look fast: an optimizer that stepped nothing (heavyball's
+# Muon consumed the grads at the warm-up step, and every timed step returned at once: 0.06 ms
+# for GPT-2 small) and a GradScaler that skipped steps (inf or NaN grads). So after the timed
+# steps run_case checks, for every row:
+# * the tensors a step must move (a step factory's ``step.watched()``: the fp32 masters of the
+#   amp rows; otherwise the params) all changed during the profiled step(s), the last it ran:
+#   the first 4096 elements of each non-empty one, compared before and after (an update
+#   below an fp32 ulp of a weight does not happen with the report's hyperparameters; the
+#   bf16 params of an amp row are not watched, since SGD's clipped update is below half
+#   their ulp);
+# * a GradScaler (``step.scaler``) still holds LOSS_SCALE: it halves the scale at each step
+#   it skips and doubles it only after 2000 clean steps in a row (growth_interval), more than
+#   a row runs, so log2(LOSS_SCALE / scale) is the count of skipped steps.
+# A row that fails either is an error row, without a time (tests/test_bench_smoke.py).
+#: Elements of each watched tensor compared before and after the profiled steps.
+FINGERPRINT_ELEMS = 4096
+
+
+def watched_tensors(step: Step, workload: Workload) -> list[torch.Tensor]:
+    """The tensors ``step`` must change at every step ([note: every row steps])."""
+    watched = getattr(step, "watched", None)
+    return list(watched()) if watched is not None else list(workload.params)
+
+
+def fingerprint(tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """A copy of the first FINGERPRINT_ELEMS elements of each tensor (None: empty)."""
+    return [t.detach().reshape(-1)[:FINGERPRINT_ELEMS].clone() if t.numel() else None
+            for t in tensors]  # fmt: skip
+
+
+def why_no_work(step: Step, workload: Workload, before: list) -> str | None:
+    """Why the last steps of ``step`` did not all do their work, or None when they did."""
+    after = fingerprint(watched_tensors(step, workload))
+    unchanged = [i for i, (b, a) in enumerate(zip(before, after, strict=True))
+                 if b is not None and torch.equal(a, b)]  # fmt: skip
+    if unchanged:
+        names = ", ".join(workload.names[i] if len(after) == len(workload.names) else str(i)
+                          for i in unchanged[:3])  # fmt: skip
+        return (
+            f"{len(unchanged)} of {sum(b is not None for b in before)} watched tensors "
+            f"unchanged by the profiled step ({names}): a step that did no work"
+        )
+    scaler = getattr(step, "scaler", None)
+    if scaler is not None and scaler.get_scale() != LOSS_SCALE:
+        skipped = round(math.log2(LOSS_SCALE / scaler.get_scale()))
+        return (
+            f"the GradScaler skipped {skipped} steps (inf/NaN grads; scale "
+            f"{scaler.get_scale():g}, was {LOSS_SCALE:g})"
+        )
+    return None
 
 
 def launch_scaling(
@@ -354,7 +429,7 @@ def _run(args: argparse.Namespace) -> int:
     planned = {
         case: len(implementations(
             Workload(args.model, *case, device, [], [], []), backends, args.compile_peers,
-            args.all_peers,
+            args.all_peers, args.peers,
         ))
         for case in cases
     }  # fmt: skip
@@ -364,7 +439,7 @@ def _run(args: argparse.Namespace) -> int:
         progress.show(f"{optimizer} {mode}: making the workload")
         workload = make_workload(args.model, optimizer, mode, device)
         for label, factory in implementations(
-            workload, backends, args.compile_peers, args.all_peers
+            workload, backends, args.compile_peers, args.all_peers, args.peers
         ):
             progress.show(f"{optimizer} {mode}: {label}")
             rows.append(run_case(workload, label, factory, args, ceiling.gbps))

@@ -179,6 +179,7 @@ def step_bytes_per_param(
     master: bool,
     clipped: bool = False,
     master_bytes: int = 4,
+    state_sizes: dict[str, int] | None = None,
 ) -> int:
     """Compulsory bytes per element of one step of ``op``, by the storage sizes it touches.
 
@@ -187,11 +188,13 @@ def step_bytes_per_param(
     beside it and written as its rounding). ``master_bytes``: the master's own storage, 4
     for an fp32 copy, 2 for a compact one (the int16 remainder read and written where the
     fp32 master is, beside the bf16 param: [note: compact master] in fusedopt/_contract.py;
-    or a Kahan one, the 16-bit compensation: [note: kahan master]).
+    or a Kahan one, the 16-bit compensation: [note: kahan master]). ``state_sizes``: a
+    state role's own size where it differs from ``state_bytes`` (an 8-bit state's 1 byte;
+    its block absmaxes, 4 B per 256 elements, are not counted).
     A memory mode of issue #15 (bench/modes.py) is one choice of these sizes.
     """
     size = {"g": param_bytes, "lowp": param_bytes, "p": master_bytes if master else param_bytes,
-            **_FIXED_BYTES}  # fmt: skip
+            **_FIXED_BYTES, **(state_sizes or {})}  # fmt: skip
     total = 0
     for one in step_passes(op, master=master, clipped=clipped):
         for role in (*one.reads, *one.writes):

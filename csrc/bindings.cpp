@@ -59,26 +59,22 @@ struct Scratch {
   }
 };
 
-// The passes of multi-pass ops (lamb_direction_, lamb_apply_, adafactor_norms_,
-// adafactor_apply_), in every backend.
-#define FUSEDOPT_LAMB_PASS_LAUNCHERS(ns)                                                   \
-  static void lamb_direction(const LambDirectionCall& c, const ExecContext& x) {           \
-    ns::lamb_direction(c, x);                                                              \
-  }                                                                                        \
-  static void lamb_apply(const LambApplyCall& c, const ExecContext& x) { ns::lamb_apply(c, x); } \
-  static void adafactor_norms(const AdafactorNormsCall& c, const ExecContext& x) {         \
-    ns::adafactor_norms(c, x);                                                             \
-  }                                                                                        \
-  static void adafactor_apply(const AdafactorApplyCall& c, const ExecContext& x) {         \
-    ns::adafactor_apply(c, x);                                                             \
-  }
-
-// muon_'s two passes (muon_momentum_, muon_apply_), in every backend.
-#define FUSEDOPT_MUON_PASS_LAUNCHERS(ns)                                                    \
-  static void muon_momentum(const MuonCall& c, const ExecContext& x) {                      \
-    ns::muon_momentum(c, x);                                                                \
-  }                                                                                         \
-  static void muon_apply(const MuonCall& c, const ExecContext& x) { ns::muon_apply(c, x); }
+// A backend's launchers as static members of its struct (B::adamw, B::lamb_apply...): every
+// one that launch.h's FUSEDOPT_DECLARE_LAUNCHERS declares in namespace ns.
+#define FUSEDOPT_FORWARD(ns, op, Call) \
+  static void op(const Call& c, const ExecContext& x) { ns::op(c, x); }
+#define FUSEDOPT_FORWARD_STEP_cpu(op, OP, Stem) FUSEDOPT_FORWARD(cpu, op, Stem##Call)
+#define FUSEDOPT_FORWARD_STEP_cuda(op, OP, Stem) FUSEDOPT_FORWARD(cuda, op, Stem##Call)
+#define FUSEDOPT_BACKEND_LAUNCHERS(ns)                         \
+  FUSEDOPT_FORWARD(ns, scale, ScaleCall)                       \
+  FUSEDOPT_FORWARD(ns, grad_norm, GradNormCall)                \
+  FUSEDOPT_STEP_OPS(FUSEDOPT_FORWARD_STEP_##ns)                \
+  FUSEDOPT_FORWARD(ns, lamb_direction, LambDirectionCall)      \
+  FUSEDOPT_FORWARD(ns, lamb_apply, LambApplyCall)              \
+  FUSEDOPT_FORWARD(ns, adafactor_norms, AdafactorNormsCall)    \
+  FUSEDOPT_FORWARD(ns, adafactor_apply, AdafactorApplyCall)    \
+  FUSEDOPT_FORWARD(ns, muon_momentum, MuonCall)                \
+  FUSEDOPT_FORWARD(ns, muon_apply, MuonCall)
 
 struct CpuBackend {
   static constexpr const char* kName = "cpu";
@@ -89,13 +85,7 @@ struct CpuBackend {
     ctx.workspace = {&Scratch::allocate, &scratch};
     return ctx;
   }
-  static void scale(const ScaleCall& c, const ExecContext& x) { cpu::scale(c, x); }
-  static void grad_norm(const GradNormCall& c, const ExecContext& x) { cpu::grad_norm(c, x); }
-#define FUSEDOPT_CPU_LAUNCHER(op, OP, Stem) \
-  static void op(const Stem##Call& c, const ExecContext& x) { cpu::op(c, x); }
-  FUSEDOPT_STEP_OPS(FUSEDOPT_CPU_LAUNCHER)
-  FUSEDOPT_LAMB_PASS_LAUNCHERS(cpu)
-  FUSEDOPT_MUON_PASS_LAUNCHERS(cpu)
+  FUSEDOPT_BACKEND_LAUNCHERS(cpu)
 };
 
 #ifdef FUSEDOPT_WITH_CUDA
@@ -108,13 +98,7 @@ struct CudaBackend {
     ctx.workspace = {&Scratch::allocate, &scratch};
     return ctx;
   }
-  static void scale(const ScaleCall& c, const ExecContext& x) { cuda::scale(c, x); }
-  static void grad_norm(const GradNormCall& c, const ExecContext& x) { cuda::grad_norm(c, x); }
-#define FUSEDOPT_CUDA_LAUNCHER(op, OP, Stem) \
-  static void op(const Stem##Call& c, const ExecContext& x) { cuda::op(c, x); }
-  FUSEDOPT_STEP_OPS(FUSEDOPT_CUDA_LAUNCHER)
-  FUSEDOPT_LAMB_PASS_LAUNCHERS(cuda)
-  FUSEDOPT_MUON_PASS_LAUNCHERS(cuda)
+  FUSEDOPT_BACKEND_LAUNCHERS(cuda)
 };
 #endif
 
@@ -754,17 +738,25 @@ TensorList steps_or_none(TensorList steps) { return steps; }
   TORCH_CHECK_VALUE(name.empty() == steps.empty(), check.op(), ": " #name " has ", name.size(), \
                     " entries and steps has ", steps.size(), "; pass both or neither");
 #define FUSEDOPT_SET_FLAG(name, ...) call.name = name;
+#define FUSEDOPT_ARG_NAME(name, ...) name,
+// A step op's parameters, in its schema's order, and their names as arguments.
+#define FUSEDOPT_STEP_PARAMS(OP)                                                             \
+  TensorList params, TensorList grads, FUSEDOPT_##OP##_STATES(FUSEDOPT_STATE_PARAM)          \
+      TensorList master_params, FUSEDOPT_##OP##_STEPS(FUSEDOPT_STEPS_PARAM) const Tensor &hypers, \
+      c10::IntArrayRef group_sizes, FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FLAG_PARAM)               \
+      const OptTensor &lr_tensor, const OptTensor &grad_scale, const OptTensor &clip_coef,   \
+      const OptTensor &found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_FLAG_PARAM),        \
+      const OptTensor &sr_key
+#define FUSEDOPT_STEP_ARGS(OP)                                                                 \
+  params, grads, FUSEDOPT_##OP##_STATES(FUSEDOPT_ARG_NAME) master_params,                      \
+      FUSEDOPT_##OP##_STEPS(FUSEDOPT_ARG_NAME) hypers, group_sizes,                            \
+      FUSEDOPT_##OP##_FLAGS(FUSEDOPT_ARG_NAME) lr_tensor, grad_scale, clip_coef,               \
+      found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_NAME), sr_key
+/// with_<op>_call checks a step op's arguments and calls run(call, device) (not for an empty
+/// call): the step op's <op>_impl launches it, its passes' impls (below) launch theirs.
 #define FUSEDOPT_STEP_IMPL(op, OP, Stem)                                                        \
-  template <class B>                                                                            \
-  void op##_impl(TensorList params, TensorList grads,                                           \
-                 FUSEDOPT_##OP##_STATES(FUSEDOPT_STATE_PARAM) TensorList master_params,         \
-                 FUSEDOPT_##OP##_STEPS(FUSEDOPT_STEPS_PARAM) const Tensor& hypers,              \
-                 c10::IntArrayRef group_sizes,                                                  \
-                 FUSEDOPT_##OP##_FLAGS(FUSEDOPT_FLAG_PARAM) const OptTensor& lr_tensor,         \
-                 const OptTensor& grad_scale, const OptTensor& clip_coef,                       \
-                 const OptTensor& found_inf FUSEDOPT_COMMON_FLAGS(FUSEDOPT_TRAILING_FLAG_PARAM), \
-                 const OptTensor& sr_key) {                                                     \
-    const Checker check(op_name<B>(#op), B::kDeviceType);                                       \
+  template <class Run>                                                                          \
+  void with_##op##_call(const Checker& check, FUSEDOPT_STEP_PARAMS(OP), Run run) {              \
     StepArguments args(check, params, grads, master_params,                                     \
                        steps_or_none(FUSEDOPT_##OP##_STEPS(FUSEDOPT_NAME)),                     \
                        FUSEDOPT_##OP##_STEPS_OPTIONAL, lr_tensor, grad_scale, clip_coef,        \
@@ -784,15 +776,22 @@ TensorList steps_or_none(TensorList steps) { return steps; }
     if (args.size() == 0) return;                                                               \
     call.lists = args.lists();                                                                  \
     FUSEDOPT_##OP##_FLAGS(FUSEDOPT_SET_FLAG)                                                    \
-    launch<B>(args.device(), call, B::op);                                                      \
+    run(call, args.device());                                                                   \
+  }                                                                                             \
+  template <class B>                                                                            \
+  void op##_impl(FUSEDOPT_STEP_PARAMS(OP)) {                                                    \
+    const Checker check(op_name<B>(#op), B::kDeviceType);                                       \
+    with_##op##_call(check, FUSEDOPT_STEP_ARGS(OP),                                             \
+                     [&](const Stem##Call& call, c10::Device device) {                          \
+                       launch<B>(device, call, B::op);                                          \
+                     });                                                                        \
   }
 FUSEDOPT_STEP_OPS(FUSEDOPT_STEP_IMPL)
 
 // The passes of multi-pass step ops (fusedopt/_contract.py PHASE_OPS): the step op's
-// arguments, checked as its _impl checks them, with sq_norms after the flags (the last pass)
+// arguments, checked by its with_<op>_call, with sq_norms after the flags (the last pass)
 // or returned (the first): [N, 2] in the params' opmath, on their device. lamb_direction_ /
 // lamb_apply_ and adafactor_norms_ / adafactor_apply_.
-#define FUSEDOPT_ARG_NAME(name, ...) name,
 #define FUSEDOPT_PASS_PARAMS(OP)                                                     \
   TensorList params, TensorList grads, FUSEDOPT_##OP##_STATES(FUSEDOPT_STATE_PARAM)  \
       TensorList master_params, TensorList steps, const Tensor &hypers,             \
@@ -800,10 +799,6 @@ FUSEDOPT_STEP_OPS(FUSEDOPT_STEP_IMPL)
 #define FUSEDOPT_PASS_SCALARS                                                              \
   const OptTensor &lr_tensor, const OptTensor &grad_scale, const OptTensor &clip_coef,    \
       const OptTensor &found_inf, bool master_sync, const OptTensor &sr_key
-#define FUSEDOPT_PASS_ARGS(OP)                                                             \
-  params, grads, FUSEDOPT_##OP##_STATES(FUSEDOPT_ARG_NAME) master_params, steps, hypers,   \
-      group_sizes, FUSEDOPT_##OP##_FLAGS(FUSEDOPT_ARG_NAME) lr_tensor, grad_scale, clip_coef, \
-      found_inf, master_sync, sr_key
 
 at::ScalarType pass_opmath(TensorList params) {
   return !params.empty() && params[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -823,56 +818,30 @@ void check_sq_norms(const Checker& check, const Tensor& sq_norms, TensorList par
               " but the params are on ", device);
 }
 
-/// with_<op>_call (checks a pass's step-op arguments and calls run(call, device), not for an
-/// empty call), <first>_impl (returns sq_norms) and <last>_impl (takes it).
-#define FUSEDOPT_PASS_IMPLS(op, OP, Stem, first, last)                                       \
-  template <class Run>                                                                      \
-  void with_##op##_call(const Checker& check, FUSEDOPT_PASS_PARAMS(OP) FUSEDOPT_PASS_SCALARS, \
-                        Run run) {                                                          \
-    StepArguments args(check, params, grads, master_params, steps, false, lr_tensor,       \
-                       grad_scale, clip_coef, found_inf, master_sync, sr_key);             \
-    Stem##Call call;                                                                        \
-    const auto& layouts = spec::op::kStateLayouts;                                          \
-    const auto& codes = spec::op::kStateCodes;                                              \
-    constexpr bool free_states = spec::op::kStateDtypes;                                    \
-    bool eight_bit = false;                                                                 \
-    FUSEDOPT_##OP##_STATES(FUSEDOPT_GIVEN_SCALES)                                           \
-    FUSEDOPT_##OP##_STATES(FUSEDOPT_ADOPT_STATE_DTYPE)                                      \
-    FUSEDOPT_##OP##_STATES(FUSEDOPT_SET_STATE)                                              \
-    FUSEDOPT_##OP##_STATES(FUSEDOPT_CHECK_SCALES)                                           \
-    args.check_sr_key();                                                                    \
-    args.hypers(hypers, group_sizes, spec::op::kNumHypers);                                 \
-    if (args.size() == 0) return;                                                           \
-    call.lists = args.lists();                                                              \
-    FUSEDOPT_##OP##_FLAGS(FUSEDOPT_SET_FLAG)                                                \
-    run(call, args.device());                                                               \
-  }                                                                                         \
-  template <class B>                                                                        \
-  Tensor first##_impl(FUSEDOPT_PASS_PARAMS(OP) FUSEDOPT_PASS_SCALARS) {                      \
-    const Checker check(op_name<B>(#first), B::kDeviceType);                                \
-    const auto options = at::TensorOptions().dtype(pass_opmath(params));                    \
-    Tensor sq_norms = at::zeros({0, 2}, options);                                           \
-    with_##op##_call(check, FUSEDOPT_PASS_ARGS(OP), [&](const Stem##Call& call,             \
-                                                         c10::Device device) {              \
-      sq_norms = at::zeros({call.lists.num_tensors, 2}, options.device(device));            \
-      launch<B>(device, Stem##First{call, sq_norms.data_ptr()}, B::first);                  \
-    });                                                                                     \
-    return sq_norms;                                                                        \
-  }                                                                                         \
-  template <class B>                                                                        \
-  void last##_impl(FUSEDOPT_PASS_PARAMS(OP) const Tensor& sq_norms, FUSEDOPT_PASS_SCALARS) { \
-    const Checker check(op_name<B>(#last), B::kDeviceType);                                 \
-    with_##op##_call(check, FUSEDOPT_PASS_ARGS(OP), [&](const Stem##Call& call,             \
-                                                         c10::Device device) {              \
-      check_sq_norms(check, sq_norms, params, call.lists.num_tensors, device, #first "_");   \
-      launch<B>(device, Stem##Last{call, sq_norms.const_data_ptr()}, B::last);              \
-    });                                                                                     \
+/// <first>_impl (returns sq_norms) and <last>_impl (takes it) of a two-pass step op.
+#define FUSEDOPT_PASS_IMPLS(op, OP, Stem, first, last)                                        \
+  template <class B>                                                                          \
+  Tensor first##_impl(FUSEDOPT_PASS_PARAMS(OP) FUSEDOPT_PASS_SCALARS) {                       \
+    const Checker check(op_name<B>(#first), B::kDeviceType);                                  \
+    const auto options = at::TensorOptions().dtype(pass_opmath(params));                      \
+    Tensor sq_norms = at::zeros({0, 2}, options);                                             \
+    with_##op##_call(check, FUSEDOPT_STEP_ARGS(OP), [&](const Stem##Call& call,               \
+                                                         c10::Device device) {                \
+      sq_norms = at::zeros({call.lists.num_tensors, 2}, options.device(device));              \
+      launch<B>(device, FirstPassCall<Stem##Call>{call, sq_norms.data_ptr()}, B::first);      \
+    });                                                                                       \
+    return sq_norms;                                                                          \
+  }                                                                                           \
+  template <class B>                                                                          \
+  void last##_impl(FUSEDOPT_PASS_PARAMS(OP) const Tensor& sq_norms, FUSEDOPT_PASS_SCALARS) {  \
+    const Checker check(op_name<B>(#last), B::kDeviceType);                                   \
+    with_##op##_call(check, FUSEDOPT_STEP_ARGS(OP), [&](const Stem##Call& call,               \
+                                                         c10::Device device) {                \
+      check_sq_norms(check, sq_norms, params, call.lists.num_tensors, device, #first "_");    \
+      launch<B>(device, LastPassCall<Stem##Call>{call, sq_norms.const_data_ptr()}, B::last);  \
+    });                                                                                       \
   }
 
-using LambFirst = LambDirectionCall;
-using LambLast = LambApplyCall;
-using AdafactorFirst = AdafactorNormsCall;
-using AdafactorLast = AdafactorApplyCall;
 FUSEDOPT_PASS_IMPLS(lamb, LAMB, Lamb, lamb_direction, lamb_apply)
 FUSEDOPT_PASS_IMPLS(adafactor, ADAFACTOR, Adafactor, adafactor_norms, adafactor_apply)
 

@@ -403,6 +403,17 @@ def _state(name: str, key: str, **kwargs) -> TensorListSpec:
     return TensorListSpec(name, "state", True, state_key=key, **kwargs)
 
 
+def _scales(of: str, key: str) -> tuple[TensorListSpec]:
+    """The block-scales list of the state list ``of`` (state key ``key``): ``<key>_scales``,
+    empty unless this call's states are 8-bit ([note: 8-bit states] in fusedopt/quant8.py).
+    Scales lists follow an op's other states, so its older positional lists keep their
+    places."""
+    return (
+        _state(f"{key}_scales", f"{key}_scale", optional=True, layout="block_scales",
+               scales_of=of),
+    )  # fmt: skip
+
+
 #: Every step op, declared once.
 STEP_OPS: dict[str, StepOpSpec] = {
     spec.name: spec
@@ -420,20 +431,8 @@ STEP_OPS: dict[str, StepOpSpec] = {
                 _state("exp_avgs", "exp_avg", quantized="signed"),
                 _state("exp_avg_sqs", "exp_avg_sq", quantized="unsigned"),
                 _state("max_exp_avg_sqs", "max_exp_avg_sq", optional=True, present_iff="amsgrad"),
-                _state(
-                    "exp_avg_scales",
-                    "exp_avg_scale",
-                    optional=True,
-                    layout="block_scales",
-                    scales_of="exp_avgs",
-                ),
-                _state(
-                    "exp_avg_sq_scales",
-                    "exp_avg_sq_scale",
-                    optional=True,
-                    layout="block_scales",
-                    scales_of="exp_avg_sqs",
-                ),
+                *_scales("exp_avgs", "exp_avg"),
+                *_scales("exp_avg_sqs", "exp_avg_sq"),
             ),
             hypers=("lr", "beta1", "beta2", "eps", "weight_decay"),
             flag_specs=(
@@ -449,7 +448,12 @@ STEP_OPS: dict[str, StepOpSpec] = {
             doc="LAMB, timm semantics. The global clip g /= max(1, |g|/max_grad_norm) arrives "
             "folded into clip_coef (the functional layer computes it with grad_norm), so the "
             "op itself sees only the common scalars.",
-            states=(_state("exp_avgs", "exp_avg"), _state("exp_avg_sqs", "exp_avg_sq")),
+            states=(
+                _state("exp_avgs", "exp_avg", quantized="signed"),
+                _state("exp_avg_sqs", "exp_avg_sq", quantized="unsigned"),
+                *_scales("exp_avgs", "exp_avg"),
+                *_scales("exp_avg_sqs", "exp_avg_sq"),
+            ),
             hypers=("lr", "beta1", "beta2", "eps", "weight_decay"),
             flag_specs=(
                 FlagSpec("grad_averaging", True),
@@ -463,7 +467,10 @@ STEP_OPS: dict[str, StepOpSpec] = {
             cpp="Lion",
             doc="Lion (lion-pytorch): p *= 1 - lr*wd; p -= lr*sign(b1*m + (1-b1)*g); "
             "m = b2*m + (1-b2)*g.",
-            states=(_state("exp_avgs", "exp_avg"),),
+            states=(
+                _state("exp_avgs", "exp_avg", quantized="signed"),
+                *_scales("exp_avgs", "exp_avg"),
+            ),
             hypers=("lr", "beta1", "beta2", "weight_decay"),
             flag_specs=(FlagSpec("maximize"),),
             steps="none",
@@ -508,7 +515,10 @@ STEP_OPS: dict[str, StepOpSpec] = {
             "step does not count. A tensor whose momentum is 0 in a call with buffers steps "
             "as p -= lr*g (torch's momentum-free SGD: no dampening) and leaves its buffer and "
             "step untouched.",
-            states=(_state("momentum_buffers", "momentum_buffer", optional=True),),
+            states=(
+                _state("momentum_buffers", "momentum_buffer", optional=True, quantized="signed"),
+                *_scales("momentum_buffers", "momentum_buffer"),
+            ),
             hypers=("lr", "momentum", "dampening", "weight_decay"),
             flag_specs=(FlagSpec("nesterov"), FlagSpec("maximize")),
             steps="optional",

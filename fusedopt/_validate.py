@@ -146,8 +146,9 @@ def check_sr_key(
     """A step op's ``sr_key`` ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h):
     None, or a contiguous int64 vector ``[seed, counter, id_0, ..., id_{N-1}]`` on the params'
     device, beside bf16 params without master weights or bf16 states (``state_dtype``, the
-    call's: [note: state dtype]), the stores it rounds. The C++ backends check the same in
-    ``StepArguments``."""
+    call's: [note: state dtype]), the stores it rounds; an id's high word is its tensor's
+    first element in the whole param ([note: sharded stochastic rounding] in
+    fusedopt/optim/_plan.py). The C++ backends check the same in ``StepArguments``."""
     if sr_key is None or not params:
         return
     n = len(params)

@@ -665,9 +665,13 @@ def lamb_(
     params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: Tensors, *,
     lr: Hyper | Tensor, beta1: Hyper = 0.9, beta2: Hyper = 0.999, eps: Hyper = 1e-6,
     weight_decay: Hyper = 0.01, grad_averaging: bool = True, bias_correction: bool = True,
-    trust_clip: bool = False, always_adapt: bool = False, **options: Unpack[StepOptions],
+    trust_clip: bool = False, always_adapt: bool = False, exp_avg_scales: Tensors = (),
+    exp_avg_sq_scales: Tensors = (), **options: Unpack[StepOptions],
 ) -> None:  # fmt: skip
-    """One LAMB step in place (timm semantics; fold the global clip into ``clip_coef``)."""
+    """One LAMB step in place (timm semantics; fold the global clip into ``clip_coef``).
+
+    8-bit states as :func:`adamw_`'s (``exp_avg_scales``, ``exp_avg_sq_scales``); the codes
+    are written once, by the second pass ([note: lamb passes])."""
     _step_from_arguments("lamb_", locals())
 
 
@@ -693,9 +697,11 @@ lamb_apply_ = _pass_op(
 def lion_(
     params: Tensors, grads: Tensors, exp_avgs: Tensors, *, lr: Hyper | Tensor,
     beta1: Hyper = 0.9, beta2: Hyper = 0.99, weight_decay: Hyper = 0.0, maximize: bool = False,
-    **options: Unpack[StepOptions],
+    exp_avg_scales: Tensors = (), **options: Unpack[StepOptions],
 ) -> None:  # fmt: skip
-    """One Lion step in place (lion-pytorch semantics, ``sign(0) = 0``); fp32 math."""
+    """One Lion step in place (lion-pytorch semantics, ``sign(0) = 0``); fp32 math. 8-bit
+    state: ``exp_avgs`` int8 codes with their fp32 block absmaxes in ``exp_avg_scales``
+    ([note: 8-bit states] in fusedopt/quant8.py)."""
     _step_from_arguments("lion_", locals())
 
 
@@ -737,10 +743,13 @@ def schedulefree_adamw_(
 def sgd_(
     params: Tensors, grads: Tensors, momentum_buffers: Tensors = (), steps: Tensors = (), *,
     lr: Hyper | Tensor, momentum: Hyper = 0.0, dampening: Hyper = 0.0, weight_decay: Hyper = 0.0,
-    nesterov: bool = False, maximize: bool = False, **options: Unpack[StepOptions],
+    nesterov: bool = False, maximize: bool = False, momentum_buffer_scales: Tensors = (),
+    **options: Unpack[StepOptions],
 ) -> None:  # fmt: skip
     """One SGD step in place (torch.optim.SGD semantics); pass ``momentum_buffers`` and
-    ``steps`` (both, or neither when momentum is 0); fp32 math."""
+    ``steps`` (both, or neither when momentum is 0); fp32 math. 8-bit buffers: int8 codes
+    with their fp32 block absmaxes in ``momentum_buffer_scales`` ([note: 8-bit states] in
+    fusedopt/quant8.py)."""
     _step_from_arguments("sgd_", locals())
 
 

@@ -1,7 +1,9 @@
 """8-bit optimizer states: the block-wise quantizer, defined once in plain torch.
 
-[note: 8-bit states] A group with ``state_bits=8`` keeps its moments (AdamW/Adam's
-``exp_avg`` and ``exp_avg_sq``) as one byte per element plus one fp32 scale per block:
+[note: 8-bit states] A group with ``state_bits=8`` keeps its moments (the states its op's
+spec declares quantized, ``StepOpSpec.quantized_states``: AdamW/Adam's and LAMB's
+``exp_avg`` and ``exp_avg_sq``, Lion's ``exp_avg``, SGD's ``momentum_buffer``) as one byte
+per element plus one fp32 scale per block:
 
 * **Blocks never depend on a mesh.** A block is a run of up to :data:`BLOCK` (256) elements
   within one row of the param's last dimension: row ``r`` of a ``(*lead, C)`` param holds
@@ -10,13 +12,12 @@
   shards params (and so their states) on dim 0: a shard of a param of two or more dims
   holds whole rows, hence whole blocks, and its scales are the same dim-0 shard of the
   scales, so a sharded state is the unsharded one cut in pieces, and a checkpoint saved on
-  one mesh loads on another. A 1-D param's only dim is the last one: a dim-0 shard cuts
-  its blocks unless the shard size is a multiple of 256, so sharded 1-D params must keep
-  plain states (biases and norms in a group without ``state_bits``; a negligible share of
-  the memory, as bitsandbytes' ``min_8bit_size`` assumes). torchao's 8-bit AdamW blocks the
-  flattened local shard instead, so its blocks, and so its precision, change with the mesh.
-  The optimizer refuses DTensor params with ``state_bits=8`` for now: the sharded step and
-  the resharding test are not written yet.
+  one mesh loads on another ([note: 8-bit states under FSDP2], below). A 1-D param's only
+  dim is the last one: a dim-0 shard cuts its blocks unless the shard size is a multiple
+  of 256, so sharded 1-D params keep plain states (biases and norms in a group without
+  ``state_bits``; a negligible share of the memory, as bitsandbytes' ``min_8bit_size``
+  assumes). torchao's 8-bit AdamW blocks the flattened local shard instead, so its blocks,
+  and so its precision, change with the mesh.
 * **Scale: the block's absmax** (fp32, as bitsandbytes and torchao). Values are normalised
   ``y = x / absmax`` in [-1, 1] by one IEEE fp32 division.
 * **Code maps: power maps.** The first moment (signed) takes an int8 code
@@ -48,6 +49,27 @@
 * **Quantization error** (the derived bound the tests check): an element ``x`` of a block
   of absmax ``s`` comes back within half the gap between the two codes around ``x/s``,
   times ``s`` (plus the fp32 roundings of the division and the product, 2 ulps).
+
+[note: 8-bit states under FSDP2] A DTensor param (FSDP2: ``Shard(0)`` over the mesh)
+keeps its codes and scales as DTensors with the param's mesh and placements: codes of the
+param's global shape, scales of :func:`scale_shape` of the global shape, each rank's shards
+made from (and stepped with) its local shard alone, no communication
+(``fusedopt.optim._state_bits``). Any placement that cuts no row of the last dimension
+qualifies (``Replicate``, ``Shard(d)`` for d below the last dim): a shard of rows holds
+whole blocks, and the scales, whose leading dims are the param's, shard the same way, so
+uneven shards (FSDP2 puts fewer rows, maybe none, on the last ranks) hold exactly their
+rows' blocks. The sharded step is then the unsharded step cut in pieces, bit for bit, and
+DCP saves codes and scales with their global offsets: a checkpoint saved on 2 ranks loads
+into 2 ranks or into one unsharded optimizer and goes on with the bits of the uninterrupted
+run (``tests/test_distributed.py``: ``fsdp2_q8_equals_unsharded``,
+``fsdp2_q8_checkpoint_reshards``). A param sharded on its last dim, that is every 1-D param
+under FSDP2 (biases, norms), would have its blocks cut wherever a shard boundary falls
+inside one, so its states would depend on the mesh; it is refused with a ``ValueError``
+naming it (before any tensor is touched): put such params in a group with
+``state_bits=None``. Chosen over keeping plain states for them silently (what
+bitsandbytes' ``min_8bit_size`` amounts to) because the states' format must not change with
+the mesh: the same param 8-bit unsharded and plain sharded would not load from one into the
+other.
 
 Every backend implements exactly these rules (``fusedopt.reference``: the functions below;
 the CPU launcher and the CUDA kernel: ``csrc/include/fusedopt/quant8.h``); the tests hold

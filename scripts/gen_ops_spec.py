@@ -59,13 +59,17 @@ def render() -> str:
         "//   FUSEDOPT_OP_STEPS(X)   X(steps) when the op has step counts, else nothing",
         "//   FUSEDOPT_OP_STEPS_OPTIONAL  whether the steps list may be empty (or is absent)",
         "//   FUSEDOPT_OP_STEPS_WITH(X)   X(list) when the steps are given iff that list is",
+        "//   FUSEDOPT_OP_STATE_RULES(X)  X(Layout, Codes) per state list: its shape rule",
+        "//                          (StateLayout::kLayout) and 8-bit codes (StateCodes::kCodes)",
+        "//   FUSEDOPT_OP_STATE_DTYPES  whether the float states may have a dtype of their own",
+        "//                          (fp32, bf16, fp16 whatever the param's: [note: state dtype])",
         "// FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends",
         "// with, after the common scalars (master_sync).",
         "// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops with one C++ launcher for the step",
         "// (not muon_: its passes have theirs, launch.h); namespace fusedopt::spec::<op> has",
         "// the indices (kExpAvgs, kBeta1, kDecoupled...), the counts (kNumStates...) and each",
         "// state list's shape rule (kStateLayouts: [note: factored layouts] in",
-        "// fusedopt/_contract.py) and 8-bit codes (kStateCodes).",
+        "// fusedopt/_contract.py), 8-bit codes (kStateCodes) and kStateDtypes.",
         "#pragma once",
         "",
     ]
@@ -104,6 +108,12 @@ def render() -> str:
         optional = "false" if s.steps == "required" else "true"
         out += [f"#define FUSEDOPT_{op}_STEPS_OPTIONAL {optional}"]
         out += _macro(f"FUSEDOPT_{op}_STEPS_WITH", [f"X({s.steps_with})"] if s.steps_with else [])
+        out += _macro(
+            f"FUSEDOPT_{op}_STATE_RULES",
+            [f"X({camel(t.layout)}, {camel(t.quantized or 'none')})" for t in s.states],
+        )
+        free = "true" if s.state_dtypes else "false"
+        out += [f"#define FUSEDOPT_{op}_STATE_DTYPES {free}"]
     out += ["", "namespace fusedopt::spec {", ""]
     layouts = [camel(name) for name in contract.STATE_LAYOUTS]
     out += [
@@ -115,24 +125,41 @@ def render() -> str:
         "enum class StateCodes { kNone, kSigned, kUnsigned };",
         "",
     ]
-    for s in ops:
-        out.append(f"namespace {s.name.rstrip('_')} {{")
-        rules = ", ".join(f"StateLayout::k{camel(t.layout)}" for t in s.states)
-        out.append(f"inline constexpr StateLayout kStateLayouts[] = {{{rules}}};")
-        codes = ", ".join(f"StateCodes::k{camel(t.quantized or 'none')}" for t in s.states)
-        out.append(f"inline constexpr StateCodes kStateCodes[] = {{{codes}}};")
-        free = "true" if s.state_dtypes else "false"
-        out.append(f"inline constexpr bool kStateDtypes = {free};  // [note: state dtype]")
-        for kind, names in (
-            ("States", [t.name for t in s.states]),
-            ("Hypers", list(s.hypers)),
-            ("Flags", s.flags),
-        ):
-            values = [f"k{camel(n)} = {k}" for k, n in enumerate(names)]
-            out.append(
-                f"inline constexpr int {', '.join([*values, f'kNum{kind} = {len(names)}'])};"
-            )
-        out += [f"}}  // namespace {s.name.rstrip('_')}", ""]
+    # Each op's namespace, from its X-macros (one macro, so that the header states once how
+    # the constants follow from the spec).
+    namespace_macro = [
+        "#define FUSEDOPT_SPEC_NAMESPACE(op, OP, Stem)",
+        "  namespace op {",
+        "  inline constexpr StateLayout kStateLayouts[] = {",
+        "      FUSEDOPT_##OP##_STATE_RULES(FUSEDOPT_SPEC_LAYOUT)};",
+        "  inline constexpr StateCodes kStateCodes[] = {",
+        "      FUSEDOPT_##OP##_STATE_RULES(FUSEDOPT_SPEC_CODES)};",
+        "  inline constexpr bool kStateDtypes = FUSEDOPT_##OP##_STATE_DTYPES;",
+    ]
+    for kind in ("STATES", "HYPERS", "FLAGS"):
+        namespace_macro += [
+            f"  inline constexpr int FUSEDOPT_##OP##_{kind}(FUSEDOPT_SPEC_INDEX)",
+            f"      kNum{kind.title()} = 0 FUSEDOPT_##OP##_{kind}(FUSEDOPT_SPEC_ONE);",
+        ]
+    width = max(len(line) for line in namespace_macro) + 1
+    out += [
+        "// namespace fusedopt::spec::<op>: kStateLayouts, kStateCodes (one per state list),",
+        "// kStateDtypes, then k<Name> = index of each state, hyperparameter and flag, and",
+        "// their counts.",
+        "#define FUSEDOPT_SPEC_LAYOUT(layout, codes) StateLayout::k##layout,",
+        "#define FUSEDOPT_SPEC_CODES(layout, codes) StateCodes::k##codes,",
+        "#define FUSEDOPT_SPEC_INDEX(name, Name, index, ...) k##Name = index,",
+        "#define FUSEDOPT_SPEC_ONE(...) +1",
+        *(line.ljust(width) + "\\" for line in namespace_macro),
+        "  }",
+        "FUSEDOPT_STEP_OPS(FUSEDOPT_SPEC_NAMESPACE)",
+    ]
+    out += [
+        f"FUSEDOPT_SPEC_NAMESPACE({s.name.rstrip('_')}, {s.cpp.upper()}, {s.cpp})"
+        for s in ops
+        if not s.cpp_launcher
+    ]
+    out.append("")
     for kind, count in (
         ("States", lambda s: len(s.states)),
         ("Hypers", lambda s: len(s.hypers)),

@@ -8,6 +8,7 @@ lists must say what their docstrings say.
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -223,15 +224,17 @@ def test_fusedopt_and_torch_rows_compute_the_same_step(optimizer, peer, mode):
 
 
 def test_lm_quality_runs_and_every_curve_learns(tmp_path):
-    """bench.lm_quality on a tiny model: CSV columns, a Markdown row per curve, a PNG, and
-    every curve's held-out loss falls from its step-0 value (ln 256 ~ 5.55 for a uniform
-    guess) by a real amount in a dozen steps (peak lrs x5: the model is tiny)."""
+    """bench.lm_quality on a tiny model, two curves at a time (the --jobs path): CSV columns,
+    a Markdown row per curve, a PNG, and every curve's held-out loss falls from its step-0
+    value (ln 256 ~ 5.55 for a uniform guess) by a real amount in a dozen steps (peak lrs
+    x5: the model is tiny). SGD brings a torch anchor; every mode that applies runs."""
     from bench import lm_quality
     from bench.modes import MEMORY_MODES
 
+    optimizers = ("adamw", "sgd")
     argv = ["--steps", "12", "--width", "32", "--context", "16", "--batch", "8",
-            "--eval-every", "4", "--eval-windows", "8", "--optimizers", "adamw,lion",
-            "--lr-scale", "5",
+            "--eval-every", "4", "--eval-windows", "8", "--optimizers", ",".join(optimizers),
+            "--lr-scale", "5", "--jobs", "2",
             "--no-seed-spread", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
     assert lm_quality.main(argv) == 0
     (csv_path,) = tmp_path.glob("lm-quality-*.csv")
@@ -239,56 +242,233 @@ def test_lm_quality_runs_and_every_curve_learns(tmp_path):
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert {"step", "optimizer", "mode", "impl", "train_loss", "eval_loss"} <= set(rows[0])
-    assert {"device_name", "torch", "date", "commit", "backend"} <= set(rows[0])
+    assert {"device_name", "torch", "date", "commit", "backend", "jobs"} <= set(rows[0])
     curves: dict[tuple, list[dict]] = {}
     for r in rows:
         curves.setdefault((r["impl"], r["optimizer"], r["mode"]), []).append(r)
     expected = {
         ("fusedopt", o, m)
-        for o in ("adamw", "lion")
+        for o in optimizers
         for m, mode in MEMORY_MODES.items()
-        if mode.applies(o)
+        if mode.applies(lm_quality.CLASSES[o])
     }
-    assert set(curves) == expected | {("torch", "adamw", "fp32")}
+    assert ("fusedopt", "sgd", "bf16+SR") in expected
+    assert ("fusedopt", "sgd", "bf16+master+8-bit states") in expected  # an 8-bit momentum
+    assert set(curves) == expected | {("torch", o, "fp32") for o in optimizers}
     for key, curve in curves.items():
         evals = [float(r["eval_loss"]) for r in curve if r["eval_loss"]]
         assert [int(r["step"]) for r in curve] == list(range(13)), key
         assert len(evals) == 4, key  # steps 0, 4, 8, 12
         assert evals[-1] < evals[0] - 0.1, (key, evals)
     md = csv_path.with_suffix(".md").read_text()
-    adamw_modes = sum(mode.applies("adamw") for mode in MEMORY_MODES.values())
+    adamw_modes = sum(mode.applies(lm_quality.CLASSES["adamw"]) for mode in MEMORY_MODES.values())
     assert md.count("| adamw |") == 1 + adamw_modes and "(reference)" in md
+    assert "PARTIAL" not in md
+
+
+def test_lm_quality_lr_sweep_and_divergence(tmp_path):
+    """The lr sanity sweep writes one row per peak lr, and a curve whose loss stops being
+    finite ends there, as NaN, instead of failing the run (SGD at lr 1e4 diverges)."""
+    from bench import lm_quality
+
+    argv = ["--lr-sweep", "--steps", "4", "--width", "32", "--context", "16", "--batch", "8",
+            "--eval-windows", "8", "--optimizers", "sgd", "--out", str(tmp_path)]  # fmt: skip
+    assert lm_quality.main(argv) == 0
+    (md,) = tmp_path.glob("lm-lr-sweep-*.md")
+    assert md.read_text().count("| sgd |") == len(lm_quality.LR_SWEEP["sgd"])
+    cfg = lm_quality.Config(steps=4, width=32, context=16, batch=8, eval_windows=8, warmup=1)
+    rows, _ = lm_quality.train_job((lm_quality.Run("sgd", "fp32", "fusedopt"), cfg, 1e4))
+    assert math.isnan(rows[-1]["eval_loss"]) and len(rows) <= cfg.steps + 1
+
+
+def test_mode_applicability_comes_from_the_op_spec():
+    """[note: mode applicability]: a mode applies where the class takes its arguments, and
+    8-bit states only where the op's spec declares quantized states; the 8-bit bytes and
+    traffic count the states the spec quantizes."""
+    import fusedopt
+    from bench.modes import MEMORY_MODES, quantized_roles
+
+    eight = MEMORY_MODES["bf16+master+8-bit states"]
+    assert eight.applies(fusedopt.AdamW) and eight.applies(fusedopt.Adam)
+
+    class AdanWithBits(fusedopt.Adan):  # takes state_bits, but adan_ declares no 8-bit state
+        def __init__(self, params, state_bits=None, **kwargs):
+            super().__init__(params, **kwargs)
+
+    assert not eight.applies(AdanWithBits) and MEMORY_MODES["bf16"].applies(AdanWithBits)
+    assert not MEMORY_MODES["bf16+SR"].applies(torch.optim.AdamW)  # no stochastic_rounding
+    assert quantized_roles("adamw_") == ("m", "v") and quantized_roles("adan_") == ()
+    assert eight.expected_state_bytes("adamw_") == 6  # 4 B master + 2 x 1 B codes
+    assert eight.traffic("adamw_") == 18  # g 2 + M 4 + p 2 + m v 1+1, written M m v p
+    sr = MEMORY_MODES["bf16+SR"]
+    assert sr.kwargs["stochastic_rounding"] is True and sr.expected_state_bytes("adamw_") == 4
 
 
 def test_memory_table_measures_each_mode_as_designed(tmp_path):
-    """bench.memory on tiny shapes: every fusedopt optimizer x memory mode holds exactly its
-    design's bytes per element (states in the mode's dtype, + 4 B with a master, 2 B with a
-    compact one), torch's
-    AdamW holds what fusedopt's does in the same mode, and the outputs are written."""
+    """bench.memory on tiny shapes: every fusedopt optimizer x memory mode that applies holds
+    exactly its design's bytes per element (states in the mode's dtype, 1 B where 8-bit,
+    + 4 B with a master, 2 B with a compact or Kahan one), torch's AdamW holds what
+    fusedopt's does in the same mode, every row is timed against the ceiling, the peers
+    that are installed are measured, bitsandbytes computed, and the outputs are written."""
     from bench import memory
     from bench.modes import MEMORY_MODES
 
-    assert memory.main(["--device", "cpu", "--model", "tiny", "--out", str(tmp_path)]) == 0
+    argv = ["--device", "cpu", "--model", "tiny", "--repeats", "1", "--quick-ceiling",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert memory.main(argv) == 0
     (csv_path,) = tmp_path.glob("memory-cpu-tiny-*.csv")
     with open(csv_path) as f:
         rows = {(r["impl"], r["optimizer"], r["mode"]): r for r in csv.DictReader(f)}
     assert {"device_name", "torch", "triton", "date", "commit"} <= set(next(iter(rows.values())))
-    for name in memory.OPTIMIZERS:
+    assert float(next(iter(rows.values()))["ceiling_gbps"]) > 0
+    for name, (cls, _, _) in memory.OPTIMIZERS.items():
         for mode in MEMORY_MODES:
-            if not MEMORY_MODES[mode].applies(name):
+            if not MEMORY_MODES[mode].applies(cls):
                 assert ("fusedopt", name, mode) not in rows
                 continue
             row = rows[("fusedopt", name, mode)]
             assert float(row["element_bytes"]) == float(row["expected_bytes"]), row
             assert int(row["traffic_bytes"]) > 0
+            assert float(row["pct_ceiling"]) > 0 and float(row["step_ms"]) > 0
     # AdamW: fp32 2 states x 4 B; bf16 + master: 4 B master + 2 x 4; bf16: 2 x 2 B.
     adamw = {m: float(rows[("fusedopt", "adamw", m)]["element_bytes"]) for m in MEMORY_MODES}
     assert adamw["bf16+master+8-bit states"] == 6.0  # 4 B master + 2 x 1 B codes (+ scales)
+    # every op whose spec has 8-bit states has the mode (applicability from the spec): 4 B
+    # master + 1 B codes per state
+    eight_bit = {n: float(r["element_bytes"]) for (i, n, m), r in rows.items()
+                 if i == "fusedopt" and m == "bf16+master+8-bit states"}  # fmt: skip
+    assert eight_bit == {"adamw": 6.0, "adam": 6.0, "lamb": 6.0, "lion": 5.0, "sgd": 5.0}
     assert (adamw["fp32"], adamw["bf16+master"], adamw["bf16"]) == (8.0, 12.0, 4.0)
     assert adamw["bf16+compact master"] == 10.0  # 2 x 4 B states + the 2 B remainder
     assert adamw["bf16+kahan"] == 10.0  # 2 x 4 B states + the 2 B bf16 compensation
+    assert adamw["bf16+SR"] == 4.0  # 2 x 2 B bf16 states, no master
     for mode in ("fp32", "bf16"):
         torch_row, ours = rows[("torch", "adamw", mode)], rows[("fusedopt", "adamw", mode)]
         assert torch_row["element_bytes"] == ours["element_bytes"]
+    # bitsandbytes, computed: every tiny tensor is under min_8bit_size, so fp32 states.
+    assert float(rows[("bitsandbytes AdamW8bit / Adam8bit (computed)", "adamw",
+                       "fp32 params, 8-bit states, 256-blocks")]["state_bytes"]) == 8.0  # fmt: skip
+    try:
+        import optimi  # noqa: F401
+    except ImportError:
+        pass
+    else:  # torch-optimi's Kahan AdamW on bf16: m, v and the compensation, 2 B each
+        kahan = [r for k, r in rows.items() if k[0].startswith("torch-optimi AdamW")]
+        assert [float(r["element_bytes"]) for r in kahan] == [6.0]
     md = csv_path.with_suffix(".md").read_text()
-    assert "torchao AdamW8bit" in md and "bitsandbytes" in md
+    assert "torchao AdamW8bit" in md and "bitsandbytes" in md and "% of ceiling" in md
+
+
+def _run_rows(workload, impls):
+    """run_case over (label, factory) pairs of ``workload``, quick settings."""
+    import argparse
+
+    args = argparse.Namespace(warmup=1, repeats=2)
+    return {label: report.run_case(workload, label, factory, args, 1.0) for label, factory in impls}
+
+
+@pytest.mark.parametrize("mode", ["fp32", "amp"])
+@pytest.mark.parametrize("optimizer", report.ALL_OPTIMIZERS)
+def test_every_row_does_its_steps_work(optimizer, mode):
+    """[note: every row steps]: on tiny shapes every fusedopt and peer row of every optimizer
+    (compiled peers aside: Inductor takes minutes here) passes run_case's checks: each
+    watched tensor moves and no GradScaler skips a step (the tiny model's amp rows of torch
+    fused and heavyball looked fast enough to be skipped steps; they are not)."""
+    workload = make_workload("tiny", optimizer, mode, torch.device("cpu"))
+    impls = report.implementations(workload, {"cpu": None}, "none", all_peers=True)
+    for label, row in _run_rows(workload, impls).items():
+        if row.status.startswith(("skipped", "peer not installed")):
+            continue
+        assert row.status == "ok", (label, row.status)
+        assert row.median_ms > 0
+
+
+def _with_inf_grads_for(calls: int, make_step, workload):
+    """A factory of ``make_step(workload)`` whose first ``calls`` steps see an inf grad."""
+    grad, clean = workload.grads[1], workload.grads[1][0, 0].item()
+
+    def factory():
+        inner, count = make_step(workload), [0]
+
+        def step():
+            count[0] += 1
+            grad[0, 0] = float("inf") if count[0] <= calls else clean
+            inner()
+
+        step.watched, step.scaler = inner.watched, inner.scaler
+        return step
+
+    return factory
+
+
+@pytest.mark.parametrize("impl", ["fusedopt cpu", "torch fused"])
+def test_a_row_with_skipped_steps_is_an_error(impl):
+    """Two inf steps out of the row's four: the profiled step moves the masters, but the
+    scale tells that the GradScaler skipped two, and the row says so without a time."""
+    workload = make_workload("tiny", "adamw", "amp", torch.device("cpu"))
+    make = (lambda w: make_fused(w, "cpu")) if impl == "fusedopt cpu" else (
+        lambda w: make_peer(w, "torch fused"))  # fmt: skip
+    (row,) = _run_rows(workload, [(impl, _with_inf_grads_for(2, make, workload))]).values()
+    assert row.status.startswith("error: the GradScaler skipped 2 steps"), row.status
+    assert row.median_ms is None
+
+
+@pytest.mark.parametrize("mode", ["fp32", "amp"])
+def test_a_step_that_does_no_work_is_an_error(mode):
+    """A step that works once and then returns at once (heavyball's Muon consumed its grads
+    so) is an error row, in fp32 (params watched) and amp (masters watched)."""
+    workload = make_workload("tiny", "adamw", mode, torch.device("cpu"))
+
+    def factory():
+        inner, count = make_fused(workload, "cpu"), [0]
+
+        def step():
+            count[0] += 1
+            if count[0] == 1:
+                inner()
+
+        if mode == "amp":
+            step.watched, step.scaler = inner.watched, inner.scaler
+        return step
+
+    (row,) = _run_rows(workload, [("lazy", factory)]).values()
+    assert row.status.startswith("error: 4 of 4 watched tensors unchanged"), row.status
+    assert "did no work" in row.status and row.median_ms is None
+
+
+def test_peers_flag_times_only_the_named_peers():
+    args = report.parse_args(["--device", "cpu", "--peers", "torch fused"])
+    workload = make_workload("tiny", "adamw", "fp32", torch.device("cpu"))
+    impls = dict(report.implementations(workload, {"cpu": None}, "none", True, args.peers))
+    assert callable(impls["fusedopt cpu"]) and callable(impls["torch fused"])
+    assert impls["torch foreach"] == "not selected (--peers)"
+
+
+def test_muon_1b_counts():
+    """bench.muon_1b's computed parts: torch's three GEMMs per Newton-Schulz iteration on the
+    m x n orientation with m <= n; the shrunk list keeps the 1B list's tensors and shape
+    groups; a decoder layer is 7 matrices and 2 norms."""
+    from collections import Counter
+
+    from bench.muon_1b import decoder_layers, newton_schulz_flops, shrunk
+    from bench.shapes import llama_1b
+
+    assert newton_schulz_flops((2048, 2048)) == 5 * 6 * 2048**3
+    assert newton_schulz_flops((5632, 2048)) == newton_schulz_flops((2048, 5632))
+    assert newton_schulz_flops((3, 5), ns_steps=1) == 4 * 9 * 5 + 2 * 27
+    full, small = llama_1b(), shrunk(llama_1b(), 16)
+    assert [n for n, _ in small] == [n for n, _ in full]
+    groups = lambda shapes: sorted(Counter(s for _, s in shapes if len(s) == 2).values())  # noqa: E731
+    assert groups(small) == groups(full) == [2, 16, 32, 64]
+    layer = decoder_layers(1)
+    assert len(layer) == 9 and numel(layer) == 51_384_320
+
+
+def test_bnb_state_bytes_follows_its_allocation_rule():
+    """bitsandbytes' rule as bench.memory computes it: a uint8 code per element and an fp32
+    absmax per 256 (rounded up) for a param of >= 4096 elements, fp32 states under that."""
+    from bench.memory import bnb_state_bytes
+
+    assert bnb_state_bytes([("w", (4096,))], 2) == 2 * (4096 + 4 * 16) / 4096
+    assert bnb_state_bytes([("w", (4097,))], 1) == (4097 + 4 * 17) / 4097
+    assert bnb_state_bytes([("b", (4095,))], 2) == 8.0

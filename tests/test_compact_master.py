@@ -139,13 +139,18 @@ def test_join_of_a_written_param_rounds_to_it():
     assert _same(master[misfit], param[misfit].float())
 
 
+def sgd_step_with_masters(param: torch.Tensor, master: torch.Tensor, backend: str) -> None:
+    """One momentum-free ``sgd_`` call on ``param`` with ``master`` as its master_params
+    entry, whose dtype says the master kind (the refusal tests: a kind that does not fit)."""
+    ops.step("sgd_", dict(params=[param], grads=[param.clone()], master_params=[master]),
+             dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0),
+             dict(nesterov=False, maximize=False), backend=backend)  # fmt: skip
+
+
 def test_fp16_compact_master_is_refused():
     p = torch.zeros(4, dtype=torch.float16)
     with pytest.raises(TypeError, match="compact masters are for bfloat16"):
-        ops.step("sgd_", dict(params=[p], grads=[p.clone()],
-                              master_params=[torch.zeros(4, dtype=torch.int16)]),
-                 dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0),
-                 dict(nesterov=False, maximize=False), backend="reference")  # fmt: skip
+        sgd_step_with_masters(p, torch.zeros(4, dtype=torch.int16), "reference")
 
 
 def _edge_masters(gen: torch.Generator) -> torch.Tensor:

@@ -4,7 +4,9 @@ deterministic reductions, tensors of 2^31 elements and more, no host syncs, CUDA
 capture and replay, one launch per op whatever the tensor count, and the device-table cache.
 
 Every test here needs a GPU (``cuda`` marker: skipped cleanly without one). The oracle
-matrix of the shared harness covers the semantics; this file covers the machinery.
+matrix of the shared harness covers the semantics; this file covers the machinery, and (last
+section) runs Muon's passes, Adafactor and Schedule-Free AdamW on cuda against the oracles
+their own test files use on the CPU backends.
 """
 
 from __future__ import annotations
@@ -400,3 +402,87 @@ def test_two_to_the_31_elements():
     for big, small in zip((x, m, v), (alone[0], alone[2], alone[3]), strict=True):
         assert torch.equal(big[tail], small)
     assert steps[0].item() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizers of issue #16 on cuda, each against the oracle its own test file uses on the
+# CPU backends, with that file's inputs and tolerance (imported, so the two cannot drift).
+
+
+@pytest.mark.parametrize("nesterov", [True, False], ids=["nesterov", "plain"])
+@pytest.mark.parametrize("momentum", [0.95, 0.3])
+@pytest.mark.parametrize("storage", range(4), ids=["fp32", "fp64", "bf16-master", "fp16-master"])
+def test_muon_passes_equal_the_reference_bit_for_bit(storage, momentum, nesterov):
+    """muon_momentum_ then muon_apply_ on cuda leave the reference's bits (the same math
+    headers as the cpu backend, which tests/test_optim_muon.py proves bit for bit): grad
+    scale, clip, per-tensor lr, decay and lr ratio, both lerp forms, masters."""
+    from test_optim_muon import PASS_STORAGES, _pass_tensors
+
+    dtype, master = PASS_STORAGES[storage]
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    runs = {}
+    for backend, device in (("reference", "cpu"), ("cuda", "cuda")):
+        t = _map(_pass_tensors(dtype, master, seed=3), lambda x, d=device: x.to(d))
+        kwargs = dict(
+            lr=[2e-2, 3e-2, 2e-2], momentum=momentum, weight_decay=[0.1, 0.0, 0.1],
+            lr_ratio=[1.5, 1.0, 0.5], nesterov=nesterov,
+            grad_scale=torch.tensor(4.0, dtype=opmath, device=device),
+            clip_coef=torch.tensor(0.75, dtype=opmath, device=device), backend=backend,
+        )  # fmt: skip
+        ops.muon_momentum_(**t, **kwargs)
+        ops.muon_apply_(**t, **kwargs)
+        runs[backend] = t
+    for key, tensors in runs["reference"].items():
+        for k, (want, got) in enumerate(zip(tensors, runs["cuda"][key], strict=True)):
+            got = got.cpu()
+            if dtype == torch.float64:
+                # The reference's fp64 FMA rounds twice (reference.ops._fma), CUDA's once:
+                # the bound test_optim_muon.py derives for the cpu backend.
+                bound = 2.0**-52 * want.abs().max().item()
+                torch.testing.assert_close(got, want, rtol=0, atol=bound, msg=f"{key}[{k}]")
+                continue
+            assert torch.equal(want.view(-1).view(torch.uint8), got.view(-1).view(torch.uint8)), (
+                f"{key}[{k}]"
+            )
+
+
+@pytest.mark.parametrize("config", ["default", "wd_maximize", "eps_d_decay"])
+def test_adafactor_trajectory_equals_torch_in_float64(config):
+    """25 steps of fusedopt.Adafactor on cuda against torch.optim.Adafactor on the CPU, fp64
+    params (matrices, batched 3-d, a column and a row matrix, vectors, a scalar): the
+    tolerance of test_optim_adafactor.py (float64 rounding in two orders of operations; a
+    CUDA fp64 pow may be an ulp off, 1e-16 relative, far inside it)."""
+    from test_optim_adafactor import CONFIGS, _grads, _params, _run
+
+    grads = _grads(25)
+    ours = [p.cuda() for p in _params()]
+    theirs = _params()
+    opt = _run(fusedopt.Adafactor, ours, _map(grads, torch.Tensor.cuda), **CONFIGS[config],
+               backend="cuda")  # fmt: skip
+    ref = _run(torch.optim.Adafactor, theirs, grads, **CONFIGS[config])
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-12, atol=1e-14)
+        mine, torchs = opt.state[p], ref.state[q]
+        for key in torchs:
+            torch.testing.assert_close(mine[key].cpu(), torchs[key], rtol=1e-12, atol=1e-20,
+                                       msg=key)  # fmt: skip
+
+
+def test_adafactor_chunked_reductions_equal_torch_in_float64():
+    """Params of several reduction chunks ([note: adafactor sums]): the cuda kernels' row,
+    column and sum-of-squares folds over chunks give torch's trajectory to float64 rounding
+    (test_optim_adafactor.py's shapes, inputs and tolerance)."""
+    from test_optim_adafactor import assert_chunked_trajectory_is_torchs
+
+    assert_chunked_trajectory_is_torchs("cuda", "cuda")
+
+
+def test_schedulefree_trajectory_equals_the_anchor():
+    """40 steps of fusedopt.ScheduleFreeAdamW on cuda beside schedulefree's AdamWScheduleFree
+    on the CPU (two groups, warmup, r, weight_lr_power, decay; eval()/train() switches every
+    9 steps): test_optim_schedulefree.py's inputs, checks and fp32 tolerance (the same math
+    in another order of operations)."""
+    pytest.importorskip("schedulefree")
+    from test_optim_schedulefree import _assert_same_run, run_with_switches
+
+    _assert_same_run(*run_with_switches("cuda", "cuda"), "train, end")

@@ -193,6 +193,8 @@ def _expected() -> dict[str, tuple[str, ...]]:
         # 8-bit states: one element per thread, scalar accesses (csrc/cuda/quant8.cuh: a
         # known cost; a warp per quantization block would vectorise).
         expected[f"AdamWQ8Body<{types}>"] = ()
+        expected[f"LionQ8Body<{types}>"] = ()
+        expected[f"SgdQ8Body<{types}>"] = ()
     # [note: state dtype]: AdamW's states in another storage than StateOf's (fp32 with
     # masters, else the param's): run_step_with_states's instantiations.
     for p, g, m in STORAGE:

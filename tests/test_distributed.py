@@ -33,7 +33,40 @@ SCENARIOS = [
     "fsdp2_scaler_skips_together",
     "zero",
     "dcp",
+    "fsdp2_q8_equals_unsharded",
+    "fsdp2_q8_sharded_1d_refused",
+    "fsdp2_q8_checkpoint_reshards",
+    "fsdp2_sr_and_masters_equal_unsharded",
+    "fsdp2_sr_column_shard_refused",
 ]
+
+#: Optimizers run sharded (FSDP2) and unsharded on the same grads, each ``(class, kwargs,
+#: 8-bit states)``: the sharded run must equal the unsharded one bit for bit, so only ops
+#: that step each element alone belong here (LAMB's trust ratio all-reduces sums of squares
+#: in another order). 8-bit states ([note: 8-bit states under FSDP2] in fusedopt/quant8.py)
+#: are kept by the params of two or more dims; ops that gain them join by adding a row.
+#: Stochastic rounding draws by the element's index in the whole param ([note: sharded
+#: stochastic rounding] in fusedopt/optim/_plan.py); compact and Kahan masters round each
+#: element alone.
+MESH_FREE_CASES = {
+    "q8_adamw": (lambda: fusedopt.AdamW, dict(lr=1e-2, weight_decay=0.1), True),
+    "q8_adam_maximize": (lambda: fusedopt.Adam, dict(lr=1e-2, maximize=True), True),
+    "q8_adamw_bf16_compact": (
+        lambda: fusedopt.AdamW,
+        dict(lr=1e-2, master_weights="compact"),
+        True,
+    ),
+    "q8_sr_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, stochastic_rounding=True), True),
+    "sr_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, stochastic_rounding=True), False),
+    "kahan_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, master_weights="kahan"), False),
+    "compact_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, master_weights="compact"), False),
+}
+Q8_CASES = [name for name, case in MESH_FREE_CASES.items() if case[2]]
+#: Params of two or more dims (8-bit states) sharded unevenly over 2 ranks: rows of several
+#: blocks, short last blocks, a 3-d param, a 1-row param (rank 1 holds an empty shard); and
+#: 1-D params, which FSDP2 shards on their only dim, in a group with plain states.
+Q8_MATRICES = ((7, 6), (5, 300), (3, 520), (1, 513), (3, 2, 260))
+Q8_VECTORS = ((7,), (3,))
 
 
 def _model() -> torch.nn.Module:
@@ -83,7 +116,11 @@ def _close(got, want, what):
 
 
 def _full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    if not hasattr(t, "full_tensor"):
+        return t
+    if t.dtype == torch.int16:  # gloo's all-gather takes no int16 (compact remainders)
+        return t.to(torch.int32).full_tensor().to(t.dtype)
+    return t.full_tensor()
 
 
 def _train(model, opt, rank, steps=STEPS, start=0, extra=None):
@@ -247,6 +284,229 @@ def scenario_dcp(rank, tmpdir):
         assert torch.equal(p.full_tensor(), q.full_tensor())
 
 
+class _Q8Params(torch.nn.Module):
+    """The params of the 8-bit scenarios, ``Q8_MATRICES`` then ``Q8_VECTORS``."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.weights = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype))
+            for s in (*Q8_MATRICES, *Q8_VECTORS)
+        )
+
+
+def _q8_model(case: str, sharded: bool) -> torch.nn.Module:
+    dtype = torch.bfloat16 if "bf16" in case else torch.float32
+    model = _Q8Params(dtype)
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    return model
+
+
+def _q8_optimizer(case: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    cls, kwargs, q8 = MESH_FREE_CASES[case]
+    params = list(model.parameters())
+    matrices = len(Q8_MATRICES)
+    groups = [{"params": params[:matrices], "state_bits": 8 if q8 else None},
+              {"params": params[matrices:]}]  # fmt: skip
+    opt = cls()(groups, **kwargs)
+    opt.sr_seed = 12345  # the same on every rank (its default, torch.initial_seed(), is not)
+    return opt
+
+
+def _q8_grads(model: torch.nn.Module, step: int) -> None:
+    """The same whole grads on every rank and in the unsharded run (each rank takes its
+    shard of them, as FSDP2's reduce-scatter would leave it): the runs see the same bits,
+    so their steps must give the same bits. Row magnitudes spread over decades, so that the
+    blocks' absmaxes differ."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for k, p in enumerate(model.parameters()):
+        gen = torch.Generator().manual_seed(1000 * step + k)
+        g = torch.randn(p.shape, generator=gen)
+        if p.dim() >= 2:
+            g = g * torch.logspace(-3, 1, p.shape[0]).reshape(-1, *[1] * (p.dim() - 1))
+        g = g.to(p.dtype)
+        if isinstance(p, DTensor):
+            g = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+        p.grad = g
+
+
+def _q8_train(model, opt, steps, start=0):
+    for step in range(start, start + steps):
+        _q8_grads(model, step)
+        opt.step()
+
+
+def _assert_same_bits(model, opt, want_model, want_opt, what, q8=True):
+    """Params and every state of the (sharded or not) ``model`` equal ``want_model``'s bit for
+    bit; a sharded param's states are DTensors placed as the param."""
+    from torch.distributed.tensor import DTensor
+
+    from fusedopt import quant8
+
+    for k, (p, q) in enumerate(zip(model.parameters(), want_model.parameters(), strict=True)):
+        assert torch.equal(_full(p), _full(q)), f"{what}: param {k}"
+        state, want = opt.state[p], want_opt.state[q]
+        assert state.keys() == want.keys(), (what, k, state.keys(), want.keys())
+        for key, value in state.items():
+            if key == "step":
+                assert torch.equal(value, want[key]), f"{what}: param {k} step"
+                continue
+            if isinstance(p, DTensor):
+                assert isinstance(value, DTensor) and value.placements == p.placements, key
+            assert _full(value).dtype == want[key].dtype, f"{what}: param {k} {key} dtype"
+            assert torch.equal(_full(value), want[key]), f"{what}: param {k} {key}"
+        if q8 and k < len(Q8_MATRICES):
+            codes = [v for v in state.values() if quant8.is_quantized(_full(v))]
+            assert len(codes) >= 1, f"{what}: param {k} has no 8-bit state"
+        else:
+            assert not any(quant8.is_quantized(_full(v)) for v in state.values())
+
+
+def _train_sharded_and_unsharded(case):
+    """STEPS steps of ``case`` on FSDP2's params and on the same params unsharded:
+    (model, optimizer, unsharded model, its optimizer)."""
+    want = _q8_model(case, sharded=False)
+    want_opt = _q8_optimizer(case, want)
+    _q8_train(want, want_opt, STEPS)
+    model = _q8_model(case, sharded=True)
+    opt = _q8_optimizer(case, model)
+    _q8_train(model, opt, STEPS)
+    return model, opt, want, want_opt
+
+
+def scenario_fsdp2_q8_equals_unsharded(rank):
+    """state_bits=8 on FSDP2's params: the step runs on the local shards (whole rows, hence
+    whole blocks) and equals the unsharded step bit for bit: codes, absmaxes (placed as the
+    param, of the whole param's scale shape), params."""
+    from fusedopt import quant8
+    from fusedopt.optim._state_bits import scale_keys
+
+    for case in Q8_CASES:
+        model, opt, want, want_opt = _train_sharded_and_unsharded(case)
+        _assert_same_bits(model, opt, want, want_opt, case)
+        for p in list(model.parameters())[: len(Q8_MATRICES)]:
+            scales = [v for k, v in opt.state[p].items() if k in scale_keys(opt.OP)]
+            assert scales and all(v.shape == quant8.scale_shape(p.shape) for v in scales), case
+
+
+def scenario_fsdp2_sr_and_masters_equal_unsharded(rank):
+    """Stochastic rounding and compact/Kahan masters on FSDP2's params: the sharded run's
+    bits are the unsharded run's (params, masters, states)."""
+    for case, (*_, q8) in MESH_FREE_CASES.items():
+        if q8:
+            continue
+        model, opt, want, want_opt = _train_sharded_and_unsharded(case)
+        _assert_same_bits(model, opt, want, want_opt, case, q8=False)
+
+
+def scenario_fsdp2_q8_sharded_1d_refused(rank):
+    """A 1-D param sharded on its only dim would have its blocks cut: a clear error naming
+    the param, before any tensor is touched."""
+    model = _q8_model("q8_adamw", sharded=True)
+    params = list(model.parameters())
+    opt = fusedopt.AdamW([{"params": params, "state_bits": 8}], lr=1e-2)
+    _q8_grads(model, 0)
+    before = [_full(p).clone() for p in params]
+    index = len(Q8_MATRICES)
+    try:
+        opt.step()
+    except ValueError as error:
+        message = str(error)
+        assert f"group 0, index {index}" in message and "state_bits=None" in message, message
+    else:
+        raise AssertionError("a sharded 1-D param with state_bits=8 was accepted")
+    unchanged = all(torch.equal(_full(p), b) for p, b in zip(params, before, strict=True))
+    assert not opt.state and unchanged
+
+
+def scenario_fsdp2_sr_column_shard_refused(rank):
+    """Stochastic rounding on a DTensor whose shard is not one run of the param's elements
+    (Shard(1)): its bits could not be the unsharded ones; a ValueError naming the param
+    ([note: sharded stochastic rounding] in fusedopt/optim/_plan.py), nothing touched."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    whole = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)).bfloat16()
+    p = torch.nn.Parameter(distribute_tensor(whole, mesh, [Shard(1)], src_data_rank=None))
+    p.grad = distribute_tensor(torch.ones(4, 6).bfloat16(), mesh, [Shard(1)], src_data_rank=None)
+    opt = fusedopt.AdamW([p], lr=1e-2, stochastic_rounding=True)
+    try:
+        opt.step()
+    except ValueError as error:
+        message = str(error)
+        assert "group 0, index 0" in message and "one run" in message, message
+    else:
+        raise AssertionError("stochastic rounding of a Shard(1) param was accepted")
+    assert not opt.state and torch.equal(p.full_tensor(), whole)
+
+
+def scenario_fsdp2_q8_checkpoint_reshards(rank, tmpdir):
+    """An 8-bit run checkpointed (DCP) on 2 ranks after 2 steps loads into 2 ranks, into one
+    unsharded process, and (``state_dict``/``load_state_dict``) into a fresh sharded
+    optimizer; each goes on for 2 steps with the bits of the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def load(model, opt, path, no_dist=False):
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, opt),
+        }
+        dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+
+    for case in Q8_CASES:
+        path = os.path.join(tmpdir, case)
+        model = _q8_model(case, sharded=True)
+        opt = _q8_optimizer(case, model)
+        _q8_train(model, opt, 2)
+        dcp.save(
+            {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+            checkpoint_id=path,
+        )
+        copied = _q8_model(case, sharded=True)  # state_dict() round trip, taken here
+        copied.load_state_dict(model.state_dict())
+        copied_opt = _q8_optimizer(case, copied)
+        copied_opt.load_state_dict(opt.state_dict())
+        _q8_train(model, opt, 2, start=2)  # the uninterrupted run
+
+        resumed = _q8_model(case, sharded=True)
+        resumed_opt = _q8_optimizer(case, resumed)
+        load(resumed, resumed_opt, path)
+        _q8_train(resumed, resumed_opt, 2, start=2)
+        _assert_same_bits(resumed, resumed_opt, model, _Unsharded(model, opt), f"{case} 2->2")
+
+        single = _q8_model(case, sharded=False)
+        single_opt = _q8_optimizer(case, single)
+        load(single, single_opt, path, no_dist=True)
+        _q8_train(single, single_opt, 2, start=2)
+        _assert_same_bits(model, opt, single, single_opt, f"{case} 2->1")
+
+        _q8_train(copied, copied_opt, 2, start=2)
+        _assert_same_bits(copied, copied_opt, model, _Unsharded(model, opt), f"{case} sd")
+
+
+class _Unsharded:
+    """An optimizer's ``state`` seen with every DTensor gathered (``_assert_same_bits``'s
+    ``want_opt``)."""
+
+    def __init__(self, model, opt):
+        self.state = {p: {k: _full(v) for k, v in opt.state[p].items()} for p in model.parameters()}
+
+
 def _worker(rank: int, port: int, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # A collective that one rank never joins fails after the timeout instead of hanging.
@@ -256,8 +516,8 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     for name in SCENARIOS:
         try:
             fn = globals()[f"scenario_{name}"]
-            if name == "dcp":
-                fn(rank, os.path.join(outdir, "checkpoint"))
+            if name in ("dcp", "fsdp2_q8_checkpoint_reshards"):
+                fn(rank, os.path.join(outdir, f"checkpoint_{name}"))
             else:
                 fn(rank)
             results[name] = "ok"

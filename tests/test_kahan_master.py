@@ -25,7 +25,7 @@ from optim_cases import (
     run_master_modes,
     usable_backends,
 )
-from test_compact_master import BACKENDS, STEP_OPS, N
+from test_compact_master import BACKENDS, STEP_OPS, N, sgd_step_with_masters
 from test_master_sync import _bits, _op_call, _same
 
 import fusedopt
@@ -315,10 +315,7 @@ def test_kahan_fp16_and_refusals():
         fusedopt.AdamW([torch.zeros(3, requires_grad=True)], master_weights="kahan16")
     b = torch.zeros(4, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="master_params"):
-        ops.step("sgd_", dict(params=[b], grads=[b.clone()],
-                              master_params=[torch.zeros(4, dtype=torch.float16)]),
-                 dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0),
-                 dict(nesterov=False, maximize=False), backend="cpu")  # fmt: skip
+        sgd_step_with_masters(b, torch.zeros(4, dtype=torch.float16), "cpu")
 
 
 def _decay_run(master_weights, steps: int = 100) -> torch.Tensor:

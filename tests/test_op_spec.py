@@ -31,15 +31,19 @@ GOLDEN_SCHEMAS = {
         "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
         "bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
+    # + the block absmaxes of 8-bit states after the states ([note: 8-bit states] in
+    # fusedopt/quant8.py): lamb_, lion_ and sgd_ as adamw_
     "lamb_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, "
+        "Tensor(g!)[] exp_avg_sq_scales, Tensor(e!)[] master_params, Tensor(f!)[] steps, "
         "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
         "bool trust_clip, bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, "
         "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, Tensor? sr_key=None) -> ()"
     ),
     "lion_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_scales, "
         "Tensor(e!)[] master_params, Tensor hypers, int[] group_sizes, bool maximize, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
         "bool master_sync=True, Tensor? sr_key=None) -> ()"
@@ -65,6 +69,7 @@ GOLDEN_SCHEMAS = {
     ),
     "sgd_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] momentum_buffer_scales, "
         "Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor hypers, int[] group_sizes, "
         "bool nesterov, bool maximize, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, "
@@ -94,7 +99,8 @@ GOLDEN_SCHEMAS = {
 GOLDEN_PHASE_SCHEMAS = {
     "lamb_direction_": (
         "{name}(Tensor[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor[] master_params, Tensor(f!)[] steps, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, "
+        "Tensor(g!)[] exp_avg_sq_scales, Tensor[] master_params, Tensor(f!)[] steps, "
         "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
         "bool trust_clip, bool always_adapt, Tensor? lr_tensor, Tensor? grad_scale, "
         "Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, "
@@ -102,7 +108,8 @@ GOLDEN_PHASE_SCHEMAS = {
     ),
     "lamb_apply_": (
         "{name}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(e!)[] master_params, Tensor[] steps, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, "
+        "Tensor(g!)[] exp_avg_sq_scales, Tensor(e!)[] master_params, Tensor[] steps, "
         "Tensor hypers, int[] group_sizes, bool grad_averaging, bool bias_correction, "
         "bool trust_clip, bool always_adapt, Tensor sq_norms, Tensor? lr_tensor, "
         "Tensor? grad_scale, Tensor? clip_coef, Tensor? found_inf, bool master_sync=True, "
@@ -176,11 +183,11 @@ TORCH_STATE_KEYS = {
         "exp_avg_scale",
         "exp_avg_sq_scale",
     },
-    "lamb_": {"step", "exp_avg", "exp_avg_sq"},
-    "lion_": {"exp_avg"},
+    "lamb_": {"step", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"},
+    "lion_": {"exp_avg", "exp_avg_scale"},
     "adan_": {"step", "exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"},  # official Adan's
     "schedulefree_adamw_": {"z", "exp_avg_sq"},  # schedulefree's AdamWScheduleFree
-    "sgd_": {"step", "momentum_buffer"},
+    "sgd_": {"step", "momentum_buffer", "momentum_buffer_scale"},
     "adafactor_": {"step", "row_var", "col_var", "variance"},
     "muon_": {"momentum_buffer"},  # torch.optim.Muon's
 }

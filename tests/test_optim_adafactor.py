@@ -129,27 +129,34 @@ def test_float32_trajectory_is_close_to_torch(backend):
 CHUNKED_SHAPES = [(300, 257), (2, 30, 2500), (2, 70000), (2 * 65536 + 5,)]
 
 
-@pytest.mark.parametrize("backend", usable_backends("cpu"))
-def test_chunked_reductions_equal_torch_in_float64(backend):
-    """Row sums complete in their chunk, column sums folded over chunks and per-chunk sums of
-    p² and u²: the trajectory over tensors of several chunks is torch's to float64 rounding,
-    and the CPU's is the same bits whatever its thread count."""
+def assert_chunked_trajectory_is_torchs(backend: str, device: str = "cpu") -> list:
+    """3 steps over CHUNKED_SHAPES in fp64 on ``device``: the params equal torch's (on the
+    CPU) to float64 rounding; returns ours. Shared with test_cuda_backend.py."""
     g = torch.Generator().manual_seed(2)
     start = [torch.randn(s, generator=g, dtype=torch.float64) for s in CHUNKED_SHAPES]
     grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in CHUNKED_SHAPES]
              for _ in range(3)]  # fmt: skip
     kwargs = dict(lr=0.05, weight_decay=0.1)
-    ours, theirs = [p.clone() for p in start], [p.clone() for p in start]
-    _run(fusedopt.Adafactor, ours, grads, **kwargs, backend=backend)
+    ours, theirs = [p.to(device) for p in start], [p.clone() for p in start]
+    on_device = [[g.to(device) for g in step] for step in grads]
+    _run(fusedopt.Adafactor, ours, on_device, **kwargs, backend=backend)
     _run(torch.optim.Adafactor, theirs, grads, **kwargs)
     for p, q in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-12, atol=1e-14)
+    return ours
+
+
+@pytest.mark.parametrize("backend", usable_backends("cpu"))
+def test_chunked_reductions_equal_torch_in_float64(backend):
+    """Row sums complete in their chunk, column sums folded over chunks and per-chunk sums of
+    p² and u²: the trajectory over tensors of several chunks is torch's to float64 rounding,
+    and the CPU's is the same bits whatever its thread count."""
+    ours = assert_chunked_trajectory_is_torchs(backend)
     if backend == "cpu":
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
-            serial = [p.clone() for p in start]
-            _run(fusedopt.Adafactor, serial, grads, **kwargs, backend=backend)
+            serial = assert_chunked_trajectory_is_torchs(backend)
         finally:
             torch.set_num_threads(threads)
         assert all(torch.equal(p, q) for p, q in zip(ours, serial, strict=True))

@@ -187,6 +187,28 @@ def test_torch_state_dict_loads_and_ours_loads_into_torch():
     )
 
 
+def test_named_params_step_and_save_their_names_as_torchs():
+    """torch.optim.Muon takes (name, param) pairs and saves the names in its groups; so does
+    ours, also where a group of both kinds is split (the names follow their params)."""
+    ours, theirs = _pair(SHAPES[:3])
+    opt = fusedopt.Muon([(f"w{k}", p) for k, p in enumerate(ours)], lr=0.02)
+    ref = torch.optim.Muon([(f"w{k}", p) for k, p in enumerate(theirs)], lr=0.02)
+    for step in range(2):
+        grads = _grads(SHAPES[:3], step)
+        _run(opt, ours, grads)
+        _run(ref, theirs, grads)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["param_groups"][0]["param_names"] == ["w0", "w1", "w2"]
+    assert ref.state_dict()["param_groups"][0]["param_names"] == ["w0", "w1", "w2"]
+    vector = torch.nn.Parameter(torch.ones(5))
+    mixed = fusedopt.Muon([("bias", vector), ("w", torch.nn.Parameter(torch.ones(3, 2)))])
+    assert [(g["use_muon"], g["param_names"]) for g in mixed.param_groups] == [
+        (True, ["w"]),
+        (False, ["bias"]),
+    ]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_master_weights_follow_torch_on_the_fp32_master(backend):
     """bf16 params with masters: the master steps as torch.optim.Muon's fp32 param fed the

@@ -51,7 +51,7 @@ def _set_grads(runs, step, dtype=torch.float32, scale=1.0, inf=False):
         grads[2].view(-1)[3] = float("inf")
     for params in runs:
         for p, g in zip(params, grads, strict=True):
-            p.grad = (g.float() * scale).to(p.dtype)
+            p.grad = (g.float() * scale).to(p.device, p.dtype)
 
 
 def _assert_same_run(ours, ours_params, anchor, anchor_params, what, tol=TORCH_TOLERANCE):
@@ -62,6 +62,29 @@ def _assert_same_run(ours, ours_params, anchor, anchor_params, what, tol=TORCH_T
         assert_close(p, q, tol, f"{what}: param {i}")
         for key in ("z", "exp_avg_sq"):
             assert_close(ours.state[p][key], anchor.state[q][key], tol, f"{what}: {key} {i}")
+
+
+def run_with_switches(backend: str, device: str = "cpu"):
+    """40 steps from warmup on of ours (on ``device``) beside the anchor (on the CPU), two
+    groups, eval()/train() switches (and an evaluation in eval mode) every 9 steps; returns
+    (ours, its params, anchor, its params) in train mode. Shared with test_cuda_backend.py."""
+    anchor_params = _params()
+    ours_params = [torch.nn.Parameter(p.detach().to(device)) for p in _params()]
+    ours = fusedopt.ScheduleFreeAdamW(_groups(ours_params), backend=backend)
+    anchor = schedulefree.AdamWScheduleFree(_groups(anchor_params))
+    anchor.train()
+    ours.train()  # a no-op: ours starts in train mode
+    for step in range(40):
+        _set_grads([ours_params, anchor_params], step)
+        ours.step()
+        anchor.step()
+        if step % 9 == 8:
+            ours.eval()
+            anchor.eval()
+            _assert_same_run(ours, ours_params, anchor, anchor_params, f"eval after {step}")
+            ours.train()
+            anchor.train()
+    return ours, ours_params, anchor, anchor_params
 
 
 def test_constructor_names_and_defaults_are_the_anchors():
@@ -78,21 +101,7 @@ def test_trajectory_with_eval_train_switches_equals_the_anchor(backend):
     """40 steps from warmup on, two groups, eval()/train() switches (and an evaluation in
     eval mode) every 9 steps: params, z, exp_avg_sq and the group schedule match the anchor,
     in train mode and in eval mode (x) at the end."""
-    ours_params, anchor_params = _params(), _params()
-    ours = fusedopt.ScheduleFreeAdamW(_groups(ours_params), backend=backend)
-    anchor = schedulefree.AdamWScheduleFree(_groups(anchor_params))
-    anchor.train()
-    ours.train()  # a no-op: ours starts in train mode
-    for step in range(40):
-        _set_grads([ours_params, anchor_params], step)
-        ours.step()
-        anchor.step()
-        if step % 9 == 8:
-            ours.eval()
-            anchor.eval()
-            _assert_same_run(ours, ours_params, anchor, anchor_params, f"eval after {step}")
-            ours.train()
-            anchor.train()
+    ours, ours_params, anchor, anchor_params = run_with_switches(backend)
     _assert_same_run(ours, ours_params, anchor, anchor_params, "train, end")
     ours.eval()
     anchor.eval()

@@ -1,16 +1,21 @@
-"""8-bit optimizer states ([note: 8-bit states] in fusedopt/quant8.py): the quantizer, the
-``adamw_`` op on every backend that has them (bit for bit the reference), the float64
-oracle's bound, the optimizer classes (``state_bits=8``), state dicts and bad input."""
+"""8-bit optimizer states ([note: 8-bit states] in fusedopt/quant8.py): the quantizer, every
+op with 8-bit states (``adamw_``, ``lion_``, ``sgd_``, ``lamb_``: the spec's
+``quantized_states``) on every backend that has them (bit for bit the reference), the
+float64 oracle's bound, the optimizer classes (``state_bits=8``), state dicts and bad
+input."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Callable
 
 import pytest
 import torch
 
 import fusedopt
 from fusedopt import quant8
+from fusedopt._contract import STEP_OPS
 from fusedopt.optim import _state_bits
 from fusedopt.reference import ops as ref
 
@@ -94,25 +99,27 @@ def test_code_table_matches_cpp_definition():
 # The op
 
 
-def _lists(shapes, dtype=torch.float32, master=None, seed=0, q8=True):
-    """adamw_ lists with 8-bit states holding a few steps' worth of moments."""
+def _lists(shapes, dtype=torch.float32, master=None, seed=0, q8=True, op="adamw_"):
+    """``op``'s lists with its 8-bit states (the spec's ``quantized_states``) holding a few
+    steps' worth of moments: signed ones around 0.01, unsigned ones spanning 4 decades."""
     g = _seeded(seed)
     params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     grads = [torch.randn(s, generator=g).to(dtype) * 0.1 for s in shapes]
-    m = [torch.randn(s, generator=g) * 0.01 for s in shapes]
-    v = [torch.rand(s, generator=g) * torch.exp(-10 * torch.rand(s, generator=g)) for s in shapes]
-    lists = {"params": params, "grads": grads, "steps": [torch.tensor(3.0) for _ in shapes]}
-    if q8:
-        mq = [quant8.quantize(t, True) for t in m]
-        vq = [quant8.quantize(t, False) for t in v]
-        lists |= {
-            "exp_avgs": [c for c, _ in mq], "exp_avg_scales": [s for _, s in mq],
-            "exp_avg_sqs": [c for c, _ in vq], "exp_avg_sq_scales": [s for _, s in vq],
-        }  # fmt: skip
-    else:
-        state_dtype = torch.float32 if master else dtype
-        lists |= {"exp_avgs": [t.to(state_dtype) for t in m],
-                  "exp_avg_sqs": [t.to(state_dtype) for t in v]}  # fmt: skip
+    lists = {"params": params, "grads": grads}
+    if STEP_OPS[op].steps != "none":
+        lists["steps"] = [torch.tensor(3.0) for _ in shapes]
+    state_dtype = torch.float32 if master else dtype
+    for name, scales, signed in STEP_OPS[op].quantized_states:
+        if signed:
+            values = [torch.randn(s, generator=g) * 0.01 for s in shapes]
+        else:
+            values = [torch.rand(s, generator=g) * torch.exp(-10 * torch.rand(s, generator=g))
+                      for s in shapes]  # fmt: skip
+        if q8:
+            pairs = [quant8.quantize(t, signed) for t in values]
+            lists |= {name: [c for c, _ in pairs], scales: [s for _, s in pairs]}
+        else:
+            lists[name] = [t.to(state_dtype) for t in values]
     if master == "fp32":
         lists["master_params"] = [p.float() + 1e-4 for p in params]
     elif master == "compact":
@@ -121,9 +128,93 @@ def _lists(shapes, dtype=torch.float32, master=None, seed=0, q8=True):
     return lists
 
 
-def _step(lists, backend, **kw):
-    kw = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1, **kw}
-    fusedopt.ops.adamw_(**lists, backend=backend, **kw)
+@dataclasses.dataclass(frozen=True)
+class Q8Op:
+    """An op with 8-bit states: its step's hyperparameters and the options it is run with."""
+
+    hypers: dict
+    options: dict[str, dict]
+    optimizer: Callable[..., torch.optim.Optimizer]
+
+
+_SCALED = {"grad_scale": torch.tensor(1024.0), "clip_coef": torch.tensor(0.5)}
+
+#: Every op whose spec declares 8-bit states. The options: each flag and scalar path its
+#: kernels branch on.
+Q8_OPS = {
+    "adamw_": Q8Op(
+        {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1},
+        {
+            "adamw": {},
+            "adam_l2": {"decoupled": False},
+            "maximize": {"maximize": True},
+            "no_bias_correction": {"bias_correction": False},
+            "scaled": _SCALED,
+            "lr_tensor": {"lr": torch.tensor(3e-3)},
+        },
+        lambda params, **kw: fusedopt.AdamW(params, lr=1e-2, **kw),
+    ),
+    "lion_": Q8Op(
+        {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1},
+        {
+            "lion": {},
+            "maximize": {"maximize": True},
+            "scaled": _SCALED,
+            "lr_tensor": {"lr": torch.tensor(3e-4)},
+        },
+        lambda params, **kw: fusedopt.Lion(params, lr=1e-3, weight_decay=0.1, **kw),
+    ),
+    "sgd_": Q8Op(
+        {"lr": 1e-2, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1},
+        {
+            "sgd": {},
+            "nesterov": {"nesterov": True, "dampening": 0.0},
+            "maximize": {"maximize": True},
+            "scaled": _SCALED,
+            "lr_tensor": {"lr": torch.tensor(3e-3)},
+            # a tensor whose momentum is 0 in a call with buffers keeps its codes and scales
+            # ([note: sgd momentum 0]); per-tensor momenta, one group per param
+            "momentum_0": {"momentum": [0.9, 0.0, 0.9, 0.0, 0.9, 0.0, 0.9]},
+        },
+        lambda params, **kw: fusedopt.SGD(params, lr=1e-2, momentum=0.9, **kw),
+    ),
+    "lamb_": Q8Op(
+        {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1},
+        {
+            "lamb": {},
+            "no_decay": {"weight_decay": 0.0},
+            "always_adapt": {"weight_decay": 0.0, "always_adapt": True},
+            "trust_clip": {"trust_clip": True, "grad_averaging": False},
+            "scaled": _SCALED,
+            "lr_tensor": {"lr": torch.tensor(3e-3)},
+        },
+        lambda params, **kw: fusedopt.LAMB(params, lr=1e-2, **kw),
+    ),
+}
+assert set(Q8_OPS) == {op for op, spec in STEP_OPS.items() if spec.quantized_states}
+
+
+def _step(lists, backend, op="adamw_", **kw):
+    kw = {**Q8_OPS[op].hypers, **kw}
+    getattr(fusedopt.ops, op)(**lists, backend=backend, **kw)
+
+
+def _step_both(want, got, backend, op="adamw_", **kw):
+    """One step of ``op`` on the reference (``want``) and on ``backend`` (``got``). LAMB's
+    trust ratios come from reductions, whose order is the backend's (not bit for bit,
+    [note: lamb passes]): its first pass runs on each, the sums agree to a few ulps, and
+    both second passes take the backend's sums, so that everything else must be bit for
+    bit (the 8-bit moments are written by the second pass only)."""
+    if op != "lamb_":
+        _step(want, "reference", op, **kw)
+        _step(got, backend, op, **kw)
+        return
+    kw = {**Q8_OPS[op].hypers, **kw}
+    want_sq = fusedopt.ops.lamb_direction_(**want, backend="reference", **kw)
+    got_sq = fusedopt.ops.lamb_direction_(**got, backend=backend, **kw)
+    torch.testing.assert_close(got_sq, want_sq, rtol=1e-5, atol=0.0)
+    fusedopt.ops.lamb_apply_(**want, sq_norms=got_sq, backend="reference", **kw)
+    fusedopt.ops.lamb_apply_(**got, sq_norms=got_sq, backend=backend, **kw)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -138,33 +229,30 @@ def _assert_same(got, want):
             assert torch.equal(_bits(a), _bits(b)), f"{name}[{i}] differs"
 
 
-OPTIONS = {
-    "adamw": {},
-    "adam_l2": {"decoupled": False},
-    "maximize": {"maximize": True},
-    "no_bias_correction": {"bias_correction": False},
-    "scaled": {"grad_scale": torch.tensor(1024.0), "clip_coef": torch.tensor(0.5)},
-    "lr_tensor": {"lr": torch.tensor(3e-3)},
-}
+OP_OPTIONS = [(op, option) for op, case in Q8_OPS.items() for option in case.options]
 
 
 @pytest.mark.parametrize("backend", Q8_BACKENDS)
-@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("op,option", OP_OPTIONS)
 @pytest.mark.parametrize(
     "dtype,master",
     [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
      (torch.bfloat16, "fp32"), (torch.bfloat16, "compact")],
 )  # fmt: skip
-def test_backend_equals_reference_bit_for_bit(backend, option, dtype, master):
+def test_backend_equals_reference_bit_for_bit(backend, op, option, dtype, master):
     """Codes, scales, params, masters and steps after 3 steps: the reference's, bit for bit."""
-    if option != "adamw" and (dtype, master) != (torch.float32, None) and backend == "triton":
+    first = option == next(iter(Q8_OPS[op].options))
+    if not first and (dtype, master) != (torch.float32, None) and backend == "triton":
         pytest.skip("the interpreter is slow: options on fp32 only")
-    want = _lists(SHAPES, dtype, master)
+    want = _lists(SHAPES, dtype, master, op=op)
     got = copy.deepcopy(want)
     for _ in range(3):
-        _step(want, "reference", **OPTIONS[option])
-        _step(got, backend, **OPTIONS[option])
+        _step_both(want, got, backend, op, **Q8_OPS[op].options[option])
     _assert_same(got, want)
+    if option == "momentum_0":  # [note: sgd momentum 0]: those buffers are as they were
+        _assert_same({k: got[k][1::2] for k in ("momentum_buffers", "momentum_buffer_scales")},
+                     {k: _lists(SHAPES, dtype, master, op=op)[k][1::2]
+                      for k in ("momentum_buffers", "momentum_buffer_scales")})  # fmt: skip
 
 
 def _midpoint_grads(scale: float) -> torch.Tensor:
@@ -199,44 +287,47 @@ def test_rounding_at_midpoints_equals_reference(backend):
 
 
 @pytest.mark.parametrize("backend", Q8_BACKENDS)
-def test_many_blocks_and_tensors(backend):
+@pytest.mark.parametrize("op", list(Q8_OPS))
+def test_many_blocks_and_tensors(backend, op):
     """Work split across items (CPU: 256 blocks per item) and chunks (Triton: 2^16)."""
     shapes = [(70, 1100), (3,), (257, 256), (1, 1)] + [(2, 9)] * 5
-    want = _lists(shapes, seed=5)
+    want = _lists(shapes, seed=5, op=op)
     got = copy.deepcopy(want)
-    _step(want, "reference")
-    _step(got, backend)
+    _step_both(want, got, backend, op)
     _assert_same(got, want)
 
 
 @pytest.mark.parametrize("backend", ["reference", *Q8_BACKENDS])
-def test_found_inf_changes_nothing(backend):
-    lists = _lists(SHAPES)
+@pytest.mark.parametrize("op", list(Q8_OPS))
+def test_found_inf_changes_nothing(backend, op):
+    lists = _lists(SHAPES, op=op)
     before = copy.deepcopy(lists)
-    _step(lists, backend, found_inf=torch.tensor(1.0))
+    _step(lists, backend, op, found_inf=torch.tensor(1.0))
     _assert_same(lists, before)
 
 
-def test_reference_step_is_the_fp32_step_on_dequantized_states():
-    """The 8-bit step is the plain fp32 step from the dequantized moments: the param bit for
-    bit, the new codes and scales the quantization of the fp32 step's new moments."""
-    q = _lists(SHAPES, seed=3)
-    plain = {
-        "params": [p.clone() for p in q["params"]], "grads": q["grads"],
-        "steps": [s.clone() for s in q["steps"]],
-        "exp_avgs": [quant8.dequantize(c, s)
-                     for c, s in zip(q["exp_avgs"], q["exp_avg_scales"], strict=True)],
-        "exp_avg_sqs": [quant8.dequantize(c, s)
-                        for c, s in zip(q["exp_avg_sqs"], q["exp_avg_sq_scales"], strict=True)],
-    }  # fmt: skip
-    _step(q, "reference")
-    _step(plain, "reference")
+def _dequantized(q: dict, op: str) -> dict:
+    """``q``'s lists with fp32 states: the 8-bit ones dequantized, no scales."""
+    plain = {k: [t.clone() for t in v] for k, v in q.items()}
+    for name, scales, _ in STEP_OPS[op].quantized_states:
+        plain[name] = [quant8.dequantize(c, s) for c, s in zip(q[name], plain.pop(scales),
+                                                                strict=True)]  # fmt: skip
+    return plain
+
+
+@pytest.mark.parametrize("op", list(Q8_OPS))
+def test_reference_step_is_the_fp32_step_on_dequantized_states(op):
+    """The 8-bit step is the plain fp32 step from the dequantized states: the param bit for
+    bit, the new codes and scales the quantization of the fp32 step's new states."""
+    q = _lists(SHAPES, seed=3, op=op)
+    plain = _dequantized(q, op)
+    _step(q, "reference", op)
+    _step(plain, "reference", op)
     _assert_same({"params": q["params"]}, {"params": plain["params"]})
-    for i, (m, v) in enumerate(zip(plain["exp_avgs"], plain["exp_avg_sqs"], strict=True)):
-        cm, sm = quant8.quantize(m, True)
-        cv, sv = quant8.quantize(v, False)
-        assert torch.equal(q["exp_avgs"][i], cm) and torch.equal(q["exp_avg_scales"][i], sm)
-        assert torch.equal(q["exp_avg_sqs"][i], cv) and torch.equal(q["exp_avg_sq_scales"][i], sv)
+    for name, scales, signed in STEP_OPS[op].quantized_states:
+        for i, value in enumerate(plain[name]):
+            codes, absmax = quant8.quantize(value, signed)
+            assert torch.equal(q[name][i], codes) and torch.equal(q[scales][i], absmax)
 
 
 def test_quantization_error_against_float64_oracle():
@@ -265,23 +356,27 @@ def test_quantization_error_against_float64_oracle():
             assert bool(((got - exact).abs() <= bound).all()), f"{name}[{i}]"
 
 
-def test_bad_input_is_refused_before_anything_changes():
-    lists = _lists([(4, 300)])
+@pytest.mark.parametrize("op", list(Q8_OPS))
+def test_bad_input_is_refused_before_anything_changes(op):
+    lists = _lists([(4, 300)], op=op)
     before = copy.deepcopy(lists)
+    quantized = STEP_OPS[op].quantized_states
+    name, scales, _ = quantized[0]
     cases = [
-        ({"exp_avg_sq_scales": []}, ValueError, "or none"),
-        ({"exp_avg_scales": [torch.zeros(4, 1)]}, RuntimeError, "shape"),
-        ({"exp_avg_scales": [torch.zeros(4, 2, dtype=torch.float64)]}, TypeError, "dtype"),
-        ({"exp_avgs": [torch.zeros(4, 300, dtype=torch.uint8)]}, TypeError, "int8"),
-        ({"exp_avgs": [torch.zeros(300, 4, dtype=torch.int8).t()]}, RuntimeError,
+        ({scales: [torch.zeros(4, 1)]}, RuntimeError, "shape"),
+        ({scales: [torch.zeros(4, 2, dtype=torch.float64)]}, TypeError, "dtype"),
+        ({name: [torch.zeros(4, 300, dtype=torch.uint8)]}, TypeError, "int8"),
+        ({name: [torch.zeros(300, 4, dtype=torch.int8).t()]}, RuntimeError,
          "layout|contiguous"),
         ({"params": [torch.zeros(4, 300, dtype=torch.float64)],
           "grads": [torch.zeros(4, 300, dtype=torch.float64)]}, TypeError, "float64"),
     ]  # fmt: skip
+    if len(quantized) > 1:  # the scales of one 8-bit state but not the other's
+        cases.append(({quantized[1][1]: []}, ValueError, "or none"))
     for backend in ("reference", *Q8_BACKENDS):
         for change, error, match in cases:
             with pytest.raises(error, match=match):
-                _step({**lists, **change}, backend)
+                _step({**lists, **change}, backend, op)
     _assert_same(lists, before)
 
 
@@ -306,16 +401,20 @@ def _train(opt, model, steps=20, seed=0):
 
 
 @pytest.mark.parametrize("backend", ["reference", *Q8_BACKENDS])
-def test_optimizer_state_and_bytes(backend):
+@pytest.mark.parametrize("op", list(Q8_OPS))
+def test_optimizer_state_and_bytes(backend, op):
     model = _model()
-    opt = fusedopt.AdamW(model.parameters(), lr=1e-2, state_bits=8, backend=backend)
+    opt = Q8_OPS[op].optimizer(model.parameters(), state_bits=8, backend=backend)
     _train(opt, model, steps=2)
     w = model[0].weight
     state = opt.state[w]
-    assert state["exp_avg"].dtype == torch.int8 and state["exp_avg_sq"].dtype == torch.uint8
-    assert state["exp_avg_scale"].shape == (300, 1) == state["exp_avg_sq_scale"].shape
+    quantized = _state_bits.quantized_keys(op)
+    for key, (scale_key, signed) in quantized.items():
+        assert state[key].dtype == (torch.int8 if signed else torch.uint8)
+        assert state[scale_key].shape == (300, 1) and state[scale_key].dtype == torch.float32
     held = sum(t.numel() * t.element_size() for k, t in state.items() if k != "step")
-    assert held == w.numel() * 2 + 300 * 8  # 2 B per element + 2 fp32 scales per row
+    # 1 B per element + one fp32 scale per row, per 8-bit state
+    assert held == len(quantized) * (w.numel() + 300 * 4)
 
 
 def test_optimizer_trains_like_fp32_adamw():
@@ -333,13 +432,14 @@ def test_optimizer_trains_like_fp32_adamw():
 
 
 @pytest.mark.parametrize("backend", ["reference", *Q8_BACKENDS])
-def test_state_dict_round_trips_exactly(backend):
+@pytest.mark.parametrize("op", list(Q8_OPS))
+def test_state_dict_round_trips_exactly(backend, op):
     model = _model()
-    opt = fusedopt.AdamW(model.parameters(), lr=1e-2, state_bits=8, backend=backend)
+    opt = Q8_OPS[op].optimizer(model.parameters(), state_bits=8, backend=backend)
     _train(opt, model, steps=3)
     saved = copy.deepcopy(opt.state_dict())
     twin_model = copy.deepcopy(model)
-    twin = fusedopt.AdamW(twin_model.parameters(), lr=1e-2, state_bits=8, backend=backend)
+    twin = Q8_OPS[op].optimizer(twin_model.parameters(), state_bits=8, backend=backend)
     twin.load_state_dict(saved)
     for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
         assert opt.state[p].keys() == twin.state[q].keys()
@@ -353,47 +453,70 @@ def test_state_dict_round_trips_exactly(backend):
         assert torch.equal(p, q)
 
 
-def test_switching_state_bits_converts_at_the_next_step():
+@pytest.mark.parametrize("op", list(Q8_OPS))
+def test_switching_state_bits_converts_at_the_next_step(op):
     model = _model()
-    opt = fusedopt.AdamW(model.parameters(), lr=1e-2, backend="reference")
+    opt = Q8_OPS[op].optimizer(model.parameters(), backend="reference")
     _train(opt, model, steps=2)
     w = model[0].weight
-    m32 = opt.state[w]["exp_avg"].clone()
+    key, (scale_key, signed) = next(iter(_state_bits.quantized_keys(op).items()))
+    m32 = opt.state[w][key].clone()
     opt.param_groups[0]["state_bits"] = 8
     _train(opt, model, steps=1)
-    assert opt.state[w]["exp_avg"].dtype == torch.int8
+    assert opt.state[w][key].dtype == (torch.int8 if signed else torch.uint8)
     opt.param_groups[0]["state_bits"] = None
     _train(opt, model, steps=1)
-    assert opt.state[w]["exp_avg"].dtype == torch.float32 and "exp_avg_scale" not in opt.state[w]
-    assert opt.state[w]["exp_avg"].shape == m32.shape
+    assert opt.state[w][key].dtype == torch.float32 and scale_key not in opt.state[w]
+    assert opt.state[w][key].shape == m32.shape
     # a state dict saved 8-bit loads into a default optimizer as dequantized fp32 states
     opt.param_groups[0]["state_bits"] = 8
     _train(opt, model, steps=1)
     saved = opt.state_dict()
-    plain = fusedopt.AdamW(model.parameters(), lr=1e-2, backend="reference")
+    plain = Q8_OPS[op].optimizer(model.parameters(), backend="reference")
     plain.load_state_dict(saved)
     plain.param_groups[0]["state_bits"] = None
-    codes, scales = opt.state[w]["exp_avg"], opt.state[w]["exp_avg_scale"]
+    codes, scales = opt.state[w][key], opt.state[w][scale_key]
     state = dict(plain.state[w])
-    _state_bits.convert(state, "adamw_", False, torch.float32, w)  # what the step does first
-    assert torch.equal(state["exp_avg"], quant8.dequantize(codes, scales))
+    _state_bits.convert(state, op, False, torch.float32, w)  # what the step does first
+    assert torch.equal(state[key], quant8.dequantize(codes, scales))
     _train(plain, model, steps=1)
-    assert plain.state[w]["exp_avg"].dtype == torch.float32
+    assert plain.state[w][key].dtype == torch.float32
 
 
-def test_optimizer_bad_settings():
+@pytest.mark.parametrize("op", list(Q8_OPS))
+def test_optimizer_bad_settings(op):
     model = _model()
+    make = Q8_OPS[op].optimizer
     with pytest.raises(ValueError, match="state_bits"):
-        fusedopt.AdamW(model.parameters(), state_bits=4)
-    with pytest.raises(ValueError, match="amsgrad"):
-        fusedopt.AdamW(model.parameters(), state_bits=8, amsgrad=True)
+        make(model.parameters(), state_bits=4)
+    if op == "adamw_":
+        with pytest.raises(ValueError, match="amsgrad"):
+            fusedopt.AdamW(model.parameters(), state_bits=8, amsgrad=True)
     p = torch.nn.Parameter(torch.zeros(300, 4).t())
     p.grad = torch.zeros_like(p)
-    opt = fusedopt.AdamW([p], state_bits=8, backend="reference")
+    opt = make([p], state_bits=8, backend="reference")
     with pytest.raises(RuntimeError, match="contiguous"):
         opt.step()
     assert not opt.state[p]
     q = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
     q.grad = torch.zeros_like(q)
     with pytest.raises(TypeError, match="fp32"):
-        fusedopt.AdamW([q], state_bits=8, backend="reference").step()
+        make([q], state_bits=8, backend="reference").step()
+
+
+@pytest.mark.parametrize("backend", ["reference", *Q8_BACKENDS])
+def test_sgd_without_momentum_keeps_no_state_whatever_state_bits(backend):
+    """SGD with momentum 0 keeps no buffer (as torch), so ``state_bits=8`` has nothing to
+    quantize: no error (a setting shared by groups with and without momentum holds for
+    each), no state, the plain step bit for bit; momentum switched on later starts an
+    8-bit buffer."""
+    a, b = _model(), _model()
+    eight = fusedopt.SGD(a.parameters(), lr=1e-2, state_bits=8, backend=backend)
+    plain = fusedopt.SGD(b.parameters(), lr=1e-2, backend=backend)
+    _train(eight, a, steps=2)
+    _train(plain, b, steps=2)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert not eight.state[p] and torch.equal(p, q)
+    eight.param_groups[0]["momentum"] = 0.9
+    _train(eight, a, steps=1)
+    assert eight.state[a[0].weight]["momentum_buffer"].dtype == torch.int8

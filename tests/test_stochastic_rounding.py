@@ -7,6 +7,7 @@ cures (with derived bounds), bad input, and resume from a state dict."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -196,6 +197,32 @@ def test_functional_ops_split_calls_keep_each_params_stream():
     assert key.tolist() == [99, 4, 30, 31, 32]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_entries_draw_the_whole_params_bits(backend):
+    """[note: sharded stochastic rounding] (fusedopt/optim/_plan.py): a key entry ``id |
+    first << 32`` makes a tensor draw the bits of elements ``first, first + 1, ...`` of the
+    param ``id``: shards stepped apart (FSDP2's dim-0 shards, uneven, one empty) give the
+    whole param's bits, whatever the cut; an entry without the high word is the whole param
+    (unsharded bits unchanged). Odd sizes and offsets: the vector paths' tails and edges."""
+    gen = torch.Generator().manual_seed(5)
+    param = torch.randn(9, 131, generator=gen).bfloat16()
+    grad = (torch.randn(9, 131, generator=gen) * 1e-3).bfloat16()
+    whole = param.clone()
+    ops.sgd_([whole], [grad], lr=0.1, sr_key=torch.tensor([7, 3, 40]), backend=backend)
+    for rows in ([5, 4], [3, 3, 3], [9, 0], [1, 7, 1]):
+        shards = [p.clone() for p in param.split(rows)]
+        firsts = [131 * r for r in itertools.accumulate([0, *rows[:-1]])]
+        key = torch.tensor([7, 3, *(40 | first << 32 for first in firsts)])
+        ops.sgd_(shards, list(grad.split(rows)), lr=0.1, sr_key=key, backend=backend)
+        got = torch.cat(shards)
+        assert torch.equal(got.view(torch.int16), whole.view(torch.int16)), (backend, rows)
+    # counted from each shard's own start instead (the bits before the fix): not the same
+    shards = [p.clone() for p in param.split([5, 4])]
+    ops.sgd_(shards, list(grad.split([5, 4])), lr=0.1, sr_key=torch.tensor([7, 3, 40, 40]),
+             backend=backend)  # fmt: skip
+    assert not torch.equal(torch.cat(shards).view(torch.int16), whole.view(torch.int16))
+
+
 # ----------------------------------------------------------------- (3) statistics
 
 
@@ -319,8 +346,9 @@ def test_op_refuses_a_bad_sr_key(backend, make_key, dtype, masters, error, match
     hypers, sizes = ops.hyper_table([0.1] * n, [0.9] * n, [0.0] * n, [0.0] * n)
     op = getattr(torch.ops.fusedopt, f"sgd_{backend}_")
     with pytest.raises(error, match=match):
-        op(params, grads, bufs, master, steps, hypers, sizes, False, False, None, None, None,
-           None, True, make_key(n))  # fmt: skip
+        # [] after the buffers: no momentum_buffer_scales (not 8-bit)
+        op(params, grads, bufs, [], master, steps, hypers, sizes, False, False, None, None,
+           None, None, True, make_key(n))  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
     assert all(float(s) == 0 for s in steps)
 
@@ -332,17 +360,24 @@ def test_op_refuses_a_bad_sr_key(backend, make_key, dtype, masters, error, match
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("adamw", "lion", "sgd_momentum",
                                                                 "muon", "lamb")],
                          ids=lambda c: c.name)  # fmt: skip
-def test_resume_from_state_dict_is_bit_identical(case, backend):
+@pytest.mark.parametrize("groups_only", [False, True], ids=["top_level", "groups_only"])
+def test_resume_from_state_dict_is_bit_identical(case, backend, groups_only):
     """N steps == k steps, state_dict, load into a fresh optimizer (another seed), N - k
-    steps: params and states bit for bit; the state dict holds seed and counter."""
+    steps: params and states bit for bit; the state dict holds seed and counter, at its top
+    level and in each SR group. ``groups_only``: the top-level entry dropped, as DCP's
+    get_optimizer_state_dict does (it keeps state and param_groups only)."""
     n, k = 5, 2
     want, _ = _run(case, backend, n, seed=555)
     params, opt = _run(case, backend, k, seed=555)
     saved = copy.deepcopy(opt.state_dict())
     assert saved["stochastic_rounding"] == {"seed": 555, "counter": k}
+    assert all((g["sr_seed"], g["sr_counter"]) == (555, k) for g in saved["param_groups"])
+    if groups_only:
+        del saved["stochastic_rounding"]
     fresh = case.cls(params, **case.kwargs, stochastic_rounding=True, backend=backend)
     fresh.sr_seed = 1  # overwritten by the load
     fresh.load_state_dict(saved)
+    assert not any("sr_seed" in g or "sr_counter" in g for g in fresh.param_groups)
     s0 = k
     for s in range(s0, n):
         gen = torch.Generator().manual_seed(100 + s)

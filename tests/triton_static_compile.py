@@ -131,7 +131,7 @@ def variants():
         exact = dtypes["MASTER"] or dtypes["P_DTYPE"] in (F32, F64)
         lamb_base = {"WIDTH": 10, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
                      "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,
-                     "ALWAYS_ADAPT": False, "STATES_EXACT": exact}  # fmt: skip
+                     "ALWAYS_ADAPT": False, "STATES_EXACT": exact, "Q8": False}  # fmt: skip
         out.append((f"lamb_norms_{case}", lamb.lamb_norms_kernel, lamb_base))
         # WIDTH = 3 + 7 slots + 1 (the hyperparameter row)
         adafactor_base = {"WIDTH": 11, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,

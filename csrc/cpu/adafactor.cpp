@@ -163,12 +163,6 @@ struct AdafactorPlan {
   }
 };
 
-/// sum p^2 and sum u^2 of one chunk or work item.
-struct NormPartial {
-  double param_sq = 0.0;
-  double update_sq = 0.0;
-};
-
 /// Pass 1 over reduction chunk k of a vector or scalar: its variance (stored), sum p^2 and
 /// sum u^2.
 template <typename T, bool kDivide>
@@ -316,22 +310,15 @@ void norms_items(const AdafactorCall& call, T* sq_norms, const ExecContext& ctx)
   });
   // The fold per tensor, in chunk (item) order.
   std::vector<NormPartial> norms(lists.num_tensors);
-  for (size_t q = 0; q < plan.chunks.size(); ++q) {
-    norms[plan.chunks[q].tensor].param_sq += chunk_parts[q].param_sq;
-    norms[plan.chunks[q].tensor].update_sq += chunk_parts[q].update_sq;
-  }
+  add_partials(norms, plan.chunks, chunk_parts);
   for (size_t q = 0; q < items.size(); ++q) norms[items[q].tensor].update_sq += item_sq[q];
-  for (int64_t i = 0; i < lists.num_tensors; ++i) {
-    sq_norms[2 * i] = static_cast<T>(norms[i].param_sq);
-    sq_norms[2 * i + 1] = static_cast<T>(norms[i].update_sq);
-  }
+  store_sq_norms(norms, sq_norms);
 }
 
 template <typename T>
 void apply_items(const AdafactorCall& call, const T* sq_norms, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
-  std::vector<double> t(lists.num_tensors);
-  for (int64_t i = 0; i < lists.num_tensors; ++i) t[i] = static_cast<double>(*lists.steps[i]);
+  const std::vector<double> t = step_counts(lists);
   AdafactorPlan<T> plan(call, t);
   std::vector<Factors<T>> factors(lists.num_tensors);
   for (int64_t i = 0; i < lists.num_tensors; ++i) {
@@ -369,30 +356,7 @@ void apply_items(const AdafactorCall& call, const T* sq_norms, const ExecContext
 
 }  // namespace
 
-void adafactor_norms(const AdafactorNormsCall& call, const ExecContext& ctx) {
-  if (!step_enabled(call.step.lists)) return;  // sq_norms stay 0
-  with_opmath(call.step.lists.params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    norms_items<T>(call.step, static_cast<T*>(call.sq_norms), ctx);
-  });
-}
-
-void adafactor_apply(const AdafactorApplyCall& call, const ExecContext& ctx) {
-  if (!step_enabled(call.step.lists)) return;
-  with_opmath(call.step.lists.params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    apply_items<T>(call.step, static_cast<const T*>(call.sq_norms), ctx);
-  });
-}
-
-void adafactor(const AdafactorCall& call, const ExecContext& ctx) {
-  if (!step_enabled(call.lists)) return;
-  with_opmath(call.lists.params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    std::vector<T> sq_norms(2 * call.lists.num_tensors, T(0));
-    norms_items<T>(call, sq_norms.data(), ctx);
-    apply_items<T>(call, sq_norms.data(), ctx);
-  });
-}
+FUSEDOPT_CPU_TWO_PASS_LAUNCHERS(adafactor, Adafactor, adafactor_norms, norms_items,
+                                adafactor_apply, apply_items)
 
 }  // namespace fusedopt::cpu

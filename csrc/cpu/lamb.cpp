@@ -5,20 +5,17 @@
 // and writes p (from the stored m, v) or p, m, v (from g and the old m, v).
 // Per element, fp32: 16 + 8 written, then 12 + 4 written (40 B); bf16 states: 8, then 8 + 6.
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "fusedopt/launch.h"
 #include "fusedopt/math/lamb.h"
+#include "q8_step.h"
 #include "reduce.h"
 #include "step.h"
 
 namespace fusedopt::cpu {
 namespace {
-
-struct NormPartial {
-  double param_sq = 0.0;
-  double update_sq = 0.0;
-};
 
 // [note: lamb divisions] Each pass is bound by its divisions (g / grad_scale, m / bc1,
 // sqrt(v) / sqrt_bc2 and the quotient of those: four vdivps and a vsqrtps per 8 floats; perf
@@ -68,7 +65,9 @@ void lamb_block_stored(T* __restrict p, const T* __restrict m, const T* __restri
 }
 
 /// What both passes take from a call: per-tensor scalars at step t, which tensors adapt,
-/// the grad load, the state slots and the work items.
+/// the grad load, the state slots and the work items. 8-bit moments ([note: 8-bit states] in
+/// fusedopt/quant8.py, given with their block scales) are never exact: pass 1 reads them,
+/// pass 2 recomputes and writes them once, over whole quantization blocks (q8_step.h).
 template <typename T>
 struct LambPlan {
   std::vector<LambScalars<T>> scalars;
@@ -77,6 +76,8 @@ struct LambPlan {
   GradLoad<T> load;
   std::array<TensorSlot, 2> states;
   std::vector<WorkItem> items;
+  std::array<Q8Slot, 2> q8_states;
+  std::optional<Q8Work> q8;
 
   LambPlan(const LambCall& call, const std::vector<double>& t)
       : scalars(tensor_scalars(call,
@@ -91,25 +92,42 @@ struct LambPlan {
         load(make_grad_load<T>(call.lists.scalars.grad_scale, call.lists.scalars.clip_coef,
                                false)),
         states{call.exp_avgs, call.exp_avg_sqs},
-        items(split_work(call.lists.num_tensors, call.lists.numels)) {
+        q8_states{Q8Slot{call.exp_avgs, call.exp_avg_scales},
+                  Q8Slot{call.exp_avg_sqs, call.exp_avg_sq_scales}} {
     const StepLists& lists = call.lists;
+    if (call.exp_avg_scales.present()) {
+      q8.emplace(lists);
+    } else {
+      items = split_work(lists.num_tensors, lists.numels);
+    }
     for (int64_t i = 0; i < lists.num_tensors; ++i)
       adapt[i] = call.weight_decay(i) != 0.0 || call.always_adapt;
   }
   bool two_pass(int64_t i) const { return lamb_two_pass(adapt[i] != 0, states_exact); }
+  const std::vector<WorkItem>& work() const { return q8 ? q8->items : items; }
+  /// for_each_block over work item w, or for_each_q8_block for 8-bit moments.
+  template <bool kWrite, bool kReadGrad = true, typename F>
+  void walk(const StepLists& lists, const WorkItem& w, F&& f) const {
+    if (q8) {
+      for_each_q8_block<T, 2, kWrite, kReadGrad>(lists, *q8, q8_states, w, true, f);
+    } else {
+      for_each_block<T, 2, kWrite, kReadGrad>(lists, states, w, f);
+    }
+  }
 };
 
 template <typename T>
 void direction_items(const LambCall& call, T* sq_norms, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
   const LambPlan<T> plan(call, advance_steps(lists));
-  std::vector<NormPartial> parts(plan.items.size());
-  parallel_items(plan.items, ctx, [&](int64_t k) {
-    const WorkItem& w = plan.items[k];
+  const std::vector<WorkItem>& items = plan.work();
+  std::vector<NormPartial> parts(items.size());
+  parallel_items(items, ctx, [&](int64_t k) {
+    const WorkItem& w = items[k];
     if (!plan.adapt[w.tensor]) return;
     const LambScalars<T> s = plan.scalars[w.tensor];
     NormPartial part;
-    for_each_block<T, 2, false>(lists, plan.states, w, [&](T* p, const T* g, auto& st, int64_t n) {
+    plan.template walk<false>(lists, w, [&](T* p, const T* g, auto& st, int64_t n) {
       with_divide(plan.load.divide, [&](auto divide) {
         const NormPartial b =
             plan.states_exact
@@ -122,39 +140,30 @@ void direction_items(const LambCall& call, T* sq_norms, const ExecContext& ctx) 
     parts[k] = part;
   });
   std::vector<NormPartial> norms(lists.num_tensors);
-  for (size_t k = 0; k < plan.items.size(); ++k) {
-    norms[plan.items[k].tensor].param_sq += parts[k].param_sq;
-    norms[plan.items[k].tensor].update_sq += parts[k].update_sq;
-  }
-  for (int64_t i = 0; i < lists.num_tensors; ++i) {
-    sq_norms[2 * i] = static_cast<T>(norms[i].param_sq);
-    sq_norms[2 * i + 1] = static_cast<T>(norms[i].update_sq);
-  }
+  add_partials(norms, items, parts);
+  store_sq_norms(norms, sq_norms);
 }
 
 template <typename T>
 void apply_items(const LambCall& call, const T* sq_norms, const ExecContext& ctx) {
   const StepLists& lists = call.lists;
-  std::vector<double> t(lists.num_tensors);
-  for (int64_t i = 0; i < lists.num_tensors; ++i) t[i] = static_cast<double>(*lists.steps[i]);
-  const LambPlan<T> plan(call, t);
+  const LambPlan<T> plan(call, step_counts(lists));
   std::vector<T> ratio(lists.num_tensors);
   for (int64_t i = 0; i < lists.num_tensors; ++i)
     ratio[i] = lamb_trust_ratio_sq(sq_norms[2 * i], sq_norms[2 * i + 1], plan.adapt[i] != 0,
                                    call.trust_clip);
-  parallel_items(plan.items, ctx, [&](int64_t k) {
-    const WorkItem& w = plan.items[k];
+  const std::vector<WorkItem>& items = plan.work();
+  parallel_items(items, ctx, [&](int64_t k) {
+    const WorkItem& w = items[k];
     const LambScalars<T> s = plan.scalars[w.tensor];
     const T r = ratio[w.tensor];
     if (plan.two_pass(w.tensor)) {
-      for_each_block<T, 2, true, false>(
-          lists, plan.states, w,
-          [&](T* p, const T*, auto& st, int64_t n) {
-            lamb_block_stored(p, st[0], st[1], n, s, r);
-          });
+      plan.template walk<true, false>(lists, w, [&](T* p, const T*, auto& st, int64_t n) {
+        lamb_block_stored(p, st[0], st[1], n, s, r);
+      });
       return;
     }
-    for_each_block<T, 2, true>(lists, plan.states, w, [&](T* p, const T* g, auto& st, int64_t n) {
+    plan.template walk<true>(lists, w, [&](T* p, const T* g, auto& st, int64_t n) {
       with_divide(plan.load.divide, [&](auto divide) {
         lamb_block<T, divide()>(p, g, st[0], st[1], n, s, r, plan.load);
       });
@@ -164,30 +173,7 @@ void apply_items(const LambCall& call, const T* sq_norms, const ExecContext& ctx
 
 }  // namespace
 
-void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx) {
-  if (!step_enabled(call.step.lists)) return;  // sq_norms stay 0
-  with_opmath(call.step.lists.params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    direction_items<T>(call.step, static_cast<T*>(call.sq_norms), ctx);
-  });
-}
-
-void lamb_apply(const LambApplyCall& call, const ExecContext& ctx) {
-  if (!step_enabled(call.step.lists)) return;
-  with_opmath(call.step.lists.params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    apply_items<T>(call.step, static_cast<const T*>(call.sq_norms), ctx);
-  });
-}
-
-void lamb(const LambCall& call, const ExecContext& ctx) {
-  if (!step_enabled(call.lists)) return;
-  with_opmath(call.lists.params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    std::vector<T> sq_norms(2 * call.lists.num_tensors, T(0));
-    direction_items<T>(call, sq_norms.data(), ctx);
-    apply_items<T>(call, sq_norms.data(), ctx);
-  });
-}
+FUSEDOPT_CPU_TWO_PASS_LAUNCHERS(lamb, Lamb, lamb_direction, direction_items, lamb_apply,
+                                apply_items)
 
 }  // namespace fusedopt::cpu

@@ -4,6 +4,7 @@
 
 #include "fusedopt/launch.h"
 #include "fusedopt/math/lion.h"
+#include "q8_step.h"
 #include "step.h"
 
 namespace fusedopt::cpu {
@@ -23,11 +24,16 @@ void lion_items(const LionCall& call, const ExecContext& ctx) {
   });
   const GradLoad<T> load = make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef,
                                              call.maximize);
+  const auto block = [&](auto divide, T* p, const T* g, auto& st, int64_t n, const auto& s) {
+    lion_block<T, divide()>(p, g, st[0], n, s, load);
+  };
+  if (call.exp_avg_scales.present()) {  // [note: 8-bit states]: fp32/bf16/fp16 params only
+    const std::array<Q8Slot, 1> states{Q8Slot{call.exp_avgs, call.exp_avg_scales}};
+    q8_step_blocks<T>(lists, states, scalars, load.divide, ctx, block);
+    return;
+  }
   const std::array<TensorSlot, 1> states{call.exp_avgs};
-  step_blocks<T>(lists, states, scalars, load.divide, ctx,
-                 [&](auto divide, T* p, const T* g, auto& st, int64_t n, const auto& s) {
-                   lion_block<T, divide()>(p, g, st[0], n, s, load);
-                 });
+  step_blocks<T>(lists, states, scalars, load.divide, ctx, block);
 }
 
 }  // namespace

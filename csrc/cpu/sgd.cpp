@@ -5,6 +5,7 @@
 
 #include "fusedopt/launch.h"
 #include "fusedopt/math/sgd.h"
+#include "q8_step.h"
 #include "step.h"
 
 namespace fusedopt::cpu {
@@ -69,14 +70,23 @@ void sgd_items(const SgdCall& call, const ExecContext& ctx) {
   const GradLoad<T> load = make_grad_load<T>(lists.scalars.grad_scale, lists.scalars.clip_coef,
                                              call.maximize);
   constexpr size_t kStates = kMomentum ? 1 : 0;
+  const auto block = [&](auto divide, T* p, const T* g, auto& st, int64_t n, const auto& s) {
+    T* buf = nullptr;
+    if constexpr (kMomentum) buf = st[0];
+    sgd_block<T, kMomentum, divide()>(p, g, buf, n, s, load);
+  };
+  if (kMomentum && call.momentum_buffer_scales.present()) {  // [note: 8-bit states]
+    std::array<Q8Slot, kStates> states{};
+    if constexpr (kMomentum) states[0] = {call.momentum_buffers, call.momentum_buffer_scales};
+    // [note: sgd momentum 0]: a tensor whose momentum is 0 keeps its buffer's codes as they
+    // are (requantizing them need not give the same bits: an infinite scale's zero codes)
+    q8_step_blocks<T>(lists, states, scalars, load.divide, ctx, block,
+                      [&](int64_t i) { return call.momentum(i) != 0.0; });
+    return;
+  }
   std::array<TensorSlot, kStates> states{};
   if constexpr (kMomentum) states[0] = call.momentum_buffers;
-  step_blocks<T>(lists, states, scalars, load.divide, ctx,
-                 [&](auto divide, T* p, const T* g, auto& st, int64_t n, const auto& s) {
-                   T* buf = nullptr;
-                   if constexpr (kMomentum) buf = st[0];
-                   sgd_block<T, kMomentum, divide()>(p, g, buf, n, s, load);
-                 });
+  step_blocks<T>(lists, states, scalars, load.divide, ctx, block);
 }
 
 }  // namespace

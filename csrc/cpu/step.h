@@ -38,14 +38,18 @@ auto tensor_scalars(const Call& call, Make&& make) {
   return scalars;
 }
 
+/// The step counts, as the bias corrections use them (a two-pass op's last pass: the counts
+/// its first pass advanced).
+inline std::vector<double> step_counts(const StepLists& lists) {
+  std::vector<double> t(lists.num_tensors);
+  for (int64_t i = 0; i < lists.num_tensors; ++i) t[i] = static_cast<double>(*lists.steps[i]);
+  return t;
+}
+
 /// Adds 1 to each step count and returns the new counts (as the bias corrections use them).
 inline std::vector<double> advance_steps(const StepLists& lists) {
-  std::vector<double> t(lists.num_tensors);
-  for (int64_t i = 0; i < lists.num_tensors; ++i) {
-    *lists.steps[i] += 1.0f;
-    t[i] = static_cast<double>(*lists.steps[i]);
-  }
-  return t;
+  for (int64_t i = 0; i < lists.num_tensors; ++i) *lists.steps[i] += 1.0f;
+  return step_counts(lists);
 }
 
 /// [note: master sync] (fusedopt/_contract.py) on the CPU: `master` is block [off, off+n) of
@@ -257,5 +261,63 @@ void with_opmath(DType param_dtype, F&& body) {
     body(float{});
   }
 }
+
+/// sum p^2 and sum u^2 of one work item (or reduction chunk) of a two-pass op's first pass.
+struct NormPartial {
+  double param_sq = 0.0;
+  double update_sq = 0.0;
+};
+
+/// Adds parts[k], the partials of items[k] (each with its `tensor`), into norms[tensor], in
+/// item order: the same sums whatever the thread count ([note: fixed partition] in loop.h).
+template <typename Item>
+void add_partials(std::vector<NormPartial>& norms, const std::vector<Item>& items,
+                  const std::vector<NormPartial>& parts) {
+  for (size_t k = 0; k < items.size(); ++k) {
+    norms[items[k].tensor].param_sq += parts[k].param_sq;
+    norms[items[k].tensor].update_sq += parts[k].update_sq;
+  }
+}
+
+/// A first pass's output: tensor i's sums at sq_norms[2i] (sum p^2) and [2i + 1] (sum u^2),
+/// in the opmath T.
+template <typename T>
+void store_sq_norms(const std::vector<NormPartial>& norms, T* sq_norms) {
+  for (size_t i = 0; i < norms.size(); ++i) {
+    sq_norms[2 * i] = static_cast<T>(norms[i].param_sq);
+    sq_norms[2 * i + 1] = static_cast<T>(norms[i].update_sq);
+  }
+}
+
+/// The CPU launchers of a two-pass step op ([note: multi-pass ops] in DESIGN.md §2): `op`
+/// (Stem##Call) and its passes `first` (FirstPassCall) and `last` (LastPassCall), from the
+/// file's pass functions `first_pass<T>(const Stem##Call&, T* sq_norms, ctx)` and
+/// `last_pass<T>(const Stem##Call&, const T* sq_norms, ctx)` in the params' opmath T. Under
+/// found_inf each does nothing (a first pass's sq_norms stay 0); `op` runs the two passes
+/// over a zeroed sq_norms of its own.
+#define FUSEDOPT_CPU_TWO_PASS_LAUNCHERS(op, Stem, first, first_pass, last, last_pass)      \
+  void first(const FirstPassCall<Stem##Call>& call, const ExecContext& ctx) {               \
+    if (!step_enabled(call.step.lists)) return;                                             \
+    with_opmath(call.step.lists.params.dtype, [&](auto zero) {                              \
+      using T = decltype(zero);                                                             \
+      first_pass<T>(call.step, static_cast<T*>(call.sq_norms), ctx);                        \
+    });                                                                                     \
+  }                                                                                         \
+  void last(const LastPassCall<Stem##Call>& call, const ExecContext& ctx) {                 \
+    if (!step_enabled(call.step.lists)) return;                                             \
+    with_opmath(call.step.lists.params.dtype, [&](auto zero) {                              \
+      using T = decltype(zero);                                                             \
+      last_pass<T>(call.step, static_cast<const T*>(call.sq_norms), ctx);                   \
+    });                                                                                     \
+  }                                                                                         \
+  void op(const Stem##Call& call, const ExecContext& ctx) {                                 \
+    if (!step_enabled(call.lists)) return;                                                  \
+    with_opmath(call.lists.params.dtype, [&](auto zero) {                                   \
+      using T = decltype(zero);                                                             \
+      std::vector<T> sq_norms(2 * call.lists.num_tensors, T(0));                            \
+      first_pass<T>(call, sq_norms.data(), ctx);                                            \
+      last_pass<T>(call, sq_norms.data(), ctx);                                             \
+    });                                                                                     \
+  }
 
 }  // namespace fusedopt::cpu

@@ -78,39 +78,17 @@ template <class P, class G, MasterKind kMasterWeights>
 struct AdamWQ8Body : StepBody<P, G, kMasterWeights, AdamWScalars<Opmath<P>>> {
   using Base = StepBody<P, G, kMasterWeights, AdamWScalars<Opmath<P>>>;
   using typename Base::T;
-  int8_t* m;
-  uint8_t* v;
-  float* m_scales;
-  float* v_scales;
+  Q8States<true, false> q;
 
   __device__ __forceinline__ AdamWQ8Body(const Row& row, int t, const StepArgs& a)
       : Base(row, a, a.flag[kMaximize], [&] { return row_scalars<T>(row, t, a); }),
-        m(static_cast<int8_t*>(row.slot[kExpAvgCodes])),
-        v(static_cast<uint8_t*>(row.slot[kExpAvgSqCodes])),
-        m_scales(static_cast<float*>(row.slot[kExpAvgScales])),
-        v_scales(static_cast<float*>(row.slot[kExpAvgSqScales])) {}
+        q(row, {kExpAvgCodes, kExpAvgSqCodes}, {kExpAvgScales, kExpAvgSqScales}) {}
 
-  /// Element i of block b (every thread of the block calls it; `in`: i is in the block).
   __device__ __forceinline__ void apply(int64_t b, int64_t i, bool in) const {
-    T pv[1] = {T(0)}, gv[1] = {T(0)}, unused = T(0);
-    T mv = T(0), vv = T(0);
-    if (in) {
-      this->load_param_and_grad(i, pv, gv);
-      mv = q8::dequantize<true>(m[i], m_scales[b]);
-      vv = q8::dequantize<false>(v[i], v_scales[b]);
-      adamw_update<T, false>(pv[0], load_grad(gv[0], this->load_g), mv, vv, unused, this->s);
-    }
-    const float m_scale = q8_absmax(static_cast<float>(mv), in);  // (reads of b's scales
-    const float v_scale = q8_absmax(static_cast<float>(vv), in);  // are done: it syncs)
-    if (in) {
-      this->store_param_and_master(i, pv);
-      m[i] = static_cast<int8_t>(q8::quantize<true>(static_cast<float>(mv), m_scale));
-      v[i] = static_cast<uint8_t>(q8::quantize<false>(static_cast<float>(vv), v_scale));
-    }
-    if (threadIdx.x == 0) {
-      m_scales[b] = m_scale;
-      v_scales[b] = v_scale;
-    }
+    q8_apply(*this, q, b, i, in, true, [](T& p, T g, T& m, T& v, const auto& s) {
+      T unused = T(0);
+      adamw_update<T, false>(p, g, m, v, unused, s);
+    });
   }
 };
 

@@ -10,6 +10,8 @@
 // kernels still run: the weight decays are device memory). Launches: step increment,
 // norms, fold, apply (plus a table upload when the table changed); all deterministic
 // ([note: deterministic norm] in grad_norm.cu).
+#include <stdexcept>
+
 #include "fusedopt/math/lamb.h"
 #include "step.cuh"
 
@@ -227,22 +229,34 @@ void run_apply(const LambCall& call, LambLaunch& l, const void* sq_norms,
                       });
 }
 
+/// [note: 8-bit states] (fusedopt/quant8.py): not on CUDA yet (the reference, cpu and
+/// triton backends have them); refused before anything runs.
+void refuse_q8(const LambCall& call) {
+  if (call.exp_avg_scales.present())
+    throw std::invalid_argument(
+        "fusedopt CUDA backend: lamb_: 8-bit states are not implemented on the cuda backend "
+        "yet (use backend='triton' or state_bits=None)");
+}
+
 }  // namespace
 
 void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx) {
   if (call.step.lists.num_tensors == 0) return;
+  refuse_q8(call.step);
   LambLaunch l(call.step, ctx);
   run_direction(call.step, l, call.sq_norms, ctx);
 }
 
 void lamb_apply(const LambApplyCall& call, const ExecContext& ctx) {
   if (call.step.lists.num_tensors == 0) return;
+  refuse_q8(call.step);
   LambLaunch l(call.step, ctx);
   run_apply(call.step, l, call.sq_norms, ctx);
 }
 
 void lamb(const LambCall& call, const ExecContext& ctx) {
   if (call.lists.num_tensors == 0) return;
+  refuse_q8(call);
   LambLaunch l(call, ctx);
   const size_t bytes = (call.lists.params.dtype == DType::kFloat64 ? 8 : 4) * 2 * l.host.n();
   void* sq_norms = ctx.workspace.get(bytes);  // the fold writes every entry that is read

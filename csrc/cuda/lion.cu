@@ -3,6 +3,7 @@
 // (+master): bf16 everything 10 bytes, fp32 20. Lion keeps no step count: one launch (plus a
 // table upload when the table changed).
 #include "fusedopt/math/lion.h"
+#include "quant8.cuh"
 #include "step.cuh"
 
 namespace fusedopt::cuda {
@@ -10,8 +11,17 @@ namespace {
 
 // Slots, hyperparameters and StepArgs::flag indices of a lion call, from its spec.
 constexpr int kExpAvg = state_slot(spec::lion::kExpAvgs);
+constexpr int kExpAvgScales = state_slot(spec::lion::kExpAvgScales);  // [note: 8-bit states]
 using spec::lion::kBeta1, spec::lion::kBeta2, spec::lion::kWeightDecay;
 using spec::lion::kMaximize;
+
+/// The update of one element (both Bodies').
+struct LionUpdate {
+  template <class T, class Scalars>
+  __device__ __forceinline__ void operator()(T& p, T g, T& m, const Scalars& s) const {
+    lion_update(p, g, m, s);
+  }
+};
 
 template <class P, class G, MasterKind kMasterWeights>
 struct LionBody : StepBody<P, G, kMasterWeights, LionScalars<Opmath<P>>, kExpAvg> {
@@ -26,13 +36,34 @@ struct LionBody : StepBody<P, G, kMasterWeights, LionScalars<Opmath<P>>, kExpAvg
 
   template <int V>
   __device__ __forceinline__ void apply(int64_t i) const {
-    apply_every_state<V>(*this, i,
-                         [](T& p, T g, T& m, const auto& s) { lion_update(p, g, m, s); });
+    apply_every_state<V>(*this, i, LionUpdate{});
+  }
+};
+
+/// [note: 8-bit states] (fusedopt/quant8.py): the moment as int8 codes (quant8.cuh).
+template <class P, class G, MasterKind kMasterWeights>
+struct LionQ8Body : LionBody<P, G, kMasterWeights> {
+  Q8States<true> q;
+
+  __device__ __forceinline__ LionQ8Body(const Row& row, int t, const StepArgs& a)
+      : LionBody<P, G, kMasterWeights>(row, t, a), q(row, {kExpAvg}, {kExpAvgScales}) {}
+
+  __device__ __forceinline__ void apply(int64_t b, int64_t i, bool in) const {
+    q8_apply(*this, q, b, i, in, true, LionUpdate{});
   }
 };
 
 }  // namespace
 
-FUSEDOPT_STEP_LAUNCHER(lion, LionCall, LION, LionBody, /*count_steps=*/false)
+void lion(const LionCall& call, const ExecContext& ctx) {
+  if (call.lists.num_tensors == 0) return;
+  FUSEDOPT_STEP_HOST(LION)
+  if (call.exp_avg_scales.present()) {  // [note: 8-bit states]: fp32/bf16/fp16 params only
+    set_row_lengths(host, call.lists);
+    run_q8_step<LionQ8Body>(call.lists, host, args, ctx, /*count_steps=*/false);
+    return;
+  }
+  run_step<LionBody>(call.lists, host, args, /*count_steps=*/false, ctx);
+}
 
 }  // namespace fusedopt::cuda

@@ -12,6 +12,9 @@
 // vectorise and need no block barrier.
 #pragma once
 
+#include <type_traits>
+#include <utility>
+
 #include "fusedopt/quant8.h"
 #include "step.cuh"
 
@@ -35,6 +38,74 @@ __device__ __forceinline__ float q8_absmax(float x, bool in) {
   const float absmax = result;
   __syncthreads();  // before the next call writes `result`
   return q8::canonical_absmax(absmax, any_nan != 0);
+}
+
+/// The 8-bit states of an op's call, from its row: state k's codes (int8 when kSigned[k],
+/// else uint8) in slot code_slots[k] and its block absmaxes in slot scale_slots[k].
+template <bool... kSigned>
+struct Q8States {
+  static constexpr int kN = sizeof...(kSigned);
+  static constexpr bool kSignedOf[kN] = {kSigned...};
+  void* codes[kN];
+  float* scales[kN];
+
+  __device__ __forceinline__ Q8States(const Row& row, const int (&code_slots)[kN],
+                                      const int (&scale_slots)[kN]) {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) {
+      codes[k] = row.slot[code_slots[k]];
+      scales[k] = static_cast<float*>(row.slot[scale_slots[k]]);
+    }
+  }
+};
+
+template <bool kSigned>
+using CodeOf = std::conditional_t<kSigned, int8_t, uint8_t>;
+
+template <bool kSigned, class T>
+__device__ __forceinline__ T q8_load(const void* codes, const float* scales, int64_t b,
+                                     int64_t i) {
+  return q8::dequantize<kSigned>(static_cast<const CodeOf<kSigned>*>(codes)[i], scales[b]);
+}
+
+template <bool kSigned, class T>
+__device__ __forceinline__ void q8_store(void* codes, int64_t i, T x, float scale) {
+  static_cast<CodeOf<kSigned>*>(codes)[i] =
+      static_cast<CodeOf<kSigned>>(q8::quantize<kSigned>(static_cast<float>(x), scale));
+}
+
+template <class Body, class Q, class Update, std::size_t... k>
+__device__ __forceinline__ void q8_apply(const Body& body, const Q& q, int64_t b, int64_t i,
+                                         bool in, bool write, Update update,
+                                         std::index_sequence<k...>) {
+  using T = typename Body::T;
+  T pv[1] = {T(0)}, gv[1] = {T(0)};
+  T sv[Q::kN] = {};
+  if (in) {
+    body.load_param_and_grad(i, pv, gv);
+    ((sv[k] = q8_load<Q::kSignedOf[k], T>(q.codes[k], q.scales[k], b, i)), ...);
+    update(pv[0], load_grad(gv[0], body.load_g), sv[k]..., body.s);
+  }
+  float scale[Q::kN] = {};
+  // (the reads of b's scales are done: q8_absmax syncs the block)
+  if (write) ((scale[k] = q8_absmax(static_cast<float>(sv[k]), in)), ...);
+  if (in) {
+    body.store_param_and_master(i, pv);
+    if (write) (q8_store<Q::kSignedOf[k]>(q.codes[k], i, sv[k], scale[k]), ...);
+  }
+  if (write && threadIdx.x == 0) ((q.scales[k][b] = scale[k]), ...);
+}
+
+/// Element i of quantization block b (every thread of the CUDA block calls it; `in`: i is
+/// in the block) for any op with 8-bit states: each state dequantized, `update(p, g,
+/// states&..., scalars)` (the op's elementwise update, as apply_every_state takes it), the
+/// block's new absmaxes (block reductions) and the requantized codes. `write` (the same
+/// for the whole block: a per-tensor choice) false leaves the states as they are (SGD's
+/// tensor whose momentum is 0).
+template <class Body, class Q, class Update>
+__device__ __forceinline__ void q8_apply(const Body& body, const Q& q, int64_t b, int64_t i,
+                                         bool in, bool write, Update update) {
+  q8_apply(body, q, b, i, in, write, update, std::make_index_sequence<Q::kN>{});
 }
 
 /// The first quantization block of a tensor whose first element is at or after `offset`.
@@ -67,13 +138,14 @@ inline void set_row_lengths(TableBuilder& host, const StepLists& lists) {
     host.row(i).reserved = static_cast<int32_t>(lists.row_lengths[i]);
 }
 
-/// run_step for a Body of 8-bit states: the table, the step increment, q8_step_kernel.
+/// run_step for a Body of 8-bit states: the table, the step increment (count_steps and
+/// skip_if_zero: as run_step's), q8_step_kernel.
 template <template <class, class, MasterKind> class Body>
 void run_q8_step(const StepLists& lists, TableBuilder& host, const StepArgs& args,
-                 const ExecContext& ctx) {
+                 const ExecContext& ctx, bool count_steps = true, int skip_if_zero = -1) {
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
-  increment_steps(table, lists.scalars.found_inf, stream, -1);
+  if (count_steps) increment_steps(table, lists.scalars.found_inf, stream, skip_if_zero);
   if (host.total_chunks() == 0) return;
   dispatch_step_types(lists.params.dtype, lists.grads.dtype, master_kind(lists),
                       [&](auto p, auto g, auto master) {

@@ -4,6 +4,7 @@
 // 20 bytes, without 12. Launches: the step increment (with momentum: torch's first-step
 // rule needs the count), the step kernel (plus a table upload when the table changed).
 #include "fusedopt/math/sgd.h"
+#include "quant8.cuh"
 #include "step.cuh"
 
 namespace fusedopt::cuda {
@@ -11,6 +12,7 @@ namespace {
 
 // Slots, hyperparameters and StepArgs::flag indices of an sgd call, from its spec.
 constexpr int kMomentumBuffer = state_slot(spec::sgd::kMomentumBuffers);
+constexpr int kMomentumBufferScales = state_slot(spec::sgd::kMomentumBufferScales);
 using spec::sgd::kMomentum, spec::sgd::kDampening, spec::sgd::kWeightDecay;
 using spec::sgd::kNesterov, spec::sgd::kMaximize;
 
@@ -61,11 +63,34 @@ struct SgdBody : StepBody<P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentum
   }
 };
 
+/// [note: 8-bit states] (fusedopt/quant8.py): the buffers as int8 codes (quant8.cuh); a
+/// tensor whose momentum is 0 keeps its codes and scales as they are.
+template <class P, class G, MasterKind kMasterWeights>
+struct SgdQ8Body : SgdBody<P, G, kMasterWeights, true> {
+  using Base = SgdBody<P, G, kMasterWeights, true>;
+  using typename Base::T;
+  Q8States<true> q;
+
+  __device__ __forceinline__ SgdQ8Body(const Row& row, int t, const StepArgs& a)
+      : Base(row, t, a), q(row, {kMomentumBuffer}, {kMomentumBufferScales}) {}
+
+  __device__ __forceinline__ void apply(int64_t b, int64_t i, bool in) const {
+    q8_apply(*this, q, b, i, in, this->use_buffer, [](T& p, T g, T& buf, const auto& s) {
+      sgd_update<T, true>(p, g, buf, s);  // momentum_on false: p only
+    });
+  }
+};
+
 }  // namespace
 
 void sgd(const SgdCall& call, const ExecContext& ctx) {
   if (call.lists.num_tensors == 0) return;
   FUSEDOPT_STEP_HOST(SGD)
+  if (call.momentum_buffer_scales.present()) {  // [note: 8-bit states]
+    set_row_lengths(host, call.lists);
+    run_q8_step<SgdQ8Body>(call.lists, host, args, ctx, /*count_steps=*/true, kMomentum);
+    return;
+  }
   if (call.momentum_buffers.present()) {
     // [note: sgd momentum 0]: a tensor whose momentum is 0 keeps its step count.
     run_step<SgdBody, true>(call.lists, host, args, /*count_steps=*/true, ctx, kMomentum);

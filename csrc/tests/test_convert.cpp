@@ -175,6 +175,16 @@ static void test_philox_known_answers() {
   const Philox4x32 r = philox4x32_10({{0xA4093822u, 0x299F31D0u, 0x13198A2Eu, 0x03707344u}},
                                      0x85A308D3u, 0x243F6A88u);
   CHECK(rounding_bits(key, 0x299F31D0A4093822ll) == r.w[0] >> 16);
+  // An sr_key entry is the stream id | the shard's first element << 32 ([note: sharded
+  // stochastic rounding] in fusedopt/optim/_plan.py): element e of a shard starting at
+  // element 1000 draws element 1000 + e's bits; an entry without the high word is as before.
+  const int64_t sr_key[] = {0x243F6A8885A308D3ll, 0x03707344, 0x13198A2E,
+                            0x13198A2E | 1000ll << 32};
+  const RoundingKey whole = rounding_key(sr_key, 0), shard = rounding_key(sr_key, 1);
+  CHECK(whole.tensor == key.tensor && whole.first == 0 && shard.tensor == key.tensor);
+  CHECK(shard.first == 1000);
+  for (const int64_t e : {0ll, 1ll, 77ll, 0xFFFFFFFFll})
+    CHECK(rounding_bits(shard, e) == rounding_bits(whole, 1000 + e));
 }
 
 /// float_to_bf16_stochastic ([note: stochastic rounding]): the carry with the probability of

@@ -1458,27 +1458,39 @@ int test_adafactor() {
   return cases;
 }
 
-/// adamw_ with 8-bit states ([note: 8-bit states] in fusedopt/quant8.py): rows shorter
-/// than, equal to and longer than a quantization block, a vector across two chunks (blocks
-/// that straddle a chunk boundary), an empty tensor and a scalar, every storage but fp64
-/// (refused by the binding), three steps (the last skipped by found_inf): codes, scales,
+/// The step ops with 8-bit states ([note: 8-bit states] in fusedopt/quant8.py): adamw_
+/// (int8 m, uint8 v), lion_ (int8 m) and sgd_ (int8 buffers; the odd tensors' group has
+/// momentum 0, which keeps their codes: [note: sgd momentum 0]).
+enum class Q8Op { kAdamW, kLion, kSgd };
+
+/// An op with 8-bit states: rows shorter than, equal to and longer than a quantization
+/// block, a vector across two chunks (blocks that straddle a chunk boundary), an empty
+/// tensor and a scalar, every storage but fp64 (refused by the binding), three steps (the
+/// last skipped by found_inf; the second with the op's other flags): codes, scales,
 /// params, masters and steps bit for bit the CPU launcher's.
-int test_adamw_q8() {
+int test_q8(Q8Op op) {
   struct Q8Shape {
     int64_t rows, cols;  // a 0-d param: rows 1, cols 1
   };
   const std::vector<Q8Shape> shapes = {{3, 7},   {4, 300}, {2, 256}, {1, 2 * kChunk + 300},
                                        {0, 5},   {1, 1},   {70, 1100}};
+  const std::vector<bool> is_signed =
+      op == Q8Op::kAdamW ? std::vector<bool>{true, false} : std::vector<bool>{true};
+  const char* name = op == Q8Op::kAdamW ? "adamw" : op == Q8Op::kLion ? "lion" : "sgd";
+  const size_t n_states = is_signed.size();
   std::mt19937 rng(17);
   std::normal_distribution<double> normal;
   int cases = 0;
   for (const Storage& st : kStorages) {
     if (st.param == DType::kFloat64) continue;
     struct Q8World {
-      std::vector<std::unique_ptr<Buffer>> p, g, master, m, v, ms, vs;
+      std::vector<std::unique_ptr<Buffer>> p, g, master;
+      std::vector<std::vector<std::unique_ptr<Buffer>>> codes, scales;  // [state][tensor]
       std::vector<float> steps;
     } w[2];
     for (auto& x : w) {
+      x.codes.resize(n_states);
+      x.scales.resize(n_states);
       for (const Q8Shape& s : shapes) {
         const int64_t n = s.rows * s.cols, blocks = s.rows * ((s.cols + 255) / 256);
         x.p.push_back(std::make_unique<Buffer>(st.param, n, false));
@@ -1486,10 +1498,11 @@ int test_adamw_q8() {
         if (st.master)
           x.master.push_back(std::make_unique<Buffer>(
               st.compact ? DType::kBFloat16 : DType::kFloat32, n, false));
-        x.m.push_back(std::make_unique<Buffer>(DType::kInt8, n, false));
-        x.v.push_back(std::make_unique<Buffer>(DType::kUInt8, n, false));
-        x.ms.push_back(std::make_unique<Buffer>(DType::kFloat32, blocks, false));
-        x.vs.push_back(std::make_unique<Buffer>(DType::kFloat32, blocks, false));
+        for (size_t k = 0; k < n_states; ++k) {
+          x.codes[k].push_back(
+              std::make_unique<Buffer>(is_signed[k] ? DType::kInt8 : DType::kUInt8, n, false));
+          x.scales[k].push_back(std::make_unique<Buffer>(DType::kFloat32, blocks, false));
+        }
         x.steps.push_back(2.0f);
       }
     }
@@ -1505,27 +1518,29 @@ int test_adamw_q8() {
           w[0].p[i]->set(k, st.master ? static_cast<float>(p) : p);
         }
         w[0].g[i]->set(k, 4.0 * normal(rng));
-        w[0].m[i]->set(k, static_cast<double>(static_cast<int>(rng() % 255) - 127));
-        w[0].v[i]->set(k, static_cast<double>(rng() % 256));
+        for (size_t j = 0; j < n_states; ++j)
+          w[0].codes[j][i]->set(k, is_signed[j]
+                                       ? static_cast<double>(static_cast<int>(rng() % 255) - 127)
+                                       : static_cast<double>(rng() % 256));
       }
-      for (int64_t b = 0; b < w[0].ms[i]->numel(); ++b) {
-        w[0].ms[i]->set(b, 0.01 * std::fabs(normal(rng)));
-        w[0].vs[i]->set(b, 1e-4 * std::fabs(normal(rng)));
-      }
+      for (size_t j = 0; j < n_states; ++j)
+        for (int64_t b = 0; b < w[0].scales[j][i]->numel(); ++b)
+          w[0].scales[j][i]->set(b, (is_signed[j] ? 0.01 : 1e-4) * std::fabs(normal(rng)));
       w[1].p[i]->copy_from(*w[0].p[i]);
       w[1].g[i]->copy_from(*w[0].g[i]);
       if (st.master) w[1].master[i]->copy_from(*w[0].master[i]);
-      w[1].m[i]->copy_from(*w[0].m[i]);
-      w[1].v[i]->copy_from(*w[0].v[i]);
-      w[1].ms[i]->copy_from(*w[0].ms[i]);
-      w[1].vs[i]->copy_from(*w[0].vs[i]);
+      for (size_t j = 0; j < n_states; ++j) {
+        w[1].codes[j][i]->copy_from(*w[0].codes[j][i]);
+        w[1].scales[j][i]->copy_from(*w[0].scales[j][i]);
+      }
     }
     const float found[3] = {-1.0f, 0.0f, 1.0f};
     for (int s = 0; s < 3; ++s) {
       for (int side = 0; side < 2; ++side) {  // 0: cpu, 1: cuda
         Q8World& x = w[side];
         std::vector<int64_t> numels, rows;
-        std::vector<void*> p, g, master, m, v, ms, vs;
+        std::vector<void*> p, g, master;
+        std::vector<std::vector<void*>> codes(n_states), scales(n_states);
         std::vector<float*> steps;
         for (size_t i = 0; i < shapes.size(); ++i) {
           numels.push_back(shapes[i].rows * shapes[i].cols);
@@ -1533,56 +1548,79 @@ int test_adamw_q8() {
           p.push_back(x.p[i]->data());
           g.push_back(x.g[i]->data());
           if (st.master) master.push_back(x.master[i]->data());
-          m.push_back(x.m[i]->data());
-          v.push_back(x.v[i]->data());
-          ms.push_back(x.ms[i]->data());
-          vs.push_back(x.vs[i]->data());
+          for (size_t j = 0; j < n_states; ++j) {
+            codes[j].push_back(x.codes[j][i]->data());
+            scales[j].push_back(x.scales[j][i]->data());
+          }
           steps.push_back(&x.steps[i]);
         }
-        // lr, beta1, beta2, eps, weight decay; odd tensors: the second row.
-        const double hypers[10] = {1e-2, 0.9, 0.99, 1e-8, 0.1, 3e-3, 0.8, 0.999, 1e-6, 0.0};
+        // Two rows of hyperparameters; odd tensors: the second. adamw: lr, beta1, beta2,
+        // eps, weight decay; lion: lr, beta1, beta2, weight decay; sgd: lr, momentum,
+        // dampening, weight decay (the second row's momentum 0).
+        const double adamw_hypers[10] = {1e-2, 0.9, 0.99, 1e-8, 0.1, 3e-3, 0.8, 0.999, 1e-6, 0.0};
+        const double lion_hypers[8] = {1e-3, 0.9, 0.99, 0.1, 3e-4, 0.8, 0.999, 0.0};
+        const double sgd_hypers[8] = {1e-2, 0.9, 0.1, 0.1, 3e-3, 0.0, 0.0, 0.0};
         std::vector<int32_t> group;
         for (size_t i = 0; i < shapes.size(); ++i) group.push_back(static_cast<int32_t>(i % 2));
-        AdamWCall a;
-        a.lists.num_tensors = static_cast<int64_t>(shapes.size());
-        a.lists.numels = numels.data();
-        a.lists.params = {p.data(), st.param};
-        a.lists.grads = {g.data(), st.grad};
+        StepLists lists;
+        lists.num_tensors = static_cast<int64_t>(shapes.size());
+        lists.numels = numels.data();
+        lists.params = {p.data(), st.param};
+        lists.grads = {g.data(), st.grad};
         if (st.master)
-          a.lists.master_params = {master.data(),
-                                   st.compact ? DType::kBFloat16 : DType::kFloat32};
-        a.lists.compact_master = st.compact;
-        a.lists.master_sync = st.sync;
-        a.lists.steps = steps.data();
-        a.lists.hypers = {hypers, 5, group.data()};
-        a.lists.row_lengths = rows.data();
+          lists.master_params = {master.data(), st.compact ? DType::kBFloat16 : DType::kFloat32};
+        lists.compact_master = st.compact;
+        lists.master_sync = st.sync;
+        lists.steps = op == Q8Op::kLion ? nullptr : steps.data();
+        lists.row_lengths = rows.data();
         const float scale = 4.0f;
-        a.lists.scalars.grad_scale = &scale;
+        lists.scalars.grad_scale = &scale;
         float found_inf = found[s];
-        if (found_inf >= 0) a.lists.scalars.found_inf = &found_inf;
-        a.exp_avgs = {m.data(), DType::kInt8};
-        a.exp_avg_sqs = {v.data(), DType::kUInt8};
-        a.exp_avg_scales = {ms.data(), DType::kFloat32};
-        a.exp_avg_sq_scales = {vs.data(), DType::kFloat32};
-        a.decoupled = s != 1;  // AdamW, then Adam's L2 decay
-        a.maximize = s == 1;
+        if (found_inf >= 0) lists.scalars.found_inf = &found_inf;
+        const TensorSlot code0{codes[0].data(), is_signed[0] ? DType::kInt8 : DType::kUInt8};
+        const TensorSlot scale0{scales[0].data(), DType::kFloat32};
         CudaContext cuda_ctx;
-        if (side == 1) {
-          cuda::adamw(a, cuda_ctx.ctx);
+        if (op == Q8Op::kAdamW) {
+          AdamWCall a;
+          a.lists = lists;
+          a.lists.hypers = {adamw_hypers, 5, group.data()};
+          a.exp_avgs = code0;
+          a.exp_avg_scales = scale0;
+          a.exp_avg_sqs = {codes[1].data(), DType::kUInt8};
+          a.exp_avg_sq_scales = {scales[1].data(), DType::kFloat32};
+          a.decoupled = s != 1;  // AdamW, then Adam's L2 decay
+          a.maximize = s == 1;
+          side == 1 ? cuda::adamw(a, cuda_ctx.ctx) : cpu::adamw(a, ExecContext{});
+        } else if (op == Q8Op::kLion) {
+          LionCall a;
+          a.lists = lists;
+          a.lists.hypers = {lion_hypers, 4, group.data()};
+          a.exp_avgs = code0;
+          a.exp_avg_scales = scale0;
+          a.maximize = s == 1;
+          side == 1 ? cuda::lion(a, cuda_ctx.ctx) : cpu::lion(a, ExecContext{});
         } else {
-          cpu::adamw(a, ExecContext{});
+          SgdCall a;
+          a.lists = lists;
+          a.lists.hypers = {sgd_hypers, 4, group.data()};
+          a.momentum_buffers = code0;
+          a.momentum_buffer_scales = scale0;
+          a.nesterov = s == 1;  // the first row's dampening is 0.1: nesterov's math anyway
+          a.maximize = s == 1;
+          side == 1 ? cuda::sgd(a, cuda_ctx.ctx) : cpu::sgd(a, ExecContext{});
         }
       }
       bool ok = std::memcmp(w[0].steps.data(), w[1].steps.data(),
                             w[0].steps.size() * sizeof(float)) == 0;
       for (size_t i = 0; i < shapes.size(); ++i) {
-        ok &= w[0].p[i]->same_bits(*w[1].p[i]) && w[0].m[i]->same_bits(*w[1].m[i]) &&
-              w[0].v[i]->same_bits(*w[1].v[i]) && w[0].ms[i]->same_bits(*w[1].ms[i]) &&
-              w[0].vs[i]->same_bits(*w[1].vs[i]);
+        ok &= w[0].p[i]->same_bits(*w[1].p[i]);
+        for (size_t j = 0; j < n_states; ++j)
+          ok &= w[0].codes[j][i]->same_bits(*w[1].codes[j][i]) &&
+                w[0].scales[j][i]->same_bits(*w[1].scales[j][i]);
         if (st.master) ok &= w[0].master[i]->same_bits(*w[1].master[i]);
       }
       if (!ok)
-        std::fprintf(stderr, "adamw q8 %s/%s%s step %d: cuda and cpu differ\n",
+        std::fprintf(stderr, "%s q8 %s/%s%s step %d: cuda and cpu differ\n", name,
                      dtype_name(st.param), dtype_name(st.grad),
                      st.compact ? " compact" : st.master ? " master" : "", s);
       CHECK(ok);
@@ -1592,12 +1630,19 @@ int test_adamw_q8() {
   return cases;
 }
 
-int main() {
+int main(int argc, char** argv) {
+  // `test_cuda_emulated q8`: the 8-bit state cases only (a quick run while working on them).
+  if (argc > 1 && std::string(argv[1]) == "q8") {
+    const int cases = test_q8(Q8Op::kAdamW) + test_q8(Q8Op::kLion) + test_q8(Q8Op::kSgd);
+    std::printf("%d 8-bit state cases\n", cases);
+    return check_result();
+  }
   const int emulator_cases = test_emulator();
   const int step_cases = test_step_ops() + test_master_sync();
   const int scale_cases = test_scale();
   const int norm_cases = test_grad_norm();
-  const int edge_cases = test_edge_values() + test_adafactor() + test_adamw_q8();
+  const int edge_cases = test_edge_values() + test_adafactor() + test_q8(Q8Op::kAdamW) +
+                         test_q8(Q8Op::kLion) + test_q8(Q8Op::kSgd);
   const emu::Stats s = emu::stats();
   std::printf(
       "%d emulator, %d step-op, %d scale_, %d grad_norm, %d edge-value cases; emulated %llu "

@@ -65,7 +65,9 @@ from fusedopt.optim._keys import (
     MASTER_KEY,
     MASTER_KEYS,
     REMAINDER_KEY,
+    SR_COUNTER_KEY,
     SR_GROUP_KEY,
+    SR_SEED_KEY,
     STEP_KEY,
     TORCH_ONLY_KEYS,
 )
@@ -714,7 +716,11 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         ([note: stochastic rounding] in ``csrc/include/fusedopt/dtype.h``)."""
         saved = super().state_dict()
         if any(group.get(SR_GROUP_KEY) for group in self.param_groups):
-            saved[SR_GROUP_KEY] = {"seed": int(self.sr_seed), "counter": self._sr_counter()}
+            seed, counter = int(self.sr_seed), self._sr_counter()
+            saved[SR_GROUP_KEY] = {"seed": seed, "counter": counter}
+            for group in saved["param_groups"]:  # for DCP, which keeps groups only
+                if group.get(SR_GROUP_KEY):
+                    group[SR_SEED_KEY], group[SR_COUNTER_KEY] = seed, counter
         return saved
 
     def step(self, closure: Any = None) -> Any:

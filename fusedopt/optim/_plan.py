@@ -62,6 +62,59 @@ def check_stochastic_rounding(group: dict[str, Any], params: Any = None) -> None
             )
 
 
+def sr_first_element(p: Tensor, where: str) -> int:
+    """The index, in the whole param, of the first element of ``p``'s local shard: 0 for a
+    plain param; for a DTensor, its shard's offset, which the step's ``sr_key`` carries.
+
+    [note: sharded stochastic rounding] The random bits of an element are drawn by its index
+    in the param ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h). The kernels
+    see a DTensor's local shard, and counted in it, a shard would draw other bits than the
+    same element of the unsharded param: a run's bits would change with the mesh, and a
+    checkpoint resumed on another mesh would not go on as the run would have. So each
+    tensor's ``sr_key`` entry is ``stream id | first << 32``, ``first`` the index of the
+    shard's first element in the whole param, which every backend adds to the element
+    index (``rounding_key`` in csrc/include/fusedopt/philox.h, ``rounding_bits`` in Triton's
+    common.py, ``round_stochastic`` in the reference); 0 unsharded, so unsharded bits are
+    what they were. That needs the shard to be one run of the param's elements in memory
+    order (FSDP2's dim-0 shards of a contiguous param are); any other DTensor param is
+    refused with ``stochastic_rounding=True`` (ValueError naming it, before any tensor is
+    touched), as is a sharded param of more than 2^31 elements (the offset must fit the
+    entry's high word).
+    """
+    if local_tensor(p) is p:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape = tuple(p.shape)
+    # A shard is one run when every placement replicates, or shards (evenly or not, not
+    # strided) a dim whose predecessors all have size 1: decided from the placements and the
+    # global shape, so that every rank decides alike (one with an empty shard too).
+    run = p.is_contiguous() and local_tensor(p).is_contiguous()
+    for placement in p.placements:
+        if placement.is_replicate():
+            continue
+        dim = getattr(placement, "dim", None)
+        strided = type(placement).__name__ != "Shard"  # _StridedShard: interleaved pieces
+        run &= dim is not None and not strided and all(n == 1 for n in shape[: dim % len(shape)])
+    if not run:
+        raise ValueError(
+            f"{where}: stochastic_rounding=True on a DTensor param of shape {shape} placed "
+            f"{tuple(p.placements)}: its local shard is not one run of the param's elements, "
+            "so its random bits would depend on the mesh ([note: sharded stochastic "
+            "rounding] in fusedopt/optim/_plan.py); shard it on dim 0 (FSDP2) or put it in a "
+            "group without stochastic_rounding"
+        )
+    _, offset = compute_local_shape_and_global_offset(shape, p.device_mesh, p.placements)
+    stride = torch.empty(shape, device="meta").stride()
+    first = sum(o * st for o, st in zip(offset, stride, strict=True))
+    if p.numel() > 1 << 31:  # the whole param's size: every rank decides alike
+        raise ValueError(
+            f"{where}: stochastic_rounding=True on a DTensor param of {p.numel()} elements: "
+            "a sharded param holds at most 2^31 ([note: sharded stochastic rounding])"
+        )
+    return first
+
+
 class PlanMixin:
     """Plans a step's op calls and reuses them while nothing they were built from changed."""
 
@@ -91,6 +144,9 @@ class PlanMixin:
             # dtype may have changed since the group was added)
             check_stochastic_rounding(group, (p,))
             _state_bits.check_state_dtype(group, self.OP, (p,))  # [note: state dtype]
+            if group.get(SR_GROUP_KEY, False):  # [note: sharded stochastic rounding]
+                sr_first_element(p, f"fusedopt.{type(self).__name__}: "
+                                    f"{self._param_name(gi, i)}")  # fmt: skip
         for gi, _, p, *_ in entries:
             self._init_state(self.param_groups[gi], p)
         plan = self._plan(entries)
@@ -311,12 +367,14 @@ class PlanMixin:
         if any(call.flags[SR_GROUP_KEY] for call in plan.calls):
             # Each param's stream id: its index in the optimizer's param order (over every
             # group, as state_dict() numbers them), stable across backends, call splits and
-            # a resume ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h).
+            # a resume ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h); a
+            # shard's offset in its param above it ([note: sharded stochastic rounding]).
             order = {id(p): k for k, p in enumerate(p for g in self.param_groups
                                                     for p in g["params"])}  # fmt: skip
             for call in plan.calls:
                 if call.flags[SR_GROUP_KEY]:
-                    ids = [0, 0, *(order[id(p)] for p in call.params)]
+                    ids = [0, 0, *(order[id(p)] | sr_first_element(p, "sr_key") << 32
+                                   for p in call.params)]  # fmt: skip
                     call.sr_key = torch.tensor(ids, dtype=torch.int64, device=call.device)
         if record:
             plan.seal(planned_states, self.OP)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fusedopt import quant8
 from fusedopt._contract import STEP_OPS
+from fusedopt.clip import local_tensor
 from fusedopt.optim._keys import SR_GROUP_KEY, STATE_DTYPE_KEY
 
 
@@ -84,7 +85,7 @@ def check_state_dtype(group: dict[str, Any], op: str, params: Any = None) -> Non
                          "supported (stochastic rounding stores bf16 only): use torch.bfloat16 "
                          "states, or stochastic_rounding=False")  # fmt: skip
     for p in group.get("params", ()) if params is None else params:
-        if getattr(p, "_local_tensor", p).dtype == torch.float64 or p.is_complex():
+        if local_tensor(p).dtype == torch.float64 or p.is_complex():
             raise ValueError(f"state_dtype={dtype} beside a {p.dtype} param (shape "
                              f"{tuple(p.shape)}): fp64 and complex params keep states of "
                              "their own dtype")  # fmt: skip
@@ -113,9 +114,10 @@ def convert_dtype(state: dict, op: str, dtype: torch.dtype) -> None:
 
 
 def check_param(where: str, p: Tensor, local_p: Tensor) -> None:
-    """A param that may keep 8-bit states: fp32/bf16/fp16, real, contiguous, and not a
-    DTensor (not yet: the sharded step is untested; a sharded 1-D param must stay refused
-    even then, its dim-0 shard cutting blocks: [note: 8-bit states])."""
+    """A param that may keep 8-bit states: fp32/bf16/fp16, real, contiguous; a DTensor
+    (FSDP2) only where its shards hold whole blocks: replicated, or sharded on dims before
+    the last one. A 1-D param sharded on dim 0 (FSDP2's biases and norms) is refused, since
+    its shards cut blocks ([note: 8-bit states under FSDP2] in fusedopt/quant8.py)."""
     if local_p.dtype == torch.float64 or p.is_complex():
         raise TypeError(f"{where}: state_bits=8 needs fp32, bf16 or fp16 params; got {p.dtype}")
     if not local_p.is_contiguous():
@@ -123,42 +125,89 @@ def check_param(where: str, p: Tensor, local_p: Tensor) -> None:
             f"{where}: state_bits=8 needs a contiguous param (its blocks are runs of the last "
             f"dimension in memory); got shape {tuple(p.shape)}, strides {local_p.stride()}"
         )
-    if local_p is not p:
-        raise NotImplementedError(
-            f"{where}: state_bits=8 on a sharded (DTensor) param is not supported yet"
+    if local_p is p:
+        return
+    for placement in p.placements:
+        dim = getattr(placement, "dim", None)  # Shard and _StridedShard have one
+        if placement.is_replicate() or (dim is not None and dim % max(p.dim(), 1) < p.dim() - 1):
+            continue
+        raise ValueError(
+            f"{where}: state_bits=8 on a DTensor param of shape {tuple(p.shape)} placed "
+            f"{placement}: its shards would cut the 256-element blocks of its last dimension, "
+            "so its 8-bit states would depend on the mesh. Put it in a param group with "
+            "state_bits=None (FSDP2 shards 1-D params, biases and norms, on their only dim: "
+            "[note: 8-bit states under FSDP2] in fusedopt/quant8.py)"
         )
+
+
+def _as_param_state(
+    p: Tensor, local: Tensor, shape: tuple[int, ...], stride: tuple[int, ...] | None = None
+) -> Tensor:
+    """``local`` (a state of ``p``'s local shard) as a state of ``p``: itself for a plain
+    param; for a DTensor one, a DTensor of global ``shape`` (and ``stride``, contiguous by
+    default) with ``p``'s mesh and placements, whose shards are the states of ``p``'s shards
+    ([note: 8-bit states under FSDP2] in fusedopt/quant8.py: codes and scales shard on the
+    same dims as the param)."""
+    if local_tensor(p) is p:
+        return local
+    from torch.distributed.tensor import DTensor
+
+    if stride is None:
+        stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=torch.Size(shape), stride=stride)  # fmt: skip
+
+
+def empty_state(key: str, op: str, p: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """An uninitialised 8-bit state of ``p`` under ``key`` in ``dtype``: codes of the param's
+    shape or absmaxes of :func:`quant8.scale_shape`, contiguous, a DTensor placed as ``p``
+    when ``p`` is one; None when ``key`` is no 8-bit state or absmax key of ``op``."""
+    if key in quantized_keys(op):
+        shape_of = tuple
+    elif key in scale_keys(op):
+        shape_of = quant8.scale_shape
+    else:
+        return None
+    local_p = local_tensor(p)
+    local = torch.empty(shape_of(local_p.shape), dtype=dtype, device=local_p.device)
+    return _as_param_state(p, local, shape_of(p.shape))
 
 
 def convert(state: dict, op: str, q8: bool, dtype: torch.dtype, p: Tensor) -> None:
     """Make ``state``'s moments 8-bit (``q8``) or plain (``dtype``, in ``p``'s layout) if
     they are the other: quantized with fresh block absmaxes, or dequantized (the absmaxes
-    dropped). States not made yet are left to be made."""
+    dropped). States not made yet are left to be made. A DTensor param's states are
+    converted shard by shard: its shards hold whole blocks (:func:`check_param`)."""
+    local_p = local_tensor(p).detach()
     for key, (scales, signed) in quantized_keys(op).items():
         value = state.get(key)
         if value is None:
             state.pop(scales, None)
             continue
         if q8 and not quant8.is_quantized(value):
-            codes, absmax = quant8.quantize(value.detach().to(torch.float32), signed)
-            state[key], state[scales] = codes, absmax
+            local = local_tensor(value).detach().to(torch.float32)
+            codes, absmax = quant8.quantize(local, signed)
+            state[key] = _as_param_state(p, codes, tuple(p.shape))
+            state[scales] = _as_param_state(p, absmax, quant8.scale_shape(p.shape))
         elif not q8 and quant8.is_quantized(value):
-            values = quant8.dequantize(value, state.pop(scales))
-            state[key] = torch.empty_like(p.detach(), dtype=dtype).copy_(values)
+            values = quant8.dequantize(local_tensor(value), local_tensor(state.pop(scales)))
+            local = torch.empty_like(local_p, dtype=dtype).copy_(values)
+            state[key] = _as_param_state(p, local, tuple(p.shape), p.stride())
         elif not q8:
             state.pop(scales, None)
 
 
 def new_state(key: str, op: str, p: Tensor) -> Tensor | None:
-    """A fresh zero 8-bit state of ``p`` under ``key`` (codes or absmaxes), or None when
-    ``key`` is no 8-bit state of ``op``."""
-    device = p.device
+    """A fresh zero 8-bit state of ``p`` under ``key`` (codes or absmaxes; a DTensor placed as
+    ``p`` when ``p`` is one), or None when ``key`` is no 8-bit state of ``op``."""
     quantized = quantized_keys(op)
     if key in quantized:
         dtype = quant8.SIGNED_DTYPE if quantized[key][1] else quant8.UNSIGNED_DTYPE
-        return torch.zeros(p.shape, dtype=dtype, device=device)
-    if key in scale_keys(op):
-        return torch.zeros(quant8.scale_shape(p.shape), dtype=torch.float32, device=device)
-    return None
+    elif key in scale_keys(op):
+        dtype = torch.float32
+    else:
+        return None
+    return empty_state(key, op, p, dtype).zero_()
 
 
 def planned_dtype(key: str, op: str, q8: bool, dtype: torch.dtype) -> torch.dtype:
@@ -187,3 +236,12 @@ def loaded_dtype(key: str, op: str, value: Tensor, dtype: torch.dtype) -> torch.
     if key in scale_keys(op):
         return torch.float32
     return dtype
+
+
+def with_scales(op: str, group: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...]:
+    """A group's state ``keys`` and, in an 8-bit group, the block-absmax keys of those of
+    them that ``op`` keeps 8-bit (the keys an optimizer's ``_state_keys`` returns)."""
+    if not eight_bit(group):
+        return keys
+    quantized = quantized_keys(op)
+    return (*keys, *(quantized[k][0] for k in keys if k in quantized))

@@ -22,7 +22,9 @@ from fusedopt.optim._keys import (
     MASTER_KEY,
     MASTER_KEYS,
     REMAINDER_KEY,
+    SR_COUNTER_KEY,
     SR_GROUP_KEY,
+    SR_SEED_KEY,
     STEP_KEY,
     TORCH_ONLY_KEYS,
 )
@@ -51,7 +53,7 @@ class StateDictMixin:
         saved_groups = deepcopy(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        new_groups, id_map = [], {}
+        new_groups, id_map, group_sr = [], {}, None
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
@@ -59,6 +61,9 @@ class StateDictMixin:
                     "match the size of optimizer's group"
                 )
             new_group = {k: v for k, v in saved.items() if k != "params"}
+            if SR_SEED_KEY in new_group:  # the groups' copy of the top-level SR entry
+                group_sr = {"seed": new_group.pop(SR_SEED_KEY),
+                            "counter": new_group.pop(SR_COUNTER_KEY, None)}  # fmt: skip
             new_group["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved:
                 new_group["param_names"] = group["param_names"]
@@ -76,7 +81,9 @@ class StateDictMixin:
                 id_map[pid] = (gi, i, p)
         if len({g.get("max_grad_norm") for g in new_groups}) > 1:
             raise ValueError("loaded state dict: groups have different max_grad_norm")
-        sr = _stochastic_rounding(state_dict.get(SR_GROUP_KEY))
+        # The top-level entry, else the groups' copy (a state dict through DCP's
+        # get_optimizer_state_dict, which keeps only state and param_groups).
+        sr = _stochastic_rounding(state_dict.get(SR_GROUP_KEY, group_sr))
 
         new_state: dict[Tensor, dict[str, Any]] = {}
         for pid, saved_state in state_dict["state"].items():
@@ -151,8 +158,11 @@ class StateDictMixin:
             dtype = _state_bits.loaded_dtype(key, self.OP, value, dtype)
             # In the param's memory layout, whatever the saved one: the step pairs elements
             # by position ([note: checked once] in _init_state).
-            if layout == "param" and quant8.is_quantized(value):  # codes are contiguous
-                out[key] = torch.empty(p.shape, dtype=dtype, device=device).copy_(value)
+            # Codes and absmaxes are contiguous, DTensors placed as a DTensor param
+            # ([note: 8-bit states under FSDP2] in fusedopt/quant8.py).
+            quantized = layout == "param" and quant8.is_quantized(value)
+            if quantized or layout == "block_scales":
+                out[key] = _state_bits.empty_state(key, self.OP, p, dtype).copy_(value.detach())
             elif layout == "param":
                 out[key] = torch.empty_like(p, dtype=dtype).copy_(value.detach())
             else:

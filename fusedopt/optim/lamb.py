@@ -45,6 +45,7 @@ from fusedopt import ops
 from fusedopt.clip import _reduce_groups, local_tensor
 from fusedopt.optim._base import FusedOptimizer, Params
 from fusedopt.optim._keys import STEP_KEY
+from fusedopt.optim._state_bits import check_state_bits_value, with_scales
 from fusedopt.optim.adamw import adam_hypers, check_adam_group
 
 
@@ -58,6 +59,9 @@ class LAMB(FusedOptimizer):
     ``foreach`` is accepted and ignored. DTensor params: see
     [note: sharded LAMB]. State per group, as timm: ``step`` (a 0-d fp32 tensor on the device,
     [note: LAMB group step]); per param: ``exp_avg``, ``exp_avg_sq`` (and ``master_param``).
+    ``state_bits=8`` (a group key) keeps the moments 8-bit as :class:`~fusedopt.AdamW` does
+    (``exp_avg_scale``, ``exp_avg_sq_scale``: [note: 8-bit states] in fusedopt/quant8.py);
+    the codes are written once per step, by the second pass ([note: lamb passes]).
     """
 
     OP = "lamb_"
@@ -72,7 +76,7 @@ class LAMB(FusedOptimizer):
         corrected_weight_decay: bool = False, foreach: bool | None = None, *,
         capturable: bool = False, master_weights: bool | str = False, master_sync: bool = True,
         stochastic_rounding: bool = False,
-        backend: str = "auto", grad_norm_group: Any = None,
+        backend: str = "auto", grad_norm_group: Any = None, state_bits: int | None = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=tuple(betas))
 
@@ -85,9 +89,10 @@ class LAMB(FusedOptimizer):
         step = group.get(STEP_KEY)
         if step is not None and torch.as_tensor(step).numel() != 1:
             raise ValueError(f"LAMB group step must hold one number, got {step!r}")
+        check_state_bits_value(group)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
+        return with_scales(self.OP, group, ("exp_avg", "exp_avg_sq"))
 
     _hypers = staticmethod(adam_hypers)
 

@@ -130,6 +130,9 @@ class Muon(FusedOptimizer):
         params are 2-D, AdamW's if none is, and split in two if both kinds are there."""
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
+        if params and isinstance(params[0], tuple):  # named params, as torch's groups take them
+            param_group = {**param_group, "param_names": [name for name, _ in params]}
+            params = [p for _, p in params]
         use_muon = param_group.get("use_muon", self.defaults.get("use_muon"))
         if use_muon is None and params:
             matrices = [k for k, p in enumerate(params) if p.ndim == 2]

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from fusedopt.clip import local_tensor
 from fusedopt.optim._base import FusedOptimizer, Params, check_nonnegative
+from fusedopt.optim._state_bits import check_state_bits_value, with_scales
 
 
 class SGD(FusedOptimizer):
@@ -23,6 +24,13 @@ class SGD(FusedOptimizer):
     loads into torch.optim.SGD as is (torch ignores ``step``); a torch SGD state dict that
     has a ``momentum_buffer`` but no ``step`` loads with ``step = 1`` (the buffer exists, so
     its first step is behind it).
+
+    ``state_bits=8`` (a group key, as :class:`~fusedopt.AdamW`'s) keeps ``momentum_buffer``
+    as int8 codes with one fp32 absmax per 256-element block of a row in
+    ``momentum_buffer_scale`` ([note: 8-bit states] in fusedopt/quant8.py). With
+    ``momentum=0`` there is no buffer to keep, and ``state_bits=8`` changes nothing (as
+    torch keeps no buffer then): a setting shared by groups with and without momentum holds
+    for each, and a momentum switched on later starts an 8-bit buffer.
     """
 
     OP = "sgd_"
@@ -36,6 +44,7 @@ class SGD(FusedOptimizer):
         master_weights: bool | str = False, master_sync: bool = True,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
+        state_bits: int | None = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals())
 
@@ -45,9 +54,11 @@ class SGD(FusedOptimizer):
         check_nonnegative("weight_decay", group["weight_decay"], "weight_decay value")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_state_bits_value(group)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("step", "momentum_buffer") if group["momentum"] != 0 else ()
+        keys = ("step", "momentum_buffer") if group["momentum"] != 0 else ()
+        return with_scales(self.OP, group, keys)
 
     def _hypers(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(

@@ -348,32 +348,36 @@ def _lamb_update(m, v, p, bc1, sqrt_bc2, eps, weight_decay):
     return u + weight_decay * p if weight_decay != 0 else u
 
 
-def _lamb_two_pass(param, master_params, weight_decay, always_adapt) -> bool:
+def _lamb_two_pass(param, master_params, weight_decay, always_adapt, scales) -> bool:
     """Whether lamb_direction_ stores this tensor's new moments (lamb_apply_ then recomputes u
-    from them): the tensor adapts and its states hold opmath values exactly."""
-    exact = bool(master_params) or param.dtype in (torch.float32, torch.float64)
+    from them): the tensor adapts and its states hold opmath values exactly (not 8-bit
+    codes, given with their ``scales``: those are written once, by lamb_apply_)."""
+    exact = not scales and (bool(master_params) or param.dtype in (torch.float32, torch.float64))
     return exact and (weight_decay != 0 or always_adapt)
 
 
-def _lamb_moments(i, g, exp_avgs, exp_avg_sqs, beta1, beta2, beta3, opmath):
-    """The new moments of tensor i from its loaded grad, in opmath."""
-    m = beta1[i] * exp_avgs[i].to(opmath) + beta3 * g
-    v = beta2[i] * exp_avg_sqs[i].to(opmath) + (1 - beta2[i]) * g * g
+def _lamb_moments(i, g, exp_avgs, exp_avg_sqs, scales, beta1, beta2, beta3, opmath):
+    """The new moments of tensor i from its loaded grad, in opmath (``scales``: the block
+    absmaxes of 8-bit moments, or two empty lists)."""
+    m = beta1[i] * load_state(exp_avgs, scales[0], i, opmath) + beta3 * g
+    v = beta2[i] * load_state(exp_avg_sqs, scales[1], i, opmath) + (1 - beta2[i]) * g * g
     return m, v
 
 
 def lamb_direction_(
-    params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
+    params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, master_params, steps,
     hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
     always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> Tensor:  # fmt: skip
     """LAMB's first pass (``fusedopt._contract.PHASE_OPS``): advances the steps, returns
     ``sq_norms`` [N, 2] (sum p², sum u² of each tensor that adapts, else 0) and stores the
-    new moments of the tensors that take two passes (:func:`_lamb_two_pass`)."""
+    new moments of the tensors that take two passes (:func:`_lamb_two_pass`); 8-bit moments
+    are read only ([note: 8-bit states] in fusedopt/quant8.py)."""
     lr, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
     opmath = opmath_dtype(params[0].dtype) if params else torch.float32
     device = params[0].device if params else torch.device("cpu")
     sq_norms = torch.zeros((len(params), 2), dtype=opmath, device=device)
+    scales = (exp_avg_scales, exp_avg_sq_scales)
     scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, False, master_sync)
     for i, opmath, _, g, p in _each_param(params, grads, master_params, *scalars):
         t = _next_step(steps[i])
@@ -381,18 +385,18 @@ def lamb_direction_(
             continue
         beta3, bc1, sqrt_bc2 = _lamb_coefficients(i, t, beta1, beta2, grad_averaging,
                                                   bias_correction)  # fmt: skip
-        m, v = _lamb_moments(i, g, exp_avgs, exp_avg_sqs, beta1, beta2, beta3, opmath)
+        m, v = _lamb_moments(i, g, exp_avgs, exp_avg_sqs, scales, beta1, beta2, beta3, opmath)
         u = _lamb_update(m, v, p, bc1, sqrt_bc2, eps[i], weight_decay[i])
         sq_norms[i, 0] = p.square().sum()
         sq_norms[i, 1] = u.square().sum()
-        if _lamb_two_pass(params[i], master_params, weight_decay[i], always_adapt):
+        if _lamb_two_pass(params[i], master_params, weight_decay[i], always_adapt, scales[0]):
             exp_avgs[i].copy_(m)
             exp_avg_sqs[i].copy_(v)
     return sq_norms
 
 
 def lamb_apply_(
-    params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
+    params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, master_params, steps,
     hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
     always_adapt, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True,
     sr_key=None,
@@ -401,17 +405,18 @@ def lamb_apply_(
     ``p -= lr * (u * ratio)`` with u recomputed (from the stored new moments of a two-pass
     tensor, else from the grad and the old moments, which are then stored)."""
     lr, beta1, beta2, eps, weight_decay = _columns(hypers, group_sizes)
+    scales = (exp_avg_scales, exp_avg_sq_scales)
     scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, False, master_sync)
     for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
         t = float(steps[i].item())  # advanced by lamb_direction_
         beta3, bc1, sqrt_bc2 = _lamb_coefficients(i, t, beta1, beta2, grad_averaging,
                                                   bias_correction)  # fmt: skip
-        if _lamb_two_pass(params[i], master_params, weight_decay[i], always_adapt):
+        if _lamb_two_pass(params[i], master_params, weight_decay[i], always_adapt, scales[0]):
             m, v = exp_avgs[i].to(opmath), exp_avg_sqs[i].to(opmath)  # g is not read
         else:
-            m, v = _lamb_moments(i, g, exp_avgs, exp_avg_sqs, beta1, beta2, beta3, opmath)
-            exp_avgs[i].copy_(m)
-            exp_avg_sqs[i].copy_(v)
+            m, v = _lamb_moments(i, g, exp_avgs, exp_avg_sqs, scales, beta1, beta2, beta3, opmath)
+            store_state(m, exp_avgs, scales[0], i)
+            store_state(v, exp_avg_sqs, scales[1], i)
         u = _lamb_update(m, v, p, bc1, sqrt_bc2, eps[i], weight_decay[i])
         ratio = 1.0
         if weight_decay[i] != 0 or always_adapt:
@@ -425,7 +430,7 @@ def lamb_apply_(
 
 
 def lamb_(
-    params, grads, exp_avgs, exp_avg_sqs, master_params, steps,
+    params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, master_params, steps,
     hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
     always_adapt, lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
@@ -433,25 +438,27 @@ def lamb_(
     passes, :func:`lamb_direction_` then :func:`lamb_apply_`."""
     hypers_flags = (hypers, group_sizes, grad_averaging, bias_correction, trust_clip,
                     always_adapt)  # fmt: skip
-    lists = (params, grads, exp_avgs, exp_avg_sqs, master_params, steps)
+    lists = (params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+             master_params, steps)  # fmt: skip
     scalars = (lr_tensor, grad_scale, clip_coef, found_inf, master_sync, sr_key)
     sq_norms = lamb_direction_(*lists, *hypers_flags, *scalars)
     lamb_apply_(*lists, *hypers_flags, sq_norms, *scalars)
 
 
 def lion_(
-    params, grads, exp_avgs, master_params, hypers, group_sizes, maximize,
+    params, grads, exp_avgs, exp_avg_scales, master_params, hypers, group_sizes, maximize,
     lr_tensor, grad_scale, clip_coef, found_inf, master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
-    """Lion (Chen et al. 2023, lion-pytorch), with sign(0) = 0."""
+    """Lion (Chen et al. 2023, lion-pytorch), with sign(0) = 0; with ``exp_avg_scales`` the
+    moment is 8-bit ([note: 8-bit states] in fusedopt/quant8.py)."""
     lr, beta1, beta2, weight_decay = _columns(hypers, group_sizes)
     scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, maximize, master_sync)
     for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
-        m = exp_avgs[i].to(opmath)
+        m = load_state(exp_avgs, exp_avg_scales, i, opmath)
         p = p * (1 - lr_i * weight_decay[i])
         c = beta1[i] * m + (1 - beta1[i]) * g
         p = p - lr_i * torch.sign(c)
-        exp_avgs[i].copy_(beta2[i] * m + (1 - beta2[i]) * g)
+        store_state(beta2[i] * m + (1 - beta2[i]) * g, exp_avgs, exp_avg_scales, i)
         _store_param(p, params[i], master_params, i, sr_key)
 
 
@@ -524,11 +531,13 @@ def schedulefree_adamw_(
 
 
 def sgd_(
-    params, grads, momentum_buffers, master_params, steps, hypers, group_sizes, nesterov,
-    maximize, lr_tensor, grad_scale, clip_coef, found_inf,
+    params, grads, momentum_buffers, momentum_buffer_scales, master_params, steps, hypers,
+    group_sizes, nesterov, maximize, lr_tensor, grad_scale, clip_coef, found_inf,
     master_sync=True, sr_key=None,
 ) -> None:  # fmt: skip
-    """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD."""
+    """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD; with
+    ``momentum_buffer_scales`` the buffers are 8-bit ([note: 8-bit states] in
+    fusedopt/quant8.py): the step uses the new buffer, the state keeps its codes."""
     lr, momentum, dampening, weight_decay = _columns(hypers, group_sizes)
     scalars = (lr, lr_tensor, grad_scale, clip_coef, found_inf, maximize, master_sync)
     for i, opmath, lr_i, g, p in _each_param(params, grads, master_params, *scalars):
@@ -543,8 +552,9 @@ def sgd_(
             if first_step:
                 buf = g
             else:
-                buf = momentum[i] * momentum_buffers[i].to(opmath) + (1 - dampening[i]) * g
-            momentum_buffers[i].copy_(buf)
+                old = load_state(momentum_buffers, momentum_buffer_scales, i, opmath)
+                buf = momentum[i] * old + (1 - dampening[i]) * g
+            store_state(buf, momentum_buffers, momentum_buffer_scales, i)
             g = g + momentum[i] * buf if nesterov else buf
         p = p - lr_i * g
         _store_param(p, params[i], master_params, i, sr_key)

@@ -49,10 +49,11 @@ def memory_order_index(t: Tensor) -> Tensor:
 def rounding_bits(seed: int, counter: int, tensor: int, element: Tensor, stream: int = 0) -> Tensor:
     """The 16 random bits of each ``element`` index of the tensor with id ``tensor`` at SR
     step ``counter`` under ``seed``: a half of a word of Philox4x32-10 with key (seed low,
-    seed high) and counter (element low, element high, tensor, counter). ``stream`` picks
-    the half: 0 (the param store) the top half of the first word, 1..3 the top halves of
-    words 1..3 (state slot ``stream - 1`` of the op), 4..7 the low halves of words 0..3
-    ([note: state dtype] in csrc/include/fusedopt/dtype.h)."""
+    seed high) and counter (element low, element high, tensor, counter). ``stream`` (not
+    the sr_key entry's stream id, which is ``tensor``) picks the half: 0 (the param store)
+    the top half of the first word, 1..3 the top halves of words 1..3 (state slot
+    ``stream - 1`` of the op), 4..7 the low halves of words 0..3 ([note: state dtype] in
+    csrc/include/fusedopt/dtype.h)."""
     seed &= (1 << 64) - 1
     e = element.to(torch.int64)
     words = philox4x32_10(
@@ -80,8 +81,11 @@ def float_to_bf16_stochastic(x: Tensor, random: Tensor) -> Tensor:
 
 def round_stochastic(x: Tensor, like: Tensor, sr_key: Tensor, i: int, stream: int = 0) -> Tensor:
     """``x`` (opmath) rounded to bf16 stochastically for tensor ``i`` of a call whose
-    ``sr_key`` is [seed, counter, id_0, ...], with ``like``'s (the stored tensor's) memory
+    ``sr_key`` is [seed, counter, entry_0, ...], with ``like``'s (the stored tensor's) memory
     order, from the 16 bits of ``stream`` (0: the param store; k + 1: state slot k)."""
-    seed, counter, tensor = (int(v) for v in sr_key[[0, 1, 2 + i]].tolist())
-    bits = rounding_bits(seed, counter, tensor, memory_order_index(like), stream)
+    seed, counter, entry = (int(v) for v in sr_key[[0, 1, 2 + i]].tolist())
+    # entry: stream id | first element << 32 ([note: sharded stochastic rounding] in
+    # fusedopt/optim/_plan.py): elements counted in the whole param
+    first = (entry >> 32) & _MASK32
+    bits = rounding_bits(seed, counter, entry, memory_order_index(like) + first, stream)
     return float_to_bf16_stochastic(x.to(torch.float32), bits)

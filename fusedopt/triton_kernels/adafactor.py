@@ -71,8 +71,38 @@ ROWS: tl.constexpr = tl.constexpr(8)
 COLS: tl.constexpr = tl.constexpr(64)
 #: Columns of the per-tensor table ``dims`` (int64): rows, cols (0, 0: not factored), the
 #: tensor's first floor, first row sum and first column partial in the scratch vectors, its
-#: first reduction chunk and its reduction chunk count.
+#: first reduction chunk and its reduction chunk count (``_plan`` writes them; ``_dim``
+#: reads one).
 DIMS: tl.constexpr = tl.constexpr(8)
+D_ROWS: tl.constexpr = tl.constexpr(0)
+D_COLS: tl.constexpr = tl.constexpr(1)
+D_FLOOR: tl.constexpr = tl.constexpr(2)
+D_ROW_SUM: tl.constexpr = tl.constexpr(3)
+D_COL_PARTIAL: tl.constexpr = tl.constexpr(4)
+D_FIRST_RCHUNK: tl.constexpr = tl.constexpr(5)
+D_RCHUNKS: tl.constexpr = tl.constexpr(6)
+
+
+@triton.jit
+def _dim(dims, t, COLUMN: tl.constexpr):
+    """Column COLUMN (``D_*``) of tensor t's row of ``dims``."""
+    return tl.load(dims + DIMS * t + COLUMN)
+
+
+@triton.jit
+def _factors(table, dims, t, WIDTH: tl.constexpr):
+    """Tensor t's table row and its factor dims, rows and cols (0, 0: not factored)."""
+    return table + t.to(tl.int64) * WIDTH, _dim(dims, t, D_ROWS), _dim(dims, t, D_COLS)
+
+
+@triton.jit
+def _locate_rchunk(rchunks, table, dims, WIDTH: tl.constexpr):
+    """This program's reduction chunk q: its tensor t, its index k among t's reduction
+    chunks, t's table row and factor dims (``_factors``)."""
+    q = tl.program_id(0)
+    t = tl.load(rchunks + 2 * q)
+    row, rows, cols = _factors(table, dims, t, WIDTH)
+    return q, t, tl.load(rchunks + 2 * q + 1), row, rows, cols
 
 
 @triton.jit
@@ -148,18 +178,13 @@ def adafactor_partials_kernel(
 ):  # fmt: skip
     """Launch 1, per reduction chunk (see the module)."""
     if not skipped(found_inf, HAS_FOUND_INF):
-        q = tl.program_id(0)
-        t = tl.load(rchunks + 2 * q)
-        k = tl.load(rchunks + 2 * q + 1)
-        row = table + t.to(tl.int64) * WIDTH
+        q, t, k, row, rows, cols = _locate_rchunk(rchunks, table, dims, WIDTH)
         numel = tl.load(row)
         p_ptr = slot(row, L.PARAMS, P_DTYPE, False)
         g_ptr = slot(row, L.GRADS, G_DTYPE, False)
         master_ptr = slot(row, L.MASTER_PARAMS, tl.float32, False)
         gs = load_scalar(grad_scale, HAS_GRAD_SCALE, COMPUTE)
         cc = load_scalar(clip_coef, HAS_CLIP, COMPUTE)
-        rows = tl.load(dims + DIMS * t)
-        cols = tl.load(dims + DIMS * t + 1)
         first = rows * 0  # int64, as both branches define it
         last = rows * 0
         if rows == 0:
@@ -193,7 +218,7 @@ def adafactor_partials_kernel(
         tl.store(chunk_sums + 2 * q + 1, tl.sum(u_acc, axis=0).to(tl.float64))
         if rows > 0:
             # row sums: tiles of ROWS whole rows (complete in this chunk)
-            sums = row_sums + tl.load(dims + DIMS * t + 3)
+            sums = row_sums + _dim(dims, t, D_ROW_SUM)
             for r0 in range(first, last, ROWS):
                 r = r0 + tl.arange(0, ROWS)
                 acc = tl.zeros((ROWS, COLS), COMPUTE)
@@ -203,7 +228,7 @@ def adafactor_partials_kernel(
                                          HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
                 tl.store(sums + r, tl.sum(acc, axis=1).to(tl.float64), mask=r < last)
             # column chunk_sums of this chunk: tiles of COLS columns, its rows in order
-            part = col_partials + tl.load(dims + DIMS * t + 4) + (k * cols).to(tl.int64)
+            part = col_partials + _dim(dims, t, D_COL_PARTIAL) + (k * cols).to(tl.int64)
             for c0 in range(0, cols, COLS):
                 c = c0 + tl.arange(0, COLS)
                 acc = tl.zeros((ROWS, COLS), COMPUTE)
@@ -224,11 +249,9 @@ def adafactor_columns_kernel(
     if not skipped(found_inf, HAS_FOUND_INF):
         t = tl.program_id(0)
         y = tl.program_id(1)
-        row = table + t.to(tl.int64) * WIDTH
-        rows = tl.load(dims + DIMS * t)
+        row, rows, cols = _factors(table, dims, t, WIDTH)
         if rows > 0:
-            cols = tl.load(dims + DIMS * t + 1)
-            n_chunks = tl.load(dims + DIMS * t + 6)
+            n_chunks = _dim(dims, t, D_RCHUNKS)
             batches = tl.load(row) // (rows * cols)
             per_batch = n_chunks // tl.maximum(batches, 1)
             weight = _step_weight(row).to(COMPUTE)
@@ -237,7 +260,7 @@ def adafactor_columns_kernel(
             mask = j < batches * cols
             b = j // cols
             part = (
-                col_partials + tl.load(dims + DIMS * t + 4) + (b * per_batch * cols + j - b * cols)
+                col_partials + _dim(dims, t, D_COL_PARTIAL) + (b * per_batch * cols + j - b * cols)
             )
             acc = tl.zeros((BLOCK,), tl.float64)
             for k in range(0, per_batch):
@@ -246,7 +269,7 @@ def adafactor_columns_kernel(
             store(c_ptr, j, mask, _lerp(load(c_ptr, j, mask, COMPUTE), mean, weight))
             if y == 0:
                 r_ptr = slot(row, L.ROW_VARS, S_DTYPE, False)
-                sums = row_sums + tl.load(dims + DIMS * t + 3)
+                sums = row_sums + _dim(dims, t, D_ROW_SUM)
                 for r0 in range(0, batches * rows, BLOCK):
                     r = r0 + tl.arange(0, BLOCK)
                     rmask = r < batches * rows
@@ -255,7 +278,7 @@ def adafactor_columns_kernel(
                     store(r_ptr, r, rmask, _lerp(old, row_mean.to(COMPUTE), weight))
                 tl.debug_barrier()  # the row factors as stored, by every thread of the program
                 eps1 = _eps1(row, DTYPE_EPS).to(COMPUTE)
-                first = tl.load(dims + DIMS * t + 2)
+                first = _dim(dims, t, D_FLOOR)
                 for batch in range(0, batches):
                     floor = _row_floor(r_ptr, batch, rows, eps1, COMPUTE)
                     tl.store(floors + first + batch, floor)
@@ -270,13 +293,8 @@ def adafactor_updates_kernel(
 ):  # fmt: skip
     """Launch 3, per reduction chunk of a factored tensor: its sum u² (see the module)."""
     if not skipped(found_inf, HAS_FOUND_INF):
-        q = tl.program_id(0)
-        t = tl.load(rchunks + 2 * q)
-        k = tl.load(rchunks + 2 * q + 1)
-        rows = tl.load(dims + DIMS * t)
+        q, t, k, row, rows, cols = _locate_rchunk(rchunks, table, dims, WIDTH)
         if rows > 0:
-            row = table + t.to(tl.int64) * WIDTH
-            cols = tl.load(dims + DIMS * t + 1)
             b, first, last = _row_chunk(k, rows, cols)
             g_ptr = slot(row, L.GRADS, G_DTYPE, False)
             r_ptr = slot(row, L.ROW_VARS, S_DTYPE, False)
@@ -285,7 +303,7 @@ def adafactor_updates_kernel(
             cc = load_scalar(clip_coef, HAS_CLIP, COMPUTE)
             eps1_64 = _eps1(row, DTYPE_EPS)
             eps1_sq = (eps1_64 * eps1_64).to(COMPUTE)
-            floor = load(floors, tl.load(dims + DIMS * t + 2) + b, None, COMPUTE)
+            floor = load(floors, _dim(dims, t, D_FLOOR) + b, None, COMPUTE)
             u_tile = tl.zeros((ROWS, COLS), COMPUTE)
             for r0 in range(first, last, ROWS):
                 r = r0 + tl.arange(0, ROWS)
@@ -312,8 +330,8 @@ def adafactor_fold_kernel(
     if not skipped(found_inf, HAS_FOUND_INF):
         t = tl.program_id(0)
         row = table + t.to(tl.int64) * WIDTH
-        first = tl.load(dims + DIMS * t + 5)
-        n_chunks = tl.load(dims + DIMS * t + 6)
+        first = _dim(dims, t, D_FIRST_RCHUNK)
+        n_chunks = _dim(dims, t, D_RCHUNKS)
         p_acc = tl.zeros((BLOCK,), tl.float64)
         u_acc = tl.zeros((BLOCK,), tl.float64)
         for k0 in range(0, n_chunks, BLOCK):
@@ -335,11 +353,9 @@ def adafactor_floor_kernel(
     """Launch 5, per tensor: floors[dims[t, 2] + b] = max(mean of batch b's row factor, eps1)."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t = tl.program_id(0)
-        row = table + t.to(tl.int64) * WIDTH
-        rows = tl.load(dims + DIMS * t)
+        row, rows, cols = _factors(table, dims, t, WIDTH)
         if rows > 0:
-            cols = tl.load(dims + DIMS * t + 1)
-            first = tl.load(dims + DIMS * t + 2)
+            first = _dim(dims, t, D_FLOOR)
             eps1 = _eps1(row, DTYPE_EPS).to(COMPUTE)
             r_ptr = slot(row, L.ROW_VARS, S_DTYPE, False)
             for b in range(0, tl.load(row) // (rows * cols)):
@@ -393,10 +409,10 @@ def adafactor_apply_kernel(
         weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
         decay = (1.0 - lr * weight_decay).to(COMPUTE)
         eps1_64 = _eps1(row, DTYPE_EPS)
-        rows = tl.load(dims + DIMS * t)
-        cols = tl.load(dims + DIMS * t + 1)
+        rows = _dim(dims, t, D_ROWS)
+        cols = _dim(dims, t, D_COLS)
         args = (
-            rows, cols, floors + tl.load(dims + DIMS * t + 2),
+            rows, cols, floors + _dim(dims, t, D_FLOOR),
             slot(row, L.PARAMS, P_DTYPE, ALIGNED), slot(row, L.GRADS, G_DTYPE, ALIGNED),
             master_or_key(row, t, sr_key, L.MASTER_PARAMS, MASTER, ALIGNED),
             slot(row, L.ROW_VARS, S_DTYPE, False), slot(row, L.COL_VARS, S_DTYPE, False),

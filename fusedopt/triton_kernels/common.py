@@ -132,7 +132,9 @@ def rounding_words(key, offs):
     the param's bits are the top half of word 0, state slot k's the top half of word k + 1
     ([note: state dtype] in csrc/include/fusedopt/dtype.h)."""
     seed, counter, tensor = key
-    e = offs.to(tl.int64)
+    # tensor: the sr_key entry, stream id | first element << 32 ([note: sharded stochastic
+    # rounding] in fusedopt/optim/_plan.py): the element counted in the whole param
+    e = offs.to(tl.int64) + ((tensor >> 32) & 0xFFFFFFFF)
     c0 = (e & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((e >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = tl.zeros_like(c0) + (tensor & 0xFFFFFFFF).to(tl.uint32)
@@ -142,8 +144,8 @@ def rounding_words(key, offs):
 
 @triton.jit
 def tensor_key(sr_key, t):
-    """Tensor ``t``'s rounding key (seed, counter, its id) from ``sr_key`` = [seed, counter,
-    id_0, ...] ([note: stochastic rounding])."""
+    """Tensor ``t``'s rounding key (seed, counter, its entry: stream id | first element << 32)
+    from ``sr_key`` = [seed, counter, entry_0, ...] ([note: stochastic rounding])."""
     return (tl.load(sr_key), tl.load(sr_key + 1), tl.load(sr_key + 2 + t))
 
 
@@ -165,7 +167,7 @@ def store_state(ptr, offs, mask, x, words, WORD: tl.constexpr):
 @triton.jit
 def rounding_bits(key, offs):
     """The 16 random bits (uint32) of the elements ``offs`` of the tensor keyed by ``key`` =
-    (seed, counter, tensor id), int64 scalars ([note: stochastic rounding] in
+    (seed, counter, tensor entry), int64 scalars ([note: stochastic rounding] in
     csrc/include/fusedopt/dtype.h): the top half of the first word of Philox4x32-10 with key
     (seed low, seed high) and counter (element low, element high, tensor id, counter).
     ``tl.philox`` is the standard Philox4x32-10 (its rounds are Random123's; it splits the

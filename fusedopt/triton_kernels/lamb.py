@@ -29,6 +29,11 @@ element):
 * A tensor that does not adapt: pass 1 reads nothing; pass 3 is the whole step (fp32 28 B).
 
 The per-chunk partials (8 B per 65536 elements) are negligible.
+
+8-bit moments ([note: 8-bit states] in fusedopt/quant8.py; constexpr Q8) are never exact:
+both passes walk a chunk by quantization blocks (``quant8.fold_q8_blocks``), pass 1 only
+reads the codes (G + P + 2 + 8/256 B), pass 3 recomputes and requantizes them (G + P + 4 +
+W + 16/256 B): the codes are written once per step.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
+from . import common, quant8
 from .common import (
     BLOCK,
     bias_correction,
@@ -101,16 +106,35 @@ def _block_args(
     G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr, GRAD_AVERAGING: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, Q8: tl.constexpr,
 ):  # fmt: skip
-    """What a block of either pass takes: ``drivers.param_args``, the moment pointers and the
-    coefficients of the update."""
+    """What a block of either pass takes: ``drivers.param_args``, the moment pointers (with
+    Q8: the codes', then their scales') and the coefficients of the update."""
+    if Q8:
+        moments = (
+            slot(row, L.EXP_AVGS, tl.int8, False), slot(row, L.EXP_AVG_SQS, tl.uint8, False),
+            slot(row, L.EXP_AVG_SCALES, tl.float32, False),
+            slot(row, L.EXP_AVG_SQ_SCALES, tl.float32, False),
+        )  # fmt: skip
+    else:
+        moments = (
+            slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
+        )  # fmt: skip
     return (
         param_args(row, t, grad_scale, clip_coef, sr_key, L.MASTER_PARAMS, P_DTYPE, G_DTYPE,
                    COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED),
-        slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), slot(row, L.EXP_AVG_SQS, S_DTYPE, ALIGNED),
-        _coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
+        moments, _coefficients(row, new_step, COMPUTE, GRAD_AVERAGING, BIAS_CORRECTION),
     )  # fmt: skip
+
+
+@triton.jit
+def _q8_moments(offs, mask, b, g, moments, tables, coefficients):
+    """The new moments of quantization block b from its 8-bit codes (dequantized)."""
+    m_codes, v_codes, m_scales, v_scales = moments
+    beta1, beta3, beta2, one_minus_beta2, _, _, _, _, _ = coefficients
+    m = quant8.dequantize(m_codes, tl.load(m_scales + b), offs, mask, tables, True)
+    v = quant8.dequantize(v_codes, tl.load(v_scales + b), offs, mask, tables, False)
+    return _moments(g, m, v, beta1, beta3, beta2, one_minus_beta2)
 
 
 @triton.jit
@@ -120,7 +144,7 @@ def _norms_block(
 ):  # fmt: skip
     """Pass 1 over BLOCK elements (``drivers.fold_blocks``): ``sums`` (of p², of u², per lane)
     plus this block's; the moments stored when STATES_EXACT."""
-    (p_ptr, g_ptr, master_ptr, grad_scale, clip_coef), m_ptr, v_ptr, coefficients = block_args
+    (p_ptr, g_ptr, master_ptr, grad_scale, clip_coef), (m_ptr, v_ptr), coefficients = block_args
     beta1, beta3, beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = (
         coefficients
     )
@@ -140,6 +164,24 @@ def _norms_block(
 
 
 @triton.jit
+def _norms_q8_block(
+    offs, mask, b, sums, block_args, tables, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 over quantization block b (``quant8.fold_q8_blocks``) of 8-bit moments: as
+    :func:`_norms_block`, the codes read only."""
+    (p_ptr, g_ptr, master_ptr, grad_scale, clip_coef), moments, coefficients = block_args
+    _, _, _, _, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = coefficients
+    g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
+                  False)  # fmt: skip
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
+    m, v = _q8_moments(offs, mask, b, g, moments, tables, coefficients)
+    u = tl.where(mask, _update(m, v, p, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay), 0.0)
+    w_acc, u_acc = sums
+    return w_acc + p * p, u_acc + u * u
+
+
+@triton.jit
 def _adapts(row, ALWAYS_ADAPT: tl.constexpr):
     """Whether LAMB adapts this tensor's step (wd != 0 or ALWAYS_ADAPT)."""
     return (hyper(row, L.N_SLOTS, L.WEIGHT_DECAY) != 0.0) | ALWAYS_ADAPT
@@ -147,17 +189,19 @@ def _adapts(row, ALWAYS_ADAPT: tl.constexpr):
 
 @triton.jit
 def lamb_norms_kernel(
-    table, chunks, counters, partials, grad_scale, clip_coef, found_inf, sr_key,
+    table, chunks, counters, partials, grad_scale, clip_coef, found_inf, sr_key, row_lengths,
+    tables,
     WIDTH: tl.constexpr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, GRAD_AVERAGING: tl.constexpr,
     BIAS_CORRECTION: tl.constexpr, ALWAYS_ADAPT: tl.constexpr, STATES_EXACT: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, Q8: tl.constexpr,
 ):  # fmt: skip
     """Pass 1, per chunk: for a tensor that adapts, the moments (stored when STATES_EXACT) and
     the partial sums of p² and u² (partials[2 * chunk], partials[2 * chunk + 1]; 0 for a
-    tensor that does not adapt); the last chunk advances the step count."""
+    tensor that does not adapt); the last chunk advances the step count. Q8: 8-bit moments,
+    by quantization blocks (``row_lengths``, ``tables``: ``quant8``)."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
         step_ptr = slot(row, L.STEPS, tl.float32, False)
@@ -165,10 +209,18 @@ def lamb_norms_kernel(
         end = tl.where(_adapts(row, ALWAYS_ADAPT), end, start)  # no elements: partials 0
         block_args = _block_args(row, t, new_step, grad_scale, clip_coef, sr_key, P_DTYPE,
                                  G_DTYPE, S_DTYPE, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
-                                 GRAD_AVERAGING, BIAS_CORRECTION, ALIGNED)  # fmt: skip
-        zeros = tl.zeros((BLOCK,), COMPUTE)
-        w_acc, u_acc = fold_blocks(_norms_block, start, end, (zeros, zeros), (block_args, COMPUTE,
-                                   MASTER, HAS_GRAD_SCALE, HAS_CLIP, STATES_EXACT))  # fmt: skip
+                                 GRAD_AVERAGING, BIAS_CORRECTION, ALIGNED, Q8)  # fmt: skip
+        if Q8:
+            zeros = tl.zeros((quant8.QBLOCK,), COMPUTE)
+            w_acc, u_acc = quant8.fold_q8_blocks(
+                _norms_q8_block, start, end, tl.load(row_lengths + t), (zeros, zeros),
+                (block_args, tables, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP),
+            )  # fmt: skip
+        else:
+            zeros = tl.zeros((BLOCK,), COMPUTE)
+            w_acc, u_acc = fold_blocks(_norms_block, start, end, (zeros, zeros), (block_args,
+                                       COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+                                       STATES_EXACT))  # fmt: skip
         pid = tl.program_id(0)
         tl.store(partials + 2 * pid, tl.sum(w_acc, axis=0))
         tl.store(partials + 2 * pid + 1, tl.sum(u_acc, axis=0))
@@ -217,7 +269,7 @@ def _apply_block(
     MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
 ):  # fmt: skip
     """Pass 3 over BLOCK elements (``drivers.fold_blocks``; nothing carried)."""
-    (p_ptr, g_ptr, master_ptr, grad_scale, clip_coef), m_ptr, v_ptr, coefficients = block_args
+    (p_ptr, g_ptr, master_ptr, grad_scale, clip_coef), (m_ptr, v_ptr), coefficients = block_args
     beta1, beta3, beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = (
         coefficients
     )
@@ -238,14 +290,36 @@ def _apply_block(
 
 
 @triton.jit
+def _apply_q8_block(
+    offs, mask, b, carry, ratio, lr, block_args, tables, COMPUTE: tl.constexpr,
+    MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+):  # fmt: skip
+    """Pass 3 over quantization block b of 8-bit moments (``quant8.fold_q8_blocks``): the
+    moments recomputed from the grad and requantized (their one write of the step), then p."""
+    (p_ptr, g_ptr, master_ptr, grad_scale, clip_coef), moments, coefficients = block_args
+    _, _, _, _, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = coefficients
+    m_codes, v_codes, m_scales, v_scales = moments
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
+    g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
+                  False)  # fmt: skip
+    m, v = _q8_moments(offs, mask, b, g, moments, tables, coefficients)
+    quant8.requantize(m_codes, m_scales, b, m, offs, mask, tables, True)
+    quant8.requantize(v_codes, v_scales, b, v, offs, mask, tables, False)
+    u = _update(m, v, p, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay)
+    store_param(p_ptr, master_ptr, offs, mask, p - lr * (u * ratio), MASTER)
+    return carry
+
+
+@triton.jit
 def lamb_apply_kernel(
-    table, chunks, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf, sr_key,
+    table, chunks, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf, sr_key, row_lengths,
+    tables,
     WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
     LR_MODE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, GRAD_AVERAGING: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
     TRUST_CLIP: tl.constexpr, ALWAYS_ADAPT: tl.constexpr, STATES_EXACT: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, Q8: tl.constexpr,
 ):  # fmt: skip
     """Pass 3, per chunk: p -= lr * (u * ratio), at the step count pass 1 advanced."""
     if not skipped(found_inf, HAS_FOUND_INF):
@@ -255,23 +329,43 @@ def lamb_apply_kernel(
         two_pass = _adapts(row, ALWAYS_ADAPT) if STATES_EXACT else False  # [note: lamb passes]
         block_args = _block_args(row, t, new_step, grad_scale, clip_coef, sr_key, P_DTYPE,
                                  G_DTYPE, S_DTYPE, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
-                                 GRAD_AVERAGING, BIAS_CORRECTION, ALIGNED)  # fmt: skip
-        fold_blocks(_apply_block, start, end, tl.zeros((), tl.int32), (ratio, lr.to(COMPUTE),
-                    two_pass, block_args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP))  # fmt: skip
+                                 GRAD_AVERAGING, BIAS_CORRECTION, ALIGNED, Q8)  # fmt: skip
+        nothing = tl.zeros((), tl.int32)
+        if Q8:
+            quant8.fold_q8_blocks(_apply_q8_block, start, end, tl.load(row_lengths + t), nothing,
+                                  (ratio, lr.to(COMPUTE), block_args, tables, COMPUTE, MASTER,
+                                   HAS_GRAD_SCALE, HAS_CLIP))  # fmt: skip
+        else:
+            fold_blocks(_apply_block, start, end, nothing, (ratio, lr.to(COMPUTE), two_pass,
+                        block_args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP))  # fmt: skip
 
 
 _TABLES = TableCache()
+_ROW_LENGTHS = quant8.RowLengths()
+
+
+def _q8(a) -> bool:
+    """Whether the call's moments are 8-bit (their scales given)."""
+    return bool(a.named.get("exp_avg_scales"))
+
+
+def _q8_arguments(a) -> tuple:
+    """The row lengths and code tables of a call with 8-bit moments, else (None, None)."""
+    if not _q8(a):
+        return None, None
+    return _ROW_LENGTHS(a.params), quant8.code_tables(a.params[0].device)
 
 
 def _options(a) -> dict:
     """The constexpr and launch options of the direction and apply kernels."""
-    states_exact = bool(a.master_params) or a.params[0].dtype in (torch.float32, torch.float64)
+    exact = bool(a.master_params) or a.params[0].dtype in (torch.float32, torch.float64)
+    states_exact = exact and not _q8(a)  # [note: lamb passes]: 8-bit codes are not exact
     return {
         "WIDTH": a.launch.width, **a.dtypes, "HAS_GRAD_SCALE": a.scalar_flags["HAS_GRAD_SCALE"],
         "HAS_CLIP": a.scalar_flags["HAS_CLIP"], "HAS_FOUND_INF": a.scalar_flags["HAS_FOUND_INF"],
         "GRAD_AVERAGING": a.grad_averaging, "BIAS_CORRECTION": a.bias_correction,
         "ALWAYS_ADAPT": a.always_adapt, "STATES_EXACT": states_exact,
-        "ALIGNED": a.launch.aligned, **common.LAUNCH_OPTIONS,
+        "ALIGNED": a.launch.aligned, "Q8": _q8(a), **common.LAUNCH_OPTIONS,
     }  # fmt: skip
 
 
@@ -283,7 +377,7 @@ def _direction(a, sq_norms: torch.Tensor) -> None:
     _, grad_scale_arg, clip_coef_arg, found_inf_arg, sr_key_arg = a.scalar_tensors
     lamb_norms_kernel[(launch.n_chunks,)](
         launch.table, launch.chunks, launch.counters, partials, grad_scale_arg, clip_coef_arg,
-        found_inf_arg, sr_key_arg, **_options(a),
+        found_inf_arg, sr_key_arg, *_q8_arguments(a), **_options(a),
     )  # fmt: skip
     lamb_fold_kernel[(len(a.params),)](
         launch.table, partials, sq_norms, found_inf_arg, WIDTH=launch.width,
@@ -295,7 +389,8 @@ def _direction(a, sq_norms: torch.Tensor) -> None:
 def _apply(a, sq_norms: torch.Tensor) -> None:
     """Pass 3 (see the module docstring)."""
     lamb_apply_kernel[(a.launch.n_chunks,)](
-        a.launch.table, a.launch.chunks, sq_norms, *a.scalar_tensors, **_options(a),
+        a.launch.table, a.launch.chunks, sq_norms, *a.scalar_tensors, *_q8_arguments(a),
+        **_options(a),
         LR_MODE=a.scalar_flags["LR_MODE"], TRUST_CLIP=a.trust_clip,
     )  # fmt: skip
 

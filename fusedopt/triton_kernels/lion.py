@@ -3,7 +3,8 @@ over every tensor.
 
 Bytes per element: reads grad, param (or master) and exp_avg, writes param (and master) and
 exp_avg. fp32: 20 B. bf16 with master weights: 2 + 4 + 4 read, 4 + 2 + 4 written = 20 B.
-bf16 without: 10 B. No step counts.
+bf16 without: 10 B. No step counts. 8-bit exp_avg ([note: 8-bit states] in
+fusedopt/quant8.py): 1 B read and written instead, + 8 B per 256 elements (its scale).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import quant8
 from .common import hyper, load, slot, store
 from .drivers import StepOp
 from .layout import layout
@@ -21,24 +23,45 @@ L = layout("lion_")
 
 
 @triton.jit
+def _lion_update(g, p, m, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, COMPUTE):
+    """The new (param, moment), in the reference's order of operations."""
+    p = p * decay
+    c = beta1 * m + one_minus_beta1 * g
+    sign = (c > 0).to(COMPUTE) - (c < 0).to(COMPUTE)  # torch.sign: 0 for ±0 (and for NaN)
+    return p - lr * sign, beta2 * m + one_minus_beta2 * g
+
+
+@triton.jit
 def _lion_block(
     offs, mask, g, p, m_ptr, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
     COMPUTE: tl.constexpr, FLAGS: tl.constexpr,
 ):  # fmt: skip
-    """The update of BLOCK elements, in the reference's order of operations: stores the
-    moment, returns the new param (``drivers.for_each_block`` loads g and p, stores p)."""
+    """The update of BLOCK elements: stores the moment, returns the new param
+    (``drivers.for_each_block`` loads g and p, stores p)."""
     m = load(m_ptr, offs, mask, COMPUTE)
-    p = p * decay
-    c = beta1 * m + one_minus_beta1 * g
-    sign = (c > 0).to(COMPUTE) - (c < 0).to(COMPUTE)  # torch.sign: 0 for ±0 (and for NaN)
-    p = p - lr * sign
-    store(m_ptr, offs, mask, beta2 * m + one_minus_beta2 * g)
+    p, m = _lion_update(g, p, m, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                        COMPUTE)  # fmt: skip
+    store(m_ptr, offs, mask, m)
     return p
 
 
 @triton.jit
-def _lion_prologue(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS):
-    """The tensor's block args ([note: generic step kernel] in ``drivers``); no step count."""
+def _lion_q8_block(
+    offs, mask, b, g, p, tables, m_codes, m_scales, lr, decay, beta1, one_minus_beta1, beta2,
+    one_minus_beta2, COMPUTE: tl.constexpr, FLAGS: tl.constexpr,
+):  # fmt: skip
+    """One quantization block (b) with an 8-bit moment ([note: 8-bit states] in
+    fusedopt/quant8.py): dequantized, stepped as :func:`_lion_block` steps, requantized."""
+    m = quant8.dequantize(m_codes, tl.load(m_scales + b), offs, mask, tables, True)
+    p, m = _lion_update(g, p, m, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                        COMPUTE)  # fmt: skip
+    quant8.requantize(m_codes, m_scales, b, m, offs, mask, tables, True)
+    return p
+
+
+@triton.jit
+def _lion_scalars(row, lr, COMPUTE: tl.constexpr, LR_MODE: tl.constexpr):
+    """The tensor's scalars, from its table row and lr."""
     beta1 = hyper(row, L.N_SLOTS, L.BETA1)
     beta2 = hyper(row, L.N_SLOTS, L.BETA2)
     weight_decay = hyper(row, L.N_SLOTS, L.WEIGHT_DECAY)
@@ -47,16 +70,29 @@ def _lion_prologue(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS):
         decay = (1.0 - lr * weight_decay).to(COMPUTE)
     else:
         decay = 1.0 - lr.to(COMPUTE) * weight_decay.to(COMPUTE)
-    args = (
-        slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED), lr.to(COMPUTE), decay,
-        beta1.to(COMPUTE), (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE),
+    return (
+        lr.to(COMPUTE), decay, beta1.to(COMPUTE), (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE),
         (1.0 - beta2).to(COMPUTE),
     )  # fmt: skip
-    return args, 0.0, False
+
+
+@triton.jit
+def _lion_prologue(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS):
+    """The tensor's block args ([note: generic step kernel] in ``drivers``); no step count."""
+    m_ptr = slot(row, L.EXP_AVGS, S_DTYPE, ALIGNED)
+    return (m_ptr,) + _lion_scalars(row, lr, COMPUTE, LR_MODE), 0.0, False  # noqa: RUF005 (no * in Triton)
+
+
+@triton.jit
+def _lion_q8_prologue(row, lr, COMPUTE, LR_MODE, FLAGS):
+    """The block args of a call with an 8-bit moment (``quant8.q8_step_kernel``)."""
+    states = (slot(row, L.EXP_AVGS, tl.int8, False), slot(row, L.EXP_AVG_SCALES, tl.float32, False))
+    return states + _lion_scalars(row, lr, COMPUTE, LR_MODE), 0.0, False
 
 
 #: One Lion step over every tensor in one launch (``fusedopt._contract``'s schema order).
-lion_ = StepOp("lion_", _lion_prologue, _lion_block)
+lion_ = StepOp("lion_", _lion_prologue, _lion_block,
+               q8=quant8.Q8Launcher(_lion_q8_prologue, _lion_q8_block))  # fmt: skip
 
 
 register("lion_", lion_)

@@ -129,6 +129,42 @@ def _first_block(offset, row_length, blocks_per_row):
 
 
 @triton.jit
+def fold_q8_blocks(BLOCK_FN: tl.constexpr, start, end, row_length, carry, args):
+    """``carry = BLOCK_FN(offs, mask, b, carry, *args)`` over the quantization blocks of one
+    tensor (rows of ``row_length``) whose first element lies in [start, end), in order: a
+    program's blocks (the module docstring); ``offs``/``mask`` are block b's QBLOCK lanes.
+    Returns ``carry`` (sums for a reduction, LAMB's norms pass; a placeholder otherwise)."""
+    row_length = tl.maximum(row_length, 1)
+    per_row = (row_length + QBLOCK - 1) // QBLOCK
+    lanes = tl.arange(0, QBLOCK)
+    for b in range(_first_block(start, row_length, per_row),
+                   _first_block(end, row_length, per_row)):  # fmt: skip
+        r = b // per_row
+        begin = r * row_length + (b - r * per_row) * QBLOCK
+        offs = begin + lanes
+        mask = lanes < (tl.minimum(begin + QBLOCK, (r + 1) * row_length) - begin).to(tl.int32)
+        carry = BLOCK_FN(offs, mask, b, carry, *args)
+    return carry
+
+
+@triton.jit
+def _q8_step_block(
+    offs, mask, b, carry, BLOCK_FN: tl.constexpr, common, tables, args, COMPUTE: tl.constexpr,
+    FLAGS: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr,
+):  # fmt: skip
+    """Load g and p of block b, ``p = BLOCK_FN(offs, mask, b, g, p, tables, *args, COMPUTE,
+    FLAGS)``, store p."""
+    p_ptr, g_ptr, master_ptr, scale_g, clip = common
+    g = load_grad(g_ptr, offs, mask, scale_g, clip, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
+                  MAXIMIZE)  # fmt: skip
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
+    p = BLOCK_FN(offs, mask, b, g, p, tables, *args, COMPUTE, FLAGS)
+    store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
+    return carry
+
+
+@triton.jit
 def q8_step_kernel(
     table, chunks, counters, row_lengths, tables, lr_tensor, grad_scale, clip_coef, found_inf,
     sr_key, PROLOGUE: tl.constexpr, BLOCK_FN: tl.constexpr, FLAGS: tl.constexpr,
@@ -139,33 +175,40 @@ def q8_step_kernel(
     HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """One program per chunk of a step op with 8-bit states: the quantization blocks that
-    start in the chunk, each loaded (g, p), handed to ``BLOCK_FN(offs, mask, b, g, p, tables,
-    *args, COMPUTE, FLAGS)`` (which dequantizes, steps and requantizes the op's states and
-    returns the new p) and stored; the tensor's last chunk advances its step count."""
+    start in the chunk (:func:`fold_q8_blocks`), each loaded (g, p), handed to
+    ``BLOCK_FN(offs, mask, b, g, p, tables, *args, COMPUTE, FLAGS)`` (which dequantizes,
+    steps and requantizes the op's states and returns the new p) and stored; the tensor's
+    last chunk advances its step count (when the prologue says ``advance``)."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
         common = param_args(row, t, grad_scale, clip_coef, sr_key, MASTER_SLOT, P_DTYPE,
                             G_DTYPE, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
                             ALIGNED)  # fmt: skip
-        p_ptr, g_ptr, master_ptr, scale_g, clip = common
         lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
         args, new_step, advance = PROLOGUE(row, lr, COMPUTE, LR_MODE, FLAGS)
-        row_length = tl.maximum(tl.load(row_lengths + t), 1)
-        per_row = (row_length + QBLOCK - 1) // QBLOCK
-        lanes = tl.arange(0, QBLOCK)
-        for b in range(_first_block(start, row_length, per_row),
-                       _first_block(end, row_length, per_row)):  # fmt: skip
-            r = b // per_row
-            begin = r * row_length + (b - r * per_row) * QBLOCK
-            offs = begin + lanes
-            mask = lanes < (tl.minimum(begin + QBLOCK, (r + 1) * row_length) - begin).to(tl.int32)
-            g = load_grad(g_ptr, offs, mask, scale_g, clip, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
-                          MAXIMIZE)  # fmt: skip
-            p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
-            p = BLOCK_FN(offs, mask, b, g, p, tables, *args, COMPUTE, FLAGS)
-            store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
+        nothing = tl.zeros((), tl.int32)
+        fold_q8_blocks(_q8_step_block, start, end, tl.load(row_lengths + t), nothing,
+                       (BLOCK_FN, common, tables, args, COMPUTE, FLAGS, MASTER, HAS_GRAD_SCALE,
+                        HAS_CLIP, MAXIMIZE))  # fmt: skip
         if advance:
             finish_tensor(counters, t, row, slot(row, STEP_SLOT, tl.float32, False), new_step)
+
+
+class RowLengths:
+    """Each param's last dim (1 for a 0-d param), int64 on the params' device; cached by the
+    shapes (the last call's only), so a step makes no host-to-device copy."""
+
+    def __init__(self) -> None:
+        self._cached: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, params: list[torch.Tensor]) -> torch.Tensor:
+        key = (params[0].device, tuple(tuple(p.shape) for p in params))
+        lengths = self._cached.get(key)
+        if lengths is None:
+            values = [p.shape[-1] if p.dim() else 1 for p in params]
+            lengths = torch.tensor(values, dtype=torch.int64, device=params[0].device)
+            self._cached = {key: lengths}
+        return lengths
 
 
 class Q8Launcher:
@@ -175,18 +218,7 @@ class Q8Launcher:
 
     def __init__(self, prologue: triton.JITFunction, block_fn: triton.JITFunction) -> None:
         self.prologue, self.block_fn = prologue, block_fn
-        self._row_lengths: dict[tuple, torch.Tensor] = {}
-
-    def row_lengths(self, params: list[torch.Tensor]) -> torch.Tensor:
-        """Each param's last dim (1 for a 0-d param), int64 on the params' device; cached by
-        the shapes, so a step makes no host-to-device copy."""
-        key = (params[0].device, tuple(tuple(p.shape) for p in params))
-        lengths = self._row_lengths.get(key)
-        if lengths is None:
-            values = [p.shape[-1] if p.dim() else 1 for p in params]
-            lengths = torch.tensor(values, dtype=torch.int64, device=params[0].device)
-            self._row_lengths = {key: lengths}  # the last call's only
-        return lengths
+        self.row_lengths = RowLengths()
 
     def __call__(self, op: StepOp, a: StepArguments, flags: dict[str, bool]) -> None:
         options = {k: v for k, v in a.options().items() if k not in a.flags and k != "S_DTYPE"}

@@ -58,14 +58,18 @@ enum class DType : int32_t {
 /// without a host sync and CUDA-graph safe as one optional trailing argument of every step
 /// op, `Tensor? sr_key=None` (after master_sync, so positional callers of the older schema
 /// still fit): a 1-d int64 tensor on the params' device, [seed, counter, id_0, ..., id_{N-1}],
-/// read by the kernels and never written. The optimizers (group key
+/// read by the kernels and never written. An id's high 32 bits, when set, are the index of
+/// the tensor's first element in the whole param, added to the element index (a DTensor
+/// shard's offset: [note: sharded stochastic rounding] in fusedopt/optim/_plan.py), so a
+/// sharded run draws the unsharded run's bits. The optimizers (group key
 /// `stochastic_rounding=True`) keep the seed and counter in one int64 device tensor per
 /// device, give each param the id of its index in the optimizer's param order (over all
 /// groups, the order of state_dict()'s param ids: stable across backends, call splits and a
 /// resume), copy [seed, counter] into each call's key before the call and advance the
 /// counter on the device after the step by 1 - (found_inf != 0): a step skipped by a
 /// GradScaler changes nothing, its counter included. State dicts save seed and counter
-/// (`sr_seed`, `sr_counter` in each SR group); a loaded optimizer draws the same bits.
+/// (the top-level entry `"stochastic_rounding"`, and `sr_seed`, `sr_counter` in each SR group
+/// for DCP, which keeps only state and groups); a loaded optimizer draws the same bits.
 /// A step op with sr_key applies SR to the param store of bf16 params without master
 /// weights, and, for an op that declares free state dtypes, to its bf16 state stores
 /// ([note: state dtype]); other ops' 16-bit states keep round to nearest.

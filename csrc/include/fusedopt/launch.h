@@ -215,25 +215,6 @@ struct SgdCall {
   FUSEDOPT_STEP_CALL_FIELDS(SGD)
 };
 
-// lamb_'s two passes as ops of their own, so that sharded LAMB all-reduces its per-tensor
-// sums between them ([note: multi-pass ops] in DESIGN.md §2; math/lamb.h [note: lamb passes]
-// says which pass reads and writes what). lamb(call) is lamb_direction then lamb_apply.
-
-/// lamb_direction_: advances the steps; writes sq_norms (2 * num_tensors values of the
-/// opmath type, pre-zeroed by the caller: sum p^2, sum u^2 of each tensor that adapts, in a
-/// fixed order) and, for two-pass tensors, m and v. Per element: reads g, p, m, v.
-struct LambDirectionCall {
-  LambCall step;
-  void* sq_norms = nullptr;  // device
-};
-
-/// lamb_apply_: trust ratios from sq_norms, then p -= lr * ratio * u. Reads the advanced
-/// steps. Per element: reads p, m, v (+g for one-pass tensors); writes p (+m, v).
-struct LambApplyCall {
-  LambCall step;
-  const void* sq_norms = nullptr;  // device, 2 * num_tensors values of the opmath type
-};
-
 /// adafactor_ (torch.optim.Adafactor). A param with two or more dims (lists.factor_dims:
 /// rows, cols) has row_vars[i] (rows of every batch, contiguous) and col_vars[i] (cols of
 /// every batch, contiguous) and an empty variances[i]; any other has variances[i] (its
@@ -244,64 +225,63 @@ struct AdafactorCall {
   FUSEDOPT_STEP_CALL_FIELDS(ADAFACTOR)
 };
 
-// adafactor_'s passes as ops: adafactor_norms_ (passes 1 and 2: advances the steps, updates
-// the second moments, writes sq_norms, 2 * num_tensors values of the opmath type, pre-zeroed
-// by the caller: sum p^2, sum u^2) and adafactor_apply_ (pass 3: reads sq_norms and the
-// advanced steps, writes the params). adafactor(call) is the two.
-struct AdafactorNormsCall {
-  AdafactorCall step;
+// The passes of a two-pass step op as ops of their own ([note: multi-pass ops] in DESIGN.md
+// §2), so that a caller can act between them (sharded LAMB all-reduces the per-tensor sums).
+// The first pass advances the steps and writes sq_norms: 2 * num_tensors values of the
+// opmath type, pre-zeroed by the caller, sum p^2 and sum u^2 of each tensor in a fixed
+// order; the last reads them and the advanced steps and writes the params. The step op
+// (lamb(call), adafactor(call)) is the two.
+template <class StepCall>
+struct FirstPassCall {
+  StepCall step;
   void* sq_norms = nullptr;  // device
 };
 
-struct AdafactorApplyCall {
-  AdafactorCall step;
+template <class StepCall>
+struct LastPassCall {
+  StepCall step;
   const void* sq_norms = nullptr;  // device, 2 * num_tensors values of the opmath type
 };
 
-namespace cpu {
-void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx);
-void lamb_apply(const LambApplyCall& call, const ExecContext& ctx);
-void adafactor_norms(const AdafactorNormsCall& call, const ExecContext& ctx);
-void adafactor_apply(const AdafactorApplyCall& call, const ExecContext& ctx);
-}  // namespace cpu
-
-namespace cuda {
-void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx);
-void lamb_apply(const LambApplyCall& call, const ExecContext& ctx);
-void adafactor_norms(const AdafactorNormsCall& call, const ExecContext& ctx);
-void adafactor_apply(const AdafactorApplyCall& call, const ExecContext& ctx);
-}  // namespace cuda
+/// lamb_direction_: the sums of each tensor that adapts (0 for the others) and, for
+/// two-pass tensors, m and v (math/lamb.h [note: lamb passes] says which pass reads and
+/// writes what). Per element: reads g, p, m, v.
+using LambDirectionCall = FirstPassCall<LambCall>;
+/// lamb_apply_: trust ratios from sq_norms, then p -= lr * ratio * u. Per element: reads p,
+/// m, v (+g for one-pass tensors); writes p (+m, v).
+using LambApplyCall = LastPassCall<LambCall>;
+/// adafactor_norms_ (passes 1 and 2): updates the second moments too.
+using AdafactorNormsCall = FirstPassCall<AdafactorCall>;
+/// adafactor_apply_ (pass 3).
+using AdafactorApplyCall = LastPassCall<AdafactorCall>;
 
 /// muon_ (torch.optim.Muon on 2-D params): its passes only, since torch runs the Newton-Schulz
 /// GEMMs between them ([note: muon passes] in fusedopt/optim/muon.py; the step op muon_ is
 /// the passes around the iteration, composed in Python for every backend: not in
 /// FUSEDOPT_STEP_OPS). ns_buffers are bf16 whatever the param dtype; no step counts; the ns_*
 /// hyperparameters are read on the host by the iteration, not by the passes.
+/// muon_momentum_: buf = lerp(buf, g, 1 - momentum); ns = bf16(lerp(g, buf, momentum)) with
+/// nesterov, else bf16(buf). Per element: reads g, buf; writes buf, ns (no param).
+/// muon_apply_: p = fma(-(lr*lr_ratio), ns, p*(1 - lr*wd)). Per element: reads p (+master),
+/// ns; writes p (+master). Both do nothing under found_inf.
 struct MuonCall {
   FUSEDOPT_STEP_CALL_FIELDS(MUON)
 };
 
-// muon_momentum_: buf = lerp(buf, g, 1 - momentum); ns = bf16(lerp(g, buf, momentum)) with
-//   nesterov, else bf16(buf). Per element: reads g, buf; writes buf, ns (no param).
-// muon_apply_: p = fma(-(lr*lr_ratio), ns, p*(1 - lr*wd)). Per element: reads p (+master),
-//   ns; writes p (+master). Both do nothing under found_inf.
-namespace cpu {
-void muon_momentum(const MuonCall& call, const ExecContext& ctx);
-void muon_apply(const MuonCall& call, const ExecContext& ctx);
-}  // namespace cpu
-
-namespace cuda {
-void muon_momentum(const MuonCall& call, const ExecContext& ctx);
-void muon_apply(const MuonCall& call, const ExecContext& ctx);
-}  // namespace cuda
-
-/// The launchers: scale, grad_norm and one per step op (adamw, lamb...), in each backend.
+/// The launchers: scale, grad_norm, one per step op (adamw, lamb...) and one per pass of a
+/// multi-pass op, in each backend.
 #define FUSEDOPT_DECLARE_LAUNCHER(op, OP, Stem) \
   void op(const Stem##Call& call, const ExecContext& ctx);
-#define FUSEDOPT_DECLARE_LAUNCHERS                                  \
-  void scale(const ScaleCall& call, const ExecContext& ctx);        \
-  void grad_norm(const GradNormCall& call, const ExecContext& ctx); \
-  FUSEDOPT_STEP_OPS(FUSEDOPT_DECLARE_LAUNCHER)
+#define FUSEDOPT_DECLARE_LAUNCHERS                                                    \
+  void scale(const ScaleCall& call, const ExecContext& ctx);                          \
+  void grad_norm(const GradNormCall& call, const ExecContext& ctx);                   \
+  FUSEDOPT_STEP_OPS(FUSEDOPT_DECLARE_LAUNCHER)                                        \
+  void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx);         \
+  void lamb_apply(const LambApplyCall& call, const ExecContext& ctx);                 \
+  void adafactor_norms(const AdafactorNormsCall& call, const ExecContext& ctx);       \
+  void adafactor_apply(const AdafactorApplyCall& call, const ExecContext& ctx);       \
+  void muon_momentum(const MuonCall& call, const ExecContext& ctx);                   \
+  void muon_apply(const MuonCall& call, const ExecContext& ctx);
 
 namespace cpu {
 FUSEDOPT_DECLARE_LAUNCHERS

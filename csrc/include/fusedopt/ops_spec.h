@@ -11,13 +11,17 @@
 //   FUSEDOPT_OP_STEPS(X)   X(steps) when the op has step counts, else nothing
 //   FUSEDOPT_OP_STEPS_OPTIONAL  whether the steps list may be empty (or is absent)
 //   FUSEDOPT_OP_STEPS_WITH(X)   X(list) when the steps are given iff that list is
+//   FUSEDOPT_OP_STATE_RULES(X)  X(Layout, Codes) per state list: its shape rule
+//                          (StateLayout::kLayout) and 8-bit codes (StateCodes::kCodes)
+//   FUSEDOPT_OP_STATE_DTYPES  whether the float states may have a dtype of their own
+//                          (fp32, bf16, fp16 whatever the param's: [note: state dtype])
 // FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends
 // with, after the common scalars (master_sync).
 // FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops with one C++ launcher for the step
 // (not muon_: its passes have theirs, launch.h); namespace fusedopt::spec::<op> has
 // the indices (kExpAvgs, kBeta1, kDecoupled...), the counts (kNumStates...) and each
 // state list's shape rule (kStateLayouts: [note: factored layouts] in
-// fusedopt/_contract.py) and 8-bit codes (kStateCodes).
+// fusedopt/_contract.py), 8-bit codes (kStateCodes) and kStateDtypes.
 #pragma once
 
 #define FUSEDOPT_COMMON_FLAGS(X) X(master_sync, MasterSync, 0, true)
@@ -30,22 +34,28 @@
 #define FUSEDOPT_ADAMW_STEPS(X) X(steps)
 #define FUSEDOPT_ADAMW_STEPS_OPTIONAL false
 #define FUSEDOPT_ADAMW_STEPS_WITH(X)
+#define FUSEDOPT_ADAMW_STATE_RULES(X) X(Param, Signed) X(Param, Unsigned) X(Param, None) X(BlockScales, None) X(BlockScales, None)
+#define FUSEDOPT_ADAMW_STATE_DTYPES true
 
 // lamb_
-#define FUSEDOPT_LAMB_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true)
+#define FUSEDOPT_LAMB_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(exp_avg_scales, ExpAvgScales, 2, true, true) X(exp_avg_sq_scales, ExpAvgSqScales, 3, true, true)
 #define FUSEDOPT_LAMB_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(eps, Eps, 3) X(weight_decay, WeightDecay, 4)
 #define FUSEDOPT_LAMB_FLAGS(X) X(grad_averaging, GradAveraging, 0, true) X(bias_correction, BiasCorrection, 1, true) X(trust_clip, TrustClip, 2, false) X(always_adapt, AlwaysAdapt, 3, false)
 #define FUSEDOPT_LAMB_STEPS(X) X(steps)
 #define FUSEDOPT_LAMB_STEPS_OPTIONAL false
 #define FUSEDOPT_LAMB_STEPS_WITH(X)
+#define FUSEDOPT_LAMB_STATE_RULES(X) X(Param, Signed) X(Param, Unsigned) X(BlockScales, None) X(BlockScales, None)
+#define FUSEDOPT_LAMB_STATE_DTYPES false
 
 // lion_
-#define FUSEDOPT_LION_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true)
+#define FUSEDOPT_LION_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_scales, ExpAvgScales, 1, true, true)
 #define FUSEDOPT_LION_HYPERS(X) X(lr, Lr, 0) X(beta1, Beta1, 1) X(beta2, Beta2, 2) X(weight_decay, WeightDecay, 3)
 #define FUSEDOPT_LION_FLAGS(X) X(maximize, Maximize, 0, false)
 #define FUSEDOPT_LION_STEPS(X)
 #define FUSEDOPT_LION_STEPS_OPTIONAL true
 #define FUSEDOPT_LION_STEPS_WITH(X)
+#define FUSEDOPT_LION_STATE_RULES(X) X(Param, Signed) X(BlockScales, None)
+#define FUSEDOPT_LION_STATE_DTYPES false
 
 // adan_
 #define FUSEDOPT_ADAN_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(exp_avg_diffs, ExpAvgDiffs, 2, false, true) X(neg_pre_grads, NegPreGrads, 3, false, true)
@@ -54,6 +64,8 @@
 #define FUSEDOPT_ADAN_STEPS(X) X(steps)
 #define FUSEDOPT_ADAN_STEPS_OPTIONAL false
 #define FUSEDOPT_ADAN_STEPS_WITH(X)
+#define FUSEDOPT_ADAN_STATE_RULES(X) X(Param, None) X(Param, None) X(Param, None) X(Param, None)
+#define FUSEDOPT_ADAN_STATE_DTYPES false
 
 // schedulefree_adamw_
 #define FUSEDOPT_SCHEDULEFREEADAMW_STATES(X) X(zs, Zs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true)
@@ -62,14 +74,18 @@
 #define FUSEDOPT_SCHEDULEFREEADAMW_STEPS(X)
 #define FUSEDOPT_SCHEDULEFREEADAMW_STEPS_OPTIONAL true
 #define FUSEDOPT_SCHEDULEFREEADAMW_STEPS_WITH(X)
+#define FUSEDOPT_SCHEDULEFREEADAMW_STATE_RULES(X) X(Param, None) X(Param, None)
+#define FUSEDOPT_SCHEDULEFREEADAMW_STATE_DTYPES false
 
 // sgd_
-#define FUSEDOPT_SGD_STATES(X) X(momentum_buffers, MomentumBuffers, 0, true, true)
+#define FUSEDOPT_SGD_STATES(X) X(momentum_buffers, MomentumBuffers, 0, true, true) X(momentum_buffer_scales, MomentumBufferScales, 1, true, true)
 #define FUSEDOPT_SGD_HYPERS(X) X(lr, Lr, 0) X(momentum, Momentum, 1) X(dampening, Dampening, 2) X(weight_decay, WeightDecay, 3)
 #define FUSEDOPT_SGD_FLAGS(X) X(nesterov, Nesterov, 0, false) X(maximize, Maximize, 1, false)
 #define FUSEDOPT_SGD_STEPS(X) X(steps)
 #define FUSEDOPT_SGD_STEPS_OPTIONAL true
 #define FUSEDOPT_SGD_STEPS_WITH(X) X(momentum_buffers)
+#define FUSEDOPT_SGD_STATE_RULES(X) X(Param, Signed) X(BlockScales, None)
+#define FUSEDOPT_SGD_STATE_DTYPES false
 
 // adafactor_
 #define FUSEDOPT_ADAFACTOR_STATES(X) X(row_vars, RowVars, 0, false, true) X(col_vars, ColVars, 1, false, true) X(variances, Variances, 2, false, true)
@@ -78,6 +94,8 @@
 #define FUSEDOPT_ADAFACTOR_STEPS(X) X(steps)
 #define FUSEDOPT_ADAFACTOR_STEPS_OPTIONAL false
 #define FUSEDOPT_ADAFACTOR_STEPS_WITH(X)
+#define FUSEDOPT_ADAFACTOR_STATE_RULES(X) X(Row, None) X(Col, None) X(Unfactored, None)
+#define FUSEDOPT_ADAFACTOR_STATE_DTYPES false
 
 // muon_
 #define FUSEDOPT_MUON_STATES(X) X(momentum_buffers, MomentumBuffers, 0, false, true) X(ns_buffers, NsBuffers, 1, false, true)
@@ -86,6 +104,8 @@
 #define FUSEDOPT_MUON_STEPS(X)
 #define FUSEDOPT_MUON_STEPS_OPTIONAL true
 #define FUSEDOPT_MUON_STEPS_WITH(X)
+#define FUSEDOPT_MUON_STATE_RULES(X) X(Param, None) X(Bf16, None)
+#define FUSEDOPT_MUON_STATE_DTYPES false
 
 namespace fusedopt::spec {
 
@@ -96,77 +116,29 @@ enum class StateLayout { kParam, kRow, kCol, kUnfactored, kBf16, kBlockScales };
 /// states] in fusedopt/quant8.py.
 enum class StateCodes { kNone, kSigned, kUnsigned };
 
-namespace adamw {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam, StateLayout::kParam, StateLayout::kBlockScales, StateLayout::kBlockScales};
-inline constexpr StateCodes kStateCodes[] = {StateCodes::kSigned, StateCodes::kUnsigned, StateCodes::kNone, StateCodes::kNone, StateCodes::kNone};
-inline constexpr bool kStateDtypes = true;  // [note: state dtype]
-inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kMaxExpAvgSqs = 2, kExpAvgScales = 3, kExpAvgSqScales = 4, kNumStates = 5;
-inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
-inline constexpr int kDecoupled = 0, kAmsgrad = 1, kMaximize = 2, kBiasCorrection = 3, kNumFlags = 4;
-}  // namespace adamw
-
-namespace lamb {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam};
-inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone};
-inline constexpr bool kStateDtypes = false;  // [note: state dtype]
-inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kNumStates = 2;
-inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kNumHypers = 5;
-inline constexpr int kGradAveraging = 0, kBiasCorrection = 1, kTrustClip = 2, kAlwaysAdapt = 3, kNumFlags = 4;
-}  // namespace lamb
-
-namespace lion {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam};
-inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone};
-inline constexpr bool kStateDtypes = false;  // [note: state dtype]
-inline constexpr int kExpAvgs = 0, kNumStates = 1;
-inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kWeightDecay = 3, kNumHypers = 4;
-inline constexpr int kMaximize = 0, kNumFlags = 1;
-}  // namespace lion
-
-namespace adan {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam, StateLayout::kParam, StateLayout::kParam};
-inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone, StateCodes::kNone, StateCodes::kNone};
-inline constexpr bool kStateDtypes = false;  // [note: state dtype]
-inline constexpr int kExpAvgs = 0, kExpAvgSqs = 1, kExpAvgDiffs = 2, kNegPreGrads = 3, kNumStates = 4;
-inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kBeta3 = 3, kEps = 4, kWeightDecay = 5, kNumHypers = 6;
-inline constexpr int kNoProx = 0, kNumFlags = 1;
-}  // namespace adan
-
-namespace schedulefree_adamw {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kParam};
-inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone};
-inline constexpr bool kStateDtypes = false;  // [note: state dtype]
-inline constexpr int kZs = 0, kExpAvgSqs = 1, kNumStates = 2;
-inline constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4, kCkp1 = 5, kBiasCorrection2 = 6, kNumHypers = 7;
-inline constexpr int kNumFlags = 0;
-}  // namespace schedulefree_adamw
-
-namespace sgd {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam};
-inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone};
-inline constexpr bool kStateDtypes = false;  // [note: state dtype]
-inline constexpr int kMomentumBuffers = 0, kNumStates = 1;
-inline constexpr int kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kNumHypers = 4;
-inline constexpr int kNesterov = 0, kMaximize = 1, kNumFlags = 2;
-}  // namespace sgd
-
-namespace adafactor {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kRow, StateLayout::kCol, StateLayout::kUnfactored};
-inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone, StateCodes::kNone};
-inline constexpr bool kStateDtypes = false;  // [note: state dtype]
-inline constexpr int kRowVars = 0, kColVars = 1, kVariances = 2, kNumStates = 3;
-inline constexpr int kLr = 0, kBeta2Decay = 1, kEps1 = 2, kEps2 = 3, kD = 4, kWeightDecay = 5, kNumHypers = 6;
-inline constexpr int kMaximize = 0, kNumFlags = 1;
-}  // namespace adafactor
-
-namespace muon {
-inline constexpr StateLayout kStateLayouts[] = {StateLayout::kParam, StateLayout::kBf16};
-inline constexpr StateCodes kStateCodes[] = {StateCodes::kNone, StateCodes::kNone};
-inline constexpr bool kStateDtypes = false;  // [note: state dtype]
-inline constexpr int kMomentumBuffers = 0, kNsBuffers = 1, kNumStates = 2;
-inline constexpr int kLr = 0, kMomentum = 1, kWeightDecay = 2, kLrRatio = 3, kNsA = 4, kNsB = 5, kNsC = 6, kNsEps = 7, kNsSteps = 8, kNumHypers = 9;
-inline constexpr int kNesterov = 0, kNumFlags = 1;
-}  // namespace muon
+// namespace fusedopt::spec::<op>: kStateLayouts, kStateCodes (one per state list),
+// kStateDtypes, then k<Name> = index of each state, hyperparameter and flag, and
+// their counts.
+#define FUSEDOPT_SPEC_LAYOUT(layout, codes) StateLayout::k##layout,
+#define FUSEDOPT_SPEC_CODES(layout, codes) StateCodes::k##codes,
+#define FUSEDOPT_SPEC_INDEX(name, Name, index, ...) k##Name = index,
+#define FUSEDOPT_SPEC_ONE(...) +1
+#define FUSEDOPT_SPEC_NAMESPACE(op, OP, Stem)                        \
+  namespace op {                                                     \
+  inline constexpr StateLayout kStateLayouts[] = {                   \
+      FUSEDOPT_##OP##_STATE_RULES(FUSEDOPT_SPEC_LAYOUT)};            \
+  inline constexpr StateCodes kStateCodes[] = {                      \
+      FUSEDOPT_##OP##_STATE_RULES(FUSEDOPT_SPEC_CODES)};             \
+  inline constexpr bool kStateDtypes = FUSEDOPT_##OP##_STATE_DTYPES; \
+  inline constexpr int FUSEDOPT_##OP##_STATES(FUSEDOPT_SPEC_INDEX)   \
+      kNumStates = 0 FUSEDOPT_##OP##_STATES(FUSEDOPT_SPEC_ONE);      \
+  inline constexpr int FUSEDOPT_##OP##_HYPERS(FUSEDOPT_SPEC_INDEX)   \
+      kNumHypers = 0 FUSEDOPT_##OP##_HYPERS(FUSEDOPT_SPEC_ONE);      \
+  inline constexpr int FUSEDOPT_##OP##_FLAGS(FUSEDOPT_SPEC_INDEX)    \
+      kNumFlags = 0 FUSEDOPT_##OP##_FLAGS(FUSEDOPT_SPEC_ONE);        \
+  }
+FUSEDOPT_STEP_OPS(FUSEDOPT_SPEC_NAMESPACE)
+FUSEDOPT_SPEC_NAMESPACE(muon, MUON, Muon)
 
 inline constexpr int kMaxStates = 5;
 inline constexpr int kMaxHypers = 9;

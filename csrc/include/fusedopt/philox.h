@@ -43,31 +43,38 @@ FUSEDOPT_HD FUSEDOPT_INLINE Philox4x32 philox4x32_10(Philox4x32 c, uint32_t k0, 
 }
 
 /// The key of a stochastically rounded store ([note: stochastic rounding] in
-/// fusedopt/dtype.h): the optimizer's seed and step counter and the tensor's stream id, read
-/// once per block/work item from the op's `sr_key` = [seed, counter, id_0, ..., id_{N-1}].
+/// fusedopt/dtype.h): the optimizer's seed and step counter, the tensor's stream id and the
+/// index of its first element in the whole param (a shard's offset, [note: sharded stochastic
+/// rounding]; 0 unsharded), read once per block/work item from the op's `sr_key` = [seed,
+/// counter, entry_0, ..., entry_{N-1}].
 struct RoundingKey {
   uint64_t seed = 0;
   uint32_t counter = 0;
   uint32_t tensor = 0;
+  uint32_t first = 0;
 };
 
-/// The key of tensor `t` of a call from its sr_key array (seed, counter, then one id per
-/// tensor), int64 values taken modulo 2^64 / 2^32.
+/// The key of tensor `t` of a call from its sr_key array (seed, counter, then one entry per
+/// tensor: the stream id in the low 32 bits, the first element's index in the high ones),
+/// int64 values taken modulo 2^64 / 2^32.
 FUSEDOPT_HD FUSEDOPT_INLINE RoundingKey rounding_key(const int64_t* sr_key, int64_t t) {
+  const uint64_t entry = static_cast<uint64_t>(sr_key[2 + t]);
   return RoundingKey{static_cast<uint64_t>(sr_key[0]), static_cast<uint32_t>(sr_key[1]),
-                     static_cast<uint32_t>(sr_key[2 + t])};
+                     static_cast<uint32_t>(entry), static_cast<uint32_t>(entry >> 32)};
 }
 
 /// The 16 random bits of element `element` of the tensor keyed by `key`: a half of a word of
 /// Philox4x32-10 with key (seed low, seed high) and counter (element low, element high,
-/// tensor id, step counter); the top half of the first word for stream 0 (the param store),
-/// the top halves of words 1..3 for streams 1..3, the low halves of words 0..3 for streams
-/// 4..7 ([note: state dtype] in fusedopt/dtype.h: 0 the param store, k + 1 state slot k).
-/// The stream is an argument, not a key field: a 24-byte key gave the bf16 CUDA kernels a
+/// tensor id, step counter), the element counted in the whole param (`key.first + element`,
+/// [note: sharded stochastic rounding]). `stream` picks the half ([note: state dtype] in
+/// fusedopt/dtype.h; not the sr_key entry's stream id, which is the counter's tensor word):
+/// 0 (the param store) the top half of word 0, k + 1 (state slot k) the top half of word
+/// k + 1 for k < 3, 4..7 the low halves of words 0..3.
+/// The stream is an argument, not a key field: a key with it gave the bf16 CUDA kernels a
 /// 16-byte stack frame (nvcc 13.0, sm_90).
 FUSEDOPT_HD FUSEDOPT_INLINE uint32_t rounding_bits(const RoundingKey& key, int64_t element,
                                                    uint32_t stream = 0) {
-  const uint64_t e = static_cast<uint64_t>(element);
+  const uint64_t e = static_cast<uint64_t>(element) + key.first;
   const Philox4x32 r = philox4x32_10(
       Philox4x32{{static_cast<uint32_t>(e), static_cast<uint32_t>(e >> 32), key.tensor,
                   key.counter}},

@@ -14,7 +14,9 @@
 //   reads g, p, m, v, recomputes the moments and u from them (lamb_direction) and writes
 //   p, m, v. Storing rounded moments in the first pass would make the second pass's u differ
 //   from the one whose norm was taken. bf16: 8 + 14 = 22 B; a tensor that does not adapt
-//   takes the one pass (fp32 28 B).
+//   takes the one pass (fp32 28 B). 8-bit moments ([note: 8-bit states] in
+//   fusedopt/quant8.py) are never exact: lamb_direction_ reads the codes, lamb_apply_
+//   recomputes the moments and writes the codes, once per step.
 #pragma once
 
 #include "fusedopt/macros.h"

@@ -1,0 +1,125 @@
+// [note: 8-bit states] (fusedopt/quant8.py) on the CPU, for every op that has them: the
+// traversal of step.h by whole quantization blocks. A work item is up to kBlocksPerItem
+// quantization blocks of one tensor; each block is walked by for_each_block (param, master
+// and grad as opmath values, the master paths unchanged) with the op's 8-bit states
+// dequantized into stack buffers, handed to the op's own block function (the one its plain
+// states take: step_blocks' `block`), and requantized with the block's new absmax.
+// Per element: the op's bytes with 1-byte states, + 8 B per 256 elements per state (its
+// scale read and written).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "fusedopt/launch.h"
+#include "fusedopt/quant8.h"
+#include "step.h"
+
+namespace fusedopt::cpu {
+
+/// One 8-bit state of a call: its codes (int8 signed, uint8 unsigned) and block absmaxes.
+struct Q8Slot {
+  TensorSlot codes;
+  TensorSlot scales;
+};
+
+/// A call's work over quantization blocks: the items (tensor, first block, end block) and
+/// each tensor's block grid (lists.row_lengths).
+struct Q8Work {
+  static constexpr int64_t kBlocksPerItem = 256;
+  std::vector<WorkItem> items;
+  std::vector<q8::BlockGrid> grids;
+
+  explicit Q8Work(const StepLists& lists) : grids(lists.num_tensors) {
+    for (int64_t i = 0; i < lists.num_tensors; ++i) {
+      const int64_t row = lists.row_lengths[i];
+      grids[i] = {row, (row + kQuantBlock - 1) / kQuantBlock};
+      const int64_t blocks = row == 0 ? 0 : lists.numels[i] / row * grids[i].blocks_per_row;
+      for (int64_t b = 0; b < blocks; b += kBlocksPerItem)
+        items.push_back({i, b, std::min(blocks, b + kBlocksPerItem)});
+    }
+  }
+};
+
+/// Calls f(p, g, st, n) for each quantization block of `item` (blocks [begin, end) of its
+/// tensor), st[k] pointing at the n dequantized values of state k. With kWrite the param
+/// (and master) are written back and, where write_states, every state requantized with
+/// its new absmax; without, nothing is written (LAMB's norm pass). kReadGrad: as
+/// for_each_block's.
+template <typename T, size_t kStates, bool kWrite = true, bool kReadGrad = true, typename F>
+void for_each_q8_block(const StepLists& lists, const Q8Work& work,
+                       const std::array<Q8Slot, kStates>& states, const WorkItem& item,
+                       bool write_states, F&& f) {
+  const int64_t i = item.tensor;
+  const q8::BlockGrid& grid = work.grids[i];
+  const std::array<TensorSlot, 0> no_states{};
+  for (int64_t b = item.begin; b < item.end; ++b) {
+    const WorkItem block{i, grid.begin(b, kQuantBlock), grid.end(b, kQuantBlock)};
+    for_each_block<T, 0, kWrite, kReadGrad>(
+        lists, no_states, block, [&](T* p, const T* g, auto&, int64_t n) {
+          T values[kStates][kQuantBlock];
+          std::array<T*, kStates> st{};
+          for (size_t k = 0; k < kStates; ++k) {
+            st[k] = values[k];
+            const float scale = static_cast<const float*>(states[k].scales.data[i])[b];
+            const void* codes = states[k].codes.data[i];
+            for (int64_t e = 0; e < n; ++e)
+              values[k][e] =
+                  states[k].codes.dtype == DType::kInt8
+                      ? q8::dequantize<true>(static_cast<const int8_t*>(codes)[block.begin + e],
+                                             scale)
+                      : q8::dequantize<false>(
+                            static_cast<const uint8_t*>(codes)[block.begin + e], scale);
+          }
+          f(p, g, st, n);
+          if (!kWrite || !write_states) return;
+          for (size_t k = 0; k < kStates; ++k) {
+            float absmax = 0.0f;
+            bool any_nan = false;
+            for (int64_t e = 0; e < n; ++e)
+              q8::fold_absmax(static_cast<float>(values[k][e]), absmax, any_nan);
+            const float scale = q8::canonical_absmax(absmax, any_nan);
+            static_cast<float*>(states[k].scales.data[i])[b] = scale;
+            void* codes = states[k].codes.data[i];
+            if (states[k].codes.dtype == DType::kInt8) {
+              for (int64_t e = 0; e < n; ++e)
+                static_cast<int8_t*>(codes)[block.begin + e] = static_cast<int8_t>(
+                    q8::quantize<true>(static_cast<float>(values[k][e]), scale));
+            } else {
+              for (int64_t e = 0; e < n; ++e)
+                static_cast<uint8_t*>(codes)[block.begin + e] = static_cast<uint8_t>(
+                    q8::quantize<false>(static_cast<float>(values[k][e]), scale));
+            }
+          }
+        });
+  }
+}
+
+/// step_blocks (step.h) for a call whose `states` are 8-bit: the same `block(divide, p, g,
+/// st, n, s)` over quantization blocks. A tensor i with !writes_states(i) keeps its states
+/// as they are (SGD's tensor whose momentum is 0: [note: sgd momentum 0]).
+template <typename T, size_t kStates, typename Scalars, typename Block,
+          typename WritesStates>
+void q8_step_blocks(const StepLists& lists, const std::array<Q8Slot, kStates>& states,
+                    const std::vector<Scalars>& scalars, bool divide, const ExecContext& ctx,
+                    Block&& block, WritesStates&& writes_states) {
+  const Q8Work work(lists);
+  parallel_items(work.items, ctx, [&](int64_t k) {
+    const WorkItem& w = work.items[k];
+    const Scalars s = scalars[w.tensor];
+    for_each_q8_block<T, kStates>(lists, work, states, w, writes_states(w.tensor),
+                                  [&](T* p, const T* g, auto& st, int64_t n) {
+                                    with_divide(divide, [&](auto d) { block(d, p, g, st, n, s); });
+                                  });
+  });
+}
+
+template <typename T, size_t kStates, typename Scalars, typename Block>
+void q8_step_blocks(const StepLists& lists, const std::array<Q8Slot, kStates>& states,
+                    const std::vector<Scalars>& scalars, bool divide, const ExecContext& ctx,
+                    Block&& block) {
+  q8_step_blocks<T>(lists, states, scalars, divide, ctx, block, [](int64_t) { return true; });
+}
+
+}  // namespace fusedopt::cpu
