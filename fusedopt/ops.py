@@ -250,7 +250,10 @@ def _state_dtype(
         return default
     for t in spec.states:
         given = lists[t.name]
-        if t.layout == "param" and given and t.name not in quantized and given[i].numel():
+        # an empty state beside a non-empty param is a placeholder; an empty param's states
+        # (an empty FSDP2 shard) are all empty and keep the call's dtype
+        shaped = given and (given[i].numel() or p.numel() == 0)
+        if t.layout == "param" and shaped and t.name not in quantized:
             dtype = given[i].dtype if isinstance(given[i], Tensor) else default
             return dtype if dtype in STATE_DTYPES else default
     return default

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -197,6 +198,38 @@ def test_refused_before_any_tensor_is_touched():
         opt.step()
     assert torch.equal(p.detach().float(), weights)
     assert all(torch.equal(before[k], opt.state[p][k]) for k in before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_entries_draw_the_whole_params_state_bits(backend):
+    """[note: sharded stochastic rounding] with [note: state dtype]: a key entry ``id | first
+    << 32`` moves the element index of every store's Philox counter, the bf16 states' (their
+    own streams, AMSGrad's third included) as the param's: dim-0 shards of an fp32 param
+    with bf16 SR moments (uneven, one empty; odd sizes for the vector tails), stepped
+    apart, give the whole param's states bit for bit; counted from each shard's own start
+    they do not."""
+    gen = torch.Generator().manual_seed(6)
+    param = torch.randn(7, 67, generator=gen)
+    grad = torch.randn(7, 67, generator=gen)
+    moments = [(torch.rand(7, 67, generator=gen) * 1e-2).bfloat16() for _ in range(3)]
+
+    def step(rows, entries):
+        ps, gs = list(param.clone().split(rows)), list(grad.split(rows))
+        ms = [list(m.clone().split(rows)) for m in moments]
+        steps = [torch.full((), 3.0) for _ in rows]
+        key = torch.tensor([11, 5, *entries])
+        ops.adamw_(ps, gs, ms[0], ms[1], steps, max_exp_avg_sqs=ms[2], lr=0.1, amsgrad=True,
+                   sr_key=key, backend=backend)  # fmt: skip
+        return [torch.cat(m).view(torch.int16) for m in ms]
+
+    whole = step([7], [40])
+    for rows in ([4, 3], [2, 2, 3], [7, 0], [1, 5, 1]):
+        firsts = [67 * r for r in itertools.accumulate([0, *rows[:-1]])]
+        got = step(rows, [40 | first << 32 for first in firsts])
+        for k, (a, b) in enumerate(zip(got, whole, strict=True)):
+            assert torch.equal(a, b), (backend, rows, k)
+    unsharded = step([4, 3], [40, 40])
+    assert not all(torch.equal(a, b) for a, b in zip(unsharded, whole, strict=True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
