@@ -105,11 +105,11 @@ void adamw(const AdamWCall& call, const ExecContext& ctx) {
   // [note: state dtype]: the states' storage is the call's (exp_avgs' slot dtype).
   const DType state = call.exp_avgs.dtype;
   if (call.amsgrad) {
-    run_step_with_states<AdamWBodyOf, AdamWBody, true>(call.lists, state, host, args,
-                                                       /*count_steps=*/true, ctx);
+    run_step_with_states<AdamWBodyOf, AdamWBody, true>("adamw_", call.lists, state, host,
+                                                       args, /*count_steps=*/true, ctx);
   } else {
-    run_step_with_states<AdamWBodyOf, AdamWBody, false>(call.lists, state, host, args,
-                                                        /*count_steps=*/true, ctx);
+    run_step_with_states<AdamWBodyOf, AdamWBody, false>("adamw_", call.lists, state, host,
+                                                        args, /*count_steps=*/true, ctx);
   }
 }
 

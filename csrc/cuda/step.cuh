@@ -15,6 +15,8 @@
 // param in the same places: the same bytes as a compact one.
 #pragma once
 
+#include <stdexcept>
+#include <string>
 #include <utility>
 
 #include "common.cuh"
@@ -347,50 +349,77 @@ void run_step(const StepLists& lists, TableBuilder& host, const StepArgs& args, 
                       });
 }
 
-/// Launches Body<P, G, kM, kVariant...> where S is StateOf's storage, else
-/// BodyOf<S, P, G, kM, kVariant...> (run_step_with_states).
-template <template <class, class, class, MasterKind, bool...> class BodyOf,
-          template <class, class, MasterKind, bool...> class Body, class S, class P, class G,
-          MasterKind kM, bool... kVariant>
-void launch_step_with_states(const TableBuilder& host, const Table& table, const StepArgs& args,
-                             cudaStream_t stream) {
-  if constexpr (std::is_same_v<S, StateOf<P, kM>>) {
-    launch_step<Body<P, G, kM, kVariant...>>(host, table, args, stream);
-  } else {
-    launch_step<BodyOf<S, P, G, kM, kVariant...>>(host, table, args, stream);
-  }
+/// [note: state dtype] on CUDA: the state storages built besides StateOf's (fp32 with
+/// masters, else the param's), as the users of 16-bit or fp32 moments run them: fp32 params
+/// with bf16 or fp16 states, and bf16 params with fp32, compact or Kahan masters and bf16
+/// states (either grad dtype). The other storages of the op (16-bit params without masters
+/// and states of another dtype, fp16 params with masters and 16-bit states, bf16 params
+/// with masters and fp16 states) run on the reference, cpu and triton backends and are
+/// refused here: each storage is 2 kernels per op variant, and all of them took adamw.cu
+/// from 51 to 111 kernels (cubin 6.2 -> 21.2 MB, nvcc 13.0 sm_90; these: DESIGN.md §3).
+template <class S, class P, MasterKind kM>
+inline constexpr bool kCudaStateStorage =
+    std::is_same_v<S, StateOf<P, kM>> ||
+    (std::is_same_v<P, float> && (std::is_same_v<S, bf16> || std::is_same_v<S, fp16>)) ||
+    (std::is_same_v<P, bf16> && kM != kNoMaster && std::is_same_v<S, bf16>);
+
+/// The refusal of a state storage that kCudaStateStorage leaves out.
+[[noreturn]] inline void refuse_state_storage(const char* op, DType state, DType param,
+                                              MasterKind master) {
+  throw std::invalid_argument(
+      std::string("fusedopt CUDA backend: ") + op + ": " + dtype_name(state) + " states beside " +
+      dtype_name(param) + " params " + (master == kNoMaster ? "without" : "with") +
+      " master weights are not built for the cuda backend (built: fp32 params with bf16 or "
+      "fp16 states; bf16 params with fp32, compact or Kahan masters and bf16 states; and "
+      "DESIGN.md's default, fp32 with masters else the param's dtype); use backend='triton' "
+      "or another state_dtype ([note: state dtype])");
 }
 
 /// run_step for an op that declares free state dtypes ([note: state dtype] in
 /// fusedopt/dtype.h): Body<P, G, kMasterWeights, kVariant...> where the call's state storage
 /// `state` is StateOf's (the kernels run_step launches), else BodyOf<S, P, G,
-/// kMasterWeights, kVariant...> with S = fp32, bf16 or fp16 (fp64 params keep fp64 states).
-/// The new instantiations per op and variant: 2 for fp32 params, 8 for fp16 and 16 for
-/// bf16 params (the grad dtypes and master kinds of dispatch_step_types).
+/// kMasterWeights, kVariant...> with S = fp32, bf16 or fp16 where kCudaStateStorage builds
+/// it (fp64 params keep fp64 states); any other storage is refused before the table is
+/// uploaded or a step count moves. New instantiations per op and variant: 2 for fp32
+/// params, 6 for bf16 ones (3 master kinds x 2 grad dtypes).
 template <template <class, class, class, MasterKind, bool...> class BodyOf,
           template <class, class, MasterKind, bool...> class Body, bool... kVariant>
-void run_step_with_states(const StepLists& lists, DType state, TableBuilder& host,
-                          const StepArgs& args, bool count_steps, const ExecContext& ctx) {
+void run_step_with_states(const char* op, const StepLists& lists, DType state,
+                          TableBuilder& host, const StepArgs& args, bool count_steps,
+                          const ExecContext& ctx) {
   const cudaStream_t stream = stream_of(ctx);
-  const Table table = host.upload(ctx);
-  if (count_steps) increment_steps(table, lists.scalars.found_inf, stream, -1);
   dispatch_step_types(lists.params.dtype, lists.grads.dtype, master_kind(lists),
                       [&](auto p, auto g, auto master) {
-                        using P = decltype(p);
-                        using G = decltype(g);
+                        // remove_cvref: g++ 12 reads decltype(p) in the nested lambda
+                        // below as that of a captured reference (bf16&)
+                        using P = std::remove_cvref_t<decltype(p)>;
+                        using G = std::remove_cvref_t<decltype(g)>;
                         constexpr MasterKind kM = decltype(master)::value;
+                        auto run = [&](auto s) {
+                          using S = decltype(s);
+                          if constexpr (!kCudaStateStorage<S, P, kM>) {
+                            refuse_state_storage(op, state, lists.params.dtype, kM);
+                          } else {
+                            const Table table = host.upload(ctx);
+                            if (count_steps)
+                              increment_steps(table, lists.scalars.found_inf, stream, -1);
+                            if constexpr (std::is_same_v<S, StateOf<P, kM>>) {
+                              launch_step<Body<P, G, kM, kVariant...>>(host, table, args,
+                                                                       stream);
+                            } else {
+                              launch_step<BodyOf<S, P, G, kM, kVariant...>>(host, table, args,
+                                                                            stream);
+                            }
+                          }
+                        };
                         if constexpr (std::is_same_v<P, double>) {
-                          launch_step_with_states<BodyOf, Body, double, P, G, kM, kVariant...>(
-                              host, table, args, stream);
+                          run(double{});
                         } else if (state == DType::kBFloat16) {
-                          launch_step_with_states<BodyOf, Body, bf16, P, G, kM, kVariant...>(
-                              host, table, args, stream);
+                          run(bf16{});
                         } else if (state == DType::kFloat16) {
-                          launch_step_with_states<BodyOf, Body, fp16, P, G, kM, kVariant...>(
-                              host, table, args, stream);
+                          run(fp16{});
                         } else {
-                          launch_step_with_states<BodyOf, Body, float, P, G, kM, kVariant...>(
-                              host, table, args, stream);
+                          run(float{});
                         }
                       });
 }

@@ -24,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -249,9 +250,10 @@ const Storage kStorages[] = {
     {DType::kBFloat16, DType::kFloat32, false, true, false, false, true},
 };
 
-/// [note: state dtype]: AdamW's states in their own storage (fp32 params with 16-bit
-/// states, 16-bit params with fp32 / compact / Kahan masters and 16-bit states, 16-bit params
-/// without masters and fp32 states), bf16 ones with stochastic rounding too.
+/// [note: state dtype]: AdamW's states in their own storage, the ones the CUDA backend
+/// builds (kCudaStateStorage in csrc/cuda/step.cuh): fp32 params with 16-bit states, bf16
+/// params with fp32 / compact / Kahan masters and bf16 states; bf16 ones with stochastic
+/// rounding too.
 constexpr int kSF32 = static_cast<int>(DType::kFloat32);
 constexpr int kSBF16 = static_cast<int>(DType::kBFloat16);
 constexpr int kSF16 = static_cast<int>(DType::kFloat16);
@@ -261,8 +263,15 @@ const Storage kStateStorages[] = {
     {DType::kFloat32, DType::kFloat32, false, true, false, false, false, kSF16},
     {DType::kBFloat16, DType::kFloat32, true, true, false, false, false, kSBF16},
     {DType::kBFloat16, DType::kBFloat16, true, true, false, false, true, kSBF16},
-    {DType::kBFloat16, DType::kBFloat16, true, true, false, false, false, kSF16},
     {DType::kBFloat16, DType::kFloat32, true, true, true, false, true, kSBF16},
+    {DType::kBFloat16, DType::kBFloat16, true, true, false, true, true, kSBF16},
+};
+
+/// The storages the CUDA backend refuses (the reference, cpu and triton backends run them:
+/// tests/test_state_dtype.py): 16-bit params with masters and fp16 states, fp16 params with
+/// masters and bf16 states, 16-bit params without masters and fp32 states.
+const Storage kRefusedStateStorages[] = {
+    {DType::kBFloat16, DType::kBFloat16, true, true, false, false, false, kSF16},
     {DType::kFloat16, DType::kFloat32, true, true, false, true, false, kSBF16},
     {DType::kFloat16, DType::kFloat16, true, true, false, false, false, kSF16},
     {DType::kBFloat16, DType::kBFloat16, false, true, false, false, true, kSF32},
@@ -271,10 +280,15 @@ const Storage kStateStorages[] = {
 
 /// The sr_key of a stochastic call at `step`: a seed above 2^32 (both key words count), the
 /// counter, and ids that are not the tensors' positions (so a kernel that keys by position
-/// shows).
+/// shows); every third tensor a shard whose first element is not 0 ([note: sharded
+/// stochastic rounding]: the element counted in the whole param, the param's and the
+/// states' streams alike).
 std::vector<int64_t> sr_key_of(size_t n, int step) {
   std::vector<int64_t> key = {0x5EED0000ABCDLL, 40 + step};
-  for (size_t i = 0; i < n; ++i) key.push_back(static_cast<int64_t>(1000 + 7 * i));
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t first = i % 3 == 1 ? static_cast<int64_t>(4099 * i + 1) : 0;
+    key.push_back(static_cast<int64_t>(1000 + 7 * i) | first << 32);
+  }
   return key;
 }
 
@@ -824,6 +838,25 @@ void run_step_case(const StepCase& c, std::mt19937& rng) {
   emu::set_capturing(false);
 }
 
+/// A storage the CUDA backend does not build ([note: state dtype], kCudaStateStorage in
+/// csrc/cuda/step.cuh): cuda::adamw throws std::invalid_argument naming the dtypes, before
+/// any buffer or step count changes.
+void refuse_state_storage_case(const StepCase& c, std::mt19937& rng) {
+  World cuda_world(c), before(c);
+  initialize(cuda_world, c, rng);
+  before.copy_from(cuda_world);
+  bool refused = false;
+  try {
+    step(c, cuda_world, 0, true);
+  } catch (const std::invalid_argument& e) {
+    refused = std::string(e.what()).find("not built for the cuda backend") != std::string::npos;
+    if (!refused) std::fprintf(stderr, "%s: %s\n", name(c).c_str(), e.what());
+  }
+  if (!refused) std::fprintf(stderr, "%s: not refused\n", name(c).c_str());
+  CHECK(refused);
+  CHECK(cuda_world.same_bits(before, name(c) + " (refused)"));
+}
+
 int test_step_ops() {
   std::mt19937 rng(7);
   int cases = 0;
@@ -859,6 +892,11 @@ int test_step_ops() {
         run_step_case({&v, st, &kScalars[3], &kLarge, 2, emu::Schedule::kForward}, rng);
         ++cases;
       }
+    }
+    for (const Storage& st : kRefusedStateStorages) {
+      refuse_state_storage_case({&v, st, &kScalars[0], &kSmall, 1, emu::Schedule::kForward},
+                                rng);
+      ++cases;
     }
   }
   return cases;
