@@ -522,7 +522,7 @@ def test_binding_rejects_bad_norm_type_and_mixed_lists():
         torch.ops.fusedopt.grad_norm_cpu([torch.ones(3)], 1.0, False, None)
     with pytest.raises(ValueError, match="pass both"):
         torch.ops.fusedopt.sgd_cpu_(
-            [torch.ones(3)], [torch.ones(3)], [torch.ones(3)], [], [],
+            [torch.ones(3)], [torch.ones(3)], [torch.ones(3)], [], [], [],
             torch.tensor([[0.1, 0.9, 0.0, 0.0]], dtype=F64), [1], False, False, None, None,
             None, None,
         )  # fmt: skip
