@@ -355,8 +355,9 @@ void run_step(const StepLists& lists, TableBuilder& host, const StepArgs& args, 
 /// states (either grad dtype). The other storages of the op (16-bit params without masters
 /// and states of another dtype, fp16 params with masters and 16-bit states, bf16 params
 /// with masters and fp16 states) run on the reference, cpu and triton backends and are
-/// refused here: each storage is 2 kernels per op variant, and all of them took adamw.cu
-/// from 51 to 111 kernels (cubin 6.2 -> 21.2 MB, nvcc 13.0 sm_90; these: DESIGN.md §3).
+/// refused here: each storage is 2 kernels per op variant; all of them took adamw.cu from 51
+/// to 111 kernels (sm_90 cubin 6.26 -> 21.27 MB, nvcc 13.0), these to 67 (10.61 MB):
+/// DESIGN.md §3.
 template <class S, class P, MasterKind kM>
 inline constexpr bool kCudaStateStorage =
     std::is_same_v<S, StateOf<P, kM>> ||
