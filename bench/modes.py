@@ -153,7 +153,8 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             torch.bfloat16,
             torch.bfloat16,
             "bf16 params, grads and states; no master; the param writes rounded "
-            "stochastically, the states' to nearest ([note: stochastic rounding] in "
+            "stochastically, AdamW's and Adam's bf16 states too, other optimizers' states "
+            "to nearest ([note: stochastic rounding], [note: state dtype] in "
             "csrc/include/fusedopt/dtype.h)",
             stochastic_rounding=True,
         ),

@@ -302,12 +302,42 @@ class StepArguments {
                        " and dtype ", key.scalar_type());
       TORCH_CHECK(key.device() == device_, check.op(), ": sr_key is on ", key.device(),
                   " but the params are on ", device_);
-      TORCH_CHECK_TYPE(param_dtype_ == DType::kBFloat16 && !masters, check.op(),
-                       ": sr_key (stochastic rounding of the param store) is for bfloat16 "
-                       "params without master weights; got ", params[0].scalar_type(),
-                       " params", masters ? " with master_params" : "");
-      lists_.scalars.sr_key = key.const_data_ptr<int64_t>();
+      sr_key_ = &key;
     }
+  }
+
+  /// [note: state dtype] (fusedopt/dtype.h): for an op that declares free state dtypes
+  /// (spec kStateDtypes), the call's float states take the dtype of `states[0]` (its first
+  /// state list that is given and not 8-bit) when it is fp32, bf16 or fp16 and the params
+  /// are not fp64; every state of the call is then checked against it. Call before state().
+  void adopt_state_dtype(TensorList states) {
+    if (adopted_ || states.empty() || param_dtype_ == DType::kFloat64) return;
+    adopted_ = true;
+    const at::ScalarType t = states[0].scalar_type();
+    if (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf)
+      state_dtype_ = t == at::kFloat ? DType::kFloat32
+                     : t == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+    free_states_ = true;
+  }
+
+  /// Checks what sr_key may round ([note: stochastic rounding], [note: state dtype]): bf16
+  /// params without master weights, or the bf16 states of an op with free state dtypes; the
+  /// latter then round stochastically too (StepLists::stochastic_states). Call after state().
+  void check_sr_key() {
+    if (sr_key_ == nullptr) return;
+    const bool masters = !masters_.empty();
+    const bool bf16_param = param_dtype_ == DType::kBFloat16 && !masters;
+    const bool bf16_states = free_states_ && state_dtype_ == DType::kBFloat16;
+    TORCH_CHECK_TYPE(!free_states_ || state_dtype_ != DType::kFloat16, check_.op(),
+                     ": sr_key beside float16 states: stochastic rounding stores bf16 only, "
+                     "and every 16-bit store of an SR step rounds stochastically");
+    TORCH_CHECK_TYPE(bf16_param || bf16_states, check_.op(),
+                     ": sr_key (stochastic rounding of 16-bit stores) is for bfloat16 params "
+                     "without master weights or bfloat16 states; got ",
+                     params_[0].scalar_type(), " params", masters ? " with master_params" : "",
+                     " and ", dtype_name(state_dtype_), " states");
+    lists_.scalars.sr_key = sr_key_->const_data_ptr<int64_t>();
+    lists_.stochastic_states = free_states_;
   }
 
   size_t size() const { return n_; }
@@ -558,6 +588,9 @@ class StepArguments {
   bool factored_ = false;  // a state list of layout kRow: the call needs factor_dims
   bool eight_bit_ = false;  // block scales given ([note: 8-bit states]): needs row_lengths
   bool checked_ = false;  // check_tensors ran
+  bool adopted_ = false;  // adopt_state_dtype ran
+  bool free_states_ = false;  // the op's states may have any float dtype ([note: state dtype])
+  const Tensor* sr_key_ = nullptr;  // checked, not yet handed to the lists (check_sr_key)
   c10::Device device_{c10::DeviceType::CPU};
   DType param_dtype_ = DType::kFloat32, grad_dtype_ = DType::kFloat32,
         state_dtype_ = DType::kFloat32;
@@ -682,6 +715,10 @@ TensorList steps_or_none(TensorList steps) { return steps; }
 #define FUSEDOPT_NAME(name) name
 #define FUSEDOPT_TRAILING_FLAG_PARAM(name, ...) , bool name
 #define FUSEDOPT_TRAILING_NAME(name, ...) , name
+#define FUSEDOPT_ADOPT_STATE_DTYPE(name, Name, index, may_be_empty, when)                       \
+  if (free_states && (when) && !eight_bit &&                                                    \
+      layouts[index] == spec::StateLayout::kParam)                                              \
+    args.adopt_state_dtype(name);
 #define FUSEDOPT_SET_STATE(name, Name, index, may_be_empty, when)                               \
   if (when) {                                                                                   \
     call.name = args.state(#name, name, may_be_empty, layouts[index],                           \
@@ -727,10 +764,13 @@ TensorList steps_or_none(TensorList steps) { return steps; }
     Stem##Call call;                                                                            \
     const auto& layouts = spec::op::kStateLayouts;                                              \
     const auto& codes = spec::op::kStateCodes;                                                  \
+    constexpr bool free_states = spec::op::kStateDtypes; /* [note: state dtype] */              \
     bool eight_bit = false; /* [note: 8-bit states]: block scales given */                      \
     FUSEDOPT_##OP##_STATES(FUSEDOPT_GIVEN_SCALES)                                               \
+    FUSEDOPT_##OP##_STATES(FUSEDOPT_ADOPT_STATE_DTYPE)                                          \
     FUSEDOPT_##OP##_STATES(FUSEDOPT_SET_STATE)                                                  \
     FUSEDOPT_##OP##_STATES(FUSEDOPT_CHECK_SCALES)                                               \
+    args.check_sr_key();                                                                        \
     FUSEDOPT_##OP##_STEPS_WITH(FUSEDOPT_CHECK_STEPS_WITH)                                       \
     args.hypers(hypers, group_sizes, spec::op::kNumHypers);                                     \
     if (args.size() == 0) return;                                                               \
@@ -825,6 +865,7 @@ void muon_pass(const char* name, Pass pass, FUSEDOPT_MUON_PASS_PARAMS) {
   call.momentum_buffers =
       args.state("momentum_buffers", momentum_buffers, false, spec::StateLayout::kParam);
   call.ns_buffers = args.state("ns_buffers", ns_buffers, false, spec::StateLayout::kBf16);
+  args.check_sr_key();
   args.hypers(hypers, group_sizes, spec::muon::kNumHypers);
   if (args.size() == 0) return;
   call.lists = args.lists();

@@ -147,7 +147,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -241,6 +241,10 @@ class StepOpSpec:
     #: the passes only and every backend's step op is a Python composition of them ([note:
     #: muon passes] in fusedopt/optim/muon.py)
     cpp_launcher: bool = True
+    #: whether the op's float states (layout ``"param"``, not 8-bit) may be fp32, bf16 or
+    #: fp16 whatever the param's dtype (the ``state_dtype`` group key): [note: state dtype].
+    #: False: fp32 with master weights, else the param's dtype.
+    state_dtypes: bool = False
 
     @property
     def tensor_lists(self) -> tuple[TensorListSpec, ...]:
@@ -278,6 +282,19 @@ class StepOpSpec:
     def state_layouts(self) -> dict[str, str]:
         """torch's state key -> the state's layout ([note: factored layouts])."""
         return {t.state_key: t.layout for t in self.states if t.state_key}
+
+    def free_state_dtype(self, lists: Mapping) -> torch.dtype | None:
+        """The storage dtype of a call's float states (its first float ``"param"``-layout
+        state list given, in ``lists`` by name) where the op declares ``state_dtypes``; None
+        otherwise or without one. One per call ([note: state dtype] in
+        csrc/include/fusedopt/dtype.h)."""
+        if not self.state_dtypes:
+            return None
+        for t in self.states:
+            given = lists.get(t.name)
+            if t.layout == "param" and given and given[0].is_floating_point():
+                return given[0].dtype
+        return None
 
     @property
     def quantized_states(self) -> tuple[tuple[str, str, bool], ...]:
@@ -404,6 +421,7 @@ STEP_OPS: dict[str, StepOpSpec] = {
         StepOpSpec(
             "adamw_",
             cpp="AdamW",
+            state_dtypes=True,
             doc="Adam / AdamW. decoupled=True: p *= 1 - lr*wd; decoupled=False (Adam): "
             "g += wd*p. max_exp_avg_sqs is empty unless amsgrad. 8-bit states: exp_avgs int8 "
             "and exp_avg_sqs uint8 codes with their fp32 block absmaxes in exp_avg_scales and "

@@ -140,14 +140,15 @@ def per_tensor(op: str, name: str, value: float | Sequence[float], n: int) -> li
 
 
 def check_sr_key(
-    sr_key: Tensor | None, op: str, params: Sequence[Tensor], master_params: Sequence[Tensor]
-) -> None:
+    sr_key: Tensor | None, op: str, params: Sequence[Tensor], master_params: Sequence[Tensor],
+    state_dtype: torch.dtype | None = None,
+) -> None:  # fmt: skip
     """A step op's ``sr_key`` ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h):
     None, or a contiguous int64 vector ``[seed, counter, id_0, ..., id_{N-1}]`` on the params'
-    device, beside bf16 params without master weights (the only store it rounds); an id's
-    high word is its tensor's first element in the whole param ([note: sharded stochastic
-    rounding] in fusedopt/optim/_plan.py). The C++
-    backends check the same in ``StepArguments``."""
+    device, beside bf16 params without master weights or bf16 states (``state_dtype``, the
+    call's: [note: state dtype]), the stores it rounds; an id's high word is its tensor's
+    first element in the whole param ([note: sharded stochastic rounding] in
+    fusedopt/optim/_plan.py). The C++ backends check the same in ``StepArguments``."""
     if sr_key is None or not params:
         return
     n = len(params)
@@ -166,9 +167,16 @@ def check_sr_key(
     if sr_key.device != params[0].device:
         raise RuntimeError(f"{op}: sr_key is on {sr_key.device} but the params are on "
                            f"{params[0].device}")  # fmt: skip
-    if params[0].dtype != torch.bfloat16 or len(master_params):
+    if state_dtype == torch.float16:
+        raise TypeError(
+            f"{op}: sr_key beside float16 states: stochastic rounding stores bf16 only, and "
+            "every 16-bit store of an SR step rounds stochastically ([note: state dtype])"
+        )
+    bf16_param = params[0].dtype == torch.bfloat16 and not len(master_params)
+    if not bf16_param and state_dtype != torch.bfloat16:
         masters = " with master_params" if len(master_params) else ""
         raise TypeError(
-            f"{op}: sr_key (stochastic rounding of the param store) is for bfloat16 params "
-            f"without master weights; got {params[0].dtype} params{masters}"
+            f"{op}: sr_key (stochastic rounding of 16-bit stores) is for bfloat16 params "
+            f"without master weights or bfloat16 states; got {params[0].dtype} params{masters}"
+            f" and {state_dtype} states"
         )

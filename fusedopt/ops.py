@@ -212,7 +212,7 @@ def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -
             check_like(
                 masters[i], p, f"master_params[{i}]", op, _master_dtype(op, i, p, masters[i])
             )
-        state_dtype = torch.float32 if masters else p.dtype
+        state_dtype = _state_dtype(spec, lists, quantized, i, p, bool(masters))
         for t in spec.states:
             if lists[t.name] and t.name not in quantized and t.name not in scale_lists:
                 dtype = torch.bfloat16 if t.layout == "bf16" else state_dtype
@@ -232,6 +232,31 @@ def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -
             check_tensor(s, f"steps[{i}]", op)
             check_scalar(s, f"steps[{i}]", op, device)
     return device
+
+
+#: The dtypes a state may have where the op declares ``state_dtypes`` ([note: state dtype]).
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _state_dtype(
+    spec: _contract.StepOpSpec, lists: dict, quantized: dict, i: int, p: Tensor, master: bool
+) -> torch.dtype:
+    """The dtype every float state of ``params[i]`` must have: fp32 with master weights, else
+    the param's (DESIGN.md §3); where the op declares ``state_dtypes`` ([note: state dtype]
+    in fusedopt/_contract.py), the dtype of the param's first float state instead, when it
+    is fp32, bf16 or fp16 and the param is not fp64."""
+    default = torch.float32 if master else p.dtype
+    if not spec.state_dtypes or p.dtype == torch.float64:
+        return default
+    for t in spec.states:
+        given = lists[t.name]
+        # an empty state beside a non-empty param is a placeholder; an empty param's states
+        # (an empty FSDP2 shard) are all empty and keep the call's dtype
+        shaped = given and (given[i].numel() or p.numel() == 0)
+        if t.layout == "param" and shaped and t.name not in quantized:
+            dtype = given[i].dtype if isinstance(given[i], Tensor) else default
+            return dtype if dtype in STATE_DTYPES else default
+    return default
 
 
 def _check_quantized(
@@ -430,7 +455,8 @@ def step(
     check_scalar(grad_scale, "grad_scale", op, device, allow_fp64=fp64)
     check_scalar(clip_coef, "clip_coef", op, device, allow_fp64=fp64)
     check_scalar(found_inf, "found_inf", op, device)
-    check_sr_key(sr_key, op, params, lists.get("master_params", ()))
+    check_sr_key(sr_key, op, params, lists.get("master_params", ()),
+                 spec.free_state_dtype(lists))  # fmt: skip
     handle = _contract.op_handle(op, _resolve(backend, device))
     extra = _phase_inputs(phase, inputs or {}, params, device)
     call_flags = [bool(flags[f]) for f in spec.flags]
@@ -465,7 +491,8 @@ def step(
         masters = lists.get("master_params") or [None] * n
         for i, (p, g) in enumerate(zip(lists["params"], lists["grads"], strict=True)):
             master = None if masters[i] is None else masters[i].dtype
-            groups.setdefault((p.dtype, g.dtype, master), []).append(i)
+            states = tuple(lists[t.name][i].dtype for t in spec.states if lists[t.name])
+            groups.setdefault((p.dtype, g.dtype, master, states), []).append(i)
     for index in groups.values():
         whole = len(index) == n
 

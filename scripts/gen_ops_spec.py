@@ -61,13 +61,15 @@ def render() -> str:
         "//   FUSEDOPT_OP_STEPS_WITH(X)   X(list) when the steps are given iff that list is",
         "//   FUSEDOPT_OP_STATE_RULES(X)  X(Layout, Codes) per state list: its shape rule",
         "//                          (StateLayout::kLayout) and 8-bit codes (StateCodes::kCodes)",
+        "//   FUSEDOPT_OP_STATE_DTYPES  whether the float states may have a dtype of their own",
+        "//                          (fp32, bf16, fp16 whatever the param's: [note: state dtype])",
         "// FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends",
         "// with, after the common scalars (master_sync).",
         "// FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops with one C++ launcher for the step",
         "// (not muon_: its passes have theirs, launch.h); namespace fusedopt::spec::<op> has",
         "// the indices (kExpAvgs, kBeta1, kDecoupled...), the counts (kNumStates...) and each",
         "// state list's shape rule (kStateLayouts: [note: factored layouts] in",
-        "// fusedopt/_contract.py) and 8-bit codes (kStateCodes).",
+        "// fusedopt/_contract.py), 8-bit codes (kStateCodes) and kStateDtypes.",
         "#pragma once",
         "",
     ]
@@ -110,6 +112,8 @@ def render() -> str:
             f"FUSEDOPT_{op}_STATE_RULES",
             [f"X({camel(t.layout)}, {camel(t.quantized or 'none')})" for t in s.states],
         )
+        free = "true" if s.state_dtypes else "false"
+        out += [f"#define FUSEDOPT_{op}_STATE_DTYPES {free}"]
     out += ["", "namespace fusedopt::spec {", ""]
     layouts = [camel(name) for name in contract.STATE_LAYOUTS]
     out += [
@@ -130,6 +134,7 @@ def render() -> str:
         "      FUSEDOPT_##OP##_STATE_RULES(FUSEDOPT_SPEC_LAYOUT)};",
         "  inline constexpr StateCodes kStateCodes[] = {",
         "      FUSEDOPT_##OP##_STATE_RULES(FUSEDOPT_SPEC_CODES)};",
+        "  inline constexpr bool kStateDtypes = FUSEDOPT_##OP##_STATE_DTYPES;",
     ]
     for kind in ("STATES", "HYPERS", "FLAGS"):
         namespace_macro += [
@@ -139,7 +144,8 @@ def render() -> str:
     width = max(len(line) for line in namespace_macro) + 1
     out += [
         "// namespace fusedopt::spec::<op>: kStateLayouts, kStateCodes (one per state list),",
-        "// then k<Name> = index of each state, hyperparameter and flag, and their counts.",
+        "// kStateDtypes, then k<Name> = index of each state, hyperparameter and flag, and",
+        "// their counts.",
         "#define FUSEDOPT_SPEC_LAYOUT(layout, codes) StateLayout::k##layout,",
         "#define FUSEDOPT_SPEC_CODES(layout, codes) StateCodes::k##codes,",
         "#define FUSEDOPT_SPEC_INDEX(name, Name, index, ...) k##Name = index,",

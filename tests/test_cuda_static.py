@@ -195,6 +195,20 @@ def _expected() -> dict[str, tuple[str, ...]]:
         expected[f"AdamWQ8Body<{types}>"] = ()
         expected[f"LionQ8Body<{types}>"] = ()
         expected[f"SgdQ8Body<{types}>"] = ()
+    # [note: state dtype]: AdamW's states in another storage than StateOf's (fp32 with
+    # masters, else the param's): run_step_with_states's instantiations, the storages
+    # kCudaStateStorage builds (csrc/cuda/step.cuh): fp32 params with 16-bit states, bf16
+    # params with masters and bf16 states.
+    for p, g, m in STORAGE:
+        if p == "float":
+            states = (_NS + "bf16", _NS + "fp16")
+        elif p == _NS + "bf16" and m != NO_MASTER:
+            states = (_NS + "bf16",)
+        else:
+            continue
+        for s in states:
+            for variant in ("true", "false"):
+                expected[f"AdamWBodyOf<{s}, {p}, {g}, {m}, {variant}>"] = both
     return expected
 
 

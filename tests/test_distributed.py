@@ -58,6 +58,13 @@ MESH_FREE_CASES = {
     ),
     "q8_sr_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, stochastic_rounding=True), True),
     "sr_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, stochastic_rounding=True), False),
+    # fp32 params with bf16 moments rounded stochastically ([note: state dtype]): each
+    # state's own stream of the element's Philox counter, counted in the whole param
+    "sr_states_adamw": (
+        lambda: fusedopt.AdamW,
+        dict(lr=1e-2, state_dtype=torch.bfloat16, stochastic_rounding=True),
+        False,
+    ),
     "kahan_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, master_weights="kahan"), False),
     "compact_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, master_weights="compact"), False),
 }

@@ -151,13 +151,17 @@ def _step_cases():
     cases = []
     for op in STEP_OPS:
         state = STATE[op]
+        spec = ops.STEP_OPS.get(op)
+        wrong_state = torch.float64 if spec and spec.state_dtypes else torch.bfloat16
         cases += [
             (op, "param_int_dtype", _set("params", 1, lambda t: t.to(torch.int32)),
              TypeError, r"params\[1\] has unsupported dtype torch.int32"),
             (op, "grad_wrong_dtype", _set("grads", 1, lambda t: t.half()),
              TypeError, r"grads\[1\] has dtype torch.float16"),
-            (op, "state_wrong_dtype", _set(state, 2, lambda t: t.bfloat16()),
-             TypeError, rf"{state}\[2\] has dtype torch.bfloat16, expected torch.float32"),
+            # An op with free state dtypes ([note: state dtype]) takes bf16 states beside
+            # fp32 params: an fp64 state is wrong for it.
+            (op, "state_wrong_dtype", _set(state, 2, lambda t, d=wrong_state: t.to(d)),
+             TypeError, rf"{state}\[2\] has dtype {wrong_state}, expected torch.float32"),
             (op, "grad_on_meta", _set("grads", 1, lambda t: t.to("meta")),
              RuntimeError, r"grads\[1\] is on meta"),
             (op, "param_on_meta", _set("params", 2, lambda t: t.to("meta")),

@@ -98,6 +98,8 @@ def test_every_kernel_compiles_for_sm90(report):
                "muon_momentum", "muon_apply"}  # fmt: skip
     for kernel in kernels:
         assert any(name.startswith(kernel) for name in report), kernel
+    # [note: state dtype]: AdamW with states of their own dtype, bf16 ones stochastic
+    assert sum(name.startswith("adamw_states_") for name in report) == 3
     for case in ELEMENTWISE_CASES:
         for op in ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_norms",
                    "lamb_apply", "adafactor_partials", "adafactor_updates", "adafactor_apply",

@@ -110,9 +110,11 @@ def variants():
     }
     for case, dtypes in dtype_cases.items():
         base = {**dtypes, **SCALARS}
+        # STATE_SR ([note: state dtype]): a constexpr with a default, which a launch binds but
+        # an ASTSource must be given (else it is compiled as a run-time argument).
         step = lambda op, width, steps, base=base, **flags: (  # noqa: E731
             drivers.step_kernel,
-            {"WIDTH": width, **base, **op.constexprs(steps, **flags)},
+            {"WIDTH": width, **base, "STATE_SR": False, **op.constexprs(steps, **flags)},
         )
         out.append((f"adamw_{case}", *step(adamw.adamw_, 11, True, DECOUPLED=True, AMSGRAD=True,
                                            MAXIMIZE=True, BIAS_CORRECTION=True)))  # fmt: skip
@@ -158,6 +160,19 @@ def variants():
                 {"WIDTH": 11, "HAS_FOUND_INF": True}))  # fmt: skip
     out.append(("lamb_fold", lamb.lamb_fold_kernel,
                 {"WIDTH": 10, "COMPUTE": F32, "HAS_FOUND_INF": True}))  # fmt: skip
+    # [note: state dtype]: AdamW's states in their own dtype; bf16 ones rounded
+    # stochastically (STATE_SR: the state pointers come from the prologue's S_DTYPE, a path
+    # the interpreter does not check: a static_assert there failed only when compiled).
+    for case, dtypes, extra in (
+        ("fp32_bf16_sr", step_dtypes(F32, F32, False), {"S_DTYPE": BF16, "STATE_SR": True}),
+        ("bf16_master_bf16_sr", step_dtypes(BF16, F32, True),
+         {"S_DTYPE": BF16, "STATE_SR": True}),
+        ("fp32_fp16", step_dtypes(F32, F32, False), {"S_DTYPE": F16, "STATE_SR": False}),
+    ):  # fmt: skip
+        flags = adamw.adamw_.constexprs(True, DECOUPLED=True, AMSGRAD=True, MAXIMIZE=True,
+                                        BIAS_CORRECTION=True)  # fmt: skip
+        out.append((f"adamw_states_{case}", drivers.step_kernel,
+                    {"WIDTH": 11, **dtypes, **SCALARS, **flags, **extra}))  # fmt: skip
     return out
 
 

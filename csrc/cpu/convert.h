@@ -49,11 +49,13 @@ inline void float_to_bf16_n(uint16_t* dst, const float* src, int64_t n) {
 }
 
 /// dst[0:n] = src[0:n] rounded to bf16 stochastically, element k with the bits of element
-/// first + k of the tensor keyed by `key` ([note: stochastic rounding] in fusedopt/dtype.h).
+/// first + k of the tensor keyed by `key` ([note: stochastic rounding] in fusedopt/dtype.h),
+/// from `stream` ([note: state dtype]).
 inline void float_to_bf16_stochastic_n(uint16_t* dst, const float* src, int64_t n,
-                                       const RoundingKey& key, int64_t first) {
+                                       const RoundingKey& key, int64_t first,
+                                       uint32_t stream = 0) {
   for (int64_t i = 0; i < n; ++i)
-    dst[i] = float_to_bf16_stochastic(src[i], rounding_bits(key, first + i));
+    dst[i] = float_to_bf16_stochastic(src[i], rounding_bits(key, first + i, stream));
 }
 
 /// Whether every src[k] (fp32) rounds to exactly the 16-bit storage bits[k] of dtype d (bf16
@@ -120,11 +122,11 @@ inline void load_values(T* dst, const void* src, DType d, int64_t n) {
 /// with the random bits of element first + k under `key` ([note: stochastic rounding]).
 template <Rounding R = Rounding::kNearestEven, typename T>
 inline void store_values(void* dst, DType d, const T* src, int64_t n, const RoundingKey& key = {},
-                         int64_t first = 0) {
+                         int64_t first = 0, uint32_t stream = 0) {
   if constexpr (R == Rounding::kStochastic) {
     static_assert(sizeof(T) == sizeof(float), "stochastic rounding stores fp32 values");
     if (d == DType::kBFloat16) {
-      float_to_bf16_stochastic_n(static_cast<uint16_t*>(dst), src, n, key, first);
+      float_to_bf16_stochastic_n(static_cast<uint16_t*>(dst), src, n, key, first, stream);
       return;
     }
   }

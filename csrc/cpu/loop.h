@@ -81,13 +81,13 @@ inline T* view_block(void* base, DType d, int64_t offset, int64_t n, T* buffer) 
 /// the bits of element offset + k ([note: stochastic rounding]).
 template <Rounding R = Rounding::kNearestEven, typename T>
 inline void write_block(void* base, DType d, int64_t offset, int64_t n, const T* values,
-                        const RoundingKey& key = {}) {
+                        const RoundingKey& key = {}, uint32_t stream = 0) {
   if (d == OpmathDType<T>::value) {
     T* dst = static_cast<T*>(base) + offset;
     if (dst != values) std::memcpy(dst, values, n * sizeof(T));
     return;
   }
-  store_values<R>(element_ptr(base, d, offset), d, values, n, key, offset);
+  store_values<R>(element_ptr(base, d, offset), d, values, n, key, offset, stream);
 }
 
 }  // namespace fusedopt::cpu

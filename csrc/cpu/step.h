@@ -163,7 +163,11 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
   // master weights, when the call has an sr_key.
   const bool stochastic = lists.scalars.sr_key != nullptr && !master &&
                           lists.params.dtype == DType::kBFloat16;
-  const RoundingKey key = stochastic ? rounding_key(lists.scalars.sr_key, i) : RoundingKey{};
+  const RoundingKey key =
+      lists.scalars.sr_key != nullptr ? rounding_key(lists.scalars.sr_key, i) : RoundingKey{};
+  // [note: state dtype] (fusedopt/dtype.h): with the call's sr_key, the bf16 states of an op
+  // with free state dtypes round stochastically, state slot k with stream k + 1.
+  const bool stochastic_states = lists.stochastic_states;
   void* param = lists.params.data[i];
   void* p_base = master ? lists.master_params.data[i] : param;
   const DType p_dtype = master ? DType::kFloat32 : lists.params.dtype;
@@ -202,8 +206,16 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
           if (master) write_block(param, lists.params.dtype, off, n, p);
         }
       }
-      for (size_t k = 0; k < kWrittenStates; ++k)
+      for (size_t k = 0; k < kWrittenStates; ++k) {
+        if constexpr (std::is_same_v<T, float>) {
+          if (stochastic_states && states[k].dtype == DType::kBFloat16) {
+            write_block<Rounding::kStochastic>(states[k].data[i], states[k].dtype, off, n, s[k],
+                                               key, static_cast<uint32_t>(k + 1));
+            continue;
+          }
+        }
         write_block(states[k].data[i], states[k].dtype, off, n, s[k]);
+      }
     }
   }
 }

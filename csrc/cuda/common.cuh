@@ -208,14 +208,15 @@ __device__ __forceinline__ void store(S* base, int64_t i, const T (&x)[V]) {
 }
 
 /// base[i..i+V) = x[0..V) of bf16 storage, rounded stochastically with the bits of elements
-/// i..i+V-1 under `key` ([note: stochastic rounding] in fusedopt/dtype.h).
+/// i..i+V-1 under `key` ([note: stochastic rounding] in fusedopt/dtype.h), from `stream`
+/// (0: the param store; k + 1: state slot k, [note: state dtype]).
 template <int V, class T>
 __device__ __forceinline__ void store_stochastic(bf16* base, int64_t i, const T (&x)[V],
-                                                 const RoundingKey& key) {
+                                                 const RoundingKey& key, uint32_t stream = 0) {
   Pack<bf16, V> p;
 #pragma unroll
   for (int k = 0; k < V; ++k)
-    p.v[k] = from_opmath<bf16, Rounding::kStochastic>(x[k], rounding_bits(key, i + k));
+    p.v[k] = from_opmath<bf16, Rounding::kStochastic>(x[k], rounding_bits(key, i + k, stream));
   store_pack<V>(base, i, p);
 }
 

@@ -15,6 +15,8 @@
 // param in the same places: the same bytes as a compact one.
 #pragma once
 
+#include <stdexcept>
+#include <string>
 #include <utility>
 
 #include "common.cuh"
@@ -69,6 +71,7 @@ struct StepArgs {
   DeviceScalars scalars;
   const void* extra;  // an op's per-tensor device array (LAMB's sq_norms), or null
   bool master_sync;             // StepLists::master_sync ([note: master sync])
+  bool stochastic_states;       // StepLists::stochastic_states ([note: state dtype])
   bool flag[spec::kMaxFlags];  // an op's per-call flags, at their spec index
 };
 
@@ -143,6 +146,17 @@ __device__ __forceinline__ StochasticStore stochastic_store(const Row& row, cons
   return {};
 }
 
+/// Whether and with which key a Body's state stores round stochastically ([note: state
+/// dtype] in fusedopt/dtype.h): bf16 states of an op with free state dtypes, when the call
+/// has an sr_key (StepArgs::stochastic_states); the same for the whole launch.
+template <class S>
+__device__ __forceinline__ StochasticStore stochastic_states(const Row& row, const StepArgs& a) {
+  if constexpr (std::is_same_v<S, bf16>) {
+    if (a.stochastic_states) return {true, rounding_key(a.scalars.sr_key, row.index)};
+  }
+  return {};
+}
+
 template <int V, class P, class T, MasterKind kMasterWeights>
 __device__ __forceinline__ void store_param(P* p, MasterOf<P, kMasterWeights>* master, int64_t i,
                                             const T (&x)[V], const StochasticStore& sr = {}) {
@@ -195,10 +209,14 @@ __device__ __forceinline__ void store_param(P* p, MasterOf<P, kMasterWeights>* m
 /// across the calls, which cost two AdamW kernels a 24-byte stack frame and the fp64 Lion
 /// one an 8-byte frame; with the state pointers loaded after the calls, AdamW's fp32 kernel
 /// took 48 registers instead of 40 (nvcc 13.0, sm_90; tests/test_cuda_static.py).
-template <class P, class G, MasterKind kMasterWeights, class Scalars, int... kStateSlots>
-struct StepBody {
+///
+/// `S` is the states' storage: StateOf (StepBody) unless the op declares free state dtypes
+/// ([note: state dtype] in fusedopt/dtype.h: run_step_with_states).
+template <class S_, class P, class G, MasterKind kMasterWeights, class Scalars,
+          int... kStateSlots>
+struct StepBodyOf {
   using T = Opmath<P>;
-  using S = StateOf<P, kMasterWeights>;
+  using S = S_;
   using M = MasterOf<P, kMasterWeights>;
   static constexpr int kWidth =
       kMasterWeights != kNoMaster ? kVecWidth<P, G, S, M> : kVecWidth<P, G, S>;
@@ -209,19 +227,21 @@ struct StepBody {
   M* master;
   bool master_sync;  // [note: master sync]
   StochasticStore sr;  // [note: stochastic rounding]
+  StochasticStore sr_states;  // [note: state dtype]
   Scalars s;
   GradLoad<T> load_g;
 
   /// `make_scalars()` returns the op's Scalars (a lambda of the op's Body constructor).
   template <class MakeScalars>
-  __device__ __forceinline__ StepBody(const Row& row, const StepArgs& a, bool maximize,
-                                      MakeScalars make_scalars)
+  __device__ __forceinline__ StepBodyOf(const Row& row, const StepArgs& a, bool maximize,
+                                        MakeScalars make_scalars)
       : p(static_cast<P*>(row.slot[kParam])),
         g(static_cast<const G*>(row.slot[kGrad])),
         states{static_cast<S*>(row.slot[kStateSlots])...},
         master(static_cast<M*>(row.slot[kMaster])),
         master_sync(a.master_sync),
         sr(stochastic_store<P, kMasterWeights>(row, a)),
+        sr_states(stochastic_states<S>(row, a)),
         s(make_scalars()),
         load_g(make_grad_load<T>(a.scalars.grad_scale, a.scalars.clip_coef, maximize)) {}
 
@@ -244,6 +264,16 @@ struct StepBody {
     store_param<V, P, T, kMasterWeights>(p, master, i, pv, sr);
   }
 
+  /// Elements i..i+V-1 of state slot k (spec order): rounded to nearest, or stochastically
+  /// with stream k + 1 of the element's Philox evaluation ([note: state dtype]).
+  template <int k, int V>
+  __device__ __forceinline__ void store_state(int64_t i, const T (&x)[V]) const {
+    if constexpr (std::is_same_v<S, bf16>) {
+      if (sr_states.enabled) return store_stochastic<V>(states[k], i, x, sr_states.key, k + 1);
+    }
+    store<V>(states[k], i, x);
+  }
+
  private:
   template <std::size_t... k>
   __device__ __forceinline__ bool aligned_states(int64_t start,
@@ -251,6 +281,12 @@ struct StepBody {
     return aligned_all(start, p, g, states[k]..., master);
   }
 };
+
+/// The Body base of the step ops whose states follow DESIGN.md §3's rule: fp32 with master
+/// weights, else the param's storage.
+template <class P, class G, MasterKind kMasterWeights, class Scalars, int... kStateSlots>
+using StepBody = StepBodyOf<StateOf<P, kMasterWeights>, P, G, kMasterWeights, Scalars,
+                            kStateSlots...>;
 
 template <class Body>
 __global__ void __launch_bounds__(kThreads) step_kernel(Table table, StepArgs args) {
@@ -265,6 +301,7 @@ inline StepArgs step_args(const StepLists& lists) {
   StepArgs args{};
   args.scalars = lists.scalars;
   args.master_sync = lists.master_sync && lists.master_params.present();
+  args.stochastic_states = lists.stochastic_states && lists.scalars.sr_key != nullptr;
   return args;
 }
 
@@ -309,6 +346,82 @@ void run_step(const StepLists& lists, TableBuilder& host, const StepArgs& args, 
                         using OpBody = Body<decltype(p), decltype(g),
                                             decltype(master)::value, kVariant...>;
                         launch_step<OpBody>(host, table, args, stream);
+                      });
+}
+
+/// [note: state dtype] on CUDA: the state storages built besides StateOf's (fp32 with
+/// masters, else the param's), as the users of 16-bit or fp32 moments run them: fp32 params
+/// with bf16 or fp16 states, and bf16 params with fp32, compact or Kahan masters and bf16
+/// states (either grad dtype). The other storages of the op (16-bit params without masters
+/// and states of another dtype, fp16 params with masters and 16-bit states, bf16 params
+/// with masters and fp16 states) run on the reference, cpu and triton backends and are
+/// refused here: each storage is 2 kernels per op variant; all of them took adamw.cu from 51
+/// to 111 kernels (sm_90 cubin 6.26 -> 21.27 MB, nvcc 13.0), these to 67 (10.61 MB):
+/// DESIGN.md §3.
+template <class S, class P, MasterKind kM>
+inline constexpr bool kCudaStateStorage =
+    std::is_same_v<S, StateOf<P, kM>> ||
+    (std::is_same_v<P, float> && (std::is_same_v<S, bf16> || std::is_same_v<S, fp16>)) ||
+    (std::is_same_v<P, bf16> && kM != kNoMaster && std::is_same_v<S, bf16>);
+
+/// The refusal of a state storage that kCudaStateStorage leaves out.
+[[noreturn]] inline void refuse_state_storage(const char* op, DType state, DType param,
+                                              MasterKind master) {
+  throw std::invalid_argument(
+      std::string("fusedopt CUDA backend: ") + op + ": " + dtype_name(state) + " states beside " +
+      dtype_name(param) + " params " + (master == kNoMaster ? "without" : "with") +
+      " master weights are not built for the cuda backend (built: fp32 params with bf16 or "
+      "fp16 states; bf16 params with fp32, compact or Kahan masters and bf16 states; and "
+      "DESIGN.md's default, fp32 with masters else the param's dtype); use backend='triton' "
+      "or another state_dtype ([note: state dtype])");
+}
+
+/// run_step for an op that declares free state dtypes ([note: state dtype] in
+/// fusedopt/dtype.h): Body<P, G, kMasterWeights, kVariant...> where the call's state storage
+/// `state` is StateOf's (the kernels run_step launches), else BodyOf<S, P, G,
+/// kMasterWeights, kVariant...> with S = fp32, bf16 or fp16 where kCudaStateStorage builds
+/// it (fp64 params keep fp64 states); any other storage is refused before the table is
+/// uploaded or a step count moves. New instantiations per op and variant: 2 for fp32
+/// params, 6 for bf16 ones (3 master kinds x 2 grad dtypes).
+template <template <class, class, class, MasterKind, bool...> class BodyOf,
+          template <class, class, MasterKind, bool...> class Body, bool... kVariant>
+void run_step_with_states(const char* op, const StepLists& lists, DType state,
+                          TableBuilder& host, const StepArgs& args, bool count_steps,
+                          const ExecContext& ctx) {
+  const cudaStream_t stream = stream_of(ctx);
+  dispatch_step_types(lists.params.dtype, lists.grads.dtype, master_kind(lists),
+                      [&](auto p, auto g, auto master) {
+                        // remove_cvref: g++ 12 reads decltype(p) in the nested lambda
+                        // below as that of a captured reference (bf16&)
+                        using P = std::remove_cvref_t<decltype(p)>;
+                        using G = std::remove_cvref_t<decltype(g)>;
+                        constexpr MasterKind kM = decltype(master)::value;
+                        auto run = [&](auto s) {
+                          using S = decltype(s);
+                          if constexpr (!kCudaStateStorage<S, P, kM>) {
+                            refuse_state_storage(op, state, lists.params.dtype, kM);
+                          } else {
+                            const Table table = host.upload(ctx);
+                            if (count_steps)
+                              increment_steps(table, lists.scalars.found_inf, stream, -1);
+                            if constexpr (std::is_same_v<S, StateOf<P, kM>>) {
+                              launch_step<Body<P, G, kM, kVariant...>>(host, table, args,
+                                                                       stream);
+                            } else {
+                              launch_step<BodyOf<S, P, G, kM, kVariant...>>(host, table, args,
+                                                                            stream);
+                            }
+                          }
+                        };
+                        if constexpr (std::is_same_v<P, double>) {
+                          run(double{});
+                        } else if (state == DType::kBFloat16) {
+                          run(bf16{});
+                        } else if (state == DType::kFloat16) {
+                          run(fp16{});
+                        } else {
+                          run(float{});
+                        }
                       });
 }
 

@@ -24,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -217,7 +218,9 @@ const Variant kVariants[] = {
 /// remainders, held in 16-bit buffers: [note: compact master] in fusedopt/_contract.py), and
 /// Kahan masters (a compensation of the param's dtype: [note: kahan master]).
 /// `stochastic`: the call has an sr_key, so the bf16 param store rounds stochastically
-/// ([note: stochastic rounding] in fusedopt/dtype.h; bf16 without masters only).
+/// ([note: stochastic rounding] in fusedopt/dtype.h; bf16 without masters), and AdamW's bf16
+/// states too ([note: state dtype]). `state`: AdamW's state storage (a DType) where it is
+/// not DESIGN.md §3's rule (-1), [note: state dtype].
 struct Storage {
   DType param, grad;
   bool master;
@@ -225,6 +228,7 @@ struct Storage {
   bool compact = false;
   bool kahan = false;
   bool stochastic = false;
+  int state = -1;
   /// The dtype of the master buffers.
   DType master_dtype() const {
     return kahan ? param : compact ? DType::kBFloat16 : DType::kFloat32;
@@ -246,12 +250,45 @@ const Storage kStorages[] = {
     {DType::kBFloat16, DType::kFloat32, false, true, false, false, true},
 };
 
+/// [note: state dtype]: AdamW's states in their own storage, the ones the CUDA backend
+/// builds (kCudaStateStorage in csrc/cuda/step.cuh): fp32 params with 16-bit states, bf16
+/// params with fp32 / compact / Kahan masters and bf16 states; bf16 ones with stochastic
+/// rounding too.
+constexpr int kSF32 = static_cast<int>(DType::kFloat32);
+constexpr int kSBF16 = static_cast<int>(DType::kBFloat16);
+constexpr int kSF16 = static_cast<int>(DType::kFloat16);
+const Storage kStateStorages[] = {
+    {DType::kFloat32, DType::kFloat32, false, true, false, false, false, kSBF16},
+    {DType::kFloat32, DType::kFloat32, false, true, false, false, true, kSBF16},
+    {DType::kFloat32, DType::kFloat32, false, true, false, false, false, kSF16},
+    {DType::kBFloat16, DType::kFloat32, true, true, false, false, false, kSBF16},
+    {DType::kBFloat16, DType::kBFloat16, true, true, false, false, true, kSBF16},
+    {DType::kBFloat16, DType::kFloat32, true, true, true, false, true, kSBF16},
+    {DType::kBFloat16, DType::kBFloat16, true, true, false, true, true, kSBF16},
+};
+
+/// The storages the CUDA backend refuses (the reference, cpu and triton backends run them:
+/// tests/test_state_dtype.py): 16-bit params with masters and fp16 states, fp16 params with
+/// masters and bf16 states, 16-bit params without masters and fp32 states.
+const Storage kRefusedStateStorages[] = {
+    {DType::kBFloat16, DType::kBFloat16, true, true, false, false, false, kSF16},
+    {DType::kFloat16, DType::kFloat32, true, true, false, true, false, kSBF16},
+    {DType::kFloat16, DType::kFloat16, true, true, false, false, false, kSF16},
+    {DType::kBFloat16, DType::kBFloat16, false, true, false, false, true, kSF32},
+    {DType::kFloat16, DType::kFloat32, false, true, false, false, false, kSF32},
+};
+
 /// The sr_key of a stochastic call at `step`: a seed above 2^32 (both key words count), the
 /// counter, and ids that are not the tensors' positions (so a kernel that keys by position
-/// shows).
+/// shows); every third tensor a shard whose first element is not 0 ([note: sharded
+/// stochastic rounding]: the element counted in the whole param, the param's and the
+/// states' streams alike).
 std::vector<int64_t> sr_key_of(size_t n, int step) {
   std::vector<int64_t> key = {0x5EED0000ABCDLL, 40 + step};
-  for (size_t i = 0; i < n; ++i) key.push_back(static_cast<int64_t>(1000 + 7 * i));
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t first = i % 3 == 1 ? static_cast<int64_t>(4099 * i + 1) : 0;
+    key.push_back(static_cast<int64_t>(1000 + 7 * i) | first << 32);
+  }
   return key;
 }
 
@@ -316,6 +353,7 @@ int state_count(const Variant& v) {
 /// buffer is bf16 always (its layout "bf16").
 DType state_dtype(const Variant& v, size_t k, const Storage& storage) {
   if (v.op == Op::kMuon && k == 1) return DType::kBFloat16;
+  if (v.op == Op::kAdamW && storage.state >= 0) return static_cast<DType>(storage.state);
   return storage.master ? DType::kFloat32 : storage.param;
 }
 
@@ -503,6 +541,8 @@ struct Call {
     if (c.storage.stochastic) {
       sr_key = sr_key_of(n, step);
       l.scalars.sr_key = sr_key.data();
+      // As the binding sets it: AdamW declares free state dtypes ([note: state dtype]).
+      l.stochastic_states = v.op == Op::kAdamW;
     }
     return l;
   }
@@ -630,6 +670,8 @@ std::string name(const StepCase& c) {
           : c.storage.master ? "+master"
                              : "") +
          (c.storage.stochastic ? "+sr" : "") +
+         (c.storage.state >= 0 ? std::string("+s") + dtype_short(static_cast<DType>(c.storage.state))
+                               : std::string()) +
          (c.storage.master && !c.storage.sync ? "-nosync" : "") + " " +
          c.scalars->name + (c.shapes == &kLarge ? " large" : " small") +
          (c.schedule == emu::Schedule::kReverse ? " reverse" : "");
@@ -796,6 +838,25 @@ void run_step_case(const StepCase& c, std::mt19937& rng) {
   emu::set_capturing(false);
 }
 
+/// A storage the CUDA backend does not build ([note: state dtype], kCudaStateStorage in
+/// csrc/cuda/step.cuh): cuda::adamw throws std::invalid_argument naming the dtypes, before
+/// any buffer or step count changes.
+void refuse_state_storage_case(const StepCase& c, std::mt19937& rng) {
+  World cuda_world(c), before(c);
+  initialize(cuda_world, c, rng);
+  before.copy_from(cuda_world);
+  bool refused = false;
+  try {
+    step(c, cuda_world, 0, true);
+  } catch (const std::invalid_argument& e) {
+    refused = std::string(e.what()).find("not built for the cuda backend") != std::string::npos;
+    if (!refused) std::fprintf(stderr, "%s: %s\n", name(c).c_str(), e.what());
+  }
+  if (!refused) std::fprintf(stderr, "%s: not refused\n", name(c).c_str());
+  CHECK(refused);
+  CHECK(cuda_world.same_bits(before, name(c) + " (refused)"));
+}
+
 int test_step_ops() {
   std::mt19937 rng(7);
   int cases = 0;
@@ -819,6 +880,23 @@ int test_step_ops() {
         run_step_case({&v, st, &kScalars[3], &kLarge, 2, emu::Schedule::kForward}, rng);
         ++cases;
       }
+    }
+    if (v.op != Op::kAdamW) continue;
+    for (const Storage& st : kStateStorages) {  // [note: state dtype]
+      for (const Scalars& sc : kScalars) {
+        const auto order = cases % 2 ? emu::Schedule::kReverse : emu::Schedule::kForward;
+        run_step_case({&v, st, &sc, &kSmall, 3, order}, rng);
+        ++cases;
+      }
+      if (&v == &kVariants[0] || &v == &kVariants[2]) {
+        run_step_case({&v, st, &kScalars[3], &kLarge, 2, emu::Schedule::kForward}, rng);
+        ++cases;
+      }
+    }
+    for (const Storage& st : kRefusedStateStorages) {
+      refuse_state_storage_case({&v, st, &kScalars[0], &kSmall, 1, emu::Schedule::kForward},
+                                rng);
+      ++cases;
     }
   }
   return cases;

@@ -312,9 +312,10 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         )  # fmt: skip
 
     # ----------------------------------------------------------------- groups
-    @staticmethod
-    def _check_common(group: dict[str, Any]) -> None:
+    @classmethod
+    def _check_common(cls, group: dict[str, Any]) -> None:
         _check_lr(group["lr"])
+        _state_bits.check_state_dtype(group, cls.OP)  # [note: state dtype]
         master_weights = group.get("master_weights", False)
         if isinstance(master_weights, str) and master_weights not in (COMPACT, KAHAN):
             raise ValueError(
@@ -485,10 +486,15 @@ class FusedOptimizer(PlanMixin, StateDictMixin, torch.optim.Optimizer):
         state = self.state[p]
         master_key = self._master_key(group, p)
         master = master_key is not None
-        dtype = torch.float32 if master else p.dtype
+        dtype = _state_bits.state_dtype(group, self.OP, p.dtype, master)
+        free = STEP_OPS[self.OP].state_dtypes  # [note: state dtype]
         if p.dtype in LOW_PRECISION:
-            self._switch_master(state, master, p.dtype, _state_bits.scale_keys(self.OP))
+            # An op with free state dtypes casts its states to the group's below, once.
+            fixed = frozenset(state) if free else _state_bits.scale_keys(self.OP)
+            self._switch_master(state, master, p.dtype, fixed)
             self._convert_master(state, master_key, p, bool(group.get("master_sync", True)))
+        if free and not _state_bits.eight_bit(group):
+            _state_bits.convert_dtype(state, self.OP, dtype)
         if master_key == MASTER_KEY and MASTER_KEY not in state:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
         if master_key == REMAINDER_KEY and REMAINDER_KEY not in state:

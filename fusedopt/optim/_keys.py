@@ -21,6 +21,10 @@ TORCH_ONLY_KEYS = ("foreach", "fused", "differentiable")
 #: The group key of stochastic rounding, and the state dict's entry of its seed and counter
 #: ([note: stochastic rounding] in csrc/include/fusedopt/dtype.h).
 SR_GROUP_KEY = "stochastic_rounding"
+#: The group key of the moments' storage dtype ([note: state dtype] in
+#: csrc/include/fusedopt/dtype.h): None (fp32 with master weights, else the param's dtype),
+#: torch.float32, torch.bfloat16 or torch.float16, for the ops that declare ``state_dtypes``.
+STATE_DTYPE_KEY = "state_dtype"
 #: The SR seed and counter as written into each stochastic-rounding group of a state dict
 #: (beside the top-level ``"stochastic_rounding"`` entry): DCP's ``get_optimizer_state_dict``
 #: keeps only ``state`` and ``param_groups`` ([note: stochastic rounding] in

@@ -20,7 +20,14 @@ from fusedopt.clip import local_tensor
 from fusedopt.ops import StepHypers, write_hyper_table
 from fusedopt.ops import _resolve as resolve_backend
 from fusedopt.optim import _state_bits
-from fusedopt.optim._keys import KAHAN_KEY, MASTER_KEY, REMAINDER_KEY, SR_GROUP_KEY, STEP_KEY
+from fusedopt.optim._keys import (
+    KAHAN_KEY,
+    MASTER_KEY,
+    REMAINDER_KEY,
+    SR_GROUP_KEY,
+    STATE_DTYPE_KEY,
+    STEP_KEY,
+)
 
 
 def check_stochastic_rounding(group: dict[str, Any], params: Any = None) -> None:
@@ -28,6 +35,17 @@ def check_stochastic_rounding(group: dict[str, Any], params: Any = None) -> None
     stochastic rounding] in csrc/include/fusedopt/dtype.h): a ValueError naming the problem,
     before any tensor is touched. ``params``: the group's by default."""
     if not group.get(SR_GROUP_KEY, False):
+        return
+    if group.get(STATE_DTYPE_KEY) == torch.bfloat16:
+        # [note: state dtype]: bf16 states round stochastically; every other 16-bit store of
+        # the step must too, or be exact: fp32 and master-weight params, bf16 ones without.
+        for p in group.get("params", ()) if params is None else params:
+            if local_tensor(p).dtype == torch.float16 and not group.get("master_weights"):
+                raise ValueError(
+                    "stochastic_rounding=True rounds bf16 stores only; a float16 param of "
+                    f"shape {tuple(p.shape)} without master weights would be rounded to "
+                    "nearest: give it master weights, or a group of its own"
+                )
         return
     if group.get("master_weights", False):
         raise ValueError(
@@ -125,6 +143,7 @@ class PlanMixin:
             # [note: stochastic rounding]: bf16 without masters (a group key or a param's
             # dtype may have changed since the group was added)
             check_stochastic_rounding(group, (p,))
+            _state_bits.check_state_dtype(group, self.OP, (p,))  # [note: state dtype]
             if group.get(SR_GROUP_KEY, False):  # [note: sharded stochastic rounding]
                 sr_first_element(p, f"fusedopt.{type(self).__name__}: "
                                     f"{self._param_name(gi, i)}")  # fmt: skip
@@ -157,7 +176,8 @@ class PlanMixin:
         backend."""
         flags = self._call_flags(group)
         return (tuple(sorted(flags.items())), self._state_keys(group),
-                _master_mode(group["master_weights"]), group["backend"])  # fmt: skip
+                _master_mode(group["master_weights"]), group["backend"],
+                group.get(STATE_DTYPE_KEY))  # fmt: skip
 
     def _match_plan(
         self, plan: _Plan
@@ -298,7 +318,7 @@ class PlanMixin:
             slot_keys = (*keys, master_key) if master else keys
             # The states' layout: the param's, or its dense twin's [note: non-dense params].
             layout = (local_p.shape, dense_stride(local_p), local_p.device)
-            dtype = torch.float32 if master else local_p.dtype
+            dtype = _state_bits.state_dtype(group, self.OP, local_p.dtype, master)
             q8 = _state_bits.eight_bit(group)  # [note: 8-bit states] in fusedopt/quant8.py
             # [note: factored layouts]: a state the param does not keep is a placeholder
             used = [k for k in slot_keys if has_state(layouts.get(k, "param"), local_p.shape)]

@@ -18,6 +18,7 @@ from torch import Tensor
 from fusedopt import quant8
 from fusedopt._contract import STEP_OPS
 from fusedopt.clip import local_tensor
+from fusedopt.optim._keys import SR_GROUP_KEY, STATE_DTYPE_KEY
 
 
 @functools.cache
@@ -53,6 +54,63 @@ def check_state_bits_value(group: dict[str, Any]) -> None:
     if group.get("amsgrad"):
         raise ValueError("state_bits=8 with amsgrad=True is not supported (max_exp_avg_sq "
                          "has no 8-bit form): use amsgrad=False or state_bits=None")  # fmt: skip
+
+
+#: The values of the ``state_dtype`` group key besides None ([note: state dtype]).
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_state_dtype(group: dict[str, Any], op: str, params: Any = None) -> None:
+    """A group's ``state_dtype`` ([note: state dtype] in csrc/include/fusedopt/dtype.h): None,
+    or fp32, bf16 or fp16 where ``op`` declares ``state_dtypes``; not with ``state_bits=8``
+    (8-bit codes are their own storage); not fp16 with ``stochastic_rounding`` (stochastic
+    rounding stores bf16 only); not beside fp64 or complex params (``params``: the group's
+    by default). A ValueError before any tensor is touched."""
+    dtype = group.get(STATE_DTYPE_KEY)
+    if dtype is None:
+        return
+    if dtype not in STATE_DTYPES or not isinstance(dtype, torch.dtype):
+        raise ValueError(f"Invalid state_dtype: {dtype!r} (None, torch.float32, torch.bfloat16 "
+                         "or torch.float16)")  # fmt: skip
+    if not STEP_OPS[op].state_dtypes:
+        raise ValueError(
+            f"state_dtype is not supported by {op} yet: its states are fp32 with master "
+            "weights, else in the param's dtype (use state_dtype=None)"
+        )
+    if eight_bit(group):
+        raise ValueError(f"state_dtype={dtype} with state_bits=8: the moments are 8-bit codes; "
+                         "use one of the two")  # fmt: skip
+    if dtype == torch.float16 and group.get(SR_GROUP_KEY, False):
+        raise ValueError("state_dtype=torch.float16 with stochastic_rounding=True is not "
+                         "supported (stochastic rounding stores bf16 only): use torch.bfloat16 "
+                         "states, or stochastic_rounding=False")  # fmt: skip
+    for p in group.get("params", ()) if params is None else params:
+        if local_tensor(p).dtype == torch.float64 or p.is_complex():
+            raise ValueError(f"state_dtype={dtype} beside a {p.dtype} param (shape "
+                             f"{tuple(p.shape)}): fp64 and complex params keep states of "
+                             "their own dtype")  # fmt: skip
+
+
+def state_dtype(group: dict[str, Any], op: str, param_dtype: torch.dtype,
+                master: bool) -> torch.dtype:  # fmt: skip
+    """The dtype of a param's float states: the group's ``state_dtype`` where ``op`` declares
+    ``state_dtypes``, else (and for None) fp32 with master weights, else the param's."""
+    dtype = group.get(STATE_DTYPE_KEY) if STEP_OPS[op].state_dtypes else None
+    if dtype is None or param_dtype == torch.float64:
+        return torch.float32 if master else param_dtype
+    return dtype
+
+
+def convert_dtype(state: dict, op: str, dtype: torch.dtype) -> None:
+    """[note: state dtype]: the float states of ``op`` (not the step, masters or 8-bit codes
+    and absmaxes) cast to ``dtype`` where they have another (a group key changed mid-run, a
+    state dict saved with another one): rounded to nearest, as torch casts."""
+    for t in STEP_OPS[op].states:
+        if t.layout != "param" or not t.state_key:
+            continue
+        value = state.get(t.state_key)
+        if isinstance(value, Tensor) and value.dtype in STATE_DTYPES and value.dtype != dtype:
+            state[t.state_key] = value.to(dtype)
 
 
 def check_param(where: str, p: Tensor, local_p: Tensor) -> None:
@@ -167,9 +225,14 @@ def planned_dtype(key: str, op: str, q8: bool, dtype: torch.dtype) -> torch.dtyp
 
 def loaded_dtype(key: str, op: str, value: Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype a loaded state keeps: codes stay codes and absmaxes fp32 (converted at the
-    next step if the group's ``state_bits`` says otherwise), else ``dtype``."""
+    next step if the group's ``state_bits`` says otherwise); the float moments of an op with
+    ``state_dtypes`` keep their saved fp32/bf16/fp16 (converted at the next step if the
+    group's ``state_dtype`` says otherwise: [note: state dtype]), else ``dtype``."""
     if key in quantized_keys(op) and quant8.is_quantized(value):
         return value.dtype
+    float_keys = {t.state_key for t in STEP_OPS[op].states if t.layout == "param"}
+    if STEP_OPS[op].state_dtypes and key in float_keys and value.dtype in STATE_DTYPES:
+        return value.dtype if dtype != torch.float64 else dtype
     if key in scale_keys(op):
         return torch.float32
     return dtype

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fusedopt.optim._base import FusedOptimizer, Params, check_betas, check_nonnegative
@@ -41,6 +42,17 @@ class Adam(FusedOptimizer):
     ~2.03 bytes per param instead of 8 ([note: 8-bit states] in fusedopt/quant8.py). Params
     must be contiguous, not fp64; not with amsgrad. Switching it mid-run (group key, or a
     state dict saved with the other setting) converts the states at the next step.
+
+    ``state_dtype`` (a group key; default None: the rule above) stores ``exp_avg``,
+    ``exp_avg_sq`` and ``max_exp_avg_sq`` as torch.float32, torch.bfloat16 or torch.float16
+    whatever the param (fp32 params, or bf16/fp16 params with fp32 masters, with 16-bit
+    moments, as torch's fused AdamW and Transformer Engine's ``exp_avg_dtype`` allow); the
+    math stays fp32. With ``stochastic_rounding=True`` every bf16 store of the step rounds
+    stochastically, the moments included (round to nearest cannot decay a bf16
+    ``exp_avg_sq`` at beta2 = 0.999); fp16 states take round to nearest only. Not with
+    ``state_bits=8`` nor fp64 params. States are saved in their dtype; a state dict with
+    other dtypes (or a changed key) converts at the next step ([note: state dtype] in
+    ``csrc/include/fusedopt/dtype.h``).
     """
 
     OP = "adamw_"
@@ -57,7 +69,7 @@ class Adam(FusedOptimizer):
         master_weights: bool | str = False, master_sync: bool = True,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
-        state_bits: int | None = None,
+        state_bits: int | None = None, state_dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=_float_pair(betas))
 
@@ -99,7 +111,7 @@ class AdamW(Adam):
         master_weights: bool | str = False, master_sync: bool = True,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
-        state_bits: int | None = None,
+        state_bits: int | None = None, state_dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=_float_pair(betas), decoupled_weight_decay=True)
 

@@ -81,7 +81,11 @@ def _checks_sr_key(op: str, fn):
     @functools.wraps(fn)
     def checked(*args, **kwargs):
         bound = signature.bind(*args, **kwargs).arguments
-        check_sr_key(bound.get(_contract.SR_KEY), op, bound["params"], bound["master_params"])
+        spec = _contract.PHASE_OPS[op].step if op in _contract.PHASE_OPS else None
+        spec = spec or _contract.STEP_OPS.get(op)
+        state_dtype = spec.free_state_dtype(bound) if spec is not None else None
+        check_sr_key(bound.get(_contract.SR_KEY), op, bound["params"], bound["master_params"],
+                     state_dtype)  # fmt: skip
         return fn(*args, **kwargs)
 
     return checked

@@ -202,6 +202,12 @@ def _store_param(
     param.copy_(p)  # rounds to the param's dtype: with masters, param == master.to(dtype)
 
 
+def _sr_param(param: Tensor, master_params: Sequence[Tensor]) -> bool:
+    """Whether a call's sr_key rounds the param store: bf16 params without master weights
+    (with bf16 states of other params it keys the states only: [note: state dtype])."""
+    return param.dtype == torch.bfloat16 and not master_params
+
+
 def _next_step(step: Tensor) -> float:
     """Increment a device step count and return the new value as a Python float (fp64)."""
     step.add_(1)
@@ -273,10 +279,17 @@ def load_state(states: Sequence[Tensor], scales: Sequence[Tensor], i: int, opmat
     return states[i].to(opmath)
 
 
-def store_state(value: Tensor, states: Sequence[Tensor], scales: Sequence[Tensor], i: int) -> None:
+def store_state(
+    value: Tensor, states: Sequence[Tensor], scales: Sequence[Tensor], i: int,
+    sr_key: Tensor | None = None, stream: int = 0,
+) -> None:  # fmt: skip
     """Writes ``value`` into state i: rounded to its dtype, or requantized (new block
-    absmaxes, nearest codes: [note: 8-bit states])."""
-    if scales:
+    absmaxes, nearest codes: [note: 8-bit states]). With ``sr_key``, a bf16 state rounds
+    stochastically with the bits of ``stream`` (state slot k of the op: k + 1; [note: state
+    dtype] in csrc/include/fusedopt/dtype.h)."""
+    if sr_key is not None and not scales and states[i].dtype == torch.bfloat16:
+        states[i].copy_(round_stochastic(value, states[i], sr_key, i, stream))
+    elif scales:
         codes, absmax = quant8.quantize(value.to(torch.float32), states[i].dtype == torch.int8)
         states[i].copy_(codes)
         scales[i].copy_(absmax)
@@ -310,12 +323,16 @@ def adamw_(
         v_hat = v
         if amsgrad:
             v_hat = torch.maximum(max_exp_avg_sqs[i].to(opmath), v)
-            max_exp_avg_sqs[i].copy_(v_hat)
         denom = sqrt_rn(v_hat) / math.sqrt(bc2) + eps[i]
         p = p - (lr_i / bc1) * m / denom
-        store_state(m, exp_avgs, exp_avg_scales, i)
-        store_state(v, exp_avg_sqs, exp_avg_sq_scales, i)
-        _store_param(p, params[i], master_params, i, sr_key)
+        # [note: state dtype]: the states in their own dtype, each bf16 one rounded
+        # stochastically with the call's sr_key (state slot k: stream k + 1).
+        store_state(m, exp_avgs, exp_avg_scales, i, sr_key, 1)
+        store_state(v, exp_avg_sqs, exp_avg_sq_scales, i, sr_key, 2)
+        if amsgrad:
+            store_state(v_hat, max_exp_avg_sqs, (), i, sr_key, 3)
+        _store_param(p, params[i], master_params, i, sr_key if _sr_param(params[i],
+                     master_params) else None)  # fmt: skip
 
 
 def _lamb_coefficients(i, t, beta1, beta2, grad_averaging, bias_correction):

@@ -46,17 +46,22 @@ def memory_order_index(t: Tensor) -> Tensor:
     return index
 
 
-def rounding_bits(seed: int, counter: int, tensor: int, element: Tensor) -> Tensor:
-    """The 16 random bits of each ``element`` index of the tensor with stream id ``tensor`` at
-    SR step ``counter`` under ``seed``: the top half of Philox4x32-10's first word with key
-    (seed low, seed high) and counter (element low, element high, tensor, counter)."""
+def rounding_bits(seed: int, counter: int, tensor: int, element: Tensor, stream: int = 0) -> Tensor:
+    """The 16 random bits of each ``element`` index of the tensor with id ``tensor`` at SR
+    step ``counter`` under ``seed``: a half of a word of Philox4x32-10 with key (seed low,
+    seed high) and counter (element low, element high, tensor, counter). ``stream`` (not
+    the sr_key entry's stream id, which is ``tensor``) picks the half: 0 (the param store)
+    the top half of the first word, 1..3 the top halves of words 1..3 (state slot
+    ``stream - 1`` of the op), 4..7 the low halves of words 0..3 ([note: state dtype] in
+    csrc/include/fusedopt/dtype.h)."""
     seed &= (1 << 64) - 1
     e = element.to(torch.int64)
     words = philox4x32_10(
         e & _MASK32, (e >> 32) & _MASK32, torch.tensor(tensor & _MASK32, device=e.device),
         torch.tensor(counter & _MASK32, device=e.device), seed & _MASK32, seed >> 32,
     )  # fmt: skip
-    return words[0] >> 16
+    word = words[stream & 3]
+    return word >> 16 if stream < 4 else word & 0xFFFF
 
 
 def float_to_bf16_stochastic(x: Tensor, random: Tensor) -> Tensor:
@@ -74,12 +79,13 @@ def float_to_bf16_stochastic(x: Tensor, random: Tensor) -> Tensor:
     return bits.to(torch.int16).view(torch.bfloat16)
 
 
-def round_stochastic(x: Tensor, like: Tensor, sr_key: Tensor, i: int) -> Tensor:
+def round_stochastic(x: Tensor, like: Tensor, sr_key: Tensor, i: int, stream: int = 0) -> Tensor:
     """``x`` (opmath) rounded to bf16 stochastically for tensor ``i`` of a call whose
-    ``sr_key`` is [seed, counter, entry_0, ...], with ``like``'s (the param's) memory order."""
+    ``sr_key`` is [seed, counter, entry_0, ...], with ``like``'s (the stored tensor's) memory
+    order, from the 16 bits of ``stream`` (0: the param store; k + 1: state slot k)."""
     seed, counter, entry = (int(v) for v in sr_key[[0, 1, 2 + i]].tolist())
     # entry: stream id | first element << 32 ([note: sharded stochastic rounding] in
     # fusedopt/optim/_plan.py): elements counted in the whole param
     first = (entry >> 32) & _MASK32
-    bits = rounding_bits(seed, counter, entry, memory_order_index(like) + first)
+    bits = rounding_bits(seed, counter, entry, memory_order_index(like) + first, stream)
     return float_to_bf16_stochastic(x.to(torch.float32), bits)

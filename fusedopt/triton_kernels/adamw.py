@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import quant8
-from .common import bias_correction, div, hyper, load, maximum, slot, sqrt, store
+from .common import bias_correction, div, hyper, load, maximum, slot, sqrt, store_state
 from .drivers import StepOp
 from .layout import layout
 from .registry import register
@@ -41,10 +41,13 @@ def _adamw_moments(
 def _adamw_block(
     offs, mask, g, p, m_ptr, v_ptr, vmax_ptr, decay, step_size, beta1, one_minus_beta1, beta2,
     one_minus_beta2, sqrt_bc2, eps, weight_decay, has_weight_decay, COMPUTE: tl.constexpr,
-    FLAGS: tl.constexpr,
+    FLAGS: tl.constexpr, words=None,
 ):  # fmt: skip
     """The update of BLOCK elements, in the reference's order of operations: stores the
-    states, returns the new param (``drivers.for_each_block`` loads g and p, stores p)."""
+    states, returns the new param (``drivers.for_each_block`` loads g and p, stores p).
+    ``words``: the elements' Philox words when the bf16 states round stochastically
+    (``STATE_SR``; exp_avg, exp_avg_sq, max_exp_avg_sq: words 1, 2, 3, [note: state dtype]
+    in csrc/include/fusedopt/dtype.h)."""
     DECOUPLED, AMSGRAD, _ = FLAGS
     m = load(m_ptr, offs, mask, COMPUTE)
     v = load(v_ptr, offs, mask, COMPUTE)
@@ -53,11 +56,11 @@ def _adamw_block(
     v_hat = v
     if AMSGRAD:
         v_hat = maximum(load(vmax_ptr, offs, mask, COMPUTE), v)
-        store(vmax_ptr, offs, mask, v_hat)
+        store_state(vmax_ptr, offs, mask, v_hat, words, 3)
     denom = div(sqrt(v_hat), sqrt_bc2) + eps
     p = p - div(step_size * m, denom)
-    store(m_ptr, offs, mask, m)
-    store(v_ptr, offs, mask, v)
+    store_state(m_ptr, offs, mask, m, words, 1)
+    store_state(v_ptr, offs, mask, v, words, 2)
     return p
 
 

@@ -126,14 +126,11 @@ STOCHASTIC: tl.constexpr = tl.constexpr(1)
 
 
 @triton.jit
-def rounding_bits(key, offs):
-    """The 16 random bits (uint32) of the elements ``offs`` of the tensor keyed by ``key`` =
-    (seed, counter, tensor entry), int64 scalars ([note: stochastic rounding] in
-    csrc/include/fusedopt/dtype.h): the top half of the first word of Philox4x32-10 with key
-    (seed low, seed high) and counter (element low, element high, tensor id, counter).
-    ``tl.philox`` is the standard Philox4x32-10 (its rounds are Random123's; it splits the
-    seed low word first): it gives Random123's known-answer vectors, compiled and
-    interpreted (tests/test_stochastic_rounding.py)."""
+def rounding_words(key, offs):
+    """The four Philox4x32-10 words (uint32) of the elements ``offs`` of the tensor keyed by
+    ``key`` (see :func:`rounding_bits`); one evaluation serves every store of an element:
+    the param's bits are the top half of word 0, state slot k's the top half of word k + 1
+    ([note: state dtype] in csrc/include/fusedopt/dtype.h)."""
     seed, counter, tensor = key
     # tensor: the sr_key entry, stream id | first element << 32 ([note: sharded stochastic
     # rounding] in fusedopt/optim/_plan.py): the element counted in the whole param
@@ -142,7 +139,41 @@ def rounding_bits(key, offs):
     c1 = ((e >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = tl.zeros_like(c0) + (tensor & 0xFFFFFFFF).to(tl.uint32)
     c3 = tl.zeros_like(c0) + (counter & 0xFFFFFFFF).to(tl.uint32)
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.philox(seed, c0, c1, c2, c3)
+
+
+@triton.jit
+def tensor_key(sr_key, t):
+    """Tensor ``t``'s rounding key (seed, counter, its entry: stream id | first element << 32)
+    from ``sr_key`` = [seed, counter, entry_0, ...] ([note: stochastic rounding])."""
+    return (tl.load(sr_key), tl.load(sr_key + 1), tl.load(sr_key + 2 + t))
+
+
+@triton.jit
+def store_state(ptr, offs, mask, x, words, WORD: tl.constexpr):
+    """Store a state: rounded to nearest, or, with the element's Philox ``words`` (not
+    None: a bf16 state of an SR call, [note: state dtype]), stochastically with the top half
+    of word ``WORD`` (state slot k: k + 1)."""
+    if words is None:
+        store(ptr, offs, mask, x)
+    else:
+        # round_stochastic directly: a static_assert that the element type is bf16 (as
+        # round_to's) fails on this pointer when compiled (Triton 3.8, sm_90; it prints as
+        # bf16, derived from the prologue's S_DTYPE), not interpreted. dtype_arguments sets
+        # STATE_SR for bf16 states only.
+        tl.store(ptr + offs, round_stochastic(x, words[WORD] >> 16), mask=mask)
+
+
+@triton.jit
+def rounding_bits(key, offs):
+    """The 16 random bits (uint32) of the elements ``offs`` of the tensor keyed by ``key`` =
+    (seed, counter, tensor entry), int64 scalars ([note: stochastic rounding] in
+    csrc/include/fusedopt/dtype.h): the top half of the first word of Philox4x32-10 with key
+    (seed low, seed high) and counter (element low, element high, tensor id, counter).
+    ``tl.philox`` is the standard Philox4x32-10 (its rounds are Random123's; it splits the
+    seed low word first): it gives Random123's known-answer vectors, compiled and
+    interpreted (tests/test_stochastic_rounding.py)."""
+    r0, _, _, _ = rounding_words(key, offs)
     return r0 >> 16
 
 
@@ -330,7 +361,7 @@ def master_or_key(row, t, sr_key, MASTER_SLOT: tl.constexpr, MASTER: tl.constexp
     slot's pointer, or with MASTER_STOCHASTIC tensor ``t``'s rounding key (seed, counter,
     its id) from ``sr_key`` = [seed, counter, id_0, ...] ([note: stochastic rounding])."""
     if MASTER == MASTER_STOCHASTIC:
-        return (tl.load(sr_key), tl.load(sr_key + 1), tl.load(sr_key + 2 + t))
+        return tensor_key(sr_key, t)
     else:
         return slot(row, MASTER_SLOT, tl.float32, ALIGNED)
 

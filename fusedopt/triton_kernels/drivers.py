@@ -31,10 +31,12 @@ from .common import (
     load_scalar,
     locate_chunk,
     master_or_key,
+    rounding_words,
     skipped,
     slot,
     store_param,
     tail_block,
+    tensor_key,
 )
 from .layout import StepArguments, layout, prepare
 from .multi_tensor import TableCache
@@ -94,16 +96,21 @@ def fold_blocks(BLOCK_FN: tl.constexpr, start, end, carry, args):
 def _step_block(
     offs, mask, carry, BLOCK_FN: tl.constexpr, common, args, flags, COMPUTE: tl.constexpr,
     MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, STATE_SR: tl.constexpr, state_key,
 ):  # fmt: skip
     """Load the grad (unscaled, clipped, negated for MAXIMIZE) and the param (its master with
     MASTER), let ``BLOCK_FN(offs, mask, g, p, *args, *flags)`` update the op's states and
-    return the new param, store it (and its master)."""
+    return the new param, store it (and its master). With STATE_SR, BLOCK_FN also takes the
+    elements' Philox words under ``state_key`` for its bf16 state stores ([note: state
+    dtype] in csrc/include/fusedopt/dtype.h)."""
     p_ptr, g_ptr, master_ptr, grad_scale, clip_coef = common
     g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   MAXIMIZE)  # fmt: skip
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
-    p = BLOCK_FN(offs, mask, g, p, *args, *flags)
+    if STATE_SR:
+        p = BLOCK_FN(offs, mask, g, p, *args, *flags, rounding_words(state_key, offs))
+    else:
+        p = BLOCK_FN(offs, mask, g, p, *args, *flags)
     store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
     return carry
 
@@ -112,14 +119,14 @@ def _step_block(
 def for_each_block(
     BLOCK_FN: tl.constexpr, start, end, common, args, flags, COMPUTE: tl.constexpr,
     MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, STATE_SR: tl.constexpr = False, state_key=0,
 ):  # fmt: skip
     """The elementwise step of the elements [start, end) of one tensor (``common`` from
     ``param_args``): :func:`fold_blocks` over ``_step_block``, which loads g and p, calls
     ``BLOCK_FN`` and stores p."""
     nothing = tl.zeros((), tl.int32)  # an elementwise step hands nothing on (folded away)
     fold_blocks(_step_block, start, end, nothing, (BLOCK_FN, common, args, flags, COMPUTE,
-                MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE))  # fmt: skip
+                MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE, STATE_SR, state_key))  # fmt: skip
 
 
 @triton.jit
@@ -185,10 +192,12 @@ def step_kernel(
     WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, LR_MODE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, STATE_SR: tl.constexpr = False,
 ):  # fmt: skip
     """One program per chunk of an elementwise step op ([note: generic step kernel]); with
-    STEPS, the tensor's last-finishing chunk advances its step count (when ``advance``)."""
+    STEPS, the tensor's last-finishing chunk advances its step count (when ``advance``).
+    STATE_SR: the bf16 states round stochastically with tensor ``t``'s key ([note: state
+    dtype] in csrc/include/fusedopt/dtype.h)."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
         # param_args before the prologue: after it, the unaligned bf16-master adamw_ variant
@@ -199,8 +208,13 @@ def step_kernel(
                             ALIGNED)  # fmt: skip
         lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
         args, new_step, advance = PROLOGUE(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS)
-        for_each_block(BLOCK_FN, start, end, common, args, (COMPUTE, FLAGS), COMPUTE, MASTER,
-                       HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
+        if STATE_SR:
+            for_each_block(BLOCK_FN, start, end, common, args, (COMPUTE, FLAGS), COMPUTE,
+                           MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE, STATE_SR,
+                           tensor_key(sr_key, t))  # fmt: skip
+        else:
+            for_each_block(BLOCK_FN, start, end, common, args, (COMPUTE, FLAGS), COMPUTE,
+                           MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE)  # fmt: skip
         # Nested ifs: compile-time, then run-time (the same for every chunk of the tensor).
         if STEPS:  # noqa: SIM102
             if advance:

@@ -106,10 +106,12 @@ def prepare(op: str, args: tuple, tables: TableCache) -> StepArguments | None:
     if spec.steps_with is not None and bool(a.named[spec.steps_with]) != bool(a.steps):
         raise ValueError(f"{op}: {spec.steps_with} and steps must both be given or both be empty")
     compact = bool(a.master_params) and a.master_params[0].dtype == torch.int16
-    check_sr_key(a.sr_key, op, a.params, a.master_params)
+    state_dtype = spec.free_state_dtype(a.named)
+    check_sr_key(a.sr_key, op, a.params, a.master_params, state_dtype)
     kahan = bool(a.master_params) and a.master_params[0].dtype == a.params[0].dtype
     a.dtypes = dtype_arguments(a.params, a.grads, bool(a.master_params), a.master_sync, compact,
-                               kahan, a.sr_key is not None)  # fmt: skip
+                               kahan, a.sr_key is not None, state_dtype,
+                               spec.state_dtypes)  # fmt: skip
     a.launch = tables.launch(
         a.lists,
         extra_key=(tuple(map(str, a.dtypes.values())),),

@@ -220,29 +220,38 @@ def dtype_arguments(
     compact: bool = False,
     kahan: bool = False,
     stochastic: bool = False,
+    state_dtype: torch.dtype | None = None,
+    free_states: bool = False,
 ) -> dict:
     """Constexpr dtypes of a step call (one param dtype, one grad dtype: fusedopt.ops splits),
     and MASTER (``NO_MASTER``, ``MASTER``, ``MASTER_SYNCED`` or, for int16 ``compact``
     masters, ``MASTER_COMPACT``; for ``kahan`` ones, ``MASTER_KAHAN``; ``MASTER_STOCHASTIC``
-    without masters when the call has an ``sr_key``).
+    for bf16 params without masters when the call has an ``sr_key``).
 
-    States are fp32 with master weights, else in the param dtype (DESIGN.md §3); the math is
-    fp32, fp64 for fp64 params."""
+    States are fp32 with master weights, else in the param dtype (DESIGN.md §3), unless the
+    op has ``free_states`` and the call's ``state_dtype`` says otherwise; then, with an
+    ``sr_key``, bf16 states round stochastically: ``STATE_SR`` ([note: state dtype] in
+    csrc/include/fusedopt/dtype.h). The math is fp32, fp64 for fp64 params."""
     p, g = params[0].dtype, grads[0].dtype
     mode = (MASTER_SYNCED if master_sync else MASTER) if master else NO_MASTER
     if master and compact:
         mode = MASTER_COMPACT
     if master and kahan:
         mode = MASTER_KAHAN
-    if stochastic:
+    if stochastic and p == torch.bfloat16 and not master:
         mode = MASTER_STOCHASTIC
-    return {
+    default = torch.float32 if master else p
+    states = state_dtype if free_states and state_dtype is not None else default
+    out = {
         "P_DTYPE": tl_dtype(p),
         "G_DTYPE": tl_dtype(g),
-        "S_DTYPE": tl_dtype(torch.float32 if master else p),
+        "S_DTYPE": tl_dtype(states),
         "COMPUTE": tl_dtype(torch.float64 if p == torch.float64 else torch.float32),
         "MASTER": mode,
     }
+    if stochastic and free_states and states == torch.bfloat16:
+        out["STATE_SR"] = True  # absent (the kernels' default False) for every other call
+    return out
 
 
 def scalar_arguments(

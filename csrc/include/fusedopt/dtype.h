@@ -71,7 +71,36 @@ enum class DType : int32_t {
 /// (the top-level entry `"stochastic_rounding"`, and `sr_seed`, `sr_counter` in each SR group
 /// for DCP, which keeps only state and groups); a loaded optimizer draws the same bits.
 /// A step op with sr_key applies SR to the param store of bf16 params without master
-/// weights only; states keep round to nearest (SR of 16-bit states is not done yet).
+/// weights, and, for an op that declares free state dtypes, to its bf16 state stores
+/// ([note: state dtype]); other ops' 16-bit states keep round to nearest.
+///
+/// [note: state dtype] (issue #15) An op whose spec declares `state_dtypes`
+/// (fusedopt/_contract.py; adamw_ so far) stores its float states (layout "param", not 8-bit)
+/// as fp32, bf16 or fp16 whatever the param: fp32 params with 16-bit moments, 16-bit params
+/// with fp32 (compact, Kahan) masters and 16-bit moments, or 16-bit params with fp32 moments,
+/// as torch's fused AdamW and Transformer Engine's exp_avg_dtype allow. The math is fp32
+/// between a widening load and a rounding store; fp64 params keep fp64 states. One state
+/// dtype per call: the dtype of the call's first float state list (fusedopt.ops splits by
+/// it; the optimizers' group key `state_dtype` chooses it, None = DESIGN.md §3's rule).
+/// Rounding, chosen: every 16-bit store of a step rounds stochastically when the call has
+/// an sr_key (the group's stochastic_rounding), else to nearest. The reason is the stall:
+/// a bf16 exp_avg_sq at beta2 = 0.999 loses every decay step below half its ulp, so to
+/// nearest it never decays (0.999 * v rounds back to v; tests/test_state_dtype.py shows
+/// it), and an SR step that rounded its states to nearest would keep that bias. So an SR
+/// call's bf16 states round stochastically, with or without bf16 params, the default bf16
+/// states of bf16 params without masters included (which changed those runs' bits from
+/// the second step on, against the param-only SR before: the reference was updated first).
+/// fp16 states have no stochastic rounding here (fp16 is not the top half of fp32), so an
+/// sr_key beside fp16 states is refused rather than rounded to nearest in part. The bits:
+/// every store of an element shares its one Philox4x32-10 evaluation (the counter of
+/// [note: stochastic rounding]), each store its own 16 bits of the four 32-bit words, a
+/// "stream": the param store the top half of word 0 (unchanged), state slot k of the op (in
+/// spec order) stream k + 1, i.e. the top half of word k + 1 (adamw: exp_avg 1, exp_avg_sq
+/// 2, max_exp_avg_sq 3), streams 4..7 the low halves of words 0..3. Philox's output words
+/// are independent uniform words (a bijective mix of the counter per key), so the streams
+/// are as independent as separate counters would make them, at one evaluation per element
+/// rather than one per store; the CPU and CUDA still evaluate once per store (four times
+/// per element for AMSGrad SR; Triton once per block: tl.philox returns the four words).
 enum class Rounding : int32_t { kNearestEven = 0, kStochastic = 1 };
 
 FUSEDOPT_HD constexpr int dtype_size(DType d) {

@@ -153,6 +153,10 @@ struct StepLists {
   // given: num_tensors values, tensor i's row length (its last dim; 1 for a 0-d param): its
   // quantization blocks are runs of min(256, rest of the row) elements. Null otherwise.
   const int64_t* row_lengths = nullptr;
+  // [note: state dtype] (fusedopt/dtype.h): the call has an sr_key and its op declares free
+  // state dtypes (spec kStateDtypes): every bf16 state store rounds stochastically too, state
+  // slot k (in spec order) with stream k + 1 of the element's Philox evaluation.
+  bool stochastic_states = false;
 };
 
 /// Elements per block of an 8-bit state (fusedopt/_contract.py QUANT_BLOCK).

@@ -13,13 +13,15 @@
 //   FUSEDOPT_OP_STEPS_WITH(X)   X(list) when the steps are given iff that list is
 //   FUSEDOPT_OP_STATE_RULES(X)  X(Layout, Codes) per state list: its shape rule
 //                          (StateLayout::kLayout) and 8-bit codes (StateCodes::kCodes)
+//   FUSEDOPT_OP_STATE_DTYPES  whether the float states may have a dtype of their own
+//                          (fp32, bf16, fp16 whatever the param's: [note: state dtype])
 // FUSEDOPT_COMMON_FLAGS(X) X(name, Name, index, default): the flags every step op ends
 // with, after the common scalars (master_sync).
 // FUSEDOPT_STEP_OPS(X) X(op, OP, Stem) lists the ops with one C++ launcher for the step
 // (not muon_: its passes have theirs, launch.h); namespace fusedopt::spec::<op> has
 // the indices (kExpAvgs, kBeta1, kDecoupled...), the counts (kNumStates...) and each
 // state list's shape rule (kStateLayouts: [note: factored layouts] in
-// fusedopt/_contract.py) and 8-bit codes (kStateCodes).
+// fusedopt/_contract.py), 8-bit codes (kStateCodes) and kStateDtypes.
 #pragma once
 
 #define FUSEDOPT_COMMON_FLAGS(X) X(master_sync, MasterSync, 0, true)
@@ -33,6 +35,7 @@
 #define FUSEDOPT_ADAMW_STEPS_OPTIONAL false
 #define FUSEDOPT_ADAMW_STEPS_WITH(X)
 #define FUSEDOPT_ADAMW_STATE_RULES(X) X(Param, Signed) X(Param, Unsigned) X(Param, None) X(BlockScales, None) X(BlockScales, None)
+#define FUSEDOPT_ADAMW_STATE_DTYPES true
 
 // lamb_
 #define FUSEDOPT_LAMB_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(exp_avg_scales, ExpAvgScales, 2, true, true) X(exp_avg_sq_scales, ExpAvgSqScales, 3, true, true)
@@ -42,6 +45,7 @@
 #define FUSEDOPT_LAMB_STEPS_OPTIONAL false
 #define FUSEDOPT_LAMB_STEPS_WITH(X)
 #define FUSEDOPT_LAMB_STATE_RULES(X) X(Param, Signed) X(Param, Unsigned) X(BlockScales, None) X(BlockScales, None)
+#define FUSEDOPT_LAMB_STATE_DTYPES false
 
 // lion_
 #define FUSEDOPT_LION_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_scales, ExpAvgScales, 1, true, true)
@@ -51,6 +55,7 @@
 #define FUSEDOPT_LION_STEPS_OPTIONAL true
 #define FUSEDOPT_LION_STEPS_WITH(X)
 #define FUSEDOPT_LION_STATE_RULES(X) X(Param, Signed) X(BlockScales, None)
+#define FUSEDOPT_LION_STATE_DTYPES false
 
 // adan_
 #define FUSEDOPT_ADAN_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(exp_avg_diffs, ExpAvgDiffs, 2, false, true) X(neg_pre_grads, NegPreGrads, 3, false, true)
@@ -60,6 +65,7 @@
 #define FUSEDOPT_ADAN_STEPS_OPTIONAL false
 #define FUSEDOPT_ADAN_STEPS_WITH(X)
 #define FUSEDOPT_ADAN_STATE_RULES(X) X(Param, None) X(Param, None) X(Param, None) X(Param, None)
+#define FUSEDOPT_ADAN_STATE_DTYPES false
 
 // schedulefree_adamw_
 #define FUSEDOPT_SCHEDULEFREEADAMW_STATES(X) X(zs, Zs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true)
@@ -69,6 +75,7 @@
 #define FUSEDOPT_SCHEDULEFREEADAMW_STEPS_OPTIONAL true
 #define FUSEDOPT_SCHEDULEFREEADAMW_STEPS_WITH(X)
 #define FUSEDOPT_SCHEDULEFREEADAMW_STATE_RULES(X) X(Param, None) X(Param, None)
+#define FUSEDOPT_SCHEDULEFREEADAMW_STATE_DTYPES false
 
 // sgd_
 #define FUSEDOPT_SGD_STATES(X) X(momentum_buffers, MomentumBuffers, 0, true, true) X(momentum_buffer_scales, MomentumBufferScales, 1, true, true)
@@ -78,6 +85,7 @@
 #define FUSEDOPT_SGD_STEPS_OPTIONAL true
 #define FUSEDOPT_SGD_STEPS_WITH(X) X(momentum_buffers)
 #define FUSEDOPT_SGD_STATE_RULES(X) X(Param, Signed) X(BlockScales, None)
+#define FUSEDOPT_SGD_STATE_DTYPES false
 
 // adafactor_
 #define FUSEDOPT_ADAFACTOR_STATES(X) X(row_vars, RowVars, 0, false, true) X(col_vars, ColVars, 1, false, true) X(variances, Variances, 2, false, true)
@@ -87,6 +95,7 @@
 #define FUSEDOPT_ADAFACTOR_STEPS_OPTIONAL false
 #define FUSEDOPT_ADAFACTOR_STEPS_WITH(X)
 #define FUSEDOPT_ADAFACTOR_STATE_RULES(X) X(Row, None) X(Col, None) X(Unfactored, None)
+#define FUSEDOPT_ADAFACTOR_STATE_DTYPES false
 
 // muon_
 #define FUSEDOPT_MUON_STATES(X) X(momentum_buffers, MomentumBuffers, 0, false, true) X(ns_buffers, NsBuffers, 1, false, true)
@@ -96,6 +105,7 @@
 #define FUSEDOPT_MUON_STEPS_OPTIONAL true
 #define FUSEDOPT_MUON_STEPS_WITH(X)
 #define FUSEDOPT_MUON_STATE_RULES(X) X(Param, None) X(Bf16, None)
+#define FUSEDOPT_MUON_STATE_DTYPES false
 
 namespace fusedopt::spec {
 
@@ -107,23 +117,25 @@ enum class StateLayout { kParam, kRow, kCol, kUnfactored, kBf16, kBlockScales };
 enum class StateCodes { kNone, kSigned, kUnsigned };
 
 // namespace fusedopt::spec::<op>: kStateLayouts, kStateCodes (one per state list),
-// then k<Name> = index of each state, hyperparameter and flag, and their counts.
+// kStateDtypes, then k<Name> = index of each state, hyperparameter and flag, and
+// their counts.
 #define FUSEDOPT_SPEC_LAYOUT(layout, codes) StateLayout::k##layout,
 #define FUSEDOPT_SPEC_CODES(layout, codes) StateCodes::k##codes,
 #define FUSEDOPT_SPEC_INDEX(name, Name, index, ...) k##Name = index,
 #define FUSEDOPT_SPEC_ONE(...) +1
-#define FUSEDOPT_SPEC_NAMESPACE(op, OP, Stem)                      \
-  namespace op {                                                   \
-  inline constexpr StateLayout kStateLayouts[] = {                 \
-      FUSEDOPT_##OP##_STATE_RULES(FUSEDOPT_SPEC_LAYOUT)};          \
-  inline constexpr StateCodes kStateCodes[] = {                    \
-      FUSEDOPT_##OP##_STATE_RULES(FUSEDOPT_SPEC_CODES)};           \
-  inline constexpr int FUSEDOPT_##OP##_STATES(FUSEDOPT_SPEC_INDEX) \
-      kNumStates = 0 FUSEDOPT_##OP##_STATES(FUSEDOPT_SPEC_ONE);    \
-  inline constexpr int FUSEDOPT_##OP##_HYPERS(FUSEDOPT_SPEC_INDEX) \
-      kNumHypers = 0 FUSEDOPT_##OP##_HYPERS(FUSEDOPT_SPEC_ONE);    \
-  inline constexpr int FUSEDOPT_##OP##_FLAGS(FUSEDOPT_SPEC_INDEX)  \
-      kNumFlags = 0 FUSEDOPT_##OP##_FLAGS(FUSEDOPT_SPEC_ONE);      \
+#define FUSEDOPT_SPEC_NAMESPACE(op, OP, Stem)                        \
+  namespace op {                                                     \
+  inline constexpr StateLayout kStateLayouts[] = {                   \
+      FUSEDOPT_##OP##_STATE_RULES(FUSEDOPT_SPEC_LAYOUT)};            \
+  inline constexpr StateCodes kStateCodes[] = {                      \
+      FUSEDOPT_##OP##_STATE_RULES(FUSEDOPT_SPEC_CODES)};             \
+  inline constexpr bool kStateDtypes = FUSEDOPT_##OP##_STATE_DTYPES; \
+  inline constexpr int FUSEDOPT_##OP##_STATES(FUSEDOPT_SPEC_INDEX)   \
+      kNumStates = 0 FUSEDOPT_##OP##_STATES(FUSEDOPT_SPEC_ONE);      \
+  inline constexpr int FUSEDOPT_##OP##_HYPERS(FUSEDOPT_SPEC_INDEX)   \
+      kNumHypers = 0 FUSEDOPT_##OP##_HYPERS(FUSEDOPT_SPEC_ONE);      \
+  inline constexpr int FUSEDOPT_##OP##_FLAGS(FUSEDOPT_SPEC_INDEX)    \
+      kNumFlags = 0 FUSEDOPT_##OP##_FLAGS(FUSEDOPT_SPEC_ONE);        \
   }
 FUSEDOPT_STEP_OPS(FUSEDOPT_SPEC_NAMESPACE)
 FUSEDOPT_SPEC_NAMESPACE(muon, MUON, Muon)

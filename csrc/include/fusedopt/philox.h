@@ -63,17 +63,24 @@ FUSEDOPT_HD FUSEDOPT_INLINE RoundingKey rounding_key(const int64_t* sr_key, int6
                      static_cast<uint32_t>(entry), static_cast<uint32_t>(entry >> 32)};
 }
 
-/// The 16 random bits of element `element` of the tensor keyed by `key`: the top half of
-/// the first word of Philox4x32-10 with key (seed low, seed high) and counter
-/// (element low, element high, tensor id, step counter), the element counted in the whole
-/// param (`key.first + element`).
-FUSEDOPT_HD FUSEDOPT_INLINE uint32_t rounding_bits(const RoundingKey& key, int64_t element) {
+/// The 16 random bits of element `element` of the tensor keyed by `key`: a half of a word of
+/// Philox4x32-10 with key (seed low, seed high) and counter (element low, element high,
+/// tensor id, step counter), the element counted in the whole param (`key.first + element`,
+/// [note: sharded stochastic rounding]). `stream` picks the half ([note: state dtype] in
+/// fusedopt/dtype.h; not the sr_key entry's stream id, which is the counter's tensor word):
+/// 0 (the param store) the top half of word 0, k + 1 (state slot k) the top half of word
+/// k + 1 for k < 3, 4..7 the low halves of words 0..3.
+/// The stream is an argument, not a key field: a key with it gave the bf16 CUDA kernels a
+/// 16-byte stack frame (nvcc 13.0, sm_90).
+FUSEDOPT_HD FUSEDOPT_INLINE uint32_t rounding_bits(const RoundingKey& key, int64_t element,
+                                                   uint32_t stream = 0) {
   const uint64_t e = static_cast<uint64_t>(element) + key.first;
   const Philox4x32 r = philox4x32_10(
       Philox4x32{{static_cast<uint32_t>(e), static_cast<uint32_t>(e >> 32), key.tensor,
                   key.counter}},
       static_cast<uint32_t>(key.seed), static_cast<uint32_t>(key.seed >> 32));
-  return r.w[0] >> 16;
+  const uint32_t word = r.w[stream & 3u];
+  return stream < 4 ? word >> 16 : word & 0xFFFFu;
 }
 
 }  // namespace fusedopt
