@@ -159,6 +159,25 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             stochastic_rounding=True,
         ),
         _mode(
+            "fp32+bf16 states",
+            torch.float32,
+            torch.bfloat16,
+            "fp32 params and grads; bf16 states (the `state_dtype` key) rounded stochastically "
+            "([note: state dtype] in csrc/include/fusedopt/dtype.h)",
+            state_dtype=torch.bfloat16,
+            stochastic_rounding=True,
+        ),
+        _mode(
+            "bf16+master+bf16 states",
+            torch.bfloat16,
+            torch.bfloat16,
+            "bf16 params and grads; fp32 master weights; bf16 states rounded stochastically "
+            "(Transformer Engine's `exp_avg_dtype` setting, with SR: [note: state dtype])",
+            master_weights=True,
+            state_dtype=torch.bfloat16,
+            stochastic_rounding=True,
+        ),
+        _mode(
             "bf16+master+8-bit states",
             torch.bfloat16,
             torch.float32,

@@ -302,6 +302,12 @@ def test_mode_applicability_comes_from_the_op_spec():
     assert eight.traffic("adamw_") == 18  # g 2 + M 4 + p 2 + m v 1+1, written M m v p
     sr = MEMORY_MODES["bf16+SR"]
     assert sr.kwargs["stochastic_rounding"] is True and sr.expected_state_bytes("adamw_") == 4
+    # [note: state dtype]: the bf16-state modes apply where the class takes state_dtype
+    sd32, sd_master = MEMORY_MODES["fp32+bf16 states"], MEMORY_MODES["bf16+master+bf16 states"]
+    assert sd32.applies(fusedopt.AdamW) and not sd32.applies(torch.optim.AdamW)
+    assert sd32.expected_state_bytes("adamw_") == 4  # 2 x 2 B; the fp32 param is the model's
+    assert sd_master.expected_state_bytes("adamw_") == 8  # 4 B master + 2 x 2 B
+    assert sd_master.traffic("adamw_") == 22  # read g p 2+2 M 4 m v 2+2, written M m v p
 
 
 def test_memory_table_measures_each_mode_as_designed(tmp_path):
@@ -333,6 +339,7 @@ def test_memory_table_measures_each_mode_as_designed(tmp_path):
     # AdamW: fp32 2 states x 4 B; bf16 + master: 4 B master + 2 x 4; bf16: 2 x 2 B.
     adamw = {m: float(rows[("fusedopt", "adamw", m)]["element_bytes"]) for m in MEMORY_MODES}
     assert adamw["bf16+master+8-bit states"] == 6.0  # 4 B master + 2 x 1 B codes (+ scales)
+    assert adamw["fp32+bf16 states"] == 4.0 and adamw["bf16+master+bf16 states"] == 8.0
     # every op whose spec has 8-bit states has the mode (applicability from the spec): 4 B
     # master + 1 B codes per state
     eight_bit = {n: float(r["element_bytes"]) for (i, n, m), r in rows.items()
