@@ -337,28 +337,64 @@ def run_jobs(jobs: list, cfg: Config, workers: int, threads: int) -> Iterator[tu
 # Outputs
 
 
-def summary(results: dict[str, dict], seed_spread: dict[str, float]) -> list[dict]:
-    """Per curve: final eval loss, its difference to the reference mode, within the margin."""
+def _final(rows: list[dict]) -> float:
+    return rows[-1]["eval_loss"]
+
+
+def _judged(mode: MemoryMode) -> bool:
+    """[note: judged modes]: whether the margin judges ``mode`` (params in the reference's
+    dtype, so forward and backward in the same precision)."""
+    return mode.param_dtype == MEMORY_MODES[REFERENCE_MODE].param_dtype
+
+
+def paired_verdict(diffs: list[float]) -> tuple[float, float, bool, bool]:
+    """[note: paired seeds] (mean, 2 standard errors, within, conclusive) of a mode's final
+    eval loss minus the reference mode's, one difference per seed, each pair trained from the
+    same init on the same batches. Within the margin when the mean is; conclusive when the
+    mean +- 2 standard errors lies wholly on one side of the margin."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else math.inf
+    two_se = 2 * sd / math.sqrt(n)
+    within = mean <= MARGIN_NATS
+    return mean, two_se, within, mean + two_se <= MARGIN_NATS or mean - two_se > MARGIN_NATS
+
+
+def summary(
+    results: dict[str, dict], seed_spread: dict[str, float], other_seeds: dict[str, dict]
+) -> list[dict]:
+    """Per curve: final eval loss, its difference to the reference mode, within the margin.
+    ``other_seeds``: label -> {seed: rows} of the curves trained again with other seeds
+    (``--seeds``); a judged mode with them is judged on its paired differences."""
     out = []
     for label, res in results.items():
         run = res["run"]
         ref_label = f"fusedopt {run.optimizer} {REFERENCE_MODE}"
-        final = res["rows"][-1]["eval_loss"]
-        ref = results[ref_label]["rows"][-1]["eval_loss"] if ref_label in results else None
+        final = _final(res["rows"])
+        ref = _final(results[ref_label]["rows"]) if ref_label in results else None
         diff = None if ref is None else final - ref
         # [note: judged modes] The margin judges what a memory mode changes: how the
         # optimizer stores params and state. Modes whose params are in another dtype than the
         # reference's also compute the forward and backward in it, so their difference mixes
         # in the compute precision: it is shown, not judged (fp32: a run at commit 154a983 had
         # fp32 0.075 nats *behind* bf16 + master for torch's AdamW and fusedopt's alike).
-        judged = (
-            diff is not None and run.mode.param_dtype == MEMORY_MODES[REFERENCE_MODE].param_dtype
-        )
+        judged = diff is not None and _judged(run.mode)
+        spread = seed_spread.get(run.optimizer)
+        within = diff <= MARGIN_NATS if judged else None
+        conclusive = spread is None or spread <= MARGIN_NATS
+        paired = None
+        if judged and label != ref_label:
+            mine, refs = other_seeds.get(label, {}), other_seeds.get(ref_label, {})
+            diffs = [diff] + [_final(mine[s]) - _final(refs[s]) for s in mine if s in refs]
+            if len(diffs) > 1:
+                paired = paired_verdict(diffs)
+                within, conclusive = paired[2], paired[3]
         out.append({
             "optimizer": run.optimizer, "mode": run.mode.name, "impl": run.impl, "label": label,
             "final_eval": final, "final_train": res["rows"][-1]["train_loss"],
-            "diff": diff, "within": diff <= MARGIN_NATS if judged else None,
-            "seconds": res["seconds"], "seed_spread": seed_spread.get(run.optimizer),
+            "diff": diff, "within": within, "conclusive": conclusive,
+            "paired": None if paired is None else (paired[0], paired[1], len(diffs)),
+            "seconds": res["seconds"], "seed_spread": spread,
         })  # fmt: skip
     return out
 
@@ -386,14 +422,22 @@ def markdown(
         f"({MEMORY_MODES[REFERENCE_MODE].what}). Margin: a mode is within it when its final "
         f"eval loss is at most {MARGIN_NATS} nats above the reference's. Judged: the modes "
         "whose params (and so forward and backward) are in the reference's dtype; the others "
-        "differ in compute precision too and are shown for context.",
+        "differ in compute precision too and are shown for context. Paired seeds ([note: "
+        "paired seeds] in bench/lm_quality.py; `--seeds`): a judged mode and its reference "
+        "trained again from other seeds (init and batch order), the mode's difference taken "
+        "per seed against the reference of the same seed; the verdict is on their mean, "
+        "conclusive when the mean +- 2 standard errors lies on one side of the margin.",
         "",
         "| optimizer | implementation | mode | final eval loss | bits/byte | final train loss "
-        "| vs reference | within margin | s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| vs reference | paired seeds: mean +- 2 SE (n) | within margin | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in table:
         diff = "-" if r["diff"] is None else f"{r['diff']:+.4f}"
+        paired = "-"
+        if r["paired"] is not None:
+            mean, two_se, n = r["paired"]
+            paired = f"{mean:+.4f} +- {two_se:.4f} ({n})"
         if r["mode"] == REFERENCE_MODE and r["impl"] == "fusedopt":
             within = "(reference)"
         elif not math.isfinite(r["final_eval"]):
@@ -402,17 +446,22 @@ def markdown(
             within = "not judged (other compute dtype)"
         else:
             within = "yes" if r["within"] else "**no**"
-            if r["seed_spread"] is not None and r["seed_spread"] > MARGIN_NATS:
-                within += " (seed spread > margin: inconclusive)"
+            if not r["conclusive"]:
+                within += (
+                    " (paired seeds: inconclusive)"
+                    if r["paired"] is not None
+                    else " (seed spread > margin: inconclusive)"
+                )
         lines.append(
             f"| {r['optimizer']} | {r['impl']} | {r['mode']} | {r['final_eval']:.4f} | "
-            f"{r['final_eval'] / math.log(2):.3f} | {r['final_train']:.4f} | {diff} | {within} "
-            f"| {r['seconds']:.0f} |"
+            f"{r['final_eval'] / math.log(2):.3f} | {r['final_train']:.4f} | {diff} | {paired} "
+            f"| {within} | {r['seconds']:.0f} |"
         )
     spreads = {r["optimizer"]: r["seed_spread"] for r in table if r["seed_spread"] is not None}
     if spreads:
-        lines += ["", "Noise floor: the reference mode run again with another seed (init and "
-                  "batch order), |final eval loss difference|: " + ", ".join(
+        lines += ["", "Noise floor: the reference mode run again with other seeds (init and "
+                  "batch order), the largest |final eval loss difference| from the first "
+                  "seed's: " + ", ".join(
                       f"{k} {v:.4f}" for k, v in spreads.items()) + " nats."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -470,17 +519,26 @@ def write_plot(path: Path, results: dict[str, dict], meta: dict) -> None:
     plt.close(fig)
 
 
-def write_outputs(stem: Path, meta: dict, results: dict[str, dict], text: str) -> None:
-    """``stem``.csv (every row of every curve, the run's identity on each), .md, .png."""
+def write_outputs(
+    stem: Path,
+    meta: dict,
+    results: dict[str, dict],
+    text: str,
+    other_seeds: dict[str, dict],
+    seed: int,
+) -> None:
+    """``stem``.csv (every row of every curve, other seeds' included, the run's identity and
+    seed on each), .md, .png (the first seed's curves)."""
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        fields = [*meta, "optimizer", "mode", "impl", "step", "train_loss", "eval_loss"]
+        fields = [*meta, "optimizer", "mode", "impl", "seed", "step", "train_loss", "eval_loss"]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        for res in results.values():
+        for label, res in results.items():
             run = res["run"]
-            for row in res["rows"]:
-                writer.writerow({**meta, "optimizer": run.optimizer, "mode": run.mode.name,
-                                 "impl": run.impl, **row})  # fmt: skip
+            for s, rows in {seed: res["rows"], **other_seeds.get(label, {})}.items():
+                for row in rows:
+                    writer.writerow({**meta, "optimizer": run.optimizer, "mode": run.mode.name,
+                                     "impl": run.impl, "seed": s, **row})  # fmt: skip
     stem.with_suffix(".md").write_text(text)
     if results:
         write_plot(stem.with_suffix(".png"), results, meta)
@@ -503,6 +561,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MEMORY_MODES))
     parser.add_argument("--no-seed-spread", action="store_true",
                         help="skip the second-seed run of the reference mode")  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train every judged mode and its reference with this many seeds "
+                        "and judge the paired differences ([note: paired seeds])")  # fmt: skip
     # One thread by default: on the shared 2-core VM at load 9, two threads took 0.6-4 s a
     # step (OpenMP threads waiting on each other while descheduled), one thread 0.1 s.
     parser.add_argument("--threads", type=int, default=1)
@@ -537,7 +598,7 @@ def _priority(run: Run, second_seed: bool) -> float:
         return 0
     if run.mode_name == "bf16+compact master":
         return 6
-    if run.mode.param_dtype == MEMORY_MODES[REFERENCE_MODE].param_dtype:
+    if _judged(run.mode):
         return 1 + list(MEMORY_MODES).index(run.mode_name) / 100
     return 4 if run.impl == "fusedopt" else 5
 
@@ -592,20 +653,31 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(run, cfg, None) for run in table_order]
     # The noise floor: each optimizer's reference mode again with another seed (init and
     # batch order), so a reader sees whether the margin is above the seed-to-seed spread.
-    other = dataclasses.replace(cfg, seed=cfg.seed + 1)
-    if not args.no_seed_spread and REFERENCE_MODE in args.modes:
-        jobs += [(Run(name, REFERENCE_MODE, "fusedopt"), other, None) for name in args.optimizers]
-    jobs.sort(key=lambda job: _priority(job[0], job[1] is other))
+    # With --seeds N, every judged mode and its reference again with N - 1 other seeds
+    # ([note: paired seeds]); the reference's other seeds give the noise floor.
+    if args.seeds > 1:
+        again = [r for r in table_order if r.impl == "fusedopt" and _judged(r.mode)]
+        others = range(cfg.seed + 1, cfg.seed + args.seeds)
+    elif not args.no_seed_spread and REFERENCE_MODE in args.modes:
+        again = [Run(name, REFERENCE_MODE, "fusedopt") for name in args.optimizers]
+        others = range(cfg.seed + 1, cfg.seed + 2)
+    else:
+        again, others = [], range(0)
+    jobs += [(run, dataclasses.replace(cfg, seed=s), None) for s in others for run in again]
+    jobs.sort(key=lambda job: _priority(job[0], job[1].seed != cfg.seed))
     results: dict[str, dict] = {}
     seed_spread: dict[str, float] = {}
+    other_seeds: dict[str, dict[int, list[dict]]] = {}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"lm-quality-{meta['date'].replace(':', '')}"
     for done, ((run, job_cfg, _), rows, seconds) in enumerate(
         run_jobs(jobs, cfg, args.jobs, args.threads), 1
     ):
         if job_cfg.seed != cfg.seed:
-            ref = results[run.label]["rows"][-1]["eval_loss"]
-            seed_spread[run.optimizer] = abs(rows[-1]["eval_loss"] - ref)
+            other_seeds.setdefault(run.label, {})[job_cfg.seed] = rows
+            if run.mode_name == REFERENCE_MODE:
+                spread = abs(_final(rows) - _final(results[run.label]["rows"]))
+                seed_spread[run.optimizer] = max(spread, seed_spread.get(run.optimizer, 0.0))
             print(f"{run.label} seed {job_cfg.seed}: final eval {rows[-1]['eval_loss']:.4f}",
                   flush=True)  # fmt: skip
         else:
@@ -618,8 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         # early still leaves the curves it finished, marked partial.
         partial = "" if done == len(jobs) else f" PARTIAL: {done} of {len(jobs)} curves."
         results = {r.label: results[r.label] for r in table_order if r.label in results}
-        text = markdown(meta, summary(results, seed_spread), cfg, source, n_params, partial)
-        write_outputs(stem, meta, results, text)
+        table = summary(results, seed_spread, other_seeds)
+        text = markdown(meta, table, cfg, source, n_params, partial)
+        write_outputs(stem, meta, results, text, other_seeds, cfg.seed)
     print(text)
     print(f"wrote {stem}.{{csv,md,png}}")
     return 0

@@ -266,6 +266,34 @@ def test_lm_quality_runs_and_every_curve_learns(tmp_path):
     assert "PARTIAL" not in md
 
 
+def test_lm_quality_paired_seeds(tmp_path):
+    """--seeds 2: the judged modes and their reference are trained again with the next seed
+    (the CSV holds both seeds' rows), the table gives each judged mode's paired mean +- 2 SE
+    over 2 seeds and its verdict; a mode that is not judged is trained once. The verdict:
+    [note: paired seeds]."""
+    from bench import lm_quality
+
+    argv = ["--steps", "6", "--width", "32", "--context", "16", "--batch", "8",
+            "--eval-every", "3", "--eval-windows", "8", "--optimizers", "sgd", "--modes",
+            "bf16+master,bf16,fp32", "--seeds", "2", "--out", str(tmp_path)]  # fmt: skip
+    assert lm_quality.main(argv) == 0
+    (csv_path,) = tmp_path.glob("lm-quality-*.csv")
+    with open(csv_path) as f:
+        seeds: dict[tuple, set] = {}
+        for r in csv.DictReader(f):
+            seeds.setdefault((r["impl"], r["mode"]), set()).add(r["seed"])
+    assert seeds == {("fusedopt", "bf16+master"): {"0", "1"}, ("fusedopt", "bf16"): {"0", "1"},
+                     ("fusedopt", "fp32"): {"0"}, ("torch", "fp32"): {"0"}}  # fmt: skip
+    (line,) = [x for x in csv_path.with_suffix(".md").read_text().splitlines()
+               if x.startswith("| sgd | fusedopt | bf16 |")]  # fmt: skip
+    assert line.split(" | ")[7].endswith("(2)")  # the paired column: mean +- 2 SE (n)
+    # the verdict: mean within, conclusive when mean +- 2 SE is on one side of the margin
+    m = lm_quality.MARGIN_NATS
+    assert lm_quality.paired_verdict([0.0, 0.002, 0.001])[2:] == (True, True)
+    assert lm_quality.paired_verdict([m + 0.1, m + 0.11, m + 0.12])[2:] == (False, True)
+    assert lm_quality.paired_verdict([-0.1, m, 0.1])[2:] == (True, False)
+
+
 def test_lm_quality_lr_sweep_and_divergence(tmp_path):
     """The lr sanity sweep writes one row per peak lr, and a curve whose loss stops being
     finite ends there, as NaN, instead of failing the run (SGD at lr 1e4 diverges)."""
