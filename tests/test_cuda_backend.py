@@ -486,3 +486,36 @@ def test_schedulefree_trajectory_equals_the_anchor():
     from test_optim_schedulefree import _assert_same_run, run_with_switches
 
     _assert_same_run(*run_with_switches("cuda", "cuda"), "train, end")
+
+
+@pytest.mark.parametrize("op", ["adamw_", "lion_", "sgd_", "lamb_"])
+@pytest.mark.parametrize(
+    "dtype,master", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "fp32")]
+)
+def test_8bit_states_equal_the_reference_bit_for_bit(op, dtype, master):
+    """[note: 8-bit states] on cuda, every op that has them (``lamb_`` included: refused on
+    cuda until issue #15 gave it its kernels): three steps of each option of
+    test_state_bits.py's Q8_OPS, with its inputs; codes, scales, params, masters and steps
+    bit for bit the reference's. ``lamb_`` runs as its two passes: the sums within a few
+    ulps of the reference's (another summation order), both apply passes on the cuda sums
+    (test_state_bits._step_both's protocol)."""
+    from test_state_bits import Q8_OPS, SHAPES, _assert_same, _lists
+
+    def on_cuda(x):
+        return _map(x, lambda v: v.cuda() if isinstance(v, torch.Tensor) else v)
+
+    for options in Q8_OPS[op].options.values():
+        kw = {**Q8_OPS[op].hypers, **options}
+        want = _lists(SHAPES, dtype, master, op=op)
+        got = on_cuda(want)
+        for _ in range(3):
+            if op != "lamb_":
+                getattr(ops, op)(**want, backend="reference", **kw)
+                getattr(ops, op)(**got, backend="cuda", **on_cuda(kw))
+                continue
+            want_sq = ops.lamb_direction_(**want, backend="reference", **kw)
+            got_sq = ops.lamb_direction_(**got, backend="cuda", **on_cuda(kw))
+            torch.testing.assert_close(got_sq.cpu(), want_sq, rtol=1e-5, atol=0.0)
+            ops.lamb_apply_(**want, sq_norms=got_sq.cpu(), backend="reference", **kw)
+            ops.lamb_apply_(**got, sq_norms=got_sq, backend="cuda", **on_cuda(kw))
+        _assert_same(_map(got, torch.Tensor.cpu), want)

@@ -195,6 +195,8 @@ def _expected() -> dict[str, tuple[str, ...]]:
         expected[f"AdamWQ8Body<{types}>"] = ()
         expected[f"LionQ8Body<{types}>"] = ()
         expected[f"SgdQ8Body<{types}>"] = ()
+        expected[f"LambQ8ApplyBody<{types}>"] = ()
+        expected[f"lamb_q8_norms_kernel<{types}>("] = ()
     # [note: state dtype]: AdamW's states in another storage than StateOf's (fp32 with
     # masters, else the param's): run_step_with_states's instantiations, the storages
     # kCudaStateStorage builds (csrc/cuda/step.cuh): fp32 params with 16-bit states, bf16

@@ -10,9 +10,15 @@
 // kernels still run: the weight decays are device memory). Launches: step increment,
 // norms, fold, apply (plus a table upload when the table changed); all deterministic
 // ([note: deterministic norm] in grad_norm.cu).
-#include <stdexcept>
-
+// 8-bit moments ([note: 8-bit states] in fusedopt/quant8.py) are never exact, so every tensor
+// takes lamb_apply_'s one-pass path: lamb_q8_norms_kernel reads g, p and the codes of the
+// quantization blocks a CUDA block owns (quant8.cuh: for_q8_blocks, q8_read) and writes
+// nothing; the apply pass is q8_step_kernel with LambQ8ApplyBody (q8_apply: the moments
+// written once per step). Per element, fp32: 4 + 4 + 2 read, then 4 + 4 + 2 read and 4 + 2
+// written (+ 8 B per 256 elements per moment for the scales, read in both, written in the
+// second).
 #include "fusedopt/math/lamb.h"
+#include "quant8.cuh"
 #include "step.cuh"
 
 namespace fusedopt::cuda {
@@ -21,6 +27,8 @@ namespace {
 // Slots, hyperparameters and StepArgs::flag indices of a lamb call, from its spec.
 constexpr int kExpAvg = state_slot(spec::lamb::kExpAvgs);
 constexpr int kExpAvgSq = state_slot(spec::lamb::kExpAvgSqs);
+constexpr int kExpAvgScales = state_slot(spec::lamb::kExpAvgScales);  // [note: 8-bit states]
+constexpr int kExpAvgSqScales = state_slot(spec::lamb::kExpAvgSqScales);
 using spec::lamb::kBeta1, spec::lamb::kBeta2, spec::lamb::kEps, spec::lamb::kWeightDecay;
 using spec::lamb::kGradAveraging, spec::lamb::kBiasCorrection, spec::lamb::kTrustClip,
     spec::lamb::kAlwaysAdapt;
@@ -28,6 +36,16 @@ inline constexpr int kFoldThreads = 1024;
 
 __device__ __forceinline__ bool adapts(const Row& row, const StepArgs& a) {
   return row.hyper[kWeightDecay] != 0.0 || a.flag[kAlwaysAdapt];
+}
+
+/// Tensor t's trust ratio from the sums of squares in StepArgs::extra (lamb_direction_'s
+/// sq_norms); 1 for a tensor that does not adapt.
+template <class T>
+__device__ __forceinline__ T trust_ratio(const Row& row, int t, const StepArgs& a) {
+  const T* sq_norms = static_cast<const T*>(a.extra);
+  return adapts(row, a) ? lamb_trust_ratio_sq(sq_norms[2 * t], sq_norms[2 * t + 1], true,
+                                              a.flag[kTrustClip])
+                        : T(1);
 }
 
 /// What both passes compute per element: the new m, v and the update direction u. The
@@ -103,10 +121,7 @@ struct LambApplyBody : LambElements<P, G, kMasterWeights> {
 
   __device__ __forceinline__ LambApplyBody(const Row& row, int t, const StepArgs& a)
       : Base(row, t, a),
-        ratio(adapts(row, a) ? lamb_trust_ratio_sq(static_cast<const T*>(a.extra)[2 * t],
-                                                   static_cast<const T*>(a.extra)[2 * t + 1],
-                                                   true, a.flag[kTrustClip])
-                             : T(1)),
+        ratio(trust_ratio<T>(row, t, a)),
         two_pass(lamb_two_pass(adapts(row, a), Base::kStatesExact)) {}
 
   template <int V>
@@ -131,26 +146,99 @@ struct LambApplyBody : LambElements<P, G, kMasterWeights> {
   }
 };
 
+/// [note: 8-bit states] (fusedopt/quant8.py): m as int8 and v as uint8 codes with their
+/// block absmaxes (quant8.cuh), in the slots of the exact moments and of their scales.
+template <class P, class G, MasterKind kMasterWeights>
+struct LambQ8Elements : LambElements<P, G, kMasterWeights> {
+  Q8States<true, false> q;
+
+  __device__ __forceinline__ LambQ8Elements(const Row& row, int t, const StepArgs& a)
+      : LambElements<P, G, kMasterWeights>(row, t, a),
+        q(row, {kExpAvg, kExpAvgSq}, {kExpAvgScales, kExpAvgSqScales}) {}
+};
+
+/// lamb_direction_ with 8-bit moments: |p|^2 and |u|^2 of the thread's elements of the
+/// quantization blocks its CUDA block owns; the codes only read.
+template <class P, class G, MasterKind kMasterWeights>
+struct LambQ8NormBody : LambQ8Elements<P, G, kMasterWeights> {
+  using T = typename LambQ8Elements<P, G, kMasterWeights>::T;
+  T* p2;
+  T* u2;
+
+  __device__ __forceinline__ LambQ8NormBody(const Row& row, int t, const StepArgs& a, T* p2_,
+                                            T* u2_)
+      : LambQ8Elements<P, G, kMasterWeights>(row, t, a), p2(p2_), u2(u2_) {}
+
+  __device__ __forceinline__ void apply(int64_t b, int64_t i, bool in) const {
+    if (!in) return;
+    q8_read(*this, this->q, b, i, [&](T p, T g, T m, T v, const auto& s) {
+      const T u = lamb_direction(p, g, m, v, s);
+      *p2 = *p2 + p * p;
+      *u2 = *u2 + u * u;
+    });
+  }
+};
+
+/// lamb_apply_ with 8-bit moments: every tensor's one-pass path (u from g and the old
+/// moments; writes p, the codes and the scales: q8_apply).
+template <class P, class G, MasterKind kMasterWeights>
+struct LambQ8ApplyBody : LambQ8Elements<P, G, kMasterWeights> {
+  using T = typename LambQ8Elements<P, G, kMasterWeights>::T;
+  T ratio;
+
+  __device__ __forceinline__ LambQ8ApplyBody(const Row& row, int t, const StepArgs& a)
+      : LambQ8Elements<P, G, kMasterWeights>(row, t, a), ratio(trust_ratio<T>(row, t, a)) {}
+
+  __device__ __forceinline__ void apply(int64_t b, int64_t i, bool in) const {
+    const T r = ratio;
+    q8_apply(*this, this->q, b, i, in, true, [r](T& p, T g, T& m, T& v, const auto& s) {
+      p = lamb_apply(p, lamb_direction(p, g, m, v, s), r, s);
+    });
+  }
+};
+
 template <class T>
 struct NormPartial {
   T p2, u2;
 };
 
-template <class P, class G, MasterKind kMasterWeights>
-__global__ void __launch_bounds__(kThreads)
-    lamb_norms_kernel(Table table, StepArgs args, NormPartial<Opmath<P>>* partials) {
-  using T = Opmath<P>;
+/// The norms pass of Body (LambNormBody or LambQ8NormBody) over the block's work: each
+/// thread's sums, block-reduced into the chunk's partial. `walk(w, row, body)` visits the
+/// elements.
+template <class Body, class Walk>
+__device__ __forceinline__ void lamb_norms(const Table& table, const StepArgs& args,
+                                           NormPartial<typename Body::T>* partials, Walk walk) {
+  using T = typename Body::T;
   if (skip_step(args.scalars.found_inf)) return;
   const Work w = this_work(table);
   const Row& row = table.rows[w.t];
   if (!adapts(row, args)) return;  // its ratio is 1; lamb_fold_kernel reads no partial
   T p2 = T(0), u2 = T(0);
-  const LambNormBody<P, G, kMasterWeights> body(row, w.t, args, &p2, &u2);
-  for_chunk<LambNormBody<P, G, kMasterWeights>::kWidth>(w.span, body.aligned(w.span.start),
-                                                        body);
+  const Body body(row, w.t, args, &p2, &u2);
+  walk(w, row, body);
   p2 = block_reduce(p2, Sum{}, T(0));
   u2 = block_reduce(u2, Sum{}, T(0));
   if (threadIdx.x == 0) partials[blockIdx.x] = {p2, u2};
+}
+
+template <class P, class G, MasterKind kMasterWeights>
+__global__ void __launch_bounds__(kThreads)
+    lamb_norms_kernel(Table table, StepArgs args, NormPartial<Opmath<P>>* partials) {
+  using Body = LambNormBody<P, G, kMasterWeights>;
+  lamb_norms<Body>(table, args, partials, [](const Work& w, const Row&, const Body& body) {
+    for_chunk<Body::kWidth>(w.span, body.aligned(w.span.start), body);
+  });
+}
+
+/// lamb_norms_kernel with 8-bit moments ([note: 8-bit states]): the quantization blocks the
+/// CUDA block owns (quant8.cuh), one element per thread.
+template <class P, class G, MasterKind kMasterWeights>
+__global__ void __launch_bounds__(kThreads)
+    lamb_q8_norms_kernel(Table table, StepArgs args, NormPartial<Opmath<P>>* partials) {
+  using Body = LambQ8NormBody<P, G, kMasterWeights>;
+  lamb_norms<Body>(table, args, partials, [](const Work& w, const Row& row, const Body& body) {
+    for_q8_blocks(w, row, body);
+  });
 }
 
 // One block: warp w folds the chunk partials of tensors w, w + 32, ... in a fixed order into
@@ -182,10 +270,14 @@ struct LambLaunch {
   StepArgs args;
   TableBuilder host;
   Table table;
+  bool q8;  // 8-bit moments ([note: 8-bit states]): their scales are given
 
   LambLaunch(const LambCall& call, const ExecContext& ctx)
-      : args(step_args(call.lists)), host(step_table(call.lists)) {
+      : args(step_args(call.lists)),
+        host(step_table(call.lists)),
+        q8(call.exp_avg_scales.present()) {
     FUSEDOPT_FILL_STEP_CALL(LAMB)
+    if (q8) set_row_lengths(host, call.lists);
     table = host.upload(ctx);
   }
 };
@@ -207,8 +299,9 @@ void run_direction(const LambCall& call, LambLaunch& l, void* sq_norms, const Ex
         constexpr MasterKind kM = decltype(master)::value;
         auto* partials = static_cast<NormPartial<T>*>(
             ctx.workspace.get(sizeof(NormPartial<T>) * l.host.total_chunks()));
-        launch_kernel(lamb_norms_kernel<P, G, kM>, chunk_grid(l.host.total_chunks()), kThreads,
-                      stream, l.table, l.args, partials);
+        launch_kernel(l.q8 ? lamb_q8_norms_kernel<P, G, kM> : lamb_norms_kernel<P, G, kM>,
+                      chunk_grid(l.host.total_chunks()), kThreads, stream, l.table, l.args,
+                      partials);
         check(cudaGetLastError(), "launching lamb_direction_ (norms)");
         launch_kernel(lamb_fold_kernel<T>, 1, kFoldThreads, stream, l.table, l.args, partials,
                       static_cast<T*>(sq_norms));
@@ -219,6 +312,10 @@ void run_direction(const LambCall& call, LambLaunch& l, void* sq_norms, const Ex
 void run_apply(const LambCall& call, LambLaunch& l, const void* sq_norms,
                const ExecContext& ctx) {
   l.args.extra = sq_norms;
+  if (l.q8) {
+    launch_q8_step<LambQ8ApplyBody>(call.lists, l.host, l.table, l.args, stream_of(ctx));
+    return;
+  }
   dispatch_step_types(call.lists.params.dtype, call.lists.grads.dtype,
                       master_kind(call.lists), [&](auto p, auto g, auto master) {
                         using P = decltype(p);
@@ -229,34 +326,22 @@ void run_apply(const LambCall& call, LambLaunch& l, const void* sq_norms,
                       });
 }
 
-/// [note: 8-bit states] (fusedopt/quant8.py): not on CUDA yet (the reference, cpu and
-/// triton backends have them); refused before anything runs.
-void refuse_q8(const LambCall& call) {
-  if (call.exp_avg_scales.present())
-    throw std::invalid_argument(
-        "fusedopt CUDA backend: lamb_: 8-bit states are not implemented on the cuda backend "
-        "yet (use backend='triton' or state_bits=None)");
-}
-
 }  // namespace
 
 void lamb_direction(const LambDirectionCall& call, const ExecContext& ctx) {
   if (call.step.lists.num_tensors == 0) return;
-  refuse_q8(call.step);
   LambLaunch l(call.step, ctx);
   run_direction(call.step, l, call.sq_norms, ctx);
 }
 
 void lamb_apply(const LambApplyCall& call, const ExecContext& ctx) {
   if (call.step.lists.num_tensors == 0) return;
-  refuse_q8(call.step);
   LambLaunch l(call.step, ctx);
   run_apply(call.step, l, call.sq_norms, ctx);
 }
 
 void lamb(const LambCall& call, const ExecContext& ctx) {
   if (call.lists.num_tensors == 0) return;
-  refuse_q8(call);
   LambLaunch l(call, ctx);
   const size_t bytes = (call.lists.params.dtype == DType::kFloat64 ? 8 : 4) * 2 * l.host.n();
   void* sq_norms = ctx.workspace.get(bytes);  // the fold writes every entry that is read

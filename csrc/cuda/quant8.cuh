@@ -1,5 +1,7 @@
-// 8-bit states on CUDA ([note: 8-bit states] in fusedopt/quant8.py): the step kernel that
-// walks a chunk by quantization blocks, the block-wide absmax, and the host side.
+// 8-bit states on CUDA ([note: 8-bit states] in fusedopt/quant8.py): the walk of a chunk by
+// quantization blocks (for_q8_blocks: the step kernel's and LAMB's norms pass's), an
+// element's update between dequantization and requantization (q8_apply) or its read-only
+// use (q8_read), the block-wide absmax, and the host side.
 //
 // A CUDA block takes one 2^16-element chunk (the shared chunk table) and owns the
 // quantization blocks whose first element lies in it (a block starting near the chunk's end
@@ -74,17 +76,31 @@ __device__ __forceinline__ void q8_store(void* codes, int64_t i, T x, float scal
       static_cast<CodeOf<kSigned>>(q8::quantize<kSigned>(static_cast<float>(x), scale));
 }
 
+/// Element i of quantization block b (i in the block): the param (or master) and the grad
+/// as opmath values, load_grad applied to g, and each state dequantized into sv.
+template <class Body, class Q, std::size_t... k>
+__device__ __forceinline__ void q8_load_element(const Body& body, const Q& q, int64_t b,
+                                                int64_t i, typename Body::T (&pv)[1],
+                                                typename Body::T& g,
+                                                typename Body::T (&sv)[Q::kN],
+                                                std::index_sequence<k...>) {
+  using T = typename Body::T;
+  T gv[1];
+  body.load_param_and_grad(i, pv, gv);
+  g = load_grad(gv[0], body.load_g);
+  ((sv[k] = q8_load<Q::kSignedOf[k], T>(q.codes[k], q.scales[k], b, i)), ...);
+}
+
 template <class Body, class Q, class Update, std::size_t... k>
 __device__ __forceinline__ void q8_apply(const Body& body, const Q& q, int64_t b, int64_t i,
                                          bool in, bool write, Update update,
-                                         std::index_sequence<k...>) {
+                                         std::index_sequence<k...> states) {
   using T = typename Body::T;
-  T pv[1] = {T(0)}, gv[1] = {T(0)};
+  T pv[1] = {T(0)}, g = T(0);
   T sv[Q::kN] = {};
   if (in) {
-    body.load_param_and_grad(i, pv, gv);
-    ((sv[k] = q8_load<Q::kSignedOf[k], T>(q.codes[k], q.scales[k], b, i)), ...);
-    update(pv[0], load_grad(gv[0], body.load_g), sv[k]..., body.s);
+    q8_load_element(body, q, b, i, pv, g, sv, states);
+    update(pv[0], g, sv[k]..., body.s);
   }
   float scale[Q::kN] = {};
   // (the reads of b's scales are done: q8_absmax syncs the block)
@@ -108,6 +124,25 @@ __device__ __forceinline__ void q8_apply(const Body& body, const Q& q, int64_t b
   q8_apply(body, q, b, i, in, write, update, std::make_index_sequence<Q::kN>{});
 }
 
+template <class Body, class Q, class Read, std::size_t... k>
+__device__ __forceinline__ void q8_read(const Body& body, const Q& q, int64_t b, int64_t i,
+                                        Read read, std::index_sequence<k...> states) {
+  using T = typename Body::T;
+  T pv[1], g, sv[Q::kN];
+  q8_load_element(body, q, b, i, pv, g, sv, states);
+  read(pv[0], g, sv[k]..., body.s);
+}
+
+/// Element i of quantization block b, read only (i in the block; no block barrier, so a
+/// thread may skip the elements outside it): `read(p, g, states..., scalars)` with the
+/// states dequantized, as q8_apply's update sees them before it changes them; nothing is
+/// written (LAMB's norms pass: [note: lamb passes] in math/lamb.h).
+template <class Body, class Q, class Read>
+__device__ __forceinline__ void q8_read(const Body& body, const Q& q, int64_t b, int64_t i,
+                                        Read read) {
+  q8_read(body, q, b, i, read, std::make_index_sequence<Q::kN>{});
+}
+
 /// The first quantization block of a tensor whose first element is at or after `offset`.
 __device__ __forceinline__ int64_t first_q8_block(int64_t offset, int64_t row_length,
                                                   int64_t per_row) {
@@ -115,12 +150,11 @@ __device__ __forceinline__ int64_t first_q8_block(int64_t offset, int64_t row_le
   return row * per_row + (offset - row * row_length + kQuantBlock - 1) / kQuantBlock;
 }
 
+/// Calls body.apply(b, i, in) for each quantization block b the CUDA block owns in its work
+/// w (those whose first element lies in its chunk), every thread for every block: thread x
+/// takes element i = the block's first + x, `in` when i lies in the block.
 template <class Body>
-__global__ void __launch_bounds__(kThreads) q8_step_kernel(Table table, StepArgs args) {
-  if (skip_step(args.scalars.found_inf)) return;
-  const Work w = this_work(table);
-  const Row& row = table.rows[w.t];
-  const Body body(row, w.t, args);
+__device__ __forceinline__ void for_q8_blocks(const Work& w, const Row& row, const Body& body) {
   const int64_t row_length = row.reserved > 0 ? row.reserved : 1;
   const q8::BlockGrid grid{row_length, (row_length + kQuantBlock - 1) / kQuantBlock};
   const int64_t last = first_q8_block(w.span.start + w.span.len, row_length, grid.blocks_per_row);
@@ -131,11 +165,35 @@ __global__ void __launch_bounds__(kThreads) q8_step_kernel(Table table, StepArgs
   }
 }
 
+template <class Body>
+__global__ void __launch_bounds__(kThreads) q8_step_kernel(Table table, StepArgs args) {
+  if (skip_step(args.scalars.found_inf)) return;
+  const Work w = this_work(table);
+  const Row& row = table.rows[w.t];
+  const Body body(row, w.t, args);
+  for_q8_blocks(w, row, body);
+}
+
 /// Row::reserved of each tensor: its row length (StepLists::row_lengths; < 2^31, checked by
 /// the binding).
 inline void set_row_lengths(TableBuilder& host, const StepLists& lists) {
   for (int i = 0; i < host.n(); ++i)
     host.row(i).reserved = static_cast<int32_t>(lists.row_lengths[i]);
+}
+
+/// launch_step (step.cuh) for a Body of 8-bit states: q8_step_kernel over the uploaded table
+/// (its rows' row lengths set: set_row_lengths).
+template <template <class, class, MasterKind> class Body>
+void launch_q8_step(const StepLists& lists, const TableBuilder& host, const Table& table,
+                    const StepArgs& args, cudaStream_t stream) {
+  if (host.total_chunks() == 0) return;
+  dispatch_step_types(lists.params.dtype, lists.grads.dtype, master_kind(lists),
+                      [&](auto p, auto g, auto master) {
+                        using OpBody = Body<decltype(p), decltype(g), decltype(master)::value>;
+                        launch_kernel(q8_step_kernel<OpBody>, chunk_grid(host.total_chunks()),
+                                      kThreads, stream, table, args);
+                        check(cudaGetLastError(), "launching an 8-bit step kernel");
+                      });
 }
 
 /// run_step for a Body of 8-bit states: the table, the step increment (count_steps and
@@ -146,14 +204,7 @@ void run_q8_step(const StepLists& lists, TableBuilder& host, const StepArgs& arg
   const cudaStream_t stream = stream_of(ctx);
   const Table table = host.upload(ctx);
   if (count_steps) increment_steps(table, lists.scalars.found_inf, stream, skip_if_zero);
-  if (host.total_chunks() == 0) return;
-  dispatch_step_types(lists.params.dtype, lists.grads.dtype, master_kind(lists),
-                      [&](auto p, auto g, auto master) {
-                        using OpBody = Body<decltype(p), decltype(g), decltype(master)::value>;
-                        launch_kernel(q8_step_kernel<OpBody>, chunk_grid(host.total_chunks()),
-                                      kThreads, stream, table, args);
-                        check(cudaGetLastError(), "launching an 8-bit step kernel");
-                      });
+  launch_q8_step<Body>(lists, host, table, args, stream);
 }
 
 }  // namespace fusedopt::cuda

@@ -1497,24 +1497,41 @@ int test_adafactor() {
 }
 
 /// The step ops with 8-bit states ([note: 8-bit states] in fusedopt/quant8.py): adamw_
-/// (int8 m, uint8 v), lion_ (int8 m) and sgd_ (int8 buffers; the odd tensors' group has
-/// momentum 0, which keeps their codes: [note: sgd momentum 0]).
-enum class Q8Op { kAdamW, kLion, kSgd };
+/// (int8 m, uint8 v), lion_ (int8 m), sgd_ (int8 buffers; the odd tensors' group has
+/// momentum 0, which keeps their codes: [note: sgd momentum 0]) and lamb_ (int8 m, uint8 v;
+/// the odd tensors' group has weight decay 0: they adapt only under always_adapt).
+enum class Q8Op { kAdamW, kLion, kSgd, kLamb };
+
+/// [note: lamb tolerance] for lamb_direction_'s sums of squares with 8-bit moments: a CUDA
+/// thread adds one term per quantization block its block owns (at most the tensor's block
+/// count `max_blocks`), then the trees and the fold of cuda_chain; the CPU lanes of <= 32
+/// terms and double sums. Sums of squares: relative error <= (k_cuda + 32 + 1) u apart.
+double lamb_q8_chain(int64_t max_blocks, int64_t max_chunks, int64_t n) {
+  return cuda_chain(max_chunks, n) - kChunk / 256 + max_blocks;
+}
 
 /// An op with 8-bit states: rows shorter than, equal to and longer than a quantization
 /// block, a vector across two chunks (blocks that straddle a chunk boundary), an empty
 /// tensor and a scalar, every storage but fp64 (refused by the binding), three steps (the
 /// last skipped by found_inf; the second with the op's other flags): codes, scales,
-/// params, masters and steps bit for bit the CPU launcher's.
+/// params, masters and steps bit for bit the CPU launcher's. lamb_ runs those three as its
+/// two passes (lamb_direction_, then lamb_apply_ on the CPU's sums on both backends, so
+/// that everything is bit for bit; the sums themselves within [note: lamb tolerance]), then
+/// a fourth step through lamb_ itself: codes, scales, steps and the params of tensors that
+/// do not adapt bit for bit, the others within lamb_close's bound.
 int test_q8(Q8Op op) {
   struct Q8Shape {
     int64_t rows, cols;  // a 0-d param: rows 1, cols 1
   };
   const std::vector<Q8Shape> shapes = {{3, 7},   {4, 300}, {2, 256}, {1, 2 * kChunk + 300},
                                        {0, 5},   {1, 1},   {70, 1100}};
-  const std::vector<bool> is_signed =
-      op == Q8Op::kAdamW ? std::vector<bool>{true, false} : std::vector<bool>{true};
-  const char* name = op == Q8Op::kAdamW ? "adamw" : op == Q8Op::kLion ? "lion" : "sgd";
+  const bool lamb = op == Q8Op::kLamb;
+  const std::vector<bool> is_signed = op == Q8Op::kAdamW || lamb ? std::vector<bool>{true, false}
+                                                                 : std::vector<bool>{true};
+  const char* name = op == Q8Op::kAdamW ? "adamw"
+                     : op == Q8Op::kLion ? "lion"
+                     : op == Q8Op::kSgd  ? "sgd"
+                                         : "lamb";
   const size_t n_states = is_signed.size();
   std::mt19937 rng(17);
   std::normal_distribution<double> normal;
@@ -1572,9 +1589,49 @@ int test_q8(Q8Op op) {
         w[1].scales[j][i]->copy_from(*w[0].scales[j][i]);
       }
     }
-    const float found[3] = {-1.0f, 0.0f, 1.0f};
-    for (int s = 0; s < 3; ++s) {
-      for (int side = 0; side < 2; ++side) {  // 0: cpu, 1: cuda
+    const float found[4] = {-1.0f, 0.0f, 1.0f, -1.0f};
+    Q8World before;  // lamb_'s fourth step: the params and masters it starts from
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      before.p.push_back(std::make_unique<Buffer>(st.param, w[0].p[i]->numel(), false));
+      if (st.master)
+        before.master.push_back(
+            std::make_unique<Buffer>(w[0].master[i]->dtype(), w[0].master[i]->numel(), false));
+    }
+    // lamb_'s sq_norms per side: lamb_direction_ writes them; lamb_apply_ takes the CPU's.
+    const int64_t n_tensors = static_cast<int64_t>(shapes.size());
+    std::unique_ptr<Buffer> sq[2];
+    for (auto& norms : sq) norms = std::make_unique<Buffer>(DType::kFloat32, 2 * n_tensors, false);
+    int64_t max_blocks = 0, max_chunks = 0;
+    for (const Q8Shape& s : shapes) {
+      max_blocks = std::max(max_blocks, s.rows * ((s.cols + 255) / 256));
+      max_chunks = std::max(max_chunks, mt::chunk_count(s.rows * s.cols));
+    }
+    const double u = 0x1p-24, chain = lamb_q8_chain(max_blocks, max_chunks, n_tensors);
+    const double sums_delta = (chain + 32 + 1) * u;
+    const int n_steps = lamb ? 4 : 3;
+    for (int s = 0; s < n_steps; ++s) {
+      const bool passes = lamb && s < 3;  // else lamb_ in one call
+      if (lamb && s == 3) {
+        for (size_t i = 0; i < shapes.size(); ++i) {
+          before.p[i]->copy_from(*w[0].p[i]);
+          if (st.master) before.master[i]->copy_from(*w[0].master[i]);
+        }
+      }
+      // cpu then cuda, for each pass (lamb_'s two: direction, then apply)
+      for (int call = 0; call < (passes ? 4 : 2); ++call) {
+        const int side = call % 2, pass = call / 2;  // side 0: cpu, 1: cuda
+        if (passes && call == 2) {  // the sums agree; both apply passes take the CPU's
+          bool close = true;
+          for (int64_t k = 0; k < 2 * n_tensors; ++k) {
+            const double a = sq[1]->get(k), b = sq[0]->get(k);
+            close &= std::fabs(a - b) <= sums_delta * std::max(std::fabs(a), std::fabs(b));
+          }
+          if (!close)
+            std::fprintf(stderr, "lamb q8 %s/%s step %d: sq_norms beyond [note: lamb tolerance]\n",
+                         dtype_name(st.param), dtype_name(st.grad), s);
+          CHECK(close);
+          sq[1]->copy_from(*sq[0]);
+        }
         Q8World& x = w[side];
         std::vector<int64_t> numels, rows;
         std::vector<void*> p, g, master;
@@ -1598,6 +1655,9 @@ int test_q8(Q8Op op) {
         const double adamw_hypers[10] = {1e-2, 0.9, 0.99, 1e-8, 0.1, 3e-3, 0.8, 0.999, 1e-6, 0.0};
         const double lion_hypers[8] = {1e-3, 0.9, 0.99, 0.1, 3e-4, 0.8, 0.999, 0.0};
         const double sgd_hypers[8] = {1e-2, 0.9, 0.1, 0.1, 3e-3, 0.0, 0.0, 0.0};
+        // lamb: lr, beta1, beta2, eps, weight decay (the second row's 0: no adaptation but
+        // under always_adapt)
+        const double lamb_hypers[10] = {1e-2, 0.9, 0.99, 1e-6, 0.1, 3e-3, 0.8, 0.999, 1e-6, 0.0};
         std::vector<int32_t> group;
         for (size_t i = 0; i < shapes.size(); ++i) group.push_back(static_cast<int32_t>(i % 2));
         StepLists lists;
@@ -1637,6 +1697,28 @@ int test_q8(Q8Op op) {
           a.exp_avg_scales = scale0;
           a.maximize = s == 1;
           side == 1 ? cuda::lion(a, cuda_ctx.ctx) : cpu::lion(a, ExecContext{});
+        } else if (lamb) {
+          LambCall a;
+          a.lists = lists;
+          a.lists.hypers = {lamb_hypers, 5, group.data()};
+          a.exp_avgs = code0;
+          a.exp_avg_scales = scale0;
+          a.exp_avg_sqs = {codes[1].data(), DType::kUInt8};
+          a.exp_avg_sq_scales = {scales[1].data(), DType::kFloat32};
+          a.grad_averaging = s != 1;  // the second step: every other flag
+          a.bias_correction = s != 1;
+          a.trust_clip = s == 1;
+          a.always_adapt = s == 1;
+          if (!passes) {
+            side == 1 ? cuda::lamb(a, cuda_ctx.ctx) : cpu::lamb(a, ExecContext{});
+          } else if (pass == 0) {
+            std::memset(sq[side]->data(), 0, sq[side]->bytes());  // as the binding hands them
+            side == 1 ? cuda::lamb_direction({a, sq[side]->data()}, cuda_ctx.ctx)
+                      : cpu::lamb_direction({a, sq[side]->data()}, ExecContext{});
+          } else {
+            side == 1 ? cuda::lamb_apply({a, sq[side]->data()}, cuda_ctx.ctx)
+                      : cpu::lamb_apply({a, sq[side]->data()}, ExecContext{});
+          }
         } else {
           SgdCall a;
           a.lists = lists;
@@ -1651,10 +1733,29 @@ int test_q8(Q8Op op) {
       bool ok = std::memcmp(w[0].steps.data(), w[1].steps.data(),
                             w[0].steps.size() * sizeof(float)) == 0;
       for (size_t i = 0; i < shapes.size(); ++i) {
-        ok &= w[0].p[i]->same_bits(*w[1].p[i]);
         for (size_t j = 0; j < n_states; ++j)
           ok &= w[0].codes[j][i]->same_bits(*w[1].codes[j][i]) &&
                 w[0].scales[j][i]->same_bits(*w[1].scales[j][i]);
+        // lamb_'s fourth step took each backend's own sums: a tensor that adapts (the even
+        // ones: weight decay 0.1) within [note: lamb tolerance]
+        if (lamb && s == 3 && i % 2 == 0) {
+          const double delta = (chain + 32 + 6) * u;
+          ok &= lamb_close(*w[1].p[i], *w[0].p[i], *before.p[i], delta);
+          if (st.compact) {
+            auto joined = [&](const Q8World& x) {
+              auto out = std::make_unique<Buffer>(DType::kFloat32, x.p[i]->numel(), false);
+              for (int64_t k = 0; k < out->numel(); ++k)
+                out->set(k, join_master(x.p[i]->bits(k),
+                                        static_cast<int16_t>(x.master[i]->bits(k))));
+              return out;
+            };
+            ok &= lamb_close(*joined(w[1]), *joined(w[0]), *joined(before), delta);
+          } else if (st.master) {
+            ok &= lamb_close(*w[1].master[i], *w[0].master[i], *before.master[i], delta);
+          }
+          continue;
+        }
+        ok &= w[0].p[i]->same_bits(*w[1].p[i]);
         if (st.master) ok &= w[0].master[i]->same_bits(*w[1].master[i]);
       }
       if (!ok)
@@ -1671,7 +1772,8 @@ int test_q8(Q8Op op) {
 int main(int argc, char** argv) {
   // `test_cuda_emulated q8`: the 8-bit state cases only (a quick run while working on them).
   if (argc > 1 && std::string(argv[1]) == "q8") {
-    const int cases = test_q8(Q8Op::kAdamW) + test_q8(Q8Op::kLion) + test_q8(Q8Op::kSgd);
+    const int cases = test_q8(Q8Op::kAdamW) + test_q8(Q8Op::kLion) + test_q8(Q8Op::kSgd) +
+                      test_q8(Q8Op::kLamb);
     std::printf("%d 8-bit state cases\n", cases);
     return check_result();
   }
@@ -1680,7 +1782,7 @@ int main(int argc, char** argv) {
   const int scale_cases = test_scale();
   const int norm_cases = test_grad_norm();
   const int edge_cases = test_edge_values() + test_adafactor() + test_q8(Q8Op::kAdamW) +
-                         test_q8(Q8Op::kLion) + test_q8(Q8Op::kSgd);
+                         test_q8(Q8Op::kLion) + test_q8(Q8Op::kSgd) + test_q8(Q8Op::kLamb);
   const emu::Stats s = emu::stats();
   std::printf(
       "%d emulator, %d step-op, %d scale_, %d grad_norm, %d edge-value cases; emulated %llu "
