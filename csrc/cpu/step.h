@@ -176,6 +176,15 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
   alignas(64) T g_buffer[kBlock];
   alignas(64) T s_buffer[kStates > 0 ? kStates : 1][kBlock];
   std::array<T*, kStates> s{};
+  // [note: vector philox] (convert.h): the block's Philox words, one evaluation per element
+  // for the param and every state store.
+  bool any_stochastic_state = false;
+  for (size_t k = 0; k < kWrittenStates; ++k)
+    any_stochastic_state |= stochastic_states && states[k].dtype == DType::kBFloat16;
+  const bool draws = kWrite && ((kParam && stochastic) || any_stochastic_state);
+  alignas(64) uint32_t word_buffer[4][kBlock];
+  const std::array<uint32_t*, 4> words{word_buffer[0], word_buffer[1], word_buffer[2],
+                                       word_buffer[3]};
   for (int64_t off = w.begin; off < w.end; off += kBlock) {
     const int64_t n = std::min(kBlock, w.end - off);
     T* p = nullptr;
@@ -193,13 +202,15 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
       s[k] = view_block(states[k].data[i], states[k].dtype, off, n, s_buffer[k]);
     f(p, g, s, n);
     if constexpr (kWrite) {
+      if (draws) rounding_words_n(words, key, off, n);
       if constexpr (kParam) {
         if constexpr (std::is_same_v<T, float>) {
           if (compact) split_block(param, p_base, off, n, p);
           if (kahan) split_kahan_block(param, p_base, lists.params.dtype, off, n, p);
         }
         if constexpr (std::is_same_v<T, float>) {
-          if (stochastic) write_block<Rounding::kStochastic>(param, p_dtype, off, n, p, key);
+          if (stochastic)
+            write_block<Rounding::kStochastic>(param, p_dtype, off, n, p, stream_bits(words, 0));
         }
         if (!joined && !stochastic) {
           write_block(p_base, p_dtype, off, n, p);
@@ -209,8 +220,9 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
       for (size_t k = 0; k < kWrittenStates; ++k) {
         if constexpr (std::is_same_v<T, float>) {
           if (stochastic_states && states[k].dtype == DType::kBFloat16) {
-            write_block<Rounding::kStochastic>(states[k].data[i], states[k].dtype, off, n, s[k],
-                                               key, static_cast<uint32_t>(k + 1));
+            write_block<Rounding::kStochastic>(
+                states[k].data[i], states[k].dtype, off, n, s[k],
+                stream_bits(words, static_cast<uint32_t>(k + 1)));
             continue;
           }
         }
