@@ -177,7 +177,10 @@ void for_each_block(const StepLists& lists, const std::array<TensorSlot, kStates
   alignas(64) T s_buffer[kStates > 0 ? kStates : 1][kBlock];
   std::array<T*, kStates> s{};
   // [note: vector philox] (convert.h): the block's Philox words, one evaluation per element
-  // for the param and every state store.
+  // for the param and every state store. bf16+SR steps of 16M bf16 params on the shared
+  // 2-core VM (1 thread, min of 9 steps' thread time, load average ~8), per-store scalar
+  // evaluation -> this: Lion 89.6 -> 50.9 ms, SGD (momentum) 88.9 -> 49.9 ms, AdamW (param
+  // and two bf16 moments) 414 -> 69.5 ms; round to nearest (bf16): 9.0, 7.7, 16.6 ms.
   bool any_stochastic_state = false;
   for (size_t k = 0; k < kWrittenStates; ++k)
     any_stochastic_state |= stochastic_states && states[k].dtype == DType::kBFloat16;
