@@ -77,17 +77,17 @@ inline T* view_block(void* base, DType d, int64_t offset, int64_t n, T* buffer) 
 
 /// Writes `values` (from view_block) back to block [offset, offset+n) of a storage slot,
 /// rounded as R says ([note: store rounding] in fusedopt/dtype.h).
-/// kStochastic (fp32 values to a bf16 slot) takes the tensor's key; block element k draws
-/// the bits of element offset + k ([note: stochastic rounding]).
+/// kStochastic (fp32 values to a bf16 slot) takes the block's random bits, block element k
+/// those of element offset + k ([note: stochastic rounding], rounding_words_n).
 template <Rounding R = Rounding::kNearestEven, typename T>
 inline void write_block(void* base, DType d, int64_t offset, int64_t n, const T* values,
-                        const RoundingKey& key = {}, uint32_t stream = 0) {
+                        StreamBits bits = {}) {
   if (d == OpmathDType<T>::value) {
     T* dst = static_cast<T*>(base) + offset;
     if (dst != values) std::memcpy(dst, values, n * sizeof(T));
     return;
   }
-  store_values<R>(element_ptr(base, d, offset), d, values, n, key, offset, stream);
+  store_values<R>(element_ptr(base, d, offset), d, values, n, bits);
 }
 
 }  // namespace fusedopt::cpu

@@ -3,6 +3,8 @@
 // agrees with a round-to-nearest-even computed from distances in double, over a sweep of
 // ~1M float bit patterns (all exponents, ties included); the F16C and auto-vectorised block
 // loops agree with the scalar functions bit for bit.
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -225,17 +227,56 @@ static void test_stochastic_rounding() {
   const RoundingKey key{12345, 6, 7};
   std::vector<float> src(300);
   for (size_t i = 0; i < src.size(); ++i) src[i] = 1.0f + 0.001f * static_cast<float>(i);
-  std::vector<uint16_t> out(src.size());
-  cpu::store_values<Rounding::kStochastic>(out.data(), DType::kBFloat16, src.data(),
-                                           static_cast<int64_t>(src.size()), key, 1000);
-  for (size_t i = 0; i < src.size(); ++i)
-    CHECK(out[i] == float_to_bf16_stochastic(src[i],
-                                             rounding_bits(key, 1000 + static_cast<int64_t>(i))));
+  std::vector<uint32_t> word_buffer(4 * src.size());
+  const std::array<uint32_t*, 4> words{&word_buffer[0], &word_buffer[src.size()],
+                                       &word_buffer[2 * src.size()],
+                                       &word_buffer[3 * src.size()]};
+  const int64_t n = static_cast<int64_t>(src.size());
+  cpu::rounding_words_n(words, key, 1000, n);
+  for (const uint32_t stream : {0u, 2u, 5u}) {
+    std::vector<uint16_t> out(src.size());
+    cpu::store_values<Rounding::kStochastic>(out.data(), DType::kBFloat16, src.data(), n,
+                                             cpu::stream_bits(words, stream));
+    for (size_t i = 0; i < src.size(); ++i)
+      CHECK(out[i] == float_to_bf16_stochastic(
+                          src[i], rounding_bits(key, 1000 + static_cast<int64_t>(i), stream)));
+  }
+}
+
+/// [note: vector philox] (csrc/cpu/convert.h): rounding_words_n's words, through
+/// stream_bits, are rounding_bits' for every stream, for block lengths that leave a scalar
+/// tail or none, and for element counters whose low word wraps inside a vector of 8 (the
+/// carry into the high word), with and without a shard's first element in the key.
+static void test_rounding_words_match_scalar() {
+  constexpr int64_t kMax = 77;
+  std::vector<uint32_t> word_buffer(4 * kMax);
+  const std::array<uint32_t*, 4> words{&word_buffer[0], &word_buffer[kMax],
+                                       &word_buffer[2 * kMax], &word_buffer[3 * kMax]};
+  const RoundingKey keys[] = {
+      {0x243F6A8885A308D3ull, 0x03707344u, 0x13198A2Eu, 0},
+      {0xFFFFFFFFFFFFFFFFull, 0xFFFFFFFFu, 0xFFFFFFFFu, 0},
+      {7, 1, 2, 0xFFFFFFF9u},  // a shard whose first element is 2^32 - 7
+  };
+  const int64_t firsts[] = {0, 3, 0xFFFFFFFBll, 0x1FFFFFFFCll, 0x7FFFFFFFFFFFFFF0ll};
+  const int64_t lengths[] = {1, 7, 8, 9, 16, 29, kMax};
+  for (const RoundingKey& key : keys)
+    for (const int64_t first : firsts)
+      for (const int64_t n : lengths) {
+        std::fill(word_buffer.begin(), word_buffer.end(), 0u);
+        cpu::rounding_words_n(words, key, first, n);
+        for (uint32_t stream = 0; stream < 8; ++stream) {
+          const cpu::StreamBits bits = cpu::stream_bits(words, stream);
+          for (int64_t k = 0; k < n; ++k)
+            CHECK(((bits.word[k] >> bits.shift) & 0xFFFFu) ==
+                  rounding_bits(key, first + k, stream));
+        }
+      }
 }
 
 int main() {
   test_philox_known_answers();
   test_stochastic_rounding();
+  test_rounding_words_match_scalar();
   test_round_trips();
   test_known_values();
   test_against_references_and_vector_loops();

@@ -99,8 +99,9 @@ enum class DType : int32_t {
 /// 2, max_exp_avg_sq 3), streams 4..7 the low halves of words 0..3. Philox's output words
 /// are independent uniform words (a bijective mix of the counter per key), so the streams
 /// are as independent as separate counters would make them, at one evaluation per element
-/// rather than one per store; the CPU and CUDA still evaluate once per store (four times
-/// per element for AMSGrad SR; Triton once per block: tl.philox returns the four words).
+/// rather than one per store; CUDA still evaluates once per store (four times per element
+/// for AMSGrad SR), the CPU once per element for all its stores ([note: vector philox] in
+/// csrc/cpu/convert.h), Triton once per block (tl.philox returns the four words).
 enum class Rounding : int32_t { kNearestEven = 0, kStochastic = 1 };
 
 FUSEDOPT_HD constexpr int dtype_size(DType d) {
