@@ -13,8 +13,13 @@
 // plain one. 1 thread, min of 5 steps, one 14.7M-param fp32 tensor, the 2-core VM at load
 // ~9.5 from other builds (so every number is a few times its quiet value), ms/step before ->
 // after (plain states): AdamW 1188 -> 162 (34-40), Lion 806 -> 58 (19-22), SGD with momentum
-// 820 -> 57 (22-36), LAMB 1443 -> 297 (125-140). GPT-2 small's 124M params, bf16 + fp32
-// master, AdamW: 8923 -> 1679 ms (plain states 825), load ~8.
+// 820 -> 57 (22-36), LAMB 1443 -> 297 (125-140). GPT-2 small (`python -m bench.memory
+// --model gpt2 --threads 1 --quick-ceiling`, mode bf16+master+8-bit states, load ~5.7, a
+// ceiling of ~22 GB/s): AdamW 2443 -> 671 ms/step, 4% -> 15% of the ceiling (bf16+master:
+// 197 ms, 87%); Lion 1094 -> 316, 8% -> 29% (127, 99%); SGD 1126 -> 312, 8% -> 29% (145,
+// 87%); LAMB 3106 -> 1296, 5% -> 12% (620, 43%). What is left is compute, not bytes: per
+// element and state a division, one or two square roots, the absmax and (uint8 codes) one
+// gather (q8_block.h's per-element costs).
 #pragma once
 
 #include <algorithm>
