@@ -6,14 +6,30 @@
 // states take: step_blocks' `block`), and requantized with the block's new absmax.
 // Per element: the op's bytes with 1-byte states, + 8 B per 256 elements per state (its
 // scale read and written).
+//
+// The states go through q8_block.h's block functions (AVX2, bit for bit quant8.h's scalar
+// rules), not one quant8.h call per element: that scalar loop (a division, the guess's square
+// roots and its data-dependent correction loops per element) made the 8-bit step 14-35x the
+// plain one. 1 thread, min of 5 steps, one 14.7M-param fp32 tensor, the 2-core VM at load
+// ~9.5 from other builds (so every number is a few times its quiet value), ms/step before ->
+// after (plain states): AdamW 1188 -> 162 (34-40), Lion 806 -> 58 (19-22), SGD with momentum
+// 820 -> 57 (22-36), LAMB 1443 -> 297 (125-140). GPT-2 small (`python -m bench.memory
+// --model gpt2 --threads 1 --quick-ceiling`, mode bf16+master+8-bit states, load ~5.7, a
+// ceiling of ~22 GB/s): AdamW 2443 -> 671 ms/step, 4% -> 15% of the ceiling (bf16+master:
+// 197 ms, 87%); Lion 1094 -> 316, 8% -> 29% (127, 99%); SGD 1126 -> 312, 8% -> 29% (145,
+// 87%); LAMB 3106 -> 1296, 5% -> 12% (620, 43%). What is left is compute, not bytes: per
+// element and state a division, one or two square roots, the absmax and (uint8 codes) one
+// gather (q8_block.h's per-element costs).
 #pragma once
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 #include <vector>
 
 #include "fusedopt/launch.h"
 #include "fusedopt/quant8.h"
+#include "q8_block.h"
 #include "step.h"
 
 namespace fusedopt::cpu {
@@ -42,6 +58,52 @@ struct Q8Work {
   }
 };
 
+/// values[0, n) = the dequantized codes [begin, begin + n) of tensor i's state `slot`, whose
+/// block b they are (q8_block.h: AVX2 where built for it, equal to quant8.h's dequantize).
+template <typename T>
+void load_q8_block(const Q8Slot& slot, int64_t i, int64_t b, int64_t begin, int64_t n,
+                   T* values) {
+  const float scale = static_cast<const float*>(slot.scales.data[i])[b];
+  alignas(32) float widened[std::is_same_v<T, float> ? 1 : kQuantBlock];
+  float* out = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    out = values;
+  } else {
+    out = widened;
+  }
+  if (slot.codes.dtype == DType::kInt8) {
+    q8_block::dequantize<true>(static_cast<const int8_t*>(slot.codes.data[i]) + begin, n, scale,
+                               out);
+  } else {
+    q8_block::dequantize<false>(static_cast<const uint8_t*>(slot.codes.data[i]) + begin, n,
+                                scale, out);
+  }
+  if constexpr (!std::is_same_v<T, float>)
+    for (int64_t e = 0; e < n; ++e) values[e] = static_cast<T>(widened[e]);
+}
+
+/// Block b of tensor i's state `slot` (codes [begin, begin + n)) requantized from values[0, n)
+/// (as fp32) with their absmax as its new scale.
+template <typename T>
+void store_q8_block(const Q8Slot& slot, int64_t i, int64_t b, int64_t begin, int64_t n,
+                    const T* values) {
+  alignas(32) float narrowed[std::is_same_v<T, float> ? 1 : kQuantBlock];
+  const float* x = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    x = values;
+  } else {
+    for (int64_t e = 0; e < n; ++e) narrowed[e] = static_cast<float>(values[e]);
+    x = narrowed;
+  }
+  const float scale = q8_block::absmax(x, n);
+  static_cast<float*>(slot.scales.data[i])[b] = scale;
+  if (slot.codes.dtype == DType::kInt8) {
+    q8_block::quantize<true>(x, n, scale, static_cast<int8_t*>(slot.codes.data[i]) + begin);
+  } else {
+    q8_block::quantize<false>(x, n, scale, static_cast<uint8_t*>(slot.codes.data[i]) + begin);
+  }
+}
+
 /// Calls f(p, g, st, n) for each quantization block of `item` (blocks [begin, end) of its
 /// tensor), st[k] pointing at the n dequantized values of state k. With kWrite the param
 /// (and master) are written back and, where write_states, every state requantized with
@@ -62,36 +124,12 @@ void for_each_q8_block(const StepLists& lists, const Q8Work& work,
           std::array<T*, kStates> st{};
           for (size_t k = 0; k < kStates; ++k) {
             st[k] = values[k];
-            const float scale = static_cast<const float*>(states[k].scales.data[i])[b];
-            const void* codes = states[k].codes.data[i];
-            for (int64_t e = 0; e < n; ++e)
-              values[k][e] =
-                  states[k].codes.dtype == DType::kInt8
-                      ? q8::dequantize<true>(static_cast<const int8_t*>(codes)[block.begin + e],
-                                             scale)
-                      : q8::dequantize<false>(
-                            static_cast<const uint8_t*>(codes)[block.begin + e], scale);
+            load_q8_block(states[k], i, b, block.begin, n, values[k]);
           }
           f(p, g, st, n);
           if (!kWrite || !write_states) return;
-          for (size_t k = 0; k < kStates; ++k) {
-            float absmax = 0.0f;
-            bool any_nan = false;
-            for (int64_t e = 0; e < n; ++e)
-              q8::fold_absmax(static_cast<float>(values[k][e]), absmax, any_nan);
-            const float scale = q8::canonical_absmax(absmax, any_nan);
-            static_cast<float*>(states[k].scales.data[i])[b] = scale;
-            void* codes = states[k].codes.data[i];
-            if (states[k].codes.dtype == DType::kInt8) {
-              for (int64_t e = 0; e < n; ++e)
-                static_cast<int8_t*>(codes)[block.begin + e] = static_cast<int8_t>(
-                    q8::quantize<true>(static_cast<float>(values[k][e]), scale));
-            } else {
-              for (int64_t e = 0; e < n; ++e)
-                static_cast<uint8_t*>(codes)[block.begin + e] = static_cast<uint8_t>(
-                    q8::quantize<false>(static_cast<float>(values[k][e]), scale));
-            }
-          }
+          for (size_t k = 0; k < kStates; ++k)
+            store_q8_block(states[k], i, b, block.begin, n, values[k]);
         });
   }
 }
