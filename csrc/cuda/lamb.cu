@@ -31,11 +31,12 @@ __device__ __forceinline__ bool adapts(const Row& row, const StepArgs& a) {
 }
 
 /// What both passes compute per element: the new m, v and the update direction u. The
-/// pointers, scalars and loads are StepBody's (step.cuh): states[0] is m, states[1] v.
-template <class P, class G, MasterKind kMasterWeights>
+/// pointers, scalars and loads are StepBodyOf's (step.cuh): states[0] is m, states[1] v, in
+/// storage S ([note: state dtype] in fusedopt/dtype.h).
+template <class S_, class P, class G, MasterKind kMasterWeights>
 struct LambElements
-    : StepBody<P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq> {
-  using Base = StepBody<P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq>;
+    : StepBodyOf<S_, P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq> {
+  using Base = StepBodyOf<S_, P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq>;
   using typename Base::S;
   using typename Base::T;
   // The states hold opmath values exactly: a tensor that adapts takes two passes
@@ -65,9 +66,9 @@ struct LambElements
 
 /// lamb_direction_: accumulates |p|^2 and |u|^2 of the thread's elements (a tensor that
 /// adapts); stores m, v when the states are exact.
-template <class P, class G, MasterKind kMasterWeights>
-struct LambNormBody : LambElements<P, G, kMasterWeights> {
-  using Base = LambElements<P, G, kMasterWeights>;
+template <class S, class P, class G, MasterKind kMasterWeights>
+struct LambNormBody : LambElements<S, P, G, kMasterWeights> {
+  using Base = LambElements<S, P, G, kMasterWeights>;
   using T = typename Base::T;
   T* p2;
   T* u2;
@@ -94,14 +95,14 @@ struct LambNormBody : LambElements<P, G, kMasterWeights> {
 
 /// lamb_apply_: p -= lr * ratio * u, the ratio from sq_norms (StepArgs::extra); u from the
 /// stored m, v (two-pass tensors: writes p) or from g and the old m, v (writes p, m, v).
-template <class P, class G, MasterKind kMasterWeights>
-struct LambApplyBody : LambElements<P, G, kMasterWeights> {
-  using Base = LambElements<P, G, kMasterWeights>;
+template <class S, class P, class G, MasterKind kMasterWeights>
+struct LambApplyBodyOf : LambElements<S, P, G, kMasterWeights> {
+  using Base = LambElements<S, P, G, kMasterWeights>;
   using T = typename Base::T;
   T ratio;
   bool two_pass;  // the same for the whole block: no divergence
 
-  __device__ __forceinline__ LambApplyBody(const Row& row, int t, const StepArgs& a)
+  __device__ __forceinline__ LambApplyBodyOf(const Row& row, int t, const StepArgs& a)
       : Base(row, t, a),
         ratio(adapts(row, a) ? lamb_trust_ratio_sq(static_cast<const T*>(a.extra)[2 * t],
                                                    static_cast<const T*>(a.extra)[2 * t + 1],
@@ -124,11 +125,18 @@ struct LambApplyBody : LambElements<P, G, kMasterWeights> {
 #pragma unroll
     for (int k = 0; k < V; ++k) pv[k] = lamb_apply(pv[k], uv[k], ratio, this->s);
     this->store_param_and_master(i, pv);
-    if (!two_pass) {
-      store<V>(this->states[0], i, mv);
-      store<V>(this->states[1], i, vv);
+    if (!two_pass) {  // bf16 states of an SR call round stochastically ([note: state dtype])
+      this->template store_state<0>(i, mv);
+      this->template store_state<1>(i, vv);
     }
   }
+};
+
+/// lamb_apply_ with DESIGN.md §3's state storage (StateOf): a type of its own, so that these
+/// kernels keep their names (tests/test_cuda_static.py, the H200 model).
+template <class P, class G, MasterKind kMasterWeights>
+struct LambApplyBody : LambApplyBodyOf<StateOf<P, kMasterWeights>, P, G, kMasterWeights> {
+  using LambApplyBodyOf<StateOf<P, kMasterWeights>, P, G, kMasterWeights>::LambApplyBodyOf;
 };
 
 template <class T>
@@ -136,7 +144,7 @@ struct NormPartial {
   T p2, u2;
 };
 
-template <class P, class G, MasterKind kMasterWeights>
+template <class S, class P, class G, MasterKind kMasterWeights>
 __global__ void __launch_bounds__(kThreads)
     lamb_norms_kernel(Table table, StepArgs args, NormPartial<Opmath<P>>* partials) {
   using T = Opmath<P>;
@@ -145,9 +153,9 @@ __global__ void __launch_bounds__(kThreads)
   const Row& row = table.rows[w.t];
   if (!adapts(row, args)) return;  // its ratio is 1; lamb_fold_kernel reads no partial
   T p2 = T(0), u2 = T(0);
-  const LambNormBody<P, G, kMasterWeights> body(row, w.t, args, &p2, &u2);
-  for_chunk<LambNormBody<P, G, kMasterWeights>::kWidth>(w.span, body.aligned(w.span.start),
-                                                        body);
+  const LambNormBody<S, P, G, kMasterWeights> body(row, w.t, args, &p2, &u2);
+  for_chunk<LambNormBody<S, P, G, kMasterWeights>::kWidth>(w.span, body.aligned(w.span.start),
+                                                           body);
   p2 = block_reduce(p2, Sum{}, T(0));
   u2 = block_reduce(u2, Sum{}, T(0));
   if (threadIdx.x == 0) partials[blockIdx.x] = {p2, u2};
@@ -185,6 +193,9 @@ struct LambLaunch {
 
   LambLaunch(const LambCall& call, const ExecContext& ctx)
       : args(step_args(call.lists)), host(step_table(call.lists)) {
+    // [note: state dtype]: a storage the cuda backend does not build is refused before the
+    // table upload or a step count moves
+    check_state_storage("lamb_", call.lists, call.exp_avgs.dtype);
     FUSEDOPT_FILL_STEP_CALL(LAMB)
     table = host.upload(ctx);
   }
@@ -198,16 +209,17 @@ void run_direction(const LambCall& call, LambLaunch& l, void* sq_norms, const Ex
   // not (the fold writes its 0), and a call where none does costs two almost empty launches
   // instead of none.
   if (l.host.total_chunks() == 0) return;
-  dispatch_step_types(
-      call.lists.params.dtype, call.lists.grads.dtype, master_kind(call.lists),
-      [&](auto p, auto g, auto master) {
+  // [note: state dtype]: the moments' storage is the call's (exp_avgs' slot dtype)
+  dispatch_step_states(
+      "lamb_", call.lists, call.exp_avgs.dtype, [&](auto p, auto g, auto master, auto s) {
         using P = decltype(p);
         using G = decltype(g);
+        using S = decltype(s);
         using T = Opmath<P>;
         constexpr MasterKind kM = decltype(master)::value;
         auto* partials = static_cast<NormPartial<T>*>(
             ctx.workspace.get(sizeof(NormPartial<T>) * l.host.total_chunks()));
-        launch_kernel(lamb_norms_kernel<P, G, kM>, chunk_grid(l.host.total_chunks()), kThreads,
+        launch_kernel(lamb_norms_kernel<S, P, G, kM>, chunk_grid(l.host.total_chunks()), kThreads,
                       stream, l.table, l.args, partials);
         check(cudaGetLastError(), "launching lamb_direction_ (norms)");
         launch_kernel(lamb_fold_kernel<T>, 1, kFoldThreads, stream, l.table, l.args, partials,
@@ -219,14 +231,18 @@ void run_direction(const LambCall& call, LambLaunch& l, void* sq_norms, const Ex
 void run_apply(const LambCall& call, LambLaunch& l, const void* sq_norms,
                const ExecContext& ctx) {
   l.args.extra = sq_norms;
-  dispatch_step_types(call.lists.params.dtype, call.lists.grads.dtype,
-                      master_kind(call.lists), [&](auto p, auto g, auto master) {
-                        using P = decltype(p);
-                        using G = decltype(g);
-                        constexpr MasterKind kM = decltype(master)::value;
-                        launch_step<LambApplyBody<P, G, kM>>(l.host, l.table, l.args,
-                                                             stream_of(ctx));
-                      });
+  dispatch_step_states(
+      "lamb_", call.lists, call.exp_avgs.dtype, [&](auto p, auto g, auto master, auto s) {
+        using P = decltype(p);
+        using G = decltype(g);
+        using S = decltype(s);
+        constexpr MasterKind kM = decltype(master)::value;
+        if constexpr (std::is_same_v<S, StateOf<P, kM>>) {
+          launch_step<LambApplyBody<P, G, kM>>(l.host, l.table, l.args, stream_of(ctx));
+        } else {
+          launch_step<LambApplyBodyOf<S, P, G, kM>>(l.host, l.table, l.args, stream_of(ctx));
+        }
+      });
 }
 
 /// [note: 8-bit states] (fusedopt/quant8.py): not on CUDA yet (the reference, cpu and
