@@ -7,14 +7,16 @@
 // the second pass is decided per tensor, the same way in every backend ([note: lamb passes]):
 // * a tensor that adapts and whose states hold opmath values exactly (fp32/fp64 states:
 //   those of fp32/fp64 params or master weights by default, whatever the param with
-//   state_dtype=fp32, [note: state dtype] in fusedopt/dtype.h): lamb_direction_ stores the new m, v; lamb_apply_ reads p, m, v and
-//   recomputes u from them (lamb_update) — the stored moments are the unrounded ones, so u is
-//   bit for bit the one whose norm was taken. fp32: 24 + 16 = 40 B per element;
+//   state_dtype=fp32, [note: state dtype] in fusedopt/dtype.h): lamb_direction_ stores the
+//   new m, v; lamb_apply_ reads p, m, v and recomputes u from them (lamb_update) — the
+//   stored moments are the unrounded ones, so u is bit for bit the one whose norm was
+//   taken. fp32: 24 + 16 = 40 B per element;
 // * else (bf16/fp16 states, or a tensor that does not adapt):
 //   lamb_direction_ writes nothing (and skips a tensor that does not adapt); lamb_apply_
 //   reads g, p, m, v, recomputes the moments and u from them (lamb_direction) and writes
-//   p, m, v (bf16 moments of an SR call rounded stochastically). Storing rounded moments in the first pass would make the second pass's u differ
-//   from the one whose norm was taken. bf16: 8 + 14 = 22 B; a tensor that does not adapt
+//   p, m, v (bf16 moments of an SR call rounded stochastically). Storing rounded moments in
+//   the first pass would make the second pass's u differ from the one whose norm was
+//   taken. bf16: 8 + 14 = 22 B; a tensor that does not adapt
 //   takes the one pass (fp32 28 B). 8-bit moments ([note: 8-bit states] in
 //   fusedopt/quant8.py) are never exact: lamb_direction_ reads the codes, lamb_apply_
 //   recomputes the moments and writes the codes, once per step.
