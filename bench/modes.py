@@ -153,8 +153,9 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             torch.bfloat16,
             torch.bfloat16,
             "bf16 params, grads and states; no master; the param writes rounded "
-            "stochastically, AdamW's and Adam's bf16 states too, other optimizers' states "
-            "to nearest ([note: stochastic rounding], [note: state dtype] in "
+            "stochastically, the bf16 states of AdamW, Adam, LAMB, Lion and SGD too, the "
+            "other optimizers' states (Adan, Schedule-Free AdamW, Adafactor, Muon) to "
+            "nearest ([note: stochastic rounding], [note: state dtype] in "
             "csrc/include/fusedopt/dtype.h)",
             stochastic_rounding=True,
         ),

@@ -445,6 +445,7 @@ STEP_OPS: dict[str, StepOpSpec] = {
         StepOpSpec(
             "lamb_",
             cpp="Lamb",
+            state_dtypes=True,
             doc="LAMB, timm semantics. The global clip g /= max(1, |g|/max_grad_norm) arrives "
             "folded into clip_coef (the functional layer computes it with grad_norm), so the "
             "op itself sees only the common scalars.",
@@ -465,6 +466,7 @@ STEP_OPS: dict[str, StepOpSpec] = {
         StepOpSpec(
             "lion_",
             cpp="Lion",
+            state_dtypes=True,
             doc="Lion (lion-pytorch): p *= 1 - lr*wd; p -= lr*sign(b1*m + (1-b1)*g); "
             "m = b2*m + (1-b2)*g.",
             states=(
@@ -509,6 +511,7 @@ STEP_OPS: dict[str, StepOpSpec] = {
         StepOpSpec(
             "sgd_",
             cpp="Sgd",
+            state_dtypes=True,
             doc="SGD (torch.optim.SGD). momentum_buffers and steps are both empty (no momentum in "
             "this call: every momentum value is 0) or both of length N. A param whose step "
             "count is 0 before this step takes buf = g (torch's first-step rule); a skipped "

@@ -183,7 +183,8 @@ def _expected() -> dict[str, tuple[str, ...]]:
         expected[f"ScheduleFreeAdamWBody<{types}>"] = both
         expected[f"LambApplyBody<{types}>"] = both
         expected[f"MuonApplyBody<{types}>"] = both
-        expected[f"lamb_norms_kernel<{types}>("] = loads
+        state = "float" if m != NO_MASTER else p  # StateOf (csrc/cuda/step.cuh)
+        expected[f"lamb_norms_kernel<{state}, {types}>("] = loads
         # Adafactor's reductions walk a chunk's rows a warp per row (or its columns a thread
         # per column) with scalar accesses, coalesced: 32 consecutive elements per warp
         # access (csrc/cuda/adafactor.cu); its apply takes p and g on the vector path.
@@ -197,10 +198,10 @@ def _expected() -> dict[str, tuple[str, ...]]:
         expected[f"SgdQ8Body<{types}>"] = ()
         expected[f"LambQ8ApplyBody<{types}>"] = ()
         expected[f"lamb_q8_norms_kernel<{types}>("] = ()
-    # [note: state dtype]: AdamW's states in another storage than StateOf's (fp32 with
-    # masters, else the param's): run_step_with_states's instantiations, the storages
-    # kCudaStateStorage builds (csrc/cuda/step.cuh): fp32 params with 16-bit states, bf16
-    # params with masters and bf16 states.
+    # [note: state dtype]: the states of AdamW, LAMB, Lion and SGD in another storage than
+    # StateOf's (fp32 with masters, else the param's): dispatch_step_states's
+    # instantiations, the storages kCudaStateStorage builds (csrc/cuda/step.cuh): fp32
+    # params with 16-bit states, bf16 params with masters and bf16 states.
     for p, g, m in STORAGE:
         if p == "float":
             states = (_NS + "bf16", _NS + "fp16")
@@ -211,6 +212,10 @@ def _expected() -> dict[str, tuple[str, ...]]:
         for s in states:
             for variant in ("true", "false"):
                 expected[f"AdamWBodyOf<{s}, {p}, {g}, {m}, {variant}>"] = both
+            expected[f"SgdBodyOf<{s}, {p}, {g}, {m}, true>"] = both  # with buffers only
+            expected[f"LionBodyOf<{s}, {p}, {g}, {m}>"] = both
+            expected[f"LambApplyBodyOf<{s}, {p}, {g}, {m}>"] = both
+            expected[f"lamb_norms_kernel<{s}, {p}, {g}, {m}>("] = loads
     return expected
 
 

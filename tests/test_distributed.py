@@ -65,6 +65,16 @@ MESH_FREE_CASES = {
         dict(lr=1e-2, state_dtype=torch.bfloat16, stochastic_rounding=True),
         False,
     ),
+    "sr_states_lion": (
+        lambda: fusedopt.Lion,
+        dict(lr=1e-3, state_dtype=torch.bfloat16, stochastic_rounding=True),
+        False,
+    ),
+    "sr_states_sgd": (
+        lambda: fusedopt.SGD,
+        dict(lr=1e-2, momentum=0.9, state_dtype=torch.bfloat16, stochastic_rounding=True),
+        False,
+    ),
     "kahan_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, master_weights="kahan"), False),
     "compact_adamw_bf16": (lambda: fusedopt.AdamW, dict(lr=1e-2, master_weights="compact"), False),
 }

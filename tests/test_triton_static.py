@@ -98,8 +98,10 @@ def test_every_kernel_compiles_for_sm90(report):
                "muon_momentum", "muon_apply"}  # fmt: skip
     for kernel in kernels:
         assert any(name.startswith(kernel) for name in report), kernel
-    # [note: state dtype]: AdamW with states of their own dtype, bf16 ones stochastic
-    assert sum(name.startswith("adamw_states_") for name in report) == 3
+    # [note: state dtype]: AdamW, SGD, Lion and LAMB (both passes) with states of their own
+    # dtype, bf16 ones stochastic
+    for op in ("adamw", "sgd", "lion", "lamb_norms", "lamb_apply"):
+        assert sum(name.startswith(f"{op}_states_") for name in report) == 3, op
     for case in ELEMENTWISE_CASES:
         for op in ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_norms",
                    "lamb_apply", "adafactor_partials", "adafactor_updates", "adafactor_apply",

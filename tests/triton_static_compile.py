@@ -131,7 +131,8 @@ def variants():
         exact = dtypes["MASTER"] or dtypes["P_DTYPE"] in (F32, F64)
         lamb_base = {"WIDTH": 10, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
                      "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,
-                     "ALWAYS_ADAPT": False, "STATES_EXACT": exact, "Q8": False}  # fmt: skip
+                     "ALWAYS_ADAPT": False, "STATES_EXACT": exact, "Q8": False,
+                     "STATE_SR": False}  # fmt: skip
         out.append((f"lamb_norms_{case}", lamb.lamb_norms_kernel, lamb_base))
         # WIDTH = 3 + 7 slots + 1 (the hyperparameter row)
         adafactor_base = {"WIDTH": 11, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
@@ -160,19 +161,32 @@ def variants():
                 {"WIDTH": 11, "HAS_FOUND_INF": True}))  # fmt: skip
     out.append(("lamb_fold", lamb.lamb_fold_kernel,
                 {"WIDTH": 10, "COMPUTE": F32, "HAS_FOUND_INF": True}))  # fmt: skip
-    # [note: state dtype]: AdamW's states in their own dtype; bf16 ones rounded
-    # stochastically (STATE_SR: the state pointers come from the prologue's S_DTYPE, a path
-    # the interpreter does not check: a static_assert there failed only when compiled).
+    # [note: state dtype]: the states of AdamW, SGD, Lion and LAMB in their own dtype; bf16
+    # ones rounded stochastically (STATE_SR: the state pointers come from the prologue's
+    # S_DTYPE, a path the interpreter does not check: a static_assert there failed only when
+    # compiled). 16-bit states are not exact: LAMB's one-pass path.
     for case, dtypes, extra in (
         ("fp32_bf16_sr", step_dtypes(F32, F32, False), {"S_DTYPE": BF16, "STATE_SR": True}),
         ("bf16_master_bf16_sr", step_dtypes(BF16, F32, True),
          {"S_DTYPE": BF16, "STATE_SR": True}),
         ("fp32_fp16", step_dtypes(F32, F32, False), {"S_DTYPE": F16, "STATE_SR": False}),
     ):  # fmt: skip
-        flags = adamw.adamw_.constexprs(True, DECOUPLED=True, AMSGRAD=True, MAXIMIZE=True,
-                                        BIAS_CORRECTION=True)  # fmt: skip
-        out.append((f"adamw_states_{case}", drivers.step_kernel,
-                    {"WIDTH": 11, **dtypes, **SCALARS, **flags, **extra}))  # fmt: skip
+        for name, op, width, steps, flags in (
+            ("adamw", adamw.adamw_, 11, True,
+             dict(DECOUPLED=True, AMSGRAD=True, MAXIMIZE=True, BIAS_CORRECTION=True)),
+            ("sgd", sgd.sgd_, 9, True, dict(HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True)),
+            ("lion", lion.lion_, 8, False, dict(MAXIMIZE=True)),
+        ):  # fmt: skip
+            out.append((f"{name}_states_{case}", drivers.step_kernel,
+                        {"WIDTH": width, **dtypes, **SCALARS, **op.constexprs(steps, **flags),
+                         **extra}))  # fmt: skip
+        lamb_states = {"WIDTH": 10, **dtypes, "HAS_GRAD_SCALE": True, "HAS_CLIP": True,
+                       "HAS_FOUND_INF": True, "GRAD_AVERAGING": True, "BIAS_CORRECTION": True,
+                       "ALWAYS_ADAPT": False, "STATES_EXACT": False, "Q8": False,
+                       **extra}  # fmt: skip
+        out.append((f"lamb_norms_states_{case}", lamb.lamb_norms_kernel, lamb_states))
+        out.append((f"lamb_apply_states_{case}", lamb.lamb_apply_kernel,
+                    {**lamb_states, "LR_MODE": 0, "TRUST_CLIP": True}))  # fmt: skip
     return out
 
 

@@ -49,11 +49,12 @@ __device__ __forceinline__ T trust_ratio(const Row& row, int t, const StepArgs& 
 }
 
 /// What both passes compute per element: the new m, v and the update direction u. The
-/// pointers, scalars and loads are StepBody's (step.cuh): states[0] is m, states[1] v.
-template <class P, class G, MasterKind kMasterWeights>
+/// pointers, scalars and loads are StepBodyOf's (step.cuh): states[0] is m, states[1] v, in
+/// storage S ([note: state dtype] in fusedopt/dtype.h).
+template <class S_, class P, class G, MasterKind kMasterWeights>
 struct LambElements
-    : StepBody<P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq> {
-  using Base = StepBody<P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq>;
+    : StepBodyOf<S_, P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq> {
+  using Base = StepBodyOf<S_, P, G, kMasterWeights, LambScalars<Opmath<P>>, kExpAvg, kExpAvgSq>;
   using typename Base::S;
   using typename Base::T;
   // The states hold opmath values exactly: a tensor that adapts takes two passes
@@ -83,9 +84,9 @@ struct LambElements
 
 /// lamb_direction_: accumulates |p|^2 and |u|^2 of the thread's elements (a tensor that
 /// adapts); stores m, v when the states are exact.
-template <class P, class G, MasterKind kMasterWeights>
-struct LambNormBody : LambElements<P, G, kMasterWeights> {
-  using Base = LambElements<P, G, kMasterWeights>;
+template <class S, class P, class G, MasterKind kMasterWeights>
+struct LambNormBody : LambElements<S, P, G, kMasterWeights> {
+  using Base = LambElements<S, P, G, kMasterWeights>;
   using T = typename Base::T;
   T* p2;
   T* u2;
@@ -112,14 +113,14 @@ struct LambNormBody : LambElements<P, G, kMasterWeights> {
 
 /// lamb_apply_: p -= lr * ratio * u, the ratio from sq_norms (StepArgs::extra); u from the
 /// stored m, v (two-pass tensors: writes p) or from g and the old m, v (writes p, m, v).
-template <class P, class G, MasterKind kMasterWeights>
-struct LambApplyBody : LambElements<P, G, kMasterWeights> {
-  using Base = LambElements<P, G, kMasterWeights>;
+template <class S, class P, class G, MasterKind kMasterWeights>
+struct LambApplyBodyOf : LambElements<S, P, G, kMasterWeights> {
+  using Base = LambElements<S, P, G, kMasterWeights>;
   using T = typename Base::T;
   T ratio;
   bool two_pass;  // the same for the whole block: no divergence
 
-  __device__ __forceinline__ LambApplyBody(const Row& row, int t, const StepArgs& a)
+  __device__ __forceinline__ LambApplyBodyOf(const Row& row, int t, const StepArgs& a)
       : Base(row, t, a),
         ratio(trust_ratio<T>(row, t, a)),
         two_pass(lamb_two_pass(adapts(row, a), Base::kStatesExact)) {}
@@ -139,21 +140,29 @@ struct LambApplyBody : LambElements<P, G, kMasterWeights> {
 #pragma unroll
     for (int k = 0; k < V; ++k) pv[k] = lamb_apply(pv[k], uv[k], ratio, this->s);
     this->store_param_and_master(i, pv);
-    if (!two_pass) {
-      store<V>(this->states[0], i, mv);
-      store<V>(this->states[1], i, vv);
+    if (!two_pass) {  // bf16 states of an SR call round stochastically ([note: state dtype])
+      this->template store_state<0>(i, mv);
+      this->template store_state<1>(i, vv);
     }
   }
+};
+
+/// lamb_apply_ with DESIGN.md §3's state storage (StateOf): a type of its own, so that these
+/// kernels keep their names (tests/test_cuda_static.py, the H200 model).
+template <class P, class G, MasterKind kMasterWeights>
+struct LambApplyBody : LambApplyBodyOf<StateOf<P, kMasterWeights>, P, G, kMasterWeights> {
+  using LambApplyBodyOf<StateOf<P, kMasterWeights>, P, G, kMasterWeights>::LambApplyBodyOf;
 };
 
 /// [note: 8-bit states] (fusedopt/quant8.py): m as int8 and v as uint8 codes with their
 /// block absmaxes (quant8.cuh), in the slots of the exact moments and of their scales.
 template <class P, class G, MasterKind kMasterWeights>
-struct LambQ8Elements : LambElements<P, G, kMasterWeights> {
+struct LambQ8Elements : LambElements<StateOf<P, kMasterWeights>, P, G, kMasterWeights> {
+  using Base = LambElements<StateOf<P, kMasterWeights>, P, G, kMasterWeights>;
   Q8States<true, false> q;
 
   __device__ __forceinline__ LambQ8Elements(const Row& row, int t, const StepArgs& a)
-      : LambElements<P, G, kMasterWeights>(row, t, a),
+      : Base(row, t, a),
         q(row, {kExpAvg, kExpAvgSq}, {kExpAvgScales, kExpAvgSqScales}) {}
 };
 
@@ -221,10 +230,10 @@ __device__ __forceinline__ void lamb_norms(const Table& table, const StepArgs& a
   if (threadIdx.x == 0) partials[blockIdx.x] = {p2, u2};
 }
 
-template <class P, class G, MasterKind kMasterWeights>
+template <class S, class P, class G, MasterKind kMasterWeights>
 __global__ void __launch_bounds__(kThreads)
     lamb_norms_kernel(Table table, StepArgs args, NormPartial<Opmath<P>>* partials) {
-  using Body = LambNormBody<P, G, kMasterWeights>;
+  using Body = LambNormBody<S, P, G, kMasterWeights>;
   lamb_norms<Body>(table, args, partials, [](const Work& w, const Row&, const Body& body) {
     for_chunk<Body::kWidth>(w.span, body.aligned(w.span.start), body);
   });
@@ -276,36 +285,53 @@ struct LambLaunch {
       : args(step_args(call.lists)),
         host(step_table(call.lists)),
         q8(call.exp_avg_scales.present()) {
+    // [note: state dtype]: a storage the cuda backend does not build is refused before the
+    // table upload or a step count moves (8-bit moments are codes: q8_step_kernel's own)
+    if (!q8) check_state_storage("lamb_", call.lists, call.exp_avgs.dtype);
     FUSEDOPT_FILL_STEP_CALL(LAMB)
     if (q8) set_row_lengths(host, call.lists);
     table = host.upload(ctx);
   }
 };
 
-void run_direction(const LambCall& call, LambLaunch& l, void* sq_norms, const ExecContext& ctx) {
+/// Launches `norms` (a norms kernel: chunk partials of T) and the fold into sq_norms.
+template <class T, class Kernel>
+void launch_norms(Kernel norms, const LambLaunch& l, void* sq_norms, const ExecContext& ctx) {
   const cudaStream_t stream = stream_of(ctx);
-  increment_steps(l.table, call.lists.scalars.found_inf, stream);
+  auto* partials = static_cast<NormPartial<T>*>(
+      ctx.workspace.get(sizeof(NormPartial<T>) * l.host.total_chunks()));
+  launch_kernel(norms, chunk_grid(l.host.total_chunks()), kThreads, stream, l.table, l.args,
+                partials);
+  check(cudaGetLastError(), "launching lamb_direction_ (norms)");
+  launch_kernel(lamb_fold_kernel<T>, 1, kFoldThreads, stream, l.table, l.args, partials,
+                static_cast<T*>(sq_norms));
+  check(cudaGetLastError(), "launching lamb_direction_ (fold)");
+}
+
+void run_direction(const LambCall& call, LambLaunch& l, void* sq_norms, const ExecContext& ctx) {
+  increment_steps(l.table, call.lists.scalars.found_inf, stream_of(ctx));
   // The weight decays are device memory ([note: hyper table] in fusedopt/_contract.py), so
   // the host cannot tell which tensors adapt: the norms kernel skips each tensor that does
   // not (the fold writes its 0), and a call where none does costs two almost empty launches
   // instead of none.
   if (l.host.total_chunks() == 0) return;
-  dispatch_step_types(
-      call.lists.params.dtype, call.lists.grads.dtype, master_kind(call.lists),
-      [&](auto p, auto g, auto master) {
+  if (l.q8) {  // 8-bit moments: codes, not a state storage ([note: 8-bit states])
+    dispatch_step_types(call.lists.params.dtype, call.lists.grads.dtype,
+                        master_kind(call.lists), [&](auto p, auto g, auto master) {
+                          using P = decltype(p);
+                          constexpr MasterKind kM = decltype(master)::value;
+                          launch_norms<Opmath<P>>(lamb_q8_norms_kernel<P, decltype(g), kM>, l,
+                                                  sq_norms, ctx);
+                        });
+    return;
+  }
+  // [note: state dtype]: the moments' storage is the call's (exp_avgs' slot dtype)
+  dispatch_step_states(
+      "lamb_", call.lists, call.exp_avgs.dtype, [&](auto p, auto g, auto master, auto s) {
         using P = decltype(p);
-        using G = decltype(g);
-        using T = Opmath<P>;
         constexpr MasterKind kM = decltype(master)::value;
-        auto* partials = static_cast<NormPartial<T>*>(
-            ctx.workspace.get(sizeof(NormPartial<T>) * l.host.total_chunks()));
-        launch_kernel(l.q8 ? lamb_q8_norms_kernel<P, G, kM> : lamb_norms_kernel<P, G, kM>,
-                      chunk_grid(l.host.total_chunks()), kThreads, stream, l.table, l.args,
-                      partials);
-        check(cudaGetLastError(), "launching lamb_direction_ (norms)");
-        launch_kernel(lamb_fold_kernel<T>, 1, kFoldThreads, stream, l.table, l.args, partials,
-                      static_cast<T*>(sq_norms));
-        check(cudaGetLastError(), "launching lamb_direction_ (fold)");
+        launch_norms<Opmath<P>>(lamb_norms_kernel<decltype(s), P, decltype(g), kM>, l,
+                                sq_norms, ctx);
       });
 }
 
@@ -316,14 +342,18 @@ void run_apply(const LambCall& call, LambLaunch& l, const void* sq_norms,
     launch_q8_step<LambQ8ApplyBody>(call.lists, l.host, l.table, l.args, stream_of(ctx));
     return;
   }
-  dispatch_step_types(call.lists.params.dtype, call.lists.grads.dtype,
-                      master_kind(call.lists), [&](auto p, auto g, auto master) {
-                        using P = decltype(p);
-                        using G = decltype(g);
-                        constexpr MasterKind kM = decltype(master)::value;
-                        launch_step<LambApplyBody<P, G, kM>>(l.host, l.table, l.args,
-                                                             stream_of(ctx));
-                      });
+  dispatch_step_states(
+      "lamb_", call.lists, call.exp_avgs.dtype, [&](auto p, auto g, auto master, auto s) {
+        using P = decltype(p);
+        using G = decltype(g);
+        using S = decltype(s);
+        constexpr MasterKind kM = decltype(master)::value;
+        if constexpr (std::is_same_v<S, StateOf<P, kM>>) {
+          launch_step<LambApplyBody<P, G, kM>>(l.host, l.table, l.args, stream_of(ctx));
+        } else {
+          launch_step<LambApplyBodyOf<S, P, G, kM>>(l.host, l.table, l.args, stream_of(ctx));
+        }
+      });
 }
 
 }  // namespace

@@ -23,12 +23,13 @@ struct LionUpdate {
   }
 };
 
-template <class P, class G, MasterKind kMasterWeights>
-struct LionBody : StepBody<P, G, kMasterWeights, LionScalars<Opmath<P>>, kExpAvg> {
-  using Base = StepBody<P, G, kMasterWeights, LionScalars<Opmath<P>>, kExpAvg>;
+/// The moment in storage S ([note: state dtype] in fusedopt/dtype.h: run_step_with_states).
+template <class S, class P, class G, MasterKind kMasterWeights>
+struct LionBodyOf : StepBodyOf<S, P, G, kMasterWeights, LionScalars<Opmath<P>>, kExpAvg> {
+  using Base = StepBodyOf<S, P, G, kMasterWeights, LionScalars<Opmath<P>>, kExpAvg>;
   using typename Base::T;
 
-  __device__ __forceinline__ LionBody(const Row& row, int t, const StepArgs& a)
+  __device__ __forceinline__ LionBodyOf(const Row& row, int t, const StepArgs& a)
       : Base(row, a, a.flag[kMaximize], [&] {
           return lion_scalars<T>(step_lr(row, t, a), row.hyper[kBeta1], row.hyper[kBeta2],
                           row.hyper[kWeightDecay]);
@@ -38,6 +39,13 @@ struct LionBody : StepBody<P, G, kMasterWeights, LionScalars<Opmath<P>>, kExpAvg
   __device__ __forceinline__ void apply(int64_t i) const {
     apply_every_state<V>(*this, i, LionUpdate{});
   }
+};
+
+/// Lion with DESIGN.md §3's state storage (StateOf): a type of its own, so that these kernels
+/// keep their names (tests/test_cuda_static.py, the H200 model).
+template <class P, class G, MasterKind kMasterWeights>
+struct LionBody : LionBodyOf<StateOf<P, kMasterWeights>, P, G, kMasterWeights> {
+  using LionBodyOf<StateOf<P, kMasterWeights>, P, G, kMasterWeights>::LionBodyOf;
 };
 
 /// [note: 8-bit states] (fusedopt/quant8.py): the moment as int8 codes (quant8.cuh).
@@ -63,7 +71,9 @@ void lion(const LionCall& call, const ExecContext& ctx) {
     run_q8_step<LionQ8Body>(call.lists, host, args, ctx, /*count_steps=*/false);
     return;
   }
-  run_step<LionBody>(call.lists, host, args, /*count_steps=*/false, ctx);
+  // [note: state dtype]: the moment's storage is the call's (exp_avgs' slot dtype).
+  run_step_with_states<LionBodyOf, LionBody>("lion_", call.lists, call.exp_avgs.dtype, host,
+                                             args, /*count_steps=*/false, ctx);
 }
 
 }  // namespace fusedopt::cuda

@@ -16,9 +16,11 @@ constexpr int kMomentumBufferScales = state_slot(spec::sgd::kMomentumBufferScale
 using spec::sgd::kMomentum, spec::sgd::kDampening, spec::sgd::kWeightDecay;
 using spec::sgd::kNesterov, spec::sgd::kMaximize;
 
-template <class P, class G, MasterKind kMasterWeights, bool kWithMomentum>
-struct SgdBody : StepBody<P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentumBuffer> {
-  using Base = StepBody<P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentumBuffer>;
+/// The buffer in storage S ([note: state dtype] in fusedopt/dtype.h: run_step_with_states).
+template <class S, class P, class G, MasterKind kMasterWeights, bool kWithMomentum>
+struct SgdBodyOf
+    : StepBodyOf<S, P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentumBuffer> {
+  using Base = StepBodyOf<S, P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentumBuffer>;
   using typename Base::T;
 
   // [note: sgd momentum 0] (fusedopt/reference/ops.py): a tensor whose momentum is 0 steps
@@ -28,7 +30,7 @@ struct SgdBody : StepBody<P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentum
 
   // The step count was incremented before this kernel: 1 now means this is the param's first
   // (unskipped) step, whatever a state dict loaded before.
-  __device__ __forceinline__ SgdBody(const Row& row, int t, const StepArgs& a)
+  __device__ __forceinline__ SgdBodyOf(const Row& row, int t, const StepArgs& a)
       : Base(row, a, a.flag[kMaximize], [&] {
           return sgd_scalars<T>(step_lr(row, t, a), row.hyper[kMomentum],
                          row.hyper[kDampening], row.hyper[kWeightDecay],
@@ -54,13 +56,20 @@ struct SgdBody : StepBody<P, G, kMasterWeights, SgdScalars<Opmath<P>>, kMomentum
       if (!s.first_step) load<V>(buf, i, bv);
 #pragma unroll
       for (int k = 0; k < V; ++k) sgd_update<T, true>(pv[k], load_grad(gv[k], load_g), bv[k], s);
-      store<V>(buf, i, bv);
+      this->template store_state<0>(i, bv);
     } else {
 #pragma unroll
       for (int k = 0; k < V; ++k) sgd_update<T, false>(pv[k], load_grad(gv[k], load_g), bv[k], s);
     }
     this->store_param_and_master(i, pv);
   }
+};
+
+/// SGD with DESIGN.md §3's state storage (StateOf): a type of its own, so that these kernels
+/// keep their names (tests/test_cuda_static.py, the H200 model).
+template <class P, class G, MasterKind kMasterWeights, bool kWithMomentum>
+struct SgdBody : SgdBodyOf<StateOf<P, kMasterWeights>, P, G, kMasterWeights, kWithMomentum> {
+  using SgdBodyOf<StateOf<P, kMasterWeights>, P, G, kMasterWeights, kWithMomentum>::SgdBodyOf;
 };
 
 /// [note: 8-bit states] (fusedopt/quant8.py): the buffers as int8 codes (quant8.cuh); a
@@ -93,7 +102,10 @@ void sgd(const SgdCall& call, const ExecContext& ctx) {
   }
   if (call.momentum_buffers.present()) {
     // [note: sgd momentum 0]: a tensor whose momentum is 0 keeps its step count.
-    run_step<SgdBody, true>(call.lists, host, args, /*count_steps=*/true, ctx, kMomentum);
+    // [note: state dtype]: the buffers' storage is the call's (their slot dtype).
+    run_step_with_states<SgdBodyOf, SgdBody, true>("sgd_", call.lists,
+                                                   call.momentum_buffers.dtype, host, args,
+                                                   /*count_steps=*/true, ctx, kMomentum);
   } else {
     run_step<SgdBody, false>(call.lists, host, args, /*count_steps=*/false, ctx);
   }

@@ -376,41 +376,24 @@ inline constexpr bool kCudaStateStorage =
       "or another state_dtype ([note: state dtype])");
 }
 
-/// run_step for an op that declares free state dtypes ([note: state dtype] in
-/// fusedopt/dtype.h): Body<P, G, kMasterWeights, kVariant...> where the call's state storage
-/// `state` is StateOf's (the kernels run_step launches), else BodyOf<S, P, G,
-/// kMasterWeights, kVariant...> with S = fp32, bf16 or fp16 where kCudaStateStorage builds
-/// it (fp64 params keep fp64 states); any other storage is refused before the table is
-/// uploaded or a step count moves. New instantiations per op and variant: 2 for fp32
-/// params, 6 for bf16 ones (3 master kinds x 2 grad dtypes).
-template <template <class, class, class, MasterKind, bool...> class BodyOf,
-          template <class, class, MasterKind, bool...> class Body, bool... kVariant>
-void run_step_with_states(const char* op, const StepLists& lists, DType state,
-                          TableBuilder& host, const StepArgs& args, bool count_steps,
-                          const ExecContext& ctx) {
-  const cudaStream_t stream = stream_of(ctx);
+/// Calls f(p, g, master, s) (values whose types are P, G, the MasterKind constant and S) for
+/// a call of an op that declares free state dtypes ([note: state dtype] in fusedopt/dtype.h)
+/// whose float states have storage `state`: S = fp32, bf16 or fp16 (fp64 params keep fp64
+/// states) where kCudaStateStorage builds it; any other storage is refused with
+/// std::invalid_argument, before f runs (so before a table upload or a step count moves).
+template <class F>
+void dispatch_step_states(const char* op, const StepLists& lists, DType state, F&& f) {
   dispatch_step_types(lists.params.dtype, lists.grads.dtype, master_kind(lists),
                       [&](auto p, auto g, auto master) {
                         // remove_cvref: g++ 12 reads decltype(p) in the nested lambda
                         // below as that of a captured reference (bf16&)
                         using P = std::remove_cvref_t<decltype(p)>;
-                        using G = std::remove_cvref_t<decltype(g)>;
                         constexpr MasterKind kM = decltype(master)::value;
                         auto run = [&](auto s) {
-                          using S = decltype(s);
-                          if constexpr (!kCudaStateStorage<S, P, kM>) {
+                          if constexpr (!kCudaStateStorage<decltype(s), P, kM>) {
                             refuse_state_storage(op, state, lists.params.dtype, kM);
                           } else {
-                            const Table table = host.upload(ctx);
-                            if (count_steps)
-                              increment_steps(table, lists.scalars.found_inf, stream, -1);
-                            if constexpr (std::is_same_v<S, StateOf<P, kM>>) {
-                              launch_step<Body<P, G, kM, kVariant...>>(host, table, args,
-                                                                       stream);
-                            } else {
-                              launch_step<BodyOf<S, P, G, kM, kVariant...>>(host, table, args,
-                                                                            stream);
-                            }
+                            f(p, g, master, s);
                           }
                         };
                         if constexpr (std::is_same_v<P, double>) {
@@ -425,6 +408,40 @@ void run_step_with_states(const char* op, const StepLists& lists, DType state,
                       });
 }
 
+/// Refuses (as dispatch_step_states) a state storage the CUDA backend does not build, for an
+/// op whose launcher uploads its table before it dispatches (lamb).
+inline void check_state_storage(const char* op, const StepLists& lists, DType state) {
+  dispatch_step_states(op, lists, state, [](auto, auto, auto, auto) {});
+}
+
+/// run_step for an op that declares free state dtypes ([note: state dtype] in
+/// fusedopt/dtype.h): Body<P, G, kMasterWeights, kVariant...> where the call's state storage
+/// `state` is StateOf's (the kernels run_step launches), else BodyOf<S, P, G,
+/// kMasterWeights, kVariant...> for the storages dispatch_step_states builds; any other is
+/// refused before the table is uploaded or a step count moves (`skip_if_zero`: as
+/// run_step's). New instantiations per op and variant: 2 for fp32 params, 6 for bf16 ones
+/// (3 master kinds x 2 grad dtypes).
+template <template <class, class, class, MasterKind, bool...> class BodyOf,
+          template <class, class, MasterKind, bool...> class Body, bool... kVariant>
+void run_step_with_states(const char* op, const StepLists& lists, DType state,
+                          TableBuilder& host, const StepArgs& args, bool count_steps,
+                          const ExecContext& ctx, int skip_if_zero = -1) {
+  const cudaStream_t stream = stream_of(ctx);
+  dispatch_step_states(op, lists, state, [&](auto p, auto g, auto master, auto s) {
+    using P = std::remove_cvref_t<decltype(p)>;
+    using G = std::remove_cvref_t<decltype(g)>;
+    using S = std::remove_cvref_t<decltype(s)>;
+    constexpr MasterKind kM = std::remove_cvref_t<decltype(master)>::value;
+    const Table table = host.upload(ctx);
+    if (count_steps) increment_steps(table, lists.scalars.found_inf, stream, skip_if_zero);
+    if constexpr (std::is_same_v<S, StateOf<P, kM>>) {
+      launch_step<Body<P, G, kM, kVariant...>>(host, table, args, stream);
+    } else {
+      launch_step<BodyOf<S, P, G, kM, kVariant...>>(host, table, args, stream);
+    }
+  });
+}
+
 template <int V, class Body, class Update, std::size_t... k>
 __device__ __forceinline__ void apply_every_state(const Body& body, int64_t i, Update update,
                                                   std::index_sequence<k...>) {
@@ -435,14 +452,15 @@ __device__ __forceinline__ void apply_every_state(const Body& body, int64_t i, U
 #pragma unroll
   for (int e = 0; e < V; ++e) update(pv[e], load_grad(gv[e], body.load_g), sv[k][e]..., body.s);
   body.store_param_and_master(i, pv);
-  (store<V>(body.states[k], i, sv[k]), ...);
+  (body.template store_state<k>(i, sv[k]), ...);
 }
 
 /// The apply<V> of a Body that reads and writes every state in full, element by element:
 /// loads elements i..i+V-1 of the param, the grad and each state (spec order), calls
 /// `update(p, g, state..., body.s)` per element (g through load_grad), stores the param and
-/// then the states. The loads and stores come in the order the hand-written applies of lion,
-/// adan and schedulefree_adamw had (the same SASS: tests/test_cuda_static.py).
+/// then the states (StepBodyOf::store_state: the bf16 ones of an SR call of an op with free
+/// state dtypes stochastically). The loads and stores come in the order the hand-written
+/// applies of lion, adan and schedulefree_adamw had (the same SASS: tests/test_cuda_static.py).
 template <int V, class Body, class Update>
 __device__ __forceinline__ void apply_every_state(const Body& body, int64_t i, Update update) {
   constexpr std::size_t kStates = std::extent_v<decltype(Body::states)>;

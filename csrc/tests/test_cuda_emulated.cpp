@@ -250,10 +250,10 @@ const Storage kStorages[] = {
     {DType::kBFloat16, DType::kFloat32, false, true, false, false, true},
 };
 
-/// [note: state dtype]: AdamW's states in their own storage, the ones the CUDA backend
-/// builds (kCudaStateStorage in csrc/cuda/step.cuh): fp32 params with 16-bit states, bf16
-/// params with fp32 / compact / Kahan masters and bf16 states; bf16 ones with stochastic
-/// rounding too.
+/// [note: state dtype]: the states of AdamW, LAMB, Lion and SGD in their own storage, the
+/// ones the CUDA backend builds (kCudaStateStorage in csrc/cuda/step.cuh): fp32 params with
+/// 16-bit states, bf16 params with fp32 / compact / Kahan masters and bf16 states; bf16 ones
+/// with stochastic rounding too.
 constexpr int kSF32 = static_cast<int>(DType::kFloat32);
 constexpr int kSBF16 = static_cast<int>(DType::kBFloat16);
 constexpr int kSF16 = static_cast<int>(DType::kFloat16);
@@ -349,11 +349,17 @@ int state_count(const Variant& v) {
   return 0;
 }
 
-/// The storage of state k: fp32 with master weights, else the param's; Muon's Newton-Schulz
-/// buffer is bf16 always (its layout "bf16").
+/// Whether the op declares free state dtypes (spec kStateDtypes, [note: state dtype]).
+bool free_state_dtypes(Op op) {
+  return op == Op::kAdamW || op == Op::kLamb || op == Op::kLion || op == Op::kSgd;
+}
+
+/// The storage of state k: the storage's own state dtype where the op has free state dtypes
+/// and the storage gives one, else fp32 with master weights, else the param's; Muon's
+/// Newton-Schulz buffer is bf16 always (its layout "bf16").
 DType state_dtype(const Variant& v, size_t k, const Storage& storage) {
   if (v.op == Op::kMuon && k == 1) return DType::kBFloat16;
-  if (v.op == Op::kAdamW && storage.state >= 0) return static_cast<DType>(storage.state);
+  if (free_state_dtypes(v.op) && storage.state >= 0) return static_cast<DType>(storage.state);
   return storage.master ? DType::kFloat32 : storage.param;
 }
 
@@ -541,8 +547,9 @@ struct Call {
     if (c.storage.stochastic) {
       sr_key = sr_key_of(n, step);
       l.scalars.sr_key = sr_key.data();
-      // As the binding sets it: AdamW declares free state dtypes ([note: state dtype]).
-      l.stochastic_states = v.op == Op::kAdamW;
+      // As the binding sets it: AdamW, LAMB, Lion and SGD declare free state dtypes
+      // ([note: state dtype]).
+      l.stochastic_states = free_state_dtypes(v.op);
     }
     return l;
   }
@@ -839,8 +846,8 @@ void run_step_case(const StepCase& c, std::mt19937& rng) {
 }
 
 /// A storage the CUDA backend does not build ([note: state dtype], kCudaStateStorage in
-/// csrc/cuda/step.cuh): cuda::adamw throws std::invalid_argument naming the dtypes, before
-/// any buffer or step count changes.
+/// csrc/cuda/step.cuh): the op (adamw, lamb, lion, sgd) throws std::invalid_argument naming
+/// the dtypes, before any buffer or step count changes.
 void refuse_state_storage_case(const StepCase& c, std::mt19937& rng) {
   World cuda_world(c), before(c);
   initialize(cuda_world, c, rng);
@@ -881,14 +888,18 @@ int test_step_ops() {
         ++cases;
       }
     }
-    if (v.op != Op::kAdamW) continue;
-    for (const Storage& st : kStateStorages) {  // [note: state dtype]
+    // [note: state dtype]: the ops with free state dtypes; an SGD call without buffers has
+    // no state to store (nothing to refuse either).
+    if (!free_state_dtypes(v.op) || state_count(v) == 0) continue;
+    for (const Storage& st : kStateStorages) {
       for (const Scalars& sc : kScalars) {
         const auto order = cases % 2 ? emu::Schedule::kReverse : emu::Schedule::kForward;
         run_step_case({&v, st, &sc, &kSmall, 3, order}, rng);
         ++cases;
       }
-      if (&v == &kVariants[0] || &v == &kVariants[2]) {
+      // Traversal: the first variant of each op, AMSGrad's third state.
+      if (&v == &kVariants[0] || &v == &kVariants[2] || &v == &kVariants[5] ||
+          &v == &kVariants[9] || &v == &kVariants[16]) {
         run_step_case({&v, st, &kScalars[3], &kLarge, 2, emu::Schedule::kForward}, rng);
         ++cases;
       }

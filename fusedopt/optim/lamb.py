@@ -62,6 +62,13 @@ class LAMB(FusedOptimizer):
     ``state_bits=8`` (a group key) keeps the moments 8-bit as :class:`~fusedopt.AdamW` does
     (``exp_avg_scale``, ``exp_avg_sq_scale``: [note: 8-bit states] in fusedopt/quant8.py);
     the codes are written once per step, by the second pass ([note: lamb passes]).
+    ``state_dtype`` (a group key; default None: fp32 with master weights, else the param's
+    dtype) stores the moments as torch.float32, torch.bfloat16 or torch.float16 whatever the
+    param, as :class:`~fusedopt.AdamW`'s does; the math stays fp32, and 16-bit moments are
+    written once per step, by the second pass. With ``stochastic_rounding=True`` every bf16
+    store of the step rounds stochastically, the moments included; fp16 states take round to
+    nearest only. Not with ``state_bits=8`` nor fp64 params ([note: state dtype] in
+    ``csrc/include/fusedopt/dtype.h``).
     """
 
     OP = "lamb_"
@@ -77,6 +84,7 @@ class LAMB(FusedOptimizer):
         capturable: bool = False, master_weights: bool | str = False, master_sync: bool = True,
         stochastic_rounding: bool = False,
         backend: str = "auto", grad_norm_group: Any = None, state_bits: int | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals(), betas=tuple(betas))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fusedopt.optim._base import FusedOptimizer, Params, check_betas, check_nonnegative
@@ -22,6 +23,15 @@ class Lion(FusedOptimizer):
     ``state_bits=8`` (a group key, as :class:`~fusedopt.AdamW`'s) keeps ``exp_avg`` as int8
     codes with one fp32 absmax per 256-element block of a row in ``exp_avg_scale``: ~1.02
     bytes per param instead of 4 ([note: 8-bit states] in fusedopt/quant8.py).
+
+    ``state_dtype`` (a group key; default None: fp32 with master weights, else the param's
+    dtype) stores ``exp_avg`` as torch.float32, torch.bfloat16 or torch.float16 whatever the
+    param, as :class:`~fusedopt.AdamW`'s does; the math stays fp32. With
+    ``stochastic_rounding=True`` every bf16 store of the step rounds stochastically, ``exp_avg``
+    included (round to nearest stalls a bf16 ``exp_avg`` at beta2 = 0.99 once the grad's
+    share is below half its ulp); fp16 states take round to nearest only. Not with
+    ``state_bits=8`` nor fp64 params ([note: state dtype] in
+    ``csrc/include/fusedopt/dtype.h``).
     """
 
     OP = "lion_"
@@ -33,7 +43,7 @@ class Lion(FusedOptimizer):
         master_weights: bool | str = False, master_sync: bool = True,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
-        state_bits: int | None = None,
+        state_bits: int | None = None, state_dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         del use_triton  # lion-pytorch's kernel switch; fusedopt picks by `backend`
         if not isinstance(lr, Tensor) and not lr > 0.0:

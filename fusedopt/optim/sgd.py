@@ -31,6 +31,14 @@ class SGD(FusedOptimizer):
     ``momentum=0`` there is no buffer to keep, and ``state_bits=8`` changes nothing (as
     torch keeps no buffer then): a setting shared by groups with and without momentum holds
     for each, and a momentum switched on later starts an 8-bit buffer.
+
+    ``state_dtype`` (a group key; default None: fp32 with master weights, else the param's
+    dtype) stores ``momentum_buffer`` as torch.float32, torch.bfloat16 or torch.float16
+    whatever the param, as :class:`~fusedopt.AdamW`'s does; the math stays fp32. With
+    ``stochastic_rounding=True`` every bf16 store of the step rounds stochastically, the
+    buffer included (round to nearest stalls a bf16 buffer at momentum close to 1); fp16
+    states take round to nearest only. Not with ``state_bits=8`` nor fp64 params ([note:
+    state dtype] in ``csrc/include/fusedopt/dtype.h``).
     """
 
     OP = "sgd_"
@@ -44,7 +52,7 @@ class SGD(FusedOptimizer):
         master_weights: bool | str = False, master_sync: bool = True,
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None, backend: str = "auto", grad_norm_group: Any = None,
-        state_bits: int | None = None,
+        state_bits: int | None = None, state_dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         self._init_from_arguments(locals())
 

@@ -348,11 +348,12 @@ def _lamb_update(m, v, p, bc1, sqrt_bc2, eps, weight_decay):
     return u + weight_decay * p if weight_decay != 0 else u
 
 
-def _lamb_two_pass(param, master_params, weight_decay, always_adapt, scales) -> bool:
+def _lamb_two_pass(state, weight_decay, always_adapt, scales) -> bool:
     """Whether lamb_direction_ stores this tensor's new moments (lamb_apply_ then recomputes u
-    from them): the tensor adapts and its states hold opmath values exactly (not 8-bit
-    codes, given with their ``scales``: those are written once, by lamb_apply_)."""
-    exact = not scales and (bool(master_params) or param.dtype in (torch.float32, torch.float64))
+    from them): the tensor adapts and its states (``state``: its exp_avg) hold opmath values
+    exactly: fp32 or fp64 storage, whatever the param ([note: state dtype]), not 8-bit codes
+    (given with their ``scales``: those are written once, by lamb_apply_)."""
+    exact = not scales and state.dtype in (torch.float32, torch.float64)
     return exact and (weight_decay != 0 or always_adapt)
 
 
@@ -389,7 +390,7 @@ def lamb_direction_(
         u = _lamb_update(m, v, p, bc1, sqrt_bc2, eps[i], weight_decay[i])
         sq_norms[i, 0] = p.square().sum()
         sq_norms[i, 1] = u.square().sum()
-        if _lamb_two_pass(params[i], master_params, weight_decay[i], always_adapt, scales[0]):
+        if _lamb_two_pass(exp_avgs[i], weight_decay[i], always_adapt, scales[0]):
             exp_avgs[i].copy_(m)
             exp_avg_sqs[i].copy_(v)
     return sq_norms
@@ -411,12 +412,13 @@ def lamb_apply_(
         t = float(steps[i].item())  # advanced by lamb_direction_
         beta3, bc1, sqrt_bc2 = _lamb_coefficients(i, t, beta1, beta2, grad_averaging,
                                                   bias_correction)  # fmt: skip
-        if _lamb_two_pass(params[i], master_params, weight_decay[i], always_adapt, scales[0]):
+        if _lamb_two_pass(exp_avgs[i], weight_decay[i], always_adapt, scales[0]):
             m, v = exp_avgs[i].to(opmath), exp_avg_sqs[i].to(opmath)  # g is not read
         else:
             m, v = _lamb_moments(i, g, exp_avgs, exp_avg_sqs, scales, beta1, beta2, beta3, opmath)
-            store_state(m, exp_avgs, scales[0], i)
-            store_state(v, exp_avg_sqs, scales[1], i)
+            # [note: state dtype]: bf16 states round stochastically with the call's sr_key
+            store_state(m, exp_avgs, scales[0], i, sr_key, 1)
+            store_state(v, exp_avg_sqs, scales[1], i, sr_key, 2)
         u = _lamb_update(m, v, p, bc1, sqrt_bc2, eps[i], weight_decay[i])
         ratio = 1.0
         if weight_decay[i] != 0 or always_adapt:
@@ -426,7 +428,8 @@ def lamb_apply_(
             if trust_clip:
                 ratio = torch.clamp(ratio, max=1.0)
         p = p - lr_i * (u * ratio)
-        _store_param(p, params[i], master_params, i, sr_key)
+        _store_param(p, params[i], master_params, i, sr_key if _sr_param(params[i],
+                     master_params) else None)  # fmt: skip
 
 
 def lamb_(
@@ -458,8 +461,9 @@ def lion_(
         p = p * (1 - lr_i * weight_decay[i])
         c = beta1[i] * m + (1 - beta1[i]) * g
         p = p - lr_i * torch.sign(c)
-        store_state(beta2[i] * m + (1 - beta2[i]) * g, exp_avgs, exp_avg_scales, i)
-        _store_param(p, params[i], master_params, i, sr_key)
+        store_state(beta2[i] * m + (1 - beta2[i]) * g, exp_avgs, exp_avg_scales, i, sr_key, 1)
+        _store_param(p, params[i], master_params, i, sr_key if _sr_param(params[i],
+                     master_params) else None)  # fmt: skip
 
 
 def adan_(
@@ -554,10 +558,11 @@ def sgd_(
             else:
                 old = load_state(momentum_buffers, momentum_buffer_scales, i, opmath)
                 buf = momentum[i] * old + (1 - dampening[i]) * g
-            store_state(buf, momentum_buffers, momentum_buffer_scales, i)
+            store_state(buf, momentum_buffers, momentum_buffer_scales, i, sr_key, 1)
             g = g + momentum[i] * buf if nesterov else buf
         p = p - lr_i * g
-        _store_param(p, params[i], master_params, i, sr_key)
+        _store_param(p, params[i], master_params, i, sr_key if _sr_param(params[i],
+                     master_params) else None)  # fmt: skip
 
 
 def _adafactor_eps1(eps1: float, param: Tensor, master_params: Sequence[Tensor]) -> float:

@@ -53,11 +53,14 @@ from .common import (
     load_grad,
     load_param,
     locate_chunk,
+    rounding_words,
     skipped,
     slot,
     sqrt,
     store,
     store_param,
+    store_state,
+    tensor_key,
 )
 from .drivers import fold_blocks, locate_step, param_args
 from .layout import layout
@@ -196,12 +199,13 @@ def lamb_norms_kernel(
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, GRAD_AVERAGING: tl.constexpr,
     BIAS_CORRECTION: tl.constexpr, ALWAYS_ADAPT: tl.constexpr, STATES_EXACT: tl.constexpr,
-    ALIGNED: tl.constexpr, Q8: tl.constexpr,
+    ALIGNED: tl.constexpr, Q8: tl.constexpr, STATE_SR: tl.constexpr = False,
 ):  # fmt: skip
     """Pass 1, per chunk: for a tensor that adapts, the moments (stored when STATES_EXACT) and
     the partial sums of p² and u² (partials[2 * chunk], partials[2 * chunk + 1]; 0 for a
     tensor that does not adapt); the last chunk advances the step count. Q8: 8-bit moments,
-    by quantization blocks (``row_lengths``, ``tables``: ``quant8``)."""
+    by quantization blocks (``row_lengths``, ``tables``: ``quant8``). STATE_SR (bf16 states
+    of an SR call) changes nothing here: this pass stores exact (fp32/fp64) states only."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
         step_ptr = slot(row, L.STEPS, tl.float32, False)
@@ -267,8 +271,12 @@ def _trust_ratio(row, sq_norms, t, COMPUTE: tl.constexpr, TRUST_CLIP: tl.constex
 def _apply_block(
     offs, mask, carry, ratio, lr, two_pass, block_args, COMPUTE: tl.constexpr,
     MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    STATE_SR: tl.constexpr, state_key,
 ):  # fmt: skip
-    """Pass 3 over BLOCK elements (``drivers.fold_blocks``; nothing carried)."""
+    """Pass 3 over BLOCK elements (``drivers.fold_blocks``; nothing carried). STATE_SR: the
+    bf16 moments round stochastically with the elements' Philox words under ``state_key``
+    (exp_avg word 1, exp_avg_sq word 2: [note: state dtype] in
+    csrc/include/fusedopt/dtype.h)."""
     (p_ptr, g_ptr, master_ptr, grad_scale, clip_coef), (m_ptr, v_ptr), coefficients = block_args
     beta1, beta3, beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = (
         coefficients
@@ -282,8 +290,13 @@ def _apply_block(
                       HAS_CLIP, False)  # fmt: skip
         m, v = _moments(g, load(m_ptr, offs, mask, COMPUTE), load(v_ptr, offs, mask, COMPUTE),
                         beta1, beta3, beta2, one_minus_beta2)  # fmt: skip
-        store(m_ptr, offs, mask, m)
-        store(v_ptr, offs, mask, v)
+        if STATE_SR:
+            words = rounding_words(state_key, offs)
+            store_state(m_ptr, offs, mask, m, words, 1)
+            store_state(v_ptr, offs, mask, v, words, 2)
+        else:
+            store(m_ptr, offs, mask, m)
+            store(v_ptr, offs, mask, v)
     u = _update(m, v, p, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay)
     store_param(p_ptr, master_ptr, offs, mask, p - lr * (u * ratio), MASTER)
     return carry
@@ -319,9 +332,10 @@ def lamb_apply_kernel(
     LR_MODE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, GRAD_AVERAGING: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
     TRUST_CLIP: tl.constexpr, ALWAYS_ADAPT: tl.constexpr, STATES_EXACT: tl.constexpr,
-    ALIGNED: tl.constexpr, Q8: tl.constexpr,
+    ALIGNED: tl.constexpr, Q8: tl.constexpr, STATE_SR: tl.constexpr = False,
 ):  # fmt: skip
-    """Pass 3, per chunk: p -= lr * (u * ratio), at the step count pass 1 advanced."""
+    """Pass 3, per chunk: p -= lr * (u * ratio), at the step count pass 1 advanced; STATE_SR:
+    bf16 moments round stochastically (:func:`_apply_block`)."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end, lr = locate_step(table, chunks, lr_tensor, WIDTH, L.N_SLOTS, LR_MODE)
         new_step = tl.load(slot(row, L.STEPS, tl.float32, False))
@@ -335,9 +349,14 @@ def lamb_apply_kernel(
             quant8.fold_q8_blocks(_apply_q8_block, start, end, tl.load(row_lengths + t), nothing,
                                   (ratio, lr.to(COMPUTE), block_args, tables, COMPUTE, MASTER,
                                    HAS_GRAD_SCALE, HAS_CLIP))  # fmt: skip
+        elif STATE_SR:
+            fold_blocks(_apply_block, start, end, nothing, (ratio, lr.to(COMPUTE), two_pass,
+                        block_args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP, STATE_SR,
+                        tensor_key(sr_key, t)))  # fmt: skip
         else:
             fold_blocks(_apply_block, start, end, nothing, (ratio, lr.to(COMPUTE), two_pass,
-                        block_args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP))  # fmt: skip
+                        block_args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP, STATE_SR,
+                        0))  # fmt: skip
 
 
 _TABLES = TableCache()
@@ -358,8 +377,10 @@ def _q8_arguments(a) -> tuple:
 
 def _options(a) -> dict:
     """The constexpr and launch options of the direction and apply kernels."""
-    exact = bool(a.master_params) or a.params[0].dtype in (torch.float32, torch.float64)
-    states_exact = exact and not _q8(a)  # [note: lamb passes]: 8-bit codes are not exact
+    # [note: lamb passes]: the states hold opmath values exactly in fp32/fp64 storage
+    # (whatever the param: [note: state dtype]); 8-bit codes are not exact
+    exact = a.dtypes["S_DTYPE"] in (tl.float32, tl.float64)
+    states_exact = exact and not _q8(a)
     return {
         "WIDTH": a.launch.width, **a.dtypes, "HAS_GRAD_SCALE": a.scalar_flags["HAS_GRAD_SCALE"],
         "HAS_CLIP": a.scalar_flags["HAS_CLIP"], "HAS_FOUND_INF": a.scalar_flags["HAS_FOUND_INF"],

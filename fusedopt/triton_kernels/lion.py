@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import quant8
-from .common import hyper, load, slot, store
+from .common import hyper, load, slot, store_state
 from .drivers import StepOp
 from .layout import layout
 from .registry import register
@@ -34,14 +34,16 @@ def _lion_update(g, p, m, lr, decay, beta1, one_minus_beta1, beta2, one_minus_be
 @triton.jit
 def _lion_block(
     offs, mask, g, p, m_ptr, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
-    COMPUTE: tl.constexpr, FLAGS: tl.constexpr,
+    COMPUTE: tl.constexpr, FLAGS: tl.constexpr, words=None,
 ):  # fmt: skip
     """The update of BLOCK elements: stores the moment, returns the new param
-    (``drivers.for_each_block`` loads g and p, stores p)."""
+    (``drivers.for_each_block`` loads g and p, stores p). ``words``: the elements' Philox
+    words when a bf16 moment rounds stochastically (``STATE_SR``; exp_avg: word 1, [note:
+    state dtype] in csrc/include/fusedopt/dtype.h)."""
     m = load(m_ptr, offs, mask, COMPUTE)
     p, m = _lion_update(g, p, m, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
                         COMPUTE)  # fmt: skip
-    store(m_ptr, offs, mask, m)
+    store_state(m_ptr, offs, mask, m, words, 1)
     return p
 
 

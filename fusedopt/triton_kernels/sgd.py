@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import quant8
-from .common import hyper, load, slot, store
+from .common import hyper, load, slot, store_state
 from .drivers import StepOp
 from .layout import layout
 from .registry import register
@@ -28,9 +28,13 @@ L = layout("sgd_")
 def _sgd_block(
     offs, mask, g, p, buf_ptr, lr, momentum, one_minus_dampening, weight_decay,
     has_weight_decay, first_step, use_momentum, COMPUTE: tl.constexpr, FLAGS: tl.constexpr,
+    words=None,
 ):  # fmt: skip
     """The update of BLOCK elements, in the reference's order of operations: stores the
-    buffer, returns the new param (``drivers.for_each_block`` loads g and p, stores p)."""
+    buffer, returns the new param (``drivers.for_each_block`` loads g and p, stores p).
+    ``words``: the elements' Philox words when a bf16 buffer rounds stochastically
+    (``STATE_SR``; momentum_buffer: word 1, [note: state dtype] in
+    csrc/include/fusedopt/dtype.h)."""
     HAS_MOMENTUM, NESTEROV = FLAGS
     # A zero decay adds nothing, not 0 * p (which would turn an infinite param into NaN).
     g = tl.where(has_weight_decay, g + weight_decay * p, g)
@@ -39,7 +43,7 @@ def _sgd_block(
         if use_momentum:
             buf = load(buf_ptr, offs, mask, COMPUTE)
             g, buf = _sgd_momentum(g, buf, momentum, one_minus_dampening, first_step, NESTEROV)
-            store(buf_ptr, offs, mask, buf)
+            store_state(buf_ptr, offs, mask, buf, words, 1)
     return p - lr * g
 
 

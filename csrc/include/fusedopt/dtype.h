@@ -75,10 +75,12 @@ enum class DType : int32_t {
 /// ([note: state dtype]); other ops' 16-bit states keep round to nearest.
 ///
 /// [note: state dtype] (issue #15) An op whose spec declares `state_dtypes`
-/// (fusedopt/_contract.py; adamw_ so far) stores its float states (layout "param", not 8-bit)
-/// as fp32, bf16 or fp16 whatever the param: fp32 params with 16-bit moments, 16-bit params
-/// with fp32 (compact, Kahan) masters and 16-bit moments, or 16-bit params with fp32 moments,
-/// as torch's fused AdamW and Transformer Engine's exp_avg_dtype allow. The math is fp32
+/// (fusedopt/_contract.py: adamw_, lamb_, lion_, sgd_) stores its float states (layout
+/// "param", not 8-bit) as fp32, bf16 or fp16 whatever the param: fp32 params with 16-bit
+/// moments, 16-bit params with fp32 (compact, Kahan) masters and 16-bit moments, or 16-bit
+/// params with fp32 moments, as torch's fused AdamW and Transformer Engine's exp_avg_dtype
+/// allow (LAMB: the states' storage, not the param's, decides which pass stores the moments,
+/// [note: lamb passes]: fp32/fp64 ones are exact). The math is fp32
 /// between a widening load and a rounding store; fp64 params keep fp64 states. One state
 /// dtype per call: the dtype of the call's first float state list (fusedopt.ops splits by
 /// it; the optimizers' group key `state_dtype` chooses it, None = DESIGN.md §3's rule).
@@ -96,7 +98,8 @@ enum class DType : int32_t {
 /// [note: stochastic rounding]), each store its own 16 bits of the four 32-bit words, a
 /// "stream": the param store the top half of word 0 (unchanged), state slot k of the op (in
 /// spec order) stream k + 1, i.e. the top half of word k + 1 (adamw: exp_avg 1, exp_avg_sq
-/// 2, max_exp_avg_sq 3), streams 4..7 the low halves of words 0..3. Philox's output words
+/// 2, max_exp_avg_sq 3; lamb: exp_avg 1, exp_avg_sq 2; lion: exp_avg 1; sgd:
+/// momentum_buffer 1), streams 4..7 the low halves of words 0..3. Philox's output words
 /// are independent uniform words (a bijective mix of the counter per key), so the streams
 /// are as independent as separate counters would make them, at one evaluation per element
 /// rather than one per store; CUDA still evaluates once per store (four times per element

@@ -45,7 +45,7 @@
 #define FUSEDOPT_LAMB_STEPS_OPTIONAL false
 #define FUSEDOPT_LAMB_STEPS_WITH(X)
 #define FUSEDOPT_LAMB_STATE_RULES(X) X(Param, Signed) X(Param, Unsigned) X(BlockScales, None) X(BlockScales, None)
-#define FUSEDOPT_LAMB_STATE_DTYPES false
+#define FUSEDOPT_LAMB_STATE_DTYPES true
 
 // lion_
 #define FUSEDOPT_LION_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_scales, ExpAvgScales, 1, true, true)
@@ -55,7 +55,7 @@
 #define FUSEDOPT_LION_STEPS_OPTIONAL true
 #define FUSEDOPT_LION_STEPS_WITH(X)
 #define FUSEDOPT_LION_STATE_RULES(X) X(Param, Signed) X(BlockScales, None)
-#define FUSEDOPT_LION_STATE_DTYPES false
+#define FUSEDOPT_LION_STATE_DTYPES true
 
 // adan_
 #define FUSEDOPT_ADAN_STATES(X) X(exp_avgs, ExpAvgs, 0, false, true) X(exp_avg_sqs, ExpAvgSqs, 1, false, true) X(exp_avg_diffs, ExpAvgDiffs, 2, false, true) X(neg_pre_grads, NegPreGrads, 3, false, true)
@@ -85,7 +85,7 @@
 #define FUSEDOPT_SGD_STEPS_OPTIONAL true
 #define FUSEDOPT_SGD_STEPS_WITH(X) X(momentum_buffers)
 #define FUSEDOPT_SGD_STATE_RULES(X) X(Param, Signed) X(BlockScales, None)
-#define FUSEDOPT_SGD_STATE_DTYPES false
+#define FUSEDOPT_SGD_STATE_DTYPES true
 
 // adafactor_
 #define FUSEDOPT_ADAFACTOR_STATES(X) X(row_vars, RowVars, 0, false, true) X(col_vars, ColVars, 1, false, true) X(variances, Variances, 2, false, true)

@@ -5,15 +5,18 @@
 // lamb_direction_ reads g, p, m, v, forms the new m, v and u and sums |p|^2 and |u|^2 per
 // tensor; lamb_apply_ turns the sums into the trust ratio and writes p. Where u comes from in
 // the second pass is decided per tensor, the same way in every backend ([note: lamb passes]):
-// * a tensor that adapts and whose states hold opmath values exactly (fp32/fp64 params, or
-//   master weights): lamb_direction_ stores the new m, v; lamb_apply_ reads p, m, v and
-//   recomputes u from them (lamb_update) — the stored moments are the unrounded ones, so u is
-//   bit for bit the one whose norm was taken. fp32: 24 + 16 = 40 B per element;
-// * else (bf16/fp16 states without master weights, or a tensor that does not adapt):
+// * a tensor that adapts and whose states hold opmath values exactly (fp32/fp64 states:
+//   those of fp32/fp64 params or master weights by default, whatever the param with
+//   state_dtype=fp32, [note: state dtype] in fusedopt/dtype.h): lamb_direction_ stores the
+//   new m, v; lamb_apply_ reads p, m, v and recomputes u from them (lamb_update) — the
+//   stored moments are the unrounded ones, so u is bit for bit the one whose norm was
+//   taken. fp32: 24 + 16 = 40 B per element;
+// * else (bf16/fp16 states, or a tensor that does not adapt):
 //   lamb_direction_ writes nothing (and skips a tensor that does not adapt); lamb_apply_
 //   reads g, p, m, v, recomputes the moments and u from them (lamb_direction) and writes
-//   p, m, v. Storing rounded moments in the first pass would make the second pass's u differ
-//   from the one whose norm was taken. bf16: 8 + 14 = 22 B; a tensor that does not adapt
+//   p, m, v (bf16 moments of an SR call rounded stochastically). Storing rounded moments in
+//   the first pass would make the second pass's u differ from the one whose norm was
+//   taken. bf16: 8 + 14 = 22 B; a tensor that does not adapt
 //   takes the one pass (fp32 28 B). 8-bit moments ([note: 8-bit states] in
 //   fusedopt/quant8.py) are never exact: lamb_direction_ reads the codes, lamb_apply_
 //   recomputes the moments and writes the codes, once per step.
