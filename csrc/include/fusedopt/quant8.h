@@ -66,7 +66,9 @@ FUSEDOPT_Q8_TABLE CodeTable kUnsignedTable = make_table(kUnsignedLevels, kUnsign
 /// exactly, so the guess's rounding never shows. (A binary search over the midpoints made
 /// the CPU step 80x slower than the fp32 one: 16 data-dependent branches per element,
 /// half of them mispredicted; 106 ns/param against 1.3 on the 2-core VM, 14.2M fp32
-/// params. With the guess: 48.6 against 2.5 ns/param in a run loaded by a build.)
+/// params. With the guess: 48.6 against 2.5 ns/param in a run loaded by a build.) This is
+/// the definition, and CUDA's per-element path; the CPU quantizes whole blocks in AVX2
+/// with the same codes (csrc/cpu/q8_block.h, its measurements there).
 template <int kPower>
 FUSEDOPT_HD FUSEDOPT_INLINE int code_magnitude(float abs_y, const float* mid, int levels) {
   static_assert(kPower == 2 || kPower == 4, "the inverse is taken by square roots");
