@@ -452,11 +452,11 @@ def test_state_dict_round_trip(backend, name):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_dict_conversion(backend):
-    """A state dict with fp32 states loaded into a bf16-state optimizer keeps them until the
-    next step, which converts them (round to nearest, as ``Tensor.to``) and steps on exactly
-    as an optimizer whose states were cast by hand."""
+    """A state dict with fp32 states loaded into a bf16-state optimizer: the load converts
+    them (round to nearest, as ``Tensor.to``, as torch casts a loaded state to its param's
+    dtype), and the optimizer steps on exactly as one whose states were cast by hand."""
     # torch.optim.AdamW's fp32 states into a bf16-state optimizer: the group keeps its
-    # state_dtype (the saved groups have none), the states convert at the next step
+    # state_dtype (the saved groups have none), the states take it at the load
     model = make_model()
     source = clone_params(model, torch.float32)
     torch_opt = torch.optim.AdamW(source, lr=1e-2, weight_decay=0.1)
@@ -473,7 +473,7 @@ def test_state_dict_conversion(backend):
     loaded.load_state_dict(saved)
     assert loaded.param_groups[0]["state_dtype"] == torch.bfloat16
     stepped = [p for p in loaded_params if p in loaded.state]
-    assert stepped and all(loaded.state[p]["exp_avg"].dtype == torch.float32 for p in stepped)
+    assert stepped and all(loaded.state[p]["exp_avg"].dtype == torch.bfloat16 for p in stepped)
     by_hand = fusedopt.AdamW(hand_params, **kwargs)
     for p, q in zip(hand_params, source, strict=True):
         if q in torch_opt.state:

@@ -109,7 +109,11 @@ def convert_dtype(state: dict, op: str, dtype: torch.dtype) -> None:
         if t.layout != "param" or not t.state_key:
             continue
         value = state.get(t.state_key)
-        if isinstance(value, Tensor) and value.dtype in STATE_DTYPES and value.dtype != dtype:
+        # Only between fp32, bf16 and fp16: an fp64 param's states are fp64 from the start,
+        # and a param whose .data became fp64 after its states were made is refused by the
+        # plan ([note: re-laid state] in _plan.py), not converted.
+        if (isinstance(value, Tensor) and value.dtype in STATE_DTYPES and dtype in STATE_DTYPES
+                and value.dtype != dtype):  # fmt: skip
             state[t.state_key] = value.to(dtype)
 
 
@@ -223,16 +227,19 @@ def planned_dtype(key: str, op: str, q8: bool, dtype: torch.dtype) -> torch.dtyp
     return dtype
 
 
-def loaded_dtype(key: str, op: str, value: Tensor, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a loaded state keeps: codes stay codes and absmaxes fp32 (converted at the
+def loaded_dtype(
+    key: str, op: str, value: Tensor, dtype: torch.dtype, float_dtype: torch.dtype
+) -> torch.dtype:
+    """The dtype a loaded state takes: codes stay codes and absmaxes fp32 (converted at the
     next step if the group's ``state_bits`` says otherwise); the float moments of an op with
-    ``state_dtypes`` keep their saved fp32/bf16/fp16 (converted at the next step if the
-    group's ``state_dtype`` says otherwise: [note: state dtype]), else ``dtype``."""
+    ``state_dtypes`` take ``float_dtype``, the loaded group's (:func:`state_dtype`: [note:
+    state dtype]), rounded to nearest as torch casts a loaded state to its param's dtype;
+    else ``dtype``."""
     if key in quantized_keys(op) and quant8.is_quantized(value):
         return value.dtype
     float_keys = {t.state_key for t in STEP_OPS[op].states if t.layout == "param"}
-    if STEP_OPS[op].state_dtypes and key in float_keys and value.dtype in STATE_DTYPES:
-        return value.dtype if dtype != torch.float64 else dtype
+    if STEP_OPS[op].state_dtypes and key in float_keys:
+        return float_dtype
     if key in scale_keys(op):
         return torch.float32
     return dtype

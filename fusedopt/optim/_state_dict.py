@@ -129,6 +129,7 @@ class StateDictMixin:
         # step (_convert_master, [note: master weights switched]).
         device = local_tensor(p).device
         layouts = STEP_OPS[self.OP].state_layouts
+        float_dtype = _state_bits.state_dtype(group, self.OP, p.dtype, master)
         out: dict[str, Any] = {}
         for key, value in saved.items():
             if key == STEP_KEY:
@@ -155,7 +156,7 @@ class StateDictMixin:
                 dtype = p.dtype
             # [note: 8-bit states]: codes and absmaxes as saved; converted at the next step
             # if this group's state_bits says otherwise
-            dtype = _state_bits.loaded_dtype(key, self.OP, value, dtype)
+            dtype = _state_bits.loaded_dtype(key, self.OP, value, dtype, float_dtype)
             # In the param's memory layout, whatever the saved one: the step pairs elements
             # by position ([note: checked once] in _init_state).
             # Codes and absmaxes are contiguous, DTensors placed as a DTensor param

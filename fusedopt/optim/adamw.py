@@ -51,7 +51,7 @@ class Adam(FusedOptimizer):
     stochastically, the moments included (round to nearest cannot decay a bf16
     ``exp_avg_sq`` at beta2 = 0.999); fp16 states take round to nearest only. Not with
     ``state_bits=8`` nor fp64 params. States are saved in their dtype; a state dict with
-    other dtypes (or a changed key) converts at the next step ([note: state dtype] in
+    other dtypes converts when loaded, a changed key at the next step ([note: state dtype] in
     ``csrc/include/fusedopt/dtype.h``).
     """
 
