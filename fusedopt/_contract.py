@@ -216,6 +216,11 @@ SR_KEY = "sr_key"
 HYPER_ARGUMENTS: tuple[str, ...] = ("Tensor hypers", "int[] group_sizes")
 
 
+#: The dtypes an op's float states may have where it declares ``state_dtypes`` (the values of
+#: the ``state_dtype`` group key besides None): [note: state dtype].
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepOpSpec:
     """A step op: its tensor lists (params, grads, states, master_params, steps), its

@@ -234,10 +234,6 @@ def _validate_step(spec: _contract.StepOpSpec, lists: dict[str, list[Tensor]]) -
     return device
 
 
-#: The dtypes a state may have where the op declares ``state_dtypes`` ([note: state dtype]).
-STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _state_dtype(
     spec: _contract.StepOpSpec, lists: dict, quantized: dict, i: int, p: Tensor, master: bool
 ) -> torch.dtype:
@@ -255,7 +251,7 @@ def _state_dtype(
         shaped = given and (given[i].numel() or p.numel() == 0)
         if t.layout == "param" and shaped and t.name not in quantized:
             dtype = given[i].dtype if isinstance(given[i], Tensor) else default
-            return dtype if dtype in STATE_DTYPES else default
+            return dtype if dtype in _contract.STATE_DTYPES else default
     return default
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import quant8
-from fusedopt._contract import STEP_OPS
+from fusedopt._contract import STATE_DTYPES, STEP_OPS
 from fusedopt.clip import local_tensor
 from fusedopt.optim._keys import SR_GROUP_KEY, STATE_DTYPE_KEY
 
@@ -54,10 +54,6 @@ def check_state_bits_value(group: dict[str, Any]) -> None:
     if group.get("amsgrad"):
         raise ValueError("state_bits=8 with amsgrad=True is not supported (max_exp_avg_sq "
                          "has no 8-bit form): use amsgrad=False or state_bits=None")  # fmt: skip
-
-
-#: The values of the ``state_dtype`` group key besides None ([note: state dtype]).
-STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_state_dtype(group: dict[str, Any], op: str, params: Any = None) -> None:
@@ -227,19 +223,11 @@ def planned_dtype(key: str, op: str, q8: bool, dtype: torch.dtype) -> torch.dtyp
     return dtype
 
 
-def loaded_dtype(
-    key: str, op: str, value: Tensor, dtype: torch.dtype, float_dtype: torch.dtype
-) -> torch.dtype:
+def loaded_dtype(key: str, op: str, value: Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype a loaded state takes: codes stay codes and absmaxes fp32 (converted at the
-    next step if the group's ``state_bits`` says otherwise); the float moments of an op with
-    ``state_dtypes`` take ``float_dtype``, the loaded group's (:func:`state_dtype`: [note:
-    state dtype]), rounded to nearest as torch casts a loaded state to its param's dtype;
-    else ``dtype``."""
+    next step if the group's ``state_bits`` says otherwise), else ``dtype``."""
     if key in quantized_keys(op) and quant8.is_quantized(value):
         return value.dtype
-    float_keys = {t.state_key for t in STEP_OPS[op].states if t.layout == "param"}
-    if STEP_OPS[op].state_dtypes and key in float_keys:
-        return float_dtype
     if key in scale_keys(op):
         return torch.float32
     return dtype

@@ -129,6 +129,9 @@ class StateDictMixin:
         # step (_convert_master, [note: master weights switched]).
         device = local_tensor(p).device
         layouts = STEP_OPS[self.OP].state_layouts
+        # The float states take the loaded group's dtype (fp32 with masters, else the
+        # param's, or its state_dtype: [note: state dtype]), rounded to nearest as torch
+        # casts a loaded state to its param's dtype.
         float_dtype = _state_bits.state_dtype(group, self.OP, p.dtype, master)
         out: dict[str, Any] = {}
         for key, value in saved.items():
@@ -149,14 +152,14 @@ class StateDictMixin:
                 raise ValueError(
                     f"{where}: state {key!r} has shape {tuple(value.shape)} but {expected} {shape}"
                 )
-            dtype = torch.float32 if (master or key == MASTER_KEY) else p.dtype
+            dtype = torch.float32 if key == MASTER_KEY else float_dtype
             if key == REMAINDER_KEY:  # [note: compact master]
                 dtype = torch.int16
             if key == KAHAN_KEY:  # [note: kahan master]: the param's dtype
                 dtype = p.dtype
             # [note: 8-bit states]: codes and absmaxes as saved; converted at the next step
             # if this group's state_bits says otherwise
-            dtype = _state_bits.loaded_dtype(key, self.OP, value, dtype, float_dtype)
+            dtype = _state_bits.loaded_dtype(key, self.OP, value, dtype)
             # In the param's memory layout, whatever the saved one: the step pairs elements
             # by position ([note: checked once] in _init_state).
             # Codes and absmaxes are contiguous, DTensors placed as a DTensor param
