@@ -156,8 +156,8 @@ def access_bytes(suffix: str) -> int:
 
 @dataclasses.dataclass
 class Loop:
-    load_bytes: int  # per thread per iteration
-    store_bytes: int
+    load_bytes: float  # per thread per iteration (an eighth for a per-warp word)
+    store_bytes: float
     loads: int
     stores: int
     instructions: int  # static count of the loop body
@@ -190,9 +190,18 @@ def _shortest_path(body: list[tuple[int, str]]) -> int:
     return int(dist[-1]) if dist[-1] != math.inf else len(body)
 
 
-def main_loop(sass: str) -> Loop | None:
+def main_loop(sass: str, warp_words: bool = False) -> Loop | None:
     """The main loop of a kernel's SASS: of the loops (backward branches) the one with the most
-    128-bit global accesses, innermost (shortest) on a tie; None for a kernel without loops."""
+    128-bit global accesses, innermost (shortest) on a tie; None for a kernel without loops.
+
+    ``warp_words``: the loop's 32-bit accesses are one address per warp (the 8-bit states'
+    block scales, [note: q8 warps] in csrc/cuda/quant8.cuh: every lane reads its block's
+    scale, lane 0 writes it), so each moves 4 bytes per warp, 1/8 byte per thread, not 4.
+
+    Loads marked ``.CONSTANT`` are left out of the bytes: in fusedopt's kernels they are only
+    the 8-bit states' code tables (fusedopt/quant8.h: 2 KB, read through the read-only
+    cache, no DRAM traffic per element; tests/test_cuda_static.py checks that no other
+    kernel has them). Their instructions stay on the path."""
     insns = [(int(a, 16), text) for a, text in _INSN.findall(sass)]
     insns = [(a, t) for a, t in insns if not t.startswith("NOP")]
     loops = []
@@ -205,19 +214,36 @@ def main_loop(sass: str) -> Loop | None:
 
     def summary(body: list[tuple[int, str]]) -> Loop:
         found = [m for _, t in body if (m := _GLOBAL.search(t + " "))]
-        loads = [access_bytes(m.group(2)) for m in found if m.group(1) == "LDG"]
-        stores = [access_bytes(m.group(2)) for m in found if m.group(1) == "STG"]
+        found = [m for m in found if "CONSTANT" not in m.group(2).split(".")]
+
+        def moved(m: re.Match) -> float:
+            b = access_bytes(m.group(2))
+            return b / 32 if warp_words and b == 4 else b
+
+        loads = [moved(m) for m in found if m.group(1) == "LDG"]
+        stores = [moved(m) for m in found if m.group(1) == "STG"]
         wide = any(b == 16 for b in loads + stores)
         return Loop(sum(loads), sum(stores), len(loads), len(stores), len(body),
                     _shortest_path(body), wide)  # fmt: skip
 
-    summaries = [summary(b) for b in loops]
-    return max(summaries, key=lambda s: (s.vector, s.load_bytes + s.store_bytes, -s.instructions))
+    def wide(body: list[tuple[int, str]]) -> int:
+        found = [m for _, t in body if (m := _GLOBAL.search(t + " "))]
+        return sum(access_bytes(m.group(2)) == 16 for m in found)
+
+    # Most 128-bit accesses, then innermost: a loop that holds a vector path and a scalar
+    # one (the 8-bit states' per-block choice, [note: q8 warps] in csrc/cuda/quant8.cuh) has
+    # more bytes than its vector path's own loop, but not more 128-bit accesses. Among loops
+    # without any, the one that moves the most bytes.
+    def key(body: list[tuple[int, str]]) -> tuple[int, float, int]:
+        s = summary(body)
+        return wide(body), 0 if wide(body) else s.load_bytes + s.store_bytes, -len(body)
+
+    return summary(max(loops, key=key))
 
 
 @dataclasses.dataclass
 class Prediction:
-    in_flight: int  # bytes per SM per DRAM round trip
+    in_flight: float  # bytes per SM per DRAM round trip
     need: float  # bytes per SM that Little's law asks for
     latency_bound: float
     issue_bound: float
@@ -243,6 +269,11 @@ def predict(occ: Occupancy, loop: Loop, gpu: Gpu = H200) -> Prediction:
 
 # ---------------------------------------------------------------------------------------
 # The kernels: compile, read the cubins.
+
+
+def _bytes(b: float) -> int | float:
+    """Bytes as the table prints them: whole when they are."""
+    return int(b) if b == int(b) else b
 
 
 @dataclasses.dataclass
@@ -275,11 +306,11 @@ class KernelRow:
             "limiter": self.occ.limiter,
             "loop_loads": lp.loads if lp else "",
             "loop_stores": lp.stores if lp else "",
-            "load_bytes_per_thread": lp.load_bytes if lp else "",
-            "store_bytes_per_thread": lp.store_bytes if lp else "",
+            "load_bytes_per_thread": _bytes(lp.load_bytes) if lp else "",
+            "store_bytes_per_thread": _bytes(lp.store_bytes) if lp else "",
             "loop_instructions": lp.instructions if lp else "",
             "path_instructions": lp.path if lp else "",
-            "in_flight_bytes_per_sm": pr.in_flight if pr else "",
+            "in_flight_bytes_per_sm": round(pr.in_flight) if pr else "",
             "need_bytes_per_sm": round(pr.need) if pr else "",
             "latency_bound_pct": round(100 * pr.latency_bound, 1) if pr else "",
             "issue_bound_pct": round(100 * pr.issue_bound, 1) if pr else "",
@@ -313,7 +344,9 @@ def _source_hash(paths: list[Path], extra: str) -> str:
 _CUDA_NAMES = {"AdamWBody": "adamw", "SgdBody": "sgd", "LionBody": "lion",
                 "AdanBody": "adan", "ScheduleFreeAdamWBody": "schedulefree_adamw",
                 "LambApplyBody": "lamb_apply", "AdafactorApplyBody": "adafactor_apply",
-                "MuonMomentumBody": "muon_momentum", "MuonApplyBody": "muon_apply"}  # fmt: skip
+                "MuonMomentumBody": "muon_momentum", "MuonApplyBody": "muon_apply",
+                "AdamWQ8Body": "adamw_q8", "LionQ8Body": "lion_q8", "SgdQ8Body": "sgd_q8",
+                "LambQ8ApplyBody": "lamb_q8_apply"}  # fmt: skip
 
 
 #: A Body's MasterKind as the variant labels name it (false/true: no/fp32 masters, as
@@ -394,19 +427,27 @@ def _cuda_threads() -> dict[str, int]:
 STREAMING = {
     "cuda": ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_apply",
              "lamb_norms_kernel", "grad_norm_partials_kernel", "scale_kernel", "adafactor_apply",
-             "muon_momentum", "muon_apply"),
+             "muon_momentum", "muon_apply", "adamw_q8", "lion_q8", "sgd_q8", "lamb_q8_apply",
+             "lamb_q8_norms_kernel"),
     "triton": ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_apply", "lamb_norms",
                "grad_norm_partials", "scale", "adafactor_apply", "muon_momentum", "muon_apply"),
 }  # fmt: skip
 
 _NO_LOOP = Loop(0, 0, 0, 0, 0, 0, False)
 
+#: Kernels whose main loop's 32-bit accesses are per-warp words (main_loop's warp_words):
+#: the CUDA 8-bit-state kernels, whose vector loop moves p, g and masters in 128-bit and
+#: the codes in 64-bit accesses, reads the code tables as .CONSTANT and the block scales
+#: as 32-bit words, the same address in every lane of a warp.
+PER_WARP_WORDS = {"cuda": ("adamw_q8", "lion_q8", "sgd_q8", "lamb_q8_apply",
+                           "lamb_q8_norms_kernel"), "triton": ()}  # fmt: skip
+
 
 def _row(backend, kernel, variant, block, regs, smem, sass, gpu) -> KernelRow:
     """A kernel modelled. A streaming kernel is predicted from its main loop (0 without one);
     its unaligned fallback too, though no goal applies to it."""
     occ = occupancy(regs, block, smem, gpu)
-    loop = main_loop(sass)
+    loop = main_loop(sass, warp_words=kernel in PER_WARP_WORDS[backend])
     streams = kernel in STREAMING[backend]
     streaming = streams and "unaligned" not in variant
     pred = predict(occ, loop or _NO_LOOP, gpu) if streams else None

@@ -191,13 +191,16 @@ def _expected() -> dict[str, tuple[str, ...]]:
         for kernel in ("vectors", "rows", "columns", "updates", "floor"):
             expected[f"adafactor_{kernel}_kernel<{types}>("] = ()
         expected[f"AdafactorApplyBody<{types}>"] = both
-        # 8-bit states: one element per thread, scalar accesses (csrc/cuda/quant8.cuh: a
-        # known cost; a warp per quantization block would vectorise).
-        expected[f"AdamWQ8Body<{types}>"] = ()
-        expected[f"LionQ8Body<{types}>"] = ()
-        expected[f"SgdQ8Body<{types}>"] = ()
-        expected[f"LambQ8ApplyBody<{types}>"] = ()
-        expected[f"lamb_q8_norms_kernel<{types}>("] = ()
+        # 8-bit states: a warp per quantization block, 8 elements per lane ([note: q8
+        # warps] in csrc/cuda/quant8.cuh): p, g and masters in 128-bit accesses (the codes
+        # in 64-bit ones); not for fp64 params (refused: dispatch_q8_types).
+        if p == "double":
+            continue
+        expected[f"AdamWQ8Body<{types}>"] = both
+        expected[f"LionQ8Body<{types}>"] = both
+        expected[f"SgdQ8Body<{types}>"] = both
+        expected[f"LambQ8ApplyBody<{types}>"] = both
+        expected[f"lamb_q8_norms_kernel<{types}>("] = loads
     # [note: state dtype]: the states of AdamW, LAMB, Lion and SGD in another storage than
     # StateOf's (fp32 with masters, else the param's): dispatch_step_states's
     # instantiations, the storages kCudaStateStorage builds (csrc/cuda/step.cuh): fp32
@@ -272,6 +275,18 @@ def test_no_local_memory_or_spills(kernels):
     assert not bad, "kernels using local memory (spills or stack arrays):\n" + "\n".join(bad)
     gone = [s for s in KNOWN_LOCAL_MEMORY if not any(s in name for name in used)]
     assert not gone, f"no longer using local memory, drop from KNOWN_LOCAL_MEMORY: {gone}"
+
+
+def test_constant_loads_are_only_the_8bit_code_tables(kernels):
+    """bench/h200_model.py leaves ``.CONSTANT`` loads out of a loop's bytes as reads of the
+    8-bit states' code tables (fusedopt/quant8.h); no other kernel may have them."""
+    others = [
+        k.name
+        for k in kernels.values()
+        if re.search(r"\bLDG(\.[A-Z0-9_]+)*\.CONSTANT\b", k.sass)
+        and not any(s in k.name for s in ("q8_step_kernel<", "lamb_q8_norms_kernel<"))
+    ]
+    assert not others, f"read-only (.CONSTANT) loads outside the 8-bit kernels: {others}"
 
 
 def test_checker_catches_scalar_only_kernels(toolchain, tmp_path):

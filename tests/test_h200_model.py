@@ -45,6 +45,18 @@ _LAMB_16BIT_STATES = ("issue-bound: LAMB's norms pass with 16-bit states reads t
                       "moments once): a division and a square root per element for few bytes "
                       "moved")  # fmt: skip
 
+_Q8 = ("issue-bound: 8-bit states ([note: q8 warps] in csrc/cuda/quant8.cuh) dequantize each "
+       "state (a table read) and requantize it (an IEEE division, one or two IEEE square "
+       "roots, a table read and a compare) per element, beside the op's own math; %s")  # fmt: skip
+_Q8_16BIT = _Q8 % "bf16 params without masters move few bytes per element for all of it"
+_Q8_FP16 = _Q8 % ("fp16 params without masters move few bytes per element and add fp16's "
+                  "exact conversion in integer code (fusedopt/dtype.h)")  # fmt: skip
+_Q8_KAHAN = _Q8 % "Kahan masters add the compensation's conversions and tie check per element"
+_Q8_COMPACT = _Q8 % "compact masters add the join and split of the master per element"
+_Q8_LAMB_NORMS = _Q8 % ("LAMB's norms pass only dequantizes, but it reads 10 B per fp32 element "
+                        "(p, g and two codes), stores nothing, and LAMB's direction costs "
+                        "IEEE divisions and a square root per element")  # fmt: skip
+
 #: Streaming kernels predicted below their goal today, with the reason. Not a launch-config or
 #: unroll issue (occupancy and bytes in flight are ample: see bench/results/h200_model.md);
 #: the fix is fewer instructions per element (hardware fp16 conversion on the device, a
@@ -87,6 +99,44 @@ KNOWN_BELOW = {
     "cuda sgd [fp16,float,kahan,false]": _KAHAN_FP16,  # 70.6%
     "cuda muon_momentum [fp16,fp16,false,false]": _MUON_FP16,
     "cuda muon_momentum [fp16,fp16,false,true]": _MUON_FP16,
+    # 8-bit states (bench/results/h200_model.md): every variant of fp32 params and of 16-bit
+    # params with fp32 masters is at its goal except LAMB's norms pass.
+    "cuda adamw_q8 [fp16,fp16,false]": _Q8_FP16,  # 57.1%
+    "cuda adamw_q8 [fp16,float,false]": _Q8_FP16,  # 76.7%
+    "cuda adamw_q8 [fp16,fp16,kahan]": _Q8_KAHAN,  # 48.4%
+    "cuda adamw_q8 [fp16,float,kahan]": _Q8_KAHAN,  # 59.4%
+    "cuda adamw_q8 [bf16,bf16,false]": _Q8_16BIT,  # 83.9%
+    "cuda adamw_q8 [bf16,bf16,kahan]": _Q8_KAHAN,  # 67.9%
+    "cuda adamw_q8 [bf16,float,kahan]": _Q8_KAHAN,  # 79.7%
+    "cuda adamw_q8 [bf16,bf16,compact]": _Q8_COMPACT,  # 88.8%
+    "cuda lamb_q8_norms_kernel [fp16,fp16,false]": _Q8_LAMB_NORMS,  # 37.6%
+    "cuda lamb_q8_norms_kernel [fp16,float,false]": _Q8_LAMB_NORMS,  # 56.7%
+    "cuda lamb_q8_norms_kernel [fp16,fp16,true]": _Q8_LAMB_NORMS,  # 70.2%
+    "cuda lamb_q8_norms_kernel [fp16,fp16,kahan]": _Q8_LAMB_NORMS,  # 40.4%
+    "cuda lamb_q8_norms_kernel [fp16,float,kahan]": _Q8_LAMB_NORMS,  # 54.8%
+    "cuda lamb_q8_norms_kernel [bf16,bf16,false]": _Q8_LAMB_NORMS,  # 46.8%
+    "cuda lamb_q8_norms_kernel [bf16,float,false]": _Q8_LAMB_NORMS,  # 63.0%
+    "cuda lamb_q8_norms_kernel [bf16,bf16,true]": _Q8_LAMB_NORMS,  # 78.9%
+    "cuda lamb_q8_norms_kernel [bf16,bf16,kahan]": _Q8_LAMB_NORMS,  # 53.1%
+    "cuda lamb_q8_norms_kernel [bf16,float,kahan]": _Q8_LAMB_NORMS,  # 67.0%
+    "cuda lamb_q8_norms_kernel [bf16,bf16,compact]": _Q8_LAMB_NORMS,  # 56.2%
+    "cuda lamb_q8_norms_kernel [bf16,float,compact]": _Q8_LAMB_NORMS,  # 70.5%
+    "cuda lamb_q8_norms_kernel [float,float,false]": _Q8_LAMB_NORMS,  # 80.3%
+    "cuda lamb_q8_apply [fp16,fp16,false]": _Q8_FP16,  # 53.1%
+    "cuda lamb_q8_apply [fp16,float,false]": _Q8_FP16,  # 70.4%
+    "cuda lamb_q8_apply [fp16,fp16,kahan]": _Q8_KAHAN,  # 46.1%
+    "cuda lamb_q8_apply [fp16,float,kahan]": _Q8_KAHAN,  # 56.4%
+    "cuda lamb_q8_apply [bf16,bf16,false]": _Q8_16BIT,  # 76.8%
+    "cuda lamb_q8_apply [bf16,bf16,kahan]": _Q8_KAHAN,  # 64.1%
+    "cuda lamb_q8_apply [bf16,float,kahan]": _Q8_KAHAN,  # 73.7%
+    "cuda lamb_q8_apply [bf16,bf16,compact]": _Q8_COMPACT,  # 83.1%
+    "cuda lion_q8 [fp16,fp16,false]": _Q8_FP16,  # 72.5%
+    "cuda lion_q8 [fp16,fp16,kahan]": _Q8_KAHAN,  # 53.2%
+    "cuda lion_q8 [fp16,float,kahan]": _Q8_KAHAN,  # 67.6%
+    "cuda lion_q8 [bf16,bf16,kahan]": _Q8_KAHAN,  # 85.8%
+    "cuda sgd_q8 [fp16,fp16,false]": _Q8_FP16,  # 85.4%
+    "cuda sgd_q8 [fp16,fp16,kahan]": _Q8_KAHAN,  # 58.2%
+    "cuda sgd_q8 [fp16,float,kahan]": _Q8_KAHAN,  # 74.6%
 }
 
 

@@ -14,11 +14,11 @@
 //   levels - 1, the count is k or k + 1 (the midpoint between codes k and k + 1 lies
 //   inside (k, k + 1) / levels in r, at least 0.15 / levels from either end, far beyond
 //   the few ulps the two roots and the product err by), so |q| = k + (mid[k] < |y|) (mid[k]
-//   from its formula for the int8 codes, gathered for the uint8 ones). The
-//   scalar code_magnitude's guess and correction loops reach the same count; the count
-//   depends on |y| alone, and csrc/tests/test_q8_block.cpp checks it against the
-//   definition on every fp32 |y| in [0, 1] (above 1 both give levels: k is clamped and
-//   mid[levels - 1] < 1).
+//   from its formula for the int8 codes, gathered for the uint8 ones): the scalar
+//   code_magnitude's closed form (quant8.h), 8 lanes at a time. The count depends on |y|
+//   alone, and csrc/tests/test_q8_block.cpp checks both against the definition (the count
+//   of midpoints below |y|) on every fp32 |y| in [0, 1] (above 1 both give levels: k is
+//   clamped and mid[levels - 1] < 1).
 //
 // Why: the scalar loops made the 8-bit states 14x slower than bf16+master on GPT-2 small
 // (bench/results/memory-cpu-gpt2-2026-11-29T170539Z.md: AdamW 21,527 ms/step against 1,497,

@@ -70,8 +70,8 @@ struct AdamWBody : AdamWBodyOf<StateOf<P, kMasterWeights>, P, G, kMasterWeights,
 };
 
 // [note: 8-bit states] (fusedopt/quant8.py) on CUDA: a block walks its chunk by
-// quantization blocks, one element per thread (kThreads == kQuantBlock); each block's new
-// absmaxes are block reductions (q8_absmax in quant8.cuh). The param, master and grad go
+// quantization blocks, a warp per block and 8 elements per lane ([note: q8 warps] in
+// quant8.cuh); each block's new absmaxes are warp reductions. The param, master and grad go
 // through the shared loads and stores of step.cuh. Per element: reads g, p (+master), m, v
 // (1 B each), writes p (+master), m, v; 8 B of scales read and written per 256 elements.
 template <class P, class G, MasterKind kMasterWeights>
@@ -84,8 +84,8 @@ struct AdamWQ8Body : StepBody<P, G, kMasterWeights, AdamWScalars<Opmath<P>>> {
       : Base(row, a, a.flag[kMaximize], [&] { return row_scalars<T>(row, t, a); }),
         q(row, {kExpAvgCodes, kExpAvgSqCodes}, {kExpAvgScales, kExpAvgSqScales}) {}
 
-  __device__ __forceinline__ void apply(int64_t b, int64_t i, bool in) const {
-    q8_apply(*this, q, b, i, in, true, [](T& p, T g, T& m, T& v, const auto& s) {
+  __device__ __forceinline__ void apply(const Q8Lane& l) const {
+    q8_apply(*this, q, l, true, [](T& p, T g, T& m, T& v, const auto& s) {
       T unused = T(0);
       adamw_update<T, false>(p, g, m, v, unused, s);
     });

@@ -163,10 +163,18 @@ __device__ __forceinline__ S from_opmath(T x, uint32_t random = 0) {
   }
 }
 
+/// The alignment of V elements of S accessed at once: their size up to 16 bytes when it is a
+/// power of two (8 int8 codes: one 64-bit access, quant8.cuh), else S's own.
+template <class S, int V>
+inline constexpr std::size_t kPackAlign =
+    V * sizeof(S) >= 16                         ? 16
+    : ((V * sizeof(S)) & (V * sizeof(S) - 1)) == 0 ? V * sizeof(S)
+                                                   : alignof(S);
+
 /// V elements of storage type S: one or more 16-byte accesses when V * sizeof(S) >= 16
 /// (alignas(16) is what lets the compiler issue LDG.E.128 / STG.E.128).
 template <class S, int V>
-struct alignas(V * sizeof(S) >= 16 ? 16 : alignof(S)) Pack {
+struct alignas(kPackAlign<S, V>) Pack {
   S v[V];
 };
 
@@ -281,6 +289,21 @@ __device__ __forceinline__ T block_reduce(T x, Op op, T identity) {
   x = (static_cast<int>(threadIdx.x) < static_cast<int>(blockDim.x / 32)) ? partial[lane] : identity;
   if (warp == 0) x = warp_reduce(x, op);
   return x;
+}
+
+/// The largest x of the warp's 32 lanes, in every lane (every lane calls it): one REDUX
+/// from sm_80 on, else (and under the host emulation) a butterfly of shuffles.
+__device__ __forceinline__ uint32_t warp_max(uint32_t x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, x);
+#else
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) {
+    const uint32_t y = __shfl_xor_sync(0xffffffffu, x, mask);
+    x = x > y ? x : y;
+  }
+  return x;
+#endif
 }
 
 struct Sum {

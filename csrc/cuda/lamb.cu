@@ -178,9 +178,8 @@ struct LambQ8NormBody : LambQ8Elements<P, G, kMasterWeights> {
                                             T* u2_)
       : LambQ8Elements<P, G, kMasterWeights>(row, t, a), p2(p2_), u2(u2_) {}
 
-  __device__ __forceinline__ void apply(int64_t b, int64_t i, bool in) const {
-    if (!in) return;
-    q8_read(*this, this->q, b, i, [&](T p, T g, T m, T v, const auto& s) {
+  __device__ __forceinline__ void apply(const Q8Lane& l) const {
+    q8_read(*this, this->q, l, [&](T p, T g, T m, T v, const auto& s) {
       const T u = lamb_direction(p, g, m, v, s);
       *p2 = *p2 + p * p;
       *u2 = *u2 + u * u;
@@ -198,9 +197,9 @@ struct LambQ8ApplyBody : LambQ8Elements<P, G, kMasterWeights> {
   __device__ __forceinline__ LambQ8ApplyBody(const Row& row, int t, const StepArgs& a)
       : LambQ8Elements<P, G, kMasterWeights>(row, t, a), ratio(trust_ratio<T>(row, t, a)) {}
 
-  __device__ __forceinline__ void apply(int64_t b, int64_t i, bool in) const {
+  __device__ __forceinline__ void apply(const Q8Lane& l) const {
     const T r = ratio;
-    q8_apply(*this, this->q, b, i, in, true, [r](T& p, T g, T& m, T& v, const auto& s) {
+    q8_apply(*this, this->q, l, true, [r](T& p, T g, T& m, T& v, const auto& s) {
       p = lamb_apply(p, lamb_direction(p, g, m, v, s), r, s);
     });
   }
@@ -240,7 +239,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 /// lamb_norms_kernel with 8-bit moments ([note: 8-bit states]): the quantization blocks the
-/// CUDA block owns (quant8.cuh), one element per thread.
+/// CUDA block owns, a warp per block ([note: q8 warps] in quant8.cuh).
 template <class P, class G, MasterKind kMasterWeights>
 __global__ void __launch_bounds__(kThreads)
     lamb_q8_norms_kernel(Table table, StepArgs args, NormPartial<Opmath<P>>* partials) {
@@ -287,7 +286,11 @@ struct LambLaunch {
         q8(call.exp_avg_scales.present()) {
     // [note: state dtype]: a storage the cuda backend does not build is refused before the
     // table upload or a step count moves (8-bit moments are codes: q8_step_kernel's own)
-    if (!q8) check_state_storage("lamb_", call.lists, call.exp_avgs.dtype);
+    if (q8) {
+      check_q8_params(call.lists);
+    } else {
+      check_state_storage("lamb_", call.lists, call.exp_avgs.dtype);
+    }
     FUSEDOPT_FILL_STEP_CALL(LAMB)
     if (q8) set_row_lengths(host, call.lists);
     table = host.upload(ctx);
@@ -316,13 +319,11 @@ void run_direction(const LambCall& call, LambLaunch& l, void* sq_norms, const Ex
   // instead of none.
   if (l.host.total_chunks() == 0) return;
   if (l.q8) {  // 8-bit moments: codes, not a state storage ([note: 8-bit states])
-    dispatch_step_types(call.lists.params.dtype, call.lists.grads.dtype,
-                        master_kind(call.lists), [&](auto p, auto g, auto master) {
-                          using P = decltype(p);
-                          constexpr MasterKind kM = decltype(master)::value;
-                          launch_norms<Opmath<P>>(lamb_q8_norms_kernel<P, decltype(g), kM>, l,
-                                                  sq_norms, ctx);
-                        });
+    dispatch_q8_types(call.lists, [&](auto p, auto g, auto master) {
+      using P = decltype(p);
+      constexpr MasterKind kM = decltype(master)::value;
+      launch_norms<Opmath<P>>(lamb_q8_norms_kernel<P, decltype(g), kM>, l, sq_norms, ctx);
+    });
     return;
   }
   // [note: state dtype]: the moments' storage is the call's (exp_avgs' slot dtype)

@@ -56,8 +56,8 @@ struct LionQ8Body : LionBody<P, G, kMasterWeights> {
   __device__ __forceinline__ LionQ8Body(const Row& row, int t, const StepArgs& a)
       : LionBody<P, G, kMasterWeights>(row, t, a), q(row, {kExpAvg}, {kExpAvgScales}) {}
 
-  __device__ __forceinline__ void apply(int64_t b, int64_t i, bool in) const {
-    q8_apply(*this, q, b, i, in, true, LionUpdate{});
+  __device__ __forceinline__ void apply(const Q8Lane& l) const {
+    q8_apply(*this, q, l, true, LionUpdate{});
   }
 };
 

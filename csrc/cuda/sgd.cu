@@ -83,8 +83,8 @@ struct SgdQ8Body : SgdBody<P, G, kMasterWeights, true> {
   __device__ __forceinline__ SgdQ8Body(const Row& row, int t, const StepArgs& a)
       : Base(row, t, a), q(row, {kMomentumBuffer}, {kMomentumBufferScales}) {}
 
-  __device__ __forceinline__ void apply(int64_t b, int64_t i, bool in) const {
-    q8_apply(*this, q, b, i, in, this->use_buffer, [](T& p, T g, T& buf, const auto& s) {
+  __device__ __forceinline__ void apply(const Q8Lane& l) const {
+    q8_apply(*this, q, l, this->use_buffer, [](T& p, T g, T& buf, const auto& s) {
       sgd_update<T, true>(p, g, buf, s);  // momentum_on false: p only
     });
   }

@@ -251,6 +251,11 @@ struct StepBodyOf {
     return aligned_states(start, std::make_index_sequence<sizeof...(kStateSlots)>{});
   }
 
+  /// aligned() for param, grad and master only (8-bit states' codes: quant8.cuh's own).
+  __device__ __forceinline__ bool aligned_param(int64_t start) const {
+    return aligned_all(start, p, g, master);
+  }
+
   /// Elements i..i+V-1 of the param in opmath (load_param) and of the raw grad (the op
   /// applies load_grad per element).
   template <int V>

@@ -9,8 +9,8 @@
 //   * launches (fusedopt::emulation::launch, which csrc/cuda's launch_kernel calls instead of
 //     `<<<>>>`): run synchronously on the calling thread, as a single stream would order them,
 //     one block after another, the threads of a block as cooperative fibers
-//     ([note: emulated threads] in emulator.cpp) so that __syncthreads, __syncthreads_or and
-//     __shfl_down_sync have CUDA's semantics;
+//     ([note: emulated threads] in emulator.cpp) so that __syncthreads, __syncthreads_or,
+//     __shfl_down_sync and __shfl_xor_sync have CUDA's semantics;
 //   * device memory = host memory; streams are accepted and ignored; no stream is capturing
 //     unless a test says so (set_capturing), which is how the capture path is reached.
 // Where the GPU would fault or the kernel has undefined behaviour (a misaligned vector access,
@@ -112,20 +112,30 @@ namespace fusedopt::emulation {
 [[noreturn]] void fault(const char* what);
 
 /// The warp-synchronous exchange behind the __shfl_*_sync functions: every lane of the warp
-/// must call it with the full mask; lane l gets the `bits` of lane l + delta, or its own when
-/// l + delta >= 32.
-uint64_t shuffle_down(unsigned mask, uint64_t bits, unsigned delta, int width);
+/// must call it with the full mask and the same kind; lane l gets the `bits` of lane
+/// l + delta (its own when l + delta >= 32) or, with xor_lanes, of lane l ^ delta.
+uint64_t shuffle(unsigned mask, uint64_t bits, unsigned delta, int width, bool xor_lanes);
+
+template <class T>
+T shuffle_value(unsigned mask, T var, unsigned delta, int width, bool xor_lanes) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "a shuffle moves 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &var, sizeof(T));
+  bits = shuffle(mask, bits, delta, width, xor_lanes);
+  std::memcpy(&var, &bits, sizeof(T));
+  return var;
+}
 
 }  // namespace fusedopt::emulation
 
 template <class T>
 T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
-  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "a shuffle moves 8 bytes");
-  uint64_t bits = 0;
-  std::memcpy(&bits, &var, sizeof(T));
-  bits = fusedopt::emulation::shuffle_down(mask, bits, delta, width);
-  std::memcpy(&var, &bits, sizeof(T));
-  return var;
+  return fusedopt::emulation::shuffle_value(mask, var, delta, width, false);
+}
+
+template <class T>
+T __shfl_xor_sync(unsigned mask, T var, unsigned lane_mask, int width = 32) {
+  return fusedopt::emulation::shuffle_value(mask, var, lane_mask, width, true);
 }
 
 namespace fusedopt::emulation {

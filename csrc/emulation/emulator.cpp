@@ -1,18 +1,18 @@
 // The scheduler and runtime behind csrc/emulation/cuda_runtime.h.
 //
-// [note: emulated threads] A launch runs its blocks one after another, and the threads of a
-// block as cooperative fibers (ucontext), each on its own small stack, switched only where
-// CUDA makes threads wait for each other: __syncthreads / __syncthreads_or (all threads of the
-// block) and __shfl_down_sync (the 32 lanes of a warp). A thread that reaches neither runs to
-// completion, and its fiber then starts the next thread, so a kernel without barriers costs
-// one switch per block. Threads have a fixed priority (thread index order, or its reverse for
-// set_schedule(kReverse)) and the scheduler always runs the first thread that can run, until
-// it waits: so a run is deterministic, and a warp runs as far ahead of the others as CUDA
-// allows (forward: warp 0 first, reverse: the last warp first). That is the schedule that
-// shows a missing barrier: a round-robin one kept the warps in near lockstep and let a
-// block_reduce without its first __syncthreads pass; these two make it fail. Blocks that run one after another never overlap, which
-// is a legal CUDA schedule; a kernel that needed two blocks to run at once (a spin-wait on
-// another block) would deadlock here, and none of fusedopt's does.
+// [note: emulated threads] A launch runs its blocks one after another, and the threads of a block
+// as cooperative fibers (ucontext), each on its own small stack, switched only where CUDA makes
+// threads wait for each other: __syncthreads / __syncthreads_or (all threads of the block) and
+// __shfl_down_sync / __shfl_xor_sync (the 32 lanes of a warp). A thread that reaches neither runs
+// to completion, and its fiber then starts the next thread, so a kernel without barriers costs one
+// switch per block. Threads have a fixed priority (thread index order, or its reverse for
+// set_schedule(kReverse)) and the scheduler always runs the first thread that can run, until it
+// waits: so a run is deterministic, and a warp runs as far ahead of the others as CUDA allows
+// (forward: warp 0 first, reverse: the last warp first). That is the schedule that shows a missing
+// barrier: a round-robin one kept the warps in near lockstep and let a block_reduce without its
+// first __syncthreads pass; these two make it fail. Blocks that run one after another never
+// overlap, which is a legal CUDA schedule; a kernel that needed two blocks to run at once (a
+// spin-wait on another block) would deadlock here, and none of fusedopt's does.
 //
 // Barriers are strict where CUDA leaves the behaviour undefined: a __syncthreads must be
 // reached by every thread of the block (none may have exited), __syncthreads and
@@ -44,6 +44,7 @@ struct Thread {
   State state;
   int fiber;           // the fiber running it, once started
   unsigned shfl_delta;
+  bool shfl_xor;  // __shfl_xor_sync (else __shfl_down_sync)
   uint64_t shfl_in, shfl_out;
 };
 
@@ -273,8 +274,8 @@ void run_grid(dim3 grid, dim3 block, void (*thread_main)(void*), void* closure) 
   d.in_kernel = false;
 }
 
-uint64_t shuffle_down(unsigned mask, uint64_t bits, unsigned delta, int width) {
-  Device& d = in_kernel("__shfl_down_sync");
+uint64_t shuffle(unsigned mask, uint64_t bits, unsigned delta, int width, bool xor_lanes) {
+  Device& d = in_kernel(xor_lanes ? "__shfl_xor_sync" : "__shfl_down_sync");
   if (mask != 0xffffffffu || width != kWarpSize || d.nthreads % kWarpSize != 0) {
     fault("only full-warp shuffles (mask 0xffffffff, width 32, whole warps) are emulated");
   }
@@ -282,6 +283,7 @@ uint64_t shuffle_down(unsigned mask, uint64_t bits, unsigned delta, int width) {
   Thread& self = d.threads[t];
   self.shfl_in = bits;
   self.shfl_delta = delta;
+  self.shfl_xor = xor_lanes;
   if (++d.warp_arrived[warp] < kWarpSize) {
     suspend(d, State::kShuffle);
     return d.threads[t].shfl_out;
@@ -291,7 +293,10 @@ uint64_t shuffle_down(unsigned mask, uint64_t bits, unsigned delta, int width) {
   d.warp_arrived[warp] = 0;
   Thread* lanes = &d.threads[warp * kWarpSize];
   for (int l = 0; l < kWarpSize; ++l) {
-    const unsigned src = static_cast<unsigned>(l) + lanes[l].shfl_delta;
+    if (lanes[l].shfl_xor != xor_lanes)
+      fault("__shfl_down_sync and __shfl_xor_sync meet at one shuffle");
+    const unsigned src = xor_lanes ? static_cast<unsigned>(l) ^ lanes[l].shfl_delta
+                                   : static_cast<unsigned>(l) + lanes[l].shfl_delta;
     lanes[l].shfl_out = src < kWarpSize ? lanes[src].shfl_in : lanes[l].shfl_in;
     if (l != lane) {
       lanes[l].state = State::kReady;

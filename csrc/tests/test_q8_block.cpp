@@ -2,8 +2,9 @@
 // scalar definition in csrc/include/fusedopt/quant8.h ([note: 8-bit states] in
 // fusedopt/quant8.py), bit for bit:
 // - the code magnitude on every fp32 |y| in [0, 1] (the only |y| a block's own absmax gives),
-//   both tables, against the count of midpoints strictly below |y| (the definition; the
-//   scalar code_magnitude is checked against the same count near every midpoint);
+//   both tables, block and scalar (quant8.h's closed form, CUDA's quantizer), against the
+//   count of midpoints strictly below |y| (the definition), and the scalar one near every
+//   midpoint, above 1 and at inf;
 // - quantize, dequantize and the absmax on blocks of every length 1..256 (the vector body
 //   and the scalar tail) with random values, values at the midpoints times the scale +- a
 //   few ulps, 0, -0, NaN, +-inf, denormals, and blocks whose absmax is 0, denormal, inf, NaN;
@@ -33,9 +34,10 @@ const q8::CodeTable& table() {
   return kSigned ? q8::kSignedTable : q8::kUnsignedTable;
 }
 
-/// Every fp32 |y| in [0, 1] through block::quantize with scale 1 (y = x / 1 = x), against
-/// the running count of midpoints strictly below |y|; signed codes get x negated where the
-/// bit pattern is odd, so both signs meet every code. Returns the number of mismatches.
+/// Every fp32 |y| in [0, 1] through block::quantize and the scalar q8::quantize with scale 1
+/// (y = x / 1 = x), against the running count of midpoints strictly below |y|; signed codes
+/// get x negated where the bit pattern is odd, so both signs meet every code. Returns the
+/// number of mismatches.
 template <bool kSigned>
 int64_t sweep_every_magnitude() {
   const q8::CodeTable& t = table<kSigned>();
@@ -56,10 +58,12 @@ int64_t sweep_every_magnitude() {
       const float magnitude = std::bit_cast<float>(static_cast<uint32_t>(start + e));
       while (count < t.levels && t.mid[count] < magnitude) ++count;
       const int want = kSigned && (e & 1) ? -count : count;
-      if (codes[e] != want) {
+      const int scalar = q8::quantize<kSigned>(x[e], 1.0f);  // CUDA's and the tails'
+      if (codes[e] != want || scalar != want) {
         if (mismatches < 10)
-          std::fprintf(stderr, "signed %d: |y| %.9g (0x%08x): code %d, want %d\n", kSigned,
-                       magnitude, static_cast<unsigned>(start + e), int(codes[e]), want);
+          std::fprintf(stderr, "signed %d: |y| %.9g (0x%08x): code %d (scalar %d), want %d\n",
+                       kSigned, magnitude, static_cast<unsigned>(start + e), int(codes[e]),
+                       scalar, want);
         ++mismatches;
       }
     }
@@ -81,6 +85,10 @@ void check_scalar_near_midpoints() {
       CHECK(q8::code_magnitude<kPower>(y, t.mid, t.levels) == want);
     }
   }
+  // Above 1 (never a block's own |y|) and inf: the top code, as the count; NaN: 0.
+  for (const float y : {1.0f, 1.5f, 1e30f, kInf})
+    CHECK(q8::code_magnitude<kPower>(y, t.mid, t.levels) == t.levels);
+  CHECK(q8::code_magnitude<kPower>(kNan, t.mid, t.levels) == 0);
 }
 
 bool same_bits(float a, float b) {

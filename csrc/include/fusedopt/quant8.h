@@ -61,25 +61,32 @@ FUSEDOPT_Q8_TABLE CodeTable kSignedTable = make_table(kSignedLevels, kSignedPowe
 FUSEDOPT_Q8_TABLE CodeTable kUnsignedTable = make_table(kUnsignedLevels, kUnsignedPower);
 
 /// |q| for |y| in [0, 1]: the number of midpoints strictly below it (a tie goes to the
-/// smaller code; NaN to 0). A guess from the inverse of the power map (square roots: the
-/// powers are 2 and 4), then corrected against the midpoints until it is that count
-/// exactly, so the guess's rounding never shows. (A binary search over the midpoints made
-/// the CPU step 80x slower than the fp32 one: 16 data-dependent branches per element,
-/// half of them mispredicted; 106 ns/param against 1.3 on the 2-core VM, 14.2M fp32
-/// params. With the guess: 48.6 against 2.5 ns/param in a run loaded by a build.) This is
-/// the definition, and CUDA's per-element path; the CPU quantizes whole blocks in AVX2
-/// with the same codes (csrc/cpu/q8_block.h, its measurements there).
+/// smaller code; NaN to 0), in closed form: with r = |y|^(1/power) (exact IEEE square
+/// roots: the powers are 2 and 4) and k = floor(r * levels) clamped to levels - 1, the count
+/// is k or k + 1 (the midpoint between codes k and k + 1 lies inside (k, k + 1) / levels in
+/// r, at least 0.15 / levels from either end, far beyond the few ulps the roots and the
+/// product err by), so |q| = k + (mid[k] < |y|): one table read. Above 1 (and inf) it gives
+/// levels, as the count does. csrc/tests/test_q8_block.cpp checks it against the count on
+/// every fp32 |y| in [0, 1] and near every midpoint; the CPU's AVX2 quantizer
+/// (csrc/cpu/q8_block.h) is the same arithmetic 8 lanes at a time.
+/// Why closed form: a binary search over the midpoints made the CPU step 80x slower than the
+/// fp32 one (16 data-dependent branches per element, half of them mispredicted). The form
+/// before this one, a rounded guess corrected by two loops, was as exact but left two
+/// data-dependent loops per element: lanes of a CUDA warp that need different corrections
+/// diverge. Here there is no branch. The H200 model cannot see the difference (its shortest
+/// path counts a loop body once: 702 instructions per lane per 8 elements with the loops
+/// and without them, 8-bit AdamW on fp32 params, [note: q8 warps] in
+/// csrc/cuda/quant8.cuh); no GPU has measured it.
 template <int kPower>
 FUSEDOPT_HD FUSEDOPT_INLINE int code_magnitude(float abs_y, const float* mid, int levels) {
   static_assert(kPower == 2 || kPower == 4, "the inverse is taken by square roots");
   if (!(abs_y > 0.0f)) return 0;  // 0, -0 and NaN: code 0 (no midpoint is below 0)
   float root = sqrtf(abs_y);
   if constexpr (kPower == 4) root = sqrtf(root);
-  int k = static_cast<int>(root * static_cast<float>(levels) + 0.5f);
-  k = k < 0 ? 0 : (k > levels ? levels : k);
-  while (k < levels && mid[k] < abs_y) ++k;
-  while (k > 0 && !(mid[k - 1] < abs_y)) --k;
-  return k;
+  const float top = static_cast<float>(levels - 1);
+  const float guess = root * static_cast<float>(levels);
+  const int k = static_cast<int>(guess < top ? guess : top);  // inf: top
+  return k + (mid[k] < abs_y ? 1 : 0);
 }
 
 /// The absmax of a block as the reference takes it: NaN (canonical) if any value is NaN,
