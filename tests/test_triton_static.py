@@ -102,6 +102,9 @@ def test_every_kernel_compiles_for_sm90(report):
     # dtype, bf16 ones stochastic
     for op in ("adamw", "sgd", "lion", "lamb_norms", "lamb_apply"):
         assert sum(name.startswith(f"{op}_states_") for name in report) == 3, op
+        # [note: 8-bit states] (fusedopt/quant8.py): fp32, bf16 with fp32 masters, bf16
+        for case in ("fp32", "bf16_master", "bf16"):
+            assert f"{op}_q8_{case}" in report, (op, case)
     for case in ELEMENTWISE_CASES:
         for op in ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_norms",
                    "lamb_apply", "adafactor_partials", "adafactor_updates", "adafactor_apply",
@@ -122,6 +125,10 @@ def test_every_kernel_compiles_for_sm90(report):
 KNOWN_SPILLS = {
     "adafactor_apply_bf16_compact_master",
     "adafactor_apply_bf16_kahan_master",
+    # 8-bit states, one 256-element quantization block per iteration with the 8-step binary
+    # search of the quantizer: 2 values spilled (8-byte stack) / 4 (16-byte stack).
+    "sgd_q8_bf16_master",
+    "lamb_apply_q8_bf16",
 }
 
 
