@@ -2,8 +2,8 @@
 
 Run as a script (``python tests/triton_static_compile.py``) in a process where
 TRITON_INTERPRET is unset (``@triton.jit`` returns interpreted functions otherwise); prints
-one JSON object: variant name -> {"ldg128", "stg128", "ldg", "stg", "local", "stack",
-"spills"}. tests/test_triton_static.py runs it and asserts on the numbers. No GPU needed:
+one JSON object: variant name -> {"ldg128", "stg128", "stg64", "ldg", "stg", "local",
+"stack", "spills"}. tests/test_triton_static.py runs it and asserts on the numbers. No GPU needed:
 Triton compiles for a GPUTarget, and the cuobjdump shipped in Triton's wheel disassembles.
 """
 
@@ -252,6 +252,7 @@ def analyse(cubin: bytes, workdir: str, name: str) -> dict:
     return {
         "ldg128": len(re.findall(r"\bLDG\.E\.128\b", sass)),
         "stg128": len(re.findall(r"\bSTG\.E\.128\b", sass)),
+        "stg64": len(re.findall(r"\bSTG\.E\.64\b", sass)),
         "ldg": len(re.findall(r"\bLDG\.", sass)),
         "stg": len(re.findall(r"\bSTG\.", sass)),
         "spills": len(re.findall(r"\b(?:STL|LDL)\b", sass)),
@@ -271,7 +272,7 @@ def main() -> None:
                 workdir,
                 name,
             )
-            if aligned and name.startswith(("adamw_fp32", "adamw_bf16", "scale_")):
+            if aligned and name.startswith(("adamw_fp32", "adamw_bf16", "scale_", "adamw_q8_")):
                 # Negative control: the same kernel without the alignment hints.
                 report[name + "_unaligned"] = analyse(
                     compile_variant(kernel, {**constexprs, "ALIGNED": False}),

@@ -6,10 +6,33 @@ it by quantization blocks, not by BLOCK-element runs: it owns the blocks whose *
 element lies in its chunk (a block that starts near the chunk's end runs on into the next
 chunk, whose program skips it), so every block has one owner and its absmax is one
 ``tl.max`` over QBLOCK = 256 lanes. A block is a run of up to 256 elements of one row (the
-param's last dim, ``row_lengths[t]``), so lanes past the row's end are masked.
+param's last dim, ``row_lengths[t]``), so lanes past the row's end are masked. An iteration
+takes TILE blocks at once ([note: q8 tiles]).
 
 Per element: the op's bytes with 1-byte moments, plus 4 B per block for each scale read and
 written (AdamW, fp32 params: 4 + 4 + 1 + 1 read, 4 + 1 + 1 written = 16 B + 16/256).
+
+[note: q8 tiles] An iteration is a [TILE, QBLOCK] tile of TILE = 4 consecutive blocks: 8
+elements per thread at 4 warps, as the other step kernels' BLOCK of 1024 (two 128-bit
+accesses per fp32 stream, one per 16-bit stream, 8 bytes per code stream); a block's absmax
+is a max along the tile's rows. Two walks (:func:`fold_q8_blocks`):
+
+* **Whole blocks** (the vector path): in a tensor whose row length is a multiple of 256
+  every block is whole and block b is the elements [256 b, 256 b + 256) of the tensor, so
+  the offsets ``b * 256 + lane`` need no mask and are multiples of 256: with 16-byte aligned
+  pointers (the ALIGNED constexpr of every step kernel: every address of the call) Triton
+  emits 128-bit accesses for p, g and the master, 64-bit ones for the codes. The tile's
+  rows are all in the chunk, up to the last whole tile; its remaining blocks (fewer than
+  TILE, the tensor's last chunk only) take the general walk.
+* **General**: each row of the tile finds its block's row and start, lanes past the row's
+  end and rows past the chunk's last block are masked (``valid``: their scales are neither
+  read nor written).
+
+The choice is per tensor, at run time (``row_length % 256``, the same for every program of
+the tensor), not a constexpr per call: one tensor with short rows (a conv kernel's last dim
+of 3, a 1-D param of 50257) would otherwise send every tensor of the call down the masked
+path. The price is the block function compiled twice (compile time and code size; registers
+and spills: tests/test_triton_static.py).
 """
 
 from __future__ import annotations
@@ -37,6 +60,8 @@ from .drivers import StepOp, param_args
 from .layout import StepArguments
 
 QBLOCK: tl.constexpr = tl.constexpr(quant8.BLOCK)
+#: Quantization blocks per iteration ([note: q8 tiles]).
+TILE: tl.constexpr = tl.constexpr(4)
 #: Offsets of the signed and unsigned code and midpoint tables in :func:`code_tables`.
 SIGNED_CODES: tl.constexpr = tl.constexpr(0)
 SIGNED_MIDS: tl.constexpr = tl.constexpr(quant8.LEVELS_SIGNED + 1)
@@ -62,9 +87,25 @@ def code_tables(device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def dequantize(codes_ptr, scale, offs, mask, tables, SIGNED: tl.constexpr):
-    """The fp32 values of a block's codes: ``code[|q|] * scale``, negated for q < 0."""
-    q = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+def load_scales(scales_ptr, blocks):
+    """The scales of a tile's blocks ``blocks = (b, valid)``, [TILE, 1]; 0 where not valid
+    (``valid`` None: every row is a block)."""
+    b, valid = blocks
+    if valid is None:  # a compile-time branch, as in common.load
+        return tl.load(scales_ptr + b)
+    else:
+        return tl.load(scales_ptr + b, mask=valid, other=0.0)
+
+
+@triton.jit
+def dequantize(codes_ptr, scales_ptr, blocks, offs, mask, tables, SIGNED: tl.constexpr):
+    """The fp32 values of a tile's codes: ``code[|q|] * scale``, negated for q < 0."""
+    if mask is None:  # noqa: SIM108
+        q = tl.load(codes_ptr + offs)
+    else:
+        q = tl.load(codes_ptr + offs, mask=mask, other=0)
+    q = q.to(tl.int32)
+    scale = load_scales(scales_ptr, blocks)
     magnitude = tl.abs(q)
     if SIGNED:
         value = tl.load(tables + SIGNED_CODES + magnitude) * scale
@@ -75,11 +116,13 @@ def dequantize(codes_ptr, scale, offs, mask, tables, SIGNED: tl.constexpr):
 
 @triton.jit
 def block_absmax(x, mask):
-    """The block's scale as the reference takes it: the largest |x| over the masked lanes,
-    the canonical NaN 0x7FC00000 if any is NaN."""
-    a = tl.where(mask, tl.abs(x), 0.0)
-    any_nan = tl.max(tl.where(a != a, 1, 0), axis=0)
-    absmax = tl.max(tl.where(a == a, a, 0.0), axis=0)
+    """Each block's scale as the reference takes it, [TILE, 1]: the largest |x| over the
+    block's lanes (``mask``; None: all), the canonical NaN 0x7FC00000 if any is NaN."""
+    a = tl.abs(x)
+    if mask is not None:
+        a = tl.where(mask, a, 0.0)
+    any_nan = tl.max(tl.where(a != a, 1, 0), axis=1, keep_dims=True)
+    absmax = tl.max(tl.where(a == a, a, 0.0), axis=1, keep_dims=True)
     nan = tl.full((), 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
     return tl.where(any_nan > 0, nan, absmax)
 
@@ -111,12 +154,13 @@ def quantize(x, scale, tables, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def requantize(codes_ptr, scales_ptr, b, x, offs, mask, tables, SIGNED: tl.constexpr):
-    """Store x as block b's new codes and absmax."""
+def requantize(codes_ptr, scales_ptr, blocks, x, offs, mask, tables, SIGNED: tl.constexpr):
+    """Store x as the new codes and absmaxes of a tile's blocks ``blocks = (b, valid)``."""
+    b, valid = blocks
     scale = block_absmax(x, mask)
     q = quantize(x, scale, tables, SIGNED)
     tl.store(codes_ptr + offs, q.to(codes_ptr.dtype.element_ty), mask=mask)
-    tl.store(scales_ptr + b, scale)
+    tl.store(scales_ptr + b, scale, mask=valid)
 
 
 @triton.jit
@@ -129,37 +173,52 @@ def _first_block(offset, row_length, blocks_per_row):
 
 
 @triton.jit
-def fold_q8_blocks(BLOCK_FN: tl.constexpr, start, end, row_length, carry, args):
-    """``carry = BLOCK_FN(offs, mask, b, carry, *args)`` over the quantization blocks of one
-    tensor (rows of ``row_length``) whose first element lies in [start, end), in order: a
-    program's blocks (the module docstring); ``offs``/``mask`` are block b's QBLOCK lanes.
-    Returns ``carry`` (sums for a reduction, LAMB's norms pass; a placeholder otherwise)."""
+def fold_q8_blocks(BLOCK_FN: tl.constexpr, start, end, row_length, carry, args,
+                   ALIGNED: tl.constexpr):  # fmt: skip
+    """``carry = BLOCK_FN(offs, mask, blocks, carry, *args)`` over the quantization blocks of
+    one tensor (rows of ``row_length``) whose first element lies in [start, end), in order,
+    TILE blocks at a time ([note: q8 tiles]): ``offs``/``mask`` are the tile's [TILE,
+    QBLOCK] elements (``mask`` None: all), ``blocks = (b, valid)`` its blocks' indices
+    within the tensor and which rows are blocks, [TILE, 1] (``valid`` None: all). Returns
+    ``carry`` (sums for a reduction, LAMB's norms pass; a placeholder otherwise)."""
     row_length = tl.maximum(row_length, 1)
     per_row = (row_length + QBLOCK - 1) // QBLOCK
-    lanes = tl.arange(0, QBLOCK)
-    for b in range(_first_block(start, row_length, per_row),
-                   _first_block(end, row_length, per_row)):  # fmt: skip
+    first = _first_block(start, row_length, per_row)
+    last = _first_block(end, row_length, per_row)
+    lanes = tl.arange(0, QBLOCK)[None, :]
+    rows = tl.arange(0, TILE)[:, None]
+    # Nested ifs: the outer one is resolved at compile time, the inner at run time.
+    if ALIGNED:  # noqa: SIM102
+        if row_length % QBLOCK == 0:  # whole blocks: block b at b * QBLOCK, no mask
+            whole_end = first + (last - first) // TILE * TILE
+            for b0 in range(first, whole_end, TILE):
+                b = b0 + rows
+                carry = BLOCK_FN(b * QBLOCK + lanes, None, (b, None), carry, *args)
+            first = whole_end
+    for b0 in range(first, last, TILE):
+        b = b0 + rows
+        valid = b < last
         r = b // per_row
         begin = r * row_length + (b - r * per_row) * QBLOCK
-        offs = begin + lanes
-        mask = lanes < (tl.minimum(begin + QBLOCK, (r + 1) * row_length) - begin).to(tl.int32)
-        carry = BLOCK_FN(offs, mask, b, carry, *args)
+        length = tl.minimum(begin + QBLOCK, (r + 1) * row_length) - begin
+        mask = (lanes < length.to(tl.int32)) & valid
+        carry = BLOCK_FN(begin + lanes, mask, (b, valid), carry, *args)
     return carry
 
 
 @triton.jit
 def _q8_step_block(
-    offs, mask, b, carry, BLOCK_FN: tl.constexpr, common, tables, args, COMPUTE: tl.constexpr,
-    FLAGS: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr,
+    offs, mask, blocks, carry, BLOCK_FN: tl.constexpr, common, tables, args,
+    COMPUTE: tl.constexpr, FLAGS: tl.constexpr, MASTER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
-    """Load g and p of block b, ``p = BLOCK_FN(offs, mask, b, g, p, tables, *args, COMPUTE,
-    FLAGS)``, store p."""
+    """Load g and p of a tile (:func:`fold_q8_blocks`), ``p = BLOCK_FN(offs, mask, blocks, g,
+    p, tables, *args, COMPUTE, FLAGS)``, store p."""
     p_ptr, g_ptr, master_ptr, scale_g, clip = common
     g = load_grad(g_ptr, offs, mask, scale_g, clip, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   MAXIMIZE)  # fmt: skip
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
-    p = BLOCK_FN(offs, mask, b, g, p, tables, *args, COMPUTE, FLAGS)
+    p = BLOCK_FN(offs, mask, blocks, g, p, tables, *args, COMPUTE, FLAGS)
     store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
     return carry
 
@@ -175,21 +234,23 @@ def q8_step_kernel(
     HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """One program per chunk of a step op with 8-bit states: the quantization blocks that
-    start in the chunk (:func:`fold_q8_blocks`), each loaded (g, p), handed to
-    ``BLOCK_FN(offs, mask, b, g, p, tables, *args, COMPUTE, FLAGS)`` (which dequantizes,
-    steps and requantizes the op's states and returns the new p) and stored; the tensor's
-    last chunk advances its step count (when the prologue says ``advance``)."""
+    start in the chunk, a tile at a time (:func:`fold_q8_blocks`), each loaded (g, p), handed
+    to ``BLOCK_FN(offs, mask, blocks, g, p, tables, *args, COMPUTE, FLAGS)`` (which
+    dequantizes, steps and requantizes the op's states and returns the new p) and stored; the
+    tensor's last chunk advances its step count (when the prologue says ``advance``). The
+    prologue's ``PROLOGUE(row, lr, COMPUTE, LR_MODE, ALIGNED, FLAGS) -> (args, new_step,
+    advance)`` gives the code pointers 16-byte aligned with ALIGNED."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
         common = param_args(row, t, grad_scale, clip_coef, sr_key, MASTER_SLOT, P_DTYPE,
                             G_DTYPE, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
                             ALIGNED)  # fmt: skip
         lr = learning_rate(row, lr_tensor, t, N_SLOTS, LR_MODE)
-        args, new_step, advance = PROLOGUE(row, lr, COMPUTE, LR_MODE, FLAGS)
+        args, new_step, advance = PROLOGUE(row, lr, COMPUTE, LR_MODE, ALIGNED, FLAGS)
         nothing = tl.zeros((), tl.int32)
         fold_q8_blocks(_q8_step_block, start, end, tl.load(row_lengths + t), nothing,
                        (BLOCK_FN, common, tables, args, COMPUTE, FLAGS, MASTER, HAS_GRAD_SCALE,
-                        HAS_CLIP, MAXIMIZE))  # fmt: skip
+                        HAS_CLIP, MAXIMIZE), ALIGNED)  # fmt: skip
         if advance:
             finish_tensor(counters, t, row, slot(row, STEP_SLOT, tl.float32, False), new_step)
 
@@ -213,7 +274,7 @@ class RowLengths:
 
 class Q8Launcher:
     """Launches :func:`q8_step_kernel` for a step op's call with 8-bit states: the op's
-    ``prologue(row, lr, COMPUTE, LR_MODE, FLAGS) -> (args, new_step, advance)``
+    ``prologue(row, lr, COMPUTE, LR_MODE, ALIGNED, FLAGS) -> (args, new_step, advance)``
     and ``block_fn`` (see the kernel)."""
 
     def __init__(self, prologue: triton.JITFunction, block_fn: triton.JITFunction) -> None:
