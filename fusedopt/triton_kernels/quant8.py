@@ -54,6 +54,7 @@ from .common import (
     locate_chunk,
     skipped,
     slot,
+    sqrt,
     store_param,
 )
 from .drivers import StepOp, param_args
@@ -69,6 +70,10 @@ UNSIGNED_CODES: tl.constexpr = tl.constexpr(2 * quant8.LEVELS_SIGNED + 1)
 UNSIGNED_MIDS: tl.constexpr = tl.constexpr(2 * quant8.LEVELS_SIGNED + quant8.LEVELS_UNSIGNED + 2)
 LEVELS_SIGNED: tl.constexpr = tl.constexpr(quant8.LEVELS_SIGNED)
 LEVELS_UNSIGNED: tl.constexpr = tl.constexpr(quant8.LEVELS_UNSIGNED)
+#: The maps' powers: :func:`code_magnitude` inverts them with one or two square roots.
+P_SIGNED: tl.constexpr = tl.constexpr(quant8.P_SIGNED)
+P_UNSIGNED: tl.constexpr = tl.constexpr(quant8.P_UNSIGNED)
+assert (quant8.P_SIGNED, quant8.P_UNSIGNED) == (2, 4), "code_magnitude inverts powers 2 and 4"
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
@@ -128,29 +133,36 @@ def block_absmax(x, mask):
 
 
 @triton.jit
+def code_magnitude(abs_y, mids, LEVELS: tl.constexpr, POWER: tl.constexpr):
+    """|q| of |y| in [0, 1] (the |x / scale| of a usable scale): the number of the map's
+    midpoints ``mids`` strictly below it, from a guess that needs one midpoint, as the CPU's
+    block quantizer finds it (csrc/cpu/q8_block.h, whose header has the argument): with
+    r = |y|^(1/POWER) (IEEE square roots) and k = floor(r * LEVELS) clamped to LEVELS - 1,
+    the count is k or k + 1, so it is k + (mid[k] < |y|). csrc/tests/test_q8_block.cpp
+    checks these operations against the definition on every fp32 |y| in [0, 1]; above 1
+    (masked lanes) k is clamped and the count is LEVELS. The binary search it replaces took
+    8 midpoint gathers per element."""
+    root = sqrt(abs_y)
+    if POWER == 4:
+        root = sqrt(root)
+    k = tl.minimum(root * LEVELS, LEVELS - 1).to(tl.int32)
+    # max: a NaN on a masked lane (never stored) converts to INT_MIN under the interpreter
+    k = tl.maximum(k, 0)
+    return k + (tl.load(mids + k) < abs_y).to(tl.int32)
+
+
+@triton.jit
 def quantize(x, scale, tables, SIGNED: tl.constexpr):
     """The codes (int32) of x in a block of ``scale``: |q| = the number of midpoints strictly
-    below |x / scale| (a binary search, 8 steps); 0 where the scale is 0 or not finite."""
+    below |x / scale| (:func:`code_magnitude`); 0 where the scale is 0 or not finite."""
     usable = (scale > 0.0) & (scale <= FLT_MAX)
     y = div(x, tl.where(usable, scale, 1.0))
-    abs_y = tl.abs(y)
+    abs_y = tl.where(usable, tl.abs(y), 0.0)  # |q| = 0: mid[0] > 0
     if SIGNED:
-        mids = tables + SIGNED_MIDS
-        hi = tl.full(x.shape, LEVELS_SIGNED, tl.int32)
+        q = code_magnitude(abs_y, tables + SIGNED_MIDS, LEVELS_SIGNED, P_SIGNED)
+        return tl.where(y < 0.0, -q, q)
     else:
-        mids = tables + UNSIGNED_MIDS
-        hi = tl.full(x.shape, LEVELS_UNSIGNED, tl.int32)
-    lo = tl.zeros(x.shape, tl.int32)
-    for _ in tl.static_range(8):
-        searching = lo < hi
-        m = (lo + hi) // 2
-        below = tl.load(mids + m, mask=searching, other=0.0) < abs_y
-        lo = tl.where(searching & below, m + 1, lo)
-        hi = tl.where(searching & ~below, m, hi)
-    q = tl.where(usable, lo, 0)
-    if SIGNED:
-        q = tl.where(y < 0.0, -q, q)
-    return q
+        return code_magnitude(abs_y, tables + UNSIGNED_MIDS, LEVELS_UNSIGNED, P_UNSIGNED)
 
 
 @triton.jit
