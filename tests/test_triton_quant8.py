@@ -1,9 +1,10 @@
 """The Triton quantizer of the 8-bit states (fusedopt/triton_kernels/quant8.py; [note: 8-bit
-states] in fusedopt/quant8.py), interpreted, against the definition: |q| = the number of fp32
-midpoints strictly below |x / scale| (``torch.searchsorted``, as the reference counts them).
-The whole steps are checked bit for bit in tests/test_state_bits.py; here the code of every
-value where a quantizer that guesses the code could go wrong: on and next to each midpoint,
-and where the guess from the inverse map steps to the next code."""
+states] in fusedopt/quant8.py), interpreted, against the definition: the code formulas
+against the reference's tables, and |q| = the number of fp32 midpoints strictly below
+|x / scale| (``torch.searchsorted``, as the reference counts them). The whole steps are
+checked bit for bit in tests/test_state_bits.py; here the code of every value where a
+quantizer that guesses the code could go wrong: on and next to each midpoint, and where the
+guess from the inverse map steps to the next code."""
 
 from __future__ import annotations
 
@@ -19,19 +20,18 @@ N = 4096
 
 
 @triton.jit
-def _codes_kernel(x_ptr, scale_ptr, tables, out_ptr, n, SIGNED: tl.constexpr, N: tl.constexpr):
+def _codes_kernel(x_ptr, scale_ptr, out_ptr, n, SIGNED: tl.constexpr, N: tl.constexpr):
     offs = tl.program_id(0) * N + tl.arange(0, N)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    q = tq8.quantize(x, tl.load(scale_ptr), tables, SIGNED)
+    q = tq8.quantize(x, tl.load(scale_ptr), SIGNED)
     tl.store(out_ptr + offs, q, mask=mask)
 
 
 def _triton_codes(x: torch.Tensor, scale: float, signed: bool) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.int32)
     scale_t = torch.tensor([scale], dtype=torch.float32)
-    tables = tq8.code_tables(x.device)
-    _codes_kernel[(triton.cdiv(len(x), N),)](x, scale_t, tables, out, len(x), signed, N)
+    _codes_kernel[(triton.cdiv(len(x), N),)](x, scale_t, out, len(x), signed, N)
     return out
 
 
@@ -70,6 +70,29 @@ def _hard_values(signed: bool) -> torch.Tensor:
     sample = torch.exp(-torch.rand(20000, generator=g, dtype=torch.float64) * 80).float()
     tiny = torch.tensor([0.0, 1e-45, 1e-40, 1.2e-38, 1.0])
     return torch.cat([_around(mids, 6), _around(edges, 6), _around(tiny, 2), sample])
+
+
+@triton.jit
+def _formulas_kernel(codes_ptr, mids_ptr, SIGNED: tl.constexpr, N: tl.constexpr):
+    k = tl.arange(0, N)
+    tl.store(codes_ptr + k, tq8.code_value(k, SIGNED))
+    tl.store(mids_ptr + k, tq8.midpoint(k, SIGNED))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_code_formulas_equal_the_tables(signed):
+    """[note: q8 code formulas]: every code and midpoint the kernels compute is the
+    reference's fp32 table entry, bit for bit."""
+    power, levels = (
+        (quant8.P_SIGNED, quant8.LEVELS_SIGNED)
+        if signed
+        else (quant8.P_UNSIGNED, quant8.LEVELS_UNSIGNED)
+    )
+    codes, mids = quant8._tables(signed, power, levels, torch.device("cpu"))
+    got_codes, got_mids = torch.empty(256), torch.empty(256)
+    _formulas_kernel[(1,)](got_codes, got_mids, signed, 256)
+    assert torch.equal(got_codes[: levels + 1].view(torch.int32), codes.view(torch.int32))
+    assert torch.equal(got_mids[:levels].view(torch.int32), mids.view(torch.int32))
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -66,7 +66,7 @@ def _adamw_block(
 
 @triton.jit
 def _adamw_q8_block(
-    offs, mask, blocks, g, p, tables, m_codes, v_codes, m_scales, v_scales, decay, step_size,
+    offs, mask, blocks, g, p, m_codes, v_codes, m_scales, v_scales, decay, step_size,
     beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, weight_decay,
     has_weight_decay, COMPUTE: tl.constexpr, FLAGS: tl.constexpr,
 ):  # fmt: skip
@@ -74,14 +74,14 @@ def _adamw_q8_block(
     fusedopt/quant8.py; ``blocks``: ``quant8.fold_q8_blocks``): dequantized, stepped as
     :func:`_adamw_block` steps (no amsgrad), requantized with the blocks' new absmaxes."""
     DECOUPLED, _, _ = FLAGS
-    m = quant8.dequantize(m_codes, m_scales, blocks, offs, mask, tables, True)
-    v = quant8.dequantize(v_codes, v_scales, blocks, offs, mask, tables, False)
+    m = quant8.dequantize(m_codes, m_scales, blocks, offs, mask, True)
+    v = quant8.dequantize(v_codes, v_scales, blocks, offs, mask, False)
     p, m, v = _adamw_moments(g, p, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
                              weight_decay, has_weight_decay, DECOUPLED)  # fmt: skip
     denom = div(sqrt(v), sqrt_bc2) + eps
     p = p - div(step_size * m, denom)
-    quant8.requantize(m_codes, m_scales, blocks, m, offs, mask, tables, True)
-    quant8.requantize(v_codes, v_scales, blocks, v, offs, mask, tables, False)
+    quant8.requantize(m_codes, m_scales, blocks, m, offs, mask, True)
+    quant8.requantize(v_codes, v_scales, blocks, v, offs, mask, False)
     return p
 
 

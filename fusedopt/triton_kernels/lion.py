@@ -49,16 +49,16 @@ def _lion_block(
 
 @triton.jit
 def _lion_q8_block(
-    offs, mask, blocks, g, p, tables, m_codes, m_scales, lr, decay, beta1, one_minus_beta1, beta2,
+    offs, mask, blocks, g, p, m_codes, m_scales, lr, decay, beta1, one_minus_beta1, beta2,
     one_minus_beta2, COMPUTE: tl.constexpr, FLAGS: tl.constexpr,
 ):  # fmt: skip
     """A tile of quantization blocks with an 8-bit moment ([note: 8-bit states] in
     fusedopt/quant8.py; ``blocks``: ``quant8.fold_q8_blocks``): dequantized, stepped as
     :func:`_lion_block` steps, requantized."""
-    m = quant8.dequantize(m_codes, m_scales, blocks, offs, mask, tables, True)
+    m = quant8.dequantize(m_codes, m_scales, blocks, offs, mask, True)
     p, m = _lion_update(g, p, m, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
                         COMPUTE)  # fmt: skip
-    quant8.requantize(m_codes, m_scales, blocks, m, offs, mask, tables, True)
+    quant8.requantize(m_codes, m_scales, blocks, m, offs, mask, True)
     return p
 
 

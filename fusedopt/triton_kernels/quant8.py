@@ -33,11 +33,20 @@ the tensor), not a constexpr per call: one tensor with short rows (a conv kernel
 of 3, a 1-D param of 50257) would otherwise send every tensor of the call down the masked
 path. The price is the block function compiled twice (compile time and code size; registers
 and spills: tests/test_triton_static.py).
+
+[note: q8 code formulas] The kernels read no code table: a code's magnitude and the midpoint
+above it are computed from k, as an exact integer numerator (k^2, 2k^2 + 2k + 1, k^4,
+k^4 + (k + 1)^4: below 2^53) in fp64 times the fp64 reciprocal of the denominator (127^2,
+2 * 127^2, 255^4, 2 * 255^4), rounded once to fp32. Each equals the reference's fp32 table
+entry for every k (tests/test_triton_quant8.py; the fp32 products k^2 * fp32(1 / 127^2) miss
+22 of the 128 signed codes, whence fp64). Why: a table is a gather per element from global
+memory, 4 bytes each through L1, which an LDG of the main loop cannot tell from the streams
+(the H200 model, bench/h200_model.py, counts it as DRAM traffic), and which held the 64-bit
+addresses of 8 elements per state in registers; a formula is 3 to 5 instructions (integer
+products, two conversions, one fp64 product).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -63,32 +72,44 @@ from .layout import StepArguments
 QBLOCK: tl.constexpr = tl.constexpr(quant8.BLOCK)
 #: Quantization blocks per iteration ([note: q8 tiles]).
 TILE: tl.constexpr = tl.constexpr(4)
-#: Offsets of the signed and unsigned code and midpoint tables in :func:`code_tables`.
-SIGNED_CODES: tl.constexpr = tl.constexpr(0)
-SIGNED_MIDS: tl.constexpr = tl.constexpr(quant8.LEVELS_SIGNED + 1)
-UNSIGNED_CODES: tl.constexpr = tl.constexpr(2 * quant8.LEVELS_SIGNED + 1)
-UNSIGNED_MIDS: tl.constexpr = tl.constexpr(2 * quant8.LEVELS_SIGNED + quant8.LEVELS_UNSIGNED + 2)
 LEVELS_SIGNED: tl.constexpr = tl.constexpr(quant8.LEVELS_SIGNED)
 LEVELS_UNSIGNED: tl.constexpr = tl.constexpr(quant8.LEVELS_UNSIGNED)
-#: The maps' powers: :func:`code_magnitude` inverts them with one or two square roots.
+#: The maps' powers: :func:`code_magnitude` inverts them with one or two square roots, the
+#: code formulas ([note: q8 code formulas]) are theirs.
 P_SIGNED: tl.constexpr = tl.constexpr(quant8.P_SIGNED)
 P_UNSIGNED: tl.constexpr = tl.constexpr(quant8.P_UNSIGNED)
-assert (quant8.P_SIGNED, quant8.P_UNSIGNED) == (2, 4), "code_magnitude inverts powers 2 and 4"
+assert (quant8.P_SIGNED, quant8.P_UNSIGNED) == (2, 4), "the code formulas are for powers 2, 4"
+#: The fp64 reciprocals of the code formulas' denominators: 127^2, 2 * 127^2, 255^4, 2 * 255^4.
+SIGNED_CODE_SCALE: tl.constexpr = tl.constexpr(1.0 / quant8.LEVELS_SIGNED**2)
+SIGNED_MID_SCALE: tl.constexpr = tl.constexpr(1.0 / (2 * quant8.LEVELS_SIGNED**2))
+UNSIGNED_CODE_SCALE: tl.constexpr = tl.constexpr(1.0 / quant8.LEVELS_UNSIGNED**4)
+UNSIGNED_MID_SCALE: tl.constexpr = tl.constexpr(1.0 / (2 * quant8.LEVELS_UNSIGNED**4))
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
-@functools.cache
-def code_tables(device: torch.device) -> torch.Tensor:
-    """The fp32 codes and midpoints of both maps, one tensor on ``device`` (the reference's
-    tables: ``quant8._tables``)."""
-    parts = []
-    for signed, power, levels in (
-        (True, quant8.P_SIGNED, quant8.LEVELS_SIGNED),
-        (False, quant8.P_UNSIGNED, quant8.LEVELS_UNSIGNED),
-    ):
-        codes, mids = quant8._tables(signed, power, levels, torch.device("cpu"))
-        parts += [codes, mids]
-    return torch.cat(parts).to(device)
+@triton.jit
+def code_value(k, SIGNED: tl.constexpr):
+    """The fp32 magnitude of code k (int32 in [0, levels]): the reference's table entry
+    (``quant8.code_table`` in fp32), as k^2 / 127^2 or k^4 / 255^4: the exact integer
+    numerator in fp64 times the fp64 reciprocal, rounded once ([note: q8 code formulas])."""
+    if SIGNED:
+        return ((k * k).to(tl.float64) * SIGNED_CODE_SCALE).to(tl.float32)
+    else:
+        square = (k * k).to(tl.int64)
+        return ((square * square).to(tl.float64) * UNSIGNED_CODE_SCALE).to(tl.float32)
+
+
+@triton.jit
+def midpoint(k, SIGNED: tl.constexpr):
+    """The fp32 midpoint above code k (int32 in [0, levels - 1]): the reference's, as
+    (k^2 + (k + 1)^2) / (2 * 127^2) = (2k^2 + 2k + 1) / (2 * 127^2), or (k^4 + (k + 1)^4) /
+    (2 * 255^4), computed as :func:`code_value` ([note: q8 code formulas])."""
+    if SIGNED:
+        return ((2 * k * (k + 1) + 1).to(tl.float64) * SIGNED_MID_SCALE).to(tl.float32)
+    else:
+        low = (k * k).to(tl.int64)
+        high = ((k + 1) * (k + 1)).to(tl.int64)
+        return ((low * low + high * high).to(tl.float64) * UNSIGNED_MID_SCALE).to(tl.float32)
 
 
 @triton.jit
@@ -103,74 +124,77 @@ def load_scales(scales_ptr, blocks):
 
 
 @triton.jit
-def dequantize(codes_ptr, scales_ptr, blocks, offs, mask, tables, SIGNED: tl.constexpr):
-    """The fp32 values of a tile's codes: ``code[|q|] * scale``, negated for q < 0."""
+def dequantize(codes_ptr, scales_ptr, blocks, offs, mask, SIGNED: tl.constexpr):
+    """The fp32 values of a tile's codes: ``code[|q|] * scale``, negated for q < 0 (an int8
+    code -128, never written, reads 0 past the 127 levels, as on the CPU)."""
     if mask is None:  # noqa: SIM108
         q = tl.load(codes_ptr + offs)
     else:
         q = tl.load(codes_ptr + offs, mask=mask, other=0)
     q = q.to(tl.int32)
     scale = load_scales(scales_ptr, blocks)
-    magnitude = tl.abs(q)
     if SIGNED:
-        value = tl.load(tables + SIGNED_CODES + magnitude) * scale
+        magnitude = tl.abs(q)
+        code = tl.where(magnitude > LEVELS_SIGNED, 0.0, code_value(magnitude, True))
+        value = code * scale
         return tl.where(q < 0, -value, value)
     else:
-        return tl.load(tables + UNSIGNED_CODES + magnitude) * scale
+        return code_value(q, False) * scale
 
 
 @triton.jit
 def block_absmax(x, mask):
-    """Each block's scale as the reference takes it, [TILE, 1]: the largest |x| over the
-    block's lanes (``mask``; None: all), the canonical NaN 0x7FC00000 if any is NaN."""
-    a = tl.abs(x)
+    """Each block's scale as the reference takes it, [TILE, 1]: the largest |x| (fp32) over
+    the block's lanes (``mask``; None: all), the canonical NaN 0x7FC00000 if any is NaN. One
+    integer max: the bits of |x| order as the values do, and every NaN above infinity."""
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     if mask is not None:
-        a = tl.where(mask, a, 0.0)
-    any_nan = tl.max(tl.where(a != a, 1, 0), axis=1, keep_dims=True)
-    absmax = tl.max(tl.where(a == a, a, 0.0), axis=1, keep_dims=True)
-    nan = tl.full((), 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
-    return tl.where(any_nan > 0, nan, absmax)
+        bits = tl.where(mask, bits, 0)
+    top = tl.max(bits, axis=1, keep_dims=True)
+    return tl.where(top > 0x7F800000, 0x7FC00000, top).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def code_magnitude(abs_y, mids, LEVELS: tl.constexpr, POWER: tl.constexpr):
+def code_magnitude(abs_y, SIGNED: tl.constexpr):
     """|q| of |y| in [0, 1] (the |x / scale| of a usable scale): the number of the map's
-    midpoints ``mids`` strictly below it, from a guess that needs one midpoint, as the CPU's
+    midpoints strictly below it, from a guess that needs one midpoint, as the CPU's
     block quantizer finds it (csrc/cpu/q8_block.h, whose header has the argument): with
     r = |y|^(1/POWER) (IEEE square roots) and k = floor(r * LEVELS) clamped to LEVELS - 1,
     the count is k or k + 1, so it is k + (mid[k] < |y|). csrc/tests/test_q8_block.cpp
     checks these operations against the definition on every fp32 |y| in [0, 1]; above 1
     (masked lanes) k is clamped and the count is LEVELS. The binary search it replaces took
-    8 midpoint gathers per element."""
-    root = sqrt(abs_y)
-    if POWER == 4:
-        root = sqrt(root)
-    k = tl.minimum(root * LEVELS, LEVELS - 1).to(tl.int32)
-    # max: a NaN on a masked lane (never stored) converts to INT_MIN under the interpreter
-    k = tl.maximum(k, 0)
-    return k + (tl.load(mids + k) < abs_y).to(tl.int32)
+    8 midpoints per element. (A NaN, only on a masked lane, gives some k; nothing is read
+    with it.)"""
+    if SIGNED:
+        root = sqrt(abs_y)
+        k = tl.minimum(root * LEVELS_SIGNED, LEVELS_SIGNED - 1).to(tl.int32)
+    else:
+        root = sqrt(sqrt(abs_y))
+        k = tl.minimum(root * LEVELS_UNSIGNED, LEVELS_UNSIGNED - 1).to(tl.int32)
+    return k + (midpoint(k, SIGNED) < abs_y).to(tl.int32)
 
 
 @triton.jit
-def quantize(x, scale, tables, SIGNED: tl.constexpr):
+def quantize(x, scale, SIGNED: tl.constexpr):
     """The codes (int32) of x in a block of ``scale``: |q| = the number of midpoints strictly
     below |x / scale| (:func:`code_magnitude`); 0 where the scale is 0 or not finite."""
     usable = (scale > 0.0) & (scale <= FLT_MAX)
     y = div(x, tl.where(usable, scale, 1.0))
     abs_y = tl.where(usable, tl.abs(y), 0.0)  # |q| = 0: mid[0] > 0
+    q = code_magnitude(abs_y, SIGNED)
     if SIGNED:
-        q = code_magnitude(abs_y, tables + SIGNED_MIDS, LEVELS_SIGNED, P_SIGNED)
-        return tl.where(y < 0.0, -q, q)
-    else:
-        return code_magnitude(abs_y, tables + UNSIGNED_MIDS, LEVELS_UNSIGNED, P_UNSIGNED)
+        q = tl.where(y < 0.0, -q, q)
+    return q
 
 
 @triton.jit
-def requantize(codes_ptr, scales_ptr, blocks, x, offs, mask, tables, SIGNED: tl.constexpr):
-    """Store x as the new codes and absmaxes of a tile's blocks ``blocks = (b, valid)``."""
+def requantize(codes_ptr, scales_ptr, blocks, x, offs, mask, SIGNED: tl.constexpr):
+    """Store x, rounded to fp32 as the reference quantizes it, as the new codes and absmaxes
+    of a tile's blocks ``blocks = (b, valid)``."""
     b, valid = blocks
+    x = x.to(tl.float32)
     scale = block_absmax(x, mask)
-    q = quantize(x, scale, tables, SIGNED)
+    q = quantize(x, scale, SIGNED)
     tl.store(codes_ptr + offs, q.to(codes_ptr.dtype.element_ty), mask=mask)
     tl.store(scales_ptr + b, scale, mask=valid)
 
@@ -220,24 +244,24 @@ def fold_q8_blocks(BLOCK_FN: tl.constexpr, start, end, row_length, carry, args,
 
 @triton.jit
 def _q8_step_block(
-    offs, mask, blocks, carry, BLOCK_FN: tl.constexpr, common, tables, args,
+    offs, mask, blocks, carry, BLOCK_FN: tl.constexpr, common, args,
     COMPUTE: tl.constexpr, FLAGS: tl.constexpr, MASTER: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
     """Load g and p of a tile (:func:`fold_q8_blocks`), ``p = BLOCK_FN(offs, mask, blocks, g,
-    p, tables, *args, COMPUTE, FLAGS)``, store p."""
+    p, *args, COMPUTE, FLAGS)``, store p."""
     p_ptr, g_ptr, master_ptr, scale_g, clip = common
     g = load_grad(g_ptr, offs, mask, scale_g, clip, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   MAXIMIZE)  # fmt: skip
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
-    p = BLOCK_FN(offs, mask, blocks, g, p, tables, *args, COMPUTE, FLAGS)
+    p = BLOCK_FN(offs, mask, blocks, g, p, *args, COMPUTE, FLAGS)
     store_param(p_ptr, master_ptr, offs, mask, p, MASTER)
     return carry
 
 
 @triton.jit
 def q8_step_kernel(
-    table, chunks, counters, row_lengths, tables, lr_tensor, grad_scale, clip_coef, found_inf,
+    table, chunks, counters, row_lengths, lr_tensor, grad_scale, clip_coef, found_inf,
     sr_key, PROLOGUE: tl.constexpr, BLOCK_FN: tl.constexpr, FLAGS: tl.constexpr,
     N_SLOTS: tl.constexpr, MASTER_SLOT: tl.constexpr, STEP_SLOT: tl.constexpr,
     WIDTH: tl.constexpr,
@@ -247,7 +271,7 @@ def q8_step_kernel(
 ):  # fmt: skip
     """One program per chunk of a step op with 8-bit states: the quantization blocks that
     start in the chunk, a tile at a time (:func:`fold_q8_blocks`), each loaded (g, p), handed
-    to ``BLOCK_FN(offs, mask, blocks, g, p, tables, *args, COMPUTE, FLAGS)`` (which
+    to ``BLOCK_FN(offs, mask, blocks, g, p, *args, COMPUTE, FLAGS)`` (which
     dequantizes, steps and requantizes the op's states and returns the new p) and stored; the
     tensor's last chunk advances its step count (when the prologue says ``advance``). The
     prologue's ``PROLOGUE(row, lr, COMPUTE, LR_MODE, ALIGNED, FLAGS) -> (args, new_step,
@@ -261,8 +285,8 @@ def q8_step_kernel(
         args, new_step, advance = PROLOGUE(row, lr, COMPUTE, LR_MODE, ALIGNED, FLAGS)
         nothing = tl.zeros((), tl.int32)
         fold_q8_blocks(_q8_step_block, start, end, tl.load(row_lengths + t), nothing,
-                       (BLOCK_FN, common, tables, args, COMPUTE, FLAGS, MASTER, HAS_GRAD_SCALE,
-                        HAS_CLIP, MAXIMIZE), ALIGNED)  # fmt: skip
+                       (BLOCK_FN, common, args, COMPUTE, FLAGS, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
+                        MAXIMIZE), ALIGNED)  # fmt: skip
         if advance:
             finish_tensor(counters, t, row, slot(row, STEP_SLOT, tl.float32, False), new_step)
 
@@ -300,5 +324,5 @@ class Q8Launcher:
         constexprs |= {"PROLOGUE": self.prologue, "BLOCK_FN": self.block_fn}
         q8_step_kernel[(a.launch.n_chunks,)](
             a.launch.table, a.launch.chunks, a.launch.counters, self.row_lengths(a.params),
-            code_tables(a.params[0].device), *a.scalar_tensors, **constexprs, **options,
+            *a.scalar_tensors, **constexprs, **options,
         )  # fmt: skip

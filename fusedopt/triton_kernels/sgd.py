@@ -57,7 +57,7 @@ def _sgd_momentum(g, buf, momentum, one_minus_dampening, first_step, NESTEROV: t
 
 @triton.jit
 def _sgd_q8_block(
-    offs, mask, blocks, g, p, tables, buf_codes, buf_scales, lr, momentum, one_minus_dampening,
+    offs, mask, blocks, g, p, buf_codes, buf_scales, lr, momentum, one_minus_dampening,
     weight_decay, has_weight_decay, first_step, use_momentum, COMPUTE: tl.constexpr,
     FLAGS: tl.constexpr,
 ):  # fmt: skip
@@ -68,9 +68,9 @@ def _sgd_q8_block(
     _, NESTEROV = FLAGS
     g = tl.where(has_weight_decay, g + weight_decay * p, g)
     if use_momentum:
-        buf = quant8.dequantize(buf_codes, buf_scales, blocks, offs, mask, tables, True)
+        buf = quant8.dequantize(buf_codes, buf_scales, blocks, offs, mask, True)
         g, buf = _sgd_momentum(g, buf, momentum, one_minus_dampening, first_step, NESTEROV)
-        quant8.requantize(buf_codes, buf_scales, blocks, buf, offs, mask, tables, True)
+        quant8.requantize(buf_codes, buf_scales, blocks, buf, offs, mask, True)
     return p - lr * g
 
 
