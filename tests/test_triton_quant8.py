@@ -102,6 +102,34 @@ def test_quantize_counts_midpoints_below(signed):
     assert torch.equal(_triton_codes(x, 1.0, signed), _definition(x, 1.0, signed))
 
 
+def _map(signed: bool) -> tuple[int, int, torch.Tensor]:
+    power, levels = (
+        (quant8.P_SIGNED, quant8.LEVELS_SIGNED)
+        if signed
+        else (quant8.P_UNSIGNED, quant8.LEVELS_UNSIGNED)
+    )
+    return power, levels, quant8._tables(signed, power, levels, torch.device("cpu"))[1]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_guess_needs_no_exact_root(signed):
+    """[note: q8 guess]: every midpoint lies at least 0.159 inside its code interval in units
+    of r * levels (r = |y|^(1/power)), and the count k + (mid[k] < |y|) with k =
+    min(floor(r * levels), levels - 1) in fp32 is the definition's for roots off by a
+    relative 2^-12 either way (the kernels' approximate square root errs by a few ulps)."""
+    power, levels, mids = _map(signed)
+    position = mids.double() ** (1 / power) * levels
+    k = torch.arange(levels, dtype=torch.float64)
+    assert min((position - k).min().item(), (k + 1 - position).min().item()) > 0.159
+    abs_y = _hard_values(signed)
+    want = torch.searchsorted(mids, abs_y, side="left")
+    root = abs_y.double() ** (1 / power)
+    for error in (-(2.0**-12), 0.0, 2.0**-12):
+        r = (root * (1 + error)).float()
+        guess = torch.clamp(r * levels, max=levels - 1).to(torch.int64)  # fp32 product, trunc
+        assert torch.equal(guess + (mids[guess] < abs_y), want), error
+
+
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("scale", [0.3, 1.7e-3, 5.0e20, 3.0e-39])
 def test_quantize_divides_as_the_reference(signed, scale):

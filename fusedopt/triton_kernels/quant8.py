@@ -63,7 +63,6 @@ from .common import (
     locate_chunk,
     skipped,
     slot,
-    sqrt,
     store_param,
 )
 from .drivers import StepOp, param_args
@@ -157,19 +156,32 @@ def block_absmax(x, mask):
 @triton.jit
 def code_magnitude(abs_y, SIGNED: tl.constexpr):
     """|q| of |y| in [0, 1] (the |x / scale| of a usable scale): the number of the map's
-    midpoints strictly below it, from a guess that needs one midpoint, as the CPU's
-    block quantizer finds it (csrc/cpu/q8_block.h, whose header has the argument): with
-    r = |y|^(1/POWER) (IEEE square roots) and k = floor(r * LEVELS) clamped to LEVELS - 1,
-    the count is k or k + 1, so it is k + (mid[k] < |y|). csrc/tests/test_q8_block.cpp
-    checks these operations against the definition on every fp32 |y| in [0, 1]; above 1
-    (masked lanes) k is clamped and the count is LEVELS. The binary search it replaces took
-    8 midpoints per element. (A NaN, only on a masked lane, gives some k; nothing is read
-    with it.)"""
+    midpoints strictly below it, from a guess that needs one midpoint, as the CPU's block
+    quantizer finds it (csrc/cpu/q8_block.h): with r = |y|^(1/power) and k = floor(r *
+    levels) clamped to levels - 1, the count is k or k + 1, so it is k + (mid[k] < |y|);
+    above 1 (masked lanes) k is clamped and the count is levels. The binary search it
+    replaces took 8 midpoints per element. (A NaN, only on a masked lane, gives some k;
+    nothing is read with it.)
+
+    [note: q8 guess] The roots are the hardware's approximate square root (``tl.sqrt``:
+    sqrt.approx.f32, one MUFU.SQRT on sm_90, within a few ulps), not IEEE ones (``sqrt_rn``:
+    about 10 instructions on the fast path, a call on the slow one). The guess needs no exact
+    root: the midpoint between codes k and k + 1 lies in (k, k + 1) in units of r * levels,
+    at least 0.159 from either end (the unsigned map's first, at 0.841; the signed map's
+    nearest is 0.293 from an end), so k + (mid[k] < |y|) is the count for any r * levels
+    within 0.159 of the true one: a relative error below 0.159 / 255 = 2^-10.7 of r, a
+    thousand times what the approximate root (and the product with levels) err by.
+    tests/test_triton_quant8.py checks the margin and the count with roots off by 2^-12
+    either way; the interpreter takes exact roots, with which csrc/tests/test_q8_block.cpp
+    checks the guess on every fp32 |y| in [0, 1]. Measured (Triton 3.8, sm_90,
+    adamw_q8_fp32's whole-block loop, 8 elements per thread): 1322 instructions on the
+    shortest path with IEEE roots, 1102 with these (the model's 74% of copy bandwidth ->
+    90%: bench/h200_model.py)."""
     if SIGNED:
-        root = sqrt(abs_y)
+        root = tl.sqrt(abs_y)
         k = tl.minimum(root * LEVELS_SIGNED, LEVELS_SIGNED - 1).to(tl.int32)
     else:
-        root = sqrt(sqrt(abs_y))
+        root = tl.sqrt(tl.sqrt(abs_y))
         k = tl.minimum(root * LEVELS_UNSIGNED, LEVELS_UNSIGNED - 1).to(tl.int32)
     return k + (midpoint(k, SIGNED) < abs_y).to(tl.int32)
 
