@@ -45,6 +45,12 @@ _LAMB_16BIT_STATES = ("issue-bound: LAMB's norms pass with 16-bit states reads t
                       "moments once): a division and a square root per element for few bytes "
                       "moved")  # fmt: skip
 
+_Q8 = ("issue-bound: 8-bit states ([note: q8 tiles] in fusedopt/triton_kernels/quant8.py) "
+       "move 1 byte per state element, but every element still takes the op's IEEE divisions "
+       "and square roots, a dequantization per state and, where the pass writes them, a "
+       "requantization per state (an IEEE division by the block's absmax, the guess's "
+       "approximate roots, one midpoint: [note: q8 guess])%s")  # fmt: skip
+
 #: Streaming kernels predicted below their goal today, with the reason. Not a launch-config or
 #: unroll issue (occupancy and bytes in flight are ample: see bench/results/h200_model.md);
 #: the fix is fewer instructions per element (hardware fp16 conversion on the device, a
@@ -87,6 +93,14 @@ KNOWN_BELOW = {
     "cuda sgd [fp16,float,kahan,false]": _KAHAN_FP16,  # 70.6%
     "cuda muon_momentum [fp16,fp16,false,false]": _MUON_FP16,
     "cuda muon_momentum [fp16,fp16,false,true]": _MUON_FP16,
+    # Triton's 8-bit states, modelled on their whole-block loops (8 elements per thread,
+    # Triton 3.8, sm_90): shortest path, bytes per thread per iteration, predicted %.
+    "triton adamw [q8_bf16]": _Q8 % "; bf16 params and grads: 10 B per element",  # 1124, 96, 58.9
+    "triton lamb_apply [q8_fp32]": _Q8 % "",  # 1209, 144, 82.1
+    "triton lamb_apply [q8_bf16]": _Q8 % "; bf16 params and grads",  # 1223, 96, 54.1
+    "triton lamb_norms [q8_fp32]": _Q8 % "; LAMB's norms pass reads only",  # 724, 88, 83.8
+    "triton lamb_norms [q8_bf16_master]": _Q8 % "; LAMB's norms pass reads only",  # 769, 88, 78.9
+    "triton lamb_norms [q8_bf16]": _Q8 % "; reads only, bf16 params and grads",  # 752, 56, 51.4
 }
 
 
