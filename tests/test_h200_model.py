@@ -95,12 +95,11 @@ KNOWN_BELOW = {
     "cuda muon_momentum [fp16,fp16,false,true]": _MUON_FP16,
     # Triton's 8-bit states, modelled on their whole-block loops (8 elements per thread,
     # Triton 3.8, sm_90): shortest path, bytes per thread per iteration, predicted %.
-    "triton adamw [q8_bf16]": _Q8 % "; bf16 params and grads: 10 B per element",  # 1124, 96, 58.9
-    "triton lamb_apply [q8_fp32]": _Q8 % "",  # 1209, 144, 82.1
-    "triton lamb_apply [q8_bf16]": _Q8 % "; bf16 params and grads",  # 1223, 96, 54.1
-    "triton lamb_norms [q8_fp32]": _Q8 % "; LAMB's norms pass reads only",  # 724, 88, 83.8
-    "triton lamb_norms [q8_bf16_master]": _Q8 % "; LAMB's norms pass reads only",  # 769, 88, 78.9
-    "triton lamb_norms [q8_bf16]": _Q8 % "; reads only, bf16 params and grads",  # 752, 56, 51.4
+    "triton adamw [q8_bf16]": _Q8 % "; bf16 params and grads: 10 B per element",  # 1120, 96, 59.1
+    "triton lamb_apply [q8_fp32]": _Q8 % ", six divisions per element",  # 1177, 144, 84.4
+    "triton lamb_apply [q8_bf16]": _Q8 % "; bf16 params and grads",  # 1215, 96, 54.5
+    "triton lamb_norms [q8_bf16_master]": _Q8 % "; LAMB's norms pass reads only",  # 762, 88, 79.6
+    "triton lamb_norms [q8_bf16]": _Q8 % "; reads only, bf16 params and grads",  # 744, 56, 51.9
 }
 
 

@@ -102,6 +102,32 @@ def test_quantize_counts_midpoints_below(signed):
     assert torch.equal(_triton_codes(x, 1.0, signed), _definition(x, 1.0, signed))
 
 
+@triton.jit
+def _dequantize_kernel(codes_ptr, scales_ptr, out_ptr, SIGNED: tl.constexpr):
+    offs = tl.arange(0, 256)[None, :]
+    blocks = (tl.zeros((1, 1), tl.int64), None)
+    tl.store(out_ptr + offs, tq8.dequantize(codes_ptr, scales_ptr, blocks, offs, None, SIGNED))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("scale", [0.37, 3.0e-39, float("inf")])
+def test_dequantize_equals_the_reference(signed, scale):
+    """Every code of a block: the reference's values bit for bit (an int8 -128, which the
+    reference's table does not reach, reads -0 as on the CPU: code 0, the sign bit set)."""
+    if signed:
+        codes = torch.arange(-128, 128, dtype=torch.int8)
+    else:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    scales = torch.tensor([scale], dtype=torch.float32)
+    got = torch.empty(256)
+    _dequantize_kernel[(1,)](codes, scales, got, signed)
+    valid = codes.to(torch.int32) > -128
+    want = quant8.dequantize(codes[valid], scales)
+    assert torch.equal(got[valid].view(torch.int32), want.view(torch.int32))
+    if signed:
+        assert torch.equal(got[:1].view(torch.int32), (-(torch.zeros(1) * scale)).view(torch.int32))
+
+
 def _map(signed: bool) -> tuple[int, int, torch.Tensor]:
     power, levels = (
         (quant8.P_SIGNED, quant8.LEVELS_SIGNED)
