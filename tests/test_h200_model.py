@@ -56,6 +56,11 @@ _Q8_COMPACT = _Q8 % "compact masters add the join and split of the master per el
 _Q8_LAMB_NORMS = _Q8 % ("LAMB's norms pass only dequantizes, but it reads 10 B per fp32 element "
                         "(p, g and two codes), stores nothing, and LAMB's direction costs "
                         "IEEE divisions and a square root per element")  # fmt: skip
+_TQ8 = ("issue-bound: 8-bit states ([note: q8 tiles] in fusedopt/triton_kernels/quant8.py) "
+        "move 1 byte per state element, but every element still takes the op's IEEE divisions "
+        "and square roots, a dequantization per state and, where the pass writes them, a "
+        "requantization per state (an IEEE division by the block's absmax, the guess's "
+        "approximate roots, one midpoint: [note: q8 guess])%s")  # fmt: skip
 
 #: Streaming kernels predicted below their goal today, with the reason. Not a launch-config or
 #: unroll issue (occupancy and bytes in flight are ample: see bench/results/h200_model.md);
@@ -137,6 +142,13 @@ KNOWN_BELOW = {
     "cuda sgd_q8 [fp16,fp16,false]": _Q8_FP16,  # 85.4%
     "cuda sgd_q8 [fp16,fp16,kahan]": _Q8_KAHAN,  # 58.2%
     "cuda sgd_q8 [fp16,float,kahan]": _Q8_KAHAN,  # 74.6%
+    # Triton's 8-bit states, modelled on their whole-block loops (8 elements per thread,
+    # Triton 3.8, sm_90): shortest path, bytes per thread per iteration, predicted %.
+    "triton adamw [q8_bf16]": _TQ8 % "; bf16 params and grads: 10 B per element",  # 1120, 96, 59.1
+    "triton lamb_apply [q8_fp32]": _TQ8 % ", six divisions per element",  # 1177, 144, 84.4
+    "triton lamb_apply [q8_bf16]": _TQ8 % "; bf16 params and grads",  # 1215, 96, 54.5
+    "triton lamb_norms [q8_bf16_master]": _TQ8 % "; LAMB's norms pass reads only",  # 762, 88, 79.6
+    "triton lamb_norms [q8_bf16]": _TQ8 % "; reads only, bf16 params and grads",  # 744, 56, 51.9
 }
 
 

@@ -297,6 +297,26 @@ def test_many_blocks_and_tensors(backend, op):
     _assert_same(got, want)
 
 
+#: Rows of whole blocks, more than a tile of them ([note: q8 tiles] in
+#: fusedopt/triton_kernels/quant8.py: Triton's whole-block walk, 4 blocks at a time, then the
+#: last ones on the general walk), beside rows that end in a short block.
+WHOLE_BLOCK_SHAPES = [(5, 256), (2, 1024), (3, 300), (1536,)]
+
+
+@pytest.mark.parametrize("backend", Q8_BACKENDS)
+@pytest.mark.parametrize("op", list(Q8_OPS))
+@pytest.mark.parametrize(
+    "dtype,master", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "fp32")]
+)
+def test_whole_blocks_equal_reference_bit_for_bit(backend, op, dtype, master):
+    """Codes, scales, params and masters after 2 steps on rows of whole blocks."""
+    want = _lists(WHOLE_BLOCK_SHAPES, dtype, master, seed=11, op=op)
+    got = copy.deepcopy(want)
+    for _ in range(2):
+        _step_both(want, got, backend, op)
+    _assert_same(got, want)
+
+
 @pytest.mark.parametrize("backend", ["reference", *Q8_BACKENDS])
 @pytest.mark.parametrize("op", list(Q8_OPS))
 def test_found_inf_changes_nothing(backend, op):

@@ -41,6 +41,17 @@ STREAMS = {
     "muon_momentum_": (2, 2),  # grad, buffer; buffer, bf16 ns (reads no param)
     "muon_apply_": (2, 1),  # param/master, bf16 ns; param/master
 }
+# 8-bit states ([note: q8 tiles] in fusedopt/triton_kernels/quant8.py): the whole-block path
+# reads p and g (and the master) with 128-bit accesses, the codes with 64-bit ones (8 per
+# thread); (128-bit streams read, written; code streams written), every option on.
+Q8_STREAMS = {
+    "adamw_q8_": (2, 1, 2),  # param/master, grad; exp_avg and exp_avg_sq codes
+    "sgd_q8_": (2, 1, 1),  # momentum buffer codes
+    "lion_q8_": (2, 1, 1),  # exp_avg codes
+    "lamb_norms_q8_": (2, 0, 0),  # pass 1 reads the codes only
+    "lamb_apply_q8_": (2, 1, 2),  # pass 3 requantizes the moments
+}
+Q8_CASES = ("fp32", "bf16_master", "bf16")
 #: Kernels that read no param (so a master variant reads no 16-bit param beside it).
 READS_NO_PARAM = ("muon_momentum_",)
 # Passes with low-precision states (module docstring of fusedopt/triton_kernels/lamb.py).
@@ -77,6 +88,10 @@ def report() -> dict:
 
 
 def expected_streams(name: str) -> tuple[int, int] | None:
+    for prefix, (reads, writes, _) in Q8_STREAMS.items():
+        if name.startswith(prefix) and name[len(prefix) :] in Q8_CASES:
+            master = "master" in name  # a master variant reads the 16-bit param too
+            return reads + master, writes + int(master and writes > 0)
     for prefix, streams in STREAMS.items():
         if name.startswith(prefix):
             case = name[len(prefix) :]
@@ -102,6 +117,9 @@ def test_every_kernel_compiles_for_sm90(report):
     # dtype, bf16 ones stochastic
     for op in ("adamw", "sgd", "lion", "lamb_norms", "lamb_apply"):
         assert sum(name.startswith(f"{op}_states_") for name in report) == 3, op
+        # [note: 8-bit states] (fusedopt/quant8.py): fp32, bf16 with fp32 masters, bf16
+        for case in ("fp32", "bf16_master", "bf16"):
+            assert f"{op}_q8_{case}" in report, (op, case)
     for case in ELEMENTWISE_CASES:
         for op in ("adamw", "sgd", "lion", "adan", "schedulefree_adamw", "lamb_norms",
                    "lamb_apply", "adafactor_partials", "adafactor_updates", "adafactor_apply",
@@ -119,9 +137,14 @@ def test_every_kernel_compiles_for_sm90(report):
 #: The bf16 Kahan-master build of adafactor_apply ([note: kahan master]: param and
 #: compensation live beside the loop's state) spills as the compact one (3 values, 8-byte
 #: stack; measured on the merge with the chunked Adafactor); every other Kahan build is clean.
+#: The unaligned build of AdamW's 8-bit-state kernel with bf16 params and fp32 masters (its
+#: general walk only, [note: q8 tiles]) spills 2 values (8-byte stack, 128 registers) since
+#: the guess's roots are approximate ([note: q8 guess]; with IEEE roots it took no stack);
+#: the aligned build, 228 registers, is clean.
 KNOWN_SPILLS = {
     "adafactor_apply_bf16_compact_master",
     "adafactor_apply_bf16_kahan_master",
+    "adamw_q8_bf16_master_unaligned",
 }
 
 
@@ -142,6 +165,15 @@ def test_aligned_path_is_128_bit_for_every_stream(report):
         assert r["stg128"] >= writes, (name, r)
         checked += 1
     assert checked >= 25
+
+
+def test_q8_codes_are_stored_8_bytes_at_a_time(report):
+    """The whole-block path of the 8-bit states stores each code stream with 64-bit accesses
+    (8 codes per thread, [note: q8 tiles]); without the alignment hints, with bytes."""
+    for prefix, (_, _, code_writes) in Q8_STREAMS.items():
+        for case in Q8_CASES:
+            assert report[prefix + case]["stg64"] >= code_writes, prefix + case
+    assert report["adamw_q8_fp32_unaligned"]["stg64"] == 0
 
 
 def test_negative_control_without_alignment_hints_has_no_128_bit_access(report):

@@ -2,8 +2,8 @@
 
 Run as a script (``python tests/triton_static_compile.py``) in a process where
 TRITON_INTERPRET is unset (``@triton.jit`` returns interpreted functions otherwise); prints
-one JSON object: variant name -> {"ldg128", "stg128", "ldg", "stg", "local", "stack",
-"spills"}. tests/test_triton_static.py runs it and asserts on the numbers. No GPU needed:
+one JSON object: variant name -> {"ldg128", "stg128", "stg64", "ldg", "stg", "local",
+"stack", "spills"}. tests/test_triton_static.py runs it and asserts on the numbers. No GPU needed:
 Triton compiles for a GPUTarget, and the cuobjdump shipped in Triton's wheel disassembles.
 """
 
@@ -33,6 +33,7 @@ from fusedopt.triton_kernels import (  # noqa: E402
     lion,
     multi_tensor,
     muon,
+    quant8,
     scale,
     schedulefree_adamw,
     sgd,
@@ -56,6 +57,7 @@ ARG_TYPES = {
     "col_partials": "*fp64",
     "chunk_sums": "*fp64",
     "sr_key": "*i64",  # [note: stochastic rounding]: [seed, counter, one id per tensor]
+    "row_lengths": "*i64",  # 8-bit states: each param's last dim ([note: 8-bit states])
 }
 
 F32, BF16, F16, F64 = tl.float32, tl.bfloat16, tl.float16, tl.float64
@@ -187,6 +189,44 @@ def variants():
         out.append((f"lamb_norms_states_{case}", lamb.lamb_norms_kernel, lamb_states))
         out.append((f"lamb_apply_states_{case}", lamb.lamb_apply_kernel,
                     {**lamb_states, "LR_MODE": 0, "TRUST_CLIP": True}))  # fmt: skip
+    out += q8_variants()
+    return out
+
+
+#: The dtype cases of the 8-bit-state kernels ([note: 8-bit states] in fusedopt/quant8.py).
+Q8_CASES = {
+    "fp32": step_dtypes(F32, F32, False),
+    "bf16_master": step_dtypes(BF16, BF16, True),
+    "bf16": step_dtypes(BF16, BF16, False),
+}
+
+
+def q8_variants():
+    """The kernels of the ops with 8-bit states (``<op>_q8_<case>``): quant8.q8_step_kernel as
+    Q8Launcher launches it for AdamW, SGD and Lion, LAMB's two passes with Q8; every option
+    on that 8-bit states allow (no AMSGrad)."""
+    out = []
+    for case, dtypes in Q8_CASES.items():
+        dtypes = {k: v for k, v in dtypes.items() if k != "S_DTYPE"}
+        for name, op, flags in (
+            ("adamw", adamw.adamw_, dict(DECOUPLED=True, AMSGRAD=False, MAXIMIZE=True,
+                                         BIAS_CORRECTION=True)),
+            ("sgd", sgd.sgd_, dict(HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True)),
+            ("lion", lion.lion_, dict(MAXIMIZE=True)),
+        ):  # fmt: skip
+            constexprs = op.constexprs(True, **flags)
+            constexprs.pop("STEPS")
+            constexprs |= {"PROLOGUE": op.q8.prologue, "BLOCK_FN": op.q8.block_fn}
+            width = multi_tensor.HEADER + op.layout.N_SLOTS + 1
+            out.append((f"{name}_q8_{case}", quant8.q8_step_kernel,
+                        {"WIDTH": width, **dtypes, **SCALARS, **constexprs}))  # fmt: skip
+        lamb_q8 = {"WIDTH": multi_tensor.HEADER + lamb.L.N_SLOTS + 1, **dtypes, "S_DTYPE": F32,
+                   "HAS_GRAD_SCALE": True, "HAS_CLIP": True, "HAS_FOUND_INF": True,
+                   "GRAD_AVERAGING": True, "BIAS_CORRECTION": True, "ALWAYS_ADAPT": False,
+                   "STATES_EXACT": False, "Q8": True, "STATE_SR": False}  # fmt: skip
+        out.append((f"lamb_norms_q8_{case}", lamb.lamb_norms_kernel, lamb_q8))
+        out.append((f"lamb_apply_q8_{case}", lamb.lamb_apply_kernel,
+                    {**lamb_q8, "LR_MODE": 0, "TRUST_CLIP": True}))  # fmt: skip
     return out
 
 
@@ -212,6 +252,7 @@ def analyse(cubin: bytes, workdir: str, name: str) -> dict:
     return {
         "ldg128": len(re.findall(r"\bLDG\.E\.128\b", sass)),
         "stg128": len(re.findall(r"\bSTG\.E\.128\b", sass)),
+        "stg64": len(re.findall(r"\bSTG\.E\.64\b", sass)),
         "ldg": len(re.findall(r"\bLDG\.", sass)),
         "stg": len(re.findall(r"\bSTG\.", sass)),
         "spills": len(re.findall(r"\b(?:STL|LDL)\b", sass)),
@@ -231,7 +272,7 @@ def main() -> None:
                 workdir,
                 name,
             )
-            if aligned and name.startswith(("adamw_fp32", "adamw_bf16", "scale_")):
+            if aligned and name.startswith(("adamw_fp32", "adamw_bf16", "scale_", "adamw_q8_")):
                 # Negative control: the same kernel without the alignment hints.
                 report[name + "_unaligned"] = analyse(
                     compile_variant(kernel, {**constexprs, "ALIGNED": False}),

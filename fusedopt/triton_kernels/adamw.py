@@ -66,22 +66,22 @@ def _adamw_block(
 
 @triton.jit
 def _adamw_q8_block(
-    offs, mask, b, g, p, tables, m_codes, v_codes, m_scales, v_scales, decay, step_size,
+    offs, mask, blocks, g, p, m_codes, v_codes, m_scales, v_scales, decay, step_size,
     beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, weight_decay,
     has_weight_decay, COMPUTE: tl.constexpr, FLAGS: tl.constexpr,
 ):  # fmt: skip
-    """One quantization block (b) with 8-bit moments ([note: 8-bit states] in
-    fusedopt/quant8.py): dequantized, stepped as :func:`_adamw_block` steps (no amsgrad),
-    requantized with the block's new absmaxes."""
+    """A tile of quantization blocks with 8-bit moments ([note: 8-bit states] in
+    fusedopt/quant8.py; ``blocks``: ``quant8.fold_q8_blocks``): dequantized, stepped as
+    :func:`_adamw_block` steps (no amsgrad), requantized with the blocks' new absmaxes."""
     DECOUPLED, _, _ = FLAGS
-    m = quant8.dequantize(m_codes, tl.load(m_scales + b), offs, mask, tables, True)
-    v = quant8.dequantize(v_codes, tl.load(v_scales + b), offs, mask, tables, False)
+    m = quant8.dequantize(m_codes, m_scales, blocks, offs, mask, True)
+    v = quant8.dequantize(v_codes, v_scales, blocks, offs, mask, False)
     p, m, v = _adamw_moments(g, p, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
                              weight_decay, has_weight_decay, DECOUPLED)  # fmt: skip
     denom = div(sqrt(v), sqrt_bc2) + eps
     p = p - div(step_size * m, denom)
-    quant8.requantize(m_codes, m_scales, b, m, offs, mask, tables, True)
-    quant8.requantize(v_codes, v_scales, b, v, offs, mask, tables, False)
+    quant8.requantize(m_codes, m_scales, blocks, m, offs, mask, True)
+    quant8.requantize(v_codes, v_scales, blocks, v, offs, mask, False)
     return p
 
 
@@ -128,12 +128,12 @@ def _adamw_prologue(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS):
 
 
 @triton.jit
-def _adamw_q8_prologue(row, lr, COMPUTE, LR_MODE, FLAGS):
+def _adamw_q8_prologue(row, lr, COMPUTE, LR_MODE, ALIGNED, FLAGS):
     """The block args of a call with 8-bit states: code and scale pointers, then the
     scalars (``quant8.q8_step_kernel``)."""
     new_step, scalars = _adamw_scalars(row, lr, COMPUTE, LR_MODE, FLAGS)
     states = (
-        slot(row, L.EXP_AVGS, tl.int8, False), slot(row, L.EXP_AVG_SQS, tl.uint8, False),
+        slot(row, L.EXP_AVGS, tl.int8, ALIGNED), slot(row, L.EXP_AVG_SQS, tl.uint8, ALIGNED),
         slot(row, L.EXP_AVG_SCALES, tl.float32, False),
         slot(row, L.EXP_AVG_SQ_SCALES, tl.float32, False),
     )  # fmt: skip

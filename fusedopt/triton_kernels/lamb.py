@@ -115,7 +115,7 @@ def _block_args(
     Q8: the codes', then their scales') and the coefficients of the update."""
     if Q8:
         moments = (
-            slot(row, L.EXP_AVGS, tl.int8, False), slot(row, L.EXP_AVG_SQS, tl.uint8, False),
+            slot(row, L.EXP_AVGS, tl.int8, ALIGNED), slot(row, L.EXP_AVG_SQS, tl.uint8, ALIGNED),
             slot(row, L.EXP_AVG_SCALES, tl.float32, False),
             slot(row, L.EXP_AVG_SQ_SCALES, tl.float32, False),
         )  # fmt: skip
@@ -131,12 +131,12 @@ def _block_args(
 
 
 @triton.jit
-def _q8_moments(offs, mask, b, g, moments, tables, coefficients):
-    """The new moments of quantization block b from its 8-bit codes (dequantized)."""
+def _q8_moments(offs, mask, blocks, g, moments, coefficients):
+    """The new moments of a tile of quantization blocks from their 8-bit codes."""
     m_codes, v_codes, m_scales, v_scales = moments
     beta1, beta3, beta2, one_minus_beta2, _, _, _, _, _ = coefficients
-    m = quant8.dequantize(m_codes, tl.load(m_scales + b), offs, mask, tables, True)
-    v = quant8.dequantize(v_codes, tl.load(v_scales + b), offs, mask, tables, False)
+    m = quant8.dequantize(m_codes, m_scales, blocks, offs, mask, True)
+    v = quant8.dequantize(v_codes, v_scales, blocks, offs, mask, False)
     return _moments(g, m, v, beta1, beta3, beta2, one_minus_beta2)
 
 
@@ -168,18 +168,20 @@ def _norms_block(
 
 @triton.jit
 def _norms_q8_block(
-    offs, mask, b, sums, block_args, tables, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
+    offs, mask, blocks, sums, block_args, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
 ):  # fmt: skip
-    """Pass 1 over quantization block b (``quant8.fold_q8_blocks``) of 8-bit moments: as
-    :func:`_norms_block`, the codes read only."""
+    """Pass 1 over a tile of quantization blocks (``quant8.fold_q8_blocks``) of 8-bit
+    moments: as :func:`_norms_block`, the codes read only."""
     (p_ptr, g_ptr, master_ptr, grad_scale, clip_coef), moments, coefficients = block_args
     _, _, _, _, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = coefficients
     g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   False)  # fmt: skip
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
-    m, v = _q8_moments(offs, mask, b, g, moments, tables, coefficients)
-    u = tl.where(mask, _update(m, v, p, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay), 0.0)
+    m, v = _q8_moments(offs, mask, blocks, g, moments, coefficients)
+    u = _update(m, v, p, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay)
+    if mask is not None:
+        u = tl.where(mask, u, 0.0)  # masked lanes: eps > 0 keeps u finite, but not 0
     w_acc, u_acc = sums
     return w_acc + p * p, u_acc + u * u
 
@@ -193,7 +195,6 @@ def _adapts(row, ALWAYS_ADAPT: tl.constexpr):
 @triton.jit
 def lamb_norms_kernel(
     table, chunks, counters, partials, grad_scale, clip_coef, found_inf, sr_key, row_lengths,
-    tables,
     WIDTH: tl.constexpr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
@@ -204,7 +205,7 @@ def lamb_norms_kernel(
     """Pass 1, per chunk: for a tensor that adapts, the moments (stored when STATES_EXACT) and
     the partial sums of p² and u² (partials[2 * chunk], partials[2 * chunk + 1]; 0 for a
     tensor that does not adapt); the last chunk advances the step count. Q8: 8-bit moments,
-    by quantization blocks (``row_lengths``, ``tables``: ``quant8``). STATE_SR (bf16 states
+    by quantization blocks (``row_lengths``: ``quant8``). STATE_SR (bf16 states
     of an SR call) changes nothing here: this pass stores exact (fp32/fp64) states only."""
     if not skipped(found_inf, HAS_FOUND_INF):
         t, row, start, end = locate_chunk(chunks, table, WIDTH)
@@ -215,11 +216,13 @@ def lamb_norms_kernel(
                                  G_DTYPE, S_DTYPE, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP,
                                  GRAD_AVERAGING, BIAS_CORRECTION, ALIGNED, Q8)  # fmt: skip
         if Q8:
-            zeros = tl.zeros((quant8.QBLOCK,), COMPUTE)
+            zeros = tl.zeros((quant8.TILE, quant8.QBLOCK), COMPUTE)
             w_acc, u_acc = quant8.fold_q8_blocks(
                 _norms_q8_block, start, end, tl.load(row_lengths + t), (zeros, zeros),
-                (block_args, tables, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP),
+                (block_args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP), ALIGNED,
             )  # fmt: skip
+            w_acc = tl.sum(w_acc, axis=0)
+            u_acc = tl.sum(u_acc, axis=0)
         else:
             zeros = tl.zeros((BLOCK,), COMPUTE)
             w_acc, u_acc = fold_blocks(_norms_block, start, end, (zeros, zeros), (block_args,
@@ -304,20 +307,21 @@ def _apply_block(
 
 @triton.jit
 def _apply_q8_block(
-    offs, mask, b, carry, ratio, lr, block_args, tables, COMPUTE: tl.constexpr,
+    offs, mask, blocks, carry, ratio, lr, block_args, COMPUTE: tl.constexpr,
     MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
 ):  # fmt: skip
-    """Pass 3 over quantization block b of 8-bit moments (``quant8.fold_q8_blocks``): the
-    moments recomputed from the grad and requantized (their one write of the step), then p."""
+    """Pass 3 over a tile of quantization blocks of 8-bit moments
+    (``quant8.fold_q8_blocks``): the moments recomputed from the grad and requantized (their
+    one write of the step), then p."""
     (p_ptr, g_ptr, master_ptr, grad_scale, clip_coef), moments, coefficients = block_args
     _, _, _, _, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay = coefficients
     m_codes, v_codes, m_scales, v_scales = moments
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER, COMPUTE)
     g = load_grad(g_ptr, offs, mask, grad_scale, clip_coef, COMPUTE, HAS_GRAD_SCALE, HAS_CLIP,
                   False)  # fmt: skip
-    m, v = _q8_moments(offs, mask, b, g, moments, tables, coefficients)
-    quant8.requantize(m_codes, m_scales, b, m, offs, mask, tables, True)
-    quant8.requantize(v_codes, v_scales, b, v, offs, mask, tables, False)
+    m, v = _q8_moments(offs, mask, blocks, g, moments, coefficients)
+    quant8.requantize(m_codes, m_scales, blocks, m, offs, mask, True)
+    quant8.requantize(v_codes, v_scales, blocks, v, offs, mask, False)
     u = _update(m, v, p, bc1, sqrt_bc2, eps, weight_decay, has_weight_decay)
     store_param(p_ptr, master_ptr, offs, mask, p - lr * (u * ratio), MASTER)
     return carry
@@ -326,7 +330,6 @@ def _apply_q8_block(
 @triton.jit
 def lamb_apply_kernel(
     table, chunks, sq_norms, lr_tensor, grad_scale, clip_coef, found_inf, sr_key, row_lengths,
-    tables,
     WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MASTER: tl.constexpr,
     LR_MODE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
@@ -347,8 +350,8 @@ def lamb_apply_kernel(
         nothing = tl.zeros((), tl.int32)
         if Q8:
             quant8.fold_q8_blocks(_apply_q8_block, start, end, tl.load(row_lengths + t), nothing,
-                                  (ratio, lr.to(COMPUTE), block_args, tables, COMPUTE, MASTER,
-                                   HAS_GRAD_SCALE, HAS_CLIP))  # fmt: skip
+                                  (ratio, lr.to(COMPUTE), block_args, COMPUTE, MASTER,
+                                   HAS_GRAD_SCALE, HAS_CLIP), ALIGNED)  # fmt: skip
         elif STATE_SR:
             fold_blocks(_apply_block, start, end, nothing, (ratio, lr.to(COMPUTE), two_pass,
                         block_args, COMPUTE, MASTER, HAS_GRAD_SCALE, HAS_CLIP, STATE_SR,
@@ -368,11 +371,9 @@ def _q8(a) -> bool:
     return bool(a.named.get("exp_avg_scales"))
 
 
-def _q8_arguments(a) -> tuple:
-    """The row lengths and code tables of a call with 8-bit moments, else (None, None)."""
-    if not _q8(a):
-        return None, None
-    return _ROW_LENGTHS(a.params), quant8.code_tables(a.params[0].device)
+def _row_lengths(a) -> torch.Tensor | None:
+    """The row lengths of a call with 8-bit moments (``quant8.RowLengths``), else None."""
+    return _ROW_LENGTHS(a.params) if _q8(a) else None
 
 
 def _options(a) -> dict:
@@ -398,7 +399,7 @@ def _direction(a, sq_norms: torch.Tensor) -> None:
     _, grad_scale_arg, clip_coef_arg, found_inf_arg, sr_key_arg = a.scalar_tensors
     lamb_norms_kernel[(launch.n_chunks,)](
         launch.table, launch.chunks, launch.counters, partials, grad_scale_arg, clip_coef_arg,
-        found_inf_arg, sr_key_arg, *_q8_arguments(a), **_options(a),
+        found_inf_arg, sr_key_arg, _row_lengths(a), **_options(a),
     )  # fmt: skip
     lamb_fold_kernel[(len(a.params),)](
         launch.table, partials, sq_norms, found_inf_arg, WIDTH=launch.width,
@@ -410,7 +411,7 @@ def _direction(a, sq_norms: torch.Tensor) -> None:
 def _apply(a, sq_norms: torch.Tensor) -> None:
     """Pass 3 (see the module docstring)."""
     lamb_apply_kernel[(a.launch.n_chunks,)](
-        a.launch.table, a.launch.chunks, sq_norms, *a.scalar_tensors, *_q8_arguments(a),
+        a.launch.table, a.launch.chunks, sq_norms, *a.scalar_tensors, _row_lengths(a),
         **_options(a),
         LR_MODE=a.scalar_flags["LR_MODE"], TRUST_CLIP=a.trust_clip,
     )  # fmt: skip

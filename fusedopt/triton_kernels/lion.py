@@ -49,15 +49,16 @@ def _lion_block(
 
 @triton.jit
 def _lion_q8_block(
-    offs, mask, b, g, p, tables, m_codes, m_scales, lr, decay, beta1, one_minus_beta1, beta2,
+    offs, mask, blocks, g, p, m_codes, m_scales, lr, decay, beta1, one_minus_beta1, beta2,
     one_minus_beta2, COMPUTE: tl.constexpr, FLAGS: tl.constexpr,
 ):  # fmt: skip
-    """One quantization block (b) with an 8-bit moment ([note: 8-bit states] in
-    fusedopt/quant8.py): dequantized, stepped as :func:`_lion_block` steps, requantized."""
-    m = quant8.dequantize(m_codes, tl.load(m_scales + b), offs, mask, tables, True)
+    """A tile of quantization blocks with an 8-bit moment ([note: 8-bit states] in
+    fusedopt/quant8.py; ``blocks``: ``quant8.fold_q8_blocks``): dequantized, stepped as
+    :func:`_lion_block` steps, requantized."""
+    m = quant8.dequantize(m_codes, m_scales, blocks, offs, mask, True)
     p, m = _lion_update(g, p, m, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
                         COMPUTE)  # fmt: skip
-    quant8.requantize(m_codes, m_scales, b, m, offs, mask, tables, True)
+    quant8.requantize(m_codes, m_scales, blocks, m, offs, mask, True)
     return p
 
 
@@ -86,9 +87,10 @@ def _lion_prologue(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS):
 
 
 @triton.jit
-def _lion_q8_prologue(row, lr, COMPUTE, LR_MODE, FLAGS):
+def _lion_q8_prologue(row, lr, COMPUTE, LR_MODE, ALIGNED, FLAGS):
     """The block args of a call with an 8-bit moment (``quant8.q8_step_kernel``)."""
-    states = (slot(row, L.EXP_AVGS, tl.int8, False), slot(row, L.EXP_AVG_SCALES, tl.float32, False))
+    states = (slot(row, L.EXP_AVGS, tl.int8, ALIGNED),
+              slot(row, L.EXP_AVG_SCALES, tl.float32, False))  # fmt: skip
     return states + _lion_scalars(row, lr, COMPUTE, LR_MODE), 0.0, False
 
 

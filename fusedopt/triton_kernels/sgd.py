@@ -57,19 +57,20 @@ def _sgd_momentum(g, buf, momentum, one_minus_dampening, first_step, NESTEROV: t
 
 @triton.jit
 def _sgd_q8_block(
-    offs, mask, b, g, p, tables, buf_codes, buf_scales, lr, momentum, one_minus_dampening,
+    offs, mask, blocks, g, p, buf_codes, buf_scales, lr, momentum, one_minus_dampening,
     weight_decay, has_weight_decay, first_step, use_momentum, COMPUTE: tl.constexpr,
     FLAGS: tl.constexpr,
 ):  # fmt: skip
-    """One quantization block (b) with an 8-bit buffer ([note: 8-bit states] in
-    fusedopt/quant8.py): dequantized, stepped as :func:`_sgd_block` steps, requantized; a
-    tensor whose momentum is 0 leaves its codes and scales as they are."""
+    """A tile of quantization blocks with an 8-bit buffer ([note: 8-bit states] in
+    fusedopt/quant8.py; ``blocks``: ``quant8.fold_q8_blocks``): dequantized, stepped as
+    :func:`_sgd_block` steps, requantized; a tensor whose momentum is 0 leaves its codes and
+    scales as they are."""
     _, NESTEROV = FLAGS
     g = tl.where(has_weight_decay, g + weight_decay * p, g)
     if use_momentum:
-        buf = quant8.dequantize(buf_codes, tl.load(buf_scales + b), offs, mask, tables, True)
+        buf = quant8.dequantize(buf_codes, buf_scales, blocks, offs, mask, True)
         g, buf = _sgd_momentum(g, buf, momentum, one_minus_dampening, first_step, NESTEROV)
-        quant8.requantize(buf_codes, buf_scales, b, buf, offs, mask, tables, True)
+        quant8.requantize(buf_codes, buf_scales, blocks, buf, offs, mask, True)
     return p - lr * g
 
 
@@ -103,11 +104,11 @@ def _sgd_prologue(row, lr, S_DTYPE, COMPUTE, LR_MODE, ALIGNED, FLAGS):
 
 
 @triton.jit
-def _sgd_q8_prologue(row, lr, COMPUTE, LR_MODE, FLAGS):
+def _sgd_q8_prologue(row, lr, COMPUTE, LR_MODE, ALIGNED, FLAGS):
     """The block args of a call with 8-bit buffers (``quant8.q8_step_kernel``)."""
     scalars, new_step, use_momentum = _sgd_scalars(row, lr, COMPUTE, FLAGS)
     states = (
-        slot(row, L.MOMENTUM_BUFFERS, tl.int8, False),
+        slot(row, L.MOMENTUM_BUFFERS, tl.int8, ALIGNED),
         slot(row, L.MOMENTUM_BUFFER_SCALES, tl.float32, False),
     )  # fmt: skip
     return states + scalars, new_step, use_momentum
