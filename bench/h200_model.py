@@ -194,9 +194,10 @@ def main_loop(sass: str, warp_words: bool = False) -> Loop | None:
     """The main loop of a kernel's SASS: of the loops (backward branches) the one with the most
     128-bit global accesses, innermost (shortest) on a tie; None for a kernel without loops.
 
-    ``warp_words``: the loop's 32-bit accesses are one address per warp (the 8-bit states'
-    block scales, [note: q8 warps] in csrc/cuda/quant8.cuh: every lane reads its block's
-    scale, lane 0 writes it), so each moves 4 bytes per warp, 1/8 byte per thread, not 4.
+    ``warp_words``: the loop's 32-bit accesses are the 8-bit states' block scales, one word
+    per 256-element quantization block however many threads read it (CUDA: a warp's lanes,
+    [note: q8 warps] in csrc/cuda/quant8.cuh; Triton: a tile row, [note: q8 tiles]), so each
+    moves 4 bytes per 256 elements: 1/8 byte per thread of 8 elements, not 4.
 
     Loads marked ``.CONSTANT`` are left out of the bytes: in fusedopt's kernels they are only
     the 8-bit states' code tables (fusedopt/quant8.h: 2 KB, read through the read-only
@@ -435,19 +436,22 @@ STREAMING = {
 
 _NO_LOOP = Loop(0, 0, 0, 0, 0, 0, False)
 
-#: Kernels whose main loop's 32-bit accesses are per-warp words (main_loop's warp_words):
-#: the CUDA 8-bit-state kernels, whose vector loop moves p, g and masters in 128-bit and
-#: the codes in 64-bit accesses, reads the code tables as .CONSTANT and the block scales
-#: as 32-bit words, the same address in every lane of a warp.
-PER_WARP_WORDS = {"cuda": ("adamw_q8", "lion_q8", "sgd_q8", "lamb_q8_apply",
-                           "lamb_q8_norms_kernel"), "triton": ()}  # fmt: skip
+#: The 8-bit-state kernels, whose main loop's 32-bit accesses are block scales (main_loop's
+#: warp_words): their vector loops move p, g and masters in 128-bit and the codes in 64-bit
+#: accesses and read the code tables as .CONSTANT (CUDA) or compute them (Triton, [note: q8
+#: code formulas]). CUDA names them by kernel, Triton by variant (q8_<case>).
+Q8_KERNELS = ("adamw_q8", "lion_q8", "sgd_q8", "lamb_q8_apply", "lamb_q8_norms_kernel")
+
+
+def _block_scale_words(backend: str, kernel: str, variant: str) -> bool:
+    return kernel in Q8_KERNELS if backend == "cuda" else variant.startswith("q8_")
 
 
 def _row(backend, kernel, variant, block, regs, smem, sass, gpu) -> KernelRow:
     """A kernel modelled. A streaming kernel is predicted from its main loop (0 without one);
     its unaligned fallback too, though no goal applies to it."""
     occ = occupancy(regs, block, smem, gpu)
-    loop = main_loop(sass, warp_words=kernel in PER_WARP_WORDS[backend])
+    loop = main_loop(sass, warp_words=_block_scale_words(backend, kernel, variant))
     streams = kernel in STREAMING[backend]
     streaming = streams and "unaligned" not in variant
     pred = predict(occ, loop or _NO_LOOP, gpu) if streams else None
