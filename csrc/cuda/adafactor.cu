@@ -55,7 +55,6 @@ static_assert(kScratch < kMaxSlots, "the Row has no free slot for the scratch");
 using spec::adafactor::kBeta2Decay, spec::adafactor::kEps1, spec::adafactor::kEps2,
     spec::adafactor::kD, spec::adafactor::kWeightDecay, spec::adafactor::kMaximize;
 inline constexpr int kFoldThreads = 1024;
-inline constexpr int kWarps = kThreads / 32;
 static_assert(kAdafactorLanes == 32, "a row sum's lanes are a warp's");
 
 /// torch.finfo(P).eps: eps1 = None (P the type the update runs on: float with masters).

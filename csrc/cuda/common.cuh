@@ -27,6 +27,8 @@
 namespace fusedopt::cuda {
 
 inline constexpr int kThreads = 256;  // threads of every multi-tensor block
+inline constexpr int kWarpSize = 32;
+inline constexpr int kWarps = kThreads / kWarpSize;  // warps of a multi-tensor block
 // Slots of a Row: params, grads, master_params and the most states of a step op.
 inline constexpr int kMaxSlots = 3 + spec::kMaxStates;
 
