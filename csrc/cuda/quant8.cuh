@@ -31,10 +31,9 @@
 
 namespace fusedopt::cuda {
 
-inline constexpr int kWarpSize = 32;
 /// The elements of a quantization block per lane ([note: q8 warps]).
 inline constexpr int kLaneElements = kQuantBlock / kWarpSize;
-static_assert(kLaneElements * kWarpSize == kQuantBlock && kThreads % kWarpSize == 0);
+static_assert(kLaneElements * kWarpSize == kQuantBlock);
 
 /// The absmax of a warp's quantization block as fusedopt/quant8.py takes it
 /// (q8::canonical_absmax: NaN if any is NaN), in every lane, from each lane's values (0
@@ -80,12 +79,14 @@ struct Q8States {
     store_pack<1>(scales[k], b, Pack<float, 1>{{absmax}});
   }
 
-  /// True when every state's codes are aligned for a lane's one access at element i.
+  /// True when every state's codes are aligned for a lane's one access at element i (the
+  /// Pack q8_load and q8_store access: 1-byte codes, so i counts bytes).
   __device__ __forceinline__ bool aligned(int64_t i) const {
+    constexpr std::size_t kAlign = alignof(Pack<int8_t, kLaneElements>);
     bool all = true;
 #pragma unroll
     for (int k = 0; k < kN; ++k)
-      all = all && (reinterpret_cast<uintptr_t>(codes[k]) + i) % kLaneElements == 0;
+      all = all && (reinterpret_cast<uintptr_t>(codes[k]) + i) % kAlign == 0;
     return all;
   }
 };
@@ -252,7 +253,7 @@ __device__ __forceinline__ int64_t first_q8_block(int64_t offset, int64_t row_le
 
 /// Calls body.apply(lane) for each quantization block the CUDA block owns in its work w
 /// (those whose first element lies in its chunk): warp w takes the w-th of them, the
-/// (w + kThreads / 32)-th, ..., every lane of it for every block ([note: q8 warps]). A
+/// (w + kWarps)-th, ..., every lane of it for every block ([note: q8 warps]). A
 /// tensor whose rows are whole blocks (row length a multiple of 256) and whose pointers are
 /// aligned takes the vector path in a loop of its own (Q8Lane::vector a constant); any
 /// other decides per block (q8_vector_block), element by element in the blocks that are
@@ -264,7 +265,6 @@ __device__ __forceinline__ void for_q8_blocks(const Work& w, const Row& row, con
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t first = first_q8_block(w.span.start, row_length, grid.blocks_per_row) + warp;
   const int64_t last = first_q8_block(w.span.start + w.span.len, row_length, grid.blocks_per_row);
-  constexpr int kWarps = kThreads / kWarpSize;
   if (row_length % kQuantBlock == 0 && body.aligned_param(0) && body.q.aligned(0)) {
     for (int64_t b = first; b < last; b += kWarps)
       body.apply(Q8Lane{b, b * kQuantBlock + lane * kLaneElements, kLaneElements, true});
